@@ -1,0 +1,134 @@
+//! Connecting to the server.
+//!
+//! The socket path is public (`/tmp` by default), so anyone could bind a fake server there.
+//! Before sending anything the client asks the kernel who owns the other end and refuses a
+//! server that runs neither as root nor as the calling user.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::{SinkExt, StreamExt};
+use mgpu_proto::{Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
+use tokio::net::UnixStream;
+use tokio_util::codec::Framed;
+
+pub struct Client {
+    conn: Framed<UnixStream, FrameCodec>,
+    pub socket: PathBuf,
+    /// The server runs as root and serves every user.
+    pub multi_user: bool,
+}
+
+impl Client {
+    /// Connects, verifies the server's identity and exchanges hellos.
+    pub async fn connect(socket: Option<&Path>, client: &str) -> Result<Client> {
+        let socket = mgpu_proto::socket_path(socket);
+        let stream = UnixStream::connect(&socket).await.map_err(|e| {
+            use std::io::ErrorKind::*;
+            match e.kind() {
+                NotFound | ConnectionRefused => anyhow!(
+                    "cannot reach the mgpu server at {} ({e}); is mgpu_scheduler_server running? (set MGPU_SOCKET or --socket for another path)",
+                    socket.display()
+                ),
+                _ => anyhow!("cannot connect to {}: {e}", socket.display()),
+            }
+        })?;
+        let server_uid = stream
+            .peer_cred()
+            .context("reading the server's credentials")?
+            .uid();
+        let me = nix::unistd::getuid().as_raw();
+        if server_uid != 0 && server_uid != me {
+            bail!(
+                "refusing to use {}: the process behind it runs as uid {server_uid}, neither root nor you; it is not a trustworthy mgpu server",
+                socket.display()
+            );
+        }
+        let mut conn = Client {
+            conn: Framed::new(stream, FrameCodec::default()),
+            socket,
+            multi_user: false,
+        };
+        conn.send(&Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            client: client_name(client),
+        })
+        .await?;
+        match conn.recv_control().await? {
+            Response::Welcome { multi_user, .. } => conn.multi_user = multi_user,
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the server: {other:?}"),
+        }
+        Ok(conn)
+    }
+
+    pub async fn send(&mut self, req: &Request) -> Result<()> {
+        self.conn
+            .send(Frame::control(req))
+            .await
+            .context("sending to the server")
+    }
+
+    /// The next frame, or `None` when the server closed the connection.
+    pub async fn recv(&mut self) -> Result<Option<Frame>> {
+        match self.conn.next().await {
+            None => Ok(None),
+            Some(f) => Ok(Some(f.context("reading from the server")?)),
+        }
+    }
+
+    /// The next frame, which must be a control message.
+    pub async fn recv_control(&mut self) -> Result<Response> {
+        match self.recv().await? {
+            None => bail!("the server closed the connection"),
+            Some(f) => Ok(f.parse()?),
+        }
+    }
+
+    /// Sends one request and returns the single answer; a server error becomes an `Err`.
+    pub async fn call(&mut self, req: &Request) -> Result<Response> {
+        self.send(req).await?;
+        match self.recv_control().await? {
+            Response::Error { message } => Err(anyhow!("{message}")),
+            r => Ok(r),
+        }
+    }
+}
+
+fn client_name(name: &str) -> String {
+    format!("{name} {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Parses a memory amount: MiB by default, or with a unit (`512M`, `10G`, `10GiB`).
+pub fn parse_mem_mib(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let bad = || format!("invalid memory '{text}': give MiB (e.g. 10240) or a unit (10G, 512M)");
+    let (num, factor) = if let Some(n) = t
+        .strip_suffix("gib")
+        .or(t.strip_suffix("gb"))
+        .or(t.strip_suffix('g'))
+    {
+        (n, 1024)
+    } else if let Some(n) = t
+        .strip_suffix("mib")
+        .or(t.strip_suffix("mb"))
+        .or(t.strip_suffix('m'))
+    {
+        (n, 1)
+    } else {
+        (t.as_str(), 1)
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(factor).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mem_units() {
+        assert_eq!(super::parse_mem_mib("10240"), Ok(10240));
+        assert_eq!(super::parse_mem_mib("10G"), Ok(10240));
+        assert_eq!(super::parse_mem_mib("512MiB"), Ok(512));
+        assert!(super::parse_mem_mib("ten").is_err());
+    }
+}

@@ -1,0 +1,64 @@
+//! `mgpu_log`: print a job's output log; `--follow` streams it until the job ends.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use mgpu_proto::{Frame, LogRequest, Request, Response};
+use tokio::io::AsyncWriteExt;
+
+use crate::client::Client;
+
+/// Print a job's output (stdout and stderr as they came). Only the job's owner and root may.
+///
+/// Examples:
+///   mgpu_log 42
+///   mgpu_log --follow 42
+#[derive(Debug, Parser)]
+#[command(name = "mgpu_log", version, verbatim_doc_comment)]
+pub struct Args {
+    /// Job id
+    pub id: u64,
+    /// Keep printing new output until the job ends
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    crate::run_main("mgpu_log", run(args))
+}
+
+async fn run(args: Args) -> Result<i32> {
+    let mut client = Client::connect(args.socket.as_deref(), "mgpu_log").await?;
+    client
+        .send(&Request::Log(LogRequest {
+            job: args.id,
+            follow: args.follow,
+        }))
+        .await?;
+    let mut out = tokio::io::stdout();
+    loop {
+        match client.recv().await? {
+            None => bail!("the server closed the connection"),
+            Some(Frame::Stdout(d)) | Some(Frame::Stderr(d)) => {
+                out.write_all(&d).await?;
+                if args.follow {
+                    out.flush().await?;
+                }
+            }
+            Some(f) => match f.parse::<Response>()? {
+                Response::LogEnd { .. } => {
+                    out.flush().await?;
+                    return Ok(0);
+                }
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected message from the server: {other:?}"),
+            },
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! `mgpu_queue`: running then pending jobs, and the GPUs with what is on them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use comfy_table::{presets, Table};
+use mgpu_core::timefmt::format_duration;
+use mgpu_core::{JobState, Millis};
+use mgpu_proto::{QueueRequest, QueueSnapshot, Request, Response};
+use serde_json::{json, Value};
+
+use crate::client::Client;
+
+/// Show the mgpu queue and GPU status. Everyone sees every job.
+///
+/// Examples:
+///   mgpu_queue
+///   mgpu_queue --me
+///   mgpu_queue --json | jq '.jobs[] | select(.state == "PENDING")'
+#[derive(Debug, Parser)]
+#[command(name = "mgpu_queue", version, verbatim_doc_comment)]
+pub struct Args {
+    /// Print one JSON object instead of tables
+    #[arg(long)]
+    pub json: bool,
+    /// Only jobs of this user
+    #[arg(short, long, value_name = "NAME", conflicts_with = "me")]
+    pub user: Option<String>,
+    /// Only your own jobs
+    #[arg(long)]
+    pub me: bool,
+    /// Only this job
+    #[arg(short = 'j', long = "job", value_name = "ID")]
+    pub job: Option<u64>,
+    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    crate::run_main("mgpu_queue", run(args))
+}
+
+async fn run(args: Args) -> Result<i32> {
+    let mut client = Client::connect(args.socket.as_deref(), "mgpu_queue").await?;
+    let snapshot = match client
+        .call(&Request::Queue(QueueRequest {
+            user: args.user,
+            me: args.me,
+            job: args.job,
+        }))
+        .await?
+    {
+        Response::Queue(s) => s,
+        other => bail!("unexpected answer from the server: {other:?}"),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&snapshot))?);
+    } else {
+        print!("{}", render(&snapshot));
+    }
+    Ok(0)
+}
+
+/// RFC 3339 (UTC, millisecond precision) for a time in ms since the epoch.
+pub fn rfc3339(ms: Millis) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The documented `--json` shape.
+pub fn to_json(s: &QueueSnapshot) -> Value {
+    json!({
+        "gpus": s.gpus.iter().map(|g| json!({
+            "index": g.index,
+            "name": g.name,
+            "total_mib": g.total_mib,
+            "reserved_mib": g.reserved_mib,
+            "used_mib": g.used_mib,
+            "jobs": g.jobs,
+        })).collect::<Vec<_>>(),
+        "jobs": s.jobs.iter().map(|j| json!({
+            "id": j.id,
+            "user": j.user,
+            "name": j.name,
+            "state": j.state.as_str(),
+            "gpus": j.gpus,
+            "gpu_ids": j.gpu_ids,
+            "mem_mib": j.mem_mib,
+            "time_limit_s": j.time_limit_s,
+            "submitted_at": rfc3339(j.submitted_at),
+            "started_at": j.started_at.map(rfc3339),
+            "restarts": j.restarts,
+            "reason": j.reason,
+            "command": j.command,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn table() -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING);
+    t
+}
+
+/// The two tables: jobs, then GPUs.
+pub fn render(s: &QueueSnapshot) -> String {
+    let mut jobs = table();
+    jobs.set_header([
+        "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "TIME", "REASON",
+    ]);
+    for j in &s.jobs {
+        let gpus = if j.gpu_ids.is_empty() {
+            j.gpus.to_string()
+        } else {
+            let ids: Vec<String> = j.gpu_ids.iter().map(u32::to_string).collect();
+            format!("{} ({})", j.gpus, ids.join(","))
+        };
+        let mem = j
+            .mem_mib
+            .map(|m| format!("{m}M"))
+            .unwrap_or_else(|| "excl".into());
+        let elapsed = match (j.state, j.started_at) {
+            (JobState::Running, Some(t)) => s.now.saturating_sub(t) / 1000,
+            _ => 0,
+        };
+        let limit = j
+            .time_limit_s
+            .map(format_duration)
+            .unwrap_or_else(|| "UNLIMITED".into());
+        jobs.add_row([
+            j.id.to_string(),
+            j.user.clone(),
+            j.name.clone(),
+            j.state.as_str().to_string(),
+            gpus,
+            mem,
+            format!("{}/{}", format_duration(elapsed), limit),
+            j.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    let mut gpus = table();
+    gpus.set_header(["GPU", "NAME", "RESERVED/USED/TOTAL (MiB)", "JOBS"]);
+    for g in &s.gpus {
+        let ids: Vec<String> = g.jobs.iter().map(u64::to_string).collect();
+        gpus.add_row([
+            g.index.to_string(),
+            g.name.clone(),
+            format!("{}/{}/{}", g.reserved_mib, g.used_mib, g.total_mib),
+            if ids.is_empty() {
+                "-".into()
+            } else {
+                ids.join(",")
+            },
+        ]);
+    }
+    format!("{jobs}\n\n{gpus}\n")
+}

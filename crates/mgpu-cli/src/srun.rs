@@ -1,0 +1,231 @@
+//! `mgpu_srun`: submit a job. Attached by default (like Slurm's `srun`): says on stderr why the
+//! job waits, streams its stdout/stderr live, and exits with its exit code. Ctrl-C, SIGTERM or
+//! SIGHUP cancel the job; srun returns only once its processes are gone.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use mgpu_core::timefmt::parse_duration;
+use mgpu_proto::{Frame, Request, Response, SubmitRequest, Venv};
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::client::{parse_mem_mib, Client};
+
+/// Submit a GPU job to the mgpu scheduler.
+///
+/// Examples:
+///   mgpu_srun -- nvidia-smi
+///   mgpu_srun --gpus 2 --mem 20G --time-limit 2:00:00 -- python train.py --lr 3e-4
+///   mgpu_srun --detach --job-name sweep-1 -- ./run.sh 1
+#[derive(Debug, Parser)]
+#[command(name = "mgpu_srun", version, verbatim_doc_comment)]
+pub struct Args {
+    /// Number of GPUs
+    #[arg(short = 'G', long, default_value_t = 1)]
+    pub gpus: u32,
+    /// GPU memory needed on each of its GPUs, in MiB (or with a unit: 10G). With it, jobs may
+    /// share a GPU; without it the job gets its GPUs exclusively
+    #[arg(long, value_name = "MIB", value_parser = parse_mem_mib)]
+    pub mem: Option<u64>,
+    /// Time limit: seconds, MM:SS, HH:MM:SS, D-HH:MM:SS, or 90m/2h/1d
+    #[arg(short = 't', long, value_name = "T", value_parser = parse_duration)]
+    pub time_limit: Option<u64>,
+    /// Job name [default: the command's name]
+    #[arg(short = 'J', long, value_name = "NAME")]
+    pub job_name: Option<String>,
+    /// Working directory of the job [default: the current directory]
+    #[arg(short = 'D', long, value_name = "DIR")]
+    pub chdir: Option<PathBuf>,
+    /// Activate this Python venv (its bin/activate) [default: ~/venv when it exists]
+    #[arg(long, value_name = "DIR", conflicts_with = "no_venv")]
+    pub venv: Option<PathBuf>,
+    /// Do not activate any venv
+    #[arg(long)]
+    pub no_venv: bool,
+    /// Print the job id and return at once instead of waiting for the job
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// With --detach: print only the job id
+    #[arg(long, requires = "detach")]
+    pub parsable: bool,
+    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The command and its arguments (after --)
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<OsString>,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    crate::run_main("mgpu_srun", run(args))
+}
+
+/// An absolute path for `dir` that the caller can enter (checked with the caller's own rights).
+fn usable_dir(dir: &std::path::Path) -> Result<PathBuf> {
+    let abs = std::fs::canonicalize(dir)
+        .with_context(|| format!("cannot use working directory {}", dir.display()))?;
+    if !abs.is_dir() {
+        bail!("working directory {} is not a directory", abs.display());
+    }
+    nix::unistd::access(&abs, nix::unistd::AccessFlags::X_OK)
+        .with_context(|| format!("cannot enter working directory {}", abs.display()))?;
+    Ok(abs)
+}
+
+fn utf8(s: OsString, what: &str) -> Result<String> {
+    s.into_string()
+        .map_err(|s| anyhow::anyhow!("{what} is not valid UTF-8: {}", s.to_string_lossy()))
+}
+
+fn build_request(args: Args) -> Result<SubmitRequest> {
+    if args.command.is_empty() {
+        bail!("no command given: put it after --, e.g. mgpu_srun --gpus 1 -- python train.py");
+    }
+    let cwd = match &args.chdir {
+        Some(d) => usable_dir(d)?,
+        None => usable_dir(&std::env::current_dir().context("reading the current directory")?)?,
+    };
+    let venv = if args.no_venv {
+        Venv::Off
+    } else if let Some(v) = &args.venv {
+        let abs =
+            std::fs::canonicalize(v).with_context(|| format!("cannot use venv {}", v.display()))?;
+        if !abs.join("bin/activate").is_file() {
+            bail!("{} is not a venv: it has no bin/activate", abs.display());
+        }
+        Venv::Dir(utf8(abs.into_os_string(), "the venv path")?)
+    } else {
+        Venv::Auto
+    };
+    let command = args
+        .command
+        .into_iter()
+        .map(|a| utf8(a, "an argument"))
+        .collect::<Result<Vec<_>>>()?;
+    // Like Slurm's --export=ALL; variables that are not UTF-8 cannot be carried.
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    Ok(SubmitRequest {
+        name: args.job_name,
+        gpus: args.gpus,
+        mem_mib: args.mem,
+        time_limit_s: args.time_limit,
+        command,
+        cwd: utf8(cwd.into_os_string(), "the working directory")?,
+        env,
+        venv,
+        attach: !args.detach,
+    })
+}
+
+async fn run(args: Args) -> Result<i32> {
+    let socket = args.socket.clone();
+    let (detach, parsable) = (args.detach, args.parsable);
+    let request = build_request(args)?;
+    let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
+    if detach {
+        return match client.call(&Request::Submit(request)).await? {
+            Response::Submitted { job } => {
+                if parsable {
+                    println!("{job}");
+                } else {
+                    println!("Submitted job {job}");
+                }
+                Ok(0)
+            }
+            other => bail!("unexpected answer from the server: {other:?}"),
+        };
+    }
+    // Signal handlers before submitting, so an early Ctrl-C is not lost.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    client.send(&Request::Submit(request)).await?;
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let mut job = None;
+    let mut was_pending = false;
+    let mut cancelling = false;
+    loop {
+        let frame = tokio::select! {
+            f = client.recv() => f?,
+            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling).await?; continue; }
+            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling).await?; continue; }
+            _ = sighup.recv() => { cancel(&mut client, job, &mut cancelling).await?; continue; }
+        };
+        let Some(frame) = frame else {
+            bail!(
+                "lost the connection to the mgpu server{}",
+                job.map(|j| format!("; job {j} may still run (see mgpu_queue)"))
+                    .unwrap_or_default()
+            );
+        };
+        match frame {
+            Frame::Stdout(data) => {
+                stdout.write_all(&data).await?;
+                stdout.flush().await?;
+            }
+            Frame::Stderr(data) => {
+                stderr.write_all(&data).await?;
+                stderr.flush().await?;
+            }
+            Frame::Control(_) => match frame.parse::<Response>()? {
+                Response::Submitted { job: id } => job = Some(id),
+                Response::Pending {
+                    job: id,
+                    position,
+                    reason,
+                } => {
+                    was_pending = true;
+                    eprintln!("mgpu_srun: job {id} queued (position {position}): {reason}");
+                }
+                Response::Started { job: id, gpus } => {
+                    if was_pending {
+                        let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+                        eprintln!("mgpu_srun: job {id} started on GPU {}", list.join(","));
+                    }
+                }
+                Response::Notice { message } => eprintln!("mgpu_srun: {message}"),
+                Response::Finished(outcome) => {
+                    stdout.flush().await?;
+                    if let Some(msg) = &outcome.message {
+                        if outcome.state != mgpu_core::JobState::Cancelled || !cancelling {
+                            eprintln!(
+                                "mgpu_srun: job {} {}: {msg}",
+                                outcome.job,
+                                outcome.state.as_str()
+                            );
+                        }
+                    } else if outcome.state == mgpu_core::JobState::Cancelled {
+                        eprintln!("mgpu_srun: job {} cancelled", outcome.job);
+                    }
+                    return Ok(outcome.shell_code());
+                }
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected message from the server: {other:?}"),
+            },
+        }
+    }
+}
+
+async fn cancel(client: &mut Client, job: Option<u64>, cancelling: &mut bool) -> Result<()> {
+    if !*cancelling {
+        *cancelling = true;
+        match job {
+            Some(j) => eprintln!("mgpu_srun: cancelling job {j}; waiting for its processes to end"),
+            None => eprintln!("mgpu_srun: cancelling the job; waiting for its processes to end"),
+        }
+        client.send(&Request::CancelAttached).await?;
+    }
+    Ok(())
+}

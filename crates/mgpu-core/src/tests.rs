@@ -1,0 +1,398 @@
+//! Unit and property tests of the scheduler core, in virtual time.
+
+use super::*;
+use proptest::prelude::*;
+
+fn gpus(mems: &[u64]) -> Vec<GpuSpec> {
+    mems.iter()
+        .enumerate()
+        .map(|(i, &m)| GpuSpec {
+            index: i as u32,
+            name: format!("sim{i}"),
+            total_mib: m,
+        })
+        .collect()
+}
+
+fn req(uid: u32, n: u32, mem: Option<u64>) -> JobRequest {
+    JobRequest {
+        uid,
+        user: format!("u{uid}"),
+        name: "job".into(),
+        gpus: n,
+        mem_mib: mem,
+        time_limit_s: None,
+    }
+}
+
+const ROOT: Requester = Requester {
+    uid: 0,
+    is_admin: true,
+};
+
+#[test]
+fn refuses_what_never_fits() {
+    let s = Scheduler::new(gpus(&[24_000, 24_000, 80_000]), Config::default(), 1);
+    assert_eq!(
+        s.check_feasible(&req(1, 4, None)),
+        Err(SubmitError::TooManyGpus { asked: 4, have: 3 })
+    );
+    assert!(matches!(
+        s.check_feasible(&req(1, 2, Some(50_000))),
+        Err(SubmitError::TooMuchMemory { have: 1, .. })
+    ));
+    assert_eq!(s.check_feasible(&req(1, 0, None)), Err(SubmitError::NoGpus));
+    assert_eq!(
+        s.check_feasible(&req(1, 1, Some(0))),
+        Err(SubmitError::ZeroMemory)
+    );
+    assert!(s.check_feasible(&req(1, 1, Some(50_000))).is_ok());
+    assert!(s.check_feasible(&req(1, 3, None)).is_ok());
+}
+
+#[test]
+fn ids_increase_and_continue_from_given_start() {
+    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 42);
+    assert_eq!(s.submit(req(1, 1, None), 0), Ok(42));
+    assert_eq!(s.submit(req(1, 1, None), 0), Ok(43));
+    assert!(s.submit(req(1, 9, None), 0).is_err());
+    assert_eq!(s.submit(req(1, 1, None), 0), Ok(44));
+}
+
+#[test]
+fn memory_jobs_share_a_gpu_exclusive_ones_do_not() {
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let a = s.submit(req(1, 1, Some(10_000)), 0).unwrap();
+    let b = s.submit(req(2, 1, Some(10_000)), 0).unwrap();
+    let c = s.submit(req(3, 1, None), 0).unwrap();
+    let d = s.submit(req(3, 1, None), 0).unwrap();
+    let started = s.schedule(0);
+    // a and b packed on GPU 0, c takes GPU 1 whole, d waits.
+    assert_eq!(
+        started,
+        vec![
+            Assignment {
+                job: a,
+                gpus: vec![0]
+            },
+            Assignment {
+                job: b,
+                gpus: vec![0]
+            },
+            Assignment {
+                job: c,
+                gpus: vec![1]
+            },
+        ]
+    );
+    assert_eq!(s.job(d).unwrap().state, JobState::Pending);
+    assert_eq!(s.pending_reason(d), Some("Resources"));
+    assert_eq!(s.queue_position(d), Some(1));
+    // Finishing one sharer does not free the GPU for an exclusive job.
+    s.finish(a, JobState::Completed).unwrap();
+    assert!(s.schedule(1).is_empty());
+    s.finish(b, JobState::Completed).unwrap();
+    assert_eq!(
+        s.schedule(2),
+        vec![Assignment {
+            job: d,
+            gpus: vec![0]
+        }]
+    );
+}
+
+#[test]
+fn packing_keeps_whole_gpus_free() {
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000, 24_000]), Config::default(), 1);
+    let a = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
+    s.schedule(0);
+    let b = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
+    let started = s.schedule(0);
+    assert_eq!(
+        started,
+        vec![Assignment {
+            job: b,
+            gpus: vec![0]
+        }]
+    );
+    let c = s.submit(req(1, 2, None), 0).unwrap();
+    assert_eq!(
+        s.schedule(0),
+        vec![Assignment {
+            job: c,
+            gpus: vec![1, 2]
+        }]
+    );
+    assert_eq!(s.job(a).unwrap().gpus, vec![0]);
+}
+
+#[test]
+fn fifo_among_jobs_that_fit() {
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let a = s.submit(req(1, 1, None), 0).unwrap();
+    s.schedule(0);
+    let big = s.submit(req(2, 2, None), 0).unwrap();
+    let small = s.submit(req(3, 1, None), 0).unwrap();
+    // big cannot start, small fits and starts.
+    assert_eq!(
+        s.schedule(0),
+        vec![Assignment {
+            job: small,
+            gpus: vec![1]
+        }]
+    );
+    s.finish(a, JobState::Completed);
+    s.finish(small, JobState::Completed);
+    assert_eq!(
+        s.schedule(5),
+        vec![Assignment {
+            job: big,
+            gpus: vec![0, 1]
+        }]
+    );
+}
+
+#[test]
+fn cancel_rules() {
+    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let running = s.submit(req(1, 1, None), 0).unwrap();
+    let pending = s.submit(req(1, 1, None), 0).unwrap();
+    s.schedule(0);
+    let other = Requester {
+        uid: 2,
+        is_admin: false,
+    };
+    let owner = Requester {
+        uid: 1,
+        is_admin: false,
+    };
+    assert_eq!(s.cancel(pending, other), CancelOutcome::PermissionDenied);
+    assert_eq!(s.cancel(running, other), CancelOutcome::PermissionDenied);
+    assert_eq!(s.job(pending).unwrap().state, JobState::Pending);
+    assert!(matches!(
+        s.cancel(pending, owner),
+        CancelOutcome::Removed(_)
+    ));
+    assert_eq!(s.cancel(pending, owner), CancelOutcome::NotFound);
+    assert_eq!(s.cancel(running, ROOT), CancelOutcome::MustStop);
+    assert_eq!(s.cancel(running, owner), CancelOutcome::AlreadyStopping);
+    // Still holds its GPU until its processes are gone.
+    assert_eq!(s.gpus()[0].exclusive, Some(running));
+    s.finish(running, JobState::Cancelled).unwrap();
+    assert!(s.gpus()[0].is_idle());
+}
+
+#[test]
+fn foreign_usage_blocks_exclusive_and_shrinks_shared() {
+    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    s.set_foreign_usage(0, 20_000);
+    let ex = s.submit(req(1, 1, None), 0).unwrap();
+    let big = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
+    let small = s.submit(req(1, 1, Some(4_000)), 0).unwrap();
+    assert_eq!(
+        s.schedule(0),
+        vec![Assignment {
+            job: small,
+            gpus: vec![0]
+        }]
+    );
+    s.finish(small, JobState::Completed);
+    s.set_foreign_usage(0, 0);
+    // Now the exclusive job (first in line) gets it.
+    assert_eq!(
+        s.schedule(1),
+        vec![Assignment {
+            job: ex,
+            gpus: vec![0]
+        }]
+    );
+    assert_eq!(s.job(big).unwrap().state, JobState::Pending);
+}
+
+#[test]
+fn effective_limit_is_capped_by_global() {
+    let s = Scheduler::new(
+        gpus(&[1]),
+        Config {
+            max_job_time_s: Some(60),
+        },
+        1,
+    );
+    let mut r = req(1, 1, None);
+    assert_eq!(s.effective_limit_s(&r), Some(60));
+    r.time_limit_s = Some(30);
+    assert_eq!(s.effective_limit_s(&r), Some(30));
+    r.time_limit_s = Some(600);
+    assert_eq!(s.effective_limit_s(&r), Some(60));
+}
+
+/// Checks the GPU books against the running jobs: no over-commit, exclusive never shared.
+fn check_invariants(s: &Scheduler) {
+    for g in s.gpus() {
+        // Foreign processes may grow after a placement; mgpu's own books never exceed the GPU.
+        assert!(
+            g.reserved_mib <= g.spec.total_mib,
+            "GPU {} over-committed: {} reserved > {}",
+            g.spec.index,
+            g.reserved_mib,
+            g.spec.total_mib
+        );
+        if g.exclusive.is_some() {
+            assert!(
+                g.sharers.is_empty(),
+                "exclusive GPU {} shared",
+                g.spec.index
+            );
+            assert_eq!(g.reserved_mib, 0);
+        }
+        let sum: u64 = g
+            .sharers
+            .iter()
+            .map(|id| s.job(*id).unwrap().request.mem_mib.unwrap())
+            .sum();
+        assert_eq!(sum, g.reserved_mib, "reservation books wrong");
+    }
+    for job in s.jobs_in_order() {
+        match job.state {
+            JobState::Running => {
+                assert_eq!(job.gpus.len() as u32, job.request.gpus);
+                for idx in &job.gpus {
+                    let g = s.gpus().iter().find(|g| g.spec.index == *idx).unwrap();
+                    assert!(g.jobs().contains(&job.id));
+                }
+            }
+            JobState::Pending => assert!(job.gpus.is_empty()),
+            _ => panic!("terminal job still tracked"),
+        }
+    }
+}
+
+fn arb_request() -> impl Strategy<Value = JobRequest> {
+    (
+        1u32..4,
+        1u32..4,
+        prop_oneof![Just(None), (1u64..30_000).prop_map(Some)],
+    )
+        .prop_map(|(uid, n, mem)| req(uid, n, mem))
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Submit(JobRequest),
+    /// Finish the k-th running job (mod count).
+    Finish(usize),
+    /// Cancel the k-th known job (mod count).
+    Cancel(usize),
+    Foreign(u32, u64),
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => arb_request().prop_map(Op::Submit),
+        3 => any::<usize>().prop_map(Op::Finish),
+        1 => any::<usize>().prop_map(Op::Cancel),
+        1 => (0u32..4, prop_oneof![Just(0u64), 0u64..10_000]).prop_map(|(i, m)| Op::Foreign(i, m)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Under any sequence of events, a GPU is never over-committed, exclusive jobs never share,
+    /// and every job is accounted for exactly once (pending, running, or ended).
+    #[test]
+    fn never_overcommits_and_loses_nothing(
+        mems in prop::collection::vec(8_000u64..40_000, 1..5),
+        ops in prop::collection::vec(arb_op(), 1..120),
+    ) {
+        let mut s = Scheduler::new(gpus(&mems), Config::default(), 1);
+        let mut submitted = Vec::new();
+        let mut ended = HashSet::new();
+        for (t, op) in ops.into_iter().enumerate() {
+            let now = t as Millis;
+            match op {
+                Op::Submit(r) => {
+                    if let Ok(id) = s.submit(r, now) {
+                        submitted.push(id);
+                    }
+                }
+                Op::Finish(k) => {
+                    let running: Vec<JobId> = s.jobs_in_order()
+                        .filter(|j| j.state == JobState::Running).map(|j| j.id).collect();
+                    if !running.is_empty() {
+                        let id = running[k % running.len()];
+                        prop_assert!(s.finish(id, JobState::Completed).is_some());
+                        prop_assert!(ended.insert(id));
+                    }
+                }
+                Op::Cancel(k) => {
+                    if !submitted.is_empty() {
+                        let id = submitted[k % submitted.len()];
+                        if let CancelOutcome::Removed(_) = s.cancel(id, ROOT) {
+                            prop_assert!(ended.insert(id));
+                        }
+                    }
+                }
+                Op::Foreign(i, m) => s.set_foreign_usage(i % mems.len() as u32, m),
+            }
+            for a in s.schedule(now) {
+                prop_assert!(!ended.contains(&a.job));
+                // At placement time the job fit next to what foreign processes use.
+                for idx in &a.gpus {
+                    let g = &s.gpus()[*idx as usize];
+                    prop_assert!(g.reserved_mib + g.foreign_mib <= g.spec.total_mib);
+                }
+            }
+            check_invariants(&s);
+            // Every submitted job is in exactly one place.
+            for id in &submitted {
+                let tracked = s.job(*id).is_some();
+                prop_assert!(tracked != ended.contains(id), "job {} lost or duplicated", id);
+            }
+        }
+    }
+
+    /// With no foreign load, every feasible job eventually runs once running jobs end.
+    #[test]
+    fn every_job_eventually_runs(
+        mems in prop::collection::vec(8_000u64..40_000, 1..5),
+        reqs in prop::collection::vec(arb_request(), 1..60),
+    ) {
+        let mut s = Scheduler::new(gpus(&mems), Config::default(), 1);
+        let ids: Vec<JobId> = reqs.into_iter().filter_map(|r| s.submit(r, 0).ok()).collect();
+        let mut ran = HashSet::new();
+        let mut now = 0;
+        loop {
+            for a in s.schedule(now) {
+                prop_assert!(ran.insert(a.job), "job {} started twice", a.job);
+            }
+            check_invariants(&s);
+            let running: Vec<JobId> = s.jobs_in_order()
+                .filter(|j| j.state == JobState::Running).map(|j| j.id).collect();
+            if running.is_empty() {
+                break;
+            }
+            // Finish the oldest running job.
+            s.finish(running[0], JobState::Completed);
+            now += 1;
+        }
+        prop_assert_eq!(s.pending_len(), 0, "jobs left pending with an idle machine");
+        prop_assert_eq!(ran.len(), ids.len());
+    }
+
+    /// The incremental pass (only fresh jobs) decides exactly what a full rescan would.
+    #[test]
+    fn incremental_pass_matches_full_rescan(
+        mems in prop::collection::vec(8_000u64..40_000, 1..5),
+        reqs in prop::collection::vec(arb_request(), 1..40),
+    ) {
+        let mut inc = Scheduler::new(gpus(&mems), Config::default(), 1);
+        let mut full = inc.clone();
+        for (t, r) in reqs.into_iter().enumerate() {
+            let _ = inc.submit(r.clone(), t as Millis);
+            let _ = full.submit(r, t as Millis);
+            full.full_pass_needed = true;
+            prop_assert_eq!(inc.schedule(t as Millis), full.schedule(t as Millis));
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Starting a job's processes as its owner, and collecting their output.
+//!
+//! The parent resolves everything (account, groups, argv, environment) first; the forked child
+//! then only makes async-signal-safe calls, in this order: `setsid` (the job gets its own
+//! session and process group, so it can be signalled as a whole), `setgroups`, `setgid`,
+//! `setuid`, a check that `setuid(0)` now fails, and finally `chdir` into the working directory,
+//! so the directory is entered with the user's own privileges.
+//!
+//! The command is passed as argv. Venv activation goes through a fixed bash script that gets
+//! the activate path and the command as positional arguments; no user text becomes shell code.
+
+use std::ffi::CString;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use mgpu_core::JobId;
+use mgpu_proto::Venv;
+use serde::{Deserialize, Serialize};
+
+use crate::users::Account;
+
+/// What a job runs, as recorded at submit time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub command: Vec<String>,
+    pub cwd: String,
+    pub env: Vec<(String, String)>,
+    pub venv: Venv,
+}
+
+/// Everything needed to fork one run of a job.
+pub struct Launch<'a> {
+    pub job: JobId,
+    pub name: &'a str,
+    pub account: &'a Account,
+    pub gpus: &'a [u32],
+    pub restarts: u32,
+    pub spec: &'a LaunchSpec,
+    /// Drop privileges to the account (the server runs as root).
+    pub switch_user: bool,
+}
+
+/// A started job: its process (leader of its own session and process group) and the read ends
+/// of its stdout and stderr pipes.
+pub struct Started {
+    pub child: tokio::process::Child,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Starting failed; `message` says why, for the log and the user.
+#[derive(Debug)]
+pub struct StartError {
+    pub message: String,
+    /// The exit code a shell would give (127 not found, 126 not executable, else 1).
+    pub code: i32,
+}
+
+/// Runs `activate` then `exec`s the command; all user text arrives as positional parameters.
+const VENV_SCRIPT: &str = r#"act="$1"; shift
+. "$act" || { echo "mgpu: could not activate the venv ($act)" >&2; exit 1; }
+exec "$@""#;
+
+/// The activate script to source, if any. `~/venv` is probed by the daemon; a missing or
+/// unreadable script then fails in the job, as the user, with a clear message.
+fn activate_script(launch: &Launch) -> Option<PathBuf> {
+    match &launch.spec.venv {
+        Venv::Off => None,
+        Venv::Dir(dir) => Some(Path::new(dir).join("bin/activate")),
+        Venv::Auto => {
+            let candidate = launch.account.home.join("venv/bin/activate");
+            candidate.is_file().then_some(candidate)
+        }
+    }
+}
+
+fn argv(launch: &Launch) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(activate) = activate_script(launch) {
+        args.extend([
+            "/bin/bash".into(),
+            "-c".into(),
+            VENV_SCRIPT.into(),
+            "mgpu-venv".into(),
+        ]);
+        args.push(activate.into_os_string());
+    }
+    args.extend(launch.spec.command.iter().map(Into::into));
+    args
+}
+
+fn environment(launch: &Launch) -> Vec<(String, String)> {
+    let a = launch.account;
+    let mut env: Vec<(String, String)> = launch
+        .spec
+        .env
+        .iter()
+        .filter(|(k, _)| !k.is_empty() && !k.contains('=') && !k.contains('\0'))
+        .cloned()
+        .collect();
+    let gpus: Vec<String> = launch.gpus.iter().map(u32::to_string).collect();
+    let set = [
+        ("USER", a.name.clone()),
+        ("LOGNAME", a.name.clone()),
+        ("HOME", a.home.to_string_lossy().into_owned()),
+        ("SHELL", a.shell.to_string_lossy().into_owned()),
+        ("CUDA_VISIBLE_DEVICES", gpus.join(",")),
+        ("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()),
+        ("MGPU_JOB_ID", launch.job.to_string()),
+        ("MGPU_JOB_NAME", launch.name.to_string()),
+        ("MGPU_RESTART_COUNT", launch.restarts.to_string()),
+    ];
+    env.retain(|(k, _)| !set.iter().any(|(s, _)| s == k));
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push((
+            "PATH".into(),
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin".into(),
+        ));
+    }
+    env.extend(set.into_iter().map(|(k, v)| (k.to_string(), v)));
+    env
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Writes a fixed message to the child's stderr (async-signal-safe).
+fn child_note(msg: &[u8]) {
+    // SAFETY: write(2) on fd 2 with a valid buffer; nothing else is touched.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+    }
+}
+
+/// Forks and execs the job. Must be called inside a tokio runtime.
+pub fn start(launch: &Launch) -> Result<Started, StartError> {
+    let fail = |message: String, code: i32| StartError { message, code };
+    let cwd = CString::new(launch.spec.cwd.as_bytes())
+        .map_err(|_| fail("the working directory contains a NUL byte".into(), 1))?;
+    let args = argv(launch);
+    let (out_r, out_w) = pipe().map_err(|e| fail(format!("cannot create pipes: {e}"), 1))?;
+    let (err_r, err_w) = pipe().map_err(|e| fail(format!("cannot create pipes: {e}"), 1))?;
+
+    let mut cmd = std::process::Command::new(&args[0]);
+    cmd.args(&args[1..])
+        .env_clear()
+        .envs(environment(launch))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out_w))
+        .stderr(Stdio::from(err_w));
+    let switch = launch.switch_user;
+    let (uid, gid) = (launch.account.uid, launch.account.gid);
+    let groups: Vec<libc::gid_t> = launch.account.groups.clone();
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
+    // calls on data prepared above; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if switch {
+                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0 {
+                    child_note(b"mgpu: cannot set the job's supplementary groups: ");
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setgid(gid) != 0 {
+                    child_note(b"mgpu: cannot switch to the job's group: ");
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setuid(uid) != 0 {
+                    child_note(b"mgpu: cannot switch to the job's user: ");
+                    return Err(io::Error::last_os_error());
+                }
+                if uid != 0 && libc::setuid(0) == 0 {
+                    child_note(b"mgpu: privileges could not be dropped: ");
+                    return Err(io::Error::from_raw_os_error(libc::EPERM));
+                }
+            }
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                child_note(b"mgpu: cannot enter the working directory: ");
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawned = tokio::process::Command::from(cmd)
+        .kill_on_drop(false)
+        .spawn();
+    match spawned {
+        Ok(child) => Ok(Started {
+            child,
+            stdout: out_r,
+            stderr: err_r,
+        }),
+        Err(e) => {
+            // The child may have said which step failed before exiting.
+            let mut note = String::new();
+            let mut f = std::fs::File::from(err_r);
+            let _ = nix::fcntl::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            );
+            let _ = f.read_to_string(&mut note);
+            drop(out_r);
+            let code = match e.kind() {
+                io::ErrorKind::NotFound => 127,
+                io::ErrorKind::PermissionDenied => 126,
+                _ => 1,
+            };
+            let what = if note.is_empty() {
+                format!(
+                    "mgpu: cannot execute '{}': ",
+                    String::from_utf8_lossy(args[0].as_bytes())
+                )
+            } else {
+                note.trim_start_matches('\n').to_string()
+            };
+            let code = if note.is_empty() { code } else { 1 };
+            Err(fail(format!("{what}{e}"), code))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account() -> Account {
+        Account {
+            uid: 1234,
+            gid: 1234,
+            name: "alice".into(),
+            home: "/nonexistent/alice".into(),
+            shell: "/bin/bash".into(),
+            groups: vec![1234],
+        }
+    }
+
+    #[test]
+    fn environment_overrides_identity_and_sets_gpus() {
+        let acct = account();
+        let spec = LaunchSpec {
+            command: vec!["x".into()],
+            cwd: "/".into(),
+            env: vec![
+                ("USER".into(), "root".into()),
+                ("FOO".into(), "bar".into()),
+                ("CUDA_VISIBLE_DEVICES".into(), "0,1,2,3".into()),
+            ],
+            venv: Venv::Auto,
+        };
+        let launch = Launch {
+            job: 7,
+            name: "n",
+            account: &acct,
+            gpus: &[1, 3],
+            restarts: 0,
+            spec: &spec,
+            switch_user: true,
+        };
+        let env = environment(&launch);
+        let get = |k: &str| {
+            let v: Vec<&String> = env.iter().filter(|(a, _)| a == k).map(|(_, v)| v).collect();
+            assert_eq!(v.len(), 1, "{k} set {} times", v.len());
+            v[0].clone()
+        };
+        assert_eq!(get("USER"), "alice");
+        assert_eq!(get("FOO"), "bar");
+        assert_eq!(get("CUDA_VISIBLE_DEVICES"), "1,3");
+        assert_eq!(get("MGPU_JOB_ID"), "7");
+        assert_eq!(get("HOME"), "/nonexistent/alice");
+        // No venv in a missing home: the command runs directly.
+        assert_eq!(argv(&launch), vec![std::ffi::OsString::from("x")]);
+    }
+
+    #[test]
+    fn venv_dir_goes_through_fixed_script() {
+        let acct = account();
+        let spec = LaunchSpec {
+            command: vec!["python".into(), "$(rm -rf /)".into()],
+            cwd: "/".into(),
+            env: vec![],
+            venv: Venv::Dir("/opt/v".into()),
+        };
+        let launch = Launch {
+            job: 1,
+            name: "n",
+            account: &acct,
+            gpus: &[0],
+            restarts: 0,
+            spec: &spec,
+            switch_user: false,
+        };
+        let a = argv(&launch);
+        assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));
+        assert_eq!(a[4], std::ffi::OsString::from("/opt/v/bin/activate"));
+        assert_eq!(a[6], std::ffi::OsString::from("$(rm -rf /)"));
+    }
+}

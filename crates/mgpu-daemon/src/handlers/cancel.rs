@@ -1,0 +1,111 @@
+//! `Cancel`: pending jobs leave the queue at once; running jobs are stopped (SIGTERM, SIGKILL
+//! after the grace period) and keep their GPUs until their processes are gone. Only owners and
+//! root may cancel.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use mgpu_core::{CancelOutcome, JobId, JobState, Requester};
+use mgpu_proto::{CancelRequest, CancelResult, CancelStatus, JobOutcome, Response};
+
+use crate::server::{send, send_error, Caller, Conn};
+use crate::state::{Daemon, Inner};
+use crate::users;
+
+/// Cancels one job on behalf of `by`.
+pub fn cancel_one(
+    daemon: &Arc<Daemon>,
+    inner: &mut Inner,
+    id: JobId,
+    by: Requester,
+) -> CancelStatus {
+    match inner.sched.cancel(id, by) {
+        CancelOutcome::Removed(_) => {
+            tracing::info!(job = id, by = by.uid, "pending job cancelled");
+            daemon.record_end(
+                inner,
+                JobOutcome {
+                    job: id,
+                    state: JobState::Cancelled,
+                    exit_code: None,
+                    signal: None,
+                    message: Some(format!(
+                        "cancelled by {} before it started",
+                        users::name_of(by.uid)
+                    )),
+                },
+            );
+            CancelStatus::Cancelled
+        }
+        CancelOutcome::MustStop => {
+            daemon.stop(inner, id);
+            CancelStatus::Stopping
+        }
+        CancelOutcome::AlreadyStopping => CancelStatus::AlreadyStopping,
+        CancelOutcome::NotFound => CancelStatus::NotFound,
+        CancelOutcome::PermissionDenied => CancelStatus::PermissionDenied,
+    }
+}
+
+pub async fn handle(
+    daemon: &Arc<Daemon>,
+    caller: Caller,
+    req: CancelRequest,
+    conn: &mut Conn,
+) -> Result<()> {
+    let by = daemon.requester(caller.uid);
+    let mut user_uid = None;
+    if let CancelRequest::User(name) = &req {
+        let Some(uid) = users::uid_of(name) else {
+            return send_error(conn, format!("no such user: {name}")).await;
+        };
+        if !by.may_manage(uid) {
+            return send_error(
+                conn,
+                format!("permission denied: only {name} or root may cancel {name}'s jobs"),
+            )
+            .await;
+        }
+        user_uid = Some(uid);
+    }
+    let results = {
+        let mut inner = daemon.lock();
+        let ids: Vec<JobId> = match &req {
+            CancelRequest::Jobs(ids) => ids.clone(),
+            CancelRequest::User(_) => {
+                let uid = user_uid.expect("resolved above");
+                inner
+                    .sched
+                    .jobs_in_order()
+                    .filter(|j| j.request.uid == uid)
+                    .map(|j| j.id)
+                    .collect()
+            }
+            CancelRequest::All => inner
+                .sched
+                .jobs_in_order()
+                .filter(|j| by.may_manage(j.request.uid))
+                .map(|j| j.id)
+                .collect(),
+        };
+        // Pending ones first, so cancelling running ones does not start doomed pending ones.
+        let (pending, running): (Vec<JobId>, Vec<JobId>) = ids.iter().partition(|id| {
+            inner
+                .sched
+                .job(**id)
+                .is_some_and(|j| j.state == JobState::Pending)
+        });
+        let mut results: Vec<CancelResult> = pending
+            .into_iter()
+            .chain(running)
+            .map(|id| CancelResult {
+                job: id,
+                outcome: cancel_one(daemon, &mut inner, id, by),
+            })
+            .collect();
+        results.sort_by_key(|r| ids.iter().position(|i| *i == r.job));
+        daemon.schedule(&mut inner);
+        results
+    };
+    send(conn, &Response::Cancelled { results }).await
+}

@@ -1,0 +1,14 @@
+//! # mgpu-daemon
+//!
+//! The imperative shell around [`mgpu_core`]: the UNIX socket server (with kernel-verified
+//! identities), the durable job store, GPU backends (NVML or simulated), starting jobs as their
+//! users, and their logs.
+
+pub mod exec;
+pub mod gpu;
+pub mod handlers;
+pub mod run;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod users;

@@ -1,0 +1,199 @@
+//! The UNIX socket: binding it safely, authenticating peers by kernel credentials, and
+//! dispatching each connection's request to its handler.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::{SinkExt, StreamExt};
+use mgpu_proto::{Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::Framed;
+
+use crate::handlers;
+use crate::state::Daemon;
+
+pub type Conn = Framed<UnixStream, FrameCodec>;
+
+/// Concurrent connections served; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to say hello and send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connected client, as the kernel identifies it.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// Binds the socket at `path` with mode 0666. A live server there makes this fail; a stale
+/// socket file is replaced; anything that is not a socket is left alone.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "{} exists and is not a socket; refusing to replace it (use --socket to choose another path)",
+                    path.display()
+                );
+            }
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => bail!(
+                    "another server is already listening on {}; stop it first or use --socket",
+                    path.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "replacing stale socket");
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("removing stale socket {}", path.display()))?;
+                }
+                Err(e) => bail!("cannot check the existing socket {}: {e}", path.display()),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot inspect {}: {e}", path.display()),
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    // Everyone may connect: what they may do is decided by their kernel credentials.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return,
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let stream = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_connection(&daemon, stream).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+pub async fn send(conn: &mut Conn, msg: &Response) -> Result<()> {
+    conn.send(Frame::control(msg)).await?;
+    Ok(())
+}
+
+pub async fn send_error(conn: &mut Conn, message: impl Into<String>) -> Result<()> {
+    send(
+        conn,
+        &Response::Error {
+            message: message.into(),
+        },
+    )
+    .await
+}
+
+async fn next_request(conn: &mut Conn) -> Result<Option<Request>> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, conn.next()).await {
+        Err(_) => bail!("client sent nothing for {REQUEST_TIMEOUT:?}"),
+        Ok(None) => Ok(None),
+        Ok(Some(frame)) => Ok(Some(frame?.parse()?)),
+    }
+}
+
+async fn handle_connection(daemon: &Arc<Daemon>, stream: UnixStream) -> Result<()> {
+    let cred = stream.peer_cred().context("reading peer credentials")?;
+    let caller = Caller {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    };
+    let mut conn = Framed::new(stream, FrameCodec::default());
+    let hello = match next_request(&mut conn).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            let _ = send_error(&mut conn, format!("bad request: {e}")).await;
+            return Err(e);
+        }
+    };
+    match hello {
+        Request::Hello { protocol, .. } if protocol == PROTOCOL_VERSION => {}
+        Request::Hello { protocol, .. } => {
+            return send_error(
+                &mut conn,
+                format!(
+                    "protocol version mismatch: the client speaks version {protocol}, this server (mgpu {}) speaks version {PROTOCOL_VERSION}; use clients from the same mgpu release as the server",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            )
+            .await;
+        }
+        _ => {
+            return send_error(
+                &mut conn,
+                "protocol error: the first message must be a hello",
+            )
+            .await
+        }
+    }
+    let settings = &daemon.settings;
+    if !settings.multi_user && caller.uid != settings.server_uid {
+        return send_error(
+            &mut conn,
+            format!(
+                "this mgpu server runs in single-user mode for uid {} and does not serve uid {}; ask your administrator to run it as root for multi-user mode",
+                settings.server_uid, caller.uid
+            ),
+        )
+        .await;
+    }
+    send(
+        &mut conn,
+        &Response::Welcome {
+            protocol: PROTOCOL_VERSION,
+            server_version: env!("CARGO_PKG_VERSION").into(),
+            multi_user: settings.multi_user,
+        },
+    )
+    .await?;
+    let request = match next_request(&mut conn).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            let _ = send_error(&mut conn, format!("bad request: {e}")).await;
+            return Err(e);
+        }
+    };
+    match request {
+        Request::Submit(req) => handlers::submit::handle(daemon, caller, req, &mut conn).await,
+        Request::Queue(req) => handlers::queue::handle(daemon, caller, req, &mut conn).await,
+        Request::Cancel(req) => handlers::cancel::handle(daemon, caller, req, &mut conn).await,
+        Request::Log(req) => handlers::log::handle(daemon, caller, req, &mut conn).await,
+        Request::Hello { .. } | Request::CancelAttached => {
+            send_error(&mut conn, "protocol error: unexpected message").await
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! # mgpu-proto
+//!
+//! The wire protocol between `mgpu_scheduler_server` and its clients.
+//!
+//! A connection carries length-delimited frames (4-byte big-endian length, at most
+//! [`MAX_FRAME_LEN`] bytes). The first byte of each frame says what it holds:
+//! - `0`: a JSON control message ([`Request`] from clients, [`Response`] from the server);
+//! - `1` / `2`: raw bytes of a job's stdout / stderr.
+//!
+//! Every connection starts with [`Request::Hello`] carrying [`PROTOCOL_VERSION`]; the server
+//! answers [`Response::Welcome`] or, on a version mismatch, a clear [`Response::Error`]. Then the
+//! client sends one request. Identity is never part of a message: the server takes it from the
+//! kernel (`SO_PEERCRED`).
+
+pub mod codec;
+
+use mgpu_core::{JobId, JobState, Millis};
+use serde::{Deserialize, Serialize};
+
+pub use codec::{Frame, FrameCodec};
+
+/// Bumped on every incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Upper bound of one frame (a submit carries the environment and argv, which the kernel caps
+/// at a few MiB).
+pub const MAX_FRAME_LEN: usize = 8 << 20;
+/// Where the server listens unless `--socket` or `MGPU_SOCKET` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/tmp/mgpu_scheduler.sock";
+/// Environment variable overriding the default socket for server and clients alike.
+pub const SOCKET_ENV: &str = "MGPU_SOCKET";
+
+/// The socket path: an explicit one, else `$MGPU_SOCKET`, else [`DEFAULT_SOCKET`].
+pub fn socket_path(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(SOCKET_ENV) {
+        Some(p) if !p.is_empty() => p.into(),
+        _ => DEFAULT_SOCKET.into(),
+    }
+}
+
+/// Messages a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Hello {
+        protocol: u32,
+        client: String,
+    },
+    Submit(SubmitRequest),
+    Queue(QueueRequest),
+    Cancel(CancelRequest),
+    Log(LogRequest),
+    /// Sent by an attached `mgpu_srun` on its submit connection (Ctrl-C): cancel that job.
+    CancelAttached,
+}
+
+/// How to treat Python virtual environments for a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Venv {
+    /// Activate `~/venv` if `~/venv/bin/activate` exists.
+    Auto,
+    /// Activate this venv directory.
+    Dir(String),
+    /// Do not activate any venv.
+    Off,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    pub name: Option<String>,
+    pub gpus: u32,
+    pub mem_mib: Option<u64>,
+    pub time_limit_s: Option<u64>,
+    /// argv; never joined into a shell string.
+    pub command: Vec<String>,
+    /// Absolute working directory (entered with the user's own privileges).
+    pub cwd: String,
+    /// The client's environment, passed to the job (Slurm's `--export=ALL`).
+    pub env: Vec<(String, String)>,
+    pub venv: Venv,
+    /// Stay connected: receive progress, output and the exit status on this connection.
+    pub attach: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRequest {
+    /// Only jobs of this user name.
+    pub user: Option<String>,
+    /// Only the caller's own jobs (identity from the kernel).
+    pub me: bool,
+    pub job: Option<JobId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelRequest {
+    Jobs(Vec<JobId>),
+    User(String),
+    /// All of the caller's own jobs (all jobs for root).
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRequest {
+    pub job: JobId,
+    pub follow: bool,
+}
+
+/// Messages the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Welcome {
+        protocol: u32,
+        server_version: String,
+        /// True when the server runs as root and jobs run as their submitters.
+        multi_user: bool,
+    },
+    /// The request was refused or failed; nothing was changed.
+    Error {
+        message: String,
+    },
+    /// The job is accepted (and durable).
+    Submitted {
+        job: JobId,
+    },
+    /// The job waits in the queue.
+    Pending {
+        job: JobId,
+        position: usize,
+        reason: String,
+    },
+    /// The job got its GPUs and is being started.
+    Started {
+        job: JobId,
+        gpus: Vec<u32>,
+    },
+    /// A one-line note for the user's stderr.
+    Notice {
+        message: String,
+    },
+    /// The job is over and its processes are gone.
+    Finished(JobOutcome),
+    Queue(QueueSnapshot),
+    Cancelled {
+        results: Vec<CancelResult>,
+    },
+    /// No more log data follows.
+    LogEnd {
+        job: JobId,
+        state: Option<JobState>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOutcome {
+    pub job: JobId,
+    pub state: JobState,
+    /// Exit code, when the process exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number, when the process was killed by one.
+    pub signal: Option<i32>,
+    /// Why it failed to start or was stopped, when known.
+    pub message: Option<String>,
+}
+
+impl JobOutcome {
+    /// The exit code a shell would show: the code, or 128+signal; 1 when neither is known.
+    pub fn shell_code(&self) -> i32 {
+        match (self.exit_code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelResult {
+    pub job: JobId,
+    pub outcome: CancelStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelStatus {
+    /// Removed from the queue.
+    Cancelled,
+    /// Running: its processes are being stopped (SIGTERM, then SIGKILL after the grace period).
+    Stopping,
+    AlreadyStopping,
+    NotFound,
+    PermissionDenied,
+}
+
+/// The queue as `mgpu_queue` shows it. Times are milliseconds since the epoch on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// The server's clock when the snapshot was taken.
+    pub now: Millis,
+    pub gpus: Vec<GpuInfo>,
+    pub jobs: Vec<JobInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    pub total_mib: u64,
+    /// Memory reserved by mgpu jobs (the whole GPU for an exclusive job).
+    pub reserved_mib: u64,
+    /// Memory in use as the driver reports it (simulated GPUs report the reservations).
+    pub used_mib: u64,
+    pub jobs: Vec<JobId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: JobId,
+    pub user: String,
+    pub name: String,
+    pub state: JobState,
+    /// Number of GPUs asked for.
+    pub gpus: u32,
+    /// GPUs held while running.
+    pub gpu_ids: Vec<u32>,
+    pub mem_mib: Option<u64>,
+    /// Effective limit (own limit capped by the server's `--max-job-time`).
+    pub time_limit_s: Option<u64>,
+    pub submitted_at: Millis,
+    pub started_at: Option<Millis>,
+    pub restarts: u32,
+    pub reason: Option<String>,
+    pub command: Vec<String>,
+}

@@ -1,4 +1,4 @@
-//! `mgpu_scheduler_server`: the mgpu daemon.
+//! `mgpu_scheduler_server`: the mgpu daemon; see [`mgpu_daemon`].
 
 fn main() -> std::process::ExitCode {
     mgpu_daemon::run::main()

@@ -1,0 +1,324 @@
+//! Test harness: each test starts its own server binary on a private temp socket with simulated
+//! GPUs and drives the real client binaries, optionally as real non-root users.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const PROGRAMS: &[&str] = &[
+    "mgpu_scheduler_server",
+    "mgpu_srun",
+    "mgpu_queue",
+    "mgpu_cancel",
+    "mgpu_log",
+];
+
+fn exe(name: &str) -> PathBuf {
+    match name {
+        "mgpu_scheduler_server" => env!("CARGO_BIN_EXE_mgpu_scheduler_server").into(),
+        "mgpu_srun" => env!("CARGO_BIN_EXE_mgpu_srun").into(),
+        "mgpu_queue" => env!("CARGO_BIN_EXE_mgpu_queue").into(),
+        "mgpu_cancel" => env!("CARGO_BIN_EXE_mgpu_cancel").into(),
+        "mgpu_log" => env!("CARGO_BIN_EXE_mgpu_log").into(),
+        other => panic!("unknown program {other}"),
+    }
+}
+
+/// The binaries, copied once into a world-readable directory so test users can run them
+/// wherever the checkout lives.
+pub fn bin(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("mgpu-bins-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for p in PROGRAMS {
+            let to = dir.join(p);
+            std::fs::copy(exe(p), &to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        dir
+    });
+    dir.join(name)
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A real local account for multi-user tests.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+fn sh(cmd: &mut Command) -> Output {
+    cmd.output().expect("running a setup command")
+}
+
+/// Creates (idempotently) the test group and users `mgpu-test-a` (also in `mgpu-test-grp`) and
+/// `mgpu-test-b`. `None` when not root: those tests are skipped.
+pub fn test_users() -> Option<(TestUser, TestUser)> {
+    if !is_root() {
+        eprintln!("skipping: multi-user tests need root");
+        return None;
+    }
+    static USERS: OnceLock<(TestUser, TestUser)> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap();
+    Some(
+        USERS
+            .get_or_init(|| {
+                if !sh(Command::new("getent").args(["group", "mgpu-test-grp"]))
+                    .status
+                    .success()
+                {
+                    sh(Command::new("groupadd").arg("mgpu-test-grp"));
+                }
+                for (name, extra) in [("mgpu-test-a", true), ("mgpu-test-b", false)] {
+                    if !sh(Command::new("id").arg("-u").arg(name)).status.success() {
+                        let out =
+                            sh(Command::new("useradd").args(["-m", "-U", "-s", "/bin/bash", name]));
+                        // 9: created meanwhile by a concurrent run.
+                        assert!(
+                            out.status.success() || out.status.code() == Some(9),
+                            "useradd {name}: {}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                    if extra {
+                        sh(Command::new("usermod").args(["-aG", "mgpu-test-grp", name]));
+                    }
+                }
+                (lookup("mgpu-test-a"), lookup("mgpu-test-b"))
+            })
+            .clone(),
+    )
+}
+
+fn lookup(name: &str) -> TestUser {
+    let u = nix::unistd::User::from_name(name).unwrap().unwrap();
+    std::fs::create_dir_all(&u.dir).unwrap();
+    nix::unistd::chown(&u.dir, Some(u.uid), Some(u.gid)).unwrap();
+    TestUser {
+        name: name.into(),
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+        home: u.dir,
+    }
+}
+
+pub struct Server {
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_dir: PathBuf,
+    /// A world-writable scratch directory jobs can write to.
+    pub scratch: PathBuf,
+    gpus: String,
+    extra: Vec<String>,
+    child: Option<Child>,
+    pub stderr_path: PathBuf,
+}
+
+impl Server {
+    /// A server with simulated GPUs (`2x24GiB` and a 2 s grace period unless overridden).
+    pub fn start(gpus: &str, extra: &[&str]) -> Server {
+        let tmp = tempfile::Builder::new()
+            .prefix("mgpu-test-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let scratch = dir.join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let mut s = Server {
+            socket: dir.join("mgpu.sock"),
+            state_dir: dir.join("state"),
+            log_dir: dir.join("logs"),
+            stderr_path: dir.join("server.log"),
+            scratch,
+            dir,
+            _tmp: tmp,
+            gpus: gpus.into(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        s.launch();
+        s
+    }
+
+    pub fn server_command(&self) -> Command {
+        let mut c = Command::new(bin("mgpu_scheduler_server"));
+        c.arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--log-dir")
+            .arg(&self.log_dir)
+            .arg("--simulate-gpus")
+            .arg(&self.gpus);
+        if !self.extra.iter().any(|e| e == "--grace-period") {
+            c.args(["--grace-period", "2"]);
+        }
+        c.args(&self.extra).env("MGPU_LOG", "debug");
+        c
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_path)
+            .unwrap();
+        let child = self
+            .server_command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_until(Duration::from_secs(20), || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("server exited early ({status}): {}", self.server_log());
+            }
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+        });
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM and wait (the clean shutdown path).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// A client command as root (the test's own user).
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(bin(program));
+        c.env("MGPU_SOCKET", &self.socket).current_dir(&self.dir);
+        c
+    }
+
+    /// A client command run as `user` (real uid, gid and groups switched by setpriv).
+    pub fn cmd_as(&self, user: &TestUser, program: &str) -> Command {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={}", user.uid))
+            .arg(format!("--regid={}", user.gid))
+            .arg("--init-groups")
+            .arg("--")
+            .arg(bin(program))
+            .env("MGPU_SOCKET", &self.socket)
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name)
+            .current_dir(&user.home);
+        c
+    }
+
+    pub fn queue_json(&self) -> Value {
+        let out = self.cmd("mgpu_queue").arg("--json").output().unwrap();
+        assert!(
+            out.status.success(),
+            "mgpu_queue failed: {}",
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The job's entry in `mgpu_queue --json`, if it is still pending or running.
+    pub fn job(&self, id: u64) -> Option<Value> {
+        self.queue_json()["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .cloned()
+    }
+
+    pub fn wait_gone(&self, id: u64) {
+        wait_until(Duration::from_secs(30), || self.job(id).is_none());
+    }
+
+    pub fn wait_state(&self, id: u64, state: &str) {
+        wait_until(Duration::from_secs(30), || {
+            self.job(id).is_some_and(|j| j["state"] == state)
+        });
+    }
+
+    /// Submits detached; returns the job id.
+    pub fn submit(&self, mut cmd: Command) -> u64 {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "submit failed: {}", text(&out.stderr));
+        text(&out.stdout)
+            .trim()
+            .parse()
+            .expect("--parsable prints the id")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Polls `cond` until it holds; panics after `limit` (a liveness bound, not a timing assertion).
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "condition not reached within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn write_file(path: &Path, content: &str, mode: u32) {
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}

@@ -1,0 +1,497 @@
+//! End-to-end behaviour of the real binaries: submit, stream, queue, cancel, logs, placement.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn attached_srun_streams_output_and_exit_code() {
+    let s = Server::start("2x24GiB", &[]);
+    let out = s
+        .cmd("mgpu_srun")
+        .args([
+            "--",
+            "bash",
+            "-c",
+            "echo out-line; echo err-line >&2; exit 3",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out-line\n", "nothing extra on stdout");
+    assert!(text(&out.stderr).contains("err-line"));
+
+    // Killed by a signal: 128 + signal number.
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--", "bash", "-c", "kill -KILL $$"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(137));
+}
+
+#[test]
+fn job_environment_is_set() {
+    let s = Server::start("2x24GiB", &[]);
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--gpus", "2", "--job-name", "envtest", "--no-venv", "--"])
+        .args(["bash", "-c", "echo $CUDA_VISIBLE_DEVICES,$CUDA_DEVICE_ORDER,$MGPU_JOB_NAME,$MGPU_JOB_ID,$FROM_CLIENT,$(pwd)"])
+        .env("FROM_CLIENT", "kept")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let line = text(&out.stdout);
+    let parts: Vec<&str> = line.trim().split(',').collect();
+    assert_eq!(&parts[..2], ["0", "1"]);
+    assert_eq!(parts[2], "PCI_BUS_ID");
+    assert_eq!(parts[3], "envtest");
+    assert!(parts[4].parse::<u64>().is_ok());
+    assert_eq!(parts[5], "kept");
+    assert_eq!(
+        parts[6],
+        s.dir.to_str().unwrap(),
+        "runs in srun's directory"
+    );
+
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--chdir", s.scratch.to_str().unwrap(), "--", "pwd"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), s.scratch.to_str().unwrap());
+}
+
+#[test]
+fn detach_and_parsable_give_increasing_ids() {
+    let s = Server::start("1x24GiB", &[]);
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--detach", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let first: u64 = text(&out.stdout)
+        .trim()
+        .strip_prefix("Submitted job ")
+        .expect("Submitted job ID")
+        .parse()
+        .unwrap();
+    let second = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["--detach", "--parsable", "--", "sleep", "5"]);
+        c
+    });
+    let third = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args([
+            "-d",
+            "--parsable",
+            "-t",
+            "1:00:00",
+            "-J",
+            "third",
+            "--",
+            "sleep",
+            "5",
+        ]);
+        c
+    });
+    assert!(first < second && second < third);
+    s.wait_state(second, "RUNNING");
+    let q = s.queue_json();
+    let jobs = q["jobs"].as_array().unwrap();
+    assert_eq!(jobs[0]["id"], second);
+    assert_eq!(jobs[0]["state"], "RUNNING");
+    assert!(jobs[0]["started_at"].as_str().unwrap().contains('T'));
+    assert_eq!(jobs[1]["id"], third);
+    assert_eq!(jobs[1]["state"], "PENDING");
+    assert_eq!(jobs[1]["reason"], "Resources");
+    assert_eq!(jobs[1]["time_limit_s"], 3600);
+    assert_eq!(jobs[1]["name"], "third");
+    assert!(jobs[1]["started_at"].is_null());
+    assert_eq!(jobs[1]["command"], serde_json::json!(["sleep", "5"]));
+    assert_eq!(q["gpus"][0]["reserved_mib"], 24576);
+    assert_eq!(q["gpus"][0]["total_mib"], 24576);
+
+    // The human table has both sections.
+    let table = text(&s.cmd("mgpu_queue").output().unwrap().stdout);
+    for word in [
+        "JOBID",
+        "REASON",
+        "Resources",
+        "third",
+        "RESERVED/USED/TOTAL",
+        "UNLIMITED",
+        "1:00:00",
+    ] {
+        assert!(table.contains(word), "{word} missing from:\n{table}");
+    }
+    // -j filters.
+    let one = s
+        .cmd("mgpu_queue")
+        .args(["--json", "-j", &third.to_string()])
+        .output()
+        .unwrap();
+    let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert_eq!(one["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn impossible_and_malformed_jobs_are_refused_at_once() {
+    let s = Server::start("2x24GiB", &[]);
+    let cases: &[(&[&str], &str)] = &[
+        (&["--gpus", "3", "--", "true"], "only 2"),
+        (&["--mem", "30000", "--", "true"], "memory"),
+        (&["--gpus", "0", "--", "true"], "at least one GPU"),
+        (&["--"], "no command"),
+        (
+            &["--chdir", "/nonexistent/dir", "--", "true"],
+            "working directory",
+        ),
+        (&["--bogus-flag", "--", "true"], "--bogus-flag"),
+        (&["--time-limit", "soon", "--", "true"], "invalid time"),
+    ];
+    for (args, needle) in cases {
+        let out = s.cmd("mgpu_srun").args(*args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected '{needle}' in: {err}"
+        );
+    }
+    assert!(
+        s.queue_json()["jobs"].as_array().unwrap().is_empty(),
+        "nothing queued"
+    );
+}
+
+#[test]
+fn memory_jobs_share_and_exclusive_jobs_never_overlap() {
+    let s = Server::start("2x24GiB", &[]);
+    // Two memory jobs fit on one GPU together.
+    let a = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--mem", "10000", "--", "sleep", "30"]);
+        c
+    });
+    let b = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--mem", "10000", "--", "sleep", "30"]);
+        c
+    });
+    s.wait_state(a, "RUNNING");
+    s.wait_state(b, "RUNNING");
+    let q = s.queue_json();
+    assert_eq!(
+        s.job(a).unwrap()["gpu_ids"],
+        s.job(b).unwrap()["gpu_ids"],
+        "packed together"
+    );
+    let shared = s.job(a).unwrap()["gpu_ids"][0].as_u64().unwrap() as usize;
+    assert_eq!(q["gpus"][shared]["reserved_mib"], 20000);
+    // A third does not fit beside them but takes the other GPU.
+    let c3 = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--mem", "10000", "--", "sleep", "30"]);
+        c
+    });
+    s.wait_state(c3, "RUNNING");
+    assert_ne!(s.job(c3).unwrap()["gpu_ids"], s.job(a).unwrap()["gpu_ids"]);
+    assert!(s
+        .cmd("mgpu_cancel")
+        .arg("--all")
+        .status()
+        .unwrap()
+        .success());
+    for id in [a, b, c3] {
+        s.wait_gone(id);
+    }
+
+    // Exclusive jobs: record which GPUs each held and when; no GPU is ever held twice at once.
+    let script = format!(
+        "echo $CUDA_VISIBLE_DEVICES $(date +%s%N) > {dir}/$MGPU_JOB_ID; sleep 0.3; echo $(date +%s%N) >> {dir}/$MGPU_JOB_ID",
+        dir = s.scratch.display()
+    );
+    let ids: Vec<u64> = (0..6)
+        .map(|i| {
+            let gpus = if i % 3 == 0 { "2" } else { "1" };
+            s.submit({
+                let mut c = s.cmd("mgpu_srun");
+                c.args([
+                    "-d",
+                    "--parsable",
+                    "--gpus",
+                    gpus,
+                    "--",
+                    "bash",
+                    "-c",
+                    &script,
+                ]);
+                c
+            })
+        })
+        .collect();
+    for id in &ids {
+        s.wait_gone(*id);
+    }
+    let mut spans: Vec<(u32, u128, u128)> = Vec::new();
+    for id in &ids {
+        let content = std::fs::read_to_string(s.scratch.join(id.to_string())).unwrap();
+        let mut lines = content.lines();
+        let first: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        let end: u128 = lines.next().unwrap().trim().parse().unwrap();
+        let start: u128 = first[1].parse().unwrap();
+        for g in first[0].split(',') {
+            spans.push((g.parse().unwrap(), start, end));
+        }
+    }
+    for (i, x) in spans.iter().enumerate() {
+        for y in &spans[i + 1..] {
+            assert!(
+                x.0 != y.0 || x.2 <= y.1 || y.2 <= x.1,
+                "GPU {} held by two exclusive jobs at once: {x:?} {y:?}",
+                x.0
+            );
+        }
+    }
+}
+
+#[test]
+fn waiting_job_starts_when_resources_free_up() {
+    let s = Server::start("1x24GiB", &[]);
+    let blocker = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "sleep", "30"]);
+        c
+    });
+    s.wait_state(blocker, "RUNNING");
+    let mut srun = s
+        .cmd("mgpu_srun")
+        .args(["--", "echo", "finally"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(srun.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("queued") && line.contains("waiting for resources"),
+        "{line}"
+    );
+    assert!(s
+        .cmd("mgpu_cancel")
+        .arg(blocker.to_string())
+        .status()
+        .unwrap()
+        .success());
+    let out = srun.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), "finally\n");
+}
+
+#[test]
+fn ctrl_c_cancels_the_job_and_waits_for_its_processes() {
+    let s = Server::start("1x24GiB", &[]);
+    let mut srun = s
+        .cmd("mgpu_srun")
+        .args(["--", "bash", "-c", "trap 'echo got-term; sleep 0.5; echo cleaned; exit 7' TERM; echo ready; sleep 60 & wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(srun.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(srun.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = srun.wait().unwrap();
+    assert_eq!(
+        rest, "got-term\ncleaned\n",
+        "the job's cleanup ran and was streamed"
+    );
+    assert_eq!(status.code(), Some(7));
+    // srun returned only after the job was gone.
+    assert!(s.queue_json()["jobs"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn cancel_kills_a_job_ignoring_sigterm_after_the_grace_period() {
+    let s = Server::start("1x24GiB", &["--grace-period", "3"]);
+    let mut srun = s
+        .cmd("mgpu_srun")
+        .args([
+            "--",
+            "bash",
+            "-c",
+            "trap '' TERM; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(srun.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let id = s.queue_json()["jobs"][0]["id"].as_u64().unwrap();
+    let c = s.cmd("mgpu_cancel").arg(id.to_string()).output().unwrap();
+    assert!(c.status.success(), "{}", text(&c.stderr));
+    // Within the grace period it still holds its GPU.
+    let job = s.job(id).expect("still there during the grace period");
+    assert_eq!(job["reason"], "Cancelling");
+    assert_eq!(s.queue_json()["gpus"][0]["jobs"][0], id);
+    let status = srun.wait().unwrap();
+    assert_eq!(status.code(), Some(137), "SIGKILLed");
+    assert!(s.job(id).is_none());
+}
+
+#[test]
+fn cancel_pending_job_and_unknown_ids() {
+    let s = Server::start("1x24GiB", &[]);
+    let running = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "sleep", "30"]);
+        c
+    });
+    let pending = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "sleep", "30"]);
+        c
+    });
+    s.wait_state(running, "RUNNING");
+    assert!(s
+        .cmd("mgpu_cancel")
+        .arg(pending.to_string())
+        .status()
+        .unwrap()
+        .success());
+    assert!(s.job(pending).is_none(), "pending job cancelled at once");
+    let out = s.cmd("mgpu_cancel").arg("99999").output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no such"));
+    assert!(s
+        .cmd("mgpu_cancel")
+        .arg(running.to_string())
+        .status()
+        .unwrap()
+        .success());
+    s.wait_gone(running);
+}
+
+#[test]
+fn failed_start_is_reported_and_the_server_carries_on() {
+    let s = Server::start("1x24GiB", &[]);
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--no-venv", "--", "/no/such/program", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("FAILED") && err.contains("/no/such/program"),
+        "{err}"
+    );
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--", "echo", "still-works"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "still-works\n");
+}
+
+#[test]
+fn log_keeps_output_and_follows_live() {
+    let s = Server::start("1x24GiB", &[]);
+    let id = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args([
+            "-d",
+            "--parsable",
+            "--",
+            "bash",
+            "-c",
+            "echo one; echo two >&2; sleep 1; echo three",
+        ]);
+        c
+    });
+    let follow = s
+        .cmd("mgpu_log")
+        .args(["--follow", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(follow.status.success(), "{}", text(&follow.stderr));
+    assert_eq!(text(&follow.stdout), "one\ntwo\nthree\n");
+    let again = s.cmd("mgpu_log").arg(id.to_string()).output().unwrap();
+    assert_eq!(text(&again.stdout), "one\ntwo\nthree\n");
+    // Log files are private to the server's user.
+    let meta = std::fs::metadata(s.log_dir.join(format!("job-{id}.log"))).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077,
+        0
+    );
+    let missing = s.cmd("mgpu_log").arg("424242").output().unwrap();
+    assert!(!missing.status.success());
+    assert!(text(&missing.stderr).contains("no such job"));
+}
+
+#[test]
+fn pending_jobs_survive_a_restart_and_ids_continue() {
+    let mut s = Server::start("1x24GiB", &[]);
+    let running = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "sleep", "60"]);
+        c
+    });
+    s.wait_state(running, "RUNNING");
+    let pending: Vec<u64> = (0..3)
+        .map(|i| {
+            s.submit({
+                let mut c = s.cmd("mgpu_srun");
+                c.args([
+                    "-d",
+                    "--parsable",
+                    "-J",
+                    &format!("p{i}"),
+                    "--",
+                    "sleep",
+                    "60",
+                ]);
+                c
+            })
+        })
+        .collect();
+    s.restart();
+    let q = s.queue_json();
+    let ids: Vec<u64> = q["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    // The running job was stopped by the shutdown and requeued ahead of the others.
+    let mut expected = vec![running];
+    expected.extend(&pending);
+    assert_eq!(ids, expected, "same jobs, same order");
+    let next = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "true"]);
+        c
+    });
+    assert!(next > *pending.last().unwrap(), "ids are never reused");
+    assert_eq!(s.job(running).unwrap()["restarts"], 1);
+    s.cmd("mgpu_cancel").arg("--all").status().unwrap();
+    std::thread::sleep(Duration::from_millis(10));
+}

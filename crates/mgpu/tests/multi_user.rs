@@ -1,0 +1,315 @@
+//! Multi-user behaviour with real accounts (needs root; skipped otherwise): jobs run as their
+//! owners, owners are kernel-verified, and users cannot touch each other's jobs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn detached(s: &Server, user: &TestUser, args: &[&str]) -> u64 {
+    let mut c = s.cmd_as(user, "mgpu_srun");
+    c.args(["-d", "--parsable"]).args(args);
+    s.submit(c)
+}
+
+#[test]
+fn jobs_run_as_their_owner_with_groups() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("2x24GiB", &[]);
+    for user in [&a, &b] {
+        let out = s
+            .cmd_as(user, "mgpu_srun")
+            .args([
+                "--no-venv",
+                "--",
+                "bash",
+                "-c",
+                "echo $(id -u) $(id -g) $(id -Gn) $USER $HOME $(pwd)",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let line = text(&out.stdout);
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f[0], user.uid.to_string());
+        assert_eq!(f[1], user.gid.to_string());
+        assert_eq!(*f.last().unwrap(), user.home.to_str().unwrap());
+        assert!(line.contains(&format!(" {} ", user.name)));
+        if user.name == "mgpu-test-a" {
+            assert!(
+                line.contains("mgpu-test-grp"),
+                "supplementary groups set: {line}"
+            );
+        } else {
+            assert!(!line.contains("mgpu-test-grp"), "no foreign groups: {line}");
+        }
+    }
+}
+
+#[test]
+fn identity_comes_from_the_kernel_not_the_environment() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .env("USER", "root")
+        .env("LOGNAME", "root")
+        .env("SUDO_UID", "0")
+        .env("HOME", "/root")
+        .args(["--no-venv", "--", "bash", "-c", "echo $(id -u) $USER $HOME"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("{} {} {}", a.uid, a.name, a.home.display())
+    );
+    let id = detached(&s, &a, &["--", "sleep", "30"]);
+    assert_eq!(s.job(id).unwrap()["user"], a.name.as_str());
+    s.cmd("mgpu_cancel").arg(id.to_string()).status().unwrap();
+}
+
+#[test]
+fn users_cannot_cancel_or_read_each_others_jobs() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("2x24GiB", &[]);
+    let job_b = detached(&s, &b, &["--", "bash", "-c", "echo secret-of-b; sleep 30"]);
+    s.wait_state(job_b, "RUNNING");
+
+    let out = s
+        .cmd_as(&a, "mgpu_cancel")
+        .arg(job_b.to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = s
+        .cmd_as(&a, "mgpu_cancel")
+        .args(["--user", &b.name])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("permission denied"));
+    // --all only covers a's own jobs.
+    assert!(s
+        .cmd_as(&a, "mgpu_cancel")
+        .arg("--all")
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(
+        s.job(job_b).unwrap()["state"],
+        "RUNNING",
+        "b's job untouched"
+    );
+
+    let out = s
+        .cmd_as(&a, "mgpu_log")
+        .arg(job_b.to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!text(&out.stdout).contains("secret"));
+    assert!(text(&out.stderr).contains("permission denied"));
+    // The owner and root may read it.
+    wait_until(Duration::from_secs(10), || {
+        text(
+            &s.cmd_as(&b, "mgpu_log")
+                .arg(job_b.to_string())
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .contains("secret-of-b")
+    });
+    assert!(text(
+        &s.cmd("mgpu_log")
+            .arg(job_b.to_string())
+            .output()
+            .unwrap()
+            .stdout
+    )
+    .contains("secret-of-b"));
+    // Everyone sees the queue.
+    let q = s.cmd_as(&a, "mgpu_queue").arg("--json").output().unwrap();
+    assert!(text(&q.stdout).contains(&b.name));
+    let mine = s
+        .cmd_as(&a, "mgpu_queue")
+        .args(["--json", "--me"])
+        .output()
+        .unwrap();
+    assert!(!text(&mine.stdout).contains(&b.name));
+
+    // The owner may cancel; root may cancel anyone's.
+    let job_b2 = detached(&s, &b, &["--", "sleep", "30"]);
+    assert!(s
+        .cmd_as(&b, "mgpu_cancel")
+        .arg(job_b.to_string())
+        .status()
+        .unwrap()
+        .success());
+    assert!(s
+        .cmd("mgpu_cancel")
+        .args(["--user", &b.name])
+        .status()
+        .unwrap()
+        .success());
+    s.wait_gone(job_b);
+    s.wait_gone(job_b2);
+}
+
+#[test]
+fn venv_is_activated_as_the_user() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    // A custom activate script in a venv the user owns.
+    let venv = s.scratch.join(format!("venv-{}", std::process::id()));
+    std::fs::create_dir_all(venv.join("bin")).unwrap();
+    write_file(
+        &venv.join("bin/activate"),
+        &format!(
+            "export VIRTUAL_ENV={}\nexport ACTIVATED_BY=$(id -un)\n",
+            venv.display()
+        ),
+        0o644,
+    );
+    let run = |extra: &[&str]| {
+        let out = s
+            .cmd_as(&a, "mgpu_srun")
+            .args(extra)
+            .args([
+                "--",
+                "bash",
+                "-c",
+                "echo ${VIRTUAL_ENV:-none} ${ACTIVATED_BY:-none}",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        run(&["--venv", venv.to_str().unwrap()]),
+        format!("{} {}", venv.display(), a.name)
+    );
+    assert_eq!(run(&["--no-venv"]), "none none");
+    // ~/venv is used by default when present.
+    let home_venv = a.home.join("venv/bin");
+    std::fs::create_dir_all(&home_venv).unwrap();
+    write_file(
+        &home_venv.join("activate"),
+        "export VIRTUAL_ENV=home-venv\nexport ACTIVATED_BY=$(id -un)\n",
+        0o644,
+    );
+    let out = run(&[]);
+    std::fs::remove_dir_all(a.home.join("venv")).unwrap();
+    assert_eq!(out, format!("home-venv {}", a.name));
+}
+
+#[test]
+fn working_directory_is_entered_with_the_users_rights() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let private = s.dir.join("root-only");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["--chdir", private.to_str().unwrap(), "--", "ls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("working directory"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(s.queue_json()["jobs"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn clients_refuse_a_server_run_by_another_user() {
+    let Some((a, b)) = test_users() else { return };
+    // b runs its own server (single-user mode) on a socket a can reach.
+    let dir = tempfile::Builder::new()
+        .prefix("mgpu-squat-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let socket = dir.path().join("s.sock");
+    let mut server = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", b.uid))
+        .arg(format!("--regid={}", b.gid))
+        .arg("--init-groups")
+        .arg("--")
+        .arg(bin("mgpu_scheduler_server"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .args(["--simulate-gpus", "1x24GiB"])
+        .env("HOME", &b.home)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    // a must not hand its job to b's server; neither must root.
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", a.uid))
+        .arg(format!("--regid={}", a.gid))
+        .arg("--init-groups")
+        .arg("--")
+        .arg(bin("mgpu_srun"))
+        .args(["--", "true"])
+        .env("MGPU_SOCKET", &socket)
+        .current_dir(&a.home)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("neither root nor you"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = std::process::Command::new(bin("mgpu_queue"))
+        .env("MGPU_SOCKET", &socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // b itself may use its own server.
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={}", b.uid))
+        .arg(format!("--regid={}", b.gid))
+        .arg("--init-groups")
+        .arg("--")
+        .arg(bin("mgpu_srun"))
+        .args(["--no-venv", "--", "id", "-u"])
+        .env("MGPU_SOCKET", &socket)
+        .current_dir(&b.home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), b.uid.to_string());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    server.wait().unwrap();
+}

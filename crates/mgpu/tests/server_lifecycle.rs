@@ -1,0 +1,215 @@
+//! The server process itself: socket handling, GPU selection, protocol checks, shutdown.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use mgpu_proto::{Frame, FrameCodec, Request, Response};
+
+#[test]
+fn a_live_server_is_not_replaced_but_a_stale_socket_is() {
+    let mut s = Server::start("1x24GiB", &[]);
+    let second = Command::new(bin("mgpu_scheduler_server"))
+        .arg("--socket")
+        .arg(&s.socket)
+        .arg("--state-dir")
+        .arg(s.dir.join("state2"))
+        .arg("--log-dir")
+        .arg(s.dir.join("logs2"))
+        .args(["--simulate-gpus", "1x24GiB"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        text(&second.stderr).contains("already listening"),
+        "{}",
+        text(&second.stderr)
+    );
+    // A second server on the same state directory is refused too.
+    let third = Command::new(bin("mgpu_scheduler_server"))
+        .arg("--socket")
+        .arg(s.dir.join("other.sock"))
+        .arg("--state-dir")
+        .arg(&s.state_dir)
+        .arg("--log-dir")
+        .arg(&s.log_dir)
+        .args(["--simulate-gpus", "1x24GiB"])
+        .output()
+        .unwrap();
+    assert!(!third.status.success());
+    assert!(
+        text(&third.stderr).contains("state directory"),
+        "{}",
+        text(&third.stderr)
+    );
+    // Kill -9 leaves a stale socket file behind; a new server replaces it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(s.socket.exists());
+    s.restart();
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--", "echo", "ok"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "ok\n");
+}
+
+#[test]
+fn a_non_socket_path_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("not-a-socket");
+    std::fs::write(&path, "precious").unwrap();
+    let out = Command::new(bin("mgpu_scheduler_server"))
+        .arg("--socket")
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .args(["--simulate-gpus", "1x24GiB"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+}
+
+#[test]
+fn without_gpus_the_server_names_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("mgpu_scheduler_server"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .output()
+        .unwrap();
+    // On a machine with NVIDIA GPUs the server would start; this test is for GPU-less ones.
+    if out.status.success() {
+        return;
+    }
+    assert!(
+        text(&out.stderr).contains("--simulate-gpus"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn gpus_flag_restricts_managed_gpus() {
+    let s = Server::start("4x24GiB", &["--gpus", "1,3"]);
+    let q = s.queue_json();
+    let idx: Vec<u64> = q["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(idx, vec![1, 3]);
+    let out = s
+        .cmd("mgpu_srun")
+        .args([
+            "--gpus",
+            "2",
+            "--",
+            "bash",
+            "-c",
+            "echo $CUDA_VISIBLE_DEVICES",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "1,3\n");
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--gpus", "3", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn corrupt_state_stops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("mgpu.db"), vec![0x5au8; 16384]).unwrap();
+    let out = Command::new(bin("mgpu_scheduler_server"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--log-dir")
+        .arg(dir.path().join("logs"))
+        .args(["--simulate-gpus", "1x24GiB"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("mgpu.db"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+async fn raw_hello(socket: &std::path::Path, protocol: u32) -> Response {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let mut conn = tokio_util::codec::Framed::new(stream, FrameCodec::default());
+    conn.send(Frame::control(&Request::Hello {
+        protocol,
+        client: "test".into(),
+    }))
+    .await
+    .unwrap();
+    conn.next().await.unwrap().unwrap().parse().unwrap()
+}
+
+#[test]
+fn protocol_mismatch_gets_a_clear_error() {
+    let s = Server::start("1x24GiB", &[]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(raw_hello(&s.socket, 999)) {
+        Response::Error { message } => {
+            assert!(message.contains("protocol version mismatch"), "{message}")
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert!(matches!(
+        rt.block_on(raw_hello(&s.socket, mgpu_proto::PROTOCOL_VERSION)),
+        Response::Welcome { .. }
+    ));
+    // Garbage instead of a frame does not hurt the server.
+    rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let mut raw = tokio::net::UnixStream::connect(&s.socket).await.unwrap();
+        raw.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
+            .await
+            .unwrap();
+    });
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--", "echo", "alive"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "alive\n");
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_removes_the_socket() {
+    let mut s = Server::start("1x24GiB", &[]);
+    let socket = s.socket.clone();
+    s.stop();
+    assert!(!socket.exists(), "socket removed on clean shutdown");
+    assert!(s.server_log().contains("stopped"));
+}

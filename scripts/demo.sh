@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds mgpu, starts a scheduler on a private socket (real GPUs through NVML when this machine
+# has them, else 4 simulated 24 GiB GPUs), runs sample jobs through mgpu_srun, shows the queue,
+# and stops the scheduler again. Usage: scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked --bins
+bin="$PWD/target/release"
+demo=$(mktemp -d /tmp/mgpu-demo.XXXXXX)
+chmod 755 "$demo"
+export MGPU_SOCKET="$demo/mgpu.sock"
+
+gpu_args=()
+if ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "== no NVIDIA GPU here: using 4 simulated 24 GiB GPUs"
+  gpu_args=(--simulate-gpus 4x24GiB)
+fi
+"$bin/mgpu_scheduler_server" --state-dir "$demo/state" --log-dir "$demo/logs" "${gpu_args[@]}" \
+  2>"$demo/server.log" &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; echo "== scheduler stopped (its log: $demo/server.log)"' EXIT
+for _ in $(seq 100); do [ -S "$MGPU_SOCKET" ] && break; sleep 0.1; done
+
+echo "== an attached job: its output streams here and srun exits with its exit code"
+"$bin/mgpu_srun" --gpus 1 --mem 4096 --job-name hello -- \
+  bash -c 'echo "hello from job $MGPU_JOB_ID, running as $USER on GPU $CUDA_VISIBLE_DEVICES"'
+echo "== two detached jobs sharing one GPU by memory, and one exclusive 2-GPU job"
+"$bin/mgpu_srun" --detach --mem 8G --job-name share-a -- sleep 3
+"$bin/mgpu_srun" --detach --mem 8G --job-name share-b -- sleep 3
+"$bin/mgpu_srun" --detach --gpus 2 --time-limit 10:00 --job-name train -- sleep 3
+"$bin/mgpu_queue"
+echo "== cancelling everything"
+"$bin/mgpu_cancel" --all --verbose

@@ -48,6 +48,9 @@ pub struct JobRequest {
     pub mem_mib: Option<u64>,
     /// The job's own time limit in seconds, if any.
     pub time_limit_s: Option<u64>,
+    /// Slurm-style niceness: users may only lower their own priority (0 or more).
+    #[serde(default)]
+    pub nice: i32,
 }
 
 impl JobRequest {
@@ -317,6 +320,60 @@ impl Scheduler {
         );
         self.pending.insert(key, id);
         self.fresh.push(id);
+    }
+
+    /// Re-inserts a job that is still running (re-adopted after a daemon restart) on exactly the
+    /// GPUs it holds, before anything new is scheduled. Fails if those GPUs cannot take it.
+    pub fn restore_running(
+        &mut self,
+        id: JobId,
+        request: JobRequest,
+        gpus: Vec<u32>,
+        submitted_at: Millis,
+        started_at: Millis,
+        restarts: u32,
+    ) -> Result<(), String> {
+        self.check_feasible(&request).map_err(|e| e.to_string())?;
+        if gpus.len() as u32 != request.gpus {
+            return Err(format!(
+                "job {id} holds {} GPUs but asked for {}",
+                gpus.len(),
+                request.gpus
+            ));
+        }
+        for idx in &gpus {
+            let Some(g) = self.gpus.iter().find(|g| g.spec.index == *idx) else {
+                return Err(format!(
+                    "job {id} holds GPU {idx}, which is not managed now"
+                ));
+            };
+            let fits = match request.mem_mib {
+                None => g.is_idle(),
+                Some(m) => g.exclusive.is_none() && g.spec.total_mib - g.reserved_mib >= m,
+            };
+            if !fits {
+                return Err(format!("job {id}'s GPU {idx} is already taken"));
+            }
+        }
+        placement::reserve(&mut self.gpus, &gpus, id, &request);
+        self.next_job_id = self.next_job_id.max(id + 1);
+        let key = self.next_queue_key;
+        self.next_queue_key += 1;
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                request,
+                state: JobState::Running,
+                submitted_at,
+                started_at: Some(started_at),
+                gpus,
+                restarts,
+                cancel_requested: false,
+                queue_key: key,
+            },
+        );
+        Ok(())
     }
 
     /// Decides what starts now: first-come first-served among the jobs that fit. The returned

@@ -22,6 +22,7 @@ fn req(uid: u32, n: u32, mem: Option<u64>) -> JobRequest {
         gpus: n,
         mem_mib: mem,
         time_limit_s: None,
+        nice: 0,
     }
 }
 

@@ -183,6 +183,7 @@ async fn run(args: Args) -> Result<()> {
     let (store, recovered) = Store::open(&state_dir)?;
     let config = Config {
         max_job_time_s: args.max_job_time,
+        ..Config::default()
     };
     let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
     let mut specs = HashMap::new();

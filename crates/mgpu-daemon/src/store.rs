@@ -248,6 +248,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 gpus: r.get(4)?,
                 mem_mib: r.get::<_, Option<i64>>(5)?.map(|m| m as u64),
                 time_limit_s: r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
+                nice: 0,
             },
             r.get::<_, String>(7)?,
             r.get::<_, i64>(8)? as Millis,
@@ -376,6 +377,7 @@ mod tests {
                 gpus: 1,
                 mem_mib: Some(100),
                 time_limit_s: None,
+                nice: 0,
             },
             spec: LaunchSpec {
                 command: vec!["true".into()],

@@ -85,6 +85,7 @@ pub async fn handle(
         gpus: req.gpus,
         mem_mib: req.mem_mib,
         time_limit_s: req.time_limit_s,
+        nice: 0,
     };
     let spec = LaunchSpec {
         command: req.command,

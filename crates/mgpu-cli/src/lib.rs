@@ -1,9 +1,10 @@
 //! # mgpu-cli
 //!
-//! The client commands (`mgpu_srun`, `mgpu_queue`, `mgpu_cancel`, `mgpu_log`). Each binary is a
+//! The client commands (`mgpu_srun`, `mgpu_queue`, `mgpu_cancel`, `mgpu_log`, `mgpu_acct`). Each binary is a
 //! thin `main` calling into a module here; [`client`] holds what they share: finding the
 //! socket, checking who is really behind it, and the hello exchange.
 
+pub mod acct;
 pub mod cancel;
 pub mod client;
 pub mod log;

@@ -46,7 +46,7 @@ pub fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<i32> {
     let mut client = Client::connect(args.socket.as_deref(), "mgpu_queue").await?;
-    let snapshot = match client
+    let mut snapshot = match client
         .call(&Request::Queue(QueueRequest {
             user: args.user,
             me: args.me,
@@ -57,6 +57,13 @@ async fn run(args: Args) -> Result<i32> {
         Response::Queue(s) => s,
         other => bail!("unexpected answer from the server: {other:?}"),
     };
+    loop {
+        match client.recv_control().await? {
+            Response::QueueJobs { jobs } => snapshot.jobs.extend(jobs),
+            Response::QueueEnd => break,
+            other => bail!("unexpected answer from the server: {other:?}"),
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&snapshot))?);
     } else {

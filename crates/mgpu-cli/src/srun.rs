@@ -9,11 +9,14 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mgpu_core::timefmt::parse_duration;
-use mgpu_proto::{Frame, Request, Response, SubmitRequest, Venv};
+use mgpu_proto::{AttachRequest, Frame, Request, Response, SubmitRequest, Venv};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::client::{parse_mem_mib, Client};
+
+/// How often a detached-from-its-server srun tries to reconnect.
+const RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Submit a GPU job to the mgpu scheduler.
 ///
@@ -81,6 +84,13 @@ fn usable_dir(dir: &std::path::Path) -> Result<PathBuf> {
     Ok(abs)
 }
 
+/// Our umask, from /proc (reading it with umask(2) would change it).
+fn current_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+}
+
 fn utf8(s: OsString, what: &str) -> Result<String> {
     s.into_string()
         .map_err(|s| anyhow::anyhow!("{what} is not valid UTF-8: {}", s.to_string_lossy()))
@@ -125,6 +135,7 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         env,
         venv,
         attach: !args.detach,
+        umask: current_umask(),
     })
 }
 
@@ -149,35 +160,74 @@ async fn run(args: Args) -> Result<i32> {
     // Signal handlers before submitting, so an early Ctrl-C is not lost.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    // Under nohup SIGHUP is ignored, and must stay so: the job should outlive the terminal.
+    let mut sighup = if sighup_ignored() {
+        None
+    } else {
+        Some(signal(SignalKind::hangup())?)
+    };
     client.send(&Request::Submit(request)).await?;
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let mut job = None;
     let mut was_pending = false;
     let mut cancelling = false;
+    // How far into the job's log we have its output: where to resume after a reconnect.
+    let mut log_pos = 0u64;
+    let mut output_broken = false;
     loop {
         let frame = tokio::select! {
-            f = client.recv() => f?,
-            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling).await?; continue; }
-            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling).await?; continue; }
-            _ = sighup.recv() => { cancel(&mut client, job, &mut cancelling).await?; continue; }
+            f = client.recv() => f.unwrap_or(None),
+            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling).await; continue; }
+            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling).await; continue; }
+            _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling).await; continue; }
         };
         let Some(frame) = frame else {
-            bail!(
-                "lost the connection to the mgpu server{}",
-                job.map(|j| format!("; job {j} may still run (see mgpu_queue)"))
-                    .unwrap_or_default()
-            );
+            // The server went away (restart or crash): the job lives on under its supervisor.
+            let Some(id) = job else {
+                bail!("lost the connection to the mgpu server before it accepted the job");
+            };
+            eprintln!("mgpu_srun: lost the connection to the mgpu server; reconnecting to follow job {id}");
+            client = loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
+                    _ = sigint.recv() => cancelling = true,
+                    _ = sigterm.recv() => cancelling = true,
+                    _ = hangup(&mut sighup) => cancelling = true,
+                }
+                if let Ok(mut c) = Client::connect(socket.as_deref(), "mgpu_srun").await {
+                    if c.send(&Request::Attach(AttachRequest {
+                        job: id,
+                        log_offset: log_pos,
+                    }))
+                    .await
+                    .is_ok()
+                    {
+                        if cancelling {
+                            let _ = c.send(&Request::CancelAttached).await;
+                        }
+                        break c;
+                    }
+                }
+            };
+            eprintln!("mgpu_srun: reconnected; following job {id}");
+            continue;
         };
         match frame {
             Frame::Stdout(data) => {
-                stdout.write_all(&data).await?;
-                stdout.flush().await?;
+                log_pos += data.len() as u64;
+                if !output_broken && write_out(&mut stdout, &data).await.is_err() {
+                    // Nobody reads us any more (closed terminal or pipe): like Ctrl-C.
+                    output_broken = true;
+                    cancel(&mut client, job, &mut cancelling).await;
+                }
             }
             Frame::Stderr(data) => {
-                stderr.write_all(&data).await?;
-                stderr.flush().await?;
+                log_pos += data.len() as u64;
+                if !output_broken && write_out(&mut stderr, &data).await.is_err() {
+                    output_broken = true;
+                    cancel(&mut client, job, &mut cancelling).await;
+                }
             }
             Frame::Control(_) => match frame.parse::<Response>()? {
                 Response::Submitted { job: id } => job = Some(id),
@@ -189,7 +239,12 @@ async fn run(args: Args) -> Result<i32> {
                     was_pending = true;
                     eprintln!("mgpu_srun: job {id} queued (position {position}): {reason}");
                 }
-                Response::Started { job: id, gpus } => {
+                Response::Started {
+                    job: id,
+                    gpus,
+                    log_offset,
+                } => {
+                    log_pos = log_offset;
                     if was_pending {
                         let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
                         eprintln!("mgpu_srun: job {id} started on GPU {}", list.join(","));
@@ -197,7 +252,7 @@ async fn run(args: Args) -> Result<i32> {
                 }
                 Response::Notice { message } => eprintln!("mgpu_srun: {message}"),
                 Response::Finished(outcome) => {
-                    stdout.flush().await?;
+                    let _ = stdout.flush().await;
                     if let Some(msg) = &outcome.message {
                         if outcome.state != mgpu_core::JobState::Cancelled || !cancelling {
                             eprintln!(
@@ -208,6 +263,11 @@ async fn run(args: Args) -> Result<i32> {
                         }
                     } else if outcome.state == mgpu_core::JobState::Cancelled {
                         eprintln!("mgpu_srun: job {} cancelled", outcome.job);
+                    } else if outcome.state == mgpu_core::JobState::Timeout {
+                        eprintln!(
+                            "mgpu_srun: job {} reached its time limit (TIMEOUT)",
+                            outcome.job
+                        );
                     }
                     return Ok(outcome.shell_code());
                 }
@@ -218,14 +278,39 @@ async fn run(args: Args) -> Result<i32> {
     }
 }
 
-async fn cancel(client: &mut Client, job: Option<u64>, cancelling: &mut bool) -> Result<()> {
+async fn write_out(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) -> std::io::Result<()> {
+    w.write_all(data).await?;
+    w.flush().await
+}
+
+/// Resolves on SIGHUP, or never when we do not listen for it.
+async fn hangup(sig: &mut Option<tokio::signal::unix::Signal>) {
+    match sig {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Was SIGHUP ignored when we started (nohup)?
+fn sighup_ignored() -> bool {
+    // SAFETY: querying the current disposition into a zeroed struct.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+async fn cancel(client: &mut Client, job: Option<u64>, cancelling: &mut bool) {
     if !*cancelling {
         *cancelling = true;
         match job {
             Some(j) => eprintln!("mgpu_srun: cancelling job {j}; waiting for its processes to end"),
             None => eprintln!("mgpu_srun: cancelling the job; waiting for its processes to end"),
         }
-        client.send(&Request::CancelAttached).await?;
+        // If the server is away, the request is sent again after reconnecting.
+        let _ = client.send(&Request::CancelAttached).await;
     }
-    Ok(())
 }

@@ -30,24 +30,34 @@ pub struct LaunchSpec {
     pub cwd: String,
     pub env: Vec<(String, String)>,
     pub venv: Venv,
+    /// The submitter's umask, applied to the job.
+    #[serde(default)]
+    pub umask: Option<u32>,
 }
 
-/// Everything needed to fork one run of a job.
-pub struct Launch<'a> {
+/// Everything needed to fork one run of a job. The daemon resolves it and hands it to the
+/// job's supervisor as `launch.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Launch {
     pub job: JobId,
-    pub name: &'a str,
-    pub account: &'a Account,
-    pub gpus: &'a [u32],
+    pub name: String,
+    pub account: Account,
+    pub gpus: Vec<u32>,
     pub restarts: u32,
-    pub spec: &'a LaunchSpec,
+    pub spec: LaunchSpec,
     /// Drop privileges to the account (the server runs as root).
     pub switch_user: bool,
+    /// The job's output log (appended to).
+    pub log_path: PathBuf,
+    /// Output kept per run; beyond it output is read and discarded.
+    #[serde(default)]
+    pub max_log_bytes: Option<u64>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
 /// of its stdout and stderr pipes.
 pub struct Started {
-    pub child: tokio::process::Child,
+    pub child: std::process::Child,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
 }
@@ -65,36 +75,74 @@ const VENV_SCRIPT: &str = r#"act="$1"; shift
 . "$act" || { echo "mgpu: could not activate the venv ($act)" >&2; exit 1; }
 exec "$@""#;
 
-/// The activate script to source, if any. `~/venv` is probed by the daemon; a missing or
-/// unreadable script then fails in the job, as the user, with a clear message.
-fn activate_script(launch: &Launch) -> Option<PathBuf> {
+const BASH: &str = "/bin/bash";
+
+/// The venv to activate: `(activate script, always)`. With `always` false (`~/venv`), the
+/// script is used only if the user can read it, which the child checks after dropping
+/// privileges (root's view of a user's home does not count, e.g. on root-squashed NFS).
+fn activate_script(launch: &Launch) -> Option<(PathBuf, bool)> {
     match &launch.spec.venv {
         Venv::Off => None,
-        Venv::Dir(dir) => Some(Path::new(dir).join("bin/activate")),
-        Venv::Auto => {
-            let candidate = launch.account.home.join("venv/bin/activate");
-            candidate.is_file().then_some(candidate)
-        }
+        Venv::Dir(dir) => Some((Path::new(dir).join("bin/activate"), true)),
+        Venv::Auto => Some((launch.account.home.join("venv/bin/activate"), false)),
     }
 }
 
-fn argv(launch: &Launch) -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = Vec::new();
-    if let Some(activate) = activate_script(launch) {
-        args.extend([
-            "/bin/bash".into(),
-            "-c".into(),
-            VENV_SCRIPT.into(),
-            "mgpu-venv".into(),
-        ]);
-        args.push(activate.into_os_string());
-    }
-    args.extend(launch.spec.command.iter().map(Into::into));
+/// argv running the command through the fixed venv script.
+fn venv_argv(activate: &Path, command: &[String]) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        BASH.into(),
+        "-c".into(),
+        VENV_SCRIPT.into(),
+        "mgpu-venv".into(),
+    ];
+    args.push(activate.as_os_str().to_owned());
+    args.extend(command.iter().map(Into::into));
     args
 }
 
+/// The argv exec'd unless the child switches to the venv script.
+fn argv(launch: &Launch) -> Vec<std::ffi::OsString> {
+    match activate_script(launch) {
+        Some((activate, true)) => venv_argv(&activate, &launch.spec.command),
+        _ => launch.spec.command.iter().map(Into::into).collect(),
+    }
+}
+
+/// NUL-terminated pointer arrays for execve, built before fork (the child must not allocate).
+struct ExecArrays {
+    _strings: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers point into `_strings`, owned by the same struct and never mutated.
+unsafe impl Send for ExecArrays {}
+unsafe impl Sync for ExecArrays {}
+
+fn exec_arrays(args: &[std::ffi::OsString], env: &[(String, String)]) -> Option<ExecArrays> {
+    let mut strings = Vec::new();
+    for a in args {
+        strings.push(CString::new(a.as_bytes()).ok()?);
+    }
+    for (k, v) in env {
+        strings.push(CString::new(format!("{k}={v}")).ok()?);
+    }
+    let ptrs: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+    let (a, e) = ptrs.split_at(args.len());
+    let mut argv = a.to_vec();
+    argv.push(std::ptr::null());
+    let mut envp = e.to_vec();
+    envp.push(std::ptr::null());
+    Some(ExecArrays {
+        _strings: strings,
+        argv,
+        envp,
+    })
+}
+
 fn environment(launch: &Launch) -> Vec<(String, String)> {
-    let a = launch.account;
+    let a = &launch.account;
     let mut env: Vec<(String, String)> = launch
         .spec
         .env
@@ -111,7 +159,7 @@ fn environment(launch: &Launch) -> Vec<(String, String)> {
         ("CUDA_VISIBLE_DEVICES", gpus.join(",")),
         ("CUDA_DEVICE_ORDER", "PCI_BUS_ID".to_string()),
         ("MGPU_JOB_ID", launch.job.to_string()),
-        ("MGPU_JOB_NAME", launch.name.to_string()),
+        ("MGPU_JOB_NAME", launch.name.clone()),
         ("MGPU_RESTART_COUNT", launch.restarts.to_string()),
     ];
     env.retain(|(k, _)| !set.iter().any(|(s, _)| s == k));
@@ -137,7 +185,7 @@ fn child_note(msg: &[u8]) {
     }
 }
 
-/// Forks and execs the job. Must be called inside a tokio runtime.
+/// Forks and execs the job.
 pub fn start(launch: &Launch) -> Result<Started, StartError> {
     let fail = |message: String, code: i32| StartError { message, code };
     let cwd = CString::new(launch.spec.cwd.as_bytes())
@@ -146,10 +194,23 @@ pub fn start(launch: &Launch) -> Result<Started, StartError> {
     let (out_r, out_w) = pipe().map_err(|e| fail(format!("cannot create pipes: {e}"), 1))?;
     let (err_r, err_w) = pipe().map_err(|e| fail(format!("cannot create pipes: {e}"), 1))?;
 
+    let env = environment(launch);
+    // `~/venv`: probed by the child, as the user; if readable, it execs this instead.
+    let venv_switch = match activate_script(launch) {
+        Some((activate, false)) => {
+            let path = CString::new(activate.as_os_str().as_bytes())
+                .map_err(|_| fail("the venv path contains a NUL byte".into(), 1))?;
+            let arrays = exec_arrays(&venv_argv(&activate, &launch.spec.command), &env)
+                .ok_or_else(|| fail("the command or environment contains a NUL byte".into(), 1))?;
+            Some((path, arrays))
+        }
+        _ => None,
+    };
+    let umask = launch.spec.umask;
     let mut cmd = std::process::Command::new(&args[0]);
     cmd.args(&args[1..])
         .env_clear()
-        .envs(environment(launch))
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out_w))
         .stderr(Stdio::from(err_w));
@@ -185,12 +246,23 @@ pub fn start(launch: &Launch) -> Result<Started, StartError> {
                 child_note(b"mgpu: cannot enter the working directory: ");
                 return Err(io::Error::last_os_error());
             }
+            if let Some(mask) = umask {
+                libc::umask(mask as libc::mode_t);
+            }
+            if let Some((activate, arrays)) = &venv_switch {
+                if libc::access(activate.as_ptr(), libc::R_OK) == 0 {
+                    let bash = arrays.argv[0];
+                    libc::execve(bash, arrays.argv.as_ptr(), arrays.envp.as_ptr());
+                    child_note(b"mgpu: cannot run /bin/bash to activate ~/venv: ");
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    let spawned = tokio::process::Command::from(cmd)
-        .kill_on_drop(false)
-        .spawn();
+    let spawned = cmd.spawn();
+    // Closes our copies of the pipes' write ends: EOF comes when the job's processes close theirs.
+    drop(cmd);
     match spawned {
         Ok(child) => Ok(Started {
             child,
@@ -253,15 +325,18 @@ mod tests {
                 ("CUDA_VISIBLE_DEVICES".into(), "0,1,2,3".into()),
             ],
             venv: Venv::Auto,
+            umask: None,
         };
         let launch = Launch {
             job: 7,
-            name: "n",
-            account: &acct,
-            gpus: &[1, 3],
+            name: "n".into(),
+            account: acct,
+            gpus: vec![1, 3],
             restarts: 0,
-            spec: &spec,
+            spec,
             switch_user: true,
+            log_path: "/dev/null".into(),
+            max_log_bytes: None,
         };
         let env = environment(&launch);
         let get = |k: &str| {
@@ -274,7 +349,7 @@ mod tests {
         assert_eq!(get("CUDA_VISIBLE_DEVICES"), "1,3");
         assert_eq!(get("MGPU_JOB_ID"), "7");
         assert_eq!(get("HOME"), "/nonexistent/alice");
-        // No venv in a missing home: the command runs directly.
+        // ~/venv is decided by the child: the default argv is the command itself.
         assert_eq!(argv(&launch), vec![std::ffi::OsString::from("x")]);
     }
 
@@ -286,15 +361,18 @@ mod tests {
             cwd: "/".into(),
             env: vec![],
             venv: Venv::Dir("/opt/v".into()),
+            umask: None,
         };
         let launch = Launch {
             job: 1,
-            name: "n",
-            account: &acct,
-            gpus: &[0],
+            name: "n".into(),
+            account: acct,
+            gpus: vec![0],
             restarts: 0,
-            spec: &spec,
+            spec,
             switch_user: false,
+            log_path: "/dev/null".into(),
+            max_log_bytes: None,
         };
         let a = argv(&launch);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));

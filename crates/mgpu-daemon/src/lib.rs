@@ -7,8 +7,10 @@
 pub mod exec;
 pub mod gpu;
 pub mod handlers;
+pub mod recovery;
 pub mod run;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod supervisor;
 pub mod users;

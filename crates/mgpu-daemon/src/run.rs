@@ -1,6 +1,6 @@
 //! Command line, startup (directories, store recovery, GPUs, socket) and shutdown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_core::{Config, Scheduler};
+use mgpu_core::{Config, JobId};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::gpu::{self, GpuBackend};
+use crate::recovery::{self, RunProbe};
 use crate::state::{now_ms, Daemon, Settings};
-use crate::store::{Ending, Store};
-use crate::{server, users};
+use crate::store::Store;
+use crate::{server, supervisor, users};
 
 /// The mgpu GPU job scheduler daemon.
 ///
@@ -45,10 +46,22 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when a running job is stopped
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub grace_period: u64,
+    /// Output kept per job run, in MiB (more is discarded, with a note in the log); 0: no limit
+    #[arg(long, value_name = "MIB", default_value_t = 4096)]
+    pub max_log_size: u64,
+    /// Days to keep records (and logs) of finished jobs
+    #[arg(long, value_name = "DAYS", default_value_t = 90)]
+    pub retention_days: u64,
+    /// Internal: run as the supervisor of one job (started by the server itself)
+    #[arg(long, value_name = "RUN_DIR", hide = true)]
+    pub supervise: Option<PathBuf>,
 }
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(run_dir) = &args.supervise {
+        return supervisor::main(run_dir);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -150,7 +163,23 @@ fn gpu_backend(args: &Args) -> Result<Box<dyn GpuBackend>> {
     }
 }
 
+/// Raises the open-files limit to the hard limit: every connection and job link is a descriptor.
+fn raise_fd_limit() {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 async fn run(args: Args) -> Result<()> {
+    raise_fd_limit();
     let euid = nix::unistd::geteuid().as_raw();
     let multi_user = euid == 0;
     let socket = mgpu_proto::socket_path(args.socket.as_deref());
@@ -181,58 +210,42 @@ async fn run(args: Args) -> Result<()> {
     let backend = gpu_backend(&args)?;
     let gpus = backend.gpus();
     let (store, recovered) = Store::open(&state_dir)?;
+    #[allow(clippy::needless_update)] // more fields come with scheduling policies
     let config = Config {
         max_job_time_s: args.max_job_time,
         ..Config::default()
     };
-    let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
-    let mut specs = HashMap::new();
-    for id in &recovered.interrupted {
-        // Without a supervisor to re-adopt it, a job that was running when the previous server
-        // died has an unknown outcome; it is not run again (it may have had side effects).
-        tracing::warn!(
-            job = id,
-            "job was running when the previous server stopped; marking it FAILED"
-        );
-        store.ended(
-            *id,
-            Ending {
-                state: mgpu_core::JobState::Failed,
-                at: now_ms(),
-                exit_code: None,
-                signal: None,
-                message: Some("mgpu: the server stopped unexpectedly while the job ran".into()),
-            },
-        );
-    }
-    for (id, request, spec, submitted_at, restarts) in recovered.pending {
-        match sched.restore_pending(id, request, submitted_at, restarts) {
-            Ok(()) => {
-                specs.insert(id, spec);
-            }
-            Err(e) => {
-                tracing::warn!(job = id, error = %e, "queued job no longer fits this machine");
-                store.ended(
-                    id,
-                    Ending {
-                        state: mgpu_core::JobState::Failed,
-                        at: now_ms(),
-                        exit_code: None,
-                        signal: None,
-                        message: Some(format!("mgpu: refused after a restart: {e}")),
-                    },
-                );
-            }
+    let runs_dir = state_dir.join("runs");
+    private_dir(&runs_dir, "run directory")?;
+    let probe = |id: JobId| {
+        let dir = runs_dir.join(id.to_string());
+        let Some(launch) = supervisor::read_launch(&dir) else {
+            return RunProbe::NotStarted;
+        };
+        if let Some(rec) = supervisor::read_exit(&dir) {
+            RunProbe::Exited(rec)
+        } else if std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok()
+        {
+            RunProbe::Alive { gpus: launch.gpus }
+        } else {
+            RunProbe::Gone
         }
+    };
+    let plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
+    for (id, ending) in &plan.ended {
+        tracing::warn!(job = id, state = ending.state.as_str(), message = ?ending.message, "recorded the end of a job from before the restart");
+        store.ended(*id, ending.clone());
     }
-    let restored = specs.len();
+    let restored = plan.specs.len() - plan.adopt.len();
     let listener = server::bind(&socket)?;
     let daemon = Daemon::new(
-        sched,
-        specs,
+        plan.sched,
+        plan.specs,
         store,
         Settings {
             log_dir: log_dir.clone(),
+            runs_dir: runs_dir.clone(),
+            max_log_bytes: (args.max_log_size > 0).then_some(args.max_log_size << 20),
             grace: Duration::from_secs(args.grace_period),
             multi_user,
             server_uid: euid,
@@ -245,13 +258,28 @@ async fn run(args: Args) -> Result<()> {
         log_dir = %log_dir.display(),
         mode = if multi_user { "multi-user" } else { "single-user" },
         restored,
+        adopted = plan.adopt.len(),
         "mgpu scheduler ready"
     );
     {
         let mut inner = daemon.lock();
+        for id in &plan.adopt {
+            tracing::info!(job = id, "re-adopting running job");
+            daemon.adopt(&mut inner, *id);
+        }
         daemon.schedule(&mut inner);
     }
+    for (id, _) in &plan.ended {
+        daemon.forget_run_dir(*id);
+    }
+    for id in plan.orphaned {
+        tokio::spawn(stop_orphan(
+            runs_dir.join(id.to_string()),
+            args.grace_period,
+        ));
+    }
     tokio::spawn(watch_gpus(daemon.clone(), backend));
+    tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
 
     let shutdown = async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -263,10 +291,50 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     server::serve(daemon.clone(), listener, shutdown).await;
-    let _ = std::fs::remove_file(&socket);
+    // Only our socket: never a file someone put there meanwhile.
+    if std::fs::symlink_metadata(&socket).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket()
+    }) {
+        let _ = std::fs::remove_file(&socket);
+    }
     daemon.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Deletes records and logs of jobs that ended more than `days` ago, at startup and hourly.
+async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
+    loop {
+        let before = now_ms().saturating_sub(days * 86_400_000);
+        match daemon.store.purge(before).await {
+            Ok(ids) => {
+                for id in &ids {
+                    let _ = std::fs::remove_file(daemon.log_path(*id));
+                }
+                if !ids.is_empty() {
+                    tracing::info!(jobs = ids.len(), days, "purged old job records and logs");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "purging old job records failed"),
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+/// Tells the supervisor of a job that could not be re-adopted to stop it.
+async fn stop_orphan(run_dir: PathBuf, grace_s: u64) {
+    use futures::SinkExt;
+    let Ok(stream) = tokio::net::UnixStream::connect(run_dir.join(supervisor::SOCKET_FILE)).await
+    else {
+        return;
+    };
+    let mut conn = tokio_util::codec::Framed::new(stream, mgpu_proto::FrameCodec::default());
+    let cmd = supervisor::SupervisorCmd::Stop {
+        grace_ms: grace_s * 1000,
+        reason: supervisor::StopReason::Cancel,
+    };
+    let _ = conn.send(mgpu_proto::Frame::control(&cmd)).await;
 }
 
 /// Follows GPU memory use (NVML): memory used by processes that are not mgpu jobs is kept out

@@ -1,9 +1,10 @@
 //! The UNIX socket: binding it safely, authenticating peers by kernel credentials, and
 //! dispatching each connection's request to its handler.
 
+use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +20,11 @@ use crate::state::Daemon;
 pub type Conn = Framed<UnixStream, FrameCodec>;
 
 /// Concurrent connections served; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 1024;
+const MAX_CONNECTIONS: usize = 4096;
+/// Concurrent connections of one non-root user, so nobody can starve the others.
+const MAX_CONNECTIONS_PER_USER: usize = 256;
+/// Frame limit until the peer has said hello (a hello is tiny).
+const HELLO_MAX_LEN: usize = 64 * 1024;
 /// How long a client may take to say hello and send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -58,11 +63,18 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => bail!("cannot inspect {}: {e}", path.display()),
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    // Everyone may connect: what they may do is decided by their kernel credentials.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    // Everyone may connect (mode 0666): what they may do is decided by their kernel
+    // credentials. The mode comes from the umask at bind time, not from a chmod by path
+    // afterwards, which a swapped-in symlink could redirect.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o111) };
+    let bound = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
+    let mode = std::fs::symlink_metadata(path)?.permissions().mode() & 0o777;
+    if mode != 0o666 {
+        bail!("{} got mode {mode:o} instead of 666", path.display());
+    }
     Ok(listener)
 }
 
@@ -73,6 +85,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_user: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -91,12 +104,51 @@ pub async fn serve(
             },
         };
         let daemon = daemon.clone();
+        let per_user = per_user.clone();
         tokio::spawn(async move {
+            let Some(_slot) = UserSlot::take(&per_user, &stream) else {
+                tracing::warn!("refusing a connection: too many from one user");
+                return;
+            };
             if let Err(e) = handle_connection(&daemon, stream).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
         });
+    }
+}
+
+/// One of a user's connection slots, given back on drop.
+struct UserSlot {
+    table: Arc<Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl UserSlot {
+    fn take(table: &Arc<Mutex<HashMap<u32, usize>>>, stream: &UnixStream) -> Option<UserSlot> {
+        let uid = stream.peer_cred().ok()?.uid();
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(uid).or_default();
+        if uid != 0 && *n >= MAX_CONNECTIONS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            table: table.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.uid);
+            }
+        }
     }
 }
 
@@ -130,7 +182,7 @@ async fn handle_connection(daemon: &Arc<Daemon>, stream: UnixStream) -> Result<(
         gid: cred.gid(),
         pid: cred.pid(),
     };
-    let mut conn = Framed::new(stream, FrameCodec::default());
+    let mut conn = Framed::new(stream, FrameCodec::with_max_len(HELLO_MAX_LEN));
     let hello = match next_request(&mut conn).await {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(()),
@@ -170,6 +222,7 @@ async fn handle_connection(daemon: &Arc<Daemon>, stream: UnixStream) -> Result<(
         )
         .await;
     }
+    conn.codec_mut().set_max_len(mgpu_proto::MAX_FRAME_LEN);
     send(
         &mut conn,
         &Response::Welcome {
@@ -192,6 +245,8 @@ async fn handle_connection(daemon: &Arc<Daemon>, stream: UnixStream) -> Result<(
         Request::Queue(req) => handlers::queue::handle(daemon, caller, req, &mut conn).await,
         Request::Cancel(req) => handlers::cancel::handle(daemon, caller, req, &mut conn).await,
         Request::Log(req) => handlers::log::handle(daemon, caller, req, &mut conn).await,
+        Request::Attach(req) => handlers::attach::handle(daemon, caller, req, &mut conn).await,
+        Request::Acct(req) => handlers::acct::handle(daemon, caller, req, &mut conn).await,
         Request::Hello { .. } | Request::CancelAttached => {
             send_error(&mut conn, "protocol error: unexpected message").await
         }

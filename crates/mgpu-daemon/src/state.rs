@@ -8,27 +8,30 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
 use mgpu_core::{Assignment, JobId, JobState, Millis, Requester, Scheduler};
-use mgpu_proto::JobOutcome;
+use mgpu_proto::{Frame, FrameCodec, JobOutcome};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::AsyncReadExt;
-use tokio::sync::broadcast;
+use tokio::net::UnixStream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::codec::Framed;
 
-use crate::exec::{self, Launch, LaunchSpec};
+use crate::exec::{Launch, LaunchSpec};
 use crate::store::{Ending, Store};
+use crate::supervisor::{self, ExitRecord, StopReason, SupervisorCmd, SupervisorMsg};
 use crate::users;
 
 /// Capacity of a job's event channel; a subscriber further behind loses output (and is told).
 const EVENT_CAPACITY: usize = 512;
-const READ_CHUNK: usize = 64 * 1024;
 
 /// Which output stream bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,7 @@ pub enum Stream {
 pub enum JobEvent {
     Started {
         gpus: Vec<u32>,
+        log_offset: u64,
     },
     /// Output bytes; `offset` is where they start in the job's log file.
     Output {
@@ -60,15 +64,22 @@ pub enum JobEvent {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub log_dir: PathBuf,
+    /// Run directories of running jobs (under the state directory).
+    pub runs_dir: PathBuf,
     pub grace: Duration,
+    /// Output kept per job run.
+    pub max_log_bytes: Option<u64>,
     /// Running as root: jobs run as their submitters.
     pub multi_user: bool,
     pub server_uid: u32,
 }
 
 struct RunningJob {
+    /// The job's process group, once its supervisor said hello (0 before).
     pgid: i32,
-    stopping: bool,
+    stopping: Option<StopReason>,
+    /// Commands to its supervisor.
+    cmds: mpsc::Sender<SupervisorCmd>,
 }
 
 pub struct Inner {
@@ -80,6 +91,17 @@ pub struct Inner {
     /// Memory in use per GPU index, as the backend last reported it.
     pub gpu_used: HashMap<u32, u64>,
     pub shutting_down: bool,
+    /// The next job id to hand out (ids are taken before a job is durable and queued).
+    next_job_id: JobId,
+}
+
+impl Inner {
+    /// A fresh job id: unique, increasing, never reused.
+    pub fn take_job_id(&mut self) -> JobId {
+        let id = self.next_job_id.max(self.sched.next_job_id());
+        self.next_job_id = id + 1;
+        id
+    }
 }
 
 pub struct Daemon {
@@ -110,6 +132,7 @@ impl Daemon {
                 watchers: HashMap::new(),
                 gpu_used: HashMap::new(),
                 shutting_down: false,
+                next_job_id: 1,
             }),
             store,
             settings,
@@ -174,6 +197,7 @@ impl Daemon {
         } else {
             self.settings.server_uid
         };
+        // Resolved here, in the daemon: the forked child only makes async-signal-safe calls.
         let account = match users::account(uid) {
             Ok(a) => a,
             Err(e) => {
@@ -186,57 +210,82 @@ impl Daemon {
                 return;
             }
         };
-        let mut log = match self.open_log(id) {
-            Ok(f) => f,
+        let launch = Launch {
+            job: id,
+            name: job.request.name.clone(),
+            account,
+            gpus: a.gpus.clone(),
+            restarts: job.restarts,
+            spec,
+            switch_user: self.settings.multi_user,
+            log_path: self.log_path(id),
+            max_log_bytes: self.settings.max_log_bytes,
+        };
+        let log_offset = std::fs::metadata(&launch.log_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let run_dir = self.run_dir(id);
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let (pid, link) = match spawn_supervisor(&run_dir, &launch) {
+            Ok(x) => x,
             Err(e) => {
-                self.fail_start(inner, id, format!("mgpu: cannot open the job log: {e}"), 1);
+                self.fail_start(
+                    inner,
+                    id,
+                    format!("mgpu: cannot start the job's supervisor: {e:#}"),
+                    1,
+                );
                 return;
             }
         };
-        let launch = Launch {
-            job: id,
-            name: &job.request.name,
-            account: &account,
-            gpus: &a.gpus,
-            restarts: job.restarts,
-            spec: &spec,
-            switch_user: self.settings.multi_user,
-        };
-        match exec::start(&launch) {
-            Ok(started) => {
-                let pid = started.child.id().unwrap_or(0);
-                tracing::info!(job = id, user = %account.name, gpus = ?a.gpus, pid, "job started");
-                inner.running.insert(
-                    id,
-                    RunningJob {
-                        pgid: pid as i32,
-                        stopping: false,
-                    },
-                );
-                self.store.started(id, now_ms(), a.gpus.clone(), pid);
-                let tx = inner
-                    .watchers
-                    .entry(id)
-                    .or_insert_with(|| broadcast::channel(EVENT_CAPACITY).0)
-                    .clone();
-                let _ = tx.send(JobEvent::Started { gpus: a.gpus });
-                let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
-                tokio::spawn(monitor(
-                    self.clone(),
-                    id,
-                    started,
-                    LogSink {
-                        file: log,
-                        offset,
-                        tx,
-                    },
-                ));
-            }
-            Err(e) => {
-                let _ = writeln!(log, "{}", e.message);
-                self.fail_start(inner, id, e.message, e.code);
-            }
+        tracing::info!(job = id, user = %launch.account.name, gpus = ?a.gpus, supervisor = pid, "job started");
+        inner.running.insert(
+            id,
+            RunningJob {
+                pgid: 0,
+                stopping: None,
+                cmds: cmd_tx,
+            },
+        );
+        let started_at = job.started_at.unwrap_or_else(now_ms);
+        self.store.started(id, started_at, a.gpus.clone(), pid);
+        if let Some(tx) = inner.watchers.get(&id) {
+            let _ = tx.send(JobEvent::Started {
+                gpus: a.gpus,
+                log_offset,
+            });
         }
+        tokio::spawn(supervise_link(
+            self.clone(),
+            id,
+            run_dir,
+            Some(link),
+            cmd_rx,
+        ));
+    }
+
+    /// Re-adopts a job whose supervisor outlived the previous daemon.
+    pub fn adopt(self: &Arc<Self>, inner: &mut Inner, id: JobId) {
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        inner.running.insert(
+            id,
+            RunningJob {
+                pgid: 0,
+                stopping: None,
+                cmds: cmd_tx,
+            },
+        );
+        tokio::spawn(supervise_link(
+            self.clone(),
+            id,
+            self.run_dir(id),
+            None,
+            cmd_rx,
+        ));
+    }
+
+    pub fn run_dir(&self, id: JobId) -> PathBuf {
+        self.settings.runs_dir.join(id.to_string())
     }
 
     fn open_log(&self, id: JobId) -> std::io::Result<File> {
@@ -249,7 +298,7 @@ impl Daemon {
     }
 
     fn fail_start(&self, inner: &mut Inner, id: JobId, message: String, code: i32) {
-        tracing::warn!(job = id, %message, "job failed to start");
+        tracing::warn!(job = id, ?message, "job failed to start");
         inner.sched.finish(id, JobState::Failed);
         if let Ok(mut log) = self.open_log(id) {
             let _ = writeln!(log, "{message}");
@@ -287,79 +336,96 @@ impl Daemon {
     }
 
     /// The job's processes are gone: record how it ended and schedule what can now start.
-    fn job_exited(self: &Arc<Self>, id: JobId, status: std::io::Result<std::process::ExitStatus>) {
+    fn job_exited(self: &Arc<Self>, id: JobId, rec: ExitRecord) {
         let mut inner = self.lock();
-        let stopping = inner.running.get(&id).is_some_and(|r| r.stopping);
-        let (exit_code, signal) = match &status {
-            Ok(s) => (s.code(), s.signal()),
-            Err(_) => (None, None),
-        };
-        let state = if stopping {
-            JobState::Cancelled
-        } else if exit_code == Some(0) {
-            JobState::Completed
-        } else {
-            JobState::Failed
-        };
-        if inner.shutting_down && stopping {
-            // Stopped by the shutdown, not by its owner: it goes back to the queue.
-            inner.sched.finish(id, JobState::Cancelled);
-            inner.running.remove(&id);
-            self.store.requeued(id);
-            if let Some(tx) = inner.watchers.remove(&id) {
-                let _ = tx.send(JobEvent::Requeued {
-                    message: format!(
-                        "the mgpu server is shutting down: job {id} was stopped and requeued; it runs again when the server is back"
-                    ),
-                });
-            }
+        if inner
+            .sched
+            .job(id)
+            .is_none_or(|j| j.state != JobState::Running)
+        {
             return;
         }
-        tracing::info!(
+        let outcome = outcome_of(id, &rec);
+        tracing::info!(job = id, exit_code = ?rec.exit_code, signal = ?rec.signal, state = outcome.state.as_str(), "job ended");
+        inner.sched.finish(id, outcome.state);
+        self.record_end(&mut inner, outcome);
+        self.schedule(&mut inner);
+        drop(inner);
+        self.forget_run_dir(id);
+    }
+
+    /// The supervisor vanished without recording an exit (killed, or the machine rebooted).
+    fn job_lost(self: &Arc<Self>, id: JobId) {
+        let mut inner = self.lock();
+        if let Some(pgid) = inner.running.get(&id).map(|r| r.pgid).filter(|p| *p > 0) {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        if inner.sched.finish(id, JobState::Failed).is_none() {
+            return;
+        }
+        tracing::warn!(
             job = id,
-            ?exit_code,
-            ?signal,
-            state = state.as_str(),
-            "job ended"
+            "the job's supervisor is gone without an exit record"
         );
-        inner.sched.finish(id, state);
-        let message = status
-            .err()
-            .map(|e| format!("mgpu: waiting for the job failed: {e}"));
         self.record_end(
             &mut inner,
             JobOutcome {
                 job: id,
-                state,
-                exit_code,
-                signal,
-                message,
+                state: JobState::Failed,
+                exit_code: None,
+                signal: None,
+                message: Some("mgpu: the job's supervisor died; its outcome is unknown".into()),
             },
         );
         self.schedule(&mut inner);
+        drop(inner);
+        self.forget_run_dir(id);
     }
 
-    /// Stops a running job: SIGTERM to its process group now, SIGKILL after the grace period.
-    /// Its GPUs stay booked until its processes are gone.
-    pub fn stop(self: &Arc<Self>, inner: &mut Inner, id: JobId) {
+    /// Removes a finished run's directory once its end is committed to the store.
+    pub fn forget_run_dir(self: &Arc<Self>, id: JobId) {
+        let daemon = self.clone();
+        tokio::spawn(async move {
+            daemon.store.flush().await;
+            let _ = std::fs::remove_dir_all(daemon.run_dir(id));
+        });
+    }
+
+    fn job_output(&self, id: JobId, stream: Stream, offset: u64, data: Bytes) {
+        let inner = self.lock();
+        if let Some(tx) = inner.watchers.get(&id) {
+            let _ = tx.send(JobEvent::Output {
+                stream,
+                offset,
+                data,
+            });
+        }
+    }
+
+    fn set_pgid(&self, id: JobId, pgid: i32) {
+        if let Some(r) = self.lock().running.get_mut(&id) {
+            r.pgid = pgid;
+        }
+    }
+
+    /// Stops a running job: its supervisor sends SIGTERM to all its processes now and SIGKILL
+    /// after the grace period. Its GPUs stay booked until its processes are gone.
+    pub fn stop(self: &Arc<Self>, inner: &mut Inner, id: JobId, reason: StopReason) {
         let Some(run) = inner.running.get_mut(&id) else {
             return;
         };
-        run.stopping = true;
-        let pgid = run.pgid;
-        tracing::info!(job = id, pgid, "stopping job (SIGTERM)");
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
-        let daemon = self.clone();
-        let grace = self.settings.grace;
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            let inner = daemon.lock();
-            // Only while the job is still ours: its group id cannot be reused before then.
-            if inner.running.get(&id).is_some_and(|r| r.pgid == pgid) {
-                tracing::info!(job = id, pgid, "grace period over (SIGKILL)");
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-            }
-        });
+        if run.stopping.is_some() {
+            return;
+        }
+        run.stopping = Some(reason);
+        tracing::info!(job = id, ?reason, "stopping job");
+        let cmd = SupervisorCmd::Stop {
+            grace_ms: self.settings.grace.as_millis() as u64,
+            reason,
+        };
+        if run.cmds.try_send(cmd).is_err() {
+            tracing::warn!(job = id, "cannot reach the job's supervisor to stop it");
+        }
     }
 
     /// Is `pid` part of a running job (its session)? For telling foreign GPU processes apart.
@@ -370,39 +436,162 @@ impl Daemon {
         self.lock().running.values().any(|r| r.pgid == sid)
     }
 
-    /// Stops every running job; they are requeued. Returns once their processes are gone (or
-    /// after the grace period plus a margin).
+    /// Stops serving. Running jobs keep running under their supervisors and are re-adopted by
+    /// the next server; queued jobs stay queued in the store.
     pub async fn shutdown(self: &Arc<Self>) {
-        let ids: Vec<JobId> = {
+        {
             let mut inner = self.lock();
             inner.shutting_down = true;
-            let ids: Vec<JobId> = inner.running.keys().copied().collect();
-            for id in &ids {
-                self.stop(&mut inner, *id);
-            }
-            // Attached clients of pending jobs: their jobs stay queued.
-            let pending: Vec<JobId> = inner.watchers.keys().copied().collect();
-            for id in pending {
-                if !inner.running.contains_key(&id) {
-                    if let Some(tx) = inner.watchers.remove(&id) {
-                        let _ = tx.send(JobEvent::Requeued {
-                            message: format!(
-                                "the mgpu server is shutting down: job {id} stays queued and runs when the server is back"
-                            ),
-                        });
-                    }
-                }
-            }
-            ids
-        };
-        if !ids.is_empty() {
-            tracing::info!(jobs = ids.len(), "waiting for running jobs to stop");
-        }
-        let deadline = tokio::time::Instant::now() + self.settings.grace + Duration::from_secs(5);
-        while tokio::time::Instant::now() < deadline && !self.lock().running.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Attached clients hear the connection close and reconnect to the next server.
+            inner.watchers.clear();
         }
         self.store.flush().await;
+    }
+}
+
+/// The user-visible outcome of a run.
+pub fn outcome_of(id: JobId, rec: &ExitRecord) -> JobOutcome {
+    let state = if rec.start_error.is_some() {
+        JobState::Failed
+    } else if rec.stopped == Some(StopReason::Cancel) {
+        JobState::Cancelled
+    } else if rec.stopped == Some(StopReason::Timeout) {
+        JobState::Timeout
+    } else if rec.exit_code == Some(0) {
+        JobState::Completed
+    } else {
+        JobState::Failed
+    };
+    JobOutcome {
+        job: id,
+        state,
+        exit_code: rec.exit_code,
+        signal: rec.signal,
+        message: rec.start_error.clone(),
+    }
+}
+
+/// Starts the job's supervisor (this binary in `--supervise` mode) in its own session, with one
+/// end of a socket pair as its stdin: the link exists before the job starts, so no output is
+/// missed. Returns its pid and our end of the link.
+fn spawn_supervisor(
+    run_dir: &Path,
+    launch: &Launch,
+) -> anyhow::Result<(u32, std::os::unix::net::UnixStream)> {
+    use anyhow::Context;
+    let _ = std::fs::remove_dir_all(run_dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(run_dir)
+        .with_context(|| format!("creating {}", run_dir.display()))?;
+    // Durable before the job starts: after a crash, the run directory is the proof that the
+    // job was started, so it is never started twice.
+    let mut f =
+        File::create(run_dir.join(supervisor::LAUNCH_FILE)).context("writing launch.json")?;
+    f.write_all(&serde_json::to_vec(launch)?)?;
+    f.sync_all()?;
+    if let Some(parent) = run_dir.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
+    let errlog = File::create(run_dir.join("supervisor.log"))?;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg("--supervise")
+        .arg(run_dir)
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(errlog))
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+        );
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(cmd)
+        .spawn()
+        .context("spawning the supervisor")?;
+    let pid = child.id().unwrap_or(0);
+    // Reap it when it ends (a re-adopted supervisor is init's child instead).
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok((pid, ours))
+}
+
+/// The daemon's side of one job's supervisor link: relays output to subscribers, delivers
+/// stop commands, and records the end.
+async fn supervise_link(
+    daemon: Arc<Daemon>,
+    id: JobId,
+    run_dir: PathBuf,
+    initial: Option<std::os::unix::net::UnixStream>,
+    mut cmds: mpsc::Receiver<SupervisorCmd>,
+) {
+    let stream = match initial {
+        Some(s) => s
+            .set_nonblocking(true)
+            .ok()
+            .and_then(|_| UnixStream::from_std(s).ok()),
+        None => UnixStream::connect(run_dir.join(supervisor::SOCKET_FILE))
+            .await
+            .ok(),
+    };
+    let Some(stream) = stream else {
+        match supervisor::read_exit(&run_dir) {
+            Some(rec) => daemon.job_exited(id, rec),
+            None => daemon.job_lost(id),
+        }
+        return;
+    };
+    let mut conn = Framed::new(stream, FrameCodec::default());
+    let mut offset = 0u64;
+    loop {
+        tokio::select! {
+            frame = conn.next() => match frame {
+                Some(Ok(Frame::Control(b))) => match Frame::Control(b).parse::<SupervisorMsg>() {
+                    Ok(SupervisorMsg::Hello { pgid, log_offset }) => {
+                        offset = log_offset;
+                        daemon.set_pgid(id, pgid);
+                    }
+                    Ok(SupervisorMsg::Exited(rec)) => {
+                        daemon.job_exited(id, rec);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(job = id, error = %e, "bad message from supervisor"),
+                },
+                Some(Ok(Frame::Stdout(d))) => {
+                    let n = d.len() as u64;
+                    daemon.job_output(id, Stream::Stdout, offset, d);
+                    offset += n;
+                }
+                Some(Ok(Frame::Stderr(d))) => {
+                    let n = d.len() as u64;
+                    daemon.job_output(id, Stream::Stderr, offset, d);
+                    offset += n;
+                }
+                _ => {
+                    // The link broke: the supervisor exited (its record says how) or died.
+                    match supervisor::read_exit(&run_dir) {
+                        Some(rec) => daemon.job_exited(id, rec),
+                        None => daemon.job_lost(id),
+                    }
+                    return;
+                }
+            },
+            Some(cmd) = cmds.recv() => {
+                if conn.send(Frame::control(&cmd)).await.is_err() {
+                    tracing::warn!(job = id, "could not deliver a command to the supervisor");
+                }
+            }
+        }
     }
 }
 
@@ -412,82 +601,4 @@ fn session_of(pid: u32) -> Option<i32> {
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(3)?.parse().ok()
-}
-
-/// Where a running job's output goes: its log file, then its subscribers.
-struct LogSink {
-    file: File,
-    offset: u64,
-    tx: broadcast::Sender<JobEvent>,
-}
-
-async fn pump(fd: OwnedFd, stream: Stream, sink: Arc<Mutex<LogSink>>) {
-    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-        return;
-    };
-    let mut buf = vec![0u8; READ_CHUNK];
-    loop {
-        let n = match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = s.file.write_all(&buf[..n]) {
-            tracing::warn!(error = %e, "writing a job log failed");
-        }
-        let offset = s.offset;
-        s.offset += n as u64;
-        let _ = s.tx.send(JobEvent::Output {
-            stream,
-            offset,
-            data: Bytes::copy_from_slice(&buf[..n]),
-        });
-    }
-}
-
-/// Kills whatever is left of a job's process group and waits (bounded) until it is empty.
-async fn reap_group(pgid: i32) {
-    let pg = Pid::from_raw(pgid);
-    let _ = killpg(pg, Signal::SIGKILL);
-    for _ in 0..300 {
-        if killpg(pg, None) == Err(nix::errno::Errno::ESRCH) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tracing::warn!(pgid, "processes of the job's group did not go away");
-}
-
-/// Follows one run of a job until its processes are gone.
-async fn monitor(daemon: Arc<Daemon>, id: JobId, started: exec::Started, sink: LogSink) {
-    let exec::Started {
-        mut child,
-        stdout,
-        stderr,
-    } = started;
-    let pgid = child.id().unwrap_or(0) as i32;
-    let sink = Arc::new(Mutex::new(sink));
-    let out = tokio::spawn(pump(stdout, Stream::Stdout, sink.clone()));
-    let err = tokio::spawn(pump(stderr, Stream::Stderr, sink.clone()));
-    let status = child.wait().await;
-    // The job is over when its main process is: stragglers in its group die with it.
-    reap_group(pgid).await;
-    // Drain what is still in the pipes; a process that escaped the group could keep them open
-    // forever, so this is bounded.
-    let (abort_out, abort_err) = (out.abort_handle(), err.abort_handle());
-    if tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = out.await;
-        let _ = err.await;
-    })
-    .await
-    .is_err()
-    {
-        tracing::warn!(
-            job = id,
-            "job output still open after its processes ended; closing it"
-        );
-        abort_out.abort();
-        abort_err.abort();
-    }
-    daemon.job_exited(id, status);
 }

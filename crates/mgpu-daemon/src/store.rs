@@ -5,7 +5,8 @@
 //! share an fsync. A submit waits for its commit before the client hears its id.
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use mgpu_core::{JobId, JobRequest, JobState, Millis};
@@ -15,7 +16,8 @@ use tokio::sync::oneshot;
 use crate::exec::LaunchSpec;
 
 /// Schema migrations; entry `i` brings `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     uid           INTEGER NOT NULL,
@@ -37,7 +39,12 @@ CREATE TABLE jobs (
     restarts      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX jobs_state ON jobs(state);
-"#];
+"#,
+    r#"
+ALTER TABLE jobs ADD COLUMN nice INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX jobs_ended ON jobs(ended_at);
+"#,
+];
 
 /// A job as first recorded.
 #[derive(Debug, Clone)]
@@ -71,6 +78,19 @@ enum Op {
         id: JobId,
     },
     Flush(oneshot::Sender<()>),
+    Purge(Millis, oneshot::Sender<Result<Vec<JobId>, String>>),
+}
+
+/// A job that was queued or running when the previous server stopped.
+#[derive(Debug, Clone)]
+pub struct RecoveredJob {
+    pub id: JobId,
+    pub request: JobRequest,
+    pub spec: LaunchSpec,
+    pub submitted_at: Millis,
+    pub started_at: Option<Millis>,
+    pub gpus: Vec<u32>,
+    pub restarts: u32,
 }
 
 /// What the store held at startup.
@@ -78,12 +98,21 @@ enum Op {
 pub struct Recovered {
     pub next_job_id: JobId,
     /// Pending jobs in queue (id) order.
-    pub pending: Vec<(JobId, JobRequest, LaunchSpec, Millis, u32)>,
-    /// Jobs recorded as running by a daemon that died; their outcome is unknown.
-    pub interrupted: Vec<JobId>,
+    pub pending: Vec<RecoveredJob>,
+    /// Jobs recorded as running: their supervisors may still be running them.
+    pub running: Vec<RecoveredJob>,
 }
 
 /// The owner and state of a recorded job.
+/// Filters of an accounting query (already authorised).
+#[derive(Debug, Clone, Default)]
+pub struct AcctFilter {
+    pub uid: Option<u32>,
+    pub job: Option<JobId>,
+    pub since: Option<Millis>,
+    pub state: Option<JobState>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobSummary {
     pub uid: u32,
@@ -97,6 +126,9 @@ pub struct Store {
     ops: Mutex<mpsc::Sender<Op>>,
     reader: Mutex<Connection>,
     pub path: PathBuf,
+    /// Test hook: when set, the writer stops without applying what is still queued (a crash).
+    dead: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -147,18 +179,33 @@ impl Store {
         let recovered = recover(&conn)?;
         let reader = open_conn(&path)?;
         let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
+        let dead = Arc::new(AtomicBool::new(false));
+        let dead_w = dead.clone();
+        let handle = std::thread::Builder::new()
             .name("mgpu-store".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(conn, rx, dead_w))
             .context("starting the store thread")?;
         Ok((
             Store {
                 ops: Mutex::new(tx),
                 reader: Mutex::new(reader),
                 path,
+                dead,
+                writer: Mutex::new(Some(handle)),
             },
             recovered,
         ))
+    }
+
+    /// Simulates a crash: what is not committed yet is lost. Returns once the writer is gone.
+    pub fn crash(self) {
+        self.dead.store(true, Ordering::SeqCst);
+        let (tx, _rx) = oneshot::channel();
+        self.send(Op::Flush(tx));
+        drop(self.ops);
+        if let Some(h) = self.writer.lock().unwrap().take() {
+            let _ = h.join();
+        }
     }
 
     fn send(&self, op: Op) {
@@ -191,6 +238,66 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Flush(tx));
         let _ = rx.await;
+    }
+
+    /// Finished jobs matching `f`, in id order, at most `limit` after id `after`.
+    pub fn finished_jobs(
+        &self,
+        f: &AcctFilter,
+        after: JobId,
+        limit: usize,
+    ) -> Result<Vec<mgpu_proto::AcctRecord>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, user, name, state, exit_code, signal, submitted_at, started_at, ended_at,
+                    gpus, gpu_ids, mem_mib, restarts, message
+             FROM jobs
+             WHERE state NOT IN ('PENDING', 'RUNNING') AND id > ?1
+               AND (?2 IS NULL OR uid = ?2) AND (?3 IS NULL OR id = ?3)
+               AND (?4 IS NULL OR ended_at >= ?4) AND (?5 IS NULL OR state = ?5)
+             ORDER BY id LIMIT ?6",
+        )?;
+        let rows = stmt.query_map(
+            params![
+                after as i64,
+                f.uid,
+                f.job.map(|j| j as i64),
+                f.since.map(|t| t as i64),
+                f.state.map(|s| s.as_str()),
+                limit as i64
+            ],
+            |r| {
+                Ok(mgpu_proto::AcctRecord {
+                    id: r.get::<_, i64>(0)? as JobId,
+                    user: r.get(1)?,
+                    name: r.get(2)?,
+                    state: JobState::parse(&r.get::<_, String>(3)?).unwrap_or(JobState::Failed),
+                    exit_code: r.get(4)?,
+                    signal: r.get(5)?,
+                    submitted_at: r.get::<_, i64>(6)? as Millis,
+                    started_at: r.get::<_, Option<i64>>(7)?.map(|t| t as Millis),
+                    ended_at: r.get::<_, Option<i64>>(8)?.map(|t| t as Millis),
+                    gpus: r.get(9)?,
+                    gpu_ids: r
+                        .get::<_, Option<String>>(10)?
+                        .unwrap_or_default()
+                        .split(',')
+                        .filter_map(|g| g.parse().ok())
+                        .collect(),
+                    mem_mib: r.get::<_, Option<i64>>(11)?.map(|m| m as u64),
+                    restarts: r.get(12)?,
+                    message: r.get(13)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Deletes records of jobs that ended before `before`; returns their ids (their logs go too).
+    pub async fn purge(&self, before: Millis) -> Result<Vec<JobId>, String> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Op::Purge(before, tx));
+        rx.await.map_err(|_| "the store stopped".to_string())?
     }
 
     /// Owner and outcome of a recorded job.
@@ -233,48 +340,67 @@ fn recover(conn: &Connection) -> Result<Recovered> {
         .optional()?;
     let max_id: Option<i64> = conn.query_row("SELECT MAX(id) FROM jobs", [], |r| r.get(0))?;
     let next_job_id = seq.unwrap_or(0).max(max_id.unwrap_or(0)) as JobId + 1;
-    let mut pending = Vec::new();
-    let mut stmt = conn.prepare(
-        "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s, spec, submitted_at, restarts
-         FROM jobs WHERE state = 'PENDING' ORDER BY id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)? as JobId,
-            JobRequest {
-                uid: r.get(1)?,
-                user: r.get(2)?,
-                name: r.get(3)?,
-                gpus: r.get(4)?,
-                mem_mib: r.get::<_, Option<i64>>(5)?.map(|m| m as u64),
-                time_limit_s: r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
-                nice: 0,
-            },
-            r.get::<_, String>(7)?,
-            r.get::<_, i64>(8)? as Millis,
-            r.get::<_, u32>(9)?,
-        ))
-    })?;
-    for row in rows {
-        let (id, request, spec, submitted_at, restarts) = row?;
-        let spec: LaunchSpec = serde_json::from_str(&spec)
-            .with_context(|| format!("job {id} has an unreadable launch record"))?;
-        pending.push((id, request, spec, submitted_at, restarts));
-    }
-    let interrupted = conn
-        .prepare("SELECT id FROM jobs WHERE state = 'RUNNING' ORDER BY id")?
-        .query_map([], |r| r.get::<_, i64>(0))?
-        .map(|r| r.map(|id| id as JobId))
-        .collect::<Result<Vec<_>, _>>()?;
+    let read = |state: &str| -> Result<Vec<RecoveredJob>> {
+        let mut stmt = conn.prepare(
+            "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s, spec, submitted_at, restarts,
+                    started_at, gpu_ids, nice
+             FROM jobs WHERE state = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([state], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as JobId,
+                JobRequest {
+                    uid: r.get(1)?,
+                    user: r.get(2)?,
+                    name: r.get(3)?,
+                    gpus: r.get(4)?,
+                    mem_mib: r.get::<_, Option<i64>>(5)?.map(|m| m as u64),
+                    time_limit_s: r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
+                    nice: r.get(12)?,
+                },
+                r.get::<_, String>(7)?,
+                r.get::<_, i64>(8)? as Millis,
+                r.get::<_, u32>(9)?,
+                r.get::<_, Option<i64>>(10)?.map(|t| t as Millis),
+                r.get::<_, Option<String>>(11)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, request, spec, submitted_at, restarts, started_at, gpu_ids) = row?;
+            let spec: LaunchSpec = serde_json::from_str(&spec)
+                .with_context(|| format!("job {id} has an unreadable launch record"))?;
+            let gpus = gpu_ids
+                .unwrap_or_default()
+                .split(',')
+                .filter(|g| !g.is_empty())
+                .map(|g| g.parse::<u32>())
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("job {id} has unreadable GPU ids"))?;
+            out.push(RecoveredJob {
+                id,
+                request,
+                spec,
+                submitted_at,
+                started_at,
+                gpus,
+                restarts,
+            });
+        }
+        Ok(out)
+    };
     Ok(Recovered {
         next_job_id,
-        pending,
-        interrupted,
+        pending: read("PENDING")?,
+        running: read("RUNNING")?,
     })
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, dead: Arc<AtomicBool>) {
     while let Ok(first) = rx.recv() {
+        if dead.load(Ordering::SeqCst) {
+            return;
+        }
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
@@ -282,9 +408,39 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 break;
             }
         }
-        let result = apply(&mut conn, &batch).map_err(|e| format!("{e:#}"));
+        let mut purged = Vec::new();
+        let mut result = apply(&mut conn, &batch, &mut purged).map_err(|e| format!("{e:#}"));
         if let Err(e) = &result {
             tracing::error!(error = %e, "writing the job database failed");
+            // New submissions are refused (their clients hear it); state changes of known jobs
+            // must not be lost, so they are retried until they stick.
+            let (refused, kept): (Vec<Op>, Vec<Op>) = batch
+                .into_iter()
+                .partition(|op| matches!(op, Op::Insert(..) | Op::Purge(..)));
+            for op in refused {
+                match op {
+                    Op::Insert(_, done) => {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                    Op::Purge(_, done) => {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                    _ => {}
+                }
+            }
+            batch = kept;
+            let mut delay = std::time::Duration::from_millis(100);
+            loop {
+                match apply(&mut conn, &batch, &mut purged) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "retrying the job database write");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+            }
+            result = Ok(());
         }
         for op in batch {
             match op {
@@ -294,13 +450,16 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 Op::Flush(done) => {
                     let _ = done.send(());
                 }
+                Op::Purge(_, done) => {
+                    let _ = done.send(result.clone().map(|_| std::mem::take(&mut purged)));
+                }
                 _ => {}
             }
         }
     }
 }
 
-fn apply(conn: &mut Connection, batch: &[Op]) -> Result<()> {
+fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result<()> {
     let tx = conn.transaction()?;
     for op in batch {
         match op {
@@ -308,8 +467,8 @@ fn apply(conn: &mut Connection, batch: &[Op]) -> Result<()> {
                 let r = &job.request;
                 tx.prepare_cached(
                     "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s,
-                                       spec, submitted_at)
-                     VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9)",
+                                       spec, submitted_at, nice)
+                     VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?
                 .execute(params![
                     job.id as i64,
@@ -321,6 +480,7 @@ fn apply(conn: &mut Connection, batch: &[Op]) -> Result<()> {
                     r.time_limit_s.map(|t| t as i64),
                     serde_json::to_string(&job.spec)?,
                     job.submitted_at as i64,
+                    r.nice,
                 ])?;
             }
             Op::Started { id, at, gpus, pid } => {
@@ -355,6 +515,16 @@ fn apply(conn: &mut Connection, batch: &[Op]) -> Result<()> {
                 .execute(params![*id as i64])?;
             }
             Op::Flush(_) => {}
+            Op::Purge(before, _) => {
+                let mut stmt = tx.prepare_cached(
+                    "DELETE FROM jobs WHERE state NOT IN ('PENDING', 'RUNNING') AND ended_at < ?1
+                     RETURNING id",
+                )?;
+                let ids = stmt.query_map([*before as i64], |r| r.get::<_, i64>(0))?;
+                for id in ids {
+                    purged.push(id? as JobId);
+                }
+            }
         }
     }
     tx.commit()?;
@@ -384,6 +554,7 @@ mod tests {
                 cwd: "/".into(),
                 env: vec![],
                 venv: Venv::Off,
+                umask: None,
             },
             submitted_at: 5,
         }
@@ -414,13 +585,55 @@ mod tests {
         let (store, rec) = Store::open(dir.path()).unwrap();
         assert_eq!(rec.next_job_id, 4);
         assert_eq!(rec.pending.len(), 1);
-        assert_eq!(rec.pending[0].0, 2);
-        assert_eq!(rec.interrupted, vec![1]);
+        assert_eq!(rec.pending[0].id, 2);
+        assert_eq!(rec.running.len(), 1);
+        assert_eq!(rec.running[0].id, 1);
+        assert_eq!(rec.running[0].gpus, vec![0]);
+        assert_eq!(rec.running[0].started_at, Some(10));
         assert_eq!(
             store.summary(3).unwrap().unwrap().state,
             JobState::Cancelled
         );
         assert_eq!(store.summary(9).unwrap(), None);
+    }
+
+    #[test]
+    fn a_database_of_the_previous_schema_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Written as the first release did: schema 1 only.
+            let conn = Connection::open(dir.path().join("mgpu.db")).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO jobs (id, uid, user, name, state, gpus, spec, submitted_at)
+                 VALUES (7, 1000, 'alice', 'old', 'PENDING', 1,
+                         '{\"command\":[\"true\"],\"cwd\":\"/\",\"env\":[],\"venv\":\"auto\"}', 3)",
+                [],
+            )
+            .unwrap();
+        }
+        let (_store, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec.next_job_id, 8);
+        assert_eq!(rec.pending.len(), 1);
+        assert_eq!(rec.pending[0].request.nice, 0);
+        assert_eq!(rec.pending[0].spec.umask, None);
+        let conn = Connection::open(dir.path().join("mgpu.db")).unwrap();
+        let v: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("mgpu.db")).unwrap();
+            conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(format!("{err:#}").contains("newer"));
     }
 
     #[test]

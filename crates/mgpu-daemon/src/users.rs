@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use nix::unistd::{getgrouplist, Gid, Uid, User};
 
 /// A local account as the job will run under it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Account {
     pub uid: u32,
     pub gid: u32,

@@ -60,11 +60,23 @@ pub struct FrameCodec {
 
 impl Default for FrameCodec {
     fn default() -> Self {
+        Self::with_max_len(MAX_FRAME_LEN)
+    }
+}
+
+impl FrameCodec {
+    /// A codec refusing frames over `max` bytes.
+    pub fn with_max_len(max: usize) -> Self {
         FrameCodec {
             inner: LengthDelimitedCodec::builder()
-                .max_frame_length(MAX_FRAME_LEN)
+                .max_frame_length(max)
                 .new_codec(),
         }
+    }
+
+    /// Changes the limit (e.g. small until a peer has said hello).
+    pub fn set_max_len(&mut self, max: usize) {
+        self.inner.set_max_frame_length(max);
     }
 }
 
@@ -106,6 +118,50 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// Writes one frame to a blocking writer (same wire format as [`FrameCodec`]).
+pub fn write_frame(w: &mut impl std::io::Write, frame: &Frame) -> std::io::Result<()> {
+    let (tag, body) = match frame {
+        Frame::Control(b) => (TAG_CONTROL, b),
+        Frame::Stdout(b) => (TAG_STDOUT, b),
+        Frame::Stderr(b) => (TAG_STDERR, b),
+    };
+    let mut buf = Vec::with_capacity(body.len() + 5);
+    buf.extend_from_slice(&((body.len() + 1) as u32).to_be_bytes());
+    buf.push(tag);
+    buf.extend_from_slice(body);
+    w.write_all(&buf)
+}
+
+/// Reads one frame from a blocking reader; `None` at a clean end of stream.
+pub fn read_frame(r: &mut impl std::io::Read) -> std::io::Result<Option<Frame>> {
+    use std::io::{Error, ErrorKind};
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME_LEN {
+        return Err(Error::new(ErrorKind::InvalidData, "bad frame length"));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    let tag = buf[0];
+    let body = Bytes::from(buf).slice(1..);
+    Ok(Some(match tag {
+        TAG_CONTROL => Frame::Control(body),
+        TAG_STDOUT => Frame::Stdout(body),
+        TAG_STDERR => Frame::Stderr(body),
+        other => {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                format!("unknown frame type {other}"),
+            ))
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +195,31 @@ mod tests {
                 .unwrap(),
             resp
         );
+    }
+
+    #[test]
+    fn blocking_and_async_framing_agree() {
+        let frames = [
+            Frame::control(&Response::Notice {
+                message: "n".into(),
+            }),
+            Frame::Stdout(Bytes::from_static(b"out")),
+            Frame::Stderr(Bytes::from_static(b"")),
+        ];
+        let mut wire = Vec::new();
+        for f in &frames {
+            write_frame(&mut wire, f).unwrap();
+        }
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&wire[..]);
+        for f in &frames {
+            assert_eq!(&codec.decode(&mut buf).unwrap().unwrap(), f);
+        }
+        let mut r = &wire[..];
+        for f in &frames {
+            assert_eq!(&read_frame(&mut r).unwrap().unwrap(), f);
+        }
+        assert!(read_frame(&mut r).unwrap().is_none());
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod codec;
 use mgpu_core::{JobId, JobState, Millis};
 use serde::{Deserialize, Serialize};
 
-pub use codec::{Frame, FrameCodec};
+pub use codec::{read_frame, write_frame, Frame, FrameCodec};
 
 /// Bumped on every incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -54,6 +54,30 @@ pub enum Request {
     Log(LogRequest),
     /// Sent by an attached `mgpu_srun` on its submit connection (Ctrl-C): cancel that job.
     CancelAttached,
+    /// Re-attach to a job (an `mgpu_srun` whose server restarted): the output from `log_offset`
+    /// on, then live events as after a submit. `CancelAttached` works on this connection too.
+    Attach(AttachRequest),
+    /// Accounting: finished jobs.
+    Acct(AcctRequest),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcctRequest {
+    /// Only this user's jobs (others' need root).
+    pub user: Option<String>,
+    /// Only the caller's own jobs (the default for non-root callers).
+    pub me: bool,
+    pub job: Option<JobId>,
+    /// Only jobs that ended at or after this time.
+    pub since: Option<Millis>,
+    pub state: Option<JobState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub job: JobId,
+    /// How far into the job's log the client already has the output.
+    pub log_offset: u64,
 }
 
 /// How to treat Python virtual environments for a job.
@@ -83,6 +107,9 @@ pub struct SubmitRequest {
     pub venv: Venv,
     /// Stay connected: receive progress, output and the exit status on this connection.
     pub attach: bool,
+    /// The submitter's umask, for the job.
+    #[serde(default)]
+    pub umask: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,10 +160,12 @@ pub enum Response {
         position: usize,
         reason: String,
     },
-    /// The job got its GPUs and is being started.
+    /// The job got its GPUs and is being started; its output starts at `log_offset` in its log.
     Started {
         job: JobId,
         gpus: Vec<u32>,
+        #[serde(default)]
+        log_offset: u64,
     },
     /// A one-line note for the user's stderr.
     Notice {
@@ -144,10 +173,20 @@ pub enum Response {
     },
     /// The job is over and its processes are gone.
     Finished(JobOutcome),
+    /// The queue: GPUs and the first jobs; more jobs follow in `QueueJobs` until `QueueEnd`.
     Queue(QueueSnapshot),
+    QueueJobs {
+        jobs: Vec<JobInfo>,
+    },
+    QueueEnd,
     Cancelled {
         results: Vec<CancelResult>,
     },
+    /// Some accounting records; more may follow until `AcctEnd`.
+    AcctRecords {
+        records: Vec<AcctRecord>,
+    },
+    AcctEnd,
     /// No more log data follows.
     LogEnd {
         job: JobId,
@@ -235,4 +274,38 @@ pub struct JobInfo {
     pub restarts: u32,
     pub reason: Option<String>,
     pub command: Vec<String>,
+}
+
+/// One finished job, as `mgpu_acct` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcctRecord {
+    pub id: JobId,
+    pub user: String,
+    pub name: String,
+    pub state: JobState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub submitted_at: Millis,
+    pub started_at: Option<Millis>,
+    pub ended_at: Option<Millis>,
+    pub gpus: u32,
+    pub gpu_ids: Vec<u32>,
+    pub mem_mib: Option<u64>,
+    pub restarts: u32,
+    pub message: Option<String>,
+}
+
+impl AcctRecord {
+    /// Run time of its last run in seconds.
+    pub fn elapsed_s(&self) -> u64 {
+        match (self.started_at, self.ended_at) {
+            (Some(s), Some(e)) => e.saturating_sub(s) / 1000,
+            _ => 0,
+        }
+    }
+
+    /// GPUs held times hours run.
+    pub fn gpu_hours(&self) -> f64 {
+        self.gpus as f64 * self.elapsed_s() as f64 / 3600.0
+    }
 }

@@ -423,7 +423,7 @@ fn log_keeps_output_and_follows_live() {
             "--",
             "bash",
             "-c",
-            "echo one; echo two >&2; sleep 1; echo three",
+            "echo one; sleep 0.3; echo two >&2; sleep 1; echo three",
         ]);
         c
     });
@@ -473,6 +473,7 @@ fn pending_jobs_survive_a_restart_and_ids_continue() {
             })
         })
         .collect();
+    let started_at = s.job(running).unwrap()["started_at"].clone();
     s.restart();
     let q = s.queue_json();
     let ids: Vec<u64> = q["jobs"]
@@ -481,7 +482,7 @@ fn pending_jobs_survive_a_restart_and_ids_continue() {
         .iter()
         .map(|j| j["id"].as_u64().unwrap())
         .collect();
-    // The running job was stopped by the shutdown and requeued ahead of the others.
+    // The running job kept running under its supervisor; the queue kept its order.
     let mut expected = vec![running];
     expected.extend(&pending);
     assert_eq!(ids, expected, "same jobs, same order");
@@ -491,7 +492,10 @@ fn pending_jobs_survive_a_restart_and_ids_continue() {
         c
     });
     assert!(next > *pending.last().unwrap(), "ids are never reused");
-    assert_eq!(s.job(running).unwrap()["restarts"], 1);
+    let job = s.job(running).unwrap();
+    assert_eq!(job["state"], "RUNNING");
+    assert_eq!(job["started_at"], started_at, "the same run, re-adopted");
+    assert_eq!(job["restarts"], 0);
     s.cmd("mgpu_cancel").arg("--all").status().unwrap();
     std::thread::sleep(Duration::from_millis(10));
 }

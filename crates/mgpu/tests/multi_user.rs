@@ -145,6 +145,15 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
         .unwrap();
     assert!(!text(&mine.stdout).contains(&b.name));
 
+    // Accounting: a sees only its own records, and may not ask for b's.
+    let out = s
+        .cmd_as(&a, "mgpu_acct")
+        .args(["--user", &b.name])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("permission denied"));
+
     // The owner may cancel; root may cancel anyone's.
     let job_b2 = detached(&s, &b, &["--", "sleep", "30"]);
     assert!(s
@@ -161,6 +170,13 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
         .success());
     s.wait_gone(job_b);
     s.wait_gone(job_b2);
+    let mine = s.cmd_as(&a, "mgpu_acct").arg("--json").output().unwrap();
+    assert!(
+        !text(&mine.stdout).contains(&b.name),
+        "a sees no record of b"
+    );
+    let all = s.cmd("mgpu_acct").arg("--json").output().unwrap();
+    assert!(text(&all.stdout).contains(&b.name), "root sees all");
 }
 
 #[test]

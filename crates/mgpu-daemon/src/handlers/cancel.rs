@@ -2,6 +2,7 @@
 //! after the grace period) and keep their GPUs until their processes are gone. Only owners and
 //! root may cancel.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -10,7 +11,11 @@ use mgpu_proto::{CancelRequest, CancelResult, CancelStatus, JobOutcome, Response
 
 use crate::server::{send, send_error, Caller, Conn};
 use crate::state::{Daemon, Inner};
+use crate::supervisor::StopReason;
 use crate::users;
+
+/// Most job ids one request may name.
+const MAX_IDS: usize = 10_000;
 
 /// Cancels one job on behalf of `by`.
 pub fn cancel_one(
@@ -20,7 +25,15 @@ pub fn cancel_one(
     by: Requester,
 ) -> CancelStatus {
     match inner.sched.cancel(id, by) {
-        CancelOutcome::Removed(_) => {
+        CancelOutcome::Removed(job) => {
+            // Only the owner or an admin may cancel: no user database lookup needed here.
+            let by_name = if by.uid == job.request.uid {
+                job.request.user.clone()
+            } else if by.uid == 0 {
+                "root".to_string()
+            } else {
+                format!("uid {}", by.uid)
+            };
             tracing::info!(job = id, by = by.uid, "pending job cancelled");
             daemon.record_end(
                 inner,
@@ -29,16 +42,13 @@ pub fn cancel_one(
                     state: JobState::Cancelled,
                     exit_code: None,
                     signal: None,
-                    message: Some(format!(
-                        "cancelled by {} before it started",
-                        users::name_of(by.uid)
-                    )),
+                    message: Some(format!("cancelled by {by_name} before it started")),
                 },
             );
             CancelStatus::Cancelled
         }
         CancelOutcome::MustStop => {
-            daemon.stop(inner, id);
+            daemon.stop(inner, id, StopReason::Cancel);
             CancelStatus::Stopping
         }
         CancelOutcome::AlreadyStopping => CancelStatus::AlreadyStopping,
@@ -54,6 +64,15 @@ pub async fn handle(
     conn: &mut Conn,
 ) -> Result<()> {
     let by = daemon.requester(caller.uid);
+    if let CancelRequest::Jobs(ids) = &req {
+        if ids.len() > MAX_IDS {
+            return send_error(
+                conn,
+                format!("too many job ids in one request (at most {MAX_IDS}); use --user or --all"),
+            )
+            .await;
+        }
+    }
     let mut user_uid = None;
     if let CancelRequest::User(name) = &req {
         let Some(uid) = users::uid_of(name) else {
@@ -71,7 +90,10 @@ pub async fn handle(
     let results = {
         let mut inner = daemon.lock();
         let ids: Vec<JobId> = match &req {
-            CancelRequest::Jobs(ids) => ids.clone(),
+            CancelRequest::Jobs(ids) => {
+                let mut seen = HashSet::new();
+                ids.iter().copied().filter(|id| seen.insert(*id)).collect()
+            }
             CancelRequest::User(_) => {
                 let uid = user_uid.expect("resolved above");
                 inner
@@ -95,17 +117,20 @@ pub async fn handle(
                 .job(**id)
                 .is_some_and(|j| j.state == JobState::Pending)
         });
-        let mut results: Vec<CancelResult> = pending
+        let outcomes: HashMap<JobId, CancelStatus> = pending
             .into_iter()
             .chain(running)
-            .map(|id| CancelResult {
-                job: id,
-                outcome: cancel_one(daemon, &mut inner, id, by),
-            })
+            .map(|id| (id, cancel_one(daemon, &mut inner, id, by)))
             .collect();
-        results.sort_by_key(|r| ids.iter().position(|i| *i == r.job));
         daemon.schedule(&mut inner);
-        results
+        ids.iter()
+            .map(|id| CancelResult {
+                job: *id,
+                outcome: outcomes[id],
+            })
+            .collect::<Vec<_>>()
     };
+    // Durable before the answer: a cancelled pending job must not come back after a crash.
+    daemon.store.flush().await;
     send(conn, &Response::Cancelled { results }).await
 }

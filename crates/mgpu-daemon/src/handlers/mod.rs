@@ -1,6 +1,9 @@
 //! One handler per request type.
 
+pub mod acct;
+pub mod attach;
 pub mod cancel;
+pub mod follow;
 pub mod log;
 pub mod queue;
 pub mod submit;

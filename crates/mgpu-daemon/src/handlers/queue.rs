@@ -25,7 +25,7 @@ pub async fn handle(
     } else {
         None
     };
-    let snapshot = {
+    let mut snapshot = {
         let inner = daemon.lock();
         let sched = &inner.sched;
         let gpus = sched
@@ -68,7 +68,7 @@ pub async fn handle(
                 command: inner
                     .specs
                     .get(&j.id)
-                    .map(|s| s.command.clone())
+                    .map(|s| display_command(&s.command))
                     .unwrap_or_default(),
             })
             .collect();
@@ -78,5 +78,37 @@ pub async fn handle(
             jobs,
         }
     };
-    send(conn, &Response::Queue(snapshot)).await
+    // Sent in chunks: a queue of any length fits under the frame limit.
+    let mut rest = snapshot.jobs.split_off(snapshot.jobs.len().min(CHUNK));
+    send(conn, &Response::Queue(snapshot)).await?;
+    while !rest.is_empty() {
+        let tail = rest.split_off(rest.len().min(CHUNK));
+        send(conn, &Response::QueueJobs { jobs: rest }).await?;
+        rest = tail;
+    }
+    send(conn, &Response::QueueEnd).await
+}
+
+/// Jobs per frame.
+const CHUNK: usize = 5000;
+/// Command text shown per job; longer ones are cut (the full argv stays with the job).
+const MAX_SHOWN_COMMAND: usize = 1024;
+
+fn display_command(argv: &[String]) -> Vec<String> {
+    let mut budget = MAX_SHOWN_COMMAND;
+    let mut out = Vec::new();
+    for a in argv {
+        if a.len() <= budget {
+            budget -= a.len();
+            out.push(a.clone());
+        } else {
+            let mut cut = budget;
+            while !a.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.push(format!("{}...", &a[..cut]));
+            break;
+        }
+    }
+    out
 }

@@ -4,20 +4,22 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use futures::{SinkExt, StreamExt};
-use mgpu_core::{JobRequest, JobState};
-use mgpu_proto::{Frame, JobOutcome, Request, Response, SubmitRequest, Venv};
-use tokio::sync::broadcast::{self, error::RecvError};
+use mgpu_core::JobRequest;
+use mgpu_proto::{Response, SubmitRequest, Venv};
 
 use crate::exec::LaunchSpec;
 use crate::handlers::cancel::cancel_one;
+use crate::handlers::follow::{follow, Follower};
 use crate::server::{send, send_error, Caller, Conn};
-use crate::state::{now_ms, Daemon, JobEvent, Stream};
+use crate::state::{now_ms, Daemon};
 use crate::store::NewJob;
 use crate::users;
 
 const MAX_NAME: usize = 128;
 const MAX_ARGS: usize = 65_536;
+/// Bytes of argv, and of environment, one job may carry.
+const MAX_ARGV_BYTES: usize = 1 << 20;
+const MAX_ENV_BYTES: usize = 1 << 20;
 
 fn default_name(command: &str) -> String {
     command.rsplit('/').next().unwrap_or(command).to_string()
@@ -35,6 +37,22 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
     }
     if req.command.len() > MAX_ARGS {
         return Err(format!("too many arguments (at most {MAX_ARGS})"));
+    }
+    if req.command.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_ARGV_BYTES {
+        return Err(format!(
+            "the command line is too long (at most {MAX_ARGV_BYTES} bytes)"
+        ));
+    }
+    if req
+        .env
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2)
+        .sum::<usize>()
+        > MAX_ENV_BYTES
+    {
+        return Err(format!(
+            "the environment is too large (at most {MAX_ENV_BYTES} bytes)"
+        ));
     }
     if req.command.iter().any(|a| a.contains('\0')) {
         return Err("the command contains a NUL byte".into());
@@ -92,51 +110,80 @@ pub async fn handle(
         cwd: req.cwd,
         env: req.env,
         venv: req.venv,
+        umask: req.umask,
     };
     let now = now_ms();
-    let queued = {
+    // Phase 1: refuse what can never run, and take an id.
+    let id = {
         let mut inner = daemon.lock();
         if inner.shutting_down {
             Err("the mgpu server is shutting down; try again shortly".to_string())
+        } else if let Err(e) = inner.sched.check_feasible(&request) {
+            Err(format!("job refused: {e}"))
         } else {
-            match inner.sched.submit(request.clone(), now) {
-                Err(e) => Err(format!("job refused: {e}")),
-                Ok(id) => {
-                    let durable = daemon.store.insert(NewJob {
-                        id,
-                        request,
-                        spec: spec.clone(),
-                        submitted_at: now,
-                    });
-                    inner.specs.insert(id, spec);
-                    let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
-                    daemon.schedule(&mut inner);
-                    Ok((id, durable, events))
-                }
+            Ok(inner.take_job_id())
+        }
+    };
+    let id = match id {
+        Ok(id) => id,
+        Err(msg) => return send_error(conn, msg).await,
+    };
+    // Phase 2: durable before anything else happens to it (group commit with other submits).
+    let committed = daemon
+        .store
+        .insert(NewJob {
+            id,
+            request: request.clone(),
+            spec: spec.clone(),
+            submitted_at: now,
+        })
+        .await
+        .unwrap_or_else(|_| Err("the store stopped".to_string()));
+    if let Err(e) = committed {
+        return send_error(conn, format!("could not record the job durably: {e}")).await;
+    }
+    // Phase 3: into the queue, and start it if it fits.
+    let queued = {
+        let mut inner = daemon.lock();
+        match inner.sched.restore_pending(id, request, now, 0) {
+            // Cannot happen (checked above against the same GPUs).
+            Err(e) => Err(e),
+            Ok(()) => {
+                inner.specs.insert(id, spec);
+                let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
+                daemon.schedule(&mut inner);
+                Ok(events)
             }
         }
     };
-    let (id, durable, events) = match queued {
-        Ok(q) => q,
-        Err(msg) => return send_error(conn, msg).await,
-    };
-    let committed = match durable.await {
-        Ok(r) => r,
-        Err(_) => Err("the store stopped".to_string()),
-    };
-    if let Err(e) = committed {
-        // Not durable: the submission does not count.
-        {
-            let mut inner = daemon.lock();
-            cancel_one(daemon, &mut inner, id, daemon.requester(0));
+    let events = match queued {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::error!(job = id, error = %e, "accepted job refused by the core");
+            daemon.store.ended(
+                id,
+                crate::store::Ending {
+                    state: mgpu_core::JobState::Failed,
+                    at: now_ms(),
+                    exit_code: None,
+                    signal: None,
+                    message: Some(format!("mgpu: refused: {e}")),
+                },
+            );
+            return send_error(conn, format!("job refused: {e}")).await;
         }
-        return send_error(conn, format!("could not record the job durably: {e}")).await;
-    }
-    tracing::info!(job = id, uid = caller.uid, pid = ?caller.pid, "job submitted");
-    send(conn, &Response::Submitted { job: id }).await?;
-    let Some(events) = events else {
-        return Ok(());
     };
+    tracing::info!(job = id, uid = caller.uid, pid = ?caller.pid, "job submitted");
+    let sent = send(conn, &Response::Submitted { job: id }).await;
+    let Some(events) = events else {
+        return sent;
+    };
+    if sent.is_err() {
+        // The attached client is already gone: its job goes too.
+        let mut inner = daemon.lock();
+        cancel_one(daemon, &mut inner, id, daemon.requester(caller.uid));
+        return sent;
+    }
     let pending = {
         let inner = daemon.lock();
         inner
@@ -155,70 +202,5 @@ pub async fn handle(
         )
         .await?;
     }
-    attach(daemon, caller, id, events, conn).await
-}
-
-/// Streams a job's events to an attached client until it ends.
-async fn attach(
-    daemon: &Arc<Daemon>,
-    caller: Caller,
-    id: u64,
-    mut events: broadcast::Receiver<JobEvent>,
-    conn: &mut Conn,
-) -> Result<()> {
-    let mut cancel_sent = false;
-    loop {
-        tokio::select! {
-            ev = events.recv() => match ev {
-                Ok(JobEvent::Started { gpus }) => send(conn, &Response::Started { job: id, gpus }).await?,
-                Ok(JobEvent::Output { stream, data, .. }) => {
-                    let frame = match stream {
-                        Stream::Stdout => Frame::Stdout(data),
-                        Stream::Stderr => Frame::Stderr(data),
-                    };
-                    conn.send(frame).await?;
-                }
-                Ok(JobEvent::Requeued { message }) => {
-                    return send_error(conn, message).await;
-                }
-                Ok(JobEvent::Finished(outcome)) => {
-                    return send(conn, &Response::Finished(outcome)).await;
-                }
-                Err(RecvError::Lagged(n)) => {
-                    send(conn, &Response::Notice {
-                        message: format!("output too fast for this terminal: {n} chunks skipped here (the full output is in mgpu_log {id})"),
-                    }).await?;
-                }
-                Err(RecvError::Closed) => {
-                    // The job ended before we could hear it (or the server is going away).
-                    let outcome = match daemon.store.summary(id) {
-                        Ok(Some(s)) if s.state.is_terminal() => JobOutcome {
-                            job: id, state: s.state, exit_code: s.exit_code, signal: s.signal, message: s.message,
-                        },
-                        _ => JobOutcome { job: id, state: JobState::Failed, exit_code: None, signal: None,
-                            message: Some("mgpu: lost track of the job's end".into()) },
-                    };
-                    return send(conn, &Response::Finished(outcome)).await;
-                }
-            },
-            frame = conn.next() => match frame {
-                Some(Ok(f)) => {
-                    if let Ok(Request::CancelAttached) = f.parse::<Request>() {
-                        if !cancel_sent {
-                            cancel_sent = true;
-                            let mut inner = daemon.lock();
-                            cancel_one(daemon, &mut inner, id, daemon.requester(caller.uid));
-                        }
-                    }
-                }
-                // The client is gone (killed, or its terminal closed): like Slurm, its job goes too.
-                _ => {
-                    tracing::info!(job = id, "attached client disconnected; cancelling its job");
-                    let mut inner = daemon.lock();
-                    cancel_one(daemon, &mut inner, id, daemon.requester(caller.uid));
-                    return Ok(());
-                }
-            }
-        }
-    }
+    follow(daemon, id, events, conn, Follower::Srun { caller }, None).await
 }

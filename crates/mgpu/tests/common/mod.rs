@@ -17,6 +17,7 @@ pub const PROGRAMS: &[&str] = &[
     "mgpu_queue",
     "mgpu_cancel",
     "mgpu_log",
+    "mgpu_acct",
 ];
 
 fn exe(name: &str) -> PathBuf {
@@ -26,6 +27,7 @@ fn exe(name: &str) -> PathBuf {
         "mgpu_queue" => env!("CARGO_BIN_EXE_mgpu_queue").into(),
         "mgpu_cancel" => env!("CARGO_BIN_EXE_mgpu_cancel").into(),
         "mgpu_log" => env!("CARGO_BIN_EXE_mgpu_log").into(),
+        "mgpu_acct" => env!("CARGO_BIN_EXE_mgpu_acct").into(),
         other => panic!("unknown program {other}"),
     }
 }
@@ -298,6 +300,23 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // Jobs outlive the server (their supervisors re-attach to the next one): end them so
+        // that no test leaves processes behind.
+        if self.child.is_some() {
+            let _ = self.cmd("mgpu_cancel").arg("--all").output();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let out = self.cmd("mgpu_queue").arg("--json").output();
+                let empty = out
+                    .ok()
+                    .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                    .is_none_or(|v| v["jobs"].as_array().is_none_or(|a| a.is_empty()));
+                if empty {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.stop();
     }
 }

@@ -1,0 +1,193 @@
+//! `mgpu_acct`: accounting of finished jobs (like `sacct`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use comfy_table::{presets, Table};
+use mgpu_core::timefmt::{format_duration, parse_duration};
+use mgpu_core::{JobState, Millis};
+use mgpu_proto::{AcctRecord, AcctRequest, Request, Response};
+use serde_json::json;
+
+use crate::client::Client;
+use crate::queue::rfc3339;
+
+/// Show finished jobs: state, exit code, times, GPUs and GPU-hours. You see your own jobs;
+/// root sees everyone's.
+///
+/// Examples:
+///   mgpu_acct                      # your finished jobs
+///   mgpu_acct --since 1d --state FAILED
+///   mgpu_acct -j 42 --json
+///   mgpu_acct --user alice         # root only (or alice)
+#[derive(Debug, Parser)]
+#[command(name = "mgpu_acct", version, verbatim_doc_comment)]
+pub struct Args {
+    /// Print JSON (one object with a "jobs" array)
+    #[arg(long)]
+    pub json: bool,
+    /// Only jobs of this user
+    #[arg(short, long, value_name = "NAME", conflicts_with = "me")]
+    pub user: Option<String>,
+    /// Only your own jobs (the default unless you are root)
+    #[arg(long)]
+    pub me: bool,
+    /// Only this job
+    #[arg(short = 'j', long = "job", value_name = "ID")]
+    pub job: Option<u64>,
+    /// Only jobs that ended since: an RFC 3339 time (2026-11-25T08:00:00Z), a date
+    /// (2026-11-25), or a duration ago (90m, 2h, 7d)
+    #[arg(long, value_name = "TIME", value_parser = parse_since)]
+    pub since: Option<Millis>,
+    /// Only jobs in this state: COMPLETED, FAILED, CANCELLED, TIMEOUT
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    pub state: Option<JobState>,
+    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    crate::run_main("mgpu_acct", run(args))
+}
+
+fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+fn parse_since(text: &str) -> Result<Millis, String> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok((t.unix_timestamp_nanos() / 1_000_000).max(0) as Millis);
+    }
+    let date_fmt = time::macros::format_description!("[year]-[month]-[day]");
+    if let Ok(d) = time::Date::parse(text, &date_fmt) {
+        let t = d.midnight().assume_utc();
+        return Ok((t.unix_timestamp_nanos() / 1_000_000).max(0) as Millis);
+    }
+    let ago = parse_duration(text).map_err(|_| {
+        format!("invalid time '{text}': use RFC 3339, YYYY-MM-DD, or 90m/2h/7d ago")
+    })?;
+    Ok(now_ms().saturating_sub(ago * 1000))
+}
+
+fn parse_state(text: &str) -> Result<JobState, String> {
+    match JobState::parse(text) {
+        Some(s) if s.is_terminal() => Ok(s),
+        _ => Err(format!(
+            "invalid state '{text}': use COMPLETED, FAILED, CANCELLED or TIMEOUT"
+        )),
+    }
+}
+
+async fn run(args: Args) -> Result<i32> {
+    let mut client = Client::connect(args.socket.as_deref(), "mgpu_acct").await?;
+    client
+        .send(&Request::Acct(AcctRequest {
+            user: args.user,
+            me: args.me,
+            job: args.job,
+            since: args.since,
+            state: args.state,
+        }))
+        .await?;
+    let mut records = Vec::new();
+    loop {
+        match client.recv_control().await? {
+            Response::AcctRecords { records: r } => records.extend(r),
+            Response::AcctEnd => break,
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the server: {other:?}"),
+        }
+    }
+    if args.json {
+        let jobs: Vec<_> = records.iter().map(to_json).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "jobs": jobs }))?
+        );
+    } else {
+        print!("{}", render(&records));
+    }
+    Ok(0)
+}
+
+fn exit_text(r: &AcctRecord) -> String {
+    match (r.exit_code, r.signal) {
+        (Some(c), _) => c.to_string(),
+        (None, Some(s)) => format!("sig{s}"),
+        _ => "-".into(),
+    }
+}
+
+pub fn to_json(r: &AcctRecord) -> serde_json::Value {
+    json!({
+        "id": r.id,
+        "user": r.user,
+        "name": r.name,
+        "state": r.state.as_str(),
+        "exit_code": r.exit_code,
+        "signal": r.signal,
+        "submitted_at": rfc3339(r.submitted_at),
+        "started_at": r.started_at.map(rfc3339),
+        "ended_at": r.ended_at.map(rfc3339),
+        "elapsed_s": r.elapsed_s(),
+        "gpus": r.gpus,
+        "gpu_ids": r.gpu_ids,
+        "mem_mib": r.mem_mib,
+        "restarts": r.restarts,
+        "gpu_hours": r.gpu_hours(),
+        "message": r.message,
+    })
+}
+
+fn short_time(ms: Option<Millis>) -> String {
+    ms.map(|t| rfc3339(t).chars().take(19).collect())
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn render(records: &[AcctRecord]) -> String {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING);
+    t.set_header([
+        "JOBID",
+        "USER",
+        "NAME",
+        "STATE",
+        "EXIT",
+        "SUBMITTED",
+        "STARTED",
+        "ENDED",
+        "ELAPSED",
+        "GPUS",
+        "MEM",
+        "RESTARTS",
+        "GPU-HOURS",
+    ]);
+    for r in records {
+        t.add_row([
+            r.id.to_string(),
+            r.user.clone(),
+            r.name.clone(),
+            r.state.as_str().to_string(),
+            exit_text(r),
+            short_time(Some(r.submitted_at)),
+            short_time(r.started_at),
+            short_time(r.ended_at),
+            format_duration(r.elapsed_s()),
+            r.gpus.to_string(),
+            r.mem_mib
+                .map(|m| format!("{m}M"))
+                .unwrap_or_else(|| "excl".into()),
+            r.restarts.to_string(),
+            format!("{:.3}", r.gpu_hours()),
+        ]);
+    }
+    format!("{t}\n")
+}

@@ -1,0 +1,185 @@
+//! Following a job's output live, exactly: every chunk carries its offset in the job's log, so
+//! a client is sent each byte once, in order. Chunks it missed (it subscribed late, fell behind
+//! the bounded event channel, or the output came while the server was down) are read back from
+//! the log file, which has everything.
+//!
+//! Used by attached `mgpu_srun` (separate stdout/stderr, progress messages, the exit status) and
+//! by `mgpu_log --follow` (the log as it came, then the end).
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use anyhow::Result;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use mgpu_core::{JobId, JobState};
+use mgpu_proto::{Frame, JobOutcome, Request, Response};
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use crate::handlers::cancel::cancel_one;
+use crate::server::{send, Caller, Conn};
+use crate::state::{Daemon, JobEvent, Stream};
+
+const CHUNK: usize = 64 * 1024;
+
+/// Who is following.
+#[derive(Debug, Clone, Copy)]
+pub enum Follower {
+    /// An attached `mgpu_srun`: Ctrl-C on it (or its loss) cancels the job.
+    Srun { caller: Caller },
+    /// `mgpu_log --follow`.
+    Log,
+}
+
+/// Sends log bytes `[from, to)` (to the end when `to` is `None`) as stdout frames; returns the
+/// offset reached.
+pub async fn send_log_range(
+    daemon: &Daemon,
+    id: JobId,
+    from: u64,
+    to: Option<u64>,
+    conn: &mut Conn,
+) -> Result<u64> {
+    let Ok(mut file) = std::fs::File::open(daemon.log_path(id)) else {
+        return Ok(from);
+    };
+    file.seek(SeekFrom::Start(from))?;
+    let mut pos = from;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let want = match to {
+            Some(t) if t <= pos => break,
+            Some(t) => ((t - pos) as usize).min(CHUNK),
+            None => CHUNK,
+        };
+        let n = file.read(&mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        conn.send(Frame::Stdout(Bytes::copy_from_slice(&buf[..n])))
+            .await?;
+        pos += n as u64;
+    }
+    Ok(pos)
+}
+
+/// The recorded outcome of a job that is no longer live.
+pub fn recorded_outcome(daemon: &Daemon, id: JobId) -> JobOutcome {
+    match daemon.store.summary(id) {
+        Ok(Some(s)) if s.state.is_terminal() => JobOutcome {
+            job: id,
+            state: s.state,
+            exit_code: s.exit_code,
+            signal: s.signal,
+            message: s.message,
+        },
+        _ => JobOutcome {
+            job: id,
+            state: JobState::Failed,
+            exit_code: None,
+            signal: None,
+            message: Some("mgpu: lost track of the job's end".into()),
+        },
+    }
+}
+
+/// Streams `id`'s events until it ends. `sent`: how far into the log the client already has
+/// the output (`None`: nothing of the coming run yet). An attached srun that cannot be reached
+/// any more (it died, or stopped reading) has its job cancelled, as with Slurm.
+pub async fn follow(
+    daemon: &Arc<Daemon>,
+    id: JobId,
+    events: broadcast::Receiver<JobEvent>,
+    conn: &mut Conn,
+    who: Follower,
+    sent: Option<u64>,
+) -> Result<()> {
+    let result = follow_until_end(daemon, id, events, conn, who, sent).await;
+    if let (Err(_), Follower::Srun { caller }) = (&result, who) {
+        tracing::info!(job = id, "lost the attached client; cancelling its job");
+        let mut inner = daemon.lock();
+        cancel_one(daemon, &mut inner, id, daemon.requester(caller.uid));
+    }
+    result
+}
+
+async fn follow_until_end(
+    daemon: &Arc<Daemon>,
+    id: JobId,
+    mut events: broadcast::Receiver<JobEvent>,
+    conn: &mut Conn,
+    who: Follower,
+    mut sent: Option<u64>,
+) -> Result<()> {
+    let mut cancel_sent = false;
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(JobEvent::Started { gpus, log_offset }) => {
+                    if let Follower::Srun { .. } = who {
+                        send(conn, &Response::Started { job: id, gpus, log_offset }).await?;
+                        sent = Some(sent.map_or(log_offset, |s| s.max(log_offset)));
+                    }
+                }
+                Ok(JobEvent::Output { stream, offset, data }) => {
+                    let mut pos = sent.unwrap_or(offset);
+                    if offset > pos {
+                        pos = send_log_range(daemon, id, pos, Some(offset), conn).await?;
+                    }
+                    let end = offset + data.len() as u64;
+                    if end > pos {
+                        let skip = pos.saturating_sub(offset) as usize;
+                        let data = data.slice(skip..);
+                        let frame = match (who, stream) {
+                            (Follower::Srun { .. }, Stream::Stderr) => Frame::Stderr(data),
+                            _ => Frame::Stdout(data),
+                        };
+                        conn.send(frame).await?;
+                        pos = end;
+                    }
+                    sent = Some(pos);
+                }
+                Ok(JobEvent::Requeued { message }) => {
+                    if let Follower::Srun { .. } = who {
+                        send(conn, &Response::Notice { message }).await?;
+                    }
+                }
+                Ok(JobEvent::Finished(outcome)) => {
+                    // Whatever the channel dropped at the end is in the file.
+                    if let Some(pos) = sent {
+                        send_log_range(daemon, id, pos, None, conn).await?;
+                    }
+                    return match who {
+                        Follower::Srun { .. } => send(conn, &Response::Finished(outcome)).await,
+                        Follower::Log => send(conn, &Response::LogEnd { job: id, state: Some(outcome.state) }).await,
+                    };
+                }
+                // Fell behind: the next chunk's offset tells what to read back from the file.
+                Err(RecvError::Lagged(_)) => {}
+                // The server is shutting down: closing makes srun reconnect to the next one.
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            frame = conn.next() => match (frame, who) {
+                (Some(Ok(f)), Follower::Srun { caller }) => {
+                    if let Ok(Request::CancelAttached) = f.parse::<Request>() {
+                        if !cancel_sent {
+                            cancel_sent = true;
+                            let mut inner = daemon.lock();
+                            cancel_one(daemon, &mut inner, id, daemon.requester(caller.uid));
+                        }
+                    }
+                }
+                (Some(Ok(_)), Follower::Log) => {}
+                // The client is gone. For srun (killed, or its terminal closed) the job goes too,
+                // as with Slurm.
+                (_, Follower::Srun { caller }) => {
+                    tracing::info!(job = id, "attached client disconnected; cancelling its job");
+                    let mut inner = daemon.lock();
+                    cancel_one(daemon, &mut inner, id, daemon.requester(caller.uid));
+                    return Ok(());
+                }
+                (_, Follower::Log) => return Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Rebuilding the scheduler from the store at startup, so that a restart (clean or `kill -9`)
+//! loses no job and runs none twice:
+//! - jobs recorded as running are re-adopted when their supervisor still lives (their GPUs are
+//!   booked again before anything new is scheduled), recorded with their real exit status when
+//!   the supervisor finished meanwhile, and marked FAILED when it vanished without a record;
+//! - pending jobs go back into the queue in their original order.
+
+use std::collections::HashMap;
+
+use mgpu_core::{Config, GpuSpec, JobId, JobState, Millis, Scheduler};
+
+use crate::exec::LaunchSpec;
+use crate::state::outcome_of;
+use crate::store::{Ending, Recovered};
+use crate::supervisor::ExitRecord;
+
+/// What the run directory of a job says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunProbe {
+    /// There is none: the job was not started (or its end is already recorded).
+    NotStarted,
+    /// Its supervisor wrote its exit record.
+    Exited(ExitRecord),
+    /// Its supervisor is alive (its socket answers); the job holds these GPUs.
+    Alive { gpus: Vec<u32> },
+    /// The supervisor is gone without a record.
+    Gone,
+}
+
+/// The result: a scheduler holding the live and queued jobs, and what to record in the store.
+pub struct Plan {
+    pub sched: Scheduler,
+    pub specs: HashMap<JobId, LaunchSpec>,
+    /// Running jobs to reconnect to.
+    pub adopt: Vec<JobId>,
+    /// Running jobs that could not be re-booked (e.g. their GPU is no longer managed): their
+    /// supervisors must be told to stop.
+    pub orphaned: Vec<JobId>,
+    /// Ends to record (and run directories to remove).
+    pub ended: Vec<(JobId, Ending)>,
+}
+
+pub fn recover(
+    gpus: Vec<GpuSpec>,
+    config: Config,
+    recovered: Recovered,
+    now: Millis,
+    probe: impl Fn(JobId) -> RunProbe,
+) -> Plan {
+    let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
+    let mut plan_specs = HashMap::new();
+    let (mut adopt, mut orphaned, mut ended) = (Vec::new(), Vec::new(), Vec::new());
+    let failed = |message: String| Ending {
+        state: JobState::Failed,
+        at: now,
+        exit_code: None,
+        signal: None,
+        message: Some(message),
+    };
+    // Jobs that were started (even if the store did not hear of it before a crash) come
+    // first: their GPUs are taken before anything new is placed.
+    let mut queued = Vec::new();
+    for job in recovered.running.into_iter().chain(recovered.pending) {
+        let was_running = job.started_at.is_some();
+        match probe(job.id) {
+            RunProbe::NotStarted if !was_running => queued.push(job),
+            RunProbe::NotStarted | RunProbe::Gone => ended.push((
+                job.id,
+                failed("mgpu: the job's supervisor vanished while the server was down; its outcome is unknown".into()),
+            )),
+            RunProbe::Exited(rec) => {
+                let o = outcome_of(job.id, &rec);
+                ended.push((
+                    job.id,
+                    Ending {
+                        state: o.state,
+                        at: rec.ended_at,
+                        exit_code: o.exit_code,
+                        signal: o.signal,
+                        message: o.message,
+                    },
+                ));
+            }
+            RunProbe::Alive { gpus } => {
+                let started_at = job.started_at.unwrap_or(now);
+                match sched.restore_running(
+                    job.id,
+                    job.request,
+                    gpus,
+                    job.submitted_at,
+                    started_at,
+                    job.restarts,
+                ) {
+                    Ok(()) => {
+                        plan_specs.insert(job.id, job.spec);
+                        adopt.push(job.id);
+                    }
+                    Err(e) => {
+                        orphaned.push(job.id);
+                        ended.push((
+                            job.id,
+                            failed(format!("mgpu: could not re-adopt the job after a restart: {e}")),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for job in queued {
+        match sched.restore_pending(job.id, job.request, job.submitted_at, job.restarts) {
+            Ok(()) => {
+                plan_specs.insert(job.id, job.spec);
+            }
+            Err(e) => ended.push((
+                job.id,
+                failed(format!("mgpu: refused after a restart: {e}")),
+            )),
+        }
+    }
+    Plan {
+        sched,
+        specs: plan_specs,
+        adopt,
+        orphaned,
+        ended,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property test of the core and the store together: any sequence of submits, starts,
+    //! exits, cancels and crashes (with supervisors finishing while the server is down) loses
+    //! no job and starts none twice.
+
+    use std::collections::{HashMap, HashSet};
+
+    use mgpu_core::{JobRequest, Requester};
+    use mgpu_proto::Venv;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::store::{NewJob, Store};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Submit {
+            gpus: u32,
+            mem: Option<u64>,
+        },
+        Exit(usize),
+        Cancel(usize),
+        /// Crash; supervisors whose index bit is set finish while the server is down.
+        Crash(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (1u32..3, prop_oneof![Just(None), (1000u64..20_000).prop_map(Some)])
+                .prop_map(|(gpus, mem)| Op::Submit { gpus, mem }),
+            3 => any::<usize>().prop_map(Op::Exit),
+            1 => any::<usize>().prop_map(Op::Cancel),
+            1 => any::<u8>().prop_map(Op::Crash),
+        ]
+    }
+
+    fn gpus() -> Vec<GpuSpec> {
+        (0..2)
+            .map(|i| GpuSpec {
+                index: i,
+                name: "sim".into(),
+                total_mib: 24_000,
+            })
+            .collect()
+    }
+
+    /// What the run directories hold: the supervisors' view of the world.
+    #[derive(Debug, Clone)]
+    enum Run {
+        Alive(Vec<u32>),
+        Exited(ExitRecord),
+    }
+
+    fn exit_record(code: i32) -> ExitRecord {
+        ExitRecord {
+            exit_code: Some(code),
+            signal: None,
+            start_error: None,
+            stopped: None,
+            ended_at: 1,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn no_job_is_lost_or_run_twice(ops in prop::collection::vec(op(), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let (store, rec) = Store::open(dir.path()).unwrap();
+            let mut store = Some(store);
+            let mut sched = recover(gpus(), Config::default(), rec, 0, |_| RunProbe::NotStarted).sched;
+            let mut runs: HashMap<JobId, Run> = HashMap::new();
+            let mut starts: HashMap<JobId, usize> = HashMap::new();
+            let mut submitted: Vec<JobId> = Vec::new();
+            let mut ended: HashSet<JobId> = HashSet::new();
+            let root = Requester { uid: 0, is_admin: true };
+            for (t, op) in ops.into_iter().enumerate() {
+                let now = t as Millis;
+                let st = store.as_ref().unwrap();
+                match op {
+                    Op::Submit { gpus, mem } => {
+                        let request = JobRequest {
+                            uid: 1, user: "u".into(), name: "j".into(), gpus, mem_mib: mem,
+                            time_limit_s: None, nice: 0,
+                        };
+                        let id = sched.next_job_id();
+                        let spec = LaunchSpec { command: vec!["true".into()], cwd: "/".into(), env: vec![], venv: Venv::Off, umask: None };
+                        rt.block_on(st.insert(NewJob { id, request: request.clone(), spec, submitted_at: now })).unwrap().unwrap();
+                        sched.restore_pending(id, request, now, 0).unwrap();
+                        submitted.push(id);
+                    }
+                    Op::Exit(k) => {
+                        let running: Vec<JobId> = sched.jobs_in_order()
+                            .filter(|j| j.state == JobState::Running).map(|j| j.id).collect();
+                        if !running.is_empty() {
+                            let id = running[k % running.len()];
+                            runs.insert(id, Run::Exited(exit_record(0)));
+                            sched.finish(id, JobState::Completed);
+                            st.ended(id, Ending { state: JobState::Completed, at: now, exit_code: Some(0), signal: None, message: None });
+                            rt.block_on(st.flush());
+                            runs.remove(&id); // run directory removed after the commit
+                            prop_assert!(ended.insert(id));
+                        }
+                    }
+                    Op::Cancel(k) => {
+                        if !submitted.is_empty() {
+                            let id = submitted[k % submitted.len()];
+                            if let mgpu_core::CancelOutcome::Removed(_) = sched.cancel(id, root) {
+                                st.ended(id, Ending { state: JobState::Cancelled, at: now, exit_code: None, signal: None, message: None });
+                                // The cancel handler answers only once this is committed.
+                                rt.block_on(st.flush());
+                                prop_assert!(ended.insert(id));
+                            }
+                        }
+                    }
+                    Op::Crash(mask) => {
+                        // The server dies, losing what the store had not committed; some
+                        // supervisors finish meanwhile.
+                        store.take().unwrap().crash();
+                        for (i, (_, run)) in runs.iter_mut().enumerate() {
+                            if mask & (1 << (i % 8)) != 0 {
+                                if let Run::Alive(_) = run {
+                                    *run = Run::Exited(exit_record(3));
+                                }
+                            }
+                        }
+                        let (st2, rec) = Store::open(dir.path()).unwrap();
+                        let plan = recover(gpus(), Config::default(), rec, now, |id| match runs.get(&id) {
+                            None => RunProbe::NotStarted,
+                            Some(Run::Exited(r)) => RunProbe::Exited(r.clone()),
+                            Some(Run::Alive(g)) => RunProbe::Alive { gpus: g.clone() },
+                        });
+                        for (id, ending) in &plan.ended {
+                            st2.ended(*id, ending.clone());
+                            prop_assert!(ended.insert(*id), "job {} ended twice", id);
+                        }
+                        // Run directories go only once the ends are committed (as in the daemon).
+                        rt.block_on(st2.flush());
+                        for (id, _) in &plan.ended {
+                            runs.remove(id);
+                        }
+                        prop_assert!(plan.orphaned.is_empty());
+                        sched = plan.sched;
+                        store = Some(st2);
+                    }
+                }
+                // Start what fits, recording the start as the daemon does (run dir first).
+                for a in sched.schedule(now) {
+                    runs.insert(a.job, Run::Alive(a.gpus.clone()));
+                    *starts.entry(a.job).or_default() += 1;
+                    store.as_ref().unwrap().started(a.job, now, a.gpus, 1);
+                }
+                for id in &submitted {
+                    let live = sched.job(*id).is_some();
+                    prop_assert!(live != ended.contains(id), "job {} lost or duplicated", id);
+                    prop_assert!(starts.get(id).copied().unwrap_or(0) <= 1, "job {} started twice", id);
+                }
+            }
+            // The store agrees with the model after a final restart.
+            let st = store.take().unwrap();
+            rt.block_on(st.flush());
+            drop(st);
+            let (_, rec) = Store::open(dir.path()).unwrap();
+            let live: HashSet<JobId> = rec.pending.iter().chain(&rec.running).map(|j| j.id).collect();
+            for id in &submitted {
+                prop_assert_eq!(live.contains(id), !ended.contains(id), "store disagrees on job {}", id);
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! `mgpu_acct`: see [`mgpu_cli::acct`].
+
+fn main() -> std::process::ExitCode {
+    mgpu_cli::acct::main()
+}

@@ -1,0 +1,258 @@
+//! Durability: `kill -9` of the server with pending, running and attached jobs loses nothing
+//! and runs nothing twice; accounting records every end.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+fn kill9(s: &Server) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+fn runs(s: &Server, name: &str) -> usize {
+    std::fs::read_to_string(s.scratch.join(name))
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+fn acct(s: &Server, id: u64) -> serde_json::Value {
+    let out = s
+        .cmd("mgpu_acct")
+        .args(["--json", "-j", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["jobs"][0].clone()
+}
+
+#[test]
+fn kill_9_loses_no_job_and_runs_none_twice() {
+    let mut s = Server::start("2x24GiB", &[]);
+    let dir = s.scratch.display().to_string();
+    let mut attached = s
+        .cmd("mgpu_srun")
+        .args(["-J", "attached", "--", "bash", "-c"])
+        .arg(format!("echo run >> {dir}/a.runs; echo before; sleep 3; echo after; echo err-after >&2; exit 5"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(attached.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "before\n");
+    let quick = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "bash", "-c"])
+            .arg(format!("echo run >> {dir}/q.runs; sleep 1; exit 3"));
+        c
+    });
+    let pending: Vec<u64> = (0..3)
+        .map(|i| {
+            s.submit({
+                let mut c = s.cmd("mgpu_srun");
+                c.args(["-d", "--parsable", "--", "bash", "-c"])
+                    .arg(format!("echo run >> {dir}/p{i}.runs"));
+                c
+            })
+        })
+        .collect();
+    s.wait_state(quick, "RUNNING");
+    let order: Vec<u64> = s.queue_json()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["state"] == "PENDING")
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, pending);
+
+    kill9(&s);
+    // The quick job ends while no server runs.
+    std::thread::sleep(Duration::from_millis(1500));
+    s.restart();
+
+    // The attached client reconnected and gets the rest of the output and the real exit code.
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    attached
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = attached.wait().unwrap();
+    assert_eq!(rest, "after\n");
+    assert!(err.contains("err-after"), "stderr stays stderr: {err}");
+    assert!(err.contains("reconnect"), "{err}");
+    assert_eq!(status.code(), Some(5));
+
+    for id in &pending {
+        s.wait_gone(*id);
+    }
+    // Nothing ran twice, nothing was lost.
+    for name in ["a.runs", "q.runs", "p0.runs", "p1.runs", "p2.runs"] {
+        assert_eq!(runs(&s, name), 1, "{name}");
+    }
+    let q = acct(&s, quick);
+    assert_eq!(q["state"], "FAILED");
+    assert_eq!(
+        q["exit_code"], 3,
+        "the real exit status, recorded while the server was down"
+    );
+    for id in &pending {
+        assert_eq!(acct(&s, *id)["state"], "COMPLETED");
+    }
+    let next = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "true"]);
+        c
+    });
+    assert!(
+        next > *pending.last().unwrap(),
+        "ids continue after a crash"
+    );
+}
+
+#[test]
+fn a_running_job_is_re_adopted_and_can_still_be_cancelled() {
+    let mut s = Server::start("1x24GiB", &[]);
+    let id = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args([
+            "-d",
+            "--parsable",
+            "--",
+            "bash",
+            "-c",
+            "echo first; sleep 60",
+        ]);
+        c
+    });
+    let waiting = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "true"]);
+        c
+    });
+    s.wait_state(id, "RUNNING");
+    kill9(&s);
+    s.restart();
+    let job = s.job(id).expect("re-adopted");
+    assert_eq!(job["state"], "RUNNING");
+    // Its GPU is booked again: the waiting job did not start on it.
+    assert_eq!(s.job(waiting).unwrap()["state"], "PENDING");
+    assert!(s
+        .cmd("mgpu_cancel")
+        .arg(id.to_string())
+        .status()
+        .unwrap()
+        .success());
+    s.wait_gone(id);
+    s.wait_gone(waiting);
+    assert_eq!(acct(&s, id)["state"], "CANCELLED");
+    let log = s.cmd("mgpu_log").arg(id.to_string()).output().unwrap();
+    assert_eq!(text(&log.stdout), "first\n");
+}
+
+#[test]
+fn accounting_lists_finished_jobs_with_filters() {
+    let s = Server::start("1x24GiB", &[]);
+    let ok = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args([
+            "-d",
+            "--parsable",
+            "-J",
+            "good",
+            "--gpus",
+            "1",
+            "--",
+            "true",
+        ]);
+        c
+    });
+    let bad = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args([
+            "-d",
+            "--parsable",
+            "-J",
+            "bad",
+            "--mem",
+            "100",
+            "--",
+            "false",
+        ]);
+        c
+    });
+    s.wait_gone(ok);
+    s.wait_gone(bad);
+    let good = acct(&s, ok);
+    assert_eq!(good["state"], "COMPLETED");
+    assert_eq!(good["exit_code"], 0);
+    assert_eq!(good["gpus"], 1);
+    assert!(good["ended_at"].as_str().unwrap().contains('T'));
+    assert!(good["gpu_hours"].as_f64().unwrap() >= 0.0);
+    let failed = s
+        .cmd("mgpu_acct")
+        .args(["--json", "--state", "FAILED"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap();
+    let ids: Vec<u64> = v["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![bad]);
+    let table = text(
+        &s.cmd("mgpu_acct")
+            .args(["--since", "1h"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(
+        table.contains("GPU-HOURS") && table.contains("good") && table.contains("bad"),
+        "{table}"
+    );
+    let none = s
+        .cmd("mgpu_acct")
+        .args(["--json", "--since", "2999-01-01"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&none.stdout).unwrap();
+    assert!(v["jobs"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn old_records_and_their_logs_are_purged() {
+    let mut s = Server::start("1x24GiB", &["--retention-days", "0"]);
+    let id = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args(["-d", "--parsable", "--", "echo", "x"]);
+        c
+    });
+    s.wait_gone(id);
+    let log = s.log_dir.join(format!("job-{id}.log"));
+    wait_until(Duration::from_secs(10), || log.exists());
+    std::thread::sleep(Duration::from_millis(20));
+    // Purging runs at startup (then hourly).
+    s.restart();
+    wait_until(Duration::from_secs(10), || !log.exists());
+    let out = s.cmd("mgpu_acct").args(["--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["jobs"].as_array().unwrap().is_empty());
+}

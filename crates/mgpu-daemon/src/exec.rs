@@ -41,7 +41,8 @@ pub struct LaunchSpec {
 pub struct Launch {
     pub job: JobId,
     pub name: String,
-    pub account: Account,
+    /// Whose job it is; the supervisor resolves the account (and groups) just before the fork.
+    pub uid: u32,
     pub gpus: Vec<u32>,
     pub restarts: u32,
     pub spec: LaunchSpec,
@@ -80,11 +81,11 @@ const BASH: &str = "/bin/bash";
 /// The venv to activate: `(activate script, always)`. With `always` false (`~/venv`), the
 /// script is used only if the user can read it, which the child checks after dropping
 /// privileges (root's view of a user's home does not count, e.g. on root-squashed NFS).
-fn activate_script(launch: &Launch) -> Option<(PathBuf, bool)> {
+fn activate_script(launch: &Launch, account: &Account) -> Option<(PathBuf, bool)> {
     match &launch.spec.venv {
         Venv::Off => None,
         Venv::Dir(dir) => Some((Path::new(dir).join("bin/activate"), true)),
-        Venv::Auto => Some((launch.account.home.join("venv/bin/activate"), false)),
+        Venv::Auto => Some((account.home.join("venv/bin/activate"), false)),
     }
 }
 
@@ -102,8 +103,8 @@ fn venv_argv(activate: &Path, command: &[String]) -> Vec<std::ffi::OsString> {
 }
 
 /// The argv exec'd unless the child switches to the venv script.
-fn argv(launch: &Launch) -> Vec<std::ffi::OsString> {
-    match activate_script(launch) {
+fn argv(launch: &Launch, account: &Account) -> Vec<std::ffi::OsString> {
+    match activate_script(launch, account) {
         Some((activate, true)) => venv_argv(&activate, &launch.spec.command),
         _ => launch.spec.command.iter().map(Into::into).collect(),
     }
@@ -141,8 +142,8 @@ fn exec_arrays(args: &[std::ffi::OsString], env: &[(String, String)]) -> Option<
     })
 }
 
-fn environment(launch: &Launch) -> Vec<(String, String)> {
-    let a = &launch.account;
+fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
+    let a = account;
     let mut env: Vec<(String, String)> = launch
         .spec
         .env
@@ -185,18 +186,18 @@ fn child_note(msg: &[u8]) {
     }
 }
 
-/// Forks and execs the job.
-pub fn start(launch: &Launch) -> Result<Started, StartError> {
+/// Forks and execs the job as `account`.
+pub fn start(launch: &Launch, account: &Account) -> Result<Started, StartError> {
     let fail = |message: String, code: i32| StartError { message, code };
     let cwd = CString::new(launch.spec.cwd.as_bytes())
         .map_err(|_| fail("the working directory contains a NUL byte".into(), 1))?;
-    let args = argv(launch);
+    let args = argv(launch, account);
     let (out_r, out_w) = pipe().map_err(|e| fail(format!("cannot create pipes: {e}"), 1))?;
     let (err_r, err_w) = pipe().map_err(|e| fail(format!("cannot create pipes: {e}"), 1))?;
 
-    let env = environment(launch);
+    let env = environment(launch, account);
     // `~/venv`: probed by the child, as the user; if readable, it execs this instead.
-    let venv_switch = match activate_script(launch) {
+    let venv_switch = match activate_script(launch, account) {
         Some((activate, false)) => {
             let path = CString::new(activate.as_os_str().as_bytes())
                 .map_err(|_| fail("the venv path contains a NUL byte".into(), 1))?;
@@ -215,8 +216,8 @@ pub fn start(launch: &Launch) -> Result<Started, StartError> {
         .stdout(Stdio::from(out_w))
         .stderr(Stdio::from(err_w));
     let switch = launch.switch_user;
-    let (uid, gid) = (launch.account.uid, launch.account.gid);
-    let groups: Vec<libc::gid_t> = launch.account.groups.clone();
+    let (uid, gid) = (account.uid, account.gid);
+    let groups: Vec<libc::gid_t> = account.groups.clone();
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
     // calls on data prepared above; it allocates nothing.
     unsafe {
@@ -330,7 +331,7 @@ mod tests {
         let launch = Launch {
             job: 7,
             name: "n".into(),
-            account: acct,
+            uid: acct.uid,
             gpus: vec![1, 3],
             restarts: 0,
             spec,
@@ -338,7 +339,7 @@ mod tests {
             log_path: "/dev/null".into(),
             max_log_bytes: None,
         };
-        let env = environment(&launch);
+        let env = environment(&launch, &acct);
         let get = |k: &str| {
             let v: Vec<&String> = env.iter().filter(|(a, _)| a == k).map(|(_, v)| v).collect();
             assert_eq!(v.len(), 1, "{k} set {} times", v.len());
@@ -350,7 +351,7 @@ mod tests {
         assert_eq!(get("MGPU_JOB_ID"), "7");
         assert_eq!(get("HOME"), "/nonexistent/alice");
         // ~/venv is decided by the child: the default argv is the command itself.
-        assert_eq!(argv(&launch), vec![std::ffi::OsString::from("x")]);
+        assert_eq!(argv(&launch, &acct), vec![std::ffi::OsString::from("x")]);
     }
 
     #[test]
@@ -366,7 +367,7 @@ mod tests {
         let launch = Launch {
             job: 1,
             name: "n".into(),
-            account: acct,
+            uid: acct.uid,
             gpus: vec![0],
             restarts: 0,
             spec,
@@ -374,7 +375,7 @@ mod tests {
             log_path: "/dev/null".into(),
             max_log_bytes: None,
         };
-        let a = argv(&launch);
+        let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));
         assert_eq!(a[4], std::ffi::OsString::from("/opt/v/bin/activate"));
         assert_eq!(a[6], std::ffi::OsString::from("$(rm -rf /)"));

@@ -28,7 +28,6 @@ use tokio_util::codec::Framed;
 use crate::exec::{Launch, LaunchSpec};
 use crate::store::{Ending, Store};
 use crate::supervisor::{self, ExitRecord, StopReason, SupervisorCmd, SupervisorMsg};
-use crate::users;
 
 /// Capacity of a job's event channel; a subscriber further behind loses output (and is told).
 const EVENT_CAPACITY: usize = 512;
@@ -197,23 +196,10 @@ impl Daemon {
         } else {
             self.settings.server_uid
         };
-        // Resolved here, in the daemon: the forked child only makes async-signal-safe calls.
-        let account = match users::account(uid) {
-            Ok(a) => a,
-            Err(e) => {
-                self.fail_start(
-                    inner,
-                    id,
-                    format!("mgpu: cannot run as uid {uid}: {e:#}"),
-                    1,
-                );
-                return;
-            }
-        };
         let launch = Launch {
             job: id,
             name: job.request.name.clone(),
-            account,
+            uid,
             gpus: a.gpus.clone(),
             restarts: job.restarts,
             spec,
@@ -224,21 +210,9 @@ impl Daemon {
         let log_offset = std::fs::metadata(&launch.log_path)
             .map(|m| m.len())
             .unwrap_or(0);
-        let run_dir = self.run_dir(id);
+        // Registered now, so that a cancel arriving while the supervisor starts is queued for
+        // it rather than lost.
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
-        let (pid, link) = match spawn_supervisor(&run_dir, &launch) {
-            Ok(x) => x,
-            Err(e) => {
-                self.fail_start(
-                    inner,
-                    id,
-                    format!("mgpu: cannot start the job's supervisor: {e:#}"),
-                    1,
-                );
-                return;
-            }
-        };
-        tracing::info!(job = id, user = %launch.account.name, gpus = ?a.gpus, supervisor = pid, "job started");
         inner.running.insert(
             id,
             RunningJob {
@@ -247,21 +221,14 @@ impl Daemon {
                 cmds: cmd_tx,
             },
         );
-        let started_at = job.started_at.unwrap_or_else(now_ms);
-        self.store.started(id, started_at, a.gpus.clone(), pid);
         if let Some(tx) = inner.watchers.get(&id) {
             let _ = tx.send(JobEvent::Started {
-                gpus: a.gpus,
+                gpus: a.gpus.clone(),
                 log_offset,
             });
         }
-        tokio::spawn(supervise_link(
-            self.clone(),
-            id,
-            run_dir,
-            Some(link),
-            cmd_rx,
-        ));
+        let started_at = job.started_at.unwrap_or_else(now_ms);
+        tokio::spawn(start_run(self.clone(), launch, started_at, cmd_rx));
     }
 
     /// Re-adopts a job whose supervisor outlived the previous daemon.
@@ -524,6 +491,41 @@ fn spawn_supervisor(
         let _ = child.wait().await;
     });
     Ok((pid, ours))
+}
+
+/// Starts a run's supervisor off the scheduling path (its durable launch record and the fork
+/// take a few milliseconds, which must not hold the daemon's lock), then follows it.
+async fn start_run(
+    daemon: Arc<Daemon>,
+    launch: Launch,
+    started_at: Millis,
+    cmds: mpsc::Receiver<SupervisorCmd>,
+) {
+    let id = launch.job;
+    let gpus = launch.gpus.clone();
+    let run_dir = daemon.run_dir(id);
+    let dir = run_dir.clone();
+    let spawned = tokio::task::spawn_blocking(move || spawn_supervisor(&dir, &launch))
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
+    match spawned {
+        Ok((pid, link)) => {
+            tracing::info!(job = id, gpus = ?gpus, supervisor = pid, "job started");
+            daemon.store.started(id, started_at, gpus, pid);
+            supervise_link(daemon, id, run_dir, Some(link), cmds).await;
+        }
+        Err(e) => {
+            let mut inner = daemon.lock();
+            daemon.fail_start(
+                &mut inner,
+                id,
+                format!("mgpu: cannot start the job's supervisor: {e:#}"),
+                1,
+            );
+            daemon.schedule(&mut inner);
+        }
+    }
 }
 
 /// The daemon's side of one job's supervisor link: relays output to subscribers, delivers

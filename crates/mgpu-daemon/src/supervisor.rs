@@ -176,7 +176,15 @@ fn run(run_dir: &Path) -> Result<()> {
         std::thread::spawn(move || accept_loop(listener, shared));
     }
 
-    let record = match exec::start(&launch) {
+    // Resolved now, in the job's parent: the forked child only makes async-signal-safe calls.
+    let started = match crate::users::account(launch.uid) {
+        Ok(account) => exec::start(&launch, &account),
+        Err(e) => Err(exec::StartError {
+            message: format!("mgpu: cannot run as uid {}: {e:#}", launch.uid),
+            code: 1,
+        }),
+    };
+    let record = match started {
         Err(e) => {
             let record = {
                 let mut s = lock(&shared);

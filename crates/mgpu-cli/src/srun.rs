@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mgpu_core::timefmt::parse_duration;
-use mgpu_proto::{AttachRequest, Frame, Request, Response, SubmitRequest, Venv};
+use mgpu_proto::{AttachRequest, Frame, Request, Response, SubmitRequest, Venv, WarnSignal};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -37,6 +37,24 @@ pub struct Args {
     /// Time limit: seconds, MM:SS, HH:MM:SS, D-HH:MM:SS, or 90m/2h/1d
     #[arg(short = 't', long, value_name = "T", value_parser = parse_duration)]
     pub time_limit: Option<u64>,
+    /// At the time limit, end the job as TIMEOUT instead of requeueing it
+    #[arg(long)]
+    pub no_requeue: bool,
+    /// End the job as TIMEOUT after this many context switches
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// Send SIG this many seconds before the time limit, e.g. USR1@60 (Slurm style; SECS
+    /// defaults to 60)
+    #[arg(long, value_name = "SIG@SECS", value_parser = parse_warn_signal)]
+    pub signal: Option<WarnSignal>,
+    /// Lower the job's priority by N (only root may give a negative value)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub nice: i32,
     /// Job name [default: the command's name]
     #[arg(short = 'J', long, value_name = "NAME")]
     pub job_name: Option<String>,
@@ -82,6 +100,46 @@ fn usable_dir(dir: &std::path::Path) -> Result<PathBuf> {
     nix::unistd::access(&abs, nix::unistd::AccessFlags::X_OK)
         .with_context(|| format!("cannot enter working directory {}", abs.display()))?;
     Ok(abs)
+}
+
+/// Parses Slurm's `--signal` form: `[R:|B:]SIG[@SECS]`, SIG a name (`USR1`, `SIGUSR1`) or a
+/// number. The signal goes to all of the job's processes.
+pub fn parse_warn_signal(text: &str) -> Result<WarnSignal, String> {
+    let t = text
+        .strip_prefix("R:")
+        .or_else(|| text.strip_prefix("B:"))
+        .unwrap_or(text);
+    let (sig, secs) = match t.split_once('@') {
+        Some((s, n)) => (
+            s,
+            n.parse::<u64>()
+                .map_err(|_| format!("invalid --signal '{text}': SECS must be a number"))?,
+        ),
+        None => (t, 60),
+    };
+    let number = match sig.parse::<i32>() {
+        Ok(n) => n,
+        Err(_) => {
+            let name = sig.to_ascii_uppercase();
+            let name = if name.starts_with("SIG") {
+                name
+            } else {
+                format!("SIG{name}")
+            };
+            name.parse::<nix::sys::signal::Signal>()
+                .map_err(|_| format!("invalid --signal '{text}': unknown signal {sig}"))?
+                as i32
+        }
+    };
+    if nix::sys::signal::Signal::try_from(number).is_err() {
+        return Err(format!(
+            "invalid --signal '{text}': unknown signal {number}"
+        ));
+    }
+    Ok(WarnSignal {
+        signal: number,
+        secs_before: secs,
+    })
 }
 
 /// Our umask, from /proc (reading it with umask(2) would change it).
@@ -136,6 +194,10 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         venv,
         attach: !args.detach,
         umask: current_umask(),
+        no_requeue: args.no_requeue,
+        max_restarts: args.max_restarts,
+        signal: args.signal,
+        nice: args.nice,
     })
 }
 
@@ -312,5 +374,21 @@ async fn cancel(client: &mut Client, job: Option<u64>, cancelling: &mut bool) {
         }
         // If the server is away, the request is sent again after reconnecting.
         let _ = client.send(&Request::CancelAttached).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_warn_signal;
+
+    #[test]
+    fn warn_signals() {
+        let s = parse_warn_signal("USR1@30").unwrap();
+        assert_eq!((s.signal, s.secs_before), (libc::SIGUSR1, 30));
+        let s = parse_warn_signal("B:SIGTERM").unwrap();
+        assert_eq!((s.signal, s.secs_before), (libc::SIGTERM, 60));
+        assert_eq!(parse_warn_signal("10@5").unwrap().signal, 10);
+        assert!(parse_warn_signal("NOPE@1").is_err());
+        assert!(parse_warn_signal("USR1@x").is_err());
     }
 }

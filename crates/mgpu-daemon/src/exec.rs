@@ -247,6 +247,13 @@ pub fn start(launch: &Launch, account: &Account) -> Result<Started, StartError> 
                 child_note(b"mgpu: cannot enter the working directory: ");
                 return Err(io::Error::last_os_error());
             }
+            // Nothing of ours leaks into the job: every descriptor above stdio closes on exec.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             if let Some(mask) = umask {
                 libc::umask(mask as libc::mode_t);
             }

@@ -175,9 +175,11 @@ impl GpuBackend for Nvml {
                 .chain(dev.running_graphics_processes().unwrap_or_default());
             for p in procs {
                 if !is_ours(p.pid) {
-                    if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
-                        foreign += bytes.div_ceil(MIB);
-                    }
+                    foreign += match p.used_gpu_memory {
+                        UsedGpuMemory::Used(bytes) => bytes.div_ceil(MIB).max(1),
+                        // Unknown amount: still a foreign process, so the GPU is not free.
+                        UsedGpuMemory::Unavailable => 1,
+                    };
                 }
             }
             out.push(Usage {

@@ -207,9 +207,6 @@ impl Daemon {
             log_path: self.log_path(id),
             max_log_bytes: self.settings.max_log_bytes,
         };
-        let log_offset = std::fs::metadata(&launch.log_path)
-            .map(|m| m.len())
-            .unwrap_or(0);
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
@@ -221,12 +218,6 @@ impl Daemon {
                 cmds: cmd_tx,
             },
         );
-        if let Some(tx) = inner.watchers.get(&id) {
-            let _ = tx.send(JobEvent::Started {
-                gpus: a.gpus.clone(),
-                log_offset,
-            });
-        }
         let started_at = job.started_at.unwrap_or_else(now_ms);
         tokio::spawn(start_run(self.clone(), launch, started_at, cmd_rx));
     }
@@ -438,6 +429,34 @@ pub fn outcome_of(id: JobId, rec: &ExitRecord) -> JobOutcome {
     }
 }
 
+/// Marks the start of a run after the first in the job's log (every run's output is kept);
+/// returns where this run's output begins.
+fn mark_run(launch: &Launch) -> anyhow::Result<u64> {
+    let first_run = launch.restarts == 0;
+    // A first run starts a fresh log: anything there is stale (e.g. from a previous database
+    // whose ids were reused) and must not be shown to this job's owner.
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&launch.log_path)?;
+    if first_run {
+        log.set_len(0)?;
+    }
+    if launch.restarts > 0 {
+        writeln!(
+            log,
+            "==> mgpu: job {}, run {} (after {} context switch{}) <==",
+            launch.job,
+            launch.restarts,
+            launch.restarts,
+            if launch.restarts == 1 { "" } else { "es" }
+        )?;
+    }
+    Ok(log.metadata()?.len())
+}
+
 /// Starts the job's supervisor (this binary in `--supervise` mode) in its own session, with one
 /// end of a socket pair as its stdin: the link exists before the job starts, so no output is
 /// missed. Returns its pid and our end of the link.
@@ -505,12 +524,22 @@ async fn start_run(
     let gpus = launch.gpus.clone();
     let run_dir = daemon.run_dir(id);
     let dir = run_dir.clone();
-    let spawned = tokio::task::spawn_blocking(move || spawn_supervisor(&dir, &launch))
-        .await
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r);
+    let spawned = tokio::task::spawn_blocking(move || {
+        let log_offset = mark_run(&launch)?;
+        let (pid, link) = spawn_supervisor(&dir, &launch)?;
+        anyhow::Ok((pid, link, log_offset))
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
     match spawned {
-        Ok((pid, link)) => {
+        Ok((pid, link, log_offset)) => {
+            if let Some(tx) = daemon.lock().watchers.get(&id) {
+                let _ = tx.send(JobEvent::Started {
+                    gpus: gpus.clone(),
+                    log_offset,
+                });
+            }
             tracing::info!(job = id, gpus = ?gpus, supervisor = pid, "job started");
             daemon.store.started(id, started_at, gpus, pid);
             supervise_link(daemon, id, run_dir, Some(link), cmds).await;

@@ -110,6 +110,25 @@ pub struct SubmitRequest {
     /// The submitter's umask, for the job.
     #[serde(default)]
     pub umask: Option<u32>,
+    /// At its time limit the job ends as TIMEOUT instead of going back to the queue.
+    #[serde(default)]
+    pub no_requeue: bool,
+    /// How often the job may be context-switched before it ends as TIMEOUT.
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    /// Send this signal this many seconds before the time limit (Slurm's `--signal`).
+    #[serde(default)]
+    pub signal: Option<WarnSignal>,
+    /// Lower the job's priority (0 or more; only root may go below 0).
+    #[serde(default)]
+    pub nice: i32,
+}
+
+/// A signal sent ahead of a job's time limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarnSignal {
+    pub signal: i32,
+    pub secs_before: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -87,6 +87,13 @@ pub async fn handle(
         Ok(n) => n,
         Err(msg) => return send_error(conn, msg).await,
     };
+    if req.nice < 0 && !daemon.requester(caller.uid).is_admin {
+        return send_error(
+            conn,
+            "only root may raise a job's priority (negative --nice)",
+        )
+        .await;
+    }
     let run_uid = if daemon.settings.multi_user {
         caller.uid
     } else {
@@ -103,7 +110,7 @@ pub async fn handle(
         gpus: req.gpus,
         mem_mib: req.mem_mib,
         time_limit_s: req.time_limit_s,
-        nice: 0,
+        nice: req.nice,
     };
     let spec = LaunchSpec {
         command: req.command,

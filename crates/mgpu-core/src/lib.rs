@@ -13,12 +13,14 @@
 
 pub mod placement;
 pub mod timefmt;
+mod timelimit;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 pub use placement::GpuState;
+pub use timelimit::{Stopping, TimeAction, WarnSignal};
 
 /// A job's unique id. Ids increase and are never reused.
 pub type JobId = u64;
@@ -51,6 +53,15 @@ pub struct JobRequest {
     /// Slurm-style niceness: users may only lower their own priority (0 or more).
     #[serde(default)]
     pub nice: i32,
+    /// Past its limit the job ends as TIMEOUT instead of going back to the queue.
+    #[serde(default)]
+    pub no_requeue: bool,
+    /// Context switches allowed before it ends as TIMEOUT instead.
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    /// Signal sent ahead of the limit.
+    #[serde(default)]
+    pub warn_signal: Option<WarnSignal>,
 }
 
 impl JobRequest {
@@ -113,6 +124,10 @@ pub struct Job {
     pub restarts: u32,
     /// Set once a cancel was asked for a running job; it keeps its GPUs until it is gone.
     pub cancel_requested: bool,
+    /// Why a running job is being stopped, once it is.
+    pub stopping: Option<Stopping>,
+    /// Its warning signal of this run is due or sent.
+    pub warned: bool,
     /// Position key in the pending queue (smaller runs first).
     queue_key: u64,
 }
@@ -315,6 +330,8 @@ impl Scheduler {
                 gpus: Vec::new(),
                 restarts,
                 cancel_requested: false,
+                stopping: None,
+                warned: false,
                 queue_key: key,
             },
         );
@@ -370,6 +387,8 @@ impl Scheduler {
                 gpus,
                 restarts,
                 cancel_requested: false,
+                stopping: None,
+                warned: false,
                 queue_key: key,
             },
         );
@@ -446,7 +465,9 @@ impl Scheduler {
             }
             _ if job.cancel_requested => CancelOutcome::AlreadyStopping,
             _ => {
+                // A cancel also overrides a context switch in progress: it must not come back.
                 job.cancel_requested = true;
+                job.stopping = Some(Stopping::Cancel);
                 CancelOutcome::MustStop
             }
         }

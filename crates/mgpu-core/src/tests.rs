@@ -23,6 +23,9 @@ fn req(uid: u32, n: u32, mem: Option<u64>) -> JobRequest {
         mem_mib: mem,
         time_limit_s: None,
         nice: 0,
+        no_requeue: false,
+        max_restarts: None,
+        warn_signal: None,
     }
 }
 
@@ -394,6 +397,213 @@ proptest! {
             let _ = full.submit(r, t as Millis);
             full.full_pass_needed = true;
             prop_assert_eq!(inc.schedule(t as Millis), full.schedule(t as Millis));
+        }
+    }
+}
+
+mod time_limits {
+    //! Time limits and context switching, in virtual time.
+
+    use super::*;
+
+    fn limited(uid: u32, n: u32, mem: Option<u64>, limit_s: u64) -> JobRequest {
+        JobRequest {
+            time_limit_s: Some(limit_s),
+            ..req(uid, n, mem)
+        }
+    }
+
+    fn pending_order(s: &Scheduler) -> Vec<JobId> {
+        s.jobs_in_order()
+            .filter(|j| j.state == JobState::Pending)
+            .map(|j| j.id)
+            .collect()
+    }
+
+    #[test]
+    fn switched_only_past_its_slice_and_only_when_someone_waits() {
+        let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
+        s.schedule(0);
+        assert_eq!(s.next_deadline(0), Some(10_000));
+        // Past its slice, nobody waiting: keeps running, no timer needed any more.
+        assert!(s.time_actions(20_000).is_empty());
+        assert_eq!(s.next_deadline(20_000), None);
+        // Someone waits for its GPU: switched at once.
+        let b = s.submit(req(2, 1, None), 20_500).unwrap();
+        let c = s.submit(req(3, 1, None), 20_600).unwrap();
+        assert!(s.schedule(20_600).is_empty());
+        assert_eq!(s.time_actions(20_600), vec![TimeAction::Requeue { job: a }]);
+        // Decided once; it keeps its GPU until its processes are gone.
+        assert!(s.time_actions(20_700).is_empty());
+        assert_eq!(s.gpus()[0].exclusive, Some(a));
+        assert_eq!(s.requeue(a, 21_000), Some(3));
+        // Exactly to the end of the queue, one more restart.
+        assert_eq!(pending_order(&s), vec![b, c, a]);
+        assert_eq!(s.job(a).unwrap().restarts, 1);
+        assert_eq!(
+            s.schedule(21_000),
+            vec![Assignment {
+                job: b,
+                gpus: vec![0]
+            }]
+        );
+    }
+
+    #[test]
+    fn not_switched_before_its_slice_or_when_waiting_jobs_could_not_use_it() {
+        let mut s = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+        let a = s.submit(limited(1, 1, Some(4_000), 10), 0).unwrap();
+        let b = s.submit(req(1, 2, None), 0).unwrap(); // needs both GPUs whole
+        let x = s.submit(req(2, 1, None), 0).unwrap(); // takes GPU 1
+        s.schedule(0);
+        assert_eq!(s.job(x).unwrap().state, JobState::Running);
+        assert!(
+            s.time_actions(9_999).is_empty(),
+            "not before its slice ends"
+        );
+        // b waits, but freeing a's share of GPU 0 does not let b (2 whole GPUs) start.
+        assert!(s.time_actions(10_000).is_empty());
+        assert_eq!(s.job(b).unwrap().state, JobState::Pending);
+        // Once x is gone, freeing a would let b start: a is switched.
+        s.finish(x, JobState::Completed);
+        assert!(s.schedule(10_100).is_empty());
+        assert_eq!(s.time_actions(10_100), vec![TimeAction::Requeue { job: a }]);
+    }
+
+    #[test]
+    fn no_requeue_and_max_restarts_end_as_timeout() {
+        let mut s = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+        let a = s
+            .submit(
+                JobRequest {
+                    no_requeue: true,
+                    ..limited(1, 1, None, 5)
+                },
+                0,
+            )
+            .unwrap();
+        let b = s
+            .submit(
+                JobRequest {
+                    max_restarts: Some(1),
+                    ..limited(1, 1, None, 5)
+                },
+                0,
+            )
+            .unwrap();
+        s.schedule(0);
+        // Nobody waits, still: --no-requeue means stop at the limit.
+        assert_eq!(s.time_actions(5_000), vec![TimeAction::Timeout { job: a }]);
+        s.finish(a, JobState::Timeout);
+        let w = s.submit(req(2, 2, None), 5_000).unwrap();
+        assert_eq!(s.time_actions(5_000), vec![TimeAction::Requeue { job: b }]);
+        s.requeue(b, 5_100);
+        // w takes both GPUs; b waits; when w ends b runs again, and at its limit (restarts 1)
+        // it times out instead of being switched again.
+        let started = s.schedule(5_100);
+        assert_eq!(started[0].job, w);
+        s.finish(w, JobState::Completed);
+        s.schedule(6_000);
+        s.submit(req(2, 2, None), 6_000).unwrap();
+        assert_eq!(s.time_actions(11_000), vec![TimeAction::Timeout { job: b }]);
+    }
+
+    #[test]
+    fn warning_signal_comes_before_the_limit_and_global_cap_applies() {
+        let mut s = Scheduler::new(
+            gpus(&[24_000]),
+            Config {
+                max_job_time_s: Some(60),
+                ..Config::default()
+            },
+            1,
+        );
+        let a = s
+            .submit(
+                JobRequest {
+                    warn_signal: Some(WarnSignal {
+                        signal: 10,
+                        secs_before: 15,
+                    }),
+                    ..limited(1, 1, None, 600)
+                },
+                1_000,
+            )
+            .unwrap();
+        s.schedule(1_000);
+        // The global cap (60 s) wins over the job's 600 s.
+        assert_eq!(s.slice_end(a), Some(61_000));
+        assert_eq!(s.next_deadline(1_000), Some(46_000));
+        assert!(s.time_actions(45_999).is_empty());
+        assert_eq!(
+            s.time_actions(46_000),
+            vec![TimeAction::Warn { job: a, signal: 10 }]
+        );
+        assert_eq!(s.next_deadline(46_000), Some(61_000));
+        assert!(s.time_actions(50_000).is_empty(), "warned once");
+    }
+
+    #[test]
+    fn a_cancel_overrides_a_switch_in_progress() {
+        let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+        let a = s.submit(limited(1, 1, None, 1), 0).unwrap();
+        s.schedule(0);
+        s.submit(req(2, 1, None), 0).unwrap();
+        assert_eq!(s.time_actions(1_000), vec![TimeAction::Requeue { job: a }]);
+        assert_eq!(s.cancel(a, ROOT), CancelOutcome::MustStop);
+        assert_eq!(s.job(a).unwrap().stopping, Some(Stopping::Cancel));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// A job is switched only past its slice and only when a waiting job could use what it
+        /// frees; a switched job goes exactly to the end of the queue; nothing is lost.
+        #[test]
+        fn switches_are_justified_and_go_to_the_end(
+            mems in prop::collection::vec(8_000u64..40_000, 1..4),
+            jobs in prop::collection::vec((arb_request(), 1u64..50), 1..30),
+            steps in prop::collection::vec((1u64..20, any::<bool>()), 1..60),
+        ) {
+            let mut s = Scheduler::new(gpus(&mems), Config::default(), 1);
+            let mut ids = Vec::new();
+            for (r, limit) in jobs {
+                if let Ok(id) = s.submit(JobRequest { time_limit_s: Some(limit), ..r }, 0) {
+                    ids.push(id);
+                }
+            }
+            let mut now = 0;
+            let mut ended = HashSet::new();
+            s.schedule(now);
+            for (dt, finish_one) in steps {
+                now += dt * 1000;
+                if finish_one {
+                    let first = s.jobs_in_order()
+                        .find(|j| j.state == JobState::Running && j.stopping.is_none())
+                        .map(|j| j.id);
+                    if let Some(id) = first {
+                        s.finish(id, JobState::Completed);
+                        ended.insert(id);
+                    }
+                }
+                s.schedule(now);
+                let before = s.clone();
+                for action in s.time_actions(now) {
+                    if let TimeAction::Requeue { job } = action {
+                        prop_assert!(before.slice_end(job).unwrap() <= now, "switched before its slice ended");
+                        prop_assert!(before.someone_could_use(job), "switched with nobody to use it");
+                        s.requeue(job, now);
+                        let order: Vec<JobId> = s.jobs_in_order()
+                            .filter(|j| j.state == JobState::Pending).map(|j| j.id).collect();
+                        prop_assert_eq!(order.last(), Some(&job), "not at the end of the queue");
+                    }
+                }
+                check_invariants(&s);
+                for id in &ids {
+                    prop_assert!(s.job(*id).is_some() != ended.contains(id));
+                }
+            }
         }
     }
 }

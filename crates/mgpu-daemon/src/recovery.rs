@@ -12,7 +12,7 @@ use mgpu_core::{Config, GpuSpec, JobId, JobState, Millis, Scheduler};
 use crate::exec::LaunchSpec;
 use crate::state::outcome_of;
 use crate::store::{Ending, Recovered};
-use crate::supervisor::ExitRecord;
+use crate::supervisor::{ExitRecord, StopReason};
 
 /// What the run directory of a job says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,10 @@ pub struct Plan {
     pub orphaned: Vec<JobId>,
     /// Ends to record (and run directories to remove).
     pub ended: Vec<(JobId, Ending)>,
+    /// Jobs context-switched while the server was down, to record as requeued (at that time).
+    pub requeued: Vec<(JobId, Millis)>,
+    /// Run directories of finished runs to remove (besides those of `ended`).
+    pub finished_runs: Vec<JobId>,
 }
 
 pub fn recover(
@@ -60,6 +64,7 @@ pub fn recover(
     // Jobs that were started (even if the store did not hear of it before a crash) come
     // first: their GPUs are taken before anything new is placed.
     let mut queued = Vec::new();
+    let (mut switched, mut requeued, mut finished_runs) = (Vec::new(), Vec::new(), Vec::new());
     for job in recovered.running.into_iter().chain(recovered.pending) {
         let was_running = job.started_at.is_some();
         match probe(job.id) {
@@ -68,6 +73,18 @@ pub fn recover(
                 job.id,
                 failed("mgpu: the job's supervisor vanished while the server was down; its outcome is unknown".into()),
             )),
+            // Context-switched while the server was down: back to the end of the queue.
+            RunProbe::Exited(rec)
+                if rec.stopped == Some(StopReason::Requeue) && rec.start_error.is_none() =>
+            {
+                let mut job = job;
+                if was_running {
+                    job.restarts += 1;
+                    requeued.push((job.id, rec.ended_at));
+                }
+                finished_runs.push(job.id);
+                switched.push(job);
+            }
             RunProbe::Exited(rec) => {
                 let o = outcome_of(job.id, &rec);
                 ended.push((
@@ -106,7 +123,7 @@ pub fn recover(
             }
         }
     }
-    for job in queued {
+    for job in queued.into_iter().chain(switched) {
         match sched.restore_pending(job.id, job.request, job.submitted_at, job.restarts) {
             Ok(()) => {
                 plan_specs.insert(job.id, job.spec);
@@ -123,6 +140,8 @@ pub fn recover(
         adopt,
         orphaned,
         ended,
+        requeued,
+        finished_runs,
     }
 }
 
@@ -212,7 +231,8 @@ mod tests {
                     Op::Submit { gpus, mem } => {
                         let request = JobRequest {
                             uid: 1, user: "u".into(), name: "j".into(), gpus, mem_mib: mem,
-                            time_limit_s: None, nice: 0,
+                            time_limit_s: None, nice: 0, no_requeue: false, max_restarts: None,
+                            warn_signal: None,
                         };
                         let id = sched.next_job_id();
                         let spec = LaunchSpec { command: vec!["true".into()], cwd: "/".into(), env: vec![], venv: Venv::Off, umask: None };

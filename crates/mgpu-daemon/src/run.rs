@@ -232,6 +232,13 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
+    for (id, at) in &plan.requeued {
+        tracing::info!(
+            job = id,
+            "job was context-switched while the server was down; requeued"
+        );
+        store.requeued(*id, *at);
+    }
     for (id, ending) in &plan.ended {
         tracing::warn!(job = id, state = ending.state.as_str(), message = ?ending.message, "recorded the end of a job from before the restart");
         store.ended(*id, ending.clone());
@@ -269,7 +276,12 @@ async fn run(args: Args) -> Result<()> {
         }
         daemon.schedule(&mut inner);
     }
-    for (id, _) in &plan.ended {
+    for id in plan
+        .ended
+        .iter()
+        .map(|(id, _)| id)
+        .chain(&plan.finished_runs)
+    {
         daemon.forget_run_dir(*id);
     }
     for id in plan.orphaned {
@@ -280,6 +292,7 @@ async fn run(args: Args) -> Result<()> {
     }
     tokio::spawn(watch_gpus(daemon.clone(), backend));
     tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
+    tokio::spawn(daemon.clone().run_timer());
 
     let shutdown = async {
         use tokio::signal::unix::{signal, SignalKind};

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use mgpu_core::{Assignment, JobId, JobState, Millis, Requester, Scheduler};
+use mgpu_core::{Assignment, JobId, JobState, Millis, Requester, Scheduler, Stopping, TimeAction};
 use mgpu_proto::{Frame, FrameCodec, JobOutcome};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -90,6 +90,8 @@ pub struct Inner {
     /// Memory in use per GPU index, as the backend last reported it.
     pub gpu_used: HashMap<u32, u64>,
     pub shutting_down: bool,
+    /// When the timer must wake next (the core's next time-limit deadline).
+    deadline: Option<Millis>,
     /// The next job id to hand out (ids are taken before a job is durable and queued).
     next_job_id: JobId,
 }
@@ -105,6 +107,8 @@ impl Inner {
 
 pub struct Daemon {
     inner: Mutex<Inner>,
+    /// Re-arms [`Daemon::run_timer`] when the next deadline changes.
+    timer: tokio::sync::Notify,
     pub store: Store,
     pub settings: Settings,
 }
@@ -124,6 +128,7 @@ impl Daemon {
         settings: Settings,
     ) -> Arc<Self> {
         Arc::new(Daemon {
+            timer: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 sched,
                 specs,
@@ -131,6 +136,7 @@ impl Daemon {
                 watchers: HashMap::new(),
                 gpu_used: HashMap::new(),
                 shutting_down: false,
+                deadline: None,
                 next_job_id: 1,
             }),
             store,
@@ -175,6 +181,56 @@ impl Daemon {
             }
             for a in starts {
                 self.launch(inner, a);
+            }
+        }
+        self.enforce_time_limits(inner);
+    }
+
+    /// Carries out the core's time-limit decisions and re-arms the one timer for the next.
+    fn enforce_time_limits(self: &Arc<Self>, inner: &mut Inner) {
+        let now = now_ms();
+        for action in inner.sched.time_actions(now) {
+            match action {
+                TimeAction::Warn { job, signal } => {
+                    tracing::info!(job, signal, "sending the time-limit warning signal");
+                    if let Some(run) = inner.running.get(&job) {
+                        let _ = run.cmds.try_send(SupervisorCmd::Signal { signal });
+                    }
+                }
+                TimeAction::Requeue { job } => {
+                    tracing::info!(job, "time slice over and others wait: context switch");
+                    self.stop(inner, job, StopReason::Requeue);
+                }
+                TimeAction::Timeout { job } => {
+                    tracing::info!(job, "time limit reached");
+                    self.stop(inner, job, StopReason::Timeout);
+                }
+            }
+        }
+        let next = inner.sched.next_deadline(now);
+        if next != inner.deadline {
+            inner.deadline = next;
+            self.timer.notify_one();
+        }
+    }
+
+    /// Wakes up at the next time-limit deadline (and only then): no polling tick.
+    pub async fn run_timer(self: Arc<Self>) {
+        loop {
+            let deadline = self.lock().deadline;
+            let wait = deadline.map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
+            tokio::select! {
+                _ = self.timer.notified() => continue,
+                _ = async {
+                    match wait {
+                        Some(w) => tokio::time::sleep(w).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let mut inner = self.lock();
+                    inner.deadline = None;
+                    self.schedule(&mut inner);
+                }
             }
         }
     }
@@ -303,10 +359,34 @@ impl Daemon {
         {
             return;
         }
-        let outcome = outcome_of(id, &rec);
-        tracing::info!(job = id, exit_code = ?rec.exit_code, signal = ?rec.signal, state = outcome.state.as_str(), "job ended");
-        inner.sched.finish(id, outcome.state);
-        self.record_end(&mut inner, outcome);
+        // While we live, the core knows best why the job was stopped (a cancel may have
+        // overridden a context switch); after a restart the supervisor's record says it.
+        let mut rec = rec;
+        if let Some(stopping) = inner.sched.job(id).and_then(|j| j.stopping) {
+            rec.stopped = Some(match stopping {
+                Stopping::Cancel => StopReason::Cancel,
+                Stopping::Requeue => StopReason::Requeue,
+                Stopping::Timeout => StopReason::Timeout,
+            });
+        }
+        if rec.stopped == Some(StopReason::Requeue) && rec.start_error.is_none() {
+            let position = inner.sched.requeue(id, now_ms()).unwrap_or(0);
+            tracing::info!(job = id, position, "job context-switched and requeued");
+            inner.running.remove(&id);
+            self.store.requeued(id, now_ms());
+            if let Some(tx) = inner.watchers.get(&id) {
+                let _ = tx.send(JobEvent::Requeued {
+                    message: format!(
+                        "job {id} reached its time slice while others waited: it was preempted and requeued (position {position}); it runs again from its command with MGPU_RESTART_COUNT set"
+                    ),
+                });
+            }
+        } else {
+            let outcome = outcome_of(id, &rec);
+            tracing::info!(job = id, exit_code = ?rec.exit_code, signal = ?rec.signal, state = outcome.state.as_str(), "job ended");
+            inner.sched.finish(id, outcome.state);
+            self.record_end(&mut inner, outcome);
+        }
         self.schedule(&mut inner);
         drop(inner);
         self.forget_run_dir(id);
@@ -372,8 +452,12 @@ impl Daemon {
         let Some(run) = inner.running.get_mut(&id) else {
             return;
         };
-        if run.stopping.is_some() {
-            return;
+        match run.stopping {
+            // Already stopping for this reason, or for a cancel (which nothing overrides).
+            Some(r) if r == reason || r == StopReason::Cancel => return,
+            // A cancel during a context switch: the supervisor only updates the reason.
+            Some(_) if reason != StopReason::Cancel => return,
+            _ => {}
         }
         run.stopping = Some(reason);
         tracing::info!(job = id, ?reason, "stopping job");

@@ -42,6 +42,11 @@ CREATE INDEX jobs_state ON jobs(state);
 "#,
     r#"
 ALTER TABLE jobs ADD COLUMN nice INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN no_requeue INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN max_restarts INTEGER;
+ALTER TABLE jobs ADD COLUMN warn_signal INTEGER;
+ALTER TABLE jobs ADD COLUMN warn_secs INTEGER;
+ALTER TABLE jobs ADD COLUMN queued_at INTEGER;
 CREATE INDEX jobs_ended ON jobs(ended_at);
 "#,
 ];
@@ -76,6 +81,7 @@ enum Op {
     Ended(JobId, Ending),
     Requeued {
         id: JobId,
+        at: Millis,
     },
     Flush(oneshot::Sender<()>),
     Purge(Millis, oneshot::Sender<Result<Vec<JobId>, String>>),
@@ -229,8 +235,8 @@ impl Store {
     }
 
     /// The job goes back to PENDING (it will run again), e.g. when the server shuts down.
-    pub fn requeued(&self, id: JobId) {
-        self.send(Op::Requeued { id });
+    pub fn requeued(&self, id: JobId, at: Millis) {
+        self.send(Op::Requeued { id, at });
     }
 
     /// Waits until everything sent so far is committed.
@@ -343,8 +349,8 @@ fn recover(conn: &Connection) -> Result<Recovered> {
     let read = |state: &str| -> Result<Vec<RecoveredJob>> {
         let mut stmt = conn.prepare(
             "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s, spec, submitted_at, restarts,
-                    started_at, gpu_ids, nice
-             FROM jobs WHERE state = ?1 ORDER BY id",
+                    started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs
+             FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
         )?;
         let rows = stmt.query_map([state], |r| {
             Ok((
@@ -357,6 +363,16 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                     mem_mib: r.get::<_, Option<i64>>(5)?.map(|m| m as u64),
                     time_limit_s: r.get::<_, Option<i64>>(6)?.map(|t| t as u64),
                     nice: r.get(12)?,
+                    no_requeue: r.get(13)?,
+                    max_restarts: r.get(14)?,
+                    warn_signal: match (r.get::<_, Option<i32>>(15)?, r.get::<_, Option<i64>>(16)?)
+                    {
+                        (Some(signal), Some(secs)) => Some(mgpu_core::WarnSignal {
+                            signal,
+                            secs_before: secs as u64,
+                        }),
+                        _ => None,
+                    },
                 },
                 r.get::<_, String>(7)?,
                 r.get::<_, i64>(8)? as Millis,
@@ -467,8 +483,10 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 let r = &job.request;
                 tx.prepare_cached(
                     "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s,
-                                       spec, submitted_at, nice)
-                     VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10)",
+                                       spec, submitted_at, nice, no_requeue, max_restarts,
+                                       warn_signal, warn_secs)
+                     VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
+                             ?14)",
                 )?
                 .execute(params![
                     job.id as i64,
@@ -481,6 +499,10 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     serde_json::to_string(&job.spec)?,
                     job.submitted_at as i64,
                     r.nice,
+                    r.no_requeue,
+                    r.max_restarts,
+                    r.warn_signal.map(|w| w.signal),
+                    r.warn_signal.map(|w| w.secs_before as i64),
                 ])?;
             }
             Op::Started { id, at, gpus, pid } => {
@@ -506,13 +528,13 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     e.message
                 ])?;
             }
-            Op::Requeued { id } => {
+            Op::Requeued { id, at } => {
                 tx.prepare_cached(
                     "UPDATE jobs SET state = 'PENDING', started_at = NULL, gpu_ids = NULL,
-                                     pid = NULL, restarts = restarts + 1
+                                     pid = NULL, restarts = restarts + 1, queued_at = ?2
                      WHERE id = ?1",
                 )?
-                .execute(params![*id as i64])?;
+                .execute(params![*id as i64, *at as i64])?;
             }
             Op::Flush(_) => {}
             Op::Purge(before, _) => {
@@ -548,6 +570,9 @@ mod tests {
                 mem_mib: Some(100),
                 time_limit_s: None,
                 nice: 0,
+                no_requeue: false,
+                max_restarts: None,
+                warn_signal: None,
             },
             spec: LaunchSpec {
                 command: vec!["true".into()],

@@ -430,14 +430,16 @@ fn command_loop(mut conn: UnixStream, shared: SharedState) {
         };
         match cmd {
             SupervisorCmd::Stop { grace_ms, reason } => {
-                let pgid = {
+                let (pgid, first) = {
                     let mut s = lock(&shared);
-                    if s.stop.is_none() {
+                    let first = s.stop.is_none();
+                    // A cancel overrides a context switch already under way (no new signals).
+                    if first || reason == StopReason::Cancel {
                         s.stop = Some(reason);
                     }
-                    s.pgid
+                    (s.pgid, first)
                 };
-                if pgid > 0 {
+                if pgid > 0 && first {
                     kill_all(pgid, Signal::SIGTERM);
                     let shared = shared.clone();
                     std::thread::spawn(move || {

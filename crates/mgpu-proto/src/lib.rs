@@ -14,6 +14,7 @@
 
 pub mod codec;
 
+pub use mgpu_core::WarnSignal;
 use mgpu_core::{JobId, JobState, Millis};
 use serde::{Deserialize, Serialize};
 
@@ -122,13 +123,6 @@ pub struct SubmitRequest {
     /// Lower the job's priority (0 or more; only root may go below 0).
     #[serde(default)]
     pub nice: i32,
-}
-
-/// A signal sent ahead of a job's time limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WarnSignal {
-    pub signal: i32,
-    pub secs_before: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

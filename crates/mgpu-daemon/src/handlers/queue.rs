@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
+use mgpu_core::Stopping;
 use mgpu_proto::{GpuInfo, JobInfo, QueueRequest, QueueSnapshot, Response};
 
 use crate::server::{send, send_error, Caller, Conn};
@@ -60,10 +61,11 @@ pub async fn handle(
                 submitted_at: j.submitted_at,
                 started_at: j.started_at,
                 restarts: j.restarts,
-                reason: if j.cancel_requested {
-                    Some("Cancelling".into())
-                } else {
-                    sched.pending_reason(j.id).map(str::to_string)
+                reason: match j.stopping {
+                    Some(Stopping::Cancel) => Some("Cancelling".into()),
+                    Some(Stopping::Requeue) => Some("Preempting".into()),
+                    Some(Stopping::Timeout) => Some("TimeLimit".into()),
+                    None => sched.pending_reason(j.id).map(str::to_string),
                 },
                 command: inner
                     .specs

@@ -111,6 +111,9 @@ pub async fn handle(
         mem_mib: req.mem_mib,
         time_limit_s: req.time_limit_s,
         nice: req.nice,
+        no_requeue: req.no_requeue,
+        max_restarts: req.max_restarts,
+        warn_signal: req.signal,
     };
     let spec = LaunchSpec {
         command: req.command,

@@ -1,0 +1,147 @@
+//! Time limits and context switching.
+//!
+//! A running job's *slice* is its own `--time-limit` capped by the server's `--max-job-time`.
+//! Past its slice a job is context-switched (stopped, then put back at the end of the queue with
+//! `restarts + 1`) — but only when a waiting job could use what it frees; with nobody waiting it
+//! keeps running, and is switched as soon as someone waits. Jobs that opted out of requeueing
+//! (`--no-requeue`) or used up `--max-restarts` end as TIMEOUT instead. A `--signal SIG@SECS`
+//! warning is due SECS before the slice ends.
+//!
+//! The core only decides ([`Scheduler::time_actions`]) and says when to look again
+//! ([`Scheduler::next_deadline`]); the shell stops processes and arms one timer.
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement;
+use crate::{JobId, JobState, Millis, Scheduler};
+
+/// A signal sent ahead of a job's time limit (Slurm's `--signal SIG@SECS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarnSignal {
+    pub signal: i32,
+    pub secs_before: u64,
+}
+
+/// What time-limit enforcement asks of the shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeAction {
+    /// Deliver the job's warning signal.
+    Warn { job: JobId, signal: i32 },
+    /// Stop the job; once its processes are gone call [`Scheduler::requeue`].
+    Requeue { job: JobId },
+    /// Stop the job; once its processes are gone it ends as TIMEOUT ([`Scheduler::finish`]).
+    Timeout { job: JobId },
+}
+
+/// How a running job is being stopped, if it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopping {
+    Cancel,
+    Requeue,
+    Timeout,
+}
+
+impl Scheduler {
+    /// When the running job's slice ends, if it has a limit.
+    pub fn slice_end(&self, id: JobId) -> Option<Millis> {
+        let job = self.jobs.get(&id)?;
+        let start = job.started_at?;
+        Some(start + self.effective_limit_s(&job.request)? * 1000)
+    }
+
+    /// Decides what must happen now. Each action is returned once: the job is marked.
+    pub fn time_actions(&mut self, now: Millis) -> Vec<TimeAction> {
+        let mut actions = Vec::new();
+        let mut running: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running && j.stopping.is_none())
+            .filter(|j| j.started_at.is_some() && self.effective_limit_s(&j.request).is_some())
+            .map(|j| j.id)
+            .collect();
+        running.sort_unstable();
+        for id in running {
+            let end = self.slice_end(id).expect("filtered on a limit");
+            let job = &self.jobs[&id];
+            if let Some(w) = job.request.warn_signal {
+                if !job.warned && now + w.secs_before * 1000 >= end {
+                    actions.push(TimeAction::Warn {
+                        job: id,
+                        signal: w.signal,
+                    });
+                    self.jobs.get_mut(&id).expect("job exists").warned = true;
+                }
+            }
+            if now < end {
+                continue;
+            }
+            let job = &self.jobs[&id];
+            let out_of_restarts = job
+                .request
+                .max_restarts
+                .is_some_and(|max| job.restarts >= max);
+            let action = if job.request.no_requeue || out_of_restarts {
+                Some((TimeAction::Timeout { job: id }, Stopping::Timeout))
+            } else if self.someone_could_use(id) {
+                Some((TimeAction::Requeue { job: id }, Stopping::Requeue))
+            } else {
+                None // nobody waits for it: it keeps running
+            };
+            if let Some((action, stopping)) = action {
+                actions.push(action);
+                self.jobs.get_mut(&id).expect("job exists").stopping = Some(stopping);
+            }
+        }
+        actions
+    }
+
+    /// Would a waiting job (that cannot start now) fit if `id` released its GPUs?
+    pub(crate) fn someone_could_use(&self, id: JobId) -> bool {
+        let job = &self.jobs[&id];
+        let mut freed = self.gpus.clone();
+        placement::release(&mut freed, id, &job.request);
+        let mut tried = std::collections::HashSet::new();
+        self.pending.values().any(|pid| {
+            let r = &self.jobs[pid].request;
+            tried.insert((r.gpus, r.mem_mib)) && placement::choose(&freed, r).is_some()
+        })
+    }
+
+    /// The next moment [`Scheduler::time_actions`] may have something new to do (a warning or
+    /// a slice end after `now`). Jobs already past their slice are looked at again on every
+    /// event, so they need no timer.
+    pub fn next_deadline(&self, now: Millis) -> Option<Millis> {
+        self.jobs
+            .values()
+            .filter(|j| j.state == JobState::Running && j.stopping.is_none())
+            .filter_map(|j| {
+                let end = self.slice_end(j.id)?;
+                let warn = j
+                    .request
+                    .warn_signal
+                    .filter(|_| !j.warned)
+                    .map(|w| end.saturating_sub(w.secs_before * 1000));
+                [warn, Some(end)]
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| *t > now)
+                    .min()
+            })
+            .min()
+    }
+
+    /// A switched job's processes are gone: it frees its GPUs and goes back to the end of the
+    /// queue with one more restart. Returns its new queue position (1-based).
+    pub fn requeue(&mut self, id: JobId, now: Millis) -> Option<usize> {
+        let job = self.jobs.get(&id)?;
+        if job.state != JobState::Running {
+            return None;
+        }
+        let job = self.jobs.remove(&id).expect("job exists");
+        placement::release(&mut self.gpus, id, &job.request);
+        self.full_pass_needed = true;
+        let _ = now;
+        self.insert_pending(id, job.request, job.submitted_at, job.restarts + 1);
+        Some(self.pending.len())
+    }
+}

@@ -1,0 +1,258 @@
+//! Time limits and context switching with real processes and short limits.
+
+mod common;
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+fn acct(s: &Server, id: u64) -> serde_json::Value {
+    let out = s
+        .cmd("mgpu_acct")
+        .args(["--json", "-j", &id.to_string()])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["jobs"][0].clone()
+}
+
+fn detached(s: &Server, args: &[&str]) -> u64 {
+    let mut c = s.cmd("mgpu_srun");
+    c.args(["-d", "--parsable"]).args(args);
+    s.submit(c)
+}
+
+#[test]
+fn a_job_past_its_slice_is_switched_when_others_wait_and_runs_again_later() {
+    let s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.display().to_string();
+    let long = detached(
+        &s,
+        &["-t", "1", "--", "bash", "-c", &format!("echo run-$MGPU_RESTART_COUNT >> {dir}/long; echo output-$MGPU_RESTART_COUNT; sleep 30")],
+    );
+    s.wait_state(long, "RUNNING");
+    let waiting = detached(&s, &["--", "bash", "-c", "sleep 1"]);
+    // The long job is preempted for the waiting one, and goes to the end of the queue.
+    wait_until(Duration::from_secs(20), || {
+        s.job(long)
+            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
+    });
+    assert_eq!(s.job(waiting).unwrap()["state"], "RUNNING");
+    // When the waiting job is done it runs again from its command, with MGPU_RESTART_COUNT.
+    wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(s.scratch.join("long")).unwrap_or_default() == "run-0\nrun-1\n"
+    });
+    let log = text(
+        &s.cmd("mgpu_log")
+            .arg(long.to_string())
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(log.starts_with("output-0\n"), "{log}");
+    assert!(
+        log.contains("run 1"),
+        "each run is marked in the log: {log}"
+    );
+    assert!(log.ends_with("output-1\n"), "{log}");
+}
+
+#[test]
+fn a_job_past_its_slice_keeps_running_when_nobody_waits() {
+    let s = Server::start("2x24GiB", &[]);
+    let id = detached(&s, &["-t", "1", "--", "sleep", "30"]);
+    s.wait_state(id, "RUNNING");
+    std::thread::sleep(Duration::from_millis(2500));
+    let job = s.job(id).unwrap();
+    assert_eq!(job["state"], "RUNNING");
+    assert_eq!(job["restarts"], 0);
+    // The other GPU is free, so a new job does not need this one's: still no switch.
+    let other = detached(&s, &["--", "sleep", "1"]);
+    s.wait_state(other, "RUNNING");
+    assert_eq!(s.job(id).unwrap()["restarts"], 0);
+}
+
+#[test]
+fn no_requeue_ends_as_timeout_and_global_cap_applies() {
+    let s = Server::start("1x24GiB", &["--max-job-time", "1"]);
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["-t", "1:00:00", "--no-requeue", "--", "sleep", "30"])
+        .output()
+        .unwrap();
+    // Capped at 1 s by --max-job-time; SIGTERM ended it.
+    assert_eq!(out.status.code(), Some(143), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("TIMEOUT"),
+        "{}",
+        text(&out.stderr)
+    );
+    let rec = s
+        .cmd("mgpu_acct")
+        .args(["--json", "--state", "TIMEOUT"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&rec.stdout).unwrap();
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn grace_period_lets_a_job_save_and_a_job_ignoring_sigterm_is_killed() {
+    let s = Server::start("2x24GiB", &["--grace-period", "3"]);
+    let saver = detached(
+        &s,
+        &[
+            "-t",
+            "1",
+            "--no-requeue",
+            "--",
+            "bash",
+            "-c",
+            "trap 'echo saving; sleep 1; echo saved; exit 0' TERM; sleep 60 & wait",
+        ],
+    );
+    let stubborn = detached(
+        &s,
+        &[
+            "-t",
+            "1",
+            "--no-requeue",
+            "--",
+            "bash",
+            "-c",
+            "trap '' TERM; while true; do sleep 0.1; done",
+        ],
+    );
+    s.wait_gone(saver);
+    s.wait_gone(stubborn);
+    let log = text(
+        &s.cmd("mgpu_log")
+            .arg(saver.to_string())
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert_eq!(
+        log, "saving\nsaved\n",
+        "SIGTERM first, time to save within the grace period"
+    );
+    assert_eq!(acct(&s, saver)["state"], "TIMEOUT");
+    let st = acct(&s, stubborn);
+    assert_eq!(st["state"], "TIMEOUT");
+    assert_eq!(st["signal"], 9, "killed after the grace period");
+}
+
+#[test]
+fn escaped_processes_are_killed_too() {
+    let s = Server::start("1x24GiB", &["--grace-period", "1"]);
+    let pidfile = s.scratch.join("escaped.pid");
+    let id = detached(
+        &s,
+        &[
+            "-t",
+            "1",
+            "--no-requeue",
+            "--",
+            "bash",
+            "-c",
+            &format!(
+                "setsid sleep 300 & echo $! > {}; (bash -c 'sleep 301 & disown' &); sleep 60",
+                pidfile.display()
+            ),
+        ],
+    );
+    wait_until(Duration::from_secs(10), || {
+        pidfile.exists() && !std::fs::read_to_string(&pidfile).unwrap().is_empty()
+    });
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    s.wait_gone(id);
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z");
+    assert!(!alive, "the escaped process {pid} survived its job");
+    // No `sleep 301` (double-forked and disowned) is left either.
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 301"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).trim().is_empty(),
+        "double-forked process survived"
+    );
+}
+
+#[test]
+fn attached_srun_follows_a_job_across_a_switch_and_gets_the_final_exit_code() {
+    let s = Server::start("1x24GiB", &[]);
+    let mut srun = s
+        .cmd("mgpu_srun")
+        .args(["-t", "1", "--", "bash", "-c", "if [ $MGPU_RESTART_COUNT = 0 ]; then echo first; sleep 30; else echo second; exit 4; fi"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        s.queue_json()["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["state"] == "RUNNING")
+    });
+    let other = detached(&s, &["--", "sleep", "1"]);
+    let mut out = String::new();
+    srun.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    srun.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = srun.wait().unwrap();
+    assert_eq!(out, "first\nsecond\n");
+    assert!(
+        err.contains("preempted") && err.contains("requeued"),
+        "{err}"
+    );
+    assert_eq!(status.code(), Some(4));
+    s.wait_gone(other);
+}
+
+#[test]
+fn warning_signal_arrives_before_the_limit() {
+    let s = Server::start("1x24GiB", &["--grace-period", "1"]);
+    let id = detached(
+        &s,
+        &[
+            "-t",
+            "3",
+            "--no-requeue",
+            "--signal",
+            "USR1@2",
+            "--",
+            "bash",
+            "-c",
+            "trap 'echo warned' USR1; for i in $(seq 100); do sleep 0.1; done",
+        ],
+    );
+    s.wait_gone(id);
+    let log = text(
+        &s.cmd("mgpu_log")
+            .arg(id.to_string())
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(log.contains("warned"), "{log}");
+    assert_eq!(acct(&s, id)["state"], "TIMEOUT");
+}

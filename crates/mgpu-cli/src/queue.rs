@@ -105,6 +105,8 @@ pub fn to_json(s: &QueueSnapshot) -> Value {
             "restarts": j.restarts,
             "reason": j.reason,
             "command": j.command,
+            "priority": j.priority,
+            "est_start": j.est_start.map(rfc3339),
         })).collect::<Vec<_>>(),
     })
 }
@@ -113,6 +115,20 @@ fn table() -> Table {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t
+}
+
+/// A time for the table: `HH:MM` today, else `MM-DD HH:MM` (UTC).
+fn short_time(ms: Millis, now: Millis) -> String {
+    let t = rfc3339(ms);
+    if t.get(..10) == rfc3339(now).get(..10) {
+        t.get(11..16).unwrap_or("").to_string()
+    } else {
+        format!(
+            "{} {}",
+            t.get(5..10).unwrap_or(""),
+            t.get(11..16).unwrap_or("")
+        )
+    }
 }
 
 /// The two tables: jobs, then GPUs.
@@ -148,7 +164,11 @@ pub fn render(s: &QueueSnapshot) -> String {
             gpus,
             mem,
             format!("{}/{}", format_duration(elapsed), limit),
-            j.reason.clone().unwrap_or_default(),
+            match (&j.reason, j.est_start) {
+                (Some(r), Some(t)) => format!("{r} (start by {})", short_time(t, s.now)),
+                (Some(r), None) => r.clone(),
+                (None, _) => String::new(),
+            },
         ]);
     }
     let mut gpus = table();
@@ -166,5 +186,5 @@ pub fn render(s: &QueueSnapshot) -> String {
             },
         ]);
     }
-    format!("{jobs}\n\n{gpus}\n")
+    format!("{jobs}\n\n{gpus}\n(policy: {})\n", s.policy)
 }

@@ -10,16 +10,24 @@
 //! 2. call [`Scheduler::schedule`] after every event and start what it returns,
 //! 3. report the end of every started job with [`Scheduler::finish`] once its processes are gone
 //!    (only then are its GPUs free again).
+//!
+//! Which job goes first is the [`Policy`] of [`Config`]: FIFO first-fit, FIFO with EASY
+//! backfilling, or fair-share with EASY backfilling (the default); see [`policy`] and `pass.rs`.
 
+mod pass;
 pub mod placement;
+pub mod policy;
 pub mod timefmt;
 mod timelimit;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use pass::Reservation;
 pub use placement::GpuState;
+use policy::UserUsage;
+pub use policy::{FairShareConfig, Policy};
 pub use timelimit::{Stopping, TimeAction, WarnSignal};
 
 /// A job's unique id. Ids increase and are never reused.
@@ -37,7 +45,7 @@ pub struct GpuSpec {
 }
 
 /// What a job asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRequest {
     /// Kernel-verified uid of the submitter.
     pub uid: u32,
@@ -189,11 +197,32 @@ pub struct Assignment {
 }
 
 /// Server-wide settings the core needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Global cap on any job's time slice, in seconds.
     pub max_job_time_s: Option<u64>,
+    /// Which job goes first (default [`Policy::Fair`]).
+    pub policy: Policy,
+    /// How long a job without any time limit is assumed to run, for reservations (default 24 h).
+    pub default_estimate_s: u64,
+    /// Fair-share settings (used by [`Policy::Fair`]).
+    pub fair: FairShareConfig,
 }
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_job_time_s: None,
+            policy: Policy::default(),
+            default_estimate_s: 24 * 3600,
+            fair: FairShareConfig::default(),
+        }
+    }
+}
+
+/// The resources a job asks for: GPU count and per-GPU memory (`None`: exclusive). Two jobs of
+/// the same shape fit, or do not fit, on the same GPUs.
+pub(crate) type Shape = (u32, Option<u64>);
 
 /// The scheduler state machine.
 #[derive(Debug, Clone)]
@@ -205,10 +234,28 @@ pub struct Scheduler {
     pending: BTreeMap<u64, JobId>,
     next_job_id: JobId,
     next_queue_key: u64,
+    /// Pending jobs per user in the user's own order (fair-share key, then queue key).
+    user_queues: HashMap<u32, BTreeMap<(i64, u64), JobId>>,
+    /// Pending jobs per shape, by estimated run time: lets a pass stop once no shape can start.
+    shapes: HashMap<Shape, BTreeSet<(u64, JobId)>>,
+    /// Recent GPU usage per user (fair share).
+    usage: HashMap<u32, UserUsage>,
+    /// Changes of users' running shares (uid, delta) from `finish`/`restore_running`, which get
+    /// no clock: they take effect at the time of the next [`Scheduler::schedule`].
+    rate_changes: Vec<(u32, f64)>,
     /// Jobs submitted since the last full pass; only these can newly fit when nothing was freed.
     fresh: Vec<JobId>,
-    /// Resources were freed since the last full pass, so every pending job must be looked at.
+    /// Resources were freed (or foreign usage changed) since the last full pass, so every
+    /// pending job must be looked at and the reservation planned afresh.
     full_pass_needed: bool,
+    /// The highest-priority blocked job's reservation (backfilling policies). It is kept until
+    /// that job starts, so jobs of higher priority that arrive later cannot starve it either.
+    reservation: Option<Reservation>,
+    /// Earliest expected end of a running job: past it without a `finish`, the reservation's
+    /// plan is stale and the next pass must be a full one.
+    recheck_at: Option<Millis>,
+    /// The `now` of the latest pass: priorities shown between passes are as of then.
+    last_now: Millis,
 }
 
 impl Scheduler {
@@ -221,8 +268,15 @@ impl Scheduler {
             pending: BTreeMap::new(),
             next_job_id: next_job_id.max(1),
             next_queue_key: 0,
+            user_queues: HashMap::new(),
+            shapes: HashMap::new(),
+            usage: HashMap::new(),
+            rate_changes: Vec::new(),
             fresh: Vec::new(),
             full_pass_needed: false,
+            reservation: None,
+            recheck_at: None,
+            last_now: 0,
         }
     }
 
@@ -256,6 +310,14 @@ impl Scheduler {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// How long a job is assumed to run, in ms, for reservations: its effective limit, else the
+    /// configured default estimate.
+    pub fn estimate_ms(&self, request: &JobRequest) -> u64 {
+        self.effective_limit_s(request)
+            .unwrap_or(self.config.default_estimate_s)
+            .saturating_mul(1000)
     }
 
     /// Refuses a request this machine could never satisfy, whatever else runs.
@@ -319,6 +381,16 @@ impl Scheduler {
     fn insert_pending(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
         let key = self.next_queue_key;
         self.next_queue_key += 1;
+        let user_key = (self.config.fair.job_key_ms(now, request.nice), key);
+        self.user_queues
+            .entry(request.uid)
+            .or_default()
+            .insert(user_key, id);
+        let estimate = self.estimate_ms(&request);
+        self.shapes
+            .entry((request.gpus, request.mem_mib))
+            .or_default()
+            .insert((estimate, id));
         self.jobs.insert(
             id,
             Job {
@@ -373,6 +445,9 @@ impl Scheduler {
             }
         }
         placement::reserve(&mut self.gpus, &gpus, id, &request);
+        // Charged from the next pass on: the core has no clock here.
+        let share = placement::usage_share(&self.gpus, &gpus, &request);
+        self.rate_changes.push((request.uid, share));
         self.next_job_id = self.next_job_id.max(id + 1);
         let key = self.next_queue_key;
         self.next_queue_key += 1;
@@ -395,56 +470,29 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Decides what starts now: first-come first-served among the jobs that fit. The returned
-    /// jobs are RUNNING from here on and hold their GPUs until [`Scheduler::finish`].
+    /// Decides what starts now, by the configured [`Policy`]. The returned jobs are RUNNING from
+    /// here on and hold their GPUs until [`Scheduler::finish`].
     ///
-    /// Cost: when nothing was freed since the last call only newly submitted jobs are tried,
-    /// so a submit into a long queue does not rescan it.
+    /// Cost: when nothing was freed since the last call only newly submitted jobs are tried
+    /// (nothing else can have become startable), so a submit into a long queue does not rescan
+    /// it; a full pass stops as soon as no remaining shape of job could start.
     pub fn schedule(&mut self, now: Millis) -> Vec<Assignment> {
-        let candidates: Vec<JobId> = if self.full_pass_needed {
-            self.full_pass_needed = false;
-            self.fresh.clear();
-            self.pending.values().copied().collect()
+        self.schedule_pass(now, false)
+    }
+
+    /// `rescan_all`: consider every pending job even when only fresh ones can start (tests).
+    fn schedule_pass(&mut self, now: Millis, rescan_all: bool) -> Vec<Assignment> {
+        self.last_now = self.last_now.max(now);
+        self.charge_rate_changes(now);
+        // A running job past its expected end makes the reservation's plan stale.
+        let stale_plan = self.reservation.is_some() && self.recheck_at.is_some_and(|t| now > t);
+        let replan = std::mem::take(&mut self.full_pass_needed) || stale_plan;
+        let fresh = std::mem::take(&mut self.fresh);
+        if replan || rescan_all {
+            self.full_pass(now, replan)
         } else {
-            std::mem::take(&mut self.fresh)
-        };
-        let mut started = Vec::new();
-        // A shape that did not fit will not fit later in this pass: placements only take.
-        let mut failed_shapes: HashSet<(u32, Option<u64>)> = HashSet::new();
-        for id in candidates {
-            if !placement::any_capacity(&self.gpus) {
-                break;
-            }
-            let Some(job) = self.jobs.get(&id) else {
-                continue;
-            };
-            if job.state != JobState::Pending {
-                continue;
-            }
-            let shape = (job.request.gpus, job.request.mem_mib);
-            if failed_shapes.contains(&shape) {
-                continue;
-            }
-            match placement::choose(&self.gpus, &job.request) {
-                Some(chosen) => {
-                    placement::reserve(&mut self.gpus, &chosen, id, &job.request);
-                    let job = self.jobs.get_mut(&id).expect("job exists");
-                    self.pending.remove(&job.queue_key);
-                    job.state = JobState::Running;
-                    job.started_at = Some(now);
-                    job.gpus = chosen.clone();
-                    started.push(Assignment {
-                        job: id,
-                        gpus: chosen,
-                    });
-                }
-                None => {
-                    failed_shapes.insert(shape);
-                }
-            }
+            self.fresh_pass(fresh, now)
         }
-        // Jobs not tried because capacity ran out stay pending; a later release re-scans.
-        started
     }
 
     /// Asks to cancel a job on behalf of `by`.
@@ -457,9 +505,13 @@ impl Scheduler {
         }
         match job.state {
             JobState::Pending => {
-                let key = job.queue_key;
-                self.pending.remove(&key);
                 let mut job = self.jobs.remove(&id).expect("job exists");
+                self.unindex_pending(&job);
+                if self.reservation.as_ref().is_some_and(|r| r.job == id) {
+                    // Jobs held back for its sake may start now.
+                    self.reservation = None;
+                    self.full_pass_needed = true;
+                }
                 job.state = JobState::Cancelled;
                 CancelOutcome::Removed(Box::new(job))
             }
@@ -482,6 +534,8 @@ impl Scheduler {
             return None;
         }
         let mut job = self.jobs.remove(&id).expect("job exists");
+        let share = placement::usage_share(&self.gpus, &job.gpus, &job.request);
+        self.rate_changes.push((job.request.uid, -share));
         placement::release(&mut self.gpus, id, &job.request);
         self.full_pass_needed = true;
         job.state = state;
@@ -491,14 +545,17 @@ impl Scheduler {
     /// Updates the GPU memory used by processes mgpu did not start (seen through NVML).
     pub fn set_foreign_usage(&mut self, index: u32, used_mib: u64) {
         if let Some(gpu) = self.gpus.iter_mut().find(|g| g.spec.index == index) {
-            if used_mib < gpu.foreign_mib {
+            // Less foreign memory may let jobs start; any change moves the reservation's plan.
+            if used_mib < gpu.foreign_mib
+                || (used_mib != gpu.foreign_mib && self.reservation.is_some())
+            {
                 self.full_pass_needed = true;
             }
             gpu.foreign_mib = used_mib;
         }
     }
 
-    /// Running jobs (by id) then pending jobs in queue order.
+    /// Running jobs (by id) then pending jobs in priority order (as of the latest pass).
     pub fn jobs_in_order(&self) -> impl Iterator<Item = &Job> {
         let mut running: Vec<&Job> = self
             .jobs
@@ -508,22 +565,103 @@ impl Scheduler {
         running.sort_by_key(|j| j.id);
         running
             .into_iter()
-            .chain(self.pending.values().map(|id| &self.jobs[id]))
+            .chain(self.pending_in_priority_order().map(|id| &self.jobs[&id]))
     }
 
-    /// 1-based position of a pending job in the queue (O(queue length); for display only).
+    /// 1-based position of a pending job in priority order (O(queue length); for display only).
     pub fn queue_position(&self, id: JobId) -> Option<usize> {
         let job = self.jobs.get(&id)?;
         if job.state != JobState::Pending {
             return None;
         }
-        Some(self.pending.range(..job.queue_key).count() + 1)
+        if self.config.policy != Policy::Fair {
+            return Some(self.pending.range(..job.queue_key).count() + 1);
+        }
+        self.pending_in_priority_order()
+            .position(|j| j == id)
+            .map(|p| p + 1)
     }
 
-    /// Short Slurm-style reason a pending job waits (`Resources`), or `None` when not pending.
+    /// Short Slurm-style reason a pending job waits, or `None` when it is not pending:
+    /// - `Resources`: it waits for GPUs to free up (with a backfilling policy: it holds the
+    ///   reservation, see [`Scheduler::est_start`]);
+    /// - `Priority`: it does not fit now and a job of higher priority holds the reservation;
+    /// - `Reservation`: it would fit now, but starting it would delay the reserved job.
     pub fn pending_reason(&self, id: JobId) -> Option<&'static str> {
         let job = self.jobs.get(&id)?;
-        (job.state == JobState::Pending).then_some("Resources")
+        if job.state != JobState::Pending {
+            return None;
+        }
+        let Some(reservation) = self.reservation.as_ref() else {
+            return Some("Resources");
+        };
+        Some(if reservation.job == id {
+            "Resources"
+        } else if placement::choose(&self.gpus, &job.request).is_some() {
+            "Reservation"
+        } else {
+            "Priority"
+        })
+    }
+
+    /// A pending job's priority as of the latest pass (higher goes first), in seconds: for
+    /// [`Policy::Fair`] waiting time minus the fair-share and nice penalties, for the FIFO
+    /// policies the waiting time.
+    pub fn priority(&self, id: JobId) -> Option<f64> {
+        let job = self.jobs.get(&id)?;
+        if job.state != JobState::Pending {
+            return None;
+        }
+        let now = self.last_now;
+        Some(match self.config.policy {
+            Policy::Fair => {
+                self.fair_priority(job, self.user_priority_term(job.request.uid, now), now)
+            }
+            Policy::Fifo | Policy::Backfill => now.saturating_sub(job.submitted_at) as f64 / 1000.0,
+        })
+    }
+
+    /// When a pending job is expected to start at the latest, where that is known: for the job
+    /// holding the reservation, from the running jobs' time limits (or the default estimate).
+    pub fn est_start(&self, id: JobId) -> Option<Millis> {
+        let r = self.reservation.as_ref()?;
+        if r.job != id || self.jobs.get(&id)?.state != JobState::Pending {
+            return None;
+        }
+        r.start_at
+    }
+
+    /// The job holding the reservation, if any (backfilling policies).
+    pub fn reserved_job(&self) -> Option<JobId> {
+        self.reservation.as_ref().map(|r| r.job)
+    }
+
+    /// A user's decayed GPU usage in GPU-seconds at `now` (for display and accounting).
+    /// Charges a run that ended before this scheduler existed (usage history after a restart):
+    /// `gpus` held with `request` from `started_at` to `ended_at`.
+    pub fn charge_history(
+        &mut self,
+        request: &JobRequest,
+        gpus: &[u32],
+        started_at: Millis,
+        ended_at: Millis,
+        now: Millis,
+    ) {
+        let share = placement::usage_share(&self.gpus, gpus, request);
+        let tau = self.config.fair.tau_s();
+        self.usage.entry(request.uid).or_default().add_past(
+            now,
+            tau,
+            share,
+            started_at,
+            ended_at.min(now),
+        );
+    }
+
+    pub fn user_usage_gpu_s(&self, uid: u32, now: Millis) -> f64 {
+        self.usage
+            .get(&uid)
+            .map_or(0.0, |u| u.at(now, self.config.fair.tau_s()))
     }
 
     /// A human sentence saying what a pending job waits for.
@@ -566,6 +704,15 @@ fn plural(n: usize) -> &'static str {
         ""
     } else {
         "s"
+    }
+}
+
+#[cfg(test)]
+impl Scheduler {
+    /// A pass that looks at every pending job, under the same reservation (tests compare it
+    /// with the incremental pass).
+    fn schedule_rescanning_all(&mut self, now: Millis) -> Vec<Assignment> {
+        self.schedule_pass(now, true)
     }
 }
 

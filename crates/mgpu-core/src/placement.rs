@@ -74,31 +74,47 @@ pub fn any_capacity(gpus: &[GpuState]) -> bool {
 
 /// Picks GPUs for `request`, or `None` if it does not fit now. Deterministic.
 pub fn choose(gpus: &[GpuState], request: &JobRequest) -> Option<Vec<u32>> {
+    choose_where(gpus, request, |_| true)
+}
+
+/// Would `request` fit now somewhere (same answer as `choose(..).is_some()`, cheaper)?
+pub fn any_fit(gpus: &[GpuState], request: &JobRequest) -> bool {
+    gpus.iter().filter(|g| fits_on(g, request)).count() >= request.gpus as usize
+}
+
+/// Can `request` take this GPU (exclusively, or its memory next to others')?
+pub fn fits_on(gpu: &GpuState, request: &JobRequest) -> bool {
+    match request.mem_mib {
+        None => gpu.takes_exclusive(),
+        Some(mem) => gpu.free_mib() >= mem,
+    }
+}
+
+/// Like [`choose`], among the GPUs at the positions `allowed` accepts only.
+pub fn choose_where(
+    gpus: &[GpuState],
+    request: &JobRequest,
+    allowed: impl Fn(usize) -> bool,
+) -> Option<Vec<u32>> {
     let want = request.gpus as usize;
-    let mut picked: Vec<&GpuState> = match request.mem_mib {
-        None => {
-            let mut idle: Vec<&GpuState> = gpus.iter().filter(|g| g.takes_exclusive()).collect();
-            if idle.len() < want {
-                return None;
-            }
-            // Smallest GPUs first: big ones stay free for jobs that need their memory.
-            idle.sort_by_key(|g| (g.spec.total_mib, g.spec.index));
-            idle.truncate(want);
-            idle
-        }
-        Some(mem) => {
-            let mut fitting: Vec<&GpuState> = gpus.iter().filter(|g| g.free_mib() >= mem).collect();
-            if fitting.len() < want {
-                return None;
-            }
-            // Already-shared GPUs first, then the tightest fit: keeps whole GPUs whole.
-            fitting.sort_by_key(|g| (g.is_idle(), g.free_mib() - mem, g.spec.index));
-            fitting.truncate(want);
-            fitting
-        }
-    };
-    picked.sort_by_key(|g| g.spec.index);
-    Some(picked.iter().map(|g| g.spec.index).collect())
+    let mut fitting: Vec<&GpuState> = gpus
+        .iter()
+        .enumerate()
+        .filter(|(i, g)| fits_on(g, request) && allowed(*i))
+        .map(|(_, g)| g)
+        .collect();
+    if fitting.len() < want {
+        return None;
+    }
+    match request.mem_mib {
+        // Smallest GPUs first: big ones stay free for jobs that need their memory.
+        None => fitting.sort_by_key(|g| (g.spec.total_mib, g.spec.index)),
+        // Already-shared GPUs first, then the tightest fit: keeps whole GPUs whole.
+        Some(mem) => fitting.sort_by_key(|g| (g.is_idle(), g.free_mib() - mem, g.spec.index)),
+    }
+    fitting.truncate(want);
+    fitting.sort_by_key(|g| g.spec.index);
+    Some(fitting.iter().map(|g| g.spec.index).collect())
 }
 
 /// Books `chosen` GPUs for job `id`.
@@ -128,5 +144,18 @@ pub fn release(gpus: &mut [GpuState], id: JobId, request: &JobRequest) {
             gpu.sharers.remove(pos);
             gpu.reserved_mib -= request.mem_mib.unwrap_or(0);
         }
+    }
+}
+
+/// How much of the machine a job uses on `held` GPUs, in GPU-equivalents: 1 per exclusive GPU,
+/// mem/total for each GPU a memory job shares. This is what fair-share charges per second.
+pub fn usage_share(gpus: &[GpuState], held: &[u32], request: &JobRequest) -> f64 {
+    match request.mem_mib {
+        None => held.len() as f64,
+        Some(mem) => held
+            .iter()
+            .filter_map(|idx| gpus.iter().find(|g| g.spec.index == *idx))
+            .map(|g| (mem as f64 / g.spec.total_mib.max(1) as f64).min(1.0))
+            .sum(),
     }
 }

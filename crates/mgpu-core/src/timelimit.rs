@@ -138,10 +138,14 @@ impl Scheduler {
             return None;
         }
         let job = self.jobs.remove(&id).expect("job exists");
+        // Its usage stops accruing, as when a job finishes.
+        let share = placement::usage_share(&self.gpus, &job.gpus, &job.request);
+        self.rate_changes.push((job.request.uid, -share));
         placement::release(&mut self.gpus, id, &job.request);
         self.full_pass_needed = true;
-        let _ = now;
-        self.insert_pending(id, job.request, job.submitted_at, job.restarts + 1);
+        // Enqueued anew now, behind everything already waiting (its queue time and wait-based
+        // priority restart from now).
+        self.insert_pending(id, job.request, now, job.restarts + 1);
         Some(self.pending.len())
     }
 }

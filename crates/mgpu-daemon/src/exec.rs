@@ -186,8 +186,13 @@ fn child_note(msg: &[u8]) {
     }
 }
 
-/// Forks and execs the job as `account`.
-pub fn start(launch: &Launch, account: &Account) -> Result<Started, StartError> {
+/// Forks and execs the job as `account`, inside the cgroup whose `cgroup.procs` is given.
+pub fn start(
+    launch: &Launch,
+    account: &Account,
+    cgroup_procs: Option<&CString>,
+) -> Result<Started, StartError> {
+    let cgroup_procs = cgroup_procs.cloned();
     let fail = |message: String, code: i32| StartError { message, code };
     let cwd = CString::new(launch.spec.cwd.as_bytes())
         .map_err(|_| fail("the working directory contains a NUL byte".into(), 1))?;
@@ -224,6 +229,13 @@ pub fn start(launch: &Launch, account: &Account) -> Result<Started, StartError> 
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // Into the job's cgroup while still root; everything it starts stays there.
+            if let Some(procs) = &cgroup_procs {
+                if !crate::cgroup::enter(procs) {
+                    child_note(b"mgpu: cannot enter the job's cgroup: ");
+                    return Err(io::Error::last_os_error());
+                }
             }
             if switch {
                 if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0 {

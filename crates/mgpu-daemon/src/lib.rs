@@ -4,6 +4,7 @@
 //! identities), the durable job store, GPU backends (NVML or simulated), starting jobs as their
 //! users, and their logs.
 
+pub mod cgroup;
 pub mod exec;
 pub mod gpu;
 pub mod handlers;

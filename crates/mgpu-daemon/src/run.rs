@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_core::{Config, JobId};
+use mgpu_core::{Config, JobId, Policy};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::gpu::{self, GpuBackend};
@@ -49,6 +49,19 @@ pub struct Args {
     /// Output kept per job run, in MiB (more is discarded, with a note in the log); 0: no limit
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     pub max_log_size: u64,
+    /// Scheduling policy: fair (fair-share priority + backfill), backfill (FIFO priority +
+    /// backfill) or fifo (first-come first-served among jobs that fit)
+    #[arg(long, value_name = "POLICY", default_value = "fair", value_parser = parse_policy)]
+    pub policy: Policy,
+    /// Fair share: recent GPU usage counts half after this many hours
+    #[arg(long, value_name = "HOURS", default_value_t = 24.0)]
+    pub fair_half_life: f64,
+    /// Fair share: weight of a user (repeatable), e.g. alice=2 (charged half as much)
+    #[arg(long = "user-weight", value_name = "NAME=W", value_parser = parse_weight)]
+    pub user_weights: Vec<(String, f64)>,
+    /// Assumed run time of jobs without a time limit, for reservations (seconds)
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    pub default_estimate: u64,
     /// Days to keep records (and logs) of finished jobs
     #[arg(long, value_name = "DAYS", default_value_t = 90)]
     pub retention_days: u64,
@@ -163,6 +176,23 @@ fn gpu_backend(args: &Args) -> Result<Box<dyn GpuBackend>> {
     }
 }
 
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    Policy::parse(s).ok_or_else(|| format!("unknown policy '{s}': use fair, backfill or fifo"))
+}
+
+fn parse_weight(s: &str) -> Result<(String, f64), String> {
+    let (name, w) = s
+        .split_once('=')
+        .ok_or_else(|| format!("invalid weight '{s}': use NAME=WEIGHT, e.g. alice=2"))?;
+    let w: f64 = w
+        .parse()
+        .map_err(|_| format!("invalid weight '{s}': WEIGHT must be a number"))?;
+    if w.is_nan() || w <= 0.0 || w.is_infinite() {
+        return Err(format!("invalid weight '{s}': WEIGHT must be positive"));
+    }
+    Ok((name.to_string(), w))
+}
+
 /// Raises the open-files limit to the hard limit: every connection and job link is a descriptor.
 fn raise_fd_limit() {
     // SAFETY: plain getrlimit/setrlimit on a local struct.
@@ -210,11 +240,21 @@ async fn run(args: Args) -> Result<()> {
     let backend = gpu_backend(&args)?;
     let gpus = backend.gpus();
     let (store, recovered) = Store::open(&state_dir)?;
-    #[allow(clippy::needless_update)] // more fields come with scheduling policies
-    let config = Config {
+    let mut config = Config {
         max_job_time_s: args.max_job_time,
+        policy: args.policy,
+        default_estimate_s: args.default_estimate,
         ..Config::default()
     };
+    if args.fair_half_life.is_nan() || args.fair_half_life <= 0.0 {
+        bail!("--fair-half-life must be positive");
+    }
+    config.fair.half_life_s = (args.fair_half_life * 3600.0).round().max(1.0) as u64;
+    for (name, weight) in &args.user_weights {
+        let uid = users::uid_of(name)
+            .ok_or_else(|| anyhow::anyhow!("--user-weight: no such user: {name}"))?;
+        config.fair.user_weights.insert(uid, *weight);
+    }
     let runs_dir = state_dir.join("runs");
     private_dir(&runs_dir, "run directory")?;
     let probe = |id: JobId| {
@@ -231,7 +271,21 @@ async fn run(args: Args) -> Result<()> {
             RunProbe::Gone
         }
     };
-    let plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
+    let half_life_ms = config.fair.half_life_s * 1000;
+    let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
+    // Fair share remembers recent usage across restarts: it is rebuilt from the records.
+    let now = now_ms();
+    let history = store.recent_runs(now.saturating_sub(10 * half_life_ms))?;
+    for (uid, n, mem_mib, gpu_ids, started_at, ended_at) in &history {
+        let request = mgpu_core::JobRequest {
+            uid: *uid,
+            gpus: *n,
+            mem_mib: *mem_mib,
+            ..Default::default()
+        };
+        plan.sched
+            .charge_history(&request, gpu_ids, *started_at, *ended_at, now);
+    }
     for (id, at) in &plan.requeued {
         tracing::info!(
             job = id,
@@ -264,6 +318,8 @@ async fn run(args: Args) -> Result<()> {
         state_dir = %state_dir.display(),
         log_dir = %log_dir.display(),
         mode = if multi_user { "multi-user" } else { "single-user" },
+        policy = %args.policy,
+        containment = if crate::cgroup::available() { "cgroup v2 per job" } else { "process group + subreaper" },
         restored,
         adopted = plan.adopt.len(),
         "mgpu scheduler ready"

@@ -93,6 +93,7 @@ pub struct RecoveredJob {
     pub id: JobId,
     pub request: JobRequest,
     pub spec: LaunchSpec,
+    /// When it last entered the queue (its submission, or its latest requeue).
     pub submitted_at: Millis,
     pub started_at: Option<Millis>,
     pub gpus: Vec<u32>,
@@ -299,6 +300,36 @@ impl Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// Runs of finished jobs that ended at or after `since` (for fair-share usage history):
+    /// `(uid, gpus, mem_mib, gpu ids, started_at, ended_at)`.
+    #[allow(clippy::type_complexity)]
+    pub fn recent_runs(
+        &self,
+        since: Millis,
+    ) -> Result<Vec<(u32, u32, Option<u64>, Vec<u32>, Millis, Millis)>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT uid, gpus, mem_mib, gpu_ids, started_at, ended_at FROM jobs
+             WHERE ended_at >= ?1 AND started_at IS NOT NULL
+               AND state NOT IN ('PENDING', 'RUNNING')",
+        )?;
+        let rows = stmt.query_map([since as i64], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, Option<i64>>(2)?.map(|m| m as u64),
+                r.get::<_, Option<String>>(3)?
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|g| g.parse().ok())
+                    .collect(),
+                r.get::<_, i64>(4)? as Millis,
+                r.get::<_, i64>(5)? as Millis,
+            ))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Deletes records of jobs that ended before `before`; returns their ids (their logs go too).
     pub async fn purge(&self, before: Millis) -> Result<Vec<JobId>, String> {
         let (tx, rx) = oneshot::channel();
@@ -348,7 +379,8 @@ fn recover(conn: &Connection) -> Result<Recovered> {
     let next_job_id = seq.unwrap_or(0).max(max_id.unwrap_or(0)) as JobId + 1;
     let read = |state: &str| -> Result<Vec<RecoveredJob>> {
         let mut stmt = conn.prepare(
-            "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s, spec, submitted_at, restarts,
+            "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s, spec,
+                    COALESCE(queued_at, submitted_at), restarts,
                     started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs
              FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
         )?;

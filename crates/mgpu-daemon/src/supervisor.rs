@@ -27,9 +27,13 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::JobCgroup;
 use crate::exec::{self, Launch};
 
 pub const LAUNCH_FILE: &str = "launch.json";
+
+/// This supervisor's job cgroup, when the machine offers cgroup v2 (one job per supervisor).
+static CGROUP: std::sync::OnceLock<Option<JobCgroup>> = std::sync::OnceLock::new();
 pub const EXIT_FILE: &str = "exit.json";
 pub const SOCKET_FILE: &str = "sock";
 
@@ -176,9 +180,12 @@ fn run(run_dir: &Path) -> Result<()> {
         std::thread::spawn(move || accept_loop(listener, shared));
     }
 
+    let cgroup = CGROUP
+        .get_or_init(|| JobCgroup::create(launch.job))
+        .as_ref();
     // Resolved now, in the job's parent: the forked child only makes async-signal-safe calls.
     let started = match crate::users::account(launch.uid) {
-        Ok(account) => exec::start(&launch, &account),
+        Ok(account) => exec::start(&launch, &account, cgroup.map(|c| &c.procs)),
         Err(e) => Err(exec::StartError {
             message: format!("mgpu: cannot run as uid {}: {e:#}", launch.uid),
             code: 1,
@@ -305,6 +312,10 @@ fn run_job(
     for r in readers {
         let _ = r.join();
     }
+    if let Some(cg) = CGROUP.get().and_then(Option::as_ref) {
+        // Nothing may be left in the job's cgroup before its GPUs are freed.
+        cg.remove();
+    }
     let (exit_code, signal) = leader_status.unwrap_or((None, None));
     let s = lock(shared);
     let _ = s.log.sync_data();
@@ -320,6 +331,15 @@ fn run_job(
 /// Signals the job's process group and every descendant of this supervisor (processes that
 /// left the group with setsid or a double fork are re-parented to us).
 fn kill_all(pgid: i32, sig: Signal) {
+    if let Some(cg) = CGROUP.get().and_then(Option::as_ref) {
+        // Everything the job started is in its cgroup, wherever it re-parented itself.
+        if sig == Signal::SIGKILL {
+            cg.kill();
+        } else {
+            cg.signal(sig);
+        }
+        return;
+    }
     let _ = killpg(Pid::from_raw(pgid), sig);
     for pid in descendants(std::process::id() as i32) {
         // Members of the group already got it: a signal must arrive once.

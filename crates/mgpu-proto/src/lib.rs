@@ -249,10 +249,13 @@ pub enum CancelStatus {
 }
 
 /// The queue as `mgpu_queue` shows it. Times are milliseconds since the epoch on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueueSnapshot {
     /// The server's clock when the snapshot was taken.
     pub now: Millis,
+    /// The server's scheduling policy.
+    #[serde(default)]
+    pub policy: String,
     pub gpus: Vec<GpuInfo>,
     pub jobs: Vec<JobInfo>,
 }
@@ -269,7 +272,7 @@ pub struct GpuInfo {
     pub jobs: Vec<JobId>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
     pub id: JobId,
     pub user: String,
@@ -287,6 +290,12 @@ pub struct JobInfo {
     pub restarts: u32,
     pub reason: Option<String>,
     pub command: Vec<String>,
+    /// Scheduling priority of a pending job (seconds-equivalent; higher goes first).
+    #[serde(default)]
+    pub priority: Option<f64>,
+    /// Expected start of a pending job, where one is known (its reservation).
+    #[serde(default)]
+    pub est_start: Option<Millis>,
 }
 
 /// One finished job, as `mgpu_acct` shows it.

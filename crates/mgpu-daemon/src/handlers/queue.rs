@@ -72,10 +72,13 @@ pub async fn handle(
                     .get(&j.id)
                     .map(|s| display_command(&s.command))
                     .unwrap_or_default(),
+                priority: sched.priority(j.id),
+                est_start: sched.est_start(j.id),
             })
             .collect();
         QueueSnapshot {
             now: now_ms(),
+            policy: sched.config().policy.to_string(),
             gpus,
             jobs,
         }

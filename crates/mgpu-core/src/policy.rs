@@ -1,0 +1,162 @@
+//! Scheduling policies and the fair-share arithmetic.
+//!
+//! Three policies, chosen per server ([`crate::Config::policy`]):
+//! - [`Policy::Fifo`]: first come, first served among the jobs that fit (first-fit). Simple, but
+//!   a job that needs many GPUs can starve behind a stream of small ones.
+//! - [`Policy::Backfill`]: FIFO priority with EASY backfilling: the first job that cannot start
+//!   gets a reservation, later jobs start only if they do not delay it.
+//! - [`Policy::Fair`] (default): the same backfilling, but jobs are ordered by a fair-share
+//!   priority: it falls with the user's recent (decayed) GPU usage and rises with waiting time;
+//!   FIFO within one user.
+//!
+//! Priorities are in *seconds*: one unit of priority is worth one second of waiting (with the
+//! default `age_factor` of 1). A user who recently used the whole machine for an hour loses
+//! `usage_factor` hours of priority; the penalty halves every `half_life_s` when they run
+//! nothing. Usage is integrated exactly between events (no clock reads, no ticks).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Millis;
+
+/// Which order pending jobs are considered in, and whether backfilling protects a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// First-come first-served among the jobs that fit now (first-fit, no reservation).
+    Fifo,
+    /// FIFO priority plus EASY backfilling around a reservation for the first blocked job.
+    Backfill,
+    /// Fair-share priority plus EASY backfilling.
+    #[default]
+    Fair,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 3] = [Policy::Fifo, Policy::Backfill, Policy::Fair];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Fifo => "fifo",
+            Policy::Backfill => "backfill",
+            Policy::Fair => "fair",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Policy> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// Does the policy hold a reservation for the highest-priority blocked job?
+    pub fn reserves(self) -> bool {
+        self != Policy::Fifo
+    }
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Settings of the fair-share priority (used by [`Policy::Fair`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FairShareConfig {
+    /// Recent usage halves every this many seconds (default 24 h).
+    pub half_life_s: u64,
+    /// Admin-set weight per uid (default 1.0): a user with weight 2 is charged half as much.
+    pub user_weights: HashMap<u32, f64>,
+    /// Seconds of priority lost per second of (decayed) whole-machine usage.
+    pub usage_factor: f64,
+    /// Seconds of priority gained per second of waiting.
+    pub age_factor: f64,
+    /// Seconds of priority lost per point of `nice` (negative nice counts as 0).
+    pub nice_unit_s: f64,
+}
+
+impl Default for FairShareConfig {
+    fn default() -> Self {
+        FairShareConfig {
+            half_life_s: 24 * 3600,
+            user_weights: HashMap::new(),
+            usage_factor: 100.0,
+            age_factor: 1.0,
+            nice_unit_s: 60.0,
+        }
+    }
+}
+
+impl FairShareConfig {
+    pub fn weight(&self, uid: u32) -> f64 {
+        match self.user_weights.get(&uid) {
+            Some(w) if *w > 0.0 => *w,
+            _ => 1.0,
+        }
+    }
+
+    /// Usage's time constant in seconds (half-life / ln 2).
+    pub(crate) fn tau_s(&self) -> f64 {
+        self.half_life_s.max(1) as f64 / std::f64::consts::LN_2
+    }
+
+    /// The part of a job's priority fixed at submission (larger means later in its user's
+    /// queue). Rounded to milliseconds so that it can key an ordered map.
+    pub(crate) fn job_key_ms(&self, submitted_at: Millis, nice: i32) -> i64 {
+        let nice_ms = self.nice_unit_s * 1000.0 * f64::from(nice.max(0));
+        (self.age_factor * submitted_at as f64 + nice_ms).round() as i64
+    }
+}
+
+/// One user's GPU usage: decayed GPU-seconds as of `as_of`, plus what is running now.
+///
+/// Between two events the running share is constant, so the decayed integral has a closed
+/// form: `u(t) = u0·e^(-dt/τ) + rate·τ·(1 - e^(-dt/τ))`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct UserUsage {
+    gpu_s: f64,
+    as_of: Millis,
+    /// GPU-equivalents running now (a memory job counts mem/total of each of its GPUs).
+    rate: f64,
+}
+
+impl UserUsage {
+    pub(crate) fn at(&self, now: Millis, tau_s: f64) -> f64 {
+        let dt_s = now.saturating_sub(self.as_of) as f64 / 1000.0;
+        let decay = (-dt_s / tau_s).exp();
+        self.gpu_s * decay + self.rate * tau_s * (1.0 - decay)
+    }
+
+    /// Adds a past run (share `rate` from `start` to `end`, both at most `now`), decayed to `now`.
+    pub(crate) fn add_past(
+        &mut self,
+        now: Millis,
+        tau_s: f64,
+        rate: f64,
+        start: Millis,
+        end: Millis,
+    ) {
+        if now > self.as_of {
+            self.gpu_s = self.at(now, tau_s);
+            self.as_of = now;
+        }
+        let ago = |t: Millis| self.as_of.saturating_sub(t) as f64 / 1000.0;
+        let (start, end) = (start.min(end), end);
+        self.gpu_s += rate * tau_s * ((-ago(end) / tau_s).exp() - (-ago(start) / tau_s).exp());
+    }
+
+    /// Brings the integral up to `now`, then changes the running share by `delta`.
+    pub(crate) fn change_rate(&mut self, now: Millis, tau_s: f64, delta: f64) {
+        if now > self.as_of {
+            self.gpu_s = self.at(now, tau_s);
+            self.as_of = now;
+        }
+        self.rate += delta;
+        // Float sums of +x and -x may leave dust; nothing running means exactly zero.
+        if self.rate < 1e-9 {
+            self.rate = 0.0;
+        }
+    }
+}

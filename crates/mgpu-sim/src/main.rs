@@ -1,0 +1,222 @@
+//! `mgpu-sim`: replays a CSV job trace through mgpu's scheduling policies in virtual time and
+//! prints, per policy, waits, completion times, slowdown, utilisation and fairness.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use mgpu_core::{Config, FairShareConfig};
+use mgpu_sim::engine::{replay, SimPolicy};
+use mgpu_sim::metrics::{measure, Metrics};
+use mgpu_sim::workload::{
+    build_workload, flood_workload, offered_load, parse_trace, WorkloadOptions,
+};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mgpu-sim",
+    about = "Replay a GPU job trace through mgpu's scheduling policies"
+)]
+struct Args {
+    /// CSV trace: submission_time,duration,num_gpu[,user,mem_mib,time_limit] (seconds).
+    #[arg(long, default_value = "../shared/traces/itp-cluster05.csv")]
+    trace: String,
+    /// Simulated GPUs, e.g. 8x80GiB or 2x80GiB,2x24GiB.
+    #[arg(long, default_value = "8x80GiB")]
+    gpus: String,
+    /// Rescale inter-arrival times to this offered load (default: the trace's own).
+    #[arg(long)]
+    load: Option<f64>,
+    /// Users to draw (Zipf) when the trace has no user column.
+    #[arg(long, default_value_t = 20)]
+    users: u32,
+    /// Seed of the rules that fill in users and memory; repeat for several runs.
+    #[arg(long = "seed", default_values_t = [1u64])]
+    seeds: Vec<u64>,
+    /// Time limit = duration x this (when the trace has none). At least 1.
+    #[arg(long, default_value_t = 1.0)]
+    limit_factor: f64,
+    /// Policies: strict-fifo, fifo (first-fit), backfill, fair, oracle-sjf, or all. Repeatable.
+    #[arg(long = "policy", default_values_t = ["all".to_string()])]
+    policies: Vec<String>,
+    /// Probability that a 1-GPU job of a trace without memory column declares memory.
+    #[arg(long, default_value_t = 0.6)]
+    mem_fraction: f64,
+    /// Play the trace this many times back to back (long replays).
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
+    /// Flood scenario instead of the trace's arrivals: one user submits 500 jobs at t=0,
+    /// nine others submit steadily; reports the others' mean wait.
+    #[arg(long)]
+    flood: bool,
+    /// Fair share: usage half-life in hours.
+    #[arg(long, default_value_t = 24.0)]
+    half_life_h: f64,
+    /// Fair share: seconds of priority lost per second of whole-machine usage.
+    #[arg(long)]
+    usage_factor: Option<f64>,
+    /// Fair share: seconds of priority gained per second of waiting.
+    #[arg(long)]
+    age_factor: Option<f64>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Run {
+    seed: u64,
+    jobs: usize,
+    offered_load: f64,
+    results: Vec<Metrics>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.limit_factor < 1.0 {
+        bail!("--limit-factor must be at least 1 (limits below the run time would kill jobs)");
+    }
+    let gpus = mgpu_sim::parse_gpus(&args.gpus)?;
+    let policies = parse_policies(&args.policies)?;
+    let text = std::fs::read_to_string(&args.trace)
+        .with_context(|| format!("cannot read the trace {}", args.trace))?;
+    let rows = parse_trace(&text)?;
+    let defaults = FairShareConfig::default();
+    let config = Config {
+        fair: FairShareConfig {
+            half_life_s: (args.half_life_h * 3600.0).round().max(1.0) as u64,
+            usage_factor: args.usage_factor.unwrap_or(defaults.usage_factor),
+            age_factor: args.age_factor.unwrap_or(defaults.age_factor),
+            ..defaults
+        },
+        ..Config::default()
+    };
+    let mut runs = Vec::new();
+    for &seed in &args.seeds {
+        let opts = WorkloadOptions {
+            users: args.users,
+            seed,
+            limit_factor: args.limit_factor,
+            load: args.load,
+            repeat: args.repeat,
+            total_gpus: gpus.len() as u32,
+            min_gpu_mib: gpus.iter().map(|g| g.total_mib).min().unwrap_or(0),
+            mem_fraction: args.mem_fraction,
+        };
+        let jobs = if args.flood {
+            flood_workload(&rows, &opts)
+        } else {
+            build_workload(&rows, &opts)
+        };
+        let mut results = Vec::new();
+        for &policy in &policies {
+            let mut scheduler = policy.build(&gpus, &config);
+            let clock = Instant::now();
+            let outcomes = replay(&jobs, &gpus, scheduler.as_mut())?;
+            let wall = clock.elapsed().as_secs_f64();
+            results.push(measure(
+                policy.name(),
+                &jobs,
+                &outcomes,
+                gpus.len() as u32,
+                wall,
+            ));
+        }
+        let run = Run {
+            seed,
+            jobs: jobs.len(),
+            offered_load: offered_load(&jobs, gpus.len() as u32),
+            results,
+        };
+        if !args.json {
+            print_run(&run, &args);
+        }
+        runs.push(run);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+    }
+    Ok(())
+}
+
+fn parse_policies(names: &[String]) -> anyhow::Result<Vec<SimPolicy>> {
+    let mut policies = Vec::new();
+    for name in names {
+        if name == "all" {
+            policies.extend(SimPolicy::ALL);
+            continue;
+        }
+        match SimPolicy::parse(name) {
+            Some(p) => policies.push(p),
+            None => bail!(
+                "unknown policy {name:?}: strict-fifo, fifo, backfill, fair, oracle-sjf or all"
+            ),
+        }
+    }
+    policies.dedup();
+    Ok(policies)
+}
+
+fn print_run(run: &Run, args: &Args) {
+    let hours = |s: f64| s / 3600.0;
+    println!(
+        "seed {}: {} jobs on {}, offered load {:.2}{}, limit factor {}",
+        run.seed,
+        run.jobs,
+        args.gpus,
+        run.offered_load,
+        if args.flood { " (flood scenario)" } else { "" },
+        args.limit_factor
+    );
+    println!(
+        "{:<14} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>6} {:>6} {:>9} {:>7} {:>7}",
+        "policy", "meanJCT", "p50JCT", "p95JCT", "p99JCT", "meanWait", "maxWait", "meanBSLD",
+        "mspan", "util", "jain", "", "maxMGwait", "wait/SF", "MG/SF",
+    );
+    let strict = run.results.iter().find(|m| m.policy == "strict-fifo");
+    for m in &run.results {
+        let ratio = |a: f64, b: Option<f64>| match b {
+            Some(b) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<14} {:>7.2}h {:>7.2}h {:>7.2}h {:>7.2}h {:>7.2}h {:>7.2}h {:>8.2} {:>6.0}h {:>8.1}% {:>6.3} {:>6} {:>8.2}h {:>7} {:>7}",
+            m.policy,
+            hours(m.mean_jct_s),
+            hours(m.p50_jct_s),
+            hours(m.p95_jct_s),
+            hours(m.p99_jct_s),
+            hours(m.mean_wait_s),
+            hours(m.max_wait_s),
+            m.mean_bounded_slowdown,
+            hours(m.makespan_s),
+            100.0 * m.gpu_utilisation,
+            m.jain_fairness,
+            "",
+            hours(m.max_multi_gpu_wait_s),
+            ratio(m.mean_wait_s, strict.map(|s| s.mean_wait_s)),
+            ratio(m.max_multi_gpu_wait_s, strict.map(|s| s.max_multi_gpu_wait_s)),
+        );
+    }
+    if args.flood {
+        let fifo = run
+            .results
+            .iter()
+            .find(|m| m.policy == "fifo-firstfit")
+            .and_then(|m| m.others_mean_wait_s);
+        for m in &run.results {
+            let others = m.others_mean_wait_s.unwrap_or(0.0);
+            let vs = fifo.map_or("-".to_string(), |f| format!("{:.3}", others / f.max(1e-9)));
+            println!(
+                "  {:<14} others' mean wait {:>8.2}h  (x FIFO first-fit: {vs})",
+                m.policy,
+                hours(others)
+            );
+        }
+    }
+    for m in &run.results {
+        print!("  {} {:.2}s", m.policy, m.replay_wall_s);
+    }
+    println!("  (replay wall time)\n");
+}

@@ -1,0 +1,121 @@
+//! What a replay measured: waits, completion times, slowdowns, utilisation and fairness.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::engine::Outcome;
+use crate::workload::SimJob;
+
+/// Below this run time a job's slowdown is computed as if it ran this long (bounded slowdown).
+pub const SLOWDOWN_BOUND_S: f64 = 10.0;
+
+/// One policy's results on one workload. Times in seconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metrics {
+    pub policy: String,
+    pub jobs: usize,
+    pub mean_jct_s: f64,
+    pub p50_jct_s: f64,
+    pub p95_jct_s: f64,
+    pub p99_jct_s: f64,
+    pub mean_wait_s: f64,
+    pub max_wait_s: f64,
+    /// Mean of max(1, (wait + run) / max(run, 10 s)).
+    pub mean_bounded_slowdown: f64,
+    pub makespan_s: f64,
+    /// GPU-seconds used (memory jobs: their share of each GPU) over GPU-seconds of the makespan.
+    pub gpu_utilisation: f64,
+    /// Jain's index of the users' mean bounded slowdowns (1: all users equally slowed).
+    pub jain_fairness: f64,
+    /// Longest wait of a job asking for more than one GPU.
+    pub max_multi_gpu_wait_s: f64,
+    /// Flood scenario: mean wait of the users other than `flood`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub others_mean_wait_s: Option<f64>,
+    /// Wall-clock seconds the replay took.
+    pub replay_wall_s: f64,
+}
+
+pub fn measure(
+    policy: &str,
+    jobs: &[SimJob],
+    outcomes: &[Outcome],
+    total_gpus: u32,
+    replay_wall_s: f64,
+) -> Metrics {
+    let n = jobs.len().max(1) as f64;
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    let mut jct: Vec<f64> = Vec::with_capacity(jobs.len());
+    let mut waits = Vec::with_capacity(jobs.len());
+    let mut slowdown_by_user: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    let mut used_gpu_s = 0.0;
+    let mut max_multi_gpu_wait_s: f64 = 0.0;
+    let mut others = (0.0, 0usize);
+    let mut total_slowdown = 0.0;
+    for (job, o) in jobs.iter().zip(outcomes) {
+        let wait = secs(o.start_ms - job.submit_ms);
+        let run = secs(o.end_ms - o.start_ms);
+        let slowdown = ((wait + run) / run.max(SLOWDOWN_BOUND_S)).max(1.0);
+        jct.push(wait + run);
+        waits.push(wait);
+        total_slowdown += slowdown;
+        let per_user = slowdown_by_user.entry(&job.user).or_default();
+        per_user.0 += slowdown;
+        per_user.1 += 1;
+        used_gpu_s += o.share * run;
+        if job.gpus > 1 {
+            max_multi_gpu_wait_s = max_multi_gpu_wait_s.max(wait);
+        }
+        if job.user != "flood" {
+            others.0 += wait;
+            others.1 += 1;
+        }
+    }
+    jct.sort_by(f64::total_cmp);
+    let first_submit = jobs.iter().map(|j| j.submit_ms).min().unwrap_or(0);
+    let last_end = outcomes.iter().map(|o| o.end_ms).max().unwrap_or(0);
+    let makespan_s = secs(last_end.saturating_sub(first_submit));
+    let user_means: Vec<f64> = slowdown_by_user
+        .values()
+        .map(|(sum, count)| sum / *count as f64)
+        .collect();
+    let flood = jobs.iter().any(|j| j.user == "flood");
+    Metrics {
+        policy: policy.to_string(),
+        jobs: jobs.len(),
+        mean_jct_s: jct.iter().sum::<f64>() / n,
+        p50_jct_s: percentile(&jct, 0.50),
+        p95_jct_s: percentile(&jct, 0.95),
+        p99_jct_s: percentile(&jct, 0.99),
+        mean_wait_s: waits.iter().sum::<f64>() / n,
+        max_wait_s: waits.iter().copied().fold(0.0, f64::max),
+        mean_bounded_slowdown: total_slowdown / n,
+        makespan_s,
+        gpu_utilisation: used_gpu_s / (total_gpus as f64 * makespan_s.max(1e-9)),
+        jain_fairness: jain(&user_means),
+        max_multi_gpu_wait_s,
+        others_mean_wait_s: flood.then(|| others.0 / others.1.max(1) as f64),
+        replay_wall_s,
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Jain's fairness index: (Σx)² / (n·Σx²).
+fn jain(values: &[f64]) -> f64 {
+    let sum: f64 = values.iter().sum();
+    let squares: f64 = values.iter().map(|x| x * x).sum();
+    if squares == 0.0 {
+        1.0
+    } else {
+        sum * sum / (values.len() as f64 * squares)
+    }
+}

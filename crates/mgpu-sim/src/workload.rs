@@ -1,0 +1,297 @@
+//! Workloads: reading a CSV trace and turning it into jobs to replay.
+//!
+//! A trace needs the columns `submission_time,duration,num_gpu` (seconds, seconds, count);
+//! `user`, `mem_mib` and `time_limit` (seconds) are optional. What a trace lacks is filled in
+//! by fixed, seeded rules (so every run with the same seed replays the same jobs):
+//! - **users**: drawn Zipf(1) over `--users N` names `user01..userNN` (user k with probability
+//!   proportional to 1/k: a few heavy users, many light ones);
+//! - **memory**: multi-GPU jobs are exclusive; a 1-GPU job declares memory with probability
+//!   `--mem-fraction` (default 0.6), 10, 20 or 40 GiB with equal chances (capped at the
+//!   smallest GPU), and is exclusive otherwise;
+//! - **time limits**: the duration times `--limit-factor` (1.0: exact limits), rounded up.
+//!
+//! `--load L` rescales the gaps between submissions so that the offered load, GPU-seconds asked
+//! for (memory jobs counted as whole GPUs) over GPU-seconds available between the first and the
+//! last submission, is L.
+
+use anyhow::{bail, Context};
+use mgpu_core::Millis;
+
+/// One row of a trace, as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceRow {
+    pub submit_ms: Millis,
+    pub duration_ms: Millis,
+    pub gpus: u32,
+    pub user: Option<String>,
+    pub mem_mib: Option<u64>,
+    pub time_limit_s: Option<u64>,
+}
+
+/// A job to replay: everything known, in virtual time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimJob {
+    pub submit_ms: Millis,
+    /// How long it really runs once started.
+    pub duration_ms: Millis,
+    pub gpus: u32,
+    pub uid: u32,
+    pub user: String,
+    pub mem_mib: Option<u64>,
+    pub time_limit_s: Option<u64>,
+}
+
+/// How to fill in and shape a trace.
+#[derive(Debug, Clone)]
+pub struct WorkloadOptions {
+    pub users: u32,
+    pub seed: u64,
+    pub limit_factor: f64,
+    pub load: Option<f64>,
+    /// Copies of the trace played one after the other (for long replays).
+    pub repeat: u32,
+    pub total_gpus: u32,
+    /// Memory of the smallest GPU: declared memory never exceeds it.
+    pub min_gpu_mib: u64,
+    /// Probability that a 1-GPU job declares memory (and may share a GPU).
+    pub mem_fraction: f64,
+}
+
+/// SplitMix64: a tiny, well-mixed, seeded PRNG (reproducible across platforms).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.unit() * n as f64) as usize % n.max(1)
+    }
+}
+
+/// Parses a CSV trace (plain comma-separated, header row first).
+pub fn parse_trace(text: &str) -> anyhow::Result<Vec<TraceRow>> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .context("the trace is empty")?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(submit_col), Some(duration_col), Some(gpus_col)) = (
+        column("submission_time"),
+        column("duration"),
+        column("num_gpu"),
+    ) else {
+        bail!("the trace needs the columns submission_time,duration,num_gpu");
+    };
+    let (user_col, mem_col, limit_col) = (column("user"), column("mem_mib"), column("time_limit"));
+    let mut rows = Vec::new();
+    for (n, line) in lines.enumerate() {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let field = |col: usize| fields.get(col).copied().unwrap_or("");
+        let optional = |col: Option<usize>| col.map(field).filter(|f| !f.is_empty());
+        let seconds = |col: usize| -> anyhow::Result<Millis> {
+            let v: f64 = field(col)
+                .parse()
+                .with_context(|| format!("row {}: bad number {:?}", n + 2, field(col)))?;
+            Ok((v.max(0.0) * 1000.0).round() as Millis)
+        };
+        let gpus: u32 = field(gpus_col)
+            .parse()
+            .with_context(|| format!("row {}: bad num_gpu", n + 2))?;
+        if gpus == 0 {
+            continue; // CPU-only jobs do not use the GPU scheduler.
+        }
+        rows.push(TraceRow {
+            submit_ms: seconds(submit_col)?,
+            duration_ms: seconds(duration_col)?.max(1),
+            gpus,
+            user: optional(user_col).map(str::to_string),
+            mem_mib: optional(mem_col)
+                .map(|m| {
+                    m.parse()
+                        .with_context(|| format!("row {}: bad mem_mib", n + 2))
+                })
+                .transpose()?,
+            time_limit_s: optional(limit_col)
+                .map(|m| m.parse::<f64>().map(|s| s.ceil() as u64))
+                .transpose()
+                .with_context(|| format!("row {}: bad time_limit", n + 2))?,
+        });
+    }
+    rows.sort_by_key(|r| r.submit_ms);
+    Ok(rows)
+}
+
+/// Fills in users, memory and limits by the documented rules, repeats and rescales.
+pub fn build_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> {
+    let mut rng = Rng::new(opts.seed);
+    let zipf = zipf_cdf(opts.users.max(1));
+    let mut named_users: Vec<String> = Vec::new();
+    let span = match (rows.first(), rows.last()) {
+        (Some(a), Some(b)) => b.submit_ms - a.submit_ms,
+        _ => 0,
+    };
+    let gap = span / rows.len().max(1) as u64;
+    let mut jobs = Vec::with_capacity(rows.len() * opts.repeat.max(1) as usize);
+    for copy in 0..opts.repeat.max(1) as u64 {
+        let shift = copy * (span + gap);
+        for row in rows {
+            let (uid, user) = match &row.user {
+                Some(name) => {
+                    let k = match named_users.iter().position(|u| u == name) {
+                        Some(k) => k,
+                        None => {
+                            named_users.push(name.clone());
+                            named_users.len() - 1
+                        }
+                    };
+                    (1000 + k as u32, name.clone())
+                }
+                None => {
+                    let u = rng.unit();
+                    let k = zipf.partition_point(|&c| c < u).min(zipf.len() - 1);
+                    (1000 + k as u32, format!("user{:02}", k + 1))
+                }
+            };
+            let mem_mib = if row.mem_mib.is_some() || row.user.is_some() {
+                row.mem_mib
+            } else {
+                assigned_memory(&mut rng, row.gpus, opts)
+            };
+            let time_limit_s = row.time_limit_s.or_else(|| {
+                Some((row.duration_ms as f64 / 1000.0 * opts.limit_factor).ceil() as u64)
+            });
+            jobs.push(SimJob {
+                submit_ms: row.submit_ms + shift,
+                duration_ms: row.duration_ms,
+                gpus: row.gpus.min(opts.total_gpus),
+                uid,
+                user,
+                mem_mib,
+                time_limit_s,
+            });
+        }
+    }
+    if let Some(load) = opts.load {
+        rescale_to_load(&mut jobs, opts.total_gpus, load);
+    }
+    jobs
+}
+
+/// Cumulative Zipf(1) probabilities over `n` ranks.
+fn zipf_cdf(n: u32) -> Vec<f64> {
+    let weights: Vec<f64> = (1..=n).map(|k| 1.0 / k as f64).collect();
+    let total: f64 = weights.iter().sum();
+    let mut acc = 0.0;
+    weights
+        .iter()
+        .map(|w| {
+            acc += w / total;
+            acc
+        })
+        .collect()
+}
+
+/// The memory rule: multi-GPU exclusive; 1-GPU declares 10/20/40 GiB w.p. `mem_fraction`.
+fn assigned_memory(rng: &mut Rng, gpus: u32, opts: &WorkloadOptions) -> Option<u64> {
+    // Two draws whatever the outcome, so that the users drawn do not depend on the fraction.
+    let (declares, size) = (rng.unit(), rng.below(3));
+    if gpus > 1 || declares >= opts.mem_fraction {
+        return None;
+    }
+    Some(([10, 20, 40][size] * 1024).min(opts.min_gpu_mib))
+}
+
+/// Offered load: GPU-seconds asked for over GPU-seconds between first and last submission.
+pub fn offered_load(jobs: &[SimJob], total_gpus: u32) -> f64 {
+    let first = jobs.iter().map(|j| j.submit_ms).min().unwrap_or(0);
+    let last = jobs.iter().map(|j| j.submit_ms).max().unwrap_or(0);
+    let work: f64 = jobs
+        .iter()
+        .map(|j| j.duration_ms as f64 * j.gpus as f64)
+        .sum();
+    work / (total_gpus as f64 * (last - first).max(1) as f64)
+}
+
+/// Stretches or squeezes the gaps between submissions so that the offered load is `load`.
+fn rescale_to_load(jobs: &mut [SimJob], total_gpus: u32, load: f64) {
+    let factor = offered_load(jobs, total_gpus) / load;
+    let first = jobs.iter().map(|j| j.submit_ms).min().unwrap_or(0);
+    for job in jobs {
+        job.submit_ms = first + ((job.submit_ms - first) as f64 * factor).round() as Millis;
+    }
+}
+
+/// The flood scenario: user `flood` submits 500 1-GPU jobs at t=0 (durations drawn from the
+/// trace's 1-GPU jobs); nine users `steady1..9` submit jobs drawn from the trace (GPU count and
+/// duration), Poisson arrivals at an offered load of 0.5 of the machine, for as long as the
+/// flood alone would keep the whole machine busy. All jobs are exclusive; limits as usual.
+pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> {
+    const FLOOD_JOBS: usize = 500;
+    const STEADY_USERS: u32 = 9;
+    const STEADY_LOAD: f64 = 0.5;
+    let mut rng = Rng::new(opts.seed);
+    let limit = |d: Millis| Some((d as f64 / 1000.0 * opts.limit_factor).ceil() as u64);
+    let single: Vec<&TraceRow> = rows.iter().filter(|r| r.gpus == 1).collect();
+    let mut jobs = Vec::new();
+    let mut flood_work_ms = 0u64;
+    for _ in 0..FLOOD_JOBS {
+        let row = single[rng.below(single.len())];
+        flood_work_ms += row.duration_ms;
+        jobs.push(SimJob {
+            submit_ms: 0,
+            duration_ms: row.duration_ms,
+            gpus: 1,
+            uid: 1000,
+            user: "flood".into(),
+            mem_mib: None,
+            time_limit_s: limit(row.duration_ms),
+        });
+    }
+    let horizon_ms = flood_work_ms as f64 / opts.total_gpus as f64;
+    let mean_work_ms = rows
+        .iter()
+        .map(|r| r.duration_ms as f64 * r.gpus.min(opts.total_gpus) as f64)
+        .sum::<f64>()
+        / rows.len().max(1) as f64;
+    // Arrival rate so that the steady users' work is STEADY_LOAD of the machine.
+    let mean_gap_ms = mean_work_ms / (STEADY_LOAD * opts.total_gpus as f64);
+    let mut t = 0.0;
+    loop {
+        t += -mean_gap_ms * (1.0 - rng.unit()).ln();
+        if t >= horizon_ms {
+            break;
+        }
+        let row = &rows[rng.below(rows.len())];
+        let k = 1 + rng.below(STEADY_USERS as usize) as u32;
+        jobs.push(SimJob {
+            submit_ms: t as Millis,
+            duration_ms: row.duration_ms,
+            gpus: row.gpus.min(opts.total_gpus),
+            uid: 1000 + k,
+            user: format!("steady{k}"),
+            mem_mib: None,
+            time_limit_s: limit(row.duration_ms),
+        });
+    }
+    jobs
+}

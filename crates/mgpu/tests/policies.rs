@@ -1,0 +1,113 @@
+//! Scheduling policies from the real binaries: backfill around a reservation, fair-share order,
+//! and what `mgpu_queue` says about waiting jobs.
+
+mod common;
+
+use common::*;
+
+fn detached(s: &Server, args: &[&str]) -> u64 {
+    let mut c = s.cmd("mgpu_srun");
+    c.args(["-d", "--parsable"]).args(args);
+    s.submit(c)
+}
+
+#[test]
+fn backfill_reserves_for_the_big_job_and_fills_around_it() {
+    let s = Server::start("2x24GiB", &["--policy", "backfill"]);
+    let a = detached(&s, &["-t", "60", "--", "sleep", "30"]);
+    s.wait_state(a, "RUNNING");
+    let big = detached(&s, &["--gpus", "2", "-t", "60", "--", "true"]);
+    let long = detached(&s, &["-t", "1000", "--", "sleep", "30"]);
+    // It would fit on the free GPU, but would still run when the big job is due.
+    assert_eq!(s.job(long).unwrap()["reason"], "Reservation");
+    let short = detached(&s, &["-t", "5", "--", "sleep", "30"]);
+    // The short job fits before the reservation; the long one would delay the big job.
+    s.wait_state(short, "RUNNING");
+    let q = s.queue_json();
+    let job = |id: u64| {
+        q["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(job(big)["state"], "PENDING");
+    assert!(
+        job(big)["est_start"].as_str().is_some(),
+        "the reserved job has an estimated start"
+    );
+    assert_eq!(job(long)["state"], "PENDING");
+    assert_eq!(job(long)["reason"], "Priority");
+    assert!(job(long)["priority"].is_number());
+    let table = text(&s.cmd("mgpu_queue").output().unwrap().stdout);
+    assert!(
+        table.contains("start by") && table.contains("policy: backfill"),
+        "{table}"
+    );
+}
+
+#[test]
+fn fair_share_puts_a_light_user_before_a_heavy_one() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &["--policy", "fair"]);
+    // a uses the GPU for a while and queues more; b arrives later with one job.
+    let first = {
+        let mut c = s.cmd_as(&a, "mgpu_srun");
+        c.args(["-d", "--parsable", "--", "sleep", "2"]);
+        s.submit(c)
+    };
+    s.wait_state(first, "RUNNING");
+    let a_more: Vec<u64> = (0..3)
+        .map(|_| {
+            let mut c = s.cmd_as(&a, "mgpu_srun");
+            c.args(["-d", "--parsable", "--", "sleep", "2"]);
+            s.submit(c)
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let b_job = {
+        let mut c = s.cmd_as(&b, "mgpu_srun");
+        c.args(["-d", "--parsable", "--", "sleep", "30"]);
+        s.submit(c)
+    };
+    // b has used nothing: its job goes ahead of a's waiting ones.
+    let order: Vec<u64> = s.queue_json()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["state"] == "PENDING")
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order[0], b_job, "{order:?}");
+    assert_eq!(&order[1..], &a_more[..], "FIFO within one user");
+    // a's first waiting job already holds the reservation (a reservation is kept, so nobody
+    // starves); b's job runs right after it, before a's others.
+    s.wait_state(b_job, "RUNNING");
+    assert_eq!(s.job(a_more[1]).unwrap()["state"], "PENDING");
+    assert_eq!(s.job(a_more[2]).unwrap()["state"], "PENDING");
+}
+
+#[test]
+fn only_root_may_raise_priority() {
+    let Some((a, _)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["--nice", "-5", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("only root"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["--nice", "5", "--no-venv", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

@@ -42,6 +42,14 @@ pub enum Stopping {
 }
 
 impl Scheduler {
+    /// Running jobs, by id, from the GPU books: costs what runs, not what waits.
+    fn running_ids(&self) -> Vec<JobId> {
+        let mut ids: Vec<JobId> = self.gpus.iter().flat_map(|g| g.jobs()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     /// When the running job's slice ends, if it has a limit.
     pub fn slice_end(&self, id: JobId) -> Option<Millis> {
         let job = self.jobs.get(&id)?;
@@ -50,16 +58,25 @@ impl Scheduler {
     }
 
     /// Decides what must happen now. Each action is returned once: the job is marked.
+    ///
+    /// Switches are chosen greedily, oldest slice end first, on a copy of the GPU books: an
+    /// overdue job is switched only together with what it takes for one waiting job (the first
+    /// in priority order that fits then, and is not already counted for another switch) to fit
+    /// into what they free. So one waiting job does not cause several switches, and a waiting
+    /// multi-GPU job can be served by switching several overdue jobs together.
     pub fn time_actions(&mut self, now: Millis) -> Vec<TimeAction> {
         let mut actions = Vec::new();
-        let mut running: Vec<JobId> = self
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Running && j.stopping.is_none())
-            .filter(|j| j.started_at.is_some() && self.effective_limit_s(&j.request).is_some())
-            .map(|j| j.id)
+        let mut overdue = Vec::new();
+        let running: Vec<JobId> = self
+            .running_ids()
+            .into_iter()
+            .filter(|id| {
+                let j = &self.jobs[id];
+                j.stopping.is_none()
+                    && j.started_at.is_some()
+                    && self.effective_limit_s(&j.request).is_some()
+            })
             .collect();
-        running.sort_unstable();
         for id in running {
             let end = self.slice_end(id).expect("filtered on a limit");
             let job = &self.jobs[&id];
@@ -80,30 +97,48 @@ impl Scheduler {
                 .request
                 .max_restarts
                 .is_some_and(|max| job.restarts >= max);
-            let action = if job.request.no_requeue || out_of_restarts {
-                Some((TimeAction::Timeout { job: id }, Stopping::Timeout))
-            } else if self.someone_could_use(id) {
-                Some((TimeAction::Requeue { job: id }, Stopping::Requeue))
+            if job.request.no_requeue || out_of_restarts {
+                actions.push(TimeAction::Timeout { job: id });
+                self.jobs.get_mut(&id).expect("job exists").stopping = Some(Stopping::Timeout);
             } else {
-                None // nobody waits for it: it keeps running
-            };
-            if let Some((action, stopping)) = action {
-                actions.push(action);
-                self.jobs.get_mut(&id).expect("job exists").stopping = Some(stopping);
+                overdue.push((end, id));
+            }
+        }
+        if overdue.is_empty() || self.pending.is_empty() {
+            return actions; // nobody waits: overdue jobs keep running
+        }
+        overdue.sort_unstable();
+        let mut books = self.gpus.clone();
+        let mut served = std::collections::HashSet::new();
+        let mut tentative = Vec::new();
+        for (_, id) in overdue {
+            placement::release(&mut books, id, &self.jobs[&id].request);
+            tentative.push(id);
+            if let Some((waiting, gpus)) = self.first_fit_waiting(&books, &served) {
+                placement::reserve(&mut books, &gpus, waiting, &self.jobs[&waiting].request);
+                served.insert(waiting);
+                for id in tentative.drain(..) {
+                    actions.push(TimeAction::Requeue { job: id });
+                    self.jobs.get_mut(&id).expect("job exists").stopping = Some(Stopping::Requeue);
+                }
             }
         }
         actions
     }
 
-    /// Would a waiting job (that cannot start now) fit if `id` released its GPUs?
-    pub(crate) fn someone_could_use(&self, id: JobId) -> bool {
-        let job = &self.jobs[&id];
-        let mut freed = self.gpus.clone();
-        placement::release(&mut freed, id, &job.request);
+    /// The first waiting job, in priority order, that fits on `books` and is not in `served`.
+    fn first_fit_waiting(
+        &self,
+        books: &[crate::GpuState],
+        served: &std::collections::HashSet<JobId>,
+    ) -> Option<(JobId, Vec<u32>)> {
         let mut tried = std::collections::HashSet::new();
-        self.pending.values().any(|pid| {
-            let r = &self.jobs[pid].request;
-            tried.insert((r.gpus, r.mem_mib)) && placement::choose(&freed, r).is_some()
+        self.pending_in_priority_order().find_map(|pid| {
+            let r = &self.jobs[&pid].request;
+            if served.contains(&pid) || !tried.insert((r.gpus, r.mem_mib)) {
+                return None;
+            }
+            placement::choose(books, r).map(|g| (pid, g))
         })
     }
 
@@ -111,9 +146,10 @@ impl Scheduler {
     /// a slice end after `now`). Jobs already past their slice are looked at again on every
     /// event, so they need no timer.
     pub fn next_deadline(&self, now: Millis) -> Option<Millis> {
-        self.jobs
-            .values()
-            .filter(|j| j.state == JobState::Running && j.stopping.is_none())
+        self.running_ids()
+            .into_iter()
+            .map(|id| &self.jobs[&id])
+            .filter(|j| j.stopping.is_none())
             .filter_map(|j| {
                 let end = self.slice_end(j.id)?;
                 let warn = j

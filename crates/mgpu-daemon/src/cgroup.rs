@@ -116,6 +116,32 @@ pub unsafe fn enter(procs: &CString) -> bool {
     ok
 }
 
+/// Removes job cgroups left by supervisors that are gone (empty ones only).
+pub fn remove_stale() {
+    let Some(base) = cgroup2_mount()
+        .zip(own_cgroup())
+        .map(|(m, own)| m.join(own).join("mgpu-jobs"))
+    else {
+        return;
+    };
+    let Ok(dir) = std::fs::read_dir(&base) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.rsplit('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
 /// Whether this machine gives jobs their own cgroup (for logs).
 pub fn available() -> bool {
     cgroup2_mount()

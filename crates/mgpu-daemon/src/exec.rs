@@ -44,7 +44,11 @@ pub struct Launch {
     /// Whose job it is; the supervisor resolves the account (and groups) just before the fork.
     pub uid: u32,
     pub gpus: Vec<u32>,
+    /// Which run this is: the job's restart count.
     pub restarts: u32,
+    /// When the scheduler started this run (its time slice counts from here).
+    #[serde(default)]
+    pub started_at: mgpu_core::Millis,
     pub spec: LaunchSpec,
     /// Drop privileges to the account (the server runs as root).
     pub switch_user: bool,
@@ -230,6 +234,15 @@ pub fn start(
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // The supervisor shields itself from the OOM killer; the job must not inherit that.
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
             // Into the job's cgroup while still root; everything it starts stays there.
             if let Some(procs) = &cgroup_procs {
                 if !crate::cgroup::enter(procs) {
@@ -353,6 +366,7 @@ mod tests {
             uid: acct.uid,
             gpus: vec![1, 3],
             restarts: 0,
+            started_at: 0,
             spec,
             switch_user: true,
             log_path: "/dev/null".into(),
@@ -389,6 +403,7 @@ mod tests {
             uid: acct.uid,
             gpus: vec![0],
             restarts: 0,
+            started_at: 0,
             spec,
             switch_user: false,
             log_path: "/dev/null".into(),

@@ -14,34 +14,43 @@ use crate::state::outcome_of;
 use crate::store::{Ending, Recovered};
 use crate::supervisor::{ExitRecord, StopReason};
 
-/// What the run directory of a job says.
+/// What a job's newest run directory says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunProbe {
-    /// There is none: the job was not started (or its end is already recorded).
-    NotStarted,
-    /// Its supervisor wrote its exit record.
-    Exited(ExitRecord),
-    /// Its supervisor is alive (its socket answers); the job holds these GPUs.
-    Alive { gpus: Vec<u32> },
-    /// The supervisor is gone without a record.
-    Gone,
+    /// The job has no run directory: never started (or its end is already recorded).
+    NoRun,
+    /// Run `run` was prepared but never forked (no marker, no supervisor): it did not run.
+    NotForked { run: u32 },
+    /// Run `run`'s supervisor wrote its exit record.
+    Exited { run: u32, rec: ExitRecord },
+    /// Run `run`'s supervisor is alive (its socket answers); the job holds these GPUs since
+    /// `started_at`.
+    Alive {
+        run: u32,
+        gpus: Vec<u32>,
+        started_at: Millis,
+    },
+    /// Run `run` was forked, but its supervisor is gone without a record.
+    Gone { run: u32 },
 }
 
 /// The result: a scheduler holding the live and queued jobs, and what to record in the store.
 pub struct Plan {
     pub sched: Scheduler,
     pub specs: HashMap<JobId, LaunchSpec>,
-    /// Running jobs to reconnect to.
-    pub adopt: Vec<JobId>,
-    /// Running jobs that could not be re-booked (e.g. their GPU is no longer managed): their
+    /// Running jobs to reconnect to, with their run number.
+    pub adopt: Vec<(JobId, u32)>,
+    /// Runs that could not be re-booked (e.g. their GPU is no longer managed): their
     /// supervisors must be told to stop.
-    pub orphaned: Vec<JobId>,
-    /// Ends to record (and run directories to remove).
+    pub orphaned: Vec<(JobId, u32)>,
+    /// Ends to record.
     pub ended: Vec<(JobId, Ending)>,
-    /// Jobs context-switched while the server was down, to record as requeued (at that time).
-    pub requeued: Vec<(JobId, Millis)>,
-    /// Run directories of finished runs to remove (besides those of `ended`).
-    pub finished_runs: Vec<JobId>,
+    /// Jobs context-switched while the server was down: (job, when, its next run number).
+    pub requeued: Vec<(JobId, Millis, u32)>,
+    /// Runs whose supervisor is gone: whatever is left of them must be killed.
+    pub lost_runs: Vec<(JobId, u32)>,
+    /// Run directories of finished runs to remove once the store has the outcome.
+    pub finished_runs: Vec<(JobId, u32)>,
 }
 
 pub fn recover(
@@ -52,40 +61,44 @@ pub fn recover(
     probe: impl Fn(JobId) -> RunProbe,
 ) -> Plan {
     let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
-    let mut plan_specs = HashMap::new();
+    let mut specs = HashMap::new();
     let (mut adopt, mut orphaned, mut ended) = (Vec::new(), Vec::new(), Vec::new());
-    let failed = |message: String| Ending {
+    let (mut requeued, mut lost_runs, mut finished_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let failed = |message: &str| Ending {
         state: JobState::Failed,
         at: now,
         exit_code: None,
         signal: None,
-        message: Some(message),
+        message: Some(message.to_string()),
     };
-    // Jobs that were started (even if the store did not hear of it before a crash) come
-    // first: their GPUs are taken before anything new is placed.
-    let mut queued = Vec::new();
-    let (mut switched, mut requeued, mut finished_runs) = (Vec::new(), Vec::new(), Vec::new());
-    for job in recovered.running.into_iter().chain(recovered.pending) {
-        let was_running = job.started_at.is_some();
+    // Started runs come first: their GPUs are taken before anything new is placed. Jobs
+    // switched while the server was down go to the end, after the queue as it was.
+    let (mut queued, mut switched) = (Vec::new(), Vec::new());
+    for mut job in recovered.running.into_iter().chain(recovered.pending) {
+        let recorded_running = job.started_at.is_some();
         match probe(job.id) {
-            RunProbe::NotStarted if !was_running => queued.push(job),
-            RunProbe::NotStarted | RunProbe::Gone => ended.push((
+            RunProbe::NoRun if !recorded_running => queued.push(job),
+            // Recorded as running, but no trace of any run: its outcome cannot be known.
+            RunProbe::NoRun => ended.push((
                 job.id,
-                failed("mgpu: the job's supervisor vanished while the server was down; its outcome is unknown".into()),
+                failed("mgpu: the job's run directory vanished while the server was down; its outcome is unknown"),
             )),
-            // Context-switched while the server was down: back to the end of the queue.
-            RunProbe::Exited(rec)
+            RunProbe::NotForked { run } => {
+                // Prepared, never started: it simply runs (again) from the queue.
+                job.restarts = run;
+                finished_runs.push((job.id, run));
+                queued.push(job);
+            }
+            RunProbe::Exited { run, rec }
                 if rec.stopped == Some(StopReason::Requeue) && rec.start_error.is_none() =>
             {
-                let mut job = job;
-                if was_running {
-                    job.restarts += 1;
-                    requeued.push((job.id, rec.ended_at));
-                }
-                finished_runs.push(job.id);
+                job.restarts = run + 1;
+                job.submitted_at = rec.ended_at;
+                requeued.push((job.id, rec.ended_at, run + 1));
+                finished_runs.push((job.id, run));
                 switched.push(job);
             }
-            RunProbe::Exited(rec) => {
+            RunProbe::Exited { run, rec } => {
                 let o = outcome_of(job.id, &rec);
                 ended.push((
                     job.id,
@@ -97,50 +110,65 @@ pub fn recover(
                         message: o.message,
                     },
                 ));
+                finished_runs.push((job.id, run));
             }
-            RunProbe::Alive { gpus } => {
-                let started_at = job.started_at.unwrap_or(now);
+            RunProbe::Alive {
+                run,
+                gpus,
+                started_at,
+            } => {
+                // The run's own record is the truth (the store may lag behind it).
                 match sched.restore_running(
                     job.id,
                     job.request,
                     gpus,
                     job.submitted_at,
                     started_at,
-                    job.restarts,
+                    run,
                 ) {
                     Ok(()) => {
-                        plan_specs.insert(job.id, job.spec);
-                        adopt.push(job.id);
+                        specs.insert(job.id, job.spec);
+                        adopt.push((job.id, run));
                     }
                     Err(e) => {
-                        orphaned.push(job.id);
+                        orphaned.push((job.id, run));
                         ended.push((
                             job.id,
-                            failed(format!("mgpu: could not re-adopt the job after a restart: {e}")),
+                            failed(&format!("mgpu: could not re-adopt the job after a restart: {e}")),
                         ));
                     }
                 }
             }
+            RunProbe::Gone { run } => {
+                ended.push((
+                    job.id,
+                    failed("mgpu: the job's supervisor vanished while the server was down; its outcome is unknown"),
+                ));
+                lost_runs.push((job.id, run));
+                finished_runs.push((job.id, run));
+            }
         }
     }
+    queued.sort_by_key(|j| (j.submitted_at, j.id));
     for job in queued.into_iter().chain(switched) {
         match sched.restore_pending(job.id, job.request, job.submitted_at, job.restarts) {
             Ok(()) => {
-                plan_specs.insert(job.id, job.spec);
+                specs.insert(job.id, job.spec);
             }
             Err(e) => ended.push((
                 job.id,
-                failed(format!("mgpu: refused after a restart: {e}")),
+                failed(&format!("mgpu: refused after a restart: {e}")),
             )),
         }
     }
     Plan {
         sched,
-        specs: plan_specs,
+        specs,
         adopt,
         orphaned,
         ended,
         requeued,
+        lost_runs,
         finished_runs,
     }
 }
@@ -218,7 +246,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (store, rec) = Store::open(dir.path()).unwrap();
             let mut store = Some(store);
-            let mut sched = recover(gpus(), Config::default(), rec, 0, |_| RunProbe::NotStarted).sched;
+            let mut sched = recover(gpus(), Config::default(), rec, 0, |_| RunProbe::NoRun).sched;
             let mut runs: HashMap<JobId, Run> = HashMap::new();
             let mut starts: HashMap<JobId, usize> = HashMap::new();
             let mut submitted: Vec<JobId> = Vec::new();
@@ -277,9 +305,9 @@ mod tests {
                         }
                         let (st2, rec) = Store::open(dir.path()).unwrap();
                         let plan = recover(gpus(), Config::default(), rec, now, |id| match runs.get(&id) {
-                            None => RunProbe::NotStarted,
-                            Some(Run::Exited(r)) => RunProbe::Exited(r.clone()),
-                            Some(Run::Alive(g)) => RunProbe::Alive { gpus: g.clone() },
+                            None => RunProbe::NoRun,
+                            Some(Run::Exited(r)) => RunProbe::Exited { run: 0, rec: r.clone() },
+                            Some(Run::Alive(g)) => RunProbe::Alive { run: 0, gpus: g.clone(), started_at: 0 },
                         });
                         for (id, ending) in &plan.ended {
                             st2.ended(*id, ending.clone());

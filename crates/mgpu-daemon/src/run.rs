@@ -257,20 +257,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let runs_dir = state_dir.join("runs");
     private_dir(&runs_dir, "run directory")?;
-    let probe = |id: JobId| {
-        let dir = runs_dir.join(id.to_string());
-        let Some(launch) = supervisor::read_launch(&dir) else {
-            return RunProbe::NotStarted;
-        };
-        if let Some(rec) = supervisor::read_exit(&dir) {
-            RunProbe::Exited(rec)
-        } else if std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok()
-        {
-            RunProbe::Alive { gpus: launch.gpus }
-        } else {
-            RunProbe::Gone
-        }
-    };
+    let probe = |id: JobId| probe_runs(&runs_dir.join(id.to_string()));
     let half_life_ms = config.fair.half_life_s * 1000;
     let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
     // Fair share remembers recent usage across restarts: it is rebuilt from the records.
@@ -286,13 +273,18 @@ async fn run(args: Args) -> Result<()> {
         plan.sched
             .charge_history(&request, gpu_ids, *started_at, *ended_at, now);
     }
-    for (id, at) in &plan.requeued {
+    for (id, at, restarts) in &plan.requeued {
         tracing::info!(
             job = id,
             "job was context-switched while the server was down; requeued"
         );
-        store.requeued(*id, *at);
+        store.requeued(*id, *at, *restarts);
     }
+    for (id, run) in &plan.lost_runs {
+        // Whatever a vanished supervisor left behind dies before its GPUs are reused.
+        supervisor::kill_run_cgroup(&runs_dir.join(id.to_string()).join(format!("r{run}")));
+    }
+    crate::cgroup::remove_stale();
     for (id, ending) in &plan.ended {
         tracing::warn!(job = id, state = ending.state.as_str(), message = ?ending.message, "recorded the end of a job from before the restart");
         store.ended(*id, ending.clone());
@@ -326,25 +318,17 @@ async fn run(args: Args) -> Result<()> {
     );
     {
         let mut inner = daemon.lock();
-        for id in &plan.adopt {
-            tracing::info!(job = id, "re-adopting running job");
-            daemon.adopt(&mut inner, *id);
+        for (id, run) in &plan.adopt {
+            tracing::info!(job = id, run, "re-adopting running job");
+            daemon.adopt(&mut inner, *id, *run);
+        }
+        for (id, run) in &plan.finished_runs {
+            daemon.forget_run_dir(*id, *run);
         }
         daemon.schedule(&mut inner);
     }
-    for id in plan
-        .ended
-        .iter()
-        .map(|(id, _)| id)
-        .chain(&plan.finished_runs)
-    {
-        daemon.forget_run_dir(*id);
-    }
-    for id in plan.orphaned {
-        tokio::spawn(stop_orphan(
-            runs_dir.join(id.to_string()),
-            args.grace_period,
-        ));
+    for (id, run) in plan.orphaned {
+        tokio::spawn(stop_orphan(daemon.run_dir(id, run), args.grace_period));
     }
     tokio::spawn(watch_gpus(daemon.clone(), backend));
     tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
@@ -388,6 +372,42 @@ async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
             Err(e) => tracing::warn!(error = %e, "purging old job records failed"),
         }
         tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+/// What a job's newest run directory says (older runs are over: they are removed).
+fn probe_runs(job_dir: &Path) -> RunProbe {
+    let mut runs: Vec<u32> = std::fs::read_dir(job_dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix('r')?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    runs.sort_unstable();
+    let Some(&run) = runs.last() else {
+        return RunProbe::NoRun;
+    };
+    for old in &runs[..runs.len() - 1] {
+        let _ = std::fs::remove_dir_all(job_dir.join(format!("r{old}")));
+    }
+    let dir = job_dir.join(format!("r{run}"));
+    if let Some(rec) = supervisor::read_exit(&dir) {
+        return RunProbe::Exited { run, rec };
+    }
+    let alive = std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok();
+    match supervisor::read_launch(&dir) {
+        Some(launch) if alive => RunProbe::Alive {
+            run,
+            gpus: launch.gpus,
+            started_at: launch.started_at,
+        },
+        _ => match supervisor::read_exit(&dir) {
+            // It finished between our two looks.
+            Some(rec) => RunProbe::Exited { run, rec },
+            None if dir.join(supervisor::FORKED_FILE).exists() => RunProbe::Gone { run },
+            None => RunProbe::NotForked { run },
+        },
     }
 }
 

@@ -77,8 +77,8 @@ struct RunningJob {
     /// The job's process group, once its supervisor said hello (0 before).
     pgid: i32,
     stopping: Option<StopReason>,
-    /// Commands to its supervisor.
-    cmds: mpsc::Sender<SupervisorCmd>,
+    /// Commands to its supervisor (few per run, so unbounded: a stop is never dropped).
+    cmds: mpsc::UnboundedSender<SupervisorCmd>,
 }
 
 pub struct Inner {
@@ -194,7 +194,7 @@ impl Daemon {
                 TimeAction::Warn { job, signal } => {
                     tracing::info!(job, signal, "sending the time-limit warning signal");
                     if let Some(run) = inner.running.get(&job) {
-                        let _ = run.cmds.try_send(SupervisorCmd::Signal { signal });
+                        let _ = run.cmds.send(SupervisorCmd::Signal { signal });
                     }
                 }
                 TimeAction::Requeue { job } => {
@@ -258,6 +258,7 @@ impl Daemon {
             uid,
             gpus: a.gpus.clone(),
             restarts: job.restarts,
+            started_at: job.started_at.unwrap_or_else(now_ms),
             spec,
             switch_user: self.settings.multi_user,
             log_path: self.log_path(id),
@@ -265,7 +266,7 @@ impl Daemon {
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
-        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         inner.running.insert(
             id,
             RunningJob {
@@ -274,13 +275,12 @@ impl Daemon {
                 cmds: cmd_tx,
             },
         );
-        let started_at = job.started_at.unwrap_or_else(now_ms);
-        tokio::spawn(start_run(self.clone(), launch, started_at, cmd_rx));
+        tokio::spawn(start_run(self.clone(), launch, cmd_rx));
     }
 
-    /// Re-adopts a job whose supervisor outlived the previous daemon.
-    pub fn adopt(self: &Arc<Self>, inner: &mut Inner, id: JobId) {
-        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    /// Re-adopts run `run` of a job whose supervisor outlived the previous daemon.
+    pub fn adopt(self: &Arc<Self>, inner: &mut Inner, id: JobId, run: u32) {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         inner.running.insert(
             id,
             RunningJob {
@@ -289,17 +289,18 @@ impl Daemon {
                 cmds: cmd_tx,
             },
         );
-        tokio::spawn(supervise_link(
-            self.clone(),
-            id,
-            self.run_dir(id),
-            None,
-            cmd_rx,
-        ));
+        tokio::spawn(supervise_link(self.clone(), id, run, None, cmd_rx));
     }
 
-    pub fn run_dir(&self, id: JobId) -> PathBuf {
+    /// The directory of all runs of a job.
+    pub fn job_dir(&self, id: JobId) -> PathBuf {
         self.settings.runs_dir.join(id.to_string())
+    }
+
+    /// The directory of one run of a job: each run has its own, so cleaning up after one run
+    /// never touches the next.
+    pub fn run_dir(&self, id: JobId, run: u32) -> PathBuf {
+        self.job_dir(id).join(format!("r{run}"))
     }
 
     fn open_log(&self, id: JobId) -> std::io::Result<File> {
@@ -350,7 +351,7 @@ impl Daemon {
     }
 
     /// The job's processes are gone: record how it ended and schedule what can now start.
-    fn job_exited(self: &Arc<Self>, id: JobId, rec: ExitRecord) {
+    fn job_exited(self: &Arc<Self>, id: JobId, run: u32, rec: ExitRecord) {
         let mut inner = self.lock();
         if inner
             .sched
@@ -359,21 +360,21 @@ impl Daemon {
         {
             return;
         }
-        // While we live, the core knows best why the job was stopped (a cancel may have
-        // overridden a context switch); after a restart the supervisor's record says it.
+        // The supervisor's record says whether a stop took effect (a job that exited by itself
+        // while a stop was on its way ended naturally). Only a cancel that arrived during a
+        // switch or timeout overrides the reason the supervisor acted on.
         let mut rec = rec;
-        if let Some(stopping) = inner.sched.job(id).and_then(|j| j.stopping) {
-            rec.stopped = Some(match stopping {
-                Stopping::Cancel => StopReason::Cancel,
-                Stopping::Requeue => StopReason::Requeue,
-                Stopping::Timeout => StopReason::Timeout,
-            });
+        if rec.stopped.is_some()
+            && inner.sched.job(id).and_then(|j| j.stopping) == Some(Stopping::Cancel)
+        {
+            rec.stopped = Some(StopReason::Cancel);
         }
         if rec.stopped == Some(StopReason::Requeue) && rec.start_error.is_none() {
-            let position = inner.sched.requeue(id, now_ms()).unwrap_or(0);
+            inner.sched.requeue(id, now_ms());
+            let position = inner.sched.queue_position(id).unwrap_or(0);
             tracing::info!(job = id, position, "job context-switched and requeued");
             inner.running.remove(&id);
-            self.store.requeued(id, now_ms());
+            self.store.requeued(id, now_ms(), run + 1);
             if let Some(tx) = inner.watchers.get(&id) {
                 let _ = tx.send(JobEvent::Requeued {
                     message: format!(
@@ -387,17 +388,32 @@ impl Daemon {
             inner.sched.finish(id, outcome.state);
             self.record_end(&mut inner, outcome);
         }
+        // Its run directory goes before anything is scheduled (the next run has its own).
+        self.forget_run_dir(id, run);
         self.schedule(&mut inner);
-        drop(inner);
-        self.forget_run_dir(id);
     }
 
-    /// The supervisor vanished without recording an exit (killed, or the machine rebooted).
-    fn job_lost(self: &Arc<Self>, id: JobId) {
-        let mut inner = self.lock();
-        if let Some(pgid) = inner.running.get(&id).map(|r| r.pgid).filter(|p| *p > 0) {
+    /// The supervisor vanished without recording an exit (killed, or the machine rebooted):
+    /// whatever is left of the job is killed before its GPUs are given back.
+    fn job_lost(self: &Arc<Self>, id: JobId, run: u32) {
+        let run_dir = self.run_dir(id, run);
+        let inner = self.lock();
+        let pgid = inner.running.get(&id).map(|r| r.pgid).filter(|p| *p > 0);
+        if inner
+            .sched
+            .job(id)
+            .is_none_or(|j| j.state != JobState::Running)
+        {
+            return;
+        }
+        // Still ours while the job is running (no pid reuse for a live group id); and its
+        // cgroup, if it had one, holds everything else.
+        if let Some(pgid) = pgid {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
+        drop(inner);
+        supervisor::kill_run_cgroup(&run_dir);
+        let mut inner = self.lock();
         if inner.sched.finish(id, JobState::Failed).is_none() {
             return;
         }
@@ -415,17 +431,18 @@ impl Daemon {
                 message: Some("mgpu: the job's supervisor died; its outcome is unknown".into()),
             },
         );
+        self.forget_run_dir(id, run);
         self.schedule(&mut inner);
-        drop(inner);
-        self.forget_run_dir(id);
     }
 
     /// Removes a finished run's directory once its end is committed to the store.
-    pub fn forget_run_dir(self: &Arc<Self>, id: JobId) {
+    pub fn forget_run_dir(self: &Arc<Self>, id: JobId, run: u32) {
         let daemon = self.clone();
         tokio::spawn(async move {
             daemon.store.flush().await;
-            let _ = std::fs::remove_dir_all(daemon.run_dir(id));
+            let _ = std::fs::remove_dir_all(daemon.run_dir(id, run));
+            // Only succeeds once no run is left.
+            let _ = std::fs::remove_dir(daemon.job_dir(id));
         });
     }
 
@@ -465,7 +482,7 @@ impl Daemon {
             grace_ms: self.settings.grace.as_millis() as u64,
             reason,
         };
-        if run.cmds.try_send(cmd).is_err() {
+        if run.cmds.send(cmd).is_err() {
             tracing::warn!(job = id, "cannot reach the job's supervisor to stop it");
         }
     }
@@ -545,24 +562,28 @@ fn mark_run(launch: &Launch) -> anyhow::Result<u64> {
 /// end of a socket pair as its stdin: the link exists before the job starts, so no output is
 /// missed. Returns its pid and our end of the link.
 fn spawn_supervisor(
+    job_dir: &Path,
     run_dir: &Path,
     launch: &Launch,
 ) -> anyhow::Result<(u32, std::os::unix::net::UnixStream)> {
     use anyhow::Context;
+    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(job_dir) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e).with_context(|| format!("creating {}", job_dir.display()));
+        }
+    }
+    // A leftover of this very run cannot be live (a run is started once); clear it.
     let _ = std::fs::remove_dir_all(run_dir);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(run_dir)
         .with_context(|| format!("creating {}", run_dir.display()))?;
-    // Durable before the job starts: after a crash, the run directory is the proof that the
-    // job was started, so it is never started twice.
+    // Written before the job starts: after a daemon crash the run directory is the proof that
+    // the job was started, so it is never started twice. (No fsync: a daemon crash keeps the
+    // page cache; an OS crash kills the job too, and then running it again is the right thing.)
     let mut f =
         File::create(run_dir.join(supervisor::LAUNCH_FILE)).context("writing launch.json")?;
     f.write_all(&serde_json::to_vec(launch)?)?;
-    f.sync_all()?;
-    if let Some(parent) = run_dir.parent() {
-        File::open(parent)?.sync_all()?;
-    }
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
     let errlog = File::create(run_dir.join("supervisor.log"))?;
     let mut cmd = std::process::Command::new("/proc/self/exe");
@@ -601,16 +622,16 @@ fn spawn_supervisor(
 async fn start_run(
     daemon: Arc<Daemon>,
     launch: Launch,
-    started_at: Millis,
-    cmds: mpsc::Receiver<SupervisorCmd>,
+    cmds: mpsc::UnboundedReceiver<SupervisorCmd>,
 ) {
     let id = launch.job;
+    let run = launch.restarts;
+    let started_at = launch.started_at;
     let gpus = launch.gpus.clone();
-    let run_dir = daemon.run_dir(id);
-    let dir = run_dir.clone();
+    let (job_dir, run_dir) = (daemon.job_dir(id), daemon.run_dir(id, run));
     let spawned = tokio::task::spawn_blocking(move || {
         let log_offset = mark_run(&launch)?;
-        let (pid, link) = spawn_supervisor(&dir, &launch)?;
+        let (pid, link) = spawn_supervisor(&job_dir, &run_dir, &launch)?;
         anyhow::Ok((pid, link, log_offset))
     })
     .await
@@ -626,7 +647,7 @@ async fn start_run(
             }
             tracing::info!(job = id, gpus = ?gpus, supervisor = pid, "job started");
             daemon.store.started(id, started_at, gpus, pid);
-            supervise_link(daemon, id, run_dir, Some(link), cmds).await;
+            supervise_link(daemon, id, run, Some(link), cmds).await;
         }
         Err(e) => {
             let mut inner = daemon.lock();
@@ -636,6 +657,7 @@ async fn start_run(
                 format!("mgpu: cannot start the job's supervisor: {e:#}"),
                 1,
             );
+            daemon.forget_run_dir(id, run);
             daemon.schedule(&mut inner);
         }
     }
@@ -646,10 +668,11 @@ async fn start_run(
 async fn supervise_link(
     daemon: Arc<Daemon>,
     id: JobId,
-    run_dir: PathBuf,
+    run: u32,
     initial: Option<std::os::unix::net::UnixStream>,
-    mut cmds: mpsc::Receiver<SupervisorCmd>,
+    mut cmds: mpsc::UnboundedReceiver<SupervisorCmd>,
 ) {
+    let run_dir = daemon.run_dir(id, run);
     let stream = match initial {
         Some(s) => s
             .set_nonblocking(true)
@@ -661,8 +684,8 @@ async fn supervise_link(
     };
     let Some(stream) = stream else {
         match supervisor::read_exit(&run_dir) {
-            Some(rec) => daemon.job_exited(id, rec),
-            None => daemon.job_lost(id),
+            Some(rec) => daemon.job_exited(id, run, rec),
+            None => daemon.job_lost(id, run),
         }
         return;
     };
@@ -677,7 +700,7 @@ async fn supervise_link(
                         daemon.set_pgid(id, pgid);
                     }
                     Ok(SupervisorMsg::Exited(rec)) => {
-                        daemon.job_exited(id, rec);
+                        daemon.job_exited(id, run, rec);
                         return;
                     }
                     Err(e) => tracing::warn!(job = id, error = %e, "bad message from supervisor"),
@@ -695,8 +718,8 @@ async fn supervise_link(
                 _ => {
                     // The link broke: the supervisor exited (its record says how) or died.
                     match supervisor::read_exit(&run_dir) {
-                        Some(rec) => daemon.job_exited(id, rec),
-                        None => daemon.job_lost(id),
+                        Some(rec) => daemon.job_exited(id, run, rec),
+                        None => daemon.job_lost(id, run),
                     }
                     return;
                 }

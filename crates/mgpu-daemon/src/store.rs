@@ -82,6 +82,7 @@ enum Op {
     Requeued {
         id: JobId,
         at: Millis,
+        restarts: u32,
     },
     Flush(oneshot::Sender<()>),
     Purge(Millis, oneshot::Sender<Result<Vec<JobId>, String>>),
@@ -236,8 +237,9 @@ impl Store {
     }
 
     /// The job goes back to PENDING (it will run again), e.g. when the server shuts down.
-    pub fn requeued(&self, id: JobId, at: Millis) {
-        self.send(Op::Requeued { id, at });
+    /// The job is back in the queue (at `at`) for its run number `restarts` (idempotent).
+    pub fn requeued(&self, id: JobId, at: Millis, restarts: u32) {
+        self.send(Op::Requeued { id, at, restarts });
     }
 
     /// Waits until everything sent so far is committed.
@@ -560,13 +562,13 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     e.message
                 ])?;
             }
-            Op::Requeued { id, at } => {
+            Op::Requeued { id, at, restarts } => {
                 tx.prepare_cached(
                     "UPDATE jobs SET state = 'PENDING', started_at = NULL, gpu_ids = NULL,
-                                     pid = NULL, restarts = restarts + 1, queued_at = ?2
+                                     pid = NULL, restarts = ?3, queued_at = ?2
                      WHERE id = ?1",
                 )?
-                .execute(params![*id as i64, *at as i64])?;
+                .execute(params![*id as i64, *at as i64, *restarts])?;
             }
             Op::Flush(_) => {}
             Op::Purge(before, _) => {

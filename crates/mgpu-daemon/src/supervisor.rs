@@ -36,6 +36,10 @@ pub const LAUNCH_FILE: &str = "launch.json";
 static CGROUP: std::sync::OnceLock<Option<JobCgroup>> = std::sync::OnceLock::new();
 pub const EXIT_FILE: &str = "exit.json";
 pub const SOCKET_FILE: &str = "sock";
+/// Written just before the job is forked: without it, a run never started.
+pub const FORKED_FILE: &str = "forked";
+/// The path of the run's cgroup, when it has one.
+pub const CGROUP_FILE: &str = "cgroup";
 
 /// Why a job is being stopped; echoed back in its [`ExitRecord`] so that the outcome is right
 /// even when the daemon restarted in between.
@@ -85,6 +89,26 @@ pub struct ExitRecord {
     pub ended_at: Millis,
 }
 
+/// Kills whatever is left in a run's cgroup (when it had one) and waits, bounded, until it is
+/// empty: for runs whose supervisor is gone.
+pub fn kill_run_cgroup(run_dir: &Path) {
+    let Ok(dir) = std::fs::read_to_string(run_dir.join(CGROUP_FILE)) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let (kill, events) = (dir.join("cgroup.kill"), dir.join("cgroup.events"));
+    for _ in 0..400 {
+        let _ = std::fs::write(&kill, "1");
+        match std::fs::read_to_string(&events) {
+            Ok(e) if e.lines().any(|l| l == "populated 1") => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            _ => break,
+        }
+    }
+    let _ = std::fs::remove_dir(&dir);
+}
+
 /// Reads a run's launch record; `None` when the job was never started there.
 pub fn read_launch(run_dir: &Path) -> Option<Launch> {
     let text = std::fs::read(run_dir.join(LAUNCH_FILE)).ok()?;
@@ -106,6 +130,8 @@ struct Shared {
     conn: Option<UnixStream>,
     pgid: i32,
     stop: Option<StopReason>,
+    /// The job's main process has exited: a stop arriving now has nothing to stop.
+    leader_done: bool,
     exit: Option<ExitRecord>,
 }
 
@@ -120,6 +146,9 @@ fn lock(s: &SharedState) -> std::sync::MutexGuard<'_, Shared> {
 fn send(shared: &mut Shared, frame: &Frame) {
     if let Some(conn) = shared.conn.as_mut() {
         if write_frame(conn, frame).is_err() {
+            // Shut it down, not just drop it: the command reader holds a clone, and the daemon
+            // must see the end to reconnect.
+            let _ = conn.shutdown(std::net::Shutdown::Both);
             shared.conn = None;
         }
     }
@@ -169,6 +198,7 @@ fn run(run_dir: &Path) -> Result<()> {
             conn: None,
             pgid: 0,
             stop: None,
+            leader_done: false,
             exit: None,
         }),
         Condvar::new(),
@@ -180,9 +210,19 @@ fn run(run_dir: &Path) -> Result<()> {
         std::thread::spawn(move || accept_loop(listener, shared));
     }
 
+    // The job's supervisor must outlive an out-of-memory job, or the job escapes its books.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let cgroup = CGROUP
         .get_or_init(|| JobCgroup::create(launch.job))
         .as_ref();
+    if let Some(cg) = cgroup {
+        std::fs::write(
+            run_dir.join(CGROUP_FILE),
+            cg.dir.as_os_str().as_encoded_bytes(),
+        )
+        .context("recording the job's cgroup")?;
+    }
+    std::fs::write(run_dir.join(FORKED_FILE), b"").context("marking the run as started")?;
     // Resolved now, in the job's parent: the forked child only makes async-signal-safe calls.
     let started = match crate::users::account(launch.uid) {
         Ok(account) => exec::start(&launch, &account, cgroup.map(|c| &c.procs)),
@@ -212,15 +252,22 @@ fn run(run_dir: &Path) -> Result<()> {
             if let Some(conn) = initial {
                 register(&shared, conn);
             }
+            sync_exit(run_dir);
             return Ok(());
         }
         Ok(started) => run_job(started, &shared, initial),
     };
     write_exit(run_dir, &record)?;
-    let mut s = lock(&shared);
-    s.exit = Some(record.clone());
-    send(&mut s, &Frame::control(&SupervisorMsg::Exited(record)));
-    shared.1.notify_all();
+    {
+        let mut s = lock(&shared);
+        s.exit = Some(record.clone());
+        send(&mut s, &Frame::control(&SupervisorMsg::Exited(record)));
+        shared.1.notify_all();
+    }
+    // Durable for the case nobody heard it (the daemon was down and the OS then crashed); off
+    // the path to the daemon, which records the end in its own store. The log too.
+    sync_exit(run_dir);
+    let _ = lock(&shared).log.sync_data();
     Ok(())
 }
 
@@ -287,9 +334,11 @@ fn run_job(
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == leader => {
                 leader_status = Some((Some(code), None));
+                lock(shared).leader_done = true;
             }
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == leader => {
                 leader_status = Some((None, Some(sig as i32)));
+                lock(shared).leader_done = true;
             }
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(_) => break,
@@ -318,7 +367,6 @@ fn run_job(
     }
     let (exit_code, signal) = leader_status.unwrap_or((None, None));
     let s = lock(shared);
-    let _ = s.log.sync_data();
     ExitRecord {
         exit_code,
         signal,
@@ -452,6 +500,9 @@ fn command_loop(mut conn: UnixStream, shared: SharedState) {
             SupervisorCmd::Stop { grace_ms, reason } => {
                 let (pgid, first) = {
                     let mut s = lock(&shared);
+                    if s.leader_done {
+                        continue; // it ended by itself: its natural exit stands
+                    }
                     let first = s.stop.is_none();
                     // A cancel overrides a context switch already under way (no new signals).
                     if first || reason == StopReason::Cancel {
@@ -482,11 +533,20 @@ fn command_loop(mut conn: UnixStream, shared: SharedState) {
 
 /// Writes `exit.json` durably (temp file, fsync, rename, fsync of the directory).
 fn write_exit(run_dir: &Path, record: &ExitRecord) -> Result<()> {
+    // Written whole, then renamed into place: a reader never sees half a record.
     let tmp: PathBuf = run_dir.join("exit.json.tmp");
     let mut f = File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(record)?)?;
-    f.sync_all()?;
     std::fs::rename(&tmp, run_dir.join(EXIT_FILE))?;
-    File::open(run_dir)?.sync_all()?;
     Ok(())
+}
+
+/// Flushes `exit.json` and its directory entry to disk (the daemon may have removed them).
+fn sync_exit(run_dir: &Path) {
+    if let Ok(f) = File::open(run_dir.join(EXIT_FILE)) {
+        let _ = f.sync_all();
+    }
+    if let Ok(d) = File::open(run_dir) {
+        let _ = d.sync_all();
+    }
 }

@@ -9,13 +9,19 @@ use std::time::Duration;
 use common::*;
 
 fn acct(s: &Server, id: u64) -> serde_json::Value {
-    let out = s
-        .cmd("mgpu_acct")
-        .args(["--json", "-j", &id.to_string()])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["jobs"][0].clone()
+    // The record lands right after the job leaves the queue.
+    let mut rec = serde_json::Value::Null;
+    wait_until(Duration::from_secs(10), || {
+        let out = s
+            .cmd("mgpu_acct")
+            .args(["--json", "-j", &id.to_string()])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rec = v["jobs"][0].clone();
+        !rec.is_null()
+    });
+    rec
 }
 
 fn detached(s: &Server, args: &[&str]) -> u64 {

@@ -149,6 +149,8 @@ async fn follow_until_end(
                     if let Some(pos) = sent {
                         send_log_range(daemon, id, pos, None, conn).await?;
                     }
+                    // The end is on record before the client hears it (mgpu_acct agrees).
+                    daemon.store.flush().await;
                     return match who {
                         Follower::Srun { .. } => send(conn, &Response::Finished(outcome)).await,
                         Follower::Log => send(conn, &Response::LogEnd { job: id, state: Some(outcome.state) }).await,

@@ -11,11 +11,9 @@
 
 use std::ffi::CString;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use mgpu_core::JobId;
 use mgpu_proto::Venv;
@@ -41,8 +39,12 @@ pub struct LaunchSpec {
 pub struct Launch {
     pub job: JobId,
     pub name: String,
-    /// Whose job it is; the supervisor resolves the account (and groups) just before the fork.
+    /// Whose job it is.
     pub uid: u32,
+    /// Its account and groups, resolved by the daemon just before the run (the supervisor
+    /// resolves them itself when absent).
+    #[serde(default)]
+    pub account: Option<Account>,
     pub gpus: Vec<u32>,
     /// Which run this is: the job's restart count.
     pub restarts: u32,
@@ -62,7 +64,7 @@ pub struct Launch {
 /// A started job: its process (leader of its own session and process group) and the read ends
 /// of its stdout and stderr pipes.
 pub struct Started {
-    pub child: std::process::Child,
+    pub pid: libc::pid_t,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
 }
@@ -182,153 +184,305 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
-/// Writes a fixed message to the child's stderr (async-signal-safe).
-fn child_note(msg: &[u8]) {
-    // SAFETY: write(2) on fd 2 with a valid buffer; nothing else is touched.
-    unsafe {
-        libc::write(2, msg.as_ptr().cast(), msg.len());
+/// Steps of the child between fork and exec; a failure is reported as (step, errno).
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Step {
+    Stdio = 1,
+    Session,
+    Cgroup,
+    Groups,
+    Gid,
+    Uid,
+    PrivilegesKept,
+    Chdir,
+    Venv,
+    Exec,
+}
+
+impl Step {
+    fn describe(code: u8) -> &'static str {
+        match code {
+            1 => "cannot set up the job's output",
+            2 => "cannot start the job's session",
+            3 => "cannot enter the job's cgroup",
+            4 => "cannot set the job's supplementary groups",
+            5 => "cannot switch to the job's group",
+            6 => "cannot switch to the job's user",
+            7 => "privileges could not be dropped",
+            8 => "cannot enter the working directory",
+            9 => "cannot run /bin/bash to activate ~/venv",
+            _ => "cannot execute the command",
+        }
     }
 }
 
-/// Forks and execs the job as `account`, inside the cgroup whose `cgroup.procs` is given.
+/// `struct clone_args` of clone3(2) (version 2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks. With a cgroup directory, the child is born in it (clone3 `CLONE_INTO_CGROUP`): moving
+/// a process into a cgroup afterwards takes a machine-wide lock that costs milliseconds.
+/// Returns the child's pid (0 in the child) and whether it already is in the cgroup.
+///
+/// # Safety
+/// As fork(2): the child may only make async-signal-safe calls.
+unsafe fn fork_into(cgroup_dir: Option<&OwnedFd>) -> io::Result<(libc::pid_t, bool)> {
+    if let Some(dir) = cgroup_dir {
+        let mut args = CloneArgs {
+            flags: CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: dir.as_raw_fd() as u64,
+            ..CloneArgs::default()
+        };
+        let pid = libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        );
+        if pid >= 0 {
+            return Ok((pid as libc::pid_t, true));
+        }
+        // Older kernels: fork, then join the cgroup the slow way.
+    }
+    match libc::fork() {
+        -1 => Err(io::Error::last_os_error()),
+        pid => Ok((pid, false)),
+    }
+}
+
+/// What the child needs, prepared before the fork (it must not allocate).
+struct ChildPlan {
+    /// Candidate paths of the program (PATH search done by trying them in order).
+    candidates: Vec<CString>,
+    arrays: ExecArrays,
+    venv_switch: Option<(CString, ExecArrays)>,
+    cgroup_procs: Option<CString>,
+    switch_user: bool,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+    cwd: CString,
+    umask: Option<u32>,
+}
+
+/// The job's side of the fork. Never returns: execs, or reports (step, errno) on `report` and
+/// exits 127.
+///
+/// # Safety
+/// Runs in a freshly forked child: async-signal-safe calls only, on data prepared earlier.
+unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, joined: bool) -> ! {
+    let fail = |step: Step| -> ! {
+        let errno = *libc::__errno_location();
+        let msg = [step as u8, errno as u8, (errno >> 8) as u8, 0];
+        libc::write(report, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127);
+    };
+    for (target, fd) in stdio.iter().enumerate() {
+        if libc::dup2(*fd, target as libc::c_int) < 0 {
+            fail(Step::Stdio);
+        }
+    }
+    if libc::setsid() < 0 {
+        fail(Step::Session);
+    }
+    // The supervisor shields itself from the OOM killer; the job must not inherit that.
+    let fd = libc::open(
+        c"/proc/self/oom_score_adj".as_ptr(),
+        libc::O_WRONLY | libc::O_CLOEXEC,
+    );
+    if fd >= 0 {
+        libc::write(fd, b"0".as_ptr().cast(), 1);
+        libc::close(fd);
+    }
+    if let (Some(procs), false) = (&plan.cgroup_procs, joined) {
+        if !crate::cgroup::enter(procs) {
+            fail(Step::Cgroup);
+        }
+    }
+    if plan.switch_user {
+        // Raw system calls: glibc's wrappers would try to change every thread the parent had
+        // (and wait for them forever after a raw clone3); this child has exactly one.
+        if libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0 {
+            fail(Step::Groups);
+        }
+        if libc::syscall(libc::SYS_setgid, plan.gid) != 0 {
+            fail(Step::Gid);
+        }
+        if libc::syscall(libc::SYS_setuid, plan.uid) != 0 {
+            fail(Step::Uid);
+        }
+        if plan.uid != 0 && libc::syscall(libc::SYS_setuid, 0) == 0 {
+            *libc::__errno_location() = libc::EPERM;
+            fail(Step::PrivilegesKept);
+        }
+    }
+    if libc::chdir(plan.cwd.as_ptr()) != 0 {
+        fail(Step::Chdir);
+    }
+    // Nothing of ours leaks into the job: every descriptor above stdio closes on exec (the
+    // report pipe too, which tells the parent that exec happened).
+    libc::syscall(
+        libc::SYS_close_range,
+        3u32,
+        u32::MAX,
+        libc::CLOSE_RANGE_CLOEXEC,
+    );
+    if let Some(mask) = plan.umask {
+        libc::umask(mask as libc::mode_t);
+    }
+    if let Some((activate, arrays)) = &plan.venv_switch {
+        if libc::access(activate.as_ptr(), libc::R_OK) == 0 {
+            libc::execve(arrays.argv[0], arrays.argv.as_ptr(), arrays.envp.as_ptr());
+            fail(Step::Venv);
+        }
+    }
+    // PATH search: the first candidate that exists and may be executed.
+    let mut first_error = 0;
+    for path in &plan.candidates {
+        libc::execve(
+            path.as_ptr(),
+            plan.arrays.argv.as_ptr(),
+            plan.arrays.envp.as_ptr(),
+        );
+        let e = *libc::__errno_location();
+        if first_error == 0 || (first_error == libc::ENOENT && e != libc::ENOENT) {
+            first_error = e;
+        }
+    }
+    *libc::__errno_location() = if first_error == 0 {
+        libc::ENOENT
+    } else {
+        first_error
+    };
+    fail(Step::Exec);
+}
+
+/// Where to look for `program`: itself when it has a slash, else each PATH entry.
+fn candidates(program: &str, path: &str) -> Vec<CString> {
+    if program.contains('/') {
+        return CString::new(program).into_iter().collect();
+    }
+    path.split(':')
+        .map(|dir| if dir.is_empty() { "." } else { dir })
+        .filter_map(|dir| CString::new(format!("{dir}/{program}")).ok())
+        .collect()
+}
+
+/// Forks and execs the job as `account`, born into `cgroup` when given.
 pub fn start(
     launch: &Launch,
     account: &Account,
-    cgroup_procs: Option<&CString>,
+    cgroup: Option<&crate::cgroup::JobCgroup>,
 ) -> Result<Started, StartError> {
-    let cgroup_procs = cgroup_procs.cloned();
     let fail = |message: String, code: i32| StartError { message, code };
     let cwd = CString::new(launch.spec.cwd.as_bytes())
         .map_err(|_| fail("the working directory contains a NUL byte".into(), 1))?;
     let args = argv(launch, account);
-    let (out_r, out_w) = pipe().map_err(|e| fail(format!("cannot create pipes: {e}"), 1))?;
-    let (err_r, err_w) = pipe().map_err(|e| fail(format!("cannot create pipes: {e}"), 1))?;
-
     let env = environment(launch, account);
+    let nul = || fail("the command or environment contains a NUL byte".into(), 1);
+    let arrays = exec_arrays(&args, &env).ok_or_else(nul)?;
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("/usr/bin:/bin");
+    let program = args[0].to_string_lossy().into_owned();
     // `~/venv`: probed by the child, as the user; if readable, it execs this instead.
     let venv_switch = match activate_script(launch, account) {
         Some((activate, false)) => {
             let path = CString::new(activate.as_os_str().as_bytes())
                 .map_err(|_| fail("the venv path contains a NUL byte".into(), 1))?;
-            let arrays = exec_arrays(&venv_argv(&activate, &launch.spec.command), &env)
-                .ok_or_else(|| fail("the command or environment contains a NUL byte".into(), 1))?;
+            let arrays =
+                exec_arrays(&venv_argv(&activate, &launch.spec.command), &env).ok_or_else(nul)?;
             Some((path, arrays))
         }
         _ => None,
     };
-    let umask = launch.spec.umask;
-    let mut cmd = std::process::Command::new(&args[0]);
-    cmd.args(&args[1..])
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out_w))
-        .stderr(Stdio::from(err_w));
-    let switch = launch.switch_user;
-    let (uid, gid) = (account.uid, account.gid);
-    let groups: Vec<libc::gid_t> = account.groups.clone();
-    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
-    // calls on data prepared above; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // The supervisor shields itself from the OOM killer; the job must not inherit that.
-            let fd = libc::open(
-                c"/proc/self/oom_score_adj".as_ptr(),
-                libc::O_WRONLY | libc::O_CLOEXEC,
-            );
-            if fd >= 0 {
-                libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-            }
-            // Into the job's cgroup while still root; everything it starts stays there.
-            if let Some(procs) = &cgroup_procs {
-                if !crate::cgroup::enter(procs) {
-                    child_note(b"mgpu: cannot enter the job's cgroup: ");
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if switch {
-                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0 {
-                    child_note(b"mgpu: cannot set the job's supplementary groups: ");
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setgid(gid) != 0 {
-                    child_note(b"mgpu: cannot switch to the job's group: ");
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setuid(uid) != 0 {
-                    child_note(b"mgpu: cannot switch to the job's user: ");
-                    return Err(io::Error::last_os_error());
-                }
-                if uid != 0 && libc::setuid(0) == 0 {
-                    child_note(b"mgpu: privileges could not be dropped: ");
-                    return Err(io::Error::from_raw_os_error(libc::EPERM));
-                }
-            }
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                child_note(b"mgpu: cannot enter the working directory: ");
-                return Err(io::Error::last_os_error());
-            }
-            // Nothing of ours leaks into the job: every descriptor above stdio closes on exec.
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            if let Some(mask) = umask {
-                libc::umask(mask as libc::mode_t);
-            }
-            if let Some((activate, arrays)) = &venv_switch {
-                if libc::access(activate.as_ptr(), libc::R_OK) == 0 {
-                    let bash = arrays.argv[0];
-                    libc::execve(bash, arrays.argv.as_ptr(), arrays.envp.as_ptr());
-                    child_note(b"mgpu: cannot run /bin/bash to activate ~/venv: ");
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let spawned = cmd.spawn();
-    // Closes our copies of the pipes' write ends: EOF comes when the job's processes close theirs.
-    drop(cmd);
-    match spawned {
-        Ok(child) => Ok(Started {
-            child,
+    let plan = ChildPlan {
+        candidates: candidates(&program, path),
+        arrays,
+        venv_switch,
+        cgroup_procs: cgroup.map(|c| c.procs.clone()),
+        switch_user: launch.switch_user,
+        uid: account.uid,
+        gid: account.gid,
+        groups: account.groups.clone(),
+        cwd,
+        umask: launch.spec.umask,
+    };
+    let io_err = |what: &str, e: io::Error| fail(format!("mgpu: {what}: {e}"), 1);
+    let (out_r, out_w) = pipe().map_err(|e| io_err("cannot create pipes", e))?;
+    let (err_r, err_w) = pipe().map_err(|e| io_err("cannot create pipes", e))?;
+    let (report_r, report_w) = pipe().map_err(|e| io_err("cannot create pipes", e))?;
+    let devnull =
+        std::fs::File::open("/dev/null").map_err(|e| io_err("cannot open /dev/null", e))?;
+    let cgroup_dir = match cgroup {
+        Some(c) => Some(
+            std::fs::File::open(&c.dir)
+                .map(OwnedFd::from)
+                .map_err(|e| io_err("cannot open the job's cgroup", e))?,
+        ),
+        None => None,
+    };
+    let stdio = [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    // SAFETY: the child branch only makes async-signal-safe calls on `plan`, prepared above.
+    let pid = unsafe {
+        match fork_into(cgroup_dir.as_ref()) {
+            Err(e) => return Err(io_err("cannot fork", e)),
+            Ok((0, joined)) => child(&plan, stdio, report_w.as_raw_fd(), joined),
+            Ok((pid, _)) => pid,
+        }
+    };
+    // Our copies of the child's ends: EOF on the pipes comes when the job's processes close
+    // theirs, and on the report pipe when exec succeeded.
+    drop((out_w, err_w, report_w, devnull, cgroup_dir));
+    let mut report = [0u8; 4];
+    let mut f = std::fs::File::from(report_r);
+    let n = loop {
+        match f.read(&mut report) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r.unwrap_or(0),
+        }
+    };
+    if n == 0 {
+        return Ok(Started {
+            pid,
             stdout: out_r,
             stderr: err_r,
-        }),
-        Err(e) => {
-            // The child may have said which step failed before exiting.
-            let mut note = String::new();
-            let mut f = std::fs::File::from(err_r);
-            let _ = nix::fcntl::fcntl(
-                std::os::fd::AsRawFd::as_raw_fd(&f),
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            );
-            let _ = f.read_to_string(&mut note);
-            drop(out_r);
-            let code = match e.kind() {
-                io::ErrorKind::NotFound => 127,
-                io::ErrorKind::PermissionDenied => 126,
-                _ => 1,
-            };
-            let what = if note.is_empty() {
-                format!(
-                    "mgpu: cannot execute '{}': ",
-                    String::from_utf8_lossy(args[0].as_bytes())
-                )
-            } else {
-                note.trim_start_matches('\n').to_string()
-            };
-            let code = if note.is_empty() { code } else { 1 };
-            Err(fail(format!("{what}{e}"), code))
-        }
+        });
     }
+    // The child failed before exec; it exits 127. Reap it here.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    let errno = i32::from(report[1]) | (i32::from(report[2]) << 8);
+    let err = io::Error::from_raw_os_error(errno);
+    let step = report[0];
+    let code = match (step, err.kind()) {
+        (10, io::ErrorKind::NotFound) => 127,
+        (10, io::ErrorKind::PermissionDenied) => 126,
+        _ => 1,
+    };
+    let what = if step == Step::Exec as u8 {
+        format!("mgpu: cannot execute '{program}'")
+    } else {
+        format!("mgpu: {}", Step::describe(step))
+    };
+    Err(fail(format!("{what}: {err}"), code))
 }
 
 #[cfg(test)]
@@ -364,6 +518,7 @@ mod tests {
             job: 7,
             name: "n".into(),
             uid: acct.uid,
+            account: None,
             gpus: vec![1, 3],
             restarts: 0,
             started_at: 0,
@@ -401,6 +556,7 @@ mod tests {
             job: 1,
             name: "n".into(),
             uid: acct.uid,
+            account: None,
             gpus: vec![0],
             restarts: 0,
             started_at: 0,

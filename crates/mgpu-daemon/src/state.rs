@@ -256,6 +256,7 @@ impl Daemon {
             job: id,
             name: job.request.name.clone(),
             uid,
+            account: None,
             gpus: a.gpus.clone(),
             restarts: job.restarts,
             started_at: job.started_at.unwrap_or_else(now_ms),
@@ -630,6 +631,10 @@ async fn start_run(
     let gpus = launch.gpus.clone();
     let (job_dir, run_dir) = (daemon.job_dir(id), daemon.run_dir(id, run));
     let spawned = tokio::task::spawn_blocking(move || {
+        let mut launch = launch;
+        // The account is resolved here, off the daemon's lock, in the process whose user
+        // database modules are already loaded; the supervisor forks the job with it.
+        launch.account = crate::users::account(launch.uid).ok();
         let log_offset = mark_run(&launch)?;
         let (pid, link) = spawn_supervisor(&job_dir, &run_dir, &launch)?;
         anyhow::Ok((pid, link, log_offset))

@@ -224,8 +224,12 @@ fn run(run_dir: &Path) -> Result<()> {
     }
     std::fs::write(run_dir.join(FORKED_FILE), b"").context("marking the run as started")?;
     // Resolved now, in the job's parent: the forked child only makes async-signal-safe calls.
-    let started = match crate::users::account(launch.uid) {
-        Ok(account) => exec::start(&launch, &account, cgroup.map(|c| &c.procs)),
+    let account = match launch.account.clone() {
+        Some(a) => Ok(a),
+        None => crate::users::account(launch.uid),
+    };
+    let started = match account {
+        Ok(account) => exec::start(&launch, &account, cgroup),
         Err(e) => Err(exec::StartError {
             message: format!("mgpu: cannot run as uid {}: {e:#}", launch.uid),
             code: 1,
@@ -311,13 +315,10 @@ fn run_job(
     initial: Option<UnixStream>,
 ) -> ExitRecord {
     let exec::Started {
-        child,
+        pid: leader,
         stdout,
         stderr,
     } = started;
-    let leader = child.id() as i32;
-    // We reap with waitpid(-1) ourselves; the Child handle must not.
-    std::mem::forget(child);
     lock(shared).pgid = leader;
     shared.1.notify_all();
     // Linked before any output is read, so the daemon gets all of it live.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::users::Account;
 
 /// What a job runs, as recorded at submit time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchSpec {
     pub command: Vec<String>,
     pub cwd: String,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use mgpu_core::{Config, GpuSpec, JobId, JobState, Millis, Scheduler};
 
-use crate::exec::LaunchSpec;
+use crate::handlers::queue::display_command;
 use crate::state::outcome_of;
 use crate::store::{Ending, Recovered};
 use crate::supervisor::{ExitRecord, StopReason};
@@ -37,7 +37,8 @@ pub enum RunProbe {
 /// The result: a scheduler holding the live and queued jobs, and what to record in the store.
 pub struct Plan {
     pub sched: Scheduler,
-    pub specs: HashMap<JobId, LaunchSpec>,
+    /// Shown commands of the live jobs.
+    pub commands: HashMap<JobId, Vec<String>>,
     /// Running jobs to reconnect to, with their run number.
     pub adopt: Vec<(JobId, u32)>,
     /// Runs that could not be re-booked (e.g. their GPU is no longer managed): their
@@ -61,7 +62,7 @@ pub fn recover(
     probe: impl Fn(JobId) -> RunProbe,
 ) -> Plan {
     let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
-    let mut specs = HashMap::new();
+    let mut specs: HashMap<JobId, Vec<String>> = HashMap::new();
     let (mut adopt, mut orphaned, mut ended) = (Vec::new(), Vec::new(), Vec::new());
     let (mut requeued, mut lost_runs, mut finished_runs) = (Vec::new(), Vec::new(), Vec::new());
     let failed = |message: &str| Ending {
@@ -127,7 +128,7 @@ pub fn recover(
                     run,
                 ) {
                     Ok(()) => {
-                        specs.insert(job.id, job.spec);
+                        specs.insert(job.id, display_command(&job.spec.command));
                         adopt.push((job.id, run));
                     }
                     Err(e) => {
@@ -153,7 +154,7 @@ pub fn recover(
     for job in queued.into_iter().chain(switched) {
         match sched.restore_pending(job.id, job.request, job.submitted_at, job.restarts) {
             Ok(()) => {
-                specs.insert(job.id, job.spec);
+                specs.insert(job.id, display_command(&job.spec.command));
             }
             Err(e) => ended.push((
                 job.id,
@@ -163,7 +164,7 @@ pub fn recover(
     }
     Plan {
         sched,
-        specs,
+        commands: specs,
         adopt,
         orphaned,
         ended,
@@ -186,6 +187,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::exec::LaunchSpec;
     use crate::store::{NewJob, Store};
 
     #[derive(Debug, Clone)]

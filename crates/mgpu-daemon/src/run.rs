@@ -289,11 +289,11 @@ async fn run(args: Args) -> Result<()> {
         tracing::warn!(job = id, state = ending.state.as_str(), message = ?ending.message, "recorded the end of a job from before the restart");
         store.ended(*id, ending.clone());
     }
-    let restored = plan.specs.len() - plan.adopt.len();
+    let restored = plan.commands.len() - plan.adopt.len();
     let listener = server::bind(&socket)?;
     let daemon = Daemon::new(
         plan.sched,
-        plan.specs,
+        plan.commands,
         store,
         Settings {
             log_dir: log_dir.clone(),

@@ -84,7 +84,10 @@ struct RunningJob {
 pub struct Inner {
     pub sched: Scheduler,
     /// Launch details of pending and running jobs.
-    pub specs: HashMap<JobId, LaunchSpec>,
+    /// Commands of pending and running jobs, as shown (cut after 1 KiB). The full launch
+    /// record (argv, environment...) stays in the store until the job starts: a long queue
+    /// costs little memory.
+    pub commands: HashMap<JobId, Vec<String>>,
     running: HashMap<JobId, RunningJob>,
     watchers: HashMap<JobId, broadcast::Sender<JobEvent>>,
     /// Memory in use per GPU index, as the backend last reported it.
@@ -123,7 +126,7 @@ pub fn now_ms() -> Millis {
 impl Daemon {
     pub fn new(
         sched: Scheduler,
-        specs: HashMap<JobId, LaunchSpec>,
+        commands: HashMap<JobId, Vec<String>>,
         store: Store,
         settings: Settings,
     ) -> Arc<Self> {
@@ -131,7 +134,7 @@ impl Daemon {
             timer: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 sched,
-                specs,
+                commands,
                 running: HashMap::new(),
                 watchers: HashMap::new(),
                 gpu_used: HashMap::new(),
@@ -238,15 +241,6 @@ impl Daemon {
     fn launch(self: &Arc<Self>, inner: &mut Inner, a: Assignment) {
         let id = a.job;
         let job = inner.sched.job(id).expect("assigned job exists").clone();
-        let Some(spec) = inner.specs.get(&id).cloned() else {
-            self.fail_start(
-                inner,
-                id,
-                "mgpu: internal error: launch record missing".into(),
-                1,
-            );
-            return;
-        };
         let uid = if self.settings.multi_user {
             job.request.uid
         } else {
@@ -260,7 +254,8 @@ impl Daemon {
             gpus: a.gpus.clone(),
             restarts: job.restarts,
             started_at: job.started_at.unwrap_or_else(now_ms),
-            spec,
+            // Read from the store off the lock, just before the run.
+            spec: LaunchSpec::default(),
             switch_user: self.settings.multi_user,
             log_path: self.log_path(id),
             max_log_bytes: self.settings.max_log_bytes,
@@ -334,7 +329,7 @@ impl Daemon {
     /// Persists a job's end and tells its subscribers.
     pub fn record_end(&self, inner: &mut Inner, outcome: JobOutcome) {
         let id = outcome.job;
-        inner.specs.remove(&id);
+        inner.commands.remove(&id);
         inner.running.remove(&id);
         self.store.ended(
             id,
@@ -630,8 +625,11 @@ async fn start_run(
     let started_at = launch.started_at;
     let gpus = launch.gpus.clone();
     let (job_dir, run_dir) = (daemon.job_dir(id), daemon.run_dir(id, run));
+    let store_daemon = daemon.clone();
     let spawned = tokio::task::spawn_blocking(move || {
+        let store_spec = store_daemon.store.launch_spec(id);
         let mut launch = launch;
+        launch.spec = store_spec?;
         // The account is resolved here, off the daemon's lock, in the process whose user
         // database modules are already loaded; the supervisor forks the job with it.
         launch.account = crate::users::account(launch.uid).ok();

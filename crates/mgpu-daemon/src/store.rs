@@ -339,6 +339,17 @@ impl Store {
         rx.await.map_err(|_| "the store stopped".to_string())?
     }
 
+    /// The launch record (argv, working directory, environment...) of a job.
+    pub fn launch_spec(&self, id: JobId) -> Result<LaunchSpec> {
+        let conn = self.reader.lock().unwrap();
+        let text: String = conn
+            .prepare_cached("SELECT spec FROM jobs WHERE id = ?1")?
+            .query_row([id as i64], |r| r.get(0))
+            .with_context(|| format!("job {id} has no launch record"))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("job {id}'s launch record is unreadable"))
+    }
+
     /// Owner and outcome of a recorded job.
     pub fn summary(&self, id: JobId) -> Result<Option<JobSummary>> {
         let conn = self.reader.lock().unwrap();

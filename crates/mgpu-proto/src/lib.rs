@@ -82,10 +82,11 @@ pub struct AttachRequest {
 }
 
 /// How to treat Python virtual environments for a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Venv {
     /// Activate `~/venv` if `~/venv/bin/activate` exists.
+    #[default]
     Auto,
     /// Activate this venv directory.
     Dir(String),

@@ -67,11 +67,7 @@ pub async fn handle(
                     Some(Stopping::Timeout) => Some("TimeLimit".into()),
                     None => sched.pending_reason(j.id).map(str::to_string),
                 },
-                command: inner
-                    .specs
-                    .get(&j.id)
-                    .map(|s| display_command(&s.command))
-                    .unwrap_or_default(),
+                command: inner.commands.get(&j.id).cloned().unwrap_or_default(),
                 priority: sched.priority(j.id),
                 est_start: sched.est_start(j.id),
             })
@@ -99,7 +95,7 @@ const CHUNK: usize = 5000;
 /// Command text shown per job; longer ones are cut (the full argv stays with the job).
 const MAX_SHOWN_COMMAND: usize = 1024;
 
-fn display_command(argv: &[String]) -> Vec<String> {
+pub fn display_command(argv: &[String]) -> Vec<String> {
     let mut budget = MAX_SHOWN_COMMAND;
     let mut out = Vec::new();
     for a in argv {

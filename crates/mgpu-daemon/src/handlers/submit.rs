@@ -159,7 +159,9 @@ pub async fn handle(
             // Cannot happen (checked above against the same GPUs).
             Err(e) => Err(e),
             Ok(()) => {
-                inner.specs.insert(id, spec);
+                inner
+                    .commands
+                    .insert(id, crate::handlers::queue::display_command(&spec.command));
                 let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
                 daemon.schedule(&mut inner);
                 Ok(events)

@@ -64,11 +64,21 @@ async fn run(args: Args) -> Result<i32> {
             other => bail!("unexpected answer from the server: {other:?}"),
         }
     }
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&snapshot))?);
+        // Streamed straight from the snapshot (no intermediate tree): fast for long queues.
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            serde_json::to_writer_pretty(&mut out, &JsonQueue(&snapshot))?;
+        } else {
+            serde_json::to_writer(&mut out, &JsonQueue(&snapshot))?;
+        }
+        writeln!(out)?;
     } else {
-        print!("{}", render(&snapshot));
+        write!(out, "{}", render(&snapshot))?;
     }
+    out.flush()?;
     Ok(0)
 }
 
@@ -80,7 +90,71 @@ pub fn rfc3339(ms: Millis) -> String {
         .unwrap_or_default()
 }
 
-/// The documented `--json` shape.
+/// The documented `--json` shape, serialized without building a tree.
+struct JsonQueue<'a>(&'a QueueSnapshot);
+
+impl serde::Serialize for JsonQueue<'_> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let s = self.0;
+        let mut m = ser.serialize_map(Some(2))?;
+        let gpus: Vec<Value> = s
+            .gpus
+            .iter()
+            .map(|g| {
+                json!({
+                    "index": g.index,
+                    "name": g.name,
+                    "total_mib": g.total_mib,
+                    "reserved_mib": g.reserved_mib,
+                    "used_mib": g.used_mib,
+                    "jobs": g.jobs,
+                })
+            })
+            .collect();
+        m.serialize_entry("gpus", &gpus)?;
+        m.serialize_entry("jobs", &JsonJobs(&s.jobs))?;
+        m.end()
+    }
+}
+
+struct JsonJobs<'a>(&'a [mgpu_proto::JobInfo]);
+
+impl serde::Serialize for JsonJobs<'_> {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        let mut seq = ser.serialize_seq(Some(self.0.len()))?;
+        struct Job<'a>(&'a mgpu_proto::JobInfo);
+        impl serde::Serialize for Job<'_> {
+            fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let j = self.0;
+                let mut m = ser.serialize_map(Some(15))?;
+                m.serialize_entry("id", &j.id)?;
+                m.serialize_entry("user", &j.user)?;
+                m.serialize_entry("name", &j.name)?;
+                m.serialize_entry("state", j.state.as_str())?;
+                m.serialize_entry("gpus", &j.gpus)?;
+                m.serialize_entry("gpu_ids", &j.gpu_ids)?;
+                m.serialize_entry("mem_mib", &j.mem_mib)?;
+                m.serialize_entry("time_limit_s", &j.time_limit_s)?;
+                m.serialize_entry("submitted_at", &rfc3339(j.submitted_at))?;
+                m.serialize_entry("started_at", &j.started_at.map(rfc3339))?;
+                m.serialize_entry("restarts", &j.restarts)?;
+                m.serialize_entry("reason", &j.reason)?;
+                m.serialize_entry("command", &j.command)?;
+                m.serialize_entry("priority", &j.priority)?;
+                m.serialize_entry("est_start", &j.est_start.map(rfc3339))?;
+                m.end()
+            }
+        }
+        for j in self.0 {
+            seq.serialize_element(&Job(j))?;
+        }
+        seq.end()
+    }
+}
+
+/// The documented `--json` shape, as a value (for tests and tools).
 pub fn to_json(s: &QueueSnapshot) -> Value {
     json!({
         "gpus": s.gpus.iter().map(|g| json!({

@@ -186,6 +186,19 @@ impl Store {
         migrate(&mut conn)?;
         let recovered = recover(&conn)?;
         let reader = open_conn(&path)?;
+        // Commits never checkpoint the WAL themselves (that would stall a submit now and then
+        // for milliseconds); a background thread does it, without blocking writers.
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")?;
+        let checkpointer = open_conn(&path)?;
+        std::thread::Builder::new()
+            .name("mgpu-checkpoint".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                    tracing::warn!(error = %e, "checkpointing the job database failed");
+                }
+            })
+            .context("starting the checkpoint thread")?;
         let (tx, rx) = mpsc::channel();
         let dead = Arc::new(AtomicBool::new(false));
         let dead_w = dead.clone();

@@ -150,9 +150,10 @@ pub struct LogRequest {
     pub follow: bool,
 }
 
-/// Messages the server sends.
+/// Messages the server sends. Externally tagged (`{"queue": {...}}`): a large message (a
+/// queue of 100,000 jobs) decodes in one pass, without buffering it first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Response {
     Welcome {
         protocol: u32,

@@ -52,6 +52,8 @@ pub struct Plan {
     pub lost_runs: Vec<(JobId, u32)>,
     /// Run directories of finished runs to remove once the store has the outcome.
     pub finished_runs: Vec<(JobId, u32)>,
+    /// Live jobs that had an attached `mgpu_srun`: cancelled unless it comes back.
+    pub attached: Vec<JobId>,
 }
 
 pub fn recover(
@@ -75,6 +77,13 @@ pub fn recover(
     // Started runs come first: their GPUs are taken before anything new is placed. Jobs
     // switched while the server was down go to the end, after the queue as it was.
     let (mut queued, mut switched) = (Vec::new(), Vec::new());
+    let attached: Vec<JobId> = recovered
+        .running
+        .iter()
+        .chain(&recovered.pending)
+        .filter(|j| j.attached)
+        .map(|j| j.id)
+        .collect();
     for mut job in recovered.running.into_iter().chain(recovered.pending) {
         let recorded_running = job.started_at.is_some();
         match probe(job.id) {
@@ -171,6 +180,7 @@ pub fn recover(
         requeued,
         lost_runs,
         finished_runs,
+        attached,
     }
 }
 
@@ -266,7 +276,7 @@ mod tests {
                         };
                         let id = sched.next_job_id();
                         let spec = LaunchSpec { command: vec!["true".into()], cwd: "/".into(), env: vec![], venv: Venv::Off, umask: None };
-                        rt.block_on(st.insert(NewJob { id, request: request.clone(), spec, submitted_at: now })).unwrap().unwrap();
+                        rt.block_on(st.insert(NewJob { id, request: request.clone(), spec, submitted_at: now, attached: false })).unwrap().unwrap();
                         sched.restore_pending(id, request, now, 0).unwrap();
                         submitted.push(id);
                     }

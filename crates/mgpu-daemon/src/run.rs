@@ -62,6 +62,10 @@ pub struct Args {
     /// Assumed run time of jobs without a time limit, for reservations (seconds)
     #[arg(long, value_name = "SECS", default_value_t = 86_400)]
     pub default_estimate: u64,
+    /// Seconds an attached mgpu_srun has to reconnect after a server restart before its job
+    /// is cancelled (as if it had died)
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub reattach_window: u64,
     /// Days to keep records (and logs) of finished jobs
     #[arg(long, value_name = "DAYS", default_value_t = 90)]
     pub retention_days: u64,
@@ -327,6 +331,13 @@ async fn run(args: Args) -> Result<()> {
         }
         daemon.schedule(&mut inner);
     }
+    if !plan.attached.is_empty() {
+        tokio::spawn(cancel_abandoned(
+            daemon.clone(),
+            plan.attached.clone(),
+            Duration::from_secs(args.reattach_window),
+        ));
+    }
     for (id, run) in plan.orphaned {
         tokio::spawn(stop_orphan(daemon.run_dir(id, run), args.grace_period));
     }
@@ -409,6 +420,23 @@ fn probe_runs(job_dir: &Path) -> RunProbe {
             None => RunProbe::NotForked { run },
         },
     }
+}
+
+/// Jobs whose attached `mgpu_srun` did not come back after a restart are cancelled, as they
+/// would have been had the server seen the client die.
+async fn cancel_abandoned(daemon: Arc<Daemon>, jobs: Vec<JobId>, window: Duration) {
+    tokio::time::sleep(window).await;
+    let mut inner = daemon.lock();
+    for id in jobs {
+        if inner.sched.job(id).is_some() && !inner.reattached.contains(&id) {
+            tracing::info!(
+                job = id,
+                "its attached client did not come back; cancelling"
+            );
+            crate::handlers::cancel::cancel_one(&daemon, &mut inner, id, daemon.requester(0));
+        }
+    }
+    daemon.schedule(&mut inner);
 }
 
 /// Tells the supervisor of a job that could not be re-adopted to stop it.

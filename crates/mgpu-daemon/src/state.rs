@@ -93,6 +93,8 @@ pub struct Inner {
     /// Memory in use per GPU index, as the backend last reported it.
     pub gpu_used: HashMap<u32, u64>,
     pub shutting_down: bool,
+    /// Jobs an `mgpu_srun` re-attached to since this server started.
+    pub reattached: std::collections::HashSet<JobId>,
     /// When the timer must wake next (the core's next time-limit deadline).
     deadline: Option<Millis>,
     /// The next job id to hand out (ids are taken before a job is durable and queued).
@@ -139,6 +141,7 @@ impl Daemon {
                 watchers: HashMap::new(),
                 gpu_used: HashMap::new(),
                 shutting_down: false,
+                reattached: Default::default(),
                 deadline: None,
                 next_job_id: 1,
             }),

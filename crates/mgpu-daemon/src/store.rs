@@ -47,6 +47,7 @@ ALTER TABLE jobs ADD COLUMN max_restarts INTEGER;
 ALTER TABLE jobs ADD COLUMN warn_signal INTEGER;
 ALTER TABLE jobs ADD COLUMN warn_secs INTEGER;
 ALTER TABLE jobs ADD COLUMN queued_at INTEGER;
+ALTER TABLE jobs ADD COLUMN attached INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX jobs_ended ON jobs(ended_at);
 "#,
 ];
@@ -58,6 +59,8 @@ pub struct NewJob {
     pub request: JobRequest,
     pub spec: LaunchSpec,
     pub submitted_at: Millis,
+    /// An `mgpu_srun` is attached to it (if that client dies, the job goes too).
+    pub attached: bool,
 }
 
 /// How a job ended.
@@ -99,6 +102,8 @@ pub struct RecoveredJob {
     pub started_at: Option<Millis>,
     pub gpus: Vec<u32>,
     pub restarts: u32,
+    /// Submitted by an attached `mgpu_srun`.
+    pub attached: bool,
 }
 
 /// What the store held at startup.
@@ -407,7 +412,8 @@ fn recover(conn: &Connection) -> Result<Recovered> {
         let mut stmt = conn.prepare(
             "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s, spec,
                     COALESCE(queued_at, submitted_at), restarts,
-                    started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs
+                    started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs,
+                    attached
              FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
         )?;
         let rows = stmt.query_map([state], |r| {
@@ -437,11 +443,12 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 r.get::<_, u32>(9)?,
                 r.get::<_, Option<i64>>(10)?.map(|t| t as Millis),
                 r.get::<_, Option<String>>(11)?,
+                r.get::<_, bool>(17)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, request, spec, submitted_at, restarts, started_at, gpu_ids) = row?;
+            let (id, request, spec, submitted_at, restarts, started_at, gpu_ids, attached) = row?;
             let spec: LaunchSpec = serde_json::from_str(&spec)
                 .with_context(|| format!("job {id} has an unreadable launch record"))?;
             let gpus = gpu_ids
@@ -459,6 +466,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 started_at,
                 gpus,
                 restarts,
+                attached,
             });
         }
         Ok(out)
@@ -542,9 +550,9 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 tx.prepare_cached(
                     "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s,
                                        spec, submitted_at, nice, no_requeue, max_restarts,
-                                       warn_signal, warn_secs)
+                                       warn_signal, warn_secs, attached)
                      VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
-                             ?14)",
+                             ?14, ?15)",
                 )?
                 .execute(params![
                     job.id as i64,
@@ -561,6 +569,7 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     r.max_restarts,
                     r.warn_signal.map(|w| w.signal),
                     r.warn_signal.map(|w| w.secs_before as i64),
+                    job.attached,
                 ])?;
             }
             Op::Started { id, at, gpus, pid } => {
@@ -640,6 +649,7 @@ mod tests {
                 umask: None,
             },
             submitted_at: 5,
+            attached: false,
         }
     }
 

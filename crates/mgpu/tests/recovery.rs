@@ -261,3 +261,30 @@ fn old_records_and_their_logs_are_purged() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["jobs"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_job_whose_attached_client_died_with_the_server_is_cancelled() {
+    let mut s = Server::start("1x24GiB", &["--reattach-window", "1"]);
+    let mut attached = s
+        .cmd("mgpu_srun")
+        .args(["--", "bash", "-c", "echo up; sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(attached.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let id = s.queue_json()["jobs"][0]["id"].as_u64().unwrap();
+    // The server and the client die together; the job lives on under its supervisor.
+    kill9(&s);
+    attached.kill().unwrap();
+    attached.wait().unwrap();
+    s.restart();
+    assert_eq!(s.job(id).unwrap()["state"], "RUNNING", "re-adopted first");
+    // Nobody re-attaches within the window: the job is cancelled, as if the client had died
+    // while the server watched.
+    s.wait_gone(id);
+    assert_eq!(acct(&s, id)["state"], "CANCELLED");
+}

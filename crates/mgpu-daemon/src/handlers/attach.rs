@@ -21,7 +21,10 @@ pub async fn handle(
     let (owner, events) = {
         let mut inner = daemon.lock();
         match inner.sched.job(id).map(|j| j.request.uid) {
-            Some(uid) if by.may_manage(uid) => (Some(uid), Some(daemon.subscribe(&mut inner, id))),
+            Some(uid) if by.may_manage(uid) => {
+                inner.reattached.insert(id);
+                (Some(uid), Some(daemon.subscribe(&mut inner, id)))
+            }
             Some(uid) => (Some(uid), None),
             None => (None, None),
         }

@@ -146,6 +146,7 @@ pub async fn handle(
             request: request.clone(),
             spec: spec.clone(),
             submitted_at: now,
+            attached: req.attach,
         })
         .await
         .unwrap_or_else(|_| Err("the store stopped".to_string()));

@@ -86,21 +86,7 @@ fn detach_and_parsable_give_increasing_ids() {
         c.args(["--detach", "--parsable", "--", "sleep", "5"]);
         c
     });
-    let third = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args([
-            "-d",
-            "--parsable",
-            "-t",
-            "1:00:00",
-            "-J",
-            "third",
-            "--",
-            "sleep",
-            "5",
-        ]);
-        c
-    });
+    let third = s.detached(&["-t", "1:00:00", "-J", "third", "--", "sleep", "5"]);
     assert!(first < second && second < third);
     s.wait_state(second, "RUNNING");
     let q = s.queue_json();
@@ -175,16 +161,8 @@ fn impossible_and_malformed_jobs_are_refused_at_once() {
 fn memory_jobs_share_and_exclusive_jobs_never_overlap() {
     let s = Server::start("2x24GiB", &[]);
     // Two memory jobs fit on one GPU together.
-    let a = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--mem", "10000", "--", "sleep", "30"]);
-        c
-    });
-    let b = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--mem", "10000", "--", "sleep", "30"]);
-        c
-    });
+    let a = s.detached(&["--mem", "10000", "--", "sleep", "30"]);
+    let b = s.detached(&["--mem", "10000", "--", "sleep", "30"]);
     s.wait_state(a, "RUNNING");
     s.wait_state(b, "RUNNING");
     let q = s.queue_json();
@@ -196,11 +174,7 @@ fn memory_jobs_share_and_exclusive_jobs_never_overlap() {
     let shared = s.job(a).unwrap()["gpu_ids"][0].as_u64().unwrap() as usize;
     assert_eq!(q["gpus"][shared]["reserved_mib"], 20000);
     // A third does not fit beside them but takes the other GPU.
-    let c3 = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--mem", "10000", "--", "sleep", "30"]);
-        c
-    });
+    let c3 = s.detached(&["--mem", "10000", "--", "sleep", "30"]);
     s.wait_state(c3, "RUNNING");
     assert_ne!(s.job(c3).unwrap()["gpu_ids"], s.job(a).unwrap()["gpu_ids"]);
     assert!(s
@@ -221,20 +195,7 @@ fn memory_jobs_share_and_exclusive_jobs_never_overlap() {
     let ids: Vec<u64> = (0..6)
         .map(|i| {
             let gpus = if i % 3 == 0 { "2" } else { "1" };
-            s.submit({
-                let mut c = s.cmd("mgpu_srun");
-                c.args([
-                    "-d",
-                    "--parsable",
-                    "--gpus",
-                    gpus,
-                    "--",
-                    "bash",
-                    "-c",
-                    &script,
-                ]);
-                c
-            })
+            s.detached(&["--gpus", gpus, "--", "bash", "-c", &script])
         })
         .collect();
     for id in &ids {
@@ -265,11 +226,7 @@ fn memory_jobs_share_and_exclusive_jobs_never_overlap() {
 #[test]
 fn waiting_job_starts_when_resources_free_up() {
     let s = Server::start("1x24GiB", &[]);
-    let blocker = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "sleep", "30"]);
-        c
-    });
+    let blocker = s.detached(&["--", "sleep", "30"]);
     s.wait_state(blocker, "RUNNING");
     let mut srun = s
         .cmd("mgpu_srun")
@@ -360,16 +317,8 @@ fn cancel_kills_a_job_ignoring_sigterm_after_the_grace_period() {
 #[test]
 fn cancel_pending_job_and_unknown_ids() {
     let s = Server::start("1x24GiB", &[]);
-    let running = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "sleep", "30"]);
-        c
-    });
-    let pending = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "sleep", "30"]);
-        c
-    });
+    let running = s.detached(&["--", "sleep", "30"]);
+    let pending = s.detached(&["--", "sleep", "30"]);
     s.wait_state(running, "RUNNING");
     assert!(s
         .cmd("mgpu_cancel")
@@ -415,18 +364,12 @@ fn failed_start_is_reported_and_the_server_carries_on() {
 #[test]
 fn log_keeps_output_and_follows_live() {
     let s = Server::start("1x24GiB", &[]);
-    let id = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args([
-            "-d",
-            "--parsable",
-            "--",
-            "bash",
-            "-c",
-            "echo one; sleep 0.3; echo two >&2; sleep 1; echo three",
-        ]);
-        c
-    });
+    let id = s.detached(&[
+        "--",
+        "bash",
+        "-c",
+        "echo one; sleep 0.3; echo two >&2; sleep 1; echo three",
+    ]);
     let follow = s
         .cmd("mgpu_log")
         .args(["--follow", &id.to_string()])
@@ -450,28 +393,10 @@ fn log_keeps_output_and_follows_live() {
 #[test]
 fn pending_jobs_survive_a_restart_and_ids_continue() {
     let mut s = Server::start("1x24GiB", &[]);
-    let running = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "sleep", "60"]);
-        c
-    });
+    let running = s.detached(&["--", "sleep", "60"]);
     s.wait_state(running, "RUNNING");
     let pending: Vec<u64> = (0..3)
-        .map(|i| {
-            s.submit({
-                let mut c = s.cmd("mgpu_srun");
-                c.args([
-                    "-d",
-                    "--parsable",
-                    "-J",
-                    &format!("p{i}"),
-                    "--",
-                    "sleep",
-                    "60",
-                ]);
-                c
-            })
-        })
+        .map(|i| s.detached(&["-J", &format!("p{i}"), "--", "sleep", "60"]))
         .collect();
     let started_at = s.job(running).unwrap()["started_at"].clone();
     s.restart();
@@ -486,11 +411,7 @@ fn pending_jobs_survive_a_restart_and_ids_continue() {
     let mut expected = vec![running];
     expected.extend(&pending);
     assert_eq!(ids, expected, "same jobs, same order");
-    let next = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "true"]);
-        c
-    });
+    let next = s.detached(&["--", "true"]);
     assert!(next > *pending.last().unwrap(), "ids are never reused");
     let job = s.job(running).unwrap();
     assert_eq!(job["state"], "RUNNING");

@@ -7,12 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn detached(s: &Server, user: &TestUser, args: &[&str]) -> u64 {
-    let mut c = s.cmd_as(user, "mgpu_srun");
-    c.args(["-d", "--parsable"]).args(args);
-    s.submit(c)
-}
-
 #[test]
 fn jobs_run_as_their_owner_with_groups() {
     let Some((a, b)) = test_users() else { return };
@@ -65,7 +59,7 @@ fn identity_comes_from_the_kernel_not_the_environment() {
         text(&out.stdout).trim(),
         format!("{} {} {}", a.uid, a.name, a.home.display())
     );
-    let id = detached(&s, &a, &["--", "sleep", "30"]);
+    let id = s.detached_as(&a, &["--", "sleep", "30"]);
     assert_eq!(s.job(id).unwrap()["user"], a.name.as_str());
     s.cmd("mgpu_cancel").arg(id.to_string()).status().unwrap();
 }
@@ -74,7 +68,7 @@ fn identity_comes_from_the_kernel_not_the_environment() {
 fn users_cannot_cancel_or_read_each_others_jobs() {
     let Some((a, b)) = test_users() else { return };
     let s = Server::start("2x24GiB", &[]);
-    let job_b = detached(&s, &b, &["--", "bash", "-c", "echo secret-of-b; sleep 30"]);
+    let job_b = s.detached_as(&b, &["--", "bash", "-c", "echo secret-of-b; sleep 30"]);
     s.wait_state(job_b, "RUNNING");
 
     let out = s
@@ -155,7 +149,7 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
     assert!(text(&out.stderr).contains("permission denied"));
 
     // The owner may cancel; root may cancel anyone's.
-    let job_b2 = detached(&s, &b, &["--", "sleep", "30"]);
+    let job_b2 = s.detached_as(&b, &["--", "sleep", "30"]);
     assert!(s
         .cmd_as(&b, "mgpu_cancel")
         .arg(job_b.to_string())

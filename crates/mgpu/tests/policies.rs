@@ -5,22 +5,16 @@ mod common;
 
 use common::*;
 
-fn detached(s: &Server, args: &[&str]) -> u64 {
-    let mut c = s.cmd("mgpu_srun");
-    c.args(["-d", "--parsable"]).args(args);
-    s.submit(c)
-}
-
 #[test]
 fn backfill_reserves_for_the_big_job_and_fills_around_it() {
     let s = Server::start("2x24GiB", &["--policy", "backfill"]);
-    let a = detached(&s, &["-t", "60", "--", "sleep", "30"]);
+    let a = s.detached(&["-t", "60", "--", "sleep", "30"]);
     s.wait_state(a, "RUNNING");
-    let big = detached(&s, &["--gpus", "2", "-t", "60", "--", "true"]);
-    let long = detached(&s, &["-t", "1000", "--", "sleep", "30"]);
+    let big = s.detached(&["--gpus", "2", "-t", "60", "--", "true"]);
+    let long = s.detached(&["-t", "1000", "--", "sleep", "30"]);
     // It would fit on the free GPU, but would still run when the big job is due.
     assert_eq!(s.job(long).unwrap()["reason"], "Reservation");
-    let short = detached(&s, &["-t", "5", "--", "sleep", "30"]);
+    let short = s.detached(&["-t", "5", "--", "sleep", "30"]);
     // The short job fits before the reservation; the long one would delay the big job.
     s.wait_state(short, "RUNNING");
     let q = s.queue_json();

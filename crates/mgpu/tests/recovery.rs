@@ -9,35 +9,11 @@ use std::time::Duration;
 
 use common::*;
 
-fn kill9(s: &Server) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.pid()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-}
-
 fn runs(s: &Server, name: &str) -> usize {
     std::fs::read_to_string(s.scratch.join(name))
         .unwrap_or_default()
         .lines()
         .count()
-}
-
-fn acct(s: &Server, id: u64) -> serde_json::Value {
-    // The record lands right after the job leaves the queue.
-    let mut rec = serde_json::Value::Null;
-    wait_until(Duration::from_secs(10), || {
-        let out = s
-            .cmd("mgpu_acct")
-            .args(["--json", "-j", &id.to_string()])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        rec = v["jobs"][0].clone();
-        !rec.is_null()
-    });
-    rec
 }
 
 #[test]
@@ -82,7 +58,7 @@ fn kill_9_loses_no_job_and_runs_none_twice() {
         .collect();
     assert_eq!(order, pending);
 
-    kill9(&s);
+    s.kill9();
     // The quick job ends while no server runs.
     std::thread::sleep(Duration::from_millis(1500));
     s.restart();
@@ -110,20 +86,16 @@ fn kill_9_loses_no_job_and_runs_none_twice() {
     for name in ["a.runs", "q.runs", "p0.runs", "p1.runs", "p2.runs"] {
         assert_eq!(runs(&s, name), 1, "{name}");
     }
-    let q = acct(&s, quick);
+    let q = s.acct(quick);
     assert_eq!(q["state"], "FAILED");
     assert_eq!(
         q["exit_code"], 3,
         "the real exit status, recorded while the server was down"
     );
     for id in &pending {
-        assert_eq!(acct(&s, *id)["state"], "COMPLETED");
+        assert_eq!(s.acct(*id)["state"], "COMPLETED");
     }
-    let next = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "true"]);
-        c
-    });
+    let next = s.detached(&["--", "true"]);
     assert!(
         next > *pending.last().unwrap(),
         "ids continue after a crash"
@@ -133,25 +105,10 @@ fn kill_9_loses_no_job_and_runs_none_twice() {
 #[test]
 fn a_running_job_is_re_adopted_and_can_still_be_cancelled() {
     let mut s = Server::start("1x24GiB", &[]);
-    let id = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args([
-            "-d",
-            "--parsable",
-            "--",
-            "bash",
-            "-c",
-            "echo first; sleep 60",
-        ]);
-        c
-    });
-    let waiting = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "true"]);
-        c
-    });
+    let id = s.detached(&["--", "bash", "-c", "echo first; sleep 60"]);
+    let waiting = s.detached(&["--", "true"]);
     s.wait_state(id, "RUNNING");
-    kill9(&s);
+    s.kill9();
     s.restart();
     let job = s.job(id).expect("re-adopted");
     assert_eq!(job["state"], "RUNNING");
@@ -165,7 +122,7 @@ fn a_running_job_is_re_adopted_and_can_still_be_cancelled() {
         .success());
     s.wait_gone(id);
     s.wait_gone(waiting);
-    assert_eq!(acct(&s, id)["state"], "CANCELLED");
+    assert_eq!(s.acct(id)["state"], "CANCELLED");
     let log = s.cmd("mgpu_log").arg(id.to_string()).output().unwrap();
     assert_eq!(text(&log.stdout), "first\n");
 }
@@ -173,37 +130,11 @@ fn a_running_job_is_re_adopted_and_can_still_be_cancelled() {
 #[test]
 fn accounting_lists_finished_jobs_with_filters() {
     let s = Server::start("1x24GiB", &[]);
-    let ok = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args([
-            "-d",
-            "--parsable",
-            "-J",
-            "good",
-            "--gpus",
-            "1",
-            "--",
-            "true",
-        ]);
-        c
-    });
-    let bad = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args([
-            "-d",
-            "--parsable",
-            "-J",
-            "bad",
-            "--mem",
-            "100",
-            "--",
-            "false",
-        ]);
-        c
-    });
+    let ok = s.detached(&["-J", "good", "--gpus", "1", "--", "true"]);
+    let bad = s.detached(&["-J", "bad", "--mem", "100", "--", "false"]);
     s.wait_gone(ok);
     s.wait_gone(bad);
-    let good = acct(&s, ok);
+    let good = s.acct(ok);
     assert_eq!(good["state"], "COMPLETED");
     assert_eq!(good["exit_code"], 0);
     assert_eq!(good["gpus"], 1);
@@ -245,11 +176,7 @@ fn accounting_lists_finished_jobs_with_filters() {
 #[test]
 fn old_records_and_their_logs_are_purged() {
     let mut s = Server::start("1x24GiB", &["--retention-days", "0"]);
-    let id = s.submit({
-        let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "echo", "x"]);
-        c
-    });
+    let id = s.detached(&["--", "echo", "x"]);
     s.wait_gone(id);
     let log = s.log_dir.join(format!("job-{id}.log"));
     wait_until(Duration::from_secs(10), || log.exists());
@@ -278,7 +205,7 @@ fn a_job_whose_attached_client_died_with_the_server_is_cancelled() {
         .unwrap();
     let id = s.queue_json()["jobs"][0]["id"].as_u64().unwrap();
     // The server and the client die together; the job lives on under its supervisor.
-    kill9(&s);
+    s.kill9();
     attached.kill().unwrap();
     attached.wait().unwrap();
     s.restart();
@@ -286,5 +213,5 @@ fn a_job_whose_attached_client_died_with_the_server_is_cancelled() {
     // Nobody re-attaches within the window: the job is cancelled, as if the client had died
     // while the server watched.
     s.wait_gone(id);
-    assert_eq!(acct(&s, id)["state"], "CANCELLED");
+    assert_eq!(s.acct(id)["state"], "CANCELLED");
 }

@@ -8,38 +8,22 @@ use std::time::Duration;
 
 use common::*;
 
-fn acct(s: &Server, id: u64) -> serde_json::Value {
-    // The record lands right after the job leaves the queue.
-    let mut rec = serde_json::Value::Null;
-    wait_until(Duration::from_secs(10), || {
-        let out = s
-            .cmd("mgpu_acct")
-            .args(["--json", "-j", &id.to_string()])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        rec = v["jobs"][0].clone();
-        !rec.is_null()
-    });
-    rec
-}
-
-fn detached(s: &Server, args: &[&str]) -> u64 {
-    let mut c = s.cmd("mgpu_srun");
-    c.args(["-d", "--parsable"]).args(args);
-    s.submit(c)
-}
-
 #[test]
 fn a_job_past_its_slice_is_switched_when_others_wait_and_runs_again_later() {
     let s = Server::start("1x24GiB", &[]);
     let dir = s.scratch.display().to_string();
-    let long = detached(
-        &s,
-        &["-t", "1", "--", "bash", "-c", &format!("echo run-$MGPU_RESTART_COUNT >> {dir}/long; echo output-$MGPU_RESTART_COUNT; sleep 30")],
-    );
+    let long = s.detached(&[
+        "-t",
+        "1",
+        "--",
+        "bash",
+        "-c",
+        &format!(
+            "echo run-$MGPU_RESTART_COUNT >> {dir}/long; echo output-$MGPU_RESTART_COUNT; sleep 30"
+        ),
+    ]);
     s.wait_state(long, "RUNNING");
-    let waiting = detached(&s, &["--", "bash", "-c", "sleep 1"]);
+    let waiting = s.detached(&["--", "bash", "-c", "sleep 1"]);
     // The long job is preempted for the waiting one, and goes to the end of the queue.
     wait_until(Duration::from_secs(20), || {
         s.job(long)
@@ -68,14 +52,14 @@ fn a_job_past_its_slice_is_switched_when_others_wait_and_runs_again_later() {
 #[test]
 fn a_job_past_its_slice_keeps_running_when_nobody_waits() {
     let s = Server::start("2x24GiB", &[]);
-    let id = detached(&s, &["-t", "1", "--", "sleep", "30"]);
+    let id = s.detached(&["-t", "1", "--", "sleep", "30"]);
     s.wait_state(id, "RUNNING");
     std::thread::sleep(Duration::from_millis(2500));
     let job = s.job(id).unwrap();
     assert_eq!(job["state"], "RUNNING");
     assert_eq!(job["restarts"], 0);
     // The other GPU is free, so a new job does not need this one's: still no switch.
-    let other = detached(&s, &["--", "sleep", "1"]);
+    let other = s.detached(&["--", "sleep", "1"]);
     s.wait_state(other, "RUNNING");
     assert_eq!(s.job(id).unwrap()["restarts"], 0);
 }
@@ -107,30 +91,24 @@ fn no_requeue_ends_as_timeout_and_global_cap_applies() {
 #[test]
 fn grace_period_lets_a_job_save_and_a_job_ignoring_sigterm_is_killed() {
     let s = Server::start("2x24GiB", &["--grace-period", "3"]);
-    let saver = detached(
-        &s,
-        &[
-            "-t",
-            "1",
-            "--no-requeue",
-            "--",
-            "bash",
-            "-c",
-            "trap 'echo saving; sleep 1; echo saved; exit 0' TERM; sleep 60 & wait",
-        ],
-    );
-    let stubborn = detached(
-        &s,
-        &[
-            "-t",
-            "1",
-            "--no-requeue",
-            "--",
-            "bash",
-            "-c",
-            "trap '' TERM; while true; do sleep 0.1; done",
-        ],
-    );
+    let saver = s.detached(&[
+        "-t",
+        "1",
+        "--no-requeue",
+        "--",
+        "bash",
+        "-c",
+        "trap 'echo saving; sleep 1; echo saved; exit 0' TERM; sleep 60 & wait",
+    ]);
+    let stubborn = s.detached(&[
+        "-t",
+        "1",
+        "--no-requeue",
+        "--",
+        "bash",
+        "-c",
+        "trap '' TERM; while true; do sleep 0.1; done",
+    ]);
     s.wait_gone(saver);
     s.wait_gone(stubborn);
     let log = text(
@@ -144,8 +122,8 @@ fn grace_period_lets_a_job_save_and_a_job_ignoring_sigterm_is_killed() {
         log, "saving\nsaved\n",
         "SIGTERM first, time to save within the grace period"
     );
-    assert_eq!(acct(&s, saver)["state"], "TIMEOUT");
-    let st = acct(&s, stubborn);
+    assert_eq!(s.acct(saver)["state"], "TIMEOUT");
+    let st = s.acct(stubborn);
     assert_eq!(st["state"], "TIMEOUT");
     assert_eq!(st["signal"], 9, "killed after the grace period");
 }
@@ -154,21 +132,18 @@ fn grace_period_lets_a_job_save_and_a_job_ignoring_sigterm_is_killed() {
 fn escaped_processes_are_killed_too() {
     let s = Server::start("1x24GiB", &["--grace-period", "1"]);
     let pidfile = s.scratch.join("escaped.pid");
-    let id = detached(
-        &s,
-        &[
-            "-t",
-            "1",
-            "--no-requeue",
-            "--",
-            "bash",
-            "-c",
-            &format!(
-                "setsid sleep 300 & echo $! > {}; (bash -c 'sleep 301 & disown' &); sleep 60",
-                pidfile.display()
-            ),
-        ],
-    );
+    let id = s.detached(&[
+        "-t",
+        "1",
+        "--no-requeue",
+        "--",
+        "bash",
+        "-c",
+        &format!(
+            "setsid sleep 300 & echo $! > {}; (bash -c 'sleep 301 & disown' &); sleep 60",
+            pidfile.display()
+        ),
+    ]);
     wait_until(Duration::from_secs(10), || {
         pidfile.exists() && !std::fs::read_to_string(&pidfile).unwrap().is_empty()
     });
@@ -211,7 +186,7 @@ fn attached_srun_follows_a_job_across_a_switch_and_gets_the_final_exit_code() {
             .iter()
             .any(|j| j["state"] == "RUNNING")
     });
-    let other = detached(&s, &["--", "sleep", "1"]);
+    let other = s.detached(&["--", "sleep", "1"]);
     let mut out = String::new();
     srun.stdout
         .take()
@@ -237,20 +212,17 @@ fn attached_srun_follows_a_job_across_a_switch_and_gets_the_final_exit_code() {
 #[test]
 fn warning_signal_arrives_before_the_limit() {
     let s = Server::start("1x24GiB", &["--grace-period", "1"]);
-    let id = detached(
-        &s,
-        &[
-            "-t",
-            "3",
-            "--no-requeue",
-            "--signal",
-            "USR1@2",
-            "--",
-            "bash",
-            "-c",
-            "trap 'echo warned' USR1; for i in $(seq 100); do sleep 0.1; done",
-        ],
-    );
+    let id = s.detached(&[
+        "-t",
+        "3",
+        "--no-requeue",
+        "--signal",
+        "USR1@2",
+        "--",
+        "bash",
+        "-c",
+        "trap 'echo warned' USR1; for i in $(seq 100); do sleep 0.1; done",
+    ]);
     s.wait_gone(id);
     let log = text(
         &s.cmd("mgpu_log")
@@ -260,5 +232,5 @@ fn warning_signal_arrives_before_the_limit() {
             .stdout,
     );
     assert!(log.contains("warned"), "{log}");
-    assert_eq!(acct(&s, id)["state"], "TIMEOUT");
+    assert_eq!(s.acct(id)["state"], "TIMEOUT");
 }

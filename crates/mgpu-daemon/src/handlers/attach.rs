@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use mgpu_proto::{AttachRequest, Response};
 
-use crate::handlers::follow::{follow, recorded_outcome, send_log_range, Follower};
+use crate::handlers::follow::{authorize, follow, recorded_outcome, send_log_range, Follower};
 use crate::server::{send, send_error, Caller, Conn};
 use crate::state::Daemon;
 
@@ -17,31 +17,12 @@ pub async fn handle(
     conn: &mut Conn,
 ) -> Result<()> {
     let id = req.job;
-    let by = daemon.requester(caller.uid);
-    let (owner, events) = {
-        let mut inner = daemon.lock();
-        match inner.sched.job(id).map(|j| j.request.uid) {
-            Some(uid) if by.may_manage(uid) => {
-                inner.reattached.insert(id);
-                (Some(uid), Some(daemon.subscribe(&mut inner, id)))
-            }
-            Some(uid) => (Some(uid), None),
-            None => (None, None),
-        }
+    let events = match authorize(daemon, caller, id, true) {
+        Ok(events) => events,
+        Err(message) => return send_error(conn, message).await,
     };
-    let owner = match owner {
-        Some(uid) => uid,
-        None => match daemon.store.summary(id)? {
-            Some(s) => s.uid,
-            None => return send_error(conn, format!("no such job: {id}")).await,
-        },
-    };
-    if !by.may_manage(owner) {
-        return send_error(
-            conn,
-            format!("permission denied: job {id} belongs to another user"),
-        )
-        .await;
+    if events.is_some() {
+        daemon.lock().reattached.insert(id);
     }
     let sent = send_log_range(daemon, id, req.log_offset, None, conn).await?;
     match events {

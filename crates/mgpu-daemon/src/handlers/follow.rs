@@ -63,6 +63,43 @@ pub async fn send_log_range(
     Ok(pos)
 }
 
+/// Checks that `caller` may see job `id`'s output (its owner or root) and, when `subscribe`
+/// and the job is live, subscribes to its events first (under the lock, so none is missed
+/// between reading the log and following it). `Err` carries the message for the client.
+pub fn authorize(
+    daemon: &Daemon,
+    caller: Caller,
+    id: JobId,
+    subscribe: bool,
+) -> Result<Option<broadcast::Receiver<JobEvent>>, String> {
+    let by = daemon.requester(caller.uid);
+    let (owner, events) = {
+        let mut inner = daemon.lock();
+        match inner.sched.job(id).map(|j| j.request.uid) {
+            Some(uid) => {
+                let events =
+                    (subscribe && by.may_manage(uid)).then(|| daemon.subscribe(&mut inner, id));
+                (Some(uid), events)
+            }
+            None => (None, None),
+        }
+    };
+    let owner = match owner {
+        Some(uid) => uid,
+        None => match daemon.store.summary(id) {
+            Ok(Some(s)) => s.uid,
+            Ok(None) => return Err(format!("no such job: {id}")),
+            Err(e) => return Err(format!("cannot read the job records: {e:#}")),
+        },
+    };
+    if !by.may_manage(owner) {
+        return Err(format!(
+            "permission denied: job {id} belongs to another user"
+        ));
+    }
+    Ok(events)
+}
+
 /// The recorded outcome of a job that is no longer live.
 pub fn recorded_outcome(daemon: &Daemon, id: JobId) -> JobOutcome {
     match daemon.store.summary(id) {

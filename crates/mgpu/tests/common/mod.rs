@@ -287,6 +287,46 @@ impl Server {
         });
     }
 
+    /// Submits `mgpu_srun --detach --parsable ARGS` as root; returns the job id.
+    pub fn detached(&self, args: &[&str]) -> u64 {
+        let mut c = self.cmd("mgpu_srun");
+        c.args(["-d", "--parsable"]).args(args);
+        self.submit(c)
+    }
+
+    /// The same as `user`.
+    pub fn detached_as(&self, user: &TestUser, args: &[&str]) -> u64 {
+        let mut c = self.cmd_as(user, "mgpu_srun");
+        c.args(["-d", "--parsable"]).args(args);
+        self.submit(c)
+    }
+
+    /// The job's `mgpu_acct --json` record, waiting for it to land (right after the job leaves
+    /// the queue).
+    pub fn acct(&self, id: u64) -> Value {
+        let mut rec = Value::Null;
+        wait_until(Duration::from_secs(10), || {
+            let out = self
+                .cmd("mgpu_acct")
+                .args(["--json", "-j", &id.to_string()])
+                .output()
+                .unwrap();
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            rec = v["jobs"][0].clone();
+            !rec.is_null()
+        });
+        rec
+    }
+
+    /// `kill -9` of the server: its jobs live on under their supervisors.
+    pub fn kill9(&self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+
     /// Submits detached; returns the job id.
     pub fn submit(&self, mut cmd: Command) -> u64 {
         let out = cmd.output().unwrap();

@@ -98,6 +98,7 @@ impl serde::Serialize for JsonQueue<'_> {
         use serde::ser::SerializeMap;
         let s = self.0;
         let mut m = ser.serialize_map(Some(2))?;
+        // A handful of GPUs: a small tree is fine here.
         let gpus: Vec<Value> = s
             .gpus
             .iter()
@@ -152,37 +153,6 @@ impl serde::Serialize for JsonJobs<'_> {
         }
         seq.end()
     }
-}
-
-/// The documented `--json` shape, as a value (for tests and tools).
-pub fn to_json(s: &QueueSnapshot) -> Value {
-    json!({
-        "gpus": s.gpus.iter().map(|g| json!({
-            "index": g.index,
-            "name": g.name,
-            "total_mib": g.total_mib,
-            "reserved_mib": g.reserved_mib,
-            "used_mib": g.used_mib,
-            "jobs": g.jobs,
-        })).collect::<Vec<_>>(),
-        "jobs": s.jobs.iter().map(|j| json!({
-            "id": j.id,
-            "user": j.user,
-            "name": j.name,
-            "state": j.state.as_str(),
-            "gpus": j.gpus,
-            "gpu_ids": j.gpu_ids,
-            "mem_mib": j.mem_mib,
-            "time_limit_s": j.time_limit_s,
-            "submitted_at": rfc3339(j.submitted_at),
-            "started_at": j.started_at.map(rfc3339),
-            "restarts": j.restarts,
-            "reason": j.reason,
-            "command": j.command,
-            "priority": j.priority,
-            "est_start": j.est_start.map(rfc3339),
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn table() -> Table {

@@ -265,29 +265,13 @@ impl Daemon {
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        inner.running.insert(
-            id,
-            RunningJob {
-                pgid: 0,
-                stopping: None,
-                cmds: cmd_tx,
-            },
-        );
+        let cmd_rx = register_run(inner, id);
         tokio::spawn(start_run(self.clone(), launch, cmd_rx));
     }
 
     /// Re-adopts run `run` of a job whose supervisor outlived the previous daemon.
     pub fn adopt(self: &Arc<Self>, inner: &mut Inner, id: JobId, run: u32) {
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        inner.running.insert(
-            id,
-            RunningJob {
-                pgid: 0,
-                stopping: None,
-                cmds: cmd_tx,
-            },
-        );
+        let cmd_rx = register_run(inner, id);
         tokio::spawn(supervise_link(self.clone(), id, run, None, cmd_rx));
     }
 
@@ -614,6 +598,20 @@ fn spawn_supervisor(
         let _ = child.wait().await;
     });
     Ok((pid, ours))
+}
+
+/// Books a running job's entry; returns where commands for its supervisor arrive.
+fn register_run(inner: &mut Inner, id: JobId) -> mpsc::UnboundedReceiver<SupervisorCmd> {
+    let (cmds, rx) = mpsc::unbounded_channel();
+    inner.running.insert(
+        id,
+        RunningJob {
+            pgid: 0,
+            stopping: None,
+            cmds,
+        },
+    );
+    rx
 }
 
 /// Starts a run's supervisor off the scheduling path (its durable launch record and the fork

@@ -8,16 +8,26 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use mgpu_proto::{Frame, FrameCodec, Request, Response};
 
+/// A server command with its own socket, state and log directories (no GPU flags).
+fn server_cmd(
+    socket: impl AsRef<std::path::Path>,
+    state: impl AsRef<std::path::Path>,
+    logs: impl AsRef<std::path::Path>,
+) -> Command {
+    let mut c = Command::new(bin("mgpu_scheduler_server"));
+    c.arg("--socket")
+        .arg(socket.as_ref())
+        .arg("--state-dir")
+        .arg(state.as_ref())
+        .arg("--log-dir")
+        .arg(logs.as_ref());
+    c
+}
+
 #[test]
 fn a_live_server_is_not_replaced_but_a_stale_socket_is() {
     let mut s = Server::start("1x24GiB", &[]);
-    let second = Command::new(bin("mgpu_scheduler_server"))
-        .arg("--socket")
-        .arg(&s.socket)
-        .arg("--state-dir")
-        .arg(s.dir.join("state2"))
-        .arg("--log-dir")
-        .arg(s.dir.join("logs2"))
+    let second = server_cmd(&s.socket, s.dir.join("state2"), s.dir.join("logs2"))
         .args(["--simulate-gpus", "1x24GiB"])
         .output()
         .unwrap();
@@ -28,13 +38,7 @@ fn a_live_server_is_not_replaced_but_a_stale_socket_is() {
         text(&second.stderr)
     );
     // A second server on the same state directory is refused too.
-    let third = Command::new(bin("mgpu_scheduler_server"))
-        .arg("--socket")
-        .arg(s.dir.join("other.sock"))
-        .arg("--state-dir")
-        .arg(&s.state_dir)
-        .arg("--log-dir")
-        .arg(&s.log_dir)
+    let third = server_cmd(s.dir.join("other.sock"), &s.state_dir, &s.log_dir)
         .args(["--simulate-gpus", "1x24GiB"])
         .output()
         .unwrap();
@@ -66,13 +70,7 @@ fn a_non_socket_path_is_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("not-a-socket");
     std::fs::write(&path, "precious").unwrap();
-    let out = Command::new(bin("mgpu_scheduler_server"))
-        .arg("--socket")
-        .arg(&path)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"))
+    let out = server_cmd(&path, dir.path().join("state"), dir.path().join("logs"))
         .args(["--simulate-gpus", "1x24GiB"])
         .output()
         .unwrap();
@@ -84,15 +82,13 @@ fn a_non_socket_path_is_left_alone() {
 #[test]
 fn without_gpus_the_server_names_the_flag() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(bin("mgpu_scheduler_server"))
-        .arg("--socket")
-        .arg(dir.path().join("s.sock"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"))
-        .output()
-        .unwrap();
+    let out = server_cmd(
+        dir.path().join("s.sock"),
+        dir.path().join("state"),
+        dir.path().join("logs"),
+    )
+    .output()
+    .unwrap();
     // On a machine with NVIDIA GPUs the server would start; this test is for GPU-less ones.
     if out.status.success() {
         return;
@@ -142,13 +138,7 @@ fn corrupt_state_stops_the_server() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::fs::write(state.join("mgpu.db"), vec![0x5au8; 16384]).unwrap();
-    let out = Command::new(bin("mgpu_scheduler_server"))
-        .arg("--socket")
-        .arg(dir.path().join("s.sock"))
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--log-dir")
-        .arg(dir.path().join("logs"))
+    let out = server_cmd(dir.path().join("s.sock"), &state, dir.path().join("logs"))
         .args(["--simulate-gpus", "1x24GiB"])
         .output()
         .unwrap();

@@ -3,6 +3,9 @@
 //! The socket path is public (`/tmp` by default), so anyone could bind a fake server there.
 //! Before sending anything the client asks the kernel who owns the other end and refuses a
 //! server that runs neither as root nor as the calling user.
+//!
+//! The hello is not waited for: the first request follows it at once (one round trip saved on
+//! every command), and the server's welcome, or its refusal, is read before the first answer.
 
 use std::path::{Path, PathBuf};
 
@@ -15,8 +18,8 @@ use tokio_util::codec::Framed;
 pub struct Client {
     conn: Framed<UnixStream, FrameCodec>,
     pub socket: PathBuf,
-    /// The server runs as root and serves every user.
-    pub multi_user: bool,
+    /// The server's welcome is still to be read.
+    welcome_pending: bool,
 }
 
 impl Client {
@@ -47,30 +50,48 @@ impl Client {
         let mut conn = Client {
             conn: Framed::new(stream, FrameCodec::default()),
             socket,
-            multi_user: false,
+            welcome_pending: false,
         };
         conn.send(&Request::Hello {
             protocol: PROTOCOL_VERSION,
             client: client_name(client),
         })
         .await?;
-        match conn.recv_control().await? {
-            Response::Welcome { multi_user, .. } => conn.multi_user = multi_user,
-            Response::Error { message } => bail!("{message}"),
-            other => bail!("unexpected answer from the server: {other:?}"),
-        }
+        conn.welcome_pending = true;
         Ok(conn)
     }
 
+    /// Reads the server's answer to our hello: a welcome, or why it refuses us.
+    async fn read_welcome(&mut self) -> Result<()> {
+        self.welcome_pending = false;
+        let frame = match self.conn.next().await {
+            None => bail!("the server closed the connection"),
+            Some(f) => f.context("reading from the server")?,
+        };
+        match frame.parse()? {
+            Response::Welcome { .. } => Ok(()),
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the server: {other:?}"),
+        }
+    }
+
     pub async fn send(&mut self, req: &Request) -> Result<()> {
-        self.conn
-            .send(Frame::control(req))
-            .await
-            .context("sending to the server")
+        if let Err(e) = self.conn.send(Frame::control(req)).await {
+            // A server that refused our hello may already have closed: its reason is better
+            // than a broken pipe.
+            if self.welcome_pending {
+                self.read_welcome().await?;
+            }
+            return Err(e).context("sending to the server");
+        }
+        Ok(())
     }
 
     /// The next frame, or `None` when the server closed the connection.
     pub async fn recv(&mut self) -> Result<Option<Frame>> {
+        if self.welcome_pending {
+            self.read_welcome().await?;
+        }
         match self.conn.next().await {
             None => Ok(None),
             Some(f) => Ok(Some(f.context("reading from the server")?)),

@@ -17,6 +17,17 @@ pub struct JobCgroup {
     pub procs: CString,
 }
 
+/// Where job cgroups go: beside our own cgroup v2 (mount point and our path in it), read once
+/// per process. The launcher reads it before it forks, so supervisors inherit it.
+static JOBS_BASE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// The directory that holds job cgroups (`mgpu-jobs` beside our own cgroup), if any.
+pub fn jobs_base() -> Option<&'static Path> {
+    JOBS_BASE
+        .get_or_init(|| Some(cgroup2_mount()?.join(own_cgroup()?).join("mgpu-jobs")))
+        .as_deref()
+}
+
 /// The cgroup v2 mount point, from /proc/self/mountinfo.
 fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
@@ -41,8 +52,8 @@ impl JobCgroup {
     /// Creates a cgroup for one run of a job beside ours, or `None` where cgroup v2 is not
     /// writable here.
     pub fn create(job: u64) -> Option<JobCgroup> {
-        let base = cgroup2_mount()?.join(own_cgroup()?).join("mgpu-jobs");
-        if let Err(e) = std::fs::create_dir(&base) {
+        let base = jobs_base()?;
+        if let Err(e) = std::fs::create_dir(base) {
             if e.kind() != std::io::ErrorKind::AlreadyExists {
                 return None;
             }
@@ -118,13 +129,10 @@ pub unsafe fn enter(procs: &CString) -> bool {
 
 /// Removes job cgroups left by supervisors that are gone (empty ones only).
 pub fn remove_stale() {
-    let Some(base) = cgroup2_mount()
-        .zip(own_cgroup())
-        .map(|(m, own)| m.join(own).join("mgpu-jobs"))
-    else {
+    let Some(base) = jobs_base() else {
         return;
     };
-    let Ok(dir) = std::fs::read_dir(&base) else {
+    let Ok(dir) = std::fs::read_dir(base) else {
         return;
     };
     for entry in dir.flatten() {

@@ -8,6 +8,7 @@ pub mod cgroup;
 pub mod exec;
 pub mod gpu;
 pub mod handlers;
+pub mod launcher;
 pub mod recovery;
 pub mod run;
 pub mod server;

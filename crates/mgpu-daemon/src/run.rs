@@ -72,12 +72,19 @@ pub struct Args {
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
+    /// Internal: run as the supervisor launcher (started by the server itself)
+    #[arg(long, hide = true)]
+    pub launcher: bool,
 }
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(run_dir) = &args.supervise {
         return supervisor::main(run_dir);
+    }
+    if args.launcher {
+        // Before anything starts a thread: the launcher forks and must be single-threaded.
+        return crate::launcher::main();
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -308,6 +315,7 @@ async fn run(args: Args) -> Result<()> {
             server_uid: euid,
         },
     );
+    daemon.launcher.warm_up();
     tracing::info!(
         socket = %socket.display(),
         gpus = %backend.describe(),

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::Framed;
 
 use crate::exec::{Launch, LaunchSpec};
+use crate::launcher::Launcher;
 use crate::store::{Ending, Store};
 use crate::supervisor::{self, ExitRecord, StopReason, SupervisorCmd, SupervisorMsg};
 
@@ -116,6 +117,8 @@ pub struct Daemon {
     timer: tokio::sync::Notify,
     pub store: Store,
     pub settings: Settings,
+    /// Forks the supervisors of new runs.
+    pub launcher: Launcher,
 }
 
 pub fn now_ms() -> Millis {
@@ -147,6 +150,7 @@ impl Daemon {
             }),
             store,
             settings,
+            launcher: Launcher::default(),
         })
     }
 
@@ -541,10 +545,13 @@ fn mark_run(launch: &Launch) -> anyhow::Result<u64> {
     Ok(log.metadata()?.len())
 }
 
-/// Starts the job's supervisor (this binary in `--supervise` mode) in its own session, with one
-/// end of a socket pair as its stdin: the link exists before the job starts, so no output is
-/// missed. Returns its pid and our end of the link.
+/// Prepares the run directory (with the launch record) and starts the job's supervisor in
+/// its own session, with one end of a socket pair as its stdin: the link exists before the job
+/// starts, so no output is missed. The supervisor is forked by the launcher (see
+/// [`crate::launcher`]), or, when that fails, started as this binary in `--supervise` mode.
+/// Returns its pid and our end of the link.
 fn spawn_supervisor(
+    launcher: &Launcher,
     job_dir: &Path,
     run_dir: &Path,
     launch: &Launch,
@@ -568,18 +575,30 @@ fn spawn_supervisor(
         File::create(run_dir.join(supervisor::LAUNCH_FILE)).context("writing launch.json")?;
     f.write_all(&serde_json::to_vec(launch)?)?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
-    let errlog = File::create(run_dir.join("supervisor.log"))?;
+    let pid = match launcher.spawn_supervisor(run_dir, theirs.as_fd()) {
+        Ok(pid) => pid,
+        Err(e) => {
+            tracing::warn!(job = launch.job, error = %e, "the launcher cannot start supervisors; starting one directly");
+            exec_supervisor(run_dir, theirs)?
+        }
+    };
+    Ok((pid, ours))
+}
+
+/// Starts a supervisor by exec'ing this binary in `--supervise` mode (the fallback when the
+/// launcher is unavailable; slower by the cost of an exec).
+fn exec_supervisor(run_dir: &Path, link: std::os::unix::net::UnixStream) -> anyhow::Result<u32> {
+    use anyhow::Context;
+    let errlog = File::create(run_dir.join(supervisor::ERROR_LOG))?;
     let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg("--supervise")
+    cmd.arg0("mgpu_scheduler_server")
+        .arg("--supervise")
         .arg(run_dir)
-        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdin(Stdio::from(OwnedFd::from(link)))
         .stdout(Stdio::null())
         .stderr(Stdio::from(errlog))
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
-        );
+        .env("PATH", crate::launcher::SUPERVISOR_PATH);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -597,7 +616,7 @@ fn spawn_supervisor(
     tokio::spawn(async move {
         let _ = child.wait().await;
     });
-    Ok((pid, ours))
+    Ok(pid)
 }
 
 /// Books a running job's entry; returns where commands for its supervisor arrive.
@@ -635,7 +654,7 @@ async fn start_run(
         // database modules are already loaded; the supervisor forks the job with it.
         launch.account = crate::users::account(launch.uid).ok();
         let log_offset = mark_run(&launch)?;
-        let (pid, link) = spawn_supervisor(&job_dir, &run_dir, &launch)?;
+        let (pid, link) = spawn_supervisor(&store_daemon.launcher, &job_dir, &run_dir, &launch)?;
         anyhow::Ok((pid, link, log_offset))
     })
     .await

@@ -40,6 +40,8 @@ pub const SOCKET_FILE: &str = "sock";
 pub const FORKED_FILE: &str = "forked";
 /// The path of the run's cgroup, when it has one.
 pub const CGROUP_FILE: &str = "cgroup";
+/// The supervisor's own error output.
+pub const ERROR_LOG: &str = "supervisor.log";
 
 /// Why a job is being stopped; echoed back in its [`ExitRecord`] so that the outcome is right
 /// even when the daemon restarted in between.
@@ -160,11 +162,21 @@ fn now_ms() -> Millis {
 
 /// Entry point of `mgpu_scheduler_server --supervise RUN_DIR`.
 pub fn main(run_dir: &Path) -> std::process::ExitCode {
+    if supervise(run_dir) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
+/// Supervises the run in `run_dir` to its end; false when that failed (the reason is on
+/// stderr, the run directory's [`ERROR_LOG`]).
+pub fn supervise(run_dir: &Path) -> bool {
     match run(run_dir) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => true,
         Err(e) => {
             eprintln!("mgpu supervisor: {e:#}");
-            std::process::ExitCode::FAILURE
+            false
         }
     }
 }

@@ -203,3 +203,67 @@ fn sigterm_shuts_down_cleanly_and_removes_the_socket() {
     assert!(!socket.exists(), "socket removed on clean shutdown");
     assert!(s.server_log().contains("stopped"));
 }
+
+/// Pids of the processes named `comm` whose parent is `parent` (from /proc).
+fn children_named(parent: i32, comm: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 2..].split_whitespace().nth(1);
+        if &stat[open + 1..close] == comm && ppid == Some(&parent.to_string()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn supervisors_are_forked_by_the_launcher_which_is_replaced_when_killed() {
+    let s = Server::start("1x24GiB", &[]);
+    let launchers = children_named(s.pid(), "mgpu-launcher");
+    assert_eq!(launchers.len(), 1, "one launcher: {launchers:?}");
+    let running = s.detached(&["--mem", "1G", "--", "sleep", "30"]);
+    s.wait_state(running, "RUNNING");
+    wait_until(std::time::Duration::from_secs(10), || {
+        children_named(launchers[0], "mgpu-supervisor").len() == 1
+    });
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(launchers[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The next job still starts (through a new launcher) and runs to its end...
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--mem", "1G", "--", "echo", "after"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "after\n");
+    let replaced = children_named(s.pid(), "mgpu-launcher");
+    assert_eq!(replaced.len(), 1, "a new launcher: {replaced:?}");
+    assert_ne!(replaced, launchers);
+    // ...and the job whose supervisor came from the killed launcher is unaffected.
+    assert_eq!(s.job(running).unwrap()["state"], "RUNNING");
+    let out = s
+        .cmd("mgpu_cancel")
+        .arg(running.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    s.wait_gone(running);
+    assert!(
+        !s.server_log().contains("starting one directly"),
+        "the fallback was not needed: {}",
+        s.server_log()
+    );
+}

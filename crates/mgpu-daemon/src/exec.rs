@@ -298,6 +298,18 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
             fail(Step::Stdio);
         }
     }
+    // The supervisor blocks SIGCHLD (it reads it from a signalfd) and, like any Rust program,
+    // ignores SIGPIPE; a server started under nohup ignores SIGHUP. The job starts clean:
+    // nothing blocked, every signal at its default.
+    let mut none: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut none);
+    libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    // (32 and 33 belong to the C library, which refuses to touch them.)
+    for sig in (1..32).chain(libc::SIGRTMIN()..=libc::SIGRTMAX()) {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
     if libc::setsid() < 0 {
         fail(Step::Session);
     }

@@ -16,7 +16,7 @@
 //! When the launcher cannot be used, the daemon restarts it once, and otherwise falls back to
 //! exec'ing a supervisor directly (the same supervisor code either way).
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -212,7 +212,7 @@ pub fn main() -> ExitCode {
             Ok(None) => return ExitCode::SUCCESS, // the daemon is gone
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                eprintln!("mgpu launcher: {e}");
+                let _ = writeln!(io::stderr(), "mgpu launcher: {e}");
                 return ExitCode::FAILURE;
             }
         };
@@ -222,7 +222,7 @@ pub fn main() -> ExitCode {
             None => -libc::EINVAL,
         };
         if let Err(e) = nix::sys::socket::send(sock, &reply.to_le_bytes(), MsgFlags::MSG_NOSIGNAL) {
-            eprintln!("mgpu launcher: {e}");
+            let _ = writeln!(io::stderr(), "mgpu launcher: {e}");
             return ExitCode::FAILURE;
         }
     }
@@ -265,7 +265,7 @@ fn fork_supervisor(run_dir: &Path, link: OwnedFd) -> i32 {
 }
 
 /// In the forked child: the environment a supervisor expects (its own session, the link on
-/// stdin, its errors in the run directory, default signal handling), then the supervisor.
+/// stdin, default signal handling; stderr stays the server's), then the supervisor.
 fn become_supervisor(run_dir: &Path, link: OwnedFd) -> i32 {
     // SAFETY: plain syscalls on descriptors we own, in a single-threaded process.
     unsafe {
@@ -277,17 +277,6 @@ fn become_supervisor(run_dir: &Path, link: OwnedFd) -> i32 {
         }
     }
     drop(link);
-    let errlog = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(run_dir.join(supervisor::ERROR_LOG));
-    if let Ok(f) = errlog {
-        // SAFETY: as above.
-        unsafe {
-            libc::dup2(f.as_raw_fd(), 2);
-        }
-    }
     if supervisor::supervise(run_dir) {
         0
     } else {

@@ -589,14 +589,13 @@ fn spawn_supervisor(
 /// launcher is unavailable; slower by the cost of an exec).
 fn exec_supervisor(run_dir: &Path, link: std::os::unix::net::UnixStream) -> anyhow::Result<u32> {
     use anyhow::Context;
-    let errlog = File::create(run_dir.join(supervisor::ERROR_LOG))?;
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg0("mgpu_scheduler_server")
         .arg("--supervise")
         .arg(run_dir)
         .stdin(Stdio::from(OwnedFd::from(link)))
         .stdout(Stdio::null())
-        .stderr(Stdio::from(errlog))
+        .stderr(Stdio::inherit())
         .env_clear()
         .env("PATH", crate::launcher::SUPERVISOR_PATH);
     // SAFETY: setsid is async-signal-safe.

@@ -11,21 +11,23 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use mgpu_core::Millis;
-use mgpu_proto::{read_frame, write_frame, Frame};
-use nix::sys::signal::{kill, killpg, Signal};
+use mgpu_proto::{write_frame, Frame, FrameCodec};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, killpg, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use tokio_util::codec::Decoder;
 
 use crate::cgroup::JobCgroup;
 use crate::exec::{self, Launch};
@@ -36,12 +38,11 @@ pub const LAUNCH_FILE: &str = "launch.json";
 static CGROUP: std::sync::OnceLock<Option<JobCgroup>> = std::sync::OnceLock::new();
 pub const EXIT_FILE: &str = "exit.json";
 pub const SOCKET_FILE: &str = "sock";
-/// Written just before the job is forked: without it, a run never started.
+/// Written just before the job is forked: without it, a run never started. It holds the path
+/// of the run's cgroup, when it has one.
 pub const FORKED_FILE: &str = "forked";
-/// The path of the run's cgroup, when it has one.
-pub const CGROUP_FILE: &str = "cgroup";
-/// The supervisor's own error output.
-pub const ERROR_LOG: &str = "supervisor.log";
+/// Where runs started by earlier versions recorded their cgroup.
+const LEGACY_CGROUP_FILE: &str = "cgroup";
 
 /// Why a job is being stopped; echoed back in its [`ExitRecord`] so that the outcome is right
 /// even when the daemon restarted in between.
@@ -94,7 +95,11 @@ pub struct ExitRecord {
 /// Kills whatever is left in a run's cgroup (when it had one) and waits, bounded, until it is
 /// empty: for runs whose supervisor is gone.
 pub fn kill_run_cgroup(run_dir: &Path) {
-    let Ok(dir) = std::fs::read_to_string(run_dir.join(CGROUP_FILE)) else {
+    let recorded = std::fs::read_to_string(run_dir.join(FORKED_FILE))
+        .ok()
+        .filter(|d| !d.is_empty())
+        .or_else(|| std::fs::read_to_string(run_dir.join(LEGACY_CGROUP_FILE)).ok());
+    let Some(dir) = recorded else {
         return;
     };
     let dir = PathBuf::from(dir);
@@ -123,39 +128,6 @@ pub fn read_exit(run_dir: &Path) -> Option<ExitRecord> {
     serde_json::from_slice(&text).ok()
 }
 
-struct Shared {
-    log: File,
-    offset: u64,
-    /// Bytes this run may still add to the log.
-    log_budget: u64,
-    /// The daemon's connection, when one is registered.
-    conn: Option<UnixStream>,
-    pgid: i32,
-    stop: Option<StopReason>,
-    /// The job's main process has exited: a stop arriving now has nothing to stop.
-    leader_done: bool,
-    exit: Option<ExitRecord>,
-}
-
-type SharedState = Arc<(Mutex<Shared>, Condvar)>;
-
-fn lock(s: &SharedState) -> std::sync::MutexGuard<'_, Shared> {
-    s.0.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Sends a frame to the daemon; a failed or slow connection is dropped (the daemon reconnects
-/// and catches up from the log).
-fn send(shared: &mut Shared, frame: &Frame) {
-    if let Some(conn) = shared.conn.as_mut() {
-        if write_frame(conn, frame).is_err() {
-            // Shut it down, not just drop it: the command reader holds a clone, and the daemon
-            // must see the end to reconnect.
-            let _ = conn.shutdown(std::net::Shutdown::Both);
-            shared.conn = None;
-        }
-    }
-}
-
 fn now_ms() -> Millis {
     crate::state::now_ms()
 }
@@ -169,13 +141,18 @@ pub fn main(run_dir: &Path) -> std::process::ExitCode {
     }
 }
 
-/// Supervises the run in `run_dir` to its end; false when that failed (the reason is on
-/// stderr, the run directory's [`ERROR_LOG`]).
+/// Supervises the run in `run_dir` to its end; false when that failed (the reason goes to
+/// stderr: the server's log).
 pub fn supervise(run_dir: &Path) -> bool {
     match run(run_dir) {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("mgpu supervisor: {e:#}");
+            // Not eprintln: the server that started us may be gone, and its stderr with it.
+            let _ = writeln!(
+                io::stderr(),
+                "mgpu supervisor of {}: {e:#}",
+                run_dir.display()
+            );
             false
         }
     }
@@ -191,9 +168,12 @@ fn run(run_dir: &Path) -> Result<()> {
         &std::fs::read(run_dir.join(LAUNCH_FILE)).context("reading launch.json")?,
     )
     .context("parsing launch.json")?;
+    // Before the job exists, so that no exit goes unnoticed.
+    let mut sigchld = sigchld_fd()?;
     let sock_path = run_dir.join(SOCKET_FILE);
     let _ = std::fs::remove_file(&sock_path);
     let listener = UnixListener::bind(&sock_path).context("binding the supervisor socket")?;
+    listener.set_nonblocking(true)?;
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -202,39 +182,26 @@ fn run(run_dir: &Path) -> Result<()> {
         .open(&launch.log_path)
         .with_context(|| format!("opening {}", launch.log_path.display()))?;
     let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let shared: SharedState = Arc::new((
-        Mutex::new(Shared {
-            log,
-            offset,
-            log_budget: launch.max_log_bytes.unwrap_or(u64::MAX),
-            conn: None,
-            pgid: 0,
-            stop: None,
-            leader_done: false,
-            exit: None,
-        }),
-        Condvar::new(),
-    ));
+    let mut sup = Supervisor {
+        log,
+        offset,
+        log_budget: launch.max_log_bytes.unwrap_or(u64::MAX),
+        conn: None,
+        pgid: 0,
+        stop: None,
+        leader_done: false,
+        exit: None,
+        kill_at: None,
+    };
     // The daemon that started us holds the other end of our stdin: our first link.
     let initial = initial_link();
-    {
-        let shared = shared.clone();
-        std::thread::spawn(move || accept_loop(listener, shared));
-    }
-
     // The job's supervisor must outlive an out-of-memory job, or the job escapes its books.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let cgroup = CGROUP
         .get_or_init(|| JobCgroup::create(launch.job))
         .as_ref();
-    if let Some(cg) = cgroup {
-        std::fs::write(
-            run_dir.join(CGROUP_FILE),
-            cg.dir.as_os_str().as_encoded_bytes(),
-        )
-        .context("recording the job's cgroup")?;
-    }
-    std::fs::write(run_dir.join(FORKED_FILE), b"").context("marking the run as started")?;
+    let cgroup_path = cgroup.map_or(&[][..], |cg| cg.dir.as_os_str().as_encoded_bytes());
+    std::fs::write(run_dir.join(FORKED_FILE), cgroup_path).context("marking the run as started")?;
     // Resolved now, in the job's parent: the forked child only makes async-signal-safe calls.
     let account = match launch.account.clone() {
         Some(a) => Ok(a),
@@ -247,43 +214,37 @@ fn run(run_dir: &Path) -> Result<()> {
             code: 1,
         }),
     };
-    let record = match started {
+    let started = match started {
+        Ok(started) => started,
         Err(e) => {
-            let record = {
-                let mut s = lock(&shared);
-                let msg = format!("{}\n", e.message);
-                let _ = s.log.write_all(msg.as_bytes());
-                s.offset += msg.len() as u64;
-                let _ = s.log.sync_data();
-                ExitRecord {
-                    exit_code: Some(e.code),
-                    signal: None,
-                    start_error: Some(e.message),
-                    stopped: None,
-                    ended_at: now_ms(),
-                }
+            let msg = format!("{}\n", e.message);
+            let _ = sup.log.write_all(msg.as_bytes());
+            sup.offset += msg.len() as u64;
+            let _ = sup.log.sync_data();
+            let record = ExitRecord {
+                exit_code: Some(e.code),
+                signal: None,
+                start_error: Some(e.message),
+                stopped: None,
+                ended_at: now_ms(),
             };
             write_exit(run_dir, &record)?;
-            lock(&shared).exit = Some(record.clone());
+            sup.exit = Some(record);
             if let Some(conn) = initial {
-                register(&shared, conn);
+                sup.register(conn);
             }
             sync_exit(run_dir);
             return Ok(());
         }
-        Ok(started) => run_job(started, &shared, initial),
     };
+    let record = run_job(&mut sup, started, &listener, &mut sigchld, initial);
     write_exit(run_dir, &record)?;
-    {
-        let mut s = lock(&shared);
-        s.exit = Some(record.clone());
-        send(&mut s, &Frame::control(&SupervisorMsg::Exited(record)));
-        shared.1.notify_all();
-    }
+    sup.exit = Some(record.clone());
+    sup.send(&Frame::control(&SupervisorMsg::Exited(record)));
     // Durable for the case nobody heard it (the daemon was down and the OS then crashed); off
     // the path to the daemon, which records the end in its own store. The log too.
     sync_exit(run_dir);
-    let _ = lock(&shared).log.sync_data();
+    let _ = sup.log.sync_data();
     Ok(())
 }
 
@@ -297,33 +258,192 @@ fn initial_link() -> Option<UnixStream> {
     is_socket.then(|| unsafe { UnixStream::from_raw_fd(0) })
 }
 
-/// Makes `conn` the daemon link: hello (with the log offset its data continues from), the
-/// exit if it is already known, and a thread reading its commands.
-fn register(shared: &SharedState, conn: UnixStream) {
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
-    let Ok(reader) = conn.try_clone() else {
-        return;
-    };
-    {
-        let mut s = lock(shared);
-        s.conn = Some(conn);
-        let hello = SupervisorMsg::Hello {
-            pgid: s.pgid,
-            log_offset: s.offset,
-        };
-        send(&mut s, &Frame::control(&hello));
-        if let Some(exit) = s.exit.clone() {
-            send(&mut s, &Frame::control(&SupervisorMsg::Exited(exit)));
-        }
-    }
-    let shared = shared.clone();
-    std::thread::spawn(move || command_loop(reader, shared));
+/// A supervisor's state. One thread drives it: a `poll` loop over the job's output pipes, the
+/// daemon's link, the socket a restarted daemon connects to, and a signalfd for `SIGCHLD` (no
+/// helper threads: they cost more to start and stop than a short job runs).
+struct Supervisor {
+    log: File,
+    offset: u64,
+    /// Bytes this run may still add to the log.
+    log_budget: u64,
+    /// The daemon's connection, when one is registered.
+    conn: Option<Link>,
+    pgid: i32,
+    stop: Option<StopReason>,
+    /// The job's main process has exited: a stop arriving now has nothing to stop.
+    leader_done: bool,
+    exit: Option<ExitRecord>,
+    /// When to SIGKILL what a stop's SIGTERM left alive.
+    kill_at: Option<Instant>,
 }
 
-/// Runs the job to its end: reaps everything, collects output. Returns how the leader ended.
+/// The daemon's connection: commands arrive as control frames.
+struct Link {
+    stream: UnixStream,
+    inbox: BytesMut,
+}
+
+impl Supervisor {
+    /// Sends a frame to the daemon; a failed or slow connection is dropped (the daemon
+    /// reconnects and catches up from the log).
+    fn send(&mut self, frame: &Frame) {
+        if let Some(link) = self.conn.as_mut() {
+            if write_frame(&mut link.stream, frame).is_err() {
+                // The daemon must see the end to reconnect.
+                let _ = link.stream.shutdown(std::net::Shutdown::Both);
+                self.conn = None;
+            }
+        }
+    }
+
+    /// Makes `stream` the daemon link: hello (with the log offset its data continues from),
+    /// and the exit if it is already known.
+    fn register(&mut self, stream: UnixStream) {
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        self.conn = Some(Link {
+            stream,
+            inbox: BytesMut::new(),
+        });
+        let hello = SupervisorMsg::Hello {
+            pgid: self.pgid,
+            log_offset: self.offset,
+        };
+        self.send(&Frame::control(&hello));
+        if let Some(exit) = self.exit.clone() {
+            self.send(&Frame::control(&SupervisorMsg::Exited(exit)));
+        }
+    }
+
+    /// A connection on our socket: a restarted daemon (only our own uid may drive us).
+    fn accept(&mut self, listener: &UnixListener) {
+        let Ok((conn, _)) = listener.accept() else {
+            return;
+        };
+        let me = nix::unistd::geteuid().as_raw();
+        match nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(c) if c.uid() == me => self.register(conn),
+            _ => {}
+        }
+    }
+
+    /// Output of the job: into the log (within its budget) and to the daemon.
+    fn output(&mut self, tag: u8, bytes: &[u8]) {
+        if self.log_budget == 0 {
+            return; // over the limit: drained, not kept
+        }
+        let keep = (bytes.len() as u64).min(self.log_budget) as usize;
+        self.log_budget -= keep as u64;
+        let mut data = Bytes::copy_from_slice(&bytes[..keep]);
+        if self.log_budget == 0 {
+            let note = b"\nmgpu: this run reached the server's log size limit; further output is discarded\n";
+            let mut with_note = data.to_vec();
+            with_note.extend_from_slice(note);
+            data = Bytes::from(with_note);
+        }
+        let _ = self.log.write_all(&data);
+        self.offset += data.len() as u64;
+        let frame = if tag == 1 {
+            Frame::Stdout(data)
+        } else {
+            Frame::Stderr(data)
+        };
+        self.send(&frame);
+    }
+
+    /// Reads what the daemon sent and carries out its commands.
+    fn read_link(&mut self) {
+        let Some(link) = self.conn.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        match nix::sys::socket::recv(
+            link.stream.as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) | Err(nix::errno::Errno::ECONNRESET) => {
+                self.conn = None;
+                return;
+            }
+            Ok(n) => link.inbox.extend_from_slice(&buf[..n]),
+            Err(_) => return,
+        }
+        let mut commands = Vec::new();
+        loop {
+            match FrameCodec::default().decode(&mut link.inbox) {
+                Ok(Some(frame)) => {
+                    if let Ok(cmd) = frame.parse::<SupervisorCmd>() {
+                        commands.push(cmd);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    self.conn = None;
+                    break;
+                }
+            }
+        }
+        for cmd in commands {
+            self.command(cmd);
+        }
+    }
+
+    fn command(&mut self, cmd: SupervisorCmd) {
+        match cmd {
+            SupervisorCmd::Stop { grace_ms, reason } => {
+                if self.leader_done {
+                    return; // it ended by itself: its natural exit stands
+                }
+                let first = self.stop.is_none();
+                // A cancel overrides a context switch already under way (no new signals).
+                if first || reason == StopReason::Cancel {
+                    self.stop = Some(reason);
+                }
+                if self.pgid > 0 && first {
+                    kill_all(self.pgid, Signal::SIGTERM);
+                    self.kill_at = Some(Instant::now() + Duration::from_millis(grace_ms));
+                }
+            }
+            SupervisorCmd::Signal { signal } => {
+                if let (true, Ok(sig)) = (self.pgid > 0, Signal::try_from(signal)) {
+                    kill_all(self.pgid, sig);
+                }
+            }
+        }
+    }
+}
+
+/// Blocks `SIGCHLD` and returns a descriptor that reads it (the job's child unblocks it).
+fn sigchld_fd() -> Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block().context("blocking SIGCHLD")?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .context("creating a signalfd")
+}
+
+/// Reads what is available on a pipe into `sup`; false at its end.
+fn pump(pipe: &mut File, tag: u8, buf: &mut [u8], sup: &mut Supervisor) -> bool {
+    loop {
+        match pipe.read(buf) {
+            Ok(0) => return false,
+            Ok(n) => {
+                sup.output(tag, &buf[..n]);
+                return true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Runs the job to its end: reaps everything, collects output, serves the daemon. Returns how
+/// the leader ended.
 fn run_job(
+    sup: &mut Supervisor,
     started: exec::Started,
-    shared: &SharedState,
+    listener: &UnixListener,
+    sigchld: &mut SignalFd,
     initial: Option<UnixStream>,
 ) -> ExitRecord {
     let exec::Started {
@@ -331,32 +451,70 @@ fn run_job(
         stdout,
         stderr,
     } = started;
-    lock(shared).pgid = leader;
-    shared.1.notify_all();
+    sup.pgid = leader;
     // Linked before any output is read, so the daemon gets all of it live.
     if let Some(conn) = initial {
-        register(shared, conn);
+        sup.register(conn);
     }
-    let readers = [
-        spawn_pump(stdout, 1, shared.clone()),
-        spawn_pump(stderr, 2, shared.clone()),
-    ];
+    let mut pipes = [Some(File::from(stdout)), Some(File::from(stderr))];
+    let mut buf = vec![0u8; 64 * 1024];
     let mut leader_status = None;
     // Until the leader exits: reap whatever ends (orphans included) as it ends.
     while leader_status.is_none() {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == leader => {
-                leader_status = Some((Some(code), None));
-                lock(shared).leader_done = true;
+        let timeout = match sup.kill_at {
+            Some(at) => {
+                let ms = at.saturating_duration_since(Instant::now()).as_millis();
+                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::ZERO)
             }
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == leader => {
-                leader_status = Some((None, Some(sig as i32)));
-                lock(shared).leader_done = true;
+            None => PollTimeout::NONE,
+        };
+        // Fixed slots: pipes, then SIGCHLD, the socket and the daemon link.
+        let (ready, sig_ready, accept_ready, link_ready) = {
+            let (p0, p1) = (pipes[0].as_ref(), pipes[1].as_ref());
+            let mut fds = Vec::with_capacity(5);
+            let s0 = poll_slot(&mut fds, p0.map(|f| f.as_fd()));
+            let s1 = poll_slot(&mut fds, p1.map(|f| f.as_fd()));
+            let s_sig = poll_slot(&mut fds, Some(sigchld.as_fd()));
+            let s_acc = poll_slot(&mut fds, Some(listener.as_fd()));
+            let s_link = poll_slot(&mut fds, sup.conn.as_ref().map(|l| l.stream.as_fd()));
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => break,
+            let is = |s: Option<usize>| {
+                s.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty()))
+            };
+            ([is(s0), is(s1)], is(s_sig), is(s_acc), is(s_link))
+        };
+        // Output first: what the job wrote before it ended comes before its end.
+        for (i, tag) in [(0, 1u8), (1, 2u8)] {
+            if ready[i] {
+                let more = pipes[i]
+                    .as_mut()
+                    .is_some_and(|p| pump(p, tag, &mut buf, sup));
+                if !more {
+                    pipes[i] = None;
+                }
+            }
+        }
+        if sig_ready {
+            while let Ok(Some(_)) = sigchld.read_signal() {}
+        }
+        if sig_ready || sup.kill_at.is_some() {
+            leader_status = reap(leader);
+        }
+        if accept_ready {
+            sup.accept(listener);
+        }
+        if link_ready {
+            sup.read_link();
+        }
+        if sup.kill_at.is_some_and(|at| Instant::now() >= at) {
+            sup.kill_at = None;
+            kill_all(leader, Signal::SIGKILL);
         }
     }
+    sup.leader_done = true;
     // The job is over when its main process is: everything it left behind dies with it (like
     // Slurm), including processes that escaped its group. Repeat until nothing is left, in case
     // something forked while we were killing.
@@ -371,21 +529,54 @@ fn run_job(
             Err(_) => break,
         }
     }
-    for r in readers {
-        let _ = r.join();
+    // Everything that held the pipes is gone: the rest of the output, to its end.
+    for (i, tag) in [(0, 1u8), (1, 2u8)] {
+        if let Some(mut p) = pipes[i].take() {
+            while pump(&mut p, tag, &mut buf, sup) {}
+        }
     }
     if let Some(cg) = CGROUP.get().and_then(Option::as_ref) {
         // Nothing may be left in the job's cgroup before its GPUs are freed.
         cg.remove();
     }
     let (exit_code, signal) = leader_status.unwrap_or((None, None));
-    let s = lock(shared);
     ExitRecord {
         exit_code,
         signal,
         start_error: None,
-        stopped: s.stop,
+        stopped: sup.stop,
         ended_at: now_ms(),
+    }
+}
+
+/// Adds `fd` (when there is one) to the poll set; returns its slot.
+fn poll_slot<'a>(fds: &mut Vec<PollFd<'a>>, fd: Option<BorrowedFd<'a>>) -> Option<usize> {
+    fd.map(|fd| {
+        fds.push(PollFd::new(fd, PollFlags::POLLIN));
+        fds.len() - 1
+    })
+}
+
+/// Reaps every child that has ended; returns the leader's status once it is among them.
+#[allow(clippy::type_complexity)]
+fn reap(leader: i32) -> Option<(Option<i32>, Option<i32>)> {
+    let mut status = None;
+    loop {
+        match waitpid(
+            Pid::from_raw(-1),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        ) {
+            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == leader => {
+                status = Some((Some(code), None));
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == leader => {
+                status = Some((None, Some(sig as i32)));
+            }
+            Ok(WaitStatus::StillAlive) => return status,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            // No children at all: the leader cannot still be running.
+            Err(_) => return status.or(Some((None, None))),
+        }
     }
 }
 
@@ -442,106 +633,6 @@ pub fn stat_field(pid: i32, n: usize) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(n)?.parse().ok()
-}
-
-fn spawn_pump(fd: OwnedFd, tag: u8, shared: SharedState) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut pipe = File::from(fd);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match pipe.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            let mut s = lock(&shared);
-            if s.log_budget == 0 {
-                continue; // over the limit: drained, not kept
-            }
-            let keep = (n as u64).min(s.log_budget) as usize;
-            s.log_budget -= keep as u64;
-            let mut data = Bytes::copy_from_slice(&buf[..keep]);
-            if s.log_budget == 0 {
-                let note = b"\nmgpu: this run reached the server's log size limit; further output is discarded\n";
-                let mut with_note = data.to_vec();
-                with_note.extend_from_slice(note);
-                data = Bytes::from(with_note);
-            }
-            let _ = s.log.write_all(&data);
-            s.offset += data.len() as u64;
-            let frame = if tag == 1 {
-                Frame::Stdout(data)
-            } else {
-                Frame::Stderr(data)
-            };
-            send(&mut s, &frame);
-        }
-    })
-}
-
-fn accept_loop(listener: UnixListener, shared: SharedState) {
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        // The run directory is root's; still, only our own uid may drive us.
-        let me = nix::unistd::geteuid().as_raw();
-        match nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials) {
-            Ok(c) if c.uid() == me => {}
-            _ => continue,
-        }
-        // Wait until the job has a process group (or failed to start) before saying hello.
-        {
-            let mut s = lock(&shared);
-            while s.pgid == 0 && s.exit.is_none() {
-                s = shared
-                    .1
-                    .wait_timeout(s, Duration::from_millis(50))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-        }
-        register(&shared, conn);
-    }
-}
-
-fn command_loop(mut conn: UnixStream, shared: SharedState) {
-    while let Ok(Some(frame)) = read_frame(&mut conn) {
-        let Ok(cmd) = frame.parse::<SupervisorCmd>() else {
-            continue;
-        };
-        match cmd {
-            SupervisorCmd::Stop { grace_ms, reason } => {
-                let (pgid, first) = {
-                    let mut s = lock(&shared);
-                    if s.leader_done {
-                        continue; // it ended by itself: its natural exit stands
-                    }
-                    let first = s.stop.is_none();
-                    // A cancel overrides a context switch already under way (no new signals).
-                    if first || reason == StopReason::Cancel {
-                        s.stop = Some(reason);
-                    }
-                    (s.pgid, first)
-                };
-                if pgid > 0 && first {
-                    kill_all(pgid, Signal::SIGTERM);
-                    let shared = shared.clone();
-                    std::thread::spawn(move || {
-                        std::thread::sleep(Duration::from_millis(grace_ms));
-                        if lock(&shared).exit.is_none() {
-                            kill_all(pgid, Signal::SIGKILL);
-                        }
-                    });
-                }
-            }
-            SupervisorCmd::Signal { signal } => {
-                let pgid = lock(&shared).pgid;
-                if let (true, Ok(sig)) = (pgid > 0, Signal::try_from(signal)) {
-                    kill_all(pgid, sig);
-                }
-            }
-        }
-    }
 }
 
 /// Writes `exit.json` durably (temp file, fsync, rename, fsync of the directory).

@@ -66,6 +66,36 @@ fn job_environment_is_set() {
     assert_eq!(text(&out.stdout).trim(), s.scratch.to_str().unwrap());
 }
 
+/// The supervisor blocks SIGCHLD and ignores SIGPIPE; the job must inherit neither (a job
+/// ignoring SIGPIPE turns `yes | head` into "Broken pipe" errors).
+#[test]
+fn jobs_start_with_default_signal_handling() {
+    let s = Server::start("1x24GiB", &[]);
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--", "grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let masks: Vec<u64> = text(&out.stdout)
+        .lines()
+        .map(|l| u64::from_str_radix(l.split('\t').nth(1).unwrap(), 16).unwrap())
+        .collect();
+    // Signals 32 and 33 (bits 31, 32) are the C library's own and left as they are.
+    let ours = !(0b11u64 << 31);
+    assert_eq!(masks.len(), 2);
+    assert_eq!(masks[0] & ours, 0, "nothing blocked: {masks:x?}");
+    assert_eq!(masks[1] & ours, 0, "nothing ignored: {masks:x?}");
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--", "sh", "-c", "yes | head -n 1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout), "y\n");
+    assert_eq!(text(&out.stderr), "", "no broken pipe errors");
+}
+
 #[test]
 fn detach_and_parsable_give_increasing_ids() {
     let s = Server::start("1x24GiB", &[]);

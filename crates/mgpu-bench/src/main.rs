@@ -236,11 +236,11 @@ fn run_all(
                 Perf(None)
             }
         };
+        let cpu_before = util::cpu_times();
         let r = match s {
             Scenario::Latency => scenarios::latency(sys, counts.latency_runs, m),
-            Scenario::Submit => {
-                scenarios::submit(sys, counts.submit_jobs, counts.clients, m, notes)
-            }
+            Scenario::Submit => scenarios::spawn_floor(counts.submit_jobs, m)
+                .and_then(|_| scenarios::submit(sys, counts.submit_jobs, counts.clients, m, notes)),
             Scenario::Throughput => scenarios::throughput(sys, ctx, counts.throughput_jobs, m),
             Scenario::Dispatch => scenarios::dispatch(sys, ctx, counts.dispatch_pairs, m),
             Scenario::Scale => match scale_jobs {
@@ -254,6 +254,15 @@ fn run_all(
                 }
             },
         };
+        // Hypervisor steal: on a shared VM, the tail latencies move with it.
+        if let (
+            Some(before),
+            Some(after),
+            Scenario::Latency | Scenario::Throughput | Scenario::Dispatch,
+        ) = (cpu_before, util::cpu_times(), s)
+        {
+            m.insert(format!("{name}_steal_pct"), after.steal_pct_since(&before));
+        }
         if let Err(e) = r {
             eprintln!("mgpu-bench: {}: {name} failed: {e:#}", sys.name());
             notes.push(format!("{}: {name} failed: {e:#}", sys.name()));

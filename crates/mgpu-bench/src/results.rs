@@ -50,6 +50,18 @@ pub const METRICS: &[MetricDef] = &[
         Better::Lower,
     ),
     def(
+        "latency_steal_pct",
+        "1. VM steal during the runs",
+        "%",
+        Better::None,
+    ),
+    def(
+        "spawn_floor_per_s",
+        "2. floor: /bin/true spawns, 1 client",
+        "runs/s",
+        Better::None,
+    ),
+    def(
         "submit_seq_per_s",
         "2. detached submits, 1 client",
         "jobs/s",
@@ -68,6 +80,18 @@ pub const METRICS: &[MetricDef] = &[
         Better::Higher,
     ),
     def(
+        "throughput_cpu_ms_per_job",
+        "3. CPU time per job, all processes",
+        "ms",
+        Better::Lower,
+    ),
+    def(
+        "throughput_steal_pct",
+        "3. VM steal during the run",
+        "%",
+        Better::None,
+    ),
+    def(
         "dispatch_median_ms",
         "4. dispatch latency, median",
         "ms",
@@ -78,6 +102,12 @@ pub const METRICS: &[MetricDef] = &[
         "4. dispatch latency, p99",
         "ms",
         Better::Lower,
+    ),
+    def(
+        "dispatch_steal_pct",
+        "4. VM steal during the runs",
+        "%",
+        Better::None,
     ),
     def("scale_jobs", "5. pending jobs", "jobs", Better::None),
     def(

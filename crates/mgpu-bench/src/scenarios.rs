@@ -62,6 +62,20 @@ pub fn latency(sys: &dyn System, n: usize, m: &mut Metrics) -> Result<()> {
     Ok(())
 }
 
+/// The harness's own floor: sequential spawns of `/bin/true` per second (what one CLI call per
+/// job can at best reach on this machine, before the command does any work).
+pub fn spawn_floor(n: usize, m: &mut Metrics) -> Result<()> {
+    let t = Instant::now();
+    for _ in 0..n {
+        util::run_ok(&mut std::process::Command::new("/bin/true"))?;
+    }
+    m.insert(
+        "spawn_floor_per_s".into(),
+        n as f64 / t.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
 /// Checks that exactly `want` jobs are queued (every accepted submission is there).
 fn expect_queued(sys: &dyn System, want: usize) -> Result<()> {
     let have = sys.active_jobs()?;
@@ -127,6 +141,7 @@ fn count_files(dir: &Path) -> Result<usize> {
 pub fn throughput(sys: &dyn System, ctx: &Ctx, n: usize, m: &mut Metrics) -> Result<()> {
     let dir = ctx.work.join(format!("marks-{}", sys.name()));
     std::fs::create_dir_all(&dir)?;
+    let cpu_before = util::cpu_times();
     let start = SystemTime::now();
     for i in 0..n {
         let marker = dir.join(i.to_string());
@@ -160,6 +175,14 @@ pub fn throughput(sys: &dyn System, ctx: &Ctx, n: usize, m: &mut Metrics) -> Res
     }
     let secs = end.duration_since(start)?.as_secs_f64();
     m.insert("throughput_per_s".into(), n as f64 / secs);
+    // What a job costs the machine: every process's CPU time (client, server, supervisor, job,
+    // and this harness's polling) over the run, per job.
+    if let (Some(before), Some(after)) = (cpu_before, util::cpu_times()) {
+        m.insert(
+            "throughput_cpu_ms_per_job".into(),
+            after.busy_ms_since(&before) / n as f64,
+        );
+    }
     wait_idle(sys, Duration::from_secs(60))
 }
 

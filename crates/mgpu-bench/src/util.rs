@@ -45,6 +45,48 @@ pub fn poll<T>(
     }
 }
 
+/// The machine's CPU time counters from `/proc/stat`, in clock ticks.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTimes {
+    /// user + nice + system + irq + softirq: work done by anyone on this machine.
+    pub busy: u64,
+    /// Time the hypervisor ran something else while we wanted the CPU.
+    pub steal: u64,
+    pub total: u64,
+}
+
+/// Reads the machine's CPU time counters.
+pub fn cpu_times() -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    Some(CpuTimes {
+        busy: get(0) + get(1) + get(2) + get(5) + get(6),
+        steal: get(7),
+        total: (0..8).map(get).sum(),
+    })
+}
+
+impl CpuTimes {
+    /// Busy CPU milliseconds (all processes) since `before`.
+    pub fn busy_ms_since(&self, before: &CpuTimes) -> f64 {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        self.busy.saturating_sub(before.busy) as f64 * 1000.0 / hz
+    }
+
+    /// The share of CPU time stolen by the hypervisor since `before`, in percent.
+    pub fn steal_pct_since(&self, before: &CpuTimes) -> f64 {
+        let total = self.total.saturating_sub(before.total).max(1) as f64;
+        self.steal.saturating_sub(before.steal) as f64 * 100.0 / total
+    }
+}
+
 /// A field of `/proc/PID/status` in KiB (e.g. `VmHWM`).
 pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

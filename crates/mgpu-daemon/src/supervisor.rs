@@ -220,7 +220,6 @@ fn run(run_dir: &Path) -> Result<()> {
             let msg = format!("{}\n", e.message);
             let _ = sup.log.write_all(msg.as_bytes());
             sup.offset += msg.len() as u64;
-            let _ = sup.log.sync_data();
             let record = ExitRecord {
                 exit_code: Some(e.code),
                 signal: None,
@@ -233,7 +232,7 @@ fn run(run_dir: &Path) -> Result<()> {
             if let Some(conn) = initial {
                 sup.register(conn);
             }
-            sync_exit(run_dir);
+            sync_unheard(&mut sup, run_dir);
             return Ok(());
         }
     };
@@ -241,11 +240,19 @@ fn run(run_dir: &Path) -> Result<()> {
     write_exit(run_dir, &record)?;
     sup.exit = Some(record.clone());
     sup.send(&Frame::control(&SupervisorMsg::Exited(record)));
-    // Durable for the case nobody heard it (the daemon was down and the OS then crashed); off
-    // the path to the daemon, which records the end in its own store. The log too.
-    sync_exit(run_dir);
-    let _ = sup.log.sync_data();
+    sync_unheard(&mut sup, run_dir);
     Ok(())
+}
+
+/// The daemon records the end of a run durably in its own store once it hears of it; when no
+/// daemon heard it (none was connected), the run's own record and log are made durable here,
+/// for the next daemon to find even after an OS crash. (A daemon that heard the end and then
+/// crashed before committing it leaves `exit.json` in the page cache for its successor.)
+fn sync_unheard(sup: &mut Supervisor, run_dir: &Path) {
+    if sup.conn.is_none() {
+        sync_exit(run_dir);
+        let _ = sup.log.sync_data();
+    }
 }
 
 /// Our stdin, when it is a socket (the daemon's end of the initial link).
@@ -635,7 +642,8 @@ pub fn stat_field(pid: i32, n: usize) -> Option<i32> {
     rest.split_whitespace().nth(n)?.parse().ok()
 }
 
-/// Writes `exit.json` durably (temp file, fsync, rename, fsync of the directory).
+/// Writes `exit.json` atomically (a temp file renamed into place; [`sync_exit`] makes it
+/// durable where needed).
 fn write_exit(run_dir: &Path, record: &ExitRecord) -> Result<()> {
     // Written whole, then renamed into place: a reader never sees half a record.
     let tmp: PathBuf = run_dir.join("exit.json.tmp");

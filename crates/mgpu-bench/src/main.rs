@@ -94,6 +94,10 @@ struct Opts {
     /// Record each mgpu scenario system-wide with `perf record -a -g` into DIR/SCENARIO.data
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
+    /// Keep mgpu's run directories in its state directory on disk (the server's default)
+    /// instead of on a tmpfs (as the systemd unit has them)
+    #[arg(long)]
+    disk_run_dir: bool,
     /// Keep the scratch directory (server log, state, job files) and print where it is
     #[arg(long)]
     keep_tmp: bool,
@@ -334,7 +338,7 @@ fn bench(opts: Opts) -> Result<()> {
         let dir = tmp.path().join("mgpu");
         std::fs::create_dir_all(&dir)?;
         eprintln!("mgpu-bench: starting mgpu_scheduler_server --simulate-gpus 8x80GiB");
-        let sys = mgpu::Mgpu::start(&bin_dir, &dir)?;
+        let sys = mgpu::Mgpu::start(&bin_dir, &dir, opts.disk_run_dir)?;
         let m = run_all(
             &sys,
             &opts,

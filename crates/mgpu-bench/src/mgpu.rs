@@ -33,11 +33,32 @@ pub struct Mgpu {
     socket: PathBuf,
     server: Child,
     pid: u32,
+    /// The server's `--run-dir`, on a tmpfs (removed at the end).
+    _run_dir: Option<tempfile::TempDir>,
+}
+
+/// A fresh directory on a tmpfs (`/run` or `/dev/shm`), for the server's run directories as
+/// the systemd unit has them (`--run-dir /run/mgpu`); `None` where there is no tmpfs.
+fn tmpfs_dir() -> Option<tempfile::TempDir> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    ["/run", "/dev/shm"].into_iter().find_map(|base| {
+        let c = std::ffi::CString::new(base).ok()?;
+        // SAFETY: a valid path and a zeroed statfs buffer for the kernel to fill.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 || st.f_type as i64 != TMPFS_MAGIC {
+            return None;
+        }
+        tempfile::Builder::new()
+            .prefix("mgpu-bench-runs.")
+            .tempdir_in(base)
+            .ok()
+    })
 }
 
 impl Mgpu {
-    /// Starts the server with its socket, state and logs under `dir`.
-    pub fn start(bin: &Path, dir: &Path) -> Result<Mgpu> {
+    /// Starts the server with its socket, state and logs under `dir`; its run directories on
+    /// a tmpfs unless `disk_run_dir`.
+    pub fn start(bin: &Path, dir: &Path, disk_run_dir: bool) -> Result<Mgpu> {
         for b in [
             "mgpu_scheduler_server",
             "mgpu_srun",
@@ -53,7 +74,21 @@ impl Mgpu {
         }
         let socket = dir.join("mgpu.sock");
         let stderr = std::fs::File::create(dir.join("server.log"))?;
-        let server = Command::new(bin.join("mgpu_scheduler_server"))
+        let run_dir = if disk_run_dir { None } else { tmpfs_dir() };
+        eprintln!(
+            "mgpu-bench: mgpu run directories in {}",
+            run_dir
+                .as_ref()
+                .map_or("the state directory (on disk)".into(), |d| d
+                    .path()
+                    .display()
+                    .to_string())
+        );
+        let mut server = Command::new(bin.join("mgpu_scheduler_server"));
+        if let Some(d) = &run_dir {
+            server.arg("--run-dir").arg(d.path());
+        }
+        let server = server
             .arg("--socket")
             .arg(&socket)
             .args(["--simulate-gpus", "8x80GiB", "--grace-period", "2"])
@@ -73,6 +108,7 @@ impl Mgpu {
             socket,
             server,
             pid,
+            _run_dir: run_dir,
         };
         let log = dir.join("server.log");
         util::poll(

@@ -34,6 +34,12 @@ pub struct Args {
     /// Where the job database lives [default: /var/lib/mgpu as root, else ~/.local/state/mgpu]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Where running jobs keep their run directories (supervisor sockets, launch and exit
+    /// records). They must outlive server restarts but not reboots, so a tmpfs is best and
+    /// cheapest (the systemd unit uses /run/mgpu). Keep it the same across restarts
+    /// [default: STATE_DIR/runs]
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
     /// Where job logs are kept [default: ~/.mgpu/logs of the server's user]
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
@@ -127,6 +133,18 @@ fn default_state_dir(root: bool) -> Result<PathBuf> {
         return Ok(PathBuf::from(x).join("mgpu"));
     }
     Ok(home_of_self()?.join(".local/state/mgpu"))
+}
+
+/// Takes the exclusive lock of `dir` (its `lock` file) for as long as the result lives.
+fn lock_dir(dir: &Path, what: &str) -> Result<Flock<std::fs::File>> {
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .with_context(|| format!("cannot open {}/lock", dir.display()))?;
+    Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
+        .map_err(|_| anyhow::anyhow!("another mgpu server is using the {what} {}", dir.display()))
 }
 
 /// Creates `dir` (mode 0700) if needed and checks that it is ours and private.
@@ -235,18 +253,7 @@ async fn run(args: Args) -> Result<()> {
     private_dir(&state_dir, "state directory")?;
     private_dir(&log_dir, "log directory")?;
     // One server per state directory.
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(state_dir.join("lock"))
-        .with_context(|| format!("cannot open {}/lock", state_dir.display()))?;
-    let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-        anyhow::anyhow!(
-            "another mgpu server is using the state directory {}",
-            state_dir.display()
-        )
-    })?;
+    let _lock = lock_dir(&state_dir, "state directory")?;
 
     let backend = gpu_backend(&args)?;
     let gpus = backend.gpus();
@@ -266,8 +273,16 @@ async fn run(args: Args) -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--user-weight: no such user: {name}"))?;
         config.fair.user_weights.insert(uid, *weight);
     }
-    let runs_dir = state_dir.join("runs");
+    let runs_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("runs"));
     private_dir(&runs_dir, "run directory")?;
+    // One server per run directory too, when it is not the state directory's own.
+    let _runs_lock = match &args.run_dir {
+        Some(dir) => Some(lock_dir(dir, "run directory")?),
+        None => None,
+    };
     let probe = |id: JobId| probe_runs(&runs_dir.join(id.to_string()));
     let half_life_ms = config.fair.half_life_s * 1000;
     let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
@@ -320,6 +335,7 @@ async fn run(args: Args) -> Result<()> {
         socket = %socket.display(),
         gpus = %backend.describe(),
         state_dir = %state_dir.display(),
+        run_dir = %runs_dir.display(),
         log_dir = %log_dir.display(),
         mode = if multi_user { "multi-user" } else { "single-user" },
         policy = %args.policy,

@@ -215,3 +215,45 @@ fn a_job_whose_attached_client_died_with_the_server_is_cancelled() {
     s.wait_gone(id);
     assert_eq!(s.acct(id)["state"], "CANCELLED");
 }
+
+/// `--run-dir` puts the run directories elsewhere (a tmpfs in production); they are found
+/// again after a crash, and no second server may share them.
+#[test]
+fn run_directories_elsewhere_are_readopted_and_exclusive() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run_dir = elsewhere.path().join("runs");
+    let mut s = Server::start("1x24GiB", &["--run-dir", run_dir.to_str().unwrap()]);
+    let id = s.detached(&["--", "sleep", "30"]);
+    s.wait_state(id, "RUNNING");
+    // The supervisor binds its socket there once it is up.
+    let sock = run_dir.join(id.to_string()).join("r0").join("sock");
+    wait_until(Duration::from_secs(10), || sock.exists());
+    assert!(!s.state_dir.join("runs").exists());
+
+    let second = std::process::Command::new(bin("mgpu_scheduler_server"))
+        .arg("--socket")
+        .arg(s.dir.join("second.sock"))
+        .arg("--state-dir")
+        .arg(s.dir.join("state2"))
+        .arg("--log-dir")
+        .arg(s.dir.join("logs2"))
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .args(["--simulate-gpus", "1x24GiB"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        text(&second.stderr).contains("another mgpu server is using the run directory"),
+        "{}",
+        text(&second.stderr)
+    );
+
+    s.kill9();
+    s.restart();
+    assert_eq!(s.job(id).unwrap()["state"], "RUNNING", "re-adopted");
+    let out = s.cmd("mgpu_cancel").arg(id.to_string()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    s.wait_gone(id);
+    assert_eq!(s.acct(id)["state"], "CANCELLED");
+}

@@ -61,13 +61,24 @@ impl Client {
         Ok(conn)
     }
 
+    /// Waits for the server's answer to our hello (when not read yet): a welcome, or why it
+    /// refuses us.
+    pub async fn welcome(&mut self) -> Result<()> {
+        if self.welcome_pending {
+            self.read_welcome().await?;
+        }
+        Ok(())
+    }
+
     /// Reads the server's answer to our hello: a welcome, or why it refuses us.
     async fn read_welcome(&mut self) -> Result<()> {
-        self.welcome_pending = false;
+        // Cancel-safe: the flag drops only once the frame is in (a dropped read leaves the
+        // welcome to be read next time).
         let frame = match self.conn.next().await {
             None => bail!("the server closed the connection"),
             Some(f) => f.context("reading from the server")?,
         };
+        self.welcome_pending = false;
         match frame.parse()? {
             Response::Welcome { .. } => Ok(()),
             Response::Error { message } => bail!("{message}"),

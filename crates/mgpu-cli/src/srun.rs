@@ -239,7 +239,12 @@ async fn run(args: Args) -> Result<i32> {
     let mut output_broken = false;
     loop {
         let frame = tokio::select! {
-            f = client.recv() => f.unwrap_or(None),
+            f = client.recv() => match f {
+                Ok(f) => f,
+                // Before the job is accepted, the server's refusal is the answer.
+                Err(e) if job.is_none() => return Err(e),
+                Err(_) => None,
+            },
             _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling).await; continue; }
             _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling).await; continue; }
             _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling).await; continue; }
@@ -250,6 +255,7 @@ async fn run(args: Args) -> Result<i32> {
                 bail!("lost the connection to the mgpu server before it accepted the job");
             };
             eprintln!("mgpu_srun: lost the connection to the mgpu server; reconnecting to follow job {id}");
+            let mut refused: Option<String> = None;
             client = loop {
                 tokio::select! {
                     _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
@@ -258,17 +264,27 @@ async fn run(args: Args) -> Result<i32> {
                     _ = hangup(&mut sighup) => cancelling = true,
                 }
                 if let Ok(mut c) = Client::connect(socket.as_deref(), "mgpu_srun").await {
-                    if c.send(&Request::Attach(AttachRequest {
+                    let attach = Request::Attach(AttachRequest {
                         job: id,
                         log_offset: log_pos,
-                    }))
-                    .await
-                    .is_ok()
-                    {
-                        if cancelling {
-                            let _ = c.send(&Request::CancelAttached).await;
+                    });
+                    if c.send(&attach).await.is_ok() {
+                        match c.welcome().await {
+                            Ok(()) => {
+                                if cancelling {
+                                    let _ = c.send(&Request::CancelAttached).await;
+                                }
+                                break c;
+                            }
+                            // A server that refuses us: say why (once), and keep trying.
+                            Err(e) => {
+                                let why = format!("{e:#}");
+                                if refused.as_ref() != Some(&why) {
+                                    eprintln!("mgpu_srun: the server refused to reconnect: {why}");
+                                    refused = Some(why);
+                                }
+                            }
                         }
-                        break c;
                     }
                 }
             };

@@ -194,6 +194,11 @@ pub fn main() -> ExitCode {
         eprintln!("mgpu launcher: internal mode, started by mgpu_scheduler_server only");
         return ExitCode::FAILURE;
     }
+    // Nothing the daemon may have inherited (and not marked close-on-exec) reaches supervisors.
+    // SAFETY: closes descriptors this process does not use (0-2 are its socket and stdio).
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
     // Supervisors that end are reaped by the kernel.
     // SAFETY: setting a signal disposition in a single-threaded process.
     unsafe {

@@ -135,14 +135,14 @@ fn default_state_dir(root: bool) -> Result<PathBuf> {
     Ok(home_of_self()?.join(".local/state/mgpu"))
 }
 
-/// Takes the exclusive lock of `dir` (its `lock` file) for as long as the result lives.
-fn lock_dir(dir: &Path, what: &str) -> Result<Flock<std::fs::File>> {
+/// Takes the exclusive lock of `dir` (its file `name`) for as long as the result lives.
+fn lock_dir(dir: &Path, name: &str, what: &str) -> Result<Flock<std::fs::File>> {
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join("lock"))
-        .with_context(|| format!("cannot open {}/lock", dir.display()))?;
+        .open(dir.join(name))
+        .with_context(|| format!("cannot open {}/{name}", dir.display()))?;
     Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
         .map_err(|_| anyhow::anyhow!("another mgpu server is using the {what} {}", dir.display()))
 }
@@ -253,7 +253,7 @@ async fn run(args: Args) -> Result<()> {
     private_dir(&state_dir, "state directory")?;
     private_dir(&log_dir, "log directory")?;
     // One server per state directory.
-    let _lock = lock_dir(&state_dir, "state directory")?;
+    let _lock = lock_dir(&state_dir, "lock", "state directory")?;
 
     let backend = gpu_backend(&args)?;
     let gpus = backend.gpus();
@@ -278,11 +278,8 @@ async fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| state_dir.join("runs"));
     private_dir(&runs_dir, "run directory")?;
-    // One server per run directory too, when it is not the state directory's own.
-    let _runs_lock = match &args.run_dir {
-        Some(dir) => Some(lock_dir(dir, "run directory")?),
-        None => None,
-    };
+    // One server per run directory too (its own lock file: it may be the state directory).
+    let _runs_lock = lock_dir(&runs_dir, "runs.lock", "run directory")?;
     let probe = |id: JobId| probe_runs(&runs_dir.join(id.to_string()));
     let half_life_ms = config.fair.half_life_s * 1000;
     let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
@@ -465,7 +462,7 @@ async fn cancel_abandoned(daemon: Arc<Daemon>, jobs: Vec<JobId>, window: Duratio
 
 /// Tells the supervisor of a job that could not be re-adopted to stop it.
 async fn stop_orphan(run_dir: PathBuf, grace_s: u64) {
-    use futures::SinkExt;
+    use futures::{SinkExt, StreamExt};
     let Ok(stream) = tokio::net::UnixStream::connect(run_dir.join(supervisor::SOCKET_FILE)).await
     else {
         return;
@@ -475,7 +472,11 @@ async fn stop_orphan(run_dir: PathBuf, grace_s: u64) {
         grace_ms: grace_s * 1000,
         reason: supervisor::StopReason::Cancel,
     };
-    let _ = conn.send(mgpu_proto::Frame::control(&cmd)).await;
+    if conn.send(mgpu_proto::Frame::control(&cmd)).await.is_err() {
+        return;
+    }
+    // Stay until the supervisor has read it (its hello comes after it registered us), bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.next()).await;
 }
 
 /// Follows GPU memory use (NVML): memory used by processes that are not mgpu jobs is kept out

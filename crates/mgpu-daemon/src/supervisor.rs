@@ -21,6 +21,7 @@ use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use mgpu_core::Millis;
 use mgpu_proto::{write_frame, Frame, FrameCodec};
+use nix::fcntl::{Flock, FlockArg};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, killpg, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -38,6 +39,8 @@ pub const LAUNCH_FILE: &str = "launch.json";
 static CGROUP: std::sync::OnceLock<Option<JobCgroup>> = std::sync::OnceLock::new();
 pub const EXIT_FILE: &str = "exit.json";
 pub const SOCKET_FILE: &str = "sock";
+/// How long output is still collected after every process of the job is gone.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// Written just before the job is forked: without it, a run never started. It holds the path
 /// of the run's cgroup, when it has one.
 pub const FORKED_FILE: &str = "forked";
@@ -159,6 +162,14 @@ pub fn supervise(run_dir: &Path) -> bool {
 }
 
 fn run(run_dir: &Path) -> Result<()> {
+    // One supervisor per run, whatever became of the request that started it (a launcher that
+    // died after forking makes the daemon ask again). Held until we exit; not inherited by
+    // the job (close-on-exec, and the job's child closes everything else).
+    let _only_one = Flock::lock(
+        File::open(run_dir).context("opening the run directory")?,
+        FlockArg::LockExclusiveNonblock,
+    )
+    .map_err(|_| anyhow::anyhow!("another supervisor already runs this run"))?;
     // Orphans of the job are re-parented to us rather than to init, so none escapes.
     // SAFETY: prctl with integer arguments.
     unsafe {
@@ -288,6 +299,52 @@ struct Supervisor {
 struct Link {
     stream: UnixStream,
     inbox: BytesMut,
+    /// Decodes frames across reads (it remembers a header whose body is still to come).
+    codec: FrameCodec,
+}
+
+impl Link {
+    /// Reads what the daemon sent (once, or all there is when `drain`) and returns the whole
+    /// commands in it, and whether the link is finished (closed, or garbled).
+    fn receive(&mut self, drain: bool) -> (Vec<SupervisorCmd>, bool) {
+        let mut closed = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            match nix::sys::socket::recv(
+                self.stream.as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) => closed = true,
+                Ok(n) => {
+                    self.inbox.extend_from_slice(&buf[..n]);
+                    if drain {
+                        continue;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => {}
+                Err(_) => closed = true,
+            }
+            break;
+        }
+        let mut commands = Vec::new();
+        loop {
+            match self.codec.decode(&mut self.inbox) {
+                Ok(Some(frame)) => {
+                    if let Ok(cmd) = frame.parse::<SupervisorCmd>() {
+                        commands.push(cmd);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        (commands, closed)
+    }
 }
 
 impl Supervisor {
@@ -296,9 +353,20 @@ impl Supervisor {
     fn send(&mut self, frame: &Frame) {
         if let Some(link) = self.conn.as_mut() {
             if write_frame(&mut link.stream, frame).is_err() {
-                // The daemon must see the end to reconnect.
-                let _ = link.stream.shutdown(std::net::Shutdown::Both);
-                self.conn = None;
+                self.drop_link();
+            }
+        }
+    }
+
+    /// Drops the daemon's link. Commands it sent before it went are still carried out (a
+    /// restarted daemon stopping a job it cannot take back sends a stop and hangs up at once).
+    fn drop_link(&mut self) {
+        if let Some(mut link) = self.conn.take() {
+            let (commands, _) = link.receive(true);
+            // The daemon must see the end to reconnect.
+            let _ = link.stream.shutdown(std::net::Shutdown::Both);
+            for cmd in commands {
+                self.command(cmd);
             }
         }
     }
@@ -310,6 +378,7 @@ impl Supervisor {
         self.conn = Some(Link {
             stream,
             inbox: BytesMut::new(),
+            codec: FrameCodec::default(),
         });
         let hello = SupervisorMsg::Hello {
             pgid: self.pgid,
@@ -362,33 +431,9 @@ impl Supervisor {
         let Some(link) = self.conn.as_mut() else {
             return;
         };
-        let mut buf = [0u8; 4096];
-        match nix::sys::socket::recv(
-            link.stream.as_raw_fd(),
-            &mut buf,
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(0) | Err(nix::errno::Errno::ECONNRESET) => {
-                self.conn = None;
-                return;
-            }
-            Ok(n) => link.inbox.extend_from_slice(&buf[..n]),
-            Err(_) => return,
-        }
-        let mut commands = Vec::new();
-        loop {
-            match FrameCodec::default().decode(&mut link.inbox) {
-                Ok(Some(frame)) => {
-                    if let Ok(cmd) = frame.parse::<SupervisorCmd>() {
-                        commands.push(cmd);
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    self.conn = None;
-                    break;
-                }
-            }
+        let (commands, closed) = link.receive(false);
+        if closed {
+            self.conn = None;
         }
         for cmd in commands {
             self.command(cmd);
@@ -408,7 +453,8 @@ impl Supervisor {
                 }
                 if self.pgid > 0 && first {
                     kill_all(self.pgid, Signal::SIGTERM);
-                    self.kill_at = Some(Instant::now() + Duration::from_millis(grace_ms));
+                    // (An absurdly long grace period means no SIGKILL at all.)
+                    self.kill_at = Instant::now().checked_add(Duration::from_millis(grace_ms));
                 }
             }
             SupervisorCmd::Signal { signal } => {
@@ -536,10 +582,39 @@ fn run_job(
             Err(_) => break,
         }
     }
-    // Everything that held the pipes is gone: the rest of the output, to its end.
-    for (i, tag) in [(0, 1u8), (1, 2u8)] {
-        if let Some(mut p) = pipes[i].take() {
-            while pump(&mut p, tag, &mut buf, sup) {}
+    // Everything the job started is gone: the rest of its output, to the end of the pipes. A
+    // process outside the job that its owner handed a pipe to could keep it open for ever, so
+    // the wait for the end is bounded.
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while pipes.iter().any(Option::is_some) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let ready = {
+            let mut fds = Vec::with_capacity(2);
+            let slots = [
+                poll_slot(&mut fds, pipes[0].as_ref().map(|f| f.as_fd())),
+                poll_slot(&mut fds, pipes[1].as_ref().map(|f| f.as_fd())),
+            ];
+            let timeout =
+                PollTimeout::try_from(left.as_millis().max(1) as i32).unwrap_or(PollTimeout::ZERO);
+            if let Err(e) = poll(&mut fds, timeout) {
+                if e != nix::errno::Errno::EINTR {
+                    break;
+                }
+            }
+            slots.map(|s| s.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty())))
+        };
+        for (i, tag) in [(0, 1u8), (1, 2u8)] {
+            if ready[i] {
+                let more = pipes[i]
+                    .as_mut()
+                    .is_some_and(|p| pump(p, tag, &mut buf, sup));
+                if !more {
+                    pipes[i] = None;
+                }
+            }
         }
     }
     if let Some(cg) = CGROUP.get().and_then(Option::as_ref) {

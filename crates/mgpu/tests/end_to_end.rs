@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -449,4 +449,65 @@ fn pending_jobs_survive_a_restart_and_ids_continue() {
     assert_eq!(job["restarts"], 0);
     s.cmd("mgpu_cancel").arg("--all").status().unwrap();
     std::thread::sleep(Duration::from_millis(10));
+}
+
+/// A second supervisor for a run that has one refuses to start (whatever asked for it), and
+/// the run goes on untouched.
+#[test]
+fn a_run_has_at_most_one_supervisor() {
+    let s = Server::start("1x24GiB", &[]);
+    let id = s.detached(&["--", "sh", "-c", "sleep 2; echo finished"]);
+    s.wait_state(id, "RUNNING");
+    let run_dir = s.state_dir.join("runs").join(id.to_string()).join("r0");
+    wait_until(Duration::from_secs(10), || run_dir.join("sock").exists());
+    let out = Command::new(bin("mgpu_scheduler_server"))
+        .arg("--supervise")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("another supervisor already runs this run"),
+        "{}",
+        text(&out.stderr)
+    );
+    s.wait_gone(id);
+    assert_eq!(s.acct(id)["state"], "COMPLETED");
+    let log = s.cmd("mgpu_log").arg(id.to_string()).output().unwrap();
+    assert_eq!(text(&log.stdout), "finished\n");
+}
+
+/// Someone outside the job holding its output pipe open (its owner can, through /proc)
+/// does not keep the job from ending.
+#[test]
+fn an_outside_holder_of_the_output_pipe_does_not_hang_the_end() {
+    let s = Server::start("1x24GiB", &[]);
+    let pidfile = s.scratch.join("pid");
+    let script = format!("echo $$ > {}; sleep 1; echo done", pidfile.display());
+    let mut srun = s
+        .cmd("mgpu_srun")
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = None;
+    wait_until(Duration::from_secs(10), || {
+        let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        held = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{}/fd/1", pid.trim()))
+            .ok();
+        held.is_some()
+    });
+    // (Bounded: before the fix the supervisor waited for the pipe's end for ever.)
+    let mut status = None;
+    wait_until(Duration::from_secs(60), || {
+        status = srun.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(srun.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert_eq!(out, "done\n");
+    drop(held);
 }

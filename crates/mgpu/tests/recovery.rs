@@ -257,3 +257,40 @@ fn run_directories_elsewhere_are_readopted_and_exclusive() {
     s.wait_gone(id);
     assert_eq!(s.acct(id)["state"], "CANCELLED");
 }
+
+/// Whether process `pid` is gone (or only a zombie).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next())
+                == Some("Z")
+        }
+    }
+}
+
+/// A running job the restarted server cannot take back (its GPUs are gone) is recorded as
+/// failed and stopped: it must not go on using GPUs that nobody books.
+#[test]
+fn a_job_that_cannot_be_readopted_is_stopped() {
+    let mut s = Server::start("2x24GiB", &[]);
+    let pidfile = s.scratch.join("pid");
+    let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+    let id = s.detached(&["--gpus", "2", "--", "sh", "-c", &script]);
+    s.wait_state(id, "RUNNING");
+    let mut pid = 0;
+    wait_until(Duration::from_secs(10), || {
+        pid = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0);
+        pid > 0
+    });
+    s.kill9();
+    s.set_gpus("1x24GiB");
+    s.restart();
+    assert_eq!(s.acct(id)["state"], "FAILED");
+    wait_until(Duration::from_secs(20), || process_gone(pid));
+}

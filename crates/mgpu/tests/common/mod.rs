@@ -229,6 +229,11 @@ impl Server {
         }
     }
 
+    /// The simulated GPUs of the next (re)start.
+    pub fn set_gpus(&mut self, gpus: &str) {
+        self.gpus = gpus.into();
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.launch();

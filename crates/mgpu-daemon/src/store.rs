@@ -2,7 +2,9 @@
 //!
 //! One writer thread owns the write connection and applies operations in the order they were
 //! sent. It drains whatever is queued into one transaction (group commit), so concurrent submits
-//! share an fsync. A submit waits for its commit before the client hears its id.
+//! share an fsync. A submit waits for its commit before the client hears its id. Only a run's
+//! start is committed without a sync of its own: it reaches the disk with the next commit that
+//! syncs, or a flush.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -478,7 +480,19 @@ fn recover(conn: &Connection) -> Result<Recovered> {
     })
 }
 
+/// Whether an operation must be on disk when its transaction commits. A run's start is not:
+/// after a crash the run directory says whether (and how) the job ran, and the start becomes
+/// durable with the next commit that syncs (every submission, end, requeue and flush). That
+/// saves an fsync per job.
+fn needs_sync(op: &Op) -> bool {
+    !matches!(op, Op::Started { .. })
+}
+
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, dead: Arc<AtomicBool>) {
+    let wal = conn.path().map(|p| PathBuf::from(format!("{p}-wal")));
+    // Commits made without a sync since the last one that synced.
+    let mut unsynced = false;
+    let mut full = true;
     while let Ok(first) = rx.recv() {
         if dead.load(Ordering::SeqCst) {
             return;
@@ -488,6 +502,16 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, dead: Arc<AtomicBool>) {
             batch.push(more);
             if batch.len() >= 4096 {
                 break;
+            }
+        }
+        let sync = batch.iter().any(needs_sync);
+        if sync != full {
+            let mode = if sync { "FULL" } else { "NORMAL" };
+            if conn
+                .execute_batch(&format!("PRAGMA synchronous={mode};"))
+                .is_ok()
+            {
+                full = sync;
             }
         }
         let mut purged = Vec::new();
@@ -523,6 +547,18 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, dead: Arc<AtomicBool>) {
                 }
             }
             result = Ok(());
+        }
+        if batch.iter().any(|op| !matches!(op, Op::Flush(_))) {
+            // A commit in FULL mode syncs the whole log, earlier unsynced commits included.
+            unsynced = !full;
+        }
+        if unsynced && batch.iter().any(|op| matches!(op, Op::Flush(_))) {
+            // Nothing of the flush's own to commit: sync the log ourselves.
+            if let Some(f) = wal.as_ref().and_then(|w| std::fs::File::open(w).ok()) {
+                if f.sync_data().is_ok() {
+                    unsynced = false;
+                }
+            }
         }
         for op in batch {
             match op {

@@ -509,7 +509,7 @@ fn run_job(
     if let Some(conn) = initial {
         sup.register(conn);
     }
-    let mut pipes = [Some(File::from(stdout)), Some(File::from(stderr))];
+    let mut pipes = Pipes([Some(File::from(stdout)), Some(File::from(stderr))]);
     let mut buf = vec![0u8; 64 * 1024];
     let mut leader_status = None;
     // Until the leader exits: reap whatever ends (orphans included) as it ends.
@@ -523,10 +523,8 @@ fn run_job(
         };
         // Fixed slots: pipes, then SIGCHLD, the socket and the daemon link.
         let (ready, sig_ready, accept_ready, link_ready) = {
-            let (p0, p1) = (pipes[0].as_ref(), pipes[1].as_ref());
             let mut fds = Vec::with_capacity(5);
-            let s0 = poll_slot(&mut fds, p0.map(|f| f.as_fd()));
-            let s1 = poll_slot(&mut fds, p1.map(|f| f.as_fd()));
+            let [s0, s1] = pipes.poll_slots(&mut fds);
             let s_sig = poll_slot(&mut fds, Some(sigchld.as_fd()));
             let s_acc = poll_slot(&mut fds, Some(listener.as_fd()));
             let s_link = poll_slot(&mut fds, sup.conn.as_ref().map(|l| l.stream.as_fd()));
@@ -534,22 +532,11 @@ fn run_job(
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
-            let is = |s: Option<usize>| {
-                s.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty()))
-            };
+            let is = |s| is_ready(&fds, s);
             ([is(s0), is(s1)], is(s_sig), is(s_acc), is(s_link))
         };
         // Output first: what the job wrote before it ended comes before its end.
-        for (i, tag) in [(0, 1u8), (1, 2u8)] {
-            if ready[i] {
-                let more = pipes[i]
-                    .as_mut()
-                    .is_some_and(|p| pump(p, tag, &mut buf, sup));
-                if !more {
-                    pipes[i] = None;
-                }
-            }
-        }
+        pipes.pump_ready(ready, &mut buf, sup);
         if sig_ready {
             while let Ok(Some(_)) = sigchld.read_signal() {}
         }
@@ -586,17 +573,14 @@ fn run_job(
     // process outside the job that its owner handed a pipe to could keep it open for ever, so
     // the wait for the end is bounded.
     let deadline = Instant::now() + DRAIN_LIMIT;
-    while pipes.iter().any(Option::is_some) {
+    while pipes.0.iter().any(Option::is_some) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
         }
         let ready = {
             let mut fds = Vec::with_capacity(2);
-            let slots = [
-                poll_slot(&mut fds, pipes[0].as_ref().map(|f| f.as_fd())),
-                poll_slot(&mut fds, pipes[1].as_ref().map(|f| f.as_fd())),
-            ];
+            let slots = pipes.poll_slots(&mut fds);
             let timeout =
                 PollTimeout::try_from(left.as_millis().max(1) as i32).unwrap_or(PollTimeout::ZERO);
             if let Err(e) = poll(&mut fds, timeout) {
@@ -604,18 +588,9 @@ fn run_job(
                     break;
                 }
             }
-            slots.map(|s| s.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty())))
+            slots.map(|s| is_ready(&fds, s))
         };
-        for (i, tag) in [(0, 1u8), (1, 2u8)] {
-            if ready[i] {
-                let more = pipes[i]
-                    .as_mut()
-                    .is_some_and(|p| pump(p, tag, &mut buf, sup));
-                if !more {
-                    pipes[i] = None;
-                }
-            }
-        }
+        pipes.pump_ready(ready, &mut buf, sup);
     }
     if let Some(cg) = CGROUP.get().and_then(Option::as_ref) {
         // Nothing may be left in the job's cgroup before its GPUs are freed.
@@ -629,6 +604,33 @@ fn run_job(
         stopped: sup.stop,
         ended_at: now_ms(),
     }
+}
+
+/// The job's stdout and stderr, each until it reaches its end.
+struct Pipes([Option<File>; 2]);
+
+impl Pipes {
+    /// Adds the pipes still open to the poll set; returns their slots.
+    fn poll_slots<'a>(&'a self, fds: &mut Vec<PollFd<'a>>) -> [Option<usize>; 2] {
+        self.0
+            .each_ref()
+            .map(|p| poll_slot(fds, p.as_ref().map(|f| f.as_fd())))
+    }
+
+    /// Reads the pipes poll found ready into `sup` (stdout then stderr); a pipe at its end is
+    /// closed.
+    fn pump_ready(&mut self, ready: [bool; 2], buf: &mut [u8], sup: &mut Supervisor) {
+        for (i, tag) in [(0, 1u8), (1, 2u8)] {
+            if ready[i] && !self.0[i].as_mut().is_some_and(|p| pump(p, tag, buf, sup)) {
+                self.0[i] = None;
+            }
+        }
+    }
+}
+
+/// Whether poll reported anything for `slot`.
+fn is_ready(fds: &[PollFd<'_>], slot: Option<usize>) -> bool {
+    slot.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty()))
 }
 
 /// Adds `fd` (when there is one) to the poll set; returns its slot.

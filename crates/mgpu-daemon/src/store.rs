@@ -17,6 +17,10 @@ use tokio::sync::oneshot;
 
 use crate::exec::LaunchSpec;
 
+/// The checkpointer's rest between two checkpoints: commits in the meantime are checkpointed
+/// together.
+const CHECKPOINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Schema migrations; entry `i` brings `user_version` from `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -194,15 +198,21 @@ impl Store {
         let recovered = recover(&conn)?;
         let reader = open_conn(&path)?;
         // Commits never checkpoint the WAL themselves (that would stall a submit now and then
-        // for milliseconds); a background thread does it, without blocking writers.
-        conn.execute_batch("PRAGMA wal_autocheckpoint=0;")?;
+        // for milliseconds); a background thread does it after commits, without blocking
+        // writers, in small steps (a big one would hold up the fsyncs of commits behind its
+        // writeback). After a burst the log restarts from its beginning and is cut back to
+        // 64 MiB.
+        conn.execute_batch("PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864;")?;
         let checkpointer = open_conn(&path)?;
+        let (committed, commits) = mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("mgpu-checkpoint".into())
-            .spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_secs(1));
-                if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
-                    tracing::warn!(error = %e, "checkpointing the job database failed");
+            .spawn(move || {
+                while commits.recv().is_ok() {
+                    if let Err(e) = checkpointer.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+                        tracing::warn!(error = %e, "checkpointing the job database failed");
+                    }
+                    std::thread::sleep(CHECKPOINT_PAUSE);
                 }
             })
             .context("starting the checkpoint thread")?;
@@ -211,7 +221,7 @@ impl Store {
         let dead_w = dead.clone();
         let handle = std::thread::Builder::new()
             .name("mgpu-store".into())
-            .spawn(move || writer(conn, rx, dead_w))
+            .spawn(move || writer(conn, rx, dead_w, committed))
             .context("starting the store thread")?;
         Ok((
             Store {
@@ -488,7 +498,12 @@ fn needs_sync(op: &Op) -> bool {
     !matches!(op, Op::Started { .. })
 }
 
-fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, dead: Arc<AtomicBool>) {
+fn writer(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    dead: Arc<AtomicBool>,
+    committed: mpsc::SyncSender<()>,
+) {
     let wal = conn.path().map(|p| PathBuf::from(format!("{p}-wal")));
     // Commits made without a sync since the last one that synced.
     let mut unsynced = false;
@@ -551,6 +566,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>, dead: Arc<AtomicBool>) {
         if batch.iter().any(|op| !matches!(op, Op::Flush(_))) {
             // A commit in FULL mode syncs the whole log, earlier unsynced commits included.
             unsynced = !full;
+            // Wakes the checkpointer (a wake-up already pending is enough).
+            let _ = committed.try_send(());
         }
         if unsynced && batch.iter().any(|op| matches!(op, Op::Flush(_))) {
             // Nothing of the flush's own to commit: sync the log ourselves.

@@ -313,7 +313,10 @@ async fn run(args: Args) -> Result<()> {
         store.ended(*id, ending.clone());
     }
     let restored = plan.commands.len() - plan.adopt.len();
-    let listener = server::bind(&socket)?;
+    // Handlers first: once the socket exists, SIGTERM or SIGINT is a clean shutdown.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let daemon = Daemon::new(
         plan.sched,
         plan.commands,
@@ -327,7 +330,9 @@ async fn run(args: Args) -> Result<()> {
             server_uid: euid,
         },
     );
+    // Ready before the first client can connect.
     daemon.launcher.warm_up();
+    let listener = server::bind(&socket)?;
     tracing::info!(
         socket = %socket.display(),
         gpus = %backend.describe(),
@@ -366,10 +371,7 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
     tokio::spawn(daemon.clone().run_timer());
 
-    let shutdown = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),

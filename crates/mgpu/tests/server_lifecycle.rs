@@ -228,8 +228,11 @@ fn children_named(parent: i32, comm: &str) -> Vec<i32> {
 #[test]
 fn supervisors_are_forked_by_the_launcher_which_is_replaced_when_killed() {
     let s = Server::start("1x24GiB", &[]);
+    // (Its name is set by the launcher itself, once it runs.)
+    wait_until(std::time::Duration::from_secs(10), || {
+        children_named(s.pid(), "mgpu-launcher").len() == 1
+    });
     let launchers = children_named(s.pid(), "mgpu-launcher");
-    assert_eq!(launchers.len(), 1, "one launcher: {launchers:?}");
     let running = s.detached(&["--mem", "1G", "--", "sleep", "30"]);
     s.wait_state(running, "RUNNING");
     wait_until(std::time::Duration::from_secs(10), || {
@@ -249,8 +252,11 @@ fn supervisors_are_forked_by_the_launcher_which_is_replaced_when_killed() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "after\n");
-    let replaced = children_named(s.pid(), "mgpu-launcher");
-    assert_eq!(replaced.len(), 1, "a new launcher: {replaced:?}");
+    let mut replaced = Vec::new();
+    wait_until(std::time::Duration::from_secs(10), || {
+        replaced = children_named(s.pid(), "mgpu-launcher");
+        replaced.len() == 1
+    });
     assert_ne!(replaced, launchers);
     // ...and the job whose supervisor came from the killed launcher is unaffected.
     assert_eq!(s.job(running).unwrap()["state"], "RUNNING");

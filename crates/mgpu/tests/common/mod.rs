@@ -32,20 +32,35 @@ fn exe(name: &str) -> PathBuf {
     }
 }
 
-/// The binaries, copied once into a world-readable directory so test users can run them
-/// wherever the checkout lives.
+/// Where this test process put the binaries (removed when it exits).
+static BIN_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_bin_dir() {
+    if let Some(dir) = BIN_DIR.get() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The binaries, linked (or copied) once per test process into a world-readable directory so
+/// test users can run them wherever the checkout lives. The directory goes when the process
+/// exits: copies of every binary per test run would fill the disk.
 pub fn bin(name: &str) -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
+    let dir = BIN_DIR.get_or_init(|| {
         let dir = tempfile::Builder::new()
             .prefix("mgpu-bins-")
             .tempdir()
             .unwrap()
             .keep();
+        // SAFETY: registers a plain function to run at exit.
+        unsafe {
+            libc::atexit(remove_bin_dir);
+        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         for p in PROGRAMS {
             let to = dir.join(p);
-            std::fs::copy(exe(p), &to).unwrap();
+            if std::fs::hard_link(exe(p), &to).is_err() {
+                std::fs::copy(exe(p), &to).unwrap();
+            }
             std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         dir

@@ -465,12 +465,7 @@ fn a_run_has_at_most_one_supervisor() {
         .arg(&run_dir)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("another supervisor already runs this run"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_fails_with(&out, "another supervisor already runs this run");
     s.wait_gone(id);
     assert_eq!(s.acct(id)["state"], "COMPLETED");
     let log = s.cmd("mgpu_log").arg(id.to_string()).output().unwrap();

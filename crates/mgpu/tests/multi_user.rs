@@ -76,12 +76,7 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
         .arg(job_b.to_string())
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("permission denied"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_fails_with(&out, "permission denied");
     let out = s
         .cmd_as(&a, "mgpu_cancel")
         .args(["--user", &b.name])
@@ -237,12 +232,7 @@ fn working_directory_is_entered_with_the_users_rights() {
         .args(["--chdir", private.to_str().unwrap(), "--", "ls"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("working directory"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_fails_with(&out, "working directory");
     assert!(s.queue_json()["jobs"].as_array().unwrap().is_empty());
 }
 
@@ -292,12 +282,7 @@ fn clients_refuse_a_server_run_by_another_user() {
         .current_dir(&a.home)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("neither root nor you"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_fails_with(&out, "neither root nor you");
     let out = std::process::Command::new(bin("mgpu_queue"))
         .env("MGPU_SOCKET", &socket)
         .output()

@@ -92,12 +92,7 @@ fn only_root_may_raise_priority() {
         .args(["--nice", "-5", "--", "true"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("only root"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_fails_with(&out, "only root");
     let out = s
         .cmd_as(&a, "mgpu_srun")
         .args(["--nice", "5", "--no-venv", "--", "true"])

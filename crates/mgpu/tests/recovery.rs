@@ -230,24 +230,17 @@ fn run_directories_elsewhere_are_readopted_and_exclusive() {
     wait_until(Duration::from_secs(10), || sock.exists());
     assert!(!s.state_dir.join("runs").exists());
 
-    let second = std::process::Command::new(bin("mgpu_scheduler_server"))
-        .arg("--socket")
-        .arg(s.dir.join("second.sock"))
-        .arg("--state-dir")
-        .arg(s.dir.join("state2"))
-        .arg("--log-dir")
-        .arg(s.dir.join("logs2"))
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .args(["--simulate-gpus", "1x24GiB"])
-        .output()
-        .unwrap();
-    assert!(!second.status.success());
-    assert!(
-        text(&second.stderr).contains("another mgpu server is using the run directory"),
-        "{}",
-        text(&second.stderr)
-    );
+    let second = server_cmd(
+        s.dir.join("second.sock"),
+        s.dir.join("state2"),
+        s.dir.join("logs2"),
+    )
+    .arg("--run-dir")
+    .arg(&run_dir)
+    .args(["--simulate-gpus", "1x24GiB"])
+    .output()
+    .unwrap();
+    assert_fails_with(&second, "another mgpu server is using the run directory");
 
     s.kill9();
     s.restart();

@@ -2,27 +2,9 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use futures::{SinkExt, StreamExt};
 use mgpu_proto::{Frame, FrameCodec, Request, Response};
-
-/// A server command with its own socket, state and log directories (no GPU flags).
-fn server_cmd(
-    socket: impl AsRef<std::path::Path>,
-    state: impl AsRef<std::path::Path>,
-    logs: impl AsRef<std::path::Path>,
-) -> Command {
-    let mut c = Command::new(bin("mgpu_scheduler_server"));
-    c.arg("--socket")
-        .arg(socket.as_ref())
-        .arg("--state-dir")
-        .arg(state.as_ref())
-        .arg("--log-dir")
-        .arg(logs.as_ref());
-    c
-}
 
 #[test]
 fn a_live_server_is_not_replaced_but_a_stale_socket_is() {
@@ -31,23 +13,13 @@ fn a_live_server_is_not_replaced_but_a_stale_socket_is() {
         .args(["--simulate-gpus", "1x24GiB"])
         .output()
         .unwrap();
-    assert!(!second.status.success());
-    assert!(
-        text(&second.stderr).contains("already listening"),
-        "{}",
-        text(&second.stderr)
-    );
+    assert_fails_with(&second, "already listening");
     // A second server on the same state directory is refused too.
     let third = server_cmd(s.dir.join("other.sock"), &s.state_dir, &s.log_dir)
         .args(["--simulate-gpus", "1x24GiB"])
         .output()
         .unwrap();
-    assert!(!third.status.success());
-    assert!(
-        text(&third.stderr).contains("state directory"),
-        "{}",
-        text(&third.stderr)
-    );
+    assert_fails_with(&third, "state directory");
     // Kill -9 leaves a stale socket file behind; a new server replaces it.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(s.pid()),
@@ -142,12 +114,7 @@ fn corrupt_state_stops_the_server() {
         .args(["--simulate-gpus", "1x24GiB"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("mgpu.db"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_fails_with(&out, "mgpu.db");
 }
 
 async fn raw_hello(socket: &std::path::Path, protocol: u32) -> Response {

@@ -381,6 +381,33 @@ impl Drop for Server {
     }
 }
 
+/// Asserts that a command failed and said `needle` on stderr.
+#[track_caller]
+pub fn assert_fails_with(out: &Output, needle: &str) {
+    assert!(
+        !out.status.success(),
+        "expected a failure; it succeeded: {}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
+}
+
+/// A server command with its own socket, state and log directories (no GPU flags).
+pub fn server_cmd(
+    socket: impl AsRef<Path>,
+    state: impl AsRef<Path>,
+    logs: impl AsRef<Path>,
+) -> Command {
+    let mut c = Command::new(bin("mgpu_scheduler_server"));
+    c.arg("--socket")
+        .arg(socket.as_ref())
+        .arg("--state-dir")
+        .arg(state.as_ref())
+        .arg("--log-dir")
+        .arg(logs.as_ref());
+    c
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

@@ -1,10 +1,11 @@
-//! The per-job supervisor (like Slurm's `slurmstepd`): the same binary started with
-//! `--supervise RUN_DIR`, one per running job, independent of the daemon's life.
+//! The per-job supervisor (like Slurm's `slurmstepd`): one per running job, independent of the
+//! daemon's life. It is forked by the launcher (see [`crate::launcher`]), or, as a fallback,
+//! this binary started with `--supervise RUN_DIR`; one thread drives it.
 //!
 //! It starts the job (see [`crate::exec`]), is the child subreaper of everything the job forks
 //! (so processes that leave the job's process group are still found), writes the job's output to
-//! its log, and records the exit status durably in `RUN_DIR/exit.json` once every process of the
-//! job is gone. The daemon talks to it over `RUN_DIR/sock` (the run directory is private to
+//! its log, and records the exit status in `RUN_DIR/exit.json` once every process of the job is
+//! gone (durably when no daemon heard it). The daemon talks to it over `RUN_DIR/sock` (the run directory is private to
 //! root): it receives the output live and the exit, and sends stop requests. When the daemon
 //! dies the job keeps running; a restarted daemon reconnects and carries on.
 

@@ -569,8 +569,9 @@ fn writer(
             // Wakes the checkpointer (a wake-up already pending is enough).
             let _ = committed.try_send(());
         }
-        if unsynced && batch.iter().any(|op| matches!(op, Op::Flush(_))) {
-            // Nothing of the flush's own to commit: sync the log ourselves.
+        if unsynced && sync {
+            // A flush with nothing of its own to commit (or a mode switch that failed): sync
+            // the log ourselves.
             if let Some(f) = wal.as_ref().and_then(|w| std::fs::File::open(w).ok()) {
                 if f.sync_data().is_ok() {
                     unsynced = false;

@@ -70,6 +70,10 @@ struct Opts {
     /// Do not run `cargo build --release --bins` first
     #[arg(long)]
     no_build: bool,
+    /// Exit with an error when a scenario failed (a lost job, a job that never ran...): for
+    /// CI's smoke run. Times are never judged
+    #[arg(long)]
+    strict: bool,
     /// Also measure task-spooler (`tsp`; installed with apt-get when missing, as root)
     #[arg(long)]
     vs_tsp: bool,
@@ -435,6 +439,11 @@ fn bench(opts: Opts) -> Result<()> {
     if opts.keep_tmp {
         let kept = tmp.keep();
         eprintln!("mgpu-bench: scratch kept in {}", kept.display());
+    }
+    // Failed scenarios are the notes that say so (see `run_all`).
+    let failed = notes.iter().filter(|n| n.contains(" failed: ")).count();
+    if opts.strict && failed > 0 {
+        anyhow::bail!("{failed} scenario(s) failed (see the notes above)");
     }
     Ok(())
 }

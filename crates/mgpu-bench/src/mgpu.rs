@@ -155,6 +155,16 @@ impl Mgpu {
     }
 }
 
+/// A bench that stops early (an error, a panic) leaves no server behind.
+impl Drop for Mgpu {
+    fn drop(&mut self) {
+        if let Ok(None) = self.server.try_wait() {
+            util::kill(self.pid, libc::SIGKILL);
+            let _ = self.server.wait();
+        }
+    }
+}
+
 impl System for Mgpu {
     fn name(&self) -> &'static str {
         "mgpu"

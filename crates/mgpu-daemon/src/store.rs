@@ -2,9 +2,7 @@
 //!
 //! One writer thread owns the write connection and applies operations in the order they were
 //! sent. It drains whatever is queued into one transaction (group commit), so concurrent submits
-//! share an fsync. A submit waits for its commit before the client hears its id. Only a run's
-//! start is committed without a sync of its own: it reaches the disk with the next commit that
-//! syncs, or a flush.
+//! share an fsync. A submit waits for its commit before the client hears its id.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -198,10 +196,10 @@ impl Store {
         let recovered = recover(&conn)?;
         let reader = open_conn(&path)?;
         // Commits never checkpoint the WAL themselves (that would stall a submit now and then
-        // for milliseconds); a background thread does it after commits, without blocking
-        // writers, in small steps (a big one would hold up the fsyncs of commits behind its
-        // writeback). After a burst the log restarts from its beginning and is cut back to
-        // 64 MiB.
+        // for milliseconds); a background thread does it soon after commits, without blocking
+        // writers, so that little is left to copy at a time. Once a checkpoint catches up, the
+        // log restarts from its beginning and is cut back to 64 MiB (under unbroken load it
+        // can still grow).
         conn.execute_batch("PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864;")?;
         let checkpointer = open_conn(&path)?;
         let (committed, commits) = mpsc::sync_channel::<()>(1);
@@ -490,24 +488,12 @@ fn recover(conn: &Connection) -> Result<Recovered> {
     })
 }
 
-/// Whether an operation must be on disk when its transaction commits. A run's start is not:
-/// after a crash the run directory says whether (and how) the job ran, and the start becomes
-/// durable with the next commit that syncs (every submission, end, requeue and flush). That
-/// saves an fsync per job.
-fn needs_sync(op: &Op) -> bool {
-    !matches!(op, Op::Started { .. })
-}
-
 fn writer(
     mut conn: Connection,
     rx: mpsc::Receiver<Op>,
     dead: Arc<AtomicBool>,
     committed: mpsc::SyncSender<()>,
 ) {
-    let wal = conn.path().map(|p| PathBuf::from(format!("{p}-wal")));
-    // Commits made without a sync since the last one that synced.
-    let mut unsynced = false;
-    let mut full = true;
     while let Ok(first) = rx.recv() {
         if dead.load(Ordering::SeqCst) {
             return;
@@ -517,16 +503,6 @@ fn writer(
             batch.push(more);
             if batch.len() >= 4096 {
                 break;
-            }
-        }
-        let sync = batch.iter().any(needs_sync);
-        if sync != full {
-            let mode = if sync { "FULL" } else { "NORMAL" };
-            if conn
-                .execute_batch(&format!("PRAGMA synchronous={mode};"))
-                .is_ok()
-            {
-                full = sync;
             }
         }
         let mut purged = Vec::new();
@@ -564,19 +540,8 @@ fn writer(
             result = Ok(());
         }
         if batch.iter().any(|op| !matches!(op, Op::Flush(_))) {
-            // A commit in FULL mode syncs the whole log, earlier unsynced commits included.
-            unsynced = !full;
             // Wakes the checkpointer (a wake-up already pending is enough).
             let _ = committed.try_send(());
-        }
-        if unsynced && sync {
-            // A flush with nothing of its own to commit (or a mode switch that failed): sync
-            // the log ourselves.
-            if let Some(f) = wal.as_ref().and_then(|w| std::fs::File::open(w).ok()) {
-                if f.sync_data().is_ok() {
-                    unsynced = false;
-                }
-            }
         }
         for op in batch {
             match op {

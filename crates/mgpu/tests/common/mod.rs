@@ -51,19 +51,21 @@ pub fn bin(name: &str) -> PathBuf {
             .tempdir()
             .unwrap()
             .keep();
-        // SAFETY: registers a plain function to run at exit.
-        unsafe {
-            libc::atexit(remove_bin_dir);
-        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         for p in PROGRAMS {
             let to = dir.join(p);
+            // (A link shares the build output's own mode: cargo makes it 0755.)
             if std::fs::hard_link(exe(p), &to).is_err() {
                 std::fs::copy(exe(p), &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
             }
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         dir
+    });
+    static CLEANUP: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a plain function to run at exit (once the directory is known).
+    CLEANUP.call_once(|| unsafe {
+        libc::atexit(remove_bin_dir);
     });
     dir.join(name)
 }

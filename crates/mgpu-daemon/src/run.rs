@@ -426,10 +426,22 @@ fn probe_runs(job_dir: &Path) -> RunProbe {
         let _ = std::fs::remove_dir_all(job_dir.join(format!("r{old}")));
     }
     let dir = job_dir.join(format!("r{run}"));
-    if let Some(rec) = supervisor::read_exit(&dir) {
-        return RunProbe::Exited { run, rec };
-    }
-    let alive = std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok();
+    // A supervisor still setting up (the previous server died just after starting it) holds
+    // its run directory before it listens: wait for it rather than take its run for never
+    // started, or for lost.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let alive = loop {
+        if let Some(rec) = supervisor::read_exit(&dir) {
+            return RunProbe::Exited { run, rec };
+        }
+        if std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok() {
+            break true;
+        }
+        if !supervisor::is_supervised(&dir) || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     match supervisor::read_launch(&dir) {
         Some(launch) if alive => RunProbe::Alive {
             run,

@@ -120,6 +120,14 @@ pub fn kill_run_cgroup(run_dir: &Path) {
     let _ = std::fs::remove_dir(&dir);
 }
 
+/// Whether a live supervisor holds `run_dir` (it locks it before anything else).
+pub fn is_supervised(run_dir: &Path) -> bool {
+    match File::open(run_dir) {
+        Ok(dir) => Flock::lock(dir, FlockArg::LockExclusiveNonblock).is_err(),
+        Err(_) => false,
+    }
+}
+
 /// Reads a run's launch record; `None` when the job was never started there.
 pub fn read_launch(run_dir: &Path) -> Option<Launch> {
     let text = std::fs::read(run_dir.join(LAUNCH_FILE)).ok()?;
@@ -738,5 +746,25 @@ fn sync_exit(run_dir: &Path) {
     }
     if let Ok(d) = File::open(run_dir) {
         let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_run_directory_is_supervised() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_supervised(dir.path()));
+        let held = Flock::lock(
+            File::open(dir.path()).unwrap(),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        assert!(is_supervised(dir.path()));
+        drop(held);
+        assert!(!is_supervised(dir.path()));
+        assert!(!is_supervised(&dir.path().join("missing")));
     }
 }

@@ -125,24 +125,8 @@ impl Running {
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             );
         }
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        cmd.arg0("mgpu_scheduler_server")
-            .arg(FLAG)
-            .stdin(Stdio::from(theirs))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .env_clear()
-            .env("PATH", SUPERVISOR_PATH);
-        // SAFETY: setsid is async-signal-safe. Its own session: a terminal's Ctrl-C aimed at a
-        // foreground daemon does not reach it (or the supervisors it forks).
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let mut cmd = helper_command(theirs);
+        cmd.arg(FLAG);
         let child = cmd.spawn()?;
         Ok(Running { sock: ours, child })
     }
@@ -182,6 +166,30 @@ impl Running {
             Err(io::Error::from_raw_os_error(-pid))
         })
     }
+}
+
+/// This binary as one of the server's helpers (the launcher, or a supervisor started directly):
+/// `stdin` as its link to the daemon, stderr the server's, a clean environment, and its own
+/// session (a terminal's Ctrl-C aimed at a foreground daemon does not reach it, or its jobs).
+/// The caller adds the mode's arguments.
+pub fn helper_command(stdin: OwnedFd) -> std::process::Command {
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.arg0("mgpu_scheduler_server")
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .env_clear()
+        .env("PATH", SUPERVISOR_PATH);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// Entry point of `mgpu_scheduler_server --launcher` (stdin: the daemon's socket).

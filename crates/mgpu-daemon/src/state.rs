@@ -9,9 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -589,24 +587,8 @@ fn spawn_supervisor(
 /// launcher is unavailable; slower by the cost of an exec).
 fn exec_supervisor(run_dir: &Path, link: std::os::unix::net::UnixStream) -> anyhow::Result<u32> {
     use anyhow::Context;
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg0("mgpu_scheduler_server")
-        .arg("--supervise")
-        .arg(run_dir)
-        .stdin(Stdio::from(OwnedFd::from(link)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .env_clear()
-        .env("PATH", crate::launcher::SUPERVISOR_PATH);
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = crate::launcher::helper_command(OwnedFd::from(link));
+    cmd.arg("--supervise").arg(run_dir);
     let mut child = tokio::process::Command::from(cmd)
         .spawn()
         .context("spawning the supervisor")?;

@@ -468,8 +468,7 @@ fn a_run_has_at_most_one_supervisor() {
     assert_fails_with(&out, "another supervisor already runs this run");
     s.wait_gone(id);
     assert_eq!(s.acct(id)["state"], "COMPLETED");
-    let log = s.cmd("mgpu_log").arg(id.to_string()).output().unwrap();
-    assert_eq!(text(&log.stdout), "finished\n");
+    assert_eq!(s.log(id), "finished\n");
 }
 
 /// Someone outside the job holding its output pipe open (its owner can, through /proc)

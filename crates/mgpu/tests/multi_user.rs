@@ -116,14 +116,7 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
         )
         .contains("secret-of-b")
     });
-    assert!(text(
-        &s.cmd("mgpu_log")
-            .arg(job_b.to_string())
-            .output()
-            .unwrap()
-            .stdout
-    )
-    .contains("secret-of-b"));
+    assert!(s.log(job_b).contains("secret-of-b"));
     // Everyone sees the queue.
     let q = s.cmd_as(&a, "mgpu_queue").arg("--json").output().unwrap();
     assert!(text(&q.stdout).contains(&b.name));

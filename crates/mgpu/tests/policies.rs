@@ -67,13 +67,7 @@ fn fair_share_puts_a_light_user_before_a_heavy_one() {
         s.submit(c)
     };
     // b has used nothing: its job goes ahead of a's waiting ones.
-    let order: Vec<u64> = s.queue_json()["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|j| j["state"] == "PENDING")
-        .map(|j| j["id"].as_u64().unwrap())
-        .collect();
+    let order = s.pending_order();
     assert_eq!(order[0], b_job, "{order:?}");
     assert_eq!(&order[1..], &a_more[..], "FIFO within one user");
     // a's first waiting job already holds the reservation (a reservation is kept, so nobody

@@ -49,13 +49,7 @@ fn kill_9_loses_no_job_and_runs_none_twice() {
         })
         .collect();
     s.wait_state(quick, "RUNNING");
-    let order: Vec<u64> = s.queue_json()["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|j| j["state"] == "PENDING")
-        .map(|j| j["id"].as_u64().unwrap())
-        .collect();
+    let order = s.pending_order();
     assert_eq!(order, pending);
 
     s.kill9();
@@ -123,8 +117,7 @@ fn a_running_job_is_re_adopted_and_can_still_be_cancelled() {
     s.wait_gone(id);
     s.wait_gone(waiting);
     assert_eq!(s.acct(id)["state"], "CANCELLED");
-    let log = s.cmd("mgpu_log").arg(id.to_string()).output().unwrap();
-    assert_eq!(text(&log.stdout), "first\n");
+    assert_eq!(s.log(id), "first\n");
 }
 
 #[test]

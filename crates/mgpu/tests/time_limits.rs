@@ -34,13 +34,7 @@ fn a_job_past_its_slice_is_switched_when_others_wait_and_runs_again_later() {
     wait_until(Duration::from_secs(20), || {
         std::fs::read_to_string(s.scratch.join("long")).unwrap_or_default() == "run-0\nrun-1\n"
     });
-    let log = text(
-        &s.cmd("mgpu_log")
-            .arg(long.to_string())
-            .output()
-            .unwrap()
-            .stdout,
-    );
+    let log = s.log(long);
     assert!(log.starts_with("output-0\n"), "{log}");
     assert!(
         log.contains("run 1"),
@@ -111,13 +105,7 @@ fn grace_period_lets_a_job_save_and_a_job_ignoring_sigterm_is_killed() {
     ]);
     s.wait_gone(saver);
     s.wait_gone(stubborn);
-    let log = text(
-        &s.cmd("mgpu_log")
-            .arg(saver.to_string())
-            .output()
-            .unwrap()
-            .stdout,
-    );
+    let log = s.log(saver);
     assert_eq!(
         log, "saving\nsaved\n",
         "SIGTERM first, time to save within the grace period"
@@ -224,13 +212,7 @@ fn warning_signal_arrives_before_the_limit() {
         "trap 'echo warned' USR1; for i in $(seq 100); do sleep 0.1; done",
     ]);
     s.wait_gone(id);
-    let log = text(
-        &s.cmd("mgpu_log")
-            .arg(id.to_string())
-            .output()
-            .unwrap()
-            .stdout,
-    );
+    let log = s.log(id);
     assert!(log.contains("warned"), "{log}");
     assert_eq!(s.acct(id)["state"], "TIMEOUT");
 }

@@ -309,6 +309,29 @@ impl Server {
         });
     }
 
+    /// The job's log as root reads it with `mgpu_log`.
+    pub fn log(&self, id: u64) -> String {
+        text(
+            &self
+                .cmd("mgpu_log")
+                .arg(id.to_string())
+                .output()
+                .unwrap()
+                .stdout,
+        )
+    }
+
+    /// Ids of the pending jobs, in the order `mgpu_queue --json` lists them (priority order).
+    pub fn pending_order(&self) -> Vec<u64> {
+        self.queue_json()["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["state"] == "PENDING")
+            .map(|j| j["id"].as_u64().unwrap())
+            .collect()
+    }
+
     /// Submits `mgpu_srun --detach --parsable ARGS` as root; returns the job id.
     pub fn detached(&self, args: &[&str]) -> u64 {
         let mut c = self.cmd("mgpu_srun");

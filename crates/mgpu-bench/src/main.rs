@@ -67,7 +67,7 @@ struct Opts {
     /// Small counts: a smoke run (CI) that takes well under a minute for mgpu alone
     #[arg(long)]
     quick: bool,
-    /// Do not run `cargo build --release --bins` first
+    /// Do not build the release binaries (`scripts/build-release.sh`) first
     #[arg(long)]
     no_build: bool,
     /// Exit with an error when a scenario failed (a lost job, a job that never ran...): for
@@ -89,7 +89,8 @@ struct Opts {
     /// Repository root [default: the one this binary was built from]
     #[arg(long, value_name = "DIR")]
     repo: Option<PathBuf>,
-    /// Where the mgpu binaries are [default: REPO/target/release]
+    /// Where the mgpu binaries are [default: REPO/target/dist, as scripts/build-release.sh
+    /// leaves them]
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
     /// Directory with Slurm's start.sh/stop.sh [default: REPO/../shared/slurm]
@@ -325,7 +326,7 @@ fn bench(opts: Opts) -> Result<()> {
     let bin_dir = opts
         .bin_dir
         .clone()
-        .unwrap_or_else(|| repo.join("target/release"));
+        .unwrap_or_else(|| repo.join("target/dist"));
     let counts = opts.counts();
     let tmp = tempfile::Builder::new().prefix("mgpu-bench.").tempdir()?;
     let ctx = Ctx {

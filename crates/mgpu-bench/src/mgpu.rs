@@ -10,20 +10,22 @@ use anyhow::{bail, Context, Result};
 use crate::system::{parallel, System};
 use crate::{raw, stats, util};
 
-/// Builds the project's binaries in release into the repository's own target directory.
+/// Builds the project's release binaries as they are installed (`scripts/build-release.sh`:
+/// static clients, dynamic server) into the repository's own `target/dist`.
 pub fn build_release(repo: &Path) -> Result<()> {
     eprintln!(
-        "mgpu-bench: cargo build --release --bins (in {})",
+        "mgpu-bench: scripts/build-release.sh (in {})",
         repo.display()
     );
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["build", "--release", "--bins"])
+    let status = Command::new("bash")
+        .arg("scripts/build-release.sh")
         .current_dir(repo)
         .env_remove("CARGO_TARGET_DIR")
+        .stdout(Stdio::null())
         .status()
-        .context("running cargo")?;
+        .context("running scripts/build-release.sh")?;
     if !status.success() {
-        bail!("cargo build --release --bins failed ({status})");
+        bail!("scripts/build-release.sh failed ({status})");
     }
     Ok(())
 }

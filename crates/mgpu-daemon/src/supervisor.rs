@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -484,17 +484,24 @@ fn sigchld_fd() -> Result<SignalFd> {
         .context("creating a signalfd")
 }
 
-/// Reads what is available on a pipe into `sup`; false at its end.
-fn pump(pipe: &mut File, tag: u8, buf: &mut [u8], sup: &mut Supervisor) -> bool {
+/// Reads what is available on a pipe into `sup`; false at its end. The data lands in `buf`'s
+/// spare capacity, which is never zeroed: a job with little output touches (and so faults in)
+/// few of its pages.
+fn pump(pipe: &mut File, tag: u8, buf: &mut Vec<u8>, sup: &mut Supervisor) -> bool {
     loop {
-        match pipe.read(buf) {
-            Ok(0) => return false,
-            Ok(n) => {
-                sup.output(tag, &buf[..n]);
+        buf.clear();
+        // SAFETY: read(2) writes at most `capacity` bytes into the buffer, and only the `n`
+        // bytes it wrote are used.
+        let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.capacity()) };
+        match n {
+            0 => return false,
+            n if n > 0 => {
+                unsafe { buf.set_len(n as usize) };
+                sup.output(tag, buf);
                 return true;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => continue,
+            _ => return false,
         }
     }
 }
@@ -519,7 +526,7 @@ fn run_job(
         sup.register(conn);
     }
     let mut pipes = Pipes([Some(File::from(stdout)), Some(File::from(stderr))]);
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = Vec::with_capacity(64 * 1024);
     let mut leader_status = None;
     // Until the leader exits: reap whatever ends (orphans included) as it ends.
     while leader_status.is_none() {
@@ -628,7 +635,7 @@ impl Pipes {
 
     /// Reads the pipes poll found ready into `sup` (stdout then stderr); a pipe at its end is
     /// closed.
-    fn pump_ready(&mut self, ready: [bool; 2], buf: &mut [u8], sup: &mut Supervisor) {
+    fn pump_ready(&mut self, ready: [bool; 2], buf: &mut Vec<u8>, sup: &mut Supervisor) {
         for (i, tag) in [(0, 1u8), (1, 2u8)] {
             if ready[i] && !self.0[i].as_mut().is_some_and(|p| pump(p, tag, buf, sup)) {
                 self.0[i] = None;

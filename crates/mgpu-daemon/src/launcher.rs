@@ -231,6 +231,9 @@ pub fn main() -> ExitCode {
         };
         let run_dir = PathBuf::from(std::ffi::OsStr::from_bytes(&buf[..len]));
         let reply = match link {
+            // The daemon died after asking: its successor finds the run prepared but never
+            // started and queues the job again, so it must not start here as well.
+            Some(_) if daemon_gone(sock) => return ExitCode::SUCCESS,
             Some(link) => fork_supervisor(&run_dir, link),
             None => -libc::EINVAL,
         };
@@ -239,6 +242,18 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+}
+
+/// Whether the daemon has closed its end of our socket.
+fn daemon_gone(sock: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: sock,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let ready = unsafe { libc::poll(&mut p, 1, 0) };
+    ready == 1 && p.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
 }
 
 /// Receives one request: the run directory's length in `buf`, and the attached link.

@@ -430,30 +430,42 @@ fn probe_runs(job_dir: &Path) -> RunProbe {
     // its run directory before it listens: wait for it rather than take its run for never
     // started, or for lost.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let alive = loop {
-        if let Some(rec) = supervisor::read_exit(&dir) {
-            return RunProbe::Exited { run, rec };
-        }
-        if std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok() {
-            break true;
-        }
-        if !supervisor::is_supervised(&dir) || std::time::Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    match supervisor::read_launch(&dir) {
-        Some(launch) if alive => RunProbe::Alive {
-            run,
-            gpus: launch.gpus,
-            started_at: launch.started_at,
-        },
-        _ => match supervisor::read_exit(&dir) {
-            // It finished between our two looks.
-            Some(rec) => RunProbe::Exited { run, rec },
-            None if dir.join(supervisor::FORKED_FILE).exists() => RunProbe::Gone { run },
-            None => RunProbe::NotForked { run },
-        },
+    loop {
+        let alive = loop {
+            if let Some(rec) = supervisor::read_exit(&dir) {
+                return RunProbe::Exited { run, rec };
+            }
+            if std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok() {
+                break true;
+            }
+            if !supervisor::is_supervised(&dir) || std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        return match supervisor::read_launch(&dir) {
+            Some(launch) if alive => RunProbe::Alive {
+                run,
+                gpus: launch.gpus,
+                started_at: launch.started_at,
+            },
+            _ => match supervisor::read_exit(&dir) {
+                // It finished between our two looks.
+                Some(rec) => RunProbe::Exited { run, rec },
+                None if dir.join(supervisor::FORKED_FILE).exists() => RunProbe::Gone { run },
+                // Never started, and now it never will be: a supervisor forked by the previous
+                // server's launcher at its last moment finds the mark and stands down. Should
+                // one have taken the run just now, look again.
+                None if supervisor::abandon(&dir) => RunProbe::NotForked { run },
+                None if std::time::Instant::now() > deadline => {
+                    // A supervisor holds the run but never answered: it must not start the
+                    // job later either (the mark is checked right after taking the lock).
+                    let _ = std::fs::File::create(dir.join(supervisor::ABANDONED_FILE));
+                    RunProbe::Gone { run }
+                }
+                None => continue,
+            },
+        };
     }
 }
 

@@ -45,6 +45,11 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// Written just before the job is forked: without it, a run never started. It holds the path
 /// of the run's cgroup, when it has one.
 pub const FORKED_FILE: &str = "forked";
+/// Written by a restarted server that found the run prepared but never started, while it held
+/// the run's lock: a supervisor that takes the lock afterwards (forked by the previous
+/// server's launcher just before that server died) must not start the job, which is queued
+/// again.
+pub const ABANDONED_FILE: &str = "abandoned";
 /// Where runs started by earlier versions recorded their cgroup.
 const LEGACY_CGROUP_FILE: &str = "cgroup";
 
@@ -128,6 +133,26 @@ pub fn is_supervised(run_dir: &Path) -> bool {
     }
 }
 
+/// Marks a run that was prepared but never started as abandoned, so that no supervisor starts
+/// it later; true when done. False when a supervisor holds the run after all, or the run was
+/// started or ended meanwhile: the caller looks again.
+pub fn abandon(run_dir: &Path) -> bool {
+    let Ok(dir) = File::open(run_dir) else {
+        return false;
+    };
+    // The supervisor's own lock: while we hold it, none can start; once one has taken it, it
+    // sees the mark first thing.
+    let Ok(held) = Flock::lock(dir, FlockArg::LockExclusiveNonblock) else {
+        return false;
+    };
+    if run_dir.join(FORKED_FILE).exists() || run_dir.join(EXIT_FILE).exists() {
+        return false;
+    }
+    let marked = File::create(run_dir.join(ABANDONED_FILE)).is_ok();
+    drop(held);
+    marked
+}
+
 /// Reads a run's launch record; `None` when the job was never started there.
 pub fn read_launch(run_dir: &Path) -> Option<Launch> {
     let text = std::fs::read(run_dir.join(LAUNCH_FILE)).ok()?;
@@ -174,11 +199,18 @@ fn run(run_dir: &Path) -> Result<()> {
     // One supervisor per run, whatever became of the request that started it (a launcher that
     // died after forking makes the daemon ask again). Held until we exit; not inherited by
     // the job (close-on-exec, and the job's child closes everything else).
-    let _only_one = Flock::lock(
+    let only_one = Flock::lock(
         File::open(run_dir).context("opening the run directory")?,
         FlockArg::LockExclusiveNonblock,
     )
     .map_err(|_| anyhow::anyhow!("another supervisor already runs this run"))?;
+    // Looked up through the locked directory itself, not its path (which a restarted server
+    // may have removed and prepared anew).
+    let abandoned = std::ffi::CString::new(ABANDONED_FILE).expect("no NUL in the name");
+    // SAFETY: a NUL-terminated name relative to a directory descriptor we hold.
+    if unsafe { libc::faccessat(only_one.as_raw_fd(), abandoned.as_ptr(), libc::F_OK, 0) } == 0 {
+        anyhow::bail!("a restarted server took this run for never started and queued its job again: not starting it");
+    }
     // Orphans of the job are re-parented to us rather than to init, so none escapes.
     // SAFETY: prctl with integer arguments.
     unsafe {
@@ -773,5 +805,26 @@ mod tests {
         drop(held);
         assert!(!is_supervised(dir.path()));
         assert!(!is_supervised(&dir.path().join("missing")));
+    }
+
+    /// A run that a restarted server abandoned (prepared, never started, queued again) is not
+    /// started by a supervisor that comes late; a run a supervisor holds is not abandoned.
+    #[test]
+    fn an_abandoned_run_is_never_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Flock::lock(
+            File::open(dir.path()).unwrap(),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        assert!(!abandon(dir.path()), "a held run was abandoned");
+        drop(held);
+        std::fs::write(dir.path().join(FORKED_FILE), "").unwrap();
+        assert!(!abandon(dir.path()), "a started run was abandoned");
+        std::fs::remove_file(dir.path().join(FORKED_FILE)).unwrap();
+        assert!(abandon(dir.path()));
+        let err = run(dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("not starting it"), "{err:#}");
+        assert!(!dir.path().join(FORKED_FILE).exists());
     }
 }

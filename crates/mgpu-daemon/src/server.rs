@@ -47,9 +47,15 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
                     path.display()
                 );
             }
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => bail!(
+            match probe_listener(path) {
+                Ok(()) => bail!(
                     "another server is already listening on {}; stop it first or use --socket",
+                    path.display()
+                ),
+                // A full listen queue: something listens there but does not accept (a hung
+                // server). A blocking connect would wait for it for ever.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => bail!(
+                    "another server is listening on {} but not accepting connections (hung?); stop it first or use --socket",
                     path.display()
                 ),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -76,6 +82,22 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         bail!("{} got mode {mode:o} instead of 666", path.display());
     }
     Ok(listener)
+}
+
+/// Connects to `path` without ever waiting (a UNIX socket connect blocks while the listener's
+/// queue is full, and fails with `WouldBlock` here instead).
+fn probe_listener(path: &Path) -> std::io::Result<()> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    connect(sock.as_raw_fd(), &addr)?;
+    Ok(())
 }
 
 /// Accepts connections until `shutdown` resolves.

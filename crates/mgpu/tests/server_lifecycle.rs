@@ -6,6 +6,53 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use mgpu_proto::{Frame, FrameCodec, Request, Response};
 
+/// A hung server (listening, never accepting, its queue full) is reported, not waited for.
+#[test]
+fn a_hung_listener_on_the_socket_is_refused_without_waiting() {
+    use nix::sys::socket::{bind, connect, listen, socket, Backlog, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hung.sock");
+    let addr = UnixAddr::new(&path).unwrap();
+    let unix = || {
+        socket(
+            nix::sys::socket::AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap()
+    };
+    let hung = unix();
+    bind(hung.as_raw_fd(), &addr).unwrap();
+    // Backlog 0: one pending connection fills the queue.
+    listen(&hung, Backlog::new(0).unwrap()).unwrap();
+    let mut pending = Vec::new();
+    while pending.len() < 8 {
+        let c = unix();
+        if connect(c.as_raw_fd(), &addr).is_err() {
+            break;
+        }
+        pending.push(c);
+    }
+    let mut child = server_cmd(&path, dir.path().join("state"), dir.path().join("logs"))
+        .args(["--simulate-gpus", "1x24GiB"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server hung on a listener that does not accept");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_fails_with(&out, "not accepting connections");
+}
+
 #[test]
 fn a_live_server_is_not_replaced_but_a_stale_socket_is() {
     let mut s = Server::start("1x24GiB", &[]);

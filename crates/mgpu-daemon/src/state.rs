@@ -420,14 +420,14 @@ impl Daemon {
         self.schedule(&mut inner);
     }
 
-    /// Removes a finished run's directory once its end is committed to the store.
-    pub fn forget_run_dir(self: &Arc<Self>, id: JobId, run: u32) {
-        let daemon = self.clone();
-        tokio::spawn(async move {
-            daemon.store.flush().await;
-            let _ = std::fs::remove_dir_all(daemon.run_dir(id, run));
-            // Only succeeds once no run is left.
-            let _ = std::fs::remove_dir(daemon.job_dir(id));
+    /// Removes a finished run's directory once its end is committed to the store (by the
+    /// store's thread, right after that commit).
+    pub fn forget_run_dir(&self, id: JobId, run: u32) {
+        let (run_dir, job_dir) = (self.run_dir(id, run), self.job_dir(id));
+        self.store.after_commit(move || {
+            let _ = std::fs::remove_dir_all(run_dir);
+            // Only succeeds once no run is left (a next run recreates it; see spawn_supervisor).
+            let _ = std::fs::remove_dir(job_dir);
         });
     }
 
@@ -555,17 +555,23 @@ fn spawn_supervisor(
     launch: &Launch,
 ) -> anyhow::Result<(u32, std::os::unix::net::UnixStream)> {
     use anyhow::Context;
-    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(job_dir) {
-        if e.kind() != std::io::ErrorKind::AlreadyExists {
-            return Err(e).with_context(|| format!("creating {}", job_dir.display()));
-        }
-    }
     // A leftover of this very run cannot be live (a run is started once); clear it.
     let _ = std::fs::remove_dir_all(run_dir);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(run_dir)
-        .with_context(|| format!("creating {}", run_dir.display()))?;
+    // The job directory may be removed under us, as the previous run is cleaned up: then it is
+    // made again.
+    let mut tries = 0;
+    loop {
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(job_dir) {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e).with_context(|| format!("creating {}", job_dir.display()));
+            }
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(run_dir) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => tries += 1,
+            Err(e) => return Err(e).with_context(|| format!("creating {}", run_dir.display())),
+        }
+    }
     // Written before the job starts: after a daemon crash the run directory is the proof that
     // the job was started, so it is never started twice. (No fsync: a daemon crash keeps the
     // page cache; an OS crash kills the job too, and then running it again is the right thing.)

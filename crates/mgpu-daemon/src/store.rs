@@ -92,6 +92,8 @@ enum Op {
         restarts: u32,
     },
     Flush(oneshot::Sender<()>),
+    /// Run on the store's thread once everything sent before it is committed.
+    AfterCommit(Box<dyn FnOnce() + Send>),
     Purge(Millis, oneshot::Sender<Result<Vec<JobId>, String>>),
 }
 
@@ -275,6 +277,12 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.send(Op::Flush(tx));
         let _ = rx.await;
+    }
+
+    /// Runs `f` on the store's thread once everything sent so far is committed: for clean-ups
+    /// that must wait for a commit, without a round trip through the caller.
+    pub fn after_commit(&self, f: impl FnOnce() + Send + 'static) {
+        self.send(Op::AfterCommit(Box::new(f)));
     }
 
     /// Finished jobs matching `f`, in id order, at most `limit` after id `after`.
@@ -539,7 +547,10 @@ fn writer(
             }
             result = Ok(());
         }
-        if batch.iter().any(|op| !matches!(op, Op::Flush(_))) {
+        if batch
+            .iter()
+            .any(|op| !matches!(op, Op::Flush(_) | Op::AfterCommit(_)))
+        {
             // Wakes the checkpointer (a wake-up already pending is enough).
             let _ = committed.try_send(());
         }
@@ -551,6 +562,7 @@ fn writer(
                 Op::Flush(done) => {
                     let _ = done.send(());
                 }
+                Op::AfterCommit(f) => f(),
                 Op::Purge(_, done) => {
                     let _ = done.send(result.clone().map(|_| std::mem::take(&mut purged)));
                 }
@@ -622,7 +634,7 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 )?
                 .execute(params![*id as i64, *at as i64, *restarts])?;
             }
-            Op::Flush(_) => {}
+            Op::Flush(_) | Op::AfterCommit(_) => {}
             Op::Purge(before, _) => {
                 let mut stmt = tx.prepare_cached(
                     "DELETE FROM jobs WHERE state NOT IN ('PENDING', 'RUNNING') AND ended_at < ?1

@@ -59,6 +59,10 @@ pub struct Launch {
     /// Output kept per run; beyond it output is read and discarded.
     #[serde(default)]
     pub max_log_bytes: Option<u64>,
+    /// This attempt at starting the run (unique, never 0): a supervisor started for another
+    /// attempt (by a server that died meanwhile) finds a different one here and stands down.
+    #[serde(default)]
+    pub launch_id: u64,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -354,10 +358,12 @@ unsafe fn spawn_shared(
         libc::munmap(stack, CHILD_STACK + page);
         match ret {
             pid if pid > 0 => Some(Ok(pid as libc::pid_t)),
-            // Kernels before 5.3 (no clone3) or 5.7 (no CLONE_INTO_CGROUP): fork instead.
+            // Kernels before 5.3 (no clone3) or 5.7 (no CLONE_INTO_CGROUP), or a seccomp
+            // policy that refuses clone3: fork instead.
             e if e == -(libc::ENOSYS as libc::c_long)
                 || e == -(libc::E2BIG as libc::c_long)
-                || e == -(libc::EINVAL as libc::c_long) =>
+                || e == -(libc::EINVAL as libc::c_long)
+                || e == -(libc::EPERM as libc::c_long) =>
             {
                 None
             }
@@ -680,6 +686,7 @@ mod tests {
             switch_user: true,
             log_path: "/dev/null".into(),
             max_log_bytes: None,
+            launch_id: 1,
         };
         let env = environment(&launch, &acct);
         let get = |k: &str| {
@@ -718,6 +725,7 @@ mod tests {
             switch_user: false,
             log_path: "/dev/null".into(),
             max_log_bytes: None,
+            launch_id: 1,
         };
         let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));

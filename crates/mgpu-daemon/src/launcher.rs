@@ -79,7 +79,12 @@ impl Launcher {
 
     /// Forks a supervisor for `run_dir` with `link` as its stdin; returns its pid. Blocking
     /// (a fraction of a millisecond); requests are served one at a time.
-    pub fn spawn_supervisor(&self, run_dir: &Path, link: BorrowedFd<'_>) -> io::Result<u32> {
+    pub fn spawn_supervisor(
+        &self,
+        run_dir: &Path,
+        launch_id: u64,
+        link: BorrowedFd<'_>,
+    ) -> io::Result<u32> {
         let mut running = self.lock();
         let mut last_error = None;
         // A launcher that died (or was killed) is replaced once.
@@ -88,7 +93,7 @@ impl Launcher {
                 *running = Some(Running::start()?);
             }
             let r = running.as_mut().expect("just started");
-            match r.request(run_dir, link) {
+            match r.request(run_dir, launch_id, link) {
                 Ok(Ok(pid)) => return Ok(pid),
                 // The launcher is fine, the fork failed: no point in retrying.
                 Ok(Err(e)) => return Err(e),
@@ -133,15 +138,22 @@ impl Running {
 
     /// One request. The outer error means the launcher itself failed (replace it); the inner
     /// one that it could not fork.
-    fn request(&mut self, run_dir: &Path, link: BorrowedFd<'_>) -> io::Result<io::Result<u32>> {
+    fn request(
+        &mut self,
+        run_dir: &Path,
+        launch_id: u64,
+        link: BorrowedFd<'_>,
+    ) -> io::Result<io::Result<u32>> {
         let path = run_dir.as_os_str().as_bytes();
-        if path.len() > MAX_REQUEST {
+        if path.len() + 8 > MAX_REQUEST {
             return Ok(Err(io::Error::other("run directory path too long")));
         }
         let fds = [link.as_raw_fd()];
+        // The request: the launch id (8 bytes, little-endian), then the run directory.
+        let id = launch_id.to_le_bytes();
         sendmsg::<()>(
             self.sock.as_raw_fd(),
-            &[IoSlice::new(path)],
+            &[IoSlice::new(&id), IoSlice::new(path)],
             &[ControlMessage::ScmRights(&fds)],
             MsgFlags::MSG_NOSIGNAL,
             None,
@@ -229,12 +241,17 @@ pub fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let run_dir = PathBuf::from(std::ffi::OsStr::from_bytes(&buf[..len]));
+        if len < 8 {
+            let _ = writeln!(io::stderr(), "mgpu launcher: a request without a launch id");
+            return ExitCode::FAILURE;
+        }
+        let launch_id = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
+        let run_dir = PathBuf::from(std::ffi::OsStr::from_bytes(&buf[8..len]));
         let reply = match link {
             // The daemon died after asking: its successor finds the run prepared but never
             // started and queues the job again, so it must not start here as well.
             Some(_) if daemon_gone(sock) => return ExitCode::SUCCESS,
-            Some(link) => fork_supervisor(&run_dir, link),
+            Some(link) => fork_supervisor(&run_dir, launch_id, link),
             None => -libc::EINVAL,
         };
         if let Err(e) = nix::sys::socket::send(sock, &reply.to_le_bytes(), MsgFlags::MSG_NOSIGNAL) {
@@ -280,12 +297,12 @@ fn receive(sock: RawFd, buf: &mut [u8]) -> nix::Result<Option<(usize, Option<Own
 }
 
 /// Forks the supervisor of `run_dir`; returns its pid, or `-errno`.
-fn fork_supervisor(run_dir: &Path, link: OwnedFd) -> i32 {
+fn fork_supervisor(run_dir: &Path, launch_id: u64, link: OwnedFd) -> i32 {
     // SAFETY: this process is single-threaded, so the child may run any code.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Parent { child }) => child.as_raw(),
         Ok(nix::unistd::ForkResult::Child) => {
-            let code = become_supervisor(run_dir, link);
+            let code = become_supervisor(run_dir, launch_id, link);
             // _exit: the launcher's exit handlers and stdio buffers are not the child's to run
             // (and skipping them spares a few page faults per job).
             // SAFETY: ends this process; nothing of it is left to clean up.
@@ -297,7 +314,7 @@ fn fork_supervisor(run_dir: &Path, link: OwnedFd) -> i32 {
 
 /// In the forked child: the environment a supervisor expects (its own session, the link on
 /// stdin, default signal handling; stderr stays the server's), then the supervisor.
-fn become_supervisor(run_dir: &Path, link: OwnedFd) -> i32 {
+fn become_supervisor(run_dir: &Path, launch_id: u64, link: OwnedFd) -> i32 {
     // SAFETY: plain syscalls on descriptors we own, in a single-threaded process.
     unsafe {
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
@@ -308,7 +325,7 @@ fn become_supervisor(run_dir: &Path, link: OwnedFd) -> i32 {
         }
     }
     drop(link);
-    if supervisor::supervise(run_dir) {
+    if supervisor::supervise(run_dir, Some(launch_id)) {
         0
     } else {
         1

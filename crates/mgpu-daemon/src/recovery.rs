@@ -52,6 +52,9 @@ pub struct Plan {
     pub lost_runs: Vec<(JobId, u32)>,
     /// Run directories of finished runs to remove once the store has the outcome.
     pub finished_runs: Vec<(JobId, u32)>,
+    /// Runs that never started, moved aside (see `run::ABANDONED_PREFIX`): removed once their
+    /// job's requeue is committed.
+    pub abandoned_runs: Vec<(JobId, u32)>,
     /// Live jobs that had an attached `mgpu_srun`: cancelled unless it comes back.
     pub attached: Vec<JobId>,
 }
@@ -67,6 +70,7 @@ pub fn recover(
     let mut specs: HashMap<JobId, Vec<String>> = HashMap::new();
     let (mut adopt, mut orphaned, mut ended) = (Vec::new(), Vec::new(), Vec::new());
     let (mut requeued, mut lost_runs, mut finished_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut abandoned_runs = Vec::new();
     let failed = |message: &str| Ending {
         state: JobState::Failed,
         at: now,
@@ -94,9 +98,10 @@ pub fn recover(
                 failed("mgpu: the job's run directory vanished while the server was down; its outcome is unknown"),
             )),
             RunProbe::NotForked { run } => {
-                // Prepared, never started: it simply runs (again) from the queue.
+                // Prepared, never started: it simply runs (again) from the queue, under the
+                // same run number (its directory was moved aside for it).
                 job.restarts = run;
-                finished_runs.push((job.id, run));
+                abandoned_runs.push((job.id, run));
                 queued.push(job);
             }
             RunProbe::Exited { run, rec }
@@ -180,6 +185,7 @@ pub fn recover(
         requeued,
         lost_runs,
         finished_runs,
+        abandoned_runs,
         attached,
     }
 }

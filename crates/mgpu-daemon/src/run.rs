@@ -78,6 +78,9 @@ pub struct Args {
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
+    /// Internal: with --supervise, the attempt the supervisor is started for
+    #[arg(long, value_name = "ID", hide = true, requires = "supervise")]
+    pub launch_id: Option<u64>,
     /// Internal: run as the supervisor launcher (started by the server itself)
     #[arg(long, hide = true)]
     pub launcher: bool,
@@ -86,7 +89,7 @@ pub struct Args {
 pub fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(run_dir) = &args.supervise {
-        return supervisor::main(run_dir);
+        return supervisor::main(run_dir, args.launch_id);
     }
     if args.launcher {
         // Before anything starts a thread: the launcher forks and must be single-threaded.
@@ -355,6 +358,12 @@ async fn run(args: Args) -> Result<()> {
         for (id, run) in &plan.finished_runs {
             daemon.forget_run_dir(*id, *run);
         }
+        for (id, run) in &plan.abandoned_runs {
+            let trash = daemon.job_dir(*id).join(format!("{ABANDONED_PREFIX}{run}"));
+            daemon.store.after_commit(move || {
+                let _ = std::fs::remove_dir_all(trash);
+            });
+        }
         daemon.schedule(&mut inner);
     }
     if !plan.attached.is_empty() {
@@ -409,63 +418,101 @@ async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
     }
 }
 
+/// What a run directory abandoned at startup is renamed to (`abandoned-r{run}`): out of the
+/// way of the job's next run, which uses the same name, until the requeue is committed.
+pub const ABANDONED_PREFIX: &str = "abandoned-r";
+
 /// What a job's newest run directory says (older runs are over: they are removed).
 fn probe_runs(job_dir: &Path) -> RunProbe {
-    let mut runs: Vec<u32> = std::fs::read_dir(job_dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix('r')?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let (mut runs, mut abandoned) = (Vec::<u32>::new(), Vec::<u32>::new());
+    for entry in std::fs::read_dir(job_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name
+            .strip_prefix(ABANDONED_PREFIX)
+            .and_then(|n| n.parse().ok())
+        {
+            abandoned.push(n);
+        } else if let Some(n) = name.strip_prefix('r').and_then(|n| n.parse().ok()) {
+            runs.push(n);
+        }
+    }
     runs.sort_unstable();
     let Some(&run) = runs.last() else {
-        return RunProbe::NoRun;
+        // A previous start-up abandoned the run but stopped before the requeue was committed.
+        return match abandoned.iter().max() {
+            Some(&run) => RunProbe::NotForked { run },
+            None => RunProbe::NoRun,
+        };
     };
     for old in &runs[..runs.len() - 1] {
         let _ = std::fs::remove_dir_all(job_dir.join(format!("r{old}")));
     }
+    for old in &abandoned {
+        let _ = std::fs::remove_dir_all(job_dir.join(format!("{ABANDONED_PREFIX}{old}")));
+    }
     let dir = job_dir.join(format!("r{run}"));
+    let answers =
+        || std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok();
     // A supervisor still setting up (the previous server died just after starting it) holds
     // its run directory before it listens: wait for it rather than take its run for never
     // started, or for lost.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let alive = loop {
-            if let Some(rec) = supervisor::read_exit(&dir) {
-                return RunProbe::Exited { run, rec };
+    let alive = loop {
+        if let Some(rec) = supervisor::read_exit(&dir) {
+            return RunProbe::Exited { run, rec };
+        }
+        if answers() {
+            break true;
+        }
+        if !supervisor::is_supervised(&dir) || std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let launch = supervisor::read_launch(&dir);
+    let alive_with = |launch: crate::exec::Launch| RunProbe::Alive {
+        run,
+        gpus: launch.gpus,
+        started_at: launch.started_at,
+    };
+    if let (Some(launch), true) = (&launch, alive) {
+        return alive_with(launch.clone());
+    }
+    if let Some(rec) = supervisor::read_exit(&dir) {
+        // It finished between our looks.
+        return RunProbe::Exited { run, rec };
+    }
+    // Never started (no `forked` mark): then it never will be, as a supervisor forked by the
+    // previous server's launcher at its last moment finds our mark and stands down.
+    let never_started = if dir.join(supervisor::FORKED_FILE).exists() {
+        Ok(false)
+    } else {
+        supervisor::abandon(&dir)
+    };
+    match never_started {
+        Ok(true) => {
+            let trash = job_dir.join(format!("{ABANDONED_PREFIX}{run}"));
+            if let Err(e) = std::fs::rename(&dir, &trash) {
+                // Left in place: the job's next run clears it before it starts.
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot move an abandoned run directory aside");
             }
-            if std::os::unix::net::UnixStream::connect(dir.join(supervisor::SOCKET_FILE)).is_ok() {
-                break true;
-            }
-            if !supervisor::is_supervised(&dir) || std::time::Instant::now() > deadline {
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        return match supervisor::read_launch(&dir) {
-            Some(launch) if alive => RunProbe::Alive {
-                run,
-                gpus: launch.gpus,
-                started_at: launch.started_at,
-            },
+            RunProbe::NotForked { run }
+        }
+        // Started: by a supervisor that may have come up since we looked.
+        Ok(false) => match (launch, answers()) {
+            (Some(launch), true) => alive_with(launch),
             _ => match supervisor::read_exit(&dir) {
-                // It finished between our two looks.
                 Some(rec) => RunProbe::Exited { run, rec },
-                None if dir.join(supervisor::FORKED_FILE).exists() => RunProbe::Gone { run },
-                // Never started, and now it never will be: a supervisor forked by the previous
-                // server's launcher at its last moment finds the mark and stands down. Should
-                // one have taken the run just now, look again.
-                None if supervisor::abandon(&dir) => RunProbe::NotForked { run },
-                None if std::time::Instant::now() > deadline => {
-                    // A supervisor holds the run but never answered: it must not start the
-                    // job later either (the mark is checked right after taking the lock).
-                    let _ = std::fs::File::create(dir.join(supervisor::ABANDONED_FILE));
-                    RunProbe::Gone { run }
-                }
-                None => continue,
+                None => RunProbe::Gone { run },
             },
-        };
+        },
+        Err(e) => {
+            // Whether it started cannot be settled: it is not run again (that could run it
+            // twice); it is recorded as failed, and whatever is left of it killed.
+            tracing::error!(dir = %dir.display(), error = %e, "cannot mark a run that never started as abandoned");
+            RunProbe::Gone { run }
+        }
     }
 }
 
@@ -531,5 +578,33 @@ async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>) {
             daemon.schedule(&mut inner);
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run prepared but never started is abandoned (marked, so that a late supervisor stands
+    /// down) and moved aside, so that the job's next run, under the same name, is never
+    /// touched by its clean-up; a start-up that stops before the requeue is committed finds it
+    /// again. A started run whose supervisor is gone is lost, not abandoned.
+    #[test]
+    fn runs_that_never_started_are_abandoned_and_moved_aside() {
+        let job = tempfile::tempdir().unwrap();
+        let r0 = job.path().join("r0");
+        std::fs::create_dir(&r0).unwrap();
+        std::fs::write(r0.join(supervisor::LAUNCH_FILE), "{}").unwrap();
+        assert_eq!(probe_runs(job.path()), RunProbe::NotForked { run: 0 });
+        let trash = job.path().join(format!("{ABANDONED_PREFIX}0"));
+        assert!(!r0.exists());
+        assert!(trash.join(supervisor::ABANDONED_FILE).exists());
+        assert_eq!(probe_runs(job.path()), RunProbe::NotForked { run: 0 });
+        // The next run of the job, started and then lost: the trash goes, the run is Gone.
+        std::fs::create_dir(&r0).unwrap();
+        std::fs::write(r0.join(supervisor::FORKED_FILE), "").unwrap();
+        assert_eq!(probe_runs(job.path()), RunProbe::Gone { run: 0 });
+        assert!(!trash.exists());
+        assert!(!r0.join(supervisor::ABANDONED_FILE).exists());
     }
 }

@@ -264,6 +264,7 @@ impl Daemon {
             switch_user: self.settings.multi_user,
             log_path: self.log_path(id),
             max_log_bytes: self.settings.max_log_bytes,
+            launch_id: new_launch_id(),
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
@@ -515,6 +516,19 @@ pub fn outcome_of(id: JobId, rec: &ExitRecord) -> JobOutcome {
     }
 }
 
+/// A fresh id for an attempt at starting a run: unique within this server (a counter) and
+/// across servers (it starts at the time this one started, in nanoseconds).
+fn new_launch_id() -> u64 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        std::sync::atomic::AtomicU64::new(now.max(1))
+    });
+    next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Marks the start of a run after the first in the job's log (every run's output is kept);
 /// returns where this run's output begins.
 fn mark_run(launch: &Launch) -> anyhow::Result<u64> {
@@ -579,11 +593,11 @@ fn spawn_supervisor(
         File::create(run_dir.join(supervisor::LAUNCH_FILE)).context("writing launch.json")?;
     f.write_all(&serde_json::to_vec(launch)?)?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
-    let pid = match launcher.spawn_supervisor(run_dir, theirs.as_fd()) {
+    let pid = match launcher.spawn_supervisor(run_dir, launch.launch_id, theirs.as_fd()) {
         Ok(pid) => pid,
         Err(e) => {
             tracing::warn!(job = launch.job, error = %e, "the launcher cannot start supervisors; starting one directly");
-            exec_supervisor(run_dir, theirs)?
+            exec_supervisor(run_dir, launch.launch_id, theirs)?
         }
     };
     Ok((pid, ours))
@@ -591,10 +605,17 @@ fn spawn_supervisor(
 
 /// Starts a supervisor by exec'ing this binary in `--supervise` mode (the fallback when the
 /// launcher is unavailable; slower by the cost of an exec).
-fn exec_supervisor(run_dir: &Path, link: std::os::unix::net::UnixStream) -> anyhow::Result<u32> {
+fn exec_supervisor(
+    run_dir: &Path,
+    launch_id: u64,
+    link: std::os::unix::net::UnixStream,
+) -> anyhow::Result<u32> {
     use anyhow::Context;
     let mut cmd = crate::launcher::helper_command(OwnedFd::from(link));
-    cmd.arg("--supervise").arg(run_dir);
+    cmd.arg("--supervise")
+        .arg(run_dir)
+        .arg("--launch-id")
+        .arg(launch_id.to_string());
     let mut child = tokio::process::Command::from(cmd)
         .spawn()
         .context("spawning the supervisor")?;

@@ -562,13 +562,21 @@ fn writer(
                 Op::Flush(done) => {
                     let _ = done.send(());
                 }
-                Op::AfterCommit(f) => f(),
+                Op::AfterCommit(f) => run_after_commit(f),
                 Op::Purge(_, done) => {
                     let _ = done.send(result.clone().map(|_| std::mem::take(&mut purged)));
                 }
                 _ => {}
             }
         }
+    }
+}
+
+/// Runs a clean-up queued with [`Store::after_commit`]; one that panics must not take the
+/// store's thread with it.
+fn run_after_commit(f: Box<dyn FnOnce() + Send>) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        tracing::error!("a clean-up after a commit panicked");
     }
 }
 

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -50,6 +50,8 @@ pub const FORKED_FILE: &str = "forked";
 /// server's launcher just before that server died) must not start the job, which is queued
 /// again.
 pub const ABANDONED_FILE: &str = "abandoned";
+const STOOD_DOWN: &str =
+    "a restarted server took this run for never started and queued its job again: not starting it";
 /// Where runs started by earlier versions recorded their cgroup.
 const LEGACY_CGROUP_FILE: &str = "cgroup";
 
@@ -134,23 +136,58 @@ pub fn is_supervised(run_dir: &Path) -> bool {
 }
 
 /// Marks a run that was prepared but never started as abandoned, so that no supervisor starts
-/// it later; true when done. False when a supervisor holds the run after all, or the run was
-/// started or ended meanwhile: the caller looks again.
-pub fn abandon(run_dir: &Path) -> bool {
-    let Ok(dir) = File::open(run_dir) else {
-        return false;
+/// it later: Ok(true) when done. Ok(false) when a supervisor marked it started first.
+///
+/// Each side writes its own mark, then looks for the other's: the supervisor writes `forked`
+/// and then checks for `abandoned` before it starts the job (see [`run`]). Whichever order the
+/// two happen in, they never both go ahead.
+pub fn abandon(run_dir: &Path) -> io::Result<bool> {
+    File::create(run_dir.join(ABANDONED_FILE))?;
+    Ok(!run_dir.join(FORKED_FILE).exists())
+}
+
+/// Whether `name` exists in the directory `dir` (a descriptor, not a path that may have been
+/// replaced).
+fn exists_at(dir: RawFd, name: &str) -> bool {
+    let name = std::ffi::CString::new(name).expect("no NUL in our file names");
+    // SAFETY: a NUL-terminated name relative to a directory descriptor the caller holds.
+    unsafe { libc::faccessat(dir, name.as_ptr(), libc::F_OK, libc::AT_SYMLINK_NOFOLLOW) == 0 }
+}
+
+/// Writes `data` to `name` in the directory `dir` (a descriptor). Fails in a directory that
+/// was removed.
+fn write_at(dir: RawFd, name: &str, data: &[u8]) -> io::Result<()> {
+    let name = std::ffi::CString::new(name).expect("no NUL in our file names");
+    // SAFETY: a NUL-terminated name relative to a directory descriptor the caller holds; the
+    // returned descriptor is owned by the File.
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            0o600,
+        )
     };
-    // The supervisor's own lock: while we hold it, none can start; once one has taken it, it
-    // sees the mark first thing.
-    let Ok(held) = Flock::lock(dir, FlockArg::LockExclusiveNonblock) else {
-        return false;
-    };
-    if run_dir.join(FORKED_FILE).exists() || run_dir.join(EXIT_FILE).exists() {
-        return false;
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
-    let marked = File::create(run_dir.join(ABANDONED_FILE)).is_ok();
-    drop(held);
-    marked
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    f.write_all(data)
+}
+
+/// Locks a run directory for its one supervisor. Another supervisor may hold it for a moment
+/// (one that came too late for its run and is about to stand down), so this waits a little.
+fn lock_run(run_dir: &Path) -> Result<Flock<File>> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let dir = File::open(run_dir).context("opening the run directory")?;
+        match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => return Ok(held),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => anyhow::bail!("another supervisor already runs this run"),
+        }
+    }
 }
 
 /// Reads a run's launch record; `None` when the job was never started there.
@@ -170,8 +207,8 @@ fn now_ms() -> Millis {
 }
 
 /// Entry point of `mgpu_scheduler_server --supervise RUN_DIR`.
-pub fn main(run_dir: &Path) -> std::process::ExitCode {
-    if supervise(run_dir) {
+pub fn main(run_dir: &Path, launch_id: Option<u64>) -> std::process::ExitCode {
+    if supervise(run_dir, launch_id) {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE
@@ -179,9 +216,10 @@ pub fn main(run_dir: &Path) -> std::process::ExitCode {
 }
 
 /// Supervises the run in `run_dir` to its end; false when that failed (the reason goes to
-/// stderr: the server's log).
-pub fn supervise(run_dir: &Path) -> bool {
-    match run(run_dir) {
+/// stderr: the server's log). `launch_id` is the attempt the daemon started us for: a run
+/// directory prepared anew for another attempt is not ours.
+pub fn supervise(run_dir: &Path, launch_id: Option<u64>) -> bool {
+    match run(run_dir, launch_id) {
         Ok(()) => true,
         Err(e) => {
             // Not eprintln: the server that started us may be gone, and its stderr with it.
@@ -195,31 +233,29 @@ pub fn supervise(run_dir: &Path) -> bool {
     }
 }
 
-fn run(run_dir: &Path) -> Result<()> {
+fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
     // One supervisor per run, whatever became of the request that started it (a launcher that
     // died after forking makes the daemon ask again). Held until we exit; not inherited by
-    // the job (close-on-exec, and the job's child closes everything else).
-    let only_one = Flock::lock(
-        File::open(run_dir).context("opening the run directory")?,
-        FlockArg::LockExclusiveNonblock,
+    // the job (close-on-exec, and the job's child closes everything else). Our marks are
+    // looked up and written through it, not through the path (which a restarted server may
+    // have removed and prepared anew).
+    let only_one = lock_run(run_dir)?;
+    let dir = only_one.as_raw_fd();
+    if exists_at(dir, ABANDONED_FILE) {
+        anyhow::bail!("{STOOD_DOWN}");
+    }
+    let launch: Launch = serde_json::from_slice(
+        &std::fs::read(run_dir.join(LAUNCH_FILE)).context("reading launch.json")?,
     )
-    .map_err(|_| anyhow::anyhow!("another supervisor already runs this run"))?;
-    // Looked up through the locked directory itself, not its path (which a restarted server
-    // may have removed and prepared anew).
-    let abandoned = std::ffi::CString::new(ABANDONED_FILE).expect("no NUL in the name");
-    // SAFETY: a NUL-terminated name relative to a directory descriptor we hold.
-    if unsafe { libc::faccessat(only_one.as_raw_fd(), abandoned.as_ptr(), libc::F_OK, 0) } == 0 {
-        anyhow::bail!("a restarted server took this run for never started and queued its job again: not starting it");
+    .context("parsing launch.json")?;
+    if launch_id.is_some_and(|id| id != launch.launch_id) {
+        anyhow::bail!("the run directory was prepared anew for another attempt: not starting it");
     }
     // Orphans of the job are re-parented to us rather than to init, so none escapes.
     // SAFETY: prctl with integer arguments.
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
-    let launch: Launch = serde_json::from_slice(
-        &std::fs::read(run_dir.join(LAUNCH_FILE)).context("reading launch.json")?,
-    )
-    .context("parsing launch.json")?;
     // Before the job exists, so that no exit goes unnoticed.
     let mut sigchld = sigchld_fd()?;
     let sock_path = run_dir.join(SOCKET_FILE);
@@ -253,7 +289,11 @@ fn run(run_dir: &Path) -> Result<()> {
         .get_or_init(|| JobCgroup::create(launch.job))
         .as_ref();
     let cgroup_path = cgroup.map_or(&[][..], |cg| cg.dir.as_os_str().as_encoded_bytes());
-    std::fs::write(run_dir.join(FORKED_FILE), cgroup_path).context("marking the run as started")?;
+    // Our mark first, then theirs (see `abandon`).
+    write_at(dir, FORKED_FILE, cgroup_path).context("marking the run as started")?;
+    if exists_at(dir, ABANDONED_FILE) {
+        anyhow::bail!("{STOOD_DOWN}");
+    }
     // Resolved now, in the job's parent: the forked child only makes async-signal-safe calls.
     let account = match launch.account.clone() {
         Some(a) => Ok(a),
@@ -808,23 +848,60 @@ mod tests {
     }
 
     /// A run that a restarted server abandoned (prepared, never started, queued again) is not
-    /// started by a supervisor that comes late; a run a supervisor holds is not abandoned.
+    /// started by a supervisor that comes late; a run a supervisor marked started is not
+    /// abandoned; a supervisor does not take a run prepared for another attempt.
     #[test]
     fn an_abandoned_run_is_never_started() {
         let dir = tempfile::tempdir().unwrap();
-        let held = Flock::lock(
-            File::open(dir.path()).unwrap(),
-            FlockArg::LockExclusiveNonblock,
-        )
-        .unwrap();
-        assert!(!abandon(dir.path()), "a held run was abandoned");
-        drop(held);
         std::fs::write(dir.path().join(FORKED_FILE), "").unwrap();
-        assert!(!abandon(dir.path()), "a started run was abandoned");
+        assert!(!abandon(dir.path()).unwrap(), "a started run was abandoned");
         std::fs::remove_file(dir.path().join(FORKED_FILE)).unwrap();
-        assert!(abandon(dir.path()));
-        let err = run(dir.path()).unwrap_err();
+        assert!(abandon(dir.path()).unwrap());
+        let err = run(dir.path(), None).unwrap_err();
         assert!(format!("{err:#}").contains("not starting it"), "{err:#}");
         assert!(!dir.path().join(FORKED_FILE).exists());
+
+        // Prepared anew (a fresh launch record) for another attempt than ours.
+        let fresh = tempfile::tempdir().unwrap();
+        let launch = Launch {
+            job: 1,
+            name: "j".into(),
+            uid: 0,
+            account: None,
+            gpus: vec![0],
+            restarts: 0,
+            started_at: 0,
+            spec: Default::default(),
+            switch_user: false,
+            log_path: fresh.path().join("log"),
+            max_log_bytes: None,
+            launch_id: 7,
+        };
+        std::fs::write(
+            fresh.path().join(LAUNCH_FILE),
+            serde_json::to_vec(&launch).unwrap(),
+        )
+        .unwrap();
+        let err = run(fresh.path(), Some(8)).unwrap_err();
+        assert!(format!("{err:#}").contains("another attempt"), "{err:#}");
+        assert!(!fresh.path().join(FORKED_FILE).exists());
+    }
+
+    /// The supervisor's own check, after its mark: a run abandoned while the supervisor was
+    /// setting up is not started (and the mark check reads through the directory descriptor).
+    #[test]
+    fn marks_are_read_through_the_locked_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_run(dir.path()).unwrap();
+        assert!(!exists_at(held.as_raw_fd(), ABANDONED_FILE));
+        write_at(held.as_raw_fd(), FORKED_FILE, b"x").unwrap();
+        assert_eq!(std::fs::read(dir.path().join(FORKED_FILE)).unwrap(), b"x");
+        assert!(abandon(dir.path()).is_ok_and(|done| !done));
+        assert!(exists_at(held.as_raw_fd(), ABANDONED_FILE));
+        // A removed directory takes no new marks.
+        let gone = tempfile::tempdir().unwrap();
+        let held_gone = lock_run(gone.path()).unwrap();
+        std::fs::remove_dir(gone.path()).unwrap();
+        assert!(write_at(held_gone.as_raw_fd(), FORKED_FILE, b"").is_err());
     }
 }

@@ -18,7 +18,7 @@ fn a_hung_listener_on_the_socket_is_refused_without_waiting() {
         socket(
             nix::sys::socket::AddressFamily::Unix,
             SockType::Stream,
-            SockFlag::SOCK_NONBLOCK,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
             None,
         )
         .unwrap()

@@ -539,6 +539,16 @@ pub fn start(
     account: &Account,
     cgroup: Option<&crate::cgroup::JobCgroup>,
 ) -> Result<Started, StartError> {
+    start_with(launch, account, cgroup, true)
+}
+
+/// [`start`], with the shared-memory start (`shared`) or the fork it falls back to.
+fn start_with(
+    launch: &Launch,
+    account: &Account,
+    cgroup: Option<&crate::cgroup::JobCgroup>,
+    shared: bool,
+) -> Result<Started, StartError> {
     let fail = |message: String, code: i32| StartError { message, code };
     let cwd = CString::new(launch.spec.cwd.as_bytes())
         .map_err(|_| fail("the working directory contains a NUL byte".into(), 1))?;
@@ -599,7 +609,12 @@ pub fn start(
     };
     // SAFETY: the child only makes async-signal-safe calls on `plan`, prepared above.
     let pid = unsafe {
-        match spawn_shared(cgroup_dir.as_ref(), &args) {
+        let spawned = if shared {
+            spawn_shared(cgroup_dir.as_ref(), &args)
+        } else {
+            None
+        };
+        match spawned {
             Some(Ok(pid)) => pid,
             Some(Err(e)) => return Err(io_err("cannot start the job's process", e)),
             None => match fork_into(cgroup_dir.as_ref()) {
@@ -657,6 +672,72 @@ mod tests {
             home: "/nonexistent/alice".into(),
             shell: "/bin/bash".into(),
             groups: vec![1234],
+        }
+    }
+
+    /// Both ways of starting the job's process (the shared-memory start and the fork it falls
+    /// back to) run the command with its output on the pipes, in its own session, and report
+    /// a command that cannot be executed.
+    #[test]
+    fn both_ways_of_starting_a_job_work() {
+        let me = crate::users::account(nix::unistd::getuid().as_raw()).unwrap();
+        for shared in [true, false] {
+            let launch = |command: &[&str]| Launch {
+                job: 1,
+                name: "n".into(),
+                uid: me.uid,
+                account: None,
+                gpus: vec![0],
+                restarts: 0,
+                started_at: 0,
+                spec: LaunchSpec {
+                    command: command.iter().map(|s| s.to_string()).collect(),
+                    cwd: "/".into(),
+                    env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                    venv: Venv::Off,
+                    umask: None,
+                },
+                switch_user: false,
+                log_path: "/dev/null".into(),
+                max_log_bytes: None,
+                launch_id: 1,
+            };
+            let started = start_with(
+                &launch(&["sh", "-c", "echo out $MGPU_JOB_ID; echo err >&2; exit 3"]),
+                &me,
+                None,
+                shared,
+            )
+            .unwrap_or_else(|e| panic!("shared={shared}: {}", e.message));
+            let mut out = String::new();
+            std::fs::File::from(started.stdout)
+                .read_to_string(&mut out)
+                .unwrap();
+            let mut err = String::new();
+            std::fs::File::from(started.stderr)
+                .read_to_string(&mut err)
+                .unwrap();
+            assert_eq!(
+                (out.as_str(), err.as_str()),
+                ("out 1\n", "err\n"),
+                "shared={shared}"
+            );
+            let pid = nix::unistd::Pid::from_raw(started.pid);
+            assert_eq!(nix::unistd::getsid(Some(pid)), Ok(pid), "shared={shared}");
+            assert_eq!(
+                nix::sys::wait::waitpid(pid, None).unwrap(),
+                nix::sys::wait::WaitStatus::Exited(pid, 3),
+                "shared={shared}"
+            );
+            let missing = start_with(&launch(&["no-such-command-here"]), &me, None, shared)
+                .err()
+                .unwrap_or_else(|| panic!("shared={shared}: a missing command started"));
+            assert_eq!(missing.code, 127, "shared={shared}: {}", missing.message);
+            assert!(
+                missing.message.contains("cannot execute"),
+                "{}",
+                missing.message
+            );
         }
     }
 

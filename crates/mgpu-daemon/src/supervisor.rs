@@ -45,10 +45,9 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// Written just before the job is forked: without it, a run never started. It holds the path
 /// of the run's cgroup, when it has one.
 pub const FORKED_FILE: &str = "forked";
-/// Written by a restarted server that found the run prepared but never started, while it held
-/// the run's lock: a supervisor that takes the lock afterwards (forked by the previous
-/// server's launcher just before that server died) must not start the job, which is queued
-/// again.
+/// Written by a restarted server that found the run prepared but never started (no `forked`
+/// mark): a supervisor that comes late (forked by the previous server's launcher just before
+/// that server died) must not start the job, which is queued again. See [`abandon`].
 pub const ABANDONED_FILE: &str = "abandoned";
 const STOOD_DOWN: &str =
     "a restarted server took this run for never started and queued its job again: not starting it";

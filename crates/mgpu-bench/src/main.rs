@@ -54,6 +54,9 @@ enum Cmd {
         sleep_ms: u64,
         file: PathBuf,
     },
+    /// Internal (run as a job array's task): create DIR/<the value of VAR>, its index.
+    #[command(hide = true)]
+    TouchTask { dir: PathBuf, var: String },
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +146,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Some(Cmd::Stamp { sleep_ms, file }) => stamp(sleep_ms, &file),
+        Some(Cmd::TouchTask { dir, var }) => touch_task(&dir, &var),
         None => bench(cli.opts),
     };
     match result {
@@ -152,6 +156,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The job side of the array throughput measurement.
+fn touch_task(dir: &Path, var: &str) -> Result<()> {
+    let index = std::env::var(var).with_context(|| format!("{var} is not set"))?;
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        anyhow::bail!("{var}={index:?} is not an index");
+    }
+    std::fs::File::create(dir.join(index))?;
+    Ok(())
 }
 
 /// The job side of the dispatch measurement: the time is written atomically (tmp + rename).
@@ -250,7 +264,8 @@ fn run_all(
             Scenario::Latency => scenarios::latency(sys, counts.latency_runs, m),
             Scenario::Submit => scenarios::spawn_floor(counts.submit_jobs, m)
                 .and_then(|_| scenarios::submit(sys, counts.submit_jobs, counts.clients, m, notes)),
-            Scenario::Throughput => scenarios::throughput(sys, ctx, counts.throughput_jobs, m),
+            Scenario::Throughput => scenarios::throughput(sys, ctx, counts.throughput_jobs, m)
+                .and_then(|_| scenarios::throughput_array(sys, ctx, counts.throughput_jobs, m)),
             Scenario::Dispatch => scenarios::dispatch(sys, ctx, counts.dispatch_pairs, m),
             Scenario::Scale => match scale_jobs {
                 Some(n) => scenarios::scale(sys, n, counts.scale_probes, counts.clients, m),

@@ -190,6 +190,25 @@ impl System for Mgpu {
         Ok(())
     }
 
+    fn array_task_var(&self) -> Option<&'static str> {
+        Some("MGPU_ARRAY_TASK_ID")
+    }
+
+    fn submit_array(&self, n: usize, gpus: u32, argv: &[String]) -> Result<()> {
+        let out = util::run_ok(
+            self.cli("mgpu_srun")
+                .args(["--parsable", "--gpus", &gpus.to_string(), "--array"])
+                .arg(format!("0-{}", n - 1))
+                .arg("--")
+                .args(argv),
+        )?;
+        let id = String::from_utf8_lossy(&out.stdout);
+        if id.trim().parse::<u64>().is_err() {
+            bail!("mgpu_srun --array --parsable printed {id:?} instead of a job id");
+        }
+        Ok(())
+    }
+
     fn active_jobs(&self) -> Result<usize> {
         raw::queue_len(&self.socket)
     }

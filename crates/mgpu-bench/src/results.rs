@@ -86,6 +86,18 @@ pub const METRICS: &[MetricDef] = &[
         Better::Lower,
     ),
     def(
+        "array_throughput_per_s",
+        "3. the same jobs as one job array",
+        "jobs/s",
+        Better::Higher,
+    ),
+    def(
+        "array_throughput_cpu_ms_per_job",
+        "3. CPU time per job, as one array",
+        "ms",
+        Better::Lower,
+    ),
+    def(
         "throughput_steal_pct",
         "3. VM steal during the run",
         "%",

@@ -147,33 +147,7 @@ pub fn throughput(sys: &dyn System, ctx: &Ctx, n: usize, m: &mut Metrics) -> Res
         let marker = dir.join(i.to_string());
         sys.submit(1, &["touch".into(), marker.to_string_lossy().into_owned()])?;
     }
-    let timeout = Duration::from_secs(120 + n as u64);
-    let deadline = Instant::now() + timeout;
-    let mut last_check = Instant::now();
-    while count_files(&dir)? < n {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {n} jobs ran within {timeout:?}",
-                count_files(&dir)?
-            );
-        }
-        if last_check.elapsed() > Duration::from_secs(2) {
-            last_check = Instant::now();
-            if sys.active_jobs()? == 0 && count_files(&dir)? < n {
-                bail!(
-                    "{}'s queue is empty but only {} of {n} jobs ran",
-                    sys.name(),
-                    count_files(&dir)?
-                );
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut end = start;
-    for e in std::fs::read_dir(&dir)? {
-        end = end.max(e?.metadata()?.modified()?);
-    }
-    let secs = end.duration_since(start)?.as_secs_f64();
+    let secs = wait_for_markers(sys, &dir, n, start)?;
     m.insert("throughput_per_s".into(), n as f64 / secs);
     // What a job costs the machine: every process's CPU time (client, server, supervisor, job,
     // and this harness's polling) over the run, per job.
@@ -184,6 +158,66 @@ pub fn throughput(sys: &dyn System, ctx: &Ctx, n: usize, m: &mut Metrics) -> Res
         );
     }
     wait_idle(sys, Duration::from_secs(60))
+}
+
+/// Scenario 3 as one job array, where the system has arrays (`mgpu_srun --array`, `sbatch
+/// --array`): the same `n` trivial 1-GPU jobs submitted with one CLI call; each task creates
+/// its marker, named by its index, with a hidden `mgpu-bench touch-task` subcommand.
+pub fn throughput_array(sys: &dyn System, ctx: &Ctx, n: usize, m: &mut Metrics) -> Result<()> {
+    let Some(var) = sys.array_task_var() else {
+        return Ok(());
+    };
+    let dir = ctx.work.join(format!("array-marks-{}", sys.name()));
+    std::fs::create_dir_all(&dir)?;
+    let job = [
+        ctx.exe.to_string_lossy().into_owned(),
+        "touch-task".into(),
+        dir.to_string_lossy().into_owned(),
+        var.into(),
+    ];
+    let cpu_before = util::cpu_times();
+    let start = SystemTime::now();
+    sys.submit_array(n, 1, &job)?;
+    let secs = wait_for_markers(sys, &dir, n, start)?;
+    m.insert("array_throughput_per_s".into(), n as f64 / secs);
+    if let (Some(before), Some(after)) = (cpu_before, util::cpu_times()) {
+        m.insert(
+            "array_throughput_cpu_ms_per_job".into(),
+            after.busy_ms_since(&before) / n as f64,
+        );
+    }
+    wait_idle(sys, Duration::from_secs(60))
+}
+
+/// Waits until `n` markers are in `dir`; returns the seconds from `start` to the newest one.
+fn wait_for_markers(sys: &dyn System, dir: &Path, n: usize, start: SystemTime) -> Result<f64> {
+    let timeout = Duration::from_secs(120 + n as u64);
+    let deadline = Instant::now() + timeout;
+    let mut last_check = Instant::now();
+    while count_files(dir)? < n {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} jobs ran within {timeout:?}",
+                count_files(dir)?
+            );
+        }
+        if last_check.elapsed() > Duration::from_secs(2) {
+            last_check = Instant::now();
+            if sys.active_jobs()? == 0 && count_files(dir)? < n {
+                bail!(
+                    "{}'s queue is empty but only {} of {n} jobs ran",
+                    sys.name(),
+                    count_files(dir)?
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut end = start;
+    for e in std::fs::read_dir(dir)? {
+        end = end.max(e?.metadata()?.modified()?);
+    }
+    Ok(end.duration_since(start)?.as_secs_f64())
 }
 
 /// Scenario 4: Dispatch latency, `pairs` times: job A holds all 8 GPUs, sleeps 150 ms and stamps the

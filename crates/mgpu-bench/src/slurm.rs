@@ -103,6 +103,26 @@ impl System for Slurm {
         Ok(())
     }
 
+    fn array_task_var(&self) -> Option<&'static str> {
+        Some("SLURM_ARRAY_TASK_ID")
+    }
+
+    fn submit_array(&self, n: usize, gpus: u32, argv: &[String]) -> Result<()> {
+        let wrap: Vec<String> = argv.iter().map(|a| util::shell_quote(a)).collect();
+        util::run_ok(
+            self.cmd("sbatch")
+                .args(["--parsable", &format!("--gres=gpu:{gpus}")])
+                .arg(format!("--array=0-{}", n - 1))
+                .arg("-o")
+                .arg(self.outdir.join("%A_%a.out"))
+                .arg("-D")
+                .arg(&self.outdir)
+                .arg("--wrap")
+                .arg(wrap.join(" ")),
+        )?;
+        Ok(())
+    }
+
     fn active_jobs(&self) -> Result<usize> {
         let out = util::run_ok(self.cmd("squeue").args(["-h", "-o", "%i"]))?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().count())

@@ -15,6 +15,15 @@ pub trait System: Sync {
     fn attached_true(&self) -> Result<()>;
     /// Submits one detached job needing `gpus` GPUs (slots) that runs `argv`, with one CLI call.
     fn submit(&self, gpus: u32, argv: &[String]) -> Result<()>;
+    /// The environment variable that tells a job array's task its index, where the system has
+    /// job arrays.
+    fn array_task_var(&self) -> Option<&'static str> {
+        None
+    }
+    /// Submits a job array of `n` tasks (indices 0 to n-1) running `argv`, with one CLI call.
+    fn submit_array(&self, _n: usize, _gpus: u32, _argv: &[String]) -> Result<()> {
+        anyhow::bail!("{} has no job arrays", self.name())
+    }
     /// Jobs pending or running.
     fn active_jobs(&self) -> Result<usize>;
     /// The system's "cancel all my jobs" command (only the command; see [`wait_idle`]).

@@ -144,6 +144,8 @@ pub fn to_json(r: &AcctRecord) -> serde_json::Value {
         "restarts": r.restarts,
         "gpu_hours": r.gpu_hours(),
         "message": r.message,
+        "array_job": r.array.map(|a| a.job),
+        "array_task": r.array.map(|a| a.task),
     })
 }
 
@@ -174,7 +176,7 @@ pub fn render(records: &[AcctRecord]) -> String {
         t.add_row([
             r.id.to_string(),
             r.user.clone(),
-            r.name.clone(),
+            crate::display_name(&r.name, r.array),
             r.state.as_str().to_string(),
             exit_text(r),
             short_time(Some(r.submitted_at)),

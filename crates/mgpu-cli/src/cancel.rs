@@ -1,4 +1,5 @@
-//! `mgpu_cancel`: cancel jobs by id, all of a user's jobs, or all of one's own.
+//! `mgpu_cancel`: cancel jobs by id, a job array's tasks, all of a user's jobs, or all of
+//! one's own.
 //! Quiet on success, like `scancel`; every refusal is reported and makes the exit code 1.
 
 use std::path::PathBuf;
@@ -15,14 +16,18 @@ use crate::client::Client;
 ///
 /// Examples:
 ///   mgpu_cancel 42 43
+///   mgpu_cancel --array 17     # every unfinished task of job array 17
 ///   mgpu_cancel --all          # all of your jobs (all jobs, for root)
 ///   mgpu_cancel --user alice   # alice's jobs (alice or root only)
 #[derive(Debug, Parser)]
 #[command(name = "mgpu_cancel", version, verbatim_doc_comment)]
 pub struct Args {
     /// Job ids
-    #[arg(value_name = "ID", required_unless_present_any = ["user", "all"], conflicts_with_all = ["user", "all"])]
+    #[arg(value_name = "ID", required_unless_present_any = ["user", "all", "array"], conflicts_with_all = ["user", "all", "array"])]
     pub ids: Vec<u64>,
+    /// Cancel every pending or running task of this job array (its id: the first task's)
+    #[arg(short, long, value_name = "ID", conflicts_with_all = ["user", "all"])]
+    pub array: Option<u64>,
     /// Cancel all jobs of this user
     #[arg(short, long, value_name = "NAME", conflicts_with = "all")]
     pub user: Option<String>,
@@ -45,6 +50,8 @@ pub fn main() -> ExitCode {
 async fn run(args: Args) -> Result<i32> {
     let request = if args.all {
         CancelRequest::All
+    } else if let Some(array) = args.array {
+        CancelRequest::Array(array)
     } else if let Some(user) = args.user {
         CancelRequest::User(user)
     } else {

@@ -36,3 +36,11 @@ where
         }
     }
 }
+
+/// A job's name as the tables show it: a job array's task carries its index, `sweep[3]`.
+pub fn display_name(name: &str, array: Option<mgpu_proto::ArrayTask>) -> String {
+    match array {
+        Some(a) => format!("{name}[{}]", a.task),
+        None => name.to_string(),
+    }
+}

@@ -129,7 +129,7 @@ impl serde::Serialize for JsonJobs<'_> {
         impl serde::Serialize for Job<'_> {
             fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
                 let j = self.0;
-                let mut m = ser.serialize_map(Some(15))?;
+                let mut m = ser.serialize_map(Some(17))?;
                 m.serialize_entry("id", &j.id)?;
                 m.serialize_entry("user", &j.user)?;
                 m.serialize_entry("name", &j.name)?;
@@ -145,6 +145,8 @@ impl serde::Serialize for JsonJobs<'_> {
                 m.serialize_entry("command", &j.command)?;
                 m.serialize_entry("priority", &j.priority)?;
                 m.serialize_entry("est_start", &j.est_start.map(rfc3339))?;
+                m.serialize_entry("array_job", &j.array.map(|a| a.job))?;
+                m.serialize_entry("array_task", &j.array.map(|a| a.task))?;
                 m.end()
             }
         }
@@ -203,7 +205,7 @@ pub fn render(s: &QueueSnapshot) -> String {
         jobs.add_row([
             j.id.to_string(),
             j.user.clone(),
-            j.name.clone(),
+            crate::display_name(&j.name, j.array),
             j.state.as_str().to_string(),
             gpus,
             mem,

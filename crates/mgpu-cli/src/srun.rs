@@ -24,6 +24,7 @@ const RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 ///   mgpu_srun -- nvidia-smi
 ///   mgpu_srun --gpus 2 --mem 20G --time-limit 2:00:00 -- python train.py --lr 3e-4
 ///   mgpu_srun --detach --job-name sweep-1 -- ./run.sh 1
+///   mgpu_srun --array 0-99 --mem 10G -- sh -c 'python sweep.py --seed $MGPU_ARRAY_TASK_ID'
 #[derive(Debug, Parser)]
 #[command(name = "mgpu_srun", version, verbatim_doc_comment)]
 pub struct Args {
@@ -70,9 +71,13 @@ pub struct Args {
     /// Print the job id and return at once instead of waiting for the job
     #[arg(short = 'd', long)]
     pub detach: bool,
-    /// With --detach: print only the job id
-    #[arg(long, requires = "detach")]
+    /// With --detach or --array: print only the job id (the array's id)
+    #[arg(long)]
     pub parsable: bool,
+    /// Submit a job array: one task per index, e.g. 0-99, 1,3,5-9 or 0-99:5 (every 5th). Each
+    /// task is a job of its own, with MGPU_ARRAY_TASK_ID set to its index; implies --detach
+    #[arg(short = 'a', long, value_name = "SPEC", value_parser = parse_array)]
+    pub array: Option<ArrayIndices>,
     /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -83,6 +88,14 @@ pub struct Args {
         value_name = "CMD"
     )]
     pub command: Vec<OsString>,
+}
+
+/// The task indices of `--array`, expanded.
+#[derive(Debug, Clone)]
+pub struct ArrayIndices(pub Vec<u32>);
+
+fn parse_array(text: &str) -> Result<ArrayIndices, String> {
+    mgpu_proto::parse_array_spec(text).map(ArrayIndices)
 }
 
 pub fn main() -> ExitCode {
@@ -192,18 +205,22 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         cwd: utf8(cwd.into_os_string(), "the working directory")?,
         env,
         venv,
-        attach: !args.detach,
+        attach: !args.detach && args.array.is_none(),
         umask: current_umask(),
         no_requeue: args.no_requeue,
         max_restarts: args.max_restarts,
         signal: args.signal,
         nice: args.nice,
+        array: args.array.map(|a| a.0),
     })
 }
 
 async fn run(args: Args) -> Result<i32> {
     let socket = args.socket.clone();
-    let (detach, parsable) = (args.detach, args.parsable);
+    let (detach, parsable) = (args.detach || args.array.is_some(), args.parsable);
+    if parsable && !detach {
+        bail!("--parsable goes with --detach or --array");
+    }
     let request = build_request(args)?;
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
     if detach {
@@ -213,6 +230,15 @@ async fn run(args: Args) -> Result<i32> {
                     println!("{job}");
                 } else {
                     println!("Submitted job {job}");
+                }
+                Ok(0)
+            }
+            Response::SubmittedArray { first, tasks } => {
+                if parsable {
+                    println!("{first}");
+                } else {
+                    let last = first + u64::from(tasks) - 1;
+                    println!("Submitted array job {first} ({tasks} tasks: jobs {first}-{last})");
                 }
                 Ok(0)
             }

@@ -70,6 +70,22 @@ pub struct JobRequest {
     /// Signal sent ahead of the limit.
     #[serde(default)]
     pub warn_signal: Option<WarnSignal>,
+    /// The job is one task of a job array (metadata: tasks are scheduled as separate jobs).
+    #[serde(default)]
+    pub array: Option<ArrayTask>,
+}
+
+/// One task of a job array (`mgpu_srun --array`): each task is a job with an id of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrayTask {
+    /// The array's id: the id of its first task.
+    pub job: JobId,
+    /// This task's index (`MGPU_ARRAY_TASK_ID`).
+    pub task: u32,
+    /// How many tasks the array has, and its lowest and highest index.
+    pub count: u32,
+    pub min: u32,
+    pub max: u32,
 }
 
 impl JobRequest {

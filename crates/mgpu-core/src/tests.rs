@@ -28,6 +28,7 @@ fn req(uid: u32, n: u32, mem: Option<u64>) -> JobRequest {
         no_requeue: false,
         max_restarts: None,
         warn_signal: None,
+        array: None,
     }
 }
 
@@ -810,6 +811,7 @@ mod time_limits {
                         signal: 10,
                         secs_before: 15,
                     }),
+                    array: None,
                     ..limited(1, 1, None, 600)
                 },
                 1_000,

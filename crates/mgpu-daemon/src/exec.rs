@@ -63,6 +63,9 @@ pub struct Launch {
     /// attempt (by a server that died meanwhile) finds a different one here and stands down.
     #[serde(default)]
     pub launch_id: u64,
+    /// The job array task it is, if any (`MGPU_ARRAY_*` variables).
+    #[serde(default)]
+    pub array: Option<mgpu_core::ArrayTask>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -173,7 +176,8 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ("MGPU_JOB_NAME", launch.name.clone()),
         ("MGPU_RESTART_COUNT", launch.restarts.to_string()),
     ];
-    env.retain(|(k, _)| !set.iter().any(|(s, _)| s == k));
+    // A job submitted from inside an array task is not a task of that array.
+    env.retain(|(k, _)| !set.iter().any(|(s, _)| s == k) && !k.starts_with("MGPU_ARRAY_"));
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push((
             "PATH".into(),
@@ -181,6 +185,18 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ));
     }
     env.extend(set.into_iter().map(|(k, v)| (k.to_string(), v)));
+    if let Some(t) = launch.array {
+        env.extend(
+            [
+                ("MGPU_ARRAY_JOB_ID", t.job.to_string()),
+                ("MGPU_ARRAY_TASK_ID", t.task.to_string()),
+                ("MGPU_ARRAY_TASK_COUNT", t.count.to_string()),
+                ("MGPU_ARRAY_TASK_MIN", t.min.to_string()),
+                ("MGPU_ARRAY_TASK_MAX", t.max.to_string()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+    }
     env
 }
 
@@ -701,6 +717,7 @@ mod tests {
                 log_path: "/dev/null".into(),
                 max_log_bytes: None,
                 launch_id: 1,
+                array: None,
             };
             let started = start_with(
                 &launch(&["sh", "-c", "echo out $MGPU_JOB_ID; echo err >&2; exit 3"]),
@@ -768,6 +785,7 @@ mod tests {
             log_path: "/dev/null".into(),
             max_log_bytes: None,
             launch_id: 1,
+            array: None,
         };
         let env = environment(&launch, &acct);
         let get = |k: &str| {
@@ -807,6 +825,7 @@ mod tests {
             log_path: "/dev/null".into(),
             max_log_bytes: None,
             launch_id: 1,
+            array: None,
         };
         let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));

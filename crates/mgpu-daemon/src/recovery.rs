@@ -279,6 +279,7 @@ mod tests {
                             uid: 1, user: "u".into(), name: "j".into(), gpus, mem_mib: mem,
                             time_limit_s: None, nice: 0, no_requeue: false, max_restarts: None,
                             warn_signal: None,
+                            array: None,
                         };
                         let id = sched.next_job_id();
                         let spec = LaunchSpec { command: vec!["true".into()], cwd: "/".into(), env: vec![], venv: Venv::Off, umask: None };

@@ -265,6 +265,7 @@ impl Daemon {
             log_path: self.log_path(id),
             max_log_bytes: self.settings.max_log_bytes,
             launch_id: new_launch_id(),
+            array: job.request.array,
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.

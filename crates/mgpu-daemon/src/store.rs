@@ -54,6 +54,9 @@ ALTER TABLE jobs ADD COLUMN queued_at INTEGER;
 ALTER TABLE jobs ADD COLUMN attached INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX jobs_ended ON jobs(ended_at);
 "#,
+    r#"
+ALTER TABLE jobs ADD COLUMN array TEXT;
+"#,
 ];
 
 /// A job as first recorded.
@@ -78,7 +81,8 @@ pub struct Ending {
 }
 
 enum Op {
-    Insert(Box<NewJob>, oneshot::Sender<Result<(), String>>),
+    /// New jobs (one, or a job array's tasks), committed together.
+    Insert(Vec<NewJob>, oneshot::Sender<Result<(), String>>),
     Started {
         id: JobId,
         at: Millis,
@@ -253,8 +257,13 @@ impl Store {
 
     /// Records a new job; resolves once it is durable.
     pub fn insert(&self, job: NewJob) -> oneshot::Receiver<Result<(), String>> {
+        self.insert_all(vec![job])
+    }
+
+    /// Records several jobs in one transaction: all of them, or none.
+    pub fn insert_all(&self, jobs: Vec<NewJob>) -> oneshot::Receiver<Result<(), String>> {
         let (tx, rx) = oneshot::channel();
-        self.send(Op::Insert(Box::new(job), tx));
+        self.send(Op::Insert(jobs, tx));
         rx
     }
 
@@ -295,7 +304,7 @@ impl Store {
         let conn = self.reader.lock().unwrap();
         let mut stmt = conn.prepare_cached(
             "SELECT id, user, name, state, exit_code, signal, submitted_at, started_at, ended_at,
-                    gpus, gpu_ids, mem_mib, restarts, message
+                    gpus, gpu_ids, mem_mib, restarts, message, array
              FROM jobs
              WHERE state NOT IN ('PENDING', 'RUNNING') AND id > ?1
                AND (?2 IS NULL OR uid = ?2) AND (?3 IS NULL OR id = ?3)
@@ -332,6 +341,7 @@ impl Store {
                     mem_mib: r.get::<_, Option<i64>>(11)?.map(|m| m as u64),
                     restarts: r.get(12)?,
                     message: r.get(13)?,
+                    array: array_of(r.get(14)?),
                 })
             },
         )?;
@@ -431,7 +441,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
             "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s, spec,
                     COALESCE(queued_at, submitted_at), restarts,
                     started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs,
-                    attached
+                    attached, array
              FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
         )?;
         let rows = stmt.query_map([state], |r| {
@@ -455,6 +465,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                         }),
                         _ => None,
                     },
+                    array: array_of(r.get(18)?),
                 },
                 r.get::<_, String>(7)?,
                 r.get::<_, i64>(8)? as Millis,
@@ -494,6 +505,12 @@ fn recover(conn: &Connection) -> Result<Recovered> {
         pending: read("PENDING")?,
         running: read("RUNNING")?,
     })
+}
+
+/// A job array task as recorded (JSON); an unreadable one is dropped rather than failing the
+/// job, as it is only metadata.
+fn array_of(text: Option<String>) -> Option<mgpu_core::ArrayTask> {
+    serde_json::from_str(&text?).ok()
 }
 
 fn writer(
@@ -584,32 +601,35 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
     let tx = conn.transaction()?;
     for op in batch {
         match op {
-            Op::Insert(job, _) => {
-                let r = &job.request;
-                tx.prepare_cached(
-                    "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s,
+            Op::Insert(jobs, _) => {
+                for job in jobs {
+                    let r = &job.request;
+                    tx.prepare_cached(
+                        "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s,
                                        spec, submitted_at, nice, no_requeue, max_restarts,
-                                       warn_signal, warn_secs, attached)
+                                       warn_signal, warn_secs, attached, array)
                      VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
-                             ?14, ?15)",
-                )?
-                .execute(params![
-                    job.id as i64,
-                    r.uid,
-                    r.user,
-                    r.name,
-                    r.gpus,
-                    r.mem_mib.map(|m| m as i64),
-                    r.time_limit_s.map(|t| t as i64),
-                    serde_json::to_string(&job.spec)?,
-                    job.submitted_at as i64,
-                    r.nice,
-                    r.no_requeue,
-                    r.max_restarts,
-                    r.warn_signal.map(|w| w.signal),
-                    r.warn_signal.map(|w| w.secs_before as i64),
-                    job.attached,
-                ])?;
+                             ?14, ?15, ?16)",
+                    )?
+                    .execute(params![
+                        job.id as i64,
+                        r.uid,
+                        r.user,
+                        r.name,
+                        r.gpus,
+                        r.mem_mib.map(|m| m as i64),
+                        r.time_limit_s.map(|t| t as i64),
+                        serde_json::to_string(&job.spec)?,
+                        job.submitted_at as i64,
+                        r.nice,
+                        r.no_requeue,
+                        r.max_restarts,
+                        r.warn_signal.map(|w| w.signal),
+                        r.warn_signal.map(|w| w.secs_before as i64),
+                        job.attached,
+                        r.array.map(|a| serde_json::to_string(&a)).transpose()?,
+                    ])?;
+                }
             }
             Op::Started { id, at, gpus, pid } => {
                 let ids: Vec<String> = gpus.iter().map(u32::to_string).collect();
@@ -679,6 +699,7 @@ mod tests {
                 no_requeue: false,
                 max_restarts: None,
                 warn_signal: None,
+                array: None,
             },
             spec: LaunchSpec {
                 command: vec!["true".into()],

@@ -875,6 +875,7 @@ mod tests {
             log_path: fresh.path().join("log"),
             max_log_bytes: None,
             launch_id: 7,
+            array: None,
         };
         std::fs::write(
             fresh.path().join(LAUNCH_FILE),

@@ -14,14 +14,14 @@
 
 pub mod codec;
 
-pub use mgpu_core::WarnSignal;
+pub use mgpu_core::{ArrayTask, WarnSignal};
 use mgpu_core::{JobId, JobState, Millis};
 use serde::{Deserialize, Serialize};
 
 pub use codec::{read_frame, write_frame, Frame, FrameCodec};
 
 /// Bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Upper bound of one frame (a submit carries the environment and argv, which the kernel caps
 /// at a few MiB).
 pub const MAX_FRAME_LEN: usize = 8 << 20;
@@ -124,6 +124,76 @@ pub struct SubmitRequest {
     /// Lower the job's priority (0 or more; only root may go below 0).
     #[serde(default)]
     pub nice: i32,
+    /// Submit a job array: one task (a job of its own) per index, in this order, with ids
+    /// that follow each other. Never attached.
+    #[serde(default)]
+    pub array: Option<Vec<u32>>,
+}
+
+/// Most tasks one job array may have.
+pub const MAX_ARRAY_TASKS: usize = 10_000;
+/// Highest task index of a job array.
+pub const MAX_ARRAY_INDEX: u32 = 4_000_000;
+
+/// Parses a Slurm-style array spec: `0-999`, `1,3,5-9`, `0-99:5` (every 5th). Indices come out
+/// sorted and without repeats. `%N` (a cap on running tasks) is refused with a clear message.
+pub fn parse_array_spec(spec: &str) -> Result<Vec<u32>, String> {
+    if spec.contains('%') {
+        return Err(format!(
+            "invalid --array '{spec}': a limit on simultaneously running tasks (%N) is not supported"
+        ));
+    }
+    let bad = |why: &str| format!("invalid --array '{spec}': {why} (e.g. 0-99, 1,3,5-9 or 0-99:5)");
+    let number = |t: &str| -> Result<u32, String> {
+        let n: u32 = t
+            .trim()
+            .parse()
+            .map_err(|_| bad(&format!("'{t}' is not an index")))?;
+        if n > MAX_ARRAY_INDEX {
+            return Err(bad(&format!("indices go up to {MAX_ARRAY_INDEX}")));
+        }
+        Ok(n)
+    };
+    let mut out = Vec::new();
+    for part in spec.split(',') {
+        if part.trim().is_empty() {
+            return Err(bad("empty element"));
+        }
+        let (range, step) = match part.split_once(':') {
+            Some((r, st)) => (r, number(st)?),
+            None => (part, 1),
+        };
+        if step == 0 {
+            return Err(bad("the step must be at least 1"));
+        }
+        let (lo, hi) = match range.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => {
+                let n = number(range)?;
+                (n, n)
+            }
+        };
+        if lo > hi {
+            return Err(bad(&format!("{lo} is above {hi}")));
+        }
+        let mut i = lo;
+        while i <= hi {
+            out.push(i);
+            if out.len() > MAX_ARRAY_TASKS * 2 {
+                return Err(bad(&format!("at most {MAX_ARRAY_TASKS} tasks")));
+            }
+            i = match i.checked_add(step) {
+                Some(n) => n,
+                None => break,
+            };
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out.len() > MAX_ARRAY_TASKS {
+        return Err(bad(&format!("at most {MAX_ARRAY_TASKS} tasks")));
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +209,8 @@ pub struct QueueRequest {
 #[serde(rename_all = "snake_case")]
 pub enum CancelRequest {
     Jobs(Vec<JobId>),
+    /// Every unfinished task of the job array with this id.
+    Array(JobId),
     User(String),
     /// All of the caller's own jobs (all jobs for root).
     All,
@@ -168,6 +240,12 @@ pub enum Response {
     /// The job is accepted (and durable).
     Submitted {
         job: JobId,
+    },
+    /// The job array is accepted (and durable): its tasks are jobs `first` to
+    /// `first + tasks - 1`; `first` is also the array's id.
+    SubmittedArray {
+        first: JobId,
+        tasks: u32,
     },
     /// The job waits in the queue.
     Pending {
@@ -298,6 +376,9 @@ pub struct JobInfo {
     /// Expected start of a pending job, where one is known (its reservation).
     #[serde(default)]
     pub est_start: Option<Millis>,
+    /// The job array it belongs to, and its index there.
+    #[serde(default)]
+    pub array: Option<ArrayTask>,
 }
 
 /// One finished job, as `mgpu_acct` shows it.
@@ -317,6 +398,9 @@ pub struct AcctRecord {
     pub mem_mib: Option<u64>,
     pub restarts: u32,
     pub message: Option<String>,
+    /// The job array it belonged to, and its index there.
+    #[serde(default)]
+    pub array: Option<ArrayTask>,
 }
 
 impl AcctRecord {
@@ -331,5 +415,37 @@ impl AcctRecord {
     /// GPUs held times hours run.
     pub fn gpu_hours(&self) -> f64 {
         self.gpus as f64 * self.elapsed_s() as f64 / 3600.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_specs() {
+        assert_eq!(parse_array_spec("0-3").unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(parse_array_spec("7,1,3-5").unwrap(), vec![1, 3, 4, 5, 7]);
+        assert_eq!(parse_array_spec("0-10:5").unwrap(), vec![0, 5, 10]);
+        assert_eq!(parse_array_spec("2,2,1-2").unwrap(), vec![1, 2]);
+        assert_eq!(parse_array_spec("42").unwrap(), vec![42]);
+        assert_eq!(parse_array_spec("0-9999").unwrap().len(), MAX_ARRAY_TASKS);
+        for bad in [
+            "",
+            "1,",
+            "a-b",
+            "5-1",
+            "0-9:0",
+            "-1",
+            "0-10000",
+            "0-4000001",
+            "0-9%2",
+            "1-2-3",
+        ] {
+            assert!(parse_array_spec(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse_array_spec("0-9%2")
+            .unwrap_err()
+            .contains("not supported"));
     }
 }

@@ -99,6 +99,7 @@ pub fn request_of(job: &SimJob) -> JobRequest {
         no_requeue: false,
         max_restarts: None,
         warn_signal: None,
+        array: None,
     }
 }
 

@@ -505,3 +505,117 @@ fn an_outside_holder_of_the_output_pipe_does_not_hang_the_end() {
     assert_eq!(out, "done\n");
     drop(held);
 }
+
+/// `--array`: one job per index with ids that follow each other, `MGPU_ARRAY_*` in each
+/// task's environment, the index shown in the queue and accounting, kept across a restart,
+/// and `mgpu_cancel --array` for all unfinished tasks. Bad arrays change nothing.
+#[test]
+fn job_arrays() {
+    let mut s = Server::start("2x24GiB", &[]);
+    let script = format!(
+        "echo $MGPU_ARRAY_JOB_ID $MGPU_ARRAY_TASK_ID $MGPU_ARRAY_TASK_COUNT $MGPU_ARRAY_TASK_MIN $MGPU_ARRAY_TASK_MAX > {}/$MGPU_JOB_ID",
+        s.scratch.display()
+    );
+    let first = s.submit({
+        let mut c = s.cmd("mgpu_srun");
+        c.args([
+            "--array",
+            "0-4,9",
+            "--parsable",
+            "--mem",
+            "10G",
+            "-J",
+            "sweep",
+            "--",
+        ])
+        .args(["bash", "-c", &script]);
+        c
+    });
+    let ids: Vec<u64> = (first..first + 6).collect();
+    for id in &ids {
+        s.wait_gone(*id);
+    }
+    for (id, task) in ids.iter().zip([0, 1, 2, 3, 4, 9]) {
+        let seen = std::fs::read_to_string(s.scratch.join(id.to_string())).unwrap();
+        assert_eq!(seen.trim(), format!("{first} {task} 6 0 9"), "job {id}");
+        let rec = s.acct(*id);
+        assert_eq!(rec["state"], "COMPLETED");
+        assert_eq!(rec["name"], "sweep");
+        assert_eq!(rec["array_job"], first);
+        assert_eq!(rec["array_task"], task);
+    }
+    let table = text(&s.cmd("mgpu_acct").output().unwrap().stdout);
+    assert!(table.contains("sweep[9]"), "{table}");
+
+    // A job submitted from inside a task is not a task of that array.
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--", "bash", "-c", "echo ${MGPU_ARRAY_TASK_ID-unset}"])
+        .env("MGPU_ARRAY_TASK_ID", "3")
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "unset");
+
+    // Waiting tasks keep their place in the array across a restart, and go together.
+    let out = s
+        .cmd("mgpu_srun")
+        .args([
+            "--array", "1-3", "--gpus", "2", "-J", "hold", "--", "sleep", "30",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    let hold: u64 = said
+        .trim()
+        .strip_prefix("Submitted array job ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{said}"))
+        .parse()
+        .unwrap();
+    assert!(
+        said.contains(&format!("(3 tasks: jobs {hold}-{})", hold + 2)),
+        "{said}"
+    );
+    s.wait_state(hold, "RUNNING");
+    s.restart();
+    let q = s.queue_json();
+    let jobs = q["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 3, "{q}");
+    for (j, (id, task)) in jobs.iter().zip([(hold, 1), (hold + 1, 2), (hold + 2, 3)]) {
+        assert_eq!(j["id"], id);
+        assert_eq!(j["array_job"], hold);
+        assert_eq!(j["array_task"], task);
+    }
+    let table = text(&s.cmd("mgpu_queue").output().unwrap().stdout);
+    assert!(table.contains("hold[3]"), "{table}");
+    let out = s
+        .cmd("mgpu_cancel")
+        .args(["--array", &hold.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for id in hold..hold + 3 {
+        s.wait_gone(id);
+        assert_eq!(s.acct(id)["state"], "CANCELLED");
+    }
+    let out = s
+        .cmd("mgpu_cancel")
+        .args(["--array", &hold.to_string()])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "no pending or running tasks");
+
+    // Refused whole: nothing is queued and no id is used.
+    for args in [
+        &["--array", "0-9%2", "--", "true"][..],
+        &["--array", "0-3", "--gpus", "3", "--", "true"],
+        &["--array", "0-10000", "--", "true"],
+    ] {
+        let out = s.cmd("mgpu_srun").args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+    }
+    assert!(s.queue_json()["jobs"].as_array().unwrap().is_empty());
+    let next = s.detached(&["--", "true"]);
+    assert_eq!(next, hold + 3);
+}

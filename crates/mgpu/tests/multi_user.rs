@@ -84,6 +84,15 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("permission denied"));
+    // Nor b's job arrays.
+    let array_b = s.detached_as(&b, &["--array", "0-1", "--", "sleep", "30"]);
+    let out = s
+        .cmd_as(&a, "mgpu_cancel")
+        .args(["--array", &array_b.to_string()])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "permission denied");
+    assert!(s.job(array_b).is_some() && s.job(array_b + 1).is_some());
     // --all only covers a's own jobs.
     assert!(s
         .cmd_as(&a, "mgpu_cancel")

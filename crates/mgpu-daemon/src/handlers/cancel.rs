@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use mgpu_core::{CancelOutcome, JobId, JobState, Requester};
-use mgpu_proto::{CancelRequest, CancelResult, CancelStatus, JobOutcome, Response};
+use mgpu_proto::{
+    CancelRequest, CancelResult, CancelStatus, JobOutcome, Response, MAX_ARRAY_TASKS,
+};
 
 use crate::server::{send, send_error, Caller, Conn};
 use crate::state::{Daemon, Inner};
@@ -103,6 +105,15 @@ pub async fn handle(
                     .map(|j| j.id)
                     .collect()
             }
+            // Task ids follow each other from the array's id.
+            CancelRequest::Array(array) => (*array..array.saturating_add(MAX_ARRAY_TASKS as u64))
+                .filter(|id| {
+                    inner
+                        .sched
+                        .job(*id)
+                        .is_some_and(|j| j.request.array.is_some_and(|a| a.job == *array))
+                })
+                .collect(),
             CancelRequest::All => inner
                 .sched
                 .jobs_in_order()
@@ -110,25 +121,36 @@ pub async fn handle(
                 .map(|j| j.id)
                 .collect(),
         };
-        // Pending ones first, so cancelling running ones does not start doomed pending ones.
-        let (pending, running): (Vec<JobId>, Vec<JobId>) = ids.iter().partition(|id| {
-            inner
-                .sched
-                .job(**id)
-                .is_some_and(|j| j.state == JobState::Pending)
-        });
-        let outcomes: HashMap<JobId, CancelStatus> = pending
-            .into_iter()
-            .chain(running)
-            .map(|id| (id, cancel_one(daemon, &mut inner, id, by)))
-            .collect();
-        daemon.schedule(&mut inner);
-        ids.iter()
-            .map(|id| CancelResult {
-                job: *id,
-                outcome: outcomes[id],
-            })
-            .collect::<Vec<_>>()
+        if let (CancelRequest::Array(array), true) = (&req, ids.is_empty()) {
+            Err(format!(
+                "job array {array} has no pending or running tasks (all finished, or no such array)"
+            ))
+        } else {
+            // Pending ones first, so cancelling running ones does not start doomed pending ones.
+            let (pending, running): (Vec<JobId>, Vec<JobId>) = ids.iter().partition(|id| {
+                inner
+                    .sched
+                    .job(**id)
+                    .is_some_and(|j| j.state == JobState::Pending)
+            });
+            let outcomes: HashMap<JobId, CancelStatus> = pending
+                .into_iter()
+                .chain(running)
+                .map(|id| (id, cancel_one(daemon, &mut inner, id, by)))
+                .collect();
+            daemon.schedule(&mut inner);
+            Ok(ids
+                .iter()
+                .map(|id| CancelResult {
+                    job: *id,
+                    outcome: outcomes[id],
+                })
+                .collect::<Vec<_>>())
+        }
+    };
+    let results = match results {
+        Ok(r) => r,
+        Err(msg) => return send_error(conn, msg).await,
     };
     // Durable before the answer: a cancelled pending job must not come back after a crash.
     daemon.store.flush().await;

@@ -70,6 +70,7 @@ pub async fn handle(
                 command: inner.commands.get(&j.id).cloned().unwrap_or_default(),
                 priority: sched.priority(j.id),
                 est_start: sched.est_start(j.id),
+                array: j.request.array,
             })
             .collect();
         QueueSnapshot {

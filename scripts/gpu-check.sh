@@ -2,8 +2,9 @@
 # End-to-end check of mgpu on a machine with real NVIDIA GPUs (NVML), as root: the GPUs are
 # found with their memory, jobs run as an ordinary user on the GPU they were given, two jobs
 # share one GPU by memory, memory used outside mgpu holds jobs back until it is freed, a job's
-# own memory is not mistaken for outside use, cancelling frees the GPU, and a GPU job survives
-# a server restart. Needs a Python with PyTorch (the CUDA workload).
+# own memory is not mistaken for outside use, cancelling frees the GPU, a job array's tasks share
+# the GPU, and a GPU job survives a server restart. Needs a Python with PyTorch (the CUDA
+# workload).
 #
 # Usage: scripts/gpu-check.sh [BIN_DIR] [PYTHON]
 #   BIN_DIR: where the mgpu binaries are (default: target/dist, then target/release)
@@ -117,6 +118,18 @@ wait_state "$b" GONE 10
 for _ in $(seq 100); do [ "$(nvml_used_mib)" -lt 4096 ] && break; sleep 0.1; done
 [ "$(nvml_used_mib)" -lt 4096 ] || fail "GPU memory still used after cancel: $(nvml_used_mib) MiB"
 echo "GPU 0 memory used after cancel: $(nvml_used_mib) MiB"
+
+say "4b. a job array's tasks share GPU 0 by memory, each told its index"
+arr=$(as_user "$bin/mgpu_srun" --array 0-3 --parsable --mem "$(( total_gib / 4 - 2 ))G" -J arr -- \
+  python3 -c "$(cuda_job 8 4)"'
+import os; print("task", os.environ["MGPU_ARRAY_TASK_ID"], "of", os.environ["MGPU_ARRAY_TASK_COUNT"])')
+for t in 0 1 2 3; do wait_state $(( arr + t )) RUNNING 10; done
+"$bin/mgpu_queue"
+for t in 0 1 2 3; do wait_state $(( arr + t )) GONE 60; done
+for t in 0 1 2 3; do
+  as_user "$bin/mgpu_log" $(( arr + t )) | grep -q "^task $t of 4" || fail "array task $t: $(as_user "$bin/mgpu_log" $(( arr + t )))"
+done
+as_user "$bin/mgpu_acct" -j "$arr"
 
 say "5. memory used outside mgpu holds jobs back until it is freed"
 hog=$(( total_gib - 40 ))

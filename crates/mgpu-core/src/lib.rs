@@ -308,6 +308,16 @@ impl Scheduler {
         self.next_job_id
     }
 
+    /// Pending jobs, in all.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Pending jobs of one user.
+    pub fn pending_count_of(&self, uid: u32) -> usize {
+        self.user_queues.get(&uid).map_or(0, BTreeMap::len)
+    }
+
     pub fn job(&self, id: JobId) -> Option<&Job> {
         self.jobs.get(&id)
     }

@@ -142,7 +142,7 @@ pub fn recover(
                     run,
                 ) {
                     Ok(()) => {
-                        specs.insert(job.id, display_command(&job.spec.command));
+                        specs.insert(job.id, display_command(&job.command));
                         adopt.push((job.id, run));
                     }
                     Err(e) => {
@@ -168,7 +168,7 @@ pub fn recover(
     for job in queued.into_iter().chain(switched) {
         match sched.restore_pending(job.id, job.request, job.submitted_at, job.restarts) {
             Ok(()) => {
-                specs.insert(job.id, display_command(&job.spec.command));
+                specs.insert(job.id, display_command(&job.command));
             }
             Err(e) => ended.push((
                 job.id,

@@ -75,6 +75,12 @@ pub struct Args {
     /// Days to keep records (and logs) of finished jobs
     #[arg(long, value_name = "DAYS", default_value_t = 90)]
     pub retention_days: u64,
+    /// Most jobs one user may have waiting (a job array counts each task)
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub max_pending_per_user: usize,
+    /// Most jobs waiting in all
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub max_pending: usize,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -328,6 +334,8 @@ async fn run(args: Args) -> Result<()> {
             log_dir: log_dir.clone(),
             runs_dir: runs_dir.clone(),
             max_log_bytes: (args.max_log_size > 0).then_some(args.max_log_size << 20),
+            max_pending_per_user: args.max_pending_per_user,
+            max_pending: args.max_pending,
             grace: Duration::from_secs(args.grace_period),
             multi_user,
             server_uid: euid,

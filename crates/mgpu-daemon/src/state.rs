@@ -70,6 +70,10 @@ pub struct Settings {
     /// Running as root: jobs run as their submitters.
     pub multi_user: bool,
     pub server_uid: u32,
+    /// Most jobs one user may have waiting, and most waiting in all: a bound on the daemon's
+    /// memory and the store, whatever clients send.
+    pub max_pending_per_user: usize,
+    pub max_pending: usize,
 }
 
 struct RunningJob {
@@ -98,11 +102,50 @@ pub struct Inner {
     deadline: Option<Millis>,
     /// The next job id to hand out (ids are taken before a job is durable and queued).
     next_job_id: JobId,
+    /// New jobs per user that have ids but are not queued yet (being recorded): they count
+    /// against the queue limits like waiting ones.
+    admitting: HashMap<u32, usize>,
 }
 
 impl Inner {
+    /// Takes `n` consecutive ids for new jobs of `uid`, if the queue limits leave room for
+    /// them; until [`Inner::admitted`], they count as waiting.
+    pub fn admit(&mut self, settings: &Settings, uid: u32, n: usize) -> Result<JobId, String> {
+        let mine =
+            self.sched.pending_count_of(uid) + self.admitting.get(&uid).copied().unwrap_or(0);
+        if mine + n > settings.max_pending_per_user {
+            return Err(format!(
+                "you have {mine} jobs waiting; at most {} may wait per user (the server's \
+                 --max-pending-per-user)",
+                settings.max_pending_per_user
+            ));
+        }
+        let all = self.sched.pending_count() + self.admitting.values().sum::<usize>();
+        if all + n > settings.max_pending {
+            return Err(format!(
+                "the queue is full: {all} jobs are waiting, at most {} may (the server's \
+                 --max-pending); try again later",
+                settings.max_pending
+            ));
+        }
+        *self.admitting.entry(uid).or_default() += n;
+        let first = self.take_job_id();
+        self.next_job_id = first + n as JobId;
+        Ok(first)
+    }
+
+    /// `n` jobs taken by [`Inner::admit`] are queued, or were given up.
+    pub fn admitted(&mut self, uid: u32, n: usize) {
+        if let Some(c) = self.admitting.get_mut(&uid) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                self.admitting.remove(&uid);
+            }
+        }
+    }
+
     /// A fresh job id: unique, increasing, never reused.
-    pub fn take_job_id(&mut self) -> JobId {
+    fn take_job_id(&mut self) -> JobId {
         let id = self.next_job_id.max(self.sched.next_job_id());
         self.next_job_id = id + 1;
         id
@@ -145,6 +188,7 @@ impl Daemon {
                 reattached: Default::default(),
                 deadline: None,
                 next_job_id: 1,
+                admitting: HashMap::new(),
             }),
             store,
             settings,

@@ -56,8 +56,16 @@ CREATE INDEX jobs_ended ON jobs(ended_at);
 "#,
     r#"
 ALTER TABLE jobs ADD COLUMN array TEXT;
+CREATE TABLE array_specs (
+    array_id  INTEGER PRIMARY KEY,
+    spec      TEXT    NOT NULL
+);
 "#,
 ];
+
+/// A job's launch record: its own, or (empty `spec`) its job array's, kept once per array.
+const SPEC_OF_JOB: &str = "COALESCE(NULLIF(jobs.spec, ''), (SELECT a.spec FROM array_specs a
+                            WHERE a.array_id = json_extract(jobs.array, '$.job')))";
 
 /// A job as first recorded.
 #[derive(Debug, Clone)]
@@ -68,6 +76,15 @@ pub struct NewJob {
     pub submitted_at: Millis,
     /// An `mgpu_srun` is attached to it (if that client dies, the job goes too).
     pub attached: bool,
+}
+
+/// A job array as first recorded: its tasks share one launch record.
+#[derive(Debug, Clone)]
+pub struct NewArray {
+    pub spec: LaunchSpec,
+    pub submitted_at: Millis,
+    /// Each task's id and request; the first id is the array's.
+    pub tasks: Vec<(JobId, JobRequest)>,
 }
 
 /// How a job ended.
@@ -81,8 +98,9 @@ pub struct Ending {
 }
 
 enum Op {
-    /// New jobs (one, or a job array's tasks), committed together.
-    Insert(Vec<NewJob>, oneshot::Sender<Result<(), String>>),
+    Insert(Box<NewJob>, oneshot::Sender<Result<(), String>>),
+    /// A job array's tasks, committed together.
+    InsertArray(Box<NewArray>, oneshot::Sender<Result<(), String>>),
     Started {
         id: JobId,
         at: Millis,
@@ -106,7 +124,8 @@ enum Op {
 pub struct RecoveredJob {
     pub id: JobId,
     pub request: JobRequest,
-    pub spec: LaunchSpec,
+    /// Its argv (for display: the rest of its launch record is read when it starts).
+    pub command: Vec<String>,
     /// When it last entered the queue (its submission, or its latest requeue).
     pub submitted_at: Millis,
     pub started_at: Option<Millis>,
@@ -257,13 +276,15 @@ impl Store {
 
     /// Records a new job; resolves once it is durable.
     pub fn insert(&self, job: NewJob) -> oneshot::Receiver<Result<(), String>> {
-        self.insert_all(vec![job])
+        let (tx, rx) = oneshot::channel();
+        self.send(Op::Insert(Box::new(job), tx));
+        rx
     }
 
-    /// Records several jobs in one transaction: all of them, or none.
-    pub fn insert_all(&self, jobs: Vec<NewJob>) -> oneshot::Receiver<Result<(), String>> {
+    /// Records a job array's tasks in one transaction: all of them, or none.
+    pub fn insert_array(&self, array: NewArray) -> oneshot::Receiver<Result<(), String>> {
         let (tx, rx) = oneshot::channel();
-        self.send(Op::Insert(jobs, tx));
+        self.send(Op::InsertArray(Box::new(array), tx));
         rx
     }
 
@@ -389,7 +410,7 @@ impl Store {
     pub fn launch_spec(&self, id: JobId) -> Result<LaunchSpec> {
         let conn = self.reader.lock().unwrap();
         let text: String = conn
-            .prepare_cached("SELECT spec FROM jobs WHERE id = ?1")?
+            .prepare_cached(&format!("SELECT {SPEC_OF_JOB} FROM jobs WHERE id = ?1"))?
             .query_row([id as i64], |r| r.get(0))
             .with_context(|| format!("job {id} has no launch record"))?;
         serde_json::from_str(&text)
@@ -437,13 +458,14 @@ fn recover(conn: &Connection) -> Result<Recovered> {
     let max_id: Option<i64> = conn.query_row("SELECT MAX(id) FROM jobs", [], |r| r.get(0))?;
     let next_job_id = seq.unwrap_or(0).max(max_id.unwrap_or(0)) as JobId + 1;
     let read = |state: &str| -> Result<Vec<RecoveredJob>> {
-        let mut stmt = conn.prepare(
-            "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s, spec,
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s,
+                    json_extract({SPEC_OF_JOB}, '$.command'),
                     COALESCE(queued_at, submitted_at), restarts,
                     started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs,
                     attached, array
-             FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
-        )?;
+             FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id"
+        ))?;
         let rows = stmt.query_map([state], |r| {
             Ok((
                 r.get::<_, i64>(0)? as JobId,
@@ -465,21 +487,38 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                         }),
                         _ => None,
                     },
-                    array: array_of(r.get(18)?),
+                    array: None,
                 },
-                r.get::<_, String>(7)?,
+                r.get::<_, Option<String>>(7)?,
                 r.get::<_, i64>(8)? as Millis,
                 r.get::<_, u32>(9)?,
                 r.get::<_, Option<i64>>(10)?.map(|t| t as Millis),
                 r.get::<_, Option<String>>(11)?,
                 r.get::<_, bool>(17)?,
+                r.get::<_, Option<String>>(18)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, request, spec, submitted_at, restarts, started_at, gpu_ids, attached) = row?;
-            let spec: LaunchSpec = serde_json::from_str(&spec)
+            let (
+                id,
+                mut request,
+                command,
+                submitted_at,
+                restarts,
+                started_at,
+                gpu_ids,
+                attached,
+                array,
+            ) = row?;
+            let command: Vec<String> = command
+                .and_then(|c| serde_json::from_str(&c).ok())
                 .with_context(|| format!("job {id} has an unreadable launch record"))?;
+            // A task's index decides what it computes: never run it without.
+            request.array = array
+                .map(|a| serde_json::from_str(&a))
+                .transpose()
+                .with_context(|| format!("job {id} has an unreadable job array record"))?;
             let gpus = gpu_ids
                 .unwrap_or_default()
                 .split(',')
@@ -490,7 +529,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
             out.push(RecoveredJob {
                 id,
                 request,
-                spec,
+                command,
                 submitted_at,
                 started_at,
                 gpus,
@@ -507,8 +546,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
     })
 }
 
-/// A job array task as recorded (JSON); an unreadable one is dropped rather than failing the
-/// job, as it is only metadata.
+/// A job array task as recorded (JSON), for accounting (an unreadable one shows as none).
 fn array_of(text: Option<String>) -> Option<mgpu_core::ArrayTask> {
     serde_json::from_str(&text?).ok()
 }
@@ -538,10 +576,10 @@ fn writer(
             // must not be lost, so they are retried until they stick.
             let (refused, kept): (Vec<Op>, Vec<Op>) = batch
                 .into_iter()
-                .partition(|op| matches!(op, Op::Insert(..) | Op::Purge(..)));
+                .partition(|op| matches!(op, Op::Insert(..) | Op::InsertArray(..) | Op::Purge(..)));
             for op in refused {
                 match op {
-                    Op::Insert(_, done) => {
+                    Op::Insert(_, done) | Op::InsertArray(_, done) => {
                         let _ = done.send(Err(e.clone()));
                     }
                     Op::Purge(_, done) => {
@@ -573,7 +611,7 @@ fn writer(
         }
         for op in batch {
             match op {
-                Op::Insert(_, done) => {
+                Op::Insert(_, done) | Op::InsertArray(_, done) => {
                     let _ = done.send(result.clone());
                 }
                 Op::Flush(done) => {
@@ -597,38 +635,64 @@ fn run_after_commit(f: Box<dyn FnOnce() + Send>) {
     }
 }
 
+/// Records one new pending job; `spec` is its launch record (JSON), or empty for a job array's
+/// task (the array's record is kept once, in `array_specs`).
+fn insert_row(
+    tx: &rusqlite::Transaction,
+    id: JobId,
+    r: &JobRequest,
+    spec: &str,
+    submitted_at: Millis,
+    attached: bool,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s, spec,
+                           submitted_at, nice, no_requeue, max_restarts, warn_signal, warn_secs,
+                           attached, array)
+         VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                 ?16)",
+    )?
+    .execute(params![
+        id as i64,
+        r.uid,
+        r.user,
+        r.name,
+        r.gpus,
+        r.mem_mib.map(|m| m as i64),
+        r.time_limit_s.map(|t| t as i64),
+        spec,
+        submitted_at as i64,
+        r.nice,
+        r.no_requeue,
+        r.max_restarts,
+        r.warn_signal.map(|w| w.signal),
+        r.warn_signal.map(|w| w.secs_before as i64),
+        attached,
+        r.array.map(|a| serde_json::to_string(&a)).transpose()?,
+    ])?;
+    Ok(())
+}
+
 fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result<()> {
     let tx = conn.transaction()?;
     for op in batch {
         match op {
-            Op::Insert(jobs, _) => {
-                for job in jobs {
-                    let r = &job.request;
-                    tx.prepare_cached(
-                        "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s,
-                                       spec, submitted_at, nice, no_requeue, max_restarts,
-                                       warn_signal, warn_secs, attached, array)
-                     VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13,
-                             ?14, ?15, ?16)",
-                    )?
-                    .execute(params![
-                        job.id as i64,
-                        r.uid,
-                        r.user,
-                        r.name,
-                        r.gpus,
-                        r.mem_mib.map(|m| m as i64),
-                        r.time_limit_s.map(|t| t as i64),
-                        serde_json::to_string(&job.spec)?,
-                        job.submitted_at as i64,
-                        r.nice,
-                        r.no_requeue,
-                        r.max_restarts,
-                        r.warn_signal.map(|w| w.signal),
-                        r.warn_signal.map(|w| w.secs_before as i64),
-                        job.attached,
-                        r.array.map(|a| serde_json::to_string(&a)).transpose()?,
-                    ])?;
+            Op::Insert(job, _) => insert_row(
+                &tx,
+                job.id,
+                &job.request,
+                &serde_json::to_string(&job.spec)?,
+                job.submitted_at,
+                job.attached,
+            )?,
+            Op::InsertArray(array, _) => {
+                let Some((first, _)) = array.tasks.first() else {
+                    continue;
+                };
+                tx.prepare_cached("INSERT INTO array_specs (array_id, spec) VALUES (?1, ?2)")?
+                    .execute(params![*first as i64, serde_json::to_string(&array.spec)?])?;
+                for (id, request) in &array.tasks {
+                    insert_row(&tx, *id, request, "", array.submitted_at, false)?;
                 }
             }
             Op::Started { id, at, gpus, pid } => {
@@ -672,6 +736,14 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 for id in ids {
                     purged.push(id? as JobId);
                 }
+                drop(stmt);
+                if !purged.is_empty() {
+                    tx.execute(
+                        "DELETE FROM array_specs WHERE array_id NOT IN
+                           (SELECT json_extract(array, '$.job') FROM jobs WHERE array IS NOT NULL)",
+                        [],
+                    )?;
+                }
             }
         }
     }
@@ -711,6 +783,89 @@ mod tests {
             submitted_at: 5,
             attached: false,
         }
+    }
+
+    /// A job array's tasks share one launch record; each keeps its index across a restart;
+    /// the record goes once the last task's record is purged.
+    #[tokio::test]
+    async fn job_array_tasks_share_one_launch_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = job(0);
+        let tasks: Vec<(JobId, JobRequest)> = (0..3)
+            .map(|i| {
+                let array = mgpu_core::ArrayTask {
+                    job: 10,
+                    task: i * 2,
+                    count: 3,
+                    min: 0,
+                    max: 4,
+                };
+                (
+                    10 + u64::from(i),
+                    JobRequest {
+                        array: Some(array),
+                        ..template.request.clone()
+                    },
+                )
+            })
+            .collect();
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            store
+                .insert_array(NewArray {
+                    spec: template.spec.clone(),
+                    submitted_at: 5,
+                    tasks,
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            let ending = |at| Ending {
+                state: JobState::Completed,
+                at,
+                exit_code: Some(0),
+                signal: None,
+                message: None,
+            };
+            store.started(10, 6, vec![0], 99);
+            store.ended(10, ending(7));
+            store.flush().await;
+            let acct = store.finished_jobs(&AcctFilter::default(), 0, 10).unwrap();
+            assert_eq!(acct[0].array.unwrap().task, 0);
+        }
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec.next_job_id, 13);
+        let pending: Vec<(JobId, u32)> = rec
+            .pending
+            .iter()
+            .map(|j| (j.id, j.request.array.unwrap().task))
+            .collect();
+        assert_eq!(pending, [(11, 2), (12, 4)]);
+        assert_eq!(rec.pending[1].command, ["true"]);
+        assert_eq!(store.launch_spec(12).unwrap().command, ["true"]);
+        // Purging the finished task keeps the record the waiting ones need.
+        assert_eq!(store.purge(100).await.unwrap(), [10]);
+        assert_eq!(store.launch_spec(11).unwrap().cwd, "/");
+        for id in [11, 12] {
+            store.ended(
+                id,
+                Ending {
+                    state: JobState::Cancelled,
+                    at: 8,
+                    exit_code: None,
+                    signal: None,
+                    message: None,
+                },
+            );
+        }
+        assert_eq!(store.purge(100).await.unwrap(), [11, 12]);
+        let left: i64 = store
+            .reader
+            .lock()
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM array_specs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
     }
 
     #[tokio::test]
@@ -770,7 +925,7 @@ mod tests {
         assert_eq!(rec.next_job_id, 8);
         assert_eq!(rec.pending.len(), 1);
         assert_eq!(rec.pending[0].request.nice, 0);
-        assert_eq!(rec.pending[0].spec.umask, None);
+        assert_eq!(rec.pending[0].command, ["true"]);
         let conn = Connection::open(dir.path().join("mgpu.db")).unwrap();
         let v: usize = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))

@@ -154,7 +154,7 @@ pub fn parse_array_spec(spec: &str) -> Result<Vec<u32>, String> {
         }
         Ok(n)
     };
-    let mut out = Vec::new();
+    let mut out = std::collections::BTreeSet::new();
     for part in spec.split(',') {
         if part.trim().is_empty() {
             return Err(bad("empty element"));
@@ -176,24 +176,14 @@ pub fn parse_array_spec(spec: &str) -> Result<Vec<u32>, String> {
         if lo > hi {
             return Err(bad(&format!("{lo} is above {hi}")));
         }
-        let mut i = lo;
-        while i <= hi {
-            out.push(i);
-            if out.len() > MAX_ARRAY_TASKS * 2 {
+        for i in (lo..=hi).step_by(step as usize) {
+            out.insert(i);
+            if out.len() > MAX_ARRAY_TASKS {
                 return Err(bad(&format!("at most {MAX_ARRAY_TASKS} tasks")));
             }
-            i = match i.checked_add(step) {
-                Some(n) => n,
-                None => break,
-            };
         }
     }
-    out.sort_unstable();
-    out.dedup();
-    if out.len() > MAX_ARRAY_TASKS {
-        return Err(bad(&format!("at most {MAX_ARRAY_TASKS} tasks")));
-    }
-    Ok(out)
+    Ok(out.into_iter().collect())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -430,6 +420,10 @@ mod tests {
         assert_eq!(parse_array_spec("2,2,1-2").unwrap(), vec![1, 2]);
         assert_eq!(parse_array_spec("42").unwrap(), vec![42]);
         assert_eq!(parse_array_spec("0-9999").unwrap().len(), MAX_ARRAY_TASKS);
+        assert_eq!(
+            parse_array_spec("0-9999,0-9999,0").unwrap().len(),
+            MAX_ARRAY_TASKS
+        );
         for bad in [
             "",
             "1,",

@@ -589,9 +589,10 @@ fn job_arrays() {
     }
     let table = text(&s.cmd("mgpu_queue").output().unwrap().stdout);
     assert!(table.contains("hold[3]"), "{table}");
+    // Any task's id names its array.
     let out = s
         .cmd("mgpu_cancel")
-        .args(["--array", &hold.to_string()])
+        .args(["--array", &(hold + 2).to_string()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -618,4 +619,39 @@ fn job_arrays() {
     assert!(s.queue_json()["jobs"].as_array().unwrap().is_empty());
     let next = s.detached(&["--", "true"]);
     assert_eq!(next, hold + 3);
+}
+
+/// Waiting jobs are bounded per user and in all (`--max-pending-per-user`, `--max-pending`):
+/// what would pass a bound is refused whole, with a message, and changes nothing.
+#[test]
+fn queue_limits_bound_waiting_jobs() {
+    let s = Server::start(
+        "1x24GiB",
+        &["--max-pending-per-user", "4", "--max-pending", "6"],
+    );
+    let holder = s.detached(&["--", "sleep", "30"]);
+    s.wait_state(holder, "RUNNING");
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--array", "0-4", "--", "true"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "at most 4 may wait per user");
+    let first = s.detached(&["--array", "0-2", "--", "true"]);
+    s.detached(&["--", "true"]);
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["-d", "--", "true"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "you have 4 jobs waiting");
+    assert_eq!(s.queue_json()["jobs"].as_array().unwrap().len(), 5);
+    // Room again once some leave.
+    assert!(s
+        .cmd("mgpu_cancel")
+        .args(["--array", &first.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    s.detached(&["--array", "0-2", "--", "true"]);
 }

@@ -310,3 +310,24 @@ fn clients_refuse_a_server_run_by_another_user() {
     );
     server.wait().unwrap();
 }
+
+/// The bound on all waiting jobs holds across users.
+#[test]
+fn the_whole_queue_is_bounded_across_users() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start(
+        "1x24GiB",
+        &["--max-pending-per-user", "4", "--max-pending", "5"],
+    );
+    let holder = s.detached(&["--", "sleep", "30"]);
+    s.wait_state(holder, "RUNNING");
+    s.detached_as(&a, &["--array", "0-3", "--", "true"]);
+    let out = s
+        .cmd_as(&b, "mgpu_srun")
+        .args(["--array", "0-1", "--", "true"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "the queue is full");
+    s.detached_as(&b, &["--", "true"]);
+    assert_eq!(s.queue_json()["jobs"].as_array().unwrap().len(), 6);
+}

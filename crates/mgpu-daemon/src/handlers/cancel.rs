@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use mgpu_core::{CancelOutcome, JobId, JobState, Requester};
-use mgpu_proto::{
-    CancelRequest, CancelResult, CancelStatus, JobOutcome, Response, MAX_ARRAY_TASKS,
-};
+use mgpu_proto::{CancelRequest, CancelResult, CancelStatus, JobOutcome, Response};
 
 use crate::server::{send, send_error, Caller, Conn};
 use crate::state::{Daemon, Inner};
@@ -105,15 +103,20 @@ pub async fn handle(
                     .map(|j| j.id)
                     .collect()
             }
-            // Task ids follow each other from the array's id.
-            CancelRequest::Array(array) => (*array..array.saturating_add(MAX_ARRAY_TASKS as u64))
-                .filter(|id| {
-                    inner
-                        .sched
-                        .job(*id)
-                        .is_some_and(|j| j.request.array.is_some_and(|a| a.job == *array))
-                })
-                .collect(),
+            CancelRequest::Array(id) => {
+                // Any task's id names its array.
+                let array = inner
+                    .sched
+                    .job(*id)
+                    .and_then(|j| j.request.array)
+                    .map_or(*id, |a| a.job);
+                inner
+                    .sched
+                    .jobs_in_order()
+                    .filter(|j| j.request.array.is_some_and(|a| a.job == array))
+                    .map(|j| j.id)
+                    .collect()
+            }
             CancelRequest::All => inner
                 .sched
                 .jobs_in_order()

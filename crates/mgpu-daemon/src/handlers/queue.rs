@@ -91,26 +91,75 @@ pub async fn handle(
     send(conn, &Response::QueueEnd).await
 }
 
-/// Jobs per frame.
-const CHUNK: usize = 5000;
-/// Command text shown per job; longer ones are cut (the full argv stays with the job).
+/// Jobs per frame: with at most [`MAX_SHOWN_COMMAND`] bytes of command and a name of at most
+/// 128 characters, a job takes under 3 KiB of JSON, so a frame stays well under its limit.
+const CHUNK: usize = 2000;
+/// Command shown per job, in bytes of JSON; longer ones are cut (the full argv stays with the
+/// job).
 const MAX_SHOWN_COMMAND: usize = 1024;
 
+/// The command as the queue shows it: cut once its JSON (quotes, commas and escapes counted)
+/// would pass [`MAX_SHOWN_COMMAND`] bytes.
 pub fn display_command(argv: &[String]) -> Vec<String> {
+    let json_len = |c: char| match c {
+        '"' | '\\' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    };
     let mut budget = MAX_SHOWN_COMMAND;
     let mut out = Vec::new();
     for a in argv {
-        if a.len() <= budget {
-            budget -= a.len();
-            out.push(a.clone());
-        } else {
-            let mut cut = budget;
-            while !a.is_char_boundary(cut) {
-                cut -= 1;
+        // Quotes and a comma.
+        budget = budget.saturating_sub(3);
+        let mut cut = None;
+        for (i, c) in a.char_indices() {
+            match budget.checked_sub(json_len(c)) {
+                Some(left) => budget = left,
+                None => {
+                    cut = Some(i);
+                    break;
+                }
             }
-            out.push(format!("{}...", &a[..cut]));
-            break;
+        }
+        match cut {
+            None if budget > 0 => out.push(a.clone()),
+            None => {
+                out.push(a.clone());
+                break;
+            }
+            Some(i) => {
+                out.push(format!("{}...", &a[..i]));
+                break;
+            }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_commands_stay_small_as_json() {
+        let argv = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let short = argv(&["python", "train.py", "--lr", "3e-4"]);
+        assert_eq!(display_command(&short), short);
+        let json_len = |c: &[String]| serde_json::to_string(c).unwrap().len();
+        for nasty in [
+            vec![String::new(); 100_000],
+            vec!["\u{1}".repeat(10_000)],
+            vec!["\"\\".repeat(5_000), "x".into()],
+            vec!["é".repeat(3_000)],
+        ] {
+            let shown = display_command(&nasty);
+            assert!(
+                json_len(&shown) <= MAX_SHOWN_COMMAND + 8,
+                "{}",
+                json_len(&shown)
+            );
+        }
+        let long = vec!["a".repeat(2_000)];
+        assert!(display_command(&long)[0].ends_with("..."));
+    }
 }

@@ -11,8 +11,8 @@ use crate::exec::LaunchSpec;
 use crate::handlers::cancel::cancel_one;
 use crate::handlers::follow::{follow, Follower};
 use crate::server::{send, send_error, Caller, Conn};
-use crate::state::{now_ms, Daemon};
-use crate::store::NewJob;
+use crate::state::{now_ms, Daemon, Inner};
+use crate::store::{NewArray, NewJob};
 use crate::users;
 
 const MAX_NAME: usize = 128;
@@ -20,9 +20,8 @@ const MAX_ARGS: usize = 65_536;
 /// Bytes of argv, and of environment, one job may carry.
 const MAX_ARGV_BYTES: usize = 1 << 20;
 const MAX_ENV_BYTES: usize = 1 << 20;
-/// Bytes of argv and environment that all tasks of one job array may carry together (each task
-/// keeps its own copy in the store).
-const MAX_ARRAY_BYTES: usize = 64 << 20;
+/// Longest working directory or venv path (the kernel's PATH_MAX).
+const MAX_PATH: usize = 4096;
 
 fn default_name(command: &str) -> String {
     command.rsplit('/').next().unwrap_or(command).to_string()
@@ -60,6 +59,11 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
     if req.command.iter().any(|a| a.contains('\0')) {
         return Err("the command contains a NUL byte".into());
     }
+    if req.cwd.len() >= MAX_PATH || matches!(&req.venv, Venv::Dir(d) if d.len() >= MAX_PATH) {
+        return Err(format!(
+            "the working directory and the venv path must be shorter than {MAX_PATH} bytes"
+        ));
+    }
     if !req.cwd.starts_with('/') {
         return Err(format!(
             "the working directory must be absolute, got '{}'",
@@ -88,21 +92,6 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
         {
             return Err(format!(
                 "array task indices must increase and be at most {MAX_ARRAY_INDEX}"
-            ));
-        }
-        let per_task = req.command.iter().map(|a| a.len() + 1).sum::<usize>()
-            + req
-                .env
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 2)
-                .sum::<usize>();
-        if per_task.saturating_mul(indices.len()) > MAX_ARRAY_BYTES {
-            return Err(format!(
-                "the array's {} tasks would carry {} MiB of command line and environment \
-                 (at most {} MiB in all): submit fewer tasks or from a smaller environment",
-                indices.len(),
-                (per_task * indices.len()) >> 20,
-                MAX_ARRAY_BYTES >> 20
             ));
         }
     }
@@ -159,28 +148,20 @@ pub async fn handle(
         return submit_array(daemon, caller, request, spec, &indices, conn).await;
     }
     let now = now_ms();
-    // Phase 1: refuse what can never run, and take an id.
-    let id = {
-        let mut inner = daemon.lock();
-        if inner.shutting_down {
-            Err("the mgpu server is shutting down; try again shortly".to_string())
-        } else if let Err(e) = inner.sched.check_feasible(&request) {
-            Err(format!("job refused: {e}"))
-        } else {
-            Ok(inner.take_job_id())
-        }
-    };
-    let id = match id {
-        Ok(id) => id,
+    // Phase 1: refuse what can never run or would overfill the queue, and take an id.
+    let admission = match admit(daemon, &request, 1) {
+        Ok(a) => a,
         Err(msg) => return send_error(conn, msg).await,
     };
+    let id = admission.first;
+    let shown = crate::handlers::queue::display_command(&spec.command);
     // Phase 2: durable before anything else happens to it (group commit with other submits).
     let committed = daemon
         .store
         .insert(NewJob {
             id,
             request: request.clone(),
-            spec: spec.clone(),
+            spec,
             submitted_at: now,
             attached: req.attach,
         })
@@ -192,13 +173,12 @@ pub async fn handle(
     // Phase 3: into the queue, and start it if it fits.
     let queued = {
         let mut inner = daemon.lock();
+        admission.settle(&mut inner);
         match inner.sched.restore_pending(id, request, now, 0) {
             // Cannot happen (checked above against the same GPUs).
             Err(e) => Err(e),
             Ok(()) => {
-                inner
-                    .commands
-                    .insert(id, crate::handlers::queue::display_command(&spec.command));
+                inner.commands.insert(id, shown);
                 let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
                 daemon.schedule(&mut inner);
                 Ok(events)
@@ -208,17 +188,7 @@ pub async fn handle(
     let events = match queued {
         Ok(events) => events,
         Err(e) => {
-            tracing::error!(job = id, error = %e, "accepted job refused by the core");
-            daemon.store.ended(
-                id,
-                crate::store::Ending {
-                    state: mgpu_core::JobState::Failed,
-                    at: now_ms(),
-                    exit_code: None,
-                    signal: None,
-                    message: Some(format!("mgpu: refused: {e}")),
-                },
-            );
+            record_refused(daemon, id, &e);
             return send_error(conn, format!("job refused: {e}")).await;
         }
     };
@@ -254,6 +224,52 @@ pub async fn handle(
     follow(daemon, id, events, conn, Follower::Srun { caller }, None).await
 }
 
+/// Phase 1 of a submit: refuses what can never run or would overfill the queue, and takes `n`
+/// consecutive ids.
+fn admit(daemon: &Arc<Daemon>, request: &JobRequest, n: usize) -> Result<Admission, String> {
+    let mut inner = daemon.lock();
+    if inner.shutting_down {
+        return Err("the mgpu server is shutting down; try again shortly".to_string());
+    }
+    if let Err(e) = inner.sched.check_feasible(request) {
+        return Err(format!("job refused: {e}"));
+    }
+    let first = inner.admit(&daemon.settings, request.uid, n)?;
+    Ok(Admission {
+        daemon: daemon.clone(),
+        uid: request.uid,
+        n,
+        first,
+        open: true,
+    })
+}
+
+/// New jobs with ids that count as waiting until they are queued ([`Admission::settle`]) or
+/// given up (dropped).
+struct Admission {
+    daemon: Arc<Daemon>,
+    uid: u32,
+    n: usize,
+    first: JobId,
+    open: bool,
+}
+
+impl Admission {
+    /// The jobs are queued now (under the same lock): they count as pending from here on.
+    fn settle(mut self, inner: &mut Inner) {
+        inner.admitted(self.uid, self.n);
+        self.open = false;
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.open {
+            self.daemon.lock().admitted(self.uid, self.n);
+        }
+    }
+}
+
 /// A job array: one job per task, with ids that follow each other, all recorded in one
 /// transaction before the answer, then queued together.
 async fn submit_array(
@@ -266,24 +282,11 @@ async fn submit_array(
 ) -> Result<()> {
     let now = now_ms();
     let count = indices.len() as u32;
-    let first = {
-        let mut inner = daemon.lock();
-        if inner.shutting_down {
-            Err("the mgpu server is shutting down; try again shortly".to_string())
-        } else if let Err(e) = inner.sched.check_feasible(&request) {
-            Err(format!("job refused: {e}"))
-        } else {
-            let first = inner.take_job_id();
-            for _ in 1..count {
-                inner.take_job_id();
-            }
-            Ok(first)
-        }
-    };
-    let first = match first {
-        Ok(id) => id,
+    let admission = match admit(daemon, &request, indices.len()) {
+        Ok(a) => a,
         Err(msg) => return send_error(conn, msg).await,
     };
+    let first = admission.first;
     let (min, max) = (indices[0], indices[indices.len() - 1]);
     let requests: Vec<(JobId, JobRequest)> = indices
         .iter()
@@ -305,46 +308,36 @@ async fn submit_array(
             )
         })
         .collect();
-    let tasks = requests
-        .iter()
-        .map(|(id, request)| NewJob {
-            id: *id,
-            request: request.clone(),
-            spec: spec.clone(),
-            submitted_at: now,
-            attached: false,
-        })
-        .collect();
+    let shown = crate::handlers::queue::display_command(&spec.command);
     let committed = daemon
         .store
-        .insert_all(tasks)
+        .insert_array(NewArray {
+            spec,
+            submitted_at: now,
+            tasks: requests.clone(),
+        })
         .await
         .unwrap_or_else(|_| Err("the store stopped".to_string()));
     if let Err(e) = committed {
         return send_error(conn, format!("could not record the job array durably: {e}")).await;
     }
+    let mut refused = None;
     {
         let mut inner = daemon.lock();
-        let command = crate::handlers::queue::display_command(&spec.command);
+        admission.settle(&mut inner);
         for (id, request) in requests {
             if let Err(e) = inner.sched.restore_pending(id, request, now, 0) {
                 // Cannot happen (checked above against the same GPUs).
-                tracing::error!(job = id, error = %e, "accepted array task refused by the core");
-                daemon.store.ended(
-                    id,
-                    crate::store::Ending {
-                        state: mgpu_core::JobState::Failed,
-                        at: now_ms(),
-                        exit_code: None,
-                        signal: None,
-                        message: Some(format!("mgpu: refused: {e}")),
-                    },
-                );
+                record_refused(daemon, id, &e);
+                refused.get_or_insert(e.to_string());
                 continue;
             }
-            inner.commands.insert(id, command.clone());
+            inner.commands.insert(id, shown.clone());
         }
         daemon.schedule(&mut inner);
+    }
+    if let Some(e) = refused {
+        return send_error(conn, format!("job array {first}: tasks refused: {e}")).await;
     }
     tracing::info!(array = first, tasks = count, uid = caller.uid, pid = ?caller.pid, "job array submitted");
     send(
@@ -355,4 +348,20 @@ async fn submit_array(
         },
     )
     .await
+}
+
+/// A recorded job that the core refused after all (it cannot happen: the same GPUs were
+/// checked before it was recorded) ends as FAILED, so that it is not restored at the next start.
+fn record_refused(daemon: &Daemon, id: JobId, e: &impl std::fmt::Display) {
+    tracing::error!(job = id, error = %e, "accepted job refused by the core");
+    daemon.store.ended(
+        id,
+        crate::store::Ending {
+            state: mgpu_core::JobState::Failed,
+            at: now_ms(),
+            exit_code: None,
+            signal: None,
+            message: Some(format!("mgpu: refused: {e}")),
+        },
+    );
 }

@@ -155,6 +155,21 @@ impl Mgpu {
         }
         Ok(())
     }
+
+    /// One detached `mgpu_srun --parsable` call (a job, or a job array with `--array`).
+    fn srun_parsable(&self, how: &[String], gpus: u32, argv: &[String]) -> Result<()> {
+        let out = util::run_ok(
+            self.cli("mgpu_srun")
+                .args(how)
+                .args(["--parsable", "--gpus", &gpus.to_string(), "--"])
+                .args(argv),
+        )?;
+        let id = String::from_utf8_lossy(&out.stdout);
+        if id.trim().parse::<u64>().is_err() {
+            bail!("mgpu_srun --parsable printed {id:?} instead of a job id");
+        }
+        Ok(())
+    }
 }
 
 /// A bench that stops early (an error, a panic) leaves no server behind.
@@ -178,16 +193,7 @@ impl System for Mgpu {
     }
 
     fn submit(&self, gpus: u32, argv: &[String]) -> Result<()> {
-        let out = util::run_ok(
-            self.cli("mgpu_srun")
-                .args(["--detach", "--parsable", "--gpus", &gpus.to_string(), "--"])
-                .args(argv),
-        )?;
-        let id = String::from_utf8_lossy(&out.stdout);
-        if id.trim().parse::<u64>().is_err() {
-            bail!("mgpu_srun --parsable printed {id:?} instead of a job id");
-        }
-        Ok(())
+        self.srun_parsable(&["--detach".into()], gpus, argv)
     }
 
     fn array_task_var(&self) -> Option<&'static str> {
@@ -195,18 +201,7 @@ impl System for Mgpu {
     }
 
     fn submit_array(&self, n: usize, gpus: u32, argv: &[String]) -> Result<()> {
-        let out = util::run_ok(
-            self.cli("mgpu_srun")
-                .args(["--parsable", "--gpus", &gpus.to_string(), "--array"])
-                .arg(format!("0-{}", n - 1))
-                .arg("--")
-                .args(argv),
-        )?;
-        let id = String::from_utf8_lossy(&out.stdout);
-        if id.trim().parse::<u64>().is_err() {
-            bail!("mgpu_srun --array --parsable printed {id:?} instead of a job id");
-        }
-        Ok(())
+        self.srun_parsable(&["--array".into(), format!("0-{}", n - 1)], gpus, argv)
     }
 
     fn active_jobs(&self) -> Result<usize> {

@@ -141,23 +141,13 @@ fn count_files(dir: &Path) -> Result<usize> {
 pub fn throughput(sys: &dyn System, ctx: &Ctx, n: usize, m: &mut Metrics) -> Result<()> {
     let dir = ctx.work.join(format!("marks-{}", sys.name()));
     std::fs::create_dir_all(&dir)?;
-    let cpu_before = util::cpu_times();
-    let start = SystemTime::now();
-    for i in 0..n {
-        let marker = dir.join(i.to_string());
-        sys.submit(1, &["touch".into(), marker.to_string_lossy().into_owned()])?;
-    }
-    let secs = wait_for_markers(sys, &dir, n, start)?;
-    m.insert("throughput_per_s".into(), n as f64 / secs);
-    // What a job costs the machine: every process's CPU time (client, server, supervisor, job,
-    // and this harness's polling) over the run, per job.
-    if let (Some(before), Some(after)) = (cpu_before, util::cpu_times()) {
-        m.insert(
-            "throughput_cpu_ms_per_job".into(),
-            after.busy_ms_since(&before) / n as f64,
-        );
-    }
-    wait_idle(sys, Duration::from_secs(60))
+    run_markers(sys, &dir, n, "", m, || {
+        for i in 0..n {
+            let marker = dir.join(i.to_string());
+            sys.submit(1, &["touch".into(), marker.to_string_lossy().into_owned()])?;
+        }
+        Ok(())
+    })
 }
 
 /// Scenario 3 as one job array, where the system has arrays (`mgpu_srun --array`, `sbatch
@@ -175,14 +165,30 @@ pub fn throughput_array(sys: &dyn System, ctx: &Ctx, n: usize, m: &mut Metrics) 
         dir.to_string_lossy().into_owned(),
         var.into(),
     ];
+    run_markers(sys, &dir, n, "array_", m, || sys.submit_array(n, 1, &job))
+}
+
+/// Submits `n` jobs that each leave a marker in `dir`, waits for all markers, and records
+/// `{prefix}throughput_per_s` (from just before the first submit to the newest marker) and
+/// `{prefix}throughput_cpu_ms_per_job`.
+fn run_markers(
+    sys: &dyn System,
+    dir: &Path,
+    n: usize,
+    prefix: &str,
+    m: &mut Metrics,
+    submit: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let cpu_before = util::cpu_times();
     let start = SystemTime::now();
-    sys.submit_array(n, 1, &job)?;
-    let secs = wait_for_markers(sys, &dir, n, start)?;
-    m.insert("array_throughput_per_s".into(), n as f64 / secs);
+    submit()?;
+    let secs = wait_for_markers(sys, dir, n, start)?;
+    m.insert(format!("{prefix}throughput_per_s"), n as f64 / secs);
+    // What a job costs the machine: every process's CPU time (client, server, supervisor, job,
+    // and this harness's polling) over the run, per job.
     if let (Some(before), Some(after)) = (cpu_before, util::cpu_times()) {
         m.insert(
-            "array_throughput_cpu_ms_per_job".into(),
+            format!("{prefix}throughput_cpu_ms_per_job"),
             after.busy_ms_since(&before) / n as f64,
         );
     }

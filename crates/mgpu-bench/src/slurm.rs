@@ -77,6 +77,23 @@ impl Slurm {
             .parse()
             .ok()
     }
+
+    /// One `sbatch --parsable --wrap` call, its output in `out` (a pattern) under the bench's
+    /// output directory.
+    fn sbatch(&self, how: &[String], out: &str, gpus: u32, argv: &[String]) -> Result<()> {
+        let wrap: Vec<String> = argv.iter().map(|a| util::shell_quote(a)).collect();
+        util::run_ok(
+            self.cmd("sbatch")
+                .args(how)
+                .args(["--parsable", &format!("--gres=gpu:{gpus}"), "-o"])
+                .arg(self.outdir.join(out))
+                .arg("-D")
+                .arg(&self.outdir)
+                .arg("--wrap")
+                .arg(wrap.join(" ")),
+        )?;
+        Ok(())
+    }
 }
 
 impl System for Slurm {
@@ -90,17 +107,7 @@ impl System for Slurm {
     }
 
     fn submit(&self, gpus: u32, argv: &[String]) -> Result<()> {
-        let wrap: Vec<String> = argv.iter().map(|a| util::shell_quote(a)).collect();
-        util::run_ok(
-            self.cmd("sbatch")
-                .args(["--parsable", &format!("--gres=gpu:{gpus}"), "-o"])
-                .arg(self.outdir.join("%j.out"))
-                .arg("-D")
-                .arg(&self.outdir)
-                .arg("--wrap")
-                .arg(wrap.join(" ")),
-        )?;
-        Ok(())
+        self.sbatch(&[], "%j.out", gpus, argv)
     }
 
     fn array_task_var(&self) -> Option<&'static str> {
@@ -108,19 +115,7 @@ impl System for Slurm {
     }
 
     fn submit_array(&self, n: usize, gpus: u32, argv: &[String]) -> Result<()> {
-        let wrap: Vec<String> = argv.iter().map(|a| util::shell_quote(a)).collect();
-        util::run_ok(
-            self.cmd("sbatch")
-                .args(["--parsable", &format!("--gres=gpu:{gpus}")])
-                .arg(format!("--array=0-{}", n - 1))
-                .arg("-o")
-                .arg(self.outdir.join("%A_%a.out"))
-                .arg("-D")
-                .arg(&self.outdir)
-                .arg("--wrap")
-                .arg(wrap.join(" ")),
-        )?;
-        Ok(())
+        self.sbatch(&[format!("--array=0-{}", n - 1)], "%A_%a.out", gpus, argv)
     }
 
     fn active_jobs(&self) -> Result<usize> {

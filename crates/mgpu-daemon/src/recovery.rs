@@ -9,9 +9,9 @@ use std::collections::HashMap;
 
 use mgpu_core::{Config, GpuSpec, JobId, JobState, Millis, Scheduler};
 
-use crate::handlers::queue::display_command;
+use crate::handlers::queue::{display_command, ShownCommand};
 use crate::state::outcome_of;
-use crate::store::{Ending, Recovered};
+use crate::store::{Ending, Recovered, RecoveredJob};
 use crate::supervisor::{ExitRecord, StopReason};
 
 /// What a job's newest run directory says.
@@ -38,7 +38,7 @@ pub enum RunProbe {
 pub struct Plan {
     pub sched: Scheduler,
     /// Shown commands of the live jobs.
-    pub commands: HashMap<JobId, Vec<String>>,
+    pub commands: HashMap<JobId, ShownCommand>,
     /// Running jobs to reconnect to, with their run number.
     pub adopt: Vec<(JobId, u32)>,
     /// Runs that could not be re-booked (e.g. their GPU is no longer managed): their
@@ -67,7 +67,16 @@ pub fn recover(
     probe: impl Fn(JobId) -> RunProbe,
 ) -> Plan {
     let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
-    let mut specs: HashMap<JobId, Vec<String>> = HashMap::new();
+    let mut specs: HashMap<JobId, ShownCommand> = HashMap::new();
+    // A job array's tasks share their shown command.
+    let mut shown_arrays: HashMap<JobId, ShownCommand> = HashMap::new();
+    let mut shown = |job: &RecoveredJob| match job.request.array {
+        Some(a) => shown_arrays
+            .entry(a.job)
+            .or_insert_with(|| display_command(&job.command))
+            .clone(),
+        None => display_command(&job.command),
+    };
     let (mut adopt, mut orphaned, mut ended) = (Vec::new(), Vec::new(), Vec::new());
     let (mut requeued, mut lost_runs, mut finished_runs) = (Vec::new(), Vec::new(), Vec::new());
     let mut abandoned_runs = Vec::new();
@@ -133,6 +142,7 @@ pub fn recover(
                 started_at,
             } => {
                 // The run's own record is the truth (the store may lag behind it).
+                let command = shown(&job);
                 match sched.restore_running(
                     job.id,
                     job.request,
@@ -142,7 +152,7 @@ pub fn recover(
                     run,
                 ) {
                     Ok(()) => {
-                        specs.insert(job.id, display_command(&job.command));
+                        specs.insert(job.id, command);
                         adopt.push((job.id, run));
                     }
                     Err(e) => {
@@ -166,9 +176,10 @@ pub fn recover(
     }
     queued.sort_by_key(|j| (j.submitted_at, j.id));
     for job in queued.into_iter().chain(switched) {
+        let command = shown(&job);
         match sched.restore_pending(job.id, job.request, job.submitted_at, job.restarts) {
             Ok(()) => {
-                specs.insert(job.id, display_command(&job.command));
+                specs.insert(job.id, command);
             }
             Err(e) => ended.push((
                 job.id,

@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::Framed;
 
 use crate::exec::{Launch, LaunchSpec};
+use crate::handlers::queue::ShownCommand;
 use crate::launcher::Launcher;
 use crate::store::{Ending, Store};
 use crate::supervisor::{self, ExitRecord, StopReason, SupervisorCmd, SupervisorMsg};
@@ -90,7 +91,7 @@ pub struct Inner {
     /// Commands of pending and running jobs, as shown (cut after 1 KiB). The full launch
     /// record (argv, environment...) stays in the store until the job starts: a long queue
     /// costs little memory.
-    pub commands: HashMap<JobId, Vec<String>>,
+    pub commands: HashMap<JobId, ShownCommand>,
     running: HashMap<JobId, RunningJob>,
     watchers: HashMap<JobId, broadcast::Sender<JobEvent>>,
     /// Memory in use per GPU index, as the backend last reported it.
@@ -172,7 +173,7 @@ pub fn now_ms() -> Millis {
 impl Daemon {
     pub fn new(
         sched: Scheduler,
-        commands: HashMap<JobId, Vec<String>>,
+        commands: HashMap<JobId, ShownCommand>,
         store: Store,
         settings: Settings,
     ) -> Arc<Self> {

@@ -4,6 +4,7 @@
 //! sent. It drains whatever is queued into one transaction (group commit), so concurrent submits
 //! share an fsync. A submit waits for its commit before the client hears its id.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -56,6 +57,7 @@ CREATE INDEX jobs_ended ON jobs(ended_at);
 "#,
     r#"
 ALTER TABLE jobs ADD COLUMN array TEXT;
+CREATE INDEX jobs_array ON jobs(json_extract(array, '$.job')) WHERE array IS NOT NULL;
 CREATE TABLE array_specs (
     array_id  INTEGER PRIMARY KEY,
     spec      TEXT    NOT NULL
@@ -124,8 +126,9 @@ enum Op {
 pub struct RecoveredJob {
     pub id: JobId,
     pub request: JobRequest,
-    /// Its argv (for display: the rest of its launch record is read when it starts).
-    pub command: Vec<String>,
+    /// Its argv (for display: the rest of its launch record is read when it starts); a job
+    /// array's tasks share one.
+    pub command: Arc<[String]>,
     /// When it last entered the queue (its submission, or its latest requeue).
     pub submitted_at: Millis,
     pub started_at: Option<Millis>,
@@ -417,6 +420,17 @@ impl Store {
             .with_context(|| format!("job {id}'s launch record is unreadable"))
     }
 
+    /// The job array task a recorded job is, if any.
+    pub fn array_task(&self, id: JobId) -> Result<Option<mgpu_core::ArrayTask>> {
+        let conn = self.reader.lock().unwrap();
+        let text: Option<String> = conn
+            .prepare_cached("SELECT array FROM jobs WHERE id = ?1")?
+            .query_row([id as i64], |r| r.get(0))
+            .optional()?
+            .flatten();
+        Ok(array_of(text))
+    }
+
     /// Owner and outcome of a recorded job.
     pub fn summary(&self, id: JobId) -> Result<Option<JobSummary>> {
         let conn = self.reader.lock().unwrap();
@@ -457,15 +471,30 @@ fn recover(conn: &Connection) -> Result<Recovered> {
         .optional()?;
     let max_id: Option<i64> = conn.query_row("SELECT MAX(id) FROM jobs", [], |r| r.get(0))?;
     let next_job_id = seq.unwrap_or(0).max(max_id.unwrap_or(0)) as JobId + 1;
+    // Each job array's command, read once for all its tasks.
+    let mut array_commands: HashMap<JobId, Arc<[String]>> = HashMap::new();
+    {
+        let mut stmt =
+            conn.prepare("SELECT array_id, json_extract(spec, '$.command') FROM array_specs")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+        })?;
+        for row in rows {
+            let (id, command) = row.context("reading the job arrays' launch records")?;
+            if let Some(c) = command.and_then(|c| serde_json::from_str::<Vec<String>>(&c).ok()) {
+                array_commands.insert(id as JobId, c.into());
+            }
+        }
+    }
     let read = |state: &str| -> Result<Vec<RecoveredJob>> {
-        let mut stmt = conn.prepare(&format!(
+        let mut stmt = conn.prepare(
             "SELECT id, uid, user, name, gpus, mem_mib, time_limit_s,
-                    json_extract({SPEC_OF_JOB}, '$.command'),
+                    CASE WHEN spec = '' THEN NULL ELSE json_extract(spec, '$.command') END,
                     COALESCE(queued_at, submitted_at), restarts,
                     started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs,
                     attached, array
-             FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id"
-        ))?;
+             FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
+        )?;
         let rows = stmt.query_map([state], |r| {
             Ok((
                 r.get::<_, i64>(0)? as JobId,
@@ -510,15 +539,18 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 gpu_ids,
                 attached,
                 array,
-            ) = row?;
-            let command: Vec<String> = command
-                .and_then(|c| serde_json::from_str(&c).ok())
-                .with_context(|| format!("job {id} has an unreadable launch record"))?;
+            ) = row.context("reading the queued jobs (a launch record may be corrupt)")?;
             // A task's index decides what it computes: never run it without.
             request.array = array
-                .map(|a| serde_json::from_str(&a))
+                .map(|a| serde_json::from_str::<mgpu_core::ArrayTask>(&a))
                 .transpose()
                 .with_context(|| format!("job {id} has an unreadable job array record"))?;
+            let command: Arc<[String]> = match (command, request.array) {
+                (Some(c), _) => serde_json::from_str::<Vec<String>>(&c).ok().map(Into::into),
+                (None, Some(a)) => array_commands.get(&a.job).cloned(),
+                (None, None) => None,
+            }
+            .with_context(|| format!("job {id} has an unreadable launch record"))?;
             let gpus = gpu_ids
                 .unwrap_or_default()
                 .split(',')
@@ -739,8 +771,9 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 drop(stmt);
                 if !purged.is_empty() {
                     tx.execute(
-                        "DELETE FROM array_specs WHERE array_id NOT IN
-                           (SELECT json_extract(array, '$.job') FROM jobs WHERE array IS NOT NULL)",
+                        "DELETE FROM array_specs WHERE NOT EXISTS
+                           (SELECT 1 FROM jobs WHERE array IS NOT NULL
+                              AND json_extract(array, '$.job') = array_specs.array_id)",
                         [],
                     )?;
                 }
@@ -841,7 +874,11 @@ mod tests {
             .map(|j| (j.id, j.request.array.unwrap().task))
             .collect();
         assert_eq!(pending, [(11, 2), (12, 4)]);
-        assert_eq!(rec.pending[1].command, ["true"]);
+        assert_eq!(&rec.pending[1].command[..], ["true"]);
+        assert!(Arc::ptr_eq(
+            &rec.pending[0].command,
+            &rec.pending[1].command
+        ));
         assert_eq!(store.launch_spec(12).unwrap().command, ["true"]);
         // Purging the finished task keeps the record the waiting ones need.
         assert_eq!(store.purge(100).await.unwrap(), [10]);
@@ -925,7 +962,7 @@ mod tests {
         assert_eq!(rec.next_job_id, 8);
         assert_eq!(rec.pending.len(), 1);
         assert_eq!(rec.pending[0].request.nice, 0);
-        assert_eq!(rec.pending[0].command, ["true"]);
+        assert_eq!(&rec.pending[0].command[..], ["true"]);
         let conn = Connection::open(dir.path().join("mgpu.db")).unwrap();
         let v: usize = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))

@@ -619,6 +619,31 @@ fn job_arrays() {
     assert!(s.queue_json()["jobs"].as_array().unwrap().is_empty());
     let next = s.detached(&["--", "true"]);
     assert_eq!(next, hold + 3);
+
+    // A finished task's id still names its array.
+    let arr = s.detached(&[
+        "--array",
+        "1-3",
+        "--gpus",
+        "2",
+        "--",
+        "bash",
+        "-c",
+        "test $MGPU_ARRAY_TASK_ID = 1 || sleep 30",
+    ]);
+    s.wait_gone(arr);
+    s.wait_state(arr + 1, "RUNNING");
+    let out = s
+        .cmd("mgpu_cancel")
+        .args(["--array", &arr.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(s.acct(arr)["state"], "COMPLETED");
+    for id in [arr + 1, arr + 2] {
+        s.wait_gone(id);
+        assert_eq!(s.acct(id)["state"], "CANCELLED");
+    }
 }
 
 /// Waiting jobs are bounded per user and in all (`--max-pending-per-user`, `--max-pending`):

@@ -87,6 +87,17 @@ pub async fn handle(
         }
         user_uid = Some(uid);
     }
+    // Any task's id names its array (a finished one's, from the store); the tasks' ids follow
+    // each other from the array's.
+    let mut array = None;
+    if let CancelRequest::Array(id) = &req {
+        let live = daemon.lock().sched.job(*id).map(|j| j.request.array);
+        let task = match live {
+            Some(task) => task,
+            None => daemon.store.array_task(*id).unwrap_or(None),
+        };
+        array = Some(task.map_or((*id, 1), |a| (a.job, u64::from(a.count))));
+    }
     let results = {
         let mut inner = daemon.lock();
         let ids: Vec<JobId> = match &req {
@@ -103,18 +114,15 @@ pub async fn handle(
                     .map(|j| j.id)
                     .collect()
             }
-            CancelRequest::Array(id) => {
-                // Any task's id names its array.
-                let array = inner
-                    .sched
-                    .job(*id)
-                    .and_then(|j| j.request.array)
-                    .map_or(*id, |a| a.job);
-                inner
-                    .sched
-                    .jobs_in_order()
-                    .filter(|j| j.request.array.is_some_and(|a| a.job == array))
-                    .map(|j| j.id)
+            CancelRequest::Array(_) => {
+                let (first, count) = array.expect("resolved above");
+                (first..first.saturating_add(count))
+                    .filter(|id| {
+                        inner
+                            .sched
+                            .job(*id)
+                            .is_some_and(|j| j.request.array.is_some_and(|a| a.job == first))
+                    })
                     .collect()
             }
             CancelRequest::All => inner
@@ -124,7 +132,7 @@ pub async fn handle(
                 .map(|j| j.id)
                 .collect(),
         };
-        if let (CancelRequest::Array(array), true) = (&req, ids.is_empty()) {
+        if let (Some((array, _)), true) = (array, ids.is_empty()) {
             Err(format!(
                 "job array {array} has no pending or running tasks (all finished, or no such array)"
             ))

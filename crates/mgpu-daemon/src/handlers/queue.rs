@@ -67,7 +67,11 @@ pub async fn handle(
                     Some(Stopping::Timeout) => Some("TimeLimit".into()),
                     None => sched.pending_reason(j.id).map(str::to_string),
                 },
-                command: inner.commands.get(&j.id).cloned().unwrap_or_default(),
+                command: inner
+                    .commands
+                    .get(&j.id)
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default(),
                 priority: sched.priority(j.id),
                 est_start: sched.est_start(j.id),
                 array: j.request.array,
@@ -98,9 +102,12 @@ const CHUNK: usize = 2000;
 /// job).
 const MAX_SHOWN_COMMAND: usize = 1024;
 
+/// A command as the queue shows it; a job array's tasks share one.
+pub type ShownCommand = Arc<[String]>;
+
 /// The command as the queue shows it: cut once its JSON (quotes, commas and escapes counted)
 /// would pass [`MAX_SHOWN_COMMAND`] bytes.
-pub fn display_command(argv: &[String]) -> Vec<String> {
+pub fn display_command(argv: &[String]) -> ShownCommand {
     let json_len = |c: char| match c {
         '"' | '\\' => 2,
         c if (c as u32) < 0x20 => 6,
@@ -133,7 +140,7 @@ pub fn display_command(argv: &[String]) -> Vec<String> {
             }
         }
     }
-    out
+    out.into()
 }
 
 #[cfg(test)]
@@ -144,7 +151,7 @@ mod tests {
     fn shown_commands_stay_small_as_json() {
         let argv = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
         let short = argv(&["python", "train.py", "--lr", "3e-4"]);
-        assert_eq!(display_command(&short), short);
+        assert_eq!(&display_command(&short)[..], short);
         let json_len = |c: &[String]| serde_json::to_string(c).unwrap().len();
         for nasty in [
             vec![String::new(); 100_000],

@@ -8,7 +8,7 @@ use clap::Parser;
 use comfy_table::{presets, Table};
 use mgpu_core::timefmt::format_duration;
 use mgpu_core::{JobState, Millis};
-use mgpu_proto::{QueueRequest, QueueSnapshot, Request, Response};
+use mgpu_proto::{JobInfo, QueueRequest, QueueSnapshot, Request, Response};
 use serde_json::{json, Value};
 
 use crate::client::Client;
@@ -18,6 +18,7 @@ use crate::client::Client;
 /// Examples:
 ///   mgpu_queue
 ///   mgpu_queue --me
+///   mgpu_queue -r              # a row for each waiting task of a job array
 ///   mgpu_queue --json | jq '.jobs[] | select(.state == "PENDING")'
 #[derive(Debug, Parser)]
 #[command(name = "mgpu_queue", version, verbatim_doc_comment)]
@@ -34,6 +35,10 @@ pub struct Args {
     /// Only this job
     #[arg(short = 'j', long = "job", value_name = "ID")]
     pub job: Option<u64>,
+    /// A row for each waiting task of a job array (by default, waiting tasks that follow each
+    /// other share one row, like squeue's)
+    #[arg(short = 'r', long)]
+    pub array_tasks: bool,
     /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -76,7 +81,7 @@ async fn run(args: Args) -> Result<i32> {
         }
         writeln!(out)?;
     } else {
-        write!(out, "{}", render(&snapshot))?;
+        write!(out, "{}", render(&snapshot, args.array_tasks))?;
     }
     out.flush()?;
     Ok(0)
@@ -177,13 +182,78 @@ fn short_time(ms: Millis, now: Millis) -> String {
     }
 }
 
-/// The two tables: jobs, then GPUs.
-pub fn render(s: &QueueSnapshot) -> String {
+/// Waiting tasks of one job array that follow each other in the queue, with ids in a row and
+/// the same reason: one row of the table.
+fn same_row(a: &JobInfo, b: &JobInfo) -> bool {
+    a.state == JobState::Pending
+        && b.state == JobState::Pending
+        && a.array
+            .is_some_and(|x| b.array.is_some_and(|y| x.job == y.job))
+        && a.id + 1 == b.id
+        && a.reason == b.reason
+        && a.est_start.is_none()
+        && b.est_start.is_none()
+}
+
+/// Task indices as ranges: `0-4,7,9-12` (cut after a few ranges), or `0-99:3` for a step.
+fn index_ranges(tasks: &[u32]) -> String {
+    if let [first, second, .., last] = tasks {
+        let step = second - first;
+        if step > 1 && tasks.windows(2).all(|w| w[1] - w[0] == step) {
+            return format!("{first}-{last}:{step}");
+        }
+    }
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for &t in tasks {
+        match ranges.last_mut() {
+            Some((_, hi)) if *hi + 1 == t => *hi = t,
+            _ => ranges.push((t, t)),
+        }
+    }
+    let mut shown: Vec<String> = ranges
+        .iter()
+        .take(4)
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect();
+    if ranges.len() > 4 {
+        shown.push("...".into());
+    }
+    shown.join(",")
+}
+
+/// The two tables: jobs, then GPUs. Waiting tasks of a job array share a row unless
+/// `array_tasks`.
+pub fn render(s: &QueueSnapshot, array_tasks: bool) -> String {
     let mut jobs = table();
     jobs.set_header([
         "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "TIME", "REASON",
     ]);
-    for j in &s.jobs {
+    let mut rest = &s.jobs[..];
+    while let Some(j) = rest.first() {
+        let mut n = 1;
+        while !array_tasks && n < rest.len() && same_row(&rest[n - 1], &rest[n]) {
+            n += 1;
+        }
+        let group = &rest[..n];
+        rest = &rest[n..];
+        let (id, name) = if n > 1 {
+            let tasks: Vec<u32> = group
+                .iter()
+                .filter_map(|t| t.array.map(|a| a.task))
+                .collect();
+            (
+                format!("{}-{}", j.id, group[n - 1].id),
+                format!("{}[{}]", j.name, index_ranges(&tasks)),
+            )
+        } else {
+            (j.id.to_string(), crate::display_name(&j.name, j.array))
+        };
         let gpus = if j.gpu_ids.is_empty() {
             j.gpus.to_string()
         } else {
@@ -203,9 +273,9 @@ pub fn render(s: &QueueSnapshot) -> String {
             .map(format_duration)
             .unwrap_or_else(|| "UNLIMITED".into());
         jobs.add_row([
-            j.id.to_string(),
+            id,
             j.user.clone(),
-            crate::display_name(&j.name, j.array),
+            name,
             j.state.as_str().to_string(),
             gpus,
             mem,
@@ -233,4 +303,81 @@ pub fn render(s: &QueueSnapshot) -> String {
         ]);
     }
     format!("{jobs}\n\n{gpus}\n(policy: {})\n", s.policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mgpu_proto::ArrayTask;
+
+    fn job(id: u64, state: JobState, array: Option<(u64, u32)>) -> JobInfo {
+        JobInfo {
+            id,
+            user: "alice".into(),
+            name: "sweep".into(),
+            state,
+            gpus: 1,
+            gpu_ids: if state == JobState::Running {
+                vec![0]
+            } else {
+                vec![]
+            },
+            mem_mib: None,
+            time_limit_s: None,
+            submitted_at: 0,
+            started_at: (state == JobState::Running).then_some(0),
+            restarts: 0,
+            reason: (state == JobState::Pending).then(|| "Resources".into()),
+            command: vec!["true".into()],
+            priority: None,
+            est_start: None,
+            array: array.map(|(job, task)| ArrayTask {
+                job,
+                task,
+                count: 7,
+                min: 0,
+                max: 9,
+            }),
+        }
+    }
+
+    /// Waiting tasks of an array that follow each other share a row; `-r` shows each.
+    #[test]
+    fn waiting_array_tasks_share_a_row() {
+        use JobState::{Pending, Running};
+        let snapshot = QueueSnapshot {
+            now: 0,
+            policy: "fair".into(),
+            gpus: vec![],
+            jobs: vec![
+                job(10, Running, Some((10, 0))),
+                job(11, Pending, Some((10, 1))),
+                job(12, Pending, Some((10, 2))),
+                job(13, Pending, Some((10, 3))),
+                job(14, Pending, Some((10, 5))),
+                job(15, Pending, Some((10, 9))),
+                job(16, Pending, None),
+                job(17, Pending, Some((17, 0))),
+            ],
+        };
+        let rows = |text: String| -> Vec<String> {
+            text.lines()
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .collect()
+        };
+        assert_eq!(
+            rows(render(&snapshot, false)),
+            [
+                "10 alice sweep[0]",
+                "11-15 alice sweep[1-3,5,9]",
+                "16 alice sweep",
+                "17 alice sweep[0]",
+            ]
+        );
+        assert_eq!(rows(render(&snapshot, true)).len(), 8);
+        assert_eq!(index_ranges(&[1, 3, 5, 7, 9, 11]), "1-11:2");
+        assert_eq!(index_ranges(&[1, 3, 4, 6, 9, 11]), "1,3-4,6,9,...");
+    }
 }

@@ -587,7 +587,10 @@ fn job_arrays() {
         assert_eq!(j["array_job"], hold);
         assert_eq!(j["array_task"], task);
     }
+    // (Waiting tasks with the same reason share a row: here the reserved one has its own.)
     let table = text(&s.cmd("mgpu_queue").output().unwrap().stdout);
+    assert!(table.contains("hold[2]"), "{table}");
+    let table = text(&s.cmd("mgpu_queue").arg("-r").output().unwrap().stdout);
     assert!(table.contains("hold[3]"), "{table}");
     // Any task's id names its array.
     let out = s

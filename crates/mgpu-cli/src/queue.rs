@@ -337,6 +337,7 @@ mod tests {
                 count: 7,
                 min: 0,
                 max: 9,
+                limit: None,
             }),
         }
     }

@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use mgpu_core::timefmt::parse_duration;
-use mgpu_proto::{AttachRequest, Frame, Request, Response, SubmitRequest, Venv, WarnSignal};
+use mgpu_proto::{
+    ArraySpec, AttachRequest, Frame, Request, Response, SubmitRequest, Venv, WarnSignal,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -74,10 +76,11 @@ pub struct Args {
     /// With --detach or --array: print only the job id (the array's id)
     #[arg(long)]
     pub parsable: bool,
-    /// Submit a job array: one task per index, e.g. 0-99, 1,3,5-9 or 0-99:5 (every 5th). Each
-    /// task is a job of its own, with MGPU_ARRAY_TASK_ID set to its index; implies --detach
+    /// Submit a job array: one task per index, e.g. 0-99, 1,3,5-9 or 0-99:5 (every 5th); with
+    /// %N (0-99%4) at most N tasks wait or run at once. Each task is a job of its own, with
+    /// MGPU_ARRAY_TASK_ID set to its index; implies --detach
     #[arg(short = 'a', long, value_name = "SPEC", value_parser = parse_array)]
-    pub array: Option<ArrayIndices>,
+    pub array: Option<ArraySpec>,
     /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -90,12 +93,8 @@ pub struct Args {
     pub command: Vec<OsString>,
 }
 
-/// The task indices of `--array`, expanded.
-#[derive(Debug, Clone)]
-pub struct ArrayIndices(pub Vec<u32>);
-
-fn parse_array(text: &str) -> Result<ArrayIndices, String> {
-    mgpu_proto::parse_array_spec(text).map(ArrayIndices)
+fn parse_array(text: &str) -> Result<ArraySpec, String> {
+    mgpu_proto::parse_array_spec(text)
 }
 
 pub fn main() -> ExitCode {
@@ -211,7 +210,8 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         max_restarts: args.max_restarts,
         signal: args.signal,
         nice: args.nice,
-        array: args.array.map(|a| a.0),
+        array_limit: args.array.as_ref().and_then(|a| a.limit),
+        array: args.array.map(|a| a.indices),
     })
 }
 

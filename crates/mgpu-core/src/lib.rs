@@ -86,6 +86,20 @@ pub struct ArrayTask {
     pub count: u32,
     pub min: u32,
     pub max: u32,
+    /// At most this many of the array's tasks wait in the queue or run at once (Slurm's
+    /// `%N`); the others are held back, in task order.
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// A job array with a cap on its tasks: how many are in the queue or running, and which wait
+/// behind the cap (by id, which is task order).
+#[derive(Debug, Clone)]
+struct Throttle {
+    uid: u32,
+    limit: u32,
+    live: u32,
+    held: BTreeSet<JobId>,
 }
 
 impl JobRequest {
@@ -154,6 +168,34 @@ pub struct Job {
     pub warned: bool,
     /// Position key in the pending queue (smaller runs first).
     queue_key: u64,
+    /// A job array's task held back by the array's cap: pending, but not in the queue until
+    /// a task of its array leaves.
+    held: bool,
+}
+
+impl Job {
+    fn new(
+        id: JobId,
+        request: JobRequest,
+        state: JobState,
+        submitted_at: Millis,
+        restarts: u32,
+    ) -> Job {
+        Job {
+            id,
+            request,
+            state,
+            submitted_at,
+            started_at: None,
+            gpus: Vec::new(),
+            restarts,
+            cancel_requested: false,
+            stopping: None,
+            warned: false,
+            queue_key: 0,
+            held: false,
+        }
+    }
 }
 
 /// Why a submission is refused outright (it could never run here).
@@ -272,6 +314,8 @@ pub struct Scheduler {
     recheck_at: Option<Millis>,
     /// The `now` of the latest pass: priorities shown between passes are as of then.
     last_now: Millis,
+    /// Job arrays with a cap on their tasks (`%N`), by array id.
+    throttles: HashMap<JobId, Throttle>,
 }
 
 impl Scheduler {
@@ -293,6 +337,7 @@ impl Scheduler {
             reservation: None,
             recheck_at: None,
             last_now: 0,
+            throttles: HashMap::new(),
         }
     }
 
@@ -308,14 +353,20 @@ impl Scheduler {
         self.next_job_id
     }
 
-    /// Pending jobs, in all.
+    /// Pending jobs, in all (held array tasks too).
     pub fn pending_count(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.throttles.values().map(|t| t.held.len()).sum::<usize>()
     }
 
-    /// Pending jobs of one user.
+    /// Pending jobs of one user (held array tasks too).
     pub fn pending_count_of(&self, uid: u32) -> usize {
-        self.user_queues.get(&uid).map_or(0, BTreeMap::len)
+        let held: usize = self
+            .throttles
+            .values()
+            .filter(|t| t.uid == uid)
+            .map(|t| t.held.len())
+            .sum();
+        self.user_queues.get(&uid).map_or(0, BTreeMap::len) + held
     }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
@@ -385,7 +436,7 @@ impl Scheduler {
         self.check_feasible(&request)?;
         let id = self.next_job_id;
         self.next_job_id += 1;
-        self.insert_pending(id, request, now, 0);
+        self.enter(id, request, now, 0);
         Ok(id)
     }
 
@@ -400,8 +451,61 @@ impl Scheduler {
     ) -> Result<(), SubmitError> {
         self.check_feasible(&request)?;
         self.next_job_id = self.next_job_id.max(id + 1);
-        self.insert_pending(id, request, submitted_at, restarts);
+        self.enter(id, request, submitted_at, restarts);
         Ok(())
+    }
+
+    /// A new pending job enters the queue, unless it is a task of a job array whose cap is
+    /// reached: then it is held until a task of that array leaves.
+    fn enter(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
+        if let Some((array, limit)) = request.array.and_then(|a| Some((a.job, a.limit?))) {
+            let t = self.throttles.entry(array).or_insert_with(|| Throttle {
+                uid: request.uid,
+                limit,
+                live: 0,
+                held: BTreeSet::new(),
+            });
+            if t.live >= t.limit {
+                t.held.insert(id);
+                let job = Job {
+                    held: true,
+                    // Never in the queue's indexes while held.
+                    queue_key: u64::MAX,
+                    ..Job::new(id, request, JobState::Pending, now, restarts)
+                };
+                self.jobs.insert(id, job);
+                return;
+            }
+            t.live += 1;
+        }
+        self.insert_pending(id, request, now, restarts);
+    }
+
+    /// A task of a capped job array left (ended, or cancelled while waiting): the next held
+    /// task of that array, if any, enters the queue.
+    fn task_left(&mut self, request: &JobRequest) {
+        let Some(array) = request.array.filter(|a| a.limit.is_some()).map(|a| a.job) else {
+            return;
+        };
+        let Some(t) = self.throttles.get_mut(&array) else {
+            return;
+        };
+        t.live = t.live.saturating_sub(1);
+        let next = if t.live < t.limit {
+            t.held.pop_first()
+        } else {
+            None
+        };
+        if next.is_some() {
+            t.live += 1;
+        }
+        if t.live == 0 && t.held.is_empty() {
+            self.throttles.remove(&array);
+        }
+        if let Some(next) = next {
+            let job = self.jobs.remove(&next).expect("a held task is a job");
+            self.insert_pending(next, job.request, job.submitted_at, job.restarts);
+        }
     }
 
     fn insert_pending(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
@@ -417,22 +521,11 @@ impl Scheduler {
             .entry((request.gpus, request.mem_mib))
             .or_default()
             .insert((estimate, id));
-        self.jobs.insert(
-            id,
-            Job {
-                id,
-                request,
-                state: JobState::Pending,
-                submitted_at: now,
-                started_at: None,
-                gpus: Vec::new(),
-                restarts,
-                cancel_requested: false,
-                stopping: None,
-                warned: false,
-                queue_key: key,
-            },
-        );
+        let job = Job {
+            queue_key: key,
+            ..Job::new(id, request, JobState::Pending, now, restarts)
+        };
+        self.jobs.insert(id, job);
         self.pending.insert(key, id);
         self.fresh.push(id);
     }
@@ -477,22 +570,25 @@ impl Scheduler {
         self.next_job_id = self.next_job_id.max(id + 1);
         let key = self.next_queue_key;
         self.next_queue_key += 1;
-        self.jobs.insert(
-            id,
-            Job {
-                id,
-                request,
-                state: JobState::Running,
-                submitted_at,
-                started_at: Some(started_at),
-                gpus,
-                restarts,
-                cancel_requested: false,
-                stopping: None,
-                warned: false,
-                queue_key: key,
-            },
-        );
+        // A running task of a capped array counts against the cap.
+        if let Some((array, limit)) = request.array.and_then(|a| Some((a.job, a.limit?))) {
+            self.throttles
+                .entry(array)
+                .or_insert_with(|| Throttle {
+                    uid: request.uid,
+                    limit,
+                    live: 0,
+                    held: BTreeSet::new(),
+                })
+                .live += 1;
+        }
+        let job = Job {
+            started_at: Some(started_at),
+            gpus,
+            queue_key: key,
+            ..Job::new(id, request, JobState::Running, submitted_at, restarts)
+        };
+        self.jobs.insert(id, job);
         Ok(())
     }
 
@@ -530,9 +626,23 @@ impl Scheduler {
             return CancelOutcome::PermissionDenied;
         }
         match job.state {
+            JobState::Pending if job.held => {
+                let mut job = self.jobs.remove(&id).expect("job exists");
+                if let Some(array) = job.request.array.map(|a| a.job) {
+                    if let Some(t) = self.throttles.get_mut(&array) {
+                        t.held.remove(&id);
+                        if t.live == 0 && t.held.is_empty() {
+                            self.throttles.remove(&array);
+                        }
+                    }
+                }
+                job.state = JobState::Cancelled;
+                CancelOutcome::Removed(Box::new(job))
+            }
             JobState::Pending => {
                 let mut job = self.jobs.remove(&id).expect("job exists");
                 self.unindex_pending(&job);
+                self.task_left(&job.request);
                 if self.reservation.as_ref().is_some_and(|r| r.job == id) {
                     // Jobs held back for its sake may start now.
                     self.reservation = None;
@@ -564,6 +674,7 @@ impl Scheduler {
         self.rate_changes.push((job.request.uid, -share));
         placement::release(&mut self.gpus, id, &job.request);
         self.full_pass_needed = true;
+        self.task_left(&job.request);
         job.state = state;
         Some(job)
     }
@@ -589,15 +700,22 @@ impl Scheduler {
             .filter(|j| j.state == JobState::Running)
             .collect();
         running.sort_by_key(|j| j.id);
+        let mut held: Vec<JobId> = self
+            .throttles
+            .values()
+            .flat_map(|t| t.held.iter().copied())
+            .collect();
+        held.sort_unstable();
         running
             .into_iter()
             .chain(self.pending_in_priority_order().map(|id| &self.jobs[&id]))
+            .chain(held.into_iter().map(|id| &self.jobs[&id]))
     }
 
     /// 1-based position of a pending job in priority order (O(queue length); for display only).
     pub fn queue_position(&self, id: JobId) -> Option<usize> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending {
+        if job.state != JobState::Pending || job.held {
             return None;
         }
         if self.config.policy != Policy::Fair {
@@ -612,11 +730,16 @@ impl Scheduler {
     /// - `Resources`: it waits for GPUs to free up (with a backfilling policy: it holds the
     ///   reservation, see [`Scheduler::est_start`]);
     /// - `Priority`: it does not fit now and a job of higher priority holds the reservation;
-    /// - `Reservation`: it would fit now, but starting it would delay the reserved job.
+    /// - `Reservation`: it would fit now, but starting it would delay the reserved job;
+    /// - `ArrayTaskLimit`: its job array already has as many tasks waiting or running as its
+    ///   cap allows.
     pub fn pending_reason(&self, id: JobId) -> Option<&'static str> {
         let job = self.jobs.get(&id)?;
         if job.state != JobState::Pending {
             return None;
+        }
+        if job.held {
+            return Some("ArrayTaskLimit");
         }
         let Some(reservation) = self.reservation.as_ref() else {
             return Some("Resources");
@@ -635,7 +758,7 @@ impl Scheduler {
     /// policies the waiting time.
     pub fn priority(&self, id: JobId) -> Option<f64> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending {
+        if job.state != JobState::Pending || job.held {
             return None;
         }
         let now = self.last_now;
@@ -695,6 +818,13 @@ impl Scheduler {
         let job = self.jobs.get(&id)?;
         if job.state != JobState::Pending {
             return None;
+        }
+        if let (true, Some(a)) = (job.held, job.request.array) {
+            return Some(format!(
+                "held: at most {} tasks of job array {} wait or run at once",
+                a.limit.unwrap_or(0),
+                a.job
+            ));
         }
         let r = &job.request;
         Some(match r.mem_mib {

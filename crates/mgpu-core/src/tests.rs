@@ -970,3 +970,172 @@ fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
         ]
     );
 }
+
+/// Tasks of a job array with a cap of `limit` (ids `first..first + n`).
+fn array_tasks(uid: u32, first: JobId, n: u32, limit: u32, mem: Option<u64>) -> Vec<JobRequest> {
+    (0..n)
+        .map(|task| JobRequest {
+            array: Some(ArrayTask {
+                job: first,
+                task,
+                count: n,
+                min: 0,
+                max: n - 1,
+                limit: Some(limit),
+            }),
+            ..req(uid, 1, mem)
+        })
+        .collect()
+}
+
+fn state_of(s: &Scheduler, id: JobId) -> Option<(JobState, Option<&'static str>)> {
+    s.job(id).map(|j| (j.state, s.pending_reason(id)))
+}
+
+/// `%N`: at most N tasks of an array wait in the queue or run; the others are held in task
+/// order, listed, counted and cancellable, and enter the queue as tasks leave (ending, or
+/// cancelled while waiting). Other jobs are not held back by them.
+#[test]
+fn a_capped_array_holds_its_other_tasks_back() {
+    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    for r in array_tasks(1, 1, 5, 2, Some(1_000)) {
+        s.submit(r, 0).unwrap();
+    }
+    let other = s.submit(req(2, 1, Some(1_000)), 0).unwrap();
+    let started: Vec<JobId> = s.schedule(1).iter().map(|a| a.job).collect();
+    assert_eq!(started, [1, 2, other]);
+    for id in 3..=5 {
+        assert_eq!(
+            state_of(&s, id),
+            Some((JobState::Pending, Some("ArrayTaskLimit")))
+        );
+        assert!(s
+            .wait_detail(id)
+            .unwrap()
+            .contains("at most 2 tasks of job array 1"));
+    }
+    assert_eq!(s.pending_count(), 3);
+    assert_eq!(s.pending_count_of(1), 3);
+    let order: Vec<JobId> = s.jobs_in_order().map(|j| j.id).collect();
+    assert_eq!(order, [1, 2, other, 3, 4, 5]);
+
+    // A task ends: the next in task order enters the queue and starts.
+    s.finish(1, JobState::Completed).unwrap();
+    assert_eq!(s.schedule(2).iter().map(|a| a.job).collect::<Vec<_>>(), [3]);
+    // A held task cancelled goes without letting another in.
+    assert!(matches!(s.cancel(5, ROOT), CancelOutcome::Removed(_)));
+    assert_eq!(
+        state_of(&s, 4),
+        Some((JobState::Pending, Some("ArrayTaskLimit")))
+    );
+    assert_eq!(s.pending_count(), 1);
+    s.finish(2, JobState::Completed).unwrap();
+    s.finish(3, JobState::Completed).unwrap();
+    assert_eq!(s.schedule(3).iter().map(|a| a.job).collect::<Vec<_>>(), [4]);
+    s.finish(4, JobState::Completed).unwrap();
+    assert!(
+        s.throttles.is_empty(),
+        "a finished array leaves nothing behind"
+    );
+}
+
+/// A waiting (not held) task cancelled lets the next one in; a requeued task keeps its place
+/// under the cap; after a restart, running tasks count against the cap again.
+#[test]
+fn capped_array_cancel_requeue_and_restore() {
+    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let tasks = array_tasks(1, 1, 4, 2, None);
+    for r in tasks.clone() {
+        s.submit(r, 0).unwrap();
+    }
+    assert_eq!(s.schedule(1).iter().map(|a| a.job).collect::<Vec<_>>(), [1]);
+    assert_eq!(
+        state_of(&s, 2),
+        Some((JobState::Pending, Some("Resources")))
+    );
+    assert!(matches!(s.cancel(2, ROOT), CancelOutcome::Removed(_)));
+    assert_eq!(
+        state_of(&s, 3),
+        Some((JobState::Pending, Some("Resources")))
+    );
+    assert_eq!(
+        state_of(&s, 4),
+        Some((JobState::Pending, Some("ArrayTaskLimit")))
+    );
+    // A context switch: task 1 goes back to the queue, still one of the two.
+    assert_eq!(s.requeue(1, 2), Some(2));
+    assert_eq!(
+        state_of(&s, 4),
+        Some((JobState::Pending, Some("ArrayTaskLimit")))
+    );
+
+    // Restart: task 3 running, 1 and 4 pending (restored in queue order).
+    let mut r = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    r.restore_running(3, tasks[2].clone(), vec![0], 0, 1, 0)
+        .unwrap();
+    r.restore_pending(1, tasks[0].clone(), 0, 1).unwrap();
+    r.restore_pending(4, tasks[3].clone(), 0, 0).unwrap();
+    assert_eq!(
+        state_of(&r, 1),
+        Some((JobState::Pending, Some("Resources")))
+    );
+    assert_eq!(
+        state_of(&r, 4),
+        Some((JobState::Pending, Some("ArrayTaskLimit")))
+    );
+    r.finish(3, JobState::Completed).unwrap();
+    assert_eq!(r.schedule(5).iter().map(|a| a.job).collect::<Vec<_>>(), [1]);
+    assert_eq!(
+        state_of(&r, 4),
+        Some((JobState::Pending, Some("Resources")))
+    );
+}
+
+proptest! {
+    /// Capped arrays beside other jobs, ending in random order: no more of an array's tasks
+    /// ever run at once than its cap, no GPU is over-committed, and every job runs, once.
+    #[test]
+    fn capped_arrays_never_pass_their_cap_and_all_run(
+        arrays in proptest::collection::vec((1u32..4, 1u32..12, 1u32..4, proptest::option::of(1u64..30_000)), 1..4),
+        loose in 0usize..6,
+        picks in proptest::collection::vec(any::<proptest::sample::Index>(), 200),
+    ) {
+        let mut s = Scheduler::new(gpus(&[24_000, 24_000, 80_000]), Config::default(), 1);
+        let mut caps = HashMap::new();
+        let mut all = Vec::new();
+        for (uid, n, limit, mem) in arrays {
+            let first = s.next_job_id();
+            for r in array_tasks(uid, first, n, limit, mem) {
+                all.push(s.submit(r, 0).unwrap());
+            }
+            caps.insert(first, limit as usize);
+        }
+        for i in 0..loose {
+            all.push(s.submit(req(9, 1 + (i as u32 % 2), None), 0).unwrap());
+        }
+        let mut ran = HashSet::new();
+        let mut now = 1;
+        let mut picks = picks.into_iter();
+        loop {
+            for a in s.schedule(now) {
+                prop_assert!(ran.insert(a.job), "job {} started twice", a.job);
+            }
+            for g in &s.gpus {
+                prop_assert!(g.reserved_mib + g.foreign_mib <= g.spec.total_mib);
+            }
+            let running: Vec<JobId> = s.jobs.values().filter(|j| j.state == JobState::Running).map(|j| j.id).collect();
+            for (array, cap) in &caps {
+                let n = running.iter().filter(|id| s.jobs[id].request.array.is_some_and(|a| a.job == *array)).count();
+                prop_assert!(n <= *cap, "array {array}: {n} tasks run, cap {cap}");
+            }
+            if running.is_empty() {
+                break;
+            }
+            let pick = picks.next().map_or(0, |p| p.index(running.len()));
+            s.finish(running[pick], JobState::Completed);
+            now += 1;
+        }
+        prop_assert_eq!(ran.len(), all.len(), "every job ran");
+        prop_assert!(s.jobs.is_empty() && s.throttles.is_empty());
+    }
+}

@@ -832,6 +832,7 @@ mod tests {
                     count: 3,
                     min: 0,
                     max: 4,
+                    limit: None,
                 };
                 (
                     10 + u64::from(i),

@@ -128,6 +128,17 @@ pub struct SubmitRequest {
     /// that follow each other. Never attached.
     #[serde(default)]
     pub array: Option<Vec<u32>>,
+    /// With `array`: at most this many tasks wait in the queue or run at once (`%N`).
+    #[serde(default)]
+    pub array_limit: Option<u32>,
+}
+
+/// A parsed `--array` value: the task indices, sorted and without repeats, and the cap on
+/// tasks at once (`%N`), if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArraySpec {
+    pub indices: Vec<u32>,
+    pub limit: Option<u32>,
 }
 
 /// Most tasks one job array may have.
@@ -135,15 +146,19 @@ pub const MAX_ARRAY_TASKS: usize = 10_000;
 /// Highest task index of a job array.
 pub const MAX_ARRAY_INDEX: u32 = 4_000_000;
 
-/// Parses a Slurm-style array spec: `0-999`, `1,3,5-9`, `0-99:5` (every 5th). Indices come out
-/// sorted and without repeats. `%N` (a cap on running tasks) is refused with a clear message.
-pub fn parse_array_spec(spec: &str) -> Result<Vec<u32>, String> {
-    if spec.contains('%') {
-        return Err(format!(
-            "invalid --array '{spec}': a limit on simultaneously running tasks (%N) is not supported"
-        ));
-    }
-    let bad = |why: &str| format!("invalid --array '{spec}': {why} (e.g. 0-99, 1,3,5-9 or 0-99:5)");
+/// Parses a Slurm-style array spec: `0-999`, `1,3,5-9`, `0-99:5` (every 5th), optionally
+/// followed by `%N` (at most N tasks at once). Indices come out sorted and without repeats.
+pub fn parse_array_spec(text: &str) -> Result<ArraySpec, String> {
+    let bad = |why: &str| {
+        format!("invalid --array '{text}': {why} (e.g. 0-99, 1,3,5-9, 0-99:5 or 0-99%4)")
+    };
+    let (spec, limit) = match text.split_once('%') {
+        Some((spec, n)) => match n.trim().parse::<u32>() {
+            Ok(n) if n > 0 => (spec, Some(n)),
+            _ => return Err(bad("%N needs a whole number of tasks, at least 1")),
+        },
+        None => (text, None),
+    };
     let number = |t: &str| -> Result<u32, String> {
         let n: u32 = t
             .trim()
@@ -183,7 +198,10 @@ pub fn parse_array_spec(spec: &str) -> Result<Vec<u32>, String> {
             }
         }
     }
-    Ok(out.into_iter().collect())
+    Ok(ArraySpec {
+        indices: out.into_iter().collect(),
+        limit,
+    })
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,15 +432,21 @@ mod tests {
 
     #[test]
     fn array_specs() {
-        assert_eq!(parse_array_spec("0-3").unwrap(), vec![0, 1, 2, 3]);
-        assert_eq!(parse_array_spec("7,1,3-5").unwrap(), vec![1, 3, 4, 5, 7]);
-        assert_eq!(parse_array_spec("0-10:5").unwrap(), vec![0, 5, 10]);
-        assert_eq!(parse_array_spec("2,2,1-2").unwrap(), vec![1, 2]);
-        assert_eq!(parse_array_spec("42").unwrap(), vec![42]);
-        assert_eq!(parse_array_spec("0-9999").unwrap().len(), MAX_ARRAY_TASKS);
+        let indices = |s: &str| parse_array_spec(s).unwrap().indices;
+        assert_eq!(indices("0-3"), vec![0, 1, 2, 3]);
+        assert_eq!(indices("7,1,3-5"), vec![1, 3, 4, 5, 7]);
+        assert_eq!(indices("0-10:5"), vec![0, 5, 10]);
+        assert_eq!(indices("2,2,1-2"), vec![1, 2]);
+        assert_eq!(indices("42"), vec![42]);
+        assert_eq!(indices("0-9999").len(), MAX_ARRAY_TASKS);
+        assert_eq!(indices("0-9999,0-9999,0").len(), MAX_ARRAY_TASKS);
+        assert_eq!(parse_array_spec("0-3").unwrap().limit, None);
         assert_eq!(
-            parse_array_spec("0-9999,0-9999,0").unwrap().len(),
-            MAX_ARRAY_TASKS
+            parse_array_spec("0-9%2").unwrap(),
+            ArraySpec {
+                indices: (0..10).collect(),
+                limit: Some(2)
+            }
         );
         for bad in [
             "",
@@ -433,13 +457,13 @@ mod tests {
             "-1",
             "0-10000",
             "0-4000001",
-            "0-9%2",
             "1-2-3",
+            "0-9%0",
+            "0-9%",
+            "0-9%x",
+            "%3",
         ] {
             assert!(parse_array_spec(bad).is_err(), "{bad:?} was accepted");
         }
-        assert!(parse_array_spec("0-9%2")
-            .unwrap_err()
-            .contains("not supported"));
     }
 }

@@ -612,7 +612,7 @@ fn job_arrays() {
 
     // Refused whole: nothing is queued and no id is used.
     for args in [
-        &["--array", "0-9%2", "--", "true"][..],
+        &["--array", "0-9%0", "--", "true"][..],
         &["--array", "0-3", "--gpus", "3", "--", "true"],
         &["--array", "0-10000", "--", "true"],
     ] {
@@ -682,4 +682,40 @@ fn queue_limits_bound_waiting_jobs() {
         .unwrap()
         .success());
     s.detached(&["--array", "0-2", "--", "true"]);
+}
+
+/// `--array 0-5%2`: at most two tasks at once, however many GPUs are free; the others wait
+/// as `ArrayTaskLimit` and follow in task order as tasks end.
+#[test]
+fn a_job_array_cap_limits_its_tasks_at_once() {
+    let s = Server::start("4x24GiB", &[]);
+    let first = s.detached(&["--array", "0-5%2", "--", "sleep", "30"]);
+    s.wait_state(first, "RUNNING");
+    s.wait_state(first + 1, "RUNNING");
+    let q = s.queue_json();
+    let jobs = q["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 6);
+    for j in &jobs[2..] {
+        assert_eq!(j["state"], "PENDING", "{q}");
+        assert_eq!(j["reason"], "ArrayTaskLimit", "{q}");
+    }
+    let table = text(&s.cmd("mgpu_queue").output().unwrap().stdout);
+    assert!(table.contains("ArrayTaskLimit"), "{table}");
+    assert!(s
+        .cmd("mgpu_cancel")
+        .arg(first.to_string())
+        .status()
+        .unwrap()
+        .success());
+    s.wait_state(first + 2, "RUNNING");
+    assert_eq!(s.job(first + 3).unwrap()["reason"], "ArrayTaskLimit");
+    assert!(s
+        .cmd("mgpu_cancel")
+        .args(["--array", &first.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    for id in first..first + 6 {
+        s.wait_gone(id);
+    }
 }

@@ -88,6 +88,9 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
         if indices.is_empty() || indices.len() > MAX_ARRAY_TASKS {
             return Err(format!("a job array has 1 to {MAX_ARRAY_TASKS} tasks"));
         }
+        if req.array_limit == Some(0) {
+            return Err("a job array's %N must be at least 1".into());
+        }
         if indices.windows(2).any(|w| w[0] >= w[1]) || indices.iter().any(|&i| i > MAX_ARRAY_INDEX)
         {
             return Err(format!(
@@ -145,7 +148,16 @@ pub async fn handle(
         umask: req.umask,
     };
     if let Some(indices) = req.array.take() {
-        return submit_array(daemon, caller, request, spec, &indices, conn).await;
+        return submit_array(
+            daemon,
+            caller,
+            request,
+            spec,
+            &indices,
+            req.array_limit,
+            conn,
+        )
+        .await;
     }
     let now = now_ms();
     // Phase 1: refuse what can never run or would overfill the queue, and take an id.
@@ -278,6 +290,7 @@ async fn submit_array(
     request: JobRequest,
     spec: LaunchSpec,
     indices: &[u32],
+    limit: Option<u32>,
     conn: &mut Conn,
 ) -> Result<()> {
     let now = now_ms();
@@ -298,6 +311,7 @@ async fn submit_array(
                 count,
                 min,
                 max,
+                limit,
             });
             (
                 id,

@@ -378,7 +378,7 @@ impl Scheduler {
     }
 
     pub fn running_len(&self) -> usize {
-        self.jobs.len() - self.pending.len()
+        self.jobs.len() - self.pending_count()
     }
 
     /// The time slice a job gets: its own limit capped by the server's global one.
@@ -467,10 +467,13 @@ impl Scheduler {
             });
             if t.live >= t.limit {
                 t.held.insert(id);
+                // Its place in the queue is kept for it (it enters there when let in), but it
+                // is in none of the queue's indexes while held.
+                let key = self.next_queue_key;
+                self.next_queue_key += 1;
                 let job = Job {
                     held: true,
-                    // Never in the queue's indexes while held.
-                    queue_key: u64::MAX,
+                    queue_key: key,
                     ..Job::new(id, request, JobState::Pending, now, restarts)
                 };
                 self.jobs.insert(id, job);
@@ -504,27 +507,35 @@ impl Scheduler {
         }
         if let Some(next) = next {
             let job = self.jobs.remove(&next).expect("a held task is a job");
-            self.insert_pending(next, job.request, job.submitted_at, job.restarts);
+            // At the place in the queue its submission gave it, not at the end.
+            self.index_pending(Job { held: false, ..job });
         }
     }
 
+    /// A pending job at the end of the queue.
     fn insert_pending(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
         let key = self.next_queue_key;
         self.next_queue_key += 1;
-        let user_key = (self.config.fair.job_key_ms(now, request.nice), key);
-        self.user_queues
-            .entry(request.uid)
-            .or_default()
-            .insert(user_key, id);
-        let estimate = self.estimate_ms(&request);
-        self.shapes
-            .entry((request.gpus, request.mem_mib))
-            .or_default()
-            .insert((estimate, id));
-        let job = Job {
+        self.index_pending(Job {
             queue_key: key,
             ..Job::new(id, request, JobState::Pending, now, restarts)
-        };
+        });
+    }
+
+    /// Puts a pending job into the queue's indexes at its `queue_key`.
+    fn index_pending(&mut self, job: Job) {
+        let id = job.id;
+        let key = job.queue_key;
+        let user_key = self.user_key(&job);
+        self.user_queues
+            .entry(job.request.uid)
+            .or_default()
+            .insert(user_key, id);
+        let estimate = self.estimate_ms(&job.request);
+        self.shapes
+            .entry((job.request.gpus, job.request.mem_mib))
+            .or_default()
+            .insert((estimate, id));
         self.jobs.insert(id, job);
         self.pending.insert(key, id);
         self.fresh.push(id);
@@ -731,7 +742,7 @@ impl Scheduler {
     ///   reservation, see [`Scheduler::est_start`]);
     /// - `Priority`: it does not fit now and a job of higher priority holds the reservation;
     /// - `Reservation`: it would fit now, but starting it would delay the reserved job;
-    /// - `ArrayTaskLimit`: its job array already has as many tasks waiting or running as its
+    /// - `JobArrayTaskLimit`: its job array already has as many tasks waiting or running as its
     ///   cap allows.
     pub fn pending_reason(&self, id: JobId) -> Option<&'static str> {
         let job = self.jobs.get(&id)?;
@@ -739,7 +750,7 @@ impl Scheduler {
             return None;
         }
         if job.held {
-            return Some("ArrayTaskLimit");
+            return Some("JobArrayTaskLimit");
         }
         let Some(reservation) = self.reservation.as_ref() else {
             return Some("Resources");

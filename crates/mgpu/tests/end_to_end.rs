@@ -685,7 +685,7 @@ fn queue_limits_bound_waiting_jobs() {
 }
 
 /// `--array 0-5%2`: at most two tasks at once, however many GPUs are free; the others wait
-/// as `ArrayTaskLimit` and follow in task order as tasks end.
+/// as `JobArrayTaskLimit` and follow in task order as tasks end.
 #[test]
 fn a_job_array_cap_limits_its_tasks_at_once() {
     let s = Server::start("4x24GiB", &[]);
@@ -697,10 +697,10 @@ fn a_job_array_cap_limits_its_tasks_at_once() {
     assert_eq!(jobs.len(), 6);
     for j in &jobs[2..] {
         assert_eq!(j["state"], "PENDING", "{q}");
-        assert_eq!(j["reason"], "ArrayTaskLimit", "{q}");
+        assert_eq!(j["reason"], "JobArrayTaskLimit", "{q}");
     }
     let table = text(&s.cmd("mgpu_queue").output().unwrap().stdout);
-    assert!(table.contains("ArrayTaskLimit"), "{table}");
+    assert!(table.contains("JobArrayTaskLimit"), "{table}");
     assert!(s
         .cmd("mgpu_cancel")
         .arg(first.to_string())
@@ -708,7 +708,7 @@ fn a_job_array_cap_limits_its_tasks_at_once() {
         .unwrap()
         .success());
     s.wait_state(first + 2, "RUNNING");
-    assert_eq!(s.job(first + 3).unwrap()["reason"], "ArrayTaskLimit");
+    assert_eq!(s.job(first + 3).unwrap()["reason"], "JobArrayTaskLimit");
     assert!(s
         .cmd("mgpu_cancel")
         .args(["--array", &first.to_string()])

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo=${CARGO:-cargo}
-clients=(mgpu_srun mgpu_queue mgpu_cancel mgpu_log mgpu_acct)
+clients=(mgpu_srun mgpu_queue mgpu_cancel mgpu_log mgpu_acct mgpu_top)
 
 "$cargo" build --release --locked --bins >&2
 target_dir=$("$cargo" metadata --format-version 1 --no-deps |
@@ -36,4 +36,6 @@ rm -rf "$dist"
 mkdir -p "$dist"
 install -m 755 "$target_dir/release/mgpu_scheduler_server" "$dist/"
 for c in "${clients[@]}"; do install -m 755 "$src/$c" "$dist/"; done
+# Man pages and shell completions, from the same argument definitions as --help.
+cargo run --quiet --release --locked -p mgpu --example gen-docs -- "$dist/share" >&2
 echo "$dist"

@@ -1,6 +1,6 @@
 //! `mgpu_queue`: running then pending jobs, and the GPUs with what is on them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
@@ -49,26 +49,37 @@ pub fn main() -> ExitCode {
     crate::run_main("mgpu_queue", run(args))
 }
 
-async fn run(args: Args) -> Result<i32> {
-    let mut client = Client::connect(args.socket.as_deref(), "mgpu_queue").await?;
-    let mut snapshot = match client
-        .call(&Request::Queue(QueueRequest {
-            user: args.user,
-            me: args.me,
-            job: args.job,
-        }))
-        .await?
-    {
+/// The queue as the server sees it now (`client` names the caller in the hello).
+pub async fn fetch(
+    socket: Option<&Path>,
+    client: &str,
+    req: QueueRequest,
+) -> Result<QueueSnapshot> {
+    let mut client = Client::connect(socket, client).await?;
+    let mut snapshot = match client.call(&Request::Queue(req)).await? {
         Response::Queue(s) => s,
         other => bail!("unexpected answer from the server: {other:?}"),
     };
     loop {
         match client.recv_control().await? {
             Response::QueueJobs { jobs } => snapshot.jobs.extend(jobs),
-            Response::QueueEnd => break,
+            Response::QueueEnd => return Ok(snapshot),
             other => bail!("unexpected answer from the server: {other:?}"),
         }
     }
+}
+
+async fn run(args: Args) -> Result<i32> {
+    let snapshot = fetch(
+        args.socket.as_deref(),
+        "mgpu_queue",
+        QueueRequest {
+            user: args.user,
+            me: args.me,
+            job: args.job,
+        },
+    )
+    .await?;
     use std::io::Write;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
@@ -227,13 +238,15 @@ fn index_ranges(tasks: &[u32]) -> String {
     shown.join(",")
 }
 
-/// The two tables: jobs, then GPUs. Waiting tasks of a job array share a row unless
-/// `array_tasks`.
-pub fn render(s: &QueueSnapshot, array_tasks: bool) -> String {
-    let mut jobs = table();
-    jobs.set_header([
-        "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "TIME", "REASON",
-    ]);
+/// Column names of [`job_rows`].
+pub const JOB_COLUMNS: [&str; 8] = [
+    "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "TIME", "REASON",
+];
+
+/// The rows of the jobs table, in the snapshot's order. Waiting tasks of a job array share a
+/// row unless `array_tasks`.
+pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 8]> {
+    let mut rows = Vec::new();
     let mut rest = &s.jobs[..];
     while let Some(j) = rest.first() {
         let mut n = 1;
@@ -272,7 +285,7 @@ pub fn render(s: &QueueSnapshot, array_tasks: bool) -> String {
             .time_limit_s
             .map(format_duration)
             .unwrap_or_else(|| "UNLIMITED".into());
-        jobs.add_row([
+        rows.push([
             id,
             j.user.clone(),
             name,
@@ -286,6 +299,17 @@ pub fn render(s: &QueueSnapshot, array_tasks: bool) -> String {
                 (None, _) => String::new(),
             },
         ]);
+    }
+    rows
+}
+
+/// The two tables: jobs, then GPUs. Waiting tasks of a job array share a row unless
+/// `array_tasks`.
+pub fn render(s: &QueueSnapshot, array_tasks: bool) -> String {
+    let mut jobs = table();
+    jobs.set_header(JOB_COLUMNS);
+    for row in job_rows(s, array_tasks) {
+        jobs.add_row(row);
     }
     let mut gpus = table();
     gpus.set_header(["GPU", "NAME", "RESERVED/USED/TOTAL (MiB)", "JOBS"]);

@@ -719,3 +719,13 @@ fn a_job_array_cap_limits_its_tasks_at_once() {
         s.wait_gone(id);
     }
 }
+
+/// `mgpu_top` is for terminals: from a script it refuses and says what to use instead.
+#[test]
+fn the_dashboard_refuses_without_a_terminal() {
+    let s = Server::start("1x24GiB", &[]);
+    let out = s.cmd("mgpu_top").output().unwrap();
+    assert_fails_with(&out, "needs a terminal");
+    let out = s.cmd("mgpu_top").args(["-n", "0"]).output().unwrap();
+    assert_fails_with(&out, "--interval");
+}

@@ -18,6 +18,7 @@ pub const PROGRAMS: &[&str] = &[
     "mgpu_cancel",
     "mgpu_log",
     "mgpu_acct",
+    "mgpu_top",
 ];
 
 fn exe(name: &str) -> PathBuf {
@@ -28,6 +29,7 @@ fn exe(name: &str) -> PathBuf {
         "mgpu_cancel" => env!("CARGO_BIN_EXE_mgpu_cancel").into(),
         "mgpu_log" => env!("CARGO_BIN_EXE_mgpu_log").into(),
         "mgpu_acct" => env!("CARGO_BIN_EXE_mgpu_acct").into(),
+        "mgpu_top" => env!("CARGO_BIN_EXE_mgpu_top").into(),
         other => panic!("unknown program {other}"),
     }
 }

@@ -1,0 +1,451 @@
+//! # mgpu-top
+//!
+//! `mgpu_top`: a live terminal dashboard of the mgpu scheduler. Each GPU's reserved and used
+//! memory, then the running jobs and the queue (the rows of `mgpu_queue`), refreshed every
+//! second. It only reads: each refresh is one queue request, as `mgpu_queue` makes, so anyone
+//! may run it. The screen is drawn from a [`View`] by [`draw`], which the tests render into a
+//! buffer.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use mgpu_cli::queue::{fetch, job_rows, JOB_COLUMNS};
+use mgpu_core::JobState;
+use mgpu_proto::{GpuInfo, QueueRequest, QueueSnapshot};
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph, Row, Table};
+use ratatui::Frame;
+
+/// How long one refresh may take before the dashboard says the server does not answer.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Width of a GPU's memory bar, in cells.
+const BAR: usize = 24;
+
+/// Live dashboard of the mgpu scheduler: GPUs, running jobs and the queue.
+///
+/// Keys: q or Esc quit; m only your jobs; r a row for each waiting task of a job array;
+/// Up/Down, PgUp/PgDn, Home scroll the jobs.
+#[derive(Debug, Parser)]
+#[command(name = "mgpu_top", version, verbatim_doc_comment)]
+pub struct Args {
+    /// Seconds between refreshes
+    #[arg(short = 'n', long, value_name = "SECS", default_value_t = 1.0)]
+    pub interval: f64,
+    /// Start with only your own jobs (m toggles)
+    #[arg(long)]
+    pub me: bool,
+    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// What the dashboard shows.
+#[derive(Debug, Default)]
+pub struct View {
+    /// The latest queue the server sent.
+    pub snapshot: Option<QueueSnapshot>,
+    /// Why the latest refresh failed, if it did (the previous snapshot stays on screen).
+    pub error: Option<String>,
+    /// Only the caller's own jobs.
+    pub me: bool,
+    /// A row for each waiting task of a job array.
+    pub array_tasks: bool,
+    /// Job rows scrolled past.
+    pub scroll: usize,
+    pub socket: String,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mgpu_top: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if !(0.1..=3600.0).contains(&args.interval) {
+        bail!("--interval must be between 0.1 and 3600 seconds");
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!("mgpu_top needs a terminal; in scripts use mgpu_queue or mgpu_queue --json");
+    }
+    let interval = Duration::from_secs_f64(args.interval);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let socket = mgpu_proto::socket_path(args.socket.as_deref());
+    let mut view = View {
+        me: args.me,
+        socket: socket.display().to_string(),
+        ..View::default()
+    };
+    // The first refresh before the screen is taken: a server that is not there is said plainly.
+    refresh(&rt, &socket, &mut view);
+    if let (None, Some(e)) = (&view.snapshot, &view.error) {
+        bail!("{e}");
+    }
+    let mut terminal = ratatui::init();
+    let result = event_loop(&mut terminal, &rt, &socket, &mut view, interval);
+    ratatui::restore();
+    result
+}
+
+/// Draws, waits for a key or the next refresh, until the user quits.
+fn event_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    rt: &tokio::runtime::Runtime,
+    socket: &Path,
+    view: &mut View,
+    interval: Duration,
+) -> Result<()> {
+    let mut next = Instant::now() + interval;
+    loop {
+        terminal.draw(|f| draw(f, view))?;
+        if event::poll(next.saturating_duration_since(Instant::now()))? {
+            if let Event::Key(k) = event::read()? {
+                if k.kind != KeyEventKind::Press {
+                    continue;
+                }
+                match k.code {
+                    KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
+                    KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+                        return Ok(())
+                    }
+                    KeyCode::Char('m') => {
+                        view.me = !view.me;
+                        view.scroll = 0;
+                        next = Instant::now();
+                    }
+                    KeyCode::Char('r') => view.array_tasks = !view.array_tasks,
+                    KeyCode::Down => view.scroll += 1,
+                    KeyCode::Up => view.scroll = view.scroll.saturating_sub(1),
+                    KeyCode::PageDown => view.scroll += 10,
+                    KeyCode::PageUp => view.scroll = view.scroll.saturating_sub(10),
+                    KeyCode::Home => view.scroll = 0,
+                    _ => {}
+                }
+            }
+        }
+        if Instant::now() >= next {
+            refresh(rt, socket, view);
+            next = Instant::now() + interval;
+        }
+    }
+}
+
+/// Fetches the queue; on failure keeps the previous snapshot and says why.
+fn refresh(rt: &tokio::runtime::Runtime, socket: &Path, view: &mut View) {
+    let req = QueueRequest {
+        me: view.me,
+        ..QueueRequest::default()
+    };
+    let got = rt.block_on(async {
+        tokio::time::timeout(FETCH_TIMEOUT, fetch(Some(socket), "mgpu_top", req))
+            .await
+            .context("the server did not answer within 3 s")?
+    });
+    match got {
+        Ok(s) => {
+            view.snapshot = Some(s);
+            view.error = None;
+        }
+        Err(e) => view.error = Some(format!("{e:#}")),
+    }
+}
+
+/// A GPU's reserved memory as a bar, with the figures.
+fn memory_bar(g: &GpuInfo) -> String {
+    let filled = if g.total_mib == 0 {
+        0
+    } else {
+        (g.reserved_mib.min(g.total_mib) as u128 * BAR as u128).div_ceil(g.total_mib as u128)
+            as usize
+    };
+    format!(
+        "{}{} {:>3}%",
+        "█".repeat(filled),
+        "░".repeat(BAR - filled),
+        (g.reserved_mib as u128 * 100)
+            .checked_div(g.total_mib as u128)
+            .unwrap_or(0)
+    )
+}
+
+/// `HH:MM:SS` (UTC) of a time in ms since the epoch.
+fn clock(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .map(|t| format!("{:02}:{:02}:{:02} UTC", t.hour(), t.minute(), t.second()))
+        .unwrap_or_default()
+}
+
+/// The whole screen: a header, the GPUs, the jobs, the keys.
+pub fn draw(frame: &mut Frame, view: &View) {
+    let gpus = view.snapshot.as_ref().map_or(0, |s| s.gpus.len()) as u16;
+    let [header, gpu_area, job_area, footer] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(gpus + 3),
+        Constraint::Min(4),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+
+    let bold = Style::default().add_modifier(Modifier::BOLD);
+    let mut title = vec![
+        Span::styled("mgpu_top", bold),
+        Span::raw(format!("  {}", view.socket)),
+    ];
+    if let Some(s) = &view.snapshot {
+        let running = s
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Running)
+            .count();
+        title.push(Span::raw(format!(
+            "  policy {}  {} running, {} waiting{}  {}",
+            s.policy,
+            running,
+            s.jobs.len() - running,
+            if view.me { " (yours)" } else { "" },
+            clock(s.now)
+        )));
+    }
+    if let Some(e) = &view.error {
+        title.push(Span::styled(
+            format!("  {e}"),
+            Style::default().fg(Color::Red),
+        ));
+    }
+    frame.render_widget(Paragraph::new(Line::from(title)), header);
+
+    let Some(s) = &view.snapshot else {
+        return;
+    };
+    let gpu_rows = s.gpus.iter().map(|g| {
+        let jobs: Vec<String> = g.jobs.iter().map(u64::to_string).collect();
+        Row::new([
+            g.index.to_string(),
+            g.name.clone(),
+            memory_bar(g),
+            format!("{}/{}", g.reserved_mib, g.total_mib),
+            g.used_mib.to_string(),
+            if jobs.is_empty() {
+                "-".into()
+            } else {
+                jobs.join(",")
+            },
+        ])
+    });
+    let gpu_table = Table::new(
+        gpu_rows,
+        [
+            Constraint::Length(3),
+            Constraint::Length(24),
+            Constraint::Length(BAR as u16 + 5),
+            Constraint::Length(15),
+            Constraint::Length(8),
+            Constraint::Min(4),
+        ],
+    )
+    .header(
+        Row::new([
+            "GPU",
+            "NAME",
+            "RESERVED",
+            "RESERVED MiB",
+            "USED MiB",
+            "JOBS",
+        ])
+        .style(bold),
+    )
+    .block(Block::default().borders(Borders::ALL).title(" GPUs "));
+    frame.render_widget(gpu_table, gpu_area);
+
+    let rows = job_rows(s, view.array_tasks);
+    let visible = job_area.height.saturating_sub(3) as usize;
+    let scroll = view.scroll.min(rows.len().saturating_sub(visible.max(1)));
+    let shown = rows.len().saturating_sub(scroll).min(visible);
+    let job_table = Table::new(
+        rows.iter().skip(scroll).take(visible).map(|r| {
+            let color = match r[3].as_str() {
+                "RUNNING" => Color::Green,
+                _ => Color::Yellow,
+            };
+            Row::new(r.clone()).style(Style::default().fg(color))
+        }),
+        [
+            Constraint::Length(12),
+            Constraint::Length(10),
+            Constraint::Length(20),
+            Constraint::Length(8),
+            Constraint::Length(9),
+            Constraint::Length(8),
+            Constraint::Length(18),
+            Constraint::Min(10),
+        ],
+    )
+    .header(Row::new(JOB_COLUMNS).style(bold))
+    .block(Block::default().borders(Borders::ALL).title(format!(
+        " Jobs {}-{} of {} ",
+        if shown == 0 { 0 } else { scroll + 1 },
+        scroll + shown,
+        rows.len()
+    )));
+    frame.render_widget(job_table, job_area);
+
+    let on = |b: bool| if b { "on" } else { "off" };
+    frame.render_widget(
+        Paragraph::new(format!(
+            "q quit   m only mine: {}   r a row per array task: {}   Up/Down PgUp/PgDn Home scroll",
+            on(view.me),
+            on(view.array_tasks)
+        )),
+        footer,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mgpu_proto::{ArrayTask, JobInfo};
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+
+    fn job(id: u64, running: bool, array: Option<u32>) -> JobInfo {
+        JobInfo {
+            id,
+            user: "alice".into(),
+            name: "sweep".into(),
+            state: if running {
+                JobState::Running
+            } else {
+                JobState::Pending
+            },
+            gpus: 1,
+            gpu_ids: if running { vec![0] } else { vec![] },
+            mem_mib: Some(40_960),
+            time_limit_s: Some(3600),
+            submitted_at: 0,
+            started_at: running.then_some(0),
+            restarts: 0,
+            reason: (!running).then(|| "JobArrayTaskLimit".into()),
+            command: vec!["python".into()],
+            priority: None,
+            est_start: None,
+            array: array.map(|task| ArrayTask {
+                job: 10,
+                task,
+                count: 6,
+                min: 0,
+                max: 5,
+                limit: Some(2),
+            }),
+        }
+    }
+
+    fn screen(view: &View, width: u16, height: u16) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal.draw(|f| draw(f, view)).unwrap();
+        let buffer = terminal.backend().buffer();
+        (0..height)
+            .map(|y| {
+                (0..width)
+                    .map(|x| buffer[(x, y)].symbol())
+                    .collect::<String>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The screen has the GPUs with their memory bars, the jobs as `mgpu_queue` shows them
+    /// (waiting array tasks in one row), and says when the server does not answer.
+    #[test]
+    fn the_dashboard_shows_gpus_jobs_and_errors() {
+        let snapshot = QueueSnapshot {
+            now: 3_600_000,
+            policy: "fair".into(),
+            gpus: vec![GpuInfo {
+                index: 0,
+                name: "NVIDIA H200".into(),
+                total_mib: 143_771,
+                reserved_mib: 81_920,
+                used_mib: 60_000,
+                jobs: vec![10, 11],
+            }],
+            jobs: vec![
+                job(10, true, Some(0)),
+                job(11, true, Some(1)),
+                job(12, false, Some(2)),
+                job(13, false, Some(3)),
+                job(14, false, Some(5)),
+            ],
+        };
+        let mut view = View {
+            snapshot: Some(snapshot),
+            socket: "/tmp/mgpu.sock".into(),
+            ..View::default()
+        };
+        let text = screen(&view, 120, 20);
+        for want in [
+            "NVIDIA H200",
+            "81920/143771",
+            "60000",
+            "10,11",
+            "sweep[0]",
+            "12-14",
+            "sweep[2-3,5]",
+            "JobArrayTaskLimit",
+            "2 running, 3 waiting",
+            "01:00:00 UTC",
+            "Jobs 1-3 of 3",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        assert!(
+            text.contains(&format!("{}{}", "█".repeat(14), "░".repeat(10))),
+            "{text}"
+        );
+
+        view.array_tasks = true;
+        view.error = Some("cannot connect to /tmp/mgpu.sock".into());
+        let text = screen(&view, 120, 20);
+        assert!(
+            text.contains("sweep[5]") && text.contains("Jobs 1-5 of 5"),
+            "{text}"
+        );
+        assert!(text.contains("cannot connect"), "{text}");
+
+        // A small screen scrolls the jobs.
+        view.scroll = 4;
+        let text = screen(&view, 120, 11);
+        assert!(text.contains("Jobs 4-5 of 5"), "{text}");
+    }
+
+    #[test]
+    fn memory_bars() {
+        let g = |reserved_mib, total_mib| GpuInfo {
+            index: 0,
+            name: String::new(),
+            total_mib,
+            reserved_mib,
+            used_mib: 0,
+            jobs: vec![],
+        };
+        assert_eq!(memory_bar(&g(0, 100)), format!("{}   0%", "░".repeat(BAR)));
+        assert_eq!(
+            memory_bar(&g(100, 100)),
+            format!("{} 100%", "█".repeat(BAR))
+        );
+        assert!(memory_bar(&g(1, 100)).starts_with('█'), "any use shows");
+        assert_eq!(memory_bar(&g(5, 0)), format!("{}   0%", "░".repeat(BAR)));
+    }
+}

@@ -28,6 +28,9 @@ echo "== two detached jobs sharing one GPU by memory, and one exclusive 2-GPU jo
 "$bin/mgpu_srun" --detach --mem 8G --job-name share-a -- sleep 3
 "$bin/mgpu_srun" --detach --mem 8G --job-name share-b -- sleep 3
 "$bin/mgpu_srun" --detach --gpus 2 --time-limit 10:00 --job-name train -- sleep 3
+echo "== a job array of 8 tasks, at most 2 at once (the others wait as JobArrayTaskLimit)"
+"$bin/mgpu_srun" --array 0-7%2 --mem 2G --job-name sweep -- \
+  bash -c 'echo "task $MGPU_ARRAY_TASK_ID of $MGPU_ARRAY_TASK_COUNT"; sleep 3'
 "$bin/mgpu_queue"
 echo "== cancelling everything"
 "$bin/mgpu_cancel" --all --verbose

@@ -385,7 +385,7 @@ pub struct JobInfo {
     #[serde(default)]
     pub est_start: Option<Millis>,
     /// The job array it belongs to, and its index there.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<ArrayTask>,
 }
 
@@ -407,7 +407,7 @@ pub struct AcctRecord {
     pub restarts: u32,
     pub message: Option<String>,
     /// The job array it belonged to, and its index there.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<ArrayTask>,
 }
 

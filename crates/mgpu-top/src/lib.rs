@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +22,29 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Row, Table};
 use ratatui::Frame;
+
+/// Set by SIGTERM, SIGHUP or SIGINT: the loop ends and the terminal is given back as it was.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// A signal to stop ends the loop (within a refresh interval) instead of killing the process
+/// with the terminal still in raw mode.
+fn catch_stop_signals() -> Result<()> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.context("installing a signal handler")?;
+    }
+    Ok(())
+}
 
 /// How long one refresh may take before the dashboard says the server does not answer.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -94,6 +118,7 @@ fn run(args: Args) -> Result<()> {
     if let (None, Some(e)) = (&view.snapshot, &view.error) {
         bail!("{e}");
     }
+    catch_stop_signals()?;
     let mut terminal = ratatui::init();
     let result = event_loop(&mut terminal, &rt, &socket, &mut view, interval);
     ratatui::restore();
@@ -109,9 +134,15 @@ fn event_loop(
     interval: Duration,
 ) -> Result<()> {
     let mut next = Instant::now() + interval;
+    // A signal can land while the loop waits: it is seen at the next wake-up, at most a
+    // quarter of a second later.
+    let tick = Duration::from_millis(250);
     loop {
+        if STOP.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         terminal.draw(|f| draw(f, view))?;
-        if event::poll(next.saturating_duration_since(Instant::now()))? {
+        if event::poll(next.saturating_duration_since(Instant::now()).min(tick))? {
             if let Event::Key(k) = event::read()? {
                 if k.kind != KeyEventKind::Press {
                     continue;

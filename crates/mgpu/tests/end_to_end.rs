@@ -557,15 +557,12 @@ fn job_arrays() {
     assert_eq!(text(&out.stdout).trim(), "unset");
 
     // Waiting tasks keep their place in the array across a restart, and go together.
-    let out = s
-        .cmd("mgpu_srun")
-        .args([
+    let said = s.ok(
+        "mgpu_srun",
+        &[
             "--array", "1-3", "--gpus", "2", "-J", "hold", "--", "sleep", "30",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let said = text(&out.stdout);
+        ],
+    );
     let hold: u64 = said
         .trim()
         .strip_prefix("Submitted array job ")
@@ -593,12 +590,7 @@ fn job_arrays() {
     let table = text(&s.cmd("mgpu_queue").arg("-r").output().unwrap().stdout);
     assert!(table.contains("hold[3]"), "{table}");
     // Any task's id names its array.
-    let out = s
-        .cmd("mgpu_cancel")
-        .args(["--array", &(hold + 2).to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    s.ok("mgpu_cancel", &["--array", &(hold + 2).to_string()]);
     for id in hold..hold + 3 {
         s.wait_gone(id);
         assert_eq!(s.acct(id)["state"], "CANCELLED");
@@ -636,12 +628,7 @@ fn job_arrays() {
     ]);
     s.wait_gone(arr);
     s.wait_state(arr + 1, "RUNNING");
-    let out = s
-        .cmd("mgpu_cancel")
-        .args(["--array", &arr.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    s.ok("mgpu_cancel", &["--array", &arr.to_string()]);
     assert_eq!(s.acct(arr)["state"], "COMPLETED");
     for id in [arr + 1, arr + 2] {
         s.wait_gone(id);
@@ -675,12 +662,7 @@ fn queue_limits_bound_waiting_jobs() {
     assert_fails_with(&out, "you have 4 jobs waiting");
     assert_eq!(s.queue_json()["jobs"].as_array().unwrap().len(), 5);
     // Room again once some leave.
-    assert!(s
-        .cmd("mgpu_cancel")
-        .args(["--array", &first.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    s.ok("mgpu_cancel", &["--array", &first.to_string()]);
     s.detached(&["--array", "0-2", "--", "true"]);
 }
 
@@ -699,22 +681,12 @@ fn a_job_array_cap_limits_its_tasks_at_once() {
         assert_eq!(j["state"], "PENDING", "{q}");
         assert_eq!(j["reason"], "JobArrayTaskLimit", "{q}");
     }
-    let table = text(&s.cmd("mgpu_queue").output().unwrap().stdout);
+    let table = s.ok("mgpu_queue", &[]);
     assert!(table.contains("JobArrayTaskLimit"), "{table}");
-    assert!(s
-        .cmd("mgpu_cancel")
-        .arg(first.to_string())
-        .status()
-        .unwrap()
-        .success());
+    s.ok("mgpu_cancel", &[&first.to_string()]);
     s.wait_state(first + 2, "RUNNING");
     assert_eq!(s.job(first + 3).unwrap()["reason"], "JobArrayTaskLimit");
-    assert!(s
-        .cmd("mgpu_cancel")
-        .args(["--array", &first.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    s.ok("mgpu_cancel", &["--array", &first.to_string()]);
     for id in first..first + 6 {
         s.wait_gone(id);
     }

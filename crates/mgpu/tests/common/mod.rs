@@ -265,6 +265,17 @@ impl Server {
         c
     }
 
+    /// Runs a client command as root, which must succeed; returns its stdout.
+    pub fn ok(&self, program: &str, args: &[&str]) -> String {
+        let out = self.cmd(program).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
     /// A client command run as `user` (real uid, gid and groups switched by setpriv).
     pub fn cmd_as(&self, user: &TestUser, program: &str) -> Command {
         let mut c = Command::new("setpriv");

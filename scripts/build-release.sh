@@ -37,5 +37,5 @@ mkdir -p "$dist"
 install -m 755 "$target_dir/release/mgpu_scheduler_server" "$dist/"
 for c in "${clients[@]}"; do install -m 755 "$src/$c" "$dist/"; done
 # Man pages and shell completions, from the same argument definitions as --help.
-cargo run --quiet --release --locked -p mgpu --example gen-docs -- "$dist/share" >&2
+"$cargo" run --quiet --release --locked -p mgpu --example gen-docs -- "$dist/share" >&2
 echo "$dist"

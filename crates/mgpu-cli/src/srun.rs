@@ -79,7 +79,7 @@ pub struct Args {
     /// Submit a job array: one task per index, e.g. 0-99, 1,3,5-9 or 0-99:5 (every 5th); with
     /// %N (0-99%4) at most N tasks wait or run at once. Each task is a job of its own, with
     /// MGPU_ARRAY_TASK_ID set to its index; implies --detach
-    #[arg(short = 'a', long, value_name = "SPEC", value_parser = parse_array)]
+    #[arg(short = 'a', long, value_name = "SPEC", value_parser = mgpu_proto::parse_array_spec)]
     pub array: Option<ArraySpec>,
     /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
     #[arg(long, value_name = "PATH")]
@@ -91,10 +91,6 @@ pub struct Args {
         value_name = "CMD"
     )]
     pub command: Vec<OsString>,
-}
-
-fn parse_array(text: &str) -> Result<ArraySpec, String> {
-    mgpu_proto::parse_array_spec(text)
 }
 
 pub fn main() -> ExitCode {

@@ -315,7 +315,8 @@ pub struct Scheduler {
     /// The `now` of the latest pass: priorities shown between passes are as of then.
     last_now: Millis,
     /// Job arrays with a cap on their tasks (`%N`), by array id.
-    throttles: HashMap<JobId, Throttle>,
+    /// (Ordered: the arrays' id ranges do not overlap, so held tasks list in id order.)
+    throttles: BTreeMap<JobId, Throttle>,
 }
 
 impl Scheduler {
@@ -337,7 +338,7 @@ impl Scheduler {
             reservation: None,
             recheck_at: None,
             last_now: 0,
-            throttles: HashMap::new(),
+            throttles: BTreeMap::new(),
         }
     }
 
@@ -458,13 +459,7 @@ impl Scheduler {
     /// A new pending job enters the queue, unless it is a task of a job array whose cap is
     /// reached: then it is held until a task of that array leaves.
     fn enter(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
-        if let Some((array, limit)) = request.array.and_then(|a| Some((a.job, a.limit?))) {
-            let t = self.throttles.entry(array).or_insert_with(|| Throttle {
-                uid: request.uid,
-                limit,
-                live: 0,
-                held: BTreeSet::new(),
-            });
+        if let Some(t) = self.throttle_of(&request) {
             if t.live >= t.limit {
                 t.held.insert(id);
                 // Its place in the queue is kept for it (it enters there when let in), but it
@@ -482,6 +477,29 @@ impl Scheduler {
             t.live += 1;
         }
         self.insert_pending(id, request, now, restarts);
+    }
+
+    /// The cap of the job array `request` is a task of, if it has one (made on its first task).
+    fn throttle_of(&mut self, request: &JobRequest) -> Option<&mut Throttle> {
+        let a = request.array?;
+        let limit = a.limit?;
+        Some(self.throttles.entry(a.job).or_insert_with(|| Throttle {
+            uid: request.uid,
+            limit,
+            live: 0,
+            held: BTreeSet::new(),
+        }))
+    }
+
+    /// Forgets the cap of an array with no task left waiting or running.
+    fn forget_throttle_if_done(&mut self, array: JobId) {
+        if self
+            .throttles
+            .get(&array)
+            .is_some_and(|t| t.live == 0 && t.held.is_empty())
+        {
+            self.throttles.remove(&array);
+        }
     }
 
     /// A task of a capped job array left (ended, or cancelled while waiting): the next held
@@ -502,9 +520,7 @@ impl Scheduler {
         if next.is_some() {
             t.live += 1;
         }
-        if t.live == 0 && t.held.is_empty() {
-            self.throttles.remove(&array);
-        }
+        self.forget_throttle_if_done(array);
         if let Some(next) = next {
             let job = self.jobs.remove(&next).expect("a held task is a job");
             // At the place in the queue its submission gave it, not at the end.
@@ -582,16 +598,8 @@ impl Scheduler {
         let key = self.next_queue_key;
         self.next_queue_key += 1;
         // A running task of a capped array counts against the cap.
-        if let Some((array, limit)) = request.array.and_then(|a| Some((a.job, a.limit?))) {
-            self.throttles
-                .entry(array)
-                .or_insert_with(|| Throttle {
-                    uid: request.uid,
-                    limit,
-                    live: 0,
-                    held: BTreeSet::new(),
-                })
-                .live += 1;
+        if let Some(t) = self.throttle_of(&request) {
+            t.live += 1;
         }
         let job = Job {
             started_at: Some(started_at),
@@ -642,10 +650,8 @@ impl Scheduler {
                 if let Some(array) = job.request.array.map(|a| a.job) {
                     if let Some(t) = self.throttles.get_mut(&array) {
                         t.held.remove(&id);
-                        if t.live == 0 && t.held.is_empty() {
-                            self.throttles.remove(&array);
-                        }
                     }
+                    self.forget_throttle_if_done(array);
                 }
                 job.state = JobState::Cancelled;
                 CancelOutcome::Removed(Box::new(job))
@@ -711,16 +717,11 @@ impl Scheduler {
             .filter(|j| j.state == JobState::Running)
             .collect();
         running.sort_by_key(|j| j.id);
-        let mut held: Vec<JobId> = self
-            .throttles
-            .values()
-            .flat_map(|t| t.held.iter().copied())
-            .collect();
-        held.sort_unstable();
+        let held = self.throttles.values().flat_map(|t| t.held.iter());
         running
             .into_iter()
             .chain(self.pending_in_priority_order().map(|id| &self.jobs[&id]))
-            .chain(held.into_iter().map(|id| &self.jobs[&id]))
+            .chain(held.map(|id| &self.jobs[id]))
     }
 
     /// 1-based position of a pending job in priority order (O(queue length); for display only).

@@ -471,11 +471,14 @@ fn recover(conn: &Connection) -> Result<Recovered> {
         .optional()?;
     let max_id: Option<i64> = conn.query_row("SELECT MAX(id) FROM jobs", [], |r| r.get(0))?;
     let next_job_id = seq.unwrap_or(0).max(max_id.unwrap_or(0)) as JobId + 1;
-    // Each job array's command, read once for all its tasks.
+    // The command of each job array with tasks left, read once for all its tasks.
     let mut array_commands: HashMap<JobId, Arc<[String]>> = HashMap::new();
     {
-        let mut stmt =
-            conn.prepare("SELECT array_id, json_extract(spec, '$.command') FROM array_specs")?;
+        let mut stmt = conn.prepare(
+            "SELECT array_id, json_extract(spec, '$.command') FROM array_specs
+             WHERE array_id IN (SELECT json_extract(array, '$.job') FROM jobs
+                                WHERE array IS NOT NULL AND state IN ('PENDING', 'RUNNING'))",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
         })?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_cli::queue::{fetch, job_rows, JOB_COLUMNS};
+use mgpu_cli::queue::{fetch, job_rows, rfc3339, JOB_COLUMNS};
 use mgpu_core::JobState;
 use mgpu_proto::{GpuInfo, QueueRequest, QueueSnapshot};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
@@ -74,6 +74,8 @@ pub struct Args {
 pub struct View {
     /// The latest queue the server sent.
     pub snapshot: Option<QueueSnapshot>,
+    /// Its jobs as table rows (built once per snapshot or toggle, not per redraw).
+    pub rows: Vec<[String; 8]>,
     /// Why the latest refresh failed, if it did (the previous snapshot stays on screen).
     pub error: Option<String>,
     /// Only the caller's own jobs.
@@ -83,6 +85,17 @@ pub struct View {
     /// Job rows scrolled past.
     pub scroll: usize,
     pub socket: String,
+}
+
+impl View {
+    /// Rebuilds the job rows from the snapshot.
+    pub fn rebuild_rows(&mut self) {
+        self.rows = self
+            .snapshot
+            .as_ref()
+            .map(|s| job_rows(s, self.array_tasks))
+            .unwrap_or_default();
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -137,16 +150,24 @@ fn event_loop(
     // A signal can land while the loop waits: it is seen at the next wake-up, at most a
     // quarter of a second later.
     let tick = Duration::from_millis(250);
+    // Drawn again only after a refresh, a key or a resize.
+    let mut dirty = true;
     loop {
         if STOP.load(Ordering::Relaxed) {
             return Ok(());
         }
-        terminal.draw(|f| draw(f, view))?;
+        if dirty {
+            terminal.draw(|f| draw(f, view))?;
+            dirty = false;
+        }
         if event::poll(next.saturating_duration_since(Instant::now()).min(tick))? {
-            if let Event::Key(k) = event::read()? {
+            let event = event::read()?;
+            dirty = matches!(event, Event::Resize(..));
+            if let Event::Key(k) = event {
                 if k.kind != KeyEventKind::Press {
                     continue;
                 }
+                dirty = true;
                 match k.code {
                     KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
                     KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
@@ -157,7 +178,10 @@ fn event_loop(
                         view.scroll = 0;
                         next = Instant::now();
                     }
-                    KeyCode::Char('r') => view.array_tasks = !view.array_tasks,
+                    KeyCode::Char('r') => {
+                        view.array_tasks = !view.array_tasks;
+                        view.rebuild_rows();
+                    }
                     KeyCode::Down => view.scroll += 1,
                     KeyCode::Up => view.scroll = view.scroll.saturating_sub(1),
                     KeyCode::PageDown => view.scroll += 10,
@@ -170,6 +194,7 @@ fn event_loop(
         if Instant::now() >= next {
             refresh(rt, socket, view);
             next = Instant::now() + interval;
+            dirty = true;
         }
     }
 }
@@ -189,6 +214,7 @@ fn refresh(rt: &tokio::runtime::Runtime, socket: &Path, view: &mut View) {
         Ok(s) => {
             view.snapshot = Some(s);
             view.error = None;
+            view.rebuild_rows();
         }
         Err(e) => view.error = Some(format!("{e:#}")),
     }
@@ -212,11 +238,9 @@ fn memory_bar(g: &GpuInfo) -> String {
     )
 }
 
-/// `HH:MM:SS` (UTC) of a time in ms since the epoch.
+/// `HH:MM:SS UTC` of a time in ms since the epoch.
 fn clock(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .map(|t| format!("{:02}:{:02}:{:02} UTC", t.hour(), t.minute(), t.second()))
-        .unwrap_or_default()
+    format!("{} UTC", rfc3339(ms).get(11..19).unwrap_or(""))
 }
 
 /// The whole screen: a header, the GPUs, the jobs, the keys.
@@ -301,7 +325,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
     .block(Block::default().borders(Borders::ALL).title(" GPUs "));
     frame.render_widget(gpu_table, gpu_area);
 
-    let rows = job_rows(s, view.array_tasks);
+    let rows = &view.rows;
     let visible = job_area.height.saturating_sub(3) as usize;
     let scroll = view.scroll.min(rows.len().saturating_sub(visible.max(1)));
     let shown = rows.len().saturating_sub(scroll).min(visible);
@@ -311,7 +335,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
                 "RUNNING" => Color::Green,
                 _ => Color::Yellow,
             };
-            Row::new(r.clone()).style(Style::default().fg(color))
+            Row::new(r.iter().map(String::as_str)).style(Style::default().fg(color))
         }),
         [
             Constraint::Length(12),
@@ -425,6 +449,7 @@ mod tests {
             socket: "/tmp/mgpu.sock".into(),
             ..View::default()
         };
+        view.rebuild_rows();
         let text = screen(&view, 120, 20);
         for want in [
             "NVIDIA H200",
@@ -447,6 +472,7 @@ mod tests {
         );
 
         view.array_tasks = true;
+        view.rebuild_rows();
         view.error = Some("cannot connect to /tmp/mgpu.sock".into());
         let text = screen(&view, 120, 20);
         assert!(

@@ -60,6 +60,12 @@ impl JobCgroup {
         }
         let dir = base.join(format!("job-{job}-{}", std::process::id()));
         std::fs::create_dir(&dir).ok()?;
+        // Readable by the job (the daemon's umask is 0077): programs size themselves from
+        // their cgroup's limits (cpu.max, memory.max).
+        use std::os::unix::fs::PermissionsExt;
+        for d in [base, dir.as_path()] {
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+        }
         if !dir.join("cgroup.kill").exists() {
             // Too old a kernel to kill a whole cgroup: use the fallback.
             let _ = std::fs::remove_dir(&dir);

@@ -1,7 +1,6 @@
 //! Command line, startup (directories, store recovery, GPUs, socket) and shutdown.
 
 use std::collections::HashSet;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,7 +24,10 @@ use crate::{server, supervisor, users};
 #[derive(Debug, Parser)]
 #[command(name = "mgpu_scheduler_server", version)]
 pub struct Args {
-    /// UNIX socket to listen on [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    /// UNIX socket to listen on [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock as root
+    /// (/run/mgpu is created 0755 if missing, and refused if it is a link or someone else's),
+    /// $XDG_RUNTIME_DIR/mgpu/mgpu.sock otherwise]. Its directory must belong to root or the
+    /// server's user, and be sticky if others may write to it.
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Global cap on every job's time slice, in seconds
@@ -36,7 +38,7 @@ pub struct Args {
     pub state_dir: Option<PathBuf>,
     /// Where running jobs keep their run directories (supervisor sockets, launch and exit
     /// records). They must outlive server restarts but not reboots, so a tmpfs is best and
-    /// cheapest (the systemd unit uses /run/mgpu). Keep it the same across restarts
+    /// cheapest (the systemd unit uses /run/mgpu/runs). Keep it the same across restarts
     /// [default: STATE_DIR/runs]
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
@@ -93,6 +95,10 @@ pub struct Args {
 }
 
 pub fn main() -> ExitCode {
+    // Whatever the daemon, its launcher and supervisors create is private unless made
+    // otherwise on purpose (the database and launch records hold users' environments).
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     if let Some(run_dir) = &args.supervise {
         return supervisor::main(run_dir, args.launch_id);
@@ -146,31 +152,43 @@ fn default_state_dir(root: bool) -> Result<PathBuf> {
 
 /// Takes the exclusive lock of `dir` (its file `name`) for as long as the result lives.
 fn lock_dir(dir: &Path, name: &str, what: &str) -> Result<Flock<std::fs::File>> {
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(name))
-        .with_context(|| format!("cannot open {}/{name}", dir.display()))?;
+    let dir_fd = crate::safe_fs::checked_dir(dir, crate::safe_fs::Want::Private, what)?;
+    let lock_file = crate::safe_fs::open_private_file(&dir_fd, name, true)
+        .with_context(|| format!("cannot open {}/{name}", dir.display()))?
+        .expect("created");
     Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
         .map_err(|_| anyhow::anyhow!("another mgpu server is using the {what} {}", dir.display()))
 }
 
-/// Creates `dir` (mode 0700) if needed and checks that it is ours and private.
+/// Creates `dir` (mode 0700) if needed and checks that it, and every directory on its way, is
+/// safe from planted links and other users (see [`crate::safe_fs`]); makes it private.
 fn private_dir(dir: &Path, what: &str) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create the {what} {}", dir.display()))?;
-    let meta = std::fs::metadata(dir)
-        .with_context(|| format!("cannot read the {what} {}", dir.display()))?;
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        bail!("the {what} {} is owned by another user", dir.display());
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("making the {what} {} private", dir.display()))?;
+    crate::safe_fs::checked_dir(dir, crate::safe_fs::Want::Private, what)?;
+    Ok(())
+}
+
+/// The socket's directory: the default one is created (0755 for a root server, so that every
+/// user can reach it; 0700 for a single-user server) and must be ours; a directory named with
+/// `--socket` must belong to root or us and be sticky if others may write to it (then anyone
+/// could take the path while no server runs: said in the log).
+fn check_socket_dir(socket: &Path, default: bool) -> Result<()> {
+    use crate::safe_fs::{checked_dir, Want};
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let want = match (default, nix::unistd::geteuid().is_root()) {
+        (true, true) => Want::Shared,
+        (true, false) => Want::Private,
+        (false, _) => Want::Existing,
+    };
+    let fd = checked_dir(dir, want, "socket directory")?;
+    let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+    if st.st_mode & 0o002 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the socket's directory is writable by everyone: anyone can take the path while no server runs (the default, /run/mgpu, is safe)"
+        );
     }
     Ok(())
 }
@@ -250,7 +268,8 @@ async fn run(args: Args) -> Result<()> {
     raise_fd_limit();
     let euid = nix::unistd::geteuid().as_raw();
     let multi_user = euid == 0;
-    let socket = mgpu_proto::socket_path(args.socket.as_deref());
+    let socket = mgpu_proto::server_socket(args.socket.as_deref(), euid);
+    check_socket_dir(&socket, mgpu_proto::explicit_socket(args.socket.as_deref()).is_none())?;
     let state_dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => default_state_dir(multi_user)?,

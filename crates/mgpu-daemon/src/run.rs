@@ -30,9 +30,13 @@ pub struct Args {
     /// server's user, and be sticky if others may write to it.
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Global cap on every job's time slice, in seconds
+    /// Global cap on every job's time slice, in seconds (0: no cap)
     #[arg(long, value_name = "SECS")]
     pub max_job_time: Option<u64>,
+    /// No job is context-switched before it has run this long, whatever its time limit: a
+    /// switch stops a job and restarts it later, so this bounds how often that can happen
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub min_slice: u64,
     /// Where the job database lives [default: /var/lib/mgpu as root, else ~/.local/state/mgpu]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -288,6 +292,7 @@ async fn run(args: Args) -> Result<()> {
     let (store, recovered) = Store::open(&state_dir)?;
     let mut config = Config {
         max_job_time_s: args.max_job_time,
+        min_slice_s: args.min_slice,
         policy: args.policy,
         default_estimate_s: args.default_estimate,
         ..Config::default()
@@ -308,6 +313,13 @@ async fn run(args: Args) -> Result<()> {
     private_dir(&runs_dir, "run directory")?;
     // One server per run directory too (its own lock file: it may be the state directory).
     let _runs_lock = lock_dir(&runs_dir, "runs.lock", "run directory")?;
+    let live: HashSet<JobId> = recovered
+        .running
+        .iter()
+        .chain(&recovered.pending)
+        .map(|j| j.id)
+        .collect();
+    let held_runs = sweep_ended_runs(&runs_dir, &live);
     let probe = |id: JobId| probe_runs(&runs_dir.join(id.to_string()));
     let half_life_ms = config.fair.half_life_s * 1000;
     let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
@@ -403,6 +415,10 @@ async fn run(args: Args) -> Result<()> {
     for (id, run) in plan.orphaned {
         tokio::spawn(stop_orphan(daemon.run_dir(id, run), args.grace_period));
     }
+    for dir in held_runs {
+        tracing::warn!(dir = %dir.display(), "a supervisor still holds the run of a job recorded as ended; stopping it");
+        tokio::spawn(stop_orphan(dir, args.grace_period));
+    }
     tokio::spawn(watch_gpus(daemon.clone(), backend));
     tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
     tokio::spawn(daemon.clone().run_timer());
@@ -448,6 +464,38 @@ async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
 /// What a run directory abandoned at startup is renamed to (`abandoned-r{run}`): out of the
 /// way of the job's next run, which uses the same name, until the requeue is committed.
 pub const ABANDONED_PREFIX: &str = "abandoned-r";
+
+/// Removes the run directories of jobs the store no longer has as pending or running (their
+/// end was committed, but the server stopped before it removed them). A run a supervisor still
+/// holds is left, and returned: it is told to stop.
+fn sweep_ended_runs(runs_dir: &Path, live: &HashSet<JobId>) -> Vec<PathBuf> {
+    let mut held = Vec::new();
+    for entry in std::fs::read_dir(runs_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.parse::<JobId>().ok()) else {
+            continue;
+        };
+        if live.contains(&id) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let job_dir = entry.path();
+        let mut busy = false;
+        for run in std::fs::read_dir(&job_dir).into_iter().flatten().flatten() {
+            let dir = run.path();
+            if supervisor::is_supervised(&dir) {
+                busy = true;
+                held.push(dir);
+            } else if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the run directory of an ended job");
+            }
+        }
+        if !busy {
+            let _ = std::fs::remove_dir(&job_dir);
+            tracing::debug!(job = id, "removed the run directory of an ended job");
+        }
+    }
+    held
+}
 
 /// What a job's newest run directory says (older runs are over: they are removed).
 fn probe_runs(job_dir: &Path) -> RunProbe {

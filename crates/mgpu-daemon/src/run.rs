@@ -273,7 +273,10 @@ async fn run(args: Args) -> Result<()> {
     let euid = nix::unistd::geteuid().as_raw();
     let multi_user = euid == 0;
     let socket = mgpu_proto::server_socket(args.socket.as_deref(), euid);
-    check_socket_dir(&socket, mgpu_proto::explicit_socket(args.socket.as_deref()).is_none())?;
+    check_socket_dir(
+        &socket,
+        mgpu_proto::explicit_socket(args.socket.as_deref()).is_none(),
+    )?;
     let state_dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => default_state_dir(multi_user)?,

@@ -133,9 +133,8 @@ pub fn checked_dir(path: &Path, want: Want, what: &str) -> Result<OwnedFd> {
                 ) {
                     Ok(()) | Err(Errno::EEXIST) => {}
                     Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("cannot create the {what} {}", at.display())
-                        })
+                        return Err(e)
+                            .with_context(|| format!("cannot create the {what} {}", at.display()))
                     }
                 }
                 open_dir_at(&dir, name, false)
@@ -174,7 +173,8 @@ pub fn checked_dir(path: &Path, want: Want, what: &str) -> Result<OwnedFd> {
                 return Err(e).with_context(|| format!("cannot open the {what} {}", at.display()))
             }
         };
-        let st = fstat(next.as_raw_fd()).with_context(|| format!("cannot inspect {}", at.display()))?;
+        let st =
+            fstat(next.as_raw_fd()).with_context(|| format!("cannot inspect {}", at.display()))?;
         if let Some(why) = untrusted_dir(&st, last.then_some(want)) {
             return Err(refuse(&at, &why));
         }
@@ -205,7 +205,12 @@ pub fn open_private_file(dir: &OwnedFd, name: &str, create: bool) -> Result<Opti
     if create {
         flags |= OFlag::O_CREAT;
     }
-    let fd = match openat(Some(dir.as_raw_fd()), name, flags, Mode::from_bits_truncate(0o600)) {
+    let fd = match openat(
+        Some(dir.as_raw_fd()),
+        name,
+        flags,
+        Mode::from_bits_truncate(0o600),
+    ) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) if !create => return Ok(None),
         Err(Errno::ELOOP) => bail!("refusing {name}: it is a symbolic link"),
@@ -225,7 +230,10 @@ pub fn open_private_file(dir: &OwnedFd, name: &str, create: bool) -> Result<Opti
             .with_context(|| format!("making {name} private"))?;
     }
     // Back to blocking (O_NONBLOCK only kept a planted FIFO from stalling the open).
-    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_RDWR))?;
+    nix::fcntl::fcntl(
+        file.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::O_RDWR),
+    )?;
     Ok(Some(file))
 }
 
@@ -245,8 +253,7 @@ pub fn private_file(path: &Path, create: bool) -> Result<()> {
     .with_context(|| format!("cannot open {}", dir_path.display()))?;
     // SAFETY: a fresh descriptor that nothing else owns.
     let dir = unsafe { OwnedFd::from_raw_fd(dir) };
-    open_private_file(&dir, name, create)
-        .with_context(|| format!("in {}", dir_path.display()))?;
+    open_private_file(&dir, name, create).with_context(|| format!("in {}", dir_path.display()))?;
     Ok(())
 }
 
@@ -335,11 +342,14 @@ mod tests {
             &link,
             Some(nobody),
             None,
-            nix::unistd::FchownatFlags::NoFollowSymlink,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .unwrap();
         let e = checked_dir(&link.join("x"), Want::Private, "log directory").unwrap_err();
-        assert!(format!("{e:#}").contains("symbolic link owned by uid 65534"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("symbolic link owned by uid 65534"),
+            "{e:#}"
+        );
         // World-writable without the sticky bit: anyone could swap the directory.
         let open = t.path().join("open");
         std::fs::create_dir(&open).unwrap();

@@ -87,8 +87,7 @@ pub fn client_socket(explicit: Option<&Path>, uid: u32) -> PathBuf {
 /// when something sits at the old default: that the default moved, and how to use the old
 /// path if it must.
 pub fn moved_socket_hint(explicit: Option<&Path>) -> Option<String> {
-    if explicit_socket(explicit).is_some()
-        || std::fs::symlink_metadata(OLD_DEFAULT_SOCKET).is_err()
+    if explicit_socket(explicit).is_some() || std::fs::symlink_metadata(OLD_DEFAULT_SOCKET).is_err()
     {
         return None;
     }

@@ -81,7 +81,11 @@ fn planted_links_and_foreign_directories_are_refused_and_left_untouched() {
     std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
     as_user(&a, "ln", &[Path::new("-s"), &victim, &t.join("link")]);
     as_user(&a, "mkdir", &[&t.join("theirs")]);
-    as_user(&a, "ln", &[Path::new("-s"), &t.join("theirs"), &t.join("link2")]);
+    as_user(
+        &a,
+        "ln",
+        &[Path::new("-s"), &t.join("theirs"), &t.join("link2")],
+    );
     let cases: &[(&str, PathBuf, &str)] = &[
         ("--state-dir", t.join("link"), "is a symbolic link"),
         ("--log-dir", t.join("link"), "is a symbolic link"),
@@ -91,7 +95,11 @@ fn planted_links_and_foreign_directories_are_refused_and_left_untouched() {
         // Theirs on the way: they could swap what is inside.
         ("--state-dir", t.join("theirs/state"), "owned by uid"),
         ("--run-dir", t.join("theirs/runs"), "owned by uid"),
-        ("--log-dir", t.join("link2/logs"), "symbolic link owned by uid"),
+        (
+            "--log-dir",
+            t.join("link2/logs"),
+            "symbolic link owned by uid",
+        ),
     ];
     for (flag, path, needle) in cases {
         let pick = |f: &str, default: PathBuf| if f == *flag { path.clone() } else { default };
@@ -135,7 +143,11 @@ fn a_socket_directory_planted_by_a_user_is_refused() {
     let d = ours.path();
     // Stands for /run/mgpu, created by the user before the server.
     as_user(&a, "mkdir", &[&t.join("mgpu")]);
-    as_user(&a, "ln", &[Path::new("-s"), &t.join("mgpu"), &t.join("mgpu-link")]);
+    as_user(
+        &a,
+        "ln",
+        &[Path::new("-s"), &t.join("mgpu"), &t.join("mgpu-link")],
+    );
     for (socket, needle) in [
         (t.join("mgpu/mgpu.sock"), "owned by uid"),
         (t.join("mgpu-link/mgpu.sock"), "symbolic link owned by uid"),
@@ -146,7 +158,11 @@ fn a_socket_directory_planted_by_a_user_is_refused() {
     // Root's own directory that others can write to and that is not sticky: refused too.
     let open = dir_with_mode("mgpu-open-", 0o777);
     refused(
-        server_cmd(open.path().join("mgpu.sock"), d.join("state"), d.join("logs")),
+        server_cmd(
+            open.path().join("mgpu.sock"),
+            d.join("state"),
+            d.join("logs"),
+        ),
         "not sticky",
     );
 }

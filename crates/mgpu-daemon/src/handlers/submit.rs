@@ -401,8 +401,16 @@ mod tests {
     #[test]
     fn invisible_characters_are_recognised() {
         for c in [
-            '\u{202E}', '\u{202A}', '\u{2066}', '\u{2069}', '\u{200B}', '\u{200F}', '\u{FEFF}',
-            '\u{2028}', '\u{E0041}', '\u{00AD}',
+            '\u{202E}',
+            '\u{202A}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{200B}',
+            '\u{200F}',
+            '\u{FEFF}',
+            '\u{2028}',
+            '\u{E0041}',
+            '\u{00AD}',
         ] {
             assert!(super::is_invisible(c), "U+{:04X}", c as u32);
         }

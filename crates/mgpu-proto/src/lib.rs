@@ -87,8 +87,14 @@ pub fn client_socket(explicit: Option<&Path>, uid: u32) -> PathBuf {
 /// when something sits at the old default: that the default moved, and how to use the old
 /// path if it must.
 pub fn moved_socket_hint(explicit: Option<&Path>) -> Option<String> {
-    if explicit_socket(explicit).is_some() || std::fs::symlink_metadata(OLD_DEFAULT_SOCKET).is_err()
-    {
+    moved_hint(
+        explicit_socket(explicit).is_some(),
+        std::fs::symlink_metadata(OLD_DEFAULT_SOCKET).is_ok(),
+    )
+}
+
+fn moved_hint(named: bool, old_exists: bool) -> Option<String> {
+    if named || !old_exists {
         return None;
     }
     Some(format!(
@@ -523,5 +529,45 @@ mod tests {
         ] {
             assert!(parse_array_spec(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unnamed_default_with_something_at_the_old_path_gets_the_hint() {
+        let hint = moved_hint(false, true).unwrap();
+        assert!(
+            hint.contains("MGPU_SOCKET=/tmp/mgpu_scheduler.sock"),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("/run/mgpu/mgpu.sock") && hint.contains("trust"),
+            "{hint}"
+        );
+        assert_eq!(moved_hint(true, true), None);
+        assert_eq!(moved_hint(false, false), None);
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(
+            server_socket(Some(Path::new("/x/s.sock")), 0),
+            PathBuf::from("/x/s.sock")
+        );
+        // $XDG_RUNTIME_DIR/mgpu/mgpu.sock, else /tmp/mgpu-1000/mgpu.sock.
+        let own = personal_socket(1000);
+        assert!(own.ends_with("mgpu.sock"), "{}", own.display());
+        assert!(
+            own.parent().unwrap().ends_with("mgpu") || own.starts_with("/tmp/mgpu-1000"),
+            "{}",
+            own.display()
+        );
+        assert_eq!(
+            Path::new(DEFAULT_SOCKET).parent(),
+            Some(Path::new("/run/mgpu"))
+        );
     }
 }

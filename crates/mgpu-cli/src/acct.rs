@@ -44,7 +44,7 @@ pub struct Args {
     /// Only jobs in this state: COMPLETED, FAILED, CANCELLED, TIMEOUT
     #[arg(long, value_name = "STATE", value_parser = parse_state)]
     pub state: Option<JobState>,
-    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 }
@@ -108,12 +108,11 @@ async fn run(args: Args) -> Result<i32> {
     }
     if args.json {
         let jobs: Vec<_> = records.iter().map(to_json).collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({ "jobs": jobs }))?
-        );
+        let mut text = serde_json::to_string_pretty(&json!({ "jobs": jobs }))?;
+        text.push('\n');
+        crate::print_out(&text)?;
     } else {
-        print!("{}", render(&records));
+        crate::print_out(&render(&records))?;
     }
     Ok(0)
 }

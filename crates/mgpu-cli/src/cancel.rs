@@ -37,7 +37,7 @@ pub struct Args {
     /// Say what happened to each job
     #[arg(short, long)]
     pub verbose: bool,
-    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 }

@@ -1,6 +1,7 @@
 //! Connecting to the server.
 //!
-//! The socket path is public (`/tmp` by default), so anyone could bind a fake server there.
+//! The default socket is in a root-owned directory (`/run/mgpu`), but one named with
+//! `--socket` or `MGPU_SOCKET` may be anywhere, and anyone could bind a fake server there.
 //! Before sending anything the client asks the kernel who owns the other end and refuses a
 //! server that runs neither as root nor as the calling user.
 //!
@@ -25,14 +26,21 @@ pub struct Client {
 impl Client {
     /// Connects, verifies the server's identity and exchanges hellos.
     pub async fn connect(socket: Option<&Path>, client: &str) -> Result<Client> {
-        let socket = mgpu_proto::socket_path(socket);
+        let me = nix::unistd::getuid().as_raw();
+        let named = socket;
+        let socket = mgpu_proto::client_socket(named, me);
         let stream = UnixStream::connect(&socket).await.map_err(|e| {
             use std::io::ErrorKind::*;
             match e.kind() {
-                NotFound | ConnectionRefused => anyhow!(
-                    "cannot reach the mgpu server at {} ({e}); is mgpu_scheduler_server running? (set MGPU_SOCKET or --socket for another path)",
-                    socket.display()
-                ),
+                NotFound | ConnectionRefused => {
+                    let hint = mgpu_proto::moved_socket_hint(named)
+                        .map(|h| format!("\n{h}"))
+                        .unwrap_or_default();
+                    anyhow!(
+                        "cannot reach the mgpu server at {} ({e}); is mgpu_scheduler_server running? (set MGPU_SOCKET or --socket for another path){hint}",
+                        socket.display()
+                    )
+                }
                 _ => anyhow!("cannot connect to {}: {e}", socket.display()),
             }
         })?;
@@ -40,7 +48,6 @@ impl Client {
             .peer_cred()
             .context("reading the server's credentials")?
             .uid();
-        let me = nix::unistd::getuid().as_raw();
         if server_uid != 0 && server_uid != me {
             bail!(
                 "refusing to use {}: the process behind it runs as uid {server_uid}, neither root nor you; it is not a trustworthy mgpu server",

@@ -30,6 +30,8 @@ where
     };
     match rt.block_on(f) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        // `mgpu_acct | head`: the reader has all it wanted; nothing to complain about.
+        Err(e) if e.downcast_ref::<OutputClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{prog}: error: {e:#}");
             ExitCode::FAILURE
@@ -43,4 +45,43 @@ pub fn display_name(name: &str, array: Option<mgpu_proto::ArrayTask>) -> String 
         Some(a) => format!("{name}[{}]", a.task),
         None => name.to_string(),
     }
+}
+
+/// Our standard output was closed by its reader (`mgpu_acct --json | head`): the command ends
+/// quietly (exit 0), like a pipeline's reader expects, instead of panicking or complaining.
+#[derive(Debug)]
+pub struct OutputClosed;
+
+impl std::fmt::Display for OutputClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for OutputClosed {}
+
+/// A failed write to standard output: a closed pipe becomes [`OutputClosed`].
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(OutputClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to standard output")
+    }
+}
+
+/// A failed JSON write to standard output (see [`stdout_error`]).
+pub fn json_stdout_error(e: serde_json::Error) -> anyhow::Error {
+    match e.io_error_kind() {
+        Some(kind) => stdout_error(kind.into()),
+        None => e.into(),
+    }
+}
+
+/// Writes `text` to standard output and flushes it (see [`stdout_error`]).
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
 }

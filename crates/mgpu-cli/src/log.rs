@@ -23,7 +23,7 @@ pub struct Args {
     /// Keep printing new output until the job ends
     #[arg(short, long)]
     pub follow: bool,
-    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 }
@@ -46,14 +46,14 @@ async fn run(args: Args) -> Result<i32> {
         match client.recv().await? {
             None => bail!("the server closed the connection"),
             Some(Frame::Stdout(d)) | Some(Frame::Stderr(d)) => {
-                out.write_all(&d).await?;
+                out.write_all(&d).await.map_err(crate::stdout_error)?;
                 if args.follow {
-                    out.flush().await?;
+                    out.flush().await.map_err(crate::stdout_error)?;
                 }
             }
             Some(f) => match f.parse::<Response>()? {
                 Response::LogEnd { .. } => {
-                    out.flush().await?;
+                    out.flush().await.map_err(crate::stdout_error)?;
                     return Ok(0);
                 }
                 Response::Error { message } => bail!("{message}"),

@@ -39,7 +39,7 @@ pub struct Args {
     /// other share one row, like squeue's)
     #[arg(short = 'r', long)]
     pub array_tasks: bool,
-    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 }
@@ -86,15 +86,16 @@ async fn run(args: Args) -> Result<i32> {
     if args.json {
         // Streamed straight from the snapshot (no intermediate tree): fast for long queues.
         if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-            serde_json::to_writer_pretty(&mut out, &JsonQueue(&snapshot))?;
+            serde_json::to_writer_pretty(&mut out, &JsonQueue(&snapshot))
         } else {
-            serde_json::to_writer(&mut out, &JsonQueue(&snapshot))?;
+            serde_json::to_writer(&mut out, &JsonQueue(&snapshot))
         }
-        writeln!(out)?;
+        .map_err(crate::json_stdout_error)?;
+        writeln!(out).map_err(crate::stdout_error)?;
     } else {
-        write!(out, "{}", render(&snapshot, args.array_tasks))?;
+        write!(out, "{}", render(&snapshot, args.array_tasks)).map_err(crate::stdout_error)?;
     }
-    out.flush()?;
+    out.flush().map_err(crate::stdout_error)?;
     Ok(0)
 }
 

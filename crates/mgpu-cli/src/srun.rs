@@ -81,7 +81,7 @@ pub struct Args {
     /// MGPU_ARRAY_TASK_ID set to its index; implies --detach
     #[arg(short = 'a', long, value_name = "SPEC", value_parser = mgpu_proto::parse_array_spec)]
     pub array: Option<ArraySpec>,
-    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// The command and its arguments (after --)
@@ -223,18 +223,20 @@ async fn run(args: Args) -> Result<i32> {
         return match client.call(&Request::Submit(request)).await? {
             Response::Submitted { job } => {
                 if parsable {
-                    println!("{job}");
+                    crate::print_out(&format!("{job}\n"))?;
                 } else {
-                    println!("Submitted job {job}");
+                    crate::print_out(&format!("Submitted job {job}\n"))?;
                 }
                 Ok(0)
             }
             Response::SubmittedArray { first, tasks } => {
                 if parsable {
-                    println!("{first}");
+                    crate::print_out(&format!("{first}\n"))?;
                 } else {
                     let last = first + u64::from(tasks) - 1;
-                    println!("Submitted array job {first} ({tasks} tasks: jobs {first}-{last})");
+                    crate::print_out(&format!(
+                        "Submitted array job {first} ({tasks} tasks: jobs {first}-{last})\n"
+                    ))?;
                 }
                 Ok(0)
             }

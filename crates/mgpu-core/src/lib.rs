@@ -257,8 +257,11 @@ pub struct Assignment {
 /// Server-wide settings the core needs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Global cap on any job's time slice, in seconds.
+    /// Global cap on any job's time slice, in seconds (0: none).
     pub max_job_time_s: Option<u64>,
+    /// No job is context-switched before it has run this long, whatever its slice: bounds how
+    /// often jobs with tiny slices can be switched (a switch costs a stop and a restart).
+    pub min_slice_s: u64,
     /// Which job goes first (default [`Policy::Fair`]).
     pub policy: Policy,
     /// How long a job without any time limit is assumed to run, for reservations (default 24 h).
@@ -271,6 +274,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_job_time_s: None,
+            min_slice_s: 0,
             policy: Policy::default(),
             default_estimate_s: 24 * 3600,
             fair: FairShareConfig::default(),
@@ -382,9 +386,11 @@ impl Scheduler {
         self.jobs.len() - self.pending_count()
     }
 
-    /// The time slice a job gets: its own limit capped by the server's global one.
+    /// The time slice a job gets: its own limit capped by the server's global one. A limit of
+    /// 0 means no limit (as in Slurm), never a zero slice.
     pub fn effective_limit_s(&self, request: &JobRequest) -> Option<u64> {
-        match (request.time_limit_s, self.config.max_job_time_s) {
+        let own = request.time_limit_s.filter(|&s| s > 0);
+        match (own, self.config.max_job_time_s.filter(|&s| s > 0)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }

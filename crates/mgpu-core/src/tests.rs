@@ -830,6 +830,85 @@ mod time_limits {
         assert!(s.time_actions(50_000).is_empty(), "warned once");
     }
 
+    /// `-t 0` (and `--max-job-time 0`) is no limit, as in Slurm: never a zero slice that has
+    /// two jobs switch places as fast as they can be stopped.
+    #[test]
+    fn a_zero_limit_means_no_limit() {
+        let mut s = Scheduler::new(
+            gpus(&[24_000]),
+            Config {
+                max_job_time_s: Some(0),
+                ..fifo()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 1, None, 0), 0).unwrap();
+        s.schedule(0);
+        let b = s.submit(limited(2, 1, None, 0), 0).unwrap();
+        assert_eq!(s.effective_limit_s(&s.job(a).unwrap().request), None);
+        assert_eq!(s.slice_end(a), None);
+        assert_eq!(s.next_deadline(0), None);
+        for now in [0, 1, 1_000, 86_400_000] {
+            assert!(s.time_actions(now).is_empty());
+        }
+        assert_eq!(s.job(a).unwrap().state, JobState::Running);
+        assert_eq!(s.job(b).unwrap().state, JobState::Pending);
+        // A real cap still applies to a job without its own limit.
+        let mut s = Scheduler::new(
+            gpus(&[24_000]),
+            Config {
+                max_job_time_s: Some(30),
+                ..fifo()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 1, None, 0), 0).unwrap();
+        s.schedule(0);
+        assert_eq!(s.slice_end(a), Some(30_000));
+    }
+
+    /// However short its slice, a job runs the minimum slice before it can be switched; the
+    /// core asks to be woken then.
+    #[test]
+    fn never_switched_before_the_minimum_slice() {
+        let mut s = Scheduler::new(
+            gpus(&[24_000]),
+            Config {
+                min_slice_s: 60,
+                ..fifo()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 1, None, 1), 0).unwrap();
+        s.schedule(0);
+        s.submit(req(2, 1, None), 500).unwrap();
+        assert_eq!(s.next_deadline(500), Some(1_000));
+        assert!(s.time_actions(1_000).is_empty());
+        assert_eq!(s.next_deadline(1_000), Some(60_000));
+        assert!(s.time_actions(59_999).is_empty());
+        assert_eq!(s.time_actions(60_000), vec![TimeAction::Requeue { job: a }]);
+        // --no-requeue is a limit, not a switch: it ends at the limit itself.
+        let mut s = Scheduler::new(
+            gpus(&[24_000]),
+            Config {
+                min_slice_s: 60,
+                ..fifo()
+            },
+            1,
+        );
+        let t = s
+            .submit(
+                JobRequest {
+                    no_requeue: true,
+                    ..limited(1, 1, None, 1)
+                },
+                0,
+            )
+            .unwrap();
+        s.schedule(0);
+        assert_eq!(s.time_actions(1_000), vec![TimeAction::Timeout { job: t }]);
+    }
+
     #[test]
     fn a_cancel_overrides_a_switch_in_progress() {
         let mut s = Scheduler::new(gpus(&[24_000]), fifo(), 1);
@@ -849,11 +928,13 @@ mod time_limits {
         #[test]
         fn switches_are_justified_and_go_to_the_end(
             policy in prop::sample::select(Policy::ALL.to_vec()),
+            min_slice_s in prop_oneof![Just(0u64), 1u64..30],
             mems in prop::collection::vec(8_000u64..40_000, 1..4),
-            jobs in prop::collection::vec((arb_request(), 1u64..50), 1..30),
+            jobs in prop::collection::vec((arb_request(), 0u64..50), 1..30),
             steps in prop::collection::vec((1u64..20, any::<bool>()), 1..60),
         ) {
-            let mut s = Scheduler::new(gpus(&mems), Config { policy, ..Config::default() }, 1);
+            let config = Config { policy, min_slice_s, ..Config::default() };
+            let mut s = Scheduler::new(gpus(&mems), config, 1);
             let mut ids = Vec::new();
             for (r, limit) in jobs {
                 if let Ok(id) = s.submit(JobRequest { time_limit_s: Some(limit), ..r }, 0) {
@@ -882,6 +963,11 @@ mod time_limits {
                 for action in s.time_actions(now) {
                     if let TimeAction::Requeue { job } = action {
                         prop_assert!(before.slice_end(job).unwrap() <= now, "switched before its slice ended");
+                        // Rate limit: never before it has run the minimum slice (and never
+                        // with a limit of 0, which is none).
+                        let started = before.job(job).unwrap().started_at.unwrap();
+                        prop_assert!(now - started >= min_slice_s * 1000, "switched before the minimum slice");
+                        prop_assert!(before.job(job).unwrap().request.time_limit_s != Some(0), "a 0 limit switched");
                         s.requeue(job, now);
                         switched.push(job);
                         if policy == Policy::Fifo {

@@ -5,7 +5,9 @@
 //! `restarts + 1`) — but only when a waiting job could use what it frees; with nobody waiting it
 //! keeps running, and is switched as soon as someone waits. Jobs that opted out of requeueing
 //! (`--no-requeue`) or used up `--max-restarts` end as TIMEOUT instead. A `--signal SIG@SECS`
-//! warning is due SECS before the slice ends.
+//! warning is due SECS before the slice ends. A limit of 0 is no limit, and no job is switched
+//! before it has run [`crate::Config::min_slice_s`], so switches are rate-limited whatever the
+//! limits.
 //!
 //! The core only decides ([`Scheduler::time_actions`]) and says when to look again
 //! ([`Scheduler::next_deadline`]); the shell stops processes and arms one timer.
@@ -57,6 +59,14 @@ impl Scheduler {
         Some(start + self.effective_limit_s(&job.request)? * 1000)
     }
 
+    /// The earliest moment the running job may be context-switched: its slice end, but never
+    /// before it has run the minimum slice.
+    pub fn switch_at(&self, id: JobId) -> Option<Millis> {
+        let end = self.slice_end(id)?;
+        let start = self.jobs.get(&id)?.started_at?;
+        Some(end.max(start.saturating_add(self.config.min_slice_s.saturating_mul(1000))))
+    }
+
     /// Decides what must happen now. Each action is returned once: the job is marked.
     ///
     /// Switches are chosen greedily, oldest slice end first, on a copy of the GPU books: an
@@ -100,7 +110,7 @@ impl Scheduler {
             if job.request.no_requeue || out_of_restarts {
                 actions.push(TimeAction::Timeout { job: id });
                 self.jobs.get_mut(&id).expect("job exists").stopping = Some(Stopping::Timeout);
-            } else {
+            } else if now >= self.switch_at(id).expect("running with a limit") {
                 overdue.push((end, id));
             }
         }
@@ -142,9 +152,9 @@ impl Scheduler {
         })
     }
 
-    /// The next moment [`Scheduler::time_actions`] may have something new to do (a warning or
-    /// a slice end after `now`). Jobs already past their slice are looked at again on every
-    /// event, so they need no timer.
+    /// The next moment [`Scheduler::time_actions`] may have something new to do (a warning, a
+    /// slice end or the end of a minimum slice after `now`). Jobs already past both are looked
+    /// at again on every event, so they need no timer.
     pub fn next_deadline(&self, now: Millis) -> Option<Millis> {
         self.running_ids()
             .into_iter()
@@ -157,7 +167,7 @@ impl Scheduler {
                     .warn_signal
                     .filter(|_| !j.warned)
                     .map(|w| end.saturating_sub(w.secs_before * 1000));
-                [warn, Some(end)]
+                [warn, Some(end), self.switch_at(j.id)]
                     .into_iter()
                     .flatten()
                     .filter(|t| *t > now)

@@ -53,13 +53,20 @@ impl JobCgroup {
     /// writable here.
     pub fn create(job: u64) -> Option<JobCgroup> {
         let base = jobs_base()?;
-        if let Err(e) = std::fs::create_dir(base) {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                return None;
-            }
+        // Readable by the job (the daemon's umask is 0077): programs size themselves from
+        // their cgroup's limits (cpu.max, memory.max).
+        use std::os::unix::fs::PermissionsExt;
+        let readable = |d: &Path| {
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+        };
+        match std::fs::create_dir(base) {
+            Ok(()) => readable(base),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(_) => return None,
         }
         let dir = base.join(format!("job-{job}-{}", std::process::id()));
         std::fs::create_dir(&dir).ok()?;
+        readable(&dir);
         if !dir.join("cgroup.kill").exists() {
             // Too old a kernel to kill a whole cgroup: use the fallback.
             let _ = std::fs::remove_dir(&dir);

@@ -508,9 +508,8 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
         u32::MAX,
         libc::CLOSE_RANGE_CLOEXEC,
     );
-    if let Some(mask) = plan.umask {
-        libc::umask(mask as libc::mode_t);
-    }
+    // Never the daemon's own umask (0077): the submitter's, else the usual 0022.
+    libc::umask(plan.umask.unwrap_or(0o022) as libc::mode_t);
     if let Some((activate, arrays)) = &plan.venv_switch {
         if libc::access(activate.as_ptr(), libc::R_OK) == 0 {
             libc::execve(arrays.argv[0], arrays.argv.as_ptr(), arrays.envp.as_ptr());

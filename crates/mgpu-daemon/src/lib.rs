@@ -11,6 +11,7 @@ pub mod handlers;
 pub mod launcher;
 pub mod recovery;
 pub mod run;
+pub mod safe_fs;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -1,7 +1,6 @@
 //! Command line, startup (directories, store recovery, GPUs, socket) and shutdown.
 
 use std::collections::HashSet;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,18 +24,25 @@ use crate::{server, supervisor, users};
 #[derive(Debug, Parser)]
 #[command(name = "mgpu_scheduler_server", version)]
 pub struct Args {
-    /// UNIX socket to listen on [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    /// UNIX socket to listen on [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock as root
+    /// (/run/mgpu is created 0755 if missing, and refused if it is a link or someone else's),
+    /// $XDG_RUNTIME_DIR/mgpu/mgpu.sock otherwise]. Its directory must belong to root or the
+    /// server's user, and be sticky if others may write to it.
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Global cap on every job's time slice, in seconds
+    /// Global cap on every job's time slice, in seconds (0: no cap)
     #[arg(long, value_name = "SECS")]
     pub max_job_time: Option<u64>,
+    /// No job is context-switched before it has run this long, whatever its time limit: a
+    /// switch stops a job and restarts it later, so this bounds how often that can happen
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub min_slice: u64,
     /// Where the job database lives [default: /var/lib/mgpu as root, else ~/.local/state/mgpu]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Where running jobs keep their run directories (supervisor sockets, launch and exit
     /// records). They must outlive server restarts but not reboots, so a tmpfs is best and
-    /// cheapest (the systemd unit uses /run/mgpu). Keep it the same across restarts
+    /// cheapest (the systemd unit uses /run/mgpu/runs). Keep it the same across restarts
     /// [default: STATE_DIR/runs]
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
@@ -93,6 +99,10 @@ pub struct Args {
 }
 
 pub fn main() -> ExitCode {
+    // Whatever the daemon, its launcher and supervisors create is private unless made
+    // otherwise on purpose (the database and launch records hold users' environments).
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let args = Args::parse();
     if let Some(run_dir) = &args.supervise {
         return supervisor::main(run_dir, args.launch_id);
@@ -146,31 +156,43 @@ fn default_state_dir(root: bool) -> Result<PathBuf> {
 
 /// Takes the exclusive lock of `dir` (its file `name`) for as long as the result lives.
 fn lock_dir(dir: &Path, name: &str, what: &str) -> Result<Flock<std::fs::File>> {
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(name))
-        .with_context(|| format!("cannot open {}/{name}", dir.display()))?;
+    let dir_fd = crate::safe_fs::checked_dir(dir, crate::safe_fs::Want::Private, what)?;
+    let lock_file = crate::safe_fs::open_private_file(&dir_fd, name, true)
+        .with_context(|| format!("cannot open {}/{name}", dir.display()))?
+        .expect("created");
     Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
         .map_err(|_| anyhow::anyhow!("another mgpu server is using the {what} {}", dir.display()))
 }
 
-/// Creates `dir` (mode 0700) if needed and checks that it is ours and private.
+/// Creates `dir` (mode 0700) if needed and checks that it, and every directory on its way, is
+/// safe from planted links and other users (see [`crate::safe_fs`]); makes it private.
 fn private_dir(dir: &Path, what: &str) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create the {what} {}", dir.display()))?;
-    let meta = std::fs::metadata(dir)
-        .with_context(|| format!("cannot read the {what} {}", dir.display()))?;
-    if meta.uid() != nix::unistd::geteuid().as_raw() {
-        bail!("the {what} {} is owned by another user", dir.display());
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("making the {what} {} private", dir.display()))?;
+    crate::safe_fs::checked_dir(dir, crate::safe_fs::Want::Private, what)?;
+    Ok(())
+}
+
+/// The socket's directory: the default one is created (0755 for a root server, so that every
+/// user can reach it; 0700 for a single-user server) and must be ours; a directory named with
+/// `--socket` must belong to root or us and be sticky if others may write to it (then anyone
+/// could take the path while no server runs: said in the log).
+fn check_socket_dir(socket: &Path, default: bool) -> Result<()> {
+    use crate::safe_fs::{checked_dir, Want};
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let want = match (default, nix::unistd::geteuid().is_root()) {
+        (true, true) => Want::Shared,
+        (true, false) => Want::Private,
+        (false, _) => Want::Existing,
+    };
+    let fd = checked_dir(dir, want, "socket directory")?;
+    let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+    if st.st_mode & 0o002 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the socket's directory is writable by everyone: anyone can take the path while no server runs (the default, /run/mgpu, is safe)"
+        );
     }
     Ok(())
 }
@@ -250,7 +272,11 @@ async fn run(args: Args) -> Result<()> {
     raise_fd_limit();
     let euid = nix::unistd::geteuid().as_raw();
     let multi_user = euid == 0;
-    let socket = mgpu_proto::socket_path(args.socket.as_deref());
+    let socket = mgpu_proto::server_socket(args.socket.as_deref(), euid);
+    check_socket_dir(
+        &socket,
+        mgpu_proto::explicit_socket(args.socket.as_deref()).is_none(),
+    )?;
     let state_dir = match &args.state_dir {
         Some(d) => d.clone(),
         None => default_state_dir(multi_user)?,
@@ -269,6 +295,7 @@ async fn run(args: Args) -> Result<()> {
     let (store, recovered) = Store::open(&state_dir)?;
     let mut config = Config {
         max_job_time_s: args.max_job_time,
+        min_slice_s: args.min_slice,
         policy: args.policy,
         default_estimate_s: args.default_estimate,
         ..Config::default()
@@ -289,6 +316,13 @@ async fn run(args: Args) -> Result<()> {
     private_dir(&runs_dir, "run directory")?;
     // One server per run directory too (its own lock file: it may be the state directory).
     let _runs_lock = lock_dir(&runs_dir, "runs.lock", "run directory")?;
+    let live: HashSet<JobId> = recovered
+        .running
+        .iter()
+        .chain(&recovered.pending)
+        .map(|j| j.id)
+        .collect();
+    let held_runs = sweep_ended_runs(&runs_dir, &live);
     let probe = |id: JobId| probe_runs(&runs_dir.join(id.to_string()));
     let half_life_ms = config.fair.half_life_s * 1000;
     let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
@@ -384,6 +418,10 @@ async fn run(args: Args) -> Result<()> {
     for (id, run) in plan.orphaned {
         tokio::spawn(stop_orphan(daemon.run_dir(id, run), args.grace_period));
     }
+    for dir in held_runs {
+        tracing::warn!(dir = %dir.display(), "a supervisor still holds the run of a job recorded as ended; stopping it");
+        tokio::spawn(stop_orphan(dir, args.grace_period));
+    }
     tokio::spawn(watch_gpus(daemon.clone(), backend));
     tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
     tokio::spawn(daemon.clone().run_timer());
@@ -429,6 +467,38 @@ async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
 /// What a run directory abandoned at startup is renamed to (`abandoned-r{run}`): out of the
 /// way of the job's next run, which uses the same name, until the requeue is committed.
 pub const ABANDONED_PREFIX: &str = "abandoned-r";
+
+/// Removes the run directories of jobs the store no longer has as pending or running (their
+/// end was committed, but the server stopped before it removed them). A run a supervisor still
+/// holds is left, and returned: it is told to stop.
+fn sweep_ended_runs(runs_dir: &Path, live: &HashSet<JobId>) -> Vec<PathBuf> {
+    let mut held = Vec::new();
+    for entry in std::fs::read_dir(runs_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.parse::<JobId>().ok()) else {
+            continue;
+        };
+        if live.contains(&id) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let job_dir = entry.path();
+        let mut busy = false;
+        for run in std::fs::read_dir(&job_dir).into_iter().flatten().flatten() {
+            let dir = run.path();
+            if supervisor::is_supervised(&dir) {
+                busy = true;
+                held.push(dir);
+            } else if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the run directory of an ended job");
+            }
+        }
+        if !busy {
+            let _ = std::fs::remove_dir(&job_dir);
+            tracing::debug!(job = id, "removed the run directory of an ended job");
+        }
+    }
+    held
+}
 
 /// What a job's newest run directory says (older runs are over: they are removed).
 fn probe_runs(job_dir: &Path) -> RunProbe {

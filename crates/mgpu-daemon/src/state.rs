@@ -635,8 +635,13 @@ fn spawn_supervisor(
     // Written before the job starts: after a daemon crash the run directory is the proof that
     // the job was started, so it is never started twice. (No fsync: a daemon crash keeps the
     // page cache; an OS crash kills the job too, and then running it again is the right thing.)
-    let mut f =
-        File::create(run_dir.join(supervisor::LAUNCH_FILE)).context("writing launch.json")?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(run_dir.join(supervisor::LAUNCH_FILE))
+        .context("writing launch.json")?;
     f.write_all(&serde_json::to_vec(launch)?)?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
     let pid = match launcher.spawn_supervisor(run_dir, launch.launch_id, theirs.as_fd()) {

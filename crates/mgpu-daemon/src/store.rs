@@ -213,6 +213,13 @@ impl Store {
     /// Opens (or creates) the store in `dir` and reads what must be recovered.
     pub fn open(dir: &Path) -> Result<(Store, Recovered)> {
         let path = dir.join("mgpu.db");
+        // Private (it holds every user's environment): SQLite gives its -wal and -shm files
+        // the database's mode.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.clone().into_os_string();
+            name.push(suffix);
+            crate::safe_fs::private_file(Path::new(&name), suffix.is_empty())?;
+        }
         let mut conn = open_conn(&path)?;
         let check: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))

@@ -25,20 +25,84 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Upper bound of one frame (a submit carries the environment and argv, which the kernel caps
 /// at a few MiB).
 pub const MAX_FRAME_LEN: usize = 8 << 20;
-/// Where the server listens unless `--socket` or `MGPU_SOCKET` says otherwise.
-pub const DEFAULT_SOCKET: &str = "/tmp/mgpu_scheduler.sock";
+/// Where a root server listens unless `--socket` or `MGPU_SOCKET` says otherwise: in a
+/// directory only root can write to (`/run/mgpu`, systemd's `RuntimeDirectory=mgpu`), so that
+/// nobody can take the path before the server starts.
+pub const DEFAULT_SOCKET: &str = "/run/mgpu/mgpu.sock";
+/// The default of earlier releases, in world-writable `/tmp`, where anyone could take the path
+/// first. Clients that find only this one say what to do.
+pub const OLD_DEFAULT_SOCKET: &str = "/tmp/mgpu_scheduler.sock";
 /// Environment variable overriding the default socket for server and clients alike.
 pub const SOCKET_ENV: &str = "MGPU_SOCKET";
 
-/// The socket path: an explicit one, else `$MGPU_SOCKET`, else [`DEFAULT_SOCKET`].
-pub fn socket_path(explicit: Option<&std::path::Path>) -> std::path::PathBuf {
+use std::path::{Path, PathBuf};
+
+/// The socket named by `--socket` (`explicit`) or `$MGPU_SOCKET`, if any.
+pub fn explicit_socket(explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = explicit {
-        return p.to_path_buf();
+        return Some(p.to_path_buf());
     }
-    match std::env::var_os(SOCKET_ENV) {
-        Some(p) if !p.is_empty() => p.into(),
-        _ => DEFAULT_SOCKET.into(),
+    std::env::var_os(SOCKET_ENV)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Where a single-user server of user `uid` listens by default: in a directory of its own,
+/// `$XDG_RUNTIME_DIR/mgpu` (the user's private runtime directory), else `/tmp/mgpu-UID`.
+pub fn personal_socket(uid: u32) -> PathBuf {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("mgpu"),
+        None => PathBuf::from(format!("/tmp/mgpu-{uid}")),
+    };
+    dir.join("mgpu.sock")
+}
+
+/// The server's socket: `--socket`, else `$MGPU_SOCKET`, else [`DEFAULT_SOCKET`] for a root
+/// server (`uid` 0) and [`personal_socket`] for anyone else's.
+pub fn server_socket(explicit: Option<&Path>, uid: u32) -> PathBuf {
+    explicit_socket(explicit).unwrap_or_else(|| match uid {
+        0 => DEFAULT_SOCKET.into(),
+        _ => personal_socket(uid),
+    })
+}
+
+/// The socket a client of user `uid` uses: `--socket`, else `$MGPU_SOCKET`, else the root
+/// server's [`DEFAULT_SOCKET`], or, where that does not exist, the user's own single-user
+/// server's [`personal_socket`] if it exists.
+pub fn client_socket(explicit: Option<&Path>, uid: u32) -> PathBuf {
+    if let Some(p) = explicit_socket(explicit) {
+        return p;
     }
+    let exists = |p: &Path| std::fs::symlink_metadata(p).is_ok();
+    if uid != 0 && !exists(Path::new(DEFAULT_SOCKET)) {
+        let own = personal_socket(uid);
+        if exists(&own) {
+            return own;
+        }
+    }
+    DEFAULT_SOCKET.into()
+}
+
+/// What to tell a client that found no server at the default socket (nothing named one),
+/// when something sits at the old default: that the default moved, and how to use the old
+/// path if it must.
+pub fn moved_socket_hint(explicit: Option<&Path>) -> Option<String> {
+    moved_hint(
+        explicit_socket(explicit).is_some(),
+        std::fs::symlink_metadata(OLD_DEFAULT_SOCKET).is_ok(),
+    )
+}
+
+fn moved_hint(named: bool, old_exists: bool) -> Option<String> {
+    if named || !old_exists {
+        return None;
+    }
+    Some(format!(
+        "note: the default socket moved from {OLD_DEFAULT_SOCKET} (where anyone could create it) \
+         to {DEFAULT_SOCKET}; something is still at the old path. If your administrator still \
+         runs the server there, set {SOCKET_ENV}={OLD_DEFAULT_SOCKET} (or --socket), but only if \
+         you trust whoever made it: ask them to move the server to the new default"
+    ))
 }
 
 /// Messages a client sends.
@@ -465,5 +529,45 @@ mod tests {
         ] {
             assert!(parse_array_spec(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unnamed_default_with_something_at_the_old_path_gets_the_hint() {
+        let hint = moved_hint(false, true).unwrap();
+        assert!(
+            hint.contains("MGPU_SOCKET=/tmp/mgpu_scheduler.sock"),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("/run/mgpu/mgpu.sock") && hint.contains("trust"),
+            "{hint}"
+        );
+        assert_eq!(moved_hint(true, true), None);
+        assert_eq!(moved_hint(false, false), None);
+    }
+
+    #[test]
+    fn defaults() {
+        assert_eq!(
+            server_socket(Some(Path::new("/x/s.sock")), 0),
+            PathBuf::from("/x/s.sock")
+        );
+        // $XDG_RUNTIME_DIR/mgpu/mgpu.sock, else /tmp/mgpu-1000/mgpu.sock.
+        let own = personal_socket(1000);
+        assert!(own.ends_with("mgpu.sock"), "{}", own.display());
+        assert!(
+            own.parent().unwrap().ends_with("mgpu") || own.starts_with("/tmp/mgpu-1000"),
+            "{}",
+            own.display()
+        );
+        assert_eq!(
+            Path::new(DEFAULT_SOCKET).parent(),
+            Some(Path::new("/run/mgpu"))
+        );
     }
 }

@@ -64,7 +64,7 @@ pub struct Args {
     /// Start with only your own jobs (m toggles)
     #[arg(long)]
     pub me: bool,
-    /// Server socket [default: $MGPU_SOCKET, else /tmp/mgpu_scheduler.sock]
+    /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 }
@@ -120,7 +120,7 @@ fn run(args: Args) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let socket = mgpu_proto::socket_path(args.socket.as_deref());
+    let socket = mgpu_proto::client_socket(args.socket.as_deref(), nix::unistd::getuid().as_raw());
     let mut view = View {
         me: args.me,
         socket: socket.display().to_string(),

@@ -171,6 +171,11 @@ fn impossible_and_malformed_jobs_are_refused_at_once() {
         ),
         (&["--bogus-flag", "--", "true"], "--bogus-flag"),
         (&["--time-limit", "soon", "--", "true"], "invalid time"),
+        // Bidi overrides and invisible characters would let a name pose as another.
+        (&["-J", "train\u{202E}gpj.exe", "--", "true"], "U+202E"),
+        (&["-J", "a\u{2066}b", "--", "true"], "U+2066"),
+        (&["-J", "\u{200B}", "--", "true"], "U+200B"),
+        (&["-J", "x\u{FEFF}", "--", "true"], "U+FEFF"),
     ];
     for (args, needle) in cases {
         let out = s.cmd("mgpu_srun").args(*args).output().unwrap();
@@ -700,4 +705,39 @@ fn the_dashboard_refuses_without_a_terminal() {
     assert_fails_with(&out, "needs a terminal");
     let out = s.cmd("mgpu_top").args(["-n", "0"]).output().unwrap();
     assert_fails_with(&out, "--interval");
+}
+
+/// `mgpu_acct --json | head`: a reader that stops early ends the client quietly (no panic, no
+/// error message, exit 0).
+#[test]
+fn clients_end_quietly_when_their_reader_goes_away() {
+    let s = Server::start("1x24GiB", &[]);
+    let done = s.detached(&["--", "bash", "-c", "seq 1 1000"]);
+    s.wait_gone(done);
+    s.acct(done);
+    let cases: &[(&str, &[&str])] = &[
+        ("mgpu_acct", &["--json"]),
+        ("mgpu_acct", &[]),
+        ("mgpu_queue", &["--json"]),
+        ("mgpu_queue", &[]),
+        ("mgpu_log", &[&done.to_string()]),
+        ("mgpu_srun", &["-d", "--", "true"]),
+    ];
+    for (program, args) in cases {
+        // A pipe whose reader is already gone: the first write fails with EPIPE.
+        let (reader, writer) = nix::unistd::pipe().unwrap();
+        drop(reader);
+        let out = s
+            .cmd(program)
+            .args(*args)
+            .stdout(std::process::Stdio::from(writer))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{program} {args:?}: {} {}",
+            out.status,
+            text(&out.stderr)
+        );
+    }
 }

@@ -246,9 +246,10 @@ fn clients_refuse_a_server_run_by_another_user() {
         .prefix("mgpu-squat-")
         .tempdir()
         .unwrap();
+    // Shared like /tmp (sticky: the server refuses a directory anyone could swap).
     std::fs::set_permissions(
         dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
     )
     .unwrap();
     let socket = dir.path().join("s.sock");

@@ -216,3 +216,45 @@ fn warning_signal_arrives_before_the_limit() {
     assert!(log.contains("warned"), "{log}");
     assert_eq!(s.acct(id)["state"], "TIMEOUT");
 }
+
+/// `-t 0` is no limit (as in Slurm), not a zero slice: two such jobs on one GPU do not switch
+/// places over and over; the first runs on, the second waits.
+#[test]
+fn a_zero_time_limit_is_no_limit() {
+    let s = Server::start("1x24GiB", &[]);
+    let first = s.detached(&["-t", "0", "--", "sleep", "30"]);
+    s.wait_state(first, "RUNNING");
+    let second = s.detached(&["-t", "0", "--", "sleep", "30"]);
+    std::thread::sleep(Duration::from_millis(3000));
+    let job = s.job(first).unwrap();
+    assert_eq!(
+        (job["state"].as_str(), job["restarts"].as_u64()),
+        (Some("RUNNING"), Some(0)),
+        "{job}"
+    );
+    assert!(job["time_limit_s"].is_null(), "{job}");
+    let waiting = s.job(second).unwrap();
+    assert_eq!(waiting["state"], "PENDING");
+    assert_eq!(waiting["restarts"], 0);
+}
+
+/// However short its limit, a job runs `--min-slice` before it is switched for a waiting job.
+#[test]
+fn a_job_runs_the_minimum_slice_before_it_is_switched() {
+    let s = Server::start("1x24GiB", &["--min-slice", "5"]);
+    let long = s.detached(&["-t", "1", "--", "sleep", "30"]);
+    s.wait_state(long, "RUNNING");
+    let waiting = s.detached(&["--", "sleep", "30"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let job = s.job(long).unwrap();
+    assert_eq!(
+        (job["state"].as_str(), job["restarts"].as_u64()),
+        (Some("RUNNING"), Some(0)),
+        "switched before its minimum slice: {job}"
+    );
+    // Once it has run its minimum slice, it is switched (its timer fires; no other event).
+    wait_until(Duration::from_secs(20), || {
+        s.job(long).is_some_and(|j| j["restarts"] == 1)
+    });
+    s.wait_state(waiting, "RUNNING");
+}

@@ -27,6 +27,18 @@ fn default_name(command: &str) -> String {
     command.rsplit('/').next().unwrap_or(command).to_string()
 }
 
+/// Invisible characters that change how text around them is shown: Unicode's format
+/// characters (category Cf: bidi overrides and isolates, zero-width characters, the BOM, ...)
+/// and the line and paragraph separators. A job name with one could pose as another user's job
+/// in a listing.
+pub(crate) fn is_invisible(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x0600..=0x0605 | 0x061C | 0x06DD | 0x070F | 0x0890..=0x0891 | 0x08E2
+        | 0x180E | 0x200B..=0x200F | 0x2028..=0x202E | 0x2060..=0x2064 | 0x2066..=0x206F
+        | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD | 0x13430..=0x1343F
+        | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F)
+}
+
 /// Checks what the client sent; returns a clear message for the first problem.
 fn validate(req: &SubmitRequest) -> Result<String, String> {
     let Some(program) = req.command.first() else {
@@ -76,10 +88,14 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
         }
     }
     let name = req.name.clone().unwrap_or_else(|| default_name(program));
-    if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+    if let Some(c) = name.chars().find(|&c| c.is_control() || is_invisible(c)) {
         return Err(format!(
-            "invalid job name: 1 to {MAX_NAME} characters without control characters"
+            "invalid job name: it contains U+{:04X}, a control or invisible formatting character (e.g. a bidi override), which would make listings lie",
+            c as u32
         ));
+    }
+    if name.is_empty() || name.chars().count() > MAX_NAME {
+        return Err(format!("invalid job name: 1 to {MAX_NAME} characters"));
     }
     if let Some(indices) = &req.array {
         if req.attach {
@@ -378,4 +394,28 @@ fn record_refused(daemon: &Daemon, id: JobId, e: &impl std::fmt::Display) {
             message: Some(format!("mgpu: refused: {e}")),
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn invisible_characters_are_recognised() {
+        for c in [
+            '\u{202E}',
+            '\u{202A}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{200B}',
+            '\u{200F}',
+            '\u{FEFF}',
+            '\u{2028}',
+            '\u{E0041}',
+            '\u{00AD}',
+        ] {
+            assert!(super::is_invisible(c), "U+{:04X}", c as u32);
+        }
+        for c in ['a', 'é', '中', '-', ' ', '\u{2010}', '\u{2070}', '😀'] {
+            assert!(!super::is_invisible(c), "U+{:04X}", c as u32);
+        }
+    }
 }

@@ -196,6 +196,10 @@ impl Server {
         if !self.extra.iter().any(|e| e == "--grace-period") {
             c.args(["--grace-period", "2"]);
         }
+        // Tests switch jobs with 1 s limits (the default minimum slice is 60 s).
+        if !self.extra.iter().any(|e| e == "--min-slice") {
+            c.args(["--min-slice", "1"]);
+        }
         c.args(&self.extra).env("MGPU_LOG", "debug");
         c
     }

@@ -74,6 +74,38 @@ pub struct Started {
     pub pid: libc::pid_t,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// Whether the process exec'd the command is not known yet (it was forked and, as its
+    /// user, may be stopped before its exec for as long as that user likes): read its report
+    /// with [`StartReport::read`] once it has exited.
+    pub report: Option<StartReport>,
+}
+
+/// The report pipe of a forked job process: a failure before exec writes (step, errno) on it;
+/// an exec closes it empty.
+pub struct StartReport {
+    pipe: OwnedFd,
+    program: String,
+}
+
+impl StartReport {
+    /// Why the job's process failed to start, if it did. Never blocks: for a process that has
+    /// exited (its end of the pipe is closed, the report in it if any).
+    pub fn read(self) -> Option<StartError> {
+        let mut report = [0u8; 4];
+        // Non-blocking (set on our end only): whatever happens, no wait on the job.
+        let _ = nix::fcntl::fcntl(
+            self.pipe.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        let mut f = std::fs::File::from(self.pipe);
+        let n = loop {
+            match f.read(&mut report) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r.unwrap_or(0),
+            }
+        };
+        start_error(&report[..n], &self.program)
+    }
 }
 
 /// Starting failed; `message` says why, for the log and the user.
@@ -623,46 +655,67 @@ fn start_with(
         // Born in the cgroup, if there is one.
         joined: true,
     };
+    // The shared-memory start keeps us waiting until the child's exec, so it is only for a
+    // child that stays ours: one that switches to the job's user could be stopped by that
+    // user before its exec, and us with it.
+    let shared = shared && (!launch.switch_user || account.uid == nix::unistd::geteuid().as_raw());
     // SAFETY: the child only makes async-signal-safe calls on `plan`, prepared above.
-    let pid = unsafe {
+    let (pid, shared_start) = unsafe {
         let spawned = if shared {
             spawn_shared(cgroup_dir.as_ref(), &args)
         } else {
             None
         };
         match spawned {
-            Some(Ok(pid)) => pid,
+            Some(Ok(pid)) => (pid, true),
             Some(Err(e)) => return Err(io_err("cannot start the job's process", e)),
             None => match fork_into(cgroup_dir.as_ref()) {
                 Err(e) => return Err(io_err("cannot fork", e)),
                 Ok((0, joined)) => child(&plan, stdio, report_w.as_raw_fd(), joined),
-                Ok((pid, _)) => pid,
+                Ok((pid, _)) => (pid, false),
             },
         }
     };
     // Our copies of the child's ends: EOF on the pipes comes when the job's processes close
     // theirs, and on the report pipe when exec succeeded.
     drop((out_w, err_w, report_w, devnull, cgroup_dir));
-    let mut report = [0u8; 4];
-    let mut f = std::fs::File::from(report_r);
-    let n = loop {
-        match f.read(&mut report) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => break r.unwrap_or(0),
-        }
+    let report = StartReport {
+        pipe: report_r,
+        program,
     };
-    if n == 0 {
+    if !shared_start {
+        // A forked child may be stopped by its user before its exec, for ever: its report is
+        // read once it has exited, never waited for.
         return Ok(Started {
             pid,
             stdout: out_r,
             stderr: err_r,
+            report: Some(report),
         });
     }
-    // The child failed before exec; it exits 127. Reap it here.
-    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-    let errno = i32::from(report[1]) | (i32::from(report[2]) << 8);
+    // A child that shared our memory has exec'd or exited by now.
+    match report.read() {
+        None => Ok(Started {
+            pid,
+            stdout: out_r,
+            stderr: err_r,
+            report: None,
+        }),
+        Some(e) => {
+            // The child failed before exec; it exits 127. Reap it here.
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            Err(e)
+        }
+    }
+}
+
+/// The start error a child's report (`step, errno`; empty after an exec) says.
+fn start_error(report: &[u8], program: &str) -> Option<StartError> {
+    let &[step, lo, hi, ..] = report else {
+        return None;
+    };
+    let errno = i32::from(lo) | (i32::from(hi) << 8);
     let err = io::Error::from_raw_os_error(errno);
-    let step = report[0];
     let code = match (step, err.kind()) {
         (10, io::ErrorKind::NotFound) => 127,
         (10, io::ErrorKind::PermissionDenied) => 126,
@@ -673,7 +726,10 @@ fn start_with(
     } else {
         format!("mgpu: {}", Step::describe(step))
     };
-    Err(fail(format!("{what}: {err}"), code))
+    Some(StartError {
+        message: format!("{what}: {err}"),
+        code,
+    })
 }
 
 #[cfg(test)]
@@ -746,9 +802,22 @@ mod tests {
                 nix::sys::wait::WaitStatus::Exited(pid, 3),
                 "shared={shared}"
             );
-            let missing = start_with(&launch(&["no-such-command-here"]), &me, None, shared)
-                .err()
-                .unwrap_or_else(|| panic!("shared={shared}: a missing command started"));
+            // The fork's report is read once the child has exited.
+            let missing = match start_with(&launch(&["no-such-command-here"]), &me, None, shared) {
+                Err(e) => e,
+                Ok(started) => {
+                    assert!(!shared, "the shared start reports before it returns");
+                    let pid = nix::unistd::Pid::from_raw(started.pid);
+                    assert_eq!(
+                        nix::sys::wait::waitpid(pid, None).unwrap(),
+                        nix::sys::wait::WaitStatus::Exited(pid, 127)
+                    );
+                    started
+                        .report
+                        .and_then(StartReport::read)
+                        .unwrap_or_else(|| panic!("shared={shared}: a missing command started"))
+                }
+            };
             assert_eq!(missing.code, 127, "shared={shared}: {}", missing.message);
             assert!(
                 missing.message.contains("cannot execute"),

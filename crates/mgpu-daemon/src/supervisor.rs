@@ -308,6 +308,9 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
     let started = match started {
         Ok(started) => started,
         Err(e) => {
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
             let msg = format!("{}\n", e.message);
             let _ = sup.log.write_all(msg.as_bytes());
             sup.offset += msg.len() as u64;
@@ -590,6 +593,7 @@ fn run_job(
         pid: leader,
         stdout,
         stderr,
+        report,
     } = started;
     sup.pgid = leader;
     // Linked before any output is read, so the daemon gets all of it live.
@@ -682,6 +686,19 @@ fn run_job(
     if let Some(cg) = CGROUP.get().and_then(Option::as_ref) {
         // Nothing may be left in the job's cgroup before its GPUs are freed.
         cg.remove();
+    }
+    // A forked leader that failed before its exec left the reason on its report pipe.
+    if let Some(e) = report.and_then(exec::StartReport::read) {
+        let msg = format!("{}\n", e.message);
+        let _ = sup.log.write_all(msg.as_bytes());
+        sup.offset += msg.len() as u64;
+        return ExitRecord {
+            exit_code: Some(e.code),
+            signal: None,
+            start_error: Some(e.message),
+            stopped: None,
+            ended_at: now_ms(),
+        };
     }
     let (exit_code, signal) = leader_status.unwrap_or((None, None));
     ExitRecord {

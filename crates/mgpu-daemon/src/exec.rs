@@ -31,6 +31,12 @@ pub struct LaunchSpec {
     /// The submitter's umask, applied to the job.
     #[serde(default)]
     pub umask: Option<u32>,
+    /// CPUs the job may use (cgroup cpu quota), resolved at submit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Host memory the job may use, in MiB (cgroup memory limit), resolved at submit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_mem_mib: Option<u64>,
 }
 
 /// Everything needed to fork one run of a job. The daemon resolves it and hands it to the
@@ -66,6 +72,9 @@ pub struct Launch {
     /// The job array task it is, if any (`MGPU_ARRAY_*` variables).
     #[serde(default)]
     pub array: Option<mgpu_core::ArrayTask>,
+    /// Most processes the job may have (cgroup `pids.max`), from the server's settings.
+    #[serde(default)]
+    pub pids_max: Option<u64>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -457,6 +466,7 @@ struct ChildPlan {
     arrays: ExecArrays,
     venv_switch: Option<(CString, ExecArrays)>,
     cgroup_procs: Option<CString>,
+    v1_procs: Vec<CString>,
     switch_user: bool,
     uid: libc::uid_t,
     gid: libc::gid_t,
@@ -508,6 +518,12 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
         libc::close(fd);
     }
     if let (Some(procs), false) = (&plan.cgroup_procs, joined) {
+        if !crate::cgroup::enter(procs) {
+            fail(Step::Cgroup);
+        }
+    }
+    // Cgroup v1 hierarchies (limits on hybrid machines): joined while still privileged.
+    for procs in &plan.v1_procs {
         if !crate::cgroup::enter(procs) {
             fail(Step::Cgroup);
         }
@@ -625,7 +641,8 @@ fn start_with(
         candidates: candidates(&program, path),
         arrays,
         venv_switch,
-        cgroup_procs: cgroup.map(|c| c.procs.clone()),
+        cgroup_procs: cgroup.and_then(|c| c.v2_procs.clone()),
+        v1_procs: cgroup.map(|c| c.v1_procs.clone()).unwrap_or_default(),
         switch_user: launch.switch_user,
         uid: account.uid,
         gid: account.gid,
@@ -639,9 +656,9 @@ fn start_with(
     let (report_r, report_w) = pipe().map_err(|e| io_err("cannot create pipes", e))?;
     let devnull =
         std::fs::File::open("/dev/null").map_err(|e| io_err("cannot open /dev/null", e))?;
-    let cgroup_dir = match cgroup {
-        Some(c) => Some(
-            std::fs::File::open(&c.dir)
+    let cgroup_dir = match cgroup.and_then(|c| c.v2.as_ref()) {
+        Some(dir) => Some(
+            std::fs::File::open(dir)
                 .map(OwnedFd::from)
                 .map_err(|e| io_err("cannot open the job's cgroup", e))?,
         ),
@@ -768,12 +785,14 @@ mod tests {
                     env: vec![("PATH".into(), "/usr/bin:/bin".into())],
                     venv: Venv::Off,
                     umask: None,
+                    ..Default::default()
                 },
                 switch_user: false,
                 log_path: "/dev/null".into(),
                 max_log_bytes: None,
                 launch_id: 1,
                 array: None,
+                pids_max: None,
             };
             let started = start_with(
                 &launch(&["sh", "-c", "echo out $MGPU_JOB_ID; echo err >&2; exit 3"]),
@@ -840,6 +859,7 @@ mod tests {
             ],
             venv: Venv::Auto,
             umask: None,
+            ..Default::default()
         };
         let launch = Launch {
             job: 7,
@@ -855,6 +875,7 @@ mod tests {
             max_log_bytes: None,
             launch_id: 1,
             array: None,
+            pids_max: None,
         };
         let env = environment(&launch, &acct);
         let get = |k: &str| {
@@ -880,6 +901,7 @@ mod tests {
             env: vec![],
             venv: Venv::Dir("/opt/v".into()),
             umask: None,
+            ..Default::default()
         };
         let launch = Launch {
             job: 1,
@@ -895,6 +917,7 @@ mod tests {
             max_log_bytes: None,
             launch_id: 1,
             array: None,
+            pids_max: None,
         };
         let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));

@@ -78,6 +78,8 @@ pub struct Settings {
     /// memory and the store, whatever clients send.
     pub max_pending_per_user: usize,
     pub max_pending: usize,
+    /// Per-job cgroup limits: the server's defaults and caps.
+    pub job_limits: crate::cgroup::LimitSettings,
 }
 
 struct RunningJob {
@@ -314,6 +316,7 @@ impl Daemon {
             max_log_bytes: self.settings.max_log_bytes,
             launch_id: new_launch_id(),
             array: job.request.array,
+            pids_max: self.settings.job_limits.pids_max,
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
@@ -579,6 +582,8 @@ pub fn outcome_of(id: JobId, rec: &ExitRecord) -> JobOutcome {
         JobState::Failed
     } else if rec.stopped == Some(StopReason::Cancel) {
         JobState::Cancelled
+    } else if rec.oom_killed {
+        JobState::OutOfMemory
     } else if rec.stopped == Some(StopReason::Timeout) {
         JobState::Timeout
     } else if rec.exit_code == Some(0) {

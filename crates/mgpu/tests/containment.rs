@@ -218,13 +218,28 @@ fn job_cgroups(job: u64, pid: u32) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// The cgroups of a running job, once its process is in them.
+fn running_cgroups(s: &Server, job: u64) -> Vec<std::path::PathBuf> {
+    let pid = supervisor_of(s, job);
+    let mut dirs = Vec::new();
+    wait_until(Duration::from_secs(10), || {
+        dirs = job_cgroups(job, pid);
+        dirs.iter().any(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+        })
+    });
+    dirs
+}
+
 /// The supervisor pid the server logged for `job`'s start.
 fn supervisor_of(s: &Server, job: u64) -> u32 {
+    let started = |l: &&str| l.contains("job started") && l.contains(&format!("job={job} "));
+    // Logged just after the job shows as running.
+    wait_until(Duration::from_secs(10), || {
+        s.server_log().lines().any(|l| started(&l))
+    });
     let log = s.server_log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("job started") && l.contains(&format!("job={job} ")))
-        .unwrap_or_else(|| panic!("no start of job {job} in the log: {log}"));
+    let line = log.lines().find(started).unwrap();
     line.split("supervisor=")
         .nth(1)
         .unwrap()
@@ -272,4 +287,240 @@ fn a_failed_start_is_reported_and_leaves_no_cgroup() {
         // The supervisor removes the cgroup before it reports the end.
         assert_eq!(job_cgroups(job, pid), Vec::<std::path::PathBuf>::new());
     }
+}
+
+/// Skips (with the reason) where this machine has no cgroup controller for `c`.
+fn enforces(c: mgpu_daemon::cgroup::Controller) -> bool {
+    let ok = mgpu_daemon::cgroup::layout().enforces(c);
+    if !ok {
+        eprintln!("skipping: no {} cgroup controller here", c.name());
+    }
+    ok
+}
+
+/// The value of `file` in whichever of the job's cgroups has it.
+fn cgroup_value(dirs: &[std::path::PathBuf], file: &str) -> Option<String> {
+    dirs.iter()
+        .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+        .map(|v| v.trim().to_string())
+}
+
+/// Processes whose real uid is `uid`.
+fn processes_of(uid: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    == Some(uid.to_string().as_str())
+            })
+        })
+        .count()
+}
+
+/// Item 7: a fork bomb is bounded by the server's --job-pids-max, another user's job still
+/// runs to completion, and cancelling the bomb leaves nothing behind.
+#[test]
+fn a_fork_bomb_is_bounded_by_pids_max() {
+    use mgpu_daemon::cgroup::Controller;
+    let Some((a, _)) = test_users() else { return };
+    if !enforces(Controller::Pids) {
+        return;
+    }
+    // Its own account: its processes are counted.
+    let bomber = own_user("mgpu-test-bomb").unwrap();
+    let s = Server::start("2x24GiB", &["--job-pids-max", "40"]);
+    let bomb = s.detached_as(
+        &bomber,
+        &[
+            "--no-venv",
+            "--",
+            "bash",
+            "-c",
+            "f() { while :; do f & sleep 0.1; done; }; f",
+        ],
+    );
+    s.wait_state(bomb, "RUNNING");
+    let dirs = running_cgroups(&s, bomb);
+    assert_eq!(
+        cgroup_value(&dirs, "pids.max").as_deref(),
+        Some("40"),
+        "{dirs:?}"
+    );
+    // The bomb reaches its bound and stays there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cgroup_value(&dirs, "pids.events").is_none_or(|e| e.ends_with(" 0")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bomb never reached pids.max: {dirs:?} {:?} {} processes; {}",
+            cgroup_value(&dirs, "pids.events"),
+            processes_of(bomber.uid),
+            s.log(bomb)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..20 {
+        assert!(
+            processes_of(bomber.uid) <= 40,
+            "{} processes",
+            processes_of(bomber.uid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["--no-venv", "--", "echo", "still-served"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "still-served\n", "{}", text(&out.stderr));
+    s.ok("mgpu_cancel", &[&bomb.to_string()]);
+    s.wait_gone(bomb);
+    assert_eq!(s.acct(bomb)["state"], "CANCELLED");
+    assert_eq!(processes_of(bomber.uid), 0);
+    assert_eq!(
+        job_cgroups(bomb, supervisor_of(&s, bomb)),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
+
+/// Item 7: a job over its --host-mem is killed by the OOM killer and ends OUT_OF_MEMORY.
+#[test]
+fn a_job_over_its_host_memory_ends_out_of_memory() {
+    use mgpu_daemon::cgroup::Controller;
+    let Some((a, _)) = test_users() else { return };
+    if !enforces(Controller::Memory) {
+        return;
+    }
+    let s = Server::start("1x24GiB", &[]);
+    // tail keeps a "line" with no newline in memory: 512 MiB of it.
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args([
+            "--host-mem",
+            "64M",
+            "--no-venv",
+            "--",
+            "bash",
+            "-c",
+            "head -c 512M /dev/zero | tail",
+        ])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("OUT_OF_MEMORY"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(s.acct(1)["state"], "OUT_OF_MEMORY");
+    // Within its limit, the same job completes.
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args([
+            "--host-mem",
+            "64M",
+            "--no-venv",
+            "--",
+            "bash",
+            "-c",
+            "head -c 8M /dev/zero | tail | wc -c",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "8388608", "{}", text(&out.stderr));
+    assert_eq!(s.acct(2)["state"], "COMPLETED");
+}
+
+/// Item 7: --cpus (and -c, --cpus-per-task) and --host-mem, or the server's defaults, are
+/// written into the job's cgroups.
+#[test]
+fn cpu_and_memory_limits_are_written_to_the_jobs_cgroups() {
+    use mgpu_daemon::cgroup::Controller;
+    let Some((a, _)) = test_users() else { return };
+    if !enforces(Controller::Cpu) || !enforces(Controller::Memory) {
+        return;
+    }
+    let s = Server::start(
+        "2x24GiB",
+        &["--default-cpus", "1", "--default-host-mem", "1G"],
+    );
+    let cpu_quota = |dirs: &[std::path::PathBuf]| {
+        cgroup_value(dirs, "cpu.max")
+            .map(|v| v.split_whitespace().next().unwrap().to_string())
+            .or_else(|| cgroup_value(dirs, "cpu.cfs_quota_us"))
+    };
+    let mem_limit = |dirs: &[std::path::PathBuf]| {
+        cgroup_value(dirs, "memory.max").or_else(|| cgroup_value(dirs, "memory.limit_in_bytes"))
+    };
+    for (args, quota, mem) in [
+        (
+            vec!["--cpus", "2", "--host-mem", "256M"],
+            "200000",
+            256u64 << 20,
+        ),
+        (vec!["-c", "3"], "300000", 1 << 30),
+        (vec!["--cpus-per-task=1"], "100000", 1 << 30),
+        (vec![], "100000", 1 << 30),
+    ] {
+        let mut all = vec!["--no-venv"];
+        all.extend(&args);
+        all.extend(["--", "sleep", "600"]);
+        let job = s.detached_as(&a, &all);
+        s.wait_state(job, "RUNNING");
+        let dirs = running_cgroups(&s, job);
+        assert_eq!(
+            cpu_quota(&dirs).as_deref(),
+            Some(quota),
+            "{args:?}: {dirs:?}"
+        );
+        assert_eq!(
+            mem_limit(&dirs),
+            Some(mem.to_string()),
+            "{args:?}: {dirs:?}"
+        );
+        s.ok("mgpu_cancel", &[&job.to_string()]);
+        s.wait_gone(job);
+    }
+}
+
+/// Item 7: requests over the server's caps are refused at submit, and nothing is queued.
+#[test]
+fn limits_over_the_caps_are_refused() {
+    let Some((a, _)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &["--max-cpus", "2", "--max-host-mem", "1G"]);
+    for (args, says) in [
+        (["--cpus", "3"], "over this server's cap of 2 CPUs"),
+        (["--host-mem", "2G"], "over this server's cap of 1024 MiB"),
+        (["--cpus", "0"], "at least 1"),
+    ] {
+        let out = s
+            .cmd_as(&a, "mgpu_srun")
+            .args(["-d", "--no-venv"])
+            .args(args)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        assert_fails_with(&out, says);
+    }
+    assert_eq!(s.queue_json()["jobs"], serde_json::json!([]));
+    let out = s.cmd("mgpu_acct").args(["--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["jobs"], serde_json::json!([]), "nothing was recorded");
+    // A default over the cap is refused at start.
+    let out = server_cmd(s.dir.join("x.sock"), s.dir.join("xs"), s.dir.join("xl"))
+        .args([
+            "--simulate-gpus",
+            "1x1GiB",
+            "--default-cpus",
+            "4",
+            "--max-cpus",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "--default-cpus 4 is over --max-cpus 2");
 }

@@ -300,10 +300,20 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         .flat_map(JobCgroup::dirs)
         .map(|d| d.as_os_str().as_encoded_bytes())
         .collect();
-    // Our mark first, then theirs (see `abandon`).
-    write_at(dir, FORKED_FILE, &cgroup_paths.join(&b'\n')).context("marking the run as started")?;
-    if exists_at(dir, ABANDONED_FILE) {
-        anyhow::bail!("{STOOD_DOWN}");
+    // Our mark first, then theirs (see `abandon`). Not starting after all: no cgroup is left.
+    let marked = write_at(dir, FORKED_FILE, &cgroup_paths.join(&b'\n'))
+        .context("marking the run as started")
+        .and_then(|()| {
+            if exists_at(dir, ABANDONED_FILE) {
+                anyhow::bail!("{STOOD_DOWN}");
+            }
+            Ok(())
+        });
+    if let Err(e) = marked {
+        if let Some(cg) = cgroup {
+            cg.remove();
+        }
+        return Err(e);
     }
     // Resolved now, in the job's parent: the forked child only makes async-signal-safe calls.
     let account = match launch.account.clone() {

@@ -41,7 +41,7 @@ pub struct Args {
     /// (2026-11-25), or a duration ago (90m, 2h, 7d)
     #[arg(long, value_name = "TIME", value_parser = parse_since)]
     pub since: Option<Millis>,
-    /// Only jobs in this state: COMPLETED, FAILED, CANCELLED, TIMEOUT
+    /// Only jobs in this state: COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY
     #[arg(long, value_name = "STATE", value_parser = parse_state)]
     pub state: Option<JobState>,
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
@@ -81,7 +81,7 @@ fn parse_state(text: &str) -> Result<JobState, String> {
     match JobState::parse(text) {
         Some(s) if s.is_terminal() => Ok(s),
         _ => Err(format!(
-            "invalid state '{text}': use COMPLETED, FAILED, CANCELLED or TIMEOUT"
+            "invalid state '{text}': use COMPLETED, FAILED, CANCELLED, TIMEOUT or OUT_OF_MEMORY"
         )),
     }
 }

@@ -138,28 +138,7 @@ fn client_name(name: &str) -> String {
     format!("{name} {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Parses a memory amount: MiB by default, or with a unit (`512M`, `10G`, `10GiB`).
-pub fn parse_mem_mib(text: &str) -> Result<u64, String> {
-    let t = text.trim().to_ascii_lowercase();
-    let bad = || format!("invalid memory '{text}': give MiB (e.g. 10240) or a unit (10G, 512M)");
-    let (num, factor) = if let Some(n) = t
-        .strip_suffix("gib")
-        .or(t.strip_suffix("gb"))
-        .or(t.strip_suffix('g'))
-    {
-        (n, 1024)
-    } else if let Some(n) = t
-        .strip_suffix("mib")
-        .or(t.strip_suffix("mb"))
-        .or(t.strip_suffix('m'))
-    {
-        (n, 1)
-    } else {
-        (t.as_str(), 1)
-    };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(factor).ok_or_else(bad)
-}
+pub use mgpu_proto::parse_mem_mib;
 
 #[cfg(test)]
 mod tests {

@@ -50,6 +50,14 @@ pub struct Args {
     /// defaults to 60)
     #[arg(long, value_name = "SIG@SECS", value_parser = parse_warn_signal)]
     pub signal: Option<WarnSignal>,
+    /// CPUs for the job: its processes together get at most N CPUs' time (a cgroup quota)
+    /// [default: the server's --default-cpus]
+    #[arg(short = 'c', long, visible_alias = "cpus-per-task", value_name = "N")]
+    pub cpus: Option<u32>,
+    /// Host memory (RAM) for the job, MiB or with a unit (16G); over it, the job is killed and
+    /// ends as OUT_OF_MEMORY [default: the server's --default-host-mem]
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem_mib)]
+    pub host_mem: Option<u64>,
     /// Lower the job's priority by N (only root may give a negative value)
     #[arg(
         long,
@@ -206,6 +214,8 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         max_restarts: args.max_restarts,
         signal: args.signal,
         nice: args.nice,
+        cpus: args.cpus,
+        host_mem_mib: args.host_mem,
         array_limit: args.array.as_ref().and_then(|a| a.limit),
         array: args.array.map(|a| a.indices),
     })
@@ -365,6 +375,11 @@ async fn run(args: Args) -> Result<i32> {
                         }
                     } else if outcome.state == mgpu_core::JobState::Cancelled {
                         eprintln!("mgpu_srun: job {} cancelled", outcome.job);
+                    } else if outcome.state == mgpu_core::JobState::OutOfMemory {
+                        eprintln!(
+                            "mgpu_srun: job {} went over its host memory limit and was killed (OUT_OF_MEMORY)",
+                            outcome.job
+                        );
                     } else if outcome.state == mgpu_core::JobState::Timeout {
                         eprintln!(
                             "mgpu_srun: job {} reached its time limit (TIMEOUT)",

@@ -118,6 +118,8 @@ pub enum JobState {
     Failed,
     Cancelled,
     Timeout,
+    /// Killed by the OOM killer, over its host memory limit.
+    OutOfMemory,
 }
 
 impl JobState {
@@ -129,6 +131,7 @@ impl JobState {
             JobState::Failed => "FAILED",
             JobState::Cancelled => "CANCELLED",
             JobState::Timeout => "TIMEOUT",
+            JobState::OutOfMemory => "OUT_OF_MEMORY",
         }
     }
 
@@ -140,6 +143,7 @@ impl JobState {
             "FAILED" | "F" => JobState::Failed,
             "CANCELLED" | "CA" => JobState::Cancelled,
             "TIMEOUT" | "TO" => JobState::Timeout,
+            "OUT_OF_MEMORY" | "OOM" => JobState::OutOfMemory,
             _ => return None,
         })
     }

@@ -1,7 +1,15 @@
-//! A cgroup v2 per job, where the machine offers a writable cgroup v2 tree: every process the
-//! job starts lands in it and stays there, and `cgroup.kill` ends them all at once, whatever
-//! they did to their sessions or parents. Where there is none, containment falls back to the
-//! job's process group plus the supervisor's subreaper scan of its descendants.
+//! Cgroups per job: containment (every process the job starts lands in its cgroups and stays
+//! there, whatever it does to its session or parents) and limits (`pids.max`, memory, CPU).
+//!
+//! On cgroup v2 a job gets one cgroup under `mgpu-jobs` beside our own, born into it (clone3
+//! `CLONE_INTO_CGROUP`), killed at once with `cgroup.kill`, and limited by the controllers the
+//! daemon enabled for `mgpu-jobs` at start ([`setup`]). Controllers that are bound to cgroup v1
+//! hierarchies instead (hybrid machines) get a job cgroup in each such hierarchy, which the
+//! job's process joins before it drops its privileges; v1 has no `cgroup.kill`, so those are
+//! emptied by killing what their `cgroup.procs` lists until nothing is left. Where there is no
+//! writable cgroup at all, containment falls back to the job's process group plus the
+//! supervisor's subreaper scan of its descendants, and the limits are not enforced (the daemon
+//! says so at start).
 
 use std::ffi::CString;
 use std::io::Write;
@@ -9,80 +17,458 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The job's cgroup directory.
-#[derive(Debug)]
-pub struct JobCgroup {
-    pub dir: PathBuf,
-    /// `cgroup.procs`, prepared for the forked child (which must not allocate).
-    pub procs: CString,
+/// The controllers job limits use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controller {
+    Pids,
+    Memory,
+    Cpu,
 }
 
-/// Where job cgroups go: beside our own cgroup v2 (mount point and our path in it), read once
-/// per process. The launcher reads it before it forks, so supervisors inherit it.
-static JOBS_BASE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+impl Controller {
+    pub const ALL: [Controller; 3] = [Controller::Pids, Controller::Memory, Controller::Cpu];
 
-/// The directory that holds job cgroups (`mgpu-jobs` beside our own cgroup), if any.
-pub fn jobs_base() -> Option<&'static Path> {
-    JOBS_BASE
-        .get_or_init(|| Some(cgroup2_mount()?.join(own_cgroup()?).join("mgpu-jobs")))
-        .as_deref()
-}
-
-/// The cgroup v2 mount point, from /proc/self/mountinfo.
-fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
+    pub fn name(self) -> &'static str {
+        match self {
+            Controller::Pids => "pids",
+            Controller::Memory => "memory",
+            Controller::Cpu => "cpu",
         }
-        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    }
+}
+
+/// The limits of one job (`None`: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub pids_max: Option<u64>,
+    pub cpus: Option<u32>,
+    pub mem_bytes: Option<u64>,
+}
+
+/// The server's per-job limits: `pids.max` for every job, and defaults and caps for what jobs
+/// ask for.
+#[derive(Debug, Clone, Default)]
+pub struct LimitSettings {
+    pub pids_max: Option<u64>,
+    pub default_cpus: Option<u32>,
+    pub max_cpus: Option<u32>,
+    pub default_host_mem_mib: Option<u64>,
+    pub max_host_mem_mib: Option<u64>,
+}
+
+impl LimitSettings {
+    /// Checks the settings themselves (at start).
+    pub fn check(&self) -> Result<(), String> {
+        if let (Some(d), Some(m)) = (self.default_cpus, self.max_cpus) {
+            if d > m {
+                return Err(format!("--default-cpus {d} is over --max-cpus {m}"));
+            }
+        }
+        if let (Some(d), Some(m)) = (self.default_host_mem_mib, self.max_host_mem_mib) {
+            if d > m {
+                return Err(format!(
+                    "--default-host-mem {d} MiB is over --max-host-mem {m} MiB"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A job's CPUs and host memory (MiB): what it asked for, else the server's default;
+    /// refused with a clear message over a cap, or where this machine cannot enforce it.
+    pub fn resolve(
+        &self,
+        cpus: Option<u32>,
+        host_mem_mib: Option<u64>,
+    ) -> Result<(Option<u32>, Option<u64>), String> {
+        if let Some(n) = cpus {
+            if n == 0 {
+                return Err("--cpus must be at least 1".into());
+            }
+            if let Some(max) = self.max_cpus.filter(|m| n > *m) {
+                return Err(format!(
+                    "--cpus {n} is over this server's cap of {max} CPUs per job (--max-cpus)"
+                ));
+            }
+            if !layout().enforces(Controller::Cpu) {
+                return Err(
+                    "this server cannot enforce --cpus: no cpu cgroup controller is available to it"
+                        .into(),
+                );
+            }
+        }
+        if let Some(m) = host_mem_mib {
+            if m == 0 {
+                return Err("--host-mem must be at least 1 MiB".into());
+            }
+            if let Some(max) = self.max_host_mem_mib.filter(|x| m > *x) {
+                return Err(format!(
+                    "--host-mem {m} MiB is over this server's cap of {max} MiB per job (--max-host-mem)"
+                ));
+            }
+            if !layout().enforces(Controller::Memory) {
+                return Err("this server cannot enforce --host-mem: no memory cgroup controller is available to it".into());
+            }
+        }
+        Ok((
+            cpus.or(self.default_cpus),
+            host_mem_mib.or(self.default_host_mem_mib),
+        ))
+    }
+}
+
+/// Where job cgroups go, found once per process (the daemon after [`setup`]; the launcher
+/// before it forks supervisors, which inherit it).
+#[derive(Debug, Default)]
+pub struct Layout {
+    /// `mgpu-jobs` beside our own cgroup v2, where cgroup v2 is writable here.
+    pub v2: Option<PathBuf>,
+    /// Controllers enabled for the cgroups in `v2`.
+    pub v2_controllers: Vec<Controller>,
+    /// `mgpu-jobs` beside our own cgroup in each v1 hierarchy of a controller not on v2.
+    pub v1: Vec<(Controller, PathBuf)>,
+}
+
+impl Layout {
+    /// Whether a limit of this kind can be enforced here.
+    pub fn enforces(&self, c: Controller) -> bool {
+        self.v2_controllers.contains(&c) || self.v1.iter().any(|(k, _)| *k == c)
+    }
+}
+
+static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
+
+/// Name of the leaf our daemon moves into on cgroup v2 when its own cgroup must hand
+/// controllers down (a cgroup with processes in it cannot).
+const SERVER_LEAF: &str = "mgpu-server";
+const JOBS: &str = "mgpu-jobs";
+
+pub fn layout() -> &'static Layout {
+    LAYOUT.get_or_init(find_layout)
+}
+
+/// The directory that holds job cgroups on cgroup v2 (`mgpu-jobs` beside our own), if any.
+pub fn jobs_base() -> Option<&'static Path> {
+    layout().v2.as_deref()
+}
+
+fn find_layout() -> Layout {
+    let mut layout = Layout::default();
+    let v2_own = v2_own_dir();
+    if let Some(own) = v2_own.as_ref().filter(|d| is_writable_dir(d)) {
+        let base = own.join(JOBS);
+        let enabled = read_words(&base.join("cgroup.subtree_control"));
+        layout.v2_controllers = Controller::ALL
+            .into_iter()
+            .filter(|c| enabled.iter().any(|w| w == c.name()))
+            .collect();
+        layout.v2 = Some(base);
+    }
+    // A controller offered on v2 is not on v1 (a controller lives in one hierarchy only).
+    let on_v2 = v2_own
+        .map(|d| read_words(&d.join("cgroup.controllers")))
+        .unwrap_or_default();
+    for c in Controller::ALL {
+        if on_v2.iter().any(|w| w == c.name()) {
+            continue;
+        }
+        if let Some(own) = v1_own_dir(c).filter(|d| is_writable_dir(d)) {
+            layout.v1.push((c, own.join(JOBS)));
+        }
+    }
+    layout
+}
+
+fn read_words(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Mounts of cgroup filesystems: (mount point, root of the mount, fs type, super options).
+fn cgroup_mounts() -> Vec<(PathBuf, String, String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let fstype = r.next()?;
+            if fstype != "cgroup2" && fstype != "cgroup" {
+                return None;
+            }
+            let opts = r.nth(1).unwrap_or("");
+            let mut l = left.split_whitespace();
+            let root = l.nth(3)?;
+            let mount = l.next()?;
+            Some((
+                PathBuf::from(mount),
+                root.to_string(),
+                fstype.to_string(),
+                opts.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Our own cgroup in the hierarchy whose /proc/self/cgroup line `matches`, as a directory
+/// under `mount` (whose root is `root`). The daemon's leaf ([`SERVER_LEAF`]) counts as its
+/// parent: job cgroups go beside it.
+fn own_dir(mount: &Path, root: &str, matches: impl Fn(&str) -> bool) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        matches(ctrls).then_some(path)
+    })?;
+    let path = path.strip_prefix(root).unwrap_or(path);
+    let path = path.trim_start_matches('/');
+    let path = path.strip_suffix(SERVER_LEAF).unwrap_or(path);
+    Some(mount.join(path.trim_end_matches('/')))
+}
+
+fn v2_own_dir() -> Option<PathBuf> {
+    let (mount, root, _, _) = cgroup_mounts()
+        .into_iter()
+        .find(|(_, _, t, _)| t == "cgroup2")?;
+    own_dir(&mount, &root, |c| c.is_empty())
+}
+
+fn v1_own_dir(c: Controller) -> Option<PathBuf> {
+    let (mount, root, _, _) = cgroup_mounts()
+        .into_iter()
+        .find(|(_, _, t, o)| t == "cgroup" && o.split(',').any(|w| w == c.name()))?;
+    own_dir(&mount, &root, |ctrls| {
+        ctrls.split(',').any(|w| w == c.name())
     })
 }
 
-/// Our own cgroup v2 path (relative to the mount), from /proc/self/cgroup.
-fn own_cgroup() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim_start_matches('/').to_string())
+/// For the daemon, once at start and before it starts its launcher: enables the pids, memory
+/// and cpu controllers for job cgroups on cgroup v2 where it can (moving itself into a leaf of
+/// its cgroup when that cgroup holds processes), and creates the `mgpu-jobs` directories.
+/// Returns the limits that cannot be enforced here, for a warning.
+pub fn setup() -> Vec<Controller> {
+    if let Some(own) = v2_own_dir().filter(|d| is_writable_dir(d)) {
+        let offered = read_words(&own.join("cgroup.controllers"));
+        let wanted: Vec<Controller> = Controller::ALL
+            .into_iter()
+            .filter(|c| offered.iter().any(|w| w == c.name()))
+            .collect();
+        let enable = |dir: &Path, c: Controller| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.subtree_control"))
+                .and_then(|mut f| f.write_all(format!("+{}", c.name()).as_bytes()))
+        };
+        let mut moved = false;
+        for &c in &wanted {
+            match enable(&own, c) {
+                // Our cgroup holds processes (ours): move into a leaf of it, then again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && !moved => {
+                    moved = true;
+                    let leaf = own.join(SERVER_LEAF);
+                    let _ = std::fs::create_dir(&leaf);
+                    let _ =
+                        std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string());
+                    let _ = enable(&own, c);
+                }
+                _ => {}
+            }
+        }
+        let base = own.join(JOBS);
+        let _ = create_readable_dir(&base);
+        let handed = read_words(&own.join("cgroup.subtree_control"));
+        for &c in &wanted {
+            if handed.iter().any(|w| w == c.name()) {
+                let _ = enable(&base, c);
+            }
+        }
+    }
+    let layout = layout();
+    for (_, base) in &layout.v1 {
+        let _ = create_readable_dir(base);
+    }
+    Controller::ALL
+        .into_iter()
+        .filter(|c| !layout.enforces(*c))
+        .collect()
+}
+
+/// One run's cgroups: a v2 one and/or one per v1 hierarchy in use.
+#[derive(Debug)]
+pub struct JobCgroup {
+    /// The v2 cgroup (the job's process is born into it).
+    pub v2: Option<PathBuf>,
+    /// The v1 cgroups; the first holds every process of the job when there is no v2 one.
+    pub v1: Vec<PathBuf>,
+    /// `cgroup.procs` of the v2 cgroup, prepared for the forked child (which must not
+    /// allocate), for when it is not born in it.
+    pub v2_procs: Option<CString>,
+    /// `cgroup.procs` of each v1 cgroup, which the child joins itself.
+    pub v1_procs: Vec<CString>,
+    /// Where the memory controller is, if the job has a memory limit (v2: true).
+    memory: Option<(PathBuf, bool)>,
+}
+
+fn procs_of(dir: &Path) -> Option<CString> {
+    CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).ok()
+}
+
+fn write_limit(dir: &Path, file: &str, value: &str) -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(file))
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|e| format!("cannot set {file} of the job's cgroup to {value}: {e}"))
+}
+
+/// Writes the limits of `c` into `dir` (`v2`: the v2 file names).
+fn apply(dir: &Path, c: Controller, limits: &Limits, v2: bool) -> Result<(), String> {
+    const PERIOD: u64 = 100_000;
+    match c {
+        Controller::Pids => {
+            if let Some(n) = limits.pids_max {
+                write_limit(dir, "pids.max", &n.to_string())?;
+            }
+        }
+        Controller::Memory => {
+            if let Some(b) = limits.mem_bytes {
+                let b = b.to_string();
+                if v2 {
+                    write_limit(dir, "memory.max", &b)?;
+                    // Over the limit is over it: no swapping the rest out.
+                    if dir.join("memory.swap.max").exists() {
+                        write_limit(dir, "memory.swap.max", "0")?;
+                    }
+                } else {
+                    write_limit(dir, "memory.limit_in_bytes", &b)?;
+                    // Swap accounting may be off: then only RAM is limited.
+                    let _ = write_limit(dir, "memory.memsw.limit_in_bytes", &b);
+                }
+            }
+        }
+        Controller::Cpu => {
+            if let Some(n) = limits.cpus {
+                let quota = u64::from(n) * PERIOD;
+                if v2 {
+                    write_limit(dir, "cpu.max", &format!("{quota} {PERIOD}"))?;
+                } else {
+                    write_limit(dir, "cpu.cfs_period_us", &PERIOD.to_string())?;
+                    write_limit(dir, "cpu.cfs_quota_us", &quota.to_string())?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl JobCgroup {
-    /// Creates a cgroup for one run of a job beside ours, or `None` where cgroup v2 is not
-    /// writable here.
-    pub fn create(job: u64) -> Option<JobCgroup> {
-        let base = jobs_base()?;
-        // Readable by the job (the daemon's umask is 0077): programs size themselves from
-        // their cgroup's limits (cpu.max, memory.max).
-        use std::os::unix::fs::PermissionsExt;
-        let readable = |d: &Path| {
-            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+    /// Creates the cgroups of one run of a job (named after it and this supervisor), with its
+    /// limits: `Ok(None)` where this machine offers none. An error (a limit that cannot be
+    /// set) leaves nothing behind.
+    pub fn create(job: u64, limits: &Limits) -> Result<Option<JobCgroup>, String> {
+        let layout = layout();
+        let name = format!("job-{job}-{}", std::process::id());
+        let mut cg = JobCgroup {
+            v2: None,
+            v1: Vec::new(),
+            v2_procs: None,
+            v1_procs: Vec::new(),
+            memory: None,
         };
-        match std::fs::create_dir(base) {
-            Ok(()) => readable(base),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(_) => return None,
+        if let Some(base) = &layout.v2 {
+            let _ = create_readable_dir(base);
+            let dir = base.join(&name);
+            if create_readable_dir(&dir).is_ok() {
+                if dir.join("cgroup.kill").exists() {
+                    cg.v2_procs = procs_of(&dir);
+                    cg.v2 = Some(dir);
+                } else {
+                    // Too old a kernel to kill a whole cgroup: use the fallback.
+                    let _ = std::fs::remove_dir(&dir);
+                }
+            }
         }
-        let dir = base.join(format!("job-{job}-{}", std::process::id()));
-        std::fs::create_dir(&dir).ok()?;
-        readable(&dir);
-        if !dir.join("cgroup.kill").exists() {
-            // Too old a kernel to kill a whole cgroup: use the fallback.
-            let _ = std::fs::remove_dir(&dir);
-            return None;
+        if let Some(dir) = cg.v2.clone() {
+            for &c in &layout.v2_controllers {
+                if let Err(e) = apply(&dir, c, limits, true) {
+                    cg.remove();
+                    return Err(e);
+                }
+                if c == Controller::Memory && limits.mem_bytes.is_some() {
+                    cg.memory = Some((dir.clone(), true));
+                }
+            }
         }
-        let procs = CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).ok()?;
-        Some(JobCgroup { dir, procs })
+        for (c, base) in &layout.v1 {
+            let needed = match c {
+                // For pids.max, and for containment where there is no v2 cgroup.
+                Controller::Pids => limits.pids_max.is_some() || cg.v2.is_none(),
+                Controller::Memory => limits.mem_bytes.is_some(),
+                Controller::Cpu => limits.cpus.is_some(),
+            };
+            if !needed {
+                continue;
+            }
+            let _ = create_readable_dir(base);
+            let dir = base.join(&name);
+            if create_readable_dir(&dir).is_err() {
+                continue;
+            }
+            cg.v1_procs.extend(procs_of(&dir));
+            cg.v1.push(dir.clone());
+            if let Err(e) = apply(&dir, *c, limits, false) {
+                cg.remove();
+                return Err(e);
+            }
+            if *c == Controller::Memory {
+                cg.memory = Some((dir, false));
+            }
+        }
+        Ok((cg.v2.is_some() || !cg.v1.is_empty()).then_some(cg))
     }
 
-    /// Kills every process in the cgroup.
+    /// Rebuilds the handle of a run's cgroups from their directories (see [`JobCgroup::dirs`]).
+    pub fn from_dirs(dirs: impl IntoIterator<Item = PathBuf>) -> JobCgroup {
+        let mut cg = JobCgroup {
+            v2: None,
+            v1: Vec::new(),
+            v2_procs: None,
+            v1_procs: Vec::new(),
+            memory: None,
+        };
+        for d in dirs {
+            if d.join("cgroup.kill").exists() && cg.v2.is_none() {
+                cg.v2 = Some(d);
+            } else {
+                cg.v1.push(d);
+            }
+        }
+        cg
+    }
+
+    /// Every directory of it, the v2 one first.
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        self.v2.iter().chain(&self.v1).map(PathBuf::as_path)
+    }
+
+    /// The cgroup that holds every process of the job.
+    fn members(&self) -> Option<&Path> {
+        self.v2.as_deref().or(self.v1.first().map(PathBuf::as_path))
+    }
+
+    /// Kills every process in the cgroup (v1: those there now; see [`JobCgroup::remove`]).
     pub fn kill(&self) {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .write(true)
-            .open(self.dir.join("cgroup.kill"))
-        {
-            let _ = f.write_all(b"1");
+        if let Some(dir) = &self.v2 {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.kill"))
+            {
+                let _ = f.write_all(b"1");
+            }
+        } else {
+            self.signal(nix::sys::signal::Signal::SIGKILL);
         }
     }
 
@@ -94,7 +480,10 @@ impl JobCgroup {
     }
 
     pub fn pids(&self) -> Vec<i32> {
-        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+        let Some(dir) = self.members() else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse().ok())
@@ -103,19 +492,59 @@ impl JobCgroup {
 
     /// Is any process left in it?
     pub fn populated(&self) -> bool {
-        std::fs::read_to_string(self.dir.join("cgroup.events"))
-            .map(|e| e.lines().any(|l| l == "populated 1"))
-            .unwrap_or(false)
+        match &self.v2 {
+            Some(dir) => std::fs::read_to_string(dir.join("cgroup.events"))
+                .map(|e| e.lines().any(|l| l == "populated 1"))
+                .unwrap_or(false),
+            None => self.v1.iter().any(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+            }),
+        }
     }
 
-    /// Kills what is left and removes the cgroup once empty (bounded wait).
+    /// Whether the OOM killer killed a process of the job (read before [`JobCgroup::remove`]).
+    pub fn oom_killed(&self) -> bool {
+        let count = |text: &str, key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        match &self.memory {
+            Some((dir, true)) => std::fs::read_to_string(dir.join("memory.events"))
+                .ok()
+                .and_then(|t| count(&t, "oom_kill "))
+                .is_some_and(|n| n > 0),
+            Some((dir, false)) => {
+                match std::fs::read_to_string(dir.join("memory.oom_control"))
+                    .ok()
+                    .and_then(|t| count(&t, "oom_kill "))
+                {
+                    Some(n) => n > 0,
+                    // Older kernels: the limit was hit (and nothing could be reclaimed).
+                    None => std::fs::read_to_string(dir.join("memory.failcnt"))
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .is_some_and(|n| n > 0),
+                }
+            }
+            None => false,
+        }
+    }
+
+    /// Kills what is left and removes the cgroups once empty (a bounded wait).
     pub fn remove(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.remove_within(Duration::from_secs(10));
+    }
+
+    pub fn remove_within(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
         while self.populated() && Instant::now() < deadline {
             self.kill();
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = std::fs::remove_dir(&self.dir);
+        for dir in self.dirs() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -136,34 +565,65 @@ pub unsafe fn enter(procs: &CString) -> bool {
 
 /// Removes job cgroups left by supervisors that are gone (empty ones only).
 pub fn remove_stale() {
-    let Some(base) = jobs_base() else {
-        return;
-    };
-    let Ok(dir) = std::fs::read_dir(base) else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.rsplit('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
+    let layout = layout();
+    for base in layout.v2.iter().chain(layout.v1.iter().map(|(_, b)| b)) {
+        let Ok(dir) = std::fs::read_dir(base) else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir(entry.path());
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.starts_with("job-"))
+                .and_then(|n| n.rsplit('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir(entry.path());
+            }
         }
     }
 }
 
-/// Whether this machine gives jobs their own cgroup (for logs).
-pub fn available() -> bool {
-    cgroup2_mount()
-        .zip(own_cgroup())
-        .is_some_and(|(m, own)| is_writable_dir(&m.join(own)))
+/// How jobs are contained here (for the start-up log).
+pub fn describe() -> String {
+    let layout = layout();
+    let mut parts = Vec::new();
+    if layout.v2.is_some() {
+        parts.push("cgroup v2 per job".to_string());
+    }
+    if !layout.v1.is_empty() {
+        let names: Vec<&str> = layout.v1.iter().map(|(c, _)| c.name()).collect();
+        parts.push(format!("cgroup v1 ({})", names.join(", ")));
+    }
+    if parts.is_empty() {
+        "process group + subreaper".into()
+    } else {
+        parts.join(" + ")
+    }
 }
 
 fn is_writable_dir(p: &Path) -> bool {
     nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controllers_have_their_kernel_names() {
+        let names: Vec<&str> = Controller::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["pids", "memory", "cpu"]);
+    }
+}
+
+/// Makes a cgroup directory readable by the job (the daemon's umask is 0077): programs size
+/// themselves from their cgroup's limits (cpu.max, memory.max). Only when it is created here.
+fn create_readable_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
 }

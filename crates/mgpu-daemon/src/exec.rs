@@ -31,6 +31,12 @@ pub struct LaunchSpec {
     /// The submitter's umask, applied to the job.
     #[serde(default)]
     pub umask: Option<u32>,
+    /// CPUs the job may use (cgroup cpu quota), resolved at submit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Host memory the job may use, in MiB (cgroup memory limit), resolved at submit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_mem_mib: Option<u64>,
 }
 
 /// Everything needed to fork one run of a job. The daemon resolves it and hands it to the
@@ -66,6 +72,9 @@ pub struct Launch {
     /// The job array task it is, if any (`MGPU_ARRAY_*` variables).
     #[serde(default)]
     pub array: Option<mgpu_core::ArrayTask>,
+    /// Most processes the job may have (cgroup `pids.max`), from the server's settings.
+    #[serde(default)]
+    pub pids_max: Option<u64>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -74,6 +83,38 @@ pub struct Started {
     pub pid: libc::pid_t,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// Whether the process exec'd the command is not known yet (it was forked and, as its
+    /// user, may be stopped before its exec for as long as that user likes): read its report
+    /// with [`StartReport::read`] once it has exited.
+    pub report: Option<StartReport>,
+}
+
+/// The report pipe of a forked job process: a failure before exec writes (step, errno) on it;
+/// an exec closes it empty.
+pub struct StartReport {
+    pipe: OwnedFd,
+    program: String,
+}
+
+impl StartReport {
+    /// Why the job's process failed to start, if it did. Never blocks: for a process that has
+    /// exited (its end of the pipe is closed, the report in it if any).
+    pub fn read(self) -> Option<StartError> {
+        let mut report = [0u8; 4];
+        // Non-blocking (set on our end only): whatever happens, no wait on the job.
+        let _ = nix::fcntl::fcntl(
+            self.pipe.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        let mut f = std::fs::File::from(self.pipe);
+        let n = loop {
+            match f.read(&mut report) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r.unwrap_or(0),
+            }
+        };
+        start_error(&report[..n], &self.program)
+    }
 }
 
 /// Starting failed; `message` says why, for the log and the user.
@@ -425,6 +466,7 @@ struct ChildPlan {
     arrays: ExecArrays,
     venv_switch: Option<(CString, ExecArrays)>,
     cgroup_procs: Option<CString>,
+    v1_procs: Vec<CString>,
     switch_user: bool,
     uid: libc::uid_t,
     gid: libc::gid_t,
@@ -476,6 +518,12 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
         libc::close(fd);
     }
     if let (Some(procs), false) = (&plan.cgroup_procs, joined) {
+        if !crate::cgroup::enter(procs) {
+            fail(Step::Cgroup);
+        }
+    }
+    // Cgroup v1 hierarchies (limits on hybrid machines): joined while still privileged.
+    for procs in &plan.v1_procs {
         if !crate::cgroup::enter(procs) {
             fail(Step::Cgroup);
         }
@@ -592,7 +640,8 @@ fn start_with(
         candidates: candidates(&program, path),
         arrays,
         venv_switch,
-        cgroup_procs: cgroup.map(|c| c.procs.clone()),
+        cgroup_procs: cgroup.and_then(|c| c.v2_procs.clone()),
+        v1_procs: cgroup.map(|c| c.v1_procs.clone()).unwrap_or_default(),
         switch_user: launch.switch_user,
         uid: account.uid,
         gid: account.gid,
@@ -606,9 +655,9 @@ fn start_with(
     let (report_r, report_w) = pipe().map_err(|e| io_err("cannot create pipes", e))?;
     let devnull =
         std::fs::File::open("/dev/null").map_err(|e| io_err("cannot open /dev/null", e))?;
-    let cgroup_dir = match cgroup {
-        Some(c) => Some(
-            std::fs::File::open(&c.dir)
+    let cgroup_dir = match cgroup.and_then(|c| c.v2.as_ref()) {
+        Some(dir) => Some(
+            std::fs::File::open(dir)
                 .map(OwnedFd::from)
                 .map_err(|e| io_err("cannot open the job's cgroup", e))?,
         ),
@@ -622,46 +671,67 @@ fn start_with(
         // Born in the cgroup, if there is one.
         joined: true,
     };
+    // The shared-memory start keeps us waiting until the child's exec, so it is only for a
+    // child that stays ours: one that switches to the job's user could be stopped by that
+    // user before its exec, and us with it.
+    let shared = shared && (!launch.switch_user || account.uid == nix::unistd::geteuid().as_raw());
     // SAFETY: the child only makes async-signal-safe calls on `plan`, prepared above.
-    let pid = unsafe {
+    let (pid, shared_start) = unsafe {
         let spawned = if shared {
             spawn_shared(cgroup_dir.as_ref(), &args)
         } else {
             None
         };
         match spawned {
-            Some(Ok(pid)) => pid,
+            Some(Ok(pid)) => (pid, true),
             Some(Err(e)) => return Err(io_err("cannot start the job's process", e)),
             None => match fork_into(cgroup_dir.as_ref()) {
                 Err(e) => return Err(io_err("cannot fork", e)),
                 Ok((0, joined)) => child(&plan, stdio, report_w.as_raw_fd(), joined),
-                Ok((pid, _)) => pid,
+                Ok((pid, _)) => (pid, false),
             },
         }
     };
     // Our copies of the child's ends: EOF on the pipes comes when the job's processes close
     // theirs, and on the report pipe when exec succeeded.
     drop((out_w, err_w, report_w, devnull, cgroup_dir));
-    let mut report = [0u8; 4];
-    let mut f = std::fs::File::from(report_r);
-    let n = loop {
-        match f.read(&mut report) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => break r.unwrap_or(0),
-        }
+    let report = StartReport {
+        pipe: report_r,
+        program,
     };
-    if n == 0 {
+    if !shared_start {
+        // A forked child may be stopped by its user before its exec, for ever: its report is
+        // read once it has exited, never waited for.
         return Ok(Started {
             pid,
             stdout: out_r,
             stderr: err_r,
+            report: Some(report),
         });
     }
-    // The child failed before exec; it exits 127. Reap it here.
-    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-    let errno = i32::from(report[1]) | (i32::from(report[2]) << 8);
+    // A child that shared our memory has exec'd or exited by now.
+    match report.read() {
+        None => Ok(Started {
+            pid,
+            stdout: out_r,
+            stderr: err_r,
+            report: None,
+        }),
+        Some(e) => {
+            // The child failed before exec; it exits 127. Reap it here.
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            Err(e)
+        }
+    }
+}
+
+/// The start error a child's report (`step, errno`; empty after an exec) says.
+fn start_error(report: &[u8], program: &str) -> Option<StartError> {
+    let &[step, lo, hi, ..] = report else {
+        return None;
+    };
+    let errno = i32::from(lo) | (i32::from(hi) << 8);
     let err = io::Error::from_raw_os_error(errno);
-    let step = report[0];
     let code = match (step, err.kind()) {
         (10, io::ErrorKind::NotFound) => 127,
         (10, io::ErrorKind::PermissionDenied) => 126,
@@ -672,7 +742,10 @@ fn start_with(
     } else {
         format!("mgpu: {}", Step::describe(step))
     };
-    Err(fail(format!("{what}: {err}"), code))
+    Some(StartError {
+        message: format!("{what}: {err}"),
+        code,
+    })
 }
 
 #[cfg(test)]
@@ -711,12 +784,14 @@ mod tests {
                     env: vec![("PATH".into(), "/usr/bin:/bin".into())],
                     venv: Venv::Off,
                     umask: None,
+                    ..Default::default()
                 },
                 switch_user: false,
                 log_path: "/dev/null".into(),
                 max_log_bytes: None,
                 launch_id: 1,
                 array: None,
+                pids_max: None,
             };
             let started = start_with(
                 &launch(&["sh", "-c", "echo out $MGPU_JOB_ID; echo err >&2; exit 3"]),
@@ -745,9 +820,22 @@ mod tests {
                 nix::sys::wait::WaitStatus::Exited(pid, 3),
                 "shared={shared}"
             );
-            let missing = start_with(&launch(&["no-such-command-here"]), &me, None, shared)
-                .err()
-                .unwrap_or_else(|| panic!("shared={shared}: a missing command started"));
+            // The fork's report is read once the child has exited.
+            let missing = match start_with(&launch(&["no-such-command-here"]), &me, None, shared) {
+                Err(e) => e,
+                Ok(started) => {
+                    assert!(!shared, "the shared start reports before it returns");
+                    let pid = nix::unistd::Pid::from_raw(started.pid);
+                    assert_eq!(
+                        nix::sys::wait::waitpid(pid, None).unwrap(),
+                        nix::sys::wait::WaitStatus::Exited(pid, 127)
+                    );
+                    started
+                        .report
+                        .and_then(StartReport::read)
+                        .unwrap_or_else(|| panic!("shared={shared}: a missing command started"))
+                }
+            };
             assert_eq!(missing.code, 127, "shared={shared}: {}", missing.message);
             assert!(
                 missing.message.contains("cannot execute"),
@@ -770,6 +858,7 @@ mod tests {
             ],
             venv: Venv::Auto,
             umask: None,
+            ..Default::default()
         };
         let launch = Launch {
             job: 7,
@@ -785,6 +874,7 @@ mod tests {
             max_log_bytes: None,
             launch_id: 1,
             array: None,
+            pids_max: None,
         };
         let env = environment(&launch, &acct);
         let get = |k: &str| {
@@ -810,6 +900,7 @@ mod tests {
             env: vec![],
             venv: Venv::Dir("/opt/v".into()),
             umask: None,
+            ..Default::default()
         };
         let launch = Launch {
             job: 1,
@@ -825,6 +916,7 @@ mod tests {
             max_log_bytes: None,
             launch_id: 1,
             array: None,
+            pids_max: None,
         };
         let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));

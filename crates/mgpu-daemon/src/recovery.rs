@@ -263,6 +263,7 @@ mod tests {
             start_error: None,
             stopped: None,
             ended_at: 1,
+            oom_killed: false,
         }
     }
 
@@ -293,7 +294,7 @@ mod tests {
                             array: None,
                         };
                         let id = sched.next_job_id();
-                        let spec = LaunchSpec { command: vec!["true".into()], cwd: "/".into(), env: vec![], venv: Venv::Off, umask: None };
+                        let spec = LaunchSpec { command: vec!["true".into()], cwd: "/".into(), env: vec![], venv: Venv::Off, umask: None, ..Default::default() };
                         rt.block_on(st.insert(NewJob { id, request: request.clone(), spec, submitted_at: now, attached: false })).unwrap().unwrap();
                         sched.restore_pending(id, request, now, 0).unwrap();
                         submitted.push(id);

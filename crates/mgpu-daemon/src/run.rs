@@ -87,6 +87,23 @@ pub struct Args {
     /// Most jobs waiting in all
     #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     pub max_pending: usize,
+    /// Most processes (and threads) one job may have at once (its cgroup's pids.max): bounds a
+    /// fork bomb; 0: no limit
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub job_pids_max: u64,
+    /// CPUs a job gets when it does not ask (mgpu_srun --cpus) [default: no limit]
+    #[arg(long, value_name = "N")]
+    pub default_cpus: Option<u32>,
+    /// Most CPUs a job may ask for; more is refused at submit
+    #[arg(long, value_name = "N")]
+    pub max_cpus: Option<u32>,
+    /// Host memory a job gets when it does not ask (mgpu_srun --host-mem), MiB or with a unit
+    /// (16G); a job over it is killed and ends as OUT_OF_MEMORY [default: no limit]
+    #[arg(long, value_name = "SIZE", value_parser = mgpu_proto::parse_mem_mib)]
+    pub default_host_mem: Option<u64>,
+    /// Most host memory a job may ask for; more is refused at submit
+    #[arg(long, value_name = "SIZE", value_parser = mgpu_proto::parse_mem_mib)]
+    pub max_host_mem: Option<u64>,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -290,6 +307,25 @@ async fn run(args: Args) -> Result<()> {
     // One server per state directory.
     let _lock = lock_dir(&state_dir, "lock", "state directory")?;
 
+    let job_limits = crate::cgroup::LimitSettings {
+        pids_max: (args.job_pids_max > 0).then_some(args.job_pids_max),
+        default_cpus: args.default_cpus,
+        max_cpus: args.max_cpus,
+        default_host_mem_mib: args.default_host_mem,
+        max_host_mem_mib: args.max_host_mem,
+    };
+    job_limits.check().map_err(anyhow::Error::msg)?;
+    // Before the launcher starts: it (and every supervisor) finds job cgroups as set up here.
+    let unenforced = crate::cgroup::setup();
+    if !unenforced.is_empty() {
+        let names: Vec<&str> = unenforced.iter().map(|c| c.name()).collect();
+        tracing::warn!(
+            "job limits not enforced on this machine (no usable cgroup controller): {} (pids: \
+             --job-pids-max; memory: --host-mem; cpu: --cpus)",
+            names.join(", ")
+        );
+    }
+
     let backend = gpu_backend(&args)?;
     let gpus = backend.gpus();
     let (store, recovered) = Store::open(&state_dir)?;
@@ -370,6 +406,7 @@ async fn run(args: Args) -> Result<()> {
             max_log_bytes: (args.max_log_size > 0).then_some(args.max_log_size << 20),
             max_pending_per_user: args.max_pending_per_user,
             max_pending: args.max_pending,
+            job_limits,
             grace: Duration::from_secs(args.grace_period),
             multi_user,
             server_uid: euid,
@@ -386,7 +423,7 @@ async fn run(args: Args) -> Result<()> {
         log_dir = %log_dir.display(),
         mode = if multi_user { "multi-user" } else { "single-user" },
         policy = %args.policy,
-        containment = if crate::cgroup::available() { "cgroup v2 per job" } else { "process group + subreaper" },
+        containment = %crate::cgroup::describe(),
         restored,
         adopted = plan.adopt.len(),
         "mgpu scheduler ready"

@@ -29,6 +29,9 @@ use crate::launcher::Launcher;
 use crate::store::{Ending, Store};
 use crate::supervisor::{self, ExitRecord, StopReason, SupervisorCmd, SupervisorMsg};
 
+/// How long after a stop's grace period the daemon kills a job that is still there itself.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
+
 /// Capacity of a job's event channel; a subscriber further behind loses output (and is told).
 const EVENT_CAPACITY: usize = 512;
 
@@ -75,6 +78,8 @@ pub struct Settings {
     /// memory and the store, whatever clients send.
     pub max_pending_per_user: usize,
     pub max_pending: usize,
+    /// Per-job cgroup limits: the server's defaults and caps.
+    pub job_limits: crate::cgroup::LimitSettings,
 }
 
 struct RunningJob {
@@ -311,6 +316,7 @@ impl Daemon {
             max_log_bytes: self.settings.max_log_bytes,
             launch_id: new_launch_id(),
             array: job.request.array,
+            pids_max: self.settings.job_limits.pids_max,
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
@@ -517,6 +523,36 @@ impl Daemon {
         if run.cmds.send(cmd).is_err() {
             tracing::warn!(job = id, "cannot reach the job's supervisor to stop it");
         }
+        // The last resort, should the supervisor not end the job in time.
+        if let (Some(run), Ok(rt)) = (
+            inner.sched.job(id).map(|j| j.restarts),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            let (daemon, after) = (self.clone(), self.settings.grace + STOP_MARGIN);
+            rt.spawn(async move {
+                tokio::time::sleep(after).await;
+                daemon.stop_overdue(id, run);
+            });
+        }
+    }
+
+    /// A stop's deadline passed and run `run` of the job still holds its GPUs (its supervisor
+    /// is stuck, or lost its way): the daemon kills the run's cgroups and process group itself.
+    fn stop_overdue(self: &Arc<Self>, id: JobId, run: u32) {
+        let pgid = {
+            let inner = self.lock();
+            match inner.running.get(&id) {
+                Some(r) if inner.sched.job(id).is_some_and(|j| j.restarts == run) => r.pgid,
+                _ => return,
+            }
+        };
+        tracing::warn!(job = id, "the job outlived its stop deadline: killing it");
+        // Still ours while the job is running (no pid reuse for a live group id).
+        if pgid > 0 {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        let run_dir = self.run_dir(id, run);
+        tokio::task::spawn_blocking(move || supervisor::kill_run_cgroup(&run_dir));
     }
 
     /// Is `pid` part of a running job (its session)? For telling foreign GPU processes apart.
@@ -546,6 +582,8 @@ pub fn outcome_of(id: JobId, rec: &ExitRecord) -> JobOutcome {
         JobState::Failed
     } else if rec.stopped == Some(StopReason::Cancel) {
         JobState::Cancelled
+    } else if rec.oom_killed {
+        JobState::OutOfMemory
     } else if rec.stopped == Some(StopReason::Timeout) {
         JobState::Timeout
     } else if rec.exit_code == Some(0) {

@@ -822,6 +822,7 @@ mod tests {
                 env: vec![],
                 venv: Venv::Off,
                 umask: None,
+                ..Default::default()
             },
             submitted_at: 5,
             attached: false,

@@ -36,7 +36,7 @@ use crate::exec::{self, Launch};
 
 pub const LAUNCH_FILE: &str = "launch.json";
 
-/// This supervisor's job cgroup, when the machine offers cgroup v2 (one job per supervisor).
+/// This supervisor's job cgroups, where the machine offers any (one job per supervisor).
 static CGROUP: std::sync::OnceLock<Option<JobCgroup>> = std::sync::OnceLock::new();
 pub const EXIT_FILE: &str = "exit.json";
 pub const SOCKET_FILE: &str = "sock";
@@ -100,30 +100,27 @@ pub struct ExitRecord {
     pub start_error: Option<String>,
     pub stopped: Option<StopReason>,
     pub ended_at: Millis,
+    /// The OOM killer killed a process of the job (over its memory limit).
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
-/// Kills whatever is left in a run's cgroup (when it had one) and waits, bounded, until it is
-/// empty: for runs whose supervisor is gone.
+/// Kills whatever is left in a run's cgroups (when it had any) and waits, bounded, until they
+/// are empty, then removes them: for runs whose supervisor is gone or does not stop its job.
 pub fn kill_run_cgroup(run_dir: &Path) {
     let recorded = std::fs::read_to_string(run_dir.join(FORKED_FILE))
         .ok()
         .filter(|d| !d.is_empty())
         .or_else(|| std::fs::read_to_string(run_dir.join(LEGACY_CGROUP_FILE)).ok());
-    let Some(dir) = recorded else {
+    let Some(dirs) = recorded else {
         return;
     };
-    let dir = PathBuf::from(dir);
-    let (kill, events) = (dir.join("cgroup.kill"), dir.join("cgroup.events"));
-    for _ in 0..400 {
-        let _ = std::fs::write(&kill, "1");
-        match std::fs::read_to_string(&events) {
-            Ok(e) if e.lines().any(|l| l == "populated 1") => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            _ => break,
-        }
-    }
-    let _ = std::fs::remove_dir(&dir);
+    // One directory a line (v2, then v1 hierarchies); only cgroup directories of ours.
+    let dirs = dirs
+        .lines()
+        .filter(|d| Path::new(d).join("cgroup.procs").exists())
+        .map(PathBuf::from);
+    JobCgroup::from_dirs(dirs).remove_within(Duration::from_secs(2));
 }
 
 /// Whether a live supervisor holds `run_dir` (it locks it before anything else).
@@ -284,14 +281,39 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
     let initial = initial_link();
     // The job's supervisor must outlive an out-of-memory job, or the job escapes its books.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    let limits = crate::cgroup::Limits {
+        pids_max: launch.pids_max,
+        cpus: launch.spec.cpus,
+        mem_bytes: launch.spec.host_mem_mib.map(|m| m.saturating_mul(1 << 20)),
+    };
+    let mut cgroup_error = None;
     let cgroup = CGROUP
-        .get_or_init(|| JobCgroup::create(launch.job))
+        .get_or_init(|| {
+            JobCgroup::create(launch.job, &limits).unwrap_or_else(|e| {
+                cgroup_error = Some(e);
+                None
+            })
+        })
         .as_ref();
-    let cgroup_path = cgroup.map_or(&[][..], |cg| cg.dir.as_os_str().as_encoded_bytes());
-    // Our mark first, then theirs (see `abandon`).
-    write_at(dir, FORKED_FILE, cgroup_path).context("marking the run as started")?;
-    if exists_at(dir, ABANDONED_FILE) {
-        anyhow::bail!("{STOOD_DOWN}");
+    let cgroup_paths: Vec<&[u8]> = cgroup
+        .into_iter()
+        .flat_map(JobCgroup::dirs)
+        .map(|d| d.as_os_str().as_encoded_bytes())
+        .collect();
+    // Our mark first, then theirs (see `abandon`). Not starting after all: no cgroup is left.
+    let marked = write_at(dir, FORKED_FILE, &cgroup_paths.join(&b'\n'))
+        .context("marking the run as started")
+        .and_then(|()| {
+            if exists_at(dir, ABANDONED_FILE) {
+                anyhow::bail!("{STOOD_DOWN}");
+            }
+            Ok(())
+        });
+    if let Err(e) = marked {
+        if let Some(cg) = cgroup {
+            cg.remove();
+        }
+        return Err(e);
     }
     // Resolved now, in the job's parent: the forked child only makes async-signal-safe calls.
     let account = match launch.account.clone() {
@@ -299,6 +321,10 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         None => crate::users::account(launch.uid),
     };
     let started = match account {
+        _ if cgroup_error.is_some() => Err(exec::StartError {
+            message: format!("mgpu: {}", cgroup_error.unwrap_or_default()),
+            code: 1,
+        }),
         Ok(account) => exec::start(&launch, &account, cgroup),
         Err(e) => Err(exec::StartError {
             message: format!("mgpu: cannot run as uid {}: {e:#}", launch.uid),
@@ -308,6 +334,9 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
     let started = match started {
         Ok(started) => started,
         Err(e) => {
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
             let msg = format!("{}\n", e.message);
             let _ = sup.log.write_all(msg.as_bytes());
             sup.offset += msg.len() as u64;
@@ -317,6 +346,7 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
                 start_error: Some(e.message),
                 stopped: None,
                 ended_at: now_ms(),
+                oom_killed: false,
             };
             write_exit(run_dir, &record)?;
             sup.exit = Some(record);
@@ -590,6 +620,7 @@ fn run_job(
         pid: leader,
         stdout,
         stderr,
+        report,
     } = started;
     sup.pgid = leader;
     // Linked before any output is read, so the daemon gets all of it live.
@@ -679,9 +710,25 @@ fn run_job(
         };
         pipes.pump_ready(ready, &mut buf, sup);
     }
+    let mut oom_killed = false;
     if let Some(cg) = CGROUP.get().and_then(Option::as_ref) {
+        oom_killed = cg.oom_killed();
         // Nothing may be left in the job's cgroup before its GPUs are freed.
         cg.remove();
+    }
+    // A forked leader that failed before its exec left the reason on its report pipe.
+    if let Some(e) = report.and_then(exec::StartReport::read) {
+        let msg = format!("{}\n", e.message);
+        let _ = sup.log.write_all(msg.as_bytes());
+        sup.offset += msg.len() as u64;
+        return ExitRecord {
+            exit_code: Some(e.code),
+            signal: None,
+            start_error: Some(e.message),
+            stopped: None,
+            ended_at: now_ms(),
+            oom_killed: false,
+        };
     }
     let (exit_code, signal) = leader_status.unwrap_or((None, None));
     ExitRecord {
@@ -690,6 +737,7 @@ fn run_job(
         start_error: None,
         stopped: sup.stop,
         ended_at: now_ms(),
+        oom_killed,
     }
 }
 
@@ -876,6 +924,7 @@ mod tests {
             max_log_bytes: None,
             launch_id: 7,
             array: None,
+            pids_max: None,
         };
         std::fs::write(
             fresh.path().join(LAUNCH_FILE),

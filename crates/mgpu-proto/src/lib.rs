@@ -195,6 +195,12 @@ pub struct SubmitRequest {
     /// With `array`: at most this many tasks wait in the queue or run at once (`%N`).
     #[serde(default)]
     pub array_limit: Option<u32>,
+    /// CPUs for the job (a cgroup quota) [default: the server's].
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Host memory for the job, in MiB (a cgroup limit) [default: the server's].
+    #[serde(default)]
+    pub host_mem_mib: Option<u64>,
 }
 
 /// A parsed `--array` value: the task indices, sorted and without repeats, and the cap on
@@ -488,6 +494,29 @@ impl AcctRecord {
     pub fn gpu_hours(&self) -> f64 {
         self.gpus as f64 * self.elapsed_s() as f64 / 3600.0
     }
+}
+
+/// Parses a memory amount: MiB by default, or with a unit (`512M`, `10G`, `10GiB`).
+pub fn parse_mem_mib(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let bad = || format!("invalid memory '{text}': give MiB (e.g. 10240) or a unit (10G, 512M)");
+    let (num, factor) = if let Some(n) = t
+        .strip_suffix("gib")
+        .or(t.strip_suffix("gb"))
+        .or(t.strip_suffix('g'))
+    {
+        (n, 1024)
+    } else if let Some(n) = t
+        .strip_suffix("mib")
+        .or(t.strip_suffix("mb"))
+        .or(t.strip_suffix('m'))
+    {
+        (n, 1)
+    } else {
+        (t.as_str(), 1)
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(factor).ok_or_else(bad)
 }
 
 #[cfg(test)]

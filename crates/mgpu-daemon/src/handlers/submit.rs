@@ -156,12 +156,22 @@ pub async fn handle(
         warn_signal: req.signal,
         array: None,
     };
+    let (cpus, host_mem_mib) = match daemon
+        .settings
+        .job_limits
+        .resolve(req.cpus, req.host_mem_mib)
+    {
+        Ok(l) => l,
+        Err(msg) => return send_error(conn, msg).await,
+    };
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,
         env: req.env,
         venv: req.venv,
         umask: req.umask,
+        cpus,
+        host_mem_mib,
     };
     if let Some(indices) = req.array.take() {
         return submit_array(

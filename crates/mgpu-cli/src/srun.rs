@@ -218,6 +218,15 @@ async fn run(args: Args) -> Result<i32> {
         bail!("--parsable goes with --detach or --array");
     }
     let request = build_request(args)?;
+    // The server reads at most this much of a submit; say so here, with the figures.
+    let size = serde_json::to_vec(&Request::Submit(request.clone()))?.len() + 1;
+    if size > mgpu_proto::MAX_SUBMIT_FRAME {
+        bail!(
+            "the job's command and environment take {} KiB as sent, more than the server accepts ({} MiB); unset large environment variables or pass data in files",
+            size >> 10,
+            mgpu_proto::MAX_SUBMIT_FRAME >> 20
+        );
+    }
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
     if detach {
         return match client.call(&Request::Submit(request)).await? {

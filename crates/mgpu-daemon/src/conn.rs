@@ -67,8 +67,7 @@ impl Budget {
         if new > old {
             if uid != 0 && mine2 > USER_BUDGET {
                 return Err(format!(
-                    "refused: your connections would hold {} KiB of unfinished requests and unread replies, over the server's limit of {} MiB per user; finish or close some connections",
-                    mine2 >> 10,
+                    "refused: your connections to the mgpu server would hold more than {} MiB of unfinished requests and unread replies (its limit per user); finish or close some connections",
                     USER_BUDGET >> 20
                 ));
             }
@@ -402,9 +401,14 @@ mod tests {
         conn.set_stage(Stage::Request);
         let len = (MAX_SMALL_FRAME + 1) as u32;
         peer.write_all(&len.to_be_bytes()).await.unwrap();
-        peer.write_all(b"\0{\"type\":\"queue\",\"me\":false").await.unwrap();
+        peer.write_all(b"\0{\"type\":\"queue\",\"me\":false")
+            .await
+            .unwrap();
         let e = conn.recv().await.unwrap_err().to_string();
-        assert!(e.contains("a queue request") && e.contains("too large"), "{e}");
+        assert!(
+            e.contains("a queue request") && e.contains("too large"),
+            "{e}"
+        );
 
         let (mut conn, mut peer) = pair().await;
         conn.set_stage(Stage::Request);
@@ -430,7 +434,9 @@ mod tests {
             conn.set_stage(Stage::Request);
             let len = MAX_SUBMIT_FRAME as u32;
             b.write_all(&len.to_be_bytes()).await.unwrap();
-            b.write_all(b"\0{\"type\":\"submit\",\"x\":\"").await.unwrap();
+            b.write_all(b"\0{\"type\":\"submit\",\"x\":\"")
+                .await
+                .unwrap();
             let filler = vec![b'x'; MAX_SUBMIT_FRAME - 64];
             let writer = tokio::spawn(async move {
                 let _ = b.write_all(&filler).await;

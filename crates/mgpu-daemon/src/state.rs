@@ -52,7 +52,11 @@ pub enum JobEvent {
     },
     /// `len` bytes of output, in the job's log file from `offset` (read from there: events
     /// hold no output, so a subscriber that does not read costs the server nothing).
-    Output { stream: Stream, offset: u64, len: u64 },
+    Output {
+        stream: Stream,
+        offset: u64,
+        len: u64,
+    },
     /// The job will not run now after all (the server is shutting down); it stays queued.
     Requeued {
         message: String,
@@ -788,7 +792,17 @@ async fn supervise_link(
                 tracing::info!(job = id, "linked again to the job's supervisor");
             }
             let resend = daemon.stop_command(id);
-            match run_link(&daemon, id, run, stream, &mut cmds, &mut undelivered, resend).await {
+            match run_link(
+                &daemon,
+                id,
+                run,
+                stream,
+                &mut cmds,
+                &mut undelivered,
+                resend,
+            )
+            .await
+            {
                 LinkEnd::Exited => return,
                 LinkEnd::Broken { heard } => {
                     if heard {

@@ -97,16 +97,15 @@ fn never_reading_queue_clients_stall_no_one_and_kill_no_job() {
     // Her listing of the whole queue still comes, whole.
     let t = Instant::now();
     for _ in 0..3 {
-        let out = s
-            .cmd_as(&b, "mgpu_queue")
-            .arg("--json")
-            .output()
-            .unwrap();
+        let out = s.cmd_as(&b, "mgpu_queue").arg("--json").output().unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(v["jobs"].as_array().unwrap().len() > 50_000);
     }
-    eprintln!("3 listings of 50,000 jobs for another user in {:?}", t.elapsed());
+    eprintln!(
+        "3 listings of 50,000 jobs for another user in {:?}",
+        t.elapsed()
+    );
     let rec = finished(&s, job, Duration::from_secs(90));
     let rss = peak_rss_kib(s.pid());
     eprintln!("server peak RSS: {} MiB", rss >> 10);
@@ -115,9 +114,7 @@ fn never_reading_queue_clients_stall_no_one_and_kill_no_job() {
     assert_whole_output(&s.log(job));
     // Measured: about 60 MiB (debug build); the old server took over 1 GiB.
     assert!(rss < 400 << 10, "server peak RSS {} MiB", rss >> 10);
-    for id in [job] {
-        assert!(state_of(&s, id).is_none());
-    }
+    assert!(state_of(&s, job).is_none());
 }
 
 /// Item 2: a server stopped (SIGSTOP) for a minute while another user's chatty job runs, then
@@ -167,6 +164,7 @@ fn unfinished_frames_are_bounded_per_user() {
         big.report
     );
     let many = Attacker::start(&s, &a, &format!("partial 16 {}", 4 << 20));
+    eprintln!("{}", many.report);
     let refused: usize = many.report["refused=".len()..]
         .split_whitespace()
         .next()
@@ -188,7 +186,8 @@ fn unfinished_frames_are_bounded_per_user() {
     assert_eq!(text(&out.stdout), "served\n");
     let rss = peak_rss_kib(s.pid());
     eprintln!("server peak RSS: {} MiB", rss >> 10);
-    assert!(rss < 200 << 10, "server peak RSS {} MiB", rss >> 10);
+    // Measured: 45 MiB (debug build), the budget (32 MiB) included.
+    assert!(rss < 100 << 10, "server peak RSS {} MiB", rss >> 10);
 }
 
 /// Item 9: a client over the per-user connection cap hears why, instead of a bare "Broken
@@ -212,6 +211,7 @@ fn a_client_over_the_connection_cap_is_told_why() {
 fn never_reading_followers_hold_no_output() {
     let Some((a, _b)) = test_users() else { return };
     let s = Server::start("1x24GiB", &[]);
+    let start = peak_rss_kib(s.pid());
     let job = s.detached_as(
         &a,
         &[
@@ -227,5 +227,12 @@ fn never_reading_followers_hold_no_output() {
     let rss = peak_rss_kib(s.pid());
     eprintln!("server peak RSS: {} MiB", rss >> 10);
     drop(followers);
-    assert!(rss < 150 << 10, "server peak RSS {} MiB", rss >> 10);
+    // Measured: 11 MiB at start, 16 MiB at the peak (debug build); the old server kept the
+    // last 512 chunks of output (32 MiB) for followers that do not read.
+    assert!(
+        rss < start + (12 << 10),
+        "server peak RSS {} MiB, {} MiB at start",
+        rss >> 10,
+        start >> 10
+    );
 }

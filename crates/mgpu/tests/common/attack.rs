@@ -76,7 +76,8 @@ fn hello(c: &mut UnixStream) -> std::io::Result<()> {
 /// What the server said on `c`: the error it sent, `held` when it still waits for more of
 /// what we sent, or how the connection ended.
 fn answer(c: &mut UnixStream) -> String {
-    c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     loop {
         match mgpu_proto::read_frame(c) {
             Ok(Some(f)) => match f.parse::<mgpu_proto::Response>() {
@@ -123,11 +124,7 @@ pub fn attack_helper_main() {
                 hello(&mut c).unwrap();
                 write_frame(&mut c, &Frame::control(&req)).unwrap();
                 // The smallest receive buffer: the server's output piles up on its side.
-                let _ = nix::sys::socket::setsockopt(
-                    &c,
-                    nix::sys::socket::sockopt::RcvBuf,
-                    &4096,
-                );
+                let _ = nix::sys::socket::setsockopt(&c, nix::sys::socket::sockopt::RcvBuf, &4096);
                 held.push(c);
             }
         }

@@ -43,9 +43,12 @@ pub async fn handle(
         since: req.since,
         state: req.state,
     };
-    let _slot = match conn.listing().await {
-        Ok(slot) => slot,
-        Err(e) => return send_error(conn, format!("{e:#}")).await,
+    let _slot = match req.job {
+        Some(_) => None,
+        None => match conn.listing().await {
+            Ok(slot) => Some(slot),
+            Err(e) => return send_error(conn, format!("{e:#}")).await,
+        },
     };
     let mut after = 0;
     loop {

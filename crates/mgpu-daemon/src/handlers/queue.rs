@@ -26,10 +26,14 @@ pub async fn handle(
     } else {
         None
     };
-    // A slot first: the listing's memory (its job ids) exists only while it has one.
-    let _slot = match conn.listing().await {
-        Ok(slot) => slot,
-        Err(e) => return send_error(conn, format!("{e:#}")).await,
+    // A slot first: the listing's memory (its job ids) exists only while it has one. (One
+    // job's row needs none.)
+    let _slot = match req.job {
+        Some(_) => None,
+        None => match conn.listing().await {
+            Ok(slot) => Some(slot),
+            Err(e) => return send_error(conn, format!("{e:#}")).await,
+        },
     };
     // A bounded snapshot: the GPUs, the first page, and the ids of the jobs to list, in order
     // (8 bytes each). Each further page is built under the lock when it is to be sent, and

@@ -100,7 +100,7 @@ fn never_reading_queue_clients_stall_no_one_and_kill_no_job() {
         let out = s.cmd_as(&b, "mgpu_queue").arg("--json").output().unwrap();
         assert!(out.status.success(), "{}", text(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert!(v["jobs"].as_array().unwrap().len() > 50_000);
+        assert!(v["jobs"].as_array().unwrap().len() >= 50_000);
     }
     eprintln!(
         "3 listings of 50,000 jobs for another user in {:?}",

@@ -236,3 +236,43 @@ fn never_reading_followers_hold_no_output() {
         start >> 10
     );
 }
+
+/// The write deadline drops an attached `mgpu_srun` that stops reading (here: stopped with
+/// SIGSTOP while its job prints), but its job goes on, and once it reads again it re-attaches
+/// and gets every byte.
+#[test]
+fn an_attached_srun_that_stops_reading_keeps_its_job() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let mut srun = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["--", "bash", "-c", "seq 1 400000; sleep 30; echo end"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(srun.id() as i32);
+    let mut stdout = srun.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+        out
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // Past the server's write deadline (20 s).
+    std::thread::sleep(Duration::from_secs(25));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let status = srun.wait().unwrap();
+    let out = reader.join().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut srun.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    let want: String = (1..=400_000).map(|i| format!("{i}\n")).collect::<String>() + "end\n";
+    assert!(
+        out == want,
+        "output differs ({} bytes, {} expected): {err}",
+        out.len(),
+        want.len()
+    );
+}

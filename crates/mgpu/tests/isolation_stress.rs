@@ -128,7 +128,7 @@ fn one_user_floods_while_another_works() {
         std::thread::sleep(Duration::from_millis(500));
     }
     eprintln!(
-        "{:?}: her jobs finished ({answers} queue answers meanwhile)",
+        "{:?}: her jobs finished ({answers} queue answers meanwhile, the slowest in {slowest:?})",
         t0.elapsed()
     );
     for &id in &hers {

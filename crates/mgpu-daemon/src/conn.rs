@@ -38,6 +38,8 @@ pub const LISTINGS_TOTAL: usize = 16;
 const LISTING_WAIT: Duration = Duration::from_secs(60);
 /// Most bytes read from the socket at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// The read buffer until a frame needs more.
+const INITIAL_BUFFER: usize = 8192;
 
 /// What the connection expects next, and so how big a frame may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,10 +205,13 @@ impl Conn {
     pub async fn recv(&mut self) -> Result<Option<Frame>> {
         loop {
             if self.rbuf.is_empty() {
-                // Nothing pending: give the memory back.
-                self.rbuf = BytesMut::new();
-                self.set_charge(0).expect("a decrease is never refused");
                 self.frame_started = None;
+                // Nothing pending: the memory of a big frame goes back (a small buffer stays,
+                // for the next one).
+                if self.charged > INITIAL_BUFFER {
+                    self.rbuf = BytesMut::new();
+                    self.set_charge(0).expect("a decrease is never refused");
+                }
             }
             if let Some(frame) = self.decode()? {
                 return Ok(Some(frame));
@@ -250,7 +255,7 @@ impl Conn {
                 let need = len + (4 + frame).saturating_sub(len).clamp(1, READ_CHUNK);
                 (need, (4 + frame).min(need.max(2 * self.rbuf.capacity())))
             }
-            None => (len + 4, 4096),
+            None => (len + 4, INITIAL_BUFFER),
         };
         if self.rbuf.capacity() >= need {
             return Ok(());
@@ -307,8 +312,13 @@ impl Conn {
                 match kind.as_str() {
                     "submit" => (MAX_SUBMIT_FRAME, "a submit request".into()),
                     "cancel" => (MAX_CANCEL_FRAME, "a cancel request".into()),
-                    "" => (MAX_SMALL_FRAME, "a request".into()),
-                    k => (MAX_SMALL_FRAME, format!("a {k} request")),
+                    // Echoed only when it is a plain name.
+                    k if !k.is_empty()
+                        && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
+                    {
+                        (MAX_SMALL_FRAME, format!("a {k} request"))
+                    }
+                    _ => (MAX_SMALL_FRAME, "a request".into()),
                 }
             }
         };
@@ -416,7 +426,7 @@ mod tests {
         peer.write_all(&len.to_be_bytes()).await.unwrap();
         let e = conn.recv().await.unwrap_err().to_string();
         assert!(e.contains("too large"), "{e}");
-        assert!(conn.shared.budget.total() <= 4096);
+        assert!(conn.shared.budget.total() <= 8192);
         // Nothing stays charged.
         let shared = conn.shared.clone();
         drop(conn);

@@ -12,7 +12,7 @@ use common::*;
 use serde_json::Value;
 
 /// The server's peak resident memory allowed under the flood. Measured: see the README's
-/// security section (about 80 MiB for a debug build with 100k queued jobs); the bound leaves
+/// security section (about 100 MiB for a debug build with 100k queued jobs); the bound leaves
 /// room for a slower machine's scheduling, not for a reply built whole (50k jobs took 1.7 GB).
 const RSS_BOUND_MIB: u64 = 256;
 

@@ -100,6 +100,13 @@ impl Client {
             if self.welcome_pending {
                 self.read_welcome().await?;
             }
+            // A server that stopped reading us (a request over its bounds) says why.
+            let said = tokio::time::timeout(std::time::Duration::from_secs(1), self.conn.next());
+            if let Ok(Some(Ok(frame))) = said.await {
+                if let Ok(Response::Error { message }) = frame.parse() {
+                    bail!("{message}");
+                }
+            }
             return Err(e).context("sending to the server");
         }
         Ok(())

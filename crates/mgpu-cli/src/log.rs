@@ -10,6 +10,9 @@ use tokio::io::AsyncWriteExt;
 
 use crate::client::Client;
 
+/// How long the server waits for a client to read (its `WRITE_TIMEOUT`).
+const WRITE_TIMEOUT_S: u64 = 20;
+
 /// Print a job's output (stdout and stderr as they came). Only the job's owner and root may.
 ///
 /// Examples:
@@ -44,7 +47,10 @@ async fn run(args: Args) -> Result<i32> {
     let mut out = tokio::io::stdout();
     loop {
         match client.recv().await? {
-            None => bail!("the server closed the connection"),
+            None => bail!(
+                "the server closed the connection before the end of the log (it drops a client that does not read its output for {} s)",
+                WRITE_TIMEOUT_S
+            ),
             Some(Frame::Stdout(d)) | Some(Frame::Stderr(d)) => {
                 out.write_all(&d).await.map_err(crate::stdout_error)?;
                 if args.follow {

@@ -228,6 +228,15 @@ async fn run(args: Args) -> Result<i32> {
         bail!("--parsable goes with --detach or --array");
     }
     let request = build_request(args)?;
+    // The server reads at most this much of a submit; say so here, with the figures.
+    let size = json_size(&request)? + r#""type":"submit","#.len() + 1;
+    if size > mgpu_proto::MAX_SUBMIT_FRAME {
+        bail!(
+            "the job's command and environment take {} KiB as sent, more than the server accepts ({} MiB); unset large environment variables or pass data in files",
+            size >> 10,
+            mgpu_proto::MAX_SUBMIT_FRAME >> 20
+        );
+    }
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
     if detach {
         return match client.call(&Request::Submit(request)).await? {
@@ -393,6 +402,23 @@ async fn run(args: Args) -> Result<i32> {
             },
         }
     }
+}
+
+/// Bytes of `value` as JSON, counted without building it.
+fn json_size(value: &impl serde::Serialize) -> Result<usize> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)?;
+    Ok(count.0)
 }
 
 async fn write_out(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) -> std::io::Result<()> {

@@ -8,23 +8,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use futures::{SinkExt, StreamExt};
-use mgpu_proto::{Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
+use mgpu_proto::{Frame, Request, Response, PROTOCOL_VERSION};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
-use tokio_util::codec::Framed;
 
+pub use crate::conn::Conn;
+use crate::conn::{Shared, Stage};
 use crate::handlers;
 use crate::state::Daemon;
-
-pub type Conn = Framed<UnixStream, FrameCodec>;
 
 /// Concurrent connections served; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
 /// Concurrent connections of one non-root user, so nobody can starve the others.
 const MAX_CONNECTIONS_PER_USER: usize = 256;
-/// Frame limit until the peer has said hello (a hello is tiny).
-const HELLO_MAX_LEN: usize = 64 * 1024;
 /// How long a client may take to say hello and send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -108,6 +104,7 @@ pub async fn serve(
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_user: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    let shared: Arc<Shared> = Arc::default();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -127,12 +124,29 @@ pub async fn serve(
         };
         let daemon = daemon.clone();
         let per_user = per_user.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let Some(_slot) = UserSlot::take(&per_user, &stream) else {
-                tracing::warn!("refusing a connection: too many from one user");
-                return;
+            let _slot = match UserSlot::take(&per_user, &stream) {
+                Ok(slot) => slot,
+                Err(uid) => {
+                    tracing::warn!(uid, "refusing a connection: too many from one user");
+                    // The reason, not a bare broken pipe (a short frame, sent without waiting
+                    // long: the socket's buffer is empty).
+                    let mut conn = Conn::new(stream, uid, shared);
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        send_error(
+                            &mut conn,
+                            format!(
+                                "refused: you already have {MAX_CONNECTIONS_PER_USER} connections to the mgpu server (its limit per user); close some (e.g. mgpu_log --follow or attached mgpu_srun) and try again"
+                            ),
+                        ),
+                    )
+                    .await;
+                    return;
+                }
             };
-            if let Err(e) = handle_connection(&daemon, stream).await {
+            if let Err(e) = handle_connection(&daemon, stream, shared).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(permit);
@@ -147,15 +161,17 @@ struct UserSlot {
 }
 
 impl UserSlot {
-    fn take(table: &Arc<Mutex<HashMap<u32, usize>>>, stream: &UnixStream) -> Option<UserSlot> {
-        let uid = stream.peer_cred().ok()?.uid();
+    /// A slot for the peer of `stream`, or `Err(uid)` when that user has all theirs (an
+    /// unreadable peer counts as uid `u32::MAX`, which has none).
+    fn take(table: &Arc<Mutex<HashMap<u32, usize>>>, stream: &UnixStream) -> Result<UserSlot, u32> {
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
         let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
         let n = t.entry(uid).or_default();
-        if uid != 0 && *n >= MAX_CONNECTIONS_PER_USER {
-            return None;
+        if uid == u32::MAX || (uid != 0 && *n >= MAX_CONNECTIONS_PER_USER) {
+            return Err(uid);
         }
         *n += 1;
-        Some(UserSlot {
+        Ok(UserSlot {
             table: table.clone(),
             uid,
         })
@@ -175,8 +191,7 @@ impl Drop for UserSlot {
 }
 
 pub async fn send(conn: &mut Conn, msg: &Response) -> Result<()> {
-    conn.send(Frame::control(msg)).await?;
-    Ok(())
+    conn.send_frame(Frame::control(msg)).await
 }
 
 pub async fn send_error(conn: &mut Conn, message: impl Into<String>) -> Result<()> {
@@ -190,21 +205,27 @@ pub async fn send_error(conn: &mut Conn, message: impl Into<String>) -> Result<(
 }
 
 async fn next_request(conn: &mut Conn) -> Result<Option<Request>> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, conn.next()).await {
+    match tokio::time::timeout(REQUEST_TIMEOUT, conn.recv()).await {
         Err(_) => bail!("client sent nothing for {REQUEST_TIMEOUT:?}"),
-        Ok(None) => Ok(None),
-        Ok(Some(frame)) => Ok(Some(frame?.parse()?)),
+        Ok(frame) => match frame? {
+            None => Ok(None),
+            Some(frame) => Ok(Some(frame.parse()?)),
+        },
     }
 }
 
-async fn handle_connection(daemon: &Arc<Daemon>, stream: UnixStream) -> Result<()> {
+async fn handle_connection(
+    daemon: &Arc<Daemon>,
+    stream: UnixStream,
+    shared: Arc<Shared>,
+) -> Result<()> {
     let cred = stream.peer_cred().context("reading peer credentials")?;
     let caller = Caller {
         uid: cred.uid(),
         gid: cred.gid(),
         pid: cred.pid(),
     };
-    let mut conn = Framed::new(stream, FrameCodec::with_max_len(HELLO_MAX_LEN));
+    let mut conn = Conn::new(stream, caller.uid, shared);
     let hello = match next_request(&mut conn).await {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(()),
@@ -244,7 +265,7 @@ async fn handle_connection(daemon: &Arc<Daemon>, stream: UnixStream) -> Result<(
         )
         .await;
     }
-    conn.codec_mut().set_max_len(mgpu_proto::MAX_FRAME_LEN);
+    conn.set_stage(Stage::Request);
     send(
         &mut conn,
         &Response::Welcome {
@@ -262,6 +283,7 @@ async fn handle_connection(daemon: &Arc<Daemon>, stream: UnixStream) -> Result<(
             return Err(e);
         }
     };
+    conn.set_stage(Stage::After);
     match request {
         Request::Submit(req) => handlers::submit::handle(daemon, caller, req, &mut conn).await,
         Request::Queue(req) => handlers::queue::handle(daemon, caller, req, &mut conn).await,

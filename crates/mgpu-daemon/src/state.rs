@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use mgpu_core::{Assignment, JobId, JobState, Millis, Requester, Scheduler, Stopping, TimeAction};
 use mgpu_proto::{Frame, FrameCodec, JobOutcome};
@@ -32,8 +31,13 @@ use crate::supervisor::{self, ExitRecord, StopReason, SupervisorCmd, SupervisorM
 /// How long after a stop's grace period the daemon kills a job that is still there itself.
 const STOP_MARGIN: Duration = Duration::from_secs(5);
 
-/// Capacity of a job's event channel; a subscriber further behind loses output (and is told).
+/// Capacity of a job's event channel (events are small: output stays in the log file); a
+/// subscriber further behind reads what it missed from the log.
 const EVENT_CAPACITY: usize = 512;
+/// Longest wait between attempts to reach a live supervisor whose link broke.
+const RELINK_MAX_WAIT: Duration = Duration::from_secs(2);
+/// How long a command to a supervisor may take to send before the link counts as broken.
+const LINK_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which output stream bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +53,12 @@ pub enum JobEvent {
         gpus: Vec<u32>,
         log_offset: u64,
     },
-    /// Output bytes; `offset` is where they start in the job's log file.
+    /// `len` bytes of output, in the job's log file from `offset` (read from there: events
+    /// hold no output, so a subscriber that does not read costs the server nothing).
     Output {
         stream: Stream,
         offset: u64,
-        data: Bytes,
+        len: u64,
     },
     /// The job will not run now after all (the server is shutting down); it stays queued.
     Requeued {
@@ -484,15 +489,24 @@ impl Daemon {
         });
     }
 
-    fn job_output(&self, id: JobId, stream: Stream, offset: u64, data: Bytes) {
+    fn job_output(&self, id: JobId, stream: Stream, offset: u64, len: u64) {
         let inner = self.lock();
         if let Some(tx) = inner.watchers.get(&id) {
             let _ = tx.send(JobEvent::Output {
                 stream,
                 offset,
-                data,
+                len,
             });
         }
+    }
+
+    /// The stop under way for a running job, as a command to (re)send its supervisor.
+    fn stop_command(&self, id: JobId) -> Option<SupervisorCmd> {
+        let reason = self.lock().running.get(&id)?.stopping?;
+        Some(SupervisorCmd::Stop {
+            grace_ms: self.settings.grace.as_millis() as u64,
+            reason,
+        })
     }
 
     fn set_pgid(&self, id: JobId, pgid: i32) {
@@ -785,6 +799,13 @@ async fn start_run(
 
 /// The daemon's side of one job's supervisor link: relays output to subscribers, delivers
 /// stop commands, and records the end.
+///
+/// A link that breaks (the supervisor gave up on a daemon that did not read, or this daemon
+/// was stopped) says nothing about the job: whether the supervisor is alive is decided only from
+/// the process itself (it holds a lock on its run directory while it lives). While it is, the
+/// link is made again on its socket (with backoff), the stop under way is sent again, and the
+/// output missed meanwhile is in the log, where followers read it. Only a supervisor that is
+/// gone counts: its `exit.json` says how the job ended, and without one the job is lost.
 async fn supervise_link(
     daemon: Arc<Daemon>,
     id: JobId,
@@ -793,62 +814,148 @@ async fn supervise_link(
     mut cmds: mpsc::UnboundedReceiver<SupervisorCmd>,
 ) {
     let run_dir = daemon.run_dir(id, run);
-    let stream = match initial {
-        Some(s) => s
-            .set_nonblocking(true)
+    let mut link = initial.and_then(|s| {
+        s.set_nonblocking(true)
             .ok()
-            .and_then(|_| UnixStream::from_std(s).ok()),
-        None => UnixStream::connect(run_dir.join(supervisor::SOCKET_FILE))
+            .and_then(|_| UnixStream::from_std(s).ok())
+    });
+    // A command taken from the channel but not delivered (the link broke under it).
+    let mut undelivered = None;
+    let mut wait = Duration::from_millis(20);
+    let mut broken_once = false;
+    loop {
+        let stream = match link.take() {
+            Some(s) => Some(s),
+            None => UnixStream::connect(run_dir.join(supervisor::SOCKET_FILE))
+                .await
+                .ok(),
+        };
+        if let Some(stream) = stream {
+            if broken_once {
+                tracing::info!(job = id, "linked again to the job's supervisor");
+            }
+            let resend = daemon.stop_command(id);
+            match run_link(
+                &daemon,
+                id,
+                run,
+                stream,
+                &mut cmds,
+                &mut undelivered,
+                resend,
+            )
             .await
-            .ok(),
-    };
-    let Some(stream) = stream else {
-        match supervisor::read_exit(&run_dir) {
-            Some(rec) => daemon.job_exited(id, run, rec),
-            None => daemon.job_lost(id, run),
+            {
+                LinkEnd::Exited => return,
+                LinkEnd::Broken { heard } => {
+                    if heard {
+                        wait = Duration::from_millis(20);
+                    }
+                }
+            }
         }
-        return;
-    };
+        // The link is down: the process decides, never the socket.
+        if !supervisor::is_supervised(&run_dir) {
+            match supervisor::read_exit(&run_dir) {
+                Some(rec) => daemon.job_exited(id, run, rec),
+                None => daemon.job_lost(id, run),
+            }
+            return;
+        }
+        if !broken_once {
+            broken_once = true;
+            tracing::warn!(
+                job = id,
+                "the link to the job's supervisor broke; the supervisor lives on, linking again"
+            );
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RELINK_MAX_WAIT);
+    }
+}
+
+/// How a link to a supervisor ended.
+enum LinkEnd {
+    /// The job's end was heard and recorded.
+    Exited,
+    /// The link broke; `heard`: the supervisor said hello on it first.
+    Broken { heard: bool },
+}
+
+/// Serves one link to a supervisor until the job's end or the link's.
+async fn run_link(
+    daemon: &Arc<Daemon>,
+    id: JobId,
+    run: u32,
+    stream: UnixStream,
+    cmds: &mut mpsc::UnboundedReceiver<SupervisorCmd>,
+    undelivered: &mut Option<SupervisorCmd>,
+    resend: Option<SupervisorCmd>,
+) -> LinkEnd {
     let mut conn = Framed::new(stream, FrameCodec::default());
     let mut offset = 0u64;
+    let mut heard = false;
+    // A stop sent on an earlier link may have been lost with it: sent again (a supervisor
+    // already stopping ignores it), then whatever was not delivered.
+    if let Some(cmd) = resend {
+        if !send_cmd(&mut conn, cmd, &mut None).await {
+            return LinkEnd::Broken { heard };
+        }
+    }
+    if let Some(cmd) = undelivered.take() {
+        if !send_cmd(&mut conn, cmd, undelivered).await {
+            return LinkEnd::Broken { heard };
+        }
+    }
     loop {
         tokio::select! {
             frame = conn.next() => match frame {
                 Some(Ok(Frame::Control(b))) => match Frame::Control(b).parse::<SupervisorMsg>() {
                     Ok(SupervisorMsg::Hello { pgid, log_offset }) => {
+                        heard = true;
                         offset = log_offset;
                         daemon.set_pgid(id, pgid);
                     }
                     Ok(SupervisorMsg::Exited(rec)) => {
                         daemon.job_exited(id, run, rec);
-                        return;
+                        return LinkEnd::Exited;
                     }
                     Err(e) => tracing::warn!(job = id, error = %e, "bad message from supervisor"),
                 },
                 Some(Ok(Frame::Stdout(d))) => {
                     let n = d.len() as u64;
-                    daemon.job_output(id, Stream::Stdout, offset, d);
+                    daemon.job_output(id, Stream::Stdout, offset, n);
                     offset += n;
                 }
                 Some(Ok(Frame::Stderr(d))) => {
                     let n = d.len() as u64;
-                    daemon.job_output(id, Stream::Stderr, offset, d);
+                    daemon.job_output(id, Stream::Stderr, offset, n);
                     offset += n;
                 }
-                _ => {
-                    // The link broke: the supervisor exited (its record says how) or died.
-                    match supervisor::read_exit(&run_dir) {
-                        Some(rec) => daemon.job_exited(id, run, rec),
-                        None => daemon.job_lost(id, run),
-                    }
-                    return;
-                }
+                _ => return LinkEnd::Broken { heard },
             },
             Some(cmd) = cmds.recv() => {
-                if conn.send(Frame::control(&cmd)).await.is_err() {
-                    tracing::warn!(job = id, "could not deliver a command to the supervisor");
+                if !send_cmd(&mut conn, cmd, undelivered).await {
+                    return LinkEnd::Broken { heard };
                 }
             }
+        }
+    }
+}
+
+/// Sends a command to a supervisor within [`LINK_WRITE_TIMEOUT`]; false (and the command kept
+/// for the next link) when the link failed.
+async fn send_cmd(
+    conn: &mut Framed<UnixStream, FrameCodec>,
+    cmd: SupervisorCmd,
+    undelivered: &mut Option<SupervisorCmd>,
+) -> bool {
+    let frame = Frame::control(&cmd);
+    match tokio::time::timeout(LINK_WRITE_TIMEOUT, conn.send(frame)).await {
+        Ok(Ok(())) => true,
+        _ => {
+            *undelivered = Some(cmd);
+            false
         }
     }
 }

@@ -25,6 +25,13 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Upper bound of one frame (a submit carries the environment and argv, which the kernel caps
 /// at a few MiB).
 pub const MAX_FRAME_LEN: usize = 8 << 20;
+/// Bounds the server applies to what clients send, by kind: the hello, `queue`, `log`, `acct`,
+/// `attach` and `cancel_attached` requests are small; a cancel names at most 10,000 ids; a
+/// submit carries at most 1 MiB of argv and 1 MiB of environment (the kernel's own bound is
+/// smaller), doubled for JSON escapes. The request's `type` must come first in its JSON.
+pub const MAX_SMALL_FRAME: usize = 64 << 10;
+pub const MAX_CANCEL_FRAME: usize = 256 << 10;
+pub const MAX_SUBMIT_FRAME: usize = 4 << 20;
 /// Where a root server listens unless `--socket` or `MGPU_SOCKET` says otherwise: in a
 /// directory only root can write to (`/run/mgpu`, systemd's `RuntimeDirectory=mgpu`), so that
 /// nobody can take the path before the server starts.

@@ -11,7 +11,8 @@ use crate::state::Daemon;
 use crate::store::AcctFilter;
 use crate::users;
 
-const CHUNK: usize = 2000;
+/// Records per frame (and per read from the store), each sent under the write deadline.
+const CHUNK: usize = 500;
 
 pub async fn handle(
     daemon: &Arc<Daemon>,
@@ -41,6 +42,13 @@ pub async fn handle(
         job: req.job,
         since: req.since,
         state: req.state,
+    };
+    let _slot = match req.job {
+        Some(_) => None,
+        None => match conn.listing().await {
+            Ok(slot) => Some(slot),
+            Err(e) => return send_error(conn, format!("{e:#}")).await,
+        },
     };
     let mut after = 0;
     loop {

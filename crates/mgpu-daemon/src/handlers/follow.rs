@@ -1,7 +1,9 @@
-//! Following a job's output live, exactly: every chunk carries its offset in the job's log, so
-//! a client is sent each byte once, in order. Chunks it missed (it subscribed late, fell behind
-//! the bounded event channel, or the output came while the server was down) are read back from
-//! the log file, which has everything.
+//! Following a job's output live, exactly: every chunk's event carries its place in the job's
+//! log (never the bytes themselves, so a follower that does not read holds no output in the
+//! server's memory), and the follower reads it from the log file at its own pace: a client is
+//! sent each byte once, in order. Chunks it missed (it subscribed late, fell behind the bounded
+//! event channel, the supervisor's link was down, or the output came while the server was down)
+//! are read back from the log file too, which has everything.
 //!
 //! Used by attached `mgpu_srun` (separate stdout/stderr, progress messages, the exit status) and
 //! by `mgpu_log --follow` (the log as it came, then the end).
@@ -11,7 +13,6 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
 use mgpu_core::{JobId, JobState};
 use mgpu_proto::{Frame, JobOutcome, Request, Response};
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -40,6 +41,18 @@ pub async fn send_log_range(
     to: Option<u64>,
     conn: &mut Conn,
 ) -> Result<u64> {
+    send_log_as(daemon, id, from, to, conn, Stream::Stdout).await
+}
+
+/// [`send_log_range`] as frames of `stream`.
+async fn send_log_as(
+    daemon: &Daemon,
+    id: JobId,
+    from: u64,
+    to: Option<u64>,
+    conn: &mut Conn,
+    stream: Stream,
+) -> Result<u64> {
     let Ok(mut file) = std::fs::File::open(daemon.log_path(id)) else {
         return Ok(from);
     };
@@ -56,8 +69,12 @@ pub async fn send_log_range(
         if n == 0 {
             break;
         }
-        conn.send(Frame::Stdout(Bytes::copy_from_slice(&buf[..n])))
-            .await?;
+        let data = Bytes::copy_from_slice(&buf[..n]);
+        let frame = match stream {
+            Stream::Stdout => Frame::Stdout(data),
+            Stream::Stderr => Frame::Stderr(data),
+        };
+        conn.send_frame(frame).await?;
         pos += n as u64;
     }
     Ok(pos)
@@ -122,7 +139,9 @@ pub fn recorded_outcome(daemon: &Daemon, id: JobId) -> JobOutcome {
 
 /// Streams `id`'s events until it ends. `sent`: how far into the log the client already has
 /// the output (`None`: nothing of the coming run yet). An attached srun that cannot be reached
-/// any more (it died, or stopped reading) has its job cancelled, as with Slurm.
+/// any more (it died) has its job cancelled, as with Slurm; one that stopped reading for
+/// [`crate::conn::WRITE_TIMEOUT`] is dropped (it follows again from where it was once it reads:
+/// `mgpu_srun` re-attaches), and its job goes on.
 pub async fn follow(
     daemon: &Arc<Daemon>,
     id: JobId,
@@ -132,7 +151,11 @@ pub async fn follow(
     sent: Option<u64>,
 ) -> Result<()> {
     let result = follow_until_end(daemon, id, events, conn, who, sent).await;
-    if let (Err(_), Follower::Srun { caller }) = (&result, who) {
+    if let (Err(e), Follower::Srun { caller }) = (&result, who) {
+        if conn.timed_out() {
+            tracing::info!(job = id, error = %e, "dropped an attached client that does not read");
+            return result;
+        }
         tracing::info!(job = id, "lost the attached client; cancelling its job");
         let mut inner = daemon.lock();
         cancel_one(daemon, &mut inner, id, daemon.requester(caller.uid));
@@ -158,21 +181,18 @@ async fn follow_until_end(
                         sent = Some(sent.map_or(log_offset, |s| s.max(log_offset)));
                     }
                 }
-                Ok(JobEvent::Output { stream, offset, data }) => {
+                Ok(JobEvent::Output { stream, offset, len }) => {
                     let mut pos = sent.unwrap_or(offset);
                     if offset > pos {
                         pos = send_log_range(daemon, id, pos, Some(offset), conn).await?;
                     }
-                    let end = offset + data.len() as u64;
+                    let end = offset + len;
                     if end > pos {
-                        let skip = pos.saturating_sub(offset) as usize;
-                        let data = data.slice(skip..);
-                        let frame = match (who, stream) {
-                            (Follower::Srun { .. }, Stream::Stderr) => Frame::Stderr(data),
-                            _ => Frame::Stdout(data),
+                        let stream = match who {
+                            Follower::Srun { .. } => stream,
+                            Follower::Log => Stream::Stdout,
                         };
-                        conn.send(frame).await?;
-                        pos = end;
+                        pos = send_log_as(daemon, id, pos, Some(end), conn, stream).await?;
                     }
                     sent = Some(pos);
                 }
@@ -193,13 +213,17 @@ async fn follow_until_end(
                         Follower::Log => send(conn, &Response::LogEnd { job: id, state: Some(outcome.state) }).await,
                     };
                 }
-                // Fell behind: the next chunk's offset tells what to read back from the file.
-                Err(RecvError::Lagged(_)) => {}
+                // Fell behind: what it missed is in the file.
+                Err(RecvError::Lagged(_)) => {
+                    if let Some(pos) = sent {
+                        sent = Some(send_log_range(daemon, id, pos, None, conn).await?);
+                    }
+                }
                 // The server is shutting down: closing makes srun reconnect to the next one.
                 Err(RecvError::Closed) => return Ok(()),
             },
-            frame = conn.next() => match (frame, who) {
-                (Some(Ok(f)), Follower::Srun { caller }) => {
+            frame = conn.recv() => match (frame, who) {
+                (Ok(Some(f)), Follower::Srun { caller }) => {
                     if let Ok(Request::CancelAttached) = f.parse::<Request>() {
                         if !cancel_sent {
                             cancel_sent = true;
@@ -208,7 +232,7 @@ async fn follow_until_end(
                         }
                     }
                 }
-                (Some(Ok(_)), Follower::Log) => {}
+                (Ok(Some(_)), Follower::Log) => {}
                 // The client is gone. For srun (killed, or its terminal closed) the job goes too,
                 // as with Slurm.
                 (_, Follower::Srun { caller }) => {

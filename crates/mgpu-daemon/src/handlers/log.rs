@@ -21,7 +21,13 @@ pub async fn handle(
         Ok(events) => events,
         Err(message) => return send_error(conn, message).await,
     };
+    // The log so far is a big listing; following afterwards is not.
+    let slot = match conn.listing().await {
+        Ok(slot) => slot,
+        Err(e) => return send_error(conn, format!("{e:#}")).await,
+    };
     let sent = send_log_range(daemon, id, 0, None, conn).await?;
+    drop(slot);
     match events {
         Some(rx) => follow(daemon, id, rx, conn, Follower::Log, Some(sent)).await,
         None => {

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use mgpu_core::Stopping;
+use mgpu_core::{JobId, Stopping};
 use mgpu_proto::{GpuInfo, JobInfo, QueueRequest, QueueSnapshot, Response};
 
 use crate::server::{send, send_error, Caller, Conn};
-use crate::state::{now_ms, Daemon};
+use crate::state::{now_ms, Daemon, Inner};
 use crate::users;
 
 pub async fn handle(
@@ -26,7 +26,19 @@ pub async fn handle(
     } else {
         None
     };
-    let mut snapshot = {
+    // A slot first: the listing's memory (its job ids) exists only while it has one. (One
+    // job's row needs none.)
+    let _slot = match req.job {
+        Some(_) => None,
+        None => match conn.listing().await {
+            Ok(slot) => Some(slot),
+            Err(e) => return send_error(conn, format!("{e:#}")).await,
+        },
+    };
+    // A bounded snapshot: the GPUs, the first page, and the ids of the jobs to list, in order
+    // (8 bytes each). Each further page is built under the lock when it is to be sent, and
+    // sent under the connection's write deadline: no reply is ever built whole.
+    let (snapshot, ids) = {
         let inner = daemon.lock();
         let sched = &inner.sched;
         let gpus = sched
@@ -45,59 +57,77 @@ pub async fn handle(
                 jobs: g.jobs(),
             })
             .collect();
-        let jobs = sched
-            .jobs_in_order()
-            .filter(|j| only_uid.is_none_or(|u| u == j.request.uid))
-            .filter(|j| req.job.is_none_or(|id| id == j.id))
-            .map(|j| JobInfo {
-                id: j.id,
-                user: j.request.user.clone(),
-                name: j.request.name.clone(),
-                state: j.state,
-                gpus: j.request.gpus,
-                gpu_ids: j.gpus.clone(),
-                mem_mib: j.request.mem_mib,
-                time_limit_s: sched.effective_limit_s(&j.request),
-                submitted_at: j.submitted_at,
-                started_at: j.started_at,
-                restarts: j.restarts,
-                reason: match j.stopping {
-                    Some(Stopping::Cancel) => Some("Cancelling".into()),
-                    Some(Stopping::Requeue) => Some("Preempting".into()),
-                    Some(Stopping::Timeout) => Some("TimeLimit".into()),
-                    None => sched.pending_reason(j.id).map(str::to_string),
-                },
-                command: inner
-                    .commands
-                    .get(&j.id)
-                    .map(|c| c.to_vec())
-                    .unwrap_or_default(),
-                priority: sched.priority(j.id),
-                est_start: sched.est_start(j.id),
-                array: j.request.array,
-            })
-            .collect();
-        QueueSnapshot {
+        let ids: Vec<JobId> = match req.job {
+            Some(id) => sched
+                .job(id)
+                .filter(|j| only_uid.is_none_or(|u| u == j.request.uid))
+                .map(|j| j.id)
+                .into_iter()
+                .collect(),
+            None => sched
+                .jobs_in_order()
+                .filter(|j| only_uid.is_none_or(|u| u == j.request.uid))
+                .map(|j| j.id)
+                .collect(),
+        };
+        let first = &ids[..ids.len().min(CHUNK)];
+        let snapshot = QueueSnapshot {
             now: now_ms(),
             policy: sched.config().policy.to_string(),
             gpus,
-            jobs,
-        }
+            jobs: job_infos(&inner, first),
+        };
+        (snapshot, ids)
     };
-    // Sent in chunks: a queue of any length fits under the frame limit.
-    let mut rest = snapshot.jobs.split_off(snapshot.jobs.len().min(CHUNK));
     send(conn, &Response::Queue(snapshot)).await?;
-    while !rest.is_empty() {
-        let tail = rest.split_off(rest.len().min(CHUNK));
-        send(conn, &Response::QueueJobs { jobs: rest }).await?;
-        rest = tail;
+    for page in ids.chunks(CHUNK).skip(1) {
+        let jobs = job_infos(&daemon.lock(), page);
+        if !jobs.is_empty() {
+            send(conn, &Response::QueueJobs { jobs }).await?;
+        }
     }
     send(conn, &Response::QueueEnd).await
 }
 
+/// The queue rows of the jobs `ids` that are still pending or running.
+fn job_infos(inner: &Inner, ids: &[JobId]) -> Vec<JobInfo> {
+    let sched = &inner.sched;
+    ids.iter()
+        .filter_map(|&id| sched.job(id))
+        .map(|j| JobInfo {
+            id: j.id,
+            user: j.request.user.clone(),
+            name: j.request.name.clone(),
+            state: j.state,
+            gpus: j.request.gpus,
+            gpu_ids: j.gpus.clone(),
+            mem_mib: j.request.mem_mib,
+            time_limit_s: sched.effective_limit_s(&j.request),
+            submitted_at: j.submitted_at,
+            started_at: j.started_at,
+            restarts: j.restarts,
+            reason: match j.stopping {
+                Some(Stopping::Cancel) => Some("Cancelling".into()),
+                Some(Stopping::Requeue) => Some("Preempting".into()),
+                Some(Stopping::Timeout) => Some("TimeLimit".into()),
+                None => sched.pending_reason(j.id).map(str::to_string),
+            },
+            command: inner
+                .commands
+                .get(&j.id)
+                .map(|c| c.to_vec())
+                .unwrap_or_default(),
+            priority: sched.priority(j.id),
+            est_start: sched.est_start(j.id),
+            array: j.request.array,
+        })
+        .collect()
+}
+
 /// Jobs per frame: with at most [`MAX_SHOWN_COMMAND`] bytes of command and a name of at most
-/// 128 characters, a job takes under 3 KiB of JSON, so a frame stays well under its limit.
-const CHUNK: usize = 2000;
+/// 128 characters, a job takes under 3 KiB of JSON, so a frame stays under 1 MiB (and a
+/// typical one, about 300 bytes a job, under 100 KiB).
+const CHUNK: usize = 256;
 /// Command shown per job, in bytes of JSON; longer ones are cut (the full argv stays with the
 /// job).
 const MAX_SHOWN_COMMAND: usize = 1024;

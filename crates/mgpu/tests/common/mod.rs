@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod attack;
+
 pub const PROGRAMS: &[&str] = &[
     "mgpu_scheduler_server",
     "mgpu_srun",

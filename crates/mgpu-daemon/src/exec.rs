@@ -66,6 +66,10 @@ pub struct Launch {
     /// The job array task it is, if any (`MGPU_ARRAY_*` variables).
     #[serde(default)]
     pub array: Option<mgpu_core::ArrayTask>,
+    /// The resource limits the job gets (a login's: see [`crate::userlimits`]), applied before
+    /// privileges are dropped; empty: the supervisor's own.
+    #[serde(default)]
+    pub rlimits: Vec<crate::userlimits::Rlimit>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -218,6 +222,7 @@ enum Step {
     Chdir,
     Venv,
     Exec,
+    Limits,
 }
 
 impl Step {
@@ -232,6 +237,7 @@ impl Step {
             7 => "privileges could not be dropped",
             8 => "cannot enter the working directory",
             9 => "cannot run /bin/bash to activate ~/venv",
+            11 => "cannot apply the user's resource limits (limits.conf)",
             _ => "cannot execute the command",
         }
     }
@@ -431,6 +437,7 @@ struct ChildPlan {
     groups: Vec<libc::gid_t>,
     cwd: CString,
     umask: Option<u32>,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
 }
 
 /// The job's side of the fork. Never returns: execs, or reports (step, errno) on `report` and
@@ -478,6 +485,12 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
     if let (Some(procs), false) = (&plan.cgroup_procs, joined) {
         if !crate::cgroup::enter(procs) {
             fail(Step::Cgroup);
+        }
+    }
+    // A login's limits, set while we may still raise hard limits.
+    for (resource, limit) in &plan.rlimits {
+        if libc::setrlimit(*resource, limit) != 0 {
+            fail(Step::Limits);
         }
     }
     if plan.switch_user {
@@ -600,6 +613,15 @@ fn start_with(
         groups: account.groups.clone(),
         cwd,
         umask: launch.spec.umask,
+        rlimits: (launch.rlimits.iter())
+            .map(|r| {
+                let limit = libc::rlimit {
+                    rlim_cur: r.soft as libc::rlim_t,
+                    rlim_max: r.hard as libc::rlim_t,
+                };
+                (r.resource as libc::__rlimit_resource_t, limit)
+            })
+            .collect(),
     };
     let io_err = |what: &str, e: io::Error| fail(format!("mgpu: {what}: {e}"), 1);
     let (out_r, out_w) = pipe().map_err(|e| io_err("cannot create pipes", e))?;
@@ -718,6 +740,7 @@ mod tests {
                 max_log_bytes: None,
                 launch_id: 1,
                 array: None,
+                rlimits: Vec::new(),
             };
             let started = start_with(
                 &launch(&["sh", "-c", "echo out $MGPU_JOB_ID; echo err >&2; exit 3"]),
@@ -786,6 +809,7 @@ mod tests {
             max_log_bytes: None,
             launch_id: 1,
             array: None,
+            rlimits: Vec::new(),
         };
         let env = environment(&launch, &acct);
         let get = |k: &str| {
@@ -826,6 +850,7 @@ mod tests {
             max_log_bytes: None,
             launch_id: 1,
             array: None,
+            rlimits: Vec::new(),
         };
         let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));

@@ -81,6 +81,10 @@ pub struct Args {
     /// Most jobs waiting in all
     #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     pub max_pending: usize,
+    /// Where pam_limits' configuration is (limits.conf and limits.d/*.conf): jobs get the
+    /// resource limits a login of their user gets
+    #[arg(long, value_name = "DIR", default_value = "/etc/security")]
+    pub limits_conf_dir: PathBuf,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -93,6 +97,8 @@ pub struct Args {
 }
 
 pub fn main() -> ExitCode {
+    // Before anything raises a limit: jobs start from the limits the daemon was given.
+    crate::userlimits::record_inherited();
     let args = Args::parse();
     if let Some(run_dir) = &args.supervise {
         return supervisor::main(run_dir, args.launch_id);
@@ -339,6 +345,7 @@ async fn run(args: Args) -> Result<()> {
             grace: Duration::from_secs(args.grace_period),
             multi_user,
             server_uid: euid,
+            limits_conf_dir: args.limits_conf_dir.clone(),
         },
     );
     // Ready before the first client can connect.

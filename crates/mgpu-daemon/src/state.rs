@@ -75,6 +75,8 @@ pub struct Settings {
     /// memory and the store, whatever clients send.
     pub max_pending_per_user: usize,
     pub max_pending: usize,
+    /// Where `limits.conf` and `limits.d` are (`/etc/security`): jobs get a login's limits.
+    pub limits_conf_dir: PathBuf,
 }
 
 struct RunningJob {
@@ -311,6 +313,7 @@ impl Daemon {
             max_log_bytes: self.settings.max_log_bytes,
             launch_id: new_launch_id(),
             array: job.request.array,
+            rlimits: Vec::new(),
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
@@ -707,6 +710,9 @@ async fn start_run(
         // The account is resolved here, off the daemon's lock, in the process whose user
         // database modules are already loaded; the supervisor forks the job with it.
         launch.account = crate::users::account(launch.uid).ok();
+        let settings = &store_daemon.settings;
+        let (multi, dir) = (settings.multi_user, &settings.limits_conf_dir);
+        launch.rlimits = crate::userlimits::for_run(multi, dir, launch.account.as_ref());
         let log_offset = mark_run(&launch)?;
         let (pid, link) = spawn_supervisor(&store_daemon.launcher, &job_dir, &run_dir, &launch)?;
         anyhow::Ok((pid, link, log_offset))

@@ -876,6 +876,7 @@ mod tests {
             max_log_bytes: None,
             launch_id: 7,
             array: None,
+            rlimits: Vec::new(),
         };
         std::fs::write(
             fresh.path().join(LAUNCH_FILE),

@@ -331,3 +331,63 @@ fn the_whole_queue_is_bounded_across_users() {
     s.detached_as(&b, &["--", "true"]);
     assert_eq!(s.queue_json()["jobs"].as_array().unwrap().len(), 6);
 }
+
+/// Jobs get the resource limits a login of their user gets: the limits the server was started
+/// with, adjusted by limits.conf and limits.d as pam_limits would; not the server's own raised
+/// open-files limit.
+#[test]
+fn jobs_get_a_logins_resource_limits() {
+    let Some((a, b)) = test_users() else { return };
+    // The server inherits our limits: a soft open-files limit below the hard one, which the
+    // server raises for itself (the old code passed that on to every job).
+    let (soft, hard) = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur >= lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max - 1;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+        (lim.rlim_cur, lim.rlim_max)
+    };
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(
+        conf.path().join("limits.conf"),
+        format!(
+            "# as pam_limits reads it\n{} - nofile 1234\n* soft nproc 777\n",
+            a.name
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir(conf.path().join("limits.d")).unwrap();
+    std::fs::write(
+        conf.path().join("limits.d/90-mgpu-test.conf"),
+        "@mgpu-test-grp soft nproc 555\n",
+    )
+    .unwrap();
+    let dir = conf.path().to_str().unwrap();
+    let s = Server::start("1x24GiB", &["--limits-conf-dir", dir]);
+    let limits = |user| {
+        let out = s
+            .cmd_as(user, "mgpu_srun")
+            .args([
+                "--no-venv",
+                "--",
+                "bash",
+                "-c",
+                "echo $(ulimit -Sn) $(ulimit -Hn) $(ulimit -Su)",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    // Her own line, and her group's nproc line (a group line beats the wildcard).
+    assert_eq!(limits(&a), "1234 1234 555");
+    // The server's inherited open-files limits, not its raised ones; the wildcard's nproc.
+    let hard = if hard == libc::RLIM_INFINITY {
+        "unlimited".to_string()
+    } else {
+        hard.to_string()
+    };
+    assert_eq!(limits(&b), format!("{soft} {hard} 777"));
+}

@@ -56,9 +56,12 @@ pub struct Launch {
     pub switch_user: bool,
     /// The job's output log (appended to).
     pub log_path: PathBuf,
-    /// Output kept per run; beyond it output is read and discarded.
+    /// What this run may add to the log (its job's log budget); beyond it output is read and
+    /// discarded, after `log_note`.
     #[serde(default)]
     pub max_log_bytes: Option<u64>,
+    #[serde(default)]
+    pub log_note: String,
     /// This attempt at starting the run (unique, never 0): a supervisor started for another
     /// attempt (by a server that died meanwhile) finds a different one here and stands down.
     #[serde(default)]
@@ -738,6 +741,7 @@ mod tests {
                 switch_user: false,
                 log_path: "/dev/null".into(),
                 max_log_bytes: None,
+                log_note: String::new(),
                 launch_id: 1,
                 array: None,
                 rlimits: Vec::new(),
@@ -807,6 +811,7 @@ mod tests {
             switch_user: true,
             log_path: "/dev/null".into(),
             max_log_bytes: None,
+            log_note: String::new(),
             launch_id: 1,
             array: None,
             rlimits: Vec::new(),
@@ -848,6 +853,7 @@ mod tests {
             switch_user: false,
             log_path: "/dev/null".into(),
             max_log_bytes: None,
+            log_note: String::new(),
             launch_id: 1,
             array: None,
             rlimits: Vec::new(),

@@ -9,6 +9,7 @@ pub mod exec;
 pub mod gpu;
 pub mod handlers;
 pub mod launcher;
+pub mod logquota;
 pub mod recovery;
 pub mod run;
 pub mod server;

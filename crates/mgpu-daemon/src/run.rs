@@ -52,9 +52,19 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when a running job is stopped
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub grace_period: u64,
-    /// Output kept per job run, in MiB (more is discarded, with a note in the log); 0: no limit
+    /// Output kept per job (all its runs together), in MiB (more is discarded, with a note in
+    /// the log); 0: no limit
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     pub max_log_size: u64,
+    /// Job logs kept per user: past it, that user's oldest logs of finished jobs are removed
+    /// (their records stay), and a running job's further output is discarded. Bytes with an
+    /// optional K, M, G or T suffix, or a percentage of the log directory's file system; 0: no
+    /// limit
+    #[arg(long, value_name = "SIZE", default_value = "5%")]
+    pub log_quota_per_user: String,
+    /// Job logs kept in all (as --log-quota-per-user, over everyone's logs)
+    #[arg(long, value_name = "SIZE", default_value = "25%")]
+    pub log_quota: String,
     /// Scheduling policy: fair (fair-share priority + backfill), backfill (FIFO priority +
     /// backfill) or fifo (first-come first-served among jobs that fit)
     #[arg(long, value_name = "POLICY", default_value = "fair", value_parser = parse_policy)]
@@ -270,6 +280,14 @@ async fn run(args: Args) -> Result<()> {
     // One server per state directory.
     let _lock = lock_dir(&state_dir, "lock", "state directory")?;
 
+    let fs_bytes = nix::sys::statvfs::statvfs(&log_dir)
+        .map(|v| v.blocks().saturating_mul(v.fragment_size()))
+        .with_context(|| format!("reading the size of {}", log_dir.display()))?;
+    let quota = |flag: &str, value: &str| {
+        crate::logquota::parse_size(value, fs_bytes).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
+    let log_quota_per_user = quota("--log-quota-per-user", &args.log_quota_per_user)?;
+    let log_quota = quota("--log-quota", &args.log_quota)?;
     let backend = gpu_backend(&args)?;
     let gpus = backend.gpus();
     let (store, recovered) = Store::open(&state_dir)?;
@@ -346,7 +364,14 @@ async fn run(args: Args) -> Result<()> {
             multi_user,
             server_uid: euid,
             limits_conf_dir: args.limits_conf_dir.clone(),
+            log_quota_per_user,
+            log_quota,
         },
+    );
+    crate::logquota::restore(
+        &mut daemon.logs.lock().unwrap(),
+        &daemon.store.log_owners()?,
+        &|id| daemon.log_path(id),
     );
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
@@ -422,6 +447,7 @@ async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
             Ok(ids) => {
                 for id in &ids {
                     let _ = std::fs::remove_file(daemon.log_path(*id));
+                    daemon.logs.lock().unwrap().forget(*id);
                 }
                 if !ids.is_empty() {
                     tracing::info!(jobs = ids.len(), days, "purged old job records and logs");

@@ -66,7 +66,7 @@ pub struct Settings {
     /// Run directories of running jobs (under the state directory).
     pub runs_dir: PathBuf,
     pub grace: Duration,
-    /// Output kept per job run.
+    /// Output kept per job (all its runs).
     pub max_log_bytes: Option<u64>,
     /// Running as root: jobs run as their submitters.
     pub multi_user: bool,
@@ -75,6 +75,9 @@ pub struct Settings {
     /// memory and the store, whatever clients send.
     pub max_pending_per_user: usize,
     pub max_pending: usize,
+    /// Log bytes kept per user and in all (see [`crate::logquota`]).
+    pub log_quota_per_user: Option<u64>,
+    pub log_quota: Option<u64>,
     /// Where `limits.conf` and `limits.d` are (`/etc/security`): jobs get a login's limits.
     pub limits_conf_dir: PathBuf,
 }
@@ -163,6 +166,8 @@ pub struct Daemon {
     pub settings: Settings,
     /// Forks the supervisors of new runs.
     pub launcher: Launcher,
+    /// The books of job logs on disk (locked after `inner`, never before it).
+    pub logs: Mutex<crate::logquota::LogBook>,
 }
 
 pub fn now_ms() -> Millis {
@@ -194,6 +199,11 @@ impl Daemon {
                 admitting: HashMap::new(),
             }),
             store,
+            logs: Mutex::new(crate::logquota::LogBook::new(crate::logquota::Quotas {
+                per_job: settings.max_log_bytes,
+                per_user: settings.log_quota_per_user,
+                total: settings.log_quota,
+            })),
             settings,
             launcher: Launcher::default(),
         })
@@ -311,6 +321,7 @@ impl Daemon {
             switch_user: self.settings.multi_user,
             log_path: self.log_path(id),
             max_log_bytes: self.settings.max_log_bytes,
+            log_note: String::new(),
             launch_id: new_launch_id(),
             array: job.request.array,
             rlimits: Vec::new(),
@@ -370,6 +381,10 @@ impl Daemon {
         let id = outcome.job;
         inner.commands.remove(&id);
         inner.running.remove(&id);
+        self.logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finished(id, now_ms());
         self.store.ended(
             id,
             Ending {
@@ -481,8 +496,13 @@ impl Daemon {
         });
     }
 
-    fn job_output(&self, id: JobId, stream: Stream, offset: u64, data: Bytes) {
+    fn job_output(self: &Arc<Self>, id: JobId, stream: Stream, offset: u64, data: Bytes) {
         let inner = self.lock();
+        for (job, note) in self.log_grew(id, offset + data.len() as u64) {
+            if let Some(run) = inner.running.get(&job) {
+                let _ = run.cmds.send(SupervisorCmd::StopLog { note });
+            }
+        }
         if let Some(tx) = inner.watchers.get(&id) {
             let _ = tx.send(JobEvent::Output {
                 stream,
@@ -714,6 +734,7 @@ async fn start_run(
         let (multi, dir) = (settings.multi_user, &settings.limits_conf_dir);
         launch.rlimits = crate::userlimits::for_run(multi, dir, launch.account.as_ref());
         let log_offset = mark_run(&launch)?;
+        store_daemon.log_run_starts(&mut launch, log_offset);
         let (pid, link) = spawn_supervisor(&store_daemon.launcher, &job_dir, &run_dir, &launch)?;
         anyhow::Ok((pid, link, log_offset))
     })

@@ -420,6 +420,23 @@ impl Store {
             .with_context(|| format!("job {id}'s launch record is unreadable"))
     }
 
+    /// Every recorded job's owner and, once it finished, when it ended (for the log books).
+    pub fn log_owners(&self) -> Result<Vec<(JobId, u32, Option<Millis>)>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT id, uid, CASE WHEN state IN ('PENDING', 'RUNNING') THEN NULL
+                                  ELSE COALESCE(ended_at, 0) END FROM jobs",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as JobId,
+                r.get::<_, u32>(1)?,
+                r.get::<_, Option<i64>>(2)?.map(|t| t as Millis),
+            ))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// The job array task a recorded job is, if any.
     pub fn array_task(&self, id: JobId) -> Result<Option<mgpu_core::ArrayTask>> {
         let conn = self.reader.lock().unwrap();

@@ -89,6 +89,8 @@ pub enum SupervisorCmd {
     Stop { grace_ms: u64, reason: StopReason },
     /// Deliver a signal to the job's processes.
     Signal { signal: i32 },
+    /// Discard the job's further output (a log quota is used up), after `note` in the log.
+    StopLog { note: String },
 }
 
 /// How a run ended, written durably to `exit.json`.
@@ -273,6 +275,7 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         log,
         offset,
         log_budget: launch.max_log_bytes.unwrap_or(u64::MAX),
+        log_note: launch.log_note.clone(),
         conn: None,
         pgid: 0,
         stop: None,
@@ -364,6 +367,8 @@ struct Supervisor {
     offset: u64,
     /// Bytes this run may still add to the log.
     log_budget: u64,
+    /// Said in the log when the budget is used up (a default note when empty).
+    log_note: String,
     /// The daemon's connection, when one is registered.
     conn: Option<Link>,
     pgid: i32,
@@ -491,9 +496,12 @@ impl Supervisor {
         self.log_budget -= keep as u64;
         let mut data = Bytes::copy_from_slice(&bytes[..keep]);
         if self.log_budget == 0 {
-            let note = b"\nmgpu: this run reached the server's log size limit; further output is discarded\n";
+            let note = match self.log_note.as_str() {
+                "" => "\nmgpu: this job reached the server's log size limit; further output is discarded\n",
+                n => n,
+            };
             let mut with_note = data.to_vec();
-            with_note.extend_from_slice(note);
+            with_note.extend_from_slice(note.as_bytes());
             data = Bytes::from(with_note);
         }
         let _ = self.log.write_all(&data);
@@ -540,6 +548,15 @@ impl Supervisor {
             SupervisorCmd::Signal { signal } => {
                 if let (true, Ok(sig)) = (self.pgid > 0, Signal::try_from(signal)) {
                     kill_all(self.pgid, sig);
+                }
+            }
+            SupervisorCmd::StopLog { note } => {
+                if self.log_budget > 0 {
+                    // Like a used-up budget, but now: the note, then nothing more.
+                    self.log_budget = 0;
+                    let _ = self.log.write_all(note.as_bytes());
+                    self.offset += note.len() as u64;
+                    self.send(&Frame::Stderr(Bytes::from(note)));
                 }
             }
         }
@@ -874,6 +891,7 @@ mod tests {
             switch_user: false,
             log_path: fresh.path().join("log"),
             max_log_bytes: None,
+            log_note: String::new(),
             launch_id: 7,
             array: None,
             rlimits: Vec::new(),

@@ -391,3 +391,61 @@ fn jobs_get_a_logins_resource_limits() {
     };
     assert_eq!(limits(&b), format!("{soft} {hard} 777"));
 }
+
+/// Log quotas: a user whose logs pass her quota loses her oldest logs of finished jobs first
+/// (their records stay, and mgpu_log says why), and her running job over the quota keeps running
+/// with its log truncated and a note that says so; another user's logs are untouched.
+#[test]
+fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start(
+        "1x24GiB",
+        &["--log-quota-per-user", "64K", "--log-quota", "1G"],
+    );
+    let chatty = |user, bytes: usize, then: &str| {
+        let script = format!("head -c {bytes} /dev/zero | tr '\\0' x; {then}");
+        let mut c = s.cmd_as(user, "mgpu_srun");
+        c.args(["-d", "--parsable", "--no-venv", "--", "bash", "-c", &script]);
+        let id = s.submit(c);
+        s.wait_gone(id);
+        id
+    };
+    let removed = |id: u64| s.log(id).contains("was removed to keep its owner within");
+    let b1 = chatty(&b, 50_000, "true");
+    let a1 = chatty(&a, 20_000, "true");
+    let a2 = chatty(&a, 20_000, "true");
+    let a3 = chatty(&a, 20_000, "true");
+    assert_eq!(s.log(a1).len(), 20_000, "within the quota nothing goes");
+    // 90,000 bytes: her two oldest logs go.
+    let a4 = chatty(&a, 30_000, "true");
+    wait_until(Duration::from_secs(10), || removed(a1) && removed(a2));
+    assert_eq!(s.log(a3).len(), 20_000);
+    assert_eq!(s.log(a4).len(), 30_000);
+    let own = s
+        .cmd_as(&a, "mgpu_log")
+        .arg(a1.to_string())
+        .output()
+        .unwrap();
+    assert!(text(&own.stdout).contains(&format!("mgpu_acct -j {a1}")));
+    assert_eq!(s.acct(a1)["state"], "COMPLETED", "the record stays");
+    // A job that alone passes the quota: the rest of her logs go, and it is truncated but
+    // runs on to its end.
+    let done = s.scratch.join("a5-ran-on");
+    let a5 = chatty(&a, 200_000, &format!("touch {}", done.display()));
+    assert_eq!(s.acct(a5)["state"], "COMPLETED");
+    assert!(
+        done.exists(),
+        "the job kept running after its log was truncated"
+    );
+    let log = s.log(a5);
+    assert!(
+        log.contains("its owner's log quota; further output is discarded"),
+        "{}",
+        &log[log.len().saturating_sub(300)..]
+    );
+    assert!(log.len() <= 64 * 1024 + 200, "{}", log.len());
+    wait_until(Duration::from_secs(10), || removed(a3) && removed(a4));
+    // The other user's log is whole.
+    assert_eq!(s.log(b1).len(), 50_000);
+    assert!(!removed(b1));
+}

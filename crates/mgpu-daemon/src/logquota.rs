@@ -299,6 +299,119 @@ pub fn parse_size(s: &str, fs_bytes: u64) -> Result<Option<u64>, String> {
     Ok((bytes > 0).then_some(bytes))
 }
 
+/// Launch records (argv, working directory, environment) of one user's unfinished jobs, as a
+/// bound on what one user can make the daemon store: each submission is charged its size
+/// (environment included, even where the store keeps one copy for many jobs: an upper bound)
+/// before it is recorded, and the charge is released when the job ends (the store then keeps
+/// only the job's record and a short command). A job array is charged once, until its last
+/// task ends.
+#[derive(Debug, Default)]
+pub struct LaunchBook {
+    limit: Option<u64>,
+    /// Charges: by job id, or by the array's id for job arrays: (owner, bytes, jobs holding it).
+    charges: HashMap<JobId, (u32, u64, u32)>,
+    /// Array tasks: the charge they hold.
+    task_charge: HashMap<JobId, JobId>,
+    used: HashMap<u32, u64>,
+}
+
+impl LaunchBook {
+    pub fn new(limit: Option<u64>) -> Self {
+        LaunchBook {
+            limit,
+            ..Default::default()
+        }
+    }
+
+    /// Charges `uid` `bytes` for jobs `first..first + n` (one launch record; `array`: a job
+    /// array's tasks), unless that passes the bound.
+    pub fn charge(
+        &mut self,
+        uid: u32,
+        bytes: u64,
+        first: JobId,
+        n: u32,
+        array: bool,
+    ) -> Result<(), String> {
+        let used = self.used.get(&uid).copied().unwrap_or(0);
+        if let Some(limit) = self.limit {
+            if used.saturating_add(bytes) > limit {
+                return Err(format!(
+                    "your waiting jobs' commands and environments take {} MiB; at most {} MiB \
+                     may wait per user (the server's --max-launch-data-per-user)",
+                    used >> 20,
+                    limit >> 20
+                ));
+            }
+        }
+        self.add(uid, bytes, first, n, array);
+        Ok(())
+    }
+
+    /// A charge found at start-up (never refused).
+    pub fn restore(&mut self, uid: u32, bytes: u64, key: JobId, tasks: &[JobId]) {
+        match self.charges.get_mut(&key) {
+            Some(c) => c.2 += tasks.len() as u32,
+            None => {
+                self.charges.insert(key, (uid, bytes, tasks.len() as u32));
+                *self.used.entry(uid).or_default() += bytes;
+            }
+        }
+        for &t in tasks {
+            if t != key || tasks.len() > 1 {
+                self.task_charge.insert(t, key);
+            }
+        }
+    }
+
+    fn add(&mut self, uid: u32, bytes: u64, first: JobId, n: u32, array: bool) {
+        let tasks: Vec<JobId> = (first..first + JobId::from(n)).collect();
+        if array {
+            self.charges.insert(first, (uid, bytes, n));
+            *self.used.entry(uid).or_default() += bytes;
+            for t in tasks {
+                self.task_charge.insert(t, first);
+            }
+        } else {
+            self.restore(uid, bytes, first, &tasks);
+        }
+    }
+
+    /// Job `id` ended (or was never recorded): its share of its charge is released.
+    pub fn release(&mut self, id: JobId) {
+        let key = self.task_charge.remove(&id).unwrap_or(id);
+        let Some(c) = self.charges.get_mut(&key) else {
+            return;
+        };
+        c.2 = c.2.saturating_sub(1);
+        if c.2 == 0 {
+            let (uid, bytes, _) = self.charges.remove(&key).expect("present");
+            if let Some(u) = self.used.get_mut(&uid) {
+                *u = u.saturating_sub(bytes);
+                if *u == 0 {
+                    self.used.remove(&uid);
+                }
+            }
+        }
+    }
+
+    /// Bytes charged to `uid`.
+    pub fn used(&self, uid: u32) -> u64 {
+        self.used.get(&uid).copied().unwrap_or(0)
+    }
+}
+
+/// What a launch record is charged: about its size as stored.
+pub fn launch_bytes(spec: &crate::exec::LaunchSpec) -> u64 {
+    let argv: usize = spec.command.iter().map(|a| a.len() + 3).sum();
+    let env: usize = spec.env.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+    let venv = match &spec.venv {
+        mgpu_proto::Venv::Dir(d) => d.len(),
+        _ => 0,
+    };
+    (argv + env + spec.cwd.len() + venv + 64) as u64
+}
+
 // The daemon's side: carrying out the books' decisions on the log files.
 
 /// What a log removed for a quota says instead (what `mgpu_log` shows).
@@ -484,6 +597,40 @@ mod tests {
         let (budget, fx) = b.run_starts(2, 7, 0);
         assert_eq!(budget.bytes, u64::MAX);
         assert_eq!(b.grew(2, u64::MAX / 4), fx);
+    }
+
+    #[test]
+    fn launch_records_are_bounded_per_user_until_their_jobs_end() {
+        let mut b = LaunchBook::new(Some(1000));
+        b.charge(7, 600, 1, 1, false).unwrap();
+        assert!(b
+            .charge(7, 500, 2, 1, false)
+            .unwrap_err()
+            .contains("--max-launch-data-per-user"));
+        b.charge(8, 900, 3, 1, false).unwrap(); // another user's bound is her own
+                                                // A job array is charged once for all its tasks, until the last one ends.
+        b.charge(7, 300, 10, 3, true).unwrap();
+        assert_eq!(b.used(7), 900);
+        b.release(10);
+        b.release(12);
+        assert_eq!(b.used(7), 900);
+        b.release(11);
+        assert_eq!(b.used(7), 600);
+        b.release(1);
+        b.release(1); // twice: nothing more
+        assert_eq!(b.used(7), 0);
+        b.charge(7, 1000, 20, 1, false).unwrap();
+        // Restored at start-up: an array's tasks share its charge.
+        let mut r = LaunchBook::new(Some(10));
+        r.restore(7, 300, 10, &[11]);
+        r.restore(7, 300, 10, &[12]);
+        r.restore(7, 50, 13, &[13]);
+        assert_eq!(r.used(7), 350);
+        r.release(11);
+        r.release(13);
+        assert_eq!(r.used(7), 300);
+        r.release(12);
+        assert_eq!(r.used(7), 0);
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub struct Args {
     /// Job logs kept in all (as --log-quota-per-user, over everyone's logs)
     #[arg(long, value_name = "SIZE", default_value = "25%")]
     pub log_quota: String,
+    /// Most bytes of launch records (command, environment) one user's waiting and running jobs
+    /// may take in the job database (a job array counts once); 0: no limit
+    #[arg(long, value_name = "SIZE", default_value = "2G")]
+    pub max_launch_data_per_user: String,
     /// Scheduling policy: fair (fair-share priority + backfill), backfill (FIFO priority +
     /// backfill) or fifo (first-come first-served among jobs that fit)
     #[arg(long, value_name = "POLICY", default_value = "fair", value_parser = parse_policy)]
@@ -288,6 +292,8 @@ async fn run(args: Args) -> Result<()> {
     };
     let log_quota_per_user = quota("--log-quota-per-user", &args.log_quota_per_user)?;
     let log_quota = quota("--log-quota", &args.log_quota)?;
+    let max_launch_data_per_user =
+        quota("--max-launch-data-per-user", &args.max_launch_data_per_user)?;
     let backend = gpu_backend(&args)?;
     let gpus = backend.gpus();
     let (store, recovered) = Store::open(&state_dir)?;
@@ -366,8 +372,18 @@ async fn run(args: Args) -> Result<()> {
             limits_conf_dir: args.limits_conf_dir.clone(),
             log_quota_per_user,
             log_quota,
+            max_launch_data_per_user,
         },
     );
+    {
+        let mut launches = daemon.launches.lock().unwrap();
+        for (id, uid, key, bytes) in daemon.store.launch_charges()? {
+            launches.restore(uid, bytes, key, &[id]);
+        }
+        for (id, _) in &plan.ended {
+            launches.release(*id);
+        }
+    }
     crate::logquota::restore(
         &mut daemon.logs.lock().unwrap(),
         &daemon.store.log_owners()?,

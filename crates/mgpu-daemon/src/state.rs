@@ -78,6 +78,8 @@ pub struct Settings {
     /// Log bytes kept per user and in all (see [`crate::logquota`]).
     pub log_quota_per_user: Option<u64>,
     pub log_quota: Option<u64>,
+    /// Launch records (argv, environment) of one user's unfinished jobs, at most.
+    pub max_launch_data_per_user: Option<u64>,
     /// Where `limits.conf` and `limits.d` are (`/etc/security`): jobs get a login's limits.
     pub limits_conf_dir: PathBuf,
 }
@@ -168,6 +170,8 @@ pub struct Daemon {
     pub launcher: Launcher,
     /// The books of job logs on disk (locked after `inner`, never before it).
     pub logs: Mutex<crate::logquota::LogBook>,
+    /// What each user's unfinished jobs' launch records take in the store.
+    pub launches: Mutex<crate::logquota::LaunchBook>,
 }
 
 pub fn now_ms() -> Millis {
@@ -204,6 +208,9 @@ impl Daemon {
                 per_user: settings.log_quota_per_user,
                 total: settings.log_quota,
             })),
+            launches: Mutex::new(crate::logquota::LaunchBook::new(
+                settings.max_launch_data_per_user,
+            )),
             settings,
             launcher: Launcher::default(),
         })
@@ -385,6 +392,7 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .finished(id, now_ms());
+        (self.launches.lock().unwrap_or_else(|p| p.into_inner())).release(id);
         self.store.ended(
             id,
             Ending {

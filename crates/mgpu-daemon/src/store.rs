@@ -520,6 +520,30 @@ impl Store {
         Ok(spec)
     }
 
+    /// Launch records of unfinished jobs: (job, owner, record's key (the job's id, or its job
+    /// array's), the record's size with its environment).
+    pub fn launch_charges(&self) -> Result<Vec<(JobId, u32, JobId, u64)>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT j.id, j.uid, COALESCE(json_extract(j.array, '$.job'), j.id),
+                    COALESCE(length(NULLIF(j.spec, '')), length(a.spec), 0)
+                      + COALESCE(length(e.env), 0)
+             FROM jobs j
+             LEFT JOIN array_specs a ON j.spec = '' AND a.array_id = json_extract(j.array, '$.job')
+             LEFT JOIN envs e ON e.id = COALESCE(j.env_id, a.env_id)
+             WHERE j.state IN ('PENDING', 'RUNNING')",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as JobId,
+                r.get::<_, u32>(1)?,
+                r.get::<_, i64>(2)? as JobId,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Every recorded job's owner and, once it finished, when it ended (for the log books).
     pub fn log_owners(&self) -> Result<Vec<(JobId, u32, Option<Millis>)>> {
         let conn = self.reader.lock().unwrap();
@@ -864,8 +888,16 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
             }
             Op::Ended(id, e) => {
                 tx.prepare_cached(
+                    // A finished job never runs again: its record keeps no environment and
+                    // at most 1 KiB of command (the program alone when longer).
                     "UPDATE jobs SET state = ?2, ended_at = ?3, exit_code = ?4, signal = ?5,
-                                     message = ?6
+                                     message = ?6, env_id = NULL,
+                                     spec = CASE
+                       WHEN spec = '' OR NOT json_valid(spec)
+                         OR length(json_extract(spec, '$.command')) <= 1024 THEN spec
+                       ELSE json_set(spec, '$.command',
+                              json_array(substr(json_extract(spec, '$.command[0]'), 1, 1024)))
+                       END
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -903,13 +935,14 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                               AND json_extract(array, '$.job') = array_specs.array_id)",
                         [],
                     )?;
-                    tx.execute(
-                        "DELETE FROM envs WHERE
-                           NOT EXISTS (SELECT 1 FROM jobs WHERE env_id = envs.id)
-                           AND NOT EXISTS (SELECT 1 FROM array_specs WHERE env_id = envs.id)",
-                        [],
-                    )?;
                 }
+                // Environments of jobs that ended are no longer referred to.
+                tx.execute(
+                    "DELETE FROM envs WHERE
+                       NOT EXISTS (SELECT 1 FROM jobs WHERE env_id = envs.id)
+                       AND NOT EXISTS (SELECT 1 FROM array_specs WHERE env_id = envs.id)",
+                    [],
+                )?;
             }
         }
     }
@@ -1197,6 +1230,39 @@ mod tests {
         store.purge(100).await.unwrap();
         assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
         assert!(store.launch_spec(5).unwrap().env.is_empty());
+    }
+
+    /// A finished job's record keeps no environment and at most 1 KiB of command.
+    #[tokio::test]
+    async fn finished_jobs_keep_no_launch_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let mut j = job(1);
+        j.spec.command = vec!["python".into(), "x".repeat(100_000)];
+        j.spec.env = vec![("X".into(), "y".repeat(100_000))];
+        store.insert(j).await.unwrap().unwrap();
+        store.ended(
+            1,
+            Ending {
+                state: JobState::Cancelled,
+                at: 8,
+                exit_code: None,
+                signal: None,
+                message: None,
+            },
+        );
+        store.flush().await;
+        assert_eq!(
+            count(&store, "SELECT length(spec) < 200 FROM jobs WHERE id = 1"),
+            1
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM jobs WHERE env_id IS NOT NULL"),
+            0
+        );
+        assert_eq!(store.launch_spec(1).unwrap().command, ["python"]);
+        store.purge(0).await.unwrap();
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
     }
 
     /// A database from before environments had their own table: its launch records give up

@@ -449,3 +449,36 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
     assert_eq!(s.log(b1).len(), 50_000);
     assert!(!removed(b1));
 }
+
+/// What one user's waiting jobs make the daemon store (commands, environments) is bounded per
+/// user; her jobs' ends release it, and another user is not affected.
+#[test]
+fn launch_data_is_bounded_per_user() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &["--max-launch-data-per-user", "100K"]);
+    let big = "x".repeat(30_000);
+    let submit = |user| {
+        s.cmd_as(user, "mgpu_srun")
+            .env("BIG", &big)
+            .args(["-d", "--parsable", "--no-venv", "--", "sleep", "300"])
+            .output()
+            .unwrap()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let out = submit(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        ids.push(text(&out.stdout).trim().to_string());
+    }
+    assert_fails_with(&submit(&a), "--max-launch-data-per-user");
+    // Her bound is hers alone.
+    let out = submit(&b);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Her jobs' ends release it.
+    let out = s.cmd_as(&a, "mgpu_cancel").args(&ids).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for id in &ids {
+        s.wait_gone(id.parse().unwrap());
+    }
+    assert!(submit(&a).status.success());
+}

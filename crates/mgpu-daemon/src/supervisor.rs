@@ -275,7 +275,10 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         log,
         offset,
         log_budget: launch.max_log_bytes.unwrap_or(u64::MAX),
-        log_note: launch.log_note.clone(),
+        log_note: Some(match launch.log_note.as_str() {
+            "" => "\nmgpu: this job reached the server's log size limit; further output is discarded\n".into(),
+            n => n.to_string(),
+        }),
         conn: None,
         pgid: 0,
         stop: None,
@@ -367,8 +370,8 @@ struct Supervisor {
     offset: u64,
     /// Bytes this run may still add to the log.
     log_budget: u64,
-    /// Said in the log when the budget is used up (a default note when empty).
-    log_note: String,
+    /// Said in the log when the budget is used up; `None` once said (output is discarded).
+    log_note: Option<String>,
     /// The daemon's connection, when one is registered.
     conn: Option<Link>,
     pgid: i32,
@@ -489,20 +492,18 @@ impl Supervisor {
 
     /// Output of the job: into the log (within its budget) and to the daemon.
     fn output(&mut self, tag: u8, bytes: &[u8]) {
-        if self.log_budget == 0 {
+        let Some(note) = &self.log_note else {
             return; // over the limit: drained, not kept
-        }
+        };
         let keep = (bytes.len() as u64).min(self.log_budget) as usize;
         self.log_budget -= keep as u64;
         let mut data = Bytes::copy_from_slice(&bytes[..keep]);
         if self.log_budget == 0 {
-            let note = match self.log_note.as_str() {
-                "" => "\nmgpu: this job reached the server's log size limit; further output is discarded\n",
-                n => n,
-            };
+            // (Also when the run starts with nothing left: its first output says so.)
             let mut with_note = data.to_vec();
             with_note.extend_from_slice(note.as_bytes());
             data = Bytes::from(with_note);
+            self.log_note = None;
         }
         let _ = self.log.write_all(&data);
         self.offset += data.len() as u64;
@@ -551,7 +552,7 @@ impl Supervisor {
                 }
             }
             SupervisorCmd::StopLog { note } => {
-                if self.log_budget > 0 {
+                if self.log_note.take().is_some() {
                     // Like a used-up budget, but now: the note, then nothing more.
                     self.log_budget = 0;
                     let _ = self.log.write_all(note.as_bytes());

@@ -153,6 +153,12 @@ impl LogBook {
         }
         let a = self.active.get_mut(&id).expect("just added");
         a.truncated = false;
+        // The log as it is now (a first run starts it afresh).
+        if a.size > log_len {
+            let less = a.size - log_len;
+            a.size = log_len;
+            self.sub(uid, less, true);
+        }
         let effects = self.grew(id, log_len);
         let mut budget = Budget {
             bytes: u64::MAX,
@@ -568,6 +574,10 @@ mod tests {
         assert_eq!(budget.bytes, 30);
         let (budget, _) = b.run_starts(1, 7, 120);
         assert_eq!(budget.bytes, 0);
+        // A log found longer than it is now (a first run starts it afresh) counts as it is.
+        let (budget, _) = b.run_starts(1, 7, 10);
+        assert_eq!(budget.bytes, 90);
+        assert_eq!(b.used(7).0, 10);
     }
 
     #[test]

@@ -62,9 +62,12 @@ pub struct Launch {
     pub switch_user: bool,
     /// The job's output log (appended to).
     pub log_path: PathBuf,
-    /// Output kept per run; beyond it output is read and discarded.
+    /// What this run may add to the log (its job's log budget); beyond it output is read and
+    /// discarded, after `log_note`.
     #[serde(default)]
     pub max_log_bytes: Option<u64>,
+    #[serde(default)]
+    pub log_note: String,
     /// This attempt at starting the run (unique, never 0): a supervisor started for another
     /// attempt (by a server that died meanwhile) finds a different one here and stands down.
     #[serde(default)]
@@ -75,6 +78,10 @@ pub struct Launch {
     /// Most processes the job may have (cgroup `pids.max`), from the server's settings.
     #[serde(default)]
     pub pids_max: Option<u64>,
+    /// The resource limits the job gets (a login's: see [`crate::userlimits`]), applied before
+    /// privileges are dropped; empty: the supervisor's own.
+    #[serde(default)]
+    pub rlimits: Vec<crate::userlimits::Rlimit>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -259,6 +266,7 @@ enum Step {
     Chdir,
     Venv,
     Exec,
+    Limits,
 }
 
 impl Step {
@@ -273,6 +281,7 @@ impl Step {
             7 => "privileges could not be dropped",
             8 => "cannot enter the working directory",
             9 => "cannot run /bin/bash to activate ~/venv",
+            11 => "cannot apply the user's resource limits (limits.conf)",
             _ => "cannot execute the command",
         }
     }
@@ -473,6 +482,7 @@ struct ChildPlan {
     groups: Vec<libc::gid_t>,
     cwd: CString,
     umask: Option<u32>,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
 }
 
 /// The job's side of the fork. Never returns: execs, or reports (step, errno) on `report` and
@@ -526,6 +536,12 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
     for procs in &plan.v1_procs {
         if !crate::cgroup::enter(procs) {
             fail(Step::Cgroup);
+        }
+    }
+    // A login's limits, set while we may still raise hard limits.
+    for (resource, limit) in &plan.rlimits {
+        if libc::setrlimit(*resource, limit) != 0 {
+            fail(Step::Limits);
         }
     }
     if plan.switch_user {
@@ -648,6 +664,15 @@ fn start_with(
         groups: account.groups.clone(),
         cwd,
         umask: launch.spec.umask,
+        rlimits: (launch.rlimits.iter())
+            .map(|r| {
+                let limit = libc::rlimit {
+                    rlim_cur: r.soft as libc::rlim_t,
+                    rlim_max: r.hard as libc::rlim_t,
+                };
+                (r.resource as libc::__rlimit_resource_t, limit)
+            })
+            .collect(),
     };
     let io_err = |what: &str, e: io::Error| fail(format!("mgpu: {what}: {e}"), 1);
     let (out_r, out_w) = pipe().map_err(|e| io_err("cannot create pipes", e))?;
@@ -789,9 +814,11 @@ mod tests {
                 switch_user: false,
                 log_path: "/dev/null".into(),
                 max_log_bytes: None,
+                log_note: String::new(),
                 launch_id: 1,
                 array: None,
                 pids_max: None,
+                rlimits: Vec::new(),
             };
             let started = start_with(
                 &launch(&["sh", "-c", "echo out $MGPU_JOB_ID; echo err >&2; exit 3"]),
@@ -872,9 +899,11 @@ mod tests {
             switch_user: true,
             log_path: "/dev/null".into(),
             max_log_bytes: None,
+            log_note: String::new(),
             launch_id: 1,
             array: None,
             pids_max: None,
+            rlimits: Vec::new(),
         };
         let env = environment(&launch, &acct);
         let get = |k: &str| {
@@ -914,9 +943,11 @@ mod tests {
             switch_user: false,
             log_path: "/dev/null".into(),
             max_log_bytes: None,
+            log_note: String::new(),
             launch_id: 1,
             array: None,
             pids_max: None,
+            rlimits: Vec::new(),
         };
         let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));

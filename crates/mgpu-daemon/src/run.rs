@@ -58,9 +58,23 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when a running job is stopped
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub grace_period: u64,
-    /// Output kept per job run, in MiB (more is discarded, with a note in the log); 0: no limit
+    /// Output kept per job (all its runs together), in MiB (more is discarded, with a note in
+    /// the log); 0: no limit
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
     pub max_log_size: u64,
+    /// Job logs kept per user: past it, that user's oldest logs of finished jobs are removed
+    /// (their records stay), and a running job's further output is discarded. Bytes with an
+    /// optional K, M, G or T suffix, or a percentage of the log directory's file system; 0: no
+    /// limit
+    #[arg(long, value_name = "SIZE", default_value = "5%")]
+    pub log_quota_per_user: String,
+    /// Job logs kept in all (as --log-quota-per-user, over everyone's logs)
+    #[arg(long, value_name = "SIZE", default_value = "25%")]
+    pub log_quota: String,
+    /// Most bytes of launch records (command, environment) one user's waiting and running jobs
+    /// may take in the job database (a job array counts once); 0: no limit
+    #[arg(long, value_name = "SIZE", default_value = "2G")]
+    pub max_launch_data_per_user: String,
     /// Scheduling policy: fair (fair-share priority + backfill), backfill (FIFO priority +
     /// backfill) or fifo (first-come first-served among jobs that fit)
     #[arg(long, value_name = "POLICY", default_value = "fair", value_parser = parse_policy)]
@@ -104,6 +118,10 @@ pub struct Args {
     /// Most host memory a job may ask for; more is refused at submit
     #[arg(long, value_name = "SIZE", value_parser = mgpu_proto::parse_mem_mib)]
     pub max_host_mem: Option<u64>,
+    /// Where pam_limits' configuration is (limits.conf and limits.d/*.conf): jobs get the
+    /// resource limits a login of their user gets
+    #[arg(long, value_name = "DIR", default_value = "/etc/security")]
+    pub limits_conf_dir: PathBuf,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -116,6 +134,8 @@ pub struct Args {
 }
 
 pub fn main() -> ExitCode {
+    // Before anything raises a limit: jobs start from the limits the daemon was given.
+    crate::userlimits::record_inherited();
     // Whatever the daemon, its launcher and supervisors create is private unless made
     // otherwise on purpose (the database and launch records hold users' environments).
     // SAFETY: umask only changes this process's file creation mask.
@@ -326,6 +346,16 @@ async fn run(args: Args) -> Result<()> {
         );
     }
 
+    let fs_bytes = nix::sys::statvfs::statvfs(&log_dir)
+        .map(|v| v.blocks().saturating_mul(v.fragment_size()))
+        .with_context(|| format!("reading the size of {}", log_dir.display()))?;
+    let quota = |flag: &str, value: &str| {
+        crate::logquota::parse_size(value, fs_bytes).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
+    let log_quota_per_user = quota("--log-quota-per-user", &args.log_quota_per_user)?;
+    let log_quota = quota("--log-quota", &args.log_quota)?;
+    let max_launch_data_per_user =
+        quota("--max-launch-data-per-user", &args.max_launch_data_per_user)?;
     let backend = gpu_backend(&args)?;
     let gpus = backend.gpus();
     let (store, recovered) = Store::open(&state_dir)?;
@@ -410,7 +440,25 @@ async fn run(args: Args) -> Result<()> {
             grace: Duration::from_secs(args.grace_period),
             multi_user,
             server_uid: euid,
+            limits_conf_dir: args.limits_conf_dir.clone(),
+            log_quota_per_user,
+            log_quota,
+            max_launch_data_per_user,
         },
+    );
+    {
+        let mut launches = daemon.launches.lock().unwrap();
+        for (id, uid, key, bytes) in daemon.store.launch_charges()? {
+            launches.restore(uid, bytes, key, &[id]);
+        }
+        for (id, _) in &plan.ended {
+            launches.release(*id);
+        }
+    }
+    crate::logquota::restore(
+        &mut daemon.logs.lock().unwrap(),
+        &daemon.store.log_owners()?,
+        &|id| daemon.log_path(id),
     );
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
@@ -490,6 +538,7 @@ async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
             Ok(ids) => {
                 for id in &ids {
                     let _ = std::fs::remove_file(daemon.log_path(*id));
+                    daemon.logs.lock().unwrap().forget(*id);
                 }
                 if !ids.is_empty() {
                     tracing::info!(jobs = ids.len(), days, "purged old job records and logs");

@@ -74,7 +74,7 @@ pub struct Settings {
     /// Run directories of running jobs (under the state directory).
     pub runs_dir: PathBuf,
     pub grace: Duration,
-    /// Output kept per job run.
+    /// Output kept per job (all its runs).
     pub max_log_bytes: Option<u64>,
     /// Running as root: jobs run as their submitters.
     pub multi_user: bool,
@@ -85,6 +85,13 @@ pub struct Settings {
     pub max_pending: usize,
     /// Per-job cgroup limits: the server's defaults and caps.
     pub job_limits: crate::cgroup::LimitSettings,
+    /// Log bytes kept per user and in all (see [`crate::logquota`]).
+    pub log_quota_per_user: Option<u64>,
+    pub log_quota: Option<u64>,
+    /// Launch records (argv, environment) of one user's unfinished jobs, at most.
+    pub max_launch_data_per_user: Option<u64>,
+    /// Where `limits.conf` and `limits.d` are (`/etc/security`): jobs get a login's limits.
+    pub limits_conf_dir: PathBuf,
 }
 
 struct RunningJob {
@@ -171,6 +178,10 @@ pub struct Daemon {
     pub settings: Settings,
     /// Forks the supervisors of new runs.
     pub launcher: Launcher,
+    /// The books of job logs on disk (locked after `inner`, never before it).
+    pub logs: Mutex<crate::logquota::LogBook>,
+    /// What each user's unfinished jobs' launch records take in the store.
+    pub launches: Mutex<crate::logquota::LaunchBook>,
 }
 
 pub fn now_ms() -> Millis {
@@ -202,6 +213,14 @@ impl Daemon {
                 admitting: HashMap::new(),
             }),
             store,
+            logs: Mutex::new(crate::logquota::LogBook::new(crate::logquota::Quotas {
+                per_job: settings.max_log_bytes,
+                per_user: settings.log_quota_per_user,
+                total: settings.log_quota,
+            })),
+            launches: Mutex::new(crate::logquota::LaunchBook::new(
+                settings.max_launch_data_per_user,
+            )),
             settings,
             launcher: Launcher::default(),
         })
@@ -319,9 +338,11 @@ impl Daemon {
             switch_user: self.settings.multi_user,
             log_path: self.log_path(id),
             max_log_bytes: self.settings.max_log_bytes,
+            log_note: String::new(),
             launch_id: new_launch_id(),
             array: job.request.array,
             pids_max: self.settings.job_limits.pids_max,
+            rlimits: Vec::new(),
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
@@ -378,6 +399,11 @@ impl Daemon {
         let id = outcome.job;
         inner.commands.remove(&id);
         inner.running.remove(&id);
+        self.logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finished(id, now_ms());
+        (self.launches.lock().unwrap_or_else(|p| p.into_inner())).release(id);
         self.store.ended(
             id,
             Ending {
@@ -489,8 +515,13 @@ impl Daemon {
         });
     }
 
-    fn job_output(&self, id: JobId, stream: Stream, offset: u64, len: u64) {
+    fn job_output(self: &Arc<Self>, id: JobId, stream: Stream, offset: u64, len: u64) {
         let inner = self.lock();
+        for (job, note) in self.log_grew(id, offset + len) {
+            if let Some(run) = inner.running.get(&job) {
+                let _ = run.cmds.send(SupervisorCmd::StopLog { note });
+            }
+        }
         if let Some(tx) = inner.watchers.get(&id) {
             let _ = tx.send(JobEvent::Output {
                 stream,
@@ -764,7 +795,11 @@ async fn start_run(
         // The account is resolved here, off the daemon's lock, in the process whose user
         // database modules are already loaded; the supervisor forks the job with it.
         launch.account = crate::users::account(launch.uid).ok();
+        let settings = &store_daemon.settings;
+        let (multi, dir) = (settings.multi_user, &settings.limits_conf_dir);
+        launch.rlimits = crate::userlimits::for_run(multi, dir, launch.account.as_ref());
         let log_offset = mark_run(&launch)?;
+        store_daemon.log_run_starts(&mut launch, log_offset);
         let (pid, link) = spawn_supervisor(&store_daemon.launcher, &job_dir, &run_dir, &launch)?;
         anyhow::Ok((pid, link, log_offset))
     })

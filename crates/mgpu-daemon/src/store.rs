@@ -63,11 +63,104 @@ CREATE TABLE array_specs (
     spec      TEXT    NOT NULL
 );
 "#,
+    ENVS_MIGRATION,
 ];
 
-/// A job's launch record: its own, or (empty `spec`) its job array's, kept once per array.
-const SPEC_OF_JOB: &str = "COALESCE(NULLIF(jobs.spec, ''), (SELECT a.spec FROM array_specs a
-                            WHERE a.array_id = json_extract(jobs.array, '$.job')))";
+/// Each distinct environment once (content-addressed: SHA-256 of its JSON); launch records
+/// refer to it and keep an empty `env`. Existing records are moved over by `move_envs`.
+const ENVS_MIGRATION: &str = r#"
+CREATE TABLE envs (
+    id    INTEGER PRIMARY KEY,
+    hash  BLOB    NOT NULL UNIQUE,
+    env   TEXT    NOT NULL
+);
+ALTER TABLE jobs ADD COLUMN env_id INTEGER;
+ALTER TABLE array_specs ADD COLUMN env_id INTEGER;
+CREATE INDEX jobs_env ON jobs(env_id) WHERE env_id IS NOT NULL;
+CREATE INDEX array_specs_env ON array_specs(env_id) WHERE env_id IS NOT NULL;
+"#;
+
+/// The schema version that introduced the `envs` table.
+fn envs_version() -> usize {
+    MIGRATIONS
+        .iter()
+        .position(|m| *m == ENVS_MIGRATION)
+        .expect("the envs migration is listed")
+        + 1
+}
+
+/// A job's launch record (its own, or, with an empty `spec`, its job array's, kept once per
+/// array) and its environment (kept once per distinct environment).
+const SPEC_OF_JOB: &str = "SELECT COALESCE(NULLIF(j.spec, ''), a.spec), e.env FROM jobs j
+     LEFT JOIN array_specs a ON j.spec = '' AND a.array_id = json_extract(j.array, '$.job')
+     LEFT JOIN envs e ON e.id = COALESCE(j.env_id, a.env_id)
+     WHERE j.id = ?1";
+
+/// A launch record as stored: its environment is kept apart (see [`env_row`]).
+#[derive(serde::Serialize)]
+struct StoredSpec<'a> {
+    command: &'a [String],
+    cwd: &'a str,
+    env: [(); 0],
+    venv: &'a mgpu_proto::Venv,
+    umask: Option<u32>,
+}
+
+/// `spec` as stored, and the id of its environment's row (none for an empty environment).
+fn stored_spec(tx: &rusqlite::Transaction, spec: &LaunchSpec) -> Result<(String, Option<i64>)> {
+    let text = serde_json::to_string(&StoredSpec {
+        command: &spec.command,
+        cwd: &spec.cwd,
+        env: [],
+        venv: &spec.venv,
+        umask: spec.umask,
+    })?;
+    let env = if spec.env.is_empty() {
+        None
+    } else {
+        Some(env_row(tx, &serde_json::to_string(&spec.env)?)?)
+    };
+    Ok((text, env))
+}
+
+/// The row holding environment `env` (JSON), added if new.
+fn env_row(tx: &rusqlite::Transaction, env: &str) -> Result<i64> {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(env.as_bytes()).to_vec();
+    tx.prepare_cached(
+        "INSERT INTO envs (hash, env) VALUES (?1, ?2) ON CONFLICT (hash) DO NOTHING",
+    )?
+    .execute(params![hash, env])?;
+    Ok(tx
+        .prepare_cached("SELECT id FROM envs WHERE hash = ?1")?
+        .query_row([hash], |r| r.get(0))?)
+}
+
+/// Migration [`ENVS_MIGRATION`]: moves the environments out of the existing launch records.
+fn move_envs(tx: &rusqlite::Transaction) -> Result<()> {
+    for table in ["jobs", "array_specs"] {
+        let key = if table == "jobs" { "id" } else { "array_id" };
+        let rows: Vec<(i64, String)> = tx
+            .prepare(&format!(
+                "SELECT {key}, spec FROM {table} WHERE spec != '' AND env_id IS NULL
+                   AND json_array_length(spec, '$.env') > 0"
+            ))?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, text) in rows {
+            // An unreadable record is left as it is (it reads as it always did).
+            let Ok(spec) = serde_json::from_str::<LaunchSpec>(&text) else {
+                continue;
+            };
+            let (text, env) = stored_spec(tx, &spec)?;
+            tx.execute(
+                &format!("UPDATE {table} SET spec = ?2, env_id = ?3 WHERE {key} = ?1"),
+                params![id, text, env],
+            )?;
+        }
+    }
+    Ok(())
+}
 
 /// A job as first recorded.
 #[derive(Debug, Clone)]
@@ -203,6 +296,9 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)
             .with_context(|| format!("migrating the job database to version {}", i + 1))?;
+        if i + 1 == envs_version() {
+            move_envs(&tx).context("moving environments into their own table")?;
+        }
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }
@@ -419,12 +515,57 @@ impl Store {
     /// The launch record (argv, working directory, environment...) of a job.
     pub fn launch_spec(&self, id: JobId) -> Result<LaunchSpec> {
         let conn = self.reader.lock().unwrap();
-        let text: String = conn
-            .prepare_cached(&format!("SELECT {SPEC_OF_JOB} FROM jobs WHERE id = ?1"))?
-            .query_row([id as i64], |r| r.get(0))
+        let (text, env): (String, Option<String>) = conn
+            .prepare_cached(SPEC_OF_JOB)?
+            .query_row([id as i64], |r| Ok((r.get(0)?, r.get(1)?)))
             .with_context(|| format!("job {id} has no launch record"))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("job {id}'s launch record is unreadable"))
+        let unreadable = || format!("job {id}'s launch record is unreadable");
+        let mut spec: LaunchSpec = serde_json::from_str(&text).with_context(unreadable)?;
+        if let Some(env) = env {
+            spec.env = serde_json::from_str(&env).with_context(unreadable)?;
+        }
+        Ok(spec)
+    }
+
+    /// Launch records of unfinished jobs: (job, owner, record's key (the job's id, or its job
+    /// array's), the record's size with its environment).
+    pub fn launch_charges(&self) -> Result<Vec<(JobId, u32, JobId, u64)>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT j.id, j.uid, COALESCE(json_extract(j.array, '$.job'), j.id),
+                    COALESCE(length(NULLIF(j.spec, '')), length(a.spec), 0)
+                      + COALESCE(length(e.env), 0)
+             FROM jobs j
+             LEFT JOIN array_specs a ON j.spec = '' AND a.array_id = json_extract(j.array, '$.job')
+             LEFT JOIN envs e ON e.id = COALESCE(j.env_id, a.env_id)
+             WHERE j.state IN ('PENDING', 'RUNNING')",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as JobId,
+                r.get::<_, u32>(1)?,
+                r.get::<_, i64>(2)? as JobId,
+                r.get::<_, i64>(3)? as u64,
+            ))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Every recorded job's owner and, once it finished, when it ended (for the log books).
+    pub fn log_owners(&self) -> Result<Vec<(JobId, u32, Option<Millis>)>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT id, uid, CASE WHEN state IN ('PENDING', 'RUNNING') THEN NULL
+                                  ELSE COALESCE(ended_at, 0) END FROM jobs",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as JobId,
+                r.get::<_, u32>(1)?,
+                r.get::<_, Option<i64>>(2)?.map(|t| t as Millis),
+            ))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     /// The job array task a recorded job is, if any.
@@ -683,16 +824,16 @@ fn insert_row(
     tx: &rusqlite::Transaction,
     id: JobId,
     r: &JobRequest,
-    spec: &str,
+    (spec, env_id): (&str, Option<i64>),
     submitted_at: Millis,
     attached: bool,
 ) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s, spec,
                            submitted_at, nice, no_requeue, max_restarts, warn_signal, warn_secs,
-                           attached, array)
+                           attached, array, env_id)
          VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                 ?16)",
+                 ?16, ?17)",
     )?
     .execute(params![
         id as i64,
@@ -711,6 +852,7 @@ fn insert_row(
         r.warn_signal.map(|w| w.secs_before as i64),
         attached,
         r.array.map(|a| serde_json::to_string(&a)).transpose()?,
+        env_id,
     ])?;
     Ok(())
 }
@@ -719,22 +861,28 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
     let tx = conn.transaction()?;
     for op in batch {
         match op {
-            Op::Insert(job, _) => insert_row(
-                &tx,
-                job.id,
-                &job.request,
-                &serde_json::to_string(&job.spec)?,
-                job.submitted_at,
-                job.attached,
-            )?,
+            Op::Insert(job, _) => {
+                let (spec, env) = stored_spec(&tx, &job.spec)?;
+                insert_row(
+                    &tx,
+                    job.id,
+                    &job.request,
+                    (&spec, env),
+                    job.submitted_at,
+                    job.attached,
+                )?
+            }
             Op::InsertArray(array, _) => {
                 let Some((first, _)) = array.tasks.first() else {
                     continue;
                 };
-                tx.prepare_cached("INSERT INTO array_specs (array_id, spec) VALUES (?1, ?2)")?
-                    .execute(params![*first as i64, serde_json::to_string(&array.spec)?])?;
+                let (spec, env) = stored_spec(&tx, &array.spec)?;
+                tx.prepare_cached(
+                    "INSERT INTO array_specs (array_id, spec, env_id) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![*first as i64, spec, env])?;
                 for (id, request) in &array.tasks {
-                    insert_row(&tx, *id, request, "", array.submitted_at, false)?;
+                    insert_row(&tx, *id, request, ("", None), array.submitted_at, false)?;
                 }
             }
             Op::Started { id, at, gpus, pid } => {
@@ -747,8 +895,16 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
             }
             Op::Ended(id, e) => {
                 tx.prepare_cached(
+                    // A finished job never runs again: its record keeps no environment and
+                    // at most 1 KiB of command (the program alone when longer).
                     "UPDATE jobs SET state = ?2, ended_at = ?3, exit_code = ?4, signal = ?5,
-                                     message = ?6
+                                     message = ?6, env_id = NULL,
+                                     spec = CASE
+                       WHEN spec = '' OR NOT json_valid(spec)
+                         OR length(json_extract(spec, '$.command')) <= 1024 THEN spec
+                       ELSE json_set(spec, '$.command',
+                              json_array(substr(json_extract(spec, '$.command[0]'), 1, 1024)))
+                       END
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -787,6 +943,13 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                         [],
                     )?;
                 }
+                // Environments of jobs that ended are no longer referred to.
+                tx.execute(
+                    "DELETE FROM envs WHERE
+                       NOT EXISTS (SELECT 1 FROM jobs WHERE env_id = envs.id)
+                       AND NOT EXISTS (SELECT 1 FROM array_specs WHERE env_id = envs.id)",
+                    [],
+                )?;
             }
         }
     }
@@ -980,6 +1143,180 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, MIGRATIONS.len());
+    }
+
+    fn count(store: &Store, sql: &str) -> i64 {
+        store
+            .reader
+            .lock()
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Each distinct environment is stored once; jobs (and job arrays) read theirs back; purging
+    /// the last job that uses one removes it.
+    #[tokio::test]
+    async fn each_distinct_environment_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let env = |v: &str| {
+            vec![
+                ("PATH".to_string(), "/bin".to_string()),
+                ("X".into(), v.into()),
+            ]
+        };
+        for (id, x) in [(1, "a"), (2, "a"), (3, "b"), (4, "a")] {
+            let mut j = job(id);
+            j.spec.env = env(x);
+            store.insert(j).await.unwrap().unwrap();
+        }
+        let mut array = job(0);
+        array.spec.env = env("b");
+        let task = |i| mgpu_core::ArrayTask {
+            job: 10,
+            task: i,
+            count: 2,
+            min: 0,
+            max: 1,
+            limit: None,
+        };
+        store
+            .insert_array(NewArray {
+                spec: array.spec.clone(),
+                submitted_at: 5,
+                tasks: (0..2)
+                    .map(|i| {
+                        let request = JobRequest {
+                            array: Some(task(i)),
+                            ..array.request.clone()
+                        };
+                        (10 + u64::from(i), request)
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        // An empty environment needs no row.
+        store.insert(job(5)).await.unwrap().unwrap();
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 2);
+        assert_eq!(
+            count(
+                &store,
+                "SELECT COUNT(*) FROM jobs WHERE spec LIKE '%\"X\"%'"
+            ),
+            0,
+            "launch records keep no environment of their own"
+        );
+        assert_eq!(store.launch_spec(2).unwrap().env, env("a"));
+        assert_eq!(store.launch_spec(3).unwrap().env, env("b"));
+        assert_eq!(store.launch_spec(11).unwrap().env, env("b"));
+        assert_eq!(store.launch_spec(11).unwrap().command, ["true"]);
+        assert!(store.launch_spec(5).unwrap().env.is_empty());
+        let end = |store: &Store, id| {
+            store.ended(
+                id,
+                Ending {
+                    state: JobState::Completed,
+                    at: 8,
+                    exit_code: Some(0),
+                    signal: None,
+                    message: None,
+                },
+            )
+        };
+        // "b" is still used by the array after job 3 goes; "a" after jobs 1 and 2.
+        for id in [1, 2, 3] {
+            end(&store, id);
+        }
+        assert_eq!(store.purge(100).await.unwrap(), [1, 2, 3]);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 2);
+        for id in [4, 10, 11] {
+            end(&store, id);
+        }
+        store.purge(100).await.unwrap();
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
+        assert!(store.launch_spec(5).unwrap().env.is_empty());
+    }
+
+    /// A finished job's record keeps no environment and at most 1 KiB of command.
+    #[tokio::test]
+    async fn finished_jobs_keep_no_launch_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let mut j = job(1);
+        j.spec.command = vec!["python".into(), "x".repeat(100_000)];
+        j.spec.env = vec![("X".into(), "y".repeat(100_000))];
+        store.insert(j).await.unwrap().unwrap();
+        store.ended(
+            1,
+            Ending {
+                state: JobState::Cancelled,
+                at: 8,
+                exit_code: None,
+                signal: None,
+                message: None,
+            },
+        );
+        store.flush().await;
+        assert_eq!(
+            count(&store, "SELECT length(spec) < 200 FROM jobs WHERE id = 1"),
+            1
+        );
+        assert_eq!(
+            count(&store, "SELECT COUNT(*) FROM jobs WHERE env_id IS NOT NULL"),
+            0
+        );
+        assert_eq!(store.launch_spec(1).unwrap().command, ["python"]);
+        store.purge(0).await.unwrap();
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
+    }
+
+    /// A database from before environments had their own table: its launch records give up
+    /// their environments, which read back the same.
+    #[test]
+    fn environments_of_an_older_database_move_to_their_own_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = |x: &str| {
+            format!(
+                r#"{{"command":["true"],"cwd":"/","env":[["PATH","/bin"],["X","{x}"]],"venv":"auto"}}"#
+            )
+        };
+        {
+            let mut conn = Connection::open(dir.path().join("mgpu.db")).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &MIGRATIONS[..envs_version() - 1] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", envs_version() - 1)
+                .unwrap();
+            for (id, x) in [(1, "a"), (2, "a"), (3, "b")] {
+                tx.execute(
+                    "INSERT INTO jobs (id, uid, user, name, state, gpus, spec, submitted_at)
+                     VALUES (?1, 1000, 'alice', 'old', 'PENDING', 1, ?2, 3)",
+                    params![id, spec(x)],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(rec.pending.len(), 3);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 2);
+        let x = |id| {
+            let env = store.launch_spec(id).unwrap().env;
+            assert_eq!(env[0], ("PATH".to_string(), "/bin".to_string()));
+            env[1].1.clone()
+        };
+        assert_eq!((x(1), x(2), x(3)), ("a".into(), "a".into(), "b".into()));
+        assert_eq!(
+            count(
+                &store,
+                "SELECT COUNT(*) FROM jobs WHERE json_array_length(spec, '$.env') > 0"
+            ),
+            0
+        );
     }
 
     #[test]

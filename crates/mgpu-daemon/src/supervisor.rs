@@ -89,6 +89,8 @@ pub enum SupervisorCmd {
     Stop { grace_ms: u64, reason: StopReason },
     /// Deliver a signal to the job's processes.
     Signal { signal: i32 },
+    /// Discard the job's further output (a log quota is used up), after `note` in the log.
+    StopLog { note: String },
 }
 
 /// How a run ended, written durably to `exit.json`.
@@ -270,6 +272,10 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         log,
         offset,
         log_budget: launch.max_log_bytes.unwrap_or(u64::MAX),
+        log_note: Some(match launch.log_note.as_str() {
+            "" => "\nmgpu: this job reached the server's log size limit; further output is discarded\n".into(),
+            n => n.to_string(),
+        }),
         conn: None,
         pgid: 0,
         stop: None,
@@ -394,6 +400,8 @@ struct Supervisor {
     offset: u64,
     /// Bytes this run may still add to the log.
     log_budget: u64,
+    /// Said in the log when the budget is used up; `None` once said (output is discarded).
+    log_note: Option<String>,
     /// The daemon's connection, when one is registered.
     conn: Option<Link>,
     pgid: i32,
@@ -514,17 +522,18 @@ impl Supervisor {
 
     /// Output of the job: into the log (within its budget) and to the daemon.
     fn output(&mut self, tag: u8, bytes: &[u8]) {
-        if self.log_budget == 0 {
+        let Some(note) = &self.log_note else {
             return; // over the limit: drained, not kept
-        }
+        };
         let keep = (bytes.len() as u64).min(self.log_budget) as usize;
         self.log_budget -= keep as u64;
         let mut data = Bytes::copy_from_slice(&bytes[..keep]);
         if self.log_budget == 0 {
-            let note = b"\nmgpu: this run reached the server's log size limit; further output is discarded\n";
+            // (Also when the run starts with nothing left: its first output says so.)
             let mut with_note = data.to_vec();
-            with_note.extend_from_slice(note);
+            with_note.extend_from_slice(note.as_bytes());
             data = Bytes::from(with_note);
+            self.log_note = None;
         }
         let _ = self.log.write_all(&data);
         self.offset += data.len() as u64;
@@ -570,6 +579,15 @@ impl Supervisor {
             SupervisorCmd::Signal { signal } => {
                 if let (true, Ok(sig)) = (self.pgid > 0, Signal::try_from(signal)) {
                     kill_all(self.pgid, sig);
+                }
+            }
+            SupervisorCmd::StopLog { note } => {
+                if self.log_note.take().is_some() {
+                    // Like a used-up budget, but now: the note, then nothing more.
+                    self.log_budget = 0;
+                    let _ = self.log.write_all(note.as_bytes());
+                    self.offset += note.len() as u64;
+                    self.send(&Frame::Stderr(Bytes::from(note)));
                 }
             }
         }
@@ -922,9 +940,11 @@ mod tests {
             switch_user: false,
             log_path: fresh.path().join("log"),
             max_log_bytes: None,
+            log_note: String::new(),
             launch_id: 7,
             array: None,
             pids_max: None,
+            rlimits: Vec::new(),
         };
         std::fs::write(
             fresh.path().join(LAUNCH_FILE),

@@ -332,3 +332,154 @@ fn the_whole_queue_is_bounded_across_users() {
     s.detached_as(&b, &["--", "true"]);
     assert_eq!(s.queue_json()["jobs"].as_array().unwrap().len(), 6);
 }
+
+/// Jobs get the resource limits a login of their user gets: the limits the server was started
+/// with, adjusted by limits.conf and limits.d as pam_limits would; not the server's own raised
+/// open-files limit.
+#[test]
+fn jobs_get_a_logins_resource_limits() {
+    let Some((a, b)) = test_users() else { return };
+    // The server inherits our limits: a soft open-files limit below the hard one, which the
+    // server raises for itself (the old code passed that on to every job).
+    let (soft, hard) = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur >= lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max - 1;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+        (lim.rlim_cur, lim.rlim_max)
+    };
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(
+        conf.path().join("limits.conf"),
+        format!(
+            "# as pam_limits reads it\n{} - nofile 1234\n* soft nproc 777\n",
+            a.name
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir(conf.path().join("limits.d")).unwrap();
+    std::fs::write(
+        conf.path().join("limits.d/90-mgpu-test.conf"),
+        "@mgpu-test-grp soft nproc 555\n",
+    )
+    .unwrap();
+    let dir = conf.path().to_str().unwrap();
+    let s = Server::start("1x24GiB", &["--limits-conf-dir", dir]);
+    let limits = |user| {
+        let out = s
+            .cmd_as(user, "mgpu_srun")
+            .args([
+                "--no-venv",
+                "--",
+                "bash",
+                "-c",
+                "echo $(ulimit -Sn) $(ulimit -Hn) $(ulimit -Su)",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    };
+    // Her own line, and her group's nproc line (a group line beats the wildcard).
+    assert_eq!(limits(&a), "1234 1234 555");
+    // The server's inherited open-files limits, not its raised ones; the wildcard's nproc.
+    let hard = if hard == libc::RLIM_INFINITY {
+        "unlimited".to_string()
+    } else {
+        hard.to_string()
+    };
+    assert_eq!(limits(&b), format!("{soft} {hard} 777"));
+}
+
+/// Log quotas: a user whose logs pass her quota loses her oldest logs of finished jobs first
+/// (their records stay, and mgpu_log says why), and her running job over the quota keeps running
+/// with its log truncated and a note that says so; another user's logs are untouched.
+#[test]
+fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start(
+        "1x24GiB",
+        &["--log-quota-per-user", "64K", "--log-quota", "1G"],
+    );
+    let chatty = |user, bytes: usize, then: &str| {
+        let script = format!("head -c {bytes} /dev/zero | tr '\\0' x; {then}");
+        let mut c = s.cmd_as(user, "mgpu_srun");
+        c.args(["-d", "--parsable", "--no-venv", "--", "bash", "-c", &script]);
+        let id = s.submit(c);
+        s.wait_gone(id);
+        id
+    };
+    let removed = |id: u64| s.log(id).contains("was removed to keep its owner within");
+    let b1 = chatty(&b, 50_000, "true");
+    let a1 = chatty(&a, 20_000, "true");
+    let a2 = chatty(&a, 20_000, "true");
+    let a3 = chatty(&a, 20_000, "true");
+    assert_eq!(s.log(a1).len(), 20_000, "within the quota nothing goes");
+    // 90,000 bytes: her two oldest logs go.
+    let a4 = chatty(&a, 30_000, "true");
+    wait_until(Duration::from_secs(10), || removed(a1) && removed(a2));
+    assert_eq!(s.log(a3).len(), 20_000);
+    assert_eq!(s.log(a4).len(), 30_000);
+    let own = s
+        .cmd_as(&a, "mgpu_log")
+        .arg(a1.to_string())
+        .output()
+        .unwrap();
+    assert!(text(&own.stdout).contains(&format!("mgpu_acct -j {a1}")));
+    assert_eq!(s.acct(a1)["state"], "COMPLETED", "the record stays");
+    // A job that alone passes the quota: the rest of her logs go, and it is truncated but
+    // runs on to its end.
+    let done = s.scratch.join("a5-ran-on");
+    let a5 = chatty(&a, 200_000, &format!("touch {}", done.display()));
+    assert_eq!(s.acct(a5)["state"], "COMPLETED");
+    assert!(
+        done.exists(),
+        "the job kept running after its log was truncated"
+    );
+    let log = s.log(a5);
+    assert!(
+        log.contains("its owner's log quota; further output is discarded"),
+        "{}",
+        &log[log.len().saturating_sub(300)..]
+    );
+    assert!(log.len() <= 64 * 1024 + 200, "{}", log.len());
+    wait_until(Duration::from_secs(10), || removed(a3) && removed(a4));
+    // The other user's log is whole.
+    assert_eq!(s.log(b1).len(), 50_000);
+    assert!(!removed(b1));
+}
+
+/// What one user's waiting jobs make the daemon store (commands, environments) is bounded per
+/// user; her jobs' ends release it, and another user is not affected.
+#[test]
+fn launch_data_is_bounded_per_user() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &["--max-launch-data-per-user", "100K"]);
+    let big = "x".repeat(30_000);
+    let submit = |user| {
+        s.cmd_as(user, "mgpu_srun")
+            .env("BIG", &big)
+            .args(["-d", "--parsable", "--no-venv", "--", "sleep", "300"])
+            .output()
+            .unwrap()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let out = submit(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        ids.push(text(&out.stdout).trim().to_string());
+    }
+    assert_fails_with(&submit(&a), "--max-launch-data-per-user");
+    // Her bound is hers alone.
+    let out = submit(&b);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Her jobs' ends release it.
+    let out = s.cmd_as(&a, "mgpu_cancel").args(&ids).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for id in &ids {
+        s.wait_gone(id.parse().unwrap());
+    }
+    assert!(submit(&a).status.success());
+}

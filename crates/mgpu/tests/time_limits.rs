@@ -258,3 +258,27 @@ fn a_job_runs_the_minimum_slice_before_it_is_switched() {
     });
     s.wait_state(waiting, "RUNNING");
 }
+
+/// The output kept per job counts all its runs: a run after a context switch continues its
+/// job's budget rather than getting a fresh one.
+#[test]
+fn a_requeued_run_continues_its_jobs_log_budget() {
+    let s = Server::start("1x24GiB", &["--max-log-size", "1", "--min-slice", "1"]);
+    let dir = s.scratch.display().to_string();
+    let chatty = format!(
+        "echo run-$MGPU_RESTART_COUNT >> {dir}/chatty; head -c 700000 /dev/zero | tr '\\0' x; sleep 30"
+    );
+    let long = s.detached(&["-t", "1", "--", "bash", "-c", &chatty]);
+    s.wait_state(long, "RUNNING");
+    let waiting = s.detached(&["--", "bash", "-c", "sleep 1"]);
+    wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(s.scratch.join("chatty")).unwrap_or_default() == "run-0\nrun-1\n"
+    });
+    s.wait_gone(waiting);
+    wait_until(Duration::from_secs(20), || {
+        s.log(long).contains("log size limit per job")
+    });
+    let log = s.log(long);
+    assert!(log.len() < (1 << 20) + 300, "{}", log.len());
+    assert!(log.contains("run 1"), "the second run wrote to the log too");
+}

@@ -187,7 +187,8 @@ pub async fn handle(
     }
     let now = now_ms();
     // Phase 1: refuse what can never run or would overfill the queue, and take an id.
-    let admission = match admit(daemon, &request, 1) {
+    let bytes = crate::logquota::launch_bytes(&spec);
+    let admission = match admit(daemon, &request, 1, bytes, false) {
         Ok(a) => a,
         Err(msg) => return send_error(conn, msg).await,
     };
@@ -262,9 +263,15 @@ pub async fn handle(
     follow(daemon, id, events, conn, Follower::Srun { caller }, None).await
 }
 
-/// Phase 1 of a submit: refuses what can never run or would overfill the queue, and takes `n`
-/// consecutive ids.
-fn admit(daemon: &Arc<Daemon>, request: &JobRequest, n: usize) -> Result<Admission, String> {
+/// Phase 1 of a submit: refuses what can never run or would overfill the queue (or the user's
+/// bound on stored launch records, charged `bytes`), and takes `n` consecutive ids.
+fn admit(
+    daemon: &Arc<Daemon>,
+    request: &JobRequest,
+    n: usize,
+    bytes: u64,
+    array: bool,
+) -> Result<Admission, String> {
     let mut inner = daemon.lock();
     if inner.shutting_down {
         return Err("the mgpu server is shutting down; try again shortly".to_string());
@@ -273,6 +280,17 @@ fn admit(daemon: &Arc<Daemon>, request: &JobRequest, n: usize) -> Result<Admissi
         return Err(format!("job refused: {e}"));
     }
     let first = inner.admit(&daemon.settings, request.uid, n)?;
+    let charged = (daemon.launches.lock().unwrap_or_else(|p| p.into_inner())).charge(
+        request.uid,
+        bytes,
+        first,
+        n as u32,
+        array,
+    );
+    if let Err(e) = charged {
+        inner.admitted(request.uid, n);
+        return Err(e);
+    }
     Ok(Admission {
         daemon: daemon.clone(),
         uid: request.uid,
@@ -304,6 +322,14 @@ impl Drop for Admission {
     fn drop(&mut self) {
         if self.open {
             self.daemon.lock().admitted(self.uid, self.n);
+            let mut launches = self
+                .daemon
+                .launches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for id in self.first..self.first + self.n as JobId {
+                launches.release(id);
+            }
         }
     }
 }
@@ -321,7 +347,8 @@ async fn submit_array(
 ) -> Result<()> {
     let now = now_ms();
     let count = indices.len() as u32;
-    let admission = match admit(daemon, &request, indices.len()) {
+    let bytes = crate::logquota::launch_bytes(&spec);
+    let admission = match admit(daemon, &request, indices.len(), bytes, true) {
         Ok(a) => a,
         Err(msg) => return send_error(conn, msg).await,
     };
@@ -394,6 +421,7 @@ async fn submit_array(
 /// checked before it was recorded) ends as FAILED, so that it is not restored at the next start.
 fn record_refused(daemon: &Daemon, id: JobId, e: &impl std::fmt::Display) {
     tracing::error!(job = id, error = %e, "accepted job refused by the core");
+    (daemon.launches.lock().unwrap_or_else(|p| p.into_inner())).release(id);
     daemon.store.ended(
         id,
         crate::store::Ending {

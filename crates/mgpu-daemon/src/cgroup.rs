@@ -609,6 +609,14 @@ fn is_writable_dir(p: &Path) -> bool {
     nix::unistd::access(p, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
+/// Makes a cgroup directory readable by the job (the daemon's umask is 0077): programs size
+/// themselves from their cgroup's limits (cpu.max, memory.max). Only when it is created here.
+fn create_readable_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,12 +626,4 @@ mod tests {
         let names: Vec<&str> = Controller::ALL.iter().map(|c| c.name()).collect();
         assert_eq!(names, ["pids", "memory", "cpu"]);
     }
-}
-
-/// Makes a cgroup directory readable by the job (the daemon's umask is 0077): programs size
-/// themselves from their cgroup's limits (cpu.max, memory.max). Only when it is created here.
-fn create_readable_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
 }

@@ -58,7 +58,9 @@ async fn send_log_as(
     };
     file.seek(SeekFrom::Start(from))?;
     let mut pos = from;
-    let mut buf = vec![0u8; CHUNK];
+    // No bigger than the range (an output event is often a line).
+    let size = to.map_or(CHUNK, |t| (t.saturating_sub(from) as usize).min(CHUNK));
+    let mut buf = vec![0u8; size];
     loop {
         let want = match to {
             Some(t) if t <= pos => break,

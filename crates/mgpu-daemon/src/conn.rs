@@ -139,8 +139,9 @@ pub struct Conn {
     frame_started: Option<Instant>,
     /// A write timed out or failed: the stream may hold half a frame, nothing more goes out.
     broken: bool,
-    /// ... because the client did not read in time (it may still be there).
-    timed_out: bool,
+    /// ... because the client did not read in time, or its user's budget was spent: the
+    /// client may still be there.
+    given_up: bool,
 }
 
 impl Conn {
@@ -154,13 +155,14 @@ impl Conn {
             charged: 0,
             frame_started: None,
             broken: false,
-            timed_out: false,
+            given_up: false,
         }
     }
 
-    /// Whether the connection was given up because the client did not read in time.
-    pub fn timed_out(&self) -> bool {
-        self.timed_out
+    /// Whether the server gave the connection up (the client did not read in time, or its
+    /// user's budget was spent) rather than the client going away.
+    pub fn given_up(&self) -> bool {
+        self.given_up
     }
 
     pub fn set_stage(&mut self, stage: Stage) {
@@ -179,6 +181,7 @@ impl Conn {
         let n = wire.len();
         if let Err(e) = self.shared.budget.adjust(self.uid, 0, n) {
             self.broken = true;
+            self.given_up = true;
             bail!("{e}");
         }
         let written = tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(&wire)).await;
@@ -191,7 +194,7 @@ impl Conn {
             }
             Err(_) => {
                 self.broken = true;
-                self.timed_out = true;
+                self.given_up = true;
                 Err(anyhow!(
                     "the client did not read its answer for {WRITE_TIMEOUT:?}: connection dropped"
                 ))

@@ -42,6 +42,11 @@ pub const EXIT_FILE: &str = "exit.json";
 pub const SOCKET_FILE: &str = "sock";
 /// How long output is still collected after every process of the job is gone.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// Bytes waiting for a daemon that does not read before its link is dropped (the output is in
+/// the log; the daemon links again and reads what it missed from there).
+const MAX_OUTBOX: usize = 1 << 20;
+/// How long the last messages of a run (its end) may take to reach the daemon.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Written just before the job is forked: without it, a run never started. It holds the path
 /// of the run's cgroup, when it has one.
 pub const FORKED_FILE: &str = "forked";
@@ -359,6 +364,7 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
             if let Some(conn) = initial {
                 sup.register(conn);
             }
+            sup.finish_link();
             sync_unheard(&mut sup, run_dir);
             return Ok(());
         }
@@ -367,6 +373,7 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
     write_exit(run_dir, &record)?;
     sup.exit = Some(record.clone());
     sup.send(&Frame::control(&SupervisorMsg::Exited(record)));
+    sup.finish_link();
     sync_unheard(&mut sup, run_dir);
     Ok(())
 }
@@ -413,9 +420,11 @@ struct Supervisor {
     kill_at: Option<Instant>,
 }
 
-/// The daemon's connection: commands arrive as control frames.
+/// The daemon's connection: commands arrive as control frames. Writes never block: what the
+/// daemon has not taken yet waits in `outbox` (bounded by [`MAX_OUTBOX`]).
 struct Link {
     stream: UnixStream,
+    outbox: Vec<u8>,
     inbox: BytesMut,
     /// Decodes frames across reads (it remembers a header whose body is still to come).
     codec: FrameCodec,
@@ -466,13 +475,67 @@ impl Link {
 }
 
 impl Supervisor {
-    /// Sends a frame to the daemon; a failed or slow connection is dropped (the daemon
-    /// reconnects and catches up from the log).
+    /// Sends a frame to the daemon without ever waiting for it: a failed connection, or one
+    /// with [`MAX_OUTBOX`] bytes the daemon has not taken, is dropped (the daemon links again
+    /// and catches up from the log).
     fn send(&mut self, frame: &Frame) {
         if let Some(link) = self.conn.as_mut() {
-            if write_frame(&mut link.stream, frame).is_err() {
+            let _ = write_frame(&mut link.outbox, frame);
+            self.flush_link();
+            if self
+                .conn
+                .as_ref()
+                .is_some_and(|l| l.outbox.len() > MAX_OUTBOX)
+            {
                 self.drop_link();
             }
+        }
+    }
+
+    /// Writes what the daemon's socket takes now.
+    fn flush_link(&mut self) {
+        let Some(link) = self.conn.as_mut() else {
+            return;
+        };
+        let mut sent = 0;
+        let mut failed = false;
+        while sent < link.outbox.len() {
+            match nix::sys::socket::send(
+                link.stream.as_raw_fd(),
+                &link.outbox[sent..],
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => sent += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        link.outbox.drain(..sent);
+        if failed {
+            self.drop_link();
+        }
+    }
+
+    /// The run is over: its last messages go out, waiting for the daemon a bounded time.
+    fn finish_link(&mut self) {
+        let deadline = Instant::now() + FINAL_WRITE_TIMEOUT;
+        loop {
+            let Some(link) = self.conn.as_ref() else {
+                return;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if link.outbox.is_empty() || left.is_zero() {
+                return;
+            }
+            let mut fds = [PollFd::new(link.stream.as_fd(), PollFlags::POLLOUT)];
+            let ms =
+                PollTimeout::try_from(left.as_millis().max(1) as i32).unwrap_or(PollTimeout::ZERO);
+            let _ = poll(&mut fds, ms);
+            self.flush_link();
         }
     }
 
@@ -492,9 +555,12 @@ impl Supervisor {
     /// Makes `stream` the daemon link: hello (with the log offset its data continues from),
     /// and the exit if it is already known.
     fn register(&mut self, stream: UnixStream) {
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
         self.conn = Some(Link {
             stream,
+            outbox: Vec::new(),
             inbox: BytesMut::new(),
             codec: FrameCodec::default(),
         });
@@ -663,7 +729,16 @@ fn run_job(
             let [s0, s1] = pipes.poll_slots(&mut fds);
             let s_sig = poll_slot(&mut fds, Some(sigchld.as_fd()));
             let s_acc = poll_slot(&mut fds, Some(listener.as_fd()));
-            let s_link = poll_slot(&mut fds, sup.conn.as_ref().map(|l| l.stream.as_fd()));
+            let s_link = sup.conn.as_ref().map(|l| {
+                // Writable too, while output waits for the daemon.
+                let out = if l.outbox.is_empty() {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::POLLOUT
+                };
+                fds.push(PollFd::new(l.stream.as_fd(), PollFlags::POLLIN | out));
+                fds.len() - 1
+            });
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -684,6 +759,7 @@ fn run_job(
         }
         if link_ready {
             sup.read_link();
+            sup.flush_link();
         }
         if sup.kill_at.is_some_and(|at| Instant::now() >= at) {
             sup.kill_at = None;

@@ -58,7 +58,9 @@ async fn send_log_as(
     };
     file.seek(SeekFrom::Start(from))?;
     let mut pos = from;
-    let mut buf = vec![0u8; CHUNK];
+    // No bigger than the range (an output event is often a line).
+    let size = to.map_or(CHUNK, |t| (t.saturating_sub(from) as usize).min(CHUNK));
+    let mut buf = vec![0u8; size];
     loop {
         let want = match to {
             Some(t) if t <= pos => break,
@@ -140,8 +142,8 @@ pub fn recorded_outcome(daemon: &Daemon, id: JobId) -> JobOutcome {
 /// Streams `id`'s events until it ends. `sent`: how far into the log the client already has
 /// the output (`None`: nothing of the coming run yet). An attached srun that cannot be reached
 /// any more (it died) has its job cancelled, as with Slurm; one that stopped reading for
-/// [`crate::conn::WRITE_TIMEOUT`] is dropped (it follows again from where it was once it reads:
-/// `mgpu_srun` re-attaches), and its job goes on.
+/// [`crate::conn::WRITE_TIMEOUT`] (or whose user's budget is spent) is dropped, and its job goes
+/// on (`mgpu_srun` re-attaches once it reads again, from where it was).
 pub async fn follow(
     daemon: &Arc<Daemon>,
     id: JobId,
@@ -152,7 +154,7 @@ pub async fn follow(
 ) -> Result<()> {
     let result = follow_until_end(daemon, id, events, conn, who, sent).await;
     if let (Err(e), Follower::Srun { caller }) = (&result, who) {
-        if conn.timed_out() {
+        if conn.given_up() {
             tracing::info!(job = id, error = %e, "dropped an attached client that does not read");
             return result;
         }

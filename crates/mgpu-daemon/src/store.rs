@@ -104,6 +104,10 @@ struct StoredSpec<'a> {
     env: [(); 0],
     venv: &'a mgpu_proto::Venv,
     umask: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_mem_mib: Option<u64>,
 }
 
 /// `spec` as stored, and the id of its environment's row (none for an empty environment).
@@ -114,6 +118,8 @@ fn stored_spec(tx: &rusqlite::Transaction, spec: &LaunchSpec) -> Result<(String,
         env: [],
         venv: &spec.venv,
         umask: spec.umask,
+        cpus: spec.cpus,
+        host_mem_mib: spec.host_mem_mib,
     })?;
     let env = if spec.env.is_empty() {
         None
@@ -990,6 +996,26 @@ mod tests {
             submitted_at: 5,
             attached: false,
         }
+    }
+
+    /// Everything a launch record holds comes back from the store: the job's limits too (they
+    /// are applied at each run, after a restart as well).
+    #[tokio::test]
+    async fn a_launch_record_keeps_the_jobs_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job(3);
+        j.spec.env = vec![("PATH".into(), "/bin".into())];
+        j.spec.cpus = Some(2);
+        j.spec.host_mem_mib = Some(256);
+        j.spec.umask = Some(0o22);
+        let spec = j.spec.clone();
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            store.insert(j).await.unwrap().unwrap();
+            assert_eq!(store.launch_spec(3).unwrap(), spec);
+        }
+        let (store, _) = Store::open(dir.path()).unwrap();
+        assert_eq!(store.launch_spec(3).unwrap(), spec);
     }
 
     /// A job array's tasks share one launch record; each keeps its index across a restart;

@@ -311,6 +311,14 @@ impl Daemon {
             max_log_bytes: self.settings.max_log_bytes,
             launch_id: new_launch_id(),
             array: job.request.array,
+            mem_mib: job.request.mem_mib,
+            gpu_total_mib: inner
+                .sched
+                .gpus()
+                .iter()
+                .filter(|g| a.gpus.contains(&g.spec.index))
+                .map(|g| g.spec.total_mib)
+                .max(),
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
@@ -519,12 +527,10 @@ impl Daemon {
         }
     }
 
-    /// Is `pid` part of a running job (its session)? For telling foreign GPU processes apart.
-    pub fn is_job_process(&self, pid: u32) -> bool {
-        let Some(sid) = session_of(pid) else {
-            return false;
-        };
-        self.lock().running.values().any(|r| r.pgid == sid)
+    /// The running jobs' processes, for telling foreign GPU processes apart.
+    pub fn job_processes(&self) -> crate::gpu::JobProcesses {
+        let leaders: Vec<i32> = self.lock().running.values().map(|r| r.pgid).collect();
+        crate::gpu::JobProcesses::new(leaders)
     }
 
     /// Stops serving. Running jobs keep running under their supervisors and are re-adopted by
@@ -808,12 +814,4 @@ async fn supervise_link(
             }
         }
     }
-}
-
-/// The session id of a process, from /proc.
-fn session_of(pid: u32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(3)?.parse().ok()
 }

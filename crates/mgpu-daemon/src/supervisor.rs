@@ -876,6 +876,8 @@ mod tests {
             max_log_bytes: None,
             launch_id: 7,
             array: None,
+            mem_mib: None,
+            gpu_total_mib: None,
         };
         std::fs::write(
             fresh.path().join(LAUNCH_FILE),

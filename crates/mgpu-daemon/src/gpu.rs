@@ -32,14 +32,44 @@ pub trait GpuBackend: Send {
     fn usage(&self, is_ours: &dyn Fn(u32) -> bool) -> Option<Vec<Usage>>;
 }
 
+/// A library the server (root) is to load must be as trustworthy as the server itself: owned
+/// by root or the server's user, and neither it nor its directory writable by anyone else
+/// (a sticky directory such as /tmp protects a file it holds). A bare name is looked up in the
+/// system's library path.
+fn check_library(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if path.parent().is_none_or(|d| d.as_os_str().is_empty()) {
+        return Ok(());
+    }
+    let path =
+        std::fs::canonicalize(path).with_context(|| format!("--nvml-lib {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |m: &std::fs::Metadata, sticky_ok: bool| {
+        (m.uid() == 0 || m.uid() == me)
+            && (m.mode() & 0o022 == 0 || (sticky_ok && m.mode() & 0o1000 != 0))
+    };
+    let file = std::fs::metadata(&path)?;
+    let dir = std::fs::metadata(path.parent().unwrap_or(Path::new("/")))?;
+    if !file.is_file() || !trusted(&file, false) || !trusted(&dir, true) {
+        bail!(
+            "--nvml-lib {}: the library and its directory must belong to root (or the server's \
+             user) and be writable by no one else",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// The processes of the running jobs, as one reading of GPU memory sees them: a process is a
 /// job's when the job's main process or its supervisor is among its ancestors, or it is in the
 /// job's session. Processes that left the job's session and process group (setsid, double
 /// fork) still count: they stay below the supervisor, which is the job's child subreaper.
 #[derive(Debug, Default)]
 pub struct JobProcesses {
-    /// Job leaders (each the id of its job's session and process group) and their supervisors.
-    roots: HashSet<i32>,
+    leaders: Vec<i32>,
+    /// Job leaders (each the id of its job's session and process group) and their supervisors,
+    /// found when first needed (a GPU with no process needs none of it).
+    roots: std::sync::OnceLock<HashSet<i32>>,
 }
 
 /// Deeper process trees than this are not followed (a bound on /proc reads per process).
@@ -48,14 +78,24 @@ const MAX_ANCESTRY: usize = 256;
 impl JobProcesses {
     /// From the running jobs' leaders (the supervisors are their parents).
     pub fn new(leaders: impl IntoIterator<Item = i32>) -> Self {
-        let mut roots = HashSet::new();
-        for leader in leaders.into_iter().filter(|&l| l > 1) {
-            roots.insert(leader);
-            if let Some(supervisor) = crate::supervisor::stat_field(leader, 1).filter(|&p| p > 1) {
-                roots.insert(supervisor);
-            }
+        JobProcesses {
+            leaders: leaders.into_iter().filter(|&l| l > 1).collect(),
+            roots: Default::default(),
         }
-        JobProcesses { roots }
+    }
+
+    fn roots(&self) -> &HashSet<i32> {
+        self.roots.get_or_init(|| {
+            let mut roots = HashSet::new();
+            for &leader in &self.leaders {
+                roots.insert(leader);
+                let supervisor = crate::supervisor::stat_field(leader, 1);
+                if let Some(supervisor) = supervisor.filter(|&p| p > 1) {
+                    roots.insert(supervisor);
+                }
+            }
+            roots
+        })
     }
 
     /// Is `pid` one of the jobs' processes?
@@ -63,17 +103,21 @@ impl JobProcesses {
         let Ok(mut pid) = i32::try_from(pid) else {
             return false;
         };
+        if self.leaders.is_empty() {
+            return false;
+        }
+        let roots = self.roots();
         for _ in 0..MAX_ANCESTRY {
-            if pid <= 1 || self.roots.is_empty() {
+            if pid <= 1 {
                 return false;
             }
-            if self.roots.contains(&pid) {
+            if roots.contains(&pid) {
                 return true;
             }
             let Some((ppid, session)) = parent_and_session(pid) else {
                 return false;
             };
-            if self.roots.contains(&session) {
+            if roots.contains(&session) {
                 return true;
             }
             pid = ppid;
@@ -194,6 +238,9 @@ impl Nvml {
     /// Loads NVML (from `lib`, else `libnvidia-ml.so.1`) and lists its GPUs (only `only`,
     /// when given). A GPU that cannot be read is left out with a warning: the others serve.
     pub fn open(only: Option<&HashSet<u32>>, lib: Option<&Path>) -> Result<Self> {
+        if let Some(path) = lib {
+            check_library(path)?;
+        }
         let nvml = match lib {
             Some(path) => nvml_wrapper::Nvml::builder()
                 .lib_path(path.as_os_str())
@@ -347,6 +394,38 @@ mod tests {
         let mut other = other;
         let _ = other.wait();
         let _ = leader.wait();
+    }
+
+    /// `--nvml-lib` loads only a library nobody but root (or the server's user) could have
+    /// written.
+    #[test]
+    fn nvml_lib_must_be_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libnvidia-ml.so.1");
+        std::fs::write(&lib, "").unwrap();
+        mode(&lib, 0o755);
+        check_library(&lib).unwrap();
+        check_library(Path::new("libnvidia-ml.so.1")).unwrap(); // the system's search path
+        mode(&lib, 0o666);
+        assert!(check_library(&lib).is_err(), "a world-writable library");
+        mode(&lib, 0o755);
+        mode(dir.path(), 0o777);
+        assert!(
+            check_library(&lib).is_err(),
+            "in a world-writable directory"
+        );
+        mode(dir.path(), 0o1777);
+        check_library(&lib).unwrap();
+        assert!(check_library(dir.path()).is_err(), "not a file");
+        assert!(check_library(&dir.path().join("missing.so")).is_err());
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&lib, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            assert!(check_library(&lib).is_err(), "another user's library");
+        }
     }
 
     #[test]

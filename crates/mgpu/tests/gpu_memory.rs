@@ -96,6 +96,15 @@ fn read_pid(path: &Path) -> u32 {
     pid
 }
 
+/// A process's parent and session.
+fn parent_and_session(pid: u32) -> (u32, u32) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    (f[1].parse().unwrap(), f[3].parse().unwrap())
+}
+
 #[test]
 fn the_daemon_reports_the_gpus_nvml_reports() {
     let fake = FakeGpus::new(
@@ -152,8 +161,9 @@ fn memory_used_outside_mgpu_holds_an_exclusive_job_until_it_is_freed() {
     s.wait_state(id, "RUNNING");
 }
 
-/// A job's processes are its own, also one that left the job's session (setsid): their memory
-/// is the job's, not foreign, and does not keep others off the GPU.
+/// A job's processes are its own, also one that left the job's session (setsid) and its
+/// process tree below the job's main process: their memory is the job's, not foreign, and does
+/// not keep others off the GPU.
 #[test]
 fn a_jobs_own_processes_are_not_foreign_even_after_setsid() {
     let fake = FakeGpus::new("gpu 0 24GiB\n");
@@ -165,13 +175,20 @@ fn a_jobs_own_processes_are_not_foreign_even_after_setsid() {
         "--",
         "sh",
         "-c",
+        // Its main process, and one that left its session and was orphaned (double fork).
         &format!(
-            "echo $$ > {dir}/main; setsid sh -c 'echo $$ > {dir}/escaped; exec sleep 300' & wait"
+            "echo $$ > {dir}/main; setsid sh -c 'sleep 300 & echo $! > {dir}/escaped'; \
+             exec sleep 300"
         ),
     ]);
     s.wait_state(first, "RUNNING");
     let main = read_pid(&s.scratch.join("main"));
     let escaped = read_pid(&s.scratch.join("escaped"));
+    let (ppid, session) = parent_and_session(escaped);
+    assert!(
+        ppid != main && session != main,
+        "not escaped: {ppid} {session}"
+    );
     // What the job uses beyond its reservation is not enforced here; what matters is that none
     // of it is taken for memory used outside mgpu (that would leave 24 - 4 - 18 < 4 GiB).
     fake.set(&format!(

@@ -82,6 +82,12 @@ pub struct Launch {
     /// privileges are dropped; empty: the supervisor's own.
     #[serde(default)]
     pub rlimits: Vec<crate::userlimits::Rlimit>,
+    /// Its GPU memory reservation on each GPU in MiB (`None`: exclusive GPUs), and the largest
+    /// total memory among its GPUs: the frameworks' memory settings are derived from them.
+    #[serde(default)]
+    pub mem_mib: Option<u64>,
+    #[serde(default)]
+    pub gpu_total_mib: Option<u64>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -233,6 +239,8 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ));
     }
     env.extend(set.into_iter().map(|(k, v)| (k.to_string(), v)));
+    env.retain(|(k, _)| k != "MGPU_GPU_MEM_MIB");
+    env.extend(framework_memory(launch.mem_mib, launch.gpu_total_mib, &env));
     if let Some(t) = launch.array {
         env.extend(
             [
@@ -246,6 +254,42 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         );
     }
     env
+}
+
+/// What keeps common frameworks inside a job's GPU memory reservation (`mem_mib` on each GPU,
+/// the largest of which has `total_mib`): the reservation itself for code that caps itself
+/// (PyTorch's `set_per_process_memory_fraction`), JAX's memory fraction (its default
+/// preallocates 75 % of the GPU), TensorFlow's on-demand growth (its default takes almost all).
+/// Variables the user's environment (`env`) sets are left as they are; exclusive jobs get none.
+fn framework_memory(
+    mem_mib: Option<u64>,
+    total_mib: Option<u64>,
+    env: &[(String, String)],
+) -> Vec<(String, String)> {
+    let Some(mem) = mem_mib else {
+        return Vec::new();
+    };
+    let mut out = vec![("MGPU_GPU_MEM_MIB", mem.to_string())];
+    // The fraction of the largest GPU, rounded down: on a smaller GPU it is even less.
+    let per_10k = total_mib
+        .filter(|&t| t > 0)
+        .map(|t| (u128::from(mem) * 10_000 / u128::from(t)).min(10_000) as u64);
+    match per_10k {
+        Some(f) if f > 0 => out.push((
+            "XLA_PYTHON_CLIENT_MEM_FRACTION",
+            format!("{}.{:04}", f / 10_000, f % 10_000)
+                .trim_end_matches('0')
+                .trim_end_matches('.')
+                .to_string(),
+        )),
+        // Too small a share to express: no preallocation at all.
+        _ => out.push(("XLA_PYTHON_CLIENT_PREALLOCATE", "false".into())),
+    }
+    out.push(("TF_FORCE_GPU_ALLOW_GROWTH", "true".into()));
+    out.into_iter()
+        .filter(|(k, _)| !env.iter().any(|(e, _)| e == k))
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -819,6 +863,8 @@ mod tests {
                 array: None,
                 pids_max: None,
                 rlimits: Vec::new(),
+                mem_mib: None,
+                gpu_total_mib: None,
             };
             let started = start_with(
                 &launch(&["sh", "-c", "echo out $MGPU_JOB_ID; echo err >&2; exit 3"]),
@@ -904,6 +950,8 @@ mod tests {
             array: None,
             pids_max: None,
             rlimits: Vec::new(),
+            mem_mib: None,
+            gpu_total_mib: None,
         };
         let env = environment(&launch, &acct);
         let get = |k: &str| {
@@ -918,6 +966,102 @@ mod tests {
         assert_eq!(get("HOME"), "/nonexistent/alice");
         // ~/venv is decided by the child: the default argv is the command itself.
         assert_eq!(argv(&launch, &acct), vec![std::ffi::OsString::from("x")]);
+    }
+
+    /// Jobs with `--mem` are told their reservation in the frameworks' own terms; what the
+    /// user set stays; exclusive jobs get none of it (not even an inherited MGPU_GPU_MEM_MIB).
+    #[test]
+    fn environment_keeps_frameworks_inside_the_reservation() {
+        let acct = account();
+        let env_of = |mem_mib, total, user_env: &[(&str, &str)]| {
+            let launch = Launch {
+                job: 7,
+                name: "n".into(),
+                uid: acct.uid,
+                account: None,
+                gpus: vec![0],
+                restarts: 0,
+                started_at: 0,
+                spec: LaunchSpec {
+                    command: vec!["x".into()],
+                    cwd: "/".into(),
+                    env: user_env
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    venv: Venv::Off,
+                    umask: None,
+                    ..Default::default()
+                },
+                switch_user: false,
+                log_path: "/dev/null".into(),
+                max_log_bytes: None,
+                log_note: String::new(),
+                launch_id: 1,
+                array: None,
+                pids_max: None,
+                rlimits: Vec::new(),
+                mem_mib,
+                gpu_total_mib: total,
+            };
+            let env = environment(&launch, &acct);
+            move |k: &str| {
+                let v: Vec<&String> = env.iter().filter(|(a, _)| a == k).map(|(_, v)| v).collect();
+                assert!(v.len() <= 1, "{k} set {} times", v.len());
+                v.first().map(|s| s.to_string())
+            }
+        };
+        let get = env_of(Some(10_240), Some(81_920), &[]);
+        assert_eq!(get("MGPU_GPU_MEM_MIB").as_deref(), Some("10240"));
+        assert_eq!(
+            get("XLA_PYTHON_CLIENT_MEM_FRACTION").as_deref(),
+            Some("0.125")
+        );
+        assert_eq!(get("XLA_PYTHON_CLIENT_PREALLOCATE"), None);
+        assert_eq!(get("TF_FORCE_GPU_ALLOW_GROWTH").as_deref(), Some("true"));
+        // Rounded down, never above the reservation; a whole GPU is 1.
+        let get = env_of(Some(20_000), Some(24_576), &[]);
+        assert_eq!(
+            get("XLA_PYTHON_CLIENT_MEM_FRACTION").as_deref(),
+            Some("0.8138")
+        );
+        let get = env_of(Some(24_576), Some(24_576), &[]);
+        assert_eq!(get("XLA_PYTHON_CLIENT_MEM_FRACTION").as_deref(), Some("1"));
+        // Too small a share for four decimals, or no total known: no preallocation.
+        for total in [Some(1 << 30), None] {
+            let get = env_of(Some(1), total, &[]);
+            assert_eq!(get("XLA_PYTHON_CLIENT_MEM_FRACTION"), None);
+            assert_eq!(
+                get("XLA_PYTHON_CLIENT_PREALLOCATE").as_deref(),
+                Some("false")
+            );
+        }
+        // The user's own settings win, except the reservation, which is mgpu's to say.
+        let get = env_of(
+            Some(10_240),
+            Some(81_920),
+            &[
+                ("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5"),
+                ("TF_FORCE_GPU_ALLOW_GROWTH", "false"),
+                ("MGPU_GPU_MEM_MIB", "99"),
+            ],
+        );
+        assert_eq!(
+            get("XLA_PYTHON_CLIENT_MEM_FRACTION").as_deref(),
+            Some("0.5")
+        );
+        assert_eq!(get("TF_FORCE_GPU_ALLOW_GROWTH").as_deref(), Some("false"));
+        assert_eq!(get("MGPU_GPU_MEM_MIB").as_deref(), Some("10240"));
+        // Exclusive: nothing, and an inherited reservation is dropped.
+        let get = env_of(None, Some(81_920), &[("MGPU_GPU_MEM_MIB", "99")]);
+        for k in [
+            "MGPU_GPU_MEM_MIB",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION",
+            "XLA_PYTHON_CLIENT_PREALLOCATE",
+            "TF_FORCE_GPU_ALLOW_GROWTH",
+        ] {
+            assert_eq!(get(k), None, "{k}");
+        }
     }
 
     #[test]
@@ -948,6 +1092,8 @@ mod tests {
             array: None,
             pids_max: None,
             rlimits: Vec::new(),
+            mem_mib: None,
+            gpu_total_mib: None,
         };
         let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));

@@ -3,17 +3,22 @@
 
 use std::collections::HashSet;
 
+use std::path::Path;
+
 use anyhow::{bail, Context, Result};
 use mgpu_core::GpuSpec;
+use nvml_wrapper::error::NvmlError;
 
 /// Memory use of one GPU as the driver sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Usage {
     pub index: u32,
     /// Total memory in use.
     pub used_mib: u64,
     /// Memory used by processes that are not mgpu jobs.
     pub foreign_mib: u64,
+    /// Why the GPU's figures could not be read (lost GPU, NVML error); the rest is then 0.
+    pub error: Option<String>,
 }
 
 /// A source of GPUs.
@@ -25,6 +30,110 @@ pub trait GpuBackend: Send {
     /// Current memory use; `is_ours(pid)` tells whether a process belongs to an mgpu job.
     /// `None` when the backend has nothing to report (simulated GPUs).
     fn usage(&self, is_ours: &dyn Fn(u32) -> bool) -> Option<Vec<Usage>>;
+}
+
+/// A library the server (root) is to load must be as trustworthy as the server itself: owned
+/// by root or the server's user, and neither it nor its directory writable by anyone else
+/// (a sticky directory such as /tmp protects a file it holds). A bare name is looked up in the
+/// system's library path.
+fn check_library(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if path.parent().is_none_or(|d| d.as_os_str().is_empty()) {
+        return Ok(());
+    }
+    let path =
+        std::fs::canonicalize(path).with_context(|| format!("--nvml-lib {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |m: &std::fs::Metadata, sticky_ok: bool| {
+        (m.uid() == 0 || m.uid() == me)
+            && (m.mode() & 0o022 == 0 || (sticky_ok && m.mode() & 0o1000 != 0))
+    };
+    let file = std::fs::metadata(&path)?;
+    let dir = std::fs::metadata(path.parent().unwrap_or(Path::new("/")))?;
+    if !file.is_file() || !trusted(&file, false) || !trusted(&dir, true) {
+        bail!(
+            "--nvml-lib {}: the library and its directory must belong to root (or the server's \
+             user) and be writable by no one else",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The processes of the running jobs, as one reading of GPU memory sees them: a process is a
+/// job's when the job's main process or its supervisor is among its ancestors, or it is in the
+/// job's session. Processes that left the job's session and process group (setsid, double
+/// fork) still count: they stay below the supervisor, which is the job's child subreaper.
+#[derive(Debug, Default)]
+pub struct JobProcesses {
+    leaders: Vec<i32>,
+    /// Job leaders (each the id of its job's session and process group) and their supervisors,
+    /// found when first needed (a GPU with no process needs none of it).
+    roots: std::sync::OnceLock<HashSet<i32>>,
+}
+
+/// Deeper process trees than this are not followed (a bound on /proc reads per process).
+const MAX_ANCESTRY: usize = 256;
+
+impl JobProcesses {
+    /// From the running jobs' leaders (the supervisors are their parents).
+    pub fn new(leaders: impl IntoIterator<Item = i32>) -> Self {
+        JobProcesses {
+            leaders: leaders.into_iter().filter(|&l| l > 1).collect(),
+            roots: Default::default(),
+        }
+    }
+
+    fn roots(&self) -> &HashSet<i32> {
+        self.roots.get_or_init(|| {
+            let mut roots = HashSet::new();
+            for &leader in &self.leaders {
+                roots.insert(leader);
+                let supervisor = crate::supervisor::stat_field(leader, 1);
+                if let Some(supervisor) = supervisor.filter(|&p| p > 1) {
+                    roots.insert(supervisor);
+                }
+            }
+            roots
+        })
+    }
+
+    /// Is `pid` one of the jobs' processes?
+    pub fn contains(&self, pid: u32) -> bool {
+        let Ok(mut pid) = i32::try_from(pid) else {
+            return false;
+        };
+        if self.leaders.is_empty() {
+            return false;
+        }
+        let roots = self.roots();
+        for _ in 0..MAX_ANCESTRY {
+            if pid <= 1 {
+                return false;
+            }
+            if roots.contains(&pid) {
+                return true;
+            }
+            let Some((ppid, session)) = parent_and_session(pid) else {
+                return false;
+            };
+            if roots.contains(&session) {
+                return true;
+            }
+            pid = ppid;
+        }
+        false
+    }
+}
+
+/// A process's parent and session, from /proc (one read).
+fn parent_and_session(pid: i32) -> Option<(i32, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let mut fields = stat[stat.rfind(')')? + 2..].split_whitespace();
+    let ppid = fields.nth(1)?.parse().ok()?;
+    let session = fields.nth(1)?.parse().ok()?;
+    Some((ppid, session))
 }
 
 /// Parses `4x24GiB` or `2x80GiB,2x24GiB` (units GiB/G/GB, MiB/M/MB; count optional).
@@ -126,29 +235,77 @@ pub struct Nvml {
 const MIB: u64 = 1024 * 1024;
 
 impl Nvml {
-    /// Loads NVML and lists its GPUs (only `only`, when given).
-    pub fn open(only: Option<&HashSet<u32>>) -> Result<Self> {
-        let nvml = nvml_wrapper::Nvml::init().context("cannot load NVML (libnvidia-ml.so)")?;
+    /// Loads NVML (from `lib`, else `libnvidia-ml.so.1`) and lists its GPUs (only `only`,
+    /// when given). A GPU that cannot be read is left out with a warning: the others serve.
+    pub fn open(only: Option<&HashSet<u32>>, lib: Option<&Path>) -> Result<Self> {
+        if let Some(path) = lib {
+            check_library(path)?;
+        }
+        let nvml = match lib {
+            Some(path) => nvml_wrapper::Nvml::builder()
+                .lib_path(path.as_os_str())
+                .init()
+                .with_context(|| format!("cannot load NVML from {}", path.display()))?,
+            None => nvml_wrapper::Nvml::init().context("cannot load NVML (libnvidia-ml.so)")?,
+        };
         let count = nvml.device_count().context("NVML: counting devices")?;
         let mut gpus = Vec::new();
         for index in 0..count {
             if only.is_some_and(|o| !o.contains(&index)) {
                 continue;
             }
-            let dev = nvml
-                .device_by_index(index)
-                .with_context(|| format!("NVML: opening GPU {index}"))?;
-            let name = dev.name().unwrap_or_else(|_| "NVIDIA GPU".into());
-            let mem = dev
-                .memory_info()
-                .with_context(|| format!("NVML: memory of GPU {index}"))?;
-            gpus.push(GpuSpec {
-                index,
-                name,
-                total_mib: mem.total / MIB,
+            let opened = nvml.device_by_index(index).and_then(|dev| {
+                let name = dev.name().unwrap_or_else(|_| "NVIDIA GPU".into());
+                Ok((name, dev.memory_info()?))
             });
+            match opened {
+                Ok((name, mem)) => gpus.push(GpuSpec {
+                    index,
+                    name,
+                    total_mib: mem.total / MIB,
+                }),
+                Err(e) => {
+                    tracing::warn!(gpu = index, error = %e, "NVML: cannot read GPU {index}; it is not managed")
+                }
+            }
+        }
+        if let Some(missing) =
+            only.and_then(|o| o.iter().find(|i| !gpus.iter().any(|g| g.index == **i)))
+        {
+            bail!("--gpus names GPU {missing}, which NVML cannot use");
         }
         Ok(Nvml { nvml, gpus })
+    }
+
+    /// One GPU's figures.
+    fn read(&self, index: u32, is_ours: &dyn Fn(u32) -> bool) -> Result<Usage, NvmlError> {
+        use nvml_wrapper::enums::device::UsedGpuMemory;
+        let dev = self.nvml.device_by_index(index)?;
+        let used_mib = dev.memory_info()?.used / MIB;
+        let mut foreign = 0;
+        // A driver that cannot list one kind of process (graphics, on some GPUs) has none.
+        let list = |r: Result<Vec<_>, NvmlError>| match r {
+            Err(NvmlError::NotSupported) => Ok(Vec::new()),
+            other => other,
+        };
+        let procs = list(dev.running_compute_processes())?
+            .into_iter()
+            .chain(list(dev.running_graphics_processes())?);
+        for p in procs {
+            if !is_ours(p.pid) {
+                foreign += match p.used_gpu_memory {
+                    UsedGpuMemory::Used(bytes) => bytes.div_ceil(MIB).max(1),
+                    // Unknown amount: still a foreign process, so the GPU is not free.
+                    UsedGpuMemory::Unavailable => 1,
+                };
+            }
+        }
+        Ok(Usage {
+            index,
+            used_mib,
+            foreign_mib: foreign,
+            error: None,
+        })
     }
 }
 
@@ -160,41 +317,116 @@ impl GpuBackend for Nvml {
         self.gpus.clone()
     }
     fn usage(&self, is_ours: &dyn Fn(u32) -> bool) -> Option<Vec<Usage>> {
-        use nvml_wrapper::enums::device::UsedGpuMemory;
-        let mut out = Vec::new();
-        for g in &self.gpus {
-            let Ok(dev) = self.nvml.device_by_index(g.index) else {
-                continue;
-            };
-            let used_mib = dev.memory_info().map(|m| m.used / MIB).unwrap_or(0);
-            let mut foreign = 0;
-            let procs = dev
-                .running_compute_processes()
-                .unwrap_or_default()
-                .into_iter()
-                .chain(dev.running_graphics_processes().unwrap_or_default());
-            for p in procs {
-                if !is_ours(p.pid) {
-                    foreign += match p.used_gpu_memory {
-                        UsedGpuMemory::Used(bytes) => bytes.div_ceil(MIB).max(1),
-                        // Unknown amount: still a foreign process, so the GPU is not free.
-                        UsedGpuMemory::Unavailable => 1,
-                    };
-                }
-            }
-            out.push(Usage {
+        let read = |g: &GpuSpec| {
+            self.read(g.index, is_ours).unwrap_or_else(|e| Usage {
                 index: g.index,
-                used_mib,
-                foreign_mib: foreign,
-            });
-        }
-        Some(out)
+                error: Some(e.to_string()),
+                ..Usage::default()
+            })
+        };
+        Some(self.gpus.iter().map(read).collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job's processes are found wherever they went: in its session, and below it or its
+    /// supervisor after leaving the session (setsid); other processes are foreign.
+    #[test]
+    fn job_processes_include_those_that_left_the_session() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        // The "job": a session leader (like a job's main process; this test plays its
+        // supervisor) with one child in its session and one that left it (setsid).
+        let mut leader = std::process::Command::new("sh");
+        leader.arg("-c").arg(format!(
+            "sleep 30 & echo $! > {p}.child; setsid sleep 30 & echo $! > {p}.escaped; wait",
+            p = pids.display()
+        ));
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            leader.pre_exec(|| {
+                nix::unistd::setsid()?;
+                Ok(())
+            });
+        }
+        let mut leader = leader.spawn().unwrap();
+        let read = |ext: &str| -> u32 {
+            let path = pids.with_extension(ext);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                if let Some(pid) = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                {
+                    return pid;
+                }
+                assert!(std::time::Instant::now() < deadline, "no {ext} pid");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+        let (child, escaped) = (read("child"), read("escaped"));
+        let other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let jobs = JobProcesses::new([leader.id() as i32]);
+        assert!(jobs.contains(leader.id()));
+        assert!(jobs.contains(child));
+        assert!(jobs.contains(escaped), "a process that called setsid");
+        // This process is the leader's parent (its "supervisor"): its other children count as
+        // the job's too, which is right for a real supervisor (it starts nothing else).
+        assert!(jobs.contains(other.id()));
+        // Processes elsewhere do not.
+        assert!(!jobs.contains(1));
+        assert!(!jobs.contains(std::os::unix::process::parent_id()));
+        assert!(!JobProcesses::new([]).contains(child));
+        assert!(!jobs.contains(u32::MAX));
+        for pid in [child, escaped, other.id()] {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let mut other = other;
+        let _ = other.wait();
+        let _ = leader.wait();
+    }
+
+    /// `--nvml-lib` loads only a library nobody but root (or the server's user) could have
+    /// written.
+    #[test]
+    fn nvml_lib_must_be_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libnvidia-ml.so.1");
+        std::fs::write(&lib, "").unwrap();
+        mode(&lib, 0o755);
+        check_library(&lib).unwrap();
+        check_library(Path::new("libnvidia-ml.so.1")).unwrap(); // the system's search path
+        mode(&lib, 0o666);
+        assert!(check_library(&lib).is_err(), "a world-writable library");
+        mode(&lib, 0o755);
+        mode(dir.path(), 0o777);
+        assert!(
+            check_library(&lib).is_err(),
+            "in a world-writable directory"
+        );
+        mode(dir.path(), 0o1777);
+        check_library(&lib).unwrap();
+        assert!(check_library(dir.path()).is_err(), "not a file");
+        assert!(check_library(&dir.path().join("missing.so")).is_err());
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&lib, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            assert!(check_library(&lib).is_err(), "another user's library");
+        }
+    }
 
     #[test]
     fn sim_specs() {

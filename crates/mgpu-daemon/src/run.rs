@@ -1,6 +1,6 @@
 //! Command line, startup (directories, store recovery, GPUs, socket) and shutdown.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -52,6 +52,10 @@ pub struct Args {
     /// Use simulated GPUs instead of NVML, e.g. 4x24GiB or 2x80GiB,2x24GiB
     #[arg(long, value_name = "SPEC")]
     pub simulate_gpus: Option<String>,
+    /// Load NVML from this library instead of libnvidia-ml.so.1 (e.g. a driver installed
+    /// elsewhere, or the test suite's fake NVML)
+    #[arg(long, value_name = "PATH", conflicts_with = "simulate_gpus")]
+    pub nvml_lib: Option<PathBuf>,
     /// Manage only these GPU indices, e.g. 0,2
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub gpus: Option<Vec<u32>>,
@@ -260,7 +264,7 @@ fn gpu_backend(args: &Args) -> Result<Box<dyn GpuBackend>> {
         }
         return Ok(Box::new(sim));
     }
-    match gpu::Nvml::open(only.as_ref()) {
+    match gpu::Nvml::open(only.as_ref(), args.nvml_lib.as_deref()) {
         Ok(n) => {
             if n.gpus().is_empty() {
                 bail!("NVML found no GPUs to manage; use --simulate-gpus 4x24GiB to run on simulated GPUs");
@@ -725,13 +729,24 @@ const NVML_POLL: Duration = Duration::from_millis(500);
 /// of the scheduler's reach. A timer here is about the hardware, not scheduling: the scheduler
 /// reacts to what changes.
 async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>) {
+    let totals: HashMap<u32, u64> = backend
+        .gpus()
+        .iter()
+        .map(|g| (g.index, g.total_mib))
+        .collect();
     let backend = Arc::new(std::sync::Mutex::new(backend));
+    // GPUs whose figures cannot be read now, with the error (logged when it starts and ends).
+    let mut failing: HashMap<u32, String> = HashMap::new();
     loop {
         let d = daemon.clone();
         let b = backend.clone();
         let usage = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let usage = b.lock().unwrap().usage(&|pid| d.is_job_process(pid));
+            let jobs = d.job_processes();
+            let usage = b
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .usage(&|pid| jobs.contains(pid));
             if usage.is_some() {
                 tracing::debug!("NVML usage read in {} µs", started.elapsed().as_micros());
             }
@@ -746,8 +761,29 @@ async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>) {
         {
             let mut inner = daemon.lock();
             for u in usage {
-                inner.gpu_used.insert(u.index, u.used_mib);
-                inner.sched.set_foreign_usage(u.index, u.foreign_mib);
+                let total = totals.get(&u.index).copied().unwrap_or(0);
+                match &u.error {
+                    Some(e) => {
+                        if failing.get(&u.index) != Some(e) {
+                            tracing::error!(
+                                gpu = u.index,
+                                error = %e,
+                                "NVML cannot read GPU {}; no new jobs go to it until it can",
+                                u.index
+                            );
+                            failing.insert(u.index, e.clone());
+                        }
+                        // Its memory is unknown: none of it counts as free.
+                        inner.sched.set_foreign_usage(u.index, total);
+                    }
+                    None => {
+                        if failing.remove(&u.index).is_some() {
+                            tracing::info!(gpu = u.index, "NVML reads GPU {} again", u.index);
+                        }
+                        inner.gpu_used.insert(u.index, u.used_mib);
+                        inner.sched.set_foreign_usage(u.index, u.foreign_mib);
+                    }
+                }
             }
             daemon.schedule(&mut inner);
         }

@@ -343,6 +343,14 @@ impl Daemon {
             array: job.request.array,
             pids_max: self.settings.job_limits.pids_max,
             rlimits: Vec::new(),
+            mem_mib: job.request.mem_mib,
+            gpu_total_mib: inner
+                .sched
+                .gpus()
+                .iter()
+                .filter(|g| a.gpus.contains(&g.spec.index))
+                .map(|g| g.spec.total_mib)
+                .max(),
         };
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
@@ -600,12 +608,10 @@ impl Daemon {
         tokio::task::spawn_blocking(move || supervisor::kill_run_cgroup(&run_dir));
     }
 
-    /// Is `pid` part of a running job (its session)? For telling foreign GPU processes apart.
-    pub fn is_job_process(&self, pid: u32) -> bool {
-        let Some(sid) = session_of(pid) else {
-            return false;
-        };
-        self.lock().running.values().any(|r| r.pgid == sid)
+    /// The running jobs' processes, for telling foreign GPU processes apart.
+    pub fn job_processes(&self) -> crate::gpu::JobProcesses {
+        let leaders: Vec<i32> = self.lock().running.values().map(|r| r.pgid).collect();
+        crate::gpu::JobProcesses::new(leaders)
     }
 
     /// Stops serving. Running jobs keep running under their supervisors and are re-adopted by
@@ -993,12 +999,4 @@ async fn send_cmd(
             false
         }
     }
-}
-
-/// The session id of a process, from /proc.
-fn session_of(pid: u32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(3)?.parse().ok()
 }

@@ -1021,6 +1021,8 @@ mod tests {
             array: None,
             pids_max: None,
             rlimits: Vec::new(),
+            mem_mib: None,
+            gpu_total_mib: None,
         };
         std::fs::write(
             fresh.path().join(LAUNCH_FILE),

@@ -153,6 +153,8 @@ pub struct Server {
     pub scratch: PathBuf,
     gpus: String,
     extra: Vec<String>,
+    /// Extra environment of the server process.
+    env: Vec<(String, std::ffi::OsString)>,
     child: Option<Child>,
     pub stderr_path: PathBuf,
 }
@@ -160,6 +162,12 @@ pub struct Server {
 impl Server {
     /// A server with simulated GPUs (`2x24GiB` and a 2 s grace period unless overridden).
     pub fn start(gpus: &str, extra: &[&str]) -> Server {
+        Self::start_with_env(gpus, extra, &[])
+    }
+
+    /// The same, with extra environment for the server (with `--nvml-lib` in `extra`, `gpus`
+    /// is not used: NVML says what GPUs there are).
+    pub fn start_with_env(gpus: &str, extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Server {
         let tmp = tempfile::Builder::new()
             .prefix("mgpu-test-")
             .tempdir()
@@ -179,6 +187,7 @@ impl Server {
             _tmp: tmp,
             gpus: gpus.into(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.into())).collect(),
             child: None,
         };
         s.launch();
@@ -192,9 +201,11 @@ impl Server {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--log-dir")
-            .arg(&self.log_dir)
-            .arg("--simulate-gpus")
-            .arg(&self.gpus);
+            .arg(&self.log_dir);
+        if !self.extra.iter().any(|e| e == "--nvml-lib") {
+            c.arg("--simulate-gpus").arg(&self.gpus);
+        }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         if !self.extra.iter().any(|e| e == "--grace-period") {
             c.args(["--grace-period", "2"]);
         }

@@ -482,3 +482,57 @@ fn launch_data_is_bounded_per_user() {
     }
     assert!(submit(&a).status.success());
 }
+
+/// Two running jobs of one user that together pass her log quota (each within the budget it
+/// started with): the daemon truncates the one whose log passed it; it runs on, and what it
+/// writes afterwards is discarded.
+#[test]
+fn log_quota_truncates_a_running_job_when_her_running_jobs_pass_it_together() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("2x24GiB", &["--log-quota-per-user", "64K"]);
+    let dir = s.scratch.display().to_string();
+    let wait_for = |f: &str| format!("while [ ! -e {dir}/{f} ]; do sleep 0.05; done");
+    // Both start (each with the whole quota as its budget), write 40,000 bytes, and once the
+    // test has seen the daemon react, 40,000 more.
+    let script = |n: u32| {
+        format!(
+            "touch {dir}/started-{n}; {}; {}; head -c 40000 /dev/zero | tr '\\0' x; {}; \
+             head -c 40000 /dev/zero | tr '\\0' y; touch {dir}/done-{n}; {}",
+            wait_for("started-1"),
+            wait_for("started-2"),
+            wait_for("go"),
+            wait_for("end"),
+        )
+    };
+    let ids: Vec<u64> = [1, 2]
+        .map(|n| s.detached_as(&a, &["--no-venv", "--", "bash", "-c", &script(n)]))
+        .to_vec();
+    let note = "its owner's log quota; further output is discarded";
+    let mut first = 0;
+    wait_until(Duration::from_secs(30), || {
+        first = ids
+            .iter()
+            .copied()
+            .find(|id| s.log(*id).contains(note))
+            .unwrap_or(0);
+        first != 0
+    });
+    std::fs::write(s.scratch.join("go"), "").unwrap();
+    // Both wrote all they had and still run (no finished log yet that could go instead); the
+    // other one, growing on past the quota, is truncated too.
+    wait_until(Duration::from_secs(30), || {
+        s.scratch.join("done-1").exists()
+            && s.scratch.join("done-2").exists()
+            && ids.iter().all(|id| s.log(*id).contains(note))
+    });
+    // Each started with a budget larger than all it writes: only the daemon, seeing both logs
+    // grow, truncated them; what the first wrote after its note was discarded.
+    let log = s.log(first);
+    assert!(!log.contains('y'), "{}", log.len());
+    assert!(log.trim_end().ends_with("(the job keeps running)"));
+    std::fs::write(s.scratch.join("end"), "").unwrap();
+    for id in &ids {
+        s.wait_gone(*id);
+        assert_eq!(s.acct(*id)["state"], "COMPLETED");
+    }
+}

@@ -398,11 +398,11 @@ fn jobs_get_a_logins_resource_limits() {
 #[test]
 fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
     let Some((a, b)) = test_users() else { return };
-    let s = Server::start(
+    let mut s = Server::start(
         "1x24GiB",
         &["--log-quota-per-user", "64K", "--log-quota", "1G"],
     );
-    let chatty = |user, bytes: usize, then: &str| {
+    let chatty = |s: &Server, user, bytes: usize, then: &str| {
         let script = format!("head -c {bytes} /dev/zero | tr '\\0' x; {then}");
         let mut c = s.cmd_as(user, "mgpu_srun");
         c.args(["-d", "--parsable", "--no-venv", "--", "bash", "-c", &script]);
@@ -410,15 +410,19 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
         s.wait_gone(id);
         id
     };
-    let removed = |id: u64| s.log(id).contains("was removed to keep its owner within");
-    let b1 = chatty(&b, 50_000, "true");
-    let a1 = chatty(&a, 20_000, "true");
-    let a2 = chatty(&a, 20_000, "true");
-    let a3 = chatty(&a, 20_000, "true");
+    let removed = |s: &Server, id: u64| s.log(id).contains("was removed to keep its owner within");
+    let b1 = chatty(&s, &b, 50_000, "true");
+    let a1 = chatty(&s, &a, 20_000, "true");
+    let a2 = chatty(&s, &a, 20_000, "true");
+    let a3 = chatty(&s, &a, 20_000, "true");
     assert_eq!(s.log(a1).len(), 20_000, "within the quota nothing goes");
+    // The books are rebuilt from the records and the logs at start-up.
+    s.restart();
     // 90,000 bytes: her two oldest logs go.
-    let a4 = chatty(&a, 30_000, "true");
-    wait_until(Duration::from_secs(10), || removed(a1) && removed(a2));
+    let a4 = chatty(&s, &a, 30_000, "true");
+    wait_until(Duration::from_secs(10), || {
+        removed(&s, a1) && removed(&s, a2)
+    });
     assert_eq!(s.log(a3).len(), 20_000);
     assert_eq!(s.log(a4).len(), 30_000);
     let own = s
@@ -431,7 +435,7 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
     // A job that alone passes the quota: the rest of her logs go, and it is truncated but
     // runs on to its end.
     let done = s.scratch.join("a5-ran-on");
-    let a5 = chatty(&a, 200_000, &format!("touch {}", done.display()));
+    let a5 = chatty(&s, &a, 200_000, &format!("touch {}", done.display()));
     assert_eq!(s.acct(a5)["state"], "COMPLETED");
     assert!(
         done.exists(),
@@ -444,10 +448,12 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
         &log[log.len().saturating_sub(300)..]
     );
     assert!(log.len() <= 64 * 1024 + 200, "{}", log.len());
-    wait_until(Duration::from_secs(10), || removed(a3) && removed(a4));
+    wait_until(Duration::from_secs(10), || {
+        removed(&s, a3) && removed(&s, a4)
+    });
     // The other user's log is whole.
     assert_eq!(s.log(b1).len(), 50_000);
-    assert!(!removed(b1));
+    assert!(!removed(&s, b1));
 }
 
 /// What one user's waiting jobs make the daemon store (commands, environments) is bounded per

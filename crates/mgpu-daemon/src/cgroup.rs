@@ -615,6 +615,36 @@ fn is_writable_dir(p: &Path) -> bool {
 mod tests {
     use super::*;
 
+    /// Defaults apply when a job asks for nothing; requests over a cap, zero requests and
+    /// defaults over their caps are refused with the flag named.
+    #[test]
+    fn limit_settings_apply_defaults_and_caps() {
+        let settings = LimitSettings {
+            pids_max: Some(4096),
+            default_cpus: Some(2),
+            max_cpus: Some(8),
+            default_host_mem_mib: Some(1024),
+            max_host_mem_mib: Some(4096),
+        };
+        assert_eq!(settings.check(), Ok(()));
+        assert_eq!(settings.resolve(None, None), Ok((Some(2), Some(1024))));
+        let err = |r: Result<_, String>| r.unwrap_err();
+        assert!(err(settings.resolve(Some(9), None)).contains("--max-cpus"));
+        assert!(err(settings.resolve(None, Some(4097))).contains("--max-host-mem"));
+        assert!(err(settings.resolve(Some(0), None)).contains("at least 1"));
+        assert!(err(settings.resolve(None, Some(0))).contains("at least 1"));
+        let bad = LimitSettings {
+            default_cpus: Some(9),
+            ..settings.clone()
+        };
+        assert!(bad.check().unwrap_err().contains("--default-cpus 9"));
+        let bad = LimitSettings {
+            default_host_mem_mib: Some(5000),
+            ..settings
+        };
+        assert!(bad.check().unwrap_err().contains("--default-host-mem"));
+    }
+
     #[test]
     fn controllers_have_their_kernel_names() {
         let names: Vec<&str> = Controller::ALL.iter().map(|c| c.name()).collect();

@@ -152,21 +152,32 @@ pub fn jobs_base() -> Option<&'static Path> {
     layout().v2.as_deref()
 }
 
+/// The controllers of ours enabled for the children of `dir`.
+fn handed_down(dir: &Path) -> Vec<Controller> {
+    let enabled = read_words(&dir.join("cgroup.subtree_control"));
+    Controller::ALL
+        .into_iter()
+        .filter(|c| enabled.iter().any(|w| w == c.name()))
+        .collect()
+}
+
 fn find_layout() -> Layout {
     let mut layout = Layout::default();
-    let v2_own = v2_own_dir();
-    if let Some(own) = v2_own.as_ref().filter(|d| is_writable_dir(d)) {
-        let base = own.join(JOBS);
-        let enabled = read_words(&base.join("cgroup.subtree_control"));
-        layout.v2_controllers = Controller::ALL
-            .into_iter()
-            .filter(|c| enabled.iter().any(|w| w == c.name()))
-            .collect();
+    let v2 = v2_dirs();
+    if let Some((mount, own)) = v2.as_ref().filter(|(_, own)| is_writable_dir(own)) {
+        let mut base = own.join(JOBS);
+        // Where our own cgroup could not hand controllers down (other processes in it), the
+        // daemon set up `mgpu-jobs` under the root cgroup instead (see `setup`).
+        let root_base = mount.join(JOBS);
+        if root_base != base && handed_down(&root_base).len() > handed_down(&base).len() {
+            base = root_base;
+        }
+        layout.v2_controllers = handed_down(&base);
         layout.v2 = Some(base);
     }
     // A controller offered on v2 is not on v1 (a controller lives in one hierarchy only).
-    let on_v2 = v2_own
-        .map(|d| read_words(&d.join("cgroup.controllers")))
+    let on_v2 = v2
+        .map(|(mount, _)| read_words(&mount.join("cgroup.controllers")))
         .unwrap_or_default();
     for c in Controller::ALL {
         if on_v2.iter().any(|w| w == c.name()) {
@@ -228,11 +239,13 @@ fn own_dir(mount: &Path, root: &str, matches: impl Fn(&str) -> bool) -> Option<P
     Some(mount.join(path.trim_end_matches('/')))
 }
 
-fn v2_own_dir() -> Option<PathBuf> {
+/// The cgroup v2 mount point and our own cgroup under it.
+fn v2_dirs() -> Option<(PathBuf, PathBuf)> {
     let (mount, root, _, _) = cgroup_mounts()
         .into_iter()
         .find(|(_, _, t, _)| t == "cgroup2")?;
-    own_dir(&mount, &root, |c| c.is_empty())
+    let own = own_dir(&mount, &root, |c| c.is_empty())?;
+    Some((mount, own))
 }
 
 fn v1_own_dir(c: Controller) -> Option<PathBuf> {
@@ -249,8 +262,9 @@ fn v1_own_dir(c: Controller) -> Option<PathBuf> {
 /// its cgroup when that cgroup holds processes), and creates the `mgpu-jobs` directories.
 /// Returns the limits that cannot be enforced here, for a warning.
 pub fn setup() -> Vec<Controller> {
-    if let Some(own) = v2_own_dir().filter(|d| is_writable_dir(d)) {
-        let offered = read_words(&own.join("cgroup.controllers"));
+    if let Some((mount, own)) = v2_dirs().filter(|(_, own)| is_writable_dir(own)) {
+        // The controllers on cgroup v2 at all (the root cgroup offers them all).
+        let offered = read_words(&mount.join("cgroup.controllers"));
         let wanted: Vec<Controller> = Controller::ALL
             .into_iter()
             .filter(|c| offered.iter().any(|w| w == c.name()))
@@ -276,11 +290,22 @@ pub fn setup() -> Vec<Controller> {
                 _ => {}
             }
         }
-        let base = own.join(JOBS);
+        // Where our cgroup still cannot hand them down (it holds other processes than ours),
+        // job cgroups go under the root cgroup, which may hold processes and hand down
+        // controllers alike.
+        let mut parent = own.clone();
+        if own != mount && handed_down(&own).len() < wanted.len() && is_writable_dir(&mount) {
+            for &c in &wanted {
+                let _ = enable(&mount, c);
+            }
+            if handed_down(&mount).len() > handed_down(&own).len() {
+                parent = mount.clone();
+            }
+        }
+        let base = parent.join(JOBS);
         let _ = std::fs::create_dir(&base);
-        let handed = read_words(&own.join("cgroup.subtree_control"));
-        for &c in &wanted {
-            if handed.iter().any(|w| w == c.name()) {
+        for c in handed_down(&parent) {
+            if wanted.contains(&c) {
                 let _ = enable(&base, c);
             }
         }

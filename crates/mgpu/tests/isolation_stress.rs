@@ -92,11 +92,12 @@ fn one_user_floods_while_another_works() {
             "while :; do head -c 65536 /dev/zero | tr '\\0' x; sleep 0.01; done",
         ],
     );
-    // A fork bomb, bounded by its cgroup's pids.max. Where this machine has no pids
+    // A fork bomb, bounded by its cgroup's pids.max (its leader just sleeps: a bash that
+    // cannot fork gives up and exits, which would end the job). Where this machine has no pids
     // controller (the server says so at start), a bounded flood of 300 processes instead.
     let bounded = mgpu_daemon::cgroup::layout().enforces(mgpu_daemon::cgroup::Controller::Pids);
     let bomb_script = if bounded {
-        "f() { while :; do f & sleep 0.1; done; }; f"
+        "f() { while :; do f & sleep 0.1; done; }; f & exec sleep 600"
     } else {
         eprintln!("no pids cgroup controller here: a bounded process flood instead of a fork bomb");
         "for i in $(seq 300); do sleep 600 & done; wait"

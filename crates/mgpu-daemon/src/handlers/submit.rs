@@ -22,6 +22,9 @@ const MAX_ARGV_BYTES: usize = 1 << 20;
 const MAX_ENV_BYTES: usize = 1 << 20;
 /// Longest working directory or venv path (the kernel's PATH_MAX).
 const MAX_PATH: usize = 4096;
+/// Longest time limit a job may ask for (and warning lead time): a year. Longer is a typo, and
+/// times far beyond it would overflow the scheduler's clock arithmetic.
+const MAX_TIME_LIMIT_S: u64 = 366 * 24 * 3600;
 
 fn default_name(command: &str) -> String {
     command.rsplit('/').next().unwrap_or(command).to_string()
@@ -96,6 +99,14 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
     }
     if name.is_empty() || name.chars().count() > MAX_NAME {
         return Err(format!("invalid job name: 1 to {MAX_NAME} characters"));
+    }
+    if req.time_limit_s.is_some_and(|t| t > MAX_TIME_LIMIT_S) {
+        return Err(format!(
+            "time limit too long: at most 366 days ({MAX_TIME_LIMIT_S} s); 0 means no limit"
+        ));
+    }
+    if req.signal.is_some_and(|w| w.secs_before > MAX_TIME_LIMIT_S) {
+        return Err("--signal: the warning may come at most 366 days before the limit".into());
     }
     if let Some(indices) = &req.array {
         if req.attach {
@@ -454,6 +465,45 @@ mod tests {
         }
         for c in ['a', 'é', '中', '-', ' ', '\u{2010}', '\u{2070}', '😀'] {
             assert!(!super::is_invisible(c), "U+{:04X}", c as u32);
+        }
+    }
+
+    /// Found by fuzzing: a time limit near u64::MAX overflowed the core's deadline arithmetic
+    /// (a panic in debug builds, a deadline in the past in release ones). It is refused.
+    #[test]
+    fn absurd_time_limits_are_refused() {
+        let req = |t: Option<u64>, warn: Option<u64>| mgpu_proto::SubmitRequest {
+            name: None,
+            gpus: 1,
+            mem_mib: None,
+            time_limit_s: t,
+            command: vec!["true".into()],
+            cwd: "/".into(),
+            env: vec![],
+            venv: mgpu_proto::Venv::Off,
+            attach: false,
+            umask: None,
+            no_requeue: false,
+            max_restarts: None,
+            signal: warn.map(|secs_before| mgpu_proto::WarnSignal {
+                signal: 10,
+                secs_before,
+            }),
+            nice: 0,
+            array: None,
+            array_limit: None,
+            cpus: None,
+            host_mem_mib: None,
+        };
+        assert!(super::validate(&req(Some(3600), Some(60))).is_ok());
+        assert!(super::validate(&req(Some(0), None)).is_ok());
+        for (t, w) in [
+            (Some(u64::MAX), None),
+            (Some(u64::MAX / 1000), None),
+            (None, Some(u64::MAX)),
+        ] {
+            let err = super::validate(&req(t, w)).unwrap_err();
+            assert!(err.contains("366 days"), "{err}");
         }
     }
 }

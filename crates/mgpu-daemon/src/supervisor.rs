@@ -70,6 +70,31 @@ pub enum StopReason {
     Requeue,
     /// Past its time limit, not to be requeued.
     Timeout,
+    /// Over its GPU memory reservation on a GPU it shares with other jobs: ends as
+    /// OUT_OF_MEMORY.
+    GpuMemory {
+        gpu: u32,
+        used_mib: u64,
+        reserved_mib: u64,
+    },
+}
+
+impl StopReason {
+    /// What the job's log and its `mgpu_srun` are told when it is stopped for GPU memory.
+    pub fn gpu_memory_note(&self) -> Option<String> {
+        match *self {
+            StopReason::GpuMemory {
+                gpu,
+                used_mib,
+                reserved_mib,
+            } => Some(format!(
+                "mgpu: the job used {used_mib} MiB of GPU memory on GPU {gpu}, over its \
+                 reservation of {reserved_mib} MiB (--mem), on a GPU it shares with other jobs: \
+                 stopped before it could make them run out of memory (OUT_OF_MEMORY)"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Messages from the supervisor to the daemon (control frames); output comes as data frames,
@@ -635,6 +660,12 @@ impl Supervisor {
                 // A cancel overrides a context switch already under way (no new signals).
                 if first || reason == StopReason::Cancel {
                     self.stop = Some(reason);
+                }
+                if let (true, Some(note)) = (first, reason.gpu_memory_note()) {
+                    let note = format!("\n{note}\n");
+                    let _ = self.log.write_all(note.as_bytes());
+                    self.offset += note.len() as u64;
+                    self.send(&Frame::Stderr(Bytes::from(note)));
                 }
                 if self.pgid > 0 && first {
                     kill_all(self.pgid, Signal::SIGTERM);

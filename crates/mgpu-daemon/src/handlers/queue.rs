@@ -55,6 +55,24 @@ pub async fn handle(
                 },
                 used_mib: inner.gpu_used.get(&g.spec.index).copied().unwrap_or(0),
                 jobs: g.jobs(),
+                util_pct: inner
+                    .gpu_readings
+                    .get(&g.spec.index)
+                    .and_then(|r| r.util_pct),
+                foreign: inner
+                    .gpu_readings
+                    .get(&g.spec.index)
+                    .map(|r| {
+                        r.foreign
+                            .iter()
+                            .map(|p| mgpu_proto::ForeignProcess {
+                                pid: p.pid,
+                                user: p.uid.map(users::name_of),
+                                used_mib: p.used_mib,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .collect();
         let ids: Vec<JobId> = match req.job {
@@ -120,8 +138,26 @@ fn job_infos(inner: &Inner, ids: &[JobId]) -> Vec<JobInfo> {
             priority: sched.priority(j.id),
             est_start: sched.est_start(j.id),
             array: j.request.array,
+            used_mib: used_mib(inner, j),
+            peak_mib: inner.gpu_peaks.get(&j.id).map(|p| p.0),
         })
         .collect()
+}
+
+/// GPU memory a running job's processes use, per GPU: on each GPU it holds (0 where none of
+/// its processes is), and on any other where one is. `None` where nothing is measured
+/// (simulated GPUs, a pending job).
+fn used_mib(inner: &Inner, j: &mgpu_core::Job) -> Option<std::collections::BTreeMap<u32, u64>> {
+    if inner.gpu_readings.is_empty() || j.state != mgpu_core::JobState::Running {
+        return None;
+    }
+    let mut used: std::collections::BTreeMap<u32, u64> = j.gpus.iter().map(|&g| (g, 0)).collect();
+    for g in inner.sched.gpus() {
+        if let Some(&mib) = g.used_by.get(&j.id) {
+            used.insert(g.spec.index, mib);
+        }
+    }
+    Some(used)
 }
 
 /// Jobs per frame: with at most [`MAX_SHOWN_COMMAND`] bytes of command and a name of at most

@@ -159,7 +159,9 @@ fn parent_and_session(pid: i32) -> Option<(i32, i32)> {
 /// A process's owner (its real uid), from /proc.
 fn owner_of(pid: u32) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(format!("/proc/{pid}")).ok().map(|m| m.uid())
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
 }
 
 /// Parses `4x24GiB` or `2x80GiB,2x24GiB` (units GiB/G/GB, MiB/M/MB; count optional).
@@ -304,11 +306,7 @@ impl Nvml {
     }
 
     /// One GPU's figures.
-    fn read(
-        &self,
-        index: u32,
-        job_of: &dyn Fn(u32) -> Option<JobId>,
-    ) -> Result<Usage, NvmlError> {
+    fn read(&self, index: u32, job_of: &dyn Fn(u32) -> Option<JobId>) -> Result<Usage, NvmlError> {
         use nvml_wrapper::enums::device::UsedGpuMemory;
         let dev = self.nvml.device_by_index(index)?;
         let used_mib = dev.memory_info()?.used / MIB;

@@ -14,8 +14,8 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::gpu::{self, GpuBackend};
 use crate::recovery::{self, RunProbe};
 use crate::state::{now_ms, Daemon, Settings};
-use crate::supervisor::StopReason;
 use crate::store::Store;
+use crate::supervisor::StopReason;
 use crate::{server, supervisor, users};
 
 /// The mgpu GPU job scheduler daemon.
@@ -912,7 +912,8 @@ fn enforce_gpu_memory(
             o.gpu,
             o.reserved_mib,
             match (shared, policy.enforce) {
-                (true, _) => " on a GPU it shares with other jobs: it may make them run out of memory",
+                (true, _) =>
+                    " on a GPU it shares with other jobs: it may make them run out of memory",
                 (false, GpuMemEnforce::Kill) => {
                     " (alone on that GPU for now; it is stopped if it is still over once another \
                      job shares the GPU)"

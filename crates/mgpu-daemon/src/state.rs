@@ -631,8 +631,12 @@ impl Daemon {
 
     /// The running jobs' processes, for telling foreign GPU processes apart.
     pub fn job_processes(&self) -> crate::gpu::JobProcesses {
-        let leaders: Vec<(i32, JobId)> =
-            self.lock().running.iter().map(|(id, r)| (r.pgid, *id)).collect();
+        let leaders: Vec<(i32, JobId)> = self
+            .lock()
+            .running
+            .iter()
+            .map(|(id, r)| (r.pgid, *id))
+            .collect();
         crate::gpu::JobProcesses::new(leaders)
     }
 

@@ -67,6 +67,31 @@ pub struct Args {
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Print one screen as text (COLUMNSxLINES, e.g. 120x30) and exit: no terminal needed
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    pub once: Option<(u16, u16)>,
+}
+
+fn parse_size(s: &str) -> Result<(u16, u16), String> {
+    s.split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .filter(|&(w, h): &(u16, u16)| (20..=1000).contains(&w) && (5..=1000).contains(&h))
+        .ok_or_else(|| format!("invalid size '{s}': use COLUMNSxLINES, e.g. 120x30"))
+}
+
+/// One screen of `view` as text, `width` columns by `height` lines (colours left out).
+pub fn render_text(view: &View, width: u16, height: u16) -> Result<String> {
+    let backend = ratatui::backend::TestBackend::new(width, height);
+    let mut terminal = ratatui::Terminal::new(backend)?;
+    terminal.draw(|f| draw(f, view))?;
+    let buffer = terminal.backend().buffer();
+    let mut out = String::new();
+    for y in 0..height {
+        let line: String = (0..width).map(|x| buffer[(x, y)].symbol()).collect();
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// What the dashboard shows.
@@ -113,8 +138,11 @@ fn run(args: Args) -> Result<()> {
     if !(0.1..=3600.0).contains(&args.interval) {
         bail!("--interval must be between 0.1 and 3600 seconds");
     }
-    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        bail!("mgpu_top needs a terminal; in scripts use mgpu_queue or mgpu_queue --json");
+    if args.once.is_none() && !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!(
+            "mgpu_top needs a terminal; in scripts use mgpu_top --once 120x30, mgpu_queue or \
+             mgpu_queue --json"
+        );
     }
     let interval = Duration::from_secs_f64(args.interval);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -130,6 +158,15 @@ fn run(args: Args) -> Result<()> {
     refresh(&rt, &socket, &mut view);
     if let (None, Some(e)) = (&view.snapshot, &view.error) {
         bail!("{e}");
+    }
+    if let Some((width, height)) = args.once {
+        use std::io::Write;
+        let text = render_text(&view, width, height)?;
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .context("writing to stdout")?;
+        return Ok(());
     }
     catch_stop_signals()?;
     let mut terminal = ratatui::init();

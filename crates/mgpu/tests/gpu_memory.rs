@@ -96,6 +96,18 @@ fn read_pid(path: &Path) -> u32 {
     pid
 }
 
+/// One screen of `mgpu_top`, as text.
+fn top(s: &Server) -> String {
+    s.ok("mgpu_top", &["--once", "160x30"])
+}
+
+/// A job command that writes its main process's pid to `SCRATCH/name`, then waits until
+/// `SCRATCH/name.go` exists (or 300 s pass).
+fn pid_job(s: &Server, name: &str) -> String {
+    let p = s.scratch.join(name).display().to_string();
+    format!("echo $$ > {p}; i=0; while [ ! -e {p}.go ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done")
+}
+
 /// A process's parent and session.
 fn parent_and_session(pid: u32) -> (u32, u32) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -149,6 +161,19 @@ fn memory_used_outside_mgpu_holds_an_exclusive_job_until_it_is_freed() {
     let fake = FakeGpus::new(&format!("{gpu}pid {} uses 2GiB on GPU 0\n", outsider.pid()));
     let s = fake.server(&[]);
     wait_used(&s, 0, 2048);
+    // The process is reported with its user, for the admin to act on.
+    let g = &gpus(&s)[0];
+    assert_eq!(
+        g["foreign"],
+        serde_json::json!([{"pid": outsider.pid(), "user": "root", "used_mib": 2048}]),
+        "{g}"
+    );
+    let line = format!(
+        "not an mgpu job: pid {} (root) uses 2048 MiB on GPU 0",
+        outsider.pid()
+    );
+    assert!(s.ok("mgpu_queue", &[]).contains(&line));
+    assert!(top(&s).contains(&line), "{}", top(&s));
     let id = s.detached(&["--", "sleep", "300"]);
     let job = s.job(id).unwrap();
     assert_eq!(job["state"], "PENDING", "{job}");
@@ -251,4 +276,184 @@ fn memory_jobs_get_the_frameworks_environment() {
     };
     assert_eq!(run(&["--mem", "6G"]), "6144/0.25/true");
     assert_eq!(run(&[]), "//");
+}
+
+/// A job over its reservation on a GPU it shares is stopped (after the tolerance) and ends
+/// OUT_OF_MEMORY, said in its log, on its attached srun and in the accounting (with its peak);
+/// its neighbour, inside its own reservation, runs on and completes.
+#[test]
+fn a_job_over_its_reservation_on_a_shared_gpu_ends_out_of_memory_and_its_neighbour_completes() {
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&["--gpu-mem-tolerance", "0.5"]);
+    let neighbour = s.detached(&["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "nb")]);
+    s.wait_state(neighbour, "RUNNING");
+    let hog = s
+        .cmd("mgpu_srun")
+        .args(["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "hog")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (hog_pid, nb_pid) = (
+        read_pid(&s.scratch.join("hog")),
+        read_pid(&s.scratch.join("nb")),
+    );
+    let hog_id = s.queue_json()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] != neighbour)
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        s.job(hog_id).unwrap()["gpu_ids"],
+        serde_json::json!([0]),
+        "they share GPU 0"
+    );
+    // The hog grows to 10 GiB of its 4; the neighbour stays inside its 4.
+    fake.set(&format!(
+        "gpu 0 24GiB\npid {hog_pid} uses 10GiB on GPU 0\npid {nb_pid} uses 3GiB on GPU 0\n"
+    ));
+    let out = hog.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let said = "used 10240 MiB of GPU memory on GPU 0, over its reservation of 4096 MiB";
+    assert!(stderr.contains(said), "{stderr}");
+    assert!(stderr.contains("OUT_OF_MEMORY"), "{stderr}");
+    assert!(s.log(hog_id).contains(said), "{}", s.log(hog_id));
+    let rec = s.acct(hog_id);
+    assert_eq!(rec["state"], "OUT_OF_MEMORY", "{rec}");
+    assert!(rec["message"].as_str().unwrap().contains(said), "{rec}");
+    assert_eq!(rec["peak_gpu_mem_mib"], 10240, "{rec}");
+    assert!(s.job(hog_id).is_none(), "gone from the queue");
+    let table = s.ok("mgpu_acct", &["-j", &hog_id.to_string()]);
+    assert!(
+        table.contains("OUT_OF_MEMORY") && table.contains("10240M"),
+        "{table}"
+    );
+    // The neighbour runs on, and completes.
+    assert_eq!(s.job(neighbour).unwrap()["state"], "RUNNING");
+    std::fs::write(s.scratch.join("nb.go"), "").unwrap();
+    s.wait_gone(neighbour);
+    let rec = s.acct(neighbour);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    assert_eq!(rec["peak_gpu_mem_mib"], 3072, "{rec}");
+}
+
+/// An exclusive job (no --mem) owns its GPU: using all of it is never a reason to stop it.
+#[test]
+fn an_exclusive_job_using_the_whole_gpu_is_never_stopped() {
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&["--gpu-mem-tolerance", "0"]);
+    let id = s.detached(&["--", "sh", "-c", &pid_job(&s, "x")]);
+    s.wait_state(id, "RUNNING");
+    let pid = read_pid(&s.scratch.join("x"));
+    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 24GiB on GPU 0\n"));
+    wait_used(&s, 0, 24 * 1024);
+    // Readings after it went "over" (a later state is seen, so earlier ones were too).
+    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 23GiB on GPU 0\n"));
+    wait_used(&s, 0, 23 * 1024);
+    let job = s.job(id).unwrap();
+    assert_eq!(job["state"], "RUNNING", "{job}");
+    assert_eq!(
+        job["used_mib"],
+        serde_json::json!({"0": 23 * 1024}),
+        "{job}"
+    );
+    assert_eq!(job["peak_mib"], 24 * 1024, "{job}");
+    std::fs::write(s.scratch.join("x.go"), "").unwrap();
+    s.wait_gone(id);
+    assert_eq!(s.acct(id)["state"], "COMPLETED");
+}
+
+/// What jobs use reaches `mgpu_queue` (USED, --json used_mib and peak_mib), `mgpu_top` and
+/// `mgpu_acct`; a job over its reservation alone on its GPU is only warned; a newcomer is not
+/// placed on the memory it really uses, and is once that memory is free again.
+#[test]
+fn used_and_peak_figures_are_shown_and_a_newcomer_is_not_placed_on_used_memory() {
+    let fake = FakeGpus::new("gpu 0 24GiB util 40 5\n");
+    let s = fake.server(&["--gpu-mem-tolerance", "0"]);
+    let a = s.detached(&["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "a")]);
+    s.wait_state(a, "RUNNING");
+    let pid = read_pid(&s.scratch.join("a"));
+    fake.set(&format!(
+        "gpu 0 24GiB util 40 5\npid {pid} uses 18GiB on GPU 0\n"
+    ));
+    wait_until(Duration::from_secs(30), || {
+        s.job(a).is_some_and(|j| j["used_mib"]["0"] == 18 * 1024)
+    });
+    let job = s.job(a).unwrap();
+    assert_eq!(job["peak_mib"], 18 * 1024, "{job}");
+    assert_eq!(gpus(&s)[0]["util_pct"], 40);
+    let queue = s.ok("mgpu_queue", &[]);
+    assert!(
+        queue.contains("USED") && queue.contains("18432M!"),
+        "{queue}"
+    );
+    assert!(queue.contains("40%"), "{queue}");
+    let screen = top(&s);
+    assert!(
+        screen.contains("18432M!") && screen.contains("40%"),
+        "{screen}"
+    );
+    // 24 - 4 reserved - 14 used beyond: 6 GiB left, not 8.
+    let b = s.detached(&["--mem", "8G", "--", "sh", "-c", &pid_job(&s, "b")]);
+    let job_b = s.job(b).unwrap();
+    assert_eq!(job_b["state"], "PENDING", "{job_b}");
+    // Alone on its GPU, A is over but not stopped (nobody to protect): it is warned.
+    wait_until(Duration::from_secs(30), || {
+        s.server_log()
+            .contains("over its reservation of 4096 MiB (alone on that GPU")
+    });
+    assert_eq!(s.job(a).unwrap()["state"], "RUNNING");
+    // A lets go: B starts next to it.
+    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 2GiB on GPU 0\n"));
+    s.wait_state(b, "RUNNING");
+    let job = s.job(a).unwrap();
+    assert_eq!(job["used_mib"], serde_json::json!({"0": 2048}), "{job}");
+    assert_eq!(job["peak_mib"], 18 * 1024, "the peak stays");
+    std::fs::write(s.scratch.join("a.go"), "").unwrap();
+    s.wait_gone(a);
+    let rec = s.acct(a);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    assert_eq!(rec["peak_gpu_mem_mib"], 18 * 1024, "{rec}");
+    let table = s.ok("mgpu_acct", &["-j", &a.to_string()]);
+    assert!(
+        table.contains("MAXGPUMEM") && table.contains("18432M"),
+        "{table}"
+    );
+    // B never used the GPU: no peak on record.
+    std::fs::write(s.scratch.join("b.go"), "").unwrap();
+    s.wait_gone(b);
+    assert_eq!(s.acct(b)["peak_gpu_mem_mib"], Value::Null);
+}
+
+/// An attached srun of a job whose peak was far below its --mem says so in one line.
+#[test]
+fn srun_hints_when_the_peak_was_far_below_the_request() {
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&[]);
+    let p = s.scratch.join("h").display().to_string();
+    let srun = s
+        .cmd("mgpu_srun")
+        .args(["--mem", "16G", "--", "sh", "-c", &pid_job(&s, "h")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = read_pid(Path::new(&p));
+    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 1GiB on GPU 0\n"));
+    wait_until(Duration::from_secs(30), || {
+        s.queue_json()["jobs"][0]["peak_mib"] == 1024
+    });
+    std::fs::write(format!("{p}.go"), "").unwrap();
+    let out = srun.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "used at most 1024 MiB of GPU memory on one GPU, under half its --mem of 16384 MiB"
+        ),
+        "{stderr}"
+    );
 }

@@ -467,4 +467,52 @@ mod tests {
         assert_eq!(index_ranges(&[1, 3, 5, 7, 9, 11]), "1-11:2");
         assert_eq!(index_ranges(&[1, 3, 4, 6, 9, 11]), "1,3-4,6,9,...");
     }
+
+    /// USED is the most a running job uses on one GPU, `!` when over its reservation (on a GPU
+    /// it does not hold, any use is); processes outside mgpu are listed with their user.
+    #[test]
+    fn used_memory_and_foreign_processes() {
+        let mut inside = job(1, JobState::Running, None);
+        inside.mem_mib = Some(4096);
+        inside.used_mib = Some([(0, 4096)].into());
+        let mut elsewhere = job(2, JobState::Running, None);
+        elsewhere.mem_mib = Some(4096);
+        elsewhere.used_mib = Some([(0, 10), (1, 1)].into());
+        let mut exclusive = job(3, JobState::Running, None);
+        exclusive.used_mib = Some([(0, 80_000)].into());
+        assert!(!is_over(&inside) && is_over(&elsewhere) && !is_over(&exclusive));
+        let snapshot = QueueSnapshot {
+            now: 0,
+            policy: "fair".into(),
+            gpus: vec![mgpu_proto::GpuInfo {
+                index: 0,
+                name: "g".into(),
+                total_mib: 81_920,
+                reserved_mib: 0,
+                used_mib: 0,
+                jobs: vec![],
+                util_pct: Some(3),
+                foreign: vec![mgpu_proto::ForeignProcess {
+                    pid: 7,
+                    user: None,
+                    used_mib: 5,
+                }],
+            }],
+            jobs: vec![
+                inside,
+                elsewhere,
+                exclusive,
+                job(4, JobState::Pending, None),
+            ],
+        };
+        let rows = job_rows(&snapshot, false);
+        let used: Vec<&str> = rows.iter().map(|r| r[USED_COLUMN].as_str()).collect();
+        assert_eq!(used, ["4096M", "10M!", "80000M", "-"]);
+        let text = render(&snapshot, false);
+        assert!(
+            text.contains("not an mgpu job: pid 7 (user unknown) uses 5 MiB on GPU 0"),
+            "{text}"
+        );
+        assert!(text.contains("3%"), "{text}");
+    }
 }

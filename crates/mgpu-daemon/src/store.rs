@@ -1324,6 +1324,34 @@ mod tests {
         assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
     }
 
+    /// A job's GPU memory peak is kept (the larger figure wins, across writes) and read back by
+    /// the accounting and the summary.
+    #[tokio::test]
+    async fn the_gpu_memory_peak_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.insert(job(1)).await.unwrap().unwrap();
+        store.gpu_peak(1, 5_000);
+        store.gpu_peak(1, 3_000);
+        store.ended(
+            1,
+            Ending {
+                state: JobState::OutOfMemory,
+                at: 8,
+                exit_code: None,
+                signal: Some(15),
+                message: None,
+            },
+        );
+        store.flush().await;
+        assert_eq!(
+            store.summary(1).unwrap().unwrap().peak_gpu_mem_mib,
+            Some(5_000)
+        );
+        let recs = store.finished_jobs(&AcctFilter::default(), 0, 10).unwrap();
+        assert_eq!(recs[0].peak_gpu_mem_mib, Some(5_000));
+    }
+
     /// A database from before environments had their own table: its launch records give up
     /// their environments, which read back the same.
     #[test]

@@ -457,3 +457,141 @@ fn srun_hints_when_the_peak_was_far_below_the_request() {
         "{stderr}"
     );
 }
+
+/// Not a check, a measurement (run with `--ignored --nocapture`): the time from a job crossing
+/// its reservation (the fake NVML's state written) to its SIGTERM and to OUT_OF_MEMORY on
+/// record, with no tolerance; and what one NVML reading costs the daemon, with 16 jobs
+/// running on 4 GPUs.
+#[test]
+#[ignore]
+fn measure_gpu_memory_stop_latency_and_nvml_poll_cost() {
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+    let ns = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&["--gpu-mem-tolerance", "0"]);
+    let nb = s.detached(&["--mem", "4G", "--", "sleep", "300"]);
+    s.wait_state(nb, "RUNNING");
+    let (mut to_term, mut to_oom) = (Vec::new(), Vec::new());
+    for run in 0..7 {
+        let p = s.scratch.join(format!("m{run}")).display().to_string();
+        let id = s.detached(&[
+            "--mem",
+            "4G",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "trap 'date +%s%N > {p}.term; exit 143' TERM; echo $$ > {p}; sleep 300 & wait"
+            ),
+        ]);
+        s.wait_state(id, "RUNNING");
+        let pid = read_pid(Path::new(&p));
+        let t0 = ns();
+        fake.set(&format!("gpu 0 24GiB\npid {pid} uses 10GiB on GPU 0\n"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = s
+                .cmd("mgpu_acct")
+                .args(["--json", "-j", &id.to_string()])
+                .output()
+                .unwrap();
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["jobs"][0]["state"] == "OUT_OF_MEMORY" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} not stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t_oom = ns();
+        let t_term: u64 = std::fs::read_to_string(format!("{p}.term"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        to_term.push((t_term - t0) as f64 / 1e6);
+        to_oom.push((t_oom - t0) as f64 / 1e6);
+        fake.set("gpu 0 24GiB\n");
+    }
+    eprintln!(
+        "crossing -> SIGTERM: median {:.0} ms {to_term:.0?}",
+        median(&mut to_term)
+    );
+    eprintln!(
+        "crossing -> OUT_OF_MEMORY on record: median {:.0} ms {to_oom:.0?}",
+        median(&mut to_oom)
+    );
+    drop(s);
+
+    // The poll's cost: 16 jobs (each a process on a GPU) on 4 GPUs, one reading every 0.5 s.
+    let gpus4 = "gpu 0 80GiB\ngpu 1 80GiB\ngpu 2 80GiB\ngpu 3 80GiB\n";
+    let fake = FakeGpus::new(gpus4);
+    let lib = mgpu_fake_nvml::find_library().unwrap();
+    let s = Server::start_with_env(
+        "",
+        &["--nvml-lib", lib.to_str().unwrap()],
+        &[
+            (mgpu_fake_nvml::STATE_ENV, fake.state.as_os_str()),
+            ("MGPU_LOG", std::ffi::OsStr::new("debug")),
+        ],
+    );
+    let mut state = gpus4.to_string();
+    for k in 0..16 {
+        let p = s.scratch.join(format!("p{k}")).display().to_string();
+        let id = s.detached(&[
+            "--mem",
+            "4G",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo $$ > {p}; exec sleep 300"),
+        ]);
+        s.wait_state(id, "RUNNING");
+        let gpu = s.job(id).unwrap()["gpu_ids"][0].as_u64().unwrap();
+        state += &format!("pid {} uses 3GiB on GPU {gpu}\n", read_pid(Path::new(&p)));
+    }
+    fake.set(&state);
+    wait_until(Duration::from_secs(30), || {
+        gpus(&s)
+            .iter()
+            .map(|g| g["used_mib"].as_u64().unwrap())
+            .sum::<u64>()
+            == 16 * 3072
+    });
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid())).unwrap();
+        let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        (f[0] + f[1]) as f64 / 100.0 // clock ticks (USER_HZ = 100) to seconds
+    };
+    let (c0, t0) = (cpu(), Instant::now());
+    std::thread::sleep(Duration::from_secs(20));
+    let (c1, t1) = (cpu(), Instant::now());
+    let mut reads: Vec<f64> = s
+        .server_log()
+        .lines()
+        .filter_map(|l| l.split("NVML usage read in ").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect();
+    let n = reads.len();
+    eprintln!(
+        "NVML reading (4 GPUs, 16 jobs): median {:.0} µs over {n} readings; daemon CPU {:.2} % \
+         ({:.3} s in {:.1} s)",
+        median(&mut reads),
+        (c1 - c0) / (t1 - t0).as_secs_f64() * 100.0,
+        c1 - c0,
+        (t1 - t0).as_secs_f64()
+    );
+}

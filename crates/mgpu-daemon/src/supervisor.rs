@@ -1002,6 +1002,43 @@ fn sync_exit(run_dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+
+    /// A stop for GPU memory, echoed back in the exit record (which a restarted daemon reads),
+    /// makes the job OUT_OF_MEMORY with the figures; a cancel that came first still wins.
+    #[test]
+    fn a_gpu_memory_stop_survives_the_exit_record_and_ends_out_of_memory() {
+        let reason = StopReason::GpuMemory {
+            gpu: 3,
+            used_mib: 10_240,
+            reserved_mib: 4_096,
+        };
+        let rec = ExitRecord {
+            exit_code: None,
+            signal: Some(15),
+            start_error: None,
+            stopped: Some(reason),
+            ended_at: 1,
+            oom_killed: false,
+        };
+        let rec: ExitRecord = serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!(rec.stopped, Some(reason));
+        let o = crate::state::outcome_of(9, &rec);
+        assert_eq!(o.state, mgpu_core::JobState::OutOfMemory);
+        let m = o.message.unwrap();
+        assert!(
+            m.contains("10240 MiB") && m.contains("GPU 3") && m.contains("4096 MiB"),
+            "{m}"
+        );
+        let cancelled = ExitRecord {
+            stopped: Some(StopReason::Cancel),
+            ..rec
+        };
+        assert_eq!(
+            crate::state::outcome_of(9, &cancelled).state,
+            mgpu_core::JobState::Cancelled
+        );
+    }
+
     use super::*;
 
     #[test]

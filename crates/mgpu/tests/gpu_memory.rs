@@ -481,7 +481,7 @@ fn measure_gpu_memory_stop_latency_and_nvml_poll_cost() {
     let nb = s.detached(&["--mem", "4G", "--", "sleep", "300"]);
     s.wait_state(nb, "RUNNING");
     let (mut to_term, mut to_oom) = (Vec::new(), Vec::new());
-    for run in 0..7 {
+    for run in 0..9u64 {
         let p = s.scratch.join(format!("m{run}")).display().to_string();
         let id = s.detached(&[
             "--mem",
@@ -495,6 +495,8 @@ fn measure_gpu_memory_stop_latency_and_nvml_poll_cost() {
         ]);
         s.wait_state(id, "RUNNING");
         let pid = read_pid(Path::new(&p));
+        // Not in step with the daemon's readings (each run starts right after one).
+        std::thread::sleep(Duration::from_millis(run * 71 % 500));
         let t0 = ns();
         fake.set(&format!("gpu 0 24GiB\npid {pid} uses 10GiB on GPU 0\n"));
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -31,8 +31,8 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForeignProcess {
     pub pid: u32,
-    /// Its owner, when /proc still shows the process.
-    pub uid: Option<u32>,
+    /// Its owner's name (or uid), when /proc still shows the process.
+    pub user: Option<String>,
     /// Its memory (1 MiB when the driver does not say).
     pub used_mib: u64,
 }
@@ -342,7 +342,8 @@ impl Nvml {
                     if foreign_procs.len() < MAX_FOREIGN_SHOWN {
                         foreign_procs.push(ForeignProcess {
                             pid: p.pid,
-                            uid: owner_of(p.pid),
+                            // (Looked up here, off the daemon's lock.)
+                            user: owner_of(p.pid).map(crate::users::name_of),
                             used_mib: mib,
                         });
                     }

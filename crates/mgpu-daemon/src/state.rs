@@ -135,6 +135,11 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// Why a running job is being stopped by the daemon, if it is.
+    pub fn stop_reason(&self, id: JobId) -> Option<StopReason> {
+        self.running.get(&id)?.stopping
+    }
+
     /// Takes `n` consecutive ids for new jobs of `uid`, if the queue limits leave room for
     /// them; until [`Inner::admitted`], they count as waiting.
     pub fn admit(&mut self, settings: &Settings, uid: u32, n: usize) -> Result<JobId, String> {

@@ -214,8 +214,9 @@ fn a_jobs_own_processes_are_not_foreign_even_after_setsid() {
         ppid != main && session != main,
         "not escaped: {ppid} {session}"
     );
-    // What the job uses beyond its reservation is not enforced here; what matters is that none
-    // of it is taken for memory used outside mgpu (that would leave 24 - 4 - 18 < 4 GiB).
+    // What matters here is that none of what the job uses is taken for memory used outside
+    // mgpu (that would leave 24 - 4 - 18 < 4 GiB); its 14 GiB beyond its reservation are
+    // charged to it, which leaves 24 - 4 - 14 = 6.
     fake.set(&format!(
         "gpu 0 24GiB\npid {main} uses 1GiB on GPU 0\npid {escaped} uses 17GiB on GPU 0\n"
     ));
@@ -284,12 +285,20 @@ fn memory_jobs_get_the_frameworks_environment() {
 #[test]
 fn a_job_over_its_reservation_on_a_shared_gpu_ends_out_of_memory_and_its_neighbour_completes() {
     let fake = FakeGpus::new("gpu 0 24GiB\n");
-    let s = fake.server(&["--gpu-mem-tolerance", "0.5"]);
+    let s = fake.server(&["--gpu-mem-tolerance", "0.5", "--grace-period", "5"]);
     let neighbour = s.detached(&["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "nb")]);
     s.wait_state(neighbour, "RUNNING");
     let hog = s
         .cmd("mgpu_srun")
-        .args(["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "hog")])
+        // It ignores SIGTERM: it is seen being stopped for the grace period, then killed.
+        .args([
+            "--mem",
+            "4G",
+            "--",
+            "sh",
+            "-c",
+            &format!("trap '' TERM; {}", pid_job(&s, "hog")),
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -315,6 +324,11 @@ fn a_job_over_its_reservation_on_a_shared_gpu_ends_out_of_memory_and_its_neighbo
     fake.set(&format!(
         "gpu 0 24GiB\npid {hog_pid} uses 10GiB on GPU 0\npid {nb_pid} uses 3GiB on GPU 0\n"
     ));
+    wait_until(Duration::from_secs(30), || {
+        s.job(hog_id).is_none_or(|j| j["reason"] == "GpuMemory")
+    });
+    let job = s.job(hog_id).expect("stopping during the grace period");
+    assert_eq!(job["used_mib"], serde_json::json!({"0": 10240}), "{job}");
     let out = hog.wait_with_output().unwrap();
     let stderr = text(&out.stderr);
     assert!(!out.status.success(), "{stderr}");

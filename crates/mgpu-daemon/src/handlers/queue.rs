@@ -8,6 +8,7 @@ use mgpu_proto::{GpuInfo, JobInfo, QueueRequest, QueueSnapshot, Response};
 
 use crate::server::{send, send_error, Caller, Conn};
 use crate::state::{now_ms, Daemon, Inner};
+use crate::supervisor::StopReason;
 use crate::users;
 
 pub async fn handle(
@@ -67,7 +68,7 @@ pub async fn handle(
                             .iter()
                             .map(|p| mgpu_proto::ForeignProcess {
                                 pid: p.pid,
-                                user: p.uid.map(users::name_of),
+                                user: p.user.clone(),
                                 used_mib: p.used_mib,
                             })
                             .collect()
@@ -128,7 +129,10 @@ fn job_infos(inner: &Inner, ids: &[JobId]) -> Vec<JobInfo> {
                 Some(Stopping::Cancel) => Some("Cancelling".into()),
                 Some(Stopping::Requeue) => Some("Preempting".into()),
                 Some(Stopping::Timeout) => Some("TimeLimit".into()),
-                None => sched.pending_reason(j.id).map(str::to_string),
+                None => match inner.stop_reason(j.id) {
+                    Some(StopReason::GpuMemory { .. }) => Some("GpuMemory".into()),
+                    _ => sched.pending_reason(j.id).map(str::to_string),
+                },
             },
             command: inner
                 .commands

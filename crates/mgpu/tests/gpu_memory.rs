@@ -370,6 +370,7 @@ fn an_exclusive_job_using_the_whole_gpu_is_never_stopped() {
     wait_used(&s, 0, 23 * 1024);
     let job = s.job(id).unwrap();
     assert_eq!(job["state"], "RUNNING", "{job}");
+    assert_eq!(job["reason"], Value::Null, "not being stopped: {job}");
     assert_eq!(
         job["used_mib"],
         serde_json::json!({"0": 23 * 1024}),

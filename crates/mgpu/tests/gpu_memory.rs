@@ -355,28 +355,47 @@ fn a_job_over_its_reservation_on_a_shared_gpu_ends_out_of_memory_and_its_neighbo
     assert_eq!(rec["peak_gpu_mem_mib"], 3072, "{rec}");
 }
 
-/// An exclusive job (no --mem) owns its GPU: using all of it is never a reason to stop it.
+/// An exclusive job (no --mem) owns its GPU: using all of it is never a reason to stop it, nor
+/// is memory it uses on a GPU it does not hold next to a memory job (that use is charged to it:
+/// it shows, and keeps newcomers off that memory).
 #[test]
 fn an_exclusive_job_using_the_whole_gpu_is_never_stopped() {
-    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let fake = FakeGpus::new(
+        "gpu 0 24GiB
+gpu 1 24GiB
+",
+    );
     let s = fake.server(&["--gpu-mem-tolerance", "0"]);
     let id = s.detached(&["--", "sh", "-c", &pid_job(&s, "x")]);
     s.wait_state(id, "RUNNING");
+    let held = s.job(id).unwrap()["gpu_ids"][0].as_u64().unwrap();
+    let other = 1 - held;
+    let m = s.detached(&["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "m")]);
+    s.wait_state(m, "RUNNING");
+    assert_eq!(s.job(m).unwrap()["gpu_ids"][0], other);
     let pid = read_pid(&s.scratch.join("x"));
-    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 24GiB on GPU 0\n"));
-    wait_used(&s, 0, 24 * 1024);
+    let state = |held_gib: u64| {
+        format!(
+            "gpu 0 24GiB\ngpu 1 24GiB\npid {pid} uses {held_gib}GiB on GPU {held}\n\
+             pid {pid} uses 5GiB on GPU {other}\n"
+        )
+    };
+    fake.set(&state(24));
+    wait_used(&s, held, 24 * 1024);
     // Readings after it went "over" (a later state is seen, so earlier ones were too).
-    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 23GiB on GPU 0\n"));
-    wait_used(&s, 0, 23 * 1024);
+    fake.set(&state(23));
+    wait_used(&s, held, 23 * 1024);
     let job = s.job(id).unwrap();
     assert_eq!(job["state"], "RUNNING", "{job}");
     assert_eq!(job["reason"], Value::Null, "not being stopped: {job}");
-    assert_eq!(
-        job["used_mib"],
-        serde_json::json!({"0": 23 * 1024}),
-        "{job}"
-    );
+    let mut used = serde_json::Map::new();
+    used.insert(held.to_string(), (23 * 1024).into());
+    used.insert(other.to_string(), 5120.into());
+    assert_eq!(job["used_mib"], Value::Object(used), "{job}");
     assert_eq!(job["peak_mib"], 24 * 1024, "{job}");
+    // 24 - 4 reserved - 5 used there by the exclusive job: 15 GiB, not 16.
+    let n = s.detached(&["--mem", "16G", "--", "true"]);
+    assert_eq!(s.job(n).unwrap()["state"], "PENDING");
     std::fs::write(s.scratch.join("x.go"), "").unwrap();
     s.wait_gone(id);
     assert_eq!(s.acct(id)["state"], "COMPLETED");

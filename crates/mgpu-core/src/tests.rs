@@ -389,6 +389,18 @@ proptest! {
                 }
             }
             check_invariants(&s);
+            // Only memory jobs over their reservation on a GPU with another job are stopped.
+            for action in s.memory_actions(now, 0) {
+                let (MemoryAction::Stop(o) | MemoryAction::Alone(o)) = action;
+                let job = s.job(o.job).unwrap();
+                prop_assert!(!job.request.is_exclusive());
+                let g = s.gpus().iter().find(|g| g.spec.index == o.gpu).unwrap();
+                prop_assert_eq!(o.used_mib, g.used_by[&o.job]);
+                prop_assert_eq!(o.reserved_mib, g.reservation_of(o.job, &job.request));
+                prop_assert!(o.used_mib > o.reserved_mib);
+                let shared = g.jobs().iter().any(|&j| j != o.job);
+                prop_assert_eq!(matches!(action, MemoryAction::Stop(_)), shared);
+            }
             // Every submitted job is in exactly one place.
             for id in &submitted {
                 let tracked = s.job(*id).is_some();

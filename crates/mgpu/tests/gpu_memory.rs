@@ -631,3 +631,34 @@ fn measure_gpu_memory_stop_latency_and_nvml_poll_cost() {
         (t1 - t0).as_secs_f64()
     );
 }
+
+/// With `--gpu-mem-enforce warn` a job over its reservation on a shared GPU is not stopped: the
+/// server logs it and its attached srun is told, once.
+#[test]
+fn warn_policy_tells_and_does_not_stop() {
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&["--gpu-mem-enforce", "warn", "--gpu-mem-tolerance", "0"]);
+    let neighbour = s.detached(&["--mem", "4G", "--", "sleep", "300"]);
+    s.wait_state(neighbour, "RUNNING");
+    let srun = s
+        .cmd("mgpu_srun")
+        .args(["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "w")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = read_pid(&s.scratch.join("w"));
+    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 10GiB on GPU 0\n"));
+    let said =
+        "uses 10240 MiB of GPU memory on GPU 0, over its reservation of 4096 MiB on a GPU it \
+                shares with other jobs";
+    wait_until(Duration::from_secs(30), || s.server_log().contains(said));
+    std::fs::write(s.scratch.join("w.go"), "").unwrap();
+    let out = srun.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "not stopped: {stderr}");
+    assert_eq!(stderr.matches(said).count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("more than its --mem of 4096 MiB: ask for at least --mem 10240M"),
+        "{stderr}"
+    );
+}

@@ -883,6 +883,9 @@ fn enforce_gpu_memory(
             continue;
         }
         if shared && policy.enforce == GpuMemEnforce::Kill {
+            if inner.stop_reason(o.job).is_some() {
+                continue; // being stopped already
+            }
             tracing::warn!(
                 job = o.job,
                 gpu = o.gpu,

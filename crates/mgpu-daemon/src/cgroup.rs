@@ -152,21 +152,32 @@ pub fn jobs_base() -> Option<&'static Path> {
     layout().v2.as_deref()
 }
 
+/// The controllers of ours enabled for the children of `dir`.
+fn handed_down(dir: &Path) -> Vec<Controller> {
+    let enabled = read_words(&dir.join("cgroup.subtree_control"));
+    Controller::ALL
+        .into_iter()
+        .filter(|c| enabled.iter().any(|w| w == c.name()))
+        .collect()
+}
+
 fn find_layout() -> Layout {
     let mut layout = Layout::default();
-    let v2_own = v2_own_dir();
-    if let Some(own) = v2_own.as_ref().filter(|d| is_writable_dir(d)) {
-        let base = own.join(JOBS);
-        let enabled = read_words(&base.join("cgroup.subtree_control"));
-        layout.v2_controllers = Controller::ALL
-            .into_iter()
-            .filter(|c| enabled.iter().any(|w| w == c.name()))
-            .collect();
+    let v2 = v2_dirs();
+    if let Some((mount, own)) = v2.as_ref().filter(|(_, own)| is_writable_dir(own)) {
+        let mut base = own.join(JOBS);
+        // Where our own cgroup could not hand controllers down (other processes in it), the
+        // daemon set up `mgpu-jobs` under the root cgroup instead (see `setup`).
+        let root_base = mount.join(JOBS);
+        if root_base != base && handed_down(&root_base).len() > handed_down(&base).len() {
+            base = root_base;
+        }
+        layout.v2_controllers = handed_down(&base);
         layout.v2 = Some(base);
     }
     // A controller offered on v2 is not on v1 (a controller lives in one hierarchy only).
-    let on_v2 = v2_own
-        .map(|d| read_words(&d.join("cgroup.controllers")))
+    let on_v2 = v2
+        .map(|(mount, _)| read_words(&mount.join("cgroup.controllers")))
         .unwrap_or_default();
     for c in Controller::ALL {
         if on_v2.iter().any(|w| w == c.name()) {
@@ -228,11 +239,13 @@ fn own_dir(mount: &Path, root: &str, matches: impl Fn(&str) -> bool) -> Option<P
     Some(mount.join(path.trim_end_matches('/')))
 }
 
-fn v2_own_dir() -> Option<PathBuf> {
+/// The cgroup v2 mount point and our own cgroup under it.
+fn v2_dirs() -> Option<(PathBuf, PathBuf)> {
     let (mount, root, _, _) = cgroup_mounts()
         .into_iter()
         .find(|(_, _, t, _)| t == "cgroup2")?;
-    own_dir(&mount, &root, |c| c.is_empty())
+    let own = own_dir(&mount, &root, |c| c.is_empty())?;
+    Some((mount, own))
 }
 
 fn v1_own_dir(c: Controller) -> Option<PathBuf> {
@@ -249,8 +262,9 @@ fn v1_own_dir(c: Controller) -> Option<PathBuf> {
 /// its cgroup when that cgroup holds processes), and creates the `mgpu-jobs` directories.
 /// Returns the limits that cannot be enforced here, for a warning.
 pub fn setup() -> Vec<Controller> {
-    if let Some(own) = v2_own_dir().filter(|d| is_writable_dir(d)) {
-        let offered = read_words(&own.join("cgroup.controllers"));
+    if let Some((mount, own)) = v2_dirs().filter(|(_, own)| is_writable_dir(own)) {
+        // The controllers on cgroup v2 at all (the root cgroup offers them all).
+        let offered = read_words(&mount.join("cgroup.controllers"));
         let wanted: Vec<Controller> = Controller::ALL
             .into_iter()
             .filter(|c| offered.iter().any(|w| w == c.name()))
@@ -276,11 +290,22 @@ pub fn setup() -> Vec<Controller> {
                 _ => {}
             }
         }
-        let base = own.join(JOBS);
+        // Where our cgroup still cannot hand them down (it holds other processes than ours),
+        // job cgroups go under the root cgroup, which may hold processes and hand down
+        // controllers alike.
+        let mut parent = own.clone();
+        if own != mount && handed_down(&own).len() < wanted.len() && is_writable_dir(&mount) {
+            for &c in &wanted {
+                let _ = enable(&mount, c);
+            }
+            if handed_down(&mount).len() > handed_down(&own).len() {
+                parent = mount.clone();
+            }
+        }
+        let base = parent.join(JOBS);
         let _ = create_readable_dir(&base);
-        let handed = read_words(&own.join("cgroup.subtree_control"));
-        for &c in &wanted {
-            if handed.iter().any(|w| w == c.name()) {
+        for c in handed_down(&parent) {
+            if wanted.contains(&c) {
                 let _ = enable(&base, c);
             }
         }
@@ -305,14 +330,16 @@ pub struct JobCgroup {
     /// `cgroup.procs` of the v2 cgroup, prepared for the forked child (which must not
     /// allocate), for when it is not born in it.
     pub v2_procs: Option<CString>,
-    /// `cgroup.procs` of each v1 cgroup, which the child joins itself.
-    pub v1_procs: Vec<CString>,
+    /// `tasks` of each v1 cgroup, which the (single-threaded) child joins itself: moving the
+    /// calling thread alone skips the kernel's global threadgroup lock, whose RCU grace period
+    /// costs several milliseconds per join through `cgroup.procs`.
+    pub v1_tasks: Vec<CString>,
     /// Where the memory controller is, if the job has a memory limit (v2: true).
     memory: Option<(PathBuf, bool)>,
 }
 
-fn procs_of(dir: &Path) -> Option<CString> {
-    CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).ok()
+fn file_of(dir: &Path, name: &str) -> Option<CString> {
+    CString::new(dir.join(name).as_os_str().as_bytes()).ok()
 }
 
 fn write_limit(dir: &Path, file: &str, value: &str) -> Result<(), String> {
@@ -374,7 +401,7 @@ impl JobCgroup {
             v2: None,
             v1: Vec::new(),
             v2_procs: None,
-            v1_procs: Vec::new(),
+            v1_tasks: Vec::new(),
             memory: None,
         };
         if let Some(base) = &layout.v2 {
@@ -382,7 +409,7 @@ impl JobCgroup {
             let dir = base.join(&name);
             if create_readable_dir(&dir).is_ok() {
                 if dir.join("cgroup.kill").exists() {
-                    cg.v2_procs = procs_of(&dir);
+                    cg.v2_procs = file_of(&dir, "cgroup.procs");
                     cg.v2 = Some(dir);
                 } else {
                     // Too old a kernel to kill a whole cgroup: use the fallback.
@@ -416,7 +443,7 @@ impl JobCgroup {
             if create_readable_dir(&dir).is_err() {
                 continue;
             }
-            cg.v1_procs.extend(procs_of(&dir));
+            cg.v1_tasks.extend(file_of(&dir, "tasks"));
             cg.v1.push(dir.clone());
             if let Err(e) = apply(&dir, *c, limits, false) {
                 cg.remove();
@@ -435,7 +462,7 @@ impl JobCgroup {
             v2: None,
             v1: Vec::new(),
             v2_procs: None,
-            v1_procs: Vec::new(),
+            v1_tasks: Vec::new(),
             memory: None,
         };
         for d in dirs {
@@ -548,8 +575,8 @@ impl JobCgroup {
     }
 }
 
-/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs`. For the forked
-/// child: only open/write/close.
+/// Moves the calling process into the cgroup whose `cgroup.procs` (or, for a single-threaded
+/// caller on cgroup v1, `tasks`) is `procs`. For the forked child: only open/write/close.
 ///
 /// # Safety
 /// Async-signal-safe; `procs` must be a valid C string.
@@ -620,6 +647,36 @@ fn create_readable_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Defaults apply when a job asks for nothing; requests over a cap, zero requests and
+    /// defaults over their caps are refused with the flag named.
+    #[test]
+    fn limit_settings_apply_defaults_and_caps() {
+        let settings = LimitSettings {
+            pids_max: Some(4096),
+            default_cpus: Some(2),
+            max_cpus: Some(8),
+            default_host_mem_mib: Some(1024),
+            max_host_mem_mib: Some(4096),
+        };
+        assert_eq!(settings.check(), Ok(()));
+        assert_eq!(settings.resolve(None, None), Ok((Some(2), Some(1024))));
+        let err = |r: Result<_, String>| r.unwrap_err();
+        assert!(err(settings.resolve(Some(9), None)).contains("--max-cpus"));
+        assert!(err(settings.resolve(None, Some(4097))).contains("--max-host-mem"));
+        assert!(err(settings.resolve(Some(0), None)).contains("at least 1"));
+        assert!(err(settings.resolve(None, Some(0))).contains("at least 1"));
+        let bad = LimitSettings {
+            default_cpus: Some(9),
+            ..settings.clone()
+        };
+        assert!(bad.check().unwrap_err().contains("--default-cpus 9"));
+        let bad = LimitSettings {
+            default_host_mem_mib: Some(5000),
+            ..settings
+        };
+        assert!(bad.check().unwrap_err().contains("--default-host-mem"));
+    }
 
     #[test]
     fn controllers_have_their_kernel_names() {

@@ -519,7 +519,7 @@ struct ChildPlan {
     arrays: ExecArrays,
     venv_switch: Option<(CString, ExecArrays)>,
     cgroup_procs: Option<CString>,
-    v1_procs: Vec<CString>,
+    v1_tasks: Vec<CString>,
     switch_user: bool,
     uid: libc::uid_t,
     gid: libc::gid_t,
@@ -577,8 +577,8 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
         }
     }
     // Cgroup v1 hierarchies (limits on hybrid machines): joined while still privileged.
-    for procs in &plan.v1_procs {
-        if !crate::cgroup::enter(procs) {
+    for tasks in &plan.v1_tasks {
+        if !crate::cgroup::enter(tasks) {
             fail(Step::Cgroup);
         }
     }
@@ -701,7 +701,7 @@ fn start_with(
         arrays,
         venv_switch,
         cgroup_procs: cgroup.and_then(|c| c.v2_procs.clone()),
-        v1_procs: cgroup.map(|c| c.v1_procs.clone()).unwrap_or_default(),
+        v1_tasks: cgroup.map(|c| c.v1_tasks.clone()).unwrap_or_default(),
         switch_user: launch.switch_user,
         uid: account.uid,
         gid: account.gid,

@@ -1,4 +1,5 @@
-//! The books of job logs on disk: who uses how much, and what goes when a quota is passed.
+//! What each user makes the daemon keep on disk: the books of job logs (who uses how much, and
+//! what goes when a quota is passed) and of launch records ([`LaunchBook`]).
 //!
 //! Pure accounting (no file is touched here); the daemon carries out what it returns. Three
 //! bounds: output kept per job (across all its runs: a requeued run continues its job's

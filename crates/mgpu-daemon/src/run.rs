@@ -494,11 +494,16 @@ async fn run(args: Args) -> Result<()> {
             launches.release(*id);
         }
     }
-    crate::logquota::restore(
-        &mut daemon.logs.lock().unwrap(),
-        &daemon.store.log_owners()?,
-        &|id| daemon.log_path(id),
-    );
+    {
+        let mut logs = daemon.logs.lock().unwrap();
+        crate::logquota::restore(&mut logs, &daemon.store.log_owners()?, &|id| {
+            daemon.log_path(id)
+        });
+        // Ends recorded just above may not be committed yet.
+        for (id, ending) in &plan.ended {
+            logs.finished(*id, ending.at);
+        }
+    }
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
     let listener = server::bind(&socket)?;

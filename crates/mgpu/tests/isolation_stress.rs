@@ -65,7 +65,8 @@ fn one_user_floods_while_another_works() {
     let Some((a, b)) = test_users() else { return };
     let t0 = Instant::now();
     // The chatty job's log is capped (64 MiB): the flood must not fill the disk.
-    let s = Server::start("2x24GiB", &["--max-log-size", "64"]);
+    // Each job has at most 64 processes: the fork bomb below ends there.
+    let s = Server::start("2x24GiB", &["--max-log-size", "64", "--job-pids-max", "64"]);
     let mut hers = vec![
         s.detached_as(&b, &["--mem", "1", "--", "bash", "-c", &chatty(40)]),
         s.detached_as(&b, &["--mem", "1", "--", "bash", "-c", &chatty(40)]),
@@ -91,20 +92,16 @@ fn one_user_floods_while_another_works() {
             "while :; do head -c 65536 /dev/zero | tr '\\0' x; sleep 0.01; done",
         ],
     );
-    // FORK BOMB (issue 12 item 7): with the server's pids.max default (per-job limits, added
-    // separately) this becomes a real fork bomb, bounded by the job's cgroup; until then a
-    // bounded flood of 300 processes, which its cancel must end.
-    let bomb = s.detached_as(
-        &a,
-        &[
-            "--mem",
-            "1",
-            "--",
-            "bash",
-            "-c",
-            "for i in $(seq 300); do sleep 600 & done; wait",
-        ],
-    );
+    // A fork bomb, bounded by its cgroup's pids.max. Where this machine has no pids
+    // controller (the server says so at start), a bounded flood of 300 processes instead.
+    let bounded = mgpu_daemon::cgroup::layout().enforces(mgpu_daemon::cgroup::Controller::Pids);
+    let bomb_script = if bounded {
+        "f() { while :; do f & sleep 0.1; done; }; f"
+    } else {
+        eprintln!("no pids cgroup controller here: a bounded process flood instead of a fork bomb");
+        "for i in $(seq 300); do sleep 600 & done; wait"
+    };
+    let bomb = s.detached_as(&a, &["--mem", "1", "--", "bash", "-c", bomb_script]);
     let followers = Attacker::start(&s, &a, &format!("follow-noread {noisy} 20"));
     let listings = Attacker::start(&s, &a, "queue-noread 20");
     let partial = Attacker::start(&s, &a, &format!("partial 16 {}", 4 << 20));
@@ -136,7 +133,12 @@ fn one_user_floods_while_another_works() {
         assert_eq!(rec["state"], "COMPLETED", "{rec}");
         assert_whole_output(&s.log(id));
     }
-    // The process flood ends with its cancel.
+    // The fork bomb ran all along, within its bound, and ends with its cancel.
+    let bomb_now = acct(&s, bomb);
+    assert!(
+        bomb_now.is_null(),
+        "the fork bomb ended by itself: {bomb_now}"
+    );
     s.ok("mgpu_cancel", &[&bomb.to_string()]);
     wait_until(Duration::from_secs(30), || !acct(&s, bomb).is_null());
     assert_eq!(acct(&s, bomb)["state"], "CANCELLED");

@@ -399,11 +399,11 @@ fn jobs_get_a_logins_resource_limits() {
 #[test]
 fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
     let Some((a, b)) = test_users() else { return };
-    let s = Server::start(
+    let mut s = Server::start(
         "1x24GiB",
         &["--log-quota-per-user", "64K", "--log-quota", "1G"],
     );
-    let chatty = |user, bytes: usize, then: &str| {
+    let chatty = |s: &Server, user, bytes: usize, then: &str| {
         let script = format!("head -c {bytes} /dev/zero | tr '\\0' x; {then}");
         let mut c = s.cmd_as(user, "mgpu_srun");
         c.args(["-d", "--parsable", "--no-venv", "--", "bash", "-c", &script]);
@@ -411,15 +411,19 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
         s.wait_gone(id);
         id
     };
-    let removed = |id: u64| s.log(id).contains("was removed to keep its owner within");
-    let b1 = chatty(&b, 50_000, "true");
-    let a1 = chatty(&a, 20_000, "true");
-    let a2 = chatty(&a, 20_000, "true");
-    let a3 = chatty(&a, 20_000, "true");
+    let removed = |s: &Server, id: u64| s.log(id).contains("was removed to keep its owner within");
+    let b1 = chatty(&s, &b, 50_000, "true");
+    let a1 = chatty(&s, &a, 20_000, "true");
+    let a2 = chatty(&s, &a, 20_000, "true");
+    let a3 = chatty(&s, &a, 20_000, "true");
     assert_eq!(s.log(a1).len(), 20_000, "within the quota nothing goes");
+    // The books are rebuilt from the records and the logs at start-up.
+    s.restart();
     // 90,000 bytes: her two oldest logs go.
-    let a4 = chatty(&a, 30_000, "true");
-    wait_until(Duration::from_secs(10), || removed(a1) && removed(a2));
+    let a4 = chatty(&s, &a, 30_000, "true");
+    wait_until(Duration::from_secs(10), || {
+        removed(&s, a1) && removed(&s, a2)
+    });
     assert_eq!(s.log(a3).len(), 20_000);
     assert_eq!(s.log(a4).len(), 30_000);
     let own = s
@@ -432,7 +436,7 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
     // A job that alone passes the quota: the rest of her logs go, and it is truncated but
     // runs on to its end.
     let done = s.scratch.join("a5-ran-on");
-    let a5 = chatty(&a, 200_000, &format!("touch {}", done.display()));
+    let a5 = chatty(&s, &a, 200_000, &format!("touch {}", done.display()));
     assert_eq!(s.acct(a5)["state"], "COMPLETED");
     assert!(
         done.exists(),
@@ -445,10 +449,12 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
         &log[log.len().saturating_sub(300)..]
     );
     assert!(log.len() <= 64 * 1024 + 200, "{}", log.len());
-    wait_until(Duration::from_secs(10), || removed(a3) && removed(a4));
+    wait_until(Duration::from_secs(10), || {
+        removed(&s, a3) && removed(&s, a4)
+    });
     // The other user's log is whole.
     assert_eq!(s.log(b1).len(), 50_000);
-    assert!(!removed(b1));
+    assert!(!removed(&s, b1));
 }
 
 /// What one user's waiting jobs make the daemon store (commands, environments) is bounded per
@@ -482,4 +488,58 @@ fn launch_data_is_bounded_per_user() {
         s.wait_gone(id.parse().unwrap());
     }
     assert!(submit(&a).status.success());
+}
+
+/// Two running jobs of one user that together pass her log quota (each within the budget it
+/// started with): the daemon truncates the one whose log passed it; it runs on, and what it
+/// writes afterwards is discarded.
+#[test]
+fn log_quota_truncates_a_running_job_when_her_running_jobs_pass_it_together() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("2x24GiB", &["--log-quota-per-user", "64K"]);
+    let dir = s.scratch.display().to_string();
+    let wait_for = |f: &str| format!("while [ ! -e {dir}/{f} ]; do sleep 0.05; done");
+    // Both start (each with the whole quota as its budget), write 40,000 bytes, and once the
+    // test has seen the daemon react, 40,000 more.
+    let script = |n: u32| {
+        format!(
+            "touch {dir}/started-{n}; {}; {}; head -c 40000 /dev/zero | tr '\\0' x; {}; \
+             head -c 40000 /dev/zero | tr '\\0' y; touch {dir}/done-{n}; {}",
+            wait_for("started-1"),
+            wait_for("started-2"),
+            wait_for("go"),
+            wait_for("end"),
+        )
+    };
+    let ids: Vec<u64> = [1, 2]
+        .map(|n| s.detached_as(&a, &["--no-venv", "--", "bash", "-c", &script(n)]))
+        .to_vec();
+    let note = "its owner's log quota; further output is discarded";
+    let mut first = 0;
+    wait_until(Duration::from_secs(30), || {
+        first = ids
+            .iter()
+            .copied()
+            .find(|id| s.log(*id).contains(note))
+            .unwrap_or(0);
+        first != 0
+    });
+    std::fs::write(s.scratch.join("go"), "").unwrap();
+    // Both wrote all they had and still run (no finished log yet that could go instead); the
+    // other one, growing on past the quota, is truncated too.
+    wait_until(Duration::from_secs(30), || {
+        s.scratch.join("done-1").exists()
+            && s.scratch.join("done-2").exists()
+            && ids.iter().all(|id| s.log(*id).contains(note))
+    });
+    // Each started with a budget larger than all it writes: only the daemon, seeing both logs
+    // grow, truncated them; what the first wrote after its note was discarded.
+    let log = s.log(first);
+    assert!(!log.contains('y'), "{}", log.len());
+    assert!(log.trim_end().ends_with("(the job keeps running)"));
+    std::fs::write(s.scratch.join("end"), "").unwrap();
+    for id in &ids {
+        s.wait_gone(*id);
+        assert_eq!(s.acct(*id)["state"], "COMPLETED");
+    }
 }

@@ -3,8 +3,9 @@
 # found with their memory, jobs run as an ordinary user on the GPU they were given, two jobs
 # share one GPU by memory, memory used outside mgpu holds jobs back until it is freed, a job's
 # own memory is not mistaken for outside use, cancelling frees the GPU, a job array's tasks share
-# the GPU, and a GPU job survives a server restart. Needs a Python with PyTorch (the CUDA
-# workload).
+# the GPU, a PyTorch job that allocates past its --mem on a shared GPU ends OUT_OF_MEMORY while
+# its neighbour runs on (and the time that takes), and a GPU job survives a server restart.
+# Needs a Python with PyTorch (the CUDA workload).
 #
 # Usage: scripts/gpu-check.sh [BIN_DIR] [PYTHON]
 #   BIN_DIR: where the mgpu binaries are (default: target/dist, then target/release)
@@ -158,6 +159,40 @@ for j in "$too_big" "$excl"; do
     fail "job $j did not complete"
 done
 as_user "$bin/mgpu_log" "$too_big"
+
+say "5b. a PyTorch job that allocates past its --mem on a shared GPU ends OUT_OF_MEMORY; its neighbour runs on"
+nb=$(as_user "$bin/mgpu_srun" --detach --parsable --mem 8G -J neighbour -- python3 -c "$(cuda_job 4 30)")
+wait_state "$nb" RUNNING 5
+# 4 GiB inside its 8, then 1 GiB more every 0.2 s up to 16 GiB, saying when it crossed 8 GiB.
+over=$(as_user "$bin/mgpu_srun" --detach --parsable --mem 8G -J over -- python3 -c "import time,torch
+xs=[torch.empty(4*2**30,dtype=torch.uint8,device='cuda')]; torch.cuda.synchronize()
+print('inside', flush=True)
+for i in range(12):
+    xs.append(torch.empty(2**30,dtype=torch.uint8,device='cuda')); xs[-1].fill_(1); torch.cuda.synchronize()
+    if torch.cuda.memory_allocated() > 8*2**30 and 'crossed' not in globals():
+        crossed=time.time_ns(); print('crossed', crossed, flush=True)
+    time.sleep(0.2)
+time.sleep(60)")
+wait_state "$over" RUNNING 5
+[ "$(q "[j for j in q['jobs'] if j['id']==$over][0]['gpu_ids']")" = "$(q "[j for j in q['jobs'] if j['id']==$nb][0]['gpu_ids']")" ] ||
+  fail "jobs $over and $nb do not share a GPU"
+for _ in $(seq 3000); do [ "$(state_of "$over")" = GONE ] && break; sleep 0.01; done
+ended=$(date +%s%N)
+wait_state "$over" GONE 1
+crossed=$(as_user "$bin/mgpu_log" "$over" | awk '/^crossed/ {print $2}')
+as_user "$bin/mgpu_log" "$over"
+as_user "$bin/mgpu_acct" -j "$over"
+acct_over=$(as_user "$bin/mgpu_acct" --json -j "$over")
+[ "$("$py" -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["state"])' <<<"$acct_over")" = OUT_OF_MEMORY ] ||
+  fail "job $over (past its --mem on a shared GPU) did not end OUT_OF_MEMORY: $acct_over"
+as_user "$bin/mgpu_log" "$over" | grep -q "over its reservation of 8192 MiB" || fail "job $over's log does not say why it was stopped"
+[ "$("$py" -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["peak_gpu_mem_mib"] > 8192)' <<<"$acct_over")" = True ] ||
+  fail "job $over's peak GPU memory is not recorded above its --mem: $acct_over"
+[ -n "$crossed" ] && echo "job $over crossed its reservation -> gone from the queue (OUT_OF_MEMORY): $(( (ended - crossed) / 1000000 )) ms (--gpu-mem-tolerance, default 2 s; NVML read every 0.5 s; then SIGTERM)"
+[ "$(state_of "$nb")" = RUNNING ] || fail "neighbour $nb is $(state_of "$nb") after job $over was stopped"
+wait_state "$nb" GONE 60
+[ "$(as_user "$bin/mgpu_acct" --json -j "$nb" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["state"])')" = COMPLETED ] ||
+  fail "neighbour $nb did not complete"
 
 say "6. a CUDA job survives a server restart"
 r=$(as_user "$bin/mgpu_srun" --detach --parsable --mem 10G -J survivor -- python3 -c "$(cuda_job 4 15)")

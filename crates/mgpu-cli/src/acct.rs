@@ -140,6 +140,7 @@ pub fn to_json(r: &AcctRecord) -> serde_json::Value {
         "gpus": r.gpus,
         "gpu_ids": r.gpu_ids,
         "mem_mib": r.mem_mib,
+        "peak_gpu_mem_mib": r.peak_gpu_mem_mib,
         "restarts": r.restarts,
         "gpu_hours": r.gpu_hours(),
         "message": r.message,
@@ -168,6 +169,7 @@ pub fn render(records: &[AcctRecord]) -> String {
         "ELAPSED",
         "GPUS",
         "MEM",
+        "MAXGPUMEM",
         "RESTARTS",
         "GPU-HOURS",
     ]);
@@ -186,6 +188,9 @@ pub fn render(records: &[AcctRecord]) -> String {
             r.mem_mib
                 .map(|m| format!("{m}M"))
                 .unwrap_or_else(|| "excl".into()),
+            r.peak_gpu_mem_mib
+                .map(|m| format!("{m}M"))
+                .unwrap_or_else(|| "-".into()),
             r.restarts.to_string(),
             format!("{:.3}", r.gpu_hours()),
         ]);

@@ -126,7 +126,13 @@ impl serde::Serialize for JsonQueue<'_> {
                     "total_mib": g.total_mib,
                     "reserved_mib": g.reserved_mib,
                     "used_mib": g.used_mib,
+                    "util_pct": g.util_pct,
                     "jobs": g.jobs,
+                    "foreign": g.foreign.iter().map(|p| json!({
+                        "pid": p.pid,
+                        "user": p.user,
+                        "used_mib": p.used_mib,
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -146,7 +152,7 @@ impl serde::Serialize for JsonJobs<'_> {
         impl serde::Serialize for Job<'_> {
             fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
                 let j = self.0;
-                let mut m = ser.serialize_map(Some(17))?;
+                let mut m = ser.serialize_map(Some(19))?;
                 m.serialize_entry("id", &j.id)?;
                 m.serialize_entry("user", &j.user)?;
                 m.serialize_entry("name", &j.name)?;
@@ -164,6 +170,9 @@ impl serde::Serialize for JsonJobs<'_> {
                 m.serialize_entry("est_start", &j.est_start.map(rfc3339))?;
                 m.serialize_entry("array_job", &j.array.map(|a| a.job))?;
                 m.serialize_entry("array_task", &j.array.map(|a| a.task))?;
+                // Per GPU index (as a string key), where measured.
+                m.serialize_entry("used_mib", &j.used_mib)?;
+                m.serialize_entry("peak_mib", &j.peak_mib)?;
                 m.end()
             }
         }
@@ -240,13 +249,33 @@ fn index_ranges(tasks: &[u32]) -> String {
 }
 
 /// Column names of [`job_rows`].
-pub const JOB_COLUMNS: [&str; 8] = [
-    "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "TIME", "REASON",
+pub const JOB_COLUMNS: [&str; 9] = [
+    "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "USED", "TIME", "REASON",
 ];
+
+/// Position of the USED column in [`job_rows`].
+pub const USED_COLUMN: usize = 6;
+
+/// The most GPU memory a job's processes use on one GPU now, where measured.
+pub fn max_used(j: &JobInfo) -> Option<u64> {
+    j.used_mib
+        .as_ref()
+        .map(|u| u.values().copied().max().unwrap_or(0))
+}
+
+/// Is a job using more GPU memory than it reserved on some GPU (on one it does not hold,
+/// anything)? Exclusive jobs never are.
+pub fn is_over(j: &JobInfo) -> bool {
+    let (Some(mem), Some(used)) = (j.mem_mib, &j.used_mib) else {
+        return false;
+    };
+    used.iter()
+        .any(|(g, &u)| u > if j.gpu_ids.contains(g) { mem } else { 0 })
+}
 
 /// The rows of the jobs table, in the snapshot's order. Waiting tasks of a job array share a
 /// row unless `array_tasks`.
-pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 8]> {
+pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 9]> {
     let mut rows = Vec::new();
     let mut rest = &s.jobs[..];
     while let Some(j) = rest.first() {
@@ -293,6 +322,11 @@ pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 8]> {
             j.state.as_str().to_string(),
             gpus,
             mem,
+            // The most it uses on one of its GPUs (`!`: over its reservation).
+            match max_used(j) {
+                Some(u) => format!("{u}M{}", if is_over(j) { "!" } else { "" }),
+                None => "-".into(),
+            },
             format!("{}/{}", format_duration(elapsed), limit),
             match (&j.reason, j.est_start) {
                 (Some(r), Some(t)) => format!("{r} (start by {})", short_time(t, s.now)),
@@ -313,13 +347,14 @@ pub fn render(s: &QueueSnapshot, array_tasks: bool) -> String {
         jobs.add_row(row);
     }
     let mut gpus = table();
-    gpus.set_header(["GPU", "NAME", "RESERVED/USED/TOTAL (MiB)", "JOBS"]);
+    gpus.set_header(["GPU", "NAME", "RESERVED/USED/TOTAL (MiB)", "UTIL", "JOBS"]);
     for g in &s.gpus {
         let ids: Vec<String> = g.jobs.iter().map(u64::to_string).collect();
         gpus.add_row([
             g.index.to_string(),
             g.name.clone(),
             format!("{}/{}/{}", g.reserved_mib, g.used_mib, g.total_mib),
+            g.util_pct.map_or("-".into(), |u| format!("{u}%")),
             if ids.is_empty() {
                 "-".into()
             } else {
@@ -327,7 +362,31 @@ pub fn render(s: &QueueSnapshot, array_tasks: bool) -> String {
             },
         ]);
     }
-    format!("{jobs}\n\n{gpus}\n(policy: {})\n", s.policy)
+    let mut foreign = String::new();
+    for line in foreign_lines(s) {
+        foreign.push_str(&line);
+        foreign.push('\n');
+    }
+    format!("{jobs}\n\n{gpus}\n{foreign}(policy: {})\n", s.policy)
+}
+
+/// One line per process on a GPU that belongs to no mgpu job (someone bypassing the
+/// scheduler), for the admin to act on.
+pub fn foreign_lines(s: &QueueSnapshot) -> Vec<String> {
+    s.gpus
+        .iter()
+        .flat_map(|g| {
+            g.foreign.iter().map(move |p| {
+                format!(
+                    "not an mgpu job: pid {} ({}) uses {} MiB on GPU {}",
+                    p.pid,
+                    p.user.as_deref().unwrap_or("user unknown"),
+                    p.used_mib,
+                    g.index
+                )
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -364,6 +423,8 @@ mod tests {
                 max: 9,
                 limit: None,
             }),
+            used_mib: None,
+            peak_mib: None,
         }
     }
 
@@ -405,5 +466,53 @@ mod tests {
         assert_eq!(rows(render(&snapshot, true)).len(), 8);
         assert_eq!(index_ranges(&[1, 3, 5, 7, 9, 11]), "1-11:2");
         assert_eq!(index_ranges(&[1, 3, 4, 6, 9, 11]), "1,3-4,6,9,...");
+    }
+
+    /// USED is the most a running job uses on one GPU, `!` when over its reservation (on a GPU
+    /// it does not hold, any use is); processes outside mgpu are listed with their user.
+    #[test]
+    fn used_memory_and_foreign_processes() {
+        let mut inside = job(1, JobState::Running, None);
+        inside.mem_mib = Some(4096);
+        inside.used_mib = Some([(0, 4096)].into());
+        let mut elsewhere = job(2, JobState::Running, None);
+        elsewhere.mem_mib = Some(4096);
+        elsewhere.used_mib = Some([(0, 10), (1, 1)].into());
+        let mut exclusive = job(3, JobState::Running, None);
+        exclusive.used_mib = Some([(0, 80_000)].into());
+        assert!(!is_over(&inside) && is_over(&elsewhere) && !is_over(&exclusive));
+        let snapshot = QueueSnapshot {
+            now: 0,
+            policy: "fair".into(),
+            gpus: vec![mgpu_proto::GpuInfo {
+                index: 0,
+                name: "g".into(),
+                total_mib: 81_920,
+                reserved_mib: 0,
+                used_mib: 0,
+                jobs: vec![],
+                util_pct: Some(3),
+                foreign: vec![mgpu_proto::ForeignProcess {
+                    pid: 7,
+                    user: None,
+                    used_mib: 5,
+                }],
+            }],
+            jobs: vec![
+                inside,
+                elsewhere,
+                exclusive,
+                job(4, JobState::Pending, None),
+            ],
+        };
+        let rows = job_rows(&snapshot, false);
+        let used: Vec<&str> = rows.iter().map(|r| r[USED_COLUMN].as_str()).collect();
+        assert_eq!(used, ["4096M", "10M!", "80000M", "-"]);
+        let text = render(&snapshot, false);
+        assert!(
+            text.contains("not an mgpu job: pid 7 (user unknown) uses 5 MiB on GPU 0"),
+            "{text}"
+        );
+        assert!(text.contains("3%"), "{text}");
     }
 }

@@ -325,6 +325,29 @@ pub struct Scheduler {
     /// Job arrays with a cap on their tasks (`%N`), by array id.
     /// (Ordered: the arrays' id ranges do not overlap, so held tasks list in id order.)
     throttles: BTreeMap<JobId, Throttle>,
+    /// Jobs over their reservation on a GPU they share, since the first reading that saw it.
+    over_since: HashMap<JobId, Millis>,
+}
+
+/// A running job measured over its GPU memory reservation on one GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overuse {
+    pub job: JobId,
+    pub gpu: u32,
+    pub used_mib: u64,
+    /// Its reservation there (0 on a GPU it does not hold).
+    pub reserved_mib: u64,
+}
+
+/// What to do about jobs over their GPU memory reservations ([`Scheduler::memory_actions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryAction {
+    /// Over its reservation on a GPU it shares with other jobs, for at least the tolerance:
+    /// it threatens its neighbours and is to be stopped.
+    Stop(Overuse),
+    /// Over its reservation, but nobody else is on that GPU: nobody to protect yet (its use is
+    /// charged, so newcomers are only placed next to what it really uses).
+    Alone(Overuse),
 }
 
 impl Scheduler {
@@ -347,6 +370,7 @@ impl Scheduler {
             recheck_at: None,
             last_now: 0,
             throttles: BTreeMap::new(),
+            over_since: HashMap::new(),
         }
     }
 
@@ -700,6 +724,7 @@ impl Scheduler {
         let share = placement::usage_share(&self.gpus, &job.gpus, &job.request);
         self.rate_changes.push((job.request.uid, -share));
         placement::release(&mut self.gpus, id, &job.request);
+        self.over_since.remove(&id);
         self.full_pass_needed = true;
         self.task_left(&job.request);
         job.state = state;
@@ -717,6 +742,84 @@ impl Scheduler {
             }
             gpu.foreign_mib = used_mib;
         }
+    }
+
+    /// Records one reading of GPU `index`: the memory each running job's processes use there
+    /// (jobs not listed use none). A memory job is charged the larger of its reservation and
+    /// its use, so a job using more than it reserved keeps newcomers off that memory. Readings
+    /// of jobs that are not running are ignored.
+    pub fn set_job_usage(&mut self, index: u32, used: &[(JobId, u64)]) {
+        let Some(pos) = self.gpus.iter().position(|g| g.spec.index == index) else {
+            return;
+        };
+        let mut used_by = BTreeMap::new();
+        let mut excess = 0u64;
+        for &(id, mib) in used {
+            let Some(job) = self.jobs.get(&id).filter(|j| j.state == JobState::Running) else {
+                continue;
+            };
+            let slot: &mut u64 = used_by.entry(id).or_default();
+            let before = slot.saturating_sub(self.gpus[pos].reservation_of(id, &job.request));
+            *slot = slot.saturating_add(mib);
+            let after = slot.saturating_sub(self.gpus[pos].reservation_of(id, &job.request));
+            excess = excess - before + after;
+        }
+        let gpu = &mut self.gpus[pos];
+        // Less charged memory may let jobs start; any change moves the reservation's plan.
+        if excess < gpu.excess_mib || (excess != gpu.excess_mib && self.reservation.is_some()) {
+            self.full_pass_needed = true;
+        }
+        gpu.excess_mib = excess;
+        gpu.used_by = used_by;
+    }
+
+    /// The jobs over their GPU memory reservations as of the latest readings, and what to do:
+    /// a memory job over its reservation on a GPU it shares with other jobs for `tolerance_ms`
+    /// (counted from the first reading at `now` that saw it so) is to be stopped; one alone on
+    /// the GPU is only reported. Exclusive jobs own their GPUs and are never stopped for
+    /// memory. One action per job, for its GPU with the most memory over (shared GPUs first).
+    pub fn memory_actions(&mut self, now: Millis, tolerance_ms: u64) -> Vec<MemoryAction> {
+        let mut worst: BTreeMap<JobId, (bool, Overuse)> = BTreeMap::new();
+        for gpu in &self.gpus {
+            for (&id, &used_mib) in &gpu.used_by {
+                let Some(job) = self.jobs.get(&id) else {
+                    continue;
+                };
+                if job.request.is_exclusive() {
+                    continue;
+                }
+                let reserved_mib = gpu.reservation_of(id, &job.request);
+                if used_mib <= reserved_mib {
+                    continue;
+                }
+                let shared = gpu.jobs().iter().any(|&other| other != id);
+                let over = Overuse {
+                    job: id,
+                    gpu: gpu.spec.index,
+                    used_mib,
+                    reserved_mib,
+                };
+                let key = |s: bool, o: &Overuse| (s, o.used_mib - o.reserved_mib);
+                let e = worst.entry(id).or_insert((shared, over));
+                if key(shared, &over) > key(e.0, &e.1) {
+                    *e = (shared, over);
+                }
+            }
+        }
+        self.over_since
+            .retain(|id, _| worst.get(id).is_some_and(|w| w.0));
+        let mut actions = Vec::new();
+        for (id, (shared, over)) in worst {
+            if !shared {
+                actions.push(MemoryAction::Alone(over));
+                continue;
+            }
+            let since = *self.over_since.entry(id).or_insert(now);
+            if now.saturating_sub(since) >= tolerance_ms {
+                actions.push(MemoryAction::Stop(over));
+            }
+        }
+        actions
     }
 
     /// Running jobs (by id) then pending jobs in priority order (as of the latest pass).

@@ -9,6 +9,8 @@
 //! Placement packs memory jobs tightly (best fit, onto GPUs already shared first) so that whole
 //! GPUs stay free for exclusive and multi-GPU jobs.
 
+use std::collections::BTreeMap;
+
 use crate::{GpuSpec, JobId, JobRequest};
 
 /// The scheduler's view of one GPU.
@@ -23,6 +25,11 @@ pub struct GpuState {
     pub exclusive: Option<JobId>,
     /// Memory jobs on it, in placement order.
     pub sharers: Vec<JobId>,
+    /// GPU memory each running job's processes use on it, as last measured (NVML).
+    pub used_by: BTreeMap<JobId, u64>,
+    /// What jobs use on it beyond their reservations there (0 on a GPU a job does not hold):
+    /// charged like reservations, so nobody is placed on memory that is really taken.
+    pub excess_mib: u64,
 }
 
 impl GpuState {
@@ -33,6 +40,20 @@ impl GpuState {
             foreign_mib: 0,
             exclusive: None,
             sharers: Vec::new(),
+            used_by: BTreeMap::new(),
+            excess_mib: 0,
+        }
+    }
+
+    /// What job `id` has reserved here: its `--mem` when it shares the GPU, all of it when it
+    /// holds the GPU exclusively, nothing when it does not hold the GPU.
+    pub fn reservation_of(&self, id: JobId, request: &JobRequest) -> u64 {
+        if self.exclusive == Some(id) {
+            self.spec.total_mib
+        } else if self.sharers.contains(&id) {
+            request.mem_mib.unwrap_or(0)
+        } else {
+            0
         }
     }
 
@@ -49,12 +70,13 @@ impl GpuState {
         self.spec
             .total_mib
             .saturating_sub(self.reserved_mib)
+            .saturating_sub(self.excess_mib)
             .saturating_sub(self.foreign_mib)
     }
 
     /// Can an exclusive job take it?
     pub fn takes_exclusive(&self) -> bool {
-        self.is_idle() && self.foreign_mib == 0
+        self.is_idle() && self.foreign_mib == 0 && self.excess_mib == 0
     }
 
     /// The jobs on it.
@@ -134,9 +156,14 @@ pub fn reserve(gpus: &mut [GpuState], chosen: &[u32], id: JobId, request: &JobRe
     }
 }
 
-/// Frees everything job `id` holds.
+/// Frees everything job `id` holds, and the memory it was measured to use beyond that.
 pub fn release(gpus: &mut [GpuState], id: JobId, request: &JobRequest) {
     for gpu in gpus.iter_mut() {
+        if let Some(used) = gpu.used_by.get(&id).copied() {
+            let excess = used.saturating_sub(gpu.reservation_of(id, request));
+            gpu.excess_mib = gpu.excess_mib.saturating_sub(excess);
+            gpu.used_by.remove(&id);
+        }
         if gpu.exclusive == Some(id) {
             gpu.exclusive = None;
         }

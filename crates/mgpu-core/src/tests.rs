@@ -259,6 +259,17 @@ fn check_invariants(s: &Scheduler) {
             .map(|id| s.job(*id).unwrap().request.mem_mib.unwrap())
             .sum();
         assert_eq!(sum, g.reserved_mib, "reservation books wrong");
+        // Measured use beyond the reservations is charged exactly, for running jobs only.
+        let excess: u64 = g
+            .used_by
+            .iter()
+            .map(|(id, used)| {
+                let job = s.job(*id).expect("measured job tracked");
+                assert_eq!(job.state, JobState::Running, "measured job not running");
+                used.saturating_sub(g.reservation_of(*id, &job.request))
+            })
+            .sum();
+        assert_eq!(excess, g.excess_mib, "excess books wrong");
     }
     for job in s.jobs_in_order() {
         match job.state {
@@ -292,6 +303,8 @@ enum Op {
     /// Cancel the k-th known job (mod count).
     Cancel(usize),
     Foreign(u32, u64),
+    /// The k-th running job is measured using this much on GPU i (mod count).
+    Usage(usize, u32, u64),
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
@@ -300,6 +313,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(Op::Finish),
         1 => any::<usize>().prop_map(Op::Cancel),
         1 => (0u32..4, prop_oneof![Just(0u64), 0u64..10_000]).prop_map(|(i, m)| Op::Foreign(i, m)),
+        2 => (any::<usize>(), 0u32..4, 0u64..40_000).prop_map(|(k, i, m)| Op::Usage(k, i, m)),
     ]
 }
 
@@ -343,16 +357,50 @@ proptest! {
                     }
                 }
                 Op::Foreign(i, m) => s.set_foreign_usage(i % mems.len() as u32, m),
+                Op::Usage(k, i, m) => {
+                    let running: Vec<JobId> = s.jobs_in_order()
+                        .filter(|j| j.state == JobState::Running).map(|j| j.id).collect();
+                    if !running.is_empty() {
+                        let id = running[k % running.len()];
+                        s.set_job_usage(i % mems.len() as u32, &[(id, m)]);
+                    }
+                }
             }
+            let before: Vec<GpuState> = s.gpus().to_vec();
             for a in s.schedule(now) {
                 prop_assert!(!ended.contains(&a.job));
-                // At placement time the job fit next to what foreign processes use.
+                // At placement time the job fit next to what foreign processes use and what
+                // jobs use beyond their reservations (each charged max(reservation, use)).
                 for idx in &a.gpus {
                     let g = &s.gpus()[*idx as usize];
-                    prop_assert!(g.reserved_mib + g.foreign_mib <= g.spec.total_mib);
+                    prop_assert!(
+                        g.reserved_mib + g.excess_mib + g.foreign_mib <= g.spec.total_mib
+                    );
+                    if let Some(mem) = s.job(a.job).unwrap().request.mem_mib {
+                        let b = &before[*idx as usize];
+                        let charged: u64 = b.sharers.iter().map(|j| {
+                            let r = s.job(*j).unwrap().request.mem_mib.unwrap();
+                            r.max(b.used_by.get(j).copied().unwrap_or(0))
+                        }).sum::<u64>() + b.used_by.iter()
+                            .filter(|(j, _)| !b.sharers.contains(j) && b.exclusive != Some(**j))
+                            .map(|(_, u)| *u).sum::<u64>();
+                        prop_assert!(charged + b.foreign_mib + mem <= b.spec.total_mib);
+                    }
                 }
             }
             check_invariants(&s);
+            // Only memory jobs over their reservation on a GPU with another job are stopped.
+            for action in s.memory_actions(now, 0) {
+                let (MemoryAction::Stop(o) | MemoryAction::Alone(o)) = action;
+                let job = s.job(o.job).unwrap();
+                prop_assert!(!job.request.is_exclusive());
+                let g = s.gpus().iter().find(|g| g.spec.index == o.gpu).unwrap();
+                prop_assert_eq!(o.used_mib, g.used_by[&o.job]);
+                prop_assert_eq!(o.reserved_mib, g.reservation_of(o.job, &job.request));
+                prop_assert!(o.used_mib > o.reserved_mib);
+                let shared = g.jobs().iter().any(|&j| j != o.job);
+                prop_assert_eq!(matches!(action, MemoryAction::Stop(_)), shared);
+            }
             // Every submitted job is in exactly one place.
             for id in &submitted {
                 let tracked = s.job(*id).is_some();
@@ -1265,4 +1313,114 @@ proptest! {
             prop_assert!(ran.contains(&id) || cancelled.contains(&id), "job {} never ran", id);
         }
     }
+}
+
+/// A memory job measured over its reservation is charged what it uses: a newcomer is not placed
+/// on that memory, and is once the job is back inside (or gone).
+#[test]
+fn a_job_over_its_reservation_is_charged_what_it_uses() {
+    let mut s = Scheduler::new(gpus(&[24_000]), config(Policy::Fifo), 1);
+    let a = s.submit(req(1, 1, Some(4_000)), 0).unwrap();
+    assert_eq!(s.schedule(0).len(), 1);
+    // Uses 18 000 of its 4 000: 14 000 over, so 24 000 - 4 000 - 14 000 = 6 000 free.
+    s.set_job_usage(0, &[(a, 18_000)]);
+    assert_eq!(s.gpus()[0].excess_mib, 14_000);
+    assert_eq!(s.gpus()[0].free_mib(), 6_000);
+    let b = s.submit(req(2, 1, Some(8_000)), 1).unwrap();
+    assert!(
+        s.schedule(1).is_empty(),
+        "placed on memory job {a} really uses"
+    );
+    let c = s.submit(req(2, 1, Some(6_000)), 2).unwrap();
+    assert_eq!(
+        s.schedule(2),
+        vec![Assignment {
+            job: c,
+            gpus: vec![0]
+        }]
+    );
+    // Using less than it reserved frees nothing: the reservation still counts.
+    s.set_job_usage(0, &[(a, 1_000), (c, 100)]);
+    assert_eq!(s.gpus()[0].excess_mib, 0);
+    assert_eq!(s.gpus()[0].free_mib(), 14_000);
+    assert_eq!(
+        s.schedule(3),
+        vec![Assignment {
+            job: b,
+            gpus: vec![0]
+        }]
+    );
+    // Its end takes its excess with it.
+    s.set_job_usage(0, &[(a, 20_000)]);
+    assert_eq!(s.gpus()[0].excess_mib, 16_000);
+    s.finish(a, JobState::Completed);
+    assert_eq!(s.gpus()[0].excess_mib, 0);
+    assert!(s.gpus()[0].used_by.is_empty());
+    check_invariants(&s);
+}
+
+/// Memory a job uses on a GPU it does not hold is all over its (zero) reservation there; an
+/// exclusive job's use is its own business; readings of jobs that do not run are ignored.
+#[test]
+fn use_on_other_gpus_exclusive_jobs_and_unknown_jobs() {
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), config(Policy::Fifo), 1);
+    let x = s.submit(req(1, 1, None), 0).unwrap();
+    let m = s.submit(req(1, 1, Some(4_000)), 0).unwrap();
+    let started = s.schedule(0);
+    assert_eq!(started.len(), 2);
+    let (xg, mg) = (s.job(x).unwrap().gpus[0], s.job(m).unwrap().gpus[0]);
+    s.set_job_usage(xg, &[(x, 24_000), (99, 5_000)]);
+    assert_eq!(s.gpus()[xg as usize].excess_mib, 0);
+    assert!(!s.gpus()[xg as usize].used_by.contains_key(&99));
+    s.set_job_usage(mg, &[(m, 1_000), (x, 3_000)]);
+    assert_eq!(s.gpus()[mg as usize].excess_mib, 3_000);
+    // The exclusive job is never to be stopped, even over on a GPU it does not hold.
+    assert_eq!(s.memory_actions(0, 0), vec![]);
+    check_invariants(&s);
+}
+
+/// A memory job over its reservation on a shared GPU is stopped once it has been over for the
+/// tolerance; alone, it is only reported, and its clock starts when someone joins it.
+#[test]
+fn over_reservation_on_a_shared_gpu_is_stopped_after_the_tolerance() {
+    let mut s = Scheduler::new(gpus(&[24_000]), config(Policy::Fifo), 1);
+    let a = s.submit(req(1, 1, Some(4_000)), 0).unwrap();
+    s.schedule(0);
+    s.set_job_usage(0, &[(a, 10_000)]);
+    let over = Overuse {
+        job: a,
+        gpu: 0,
+        used_mib: 10_000,
+        reserved_mib: 4_000,
+    };
+    assert_eq!(
+        s.memory_actions(1_000, 2_000),
+        vec![MemoryAction::Alone(over)]
+    );
+    let b = s.submit(req(2, 1, Some(4_000)), 5_000).unwrap();
+    assert_eq!(s.schedule(5_000).len(), 1);
+    // Shared from now on: the tolerance counts from the first reading that sees it so.
+    assert_eq!(s.memory_actions(5_500, 2_000), vec![]);
+    assert_eq!(s.memory_actions(7_000, 2_000), vec![]);
+    assert_eq!(
+        s.memory_actions(7_500, 2_000),
+        vec![MemoryAction::Stop(over)]
+    );
+    // Back inside its reservation: the clock starts afresh next time.
+    s.set_job_usage(0, &[(a, 3_000), (b, 4_000)]);
+    assert_eq!(s.memory_actions(8_000, 2_000), vec![]);
+    s.set_job_usage(0, &[(a, 10_000), (b, 4_000)]);
+    assert_eq!(s.memory_actions(8_500, 2_000), vec![]);
+    assert_eq!(
+        s.memory_actions(10_500, 2_000),
+        vec![MemoryAction::Stop(over)]
+    );
+    // With no tolerance, at once; the neighbour inside its reservation is never named.
+    s.set_job_usage(0, &[(a, 10_000), (b, 4_500)]);
+    let actions = s.memory_actions(11_000, 0);
+    assert_eq!(actions.len(), 2);
+    assert!(actions.contains(&MemoryAction::Stop(over)));
+    s.finish(a, JobState::OutOfMemory);
+    s.set_job_usage(0, &[(b, 4_000)]);
+    assert_eq!(s.memory_actions(12_000, 0), vec![]);
 }

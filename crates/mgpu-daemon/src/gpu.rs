@@ -1,12 +1,12 @@
 //! GPU backends: NVML for real GPUs (the library is loaded at run time), and simulated GPUs for
 //! machines without any. Both feed the same scheduler core.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use mgpu_core::GpuSpec;
+use mgpu_core::{GpuSpec, JobId};
 use nvml_wrapper::error::NvmlError;
 
 /// Memory use of one GPU as the driver sees it.
@@ -19,7 +19,26 @@ pub struct Usage {
     pub foreign_mib: u64,
     /// Why the GPU's figures could not be read (lost GPU, NVML error); the rest is then 0.
     pub error: Option<String>,
+    /// Percent of the last sample period a kernel ran, where the GPU reports it.
+    pub util_pct: Option<u32>,
+    /// Memory the jobs' processes use on it, per job (each job once).
+    pub jobs: Vec<(JobId, u64)>,
+    /// The processes on it that belong to no job.
+    pub foreign: Vec<ForeignProcess>,
 }
+
+/// A process on a GPU that belongs to no mgpu job (someone bypassing the scheduler).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignProcess {
+    pub pid: u32,
+    /// Its owner's name (or uid), when /proc still shows the process.
+    pub user: Option<String>,
+    /// Its memory (1 MiB when the driver does not say).
+    pub used_mib: u64,
+}
+
+/// Foreign processes listed per GPU, at most (a bound on what a reading keeps and shows).
+pub const MAX_FOREIGN_SHOWN: usize = 16;
 
 /// A source of GPUs.
 pub trait GpuBackend: Send {
@@ -27,9 +46,9 @@ pub trait GpuBackend: Send {
     fn describe(&self) -> String;
     /// The GPUs, fixed for the life of the daemon.
     fn gpus(&self) -> Vec<GpuSpec>;
-    /// Current memory use; `is_ours(pid)` tells whether a process belongs to an mgpu job.
+    /// Current memory use; `job_of(pid)` tells which mgpu job a process belongs to, if any.
     /// `None` when the backend has nothing to report (simulated GPUs).
-    fn usage(&self, is_ours: &dyn Fn(u32) -> bool) -> Option<Vec<Usage>>;
+    fn usage(&self, job_of: &dyn Fn(u32) -> Option<JobId>) -> Option<Vec<Usage>>;
 }
 
 /// A library the server (root) is to load must be as trustworthy as the server itself: owned
@@ -66,32 +85,32 @@ fn check_library(path: &Path) -> Result<()> {
 /// fork) still count: they stay below the supervisor, which is the job's child subreaper.
 #[derive(Debug, Default)]
 pub struct JobProcesses {
-    leaders: Vec<i32>,
+    leaders: Vec<(i32, JobId)>,
     /// Job leaders (each the id of its job's session and process group) and their supervisors,
-    /// found when first needed (a GPU with no process needs none of it).
-    roots: std::sync::OnceLock<HashSet<i32>>,
+    /// with their jobs, found when first needed (a GPU with no process needs none of it).
+    roots: std::sync::OnceLock<HashMap<i32, JobId>>,
 }
 
 /// Deeper process trees than this are not followed (a bound on /proc reads per process).
 const MAX_ANCESTRY: usize = 256;
 
 impl JobProcesses {
-    /// From the running jobs' leaders (the supervisors are their parents).
-    pub fn new(leaders: impl IntoIterator<Item = i32>) -> Self {
+    /// From the running jobs' leaders and their jobs (the supervisors are their parents).
+    pub fn new(leaders: impl IntoIterator<Item = (i32, JobId)>) -> Self {
         JobProcesses {
-            leaders: leaders.into_iter().filter(|&l| l > 1).collect(),
+            leaders: leaders.into_iter().filter(|&(l, _)| l > 1).collect(),
             roots: Default::default(),
         }
     }
 
-    fn roots(&self) -> &HashSet<i32> {
+    fn roots(&self) -> &HashMap<i32, JobId> {
         self.roots.get_or_init(|| {
-            let mut roots = HashSet::new();
-            for &leader in &self.leaders {
-                roots.insert(leader);
+            let mut roots = HashMap::new();
+            for &(leader, job) in &self.leaders {
+                roots.insert(leader, job);
                 let supervisor = crate::supervisor::stat_field(leader, 1);
                 if let Some(supervisor) = supervisor.filter(|&p| p > 1) {
-                    roots.insert(supervisor);
+                    roots.insert(supervisor, job);
                 }
             }
             roots
@@ -100,29 +119,30 @@ impl JobProcesses {
 
     /// Is `pid` one of the jobs' processes?
     pub fn contains(&self, pid: u32) -> bool {
-        let Ok(mut pid) = i32::try_from(pid) else {
-            return false;
-        };
+        self.job_of(pid).is_some()
+    }
+
+    /// The job `pid` belongs to, if any.
+    pub fn job_of(&self, pid: u32) -> Option<JobId> {
+        let mut pid = i32::try_from(pid).ok()?;
         if self.leaders.is_empty() {
-            return false;
+            return None;
         }
         let roots = self.roots();
         for _ in 0..MAX_ANCESTRY {
             if pid <= 1 {
-                return false;
+                return None;
             }
-            if roots.contains(&pid) {
-                return true;
+            if let Some(&job) = roots.get(&pid) {
+                return Some(job);
             }
-            let Some((ppid, session)) = parent_and_session(pid) else {
-                return false;
-            };
-            if roots.contains(&session) {
-                return true;
+            let (ppid, session) = parent_and_session(pid)?;
+            if let Some(&job) = roots.get(&session) {
+                return Some(job);
             }
             pid = ppid;
         }
-        false
+        None
     }
 }
 
@@ -134,6 +154,14 @@ fn parent_and_session(pid: i32) -> Option<(i32, i32)> {
     let ppid = fields.nth(1)?.parse().ok()?;
     let session = fields.nth(1)?.parse().ok()?;
     Some((ppid, session))
+}
+
+/// A process's owner (its real uid), from /proc.
+fn owner_of(pid: u32) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
+        .ok()
+        .map(|m| m.uid())
 }
 
 /// Parses `4x24GiB` or `2x80GiB,2x24GiB` (units GiB/G/GB, MiB/M/MB; count optional).
@@ -221,7 +249,7 @@ impl GpuBackend for Simulated {
     fn gpus(&self) -> Vec<GpuSpec> {
         self.gpus.clone()
     }
-    fn usage(&self, _: &dyn Fn(u32) -> bool) -> Option<Vec<Usage>> {
+    fn usage(&self, _: &dyn Fn(u32) -> Option<JobId>) -> Option<Vec<Usage>> {
         None
     }
 }
@@ -278,11 +306,15 @@ impl Nvml {
     }
 
     /// One GPU's figures.
-    fn read(&self, index: u32, is_ours: &dyn Fn(u32) -> bool) -> Result<Usage, NvmlError> {
+    fn read(&self, index: u32, job_of: &dyn Fn(u32) -> Option<JobId>) -> Result<Usage, NvmlError> {
         use nvml_wrapper::enums::device::UsedGpuMemory;
         let dev = self.nvml.device_by_index(index)?;
         let used_mib = dev.memory_info()?.used / MIB;
+        // Not every GPU reports its utilisation: that is no error.
+        let util_pct = dev.utilization_rates().ok().map(|u| u.gpu.min(100));
         let mut foreign = 0;
+        let mut jobs: HashMap<JobId, u64> = HashMap::new();
+        let mut foreign_procs = Vec::new();
         // A driver that cannot list one kind of process (graphics, on some GPUs) has none.
         let list = |r: Result<Vec<_>, NvmlError>| match r {
             Err(NvmlError::NotSupported) => Ok(Vec::new()),
@@ -291,20 +323,43 @@ impl Nvml {
         let procs = list(dev.running_compute_processes())?
             .into_iter()
             .chain(list(dev.running_graphics_processes())?);
+        // A process listed as both compute and graphics is counted once.
+        let mut seen = HashSet::new();
         for p in procs {
-            if !is_ours(p.pid) {
-                foreign += match p.used_gpu_memory {
-                    UsedGpuMemory::Used(bytes) => bytes.div_ceil(MIB).max(1),
+            if !seen.insert(p.pid) {
+                continue;
+            }
+            let mib = match p.used_gpu_memory {
+                UsedGpuMemory::Used(bytes) => bytes.div_ceil(MIB),
+                UsedGpuMemory::Unavailable => 0,
+            };
+            match job_of(p.pid) {
+                Some(job) => *jobs.entry(job).or_default() += mib,
+                None => {
                     // Unknown amount: still a foreign process, so the GPU is not free.
-                    UsedGpuMemory::Unavailable => 1,
-                };
+                    let mib = mib.max(1);
+                    foreign += mib;
+                    if foreign_procs.len() < MAX_FOREIGN_SHOWN {
+                        foreign_procs.push(ForeignProcess {
+                            pid: p.pid,
+                            // (Looked up here, off the daemon's lock.)
+                            user: owner_of(p.pid).map(crate::users::name_of),
+                            used_mib: mib,
+                        });
+                    }
+                }
             }
         }
+        let mut jobs: Vec<(JobId, u64)> = jobs.into_iter().collect();
+        jobs.sort_unstable();
         Ok(Usage {
             index,
             used_mib,
             foreign_mib: foreign,
             error: None,
+            util_pct,
+            jobs,
+            foreign: foreign_procs,
         })
     }
 }
@@ -316,9 +371,9 @@ impl GpuBackend for Nvml {
     fn gpus(&self) -> Vec<GpuSpec> {
         self.gpus.clone()
     }
-    fn usage(&self, is_ours: &dyn Fn(u32) -> bool) -> Option<Vec<Usage>> {
+    fn usage(&self, job_of: &dyn Fn(u32) -> Option<JobId>) -> Option<Vec<Usage>> {
         let read = |g: &GpuSpec| {
-            self.read(g.index, is_ours).unwrap_or_else(|e| Usage {
+            self.read(g.index, job_of).unwrap_or_else(|e| Usage {
                 index: g.index,
                 error: Some(e.to_string()),
                 ..Usage::default()
@@ -373,8 +428,9 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        let jobs = JobProcesses::new([leader.id() as i32]);
+        let jobs = JobProcesses::new([(leader.id() as i32, 7)]);
         assert!(jobs.contains(leader.id()));
+        assert_eq!(jobs.job_of(child), Some(7));
         assert!(jobs.contains(child));
         assert!(jobs.contains(escaped), "a process that called setsid");
         // This process is the leader's parent (its "supervisor"): its other children count as

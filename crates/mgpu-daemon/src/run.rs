@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_core::{Config, JobId, Policy};
+use mgpu_core::{Config, JobId, MemoryAction, Policy};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::gpu::{self, GpuBackend};
 use crate::recovery::{self, RunProbe};
 use crate::state::{now_ms, Daemon, Settings};
 use crate::store::Store;
+use crate::supervisor::StopReason;
 use crate::{server, supervisor, users};
 
 /// The mgpu GPU job scheduler daemon.
@@ -62,6 +63,16 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when a running job is stopped
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub grace_period: u64,
+    /// What happens to a job (with --mem) that uses more GPU memory than it reserved, on a GPU
+    /// it shares with other jobs: kill (stopped as OUT_OF_MEMORY before it can crash its
+    /// neighbours with out-of-memory), warn (logged and told its mgpu_srun), off. Whatever the
+    /// policy, placement charges such a job what it really uses (NVML)
+    #[arg(long, value_name = "POLICY", default_value = "kill", value_parser = parse_enforce)]
+    pub gpu_mem_enforce: GpuMemEnforce,
+    /// How long a job may stay over its GPU memory reservation on a shared GPU before it is
+    /// stopped (seconds; memory is re-read every 0.5 s): rides out a short spike
+    #[arg(long, value_name = "SECS", default_value_t = 2.0, value_parser = parse_tolerance)]
+    pub gpu_mem_tolerance: f64,
     /// Output kept per job (all its runs together), in MiB (more is discarded, with a note in
     /// the log); 0: no limit
     #[arg(long, value_name = "MIB", default_value_t = 4096)]
@@ -274,6 +285,30 @@ fn gpu_backend(args: &Args) -> Result<Box<dyn GpuBackend>> {
         Err(e) => bail!(
             "{e:#}. No NVIDIA GPUs are usable here; to run on simulated GPUs pass e.g. --simulate-gpus 4x24GiB"
         ),
+    }
+}
+
+/// What to do about a job over its GPU memory reservation on a shared GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuMemEnforce {
+    Kill,
+    Warn,
+    Off,
+}
+
+fn parse_enforce(s: &str) -> Result<GpuMemEnforce, String> {
+    match s {
+        "kill" => Ok(GpuMemEnforce::Kill),
+        "warn" => Ok(GpuMemEnforce::Warn),
+        "off" => Ok(GpuMemEnforce::Off),
+        _ => Err(format!("unknown policy '{s}': use kill, warn or off")),
+    }
+}
+
+fn parse_tolerance(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if (0.0..=86_400.0).contains(&t) => Ok(t),
+        _ => Err(format!("invalid tolerance '{s}': seconds from 0 to 86400")),
     }
 }
 
@@ -516,7 +551,11 @@ async fn run(args: Args) -> Result<()> {
         tracing::warn!(dir = %dir.display(), "a supervisor still holds the run of a job recorded as ended; stopping it");
         tokio::spawn(stop_orphan(dir, args.grace_period));
     }
-    tokio::spawn(watch_gpus(daemon.clone(), backend));
+    let mem_policy = MemPolicy {
+        enforce: args.gpu_mem_enforce,
+        tolerance_ms: (args.gpu_mem_tolerance * 1000.0) as u64,
+    };
+    tokio::spawn(watch_gpus(daemon.clone(), backend, mem_policy));
     tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
     tokio::spawn(daemon.clone().run_timer());
 
@@ -730,10 +769,22 @@ async fn stop_orphan(run_dir: PathBuf, grace_s: u64) {
 /// memory used outside mgpu is freed, and how long mgpu may overlook memory newly taken.
 const NVML_POLL: Duration = Duration::from_millis(500);
 
+/// How jobs over their GPU memory reservations are dealt with.
+#[derive(Debug, Clone, Copy)]
+struct MemPolicy {
+    enforce: GpuMemEnforce,
+    tolerance_ms: u64,
+}
+
+/// A job's peak is written to the store again when it grew by more than this fraction since it
+/// was last written (and when the job ends): few writes, and little lost to a crash.
+const PEAK_REWRITE: f64 = 0.1;
+
 /// Follows GPU memory use (NVML): memory used by processes that are not mgpu jobs is kept out
-/// of the scheduler's reach. A timer here is about the hardware, not scheduling: the scheduler
-/// reacts to what changes.
-async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>) {
+/// of the scheduler's reach, the jobs' own use is charged where it passes their reservations,
+/// and jobs over their reservations on shared GPUs are stopped (see [`MemPolicy`]). A timer
+/// here is about the hardware, not scheduling: the scheduler reacts to what changes.
+async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>, policy: MemPolicy) {
     let totals: HashMap<u32, u64> = backend
         .gpus()
         .iter()
@@ -742,6 +793,9 @@ async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>) {
     let backend = Arc::new(std::sync::Mutex::new(backend));
     // GPUs whose figures cannot be read now, with the error (logged when it starts and ends).
     let mut failing: HashMap<u32, String> = HashMap::new();
+    // Jobs told they are over their reservation (and whether on a shared GPU), so that each
+    // is told once per change.
+    let mut warned: HashMap<JobId, bool> = HashMap::new();
     loop {
         let d = daemon.clone();
         let b = backend.clone();
@@ -751,7 +805,7 @@ async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>) {
             let usage = b
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .usage(&|pid| jobs.contains(pid));
+                .usage(&|pid| jobs.job_of(pid));
             if usage.is_some() {
                 tracing::debug!("NVML usage read in {} µs", started.elapsed().as_micros());
             }
@@ -778,7 +832,8 @@ async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>) {
                             );
                             failing.insert(u.index, e.clone());
                         }
-                        // Its memory is unknown: none of it counts as free.
+                        // Its memory is unknown: none of it counts as free. (The jobs' last
+                        // measured use stays charged.)
                         inner.sched.set_foreign_usage(u.index, total);
                     }
                     None => {
@@ -787,13 +842,98 @@ async fn watch_gpus(daemon: Arc<Daemon>, backend: Box<dyn GpuBackend>) {
                         }
                         inner.gpu_used.insert(u.index, u.used_mib);
                         inner.sched.set_foreign_usage(u.index, u.foreign_mib);
+                        inner.sched.set_job_usage(u.index, &u.jobs);
+                        for &(job, mib) in &u.jobs {
+                            let peak = inner.gpu_peaks.entry(job).or_default();
+                            peak.0 = peak.0.max(mib);
+                        }
                     }
                 }
+                inner.gpu_readings.insert(u.index, u);
             }
-            daemon.schedule(&mut inner);
+            let inner = &mut *inner;
+            for (&job, peak) in inner.gpu_peaks.iter_mut() {
+                if peak.0 as f64 > peak.1 as f64 * (1.0 + PEAK_REWRITE) {
+                    daemon.store.gpu_peak(job, peak.0);
+                    peak.1 = peak.0;
+                }
+            }
+            // Peaks of jobs that are gone (requeued ones keep theirs: one figure per job).
+            inner
+                .gpu_peaks
+                .retain(|id, _| inner.sched.job(*id).is_some());
+            enforce_gpu_memory(&daemon, inner, policy, &mut warned);
+            daemon.schedule(inner);
         }
         tokio::time::sleep(NVML_POLL).await;
     }
+}
+
+/// Carries out the core's decisions on jobs over their GPU memory reservations.
+fn enforce_gpu_memory(
+    daemon: &Arc<Daemon>,
+    inner: &mut crate::state::Inner,
+    policy: MemPolicy,
+    warned: &mut HashMap<JobId, bool>,
+) {
+    let actions = inner.sched.memory_actions(now_ms(), policy.tolerance_ms);
+    let mut over: HashMap<JobId, bool> = HashMap::new();
+    for action in actions {
+        let (o, shared) = match action {
+            MemoryAction::Stop(o) => (o, true),
+            MemoryAction::Alone(o) => (o, false),
+        };
+        over.insert(o.job, shared);
+        if policy.enforce == GpuMemEnforce::Off {
+            continue;
+        }
+        if shared && policy.enforce == GpuMemEnforce::Kill {
+            if inner.stop_reason(o.job).is_some() {
+                continue; // being stopped already
+            }
+            tracing::warn!(
+                job = o.job,
+                gpu = o.gpu,
+                used_mib = o.used_mib,
+                reserved_mib = o.reserved_mib,
+                "job over its GPU memory reservation on a shared GPU: stopping it"
+            );
+            daemon.stop(
+                inner,
+                o.job,
+                StopReason::GpuMemory {
+                    gpu: o.gpu,
+                    used_mib: o.used_mib,
+                    reserved_mib: o.reserved_mib,
+                },
+            );
+            continue;
+        }
+        if warned.get(&o.job) == Some(&shared) {
+            continue;
+        }
+        warned.insert(o.job, shared);
+        let message = format!(
+            "job {} uses {} MiB of GPU memory on GPU {}, over its reservation of {} MiB{}",
+            o.job,
+            o.used_mib,
+            o.gpu,
+            o.reserved_mib,
+            match (shared, policy.enforce) {
+                (true, _) =>
+                    " on a GPU it shares with other jobs: it may make them run out of memory",
+                (false, GpuMemEnforce::Kill) => {
+                    " (alone on that GPU for now; it is stopped if it is still over once another \
+                     job shares the GPU)"
+                }
+                (false, _) => " (alone on that GPU for now)",
+            }
+        );
+        tracing::warn!(job = o.job, gpu = o.gpu, "{message}");
+        daemon.notify(inner, o.job, message);
+    }
+    // A job back inside its reservation may be told again next time.
+    warned.retain(|id, _| over.contains_key(id));
 }
 
 #[cfg(test)]

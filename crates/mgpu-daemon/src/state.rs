@@ -64,6 +64,10 @@ pub enum JobEvent {
     Requeued {
         message: String,
     },
+    /// A note for the job's attached `mgpu_srun` (e.g. over its GPU memory reservation).
+    Notice {
+        message: String,
+    },
     Finished(JobOutcome),
 }
 
@@ -113,6 +117,11 @@ pub struct Inner {
     watchers: HashMap<JobId, broadcast::Sender<JobEvent>>,
     /// Memory in use per GPU index, as the backend last reported it.
     pub gpu_used: HashMap<u32, u64>,
+    /// The latest reading of each GPU (utilisation, foreign processes), where NVML reads it.
+    pub gpu_readings: HashMap<u32, crate::gpu::Usage>,
+    /// Per job: the most GPU memory it used on one GPU (all its runs), and how much of that
+    /// is on record in the store.
+    pub gpu_peaks: HashMap<JobId, (u64, u64)>,
     pub shutting_down: bool,
     /// Jobs an `mgpu_srun` re-attached to since this server started.
     pub reattached: std::collections::HashSet<JobId>,
@@ -126,6 +135,11 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// Why a running job is being stopped by the daemon, if it is.
+    pub fn stop_reason(&self, id: JobId) -> Option<StopReason> {
+        self.running.get(&id)?.stopping
+    }
+
     /// Takes `n` consecutive ids for new jobs of `uid`, if the queue limits leave room for
     /// them; until [`Inner::admitted`], they count as waiting.
     pub fn admit(&mut self, settings: &Settings, uid: u32, n: usize) -> Result<JobId, String> {
@@ -206,6 +220,8 @@ impl Daemon {
                 running: HashMap::new(),
                 watchers: HashMap::new(),
                 gpu_used: HashMap::new(),
+                gpu_readings: HashMap::new(),
+                gpu_peaks: HashMap::new(),
                 shutting_down: false,
                 reattached: Default::default(),
                 deadline: None,
@@ -402,6 +418,13 @@ impl Daemon {
         );
     }
 
+    /// Tells a running job's attached `mgpu_srun` something (one line).
+    pub fn notify(&self, inner: &Inner, id: JobId, message: String) {
+        if let Some(tx) = inner.watchers.get(&id) {
+            let _ = tx.send(JobEvent::Notice { message });
+        }
+    }
+
     /// Persists a job's end and tells its subscribers.
     pub fn record_end(&self, inner: &mut Inner, outcome: JobOutcome) {
         let id = outcome.job;
@@ -412,6 +435,9 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .finished(id, now_ms());
         (self.launches.lock().unwrap_or_else(|p| p.into_inner())).release(id);
+        if let Some((peak, _)) = inner.gpu_peaks.remove(&id) {
+            self.store.gpu_peak(id, peak);
+        }
         self.store.ended(
             id,
             Ending {
@@ -610,7 +636,12 @@ impl Daemon {
 
     /// The running jobs' processes, for telling foreign GPU processes apart.
     pub fn job_processes(&self) -> crate::gpu::JobProcesses {
-        let leaders: Vec<i32> = self.lock().running.values().map(|r| r.pgid).collect();
+        let leaders: Vec<(i32, JobId)> = self
+            .lock()
+            .running
+            .iter()
+            .map(|(id, r)| (r.pgid, *id))
+            .collect();
         crate::gpu::JobProcesses::new(leaders)
     }
 
@@ -633,6 +664,8 @@ pub fn outcome_of(id: JobId, rec: &ExitRecord) -> JobOutcome {
         JobState::Failed
     } else if rec.stopped == Some(StopReason::Cancel) {
         JobState::Cancelled
+    } else if let Some(StopReason::GpuMemory { .. }) = rec.stopped {
+        JobState::OutOfMemory
     } else if rec.oom_killed {
         JobState::OutOfMemory
     } else if rec.stopped == Some(StopReason::Timeout) {
@@ -647,7 +680,12 @@ pub fn outcome_of(id: JobId, rec: &ExitRecord) -> JobOutcome {
         state,
         exit_code: rec.exit_code,
         signal: rec.signal,
-        message: rec.start_error.clone(),
+        message: rec.start_error.clone().or_else(|| match rec.stopped {
+            Some(r @ StopReason::GpuMemory { .. }) if state == JobState::OutOfMemory => {
+                r.gpu_memory_note()
+            }
+            _ => None,
+        }),
     }
 }
 

@@ -64,6 +64,8 @@ CREATE TABLE array_specs (
 );
 "#,
     ENVS_MIGRATION,
+    // The most GPU memory a job used on one of its GPUs (NVML), like sacct's MaxRSS.
+    "ALTER TABLE jobs ADD COLUMN peak_gpu_mem_mib INTEGER;",
 ];
 
 /// Each distinct environment once (content-addressed: SHA-256 of its JSON); launch records
@@ -209,6 +211,8 @@ enum Op {
         pid: u32,
     },
     Ended(JobId, Ending),
+    /// The most GPU memory the job used on one GPU so far (kept if larger).
+    GpuPeak(JobId, u64),
     Requeued {
         id: JobId,
         at: Millis,
@@ -264,6 +268,9 @@ pub struct JobSummary {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub message: Option<String>,
+    /// Its `--mem` and the most GPU memory it used on one GPU, where measured.
+    pub mem_mib: Option<u64>,
+    pub peak_gpu_mem_mib: Option<u64>,
 }
 
 pub struct Store {
@@ -408,6 +415,12 @@ impl Store {
         self.send(Op::Ended(id, ending));
     }
 
+    /// Records that the job used up to `mib` of GPU memory on one GPU (a larger figure on
+    /// record stays).
+    pub fn gpu_peak(&self, id: JobId, mib: u64) {
+        self.send(Op::GpuPeak(id, mib));
+    }
+
     /// The job goes back to PENDING (it will run again), e.g. when the server shuts down.
     /// The job is back in the queue (at `at`) for its run number `restarts` (idempotent).
     pub fn requeued(&self, id: JobId, at: Millis, restarts: u32) {
@@ -437,7 +450,7 @@ impl Store {
         let conn = self.reader.lock().unwrap();
         let mut stmt = conn.prepare_cached(
             "SELECT id, user, name, state, exit_code, signal, submitted_at, started_at, ended_at,
-                    gpus, gpu_ids, mem_mib, restarts, message, array
+                    gpus, gpu_ids, mem_mib, restarts, message, array, peak_gpu_mem_mib
              FROM jobs
              WHERE state NOT IN ('PENDING', 'RUNNING') AND id > ?1
                AND (?2 IS NULL OR uid = ?2) AND (?3 IS NULL OR id = ?3)
@@ -475,6 +488,7 @@ impl Store {
                     restarts: r.get(12)?,
                     message: r.get(13)?,
                     array: array_of(r.get(14)?),
+                    peak_gpu_mem_mib: r.get::<_, Option<i64>>(15)?.map(|m| m as u64),
                 })
             },
         )?;
@@ -590,28 +604,32 @@ impl Store {
         let conn = self.reader.lock().unwrap();
         let row = conn
             .query_row(
-                "SELECT uid, state, exit_code, signal, message FROM jobs WHERE id = ?1",
+                "SELECT uid, state, exit_code, signal, message, mem_mib, peak_gpu_mem_mib
+                 FROM jobs WHERE id = ?1",
                 [id as i64],
                 |r| {
                     Ok((
-                        r.get::<_, u32>(0)?,
-                        r.get::<_, String>(1)?,
+                        (r.get::<_, u32>(0)?, r.get::<_, String>(1)?),
                         r.get::<_, Option<i32>>(2)?,
                         r.get::<_, Option<i32>>(3)?,
                         r.get::<_, Option<String>>(4)?,
+                        r.get::<_, Option<i64>>(5)?,
+                        r.get::<_, Option<i64>>(6)?,
                     ))
                 },
             )
             .optional()?;
-        Ok(
-            row.map(|(uid, state, exit_code, signal, message)| JobSummary {
+        Ok(row.map(
+            |((uid, state), exit_code, signal, message, mem, peak)| JobSummary {
                 uid,
                 state: JobState::parse(&state).unwrap_or(JobState::Failed),
                 exit_code,
                 signal,
                 message,
-            }),
-        )
+                mem_mib: mem.map(|m| m as u64),
+                peak_gpu_mem_mib: peak.map(|m| m as u64),
+            },
+        ))
     }
 }
 
@@ -921,6 +939,13 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     e.signal,
                     e.message
                 ])?;
+            }
+            Op::GpuPeak(id, mib) => {
+                tx.prepare_cached(
+                    "UPDATE jobs SET peak_gpu_mem_mib = MAX(COALESCE(peak_gpu_mem_mib, 0), ?2)
+                     WHERE id = ?1",
+                )?
+                .execute(params![*id as i64, *mib as i64])?;
             }
             Op::Requeued { id, at, restarts } => {
                 tx.prepare_cached(
@@ -1297,6 +1322,34 @@ mod tests {
         assert_eq!(store.launch_spec(1).unwrap().command, ["python"]);
         store.purge(0).await.unwrap();
         assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
+    }
+
+    /// A job's GPU memory peak is kept (the larger figure wins, across writes) and read back by
+    /// the accounting and the summary.
+    #[tokio::test]
+    async fn the_gpu_memory_peak_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        store.insert(job(1)).await.unwrap().unwrap();
+        store.gpu_peak(1, 5_000);
+        store.gpu_peak(1, 3_000);
+        store.ended(
+            1,
+            Ending {
+                state: JobState::OutOfMemory,
+                at: 8,
+                exit_code: None,
+                signal: Some(15),
+                message: None,
+            },
+        );
+        store.flush().await;
+        assert_eq!(
+            store.summary(1).unwrap().unwrap().peak_gpu_mem_mib,
+            Some(5_000)
+        );
+        let recs = store.finished_jobs(&AcctFilter::default(), 0, 10).unwrap();
+        assert_eq!(recs[0].peak_gpu_mem_mib, Some(5_000));
     }
 
     /// A database from before environments had their own table: its launch records give up

@@ -70,6 +70,31 @@ pub enum StopReason {
     Requeue,
     /// Past its time limit, not to be requeued.
     Timeout,
+    /// Over its GPU memory reservation on a GPU it shares with other jobs: ends as
+    /// OUT_OF_MEMORY.
+    GpuMemory {
+        gpu: u32,
+        used_mib: u64,
+        reserved_mib: u64,
+    },
+}
+
+impl StopReason {
+    /// What the job's log and its `mgpu_srun` are told when it is stopped for GPU memory.
+    pub fn gpu_memory_note(&self) -> Option<String> {
+        match *self {
+            StopReason::GpuMemory {
+                gpu,
+                used_mib,
+                reserved_mib,
+            } => Some(format!(
+                "mgpu: the job used {used_mib} MiB of GPU memory on GPU {gpu}, over its \
+                 reservation of {reserved_mib} MiB (--mem), on a GPU it shares with other jobs: \
+                 stopped before it could make them run out of memory (OUT_OF_MEMORY)"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Messages from the supervisor to the daemon (control frames); output comes as data frames,
@@ -636,6 +661,12 @@ impl Supervisor {
                 if first || reason == StopReason::Cancel {
                     self.stop = Some(reason);
                 }
+                if let (true, Some(note)) = (first, reason.gpu_memory_note()) {
+                    let note = format!("\n{note}\n");
+                    let _ = self.log.write_all(note.as_bytes());
+                    self.offset += note.len() as u64;
+                    self.send(&Frame::Stderr(Bytes::from(note)));
+                }
                 if self.pgid > 0 && first {
                     kill_all(self.pgid, Signal::SIGTERM);
                     // (An absurdly long grace period means no SIGKILL at all.)
@@ -971,6 +1002,43 @@ fn sync_exit(run_dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+
+    /// A stop for GPU memory, echoed back in the exit record (which a restarted daemon reads),
+    /// makes the job OUT_OF_MEMORY with the figures; a cancel that came first still wins.
+    #[test]
+    fn a_gpu_memory_stop_survives_the_exit_record_and_ends_out_of_memory() {
+        let reason = StopReason::GpuMemory {
+            gpu: 3,
+            used_mib: 10_240,
+            reserved_mib: 4_096,
+        };
+        let rec = ExitRecord {
+            exit_code: None,
+            signal: Some(15),
+            start_error: None,
+            stopped: Some(reason),
+            ended_at: 1,
+            oom_killed: false,
+        };
+        let rec: ExitRecord = serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!(rec.stopped, Some(reason));
+        let o = crate::state::outcome_of(9, &rec);
+        assert_eq!(o.state, mgpu_core::JobState::OutOfMemory);
+        let m = o.message.unwrap();
+        assert!(
+            m.contains("10240 MiB") && m.contains("GPU 3") && m.contains("4096 MiB"),
+            "{m}"
+        );
+        let cancelled = ExitRecord {
+            stopped: Some(StopReason::Cancel),
+            ..rec
+        };
+        assert_eq!(
+            crate::state::outcome_of(9, &cancelled).state,
+            mgpu_core::JobState::Cancelled
+        );
+    }
+
     use super::*;
 
     #[test]

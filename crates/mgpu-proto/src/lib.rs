@@ -435,6 +435,21 @@ pub struct GpuInfo {
     /// Memory in use as the driver reports it (simulated GPUs report the reservations).
     pub used_mib: u64,
     pub jobs: Vec<JobId>,
+    /// Percent of time a kernel ran, where the GPU reports it.
+    #[serde(default)]
+    pub util_pct: Option<u32>,
+    /// Processes on it that belong to no mgpu job (someone bypassing the scheduler).
+    #[serde(default)]
+    pub foreign: Vec<ForeignProcess>,
+}
+
+/// A process on a GPU that belongs to no mgpu job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForeignProcess {
+    pub pid: u32,
+    /// Its owner's name (or uid), when known.
+    pub user: Option<String>,
+    pub used_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -464,6 +479,13 @@ pub struct JobInfo {
     /// The job array it belongs to, and its index there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<ArrayTask>,
+    /// GPU memory its processes use, per GPU index (NVML), where measured: the GPUs it holds,
+    /// and any other GPU it uses.
+    #[serde(default)]
+    pub used_mib: Option<std::collections::BTreeMap<u32, u64>>,
+    /// The most GPU memory it used on one GPU so far (MiB), where measured.
+    #[serde(default)]
+    pub peak_mib: Option<u64>,
 }
 
 /// One finished job, as `mgpu_acct` shows it.
@@ -486,6 +508,9 @@ pub struct AcctRecord {
     /// The job array it belonged to, and its index there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<ArrayTask>,
+    /// The most GPU memory it used on one of its GPUs (MiB), where measured (NVML).
+    #[serde(default)]
+    pub peak_gpu_mem_mib: Option<u64>,
 }
 
 impl AcctRecord {

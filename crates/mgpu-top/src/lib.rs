@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_cli::queue::{fetch, job_rows, rfc3339, JOB_COLUMNS};
+use mgpu_cli::queue::{fetch, foreign_lines, job_rows, rfc3339, JOB_COLUMNS, USED_COLUMN};
 use mgpu_core::JobState;
 use mgpu_proto::{GpuInfo, QueueRequest, QueueSnapshot};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
@@ -67,6 +67,31 @@ pub struct Args {
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Print one screen as text (COLUMNSxLINES, e.g. 120x30) and exit: no terminal needed
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    pub once: Option<(u16, u16)>,
+}
+
+fn parse_size(s: &str) -> Result<(u16, u16), String> {
+    s.split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .filter(|&(w, h): &(u16, u16)| (20..=1000).contains(&w) && (5..=1000).contains(&h))
+        .ok_or_else(|| format!("invalid size '{s}': use COLUMNSxLINES, e.g. 120x30"))
+}
+
+/// One screen of `view` as text, `width` columns by `height` lines (colours left out).
+pub fn render_text(view: &View, width: u16, height: u16) -> Result<String> {
+    let backend = ratatui::backend::TestBackend::new(width, height);
+    let mut terminal = ratatui::Terminal::new(backend)?;
+    terminal.draw(|f| draw(f, view))?;
+    let buffer = terminal.backend().buffer();
+    let mut out = String::new();
+    for y in 0..height {
+        let line: String = (0..width).map(|x| buffer[(x, y)].symbol()).collect();
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// What the dashboard shows.
@@ -75,7 +100,7 @@ pub struct View {
     /// The latest queue the server sent.
     pub snapshot: Option<QueueSnapshot>,
     /// Its jobs as table rows (built once per snapshot or toggle, not per redraw).
-    pub rows: Vec<[String; 8]>,
+    pub rows: Vec<[String; 9]>,
     /// Why the latest refresh failed, if it did (the previous snapshot stays on screen).
     pub error: Option<String>,
     /// Only the caller's own jobs.
@@ -113,8 +138,11 @@ fn run(args: Args) -> Result<()> {
     if !(0.1..=3600.0).contains(&args.interval) {
         bail!("--interval must be between 0.1 and 3600 seconds");
     }
-    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        bail!("mgpu_top needs a terminal; in scripts use mgpu_queue or mgpu_queue --json");
+    if args.once.is_none() && !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!(
+            "mgpu_top needs a terminal; in scripts use mgpu_top --once 120x30, mgpu_queue or \
+             mgpu_queue --json"
+        );
     }
     let interval = Duration::from_secs_f64(args.interval);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -130,6 +158,15 @@ fn run(args: Args) -> Result<()> {
     refresh(&rt, &socket, &mut view);
     if let (None, Some(e)) = (&view.snapshot, &view.error) {
         bail!("{e}");
+    }
+    if let Some((width, height)) = args.once {
+        use std::io::Write;
+        let text = render_text(&view, width, height)?;
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .context("writing to stdout")?;
+        return Ok(());
     }
     catch_stop_signals()?;
     let mut terminal = ratatui::init();
@@ -243,12 +280,28 @@ fn clock(ms: u64) -> String {
     format!("{} UTC", rfc3339(ms).get(11..19).unwrap_or(""))
 }
 
-/// The whole screen: a header, the GPUs, the jobs, the keys.
+/// Lines of processes that are not mgpu jobs shown at most (the rest are counted).
+const FOREIGN_SHOWN: usize = 4;
+
+/// The whole screen: a header, the GPUs, processes outside mgpu, the jobs, the keys.
 pub fn draw(frame: &mut Frame, view: &View) {
     let gpus = view.snapshot.as_ref().map_or(0, |s| s.gpus.len()) as u16;
-    let [header, gpu_area, job_area, footer] = Layout::vertical([
+    let mut foreign = view
+        .snapshot
+        .as_ref()
+        .map(foreign_lines)
+        .unwrap_or_default();
+    if foreign.len() > FOREIGN_SHOWN {
+        let more = foreign.len() - (FOREIGN_SHOWN - 1);
+        foreign.truncate(FOREIGN_SHOWN - 1);
+        foreign.push(format!(
+            "... and {more} more (mgpu_queue --json lists them)"
+        ));
+    }
+    let [header, gpu_area, foreign_area, job_area, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(gpus + 3),
+        Constraint::Length(foreign.len() as u16),
         Constraint::Min(4),
         Constraint::Length(1),
     ])
@@ -293,6 +346,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
             memory_bar(g),
             format!("{}/{}", g.reserved_mib, g.total_mib),
             g.used_mib.to_string(),
+            g.util_pct.map_or("-".into(), |u| format!("{u}%")),
             if jobs.is_empty() {
                 "-".into()
             } else {
@@ -308,6 +362,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
             Constraint::Length(BAR as u16 + 5),
             Constraint::Length(15),
             Constraint::Length(8),
+            Constraint::Length(5),
             Constraint::Min(4),
         ],
     )
@@ -318,12 +373,19 @@ pub fn draw(frame: &mut Frame, view: &View) {
             "RESERVED",
             "RESERVED MiB",
             "USED MiB",
+            "UTIL",
             "JOBS",
         ])
         .style(bold),
     )
     .block(Block::default().borders(Borders::ALL).title(" GPUs "));
     frame.render_widget(gpu_table, gpu_area);
+    // Someone bypassing the scheduler: for the admin to act on.
+    frame.render_widget(
+        Paragraph::new(foreign.into_iter().map(Line::from).collect::<Vec<_>>())
+            .style(Style::default().fg(Color::Magenta)),
+        foreign_area,
+    );
 
     let rows = &view.rows;
     let visible = job_area.height.saturating_sub(3) as usize;
@@ -331,7 +393,9 @@ pub fn draw(frame: &mut Frame, view: &View) {
     let shown = rows.len().saturating_sub(scroll).min(visible);
     let job_table = Table::new(
         rows.iter().skip(scroll).take(visible).map(|r| {
+            // A job using more GPU memory than it reserved (`!` in USED) stands out.
             let color = match r[3].as_str() {
+                _ if r[USED_COLUMN].ends_with('!') => Color::Red,
                 "RUNNING" => Color::Green,
                 _ => Color::Yellow,
             };
@@ -343,6 +407,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
             Constraint::Length(20),
             Constraint::Length(8),
             Constraint::Length(9),
+            Constraint::Length(8),
             Constraint::Length(8),
             Constraint::Length(18),
             Constraint::Min(10),
@@ -404,6 +469,8 @@ mod tests {
                 max: 5,
                 limit: Some(2),
             }),
+            used_mib: None,
+            peak_mib: None,
         }
     }
 
@@ -435,6 +502,8 @@ mod tests {
                 reserved_mib: 81_920,
                 used_mib: 60_000,
                 jobs: vec![10, 11],
+                util_pct: None,
+                foreign: vec![],
             }],
             jobs: vec![
                 job(10, true, Some(0)),
@@ -487,6 +556,66 @@ mod tests {
         assert!(text.contains("Jobs 4-5 of 5"), "{text}");
     }
 
+    /// Used vs reserved per job, with a warning colour for a job over its reservation; the
+    /// GPU's utilisation; processes outside mgpu with their user.
+    #[test]
+    fn used_memory_overuse_and_foreign_processes_are_shown() {
+        let mut over = job(10, true, None);
+        over.used_mib = Some([(0, 50_000)].into());
+        over.peak_mib = Some(50_000);
+        let mut inside = job(11, true, None);
+        inside.used_mib = Some([(0, 1_000)].into());
+        let snapshot = QueueSnapshot {
+            now: 0,
+            policy: "fair".into(),
+            gpus: vec![GpuInfo {
+                index: 0,
+                name: "NVIDIA H200".into(),
+                total_mib: 143_771,
+                reserved_mib: 81_920,
+                used_mib: 60_000,
+                jobs: vec![10, 11],
+                util_pct: Some(87),
+                foreign: vec![mgpu_proto::ForeignProcess {
+                    pid: 4242,
+                    user: Some("mallory".into()),
+                    used_mib: 9_000,
+                }],
+            }],
+            jobs: vec![over, inside],
+        };
+        let mut view = View {
+            snapshot: Some(snapshot),
+            ..View::default()
+        };
+        view.rebuild_rows();
+        let mut terminal = Terminal::new(TestBackend::new(120, 20)).unwrap();
+        terminal.draw(|f| draw(f, &view)).unwrap();
+        let buffer = terminal.backend().buffer().clone();
+        let text = screen(&view, 120, 20);
+        for want in [
+            "USED",
+            "50000M!",
+            "1000M ",
+            "87%",
+            "not an mgpu job: pid 4242 (mallory) uses 9000 MiB on GPU 0",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        // The row of the job over its reservation is red; the other is green.
+        let fg_of = |needle: &str| {
+            let (y, line) = text
+                .lines()
+                .enumerate()
+                .find(|(_, l)| l.contains(needle))
+                .unwrap();
+            let x = line[..line.find(needle).unwrap()].chars().count() as u16;
+            buffer[(x, y as u16)].fg
+        };
+        assert_eq!(fg_of("50000M!"), Color::Red);
+        assert_eq!(fg_of("1000M "), Color::Green);
+    }
+
     #[test]
     fn memory_bars() {
         let g = |reserved_mib, total_mib| GpuInfo {
@@ -496,6 +625,8 @@ mod tests {
             reserved_mib,
             used_mib: 0,
             jobs: vec![],
+            util_pct: None,
+            foreign: vec![],
         };
         assert_eq!(memory_bar(&g(0, 100)), format!("{}   0%", "░".repeat(BAR)));
         assert_eq!(

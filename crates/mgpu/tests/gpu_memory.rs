@@ -96,6 +96,18 @@ fn read_pid(path: &Path) -> u32 {
     pid
 }
 
+/// One screen of `mgpu_top`, as text.
+fn top(s: &Server) -> String {
+    s.ok("mgpu_top", &["--once", "160x30"])
+}
+
+/// A job command that writes its main process's pid to `SCRATCH/name`, then waits until
+/// `SCRATCH/name.go` exists (or 300 s pass).
+fn pid_job(s: &Server, name: &str) -> String {
+    let p = s.scratch.join(name).display().to_string();
+    format!("echo $$ > {p}; i=0; while [ ! -e {p}.go ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done")
+}
+
 /// A process's parent and session.
 fn parent_and_session(pid: u32) -> (u32, u32) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -149,6 +161,19 @@ fn memory_used_outside_mgpu_holds_an_exclusive_job_until_it_is_freed() {
     let fake = FakeGpus::new(&format!("{gpu}pid {} uses 2GiB on GPU 0\n", outsider.pid()));
     let s = fake.server(&[]);
     wait_used(&s, 0, 2048);
+    // The process is reported with its user, for the admin to act on.
+    let g = &gpus(&s)[0];
+    assert_eq!(
+        g["foreign"],
+        serde_json::json!([{"pid": outsider.pid(), "user": "root", "used_mib": 2048}]),
+        "{g}"
+    );
+    let line = format!(
+        "not an mgpu job: pid {} (root) uses 2048 MiB on GPU 0",
+        outsider.pid()
+    );
+    assert!(s.ok("mgpu_queue", &[]).contains(&line));
+    assert!(top(&s).contains(&line), "{}", top(&s));
     let id = s.detached(&["--", "sleep", "300"]);
     let job = s.job(id).unwrap();
     assert_eq!(job["state"], "PENDING", "{job}");
@@ -189,8 +214,9 @@ fn a_jobs_own_processes_are_not_foreign_even_after_setsid() {
         ppid != main && session != main,
         "not escaped: {ppid} {session}"
     );
-    // What the job uses beyond its reservation is not enforced here; what matters is that none
-    // of it is taken for memory used outside mgpu (that would leave 24 - 4 - 18 < 4 GiB).
+    // What matters here is that none of what the job uses is taken for memory used outside
+    // mgpu (that would leave 24 - 4 - 18 < 4 GiB); its 14 GiB beyond its reservation are
+    // charged to it, which leaves 24 - 4 - 14 = 6.
     fake.set(&format!(
         "gpu 0 24GiB\npid {main} uses 1GiB on GPU 0\npid {escaped} uses 17GiB on GPU 0\n"
     ));
@@ -251,4 +277,388 @@ fn memory_jobs_get_the_frameworks_environment() {
     };
     assert_eq!(run(&["--mem", "6G"]), "6144/0.25/true");
     assert_eq!(run(&[]), "//");
+}
+
+/// A job over its reservation on a GPU it shares is stopped (after the tolerance) and ends
+/// OUT_OF_MEMORY, said in its log, on its attached srun and in the accounting (with its peak);
+/// its neighbour, inside its own reservation, runs on and completes.
+#[test]
+fn a_job_over_its_reservation_on_a_shared_gpu_ends_out_of_memory_and_its_neighbour_completes() {
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&["--gpu-mem-tolerance", "0.5", "--grace-period", "5"]);
+    let neighbour = s.detached(&["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "nb")]);
+    s.wait_state(neighbour, "RUNNING");
+    let hog = s
+        .cmd("mgpu_srun")
+        // It ignores SIGTERM: it is seen being stopped for the grace period, then killed.
+        .args([
+            "--mem",
+            "4G",
+            "--",
+            "sh",
+            "-c",
+            &format!("trap '' TERM; {}", pid_job(&s, "hog")),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (hog_pid, nb_pid) = (
+        read_pid(&s.scratch.join("hog")),
+        read_pid(&s.scratch.join("nb")),
+    );
+    let hog_id = s.queue_json()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] != neighbour)
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        s.job(hog_id).unwrap()["gpu_ids"],
+        serde_json::json!([0]),
+        "they share GPU 0"
+    );
+    // The hog grows to 10 GiB of its 4; the neighbour stays inside its 4.
+    fake.set(&format!(
+        "gpu 0 24GiB\npid {hog_pid} uses 10GiB on GPU 0\npid {nb_pid} uses 3GiB on GPU 0\n"
+    ));
+    wait_until(Duration::from_secs(30), || {
+        s.job(hog_id).is_none_or(|j| j["reason"] == "GpuMemory")
+    });
+    let job = s.job(hog_id).expect("stopping during the grace period");
+    assert_eq!(job["used_mib"], serde_json::json!({"0": 10240}), "{job}");
+    let out = hog.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let said = "used 10240 MiB of GPU memory on GPU 0, over its reservation of 4096 MiB";
+    assert!(stderr.contains(said), "{stderr}");
+    assert!(stderr.contains("OUT_OF_MEMORY"), "{stderr}");
+    assert!(s.log(hog_id).contains(said), "{}", s.log(hog_id));
+    let rec = s.acct(hog_id);
+    assert_eq!(rec["state"], "OUT_OF_MEMORY", "{rec}");
+    assert!(rec["message"].as_str().unwrap().contains(said), "{rec}");
+    assert_eq!(rec["peak_gpu_mem_mib"], 10240, "{rec}");
+    assert!(s.job(hog_id).is_none(), "gone from the queue");
+    let table = s.ok("mgpu_acct", &["-j", &hog_id.to_string()]);
+    assert!(
+        table.contains("OUT_OF_MEMORY") && table.contains("10240M"),
+        "{table}"
+    );
+    // The neighbour runs on, and completes.
+    assert_eq!(s.job(neighbour).unwrap()["state"], "RUNNING");
+    std::fs::write(s.scratch.join("nb.go"), "").unwrap();
+    s.wait_gone(neighbour);
+    let rec = s.acct(neighbour);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    assert_eq!(rec["peak_gpu_mem_mib"], 3072, "{rec}");
+}
+
+/// An exclusive job (no --mem) owns its GPU: using all of it is never a reason to stop it, nor
+/// is memory it uses on a GPU it does not hold next to a memory job (that use is charged to it:
+/// it shows, and keeps newcomers off that memory).
+#[test]
+fn an_exclusive_job_using_the_whole_gpu_is_never_stopped() {
+    let fake = FakeGpus::new(
+        "gpu 0 24GiB
+gpu 1 24GiB
+",
+    );
+    let s = fake.server(&["--gpu-mem-tolerance", "0"]);
+    let id = s.detached(&["--", "sh", "-c", &pid_job(&s, "x")]);
+    s.wait_state(id, "RUNNING");
+    let held = s.job(id).unwrap()["gpu_ids"][0].as_u64().unwrap();
+    let other = 1 - held;
+    let m = s.detached(&["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "m")]);
+    s.wait_state(m, "RUNNING");
+    assert_eq!(s.job(m).unwrap()["gpu_ids"][0], other);
+    let pid = read_pid(&s.scratch.join("x"));
+    let state = |held_gib: u64| {
+        format!(
+            "gpu 0 24GiB\ngpu 1 24GiB\npid {pid} uses {held_gib}GiB on GPU {held}\n\
+             pid {pid} uses 5GiB on GPU {other}\n"
+        )
+    };
+    fake.set(&state(24));
+    wait_used(&s, held, 24 * 1024);
+    // Readings after it went "over" (a later state is seen, so earlier ones were too).
+    fake.set(&state(23));
+    wait_used(&s, held, 23 * 1024);
+    let job = s.job(id).unwrap();
+    assert_eq!(job["state"], "RUNNING", "{job}");
+    assert_eq!(job["reason"], Value::Null, "not being stopped: {job}");
+    let mut used = serde_json::Map::new();
+    used.insert(held.to_string(), (23 * 1024).into());
+    used.insert(other.to_string(), 5120.into());
+    assert_eq!(job["used_mib"], Value::Object(used), "{job}");
+    assert_eq!(job["peak_mib"], 24 * 1024, "{job}");
+    // 24 - 4 reserved - 5 used there by the exclusive job: 15 GiB, not 16.
+    let n = s.detached(&["--mem", "16G", "--", "true"]);
+    assert_eq!(s.job(n).unwrap()["state"], "PENDING");
+    std::fs::write(s.scratch.join("x.go"), "").unwrap();
+    s.wait_gone(id);
+    assert_eq!(s.acct(id)["state"], "COMPLETED");
+}
+
+/// What jobs use reaches `mgpu_queue` (USED, --json used_mib and peak_mib), `mgpu_top` and
+/// `mgpu_acct`; a job over its reservation alone on its GPU is only warned; a newcomer is not
+/// placed on the memory it really uses, and is once that memory is free again.
+#[test]
+fn used_and_peak_figures_are_shown_and_a_newcomer_is_not_placed_on_used_memory() {
+    let fake = FakeGpus::new("gpu 0 24GiB util 40 5\n");
+    let s = fake.server(&["--gpu-mem-tolerance", "0"]);
+    let a = s.detached(&["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "a")]);
+    s.wait_state(a, "RUNNING");
+    let pid = read_pid(&s.scratch.join("a"));
+    fake.set(&format!(
+        "gpu 0 24GiB util 40 5\npid {pid} uses 18GiB on GPU 0\n"
+    ));
+    wait_until(Duration::from_secs(30), || {
+        s.job(a).is_some_and(|j| j["used_mib"]["0"] == 18 * 1024)
+    });
+    let job = s.job(a).unwrap();
+    assert_eq!(job["peak_mib"], 18 * 1024, "{job}");
+    assert_eq!(gpus(&s)[0]["util_pct"], 40);
+    let queue = s.ok("mgpu_queue", &[]);
+    assert!(
+        queue.contains("USED") && queue.contains("18432M!"),
+        "{queue}"
+    );
+    assert!(queue.contains("40%"), "{queue}");
+    let screen = top(&s);
+    assert!(
+        screen.contains("18432M!") && screen.contains("40%"),
+        "{screen}"
+    );
+    // 24 - 4 reserved - 14 used beyond: 6 GiB left, not 8.
+    let b = s.detached(&["--mem", "8G", "--", "sh", "-c", &pid_job(&s, "b")]);
+    let job_b = s.job(b).unwrap();
+    assert_eq!(job_b["state"], "PENDING", "{job_b}");
+    // Alone on its GPU, A is over but not stopped (nobody to protect): it is warned.
+    wait_until(Duration::from_secs(30), || {
+        s.server_log()
+            .contains("over its reservation of 4096 MiB (alone on that GPU")
+    });
+    assert_eq!(s.job(a).unwrap()["state"], "RUNNING");
+    // A lets go: B starts next to it.
+    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 2GiB on GPU 0\n"));
+    s.wait_state(b, "RUNNING");
+    let job = s.job(a).unwrap();
+    assert_eq!(job["used_mib"], serde_json::json!({"0": 2048}), "{job}");
+    assert_eq!(job["peak_mib"], 18 * 1024, "the peak stays");
+    std::fs::write(s.scratch.join("a.go"), "").unwrap();
+    s.wait_gone(a);
+    let rec = s.acct(a);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    assert_eq!(rec["peak_gpu_mem_mib"], 18 * 1024, "{rec}");
+    let table = s.ok("mgpu_acct", &["-j", &a.to_string()]);
+    assert!(
+        table.contains("MAXGPUMEM") && table.contains("18432M"),
+        "{table}"
+    );
+    // B never used the GPU: no peak on record.
+    std::fs::write(s.scratch.join("b.go"), "").unwrap();
+    s.wait_gone(b);
+    assert_eq!(s.acct(b)["peak_gpu_mem_mib"], Value::Null);
+}
+
+/// An attached srun of a job whose peak was far below its --mem says so in one line.
+#[test]
+fn srun_hints_when_the_peak_was_far_below_the_request() {
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&[]);
+    let p = s.scratch.join("h").display().to_string();
+    let srun = s
+        .cmd("mgpu_srun")
+        .args(["--mem", "16G", "--", "sh", "-c", &pid_job(&s, "h")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = read_pid(Path::new(&p));
+    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 1GiB on GPU 0\n"));
+    wait_until(Duration::from_secs(30), || {
+        s.queue_json()["jobs"][0]["peak_mib"] == 1024
+    });
+    std::fs::write(format!("{p}.go"), "").unwrap();
+    let out = srun.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "used at most 1024 MiB of GPU memory on one GPU, under half its --mem of 16384 MiB"
+        ),
+        "{stderr}"
+    );
+}
+
+/// Not a check, a measurement (run with `--ignored --nocapture`): the time from a job crossing
+/// its reservation (the fake NVML's state written) to its SIGTERM and to OUT_OF_MEMORY on
+/// record, with no tolerance; and what one NVML reading costs the daemon, with 16 jobs
+/// running on 4 GPUs.
+#[test]
+#[ignore]
+fn measure_gpu_memory_stop_latency_and_nvml_poll_cost() {
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+    let ns = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&["--gpu-mem-tolerance", "0"]);
+    let nb = s.detached(&["--mem", "4G", "--", "sleep", "300"]);
+    s.wait_state(nb, "RUNNING");
+    let (mut to_term, mut to_oom) = (Vec::new(), Vec::new());
+    for run in 0..9u64 {
+        let p = s.scratch.join(format!("m{run}")).display().to_string();
+        let id = s.detached(&[
+            "--mem",
+            "4G",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "trap 'date +%s%N > {p}.term; exit 143' TERM; echo $$ > {p}; sleep 300 & wait"
+            ),
+        ]);
+        s.wait_state(id, "RUNNING");
+        let pid = read_pid(Path::new(&p));
+        // Not in step with the daemon's readings (each run starts right after one).
+        std::thread::sleep(Duration::from_millis(run * 71 % 500));
+        let t0 = ns();
+        fake.set(&format!("gpu 0 24GiB\npid {pid} uses 10GiB on GPU 0\n"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = s
+                .cmd("mgpu_acct")
+                .args(["--json", "-j", &id.to_string()])
+                .output()
+                .unwrap();
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            if v["jobs"][0]["state"] == "OUT_OF_MEMORY" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} not stopped");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t_oom = ns();
+        let t_term: u64 = std::fs::read_to_string(format!("{p}.term"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        to_term.push((t_term - t0) as f64 / 1e6);
+        to_oom.push((t_oom - t0) as f64 / 1e6);
+        fake.set("gpu 0 24GiB\n");
+    }
+    eprintln!(
+        "crossing -> SIGTERM: median {:.0} ms {to_term:.0?}",
+        median(&mut to_term)
+    );
+    eprintln!(
+        "crossing -> OUT_OF_MEMORY on record: median {:.0} ms {to_oom:.0?}",
+        median(&mut to_oom)
+    );
+    drop(s);
+
+    // The poll's cost: 16 jobs (each a process on a GPU) on 4 GPUs, one reading every 0.5 s.
+    let gpus4 = "gpu 0 80GiB\ngpu 1 80GiB\ngpu 2 80GiB\ngpu 3 80GiB\n";
+    let fake = FakeGpus::new(gpus4);
+    let lib = mgpu_fake_nvml::find_library().unwrap();
+    let s = Server::start_with_env(
+        "",
+        &["--nvml-lib", lib.to_str().unwrap()],
+        &[
+            (mgpu_fake_nvml::STATE_ENV, fake.state.as_os_str()),
+            ("MGPU_LOG", std::ffi::OsStr::new("debug")),
+        ],
+    );
+    let mut state = gpus4.to_string();
+    for k in 0..16 {
+        let p = s.scratch.join(format!("p{k}")).display().to_string();
+        let id = s.detached(&[
+            "--mem",
+            "4G",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo $$ > {p}; exec sleep 300"),
+        ]);
+        s.wait_state(id, "RUNNING");
+        let gpu = s.job(id).unwrap()["gpu_ids"][0].as_u64().unwrap();
+        state += &format!("pid {} uses 3GiB on GPU {gpu}\n", read_pid(Path::new(&p)));
+    }
+    fake.set(&state);
+    wait_until(Duration::from_secs(30), || {
+        gpus(&s)
+            .iter()
+            .map(|g| g["used_mib"].as_u64().unwrap())
+            .sum::<u64>()
+            == 16 * 3072
+    });
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid())).unwrap();
+        let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        (f[0] + f[1]) as f64 / 100.0 // clock ticks (USER_HZ = 100) to seconds
+    };
+    let (c0, t0) = (cpu(), Instant::now());
+    std::thread::sleep(Duration::from_secs(20));
+    let (c1, t1) = (cpu(), Instant::now());
+    let mut reads: Vec<f64> = s
+        .server_log()
+        .lines()
+        .filter_map(|l| l.split("NVML usage read in ").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect();
+    let n = reads.len();
+    eprintln!(
+        "NVML reading (4 GPUs, 16 jobs): median {:.0} µs over {n} readings; daemon CPU {:.2} % \
+         ({:.3} s in {:.1} s)",
+        median(&mut reads),
+        (c1 - c0) / (t1 - t0).as_secs_f64() * 100.0,
+        c1 - c0,
+        (t1 - t0).as_secs_f64()
+    );
+}
+
+/// With `--gpu-mem-enforce warn` a job over its reservation on a shared GPU is not stopped: the
+/// server logs it and its attached srun is told, once.
+#[test]
+fn warn_policy_tells_and_does_not_stop() {
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&["--gpu-mem-enforce", "warn", "--gpu-mem-tolerance", "0"]);
+    let neighbour = s.detached(&["--mem", "4G", "--", "sleep", "300"]);
+    s.wait_state(neighbour, "RUNNING");
+    let srun = s
+        .cmd("mgpu_srun")
+        .args(["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "w")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = read_pid(&s.scratch.join("w"));
+    fake.set(&format!("gpu 0 24GiB\npid {pid} uses 10GiB on GPU 0\n"));
+    let said =
+        "uses 10240 MiB of GPU memory on GPU 0, over its reservation of 4096 MiB on a GPU it \
+                shares with other jobs";
+    wait_until(Duration::from_secs(30), || s.server_log().contains(said));
+    std::fs::write(s.scratch.join("w.go"), "").unwrap();
+    let out = srun.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "not stopped: {stderr}");
+    assert_eq!(stderr.matches(said).count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("more than its --mem of 4096 MiB: ask for at least --mem 10240M"),
+        "{stderr}"
+    );
 }

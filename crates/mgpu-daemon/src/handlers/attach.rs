@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use mgpu_proto::{AttachRequest, Response};
 
-use crate::handlers::follow::{authorize, follow, recorded_outcome, send_log_range, Follower};
+use crate::handlers::follow::{
+    authorize, follow, gpu_memory_hint, recorded_outcome, send_log_range, Follower,
+};
 use crate::server::{send, send_error, Caller, Conn};
 use crate::state::Daemon;
 
@@ -27,6 +29,11 @@ pub async fn handle(
     let sent = send_log_range(daemon, id, req.log_offset, None, conn).await?;
     match events {
         Some(rx) => follow(daemon, id, rx, conn, Follower::Srun { caller }, Some(sent)).await,
-        None => send(conn, &Response::Finished(recorded_outcome(daemon, id))).await,
+        None => {
+            if let Some(message) = gpu_memory_hint(daemon, id) {
+                send(conn, &Response::Notice { message }).await?;
+            }
+            send(conn, &Response::Finished(recorded_outcome(daemon, id))).await
+        }
     }
 }

@@ -120,6 +120,28 @@ pub fn authorize(
 }
 
 /// The recorded outcome of a job that is no longer live.
+/// A one-line hint for a finished job whose GPU memory peak was far from its `--mem`: under
+/// half of it (a smaller `--mem` lets it start sooner and others share), or over it.
+pub fn gpu_memory_hint(daemon: &Daemon, id: JobId) -> Option<String> {
+    let s = daemon.store.summary(id).ok()??;
+    let (mem, peak) = (s.mem_mib?, s.peak_gpu_mem_mib?);
+    if peak > mem {
+        Some(format!(
+            "job {id} used up to {peak} MiB of GPU memory on one GPU, more than its --mem of \
+             {mem} MiB: ask for at least --mem {}M",
+            peak.div_ceil(256) * 256
+        ))
+    } else if peak * 2 < mem {
+        Some(format!(
+            "job {id} used at most {peak} MiB of GPU memory on one GPU, under half its --mem of \
+             {mem} MiB: a smaller --mem (e.g. {}M) lets it start sooner and others share",
+            (peak + peak / 4).max(1).div_ceil(256) * 256
+        ))
+    } else {
+        None
+    }
+}
+
 pub fn recorded_outcome(daemon: &Daemon, id: JobId) -> JobOutcome {
     match daemon.store.summary(id) {
         Ok(Some(s)) if s.state.is_terminal() => JobOutcome {
@@ -198,7 +220,7 @@ async fn follow_until_end(
                     }
                     sent = Some(pos);
                 }
-                Ok(JobEvent::Requeued { message }) => {
+                Ok(JobEvent::Requeued { message } | JobEvent::Notice { message }) => {
                     if let Follower::Srun { .. } = who {
                         send(conn, &Response::Notice { message }).await?;
                     }
@@ -211,7 +233,12 @@ async fn follow_until_end(
                     // The end is on record before the client hears it (mgpu_acct agrees).
                     daemon.store.flush().await;
                     return match who {
-                        Follower::Srun { .. } => send(conn, &Response::Finished(outcome)).await,
+                        Follower::Srun { .. } => {
+                            if let Some(message) = gpu_memory_hint(daemon, id) {
+                                send(conn, &Response::Notice { message }).await?;
+                            }
+                            send(conn, &Response::Finished(outcome)).await
+                        }
                         Follower::Log => send(conn, &Response::LogEnd { job: id, state: Some(outcome.state) }).await,
                     };
                 }

@@ -8,6 +8,7 @@ use mgpu_proto::{GpuInfo, JobInfo, QueueRequest, QueueSnapshot, Response};
 
 use crate::server::{send, send_error, Caller, Conn};
 use crate::state::{now_ms, Daemon, Inner};
+use crate::supervisor::StopReason;
 use crate::users;
 
 pub async fn handle(
@@ -55,6 +56,24 @@ pub async fn handle(
                 },
                 used_mib: inner.gpu_used.get(&g.spec.index).copied().unwrap_or(0),
                 jobs: g.jobs(),
+                util_pct: inner
+                    .gpu_readings
+                    .get(&g.spec.index)
+                    .and_then(|r| r.util_pct),
+                foreign: inner
+                    .gpu_readings
+                    .get(&g.spec.index)
+                    .map(|r| {
+                        r.foreign
+                            .iter()
+                            .map(|p| mgpu_proto::ForeignProcess {
+                                pid: p.pid,
+                                user: p.user.clone(),
+                                used_mib: p.used_mib,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .collect();
         let ids: Vec<JobId> = match req.job {
@@ -110,7 +129,10 @@ fn job_infos(inner: &Inner, ids: &[JobId]) -> Vec<JobInfo> {
                 Some(Stopping::Cancel) => Some("Cancelling".into()),
                 Some(Stopping::Requeue) => Some("Preempting".into()),
                 Some(Stopping::Timeout) => Some("TimeLimit".into()),
-                None => sched.pending_reason(j.id).map(str::to_string),
+                None => match inner.stop_reason(j.id) {
+                    Some(StopReason::GpuMemory { .. }) => Some("GpuMemory".into()),
+                    _ => sched.pending_reason(j.id).map(str::to_string),
+                },
             },
             command: inner
                 .commands
@@ -120,8 +142,26 @@ fn job_infos(inner: &Inner, ids: &[JobId]) -> Vec<JobInfo> {
             priority: sched.priority(j.id),
             est_start: sched.est_start(j.id),
             array: j.request.array,
+            used_mib: used_mib(inner, j),
+            peak_mib: inner.gpu_peaks.get(&j.id).map(|p| p.0),
         })
         .collect()
+}
+
+/// GPU memory a running job's processes use, per GPU: on each GPU it holds (0 where none of
+/// its processes is), and on any other where one is. `None` where nothing is measured
+/// (simulated GPUs, a pending job).
+fn used_mib(inner: &Inner, j: &mgpu_core::Job) -> Option<std::collections::BTreeMap<u32, u64>> {
+    if inner.gpu_readings.is_empty() || j.state != mgpu_core::JobState::Running {
+        return None;
+    }
+    let mut used: std::collections::BTreeMap<u32, u64> = j.gpus.iter().map(|&g| (g, 0)).collect();
+    for g in inner.sched.gpus() {
+        if let Some(&mib) = g.used_by.get(&j.id) {
+            used.insert(g.spec.index, mib);
+        }
+    }
+    Some(used)
 }
 
 /// Jobs per frame: with at most [`MAX_SHOWN_COMMAND`] bytes of command and a name of at most

@@ -909,6 +909,82 @@ mod time_limits {
         assert_eq!(s.time_actions(1_000), vec![TimeAction::Timeout { job: t }]);
     }
 
+    /// The case: a 2-GPU job with `-t 5:00` on 2 GPUs, past its slice, while a job
+    /// that fits on what it would free waits — but would not start there (held back for the
+    /// reservation of a 4-GPU job, since it has no limit and so is estimated at 24 h).
+    /// Switching would only restart the job from scratch on the same GPUs (it ends before the
+    /// reservation, so it is backfilled at once): it is never switched, however many slices
+    /// pass. A waiting job that does start on what is freed gets it switched.
+    #[test]
+    fn a_switch_that_would_serve_nobody_does_not_happen() {
+        let mut s = Scheduler::new(
+            gpus(&[80_000; 4]),
+            Config {
+                min_slice_s: 60,
+                ..Config::default()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 2, None, 300), 0).unwrap();
+        let b = s.submit(limited(2, 2, None, 7_200), 0).unwrap();
+        assert_eq!(started_ids(&s.schedule(0)), vec![a, b]);
+        let wide = s.submit(req(3, 4, None), 1_000).unwrap();
+        let w = s.submit(req(4, 1, None), 2_000).unwrap();
+        assert!(s.schedule(2_000).is_empty());
+        assert_eq!(s.reserved_job(), Some(wide));
+        for slice in 1..=6 {
+            let now = slice * 300_000;
+            assert!(s.schedule(now).is_empty());
+            // (The rule before: w fits on a's GPUs, so a was switched — and restarted at once.)
+            let mut trial = s.clone();
+            trial.requeue(a, now);
+            assert_eq!(started_ids(&trial.schedule(now)), vec![a]);
+            assert!(
+                s.time_actions(now).is_empty(),
+                "switch {slice} would restart job {a} on its own GPUs"
+            );
+            assert_eq!(s.job(a).unwrap().restarts, 0);
+        }
+        assert_eq!(s.job(w).unwrap().state, JobState::Pending);
+        // A short 2-GPU job (it ends before the reservation) does start on a's GPUs, ahead of
+        // a (its user has used nothing): a is switched for it.
+        let now = 2_000_000;
+        let v = s.submit(limited(5, 2, None, 600), now).unwrap();
+        assert!(s.schedule(now).is_empty());
+        assert_eq!(s.time_actions(now), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, now);
+        assert_eq!(started_ids(&s.schedule(now)), vec![v]);
+        assert_eq!(s.job(a).unwrap().state, JobState::Pending);
+    }
+
+    /// Under a backfilling policy a waiting job that fits on the freed GPUs but would delay
+    /// the reservation does not start there: no switch for it.
+    #[test]
+    fn no_switch_for_a_job_the_reservation_holds_back() {
+        let mut s = Scheduler::new(
+            gpus(&[24_000, 24_000]),
+            Config {
+                policy: Policy::Backfill,
+                ..Config::default()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
+        let b = s.submit(limited(1, 1, None, 1_000), 0).unwrap();
+        s.schedule(0);
+        // A 2-GPU job holds the reservation (by b's end); a 1-GPU job without a limit would
+        // delay it if it took a's GPU.
+        let wide = s.submit(req(2, 2, None), 1_000).unwrap();
+        let long = s.submit(req(3, 1, None), 1_000).unwrap();
+        assert!(s.schedule(1_000).is_empty());
+        assert_eq!(s.reserved_job(), Some(wide));
+        assert!(
+            s.time_actions(20_000).is_empty(),
+            "switching a would serve nobody"
+        );
+        let _ = (b, long);
+    }
+
     #[test]
     fn a_cancel_overrides_a_switch_in_progress() {
         let mut s = Scheduler::new(gpus(&[24_000]), fifo(), 1);
@@ -977,13 +1053,21 @@ mod time_limits {
                         }
                     }
                 }
-                if !switched.is_empty() && policy == Policy::Fifo {
-                    // Justified: a job that was waiting starts on what the switches freed.
+                if !switched.is_empty() {
+                    // Justified, whatever the policy: in the very next pass a job that was
+                    // waiting starts on some GPU of each switched job, and none of them
+                    // restarts at once.
                     let started = s.schedule(now);
-                    prop_assert!(
-                        started.iter().any(|a| waiting_before.contains(&a.job)),
-                        "switched {:?} but no waiting job started", switched
-                    );
+                    for job in &switched {
+                        prop_assert!(!started.iter().any(|a| a.job == *job), "{} restarted at once", job);
+                        let freed = &before.job(*job).unwrap().gpus;
+                        prop_assert!(
+                            started.iter().any(|a| waiting_before.contains(&a.job)
+                                && a.gpus.iter().any(|g| freed.contains(g))),
+                            "switched {} but no waiting job started on its GPUs {:?}: {:?}",
+                            job, freed, started
+                        );
+                    }
                 }
                 check_invariants(&s);
                 for id in &ids {

@@ -34,7 +34,8 @@ struct Args {
     /// Seed of the rules that fill in users and memory; repeat for several runs.
     #[arg(long = "seed", default_values_t = [1u64])]
     seeds: Vec<u64>,
-    /// Time limit = duration x this (when the trace has none). At least 1.
+    /// Time limit = duration x this (when the trace has none). At least 1, or 0 for no limits
+    /// (jobs are then estimated at the server's default estimate, 24 h).
     #[arg(long, default_value_t = 1.0)]
     limit_factor: f64,
     /// Policies: strict-fifo, fifo (first-fit), backfill, fair, oracle-sjf, or all. Repeatable.
@@ -74,8 +75,8 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.limit_factor < 1.0 {
-        bail!("--limit-factor must be at least 1 (limits below the run time would kill jobs)");
+    if !(args.limit_factor == 0.0 || args.limit_factor >= 1.0) {
+        bail!("--limit-factor must be 0 (no limits) or at least 1 (limits below the run time would kill jobs)");
     }
     let gpus = mgpu_sim::parse_gpus(&args.gpus)?;
     let policies = parse_policies(&args.policies)?;

@@ -177,9 +177,7 @@ pub fn build_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> 
             } else {
                 assigned_memory(&mut rng, row.gpus, opts)
             };
-            let time_limit_s = row.time_limit_s.or_else(|| {
-                Some((row.duration_ms as f64 / 1000.0 * opts.limit_factor).ceil() as u64)
-            });
+            let time_limit_s = row.time_limit_s.or_else(|| limit_of(row.duration_ms, opts));
             jobs.push(SimJob {
                 submit_ms: row.submit_ms + shift,
                 duration_ms: row.duration_ms,
@@ -195,6 +193,13 @@ pub fn build_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> 
         rescale_to_load(&mut jobs, opts.total_gpus, load);
     }
     jobs
+}
+
+/// The time limit a job without one gets: its run time times the limit factor; a factor of 0
+/// gives no limit (the daemon then estimates it with the default estimate, 24 h).
+fn limit_of(duration_ms: Millis, opts: &WorkloadOptions) -> Option<u64> {
+    (opts.limit_factor > 0.0)
+        .then(|| (duration_ms as f64 / 1000.0 * opts.limit_factor).ceil() as u64)
 }
 
 /// Cumulative Zipf(1) probabilities over `n` ranks.
@@ -250,7 +255,7 @@ pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> 
     const STEADY_USERS: u32 = 9;
     const STEADY_LOAD: f64 = 0.5;
     let mut rng = Rng::new(opts.seed);
-    let limit = |d: Millis| Some((d as f64 / 1000.0 * opts.limit_factor).ceil() as u64);
+    let limit = |d: Millis| limit_of(d, opts);
     let single: Vec<&TraceRow> = rows.iter().filter(|r| r.gpus == 1).collect();
     let mut jobs = Vec::new();
     let mut flood_work_ms = 0u64;

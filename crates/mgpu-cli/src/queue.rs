@@ -146,7 +146,7 @@ impl serde::Serialize for JsonJobs<'_> {
         impl serde::Serialize for Job<'_> {
             fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
                 let j = self.0;
-                let mut m = ser.serialize_map(Some(17))?;
+                let mut m = ser.serialize_map(Some(19))?;
                 m.serialize_entry("id", &j.id)?;
                 m.serialize_entry("user", &j.user)?;
                 m.serialize_entry("name", &j.name)?;
@@ -162,6 +162,8 @@ impl serde::Serialize for JsonJobs<'_> {
                 m.serialize_entry("command", &j.command)?;
                 m.serialize_entry("priority", &j.priority)?;
                 m.serialize_entry("est_start", &j.est_start.map(rfc3339))?;
+                m.serialize_entry("behind_job", &j.behind)?;
+                m.serialize_entry("behind_start", &j.behind_start.map(rfc3339))?;
                 m.serialize_entry("array_job", &j.array.map(|a| a.job))?;
                 m.serialize_entry("array_task", &j.array.map(|a| a.task))?;
                 m.end()
@@ -240,13 +242,13 @@ fn index_ranges(tasks: &[u32]) -> String {
 }
 
 /// Column names of [`job_rows`].
-pub const JOB_COLUMNS: [&str; 8] = [
-    "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "TIME", "REASON",
+pub const JOB_COLUMNS: [&str; 9] = [
+    "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "TIME", "RESTARTS", "REASON",
 ];
 
 /// The rows of the jobs table, in the snapshot's order. Waiting tasks of a job array share a
 /// row unless `array_tasks`.
-pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 8]> {
+pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 9]> {
     let mut rows = Vec::new();
     let mut rest = &s.jobs[..];
     while let Some(j) = rest.first() {
@@ -294,10 +296,15 @@ pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 8]> {
             gpus,
             mem,
             format!("{}/{}", format_duration(elapsed), limit),
-            match (&j.reason, j.est_start) {
-                (Some(r), Some(t)) => format!("{r} (start by {})", short_time(t, s.now)),
-                (Some(r), None) => r.clone(),
-                (None, _) => String::new(),
+            j.restarts.to_string(),
+            match (&j.reason, j.est_start, j.behind) {
+                (Some(r), Some(t), _) => format!("{r} (start by {})", short_time(t, s.now)),
+                (Some(r), None, Some(b)) => match j.behind_start {
+                    Some(t) => format!("{r} (job {b}, start by {})", short_time(t, s.now)),
+                    None => format!("{r} (job {b})"),
+                },
+                (Some(r), None, None) => r.clone(),
+                (None, _, _) => String::new(),
             },
         ]);
     }
@@ -356,6 +363,8 @@ mod tests {
             command: vec!["true".into()],
             priority: None,
             est_start: None,
+            behind: None,
+            behind_start: None,
             array: array.map(|(job, task)| ArrayTask {
                 job,
                 task,

@@ -266,6 +266,10 @@ pub struct Config {
     /// No job is context-switched before it has run this long, whatever its slice: bounds how
     /// often jobs with tiny slices can be switched (a switch costs a stop and a restart).
     pub min_slice_s: u64,
+    /// Context switches a job that sets no `--max-restarts` of its own may have; past them it
+    /// ends as TIMEOUT at its limit, so a job that cannot checkpoint does not loop forever
+    /// (`None`: no cap).
+    pub default_max_restarts: Option<u32>,
     /// Which job goes first (default [`Policy::Fair`]).
     pub policy: Policy,
     /// How long a job without any time limit is assumed to run, for reservations (default 24 h).
@@ -279,6 +283,7 @@ impl Default for Config {
         Config {
             max_job_time_s: None,
             min_slice_s: 0,
+            default_max_restarts: None,
             policy: Policy::default(),
             default_estimate_s: 24 * 3600,
             fair: FairShareConfig::default(),
@@ -835,25 +840,25 @@ impl Scheduler {
             .map_or(0.0, |u| u.at(now, self.config.fair.tau_s()))
     }
 
-    /// A human sentence saying what a pending job waits for.
+    /// A human sentence saying what a pending job waits for. It starts with the job's
+    /// [`Scheduler::pending_reason`] (the queue's REASON), so the two never disagree, and names
+    /// the reservation it waits behind, if any.
     pub fn wait_detail(&self, id: JobId) -> Option<String> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending {
-            return None;
-        }
+        let code = self.pending_reason(id)?;
         if let (true, Some(a)) = (job.held, job.request.array) {
             return Some(format!(
-                "held: at most {} tasks of job array {} wait or run at once",
+                "{code}: at most {} tasks of job array {} wait or run at once",
                 a.limit.unwrap_or(0),
                 a.job
             ));
         }
         let r = &job.request;
-        Some(match r.mem_mib {
+        let needs = match r.mem_mib {
             None => {
                 let free = self.gpus.iter().filter(|g| g.is_idle()).count();
                 format!(
-                    "waiting for resources: needs {} whole GPU{}, {} free now",
+                    "needs {} whole GPU{}, {} free now",
                     r.gpus,
                     plural(r.gpus as usize),
                     free
@@ -866,13 +871,45 @@ impl Scheduler {
                     .filter(|g| g.exclusive.is_none() && g.free_mib() >= mem)
                     .count();
                 format!(
-                    "waiting for resources: needs {} GPU{} with {} MiB free each, {} such now",
+                    "needs {} GPU{} with {} MiB free each, {} such now",
                     r.gpus,
                     plural(r.gpus as usize),
                     mem,
                     fitting
                 )
             }
+        };
+        let by = |start: Option<Millis>| match start {
+            Some(t) if t > self.last_now => format!(
+                "expected to start within {}",
+                timefmt::format_duration((t - self.last_now).div_ceil(1000))
+            ),
+            Some(_) => "expected to start as soon as a running job ends".to_string(),
+            None => "start unknown: memory used outside mgpu blocks it".to_string(),
+        };
+        let reserved = self.reservation.as_ref().map(|res| (res.job, res.start_at));
+        Some(match (code, reserved) {
+            ("Resources", Some((rid, start))) if rid == id => {
+                format!("{code}: {needs}; it holds the reservation, {}", by(start))
+            }
+            ("Reservation", Some((rid, start))) => {
+                let estimate = match self.effective_limit_s(r) {
+                    Some(s) => format!("its time limit, {}", timefmt::format_duration(s)),
+                    None => format!(
+                        "{}, the estimate for a job without a time limit",
+                        timefmt::format_duration(self.config.default_estimate_s)
+                    ),
+                };
+                format!(
+                    "{code}: it fits now, but it would delay job {rid}, which holds the reservation ({}): it may run for {estimate}; a --time-limit that ends before then lets it start now",
+                    by(start)
+                )
+            }
+            ("Priority", Some((rid, start))) => format!(
+                "{code}: {needs}; job {rid} of higher priority goes first (it holds the reservation, {})",
+                by(start)
+            ),
+            _ => format!("{code}: {needs}"),
         })
     }
 }

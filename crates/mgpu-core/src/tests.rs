@@ -269,7 +269,16 @@ fn check_invariants(s: &Scheduler) {
                     assert!(g.jobs().contains(&job.id));
                 }
             }
-            JobState::Pending => assert!(job.gpus.is_empty()),
+            JobState::Pending => {
+                assert!(job.gpus.is_empty());
+                // srun's wait message and the queue's REASON state the same cause.
+                let reason = s.pending_reason(job.id).unwrap();
+                let detail = s.wait_detail(job.id).unwrap();
+                assert!(
+                    detail.starts_with(&format!("{reason}: ")),
+                    "{reason} vs {detail}"
+                );
+            }
             _ => panic!("terminal job still tracked"),
         }
     }
@@ -794,6 +803,43 @@ mod time_limits {
         assert_eq!(s.time_actions(11_000), vec![TimeAction::Timeout { job: b }]);
     }
 
+    /// The server's default cap on restarts applies to jobs that set none of their own; a
+    /// job's own value wins.
+    #[test]
+    fn the_server_default_caps_restarts() {
+        let mut s = Scheduler::new(
+            gpus(&[24_000]),
+            Config {
+                default_max_restarts: Some(1),
+                ..fifo()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 1, None, 5), 0).unwrap();
+        let own = s
+            .submit(
+                JobRequest {
+                    max_restarts: Some(3),
+                    ..limited(2, 1, None, 5)
+                },
+                0,
+            )
+            .unwrap();
+        s.schedule(0);
+        assert_eq!(s.time_actions(5_000), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, 5_000);
+        assert_eq!(started_ids(&s.schedule(5_000)), vec![own]);
+        // own switches for a, as often as its own cap allows.
+        assert_eq!(
+            s.time_actions(10_000),
+            vec![TimeAction::Requeue { job: own }]
+        );
+        s.requeue(own, 10_000);
+        assert_eq!(started_ids(&s.schedule(10_000)), vec![a]);
+        // a has used the server's one restart: at its limit it times out.
+        assert_eq!(s.time_actions(15_000), vec![TimeAction::Timeout { job: a }]);
+    }
+
     #[test]
     fn warning_signal_comes_before_the_limit_and_global_cap_applies() {
         let mut s = Scheduler::new(
@@ -1139,6 +1185,61 @@ fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
             TimeAction::Requeue { job: b }
         ]
     );
+}
+
+/// The case: jobs without limits (estimated at 24 h) keep GPUs from a later 1-GPU job
+/// for the reservation of a wide one. srun's message says so, as the queue's REASON does,
+/// instead of "needs 1 GPU, 7 free now".
+#[test]
+fn the_wait_message_states_the_real_cause() {
+    let mut s = Scheduler::new(gpus(&[80_000; 8]), Config::default(), 1);
+    let a = s.submit(req(1, 1, None), 0).unwrap();
+    s.schedule(0);
+    let wide = s.submit(req(2, 8, None), 1_000).unwrap();
+    let small = s.submit(req(3, 1, None), 2_000).unwrap();
+    assert!(s.schedule(2_000).is_empty());
+    assert_eq!(s.pending_reason(wide), Some("Resources"));
+    let detail = s.wait_detail(wide).unwrap();
+    assert!(
+        detail.starts_with("Resources: needs 8 whole GPUs, 7 free now; it holds the reservation, expected to start within 23:59:"),
+        "{detail}"
+    );
+    assert_eq!(s.pending_reason(small), Some("Reservation"));
+    let detail = s.wait_detail(small).unwrap();
+    assert!(
+        detail.starts_with(&format!("Reservation: it fits now, but it would delay job {wide}, which holds the reservation (expected to start within 23:59:"))
+            && detail.contains("it may run for 1-00:00:00, the estimate for a job without a time limit"),
+        "{detail}"
+    );
+    // A job that does not fit waits behind the reservation for priority.
+    let big = s.submit(req(4, 8, None), 3_000).unwrap();
+    s.schedule(3_000);
+    let detail = s.wait_detail(big).unwrap();
+    assert!(
+        detail.starts_with(&format!(
+            "Priority: needs 8 whole GPUs, 7 free now; job {wide} of higher priority goes first"
+        )),
+        "{detail}"
+    );
+    // Without a reservation (first-fit), it is resources, as the queue says.
+    let mut s = Scheduler::new(
+        gpus(&[80_000]),
+        Config {
+            policy: Policy::Fifo,
+            ..Config::default()
+        },
+        1,
+    );
+    s.submit(req(1, 1, Some(50_000)), 0).unwrap();
+    s.schedule(0);
+    let w = s.submit(req(2, 1, Some(40_000)), 0).unwrap();
+    s.schedule(0);
+    assert_eq!(s.pending_reason(w), Some("Resources"));
+    assert_eq!(
+        s.wait_detail(w).unwrap(),
+        "Resources: needs 1 GPU with 40000 MiB free each, 0 such now"
+    );
+    let _ = a;
 }
 
 /// Tasks of a job array with a cap of `limit` (ids `first..first + n`).

@@ -4,7 +4,8 @@
 //! Past its slice a job is context-switched (stopped, then put back at the end of the queue with
 //! `restarts + 1`) — but only when a waiting job starts on what it frees in the very next pass;
 //! otherwise it keeps running, and is switched as soon as a switch serves someone. Jobs that opted out of requeueing
-//! (`--no-requeue`) or used up `--max-restarts` end as TIMEOUT instead. A `--signal SIG@SECS`
+//! (`--no-requeue`) or used up `--max-restarts` (their own, else the server's) end as TIMEOUT
+//! instead. A `--signal SIG@SECS`
 //! warning is due SECS before the slice ends. A limit of 0 is no limit, and no job is switched
 //! before it has run [`crate::Config::min_slice_s`], so switches are rate-limited whatever the
 //! limits.
@@ -110,6 +111,7 @@ impl Scheduler {
             let out_of_restarts = job
                 .request
                 .max_restarts
+                .or(self.config.default_max_restarts)
                 .is_some_and(|max| job.restarts >= max);
             if job.request.no_requeue || out_of_restarts {
                 actions.push(TimeAction::Timeout { job: id });

@@ -37,6 +37,10 @@ pub struct Args {
     /// switch stops a job and restarts it later, so this bounds how often that can happen
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub min_slice: u64,
+    /// Context switches allowed to a job that sets no --max-restarts of its own: past them it
+    /// ends as TIMEOUT at its time limit instead of restarting from its command once more
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub max_restarts: u32,
     /// Where the job database lives [default: /var/lib/mgpu as root, else ~/.local/state/mgpu]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -366,6 +370,7 @@ async fn run(args: Args) -> Result<()> {
     let mut config = Config {
         max_job_time_s: args.max_job_time,
         min_slice_s: args.min_slice,
+        default_max_restarts: Some(args.max_restarts),
         policy: args.policy,
         default_estimate_s: args.default_estimate,
         ..Config::default()

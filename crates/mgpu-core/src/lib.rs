@@ -640,6 +640,13 @@ impl Scheduler {
     fn schedule_pass(&mut self, now: Millis, rescan_all: bool) -> Vec<Assignment> {
         self.last_now = self.last_now.max(now);
         self.charge_rate_changes(now);
+        // While a context switch is in progress nothing starts: the switched jobs' processes
+        // go one by one, and what the first ones free must not be taken (by one of them,
+        // restarting at once, or by anyone else) before the job the switch was made for can
+        // have it all. The pass that follows the last exit decides, as `time_actions` planned.
+        if self.switch_in_progress() {
+            return Vec::new();
+        }
         // A running job past its expected end makes the reservation's plan stale.
         let stale_plan = self.reservation.is_some() && self.recheck_at.is_some_and(|t| now > t);
         let replan = std::mem::take(&mut self.full_pass_needed) || stale_plan;

@@ -1177,7 +1177,7 @@ fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
     let a = s.submit(limited(1), 0).unwrap();
     let b = s.submit(limited(1), 0).unwrap();
     s.schedule(0);
-    s.submit(req(2, 2, None), 0).unwrap();
+    let wide = s.submit(req(2, 2, None), 0).unwrap();
     assert_eq!(
         s.time_actions(5_000),
         vec![
@@ -1185,6 +1185,14 @@ fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
             TimeAction::Requeue { job: b }
         ]
     );
+    // Their processes go one by one: what a frees waits for b (a does not restart on it, and
+    // nothing else takes it), then the wide job gets both.
+    s.requeue(a, 5_100);
+    assert!(s.schedule(5_100).is_empty());
+    s.submit(req(3, 1, None), 5_150).unwrap();
+    assert!(s.schedule(5_150).is_empty());
+    s.requeue(b, 5_200);
+    assert_eq!(started_ids(&s.schedule(5_200)), vec![wide]);
 }
 
 /// The case: jobs without limits (estimated at 24 h) keep GPUs from a later 1-GPU job

@@ -53,11 +53,19 @@ impl Scheduler {
         ids
     }
 
+    /// Is a job being stopped for a context switch (its processes not gone yet)?
+    pub(crate) fn switch_in_progress(&self) -> bool {
+        self.gpus
+            .iter()
+            .flat_map(|g| g.jobs())
+            .any(|id| self.jobs.get(&id).and_then(|j| j.stopping) == Some(Stopping::Requeue))
+    }
+
     /// When the running job's slice ends, if it has a limit.
     pub fn slice_end(&self, id: JobId) -> Option<Millis> {
         let job = self.jobs.get(&id)?;
         let start = job.started_at?;
-        Some(start + self.effective_limit_s(&job.request)? * 1000)
+        Some(start.saturating_add(self.effective_limit_s(&job.request)?.saturating_mul(1000)))
     }
 
     /// The earliest moment the running job may be context-switched: its slice end, but never
@@ -96,7 +104,7 @@ impl Scheduler {
             let end = self.slice_end(id).expect("filtered on a limit");
             let job = &self.jobs[&id];
             if let Some(w) = job.request.warn_signal {
-                if !job.warned && now + w.secs_before * 1000 >= end {
+                if !job.warned && now.saturating_add(w.secs_before.saturating_mul(1000)) >= end {
                     actions.push(TimeAction::Warn {
                         job: id,
                         signal: w.signal,
@@ -182,7 +190,7 @@ impl Scheduler {
                     .request
                     .warn_signal
                     .filter(|_| !j.warned)
-                    .map(|w| end.saturating_sub(w.secs_before * 1000));
+                    .map(|w| end.saturating_sub(w.secs_before.saturating_mul(1000)));
                 [warn, Some(end), self.switch_at(j.id)]
                     .into_iter()
                     .flatten()

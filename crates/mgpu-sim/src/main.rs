@@ -60,6 +60,16 @@ struct Args {
     /// Fair share: seconds of priority gained per second of waiting.
     #[arg(long)]
     age_factor: Option<f64>,
+    /// Global cap on every job's time slice in seconds, as the server's --max-job-time
+    /// (default: none).
+    #[arg(long)]
+    max_job_time: Option<u64>,
+    /// As the server's --min-slice: no job is context-switched before it has run this long.
+    #[arg(long, default_value_t = 60)]
+    min_slice: u64,
+    /// As the server's --max-restarts: switches allowed per job before it ends as TIMEOUT.
+    #[arg(long, default_value_t = 10)]
+    max_restarts: u32,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -75,14 +85,39 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if !(args.limit_factor == 0.0 || args.limit_factor >= 1.0) {
+    if !(args.limit_factor == 0.0 || (args.limit_factor >= 1.0 && args.limit_factor.is_finite())) {
         bail!("--limit-factor must be 0 (no limits) or at least 1 (limits below the run time would kill jobs)");
+    }
+    if let Some(load) = args.load {
+        if !load.is_finite() || load <= 0.0 {
+            bail!("--load must be a positive number");
+        }
+    }
+    if !(0.0..=1.0).contains(&args.mem_fraction) {
+        bail!("--mem-fraction must be between 0 and 1");
+    }
+    if !args.half_life_h.is_finite() || args.half_life_h <= 0.0 {
+        bail!("--half-life-h must be a positive number");
+    }
+    for (flag, v) in [
+        ("--usage-factor", args.usage_factor),
+        ("--age-factor", args.age_factor),
+    ] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            bail!("{flag} must be a number of 0 or more");
+        }
+    }
+    if args.users == 0 {
+        bail!("--users must be at least 1");
     }
     let gpus = mgpu_sim::parse_gpus(&args.gpus)?;
     let policies = parse_policies(&args.policies)?;
     let text = std::fs::read_to_string(&args.trace)
         .with_context(|| format!("cannot read the trace {}", args.trace))?;
     let rows = parse_trace(&text)?;
+    if rows.is_empty() {
+        bail!("the trace {} has no GPU jobs", args.trace);
+    }
     let defaults = FairShareConfig::default();
     let config = Config {
         fair: FairShareConfig {
@@ -91,6 +126,9 @@ fn main() -> anyhow::Result<()> {
             age_factor: args.age_factor.unwrap_or(defaults.age_factor),
             ..defaults
         },
+        max_job_time_s: args.max_job_time,
+        min_slice_s: args.min_slice,
+        default_max_restarts: Some(args.max_restarts),
         ..Config::default()
     };
     let mut runs = Vec::new();
@@ -106,7 +144,7 @@ fn main() -> anyhow::Result<()> {
             mem_fraction: args.mem_fraction,
         };
         let jobs = if args.flood {
-            flood_workload(&rows, &opts)
+            flood_workload(&rows, &opts)?
         } else {
             build_workload(&rows, &opts)
         };
@@ -172,7 +210,7 @@ fn print_run(run: &Run, args: &Args) {
     );
     println!(
         "{:<14} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>6} {:>6} {:>9} {:>7} {:>7}",
-        "policy", "meanJCT", "p50JCT", "p95JCT", "p99JCT", "meanWait", "maxWait", "meanBSLD",
+        "policy", "meanJCT", "p50JCT", "p95JCT", "p99JCT", "meanWait", "p99Wait", "meanBSLD",
         "mspan", "util", "jain", "", "maxMGwait", "wait/SF", "MG/SF",
     );
     let strict = run.results.iter().find(|m| m.policy == "strict-fifo");
@@ -189,7 +227,7 @@ fn print_run(run: &Run, args: &Args) {
             hours(m.p95_jct_s),
             hours(m.p99_jct_s),
             hours(m.mean_wait_s),
-            hours(m.max_wait_s),
+            hours(m.p99_wait_s),
             m.mean_bounded_slowdown,
             hours(m.makespan_s),
             100.0 * m.gpu_utilisation,
@@ -215,6 +253,22 @@ fn print_run(run: &Run, args: &Args) {
                 hours(others)
             );
         }
+    }
+    if let Some(m) = run.results.first() {
+        println!(
+            "  refused (wider than the server or more memory than a GPU): {} jobs",
+            m.refused
+        );
+    }
+    for m in run
+        .results
+        .iter()
+        .filter(|m| m.restarts + m.timed_out as u64 > 0)
+    {
+        println!(
+            "  {:<14} {} context switches ({:.1} GPU-h lost), {} timed out",
+            m.policy, m.restarts, m.lost_gpu_h, m.timed_out
+        );
     }
     for m in &run.results {
         print!("  {} {:.2}s", m.policy, m.replay_wall_s);

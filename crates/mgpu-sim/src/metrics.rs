@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::engine::Outcome;
+use crate::engine::{End, Outcome};
 use crate::workload::SimJob;
 
 /// Below this run time a job's slowdown is computed as if it ran this long (bounded slowdown).
@@ -14,7 +14,18 @@ pub const SLOWDOWN_BOUND_S: f64 = 10.0;
 #[derive(Debug, Clone, Serialize)]
 pub struct Metrics {
     pub policy: String,
+    /// Jobs measured: every job the server accepted (refused ones are only counted).
     pub jobs: usize,
+    /// Jobs the server would refuse (wider than it, more memory than its GPUs have).
+    pub refused: usize,
+    /// Jobs stopped for good at their time limit (out of restarts, or `--no-requeue`).
+    pub timed_out: usize,
+    /// Context switches, in all (each restarts a job from its command).
+    pub restarts: u64,
+    /// GPU-hours of runs lost to context switches.
+    pub lost_gpu_h: f64,
+    pub p50_wait_s: f64,
+    pub p99_wait_s: f64,
     pub mean_jct_s: f64,
     pub p50_jct_s: f64,
     pub p95_jct_s: f64,
@@ -44,7 +55,12 @@ pub fn measure(
     total_gpus: u32,
     replay_wall_s: f64,
 ) -> Metrics {
-    let n = jobs.len().max(1) as f64;
+    let measured: Vec<(&SimJob, &Outcome)> = jobs
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| o.end != End::Refused)
+        .collect();
+    let n = measured.len().max(1) as f64;
     let secs = |ms: u64| ms as f64 / 1000.0;
     let mut jct: Vec<f64> = Vec::with_capacity(jobs.len());
     let mut waits = Vec::with_capacity(jobs.len());
@@ -53,7 +69,9 @@ pub fn measure(
     let mut max_multi_gpu_wait_s: f64 = 0.0;
     let mut others = (0.0, 0usize);
     let mut total_slowdown = 0.0;
-    for (job, o) in jobs.iter().zip(outcomes) {
+    let (mut timed_out, mut restarts, mut lost_ms) = (0, 0u64, 0.0);
+    for &(job, o) in &measured {
+        // The wait is until its last run started: runs lost to switches count as waiting.
         let wait = secs(o.start_ms - job.submit_ms);
         let run = secs(o.end_ms - o.start_ms);
         let slowdown = ((wait + run) / run.max(SLOWDOWN_BOUND_S)).max(1.0);
@@ -63,7 +81,7 @@ pub fn measure(
         let per_user = slowdown_by_user.entry(&job.user).or_default();
         per_user.0 += slowdown;
         per_user.1 += 1;
-        used_gpu_s += o.share * run;
+        used_gpu_s += o.share * run + o.lost_share_ms / 1000.0;
         if job.gpus > 1 {
             max_multi_gpu_wait_s = max_multi_gpu_wait_s.max(wait);
         }
@@ -71,10 +89,15 @@ pub fn measure(
             others.0 += wait;
             others.1 += 1;
         }
+        timed_out += usize::from(o.end == End::Timeout);
+        restarts += u64::from(o.restarts);
+        lost_ms += o.lost_share_ms;
     }
+    let mut sorted_waits = waits.clone();
+    sorted_waits.sort_by(f64::total_cmp);
     jct.sort_by(f64::total_cmp);
-    let first_submit = jobs.iter().map(|j| j.submit_ms).min().unwrap_or(0);
-    let last_end = outcomes.iter().map(|o| o.end_ms).max().unwrap_or(0);
+    let first_submit = measured.iter().map(|(j, _)| j.submit_ms).min().unwrap_or(0);
+    let last_end = measured.iter().map(|(_, o)| o.end_ms).max().unwrap_or(0);
     let makespan_s = secs(last_end.saturating_sub(first_submit));
     let user_means: Vec<f64> = slowdown_by_user
         .values()
@@ -83,7 +106,13 @@ pub fn measure(
     let flood = jobs.iter().any(|j| j.user == "flood");
     Metrics {
         policy: policy.to_string(),
-        jobs: jobs.len(),
+        jobs: measured.len(),
+        refused: jobs.len() - measured.len(),
+        timed_out,
+        restarts,
+        lost_gpu_h: lost_ms / 3_600_000.0,
+        p50_wait_s: percentile(&sorted_waits, 0.50),
+        p99_wait_s: percentile(&sorted_waits, 0.99),
         mean_jct_s: jct.iter().sum::<f64>() / n,
         p50_jct_s: percentile(&jct, 0.50),
         p95_jct_s: percentile(&jct, 0.95),

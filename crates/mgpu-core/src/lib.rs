@@ -274,6 +274,16 @@ pub struct Config {
     pub policy: Policy,
     /// How long a job without any time limit is assumed to run, for reservations (default 24 h).
     pub default_estimate_s: u64,
+    /// A blocked job gets the reservation only once it has waited this long (backfilling
+    /// policies; 0: at once, plain EASY backfilling). Until then jobs start first-fit: a
+    /// reservation planned from estimates holds GPUs idle, which pays only against
+    /// starvation.
+    pub reserve_after_s: u64,
+    /// ... and only once it has waited this many times longer than jobs do of late (moving
+    /// averages of the waits of the jobs started, all users' or its own user's, whichever is
+    /// less): a job is starved when it waits far longer than the others, not when everyone
+    /// waits long (0: no such condition).
+    pub reserve_after_wait_factor: f64,
     /// Fair-share settings (used by [`Policy::Fair`]).
     pub fair: FairShareConfig,
 }
@@ -286,6 +296,8 @@ impl Default for Config {
             default_max_restarts: None,
             policy: Policy::default(),
             default_estimate_s: 24 * 3600,
+            reserve_after_s: 2 * 3600,
+            reserve_after_wait_factor: 12.0,
             fair: FairShareConfig::default(),
         }
     }
@@ -327,6 +339,14 @@ pub struct Scheduler {
     recheck_at: Option<Millis>,
     /// The `now` of the latest pass: priorities shown between passes are as of then.
     last_now: Millis,
+    /// Moving average of the waits (ms) of the jobs started of late: what "waiting long" means
+    /// now, for [`Config::reserve_after_wait_factor`].
+    recent_wait_ms: f64,
+    /// Starts averaged into `recent_wait_ms` (up to 64: the first ones weigh equally).
+    recent_starts: u32,
+    /// The same per user (the last 16 starts of the user weigh): a user whose jobs wait little
+    /// of late while one of theirs is blocked for long is being starved.
+    recent_wait_by_user: HashMap<u32, f64>,
     /// Job arrays with a cap on their tasks (`%N`), by array id.
     /// (Ordered: the arrays' id ranges do not overlap, so held tasks list in id order.)
     throttles: BTreeMap<JobId, Throttle>,
@@ -351,6 +371,9 @@ impl Scheduler {
             reservation: None,
             recheck_at: None,
             last_now: 0,
+            recent_wait_ms: 0.0,
+            recent_starts: 0,
+            recent_wait_by_user: HashMap::new(),
             throttles: BTreeMap::new(),
         }
     }
@@ -651,7 +674,8 @@ impl Scheduler {
         let stale_plan = self.reservation.is_some() && self.recheck_at.is_some_and(|t| now > t);
         let replan = std::mem::take(&mut self.full_pass_needed) || stale_plan;
         let fresh = std::mem::take(&mut self.fresh);
-        if replan || rescan_all {
+        // A job waited long enough for the reservation: a full pass finds it.
+        if replan || rescan_all || self.seeks_reservation(now) {
             self.full_pass(now, replan)
         } else {
             self.fresh_pass(fresh, now)

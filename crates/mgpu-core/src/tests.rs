@@ -39,7 +39,7 @@ const ROOT: Requester = Requester {
 
 #[test]
 fn refuses_what_never_fits() {
-    let s = Scheduler::new(gpus(&[24_000, 24_000, 80_000]), Config::default(), 1);
+    let s = Scheduler::new(gpus(&[24_000, 24_000, 80_000]), easy(), 1);
     assert_eq!(
         s.check_feasible(&req(1, 4, None)),
         Err(SubmitError::TooManyGpus { asked: 4, have: 3 })
@@ -59,7 +59,7 @@ fn refuses_what_never_fits() {
 
 #[test]
 fn ids_increase_and_continue_from_given_start() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 42);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 42);
     assert_eq!(s.submit(req(1, 1, None), 0), Ok(42));
     assert_eq!(s.submit(req(1, 1, None), 0), Ok(43));
     assert!(s.submit(req(1, 9, None), 0).is_err());
@@ -68,7 +68,7 @@ fn ids_increase_and_continue_from_given_start() {
 
 #[test]
 fn memory_jobs_share_a_gpu_exclusive_ones_do_not() {
-    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
     let a = s.submit(req(1, 1, Some(10_000)), 0).unwrap();
     let b = s.submit(req(2, 1, Some(10_000)), 0).unwrap();
     let c = s.submit(req(3, 1, None), 0).unwrap();
@@ -110,7 +110,7 @@ fn memory_jobs_share_a_gpu_exclusive_ones_do_not() {
 
 #[test]
 fn packing_keeps_whole_gpus_free() {
-    let mut s = Scheduler::new(gpus(&[24_000, 24_000, 24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000, 24_000]), easy(), 1);
     let a = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
     s.schedule(0);
     let b = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
@@ -135,7 +135,7 @@ fn packing_keeps_whole_gpus_free() {
 
 #[test]
 fn fifo_among_jobs_that_fit() {
-    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
     let a = s.submit(req(1, 1, None), 0).unwrap();
     s.schedule(0);
     let big = s.submit(req(2, 2, None), 0).unwrap();
@@ -161,7 +161,7 @@ fn fifo_among_jobs_that_fit() {
 
 #[test]
 fn cancel_rules() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 1);
     let running = s.submit(req(1, 1, None), 0).unwrap();
     let pending = s.submit(req(1, 1, None), 0).unwrap();
     s.schedule(0);
@@ -191,7 +191,7 @@ fn cancel_rules() {
 
 #[test]
 fn foreign_usage_blocks_exclusive_and_shrinks_shared() {
-    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000]), easy(), 1);
     s.set_foreign_usage(0, 20_000);
     let ex = s.submit(req(1, 1, None), 0).unwrap();
     let big = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
@@ -222,7 +222,7 @@ fn effective_limit_is_capped_by_global() {
         gpus(&[1]),
         Config {
             max_job_time_s: Some(60),
-            ..Config::default()
+            ..easy()
         },
         1,
     );
@@ -407,8 +407,11 @@ proptest! {
         mems in prop::collection::vec(8_000u64..40_000, 1..5),
         reqs in prop::collection::vec(arb_request(), 1..40),
         early_finishes in prop::collection::vec(any::<usize>(), 0..5),
+        reserve_after_s in prop_oneof![Just(0u64), 1u64..30],
+        reserve_after_wait_factor in prop_oneof![Just(0.0), Just(2.0)],
     ) {
-        let mut inc = Scheduler::new(gpus(&mems), config(policy), 1);
+        let config = Config { reserve_after_s, reserve_after_wait_factor, ..config(policy) };
+        let mut inc = Scheduler::new(gpus(&mems), config, 1);
         // Some usage history, so that fair-share priorities differ between users.
         for (k, r) in arb_history(&mems).into_iter().enumerate() {
             let _ = inc.submit(r, k as Millis);
@@ -490,8 +493,15 @@ proptest! {
 }
 
 fn config(policy: Policy) -> Config {
+    Config { policy, ..easy() }
+}
+
+/// Plain EASY backfilling: the first blocked job gets the reservation at once (the tests
+/// written for it; the default waits, see `reservations_wait_until_a_job_is_starved`).
+fn easy() -> Config {
     Config {
-        policy,
+        reserve_after_s: 0,
+        reserve_after_wait_factor: 0.0,
         ..Config::default()
     }
 }
@@ -601,7 +611,7 @@ fn backfill_starts_short_jobs_and_jobs_on_gpus_the_reservation_does_not_need() {
 
 #[test]
 fn fair_share_prefers_the_user_who_used_less() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 1);
     // User 1 has run the GPU for an hour.
     let hog = s.submit(req(1, 1, None), 0).unwrap();
     s.schedule(0);
@@ -625,7 +635,7 @@ fn fair_share_prefers_the_user_who_used_less() {
 
 #[test]
 fn fair_share_is_fifo_within_a_user_and_honours_nice_and_weights() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 1);
     let busy = s.submit(req(9, 1, None), 0).unwrap();
     s.schedule(0);
     let a = s.submit(req(1, 1, None), 1_000).unwrap();
@@ -657,7 +667,7 @@ fn fair_share_is_fifo_within_a_user_and_honours_nice_and_weights() {
             user_weights: weights,
             ..FairShareConfig::default()
         },
-        ..Config::default()
+        ..easy()
     };
     let mut s = Scheduler::new(gpus(&[1000, 1000]), cfg, 1);
     let r1 = s.submit(req(1, 1, None), 0).unwrap();
@@ -675,7 +685,7 @@ fn fair_share_is_fifo_within_a_user_and_honours_nice_and_weights() {
 
 #[test]
 fn memory_jobs_are_charged_their_share_of_a_gpu() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 1);
     let quarter = s.submit(req(1, 1, Some(250)), 0).unwrap();
     s.schedule(0);
     s.finish(quarter, JobState::Completed);
@@ -696,7 +706,7 @@ mod time_limits {
     fn fifo() -> Config {
         Config {
             policy: Policy::Fifo,
-            ..Config::default()
+            ..easy()
         }
     }
 
@@ -967,7 +977,7 @@ mod time_limits {
             gpus(&[80_000; 4]),
             Config {
                 min_slice_s: 60,
-                ..Config::default()
+                ..easy()
             },
             1,
         );
@@ -1011,7 +1021,7 @@ mod time_limits {
             gpus(&[24_000, 24_000]),
             Config {
                 policy: Policy::Backfill,
-                ..Config::default()
+                ..easy()
             },
             1,
         );
@@ -1055,7 +1065,7 @@ mod time_limits {
             jobs in prop::collection::vec((arb_request(), 0u64..50), 1..30),
             steps in prop::collection::vec((1u64..20, any::<bool>()), 1..60),
         ) {
-            let config = Config { policy, min_slice_s, ..Config::default() };
+            let config = Config { policy, min_slice_s, ..easy() };
             let mut s = Scheduler::new(gpus(&mems), config, 1);
             let mut ids = Vec::new();
             for (r, limit) in jobs {
@@ -1129,12 +1139,12 @@ fn usage_history_charges_like_live_usage() {
     // One hour on 2 whole GPUs ending now, charged from history, equals the same run charged
     // live.
     let hour = 3_600_000;
-    let mut live = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let mut live = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
     live.submit(req(7, 2, None), 0).unwrap();
     let started = live.schedule(0);
     live.finish(started[0].job, JobState::Completed);
     live.schedule(hour);
-    let mut hist = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let mut hist = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
     hist.charge_history(&req(7, 2, None), &[0, 1], 0, hour, hour);
     let (a, b) = (
         live.user_usage_gpu_s(7, hour),
@@ -1157,7 +1167,7 @@ fn usage_history_charges_like_live_usage() {
 fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
     let fifo = Config {
         policy: Policy::Fifo,
-        ..Config::default()
+        ..easy()
     };
     let limited = |n| JobRequest {
         time_limit_s: Some(1),
@@ -1200,7 +1210,7 @@ fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
 /// instead of "needs 1 GPU, 7 free now".
 #[test]
 fn the_wait_message_states_the_real_cause() {
-    let mut s = Scheduler::new(gpus(&[80_000; 8]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[80_000; 8]), easy(), 1);
     let a = s.submit(req(1, 1, None), 0).unwrap();
     s.schedule(0);
     let wide = s.submit(req(2, 8, None), 1_000).unwrap();
@@ -1234,7 +1244,7 @@ fn the_wait_message_states_the_real_cause() {
         gpus(&[80_000]),
         Config {
             policy: Policy::Fifo,
-            ..Config::default()
+            ..easy()
         },
         1,
     );
@@ -1247,6 +1257,57 @@ fn the_wait_message_states_the_real_cause() {
         s.wait_detail(w).unwrap(),
         "Resources: needs 1 GPU with 40000 MiB free each, 0 such now"
     );
+    let _ = a;
+}
+
+/// The default policy reserves only for a starved job: one that waited `reserve_after_s` and
+/// `reserve_after_wait_factor` times what jobs wait of late. Until then jobs start first-fit,
+/// so GPUs are not held idle for a job that is not starving (the case: a wide job
+/// held 7 GPUs idle for a day for a reservation planned from 24 h estimates).
+#[test]
+fn reservations_wait_until_a_job_is_starved() {
+    let hour = 3_600_000;
+    let mut s = Scheduler::new(gpus(&[80_000; 8]), Config::default(), 1);
+    let a = s.submit(req(1, 1, None), 0).unwrap();
+    s.schedule(0);
+    let wide = s.submit(req(2, 8, None), 1_000).unwrap();
+    let small = s.submit(req(3, 1, None), 2_000).unwrap();
+    // No reservation yet: the small job starts on an idle GPU.
+    assert_eq!(started_ids(&s.schedule(2_000)), vec![small]);
+    assert_eq!(s.reserved_job(), None);
+    assert_eq!(s.pending_reason(wide), Some("Resources"));
+    // Past reserve_after (2 h; jobs of late waited ~0), the next event plans it, and later
+    // jobs without limits no longer pass it.
+    let later = s.submit(req(4, 1, None), 2 * hour + 1_000).unwrap();
+    assert!(s.schedule(2 * hour + 1_000).is_empty());
+    assert_eq!(s.reserved_job(), Some(wide));
+    assert_eq!(s.pending_reason(later), Some("Reservation"));
+    // When everyone waits long, a job is not starved by waiting long: with jobs of late
+    // waiting 10 h, the threshold is 12 x 10 h.
+    let mut s = Scheduler::new(gpus(&[80_000; 2]), Config::default(), 1);
+    let b = s.submit(req(5, 2, None), 0).unwrap();
+    s.schedule(0);
+    for k in 0..64 {
+        s.submit(req(6, 1, None), 0).unwrap();
+        let _ = k;
+    }
+    s.finish(b, JobState::Completed);
+    // Both GPUs go to two of user 6's jobs, after 10 h.
+    assert_eq!(s.schedule(10 * hour).len(), 2);
+    let wide = s.submit(req(7, 2, None), 10 * hour).unwrap();
+    let running: Vec<JobId> = s
+        .jobs_in_order()
+        .filter(|j| j.state == JobState::Running)
+        .map(|j| j.id)
+        .collect();
+    s.finish(running[0], JobState::Completed);
+    s.schedule(13 * hour);
+    assert_eq!(
+        s.reserved_job(),
+        None,
+        "3 h is not starving when jobs wait 10 h"
+    );
+    assert_eq!(s.job(wide).unwrap().state, JobState::Pending);
     let _ = a;
 }
 
@@ -1276,7 +1337,7 @@ fn state_of(s: &Scheduler, id: JobId) -> Option<(JobState, Option<&'static str>)
 /// cancelled while waiting). Other jobs are not held back by them.
 #[test]
 fn a_capped_array_holds_its_other_tasks_back() {
-    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000]), easy(), 1);
     for r in array_tasks(1, 1, 5, 2, Some(1_000)) {
         s.submit(r, 0).unwrap();
     }
@@ -1322,7 +1383,7 @@ fn a_capped_array_holds_its_other_tasks_back() {
 /// under the cap; after a restart, running tasks count against the cap again.
 #[test]
 fn capped_array_cancel_requeue_and_restore() {
-    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000]), easy(), 1);
     let tasks = array_tasks(1, 1, 4, 2, None);
     for r in tasks.clone() {
         s.submit(r, 0).unwrap();
@@ -1349,7 +1410,7 @@ fn capped_array_cancel_requeue_and_restore() {
     );
 
     // Restart: task 3 running, 1 and 4 pending (restored in queue order).
-    let mut r = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let mut r = Scheduler::new(gpus(&[24_000]), easy(), 1);
     r.restore_running(3, tasks[2].clone(), vec![0], 0, 1, 0)
         .unwrap();
     r.restore_pending(1, tasks[0].clone(), 0, 1).unwrap();

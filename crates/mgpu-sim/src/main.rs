@@ -70,6 +70,13 @@ struct Args {
     /// As the server's --max-restarts: switches allowed per job before it ends as TIMEOUT.
     #[arg(long, default_value_t = 10)]
     max_restarts: u32,
+    /// As the server's --reserve-after: hours a blocked job waits before it gets the
+    /// reservation (default: the server's default).
+    #[arg(long)]
+    reserve_after_h: Option<f64>,
+    /// As the server's --reserve-after-wait-factor.
+    #[arg(long)]
+    reserve_after_wait_factor: Option<f64>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -129,6 +136,16 @@ fn main() -> anyhow::Result<()> {
         max_job_time_s: args.max_job_time,
         min_slice_s: args.min_slice,
         default_max_restarts: Some(args.max_restarts),
+        reserve_after_s: match args.reserve_after_h {
+            Some(h) if h.is_finite() && h >= 0.0 => (h * 3600.0).round() as u64,
+            Some(_) => bail!("--reserve-after-h must be a number of 0 or more"),
+            None => Config::default().reserve_after_s,
+        },
+        reserve_after_wait_factor: match args.reserve_after_wait_factor {
+            Some(f) if f.is_finite() && f >= 0.0 => f,
+            Some(_) => bail!("--reserve-after-wait-factor must be a number of 0 or more"),
+            None => Config::default().reserve_after_wait_factor,
+        },
         ..Config::default()
     };
     let mut runs = Vec::new();

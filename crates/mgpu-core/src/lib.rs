@@ -297,7 +297,7 @@ impl Default for Config {
             policy: Policy::default(),
             default_estimate_s: 24 * 3600,
             reserve_after_s: 2 * 3600,
-            reserve_after_wait_factor: 12.0,
+            reserve_after_wait_factor: 24.0,
             fair: FairShareConfig::default(),
         }
     }

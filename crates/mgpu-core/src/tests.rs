@@ -1283,7 +1283,7 @@ fn reservations_wait_until_a_job_is_starved() {
     assert_eq!(s.reserved_job(), Some(wide));
     assert_eq!(s.pending_reason(later), Some("Reservation"));
     // When everyone waits long, a job is not starved by waiting long: with jobs of late
-    // waiting 10 h, the threshold is 12 x 10 h.
+    // waiting 10 h, the threshold is 24 x 10 h.
     let mut s = Scheduler::new(gpus(&[80_000; 2]), Config::default(), 1);
     let b = s.submit(req(5, 2, None), 0).unwrap();
     s.schedule(0);

@@ -77,6 +77,12 @@ struct Args {
     /// As the server's --reserve-after-wait-factor.
     #[arg(long)]
     reserve_after_wait_factor: Option<f64>,
+    /// Robustness matrix instead of one replay: every *.csv trace in this directory x limits
+    /// (exact, 5x over, none) x sharing (--mem-fraction 0 and 0.6) x the seeds, at --load (0.9
+    /// by default), plus the flood scenario per trace; prints the goals' ratios for `fair`
+    /// and PASS/FAIL.
+    #[arg(long, value_name = "DIR")]
+    matrix: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -119,12 +125,6 @@ fn main() -> anyhow::Result<()> {
     }
     let gpus = mgpu_sim::parse_gpus(&args.gpus)?;
     let policies = parse_policies(&args.policies)?;
-    let text = std::fs::read_to_string(&args.trace)
-        .with_context(|| format!("cannot read the trace {}", args.trace))?;
-    let rows = parse_trace(&text)?;
-    if rows.is_empty() {
-        bail!("the trace {} has no GPU jobs", args.trace);
-    }
     let defaults = FairShareConfig::default();
     let config = Config {
         fair: FairShareConfig {
@@ -148,6 +148,10 @@ fn main() -> anyhow::Result<()> {
         },
         ..Config::default()
     };
+    if let Some(dir) = &args.matrix {
+        return run_matrix(dir, &args, &gpus, &config);
+    }
+    let rows = read_trace(&args.trace)?;
     let mut runs = Vec::new();
     for &seed in &args.seeds {
         let opts = WorkloadOptions {
@@ -291,4 +295,153 @@ fn print_run(run: &Run, args: &Args) {
         print!("  {} {:.2}s", m.policy, m.replay_wall_s);
     }
     println!("  (replay wall time)\n");
+}
+
+fn read_trace(path: &str) -> anyhow::Result<Vec<mgpu_sim::workload::TraceRow>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the trace {path}"))?;
+    let rows = parse_trace(&text).with_context(|| format!("in the trace {path}"))?;
+    if rows.is_empty() {
+        bail!("the trace {path} has no GPU jobs");
+    }
+    Ok(rows)
+}
+
+/// The three policies a matrix cell compares: strict FIFO, first-fit, and the default.
+fn matrix_cell(
+    jobs: &[mgpu_sim::workload::SimJob],
+    gpus: &[mgpu_core::GpuSpec],
+    config: &Config,
+) -> anyhow::Result<[Metrics; 3]> {
+    let run = |p: SimPolicy| -> anyhow::Result<Metrics> {
+        let mut s = p.build(gpus, config);
+        let clock = Instant::now();
+        let outcomes = replay(jobs, gpus, s.as_mut())?;
+        Ok(measure(
+            p.name(),
+            jobs,
+            &outcomes,
+            gpus.len() as u32,
+            clock.elapsed().as_secs_f64(),
+        ))
+    };
+    Ok([
+        run(SimPolicy::StrictFifo)?,
+        run(SimPolicy::Core(mgpu_core::Policy::Fifo))?,
+        run(SimPolicy::Core(mgpu_core::Policy::Fair))?,
+    ])
+}
+
+/// `--matrix DIR`: the goals 1-4 for the default policy on every trace there.
+fn run_matrix(
+    dir: &str,
+    args: &Args,
+    gpus: &[mgpu_core::GpuSpec],
+    config: &Config,
+) -> anyhow::Result<()> {
+    let mut traces: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the directory {dir}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+        .collect();
+    traces.sort();
+    if traces.is_empty() {
+        bail!("no *.csv traces in {dir}");
+    }
+    let load = args.load.unwrap_or(0.9);
+    let hours = |s: f64| s / 3600.0;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let (mut passed, mut total) = (0, 0);
+    println!(
+        "{:<22} {:>6} {:>4} {:>4}  {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}  goals 1-3",
+        "trace",
+        "limits",
+        "mem",
+        "seed",
+        "vsFirstF",
+        "vsStrict",
+        "MGvsStr",
+        "p50wait",
+        "p99wait",
+        "refused",
+        "jain"
+    );
+    for path in &traces {
+        let name = path
+            .file_stem()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let rows = read_trace(&path.to_string_lossy())?;
+        for (factor, limits) in [(1.0, "exact"), (5.0, "5x"), (0.0, "none")] {
+            for mem_fraction in [0.0, 0.6] {
+                for &seed in &args.seeds {
+                    let opts = WorkloadOptions {
+                        users: args.users,
+                        seed,
+                        limit_factor: factor,
+                        load: Some(load),
+                        repeat: 1,
+                        total_gpus: gpus.len() as u32,
+                        min_gpu_mib: gpus.iter().map(|g| g.total_mib).min().unwrap_or(0),
+                        mem_fraction,
+                    };
+                    let jobs = build_workload(&rows, &opts);
+                    let [strict, first_fit, fair] = matrix_cell(&jobs, gpus, config)?;
+                    let vs_ff = ratio(fair.mean_wait_s, first_fit.mean_wait_s);
+                    let vs_strict = ratio(fair.mean_wait_s, strict.mean_wait_s);
+                    let mg = ratio(fair.max_multi_gpu_wait_s, strict.max_multi_gpu_wait_s);
+                    // Goal 1: <= first-fit; goal 2 (with limits): <= 0.6 x strict; goal 3: worst
+                    // multi-GPU wait <= 2 x strict's (no multi-GPU jobs: nothing to starve).
+                    let ok = vs_ff <= 1.0 + 1e-9
+                        && (factor == 0.0 || vs_strict <= 0.6 + 1e-9)
+                        && (mg.is_nan() || mg <= 2.0);
+                    passed += usize::from(ok);
+                    total += 1;
+                    println!(
+                        "{:<22} {:>6} {:>4} {:>4}  {:>8.2} {:>8.2} {:>8.2} {:>7.2}h {:>7.2}h {:>8} {:>6.3}  {}",
+                        name, limits, mem_fraction, seed, vs_ff, vs_strict, mg,
+                        hours(fair.p50_wait_s), hours(fair.p99_wait_s), fair.refused,
+                        fair.jain_fairness, if ok { "PASS" } else { "FAIL" }
+                    );
+                }
+            }
+        }
+        // Goal 4: the flood (one user, 500 jobs at once): the others' mean wait.
+        for &seed in &args.seeds {
+            let opts = WorkloadOptions {
+                users: args.users,
+                seed,
+                limit_factor: 1.0,
+                load: None,
+                repeat: 1,
+                total_gpus: gpus.len() as u32,
+                min_gpu_mib: gpus.iter().map(|g| g.total_mib).min().unwrap_or(0),
+                mem_fraction: 0.0,
+            };
+            let jobs = match flood_workload(&rows, &opts) {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    println!("{name:<22} flood: {e}");
+                    continue;
+                }
+            };
+            let [_, first_fit, fair] = matrix_cell(&jobs, gpus, config)?;
+            let others = ratio(
+                fair.others_mean_wait_s.unwrap_or(0.0),
+                first_fit.others_mean_wait_s.unwrap_or(0.0),
+            );
+            let ok = others <= 0.1;
+            passed += usize::from(ok);
+            total += 1;
+            println!(
+                "{name:<22} flood seed {seed}: others' mean wait {:.2}h = {others:.3} x first-fit's  goal 4 {}",
+                hours(fair.others_mean_wait_s.unwrap_or(0.0)),
+                if ok { "PASS" } else { "FAIL" }
+            );
+        }
+    }
+    println!(
+        "{passed}/{total} cells pass (policy fair, {} GPUs, load {load})",
+        gpus.len()
+    );
+    Ok(())
 }

@@ -3,7 +3,9 @@
 //! Pending jobs are considered in priority order (queue order for the FIFO policies, a k-way
 //! merge of the users' queues for fair share). A job that fits starts, except under a
 //! backfilling policy once a reservation exists (EASY backfilling):
-//! - the highest-priority job that cannot start gets a reservation at the earliest time enough
+//! - the highest-priority job that cannot start and is starving (it has waited
+//!   [`crate::Config::reserve_after_s`] and [`crate::Config::reserve_after_wait_factor`] times
+//!   the recent waits, see `waited_enough`) gets a reservation at the earliest time enough
 //!   resources free up, from the running jobs' expected ends (start + time limit, or the
 //!   default estimate). The reservation is kept until that job starts, so a later job of
 //!   higher priority cannot push it back either (no starvation);

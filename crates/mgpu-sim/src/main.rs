@@ -232,7 +232,7 @@ fn print_run(run: &Run, args: &Args) {
     println!(
         "{:<14} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>6} {:>6} {:>9} {:>7} {:>7}",
         "policy", "meanJCT", "p50JCT", "p95JCT", "p99JCT", "meanWait", "p99Wait", "meanBSLD",
-        "mspan", "util", "jain", "", "maxMGwait", "wait/SF", "MG/SF",
+        "mspan", "util", "jain", "minFS", "maxMGwait", "wait/SF", "MG/SF",
     );
     let strict = run.results.iter().find(|m| m.policy == "strict-fifo");
     for m in &run.results {
@@ -253,7 +253,7 @@ fn print_run(run: &Run, args: &Args) {
             hours(m.makespan_s),
             100.0 * m.gpu_utilisation,
             m.jain_fairness,
-            "",
+            format!("{:.2}", m.min_fair_share_ratio),
             hours(m.max_multi_gpu_wait_s),
             ratio(m.mean_wait_s, strict.map(|s| s.mean_wait_s)),
             ratio(m.max_multi_gpu_wait_s, strict.map(|s| s.max_multi_gpu_wait_s)),
@@ -353,7 +353,7 @@ fn run_matrix(
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     let (mut passed, mut total) = (0, 0);
     println!(
-        "{:<22} {:>6} {:>4} {:>4}  {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}  goals 1-3",
+        "{:<22} {:>6} {:>4} {:>4}  {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}  goals 1-3",
         "trace",
         "limits",
         "mem",
@@ -364,7 +364,8 @@ fn run_matrix(
         "p50wait",
         "p99wait",
         "refused",
-        "jain"
+        "jain",
+        "minFS"
     );
     for path in &traces {
         let name = path
@@ -397,10 +398,11 @@ fn run_matrix(
                     passed += usize::from(ok);
                     total += 1;
                     println!(
-                        "{:<22} {:>6} {:>4} {:>4}  {:>8.2} {:>8.2} {:>8.2} {:>7.2}h {:>7.2}h {:>8} {:>6.3}  {}",
+                        "{:<22} {:>6} {:>4} {:>4}  {:>8.2} {:>8.2} {:>8.2} {:>7.2}h {:>7.2}h {:>8} {:>6.3} {:>6.2}  {}",
                         name, limits, mem_fraction, seed, vs_ff, vs_strict, mg,
                         hours(fair.p50_wait_s), hours(fair.p99_wait_s), fair.refused,
-                        fair.jain_fairness, if ok { "PASS" } else { "FAIL" }
+                        fair.jain_fairness, fair.min_fair_share_ratio,
+                        if ok { "PASS" } else { "FAIL" }
                     );
                 }
             }

@@ -39,6 +39,12 @@ pub struct Metrics {
     pub gpu_utilisation: f64,
     /// Jain's index of the users' mean bounded slowdowns (1: all users equally slowed).
     pub jain_fairness: f64,
+    /// Service against fair share: per user, the GPU-time received over the GPU-time its
+    /// max-min fair share would have given it while it had jobs in the system (pending or
+    /// running); the lowest user's ratio (1: nobody got less than their fair share)...
+    pub min_fair_share_ratio: f64,
+    /// ... and Jain's index of these ratios.
+    pub fair_share_jain: f64,
     /// Longest wait of a job asking for more than one GPU.
     pub max_multi_gpu_wait_s: f64,
     /// Flood scenario: mean wait of the users other than `flood`.
@@ -104,6 +110,7 @@ pub fn measure(
         .map(|(sum, count)| sum / *count as f64)
         .collect();
     let flood = jobs.iter().any(|j| j.user == "flood");
+    let shares = fair_share_ratios(&measured, total_gpus);
     Metrics {
         policy: policy.to_string(),
         jobs: measured.len(),
@@ -123,6 +130,12 @@ pub fn measure(
         makespan_s,
         gpu_utilisation: used_gpu_s / (total_gpus as f64 * makespan_s.max(1e-9)),
         jain_fairness: jain(&user_means),
+        min_fair_share_ratio: shares
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .min(1e9),
+        fair_share_jain: jain(&shares),
         max_multi_gpu_wait_s,
         others_mean_wait_s: flood.then(|| others.0 / others.1.max(1) as f64),
         replay_wall_s,
@@ -147,4 +160,58 @@ fn jain(values: &[f64]) -> f64 {
     } else {
         sum * sum / (values.len() as f64 * squares)
     }
+}
+
+/// Per user: GPU-time received over max-min fair-share GPU-time while the user had jobs in the
+/// system. Between two events each user's demand (GPUs asked by its pending jobs, GPU
+/// equivalents held by its running ones) is constant; the machine's GPUs are shared among the
+/// users present by max-min fairness (water-filling over their demands).
+fn fair_share_ratios(measured: &[(&SimJob, &Outcome)], total_gpus: u32) -> Vec<f64> {
+    let mut users: BTreeMap<&str, usize> = BTreeMap::new();
+    for (job, _) in measured {
+        let n = users.len();
+        users.entry(&job.user).or_insert(n);
+    }
+    // (time, user, demand change, running change)
+    let mut events: Vec<(u64, usize, f64, f64)> = Vec::with_capacity(measured.len() * 3);
+    for (job, o) in measured {
+        let u = users[job.user.as_str()];
+        let asked = f64::from(job.gpus);
+        events.push((job.submit_ms, u, asked, 0.0));
+        events.push((o.start_ms, u, o.share - asked, o.share));
+        events.push((o.end_ms, u, -o.share, -o.share));
+    }
+    events.sort_by_key(|e| e.0);
+    let n = users.len();
+    let (mut demand, mut running) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let (mut got, mut fair) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < events.len() {
+        let t = events[i].0;
+        while i < events.len() && events[i].0 == t {
+            let (_, u, d, r) = events[i];
+            demand[u] += d;
+            running[u] += r;
+            i += 1;
+        }
+        let Some(&(next, ..)) = events.get(i) else {
+            break;
+        };
+        let dt = (next - t) as f64;
+        order.clear();
+        order.extend((0..n).filter(|&u| demand[u] > 1e-9));
+        order.sort_by(|&a, &b| demand[a].total_cmp(&demand[b]));
+        let mut left = f64::from(total_gpus);
+        for (k, &u) in order.iter().enumerate() {
+            let share = demand[u].min(left / (order.len() - k) as f64);
+            left -= share;
+            fair[u] += share * dt;
+            got[u] += running[u].max(0.0) * dt;
+        }
+    }
+    (0..n)
+        .filter(|&u| fair[u] > 0.0)
+        .map(|u| got[u] / fair[u])
+        .collect()
 }

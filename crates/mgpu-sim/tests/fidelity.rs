@@ -269,3 +269,18 @@ fn bad_inputs_are_errors_not_panics() {
     let o = replay(&jobs, &gpus, s.as_mut()).unwrap();
     assert_eq!(o[1].start_ms, 600_000);
 }
+
+/// Service against max-min fair share: two users on one GPU, each with a 100 s job at t=0.
+/// The first runs 0-100 s (it got 100 GPU-s of a fair 50), the second 100-200 s (100 of a fair
+/// 50 + 100): ratios 2 and 2/3.
+#[test]
+fn fair_share_ratio_is_received_over_max_min_share_while_present() {
+    let jobs = vec![job(0, 100, 1, 1, Some(100)), job(0, 100, 1, 2, Some(100))];
+    let gpus = parse_gpus("1x80GiB").unwrap();
+    let mut s = SimPolicy::StrictFifo.build(&gpus, &Config::default());
+    let o = replay(&jobs, &gpus, s.as_mut()).unwrap();
+    let m = mgpu_sim::metrics::measure("strict-fifo", &jobs, &o, 1, 0.0);
+    assert!((m.min_fair_share_ratio - 2.0 / 3.0).abs() < 1e-9, "{m:?}");
+    let jain = (2.0f64 + 2.0 / 3.0).powi(2) / (2.0 * (4.0 + 4.0 / 9.0));
+    assert!((m.fair_share_jain - jain).abs() < 1e-9, "{m:?}");
+}

@@ -132,6 +132,19 @@ impl Scheduler {
             return actions; // nobody waits: overdue jobs keep running
         }
         overdue.sort_unstable();
+        // Cheap necessary condition first (no copy of the scheduler): some waiting shape fits
+        // on what all the overdue jobs together would free.
+        let mut books = self.gpus.clone();
+        for (_, id) in &overdue {
+            placement::release(&mut books, *id, &self.jobs[id].request);
+        }
+        let anyone_fits = self.shapes.values().any(|jobs| {
+            jobs.first()
+                .is_some_and(|(_, id)| placement::choose(&books, &self.jobs[id].request).is_some())
+        });
+        if !anyone_fits {
+            return actions;
+        }
         let mut switched: Vec<JobId> = Vec::new();
         let mut tentative: Vec<JobId> = Vec::new();
         for (_, id) in overdue {

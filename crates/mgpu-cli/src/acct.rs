@@ -142,6 +142,7 @@ pub fn to_json(r: &AcctRecord) -> serde_json::Value {
         "mem_mib": r.mem_mib,
         "peak_gpu_mem_mib": r.peak_gpu_mem_mib,
         "restarts": r.restarts,
+        "total_elapsed_s": r.total_elapsed_s(),
         "gpu_hours": r.gpu_hours(),
         "message": r.message,
         "array_job": r.array.map(|a| a.job),
@@ -183,7 +184,7 @@ pub fn render(records: &[AcctRecord]) -> String {
             short_time(Some(r.submitted_at)),
             short_time(r.started_at),
             short_time(r.ended_at),
-            format_duration(r.elapsed_s()),
+            format_duration(r.total_elapsed_s()),
             r.gpus.to_string(),
             r.mem_mib
                 .map(|m| format!("{m}M"))

@@ -168,6 +168,8 @@ impl serde::Serialize for JsonJobs<'_> {
                 m.serialize_entry("command", &j.command)?;
                 m.serialize_entry("priority", &j.priority)?;
                 m.serialize_entry("est_start", &j.est_start.map(rfc3339))?;
+                m.serialize_entry("behind_job", &j.behind)?;
+                m.serialize_entry("behind_start", &j.behind_start.map(rfc3339))?;
                 m.serialize_entry("array_job", &j.array.map(|a| a.job))?;
                 m.serialize_entry("array_task", &j.array.map(|a| a.task))?;
                 // Per GPU index (as a string key), where measured.
@@ -249,8 +251,8 @@ fn index_ranges(tasks: &[u32]) -> String {
 }
 
 /// Column names of [`job_rows`].
-pub const JOB_COLUMNS: [&str; 9] = [
-    "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "USED", "TIME", "REASON",
+pub const JOB_COLUMNS: [&str; 10] = [
+    "JOBID", "USER", "NAME", "STATE", "GPUS", "MEM", "USED", "TIME", "RESTARTS", "REASON",
 ];
 
 /// Position of the USED column in [`job_rows`].
@@ -275,7 +277,7 @@ pub fn is_over(j: &JobInfo) -> bool {
 
 /// The rows of the jobs table, in the snapshot's order. Waiting tasks of a job array share a
 /// row unless `array_tasks`.
-pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 9]> {
+pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 10]> {
     let mut rows = Vec::new();
     let mut rest = &s.jobs[..];
     while let Some(j) = rest.first() {
@@ -328,10 +330,15 @@ pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 9]> {
                 None => "-".into(),
             },
             format!("{}/{}", format_duration(elapsed), limit),
-            match (&j.reason, j.est_start) {
-                (Some(r), Some(t)) => format!("{r} (start by {})", short_time(t, s.now)),
-                (Some(r), None) => r.clone(),
-                (None, _) => String::new(),
+            j.restarts.to_string(),
+            match (&j.reason, j.est_start, j.behind) {
+                (Some(r), Some(t), _) => format!("{r} (start by {})", short_time(t, s.now)),
+                (Some(r), None, Some(b)) => match j.behind_start {
+                    Some(t) => format!("{r} (job {b}, start by {})", short_time(t, s.now)),
+                    None => format!("{r} (job {b})"),
+                },
+                (Some(r), None, None) => r.clone(),
+                (None, _, _) => String::new(),
             },
         ]);
     }
@@ -415,6 +422,8 @@ mod tests {
             command: vec!["true".into()],
             priority: None,
             est_start: None,
+            behind: None,
+            behind_start: None,
             array: array.map(|(job, task)| ArrayTask {
                 job,
                 task,

@@ -266,10 +266,24 @@ pub struct Config {
     /// No job is context-switched before it has run this long, whatever its slice: bounds how
     /// often jobs with tiny slices can be switched (a switch costs a stop and a restart).
     pub min_slice_s: u64,
+    /// Context switches a job that sets no `--max-restarts` of its own may have; past them it
+    /// ends as TIMEOUT at its limit, so a job that cannot checkpoint does not loop forever
+    /// (`None`: no cap).
+    pub default_max_restarts: Option<u32>,
     /// Which job goes first (default [`Policy::Fair`]).
     pub policy: Policy,
     /// How long a job without any time limit is assumed to run, for reservations (default 24 h).
     pub default_estimate_s: u64,
+    /// A blocked job gets the reservation only once it has waited this long (backfilling
+    /// policies; 0: at once, plain EASY backfilling). Until then jobs start first-fit: a
+    /// reservation planned from estimates holds GPUs idle, which pays only against
+    /// starvation.
+    pub reserve_after_s: u64,
+    /// ... and only once it has waited this many times longer than jobs do of late (moving
+    /// averages of the waits of the jobs started, all users' or its own user's, whichever is
+    /// less): a job is starved when it waits far longer than the others, not when everyone
+    /// waits long (0: no such condition).
+    pub reserve_after_wait_factor: f64,
     /// Fair-share settings (used by [`Policy::Fair`]).
     pub fair: FairShareConfig,
 }
@@ -279,8 +293,11 @@ impl Default for Config {
         Config {
             max_job_time_s: None,
             min_slice_s: 0,
+            default_max_restarts: None,
             policy: Policy::default(),
             default_estimate_s: 24 * 3600,
+            reserve_after_s: 2 * 3600,
+            reserve_after_wait_factor: 24.0,
             fair: FairShareConfig::default(),
         }
     }
@@ -322,6 +339,14 @@ pub struct Scheduler {
     recheck_at: Option<Millis>,
     /// The `now` of the latest pass: priorities shown between passes are as of then.
     last_now: Millis,
+    /// Moving average of the waits (ms) of the jobs started of late: what "waiting long" means
+    /// now, for [`Config::reserve_after_wait_factor`].
+    recent_wait_ms: f64,
+    /// Starts averaged into `recent_wait_ms` (up to 64: the first ones weigh equally).
+    recent_starts: u32,
+    /// The same per user (the last 16 starts of the user weigh): a user whose jobs wait little
+    /// of late while one of theirs is blocked for long is being starved.
+    recent_wait_by_user: HashMap<u32, f64>,
     /// Job arrays with a cap on their tasks (`%N`), by array id.
     /// (Ordered: the arrays' id ranges do not overlap, so held tasks list in id order.)
     throttles: BTreeMap<JobId, Throttle>,
@@ -369,6 +394,9 @@ impl Scheduler {
             reservation: None,
             recheck_at: None,
             last_now: 0,
+            recent_wait_ms: 0.0,
+            recent_starts: 0,
+            recent_wait_by_user: HashMap::new(),
             throttles: BTreeMap::new(),
             over_since: HashMap::new(),
         }
@@ -659,11 +687,19 @@ impl Scheduler {
     fn schedule_pass(&mut self, now: Millis, rescan_all: bool) -> Vec<Assignment> {
         self.last_now = self.last_now.max(now);
         self.charge_rate_changes(now);
+        // While a context switch is in progress nothing starts: the switched jobs' processes
+        // go one by one, and what the first ones free must not be taken (by one of them,
+        // restarting at once, or by anyone else) before the job the switch was made for can
+        // have it all. The pass that follows the last exit decides, as `time_actions` planned.
+        if self.switch_in_progress() {
+            return Vec::new();
+        }
         // A running job past its expected end makes the reservation's plan stale.
         let stale_plan = self.reservation.is_some() && self.recheck_at.is_some_and(|t| now > t);
         let replan = std::mem::take(&mut self.full_pass_needed) || stale_plan;
         let fresh = std::mem::take(&mut self.fresh);
-        if replan || rescan_all {
+        // A job waited long enough for the reservation: a full pass finds it.
+        if replan || rescan_all || self.seeks_reservation(now) {
             self.full_pass(now, replan)
         } else {
             self.fresh_pass(fresh, now)
@@ -938,25 +974,25 @@ impl Scheduler {
             .map_or(0.0, |u| u.at(now, self.config.fair.tau_s()))
     }
 
-    /// A human sentence saying what a pending job waits for.
+    /// A human sentence saying what a pending job waits for. It starts with the job's
+    /// [`Scheduler::pending_reason`] (the queue's REASON), so the two never disagree, and names
+    /// the reservation it waits behind, if any.
     pub fn wait_detail(&self, id: JobId) -> Option<String> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending {
-            return None;
-        }
+        let code = self.pending_reason(id)?;
         if let (true, Some(a)) = (job.held, job.request.array) {
             return Some(format!(
-                "held: at most {} tasks of job array {} wait or run at once",
+                "{code}: at most {} tasks of job array {} wait or run at once",
                 a.limit.unwrap_or(0),
                 a.job
             ));
         }
         let r = &job.request;
-        Some(match r.mem_mib {
+        let needs = match r.mem_mib {
             None => {
                 let free = self.gpus.iter().filter(|g| g.is_idle()).count();
                 format!(
-                    "waiting for resources: needs {} whole GPU{}, {} free now",
+                    "needs {} whole GPU{}, {} free now",
                     r.gpus,
                     plural(r.gpus as usize),
                     free
@@ -969,13 +1005,45 @@ impl Scheduler {
                     .filter(|g| g.exclusive.is_none() && g.free_mib() >= mem)
                     .count();
                 format!(
-                    "waiting for resources: needs {} GPU{} with {} MiB free each, {} such now",
+                    "needs {} GPU{} with {} MiB free each, {} such now",
                     r.gpus,
                     plural(r.gpus as usize),
                     mem,
                     fitting
                 )
             }
+        };
+        let by = |start: Option<Millis>| match start {
+            Some(t) if t > self.last_now => format!(
+                "expected to start within {}",
+                timefmt::format_duration((t - self.last_now).div_ceil(1000))
+            ),
+            Some(_) => "expected to start as soon as a running job ends".to_string(),
+            None => "start unknown: memory used outside mgpu blocks it".to_string(),
+        };
+        let reserved = self.reservation.as_ref().map(|res| (res.job, res.start_at));
+        Some(match (code, reserved) {
+            ("Resources", Some((rid, start))) if rid == id => {
+                format!("{code}: {needs}; it holds the reservation, {}", by(start))
+            }
+            ("Reservation", Some((rid, start))) => {
+                let estimate = match self.effective_limit_s(r) {
+                    Some(s) => format!("its time limit, {}", timefmt::format_duration(s)),
+                    None => format!(
+                        "{}, the estimate for a job without a time limit",
+                        timefmt::format_duration(self.config.default_estimate_s)
+                    ),
+                };
+                format!(
+                    "{code}: it fits now, but it would delay job {rid}, which holds the reservation ({}): it may run for {estimate}; a --time-limit that ends before then lets it start now",
+                    by(start)
+                )
+            }
+            ("Priority", Some((rid, start))) => format!(
+                "{code}: {needs}; job {rid} of higher priority goes first (it holds the reservation, {})",
+                by(start)
+            ),
+            _ => format!("{code}: {needs}"),
         })
     }
 }

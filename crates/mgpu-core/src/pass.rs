@@ -3,7 +3,9 @@
 //! Pending jobs are considered in priority order (queue order for the FIFO policies, a k-way
 //! merge of the users' queues for fair share). A job that fits starts, except under a
 //! backfilling policy once a reservation exists (EASY backfilling):
-//! - the highest-priority job that cannot start gets a reservation at the earliest time enough
+//! - the highest-priority job that cannot start and is starving (it has waited
+//!   [`crate::Config::reserve_after_s`] and [`crate::Config::reserve_after_wait_factor`] times
+//!   the recent waits, see `waited_enough`) gets a reservation at the earliest time enough
 //!   resources free up, from the running jobs' expected ends (start + time limit, or the
 //!   default estimate). The reservation is kept until that job starts, so a later job of
 //!   higher priority cannot push it back either (no starvation);
@@ -218,7 +220,7 @@ impl Scheduler {
                 continue;
             }
             // Out of capacity: stop, once the top blocked job holds the reservation.
-            if !placement::any_capacity(&self.gpus) && (!reserves || self.reservation.is_some()) {
+            if !placement::any_capacity(&self.gpus) && !self.seeks_reservation(now) {
                 break;
             }
             let Some(job) = self.jobs.get(&id).filter(|j| j.state == JobState::Pending) else {
@@ -228,13 +230,13 @@ impl Scheduler {
             let estimate = self.estimate_ms(&job.request);
             match blocks.get(&shape) {
                 // (The first job that does not fit must still be seen, to get the reservation.)
-                Some(Block::NoFit) if !reserves || self.reservation.is_some() => continue,
+                Some(Block::NoFit) if !self.seeks_reservation(now) => continue,
                 Some(Block::RunsAtLeast(d)) if estimate >= *d => continue,
                 _ => {}
             }
             let turned_down = match placement::choose(&self.gpus, &job.request) {
                 None => {
-                    if reserves && self.reservation.is_none() {
+                    if reserves && self.reservation.is_none() && self.waited_enough(job, now) {
                         self.reservation = Some(self.plan_reservation(id, now));
                     }
                     blocks.insert(shape, Block::NoFit);
@@ -261,7 +263,7 @@ impl Scheduler {
                     }
                 }
             };
-            if turned_down && self.every_shape_blocked(&blocks) {
+            if turned_down && !self.seeks_reservation(now) && self.every_shape_blocked(&blocks) {
                 break;
             }
         }
@@ -290,7 +292,30 @@ impl Scheduler {
             }
         }
         // Before the reservation is set, the first blocked job must still be found to get it.
-        (!reserves || self.reservation.is_some()) && self.every_shape_blocked(blocks)
+        !self.seeks_reservation(now) && self.every_shape_blocked(blocks)
+    }
+
+    /// Has this pending job waited long enough to hold the reservation?
+    fn waited_enough(&self, job: &Job, now: Millis) -> bool {
+        let waited = now.saturating_sub(job.submitted_at);
+        let recent = self
+            .recent_wait_by_user
+            .get(&job.request.uid)
+            .map_or(self.recent_wait_ms, |w| w.min(self.recent_wait_ms));
+        waited >= self.config.reserve_after_s.saturating_mul(1000)
+            && waited as f64 >= self.config.reserve_after_wait_factor * recent
+    }
+
+    /// Is a reservation due but not held: some user's longest-waiting job has waited long
+    /// enough (and, since nothing freed was left unused, it is blocked)? O(users).
+    pub(crate) fn seeks_reservation(&self, now: Millis) -> bool {
+        self.config.policy.reserves()
+            && self.reservation.is_none()
+            && self.user_queues.values().any(|q| {
+                q.values()
+                    .next()
+                    .is_some_and(|id| self.waited_enough(&self.jobs[id], now))
+            })
     }
 
     /// Is every shape of job still pending turned down in this pass?
@@ -374,6 +399,15 @@ impl Scheduler {
             self.recheck_at
                 .map_or(expected_end, |t| t.min(expected_end)),
         );
+        // Of late: about the last 64 starts weigh.
+        let waited = now.saturating_sub(job.submitted_at) as f64;
+        self.recent_starts = (self.recent_starts + 1).min(64);
+        self.recent_wait_ms += (waited - self.recent_wait_ms) / f64::from(self.recent_starts);
+        let mine = self
+            .recent_wait_by_user
+            .entry(job.request.uid)
+            .or_insert(waited);
+        *mine += (waited - *mine) / 16.0;
         job.state = JobState::Running;
         job.started_at = Some(now);
         job.gpus = chosen.clone();

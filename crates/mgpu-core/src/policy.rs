@@ -4,7 +4,8 @@
 //! - [`Policy::Fifo`]: first come, first served among the jobs that fit (first-fit). Simple, but
 //!   a job that needs many GPUs can starve behind a stream of small ones.
 //! - [`Policy::Backfill`]: FIFO priority with EASY backfilling: the first job that cannot start
-//!   gets a reservation, later jobs start only if they do not delay it.
+//!   gets a reservation once it is starving (see [`crate::Config::reserve_after_s`]), later
+//!   jobs start only if they do not delay it; until then jobs start first-fit.
 //! - [`Policy::Fair`] (default): the same backfilling, but jobs are ordered by a fair-share
 //!   priority: it falls with the user's recent (decayed) GPU usage and rises with waiting time;
 //!   FIFO within one user.

@@ -39,7 +39,7 @@ const ROOT: Requester = Requester {
 
 #[test]
 fn refuses_what_never_fits() {
-    let s = Scheduler::new(gpus(&[24_000, 24_000, 80_000]), Config::default(), 1);
+    let s = Scheduler::new(gpus(&[24_000, 24_000, 80_000]), easy(), 1);
     assert_eq!(
         s.check_feasible(&req(1, 4, None)),
         Err(SubmitError::TooManyGpus { asked: 4, have: 3 })
@@ -59,7 +59,7 @@ fn refuses_what_never_fits() {
 
 #[test]
 fn ids_increase_and_continue_from_given_start() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 42);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 42);
     assert_eq!(s.submit(req(1, 1, None), 0), Ok(42));
     assert_eq!(s.submit(req(1, 1, None), 0), Ok(43));
     assert!(s.submit(req(1, 9, None), 0).is_err());
@@ -68,7 +68,7 @@ fn ids_increase_and_continue_from_given_start() {
 
 #[test]
 fn memory_jobs_share_a_gpu_exclusive_ones_do_not() {
-    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
     let a = s.submit(req(1, 1, Some(10_000)), 0).unwrap();
     let b = s.submit(req(2, 1, Some(10_000)), 0).unwrap();
     let c = s.submit(req(3, 1, None), 0).unwrap();
@@ -110,7 +110,7 @@ fn memory_jobs_share_a_gpu_exclusive_ones_do_not() {
 
 #[test]
 fn packing_keeps_whole_gpus_free() {
-    let mut s = Scheduler::new(gpus(&[24_000, 24_000, 24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000, 24_000]), easy(), 1);
     let a = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
     s.schedule(0);
     let b = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
@@ -135,7 +135,7 @@ fn packing_keeps_whole_gpus_free() {
 
 #[test]
 fn fifo_among_jobs_that_fit() {
-    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
     let a = s.submit(req(1, 1, None), 0).unwrap();
     s.schedule(0);
     let big = s.submit(req(2, 2, None), 0).unwrap();
@@ -161,7 +161,7 @@ fn fifo_among_jobs_that_fit() {
 
 #[test]
 fn cancel_rules() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 1);
     let running = s.submit(req(1, 1, None), 0).unwrap();
     let pending = s.submit(req(1, 1, None), 0).unwrap();
     s.schedule(0);
@@ -191,7 +191,7 @@ fn cancel_rules() {
 
 #[test]
 fn foreign_usage_blocks_exclusive_and_shrinks_shared() {
-    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000]), easy(), 1);
     s.set_foreign_usage(0, 20_000);
     let ex = s.submit(req(1, 1, None), 0).unwrap();
     let big = s.submit(req(1, 1, Some(8_000)), 0).unwrap();
@@ -222,7 +222,7 @@ fn effective_limit_is_capped_by_global() {
         gpus(&[1]),
         Config {
             max_job_time_s: Some(60),
-            ..Config::default()
+            ..easy()
         },
         1,
     );
@@ -280,7 +280,16 @@ fn check_invariants(s: &Scheduler) {
                     assert!(g.jobs().contains(&job.id));
                 }
             }
-            JobState::Pending => assert!(job.gpus.is_empty()),
+            JobState::Pending => {
+                assert!(job.gpus.is_empty());
+                // srun's wait message and the queue's REASON state the same cause.
+                let reason = s.pending_reason(job.id).unwrap();
+                let detail = s.wait_detail(job.id).unwrap();
+                assert!(
+                    detail.starts_with(&format!("{reason}: ")),
+                    "{reason} vs {detail}"
+                );
+            }
             _ => panic!("terminal job still tracked"),
         }
     }
@@ -446,8 +455,11 @@ proptest! {
         mems in prop::collection::vec(8_000u64..40_000, 1..5),
         reqs in prop::collection::vec(arb_request(), 1..40),
         early_finishes in prop::collection::vec(any::<usize>(), 0..5),
+        reserve_after_s in prop_oneof![Just(0u64), 1u64..30],
+        reserve_after_wait_factor in prop_oneof![Just(0.0), Just(2.0)],
     ) {
-        let mut inc = Scheduler::new(gpus(&mems), config(policy), 1);
+        let config = Config { reserve_after_s, reserve_after_wait_factor, ..config(policy) };
+        let mut inc = Scheduler::new(gpus(&mems), config, 1);
         // Some usage history, so that fair-share priorities differ between users.
         for (k, r) in arb_history(&mems).into_iter().enumerate() {
             let _ = inc.submit(r, k as Millis);
@@ -529,8 +541,15 @@ proptest! {
 }
 
 fn config(policy: Policy) -> Config {
+    Config { policy, ..easy() }
+}
+
+/// Plain EASY backfilling: the first blocked job gets the reservation at once (the tests
+/// written for it; the default waits, see `reservations_wait_until_a_job_is_starved`).
+fn easy() -> Config {
     Config {
-        policy,
+        reserve_after_s: 0,
+        reserve_after_wait_factor: 0.0,
         ..Config::default()
     }
 }
@@ -640,7 +659,7 @@ fn backfill_starts_short_jobs_and_jobs_on_gpus_the_reservation_does_not_need() {
 
 #[test]
 fn fair_share_prefers_the_user_who_used_less() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 1);
     // User 1 has run the GPU for an hour.
     let hog = s.submit(req(1, 1, None), 0).unwrap();
     s.schedule(0);
@@ -664,7 +683,7 @@ fn fair_share_prefers_the_user_who_used_less() {
 
 #[test]
 fn fair_share_is_fifo_within_a_user_and_honours_nice_and_weights() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 1);
     let busy = s.submit(req(9, 1, None), 0).unwrap();
     s.schedule(0);
     let a = s.submit(req(1, 1, None), 1_000).unwrap();
@@ -696,7 +715,7 @@ fn fair_share_is_fifo_within_a_user_and_honours_nice_and_weights() {
             user_weights: weights,
             ..FairShareConfig::default()
         },
-        ..Config::default()
+        ..easy()
     };
     let mut s = Scheduler::new(gpus(&[1000, 1000]), cfg, 1);
     let r1 = s.submit(req(1, 1, None), 0).unwrap();
@@ -714,7 +733,7 @@ fn fair_share_is_fifo_within_a_user_and_honours_nice_and_weights() {
 
 #[test]
 fn memory_jobs_are_charged_their_share_of_a_gpu() {
-    let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[1000]), easy(), 1);
     let quarter = s.submit(req(1, 1, Some(250)), 0).unwrap();
     s.schedule(0);
     s.finish(quarter, JobState::Completed);
@@ -735,7 +754,7 @@ mod time_limits {
     fn fifo() -> Config {
         Config {
             policy: Policy::Fifo,
-            ..Config::default()
+            ..easy()
         }
     }
 
@@ -840,6 +859,43 @@ mod time_limits {
         s.schedule(6_000);
         s.submit(req(2, 2, None), 6_000).unwrap();
         assert_eq!(s.time_actions(11_000), vec![TimeAction::Timeout { job: b }]);
+    }
+
+    /// The server's default cap on restarts applies to jobs that set none of their own; a
+    /// job's own value wins.
+    #[test]
+    fn the_server_default_caps_restarts() {
+        let mut s = Scheduler::new(
+            gpus(&[24_000]),
+            Config {
+                default_max_restarts: Some(1),
+                ..fifo()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 1, None, 5), 0).unwrap();
+        let own = s
+            .submit(
+                JobRequest {
+                    max_restarts: Some(3),
+                    ..limited(2, 1, None, 5)
+                },
+                0,
+            )
+            .unwrap();
+        s.schedule(0);
+        assert_eq!(s.time_actions(5_000), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, 5_000);
+        assert_eq!(started_ids(&s.schedule(5_000)), vec![own]);
+        // own switches for a, as often as its own cap allows.
+        assert_eq!(
+            s.time_actions(10_000),
+            vec![TimeAction::Requeue { job: own }]
+        );
+        s.requeue(own, 10_000);
+        assert_eq!(started_ids(&s.schedule(10_000)), vec![a]);
+        // a has used the server's one restart: at its limit it times out.
+        assert_eq!(s.time_actions(15_000), vec![TimeAction::Timeout { job: a }]);
     }
 
     #[test]
@@ -957,6 +1013,82 @@ mod time_limits {
         assert_eq!(s.time_actions(1_000), vec![TimeAction::Timeout { job: t }]);
     }
 
+    /// The case: a 2-GPU job with `-t 5:00` on 2 GPUs, past its slice, while a job
+    /// that fits on what it would free waits — but would not start there (held back for the
+    /// reservation of a 4-GPU job, since it has no limit and so is estimated at 24 h).
+    /// Switching would only restart the job from scratch on the same GPUs (it ends before the
+    /// reservation, so it is backfilled at once): it is never switched, however many slices
+    /// pass. A waiting job that does start on what is freed gets it switched.
+    #[test]
+    fn a_switch_that_would_serve_nobody_does_not_happen() {
+        let mut s = Scheduler::new(
+            gpus(&[80_000; 4]),
+            Config {
+                min_slice_s: 60,
+                ..easy()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 2, None, 300), 0).unwrap();
+        let b = s.submit(limited(2, 2, None, 7_200), 0).unwrap();
+        assert_eq!(started_ids(&s.schedule(0)), vec![a, b]);
+        let wide = s.submit(req(3, 4, None), 1_000).unwrap();
+        let w = s.submit(req(4, 1, None), 2_000).unwrap();
+        assert!(s.schedule(2_000).is_empty());
+        assert_eq!(s.reserved_job(), Some(wide));
+        for slice in 1..=6 {
+            let now = slice * 300_000;
+            assert!(s.schedule(now).is_empty());
+            // (The rule before: w fits on a's GPUs, so a was switched — and restarted at once.)
+            let mut trial = s.clone();
+            trial.requeue(a, now);
+            assert_eq!(started_ids(&trial.schedule(now)), vec![a]);
+            assert!(
+                s.time_actions(now).is_empty(),
+                "switch {slice} would restart job {a} on its own GPUs"
+            );
+            assert_eq!(s.job(a).unwrap().restarts, 0);
+        }
+        assert_eq!(s.job(w).unwrap().state, JobState::Pending);
+        // A short 2-GPU job (it ends before the reservation) does start on a's GPUs, ahead of
+        // a (its user has used nothing): a is switched for it.
+        let now = 2_000_000;
+        let v = s.submit(limited(5, 2, None, 600), now).unwrap();
+        assert!(s.schedule(now).is_empty());
+        assert_eq!(s.time_actions(now), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, now);
+        assert_eq!(started_ids(&s.schedule(now)), vec![v]);
+        assert_eq!(s.job(a).unwrap().state, JobState::Pending);
+    }
+
+    /// Under a backfilling policy a waiting job that fits on the freed GPUs but would delay
+    /// the reservation does not start there: no switch for it.
+    #[test]
+    fn no_switch_for_a_job_the_reservation_holds_back() {
+        let mut s = Scheduler::new(
+            gpus(&[24_000, 24_000]),
+            Config {
+                policy: Policy::Backfill,
+                ..easy()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
+        s.submit(limited(1, 1, None, 1_000), 0).unwrap();
+        s.schedule(0);
+        // A 2-GPU job holds the reservation (by b's end); a 1-GPU job without a limit would
+        // delay it if it took a's GPU.
+        let wide = s.submit(req(2, 2, None), 1_000).unwrap();
+        let long = s.submit(req(3, 1, None), 1_000).unwrap();
+        assert!(s.schedule(1_000).is_empty());
+        assert_eq!(s.reserved_job(), Some(wide));
+        assert!(
+            s.time_actions(20_000).is_empty(),
+            "switching {a} would serve nobody"
+        );
+        assert_eq!(s.job(long).unwrap().state, JobState::Pending);
+    }
+
     #[test]
     fn a_cancel_overrides_a_switch_in_progress() {
         let mut s = Scheduler::new(gpus(&[24_000]), fifo(), 1);
@@ -981,7 +1113,7 @@ mod time_limits {
             jobs in prop::collection::vec((arb_request(), 0u64..50), 1..30),
             steps in prop::collection::vec((1u64..20, any::<bool>()), 1..60),
         ) {
-            let config = Config { policy, min_slice_s, ..Config::default() };
+            let config = Config { policy, min_slice_s, ..easy() };
             let mut s = Scheduler::new(gpus(&mems), config, 1);
             let mut ids = Vec::new();
             for (r, limit) in jobs {
@@ -1025,13 +1157,21 @@ mod time_limits {
                         }
                     }
                 }
-                if !switched.is_empty() && policy == Policy::Fifo {
-                    // Justified: a job that was waiting starts on what the switches freed.
+                if !switched.is_empty() {
+                    // Justified, whatever the policy: in the very next pass a job that was
+                    // waiting starts on some GPU of each switched job, and none of them
+                    // restarts at once.
                     let started = s.schedule(now);
-                    prop_assert!(
-                        started.iter().any(|a| waiting_before.contains(&a.job)),
-                        "switched {:?} but no waiting job started", switched
-                    );
+                    for job in &switched {
+                        prop_assert!(!started.iter().any(|a| a.job == *job), "{} restarted at once", job);
+                        let freed = &before.job(*job).unwrap().gpus;
+                        prop_assert!(
+                            started.iter().any(|a| waiting_before.contains(&a.job)
+                                && a.gpus.iter().any(|g| freed.contains(g))),
+                            "switched {} but no waiting job started on its GPUs {:?}: {:?}",
+                            job, freed, started
+                        );
+                    }
                 }
                 check_invariants(&s);
                 for id in &ids {
@@ -1047,12 +1187,12 @@ fn usage_history_charges_like_live_usage() {
     // One hour on 2 whole GPUs ending now, charged from history, equals the same run charged
     // live.
     let hour = 3_600_000;
-    let mut live = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let mut live = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
     live.submit(req(7, 2, None), 0).unwrap();
     let started = live.schedule(0);
     live.finish(started[0].job, JobState::Completed);
     live.schedule(hour);
-    let mut hist = Scheduler::new(gpus(&[24_000, 24_000]), Config::default(), 1);
+    let mut hist = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
     hist.charge_history(&req(7, 2, None), &[0, 1], 0, hour, hour);
     let (a, b) = (
         live.user_usage_gpu_s(7, hour),
@@ -1075,7 +1215,7 @@ fn usage_history_charges_like_live_usage() {
 fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
     let fifo = Config {
         policy: Policy::Fifo,
-        ..Config::default()
+        ..easy()
     };
     let limited = |n| JobRequest {
         time_limit_s: Some(1),
@@ -1095,7 +1235,7 @@ fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
     let a = s.submit(limited(1), 0).unwrap();
     let b = s.submit(limited(1), 0).unwrap();
     s.schedule(0);
-    s.submit(req(2, 2, None), 0).unwrap();
+    let wide = s.submit(req(2, 2, None), 0).unwrap();
     assert_eq!(
         s.time_actions(5_000),
         vec![
@@ -1103,6 +1243,120 @@ fn one_waiting_job_switches_one_overdue_job_and_a_big_one_switches_several() {
             TimeAction::Requeue { job: b }
         ]
     );
+    // Their processes go one by one: what a frees waits for b (a does not restart on it, and
+    // nothing else takes it), then the wide job gets both.
+    s.requeue(a, 5_100);
+    assert!(s.schedule(5_100).is_empty());
+    s.submit(req(3, 1, None), 5_150).unwrap();
+    assert!(s.schedule(5_150).is_empty());
+    s.requeue(b, 5_200);
+    assert_eq!(started_ids(&s.schedule(5_200)), vec![wide]);
+}
+
+/// The case: jobs without limits (estimated at 24 h) keep GPUs from a later 1-GPU job
+/// for the reservation of a wide one. srun's message says so, as the queue's REASON does,
+/// instead of "needs 1 GPU, 7 free now".
+#[test]
+fn the_wait_message_states_the_real_cause() {
+    let mut s = Scheduler::new(gpus(&[80_000; 8]), easy(), 1);
+    let a = s.submit(req(1, 1, None), 0).unwrap();
+    s.schedule(0);
+    let wide = s.submit(req(2, 8, None), 1_000).unwrap();
+    let small = s.submit(req(3, 1, None), 2_000).unwrap();
+    assert!(s.schedule(2_000).is_empty());
+    assert_eq!(s.pending_reason(wide), Some("Resources"));
+    let detail = s.wait_detail(wide).unwrap();
+    assert!(
+        detail.starts_with("Resources: needs 8 whole GPUs, 7 free now; it holds the reservation, expected to start within 23:59:"),
+        "{detail}"
+    );
+    assert_eq!(s.pending_reason(small), Some("Reservation"));
+    let detail = s.wait_detail(small).unwrap();
+    assert!(
+        detail.starts_with(&format!("Reservation: it fits now, but it would delay job {wide}, which holds the reservation (expected to start within 23:59:"))
+            && detail.contains("it may run for 1-00:00:00, the estimate for a job without a time limit"),
+        "{detail}"
+    );
+    // A job that does not fit waits behind the reservation for priority.
+    let big = s.submit(req(4, 8, None), 3_000).unwrap();
+    s.schedule(3_000);
+    let detail = s.wait_detail(big).unwrap();
+    assert!(
+        detail.starts_with(&format!(
+            "Priority: needs 8 whole GPUs, 7 free now; job {wide} of higher priority goes first"
+        )),
+        "{detail}"
+    );
+    // Without a reservation (first-fit), it is resources, as the queue says.
+    let mut s = Scheduler::new(
+        gpus(&[80_000]),
+        Config {
+            policy: Policy::Fifo,
+            ..easy()
+        },
+        1,
+    );
+    s.submit(req(1, 1, Some(50_000)), 0).unwrap();
+    s.schedule(0);
+    let w = s.submit(req(2, 1, Some(40_000)), 0).unwrap();
+    s.schedule(0);
+    assert_eq!(s.pending_reason(w), Some("Resources"));
+    assert_eq!(
+        s.wait_detail(w).unwrap(),
+        "Resources: needs 1 GPU with 40000 MiB free each, 0 such now"
+    );
+    let _ = a;
+}
+
+/// The default policy reserves only for a starved job: one that waited `reserve_after_s` and
+/// `reserve_after_wait_factor` times what jobs wait of late. Until then jobs start first-fit,
+/// so GPUs are not held idle for a job that is not starving (the case: a wide job
+/// held 7 GPUs idle for a day for a reservation planned from 24 h estimates).
+#[test]
+fn reservations_wait_until_a_job_is_starved() {
+    let hour = 3_600_000;
+    let mut s = Scheduler::new(gpus(&[80_000; 8]), Config::default(), 1);
+    let a = s.submit(req(1, 1, None), 0).unwrap();
+    s.schedule(0);
+    let wide = s.submit(req(2, 8, None), 1_000).unwrap();
+    let small = s.submit(req(3, 1, None), 2_000).unwrap();
+    // No reservation yet: the small job starts on an idle GPU.
+    assert_eq!(started_ids(&s.schedule(2_000)), vec![small]);
+    assert_eq!(s.reserved_job(), None);
+    assert_eq!(s.pending_reason(wide), Some("Resources"));
+    // Past reserve_after (2 h; jobs of late waited ~0), the next event plans it, and later
+    // jobs without limits no longer pass it.
+    let later = s.submit(req(4, 1, None), 2 * hour + 1_000).unwrap();
+    assert!(s.schedule(2 * hour + 1_000).is_empty());
+    assert_eq!(s.reserved_job(), Some(wide));
+    assert_eq!(s.pending_reason(later), Some("Reservation"));
+    // When everyone waits long, a job is not starved by waiting long: with jobs of late
+    // waiting 10 h, the threshold is 24 x 10 h.
+    let mut s = Scheduler::new(gpus(&[80_000; 2]), Config::default(), 1);
+    let b = s.submit(req(5, 2, None), 0).unwrap();
+    s.schedule(0);
+    for k in 0..64 {
+        s.submit(req(6, 1, None), 0).unwrap();
+        let _ = k;
+    }
+    s.finish(b, JobState::Completed);
+    // Both GPUs go to two of user 6's jobs, after 10 h.
+    assert_eq!(s.schedule(10 * hour).len(), 2);
+    let wide = s.submit(req(7, 2, None), 10 * hour).unwrap();
+    let running: Vec<JobId> = s
+        .jobs_in_order()
+        .filter(|j| j.state == JobState::Running)
+        .map(|j| j.id)
+        .collect();
+    s.finish(running[0], JobState::Completed);
+    s.schedule(13 * hour);
+    assert_eq!(
+        s.reserved_job(),
+        None,
+        "3 h is not starving when jobs wait 10 h"
+    );
+    assert_eq!(s.job(wide).unwrap().state, JobState::Pending);
+    let _ = a;
 }
 
 /// Tasks of a job array with a cap of `limit` (ids `first..first + n`).
@@ -1131,7 +1385,7 @@ fn state_of(s: &Scheduler, id: JobId) -> Option<(JobState, Option<&'static str>)
 /// cancelled while waiting). Other jobs are not held back by them.
 #[test]
 fn a_capped_array_holds_its_other_tasks_back() {
-    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000]), easy(), 1);
     for r in array_tasks(1, 1, 5, 2, Some(1_000)) {
         s.submit(r, 0).unwrap();
     }
@@ -1177,7 +1431,7 @@ fn a_capped_array_holds_its_other_tasks_back() {
 /// under the cap; after a restart, running tasks count against the cap again.
 #[test]
 fn capped_array_cancel_requeue_and_restore() {
-    let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let mut s = Scheduler::new(gpus(&[24_000]), easy(), 1);
     let tasks = array_tasks(1, 1, 4, 2, None);
     for r in tasks.clone() {
         s.submit(r, 0).unwrap();
@@ -1204,7 +1458,7 @@ fn capped_array_cancel_requeue_and_restore() {
     );
 
     // Restart: task 3 running, 1 and 4 pending (restored in queue order).
-    let mut r = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+    let mut r = Scheduler::new(gpus(&[24_000]), easy(), 1);
     r.restore_running(3, tasks[2].clone(), vec![0], 0, 1, 0)
         .unwrap();
     r.restore_pending(1, tasks[0].clone(), 0, 1).unwrap();

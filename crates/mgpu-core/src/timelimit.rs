@@ -2,9 +2,10 @@
 //!
 //! A running job's *slice* is its own `--time-limit` capped by the server's `--max-job-time`.
 //! Past its slice a job is context-switched (stopped, then put back at the end of the queue with
-//! `restarts + 1`) — but only when a waiting job could use what it frees; with nobody waiting it
-//! keeps running, and is switched as soon as someone waits. Jobs that opted out of requeueing
-//! (`--no-requeue`) or used up `--max-restarts` end as TIMEOUT instead. A `--signal SIG@SECS`
+//! `restarts + 1`) — but only when a waiting job starts on what it frees in the very next pass;
+//! otherwise it keeps running, and is switched as soon as a switch serves someone. Jobs that opted out of requeueing
+//! (`--no-requeue`) or used up `--max-restarts` (their own, else the server's) end as TIMEOUT
+//! instead. A `--signal SIG@SECS`
 //! warning is due SECS before the slice ends. A limit of 0 is no limit, and no job is switched
 //! before it has run [`crate::Config::min_slice_s`], so switches are rate-limited whatever the
 //! limits.
@@ -52,6 +53,14 @@ impl Scheduler {
         ids
     }
 
+    /// Is a job being stopped for a context switch (its processes not gone yet)?
+    pub(crate) fn switch_in_progress(&self) -> bool {
+        self.gpus
+            .iter()
+            .flat_map(|g| g.jobs())
+            .any(|id| self.jobs.get(&id).and_then(|j| j.stopping) == Some(Stopping::Requeue))
+    }
+
     /// When the running job's slice ends, if it has a limit.
     pub fn slice_end(&self, id: JobId) -> Option<Millis> {
         let job = self.jobs.get(&id)?;
@@ -69,11 +78,15 @@ impl Scheduler {
 
     /// Decides what must happen now. Each action is returned once: the job is marked.
     ///
-    /// Switches are chosen greedily, oldest slice end first, on a copy of the GPU books: an
-    /// overdue job is switched only together with what it takes for one waiting job (the first
-    /// in priority order that fits then, and is not already counted for another switch) to fit
-    /// into what they free. So one waiting job does not cause several switches, and a waiting
-    /// multi-GPU job can be served by switching several overdue jobs together.
+    /// A switch must serve someone: overdue jobs are taken oldest slice end first, and a group
+    /// of them is switched only if, requeued now, the very next pass (the same
+    /// [`Scheduler::schedule`] the shell runs once their processes are gone) starts a job that
+    /// was waiting on the GPUs of *each* of them, and restarts none of them. That pass is run
+    /// on a copy of the scheduler, so priorities, fair share and the reservation decide exactly
+    /// as they will: a waiting job that fits on the freed GPUs but would not be chosen (lower
+    /// priority than the switched job, or held back for the reservation) switches nothing. One
+    /// waiting job does not cause several switches, and a waiting multi-GPU job can be served
+    /// by switching several overdue jobs together.
     pub fn time_actions(&mut self, now: Millis) -> Vec<TimeAction> {
         let mut actions = Vec::new();
         let mut overdue = Vec::new();
@@ -106,6 +119,7 @@ impl Scheduler {
             let out_of_restarts = job
                 .request
                 .max_restarts
+                .or(self.config.default_max_restarts)
                 .is_some_and(|max| job.restarts >= max);
             if job.request.no_requeue || out_of_restarts {
                 actions.push(TimeAction::Timeout { job: id });
@@ -118,37 +132,60 @@ impl Scheduler {
             return actions; // nobody waits: overdue jobs keep running
         }
         overdue.sort_unstable();
+        // Cheap necessary condition first (no copy of the scheduler): some waiting shape fits
+        // on what all the overdue jobs together would free.
         let mut books = self.gpus.clone();
-        let mut served = std::collections::HashSet::new();
-        let mut tentative = Vec::new();
+        for (_, id) in &overdue {
+            placement::release(&mut books, *id, &self.jobs[id].request);
+        }
+        let anyone_fits = self.shapes.values().any(|jobs| {
+            jobs.first()
+                .is_some_and(|(_, id)| placement::choose(&books, &self.jobs[id].request).is_some())
+        });
+        if !anyone_fits {
+            return actions;
+        }
+        let mut switched: Vec<JobId> = Vec::new();
+        let mut tentative: Vec<JobId> = Vec::new();
         for (_, id) in overdue {
-            placement::release(&mut books, id, &self.jobs[&id].request);
             tentative.push(id);
-            if let Some((waiting, gpus)) = self.first_fit_waiting(&books, &served) {
-                placement::reserve(&mut books, &gpus, waiting, &self.jobs[&waiting].request);
-                served.insert(waiting);
-                for id in tentative.drain(..) {
-                    actions.push(TimeAction::Requeue { job: id });
-                    self.jobs.get_mut(&id).expect("job exists").stopping = Some(Stopping::Requeue);
+            let group: Vec<JobId> = switched.iter().chain(&tentative).copied().collect();
+            if self.switch_serves(&group, now) {
+                switched = group;
+                tentative.clear();
+            } else if tentative.len() > 1 {
+                // What was held back for a wider job may not be needed for this one.
+                let alone: Vec<JobId> = switched.iter().copied().chain([id]).collect();
+                if self.switch_serves(&alone, now) {
+                    switched = alone;
+                    tentative.pop();
                 }
             }
+        }
+        for id in switched {
+            actions.push(TimeAction::Requeue { job: id });
+            self.jobs.get_mut(&id).expect("job exists").stopping = Some(Stopping::Requeue);
         }
         actions
     }
 
-    /// The first waiting job, in priority order, that fits on `books` and is not in `served`.
-    fn first_fit_waiting(
-        &self,
-        books: &[crate::GpuState],
-        served: &std::collections::HashSet<JobId>,
-    ) -> Option<(JobId, Vec<u32>)> {
-        let mut tried = std::collections::HashSet::new();
-        self.pending_in_priority_order().find_map(|pid| {
-            let r = &self.jobs[&pid].request;
-            if served.contains(&pid) || !tried.insert((r.gpus, r.mem_mib)) {
-                return None;
-            }
-            placement::choose(books, r).map(|g| (pid, g))
+    /// Would switching `group` now serve someone? On a copy: requeue them all at `now`, run the
+    /// pass the shell runs next, and check that it restarts none of them and starts, on some
+    /// GPU of each of them, a job that was waiting.
+    fn switch_serves(&self, group: &[JobId], now: Millis) -> bool {
+        let mut trial = self.clone();
+        for &id in group {
+            trial.requeue(id, now);
+        }
+        let started = trial.schedule(now);
+        if started.iter().any(|a| group.contains(&a.job)) {
+            return false;
+        }
+        group.iter().all(|id| {
+            let freed = &self.jobs[id].gpus;
+            started
+                .iter()
+                .any(|a| a.gpus.iter().any(|g| freed.contains(g)))
         })
     }
 

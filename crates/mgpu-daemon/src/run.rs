@@ -38,6 +38,20 @@ pub struct Args {
     /// switch stops a job and restarts it later, so this bounds how often that can happen
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub min_slice: u64,
+    /// A blocked job gets the reservation (GPUs held for it, others start only if they do
+    /// not delay it) only once it has waited this long, in seconds; until then jobs start
+    /// first-fit (0: at once, plain EASY backfilling)
+    #[arg(long, value_name = "SECS", default_value_t = 7200)]
+    pub reserve_after: u64,
+    /// ... and only once it has waited this many times longer than jobs wait of late (all
+    /// users', or its own user's, whichever is less): starving, not merely waiting in a busy
+    /// queue (0: no such condition)
+    #[arg(long, value_name = "F", default_value_t = 24.0)]
+    pub reserve_after_wait_factor: f64,
+    /// Context switches allowed to a job that sets no --max-restarts of its own: past them it
+    /// ends as TIMEOUT at its time limit instead of restarting from its command once more
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub max_restarts: u32,
     /// Where the job database lives [default: /var/lib/mgpu as root, else ~/.local/state/mgpu]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -401,10 +415,16 @@ async fn run(args: Args) -> Result<()> {
     let mut config = Config {
         max_job_time_s: args.max_job_time,
         min_slice_s: args.min_slice,
+        default_max_restarts: Some(args.max_restarts),
+        reserve_after_s: args.reserve_after,
+        reserve_after_wait_factor: args.reserve_after_wait_factor,
         policy: args.policy,
         default_estimate_s: args.default_estimate,
         ..Config::default()
     };
+    if !args.reserve_after_wait_factor.is_finite() || args.reserve_after_wait_factor < 0.0 {
+        bail!("--reserve-after-wait-factor must be a number of 0 or more");
+    }
     if args.fair_half_life.is_nan() || args.fair_half_life <= 0.0 {
         bail!("--fair-half-life must be positive");
     }

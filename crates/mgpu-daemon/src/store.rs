@@ -66,6 +66,10 @@ CREATE TABLE array_specs (
     ENVS_MIGRATION,
     // The most GPU memory a job used on one of its GPUs (NVML), like sacct's MaxRSS.
     "ALTER TABLE jobs ADD COLUMN peak_gpu_mem_mib INTEGER;",
+    // Run time of a job's earlier runs (ended by context switches), for accounting.
+    r#"
+ALTER TABLE jobs ADD COLUMN earlier_runs_ms INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Each distinct environment once (content-addressed: SHA-256 of its JSON); launch records
@@ -450,7 +454,7 @@ impl Store {
         let conn = self.reader.lock().unwrap();
         let mut stmt = conn.prepare_cached(
             "SELECT id, user, name, state, exit_code, signal, submitted_at, started_at, ended_at,
-                    gpus, gpu_ids, mem_mib, restarts, message, array, peak_gpu_mem_mib
+                    gpus, gpu_ids, mem_mib, restarts, message, array, peak_gpu_mem_mib, earlier_runs_ms
              FROM jobs
              WHERE state NOT IN ('PENDING', 'RUNNING') AND id > ?1
                AND (?2 IS NULL OR uid = ?2) AND (?3 IS NULL OR id = ?3)
@@ -489,6 +493,7 @@ impl Store {
                     message: r.get(13)?,
                     array: array_of(r.get(14)?),
                     peak_gpu_mem_mib: r.get::<_, Option<i64>>(15)?.map(|m| m as u64),
+                    earlier_runs_s: r.get::<_, i64>(16)?.max(0) as u64 / 1000,
                 })
             },
         )?;
@@ -949,8 +954,12 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
             }
             Op::Requeued { id, at, restarts } => {
                 tx.prepare_cached(
+                    // The run that ends here is added to the earlier runs (once: a repeated
+                    // op finds started_at already cleared).
                     "UPDATE jobs SET state = 'PENDING', started_at = NULL, gpu_ids = NULL,
-                                     pid = NULL, restarts = ?3, queued_at = ?2
+                                     pid = NULL, restarts = ?3, queued_at = ?2,
+                                     earlier_runs_ms = earlier_runs_ms
+                                         + COALESCE(MAX(?2 - started_at, 0), 0)
                      WHERE id = ?1",
                 )?
                 .execute(params![*id as i64, *at as i64, *restarts])?;

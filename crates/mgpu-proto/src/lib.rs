@@ -476,6 +476,12 @@ pub struct JobInfo {
     /// Expected start of a pending job, where one is known (its reservation).
     #[serde(default)]
     pub est_start: Option<Millis>,
+    /// A pending job that waits behind the reservation (REASON `Reservation` or `Priority`):
+    /// the job holding it, and when that one is expected to start, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind: Option<JobId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind_start: Option<Millis>,
     /// The job array it belongs to, and its index there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub array: Option<ArrayTask>,
@@ -504,6 +510,9 @@ pub struct AcctRecord {
     pub gpu_ids: Vec<u32>,
     pub mem_mib: Option<u64>,
     pub restarts: u32,
+    /// Run time of its runs before the last, in seconds (each ended by a context switch).
+    #[serde(default)]
+    pub earlier_runs_s: u64,
     pub message: Option<String>,
     /// The job array it belonged to, and its index there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -514,6 +523,11 @@ pub struct AcctRecord {
 }
 
 impl AcctRecord {
+    /// Run time of all its runs in seconds (the earlier ones ended by context switches).
+    pub fn total_elapsed_s(&self) -> u64 {
+        self.elapsed_s() + self.earlier_runs_s
+    }
+
     /// Run time of its last run in seconds.
     pub fn elapsed_s(&self) -> u64 {
         match (self.started_at, self.ended_at) {
@@ -522,9 +536,9 @@ impl AcctRecord {
         }
     }
 
-    /// GPUs held times hours run.
+    /// GPUs held times hours run, over all its runs.
     pub fn gpu_hours(&self) -> f64 {
-        self.gpus as f64 * self.elapsed_s() as f64 / 3600.0
+        self.gpus as f64 * self.total_elapsed_s() as f64 / 3600.0
     }
 }
 

@@ -11,16 +11,39 @@ use std::ops::Bound::{Excluded, Unbounded};
 
 use anyhow::bail;
 use mgpu_core::placement::{self, GpuState};
-use mgpu_core::{Config, GpuSpec, JobId, JobRequest, JobState, Millis, Policy, Scheduler};
+use mgpu_core::{
+    Config, GpuSpec, JobId, JobRequest, JobState, Millis, Policy, Scheduler, TimeAction,
+};
 
 use crate::workload::SimJob;
 
 /// What the engine needs from a scheduler. Jobs are named by their index in the workload.
 pub trait SimScheduler {
     fn submit(&mut self, job: usize, request: JobRequest, true_duration_ms: Millis, now: Millis);
-    fn finish(&mut self, job: usize);
+    /// The job's processes are gone; `timed_out`: it was stopped at its time limit.
+    fn finish(&mut self, job: usize, timed_out: bool);
     /// Jobs to start now, with the GPU indices they get.
     fn schedule(&mut self, now: Millis) -> Vec<(usize, Vec<u32>)>;
+    /// Time-limit decisions due now: jobs to stop, and whether each goes back to the queue
+    /// (a context switch) or ends (TIMEOUT). Schedulers without time limits have none.
+    fn time_actions(&mut self, _now: Millis) -> Vec<(usize, Stop)> {
+        Vec::new()
+    }
+    /// A job stopped for a context switch is back in the queue.
+    fn requeue(&mut self, _job: usize, _now: Millis) {}
+    /// When [`SimScheduler::time_actions`] may next have something to do.
+    fn next_deadline(&self, _now: Millis) -> Option<Millis> {
+        None
+    }
+}
+
+/// How a job is stopped at its time limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Context switch: it goes back to the queue and later restarts from its command.
+    Requeue,
+    /// It ends as TIMEOUT.
+    Timeout,
 }
 
 /// Which scheduler a run uses.
@@ -77,13 +100,30 @@ impl SimPolicy {
     }
 }
 
-/// When each job started and ended.
+/// How a job's replay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// It ran to its end.
+    Completed,
+    /// Stopped at its time limit for good (no requeue, or out of restarts).
+    Timeout,
+    /// The server would refuse it (wider than the server, more memory than a GPU has, ...): it
+    /// never runs and is left out of the measures, but counted.
+    Refused,
+}
+
+/// When each job started (its last run) and ended.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Outcome {
     pub start_ms: Millis,
     pub end_ms: Millis,
     /// GPU-equivalents it used (mem/total per shared GPU).
     pub share: f64,
+    /// Context switches it went through (each restarted it from its command).
+    pub restarts: u32,
+    /// GPU-equivalent milliseconds of its earlier runs, lost to context switches.
+    pub lost_share_ms: f64,
+    pub end: End,
 }
 
 /// The request a job makes of the scheduler.
@@ -103,58 +143,134 @@ pub fn request_of(job: &SimJob) -> JobRequest {
     }
 }
 
-/// Replays `jobs` to the end; every job must run exactly once.
+/// Replays `jobs` to the end; every job the server accepts must run to its end or time out.
+///
+/// Per instant, as the daemon sees events: ends first (their GPUs are free), then submissions,
+/// then what the daemon does after every event — scheduling passes until nothing more starts,
+/// then the time-limit decisions ([`mgpu_core::Scheduler::time_actions`]). A switched job's
+/// processes are taken to be gone at once: it is requeued at the same instant (the daemon's
+/// exit event) and the passes run again; it restarts from its command later, its earlier run
+/// lost. A timer wakes the loop at the core's next deadline, as the daemon's one timer does.
+/// Jobs the daemon would refuse ([`mgpu_core::Scheduler::check_feasible`]) are refused.
 pub fn replay(
     jobs: &[SimJob],
     gpus: &[GpuSpec],
     scheduler: &mut dyn SimScheduler,
 ) -> anyhow::Result<Vec<Outcome>> {
+    let judge = Scheduler::new(gpus.to_vec(), Config::default(), 1);
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_by_key(|&i| (jobs[i].submit_ms, i));
     let mut arrivals = order.into_iter().peekable();
-    let mut ends: BinaryHeap<Reverse<(Millis, usize)>> = BinaryHeap::new();
+    // (end, job, run): an entry whose run is not the job's current one is stale.
+    let mut ends: BinaryHeap<Reverse<(Millis, usize, u32)>> = BinaryHeap::new();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; jobs.len()];
+    let mut run_of: Vec<u32> = vec![0; jobs.len()];
+    let mut running: Vec<bool> = vec![false; jobs.len()];
+    let mut deadline: Option<Millis> = None;
     let spec_of: HashMap<u32, &GpuSpec> = gpus.iter().map(|g| (g.index, g)).collect();
     loop {
+        while let Some(&Reverse((_, job, run))) = ends.peek() {
+            if running[job] && run_of[job] == run {
+                break;
+            }
+            ends.pop(); // stale: that run was stopped
+        }
         let next_arrival = arrivals.peek().map(|&i| jobs[i].submit_ms);
-        let next_end = ends.peek().map(|Reverse((t, _))| *t);
-        let now = match (next_arrival, next_end) {
-            (None, None) => break,
-            (a, e) => a.unwrap_or(Millis::MAX).min(e.unwrap_or(Millis::MAX)),
+        let next_end = ends.peek().map(|Reverse((t, _, _))| *t);
+        let now = match (next_arrival, next_end, deadline) {
+            (None, None, _) => break,
+            (a, e, d) => a
+                .unwrap_or(Millis::MAX)
+                .min(e.unwrap_or(Millis::MAX))
+                .min(d.unwrap_or(Millis::MAX)),
         };
-        while let Some(&Reverse((t, job))) = ends.peek() {
+        while let Some(&Reverse((t, job, run))) = ends.peek() {
             if t != now {
                 break;
             }
             ends.pop();
-            scheduler.finish(job);
+            if running[job] && run_of[job] == run {
+                running[job] = false;
+                scheduler.finish(job, false);
+            }
         }
         while let Some(&i) = arrivals.peek() {
             if jobs[i].submit_ms != now {
                 break;
             }
             arrivals.next();
-            scheduler.submit(i, request_of(&jobs[i]), jobs[i].duration_ms, now);
-        }
-        for (job, held) in scheduler.schedule(now) {
-            if outcomes[job].is_some() {
-                bail!("job {job} started twice");
+            let request = request_of(&jobs[i]);
+            if judge.check_feasible(&request).is_err() {
+                outcomes[i] = Some(Outcome {
+                    start_ms: now,
+                    end_ms: now,
+                    share: 0.0,
+                    restarts: 0,
+                    lost_share_ms: 0.0,
+                    end: End::Refused,
+                });
+                continue;
             }
-            let end_ms = now + jobs[job].duration_ms;
-            let share = match jobs[job].mem_mib {
-                None => held.len() as f64,
-                Some(mem) => held
-                    .iter()
-                    .map(|i| (mem as f64 / spec_of[i].total_mib as f64).min(1.0))
-                    .sum(),
-            };
-            outcomes[job] = Some(Outcome {
-                start_ms: now,
-                end_ms,
-                share,
-            });
-            ends.push(Reverse((end_ms, job)));
+            scheduler.submit(i, request, jobs[i].duration_ms, now);
         }
+        loop {
+            let starts = scheduler.schedule(now);
+            let progressed = !starts.is_empty();
+            for (job, held) in starts {
+                if running[job] || outcomes[job].is_some_and(|o| o.end != End::Completed) {
+                    bail!("job {job} started while running or after it ended");
+                }
+                if outcomes[job].is_some_and(|o| o.restarts == run_of[job]) {
+                    bail!("job {job} started twice");
+                }
+                let end_ms = now + jobs[job].duration_ms;
+                let share = match jobs[job].mem_mib {
+                    None => held.len() as f64,
+                    Some(mem) => held
+                        .iter()
+                        .map(|i| (mem as f64 / spec_of[i].total_mib as f64).min(1.0))
+                        .sum(),
+                };
+                let lost = outcomes[job].map_or(0.0, |o| o.lost_share_ms);
+                outcomes[job] = Some(Outcome {
+                    start_ms: now,
+                    end_ms,
+                    share,
+                    restarts: run_of[job],
+                    lost_share_ms: lost,
+                    end: End::Completed,
+                });
+                running[job] = true;
+                ends.push(Reverse((end_ms, job, run_of[job])));
+            }
+            let actions = scheduler.time_actions(now);
+            let stopped = !actions.is_empty();
+            for (job, stop) in actions {
+                if !running[job] {
+                    bail!("job {job} stopped while not running");
+                }
+                running[job] = false;
+                let o = outcomes[job]
+                    .as_mut()
+                    .expect("a running job has an outcome");
+                match stop {
+                    Stop::Requeue => {
+                        o.lost_share_ms += o.share * (now - o.start_ms) as f64;
+                        run_of[job] += 1;
+                        scheduler.requeue(job, now);
+                    }
+                    Stop::Timeout => {
+                        o.end_ms = now;
+                        o.end = End::Timeout;
+                        scheduler.finish(job, true);
+                    }
+                }
+            }
+            if !progressed && !stopped {
+                break;
+            }
+        }
+        deadline = scheduler.next_deadline(now);
     }
     outcomes
         .into_iter()
@@ -186,18 +302,24 @@ impl CoreScheduler {
 
 impl SimScheduler for CoreScheduler {
     fn submit(&mut self, job: usize, request: JobRequest, _true_duration_ms: Millis, now: Millis) {
+        // The engine refuses what the server would refuse, so the core accepts the rest.
         let id = self
             .core
             .submit(request, now)
-            .expect("the workload fits the simulated GPUs");
+            .expect("the engine refuses jobs the server would refuse");
         self.index_of.insert(id, job);
         self.id_of.insert(job, id);
     }
 
-    fn finish(&mut self, job: usize) {
+    fn finish(&mut self, job: usize, timed_out: bool) {
         let id = self.id_of.remove(&job).expect("a started job");
         self.index_of.remove(&id);
-        self.core.finish(id, JobState::Completed);
+        let state = if timed_out {
+            JobState::Timeout
+        } else {
+            JobState::Completed
+        };
+        self.core.finish(id, state);
     }
 
     fn schedule(&mut self, now: Millis) -> Vec<(usize, Vec<u32>)> {
@@ -206,6 +328,26 @@ impl SimScheduler for CoreScheduler {
             .into_iter()
             .map(|a| (self.index_of[&a.job], a.gpus))
             .collect()
+    }
+
+    fn time_actions(&mut self, now: Millis) -> Vec<(usize, Stop)> {
+        self.core
+            .time_actions(now)
+            .into_iter()
+            .filter_map(|a| match a {
+                TimeAction::Warn { .. } => None,
+                TimeAction::Requeue { job } => Some((self.index_of[&job], Stop::Requeue)),
+                TimeAction::Timeout { job } => Some((self.index_of[&job], Stop::Timeout)),
+            })
+            .collect()
+    }
+
+    fn requeue(&mut self, job: usize, now: Millis) {
+        self.core.requeue(self.id_of[&job], now);
+    }
+
+    fn next_deadline(&self, now: Millis) -> Option<Millis> {
+        self.core.next_deadline(now)
     }
 }
 
@@ -266,7 +408,7 @@ impl SimScheduler for Baseline {
         }
     }
 
-    fn finish(&mut self, job: usize) {
+    fn finish(&mut self, job: usize, _timed_out: bool) {
         let request = self.requests.remove(&job).expect("a started job");
         placement::release(&mut self.gpus, job as JobId, &request);
     }

@@ -31,10 +31,16 @@ pub fn parse_gpus(spec: &str) -> anyhow::Result<Vec<GpuSpec>> {
             .parse()
             .with_context(|| format!("bad GPU size in {part:?}"))?;
         let mib = match unit.to_ascii_lowercase().as_str() {
-            "gib" | "g" | "gb" => value * 1024,
-            "mib" | "m" | "mb" | "" => value,
+            "gib" | "g" | "gb" => value.checked_mul(1024),
+            "mib" | "m" | "mb" | "" => Some(value),
             other => bail!("unknown unit {other:?} in {part:?}"),
         };
+        let Some(mib) = mib.filter(|&m| m > 0) else {
+            bail!("bad GPU size in {part:?}: more than 0, and at most 2^64 MiB");
+        };
+        if count > 1024 || gpus.len() + count as usize > 1024 {
+            bail!("too many GPUs in {spec:?} (at most 1024)");
+        }
         for _ in 0..count {
             let index = gpus.len() as u32;
             gpus.push(GpuSpec {

@@ -34,7 +34,8 @@ struct Args {
     /// Seed of the rules that fill in users and memory; repeat for several runs.
     #[arg(long = "seed", default_values_t = [1u64])]
     seeds: Vec<u64>,
-    /// Time limit = duration x this (when the trace has none). At least 1.
+    /// Time limit = duration x this (when the trace has none). At least 1, or 0 for no limits
+    /// (jobs are then estimated at the server's default estimate, 24 h).
     #[arg(long, default_value_t = 1.0)]
     limit_factor: f64,
     /// Policies: strict-fifo, fifo (first-fit), backfill, fair, oracle-sjf, or all. Repeatable.
@@ -59,6 +60,29 @@ struct Args {
     /// Fair share: seconds of priority gained per second of waiting.
     #[arg(long)]
     age_factor: Option<f64>,
+    /// Global cap on every job's time slice in seconds, as the server's --max-job-time
+    /// (default: none).
+    #[arg(long)]
+    max_job_time: Option<u64>,
+    /// As the server's --min-slice: no job is context-switched before it has run this long.
+    #[arg(long, default_value_t = 60)]
+    min_slice: u64,
+    /// As the server's --max-restarts: switches allowed per job before it ends as TIMEOUT.
+    #[arg(long, default_value_t = 10)]
+    max_restarts: u32,
+    /// As the server's --reserve-after: hours a blocked job waits before it gets the
+    /// reservation (default: the server's default).
+    #[arg(long)]
+    reserve_after_h: Option<f64>,
+    /// As the server's --reserve-after-wait-factor.
+    #[arg(long)]
+    reserve_after_wait_factor: Option<f64>,
+    /// Robustness matrix instead of one replay: every *.csv trace in this directory x limits
+    /// (exact, 5x over, none) x sharing (--mem-fraction 0 and 0.6) x the seeds, at --load (0.9
+    /// by default), plus the flood scenario per trace; prints the goals' ratios for `fair`
+    /// and PASS/FAIL.
+    #[arg(long, value_name = "DIR")]
+    matrix: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -74,14 +98,33 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.limit_factor < 1.0 {
-        bail!("--limit-factor must be at least 1 (limits below the run time would kill jobs)");
+    if !(args.limit_factor == 0.0 || (args.limit_factor >= 1.0 && args.limit_factor.is_finite())) {
+        bail!("--limit-factor must be 0 (no limits) or at least 1 (limits below the run time would kill jobs)");
+    }
+    if let Some(load) = args.load {
+        if !load.is_finite() || load <= 0.0 {
+            bail!("--load must be a positive number");
+        }
+    }
+    if !(0.0..=1.0).contains(&args.mem_fraction) {
+        bail!("--mem-fraction must be between 0 and 1");
+    }
+    if !args.half_life_h.is_finite() || args.half_life_h <= 0.0 {
+        bail!("--half-life-h must be a positive number");
+    }
+    for (flag, v) in [
+        ("--usage-factor", args.usage_factor),
+        ("--age-factor", args.age_factor),
+    ] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            bail!("{flag} must be a number of 0 or more");
+        }
+    }
+    if args.users == 0 {
+        bail!("--users must be at least 1");
     }
     let gpus = mgpu_sim::parse_gpus(&args.gpus)?;
     let policies = parse_policies(&args.policies)?;
-    let text = std::fs::read_to_string(&args.trace)
-        .with_context(|| format!("cannot read the trace {}", args.trace))?;
-    let rows = parse_trace(&text)?;
     let defaults = FairShareConfig::default();
     let config = Config {
         fair: FairShareConfig {
@@ -90,8 +133,25 @@ fn main() -> anyhow::Result<()> {
             age_factor: args.age_factor.unwrap_or(defaults.age_factor),
             ..defaults
         },
+        max_job_time_s: args.max_job_time,
+        min_slice_s: args.min_slice,
+        default_max_restarts: Some(args.max_restarts),
+        reserve_after_s: match args.reserve_after_h {
+            Some(h) if h.is_finite() && h >= 0.0 => (h * 3600.0).round() as u64,
+            Some(_) => bail!("--reserve-after-h must be a number of 0 or more"),
+            None => Config::default().reserve_after_s,
+        },
+        reserve_after_wait_factor: match args.reserve_after_wait_factor {
+            Some(f) if f.is_finite() && f >= 0.0 => f,
+            Some(_) => bail!("--reserve-after-wait-factor must be a number of 0 or more"),
+            None => Config::default().reserve_after_wait_factor,
+        },
         ..Config::default()
     };
+    if let Some(dir) = &args.matrix {
+        return run_matrix(dir, &args, &gpus, &config);
+    }
+    let rows = read_trace(&args.trace)?;
     let mut runs = Vec::new();
     for &seed in &args.seeds {
         let opts = WorkloadOptions {
@@ -105,7 +165,7 @@ fn main() -> anyhow::Result<()> {
             mem_fraction: args.mem_fraction,
         };
         let jobs = if args.flood {
-            flood_workload(&rows, &opts)
+            flood_workload(&rows, &opts)?
         } else {
             build_workload(&rows, &opts)
         };
@@ -171,8 +231,8 @@ fn print_run(run: &Run, args: &Args) {
     );
     println!(
         "{:<14} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>6} {:>6} {:>9} {:>7} {:>7}",
-        "policy", "meanJCT", "p50JCT", "p95JCT", "p99JCT", "meanWait", "maxWait", "meanBSLD",
-        "mspan", "util", "jain", "", "maxMGwait", "wait/SF", "MG/SF",
+        "policy", "meanJCT", "p50JCT", "p95JCT", "p99JCT", "meanWait", "p99Wait", "meanBSLD",
+        "mspan", "util", "jain", "minFS", "maxMGwait", "wait/SF", "MG/SF",
     );
     let strict = run.results.iter().find(|m| m.policy == "strict-fifo");
     for m in &run.results {
@@ -188,12 +248,12 @@ fn print_run(run: &Run, args: &Args) {
             hours(m.p95_jct_s),
             hours(m.p99_jct_s),
             hours(m.mean_wait_s),
-            hours(m.max_wait_s),
+            hours(m.p99_wait_s),
             m.mean_bounded_slowdown,
             hours(m.makespan_s),
             100.0 * m.gpu_utilisation,
             m.jain_fairness,
-            "",
+            format!("{:.2}", m.min_fair_share_ratio),
             hours(m.max_multi_gpu_wait_s),
             ratio(m.mean_wait_s, strict.map(|s| s.mean_wait_s)),
             ratio(m.max_multi_gpu_wait_s, strict.map(|s| s.max_multi_gpu_wait_s)),
@@ -215,8 +275,175 @@ fn print_run(run: &Run, args: &Args) {
             );
         }
     }
+    if let Some(m) = run.results.first() {
+        println!(
+            "  refused (wider than the server or more memory than a GPU): {} jobs",
+            m.refused
+        );
+    }
+    for m in run
+        .results
+        .iter()
+        .filter(|m| m.restarts + m.timed_out as u64 > 0)
+    {
+        println!(
+            "  {:<14} {} context switches ({:.1} GPU-h lost), {} timed out",
+            m.policy, m.restarts, m.lost_gpu_h, m.timed_out
+        );
+    }
     for m in &run.results {
         print!("  {} {:.2}s", m.policy, m.replay_wall_s);
     }
     println!("  (replay wall time)\n");
+}
+
+fn read_trace(path: &str) -> anyhow::Result<Vec<mgpu_sim::workload::TraceRow>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the trace {path}"))?;
+    let rows = parse_trace(&text).with_context(|| format!("in the trace {path}"))?;
+    if rows.is_empty() {
+        bail!("the trace {path} has no GPU jobs");
+    }
+    Ok(rows)
+}
+
+/// The three policies a matrix cell compares: strict FIFO, first-fit, and the default.
+fn matrix_cell(
+    jobs: &[mgpu_sim::workload::SimJob],
+    gpus: &[mgpu_core::GpuSpec],
+    config: &Config,
+) -> anyhow::Result<[Metrics; 3]> {
+    let run = |p: SimPolicy| -> anyhow::Result<Metrics> {
+        let mut s = p.build(gpus, config);
+        let clock = Instant::now();
+        let outcomes = replay(jobs, gpus, s.as_mut())?;
+        Ok(measure(
+            p.name(),
+            jobs,
+            &outcomes,
+            gpus.len() as u32,
+            clock.elapsed().as_secs_f64(),
+        ))
+    };
+    Ok([
+        run(SimPolicy::StrictFifo)?,
+        run(SimPolicy::Core(mgpu_core::Policy::Fifo))?,
+        run(SimPolicy::Core(mgpu_core::Policy::Fair))?,
+    ])
+}
+
+/// `--matrix DIR`: the goals 1-4 for the default policy on every trace there.
+fn run_matrix(
+    dir: &str,
+    args: &Args,
+    gpus: &[mgpu_core::GpuSpec],
+    config: &Config,
+) -> anyhow::Result<()> {
+    let mut traces: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the directory {dir}"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "csv"))
+        .collect();
+    traces.sort();
+    if traces.is_empty() {
+        bail!("no *.csv traces in {dir}");
+    }
+    let load = args.load.unwrap_or(0.9);
+    let hours = |s: f64| s / 3600.0;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let (mut passed, mut total) = (0, 0);
+    println!(
+        "{:<22} {:>6} {:>4} {:>4}  {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}  goals 1-3",
+        "trace",
+        "limits",
+        "mem",
+        "seed",
+        "vsFirstF",
+        "vsStrict",
+        "MGvsStr",
+        "p50wait",
+        "p99wait",
+        "refused",
+        "jain",
+        "minFS"
+    );
+    for path in &traces {
+        let name = path
+            .file_stem()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let rows = read_trace(&path.to_string_lossy())?;
+        for (factor, limits) in [(1.0, "exact"), (5.0, "5x"), (0.0, "none")] {
+            for mem_fraction in [0.0, 0.6] {
+                for &seed in &args.seeds {
+                    let opts = WorkloadOptions {
+                        users: args.users,
+                        seed,
+                        limit_factor: factor,
+                        load: Some(load),
+                        repeat: 1,
+                        total_gpus: gpus.len() as u32,
+                        min_gpu_mib: gpus.iter().map(|g| g.total_mib).min().unwrap_or(0),
+                        mem_fraction,
+                    };
+                    let jobs = build_workload(&rows, &opts);
+                    let [strict, first_fit, fair] = matrix_cell(&jobs, gpus, config)?;
+                    let vs_ff = ratio(fair.mean_wait_s, first_fit.mean_wait_s);
+                    let vs_strict = ratio(fair.mean_wait_s, strict.mean_wait_s);
+                    let mg = ratio(fair.max_multi_gpu_wait_s, strict.max_multi_gpu_wait_s);
+                    // Goal 1: <= first-fit; goal 2 (with limits): <= 0.6 x strict; goal 3: worst
+                    // multi-GPU wait <= 2 x strict's (no multi-GPU jobs: nothing to starve).
+                    let ok = vs_ff <= 1.0 + 1e-9
+                        && (factor == 0.0 || vs_strict <= 0.6 + 1e-9)
+                        && (mg.is_nan() || mg <= 2.0);
+                    passed += usize::from(ok);
+                    total += 1;
+                    println!(
+                        "{:<22} {:>6} {:>4} {:>4}  {:>8.2} {:>8.2} {:>8.2} {:>7.2}h {:>7.2}h {:>8} {:>6.3} {:>6.2}  {}",
+                        name, limits, mem_fraction, seed, vs_ff, vs_strict, mg,
+                        hours(fair.p50_wait_s), hours(fair.p99_wait_s), fair.refused,
+                        fair.jain_fairness, fair.min_fair_share_ratio,
+                        if ok { "PASS" } else { "FAIL" }
+                    );
+                }
+            }
+        }
+        // Goal 4: the flood (one user, 500 jobs at once): the others' mean wait.
+        for &seed in &args.seeds {
+            let opts = WorkloadOptions {
+                users: args.users,
+                seed,
+                limit_factor: 1.0,
+                load: None,
+                repeat: 1,
+                total_gpus: gpus.len() as u32,
+                min_gpu_mib: gpus.iter().map(|g| g.total_mib).min().unwrap_or(0),
+                mem_fraction: 0.0,
+            };
+            let jobs = match flood_workload(&rows, &opts) {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    println!("{name:<22} flood: {e}");
+                    continue;
+                }
+            };
+            let [_, first_fit, fair] = matrix_cell(&jobs, gpus, config)?;
+            let others = ratio(
+                fair.others_mean_wait_s.unwrap_or(0.0),
+                first_fit.others_mean_wait_s.unwrap_or(0.0),
+            );
+            let ok = others <= 0.1;
+            passed += usize::from(ok);
+            total += 1;
+            println!(
+                "{name:<22} flood seed {seed}: others' mean wait {:.2}h = {others:.3} x first-fit's  goal 4 {}",
+                hours(fair.others_mean_wait_s.unwrap_or(0.0)),
+                if ok { "PASS" } else { "FAIL" }
+            );
+        }
+    }
+    println!(
+        "{passed}/{total} cells pass (policy fair, {} GPUs, load {load})",
+        gpus.len()
+    );
+    Ok(())
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::engine::Outcome;
+use crate::engine::{End, Outcome};
 use crate::workload::SimJob;
 
 /// Below this run time a job's slowdown is computed as if it ran this long (bounded slowdown).
@@ -14,7 +14,18 @@ pub const SLOWDOWN_BOUND_S: f64 = 10.0;
 #[derive(Debug, Clone, Serialize)]
 pub struct Metrics {
     pub policy: String,
+    /// Jobs measured: every job the server accepted (refused ones are only counted).
     pub jobs: usize,
+    /// Jobs the server would refuse (wider than it, more memory than its GPUs have).
+    pub refused: usize,
+    /// Jobs stopped for good at their time limit (out of restarts, or `--no-requeue`).
+    pub timed_out: usize,
+    /// Context switches, in all (each restarts a job from its command).
+    pub restarts: u64,
+    /// GPU-hours of runs lost to context switches.
+    pub lost_gpu_h: f64,
+    pub p50_wait_s: f64,
+    pub p99_wait_s: f64,
     pub mean_jct_s: f64,
     pub p50_jct_s: f64,
     pub p95_jct_s: f64,
@@ -28,6 +39,12 @@ pub struct Metrics {
     pub gpu_utilisation: f64,
     /// Jain's index of the users' mean bounded slowdowns (1: all users equally slowed).
     pub jain_fairness: f64,
+    /// Service against fair share: per user, the GPU-time received over the GPU-time its
+    /// max-min fair share would have given it while it had jobs in the system (pending or
+    /// running); the lowest user's ratio (1: nobody got less than their fair share)...
+    pub min_fair_share_ratio: f64,
+    /// ... and Jain's index of these ratios.
+    pub fair_share_jain: f64,
     /// Longest wait of a job asking for more than one GPU.
     pub max_multi_gpu_wait_s: f64,
     /// Flood scenario: mean wait of the users other than `flood`.
@@ -44,7 +61,12 @@ pub fn measure(
     total_gpus: u32,
     replay_wall_s: f64,
 ) -> Metrics {
-    let n = jobs.len().max(1) as f64;
+    let measured: Vec<(&SimJob, &Outcome)> = jobs
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| o.end != End::Refused)
+        .collect();
+    let n = measured.len().max(1) as f64;
     let secs = |ms: u64| ms as f64 / 1000.0;
     let mut jct: Vec<f64> = Vec::with_capacity(jobs.len());
     let mut waits = Vec::with_capacity(jobs.len());
@@ -53,7 +75,9 @@ pub fn measure(
     let mut max_multi_gpu_wait_s: f64 = 0.0;
     let mut others = (0.0, 0usize);
     let mut total_slowdown = 0.0;
-    for (job, o) in jobs.iter().zip(outcomes) {
+    let (mut timed_out, mut restarts, mut lost_ms) = (0, 0u64, 0.0);
+    for &(job, o) in &measured {
+        // The wait is until its last run started: runs lost to switches count as waiting.
         let wait = secs(o.start_ms - job.submit_ms);
         let run = secs(o.end_ms - o.start_ms);
         let slowdown = ((wait + run) / run.max(SLOWDOWN_BOUND_S)).max(1.0);
@@ -63,7 +87,7 @@ pub fn measure(
         let per_user = slowdown_by_user.entry(&job.user).or_default();
         per_user.0 += slowdown;
         per_user.1 += 1;
-        used_gpu_s += o.share * run;
+        used_gpu_s += o.share * run + o.lost_share_ms / 1000.0;
         if job.gpus > 1 {
             max_multi_gpu_wait_s = max_multi_gpu_wait_s.max(wait);
         }
@@ -71,19 +95,31 @@ pub fn measure(
             others.0 += wait;
             others.1 += 1;
         }
+        timed_out += usize::from(o.end == End::Timeout);
+        restarts += u64::from(o.restarts);
+        lost_ms += o.lost_share_ms;
     }
+    let mut sorted_waits = waits.clone();
+    sorted_waits.sort_by(f64::total_cmp);
     jct.sort_by(f64::total_cmp);
-    let first_submit = jobs.iter().map(|j| j.submit_ms).min().unwrap_or(0);
-    let last_end = outcomes.iter().map(|o| o.end_ms).max().unwrap_or(0);
+    let first_submit = measured.iter().map(|(j, _)| j.submit_ms).min().unwrap_or(0);
+    let last_end = measured.iter().map(|(_, o)| o.end_ms).max().unwrap_or(0);
     let makespan_s = secs(last_end.saturating_sub(first_submit));
     let user_means: Vec<f64> = slowdown_by_user
         .values()
         .map(|(sum, count)| sum / *count as f64)
         .collect();
     let flood = jobs.iter().any(|j| j.user == "flood");
+    let shares = fair_share_ratios(&measured, total_gpus);
     Metrics {
         policy: policy.to_string(),
-        jobs: jobs.len(),
+        jobs: measured.len(),
+        refused: jobs.len() - measured.len(),
+        timed_out,
+        restarts,
+        lost_gpu_h: lost_ms / 3_600_000.0,
+        p50_wait_s: percentile(&sorted_waits, 0.50),
+        p99_wait_s: percentile(&sorted_waits, 0.99),
         mean_jct_s: jct.iter().sum::<f64>() / n,
         p50_jct_s: percentile(&jct, 0.50),
         p95_jct_s: percentile(&jct, 0.95),
@@ -94,6 +130,12 @@ pub fn measure(
         makespan_s,
         gpu_utilisation: used_gpu_s / (total_gpus as f64 * makespan_s.max(1e-9)),
         jain_fairness: jain(&user_means),
+        min_fair_share_ratio: shares
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .min(1e9),
+        fair_share_jain: jain(&shares),
         max_multi_gpu_wait_s,
         others_mean_wait_s: flood.then(|| others.0 / others.1.max(1) as f64),
         replay_wall_s,
@@ -118,4 +160,58 @@ fn jain(values: &[f64]) -> f64 {
     } else {
         sum * sum / (values.len() as f64 * squares)
     }
+}
+
+/// Per user: GPU-time received over max-min fair-share GPU-time while the user had jobs in the
+/// system. Between two events each user's demand (GPUs asked by its pending jobs, GPU
+/// equivalents held by its running ones) is constant; the machine's GPUs are shared among the
+/// users present by max-min fairness (water-filling over their demands).
+fn fair_share_ratios(measured: &[(&SimJob, &Outcome)], total_gpus: u32) -> Vec<f64> {
+    let mut users: BTreeMap<&str, usize> = BTreeMap::new();
+    for (job, _) in measured {
+        let n = users.len();
+        users.entry(&job.user).or_insert(n);
+    }
+    // (time, user, demand change, running change)
+    let mut events: Vec<(u64, usize, f64, f64)> = Vec::with_capacity(measured.len() * 3);
+    for (job, o) in measured {
+        let u = users[job.user.as_str()];
+        let asked = f64::from(job.gpus);
+        events.push((job.submit_ms, u, asked, 0.0));
+        events.push((o.start_ms, u, o.share - asked, o.share));
+        events.push((o.end_ms, u, -o.share, -o.share));
+    }
+    events.sort_by_key(|e| e.0);
+    let n = users.len();
+    let (mut demand, mut running) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let (mut got, mut fair) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < events.len() {
+        let t = events[i].0;
+        while i < events.len() && events[i].0 == t {
+            let (_, u, d, r) = events[i];
+            demand[u] += d;
+            running[u] += r;
+            i += 1;
+        }
+        let Some(&(next, ..)) = events.get(i) else {
+            break;
+        };
+        let dt = (next - t) as f64;
+        order.clear();
+        order.extend((0..n).filter(|&u| demand[u] > 1e-9));
+        order.sort_by(|&a, &b| demand[a].total_cmp(&demand[b]));
+        let mut left = f64::from(total_gpus);
+        for (k, &u) in order.iter().enumerate() {
+            let share = demand[u].min(left / (order.len() - k) as f64);
+            left -= share;
+            fair[u] += share * dt;
+            got[u] += running[u].max(0.0) * dt;
+        }
+    }
+    (0..n)
+        .filter(|&u| fair[u] > 0.0)
+        .map(|u| got[u] / fair[u])
+        .collect()
 }

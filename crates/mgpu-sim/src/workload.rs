@@ -177,13 +177,12 @@ pub fn build_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> 
             } else {
                 assigned_memory(&mut rng, row.gpus, opts)
             };
-            let time_limit_s = row.time_limit_s.or_else(|| {
-                Some((row.duration_ms as f64 / 1000.0 * opts.limit_factor).ceil() as u64)
-            });
+            let time_limit_s = row.time_limit_s.or_else(|| limit_of(row.duration_ms, opts));
             jobs.push(SimJob {
                 submit_ms: row.submit_ms + shift,
                 duration_ms: row.duration_ms,
-                gpus: row.gpus.min(opts.total_gpus),
+                // Never clipped: a job wider than the server is refused by the replay.
+                gpus: row.gpus,
                 uid,
                 user,
                 mem_mib,
@@ -195,6 +194,13 @@ pub fn build_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> 
         rescale_to_load(&mut jobs, opts.total_gpus, load);
     }
     jobs
+}
+
+/// The time limit a job without one gets: its run time times the limit factor; a factor of 0
+/// gives no limit (the daemon then estimates it with the default estimate, 24 h).
+fn limit_of(duration_ms: Millis, opts: &WorkloadOptions) -> Option<u64> {
+    (opts.limit_factor > 0.0)
+        .then(|| (duration_ms as f64 / 1000.0 * opts.limit_factor).ceil() as u64)
 }
 
 /// Cumulative Zipf(1) probabilities over `n` ranks.
@@ -222,11 +228,13 @@ fn assigned_memory(rng: &mut Rng, gpus: u32, opts: &WorkloadOptions) -> Option<u
 }
 
 /// Offered load: GPU-seconds asked for over GPU-seconds between first and last submission.
+/// Jobs wider than the server (which it refuses) ask for nothing.
 pub fn offered_load(jobs: &[SimJob], total_gpus: u32) -> f64 {
     let first = jobs.iter().map(|j| j.submit_ms).min().unwrap_or(0);
     let last = jobs.iter().map(|j| j.submit_ms).max().unwrap_or(0);
     let work: f64 = jobs
         .iter()
+        .filter(|j| j.gpus <= total_gpus)
         .map(|j| j.duration_ms as f64 * j.gpus as f64)
         .sum();
     work / (total_gpus as f64 * (last - first).max(1) as f64)
@@ -235,6 +243,9 @@ pub fn offered_load(jobs: &[SimJob], total_gpus: u32) -> f64 {
 /// Stretches or squeezes the gaps between submissions so that the offered load is `load`.
 fn rescale_to_load(jobs: &mut [SimJob], total_gpus: u32, load: f64) {
     let factor = offered_load(jobs, total_gpus) / load;
+    if !factor.is_finite() || factor <= 0.0 {
+        return; // nothing to rescale (no work, or a load the caller should have refused)
+    }
     let first = jobs.iter().map(|j| j.submit_ms).min().unwrap_or(0);
     for job in jobs {
         job.submit_ms = first + ((job.submit_ms - first) as f64 * factor).round() as Millis;
@@ -245,13 +256,19 @@ fn rescale_to_load(jobs: &mut [SimJob], total_gpus: u32, load: f64) {
 /// trace's 1-GPU jobs); nine users `steady1..9` submit jobs drawn from the trace (GPU count and
 /// duration), Poisson arrivals at an offered load of 0.5 of the machine, for as long as the
 /// flood alone would keep the whole machine busy. All jobs are exclusive; limits as usual.
-pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> {
+///
+/// Fails if the trace has no 1-GPU job to draw the flood from, or no job that fits the server.
+pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> anyhow::Result<Vec<SimJob>> {
     const FLOOD_JOBS: usize = 500;
     const STEADY_USERS: u32 = 9;
     const STEADY_LOAD: f64 = 0.5;
     let mut rng = Rng::new(opts.seed);
-    let limit = |d: Millis| Some((d as f64 / 1000.0 * opts.limit_factor).ceil() as u64);
+    let limit = |d: Millis| limit_of(d, opts);
     let single: Vec<&TraceRow> = rows.iter().filter(|r| r.gpus == 1).collect();
+    if single.is_empty() {
+        bail!("the flood scenario draws its jobs from the trace's 1-GPU jobs, and it has none");
+    }
+    let fitting: Vec<&TraceRow> = rows.iter().filter(|r| r.gpus <= opts.total_gpus).collect();
     let mut jobs = Vec::new();
     let mut flood_work_ms = 0u64;
     for _ in 0..FLOOD_JOBS {
@@ -268,11 +285,11 @@ pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> 
         });
     }
     let horizon_ms = flood_work_ms as f64 / opts.total_gpus as f64;
-    let mean_work_ms = rows
+    let mean_work_ms = fitting
         .iter()
-        .map(|r| r.duration_ms as f64 * r.gpus.min(opts.total_gpus) as f64)
+        .map(|r| r.duration_ms as f64 * r.gpus as f64)
         .sum::<f64>()
-        / rows.len().max(1) as f64;
+        / fitting.len().max(1) as f64;
     // Arrival rate so that the steady users' work is STEADY_LOAD of the machine.
     let mean_gap_ms = mean_work_ms / (STEADY_LOAD * opts.total_gpus as f64);
     let mut t = 0.0;
@@ -281,17 +298,17 @@ pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> 
         if t >= horizon_ms {
             break;
         }
-        let row = &rows[rng.below(rows.len())];
+        let row = fitting[rng.below(fitting.len())];
         let k = 1 + rng.below(STEADY_USERS as usize) as u32;
         jobs.push(SimJob {
             submit_ms: t as Millis,
             duration_ms: row.duration_ms,
-            gpus: row.gpus.min(opts.total_gpus),
+            gpus: row.gpus,
             uid: 1000 + k,
             user: format!("steady{k}"),
             mem_mib: None,
             time_limit_s: limit(row.duration_ms),
         });
     }
-    jobs
+    Ok(jobs)
 }

@@ -51,7 +51,13 @@ fn jobs() -> Vec<SimJob> {
 fn starts(policy: SimPolicy) -> Vec<u64> {
     let gpus = parse_gpus("4x80GiB").unwrap();
     let jobs = jobs();
-    let mut scheduler = policy.build(&gpus, &mgpu_core::Config::default());
+    // Plain EASY backfilling (a blocked job is reserved for at once), as worked out by hand.
+    let easy = mgpu_core::Config {
+        reserve_after_s: 0,
+        reserve_after_wait_factor: 0.0,
+        ..mgpu_core::Config::default()
+    };
+    let mut scheduler = policy.build(&gpus, &easy);
     replay(&jobs, &gpus, scheduler.as_mut())
         .unwrap()
         .iter()

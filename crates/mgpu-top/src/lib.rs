@@ -100,7 +100,7 @@ pub struct View {
     /// The latest queue the server sent.
     pub snapshot: Option<QueueSnapshot>,
     /// Its jobs as table rows (built once per snapshot or toggle, not per redraw).
-    pub rows: Vec<[String; 9]>,
+    pub rows: Vec<[String; 10]>,
     /// Why the latest refresh failed, if it did (the previous snapshot stays on screen).
     pub error: Option<String>,
     /// Only the caller's own jobs.
@@ -410,6 +410,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
             Constraint::Length(8),
             Constraint::Length(8),
             Constraint::Length(18),
+            Constraint::Length(8),
             Constraint::Min(10),
         ],
     )
@@ -461,6 +462,8 @@ mod tests {
             command: vec!["python".into()],
             priority: None,
             est_start: None,
+            behind: None,
+            behind_start: None,
             array: array.map(|task| ArrayTask {
                 job: 10,
                 task,

@@ -7,7 +7,18 @@ use common::*;
 
 #[test]
 fn backfill_reserves_for_the_big_job_and_fills_around_it() {
-    let s = Server::start("2x24GiB", &["--policy", "backfill"]);
+    // Plain EASY backfilling: the blocked job is reserved for at once.
+    let s = Server::start(
+        "2x24GiB",
+        &[
+            "--policy",
+            "backfill",
+            "--reserve-after",
+            "0",
+            "--reserve-after-wait-factor",
+            "0",
+        ],
+    );
     let a = s.detached(&["-t", "60", "--", "sleep", "30"]);
     s.wait_state(a, "RUNNING");
     let big = s.detached(&["--gpus", "2", "-t", "60", "--", "true"]);
@@ -45,7 +56,17 @@ fn backfill_reserves_for_the_big_job_and_fills_around_it() {
 #[test]
 fn fair_share_puts_a_light_user_before_a_heavy_one() {
     let Some((a, b)) = test_users() else { return };
-    let s = Server::start("1x24GiB", &["--policy", "fair"]);
+    let s = Server::start(
+        "1x24GiB",
+        &[
+            "--policy",
+            "fair",
+            "--reserve-after",
+            "0",
+            "--reserve-after-wait-factor",
+            "0",
+        ],
+    );
     // a uses the GPU for a while and queues more; b arrives later with one job.
     let first = {
         let mut c = s.cmd_as(&a, "mgpu_srun");

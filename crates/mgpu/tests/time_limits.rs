@@ -282,3 +282,92 @@ fn a_requeued_run_continues_its_jobs_log_budget() {
     assert!(log.len() < (1 << 20) + 300, "{}", log.len());
     assert!(log.contains("run 1"), "the second run wrote to the log too");
 }
+
+/// Restarts are visible and paid for: the queue has a RESTARTS column, the attached srun and
+/// the log say so at each switch, `mgpu_acct` counts the restarts and the GPU time of every
+/// run; the server's `--max-restarts` ends a job without its own cap as TIMEOUT once used up.
+#[test]
+fn restarts_are_shown_counted_and_capped_by_the_server_default() {
+    let s = Server::start("1x24GiB", &["--max-restarts", "1"]);
+    let dir = s.scratch.display().to_string();
+    let mut srun = s
+        .cmd("mgpu_srun")
+        .args([
+            "-t",
+            "1",
+            "--",
+            "bash",
+            "-c",
+            "echo run-$MGPU_RESTART_COUNT; sleep 30",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = || {
+        s.queue_json()["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["state"] == "RUNNING")
+            .map(|j| j["id"].as_u64().unwrap())
+    };
+    wait_until(Duration::from_secs(10), || running().is_some());
+    let id = running().unwrap();
+    // A waiting job that runs until we let it go.
+    let gate = |name: &str| format!("while [ ! -e {dir}/{name} ]; do sleep 0.1; done");
+    let first = s.detached(&["--", "bash", "-c", &gate("go1")]);
+    wait_until(Duration::from_secs(20), || {
+        s.job(id)
+            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
+    });
+    s.wait_state(first, "RUNNING");
+    // The queue's table shows the restart.
+    let out = s.cmd("mgpu_queue").output().unwrap();
+    let table = text(&out.stdout);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    let col = header.iter().position(|c| *c == "RESTARTS").expect(&table);
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&id.to_string()))
+        .expect(&table)
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[col], "1", "{table}");
+    // Another waiting job, then the first one goes: the job runs again, and at its limit
+    // (restarts used up) it ends as TIMEOUT instead of being switched again.
+    let second = s.detached(&["--", "bash", "-c", &gate("go2")]);
+    std::fs::write(s.scratch.join("go1"), "").unwrap();
+    let mut err = String::new();
+    srun.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let mut out = String::new();
+    srun.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    srun.wait().unwrap();
+    assert_eq!(out, "run-0\nrun-1\n");
+    assert!(
+        err.contains("preempted and requeued") && err.contains("TIMEOUT"),
+        "{err}"
+    );
+    assert!(s.log(id).contains("run 1 (after 1 context switch)"));
+    let rec = s.acct(id);
+    assert_eq!(rec["state"], "TIMEOUT");
+    assert_eq!(rec["restarts"], 1);
+    // Both runs (each at least 1 s) count.
+    let (last, total) = (
+        rec["elapsed_s"].as_u64().unwrap(),
+        rec["total_elapsed_s"].as_u64().unwrap(),
+    );
+    assert!(last >= 1 && total > last, "{rec}");
+    let gpu_h = rec["gpu_hours"].as_f64().unwrap();
+    assert!((gpu_h - total as f64 / 3600.0).abs() < 1e-9, "{rec}");
+    std::fs::write(s.scratch.join("go2"), "").unwrap();
+    s.wait_gone(second);
+}

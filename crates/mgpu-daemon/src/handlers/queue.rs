@@ -141,6 +141,8 @@ fn job_infos(inner: &Inner, ids: &[JobId]) -> Vec<JobInfo> {
                 .unwrap_or_default(),
             priority: sched.priority(j.id),
             est_start: sched.est_start(j.id),
+            behind: behind(sched, j.id),
+            behind_start: behind(sched, j.id).and_then(|r| sched.est_start(r)),
             array: j.request.array,
             used_mib: used_mib(inner, j),
             peak_mib: inner.gpu_peaks.get(&j.id).map(|p| p.0),
@@ -162,6 +164,14 @@ fn used_mib(inner: &Inner, j: &mgpu_core::Job) -> Option<std::collections::BTree
         }
     }
     Some(used)
+}
+
+/// The job holding the reservation that a pending job waits behind, if it does.
+fn behind(sched: &mgpu_core::Scheduler, id: JobId) -> Option<JobId> {
+    match sched.pending_reason(id)? {
+        "Reservation" | "Priority" => sched.reserved_job().filter(|r| *r != id),
+        _ => None,
+    }
 }
 
 /// Jobs per frame: with at most [`MAX_SHOWN_COMMAND`] bytes of command and a name of at most

@@ -352,6 +352,10 @@ pub struct Scheduler {
     throttles: BTreeMap<JobId, Throttle>,
     /// Jobs over their reservation on a GPU they share, since the first reading that saw it.
     over_since: HashMap<JobId, Millis>,
+    /// The overdue jobs whose switch served nobody at the last trial, and until when that
+    /// answer stands: a trial copies the whole scheduler, so it is not repeated on every event
+    /// (see [`Scheduler::time_actions`]).
+    no_switch_until: Option<(Vec<JobId>, Millis)>,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -397,6 +401,7 @@ impl Scheduler {
             recent_wait_ms: 0.0,
             recent_starts: 0,
             recent_wait_by_user: HashMap::new(),
+            no_switch_until: None,
             throttles: BTreeMap::new(),
             over_since: HashMap::new(),
         }

@@ -1061,6 +1061,43 @@ mod time_limits {
         assert_eq!(s.job(a).unwrap().state, JobState::Pending);
     }
 
+    /// A trial that found a switch serving nobody is not repeated on every event (it copies
+    /// the whole scheduler): its answer stands for a few seconds, the timer comes back then,
+    /// and a job that a switch would serve is served at the latest then.
+    #[test]
+    fn a_fruitless_switch_trial_is_not_repeated_on_every_event() {
+        let mut s = Scheduler::new(
+            gpus(&[80_000; 4]),
+            Config {
+                min_slice_s: 60,
+                ..easy()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 2, None, 300), 0).unwrap();
+        let b = s.submit(limited(2, 2, None, 7_200), 0).unwrap();
+        assert_eq!(started_ids(&s.schedule(0)), vec![a, b]);
+        s.submit(req(3, 4, None), 1_000).unwrap();
+        s.submit(req(4, 1, None), 2_000).unwrap();
+        assert!(s.schedule(2_000).is_empty());
+        let t = 300_000;
+        assert!(s.schedule(t).is_empty());
+        assert!(
+            s.time_actions(t).is_empty(),
+            "the switch would serve nobody"
+        );
+        assert_eq!(s.next_deadline(t), Some(t + timelimit::SWITCH_RETRIAL_MS));
+        // A job the switch would serve arrives: it waits for the next trial, not for ever.
+        let v = s.submit(limited(5, 2, None, 600), t + 1_000).unwrap();
+        assert!(s.schedule(t + 1_000).is_empty());
+        assert!(s.time_actions(t + 1_000).is_empty());
+        assert!(s.next_deadline(t + 1_000) <= Some(t + timelimit::SWITCH_RETRIAL_MS));
+        let later = t + timelimit::SWITCH_RETRIAL_MS;
+        assert_eq!(s.time_actions(later), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, later);
+        assert_eq!(started_ids(&s.schedule(later)), vec![v]);
+    }
+
     /// Under a backfilling policy a waiting job that fits on the freed GPUs but would delay
     /// the reservation does not start there: no switch for it.
     #[test]

@@ -44,6 +44,10 @@ pub enum Stopping {
     Timeout,
 }
 
+/// How long a trial's answer that switching the overdue jobs would serve nobody stands before
+/// it is tried again (unless which jobs are overdue changes).
+pub(crate) const SWITCH_RETRIAL_MS: Millis = 5_000;
+
 impl Scheduler {
     /// Running jobs, by id, from the GPU books: costs what runs, not what waits.
     fn running_ids(&self) -> Vec<JobId> {
@@ -132,6 +136,16 @@ impl Scheduler {
             return actions; // nobody waits: overdue jobs keep running
         }
         overdue.sort_unstable();
+        // A trial found that switching these served nobody a moment ago: the answer stands for
+        // a while (the timer comes back then), so a long queue does not cost a copy of the
+        // scheduler on every event while, say, a light user's overdue job outranks a heavy
+        // user's waiting ones.
+        let overdue_ids: Vec<JobId> = overdue.iter().map(|(_, id)| *id).collect();
+        if let Some((ids, until)) = &self.no_switch_until {
+            if *ids == overdue_ids && now < *until {
+                return actions;
+            }
+        }
         // Cheap necessary condition first (no copy of the scheduler): some waiting shape fits
         // on what all the overdue jobs together would free.
         let mut books = self.gpus.clone();
@@ -162,6 +176,9 @@ impl Scheduler {
                 }
             }
         }
+        self.no_switch_until = switched
+            .is_empty()
+            .then(|| (overdue_ids, now.saturating_add(SWITCH_RETRIAL_MS)));
         for id in switched {
             actions.push(TimeAction::Requeue { job: id });
             self.jobs.get_mut(&id).expect("job exists").stopping = Some(Stopping::Requeue);
@@ -210,6 +227,8 @@ impl Scheduler {
                     .filter(|t| *t > now)
                     .min()
             })
+            .chain(self.no_switch_until.as_ref().map(|(_, until)| *until))
+            .filter(|t| *t > now)
             .min()
     }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_core::timefmt::parse_duration;
+use mgpu_core::timefmt::parse_time_limit;
 use mgpu_proto::{
     ArraySpec, AttachRequest, Frame, Request, Response, SubmitRequest, Venv, WarnSignal,
 };
@@ -37,9 +37,16 @@ pub struct Args {
     /// share a GPU; without it the job gets its GPUs exclusively
     #[arg(long, value_name = "MIB", value_parser = parse_mem_mib)]
     pub mem: Option<u64>,
-    /// Time limit: seconds, MM:SS, HH:MM:SS, D-HH:MM:SS, or 90m/2h/1d
-    #[arg(short = 't', long, value_name = "T", value_parser = parse_duration)]
-    pub time_limit: Option<u64>,
+    /// Time limit, as Slurm's --time: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or
+    /// with a unit (30s, 90m, 2h, 1d); 0 or UNLIMITED: no limit
+    #[arg(
+        short = 't',
+        long,
+        visible_alias = "time",
+        value_name = "TIME",
+        value_parser = |s: &str| parse_time_limit(s).map(TimeLimit)
+    )]
+    pub time_limit: Option<TimeLimit>,
     /// At the time limit, end the job as TIMEOUT instead of requeueing it
     #[arg(long)]
     pub no_requeue: bool,
@@ -78,8 +85,9 @@ pub struct Args {
     /// Do not activate any venv
     #[arg(long)]
     pub no_venv: bool,
-    /// Print the job id and return at once instead of waiting for the job
-    #[arg(short = 'd', long)]
+    /// Print the job id and return at once instead of waiting for the job (no short form:
+    /// Slurm's -d is --dependency)
+    #[arg(long)]
     pub detach: bool,
     /// With --detach or --array: print only the job id (the array's id)
     #[arg(long)]
@@ -92,18 +100,95 @@ pub struct Args {
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// The command and its arguments (after --)
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    /// The command and its arguments (after --, or from the first word that is not an option;
+    /// a word before -- that starts with - is an option, and an unknown one is refused)
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,
 }
 
+/// A parsed `--time-limit`: `None` is no limit.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeLimit(pub Option<u64>);
+
 pub fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            if let Some(message) = unknown_option_message(&e) {
+                eprintln!("mgpu_srun: error: {message}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     crate::run_main("mgpu_srun", run(args))
+}
+
+/// For an unknown option, one line naming it, and for a Slurm flag mgpu does not take (yet),
+/// what to use instead. `None` for other errors (clap's own message says it best).
+fn unknown_option_message(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let ContextValue::String(word) = e.get(ContextKind::InvalidArg)? else {
+        return None;
+    };
+    let flag = if word.starts_with("--") {
+        word.split('=').next().unwrap_or(word)
+    } else {
+        word.get(..2).unwrap_or(word)
+    };
+    if let Some(hint) = slurm_flag_hint(flag) {
+        return Some(if hint.starts_with(flag) {
+            hint.to_string()
+        } else {
+            format!("{flag}: {hint}")
+        });
+    }
+    let suggestion = match e.get(ContextKind::SuggestedArg) {
+        Some(ContextValue::String(s)) => format!(" (did you mean {s}?)"),
+        Some(ContextValue::Strings(s)) if !s.is_empty() => format!(" (did you mean {}?)", s[0]),
+        _ => String::new(),
+    };
+    Some(format!(
+        "unknown option '{word}'{suggestion}; the command goes after --, e.g. mgpu_srun --gpus 1 -- python train.py (see mgpu_srun --help)"
+    ))
+}
+
+/// What to say about a Slurm `srun`/`sbatch` flag that mgpu_srun does not take.
+pub fn slurm_flag_hint(flag: &str) -> Option<&'static str> {
+    Some(match flag {
+        "-d" => "-d is Slurm's --dependency, not supported yet; use --detach to return at once",
+        "--dependency" => "Slurm's --dependency is not supported yet",
+        "--gres" | "--gpus-per-task" | "--gpus-per-node" | "--tres-per-task" => {
+            "not supported yet; use --gpus N (-G N)"
+        }
+        "--mem-per-gpu" => {
+            "not supported yet; use --mem SIZE (mgpu's --mem is GPU memory on each of the job's GPUs)"
+        }
+        "--mem-per-cpu" => "not supported; use --host-mem SIZE for the job's host memory (RAM)",
+        "--pty" => "not supported yet: an attached mgpu_srun streams the job's output, but gives no terminal",
+        "-o" | "--output" | "-e" | "--error" => {
+            "not supported yet: the server keeps the job's output; read it with mgpu_log ID (an attached mgpu_srun prints it live)"
+        }
+        "-i" | "--input" => "not supported yet: the job's stdin is /dev/null",
+        "--export" => "not supported yet: the job gets your whole environment (as --export=ALL)",
+        "--begin" | "--hold" => "not supported yet: a job is queued at once",
+        "--wrap" => "not supported yet; put the command after --: mgpu_srun -- sh -c '...'",
+        "-p" | "--partition" | "-q" | "--qos" | "-A" | "--account" | "--reservation" => {
+            "mgpu has no partitions, QOS, accounts or reservations; leave it out"
+        }
+        "-N" | "--nodes" | "-w" | "--nodelist" | "-x" | "--exclude" | "-C" | "--constraint" => {
+            "mgpu runs jobs on this one machine; leave it out"
+        }
+        "-n" | "--ntasks" | "--ntasks-per-node" => {
+            "not supported: a job is one command; use -c N for CPUs and --gpus N for GPUs"
+        }
+        "--mail-type" | "--mail-user" => "not supported yet",
+        "--exclusive" => "not needed: without --mem a job gets its GPUs exclusively",
+        _ => return None,
+    })
 }
 
 /// An absolute path for `dir` that the caller can enter (checked with the caller's own rights).
@@ -158,6 +243,89 @@ pub fn parse_warn_signal(text: &str) -> Result<WarnSignal, String> {
     })
 }
 
+/// Whether our stdin is input the user means for the job: not a terminal, not /dev/null, not
+/// closed (a pipe or a file).
+fn stdin_is_real_input() -> bool {
+    use std::io::IsTerminal;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return false;
+    }
+    let Ok(fd) = stdin.as_fd().try_clone_to_owned() else {
+        return false; // closed
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    let is_null = std::fs::metadata("/dev/null").is_ok_and(|null| {
+        meta.file_type().is_char_device()
+            && null.file_type().is_char_device()
+            && meta.rdev() == null.rdev()
+    });
+    !is_null
+}
+
+/// How much of a script is read to look for `#SBATCH` lines.
+const SBATCH_SCAN_BYTES: u64 = 64 << 10;
+
+/// The script the job runs, when it has `#SBATCH` lines at its top (which mgpu_srun does not
+/// read): the command's first word (looked up in $PATH when it has no `/`, as the job would), or
+/// the script a shell is given (`bash train.sh`). Read with our own rights, at most 64 KiB, and
+/// only from a regular file (never blocks on a FIFO).
+fn sbatch_script(command: &[String], cwd: &str) -> Option<PathBuf> {
+    let first = command.first()?;
+    let cwd = std::path::Path::new(cwd);
+    let shell = std::path::Path::new(first)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| matches!(n, "sh" | "bash" | "dash" | "zsh" | "ksh"));
+    let path = if shell {
+        let script = command.get(1).filter(|a| !a.starts_with('-'))?;
+        cwd.join(script)
+    } else if first.contains('/') {
+        cwd.join(first)
+    } else {
+        let path_var = std::env::var_os("PATH")?;
+        std::env::split_paths(&path_var)
+            .map(|dir| cwd.join(dir).join(first))
+            .find(|p| p.is_file())?
+    };
+    has_sbatch_lines(&path).then_some(path)
+}
+
+/// Whether the file's directive block (after `#!`, through comments and blank lines, as sbatch
+/// reads it) has an `#SBATCH` line.
+fn has_sbatch_lines(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    else {
+        return false;
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    let mut head = Vec::new();
+    if file.take(SBATCH_SCAN_BYTES).read_to_end(&mut head).is_err() {
+        return false;
+    }
+    for line in String::from_utf8_lossy(&head).lines() {
+        let line = line.trim_start();
+        if line.starts_with("#SBATCH") {
+            return true;
+        }
+        if !(line.is_empty() || line.starts_with('#')) {
+            break;
+        }
+    }
+    false
+}
+
 /// Our umask, from /proc (reading it with umask(2) would change it).
 fn current_umask() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -203,7 +371,7 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         name: args.job_name,
         gpus: args.gpus,
         mem_mib: args.mem,
-        time_limit_s: args.time_limit,
+        time_limit_s: args.time_limit.and_then(|t| t.0),
         command,
         cwd: utf8(cwd.into_os_string(), "the working directory")?,
         env,
@@ -235,6 +403,17 @@ async fn run(args: Args) -> Result<i32> {
             "the job's command and environment take {} KiB as sent, more than the server accepts ({} MiB); unset large environment variables or pass data in files",
             size >> 10,
             mgpu_proto::MAX_SUBMIT_FRAME >> 20
+        );
+    }
+    if let Some(script) = sbatch_script(&request.command, &request.cwd) {
+        eprintln!(
+            "mgpu_srun: warning: {} has #SBATCH lines; mgpu_srun ignores them (sbatch support comes later): give those options on the command line",
+            script.display()
+        );
+    }
+    if !detach && stdin_is_real_input() {
+        eprintln!(
+            "mgpu_srun: note: the job's stdin is /dev/null; what you pipe or redirect into mgpu_srun does not reach it (not supported yet)"
         );
     }
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;

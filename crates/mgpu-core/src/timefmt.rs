@@ -1,14 +1,15 @@
 //! Parsing and printing of durations in the forms Slurm users type.
 //!
-//! Accepted: plain seconds (`90`), `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`, and
-//! unit suffixes (`90s`, `30m`, `2h`, `1d`). Note: unlike Slurm's `--time`, a bare number is
-//! seconds, not minutes.
+//! Accepted: Slurm's `--time` forms exactly — a bare number is MINUTES (`90`), `MM:SS`,
+//! `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS` — and unit suffixes (`30s`, `90m`, `2h`, `1d`).
 
-/// Parses a time limit into seconds.
+/// What every time error says it accepts.
+const FORMS: &str = "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or 30s/90m/2h/1d";
+
+/// Parses a duration into seconds, the way Slurm reads `--time`: a bare number is minutes.
 pub fn parse_duration(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let bad =
-        || format!("invalid time '{text}': use seconds, MM:SS, HH:MM:SS, D-HH:MM:SS, or 90m/2h/1d");
+    let bad = || format!("invalid time '{text}': {FORMS}");
     if t.is_empty() {
         return Err(bad());
     }
@@ -28,23 +29,31 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
         None => (0, None),
     };
     let num = |s: &str| s.parse::<u64>().map_err(|_| bad());
+    // h * 3600 + m * 60 + s, refusing what does not fit.
+    let hms = |h: u64, m: u64, s: u64| {
+        h.checked_mul(3600)
+            .and_then(|h| m.checked_mul(60).and_then(|m| h.checked_add(m)))
+            .and_then(|hm| hm.checked_add(s))
+            .ok_or_else(bad)
+    };
     let secs = match rest {
         // D-HH, D-HH:MM, D-HH:MM:SS
         Some(rest) => {
             let parts: Vec<&str> = rest.split(':').collect();
             match parts.as_slice() {
-                [h] => num(h)? * 3600,
-                [h, m] => num(h)? * 3600 + num(m)? * 60,
-                [h, m, s] => num(h)? * 3600 + num(m)? * 60 + num(s)?,
+                [h] => hms(num(h)?, 0, 0)?,
+                [h, m] => hms(num(h)?, num(m)?, 0)?,
+                [h, m, s] => hms(num(h)?, num(m)?, num(s)?)?,
                 _ => return Err(bad()),
             }
         }
         None => {
             let parts: Vec<&str> = t.split(':').collect();
             match parts.as_slice() {
-                [s] => num(s)?,
-                [m, s] => num(m)? * 60 + num(s)?,
-                [h, m, s] => num(h)? * 3600 + num(m)? * 60 + num(s)?,
+                // A bare number is minutes, as in Slurm.
+                [m] => hms(0, num(m)?, 0)?,
+                [m, s] => hms(0, num(m)?, num(s)?)?,
+                [h, m, s] => hms(num(h)?, num(m)?, num(s)?)?,
                 _ => return Err(bad()),
             }
         }
@@ -52,6 +61,19 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
     days.checked_mul(86400)
         .and_then(|d| d.checked_add(secs))
         .ok_or_else(bad)
+}
+
+/// Parses a job's time limit (Slurm's `--time`): `None` is no limit, which `0`, `UNLIMITED`
+/// and `infinite` (any case) ask for, as in Slurm.
+pub fn parse_time_limit(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("unlimited") || t.eq_ignore_ascii_case("infinite") {
+        return Ok(None);
+    }
+    let secs = parse_duration(text).map_err(|_| {
+        format!("invalid time limit '{text}': {FORMS}, or 0/UNLIMITED for no limit")
+    })?;
+    Ok((secs > 0).then_some(secs))
 }
 
 /// Formats seconds like Slurm: `M:SS`, `H:MM:SS` or `D-HH:MM:SS`.
@@ -72,7 +94,11 @@ mod tests {
 
     #[test]
     fn parses_all_forms() {
-        assert_eq!(parse_duration("90"), Ok(90));
+        // A bare number is minutes, as in Slurm.
+        assert_eq!(parse_duration("90"), Ok(5400));
+        assert_eq!(parse_duration("10"), Ok(600));
+        assert_eq!(parse_duration("0"), Ok(0));
+        assert_eq!(parse_duration("1:05"), Ok(65));
         assert_eq!(parse_duration("01:30"), Ok(90));
         assert_eq!(parse_duration("1:00:00"), Ok(3600));
         assert_eq!(
@@ -88,6 +114,29 @@ mod tests {
     }
 
     #[test]
+    fn time_limits_zero_and_unlimited_are_no_limit() {
+        for none in [
+            "0",
+            "UNLIMITED",
+            "unlimited",
+            "infinite",
+            "INFINITE",
+            "0:00",
+            "0s",
+        ] {
+            assert_eq!(parse_time_limit(none), Ok(None), "{none}");
+        }
+        assert_eq!(parse_time_limit("10"), Ok(Some(600)));
+        assert_eq!(parse_time_limit("30s"), Ok(Some(30)));
+        assert_eq!(parse_time_limit("0:01"), Ok(Some(1)));
+        assert_eq!(parse_time_limit("1-0"), Ok(Some(86400)));
+        let err = parse_time_limit("soon").unwrap_err();
+        assert!(err.contains("invalid time limit 'soon'"), "{err}");
+        assert!(parse_time_limit("forever").is_err());
+        assert!(parse_time_limit("-1").is_err());
+    }
+
+    #[test]
     fn rejects_garbage() {
         for bad in [
             "",
@@ -98,6 +147,10 @@ mod tests {
             "1-",
             "h",
             "99999999999999999999d",
+            "999999999999999999",
+            "1.5",
+            "1:2:",
+            "1h30m",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad} should be refused");
         }

@@ -111,7 +111,7 @@ fn a_job_stopped_before_exec_is_still_cancelled_and_frees_its_gpu() {
     path.push_str("/usr/bin:/bin");
     let mut c = s.cmd_as(&b, "mgpu_srun");
     c.env("PATH", &path)
-        .args(["-d", "--parsable", "--no-venv", "--", "sleep", "600"]);
+        .args(["--detach", "--parsable", "--no-venv", "--", "sleep", "600"]);
     let job = s.submit(c);
     s.wait_state(job, "PENDING");
     let stopper = AsUser::start(&b, "while :; do kill -STOP -1 2>/dev/null; done");
@@ -499,7 +499,7 @@ fn limits_over_the_caps_are_refused() {
     ] {
         let out = s
             .cmd_as(&a, "mgpu_srun")
-            .args(["-d", "--no-venv"])
+            .args(["--detach", "--no-venv"])
             .args(args)
             .args(["--", "true"])
             .output()

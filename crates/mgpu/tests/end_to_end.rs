@@ -662,7 +662,7 @@ fn queue_limits_bound_waiting_jobs() {
     s.detached(&["--", "true"]);
     let out = s
         .cmd("mgpu_srun")
-        .args(["-d", "--", "true"])
+        .args(["--detach", "--", "true"])
         .output()
         .unwrap();
     assert_fails_with(&out, "you have 4 jobs waiting");
@@ -722,7 +722,7 @@ fn clients_end_quietly_when_their_reader_goes_away() {
         ("mgpu_queue", &["--json"]),
         ("mgpu_queue", &[]),
         ("mgpu_log", &[&done.to_string()]),
-        ("mgpu_srun", &["-d", "--", "true"]),
+        ("mgpu_srun", &["--detach", "--", "true"]),
     ];
     for (program, args) in cases {
         // A pipe whose reader is already gone: the first write fails with EPIPE.
@@ -795,4 +795,188 @@ fn srun_and_the_queue_give_the_same_reason_for_a_wait() {
     let out = srun.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(text(&out.stdout), "finally\n");
+}
+
+/// Unknown flags, mistyped flags and Slurm flags mgpu does not take never become the job's
+/// command: each is refused at once, in one line naming it, and nothing is submitted.
+#[test]
+fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
+    let s = Server::start("2x24GiB", &[]);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--gres=gpu:2", "--", "x"],
+            "--gres: not supported yet; use --gpus",
+        ),
+        (&["--pty", "bash"], "--pty: not supported yet"),
+        (&["-o", "out.log", "--", "true"], "-o: not supported yet"),
+        (&["-oout.log", "true"], "-o: not supported yet"),
+        (&["--output=out.log", "true"], "--output: not supported yet"),
+        (&["-e", "err.log", "true"], "-e: not supported yet"),
+        (
+            &["--memm", "10G", "true"],
+            "unknown option '--memm' (did you mean --mem?)",
+        ),
+        (&["--foo"], "unknown option '--foo'"),
+        (&["--gpus", "1", "-y", "true"], "unknown option '-y'"),
+        (
+            &["-d", "afterok:5", "true"],
+            "-d is Slurm's --dependency, not supported yet; use --detach",
+        ),
+        (&["--dependency=afterok:5", "--", "true"], "--dependency"),
+        (&["--export=ALL", "true"], "--export: not supported yet"),
+        (&["--begin", "now+1h", "true"], "--begin: not supported yet"),
+        (&["--hold", "true"], "--hold: not supported yet"),
+        (&["--wrap", "echo hi"], "--wrap: not supported yet"),
+        (&["-p", "gpu", "true"], "-p: mgpu has no partitions"),
+        (
+            &["--partition=gpu", "true"],
+            "--partition: mgpu has no partitions",
+        ),
+        (
+            &["-N", "1", "true"],
+            "-N: mgpu runs jobs on this one machine",
+        ),
+        (
+            &["--nodes=1", "true"],
+            "--nodes: mgpu runs jobs on this one machine",
+        ),
+        (&["-n", "2", "true"], "-n: not supported"),
+        (&["--ntasks=2", "true"], "--ntasks: not supported"),
+        (
+            &["--mem-per-gpu", "10G", "true"],
+            "--mem-per-gpu: not supported yet; use --mem",
+        ),
+        (
+            &["--gpus-per-task=1", "true"],
+            "--gpus-per-task: not supported yet; use --gpus",
+        ),
+        (&["--time", "soon", "true"], "invalid time limit 'soon'"),
+    ];
+    for (args, needle) in cases {
+        let out = s.cmd("mgpu_srun").args(*args).output().unwrap();
+        assert_fails_with(&out, needle);
+        let err = text(&out.stderr);
+        if !needle.starts_with("invalid time") {
+            assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        }
+        assert!(
+            s.queue_json()["jobs"].as_array().unwrap().is_empty(),
+            "{args:?} submitted a job"
+        );
+    }
+    // After -- (or after the command's first word) a leading - is the command's own.
+    let id = s.detached(&["--", "-x"]);
+    let job = s.job(id).unwrap_or_else(|| s.acct(id));
+    assert_eq!(job["command"][0], "-x", "{job}");
+}
+
+/// `-t`/`--time`/`--time-limit` read Slurm's time format: a bare number is minutes, `0` and
+/// UNLIMITED are no limit; attached short values (`-t10`, `-G2`) work.
+#[test]
+fn time_limits_read_like_slurm() {
+    let s = Server::start("2x24GiB", &[]);
+    // Both GPUs busy for good: every job below stays pending, with its limit in the queue.
+    let blocker = s.detached(&["--gpus", "2", "--", "sleep", "120"]);
+    s.wait_state(blocker, "RUNNING");
+    let cases: &[(&[&str], Option<u64>)] = &[
+        (&["-t", "10"], Some(600)),
+        (&["-t10"], Some(600)),
+        (&["--time=10"], Some(600)),
+        (&["--time-limit", "90"], Some(5400)),
+        (&["-t", "1:30"], Some(90)),
+        (&["-t", "2:00:00"], Some(7200)),
+        (&["-t", "1-2"], Some(93600)),
+        (&["-t", "1-2:30"], Some(95400)),
+        (&["-t", "1-0:0:5"], Some(86405)),
+        (&["-t", "90m"], Some(5400)),
+        (&["-t", "30s"], Some(30)),
+        (&["-t", "2h"], Some(7200)),
+        (&["-t", "1d"], Some(86400)),
+        (&["-t", "0"], None),
+        (&["-t", "UNLIMITED"], None),
+        (&["--time", "infinite"], None),
+    ];
+    for (flags, want) in cases {
+        let mut args = flags.to_vec();
+        args.extend(["-G2", "--", "true"]);
+        let id = s.detached(&args);
+        let job = s.job(id).unwrap();
+        assert_eq!(job["time_limit_s"].as_u64(), *want, "{flags:?}: {job}");
+        assert_eq!(job["gpus"], 2, "-G2: {job}");
+        s.ok("mgpu_cancel", &[&id.to_string()]);
+    }
+}
+
+/// An attached job's stdin is /dev/null: input piped into srun is not silently lost.
+#[test]
+fn srun_says_piped_stdin_does_not_reach_the_job() {
+    use std::io::Write;
+    let s = Server::start("1x24GiB", &[]);
+    let mut srun = s
+        .cmd("mgpu_srun")
+        .args(["--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    srun.stdin.take().unwrap().write_all(b"hi\n").unwrap();
+    let out = srun.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the job's stdin is /dev/null"),
+        "{}",
+        text(&out.stderr)
+    );
+    // From /dev/null (or detached) there is nothing to say.
+    let out = s.cmd("mgpu_srun").args(["--", "true"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        !text(&out.stderr).contains("stdin"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// A script with #SBATCH lines runs, with a warning that the directives are not read.
+#[test]
+fn srun_warns_that_sbatch_lines_are_ignored() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Server::start("1x24GiB", &[]);
+    let script = s.dir.join("job.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n# a comment\n#SBATCH --gpus=2\n#SBATCH -t 10\necho ran\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let plain = s.dir.join("plain.sh");
+    std::fs::write(
+        &plain,
+        "#!/bin/sh\necho plain\n#SBATCH --late=ignored-by-sbatch-too\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for args in [&["--", "./job.sh"][..], &["sh", "job.sh"]] {
+        let out = s.cmd("mgpu_srun").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "ran\n");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("job.sh has #SBATCH lines; mgpu_srun ignores them"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--", "./plain.sh"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("#SBATCH"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -406,7 +406,15 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
     let chatty = |s: &Server, user, bytes: usize, then: &str| {
         let script = format!("head -c {bytes} /dev/zero | tr '\\0' x; {then}");
         let mut c = s.cmd_as(user, "mgpu_srun");
-        c.args(["-d", "--parsable", "--no-venv", "--", "bash", "-c", &script]);
+        c.args([
+            "--detach",
+            "--parsable",
+            "--no-venv",
+            "--",
+            "bash",
+            "-c",
+            &script,
+        ]);
         let id = s.submit(c);
         s.wait_gone(id);
         id
@@ -467,7 +475,7 @@ fn launch_data_is_bounded_per_user() {
     let submit = |user| {
         s.cmd_as(user, "mgpu_srun")
             .env("BIG", &big)
-            .args(["-d", "--parsable", "--no-venv", "--", "sleep", "300"])
+            .args(["--detach", "--parsable", "--no-venv", "--", "sleep", "300"])
             .output()
             .unwrap()
     };

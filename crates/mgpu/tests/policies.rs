@@ -19,13 +19,13 @@ fn backfill_reserves_for_the_big_job_and_fills_around_it() {
             "0",
         ],
     );
-    let a = s.detached(&["-t", "60", "--", "sleep", "30"]);
+    let a = s.detached(&["-t", "60s", "--", "sleep", "30"]);
     s.wait_state(a, "RUNNING");
-    let big = s.detached(&["--gpus", "2", "-t", "60", "--", "true"]);
-    let long = s.detached(&["-t", "1000", "--", "sleep", "30"]);
+    let big = s.detached(&["--gpus", "2", "-t", "60s", "--", "true"]);
+    let long = s.detached(&["-t", "1000s", "--", "sleep", "30"]);
     // It would fit on the free GPU, but would still run when the big job is due.
     assert_eq!(s.job(long).unwrap()["reason"], "Reservation");
-    let short = s.detached(&["-t", "5", "--", "sleep", "30"]);
+    let short = s.detached(&["-t", "5s", "--", "sleep", "30"]);
     // The short job fits before the reservation; the long one would delay the big job.
     s.wait_state(short, "RUNNING");
     let q = s.queue_json();
@@ -70,21 +70,21 @@ fn fair_share_puts_a_light_user_before_a_heavy_one() {
     // a uses the GPU for a while and queues more; b arrives later with one job.
     let first = {
         let mut c = s.cmd_as(&a, "mgpu_srun");
-        c.args(["-d", "--parsable", "--", "sleep", "2"]);
+        c.args(["--detach", "--parsable", "--", "sleep", "2"]);
         s.submit(c)
     };
     s.wait_state(first, "RUNNING");
     let a_more: Vec<u64> = (0..3)
         .map(|_| {
             let mut c = s.cmd_as(&a, "mgpu_srun");
-            c.args(["-d", "--parsable", "--", "sleep", "2"]);
+            c.args(["--detach", "--parsable", "--", "sleep", "2"]);
             s.submit(c)
         })
         .collect();
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let b_job = {
         let mut c = s.cmd_as(&b, "mgpu_srun");
-        c.args(["-d", "--parsable", "--", "sleep", "30"]);
+        c.args(["--detach", "--parsable", "--", "sleep", "30"]);
         s.submit(c)
     };
     // b has used nothing: its job goes ahead of a's waiting ones.

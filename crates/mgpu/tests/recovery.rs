@@ -34,7 +34,7 @@ fn kill_9_loses_no_job_and_runs_none_twice() {
     assert_eq!(line, "before\n");
     let quick = s.submit({
         let mut c = s.cmd("mgpu_srun");
-        c.args(["-d", "--parsable", "--", "bash", "-c"])
+        c.args(["--detach", "--parsable", "--", "bash", "-c"])
             .arg(format!("echo run >> {dir}/q.runs; sleep 1; exit 3"));
         c
     });
@@ -42,7 +42,7 @@ fn kill_9_loses_no_job_and_runs_none_twice() {
         .map(|i| {
             s.submit({
                 let mut c = s.cmd("mgpu_srun");
-                c.args(["-d", "--parsable", "--", "bash", "-c"])
+                c.args(["--detach", "--parsable", "--", "bash", "-c"])
                     .arg(format!("echo run >> {dir}/p{i}.runs"));
                 c
             })

@@ -14,7 +14,7 @@ fn a_job_past_its_slice_is_switched_when_others_wait_and_runs_again_later() {
     let dir = s.scratch.display().to_string();
     let long = s.detached(&[
         "-t",
-        "1",
+        "1s",
         "--",
         "bash",
         "-c",
@@ -46,7 +46,7 @@ fn a_job_past_its_slice_is_switched_when_others_wait_and_runs_again_later() {
 #[test]
 fn a_job_past_its_slice_keeps_running_when_nobody_waits() {
     let s = Server::start("2x24GiB", &[]);
-    let id = s.detached(&["-t", "1", "--", "sleep", "30"]);
+    let id = s.detached(&["-t", "1s", "--", "sleep", "30"]);
     s.wait_state(id, "RUNNING");
     std::thread::sleep(Duration::from_millis(2500));
     let job = s.job(id).unwrap();
@@ -87,7 +87,7 @@ fn grace_period_lets_a_job_save_and_a_job_ignoring_sigterm_is_killed() {
     let s = Server::start("2x24GiB", &["--grace-period", "3"]);
     let saver = s.detached(&[
         "-t",
-        "1",
+        "1s",
         "--no-requeue",
         "--",
         "bash",
@@ -96,7 +96,7 @@ fn grace_period_lets_a_job_save_and_a_job_ignoring_sigterm_is_killed() {
     ]);
     let stubborn = s.detached(&[
         "-t",
-        "1",
+        "1s",
         "--no-requeue",
         "--",
         "bash",
@@ -122,7 +122,7 @@ fn escaped_processes_are_killed_too() {
     let pidfile = s.scratch.join("escaped.pid");
     let id = s.detached(&[
         "-t",
-        "1",
+        "1s",
         "--no-requeue",
         "--",
         "bash",
@@ -162,7 +162,7 @@ fn attached_srun_follows_a_job_across_a_switch_and_gets_the_final_exit_code() {
     let s = Server::start("1x24GiB", &[]);
     let mut srun = s
         .cmd("mgpu_srun")
-        .args(["-t", "1", "--", "bash", "-c", "if [ $MGPU_RESTART_COUNT = 0 ]; then echo first; sleep 30; else echo second; exit 4; fi"])
+        .args(["-t", "1s", "--", "bash", "-c", "if [ $MGPU_RESTART_COUNT = 0 ]; then echo first; sleep 30; else echo second; exit 4; fi"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -202,7 +202,7 @@ fn warning_signal_arrives_before_the_limit() {
     let s = Server::start("1x24GiB", &["--grace-period", "1"]);
     let id = s.detached(&[
         "-t",
-        "3",
+        "3s",
         "--no-requeue",
         "--signal",
         "USR1@2",
@@ -242,7 +242,7 @@ fn a_zero_time_limit_is_no_limit() {
 #[test]
 fn a_job_runs_the_minimum_slice_before_it_is_switched() {
     let s = Server::start("1x24GiB", &["--min-slice", "5"]);
-    let long = s.detached(&["-t", "1", "--", "sleep", "30"]);
+    let long = s.detached(&["-t", "1s", "--", "sleep", "30"]);
     s.wait_state(long, "RUNNING");
     let waiting = s.detached(&["--", "sleep", "30"]);
     std::thread::sleep(Duration::from_millis(2500));
@@ -268,7 +268,7 @@ fn a_requeued_run_continues_its_jobs_log_budget() {
     let chatty = format!(
         "echo run-$MGPU_RESTART_COUNT >> {dir}/chatty; head -c 700000 /dev/zero | tr '\\0' x; sleep 30"
     );
-    let long = s.detached(&["-t", "1", "--", "bash", "-c", &chatty]);
+    let long = s.detached(&["-t", "1s", "--", "bash", "-c", &chatty]);
     s.wait_state(long, "RUNNING");
     let waiting = s.detached(&["--", "bash", "-c", "sleep 1"]);
     wait_until(Duration::from_secs(30), || {
@@ -294,7 +294,7 @@ fn restarts_are_shown_counted_and_capped_by_the_server_default() {
         .cmd("mgpu_srun")
         .args([
             "-t",
-            "1",
+            "1s",
             "--",
             "bash",
             "-c",

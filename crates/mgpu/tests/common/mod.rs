@@ -365,14 +365,14 @@ impl Server {
     /// Submits `mgpu_srun --detach --parsable ARGS` as root; returns the job id.
     pub fn detached(&self, args: &[&str]) -> u64 {
         let mut c = self.cmd("mgpu_srun");
-        c.args(["-d", "--parsable"]).args(args);
+        c.args(["--detach", "--parsable"]).args(args);
         self.submit(c)
     }
 
     /// The same as `user`.
     pub fn detached_as(&self, user: &TestUser, args: &[&str]) -> u64 {
         let mut c = self.cmd_as(user, "mgpu_srun");
-        c.args(["-d", "--parsable"]).args(args);
+        c.args(["--detach", "--parsable"]).args(args);
         self.submit(c)
     }
 

@@ -832,6 +832,30 @@ mod tests {
         }
     }
 
+    /// Job 1's first run on GPU 0 as `uid`, running `spec`, without a user switch.
+    fn launch_for(uid: u32, spec: LaunchSpec) -> Launch {
+        Launch {
+            job: 1,
+            name: "n".into(),
+            uid,
+            account: None,
+            gpus: vec![0],
+            restarts: 0,
+            started_at: 0,
+            spec,
+            switch_user: false,
+            log_path: "/dev/null".into(),
+            max_log_bytes: None,
+            log_note: String::new(),
+            launch_id: 1,
+            array: None,
+            pids_max: None,
+            rlimits: Vec::new(),
+            mem_mib: None,
+            gpu_total_mib: None,
+        }
+    }
+
     /// Both ways of starting the job's process (the shared-memory start and the fork it falls
     /// back to) run the command with its output on the pipes, in its own session, and report
     /// a command that cannot be executed.
@@ -839,32 +863,18 @@ mod tests {
     fn both_ways_of_starting_a_job_work() {
         let me = crate::users::account(nix::unistd::getuid().as_raw()).unwrap();
         for shared in [true, false] {
-            let launch = |command: &[&str]| Launch {
-                job: 1,
-                name: "n".into(),
-                uid: me.uid,
-                account: None,
-                gpus: vec![0],
-                restarts: 0,
-                started_at: 0,
-                spec: LaunchSpec {
-                    command: command.iter().map(|s| s.to_string()).collect(),
-                    cwd: "/".into(),
-                    env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-                    venv: Venv::Off,
-                    umask: None,
-                    ..Default::default()
-                },
-                switch_user: false,
-                log_path: "/dev/null".into(),
-                max_log_bytes: None,
-                log_note: String::new(),
-                launch_id: 1,
-                array: None,
-                pids_max: None,
-                rlimits: Vec::new(),
-                mem_mib: None,
-                gpu_total_mib: None,
+            let launch = |command: &[&str]| {
+                launch_for(
+                    me.uid,
+                    LaunchSpec {
+                        command: command.iter().map(|s| s.to_string()).collect(),
+                        cwd: "/".into(),
+                        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                        venv: Venv::Off,
+                        umask: None,
+                        ..Default::default()
+                    },
+                )
             };
             let started = start_with(
                 &launch(&["sh", "-c", "echo out $MGPU_JOB_ID; echo err >&2; exit 3"]),
@@ -935,23 +945,9 @@ mod tests {
         };
         let launch = Launch {
             job: 7,
-            name: "n".into(),
-            uid: acct.uid,
-            account: None,
             gpus: vec![1, 3],
-            restarts: 0,
-            started_at: 0,
-            spec,
             switch_user: true,
-            log_path: "/dev/null".into(),
-            max_log_bytes: None,
-            log_note: String::new(),
-            launch_id: 1,
-            array: None,
-            pids_max: None,
-            rlimits: Vec::new(),
-            mem_mib: None,
-            gpu_total_mib: None,
+            ..launch_for(acct.uid, spec)
         };
         let env = environment(&launch, &acct);
         let get = |k: &str| {
@@ -974,35 +970,22 @@ mod tests {
     fn environment_keeps_frameworks_inside_the_reservation() {
         let acct = account();
         let env_of = |mem_mib, total, user_env: &[(&str, &str)]| {
+            let spec = LaunchSpec {
+                command: vec!["x".into()],
+                cwd: "/".into(),
+                env: user_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                venv: Venv::Off,
+                umask: None,
+                ..Default::default()
+            };
             let launch = Launch {
                 job: 7,
-                name: "n".into(),
-                uid: acct.uid,
-                account: None,
-                gpus: vec![0],
-                restarts: 0,
-                started_at: 0,
-                spec: LaunchSpec {
-                    command: vec!["x".into()],
-                    cwd: "/".into(),
-                    env: user_env
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                    venv: Venv::Off,
-                    umask: None,
-                    ..Default::default()
-                },
-                switch_user: false,
-                log_path: "/dev/null".into(),
-                max_log_bytes: None,
-                log_note: String::new(),
-                launch_id: 1,
-                array: None,
-                pids_max: None,
-                rlimits: Vec::new(),
                 mem_mib,
                 gpu_total_mib: total,
+                ..launch_for(acct.uid, spec)
             };
             let env = environment(&launch, &acct);
             move |k: &str| {
@@ -1075,26 +1058,7 @@ mod tests {
             umask: None,
             ..Default::default()
         };
-        let launch = Launch {
-            job: 1,
-            name: "n".into(),
-            uid: acct.uid,
-            account: None,
-            gpus: vec![0],
-            restarts: 0,
-            started_at: 0,
-            spec,
-            switch_user: false,
-            log_path: "/dev/null".into(),
-            max_log_bytes: None,
-            log_note: String::new(),
-            launch_id: 1,
-            array: None,
-            pids_max: None,
-            rlimits: Vec::new(),
-            mem_mib: None,
-            gpu_total_mib: None,
-        };
+        let launch = launch_for(acct.uid, spec);
         let a = argv(&launch, &acct);
         assert_eq!(a[2], std::ffi::OsString::from(VENV_SCRIPT));
         assert_eq!(a[4], std::ffi::OsString::from("/opt/v/bin/activate"));

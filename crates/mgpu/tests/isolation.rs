@@ -60,43 +60,12 @@ fn flood_queue(s: &Server, user: &TestUser, n: usize) -> Vec<u64> {
 
 /// A job printing numbered lines for about `secs` seconds; its log ends with `done N`.
 fn chatty(secs: u32) -> String {
-    chatty_padded(secs, 0)
+    numbered_lines_job(secs, 0, "0.002")
 }
 
 /// The same with `pad` zeros after each line's number (more output per line).
 fn chatty_padded(secs: u32, pad: usize) -> String {
-    let pad = if pad == 0 {
-        String::new()
-    } else {
-        format!(" {}", "0".repeat(pad))
-    };
-    format!(
-        "i=0; end=$((SECONDS+{secs})); while [ $SECONDS -lt $end ]; do i=$((i+1)); echo \"line $i{pad}\"; sleep 0.002; done; echo \"done $i\""
-    )
-}
-
-/// Every line `line 1` to `line N` once, in order, then `done N`.
-fn assert_whole_output(log: &str) {
-    assert_whole_padded_output(log, 0);
-}
-
-fn assert_whole_padded_output(log: &str, pad: usize) {
-    let pad = if pad == 0 {
-        String::new()
-    } else {
-        format!(" {}", "0".repeat(pad))
-    };
-    let lines: Vec<&str> = log.lines().collect();
-    let last = lines.last().copied().unwrap_or_default();
-    let n: usize = last
-        .strip_prefix("done ")
-        .unwrap_or_else(|| panic!("the log does not end with done N: {last:?}"))
-        .parse()
-        .unwrap();
-    assert_eq!(lines.len(), n + 1, "lines missing or repeated");
-    for (i, l) in lines[..n].iter().enumerate() {
-        assert_eq!(*l, format!("line {}{pad}", i + 1));
-    }
+    numbered_lines_job(secs, pad, "0.002")
 }
 
 /// Item 2: twenty `queue` requests whose answers are never read, with ~50k queued jobs, used to
@@ -130,7 +99,7 @@ fn never_reading_queue_clients_stall_no_one_and_kill_no_job() {
     eprintln!("server peak RSS: {} MiB", rss >> 10);
     drop(attack);
     assert_eq!(rec["state"], "COMPLETED", "{rec}\n{}", s.server_log());
-    assert_whole_output(&s.log(job));
+    assert_numbered_lines(&s.log(job), 0);
     // Measured: about 60 MiB (debug build); the old server took over 1 GiB.
     assert!(rss < 400 << 10, "server peak RSS {} MiB", rss >> 10);
     assert!(state_of(&s, job).is_none());
@@ -177,7 +146,7 @@ fn a_server_stopped_for_a_minute_loses_no_job() {
         "the link never broke: the test did not test it"
     );
     let log = s.log(job);
-    assert_whole_padded_output(&log, 200);
+    assert_numbered_lines(&log, 200);
     let out = follower.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(

@@ -35,23 +35,7 @@ fn acct(s: &Server, id: u64) -> Value {
 
 /// A job printing numbered lines for about `secs` seconds; its log ends with `done N`.
 fn chatty(secs: u32) -> String {
-    format!(
-        "i=0; end=$((SECONDS+{secs})); while [ $SECONDS -lt $end ]; do i=$((i+1)); echo \"line $i\"; sleep 0.005; done; echo \"done $i\""
-    )
-}
-
-fn assert_whole_output(log: &str) {
-    let lines: Vec<&str> = log.lines().collect();
-    let last = lines.last().copied().unwrap_or_default();
-    let n: usize = last
-        .strip_prefix("done ")
-        .unwrap_or_else(|| panic!("the log does not end with done N: {last:?}"))
-        .parse()
-        .unwrap();
-    assert_eq!(lines.len(), n + 1, "lines missing or repeated");
-    for (i, l) in lines[..n].iter().enumerate() {
-        assert_eq!(*l, format!("line {}", i + 1));
-    }
+    numbered_lines_job(secs, 0, "0.005")
 }
 
 /// Her `mgpu_queue` answers (her own jobs; the whole queue is 100k rows).
@@ -132,7 +116,7 @@ fn one_user_floods_while_another_works() {
     for &id in &hers {
         let rec = acct(&s, id);
         assert_eq!(rec["state"], "COMPLETED", "{rec}");
-        assert_whole_output(&s.log(id));
+        assert_numbered_lines(&s.log(id), 0);
     }
     // The fork bomb ran all along, within its bound, and ends with its cancel.
     let bomb_now = acct(&s, bomb);

@@ -483,3 +483,37 @@ pub fn write_file(path: &Path, content: &str, mode: u32) {
     std::fs::write(path, content).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
+
+/// A job script printing numbered lines (`line 1`, `line 2`, ..., each followed by `pad` zeros
+/// when `pad` > 0) every `pause` seconds for about `secs` seconds; its output ends with `done N`.
+pub fn numbered_lines_job(secs: u32, pad: usize, pause: &str) -> String {
+    let pad = padding(pad);
+    format!(
+        "i=0; end=$((SECONDS+{secs})); while [ $SECONDS -lt $end ]; do i=$((i+1)); echo \"line $i{pad}\"; sleep {pause}; done; echo \"done $i\""
+    )
+}
+
+/// Asserts that `log` holds the whole output of [`numbered_lines_job`]: every line once, in
+/// order, then `done N`.
+pub fn assert_numbered_lines(log: &str, pad: usize) {
+    let pad = padding(pad);
+    let lines: Vec<&str> = log.lines().collect();
+    let last = lines.last().copied().unwrap_or_default();
+    let n: usize = last
+        .strip_prefix("done ")
+        .unwrap_or_else(|| panic!("the log does not end with done N: {last:?}"))
+        .parse()
+        .unwrap();
+    assert_eq!(lines.len(), n + 1, "lines missing or repeated");
+    for (i, l) in lines[..n].iter().enumerate() {
+        assert_eq!(*l, format!("line {}{pad}", i + 1));
+    }
+}
+
+fn padding(pad: usize) -> String {
+    if pad == 0 {
+        String::new()
+    } else {
+        format!(" {}", "0".repeat(pad))
+    }
+}

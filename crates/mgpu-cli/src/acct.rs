@@ -8,7 +8,7 @@ use clap::Parser;
 use comfy_table::{presets, Table};
 use mgpu_core::timefmt::{format_duration, parse_duration};
 use mgpu_core::{JobState, Millis};
-use mgpu_proto::{AcctRecord, AcctRequest, Request, Response};
+use mgpu_proto::{AcctRecord, AcctRequest, Request, Response, UsageReport, UsageRequest};
 use serde_json::json;
 
 use crate::client::Client;
@@ -22,6 +22,7 @@ use crate::queue::rfc3339;
 ///   mgpu_acct --since 1d --state FAILED
 ///   mgpu_acct -j 42 --json
 ///   mgpu_acct --user alice         # root only (or alice)
+///   mgpu_acct --summary --since 7d # GPU-hours per user and fair-share standing
 #[derive(Debug, Parser)]
 #[command(name = "mgpu_acct", version, verbatim_doc_comment)]
 pub struct Args {
@@ -44,6 +45,15 @@ pub struct Args {
     /// Only jobs in this state: COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY
     #[arg(long, value_name = "STATE", value_parser = parse_state)]
     pub state: Option<JobState>,
+    /// A usage summary per user instead of jobs (like sreport): jobs that ended in the period
+    /// and their GPU-hours (every run counted), jobs waiting and running now, and each user's
+    /// fair-share standing (decayed usage, weight, and the priority it costs). You see your
+    /// own row; root sees every user's
+    #[arg(long, conflicts_with_all = ["job", "state", "me"])]
+    pub summary: bool,
+    /// With --summary: only jobs that ended before this time (same forms as --since)
+    #[arg(long, value_name = "TIME", value_parser = parse_since, requires = "summary")]
+    pub until: Option<Millis>,
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -88,6 +98,9 @@ fn parse_state(text: &str) -> Result<JobState, String> {
 
 async fn run(args: Args) -> Result<i32> {
     let mut client = Client::connect(args.socket.as_deref(), "mgpu_acct").await?;
+    if args.summary {
+        return summary(&mut client, args).await;
+    }
     client
         .send(&Request::Acct(AcctRequest {
             user: args.user,
@@ -197,4 +210,109 @@ pub fn render(records: &[AcctRecord]) -> String {
         ]);
     }
     format!("{t}\n")
+}
+
+/// `--summary`: the usage report.
+async fn summary(client: &mut Client, args: Args) -> Result<i32> {
+    client
+        .send(&Request::Usage(UsageRequest {
+            since: args.since,
+            until: args.until,
+            user: args.user,
+        }))
+        .await?;
+    let report = match client.recv_control().await? {
+        Response::Usage(r) => r,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the server: {other:?}"),
+    };
+    if args.json {
+        let mut text = serde_json::to_string_pretty(&summary_json(&report))?;
+        text.push('\n');
+        crate::print_out(&text)?;
+    } else {
+        crate::print_out(&render_summary(&report))?;
+    }
+    Ok(0)
+}
+
+pub fn summary_json(r: &UsageReport) -> serde_json::Value {
+    let users: Vec<_> = r
+        .users
+        .iter()
+        .map(|u| {
+            json!({
+                "user": u.user,
+                "uid": u.uid,
+                "jobs": u.jobs,
+                "completed": u.completed,
+                "gpu_hours": u.gpu_hours,
+                "pending": u.pending,
+                "running": u.running,
+                "fairshare": {
+                    "usage_gpu_hours": u.fairshare_gpu_hours,
+                    "weight": u.weight,
+                    "priority_s": u.fairshare_priority_s,
+                },
+            })
+        })
+        .collect();
+    json!({
+        "since": r.since.map(rfc3339),
+        "until": r.until.map(rfc3339),
+        "now": rfc3339(r.now),
+        "policy": r.policy,
+        "fairshare_half_life_s": r.half_life_s,
+        "gpus": r.gpus,
+        "total_gpu_hours": r.users.iter().map(|u| u.gpu_hours).sum::<f64>(),
+        "users": users,
+    })
+}
+
+pub fn render_summary(r: &UsageReport) -> String {
+    let total: f64 = r.users.iter().map(|u| u.gpu_hours).sum();
+    let mut out = format!(
+        "GPU usage of jobs that ended {} - {}; fair share ({} policy, half-life {}) as of now\n",
+        r.since
+            .map(|t| short_time(Some(t)))
+            .unwrap_or_else(|| "(oldest record)".into()),
+        short_time(Some(r.until.unwrap_or(r.now))),
+        r.policy,
+        format_duration(r.half_life_s),
+    );
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING);
+    t.set_header([
+        "USER",
+        "JOBS",
+        "COMPLETED",
+        "GPU-HOURS",
+        "SHARE",
+        "PENDING",
+        "RUNNING",
+        "FS-GPU-HOURS",
+        "WEIGHT",
+        "FS-PRIORITY",
+    ]);
+    for u in &r.users {
+        let share = if total > 0.0 {
+            format!("{:.1}%", 100.0 * u.gpu_hours / total)
+        } else {
+            "-".into()
+        };
+        t.add_row([
+            u.user.clone(),
+            u.jobs.to_string(),
+            u.completed.to_string(),
+            format!("{:.3}", u.gpu_hours),
+            share,
+            u.pending.to_string(),
+            u.running.to_string(),
+            format!("{:.3}", u.fairshare_gpu_hours),
+            format!("{}", u.weight),
+            format!("{:.0}s", u.fairshare_priority_s),
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    out
 }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use pass::Reservation;
 pub use placement::GpuState;
 use policy::UserUsage;
-pub use policy::{FairShareConfig, Policy};
+pub use policy::{FairShareConfig, Policy, UserStanding};
 pub use timelimit::{Stopping, TimeAction, WarnSignal};
 
 /// A job's unique id. Ids increase and are never reused.
@@ -1050,6 +1050,43 @@ impl Scheduler {
             ),
             _ => format!("{code}: {needs}"),
         })
+    }
+}
+
+/// Per-user views for reports and metrics (O(users), never O(jobs)).
+impl Scheduler {
+    /// A user's fair-share standing at `now`: what [`Policy::Fair`] orders their jobs by.
+    pub fn standing(&self, uid: u32, now: Millis) -> UserStanding {
+        UserStanding {
+            uid,
+            usage_gpu_s: self.user_usage_gpu_s(uid, now),
+            weight: self.config.fair.weight(uid),
+            priority_s: self.user_priority_term(uid, now),
+        }
+    }
+
+    /// The standing of every user with recent usage or a job in the queue, by uid.
+    pub fn standings(&self, now: Millis) -> Vec<UserStanding> {
+        let mut uids: BTreeSet<u32> = self.usage.keys().copied().collect();
+        uids.extend(self.user_queues.keys().copied());
+        uids.extend(self.throttles.values().map(|t| t.uid));
+        uids.into_iter().map(|u| self.standing(u, now)).collect()
+    }
+
+    /// Pending jobs per user (held array tasks too), by uid.
+    pub fn pending_by_user(&self) -> BTreeMap<u32, usize> {
+        let mut out: BTreeMap<u32, usize> = self
+            .user_queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(uid, q)| (*uid, q.len()))
+            .collect();
+        for t in self.throttles.values() {
+            if !t.held.is_empty() {
+                *out.entry(t.uid).or_default() += t.held.len();
+            }
+        }
+        out
     }
 }
 

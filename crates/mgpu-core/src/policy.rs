@@ -111,6 +111,19 @@ impl FairShareConfig {
     }
 }
 
+/// A user's fair-share standing (see [`crate::Scheduler::standing`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserStanding {
+    pub uid: u32,
+    /// Recent GPU usage in GPU-seconds, decayed with the half-life (running jobs included).
+    pub usage_gpu_s: f64,
+    /// The user's weight (share): usage counts divided by it.
+    pub weight: f64,
+    /// The usage's part of the user's jobs' priority, in seconds (0 or less): minus
+    /// `usage_factor` times the decayed usage in whole-machine seconds, over the weight.
+    pub priority_s: f64,
+}
+
 /// One user's GPU usage: decayed GPU-seconds as of `as_of`, plus what is running now.
 ///
 /// Between two events the running share is constant, so the decayed integral has a closed

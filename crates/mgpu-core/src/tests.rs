@@ -1715,3 +1715,37 @@ fn over_reservation_on_a_shared_gpu_is_stopped_after_the_tolerance() {
     s.set_job_usage(0, &[(b, 4_000)]);
     assert_eq!(s.memory_actions(12_000, 0), vec![]);
 }
+
+#[test]
+fn standings_are_what_fair_priority_uses() {
+    let mut cfg = easy();
+    cfg.policy = Policy::Fair;
+    cfg.fair.user_weights.insert(2, 2.0);
+    let mut s = Scheduler::new(gpus(&[1000, 1000]), cfg, 1);
+    let a = s.submit(req(1, 1, None), 0).unwrap();
+    let b = s.submit(req(2, 1, None), 0).unwrap();
+    assert_eq!(started_ids(&s.schedule(0)), vec![a, b]);
+    let w1 = s.submit(req(1, 1, None), 1_000).unwrap();
+    s.submit(req(1, 1, None), 1_000).unwrap();
+    s.submit(req(3, 1, None), 1_000).unwrap();
+    assert!(s.schedule(3_600_000).is_empty());
+    assert_eq!(
+        s.pending_by_user().into_iter().collect::<Vec<_>>(),
+        vec![(1, 2), (3, 1)]
+    );
+    let now = 3_600_000;
+    let all = s.standings(now);
+    assert_eq!(all.iter().map(|u| u.uid).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let (u1, u2, u3) = (&all[0], &all[1], &all[2]);
+    // Both used one GPU for an hour; user 2's weight halves the charge.
+    assert!((u1.usage_gpu_s - u2.usage_gpu_s).abs() < 1e-6);
+    assert!((u1.usage_gpu_s - 3600.0).abs() < 60.0, "{}", u1.usage_gpu_s);
+    assert!((u2.priority_s - u1.priority_s / 2.0).abs() < 1e-6);
+    assert_eq!((u2.weight, u3.usage_gpu_s, u3.priority_s), (2.0, 0.0, 0.0));
+    // The standing is the usage term of the job's priority: the rest is its waiting time.
+    let p = s.priority(w1).unwrap();
+    assert!(
+        (p - (u1.priority_s + 3_599.0)).abs() < 1e-3,
+        "{p} vs {u1:?}"
+    );
+}

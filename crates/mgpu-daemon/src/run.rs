@@ -151,6 +151,12 @@ pub struct Args {
     /// resource limits a login of their user gets
     #[arg(long, value_name = "DIR", default_value = "/etc/security")]
     pub limits_conf_dir: PathBuf,
+    /// Serve Prometheus metrics on GET /metrics at this address: a port (9464: on 127.0.0.1)
+    /// or an address and port (127.0.0.1:9464, [::1]:9464; a non-loopback address shows user
+    /// names and job counts to whoever can reach it, and is logged as a warning). Names in
+    /// docs/metrics.md [default: not served]
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -527,6 +533,7 @@ async fn run(args: Args) -> Result<()> {
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
     let listener = server::bind(&socket)?;
+    crate::metrics::start(&daemon, args.metrics).await?;
     tracing::info!(
         socket = %socket.display(),
         gpus = %backend.describe(),

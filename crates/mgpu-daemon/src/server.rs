@@ -126,6 +126,7 @@ pub async fn serve(
         let per_user = per_user.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _open = daemon.metrics.connection();
             let _slot = match UserSlot::take(&per_user, &stream) {
                 Ok(slot) => slot,
                 Err(uid) => {
@@ -291,6 +292,7 @@ async fn handle_connection(
         Request::Log(req) => handlers::log::handle(daemon, caller, req, &mut conn).await,
         Request::Attach(req) => handlers::attach::handle(daemon, caller, req, &mut conn).await,
         Request::Acct(req) => handlers::acct::handle(daemon, caller, req, &mut conn).await,
+        Request::Usage(req) => handlers::usage::handle(daemon, caller, req, &mut conn).await,
         Request::Hello { .. } | Request::CancelAttached => {
             send_error(&mut conn, "protocol error: unexpected message").await
         }

@@ -135,6 +135,11 @@ pub struct Inner {
 }
 
 impl Inner {
+    /// Jobs whose runs have a supervisor (or are starting one).
+    pub fn running_jobs(&self) -> impl Iterator<Item = JobId> + '_ {
+        self.running.keys().copied()
+    }
+
     /// Why a running job is being stopped by the daemon, if it is.
     pub fn stop_reason(&self, id: JobId) -> Option<StopReason> {
         self.running.get(&id)?.stopping
@@ -196,6 +201,8 @@ pub struct Daemon {
     pub logs: Mutex<crate::logquota::LogBook>,
     /// What each user's unfinished jobs' launch records take in the store.
     pub launches: Mutex<crate::logquota::LaunchBook>,
+    /// Figures for the metrics endpoint (kept whether or not it is served).
+    pub metrics: crate::metrics::Metrics,
 }
 
 pub fn now_ms() -> Millis {
@@ -228,7 +235,6 @@ impl Daemon {
                 next_job_id: 1,
                 admitting: HashMap::new(),
             }),
-            store,
             logs: Mutex::new(crate::logquota::LogBook::new(crate::logquota::Quotas {
                 per_job: settings.max_log_bytes,
                 per_user: settings.log_quota_per_user,
@@ -237,6 +243,8 @@ impl Daemon {
             launches: Mutex::new(crate::logquota::LaunchBook::new(
                 settings.max_launch_data_per_user,
             )),
+            metrics: crate::metrics::Metrics::new(&store.stats),
+            store,
             settings,
             launcher: Launcher::default(),
         })
@@ -272,13 +280,14 @@ impl Daemon {
         if inner.shutting_down {
             return;
         }
+        let event = std::time::Instant::now();
         loop {
             let starts = inner.sched.schedule(now_ms());
             if starts.is_empty() {
                 break;
             }
             for a in starts {
-                self.launch(inner, a);
+                self.launch(inner, a, event);
             }
         }
         self.enforce_time_limits(inner);
@@ -333,9 +342,10 @@ impl Daemon {
         }
     }
 
-    fn launch(self: &Arc<Self>, inner: &mut Inner, a: Assignment) {
+    fn launch(self: &Arc<Self>, inner: &mut Inner, a: Assignment, event: std::time::Instant) {
         let id = a.job;
         let job = inner.sched.job(id).expect("assigned job exists").clone();
+        self.metrics.run_decided(job.submitted_at, event);
         let uid = if self.settings.multi_user {
             job.request.uid
         } else {
@@ -371,7 +381,7 @@ impl Daemon {
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
         let cmd_rx = register_run(inner, id);
-        tokio::spawn(start_run(self.clone(), launch, cmd_rx));
+        tokio::spawn(start_run(self.clone(), launch, cmd_rx, event));
     }
 
     /// Re-adopts run `run` of a job whose supervisor outlived the previous daemon.
@@ -428,6 +438,7 @@ impl Daemon {
     /// Persists a job's end and tells its subscribers.
     pub fn record_end(&self, inner: &mut Inner, outcome: JobOutcome) {
         let id = outcome.job;
+        self.metrics.job_ended(outcome.state);
         inner.commands.remove(&id);
         inner.running.remove(&id);
         self.logs
@@ -453,6 +464,15 @@ impl Daemon {
         }
     }
 
+    /// Counts a running job's run that ends now in the metrics (its GPU time).
+    fn count_run(&self, inner: &Inner, id: JobId, switched: bool) {
+        if let Some(job) = inner.sched.job(id).filter(|j| j.state == JobState::Running) {
+            let ms = crate::metrics::run_ms(job.started_at, now_ms());
+            self.metrics
+                .run_ended(&job.request.user, job.gpus.len(), ms, switched);
+        }
+    }
+
     /// The job's processes are gone: record how it ended and schedule what can now start.
     fn job_exited(self: &Arc<Self>, id: JobId, run: u32, rec: ExitRecord) {
         let mut inner = self.lock();
@@ -472,7 +492,9 @@ impl Daemon {
         {
             rec.stopped = Some(StopReason::Cancel);
         }
-        if rec.stopped == Some(StopReason::Requeue) && rec.start_error.is_none() {
+        let switched = rec.stopped == Some(StopReason::Requeue) && rec.start_error.is_none();
+        self.count_run(&inner, id, switched);
+        if switched {
             inner.sched.requeue(id, now_ms());
             let position = inner.sched.queue_position(id).unwrap_or(0);
             tracing::info!(job = id, position, "job context-switched and requeued");
@@ -517,6 +539,7 @@ impl Daemon {
         drop(inner);
         supervisor::kill_run_cgroup(&run_dir);
         let mut inner = self.lock();
+        self.count_run(&inner, id, false);
         if inner.sched.finish(id, JobState::Failed).is_none() {
             return;
         }
@@ -825,6 +848,7 @@ async fn start_run(
     daemon: Arc<Daemon>,
     launch: Launch,
     cmds: mpsc::UnboundedReceiver<SupervisorCmd>,
+    event: std::time::Instant,
 ) {
     let id = launch.job;
     let run = launch.restarts;
@@ -852,6 +876,7 @@ async fn start_run(
     .and_then(|r| r);
     match spawned {
         Ok((pid, link, log_offset)) => {
+            daemon.metrics.run_launched(event);
             if let Some(tx) = daemon.lock().watchers.get(&id) {
                 let _ = tx.send(JobEvent::Started {
                     gpus: gpus.clone(),

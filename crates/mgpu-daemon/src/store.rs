@@ -284,6 +284,19 @@ pub struct Store {
     /// Test hook: when set, the writer stops without applying what is still queued (a crash).
     dead: Arc<AtomicBool>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Commit latency and failures of the writer (for metrics).
+    pub stats: Arc<crate::metrics::StoreStats>,
+}
+
+/// One user's finished jobs over a period (see [`Store::usage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageTotals {
+    pub uid: u32,
+    pub user: String,
+    pub jobs: u64,
+    pub completed: u64,
+    /// GPUs held times milliseconds run, all runs counted.
+    pub gpu_ms: u64,
 }
 
 fn open_conn(path: &Path) -> Result<Connection> {
@@ -365,9 +378,11 @@ impl Store {
         let (tx, rx) = mpsc::channel();
         let dead = Arc::new(AtomicBool::new(false));
         let dead_w = dead.clone();
+        let stats: Arc<crate::metrics::StoreStats> = Arc::default();
+        let stats_w = stats.clone();
         let handle = std::thread::Builder::new()
             .name("mgpu-store".into())
-            .spawn(move || writer(conn, rx, dead_w, committed))
+            .spawn(move || writer(conn, rx, dead_w, committed, stats_w))
             .context("starting the store thread")?;
         Ok((
             Store {
@@ -376,6 +391,7 @@ impl Store {
                 path,
                 dead,
                 writer: Mutex::new(Some(handle)),
+                stats,
             },
             recovered,
         ))
@@ -494,6 +510,40 @@ impl Store {
                     array: array_of(r.get(14)?),
                     peak_gpu_mem_mib: r.get::<_, Option<i64>>(15)?.map(|m| m as u64),
                     earlier_runs_s: r.get::<_, i64>(16)?.max(0) as u64 / 1000,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Per user, the jobs that ended in `[since, until)` (of `uid` only, if given): how many,
+    /// and their GPU time over all their runs (a GROUP BY: one row per user).
+    pub fn usage(
+        &self,
+        since: Option<Millis>,
+        until: Option<Millis>,
+        uid: Option<u32>,
+    ) -> Result<Vec<UsageTotals>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT uid, MAX(user), COUNT(*), SUM(state = 'COMPLETED'),
+                    SUM(gpus * (COALESCE(MAX(ended_at - started_at, 0), 0)
+                                + MAX(earlier_runs_ms, 0)))
+             FROM jobs
+             WHERE state NOT IN ('PENDING', 'RUNNING')
+               AND (?1 IS NULL OR ended_at >= ?1) AND (?2 IS NULL OR ended_at < ?2)
+               AND (?3 IS NULL OR uid = ?3)
+             GROUP BY uid ORDER BY uid",
+        )?;
+        let rows = stmt.query_map(
+            params![since.map(|t| t as i64), until.map(|t| t as i64), uid],
+            |r| {
+                Ok(UsageTotals {
+                    uid: r.get(0)?,
+                    user: r.get(1)?,
+                    jobs: r.get::<_, i64>(2)?.max(0) as u64,
+                    completed: r.get::<_, i64>(3)?.max(0) as u64,
+                    gpu_ms: r.get::<_, Option<i64>>(4)?.unwrap_or(0).max(0) as u64,
                 })
             },
         )?;
@@ -768,6 +818,7 @@ fn writer(
     rx: mpsc::Receiver<Op>,
     dead: Arc<AtomicBool>,
     committed: mpsc::SyncSender<()>,
+    stats: Arc<crate::metrics::StoreStats>,
 ) {
     while let Ok(first) = rx.recv() {
         if dead.load(Ordering::SeqCst) {
@@ -781,7 +832,9 @@ fn writer(
             }
         }
         let mut purged = Vec::new();
+        let began = std::time::Instant::now();
         let mut result = apply(&mut conn, &batch, &mut purged).map_err(|e| format!("{e:#}"));
+        stats.commit(began.elapsed(), result.is_ok());
         if let Err(e) = &result {
             tracing::error!(error = %e, "writing the job database failed");
             // New submissions are refused (their clients hear it); state changes of known jobs
@@ -803,7 +856,10 @@ fn writer(
             batch = kept;
             let mut delay = std::time::Duration::from_millis(100);
             loop {
-                match apply(&mut conn, &batch, &mut purged) {
+                let began = std::time::Instant::now();
+                let applied = apply(&mut conn, &batch, &mut purged);
+                stats.commit(began.elapsed(), applied.is_ok());
+                match applied {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::error!(error = %format!("{e:#}"), "retrying the job database write");
@@ -1359,6 +1415,90 @@ mod tests {
         );
         let recs = store.finished_jobs(&AcctFilter::default(), 0, 10).unwrap();
         assert_eq!(recs[0].peak_gpu_mem_mib, Some(5_000));
+    }
+
+    #[tokio::test]
+    async fn usage_counts_every_run_of_the_jobs_that_ended_in_the_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let end = |state| Ending {
+            state,
+            at: 0,
+            exit_code: None,
+            signal: None,
+            message: None,
+        };
+        // Job 1 (alice, 2 GPUs): a run of 10 s ended by a context switch, then one of 5 s.
+        let mut two = job(1);
+        two.request.gpus = 2;
+        store.insert(two).await.unwrap().unwrap();
+        store.started(1, 1_000, vec![0, 1], 1);
+        store.requeued(1, 11_000, 1);
+        store.started(1, 20_000, vec![0, 1], 2);
+        store.ended(
+            1,
+            Ending {
+                at: 25_000,
+                ..end(JobState::Completed)
+            },
+        );
+        // Job 2 (alice): cancelled before it ran.
+        store.insert(job(2)).await.unwrap().unwrap();
+        store.ended(
+            2,
+            Ending {
+                at: 30_000,
+                ..end(JobState::Cancelled)
+            },
+        );
+        // Job 3 (bob, 1 GPU): 4 s, ending later.
+        let mut bob = job(3);
+        bob.request.uid = 1001;
+        bob.request.user = "bob".into();
+        store.insert(bob).await.unwrap().unwrap();
+        store.started(3, 50_000, vec![0], 3);
+        store.ended(
+            3,
+            Ending {
+                at: 54_000,
+                ..end(JobState::Failed)
+            },
+        );
+        // Job 4 (bob): still running, not counted.
+        let mut running = job(4);
+        running.request.uid = 1001;
+        store.insert(running).await.unwrap().unwrap();
+        store.started(4, 50_000, vec![1], 4);
+        store.flush().await;
+
+        let all = store.usage(None, None, None).unwrap();
+        assert_eq!(
+            all,
+            vec![
+                UsageTotals {
+                    uid: 1000,
+                    user: "alice".into(),
+                    jobs: 2,
+                    completed: 1,
+                    gpu_ms: 2 * (10_000 + 5_000),
+                },
+                UsageTotals {
+                    uid: 1001,
+                    user: "bob".into(),
+                    jobs: 1,
+                    completed: 0,
+                    gpu_ms: 4_000,
+                },
+            ]
+        );
+        // The period is by end time: [since, until).
+        let early = store.usage(None, Some(54_000), None).unwrap();
+        assert_eq!(early.iter().map(|u| u.uid).collect::<Vec<_>>(), vec![1000]);
+        let late = store.usage(Some(30_001), None, None).unwrap();
+        assert_eq!(late.iter().map(|u| u.uid).collect::<Vec<_>>(), vec![1001]);
+        let bob = store.usage(None, None, Some(1001)).unwrap();
+        assert_eq!((bob.len(), bob[0].jobs), (1, 1));
+        assert!(store.usage(Some(100_000), None, None).unwrap().is_empty());
     }
 
     /// A database from before environments had their own table: its launch records give up

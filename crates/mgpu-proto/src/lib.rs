@@ -131,6 +131,19 @@ pub enum Request {
     Attach(AttachRequest),
     /// Accounting: finished jobs.
     Acct(AcctRequest),
+    /// A usage summary per user over a period, with each user's fair-share standing.
+    Usage(UsageRequest),
+}
+
+/// What `mgpu_acct --summary` asks for. Owners see their own row; root sees all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRequest {
+    /// Jobs that ended at or after this time.
+    pub since: Option<Millis>,
+    /// ... and before this time.
+    pub until: Option<Millis>,
+    /// Only this user (others' need root).
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,6 +383,44 @@ pub enum Response {
         job: JobId,
         state: Option<JobState>,
     },
+    /// The answer to [`Request::Usage`].
+    Usage(UsageReport),
+}
+
+/// GPU usage per user over a period, and each user's fair-share standing now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The server's clock when the report was made.
+    pub now: Millis,
+    pub since: Option<Millis>,
+    pub until: Option<Millis>,
+    /// The server's scheduling policy (the standing orders jobs only under `fair`).
+    pub policy: String,
+    /// Fair-share usage halves every this many seconds.
+    pub half_life_s: u64,
+    /// GPUs on the server (the standing counts usage in whole-machine seconds).
+    pub gpus: u32,
+    pub users: Vec<UserUsageRow>,
+}
+
+/// One user's row of a [`UsageReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserUsageRow {
+    pub user: String,
+    pub uid: u32,
+    /// Jobs that ended in the period.
+    pub jobs: u64,
+    /// ... of which completed.
+    pub completed: u64,
+    /// GPUs held times hours run by those jobs, every run counted (context switches too).
+    pub gpu_hours: f64,
+    /// Pending and running jobs now.
+    pub pending: u64,
+    pub running: u64,
+    /// Fair-share standing now: decayed GPU-hours, weight, and the priority it costs (s).
+    pub fairshare_gpu_hours: f64,
+    pub weight: f64,
+    pub fairshare_priority_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

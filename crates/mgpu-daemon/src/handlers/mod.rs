@@ -7,3 +7,4 @@ pub mod follow;
 pub mod log;
 pub mod queue;
 pub mod submit;
+pub mod usage;

@@ -41,6 +41,7 @@ fn templates(cwd: &str) -> Vec<Value> {
         json!({"type": "log", "job": 1, "follow": true}),
         json!({"type": "attach", "job": 1, "log_offset": 0}),
         json!({"type": "acct", "user": null, "me": false, "job": null, "since": null, "state": null}),
+        json!({"type": "usage", "since": 0, "until": null, "user": "root"}),
         json!({"type": "cancel_attached"}),
         json!({"type": "hello", "protocol": PROTOCOL_VERSION, "client": "again"}),
     ]

@@ -39,6 +39,11 @@ pub async fn handle(
             return send_error(conn, "--since must be before --until").await;
         }
     }
+    // It reads every record of the period: one of the caller's listing slots, as a listing.
+    let _slot = match conn.listing().await {
+        Ok(slot) => slot,
+        Err(e) => return send_error(conn, format!("{e:#}")).await,
+    };
     // The store's part off the lock (one row per user).
     let d = daemon.clone();
     let (since, until) = (req.since, req.until);

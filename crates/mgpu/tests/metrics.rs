@@ -397,3 +397,57 @@ fn usage_summary_gives_gpu_hours_and_fair_share_standing_per_user() {
     );
     s.ok("mgpu_cancel", &[&blocker.to_string()]);
 }
+
+#[test]
+fn metrics_show_what_nvml_measures() {
+    // The fake NVML (crates/mgpu-fake-nvml): a process outside every job uses 2 GiB of GPU 0,
+    // which is 35% busy.
+    let dir = tempfile::Builder::new()
+        .prefix("mgpu-fake-nvml-")
+        .tempdir()
+        .unwrap();
+    let state = dir.path().join("state");
+    let mut outsider = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    mgpu_fake_nvml::write_state(
+        &state,
+        &format!(
+            "gpu 0 24GiB util 35 10\ngpu 1 24GiB\npid {} uses 2GiB on GPU 0\n",
+            outsider.id()
+        ),
+    )
+    .unwrap();
+    let lib = mgpu_fake_nvml::find_library().expect("the fake NVML library is built");
+    let s = Server::start_with_env(
+        "",
+        &[
+            "--nvml-lib",
+            lib.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        &[(mgpu_fake_nvml::STATE_ENV, state.as_os_str())],
+    );
+    let addr = metrics_addr(&s);
+    let gib = 1024.0 * 1024.0 * 1024.0;
+    let mut body = String::new();
+    wait_until(Duration::from_secs(30), || {
+        body = scrape(addr);
+        sample(&body, "mgpu_gpu_memory_used_bytes{gpu=\"0\"}") == Some(2.0 * gib)
+    });
+    assert_eq!(
+        value(&body, "mgpu_gpu_utilization_percent{gpu=\"0\"}"),
+        35.0
+    );
+    assert_eq!(value(&body, "mgpu_gpu_foreign_processes{gpu=\"0\"}"), 1.0);
+    assert_eq!(value(&body, "mgpu_gpu_foreign_processes{gpu=\"1\"}"), 0.0);
+    assert_eq!(value(&body, "mgpu_gpu_memory_used_bytes{gpu=\"1\"}"), 0.0);
+    assert_eq!(
+        value(&body, "mgpu_gpu_memory_total_bytes{gpu=\"0\"}"),
+        24.0 * gib
+    );
+    let _ = outsider.kill();
+    let _ = outsider.wait();
+}

@@ -451,3 +451,45 @@ fn metrics_show_what_nvml_measures() {
     let _ = outsider.kill();
     let _ = outsider.wait();
 }
+
+#[test]
+fn a_context_switch_is_counted_and_its_earlier_run_is_in_the_usage() {
+    let s = Server::start("1x24GiB", &["--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&s);
+    // A job that holds its GPU past its 1 s slice on its first run, and ends on its second.
+    let switched = s.detached(&[
+        "-t",
+        "1s",
+        "--",
+        "bash",
+        "-c",
+        "[ \"$MGPU_RESTART_COUNT\" = 1 ] && exit 0; sleep 60",
+    ]);
+    s.wait_state(switched, "RUNNING");
+    let waiting = s.detached(&["--", "sleep", "1"]);
+    let rec = s.acct(switched);
+    s.acct(waiting);
+    assert_eq!(rec["restarts"], 1, "{rec}");
+    let body = scrape(addr);
+    assert_eq!(
+        value(&body, "mgpu_context_switches_total{user=\"root\"}"),
+        1.0
+    );
+    // Three runs started: the switched job twice, the waiting one once.
+    assert_eq!(value(&body, "mgpu_queue_wait_seconds_count"), 3.0);
+    // Its first run (at least its 1 s slice) is in the summary, as in mgpu_acct.
+    let report = summary_as(&s, None, &[]);
+    let root = row(&report, "root");
+    assert_eq!(root["jobs"], 2);
+    let (_, acct_hours) = acct_gpu_hours(&s, "root");
+    let hours = root["gpu_hours"].as_f64().unwrap();
+    assert!(
+        hours >= acct_hours && hours - acct_hours <= 3.0 / 3600.0,
+        "{hours} vs {acct_hours}"
+    );
+    assert!(
+        hours >= 2.0 / 3600.0,
+        "the slice and the waiting job's second: {hours}"
+    );
+    assert!(value(&body, "mgpu_user_gpu_seconds_total{user=\"root\"}") >= 2.0);
+}

@@ -532,8 +532,9 @@ async fn run(args: Args) -> Result<()> {
     }
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
-    let listener = server::bind(&socket)?;
+    // Before the socket: a port that cannot be had leaves no socket file behind.
     crate::metrics::start(&daemon, args.metrics).await?;
+    let listener = server::bind(&socket)?;
     tracing::info!(
         socket = %socket.display(),
         gpus = %backend.describe(),

@@ -493,3 +493,22 @@ fn a_context_switch_is_counted_and_its_earlier_run_is_in_the_usage() {
     );
     assert!(value(&body, "mgpu_user_gpu_seconds_total{user=\"root\"}") >= 2.0);
 }
+
+#[test]
+fn a_metrics_address_that_cannot_be_had_stops_the_server_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let sock = dir.path().join("mgpu.sock");
+    let run = |addr: &str| {
+        server_cmd(&sock, dir.path().join("state"), dir.path().join("logs"))
+            .args(["--simulate-gpus", "1x24GiB", "--metrics", addr])
+            .output()
+            .unwrap()
+    };
+    let out = run(&port);
+    assert_fails_with(&out, &format!("--metrics: binding 127.0.0.1:{port}"));
+    assert!(!sock.exists(), "no socket is left behind");
+    assert_fails_with(&run("example.org:80"), "invalid --metrics 'example.org:80'");
+    drop(taken);
+}

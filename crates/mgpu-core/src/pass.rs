@@ -199,6 +199,10 @@ impl Scheduler {
                 .filter(|j| j.state == JobState::Pending)
             {
                 match placement::choose(&self.gpus, &job.request) {
+                    // Its user's limit holds it now (their other job started meanwhile): the
+                    // reservation goes to whoever needs it next, not idle GPUs held for it.
+                    _ if self.limit_hit(job, None).is_some() => {}
+                    Some(chosen) if self.limit_hit(job, Some(&chosen)).is_some() => {}
                     Some(chosen) => self.start_job(held.job, chosen, now, &mut started),
                     None => {
                         blocks.insert(shape_of(&job.request), Block::NoFit);
@@ -226,6 +230,10 @@ impl Scheduler {
             let Some(job) = self.jobs.get(&id).filter(|j| j.state == JobState::Pending) else {
                 continue;
             };
+            // Its user may not run more now: skipped, not a block (others may pass it).
+            if self.limit_hit(job, None).is_some() {
+                continue;
+            }
             let shape = shape_of(&job.request);
             let estimate = self.estimate_ms(&job.request);
             match blocks.get(&shape) {
@@ -242,6 +250,8 @@ impl Scheduler {
                     blocks.insert(shape, Block::NoFit);
                     true
                 }
+                // Where it would go, it would reserve more GPU memory than its user may.
+                Some(chosen) if self.limit_hit(job, Some(&chosen)).is_some() => continue,
                 Some(chosen) => {
                     let placed = match self.reservation.as_mut() {
                         None => Some(chosen),
@@ -312,9 +322,10 @@ impl Scheduler {
         self.config.policy.reserves()
             && self.reservation.is_none()
             && self.user_queues.values().any(|q| {
-                q.values()
-                    .next()
-                    .is_some_and(|id| self.waited_enough(&self.jobs[id], now))
+                q.values().next().is_some_and(|id| {
+                    let job = &self.jobs[id];
+                    self.waited_enough(job, now) && self.limit_hit(job, None).is_none()
+                })
             })
     }
 
@@ -387,6 +398,11 @@ impl Scheduler {
         let mut job = self.jobs.remove(&id).expect("a pending job");
         self.unindex_pending(&job);
         placement::reserve(&mut self.gpus, &chosen, id, &job.request);
+        self.running_totals.add(
+            job.request.uid,
+            job.request.gpus,
+            crate::limits::mem_charge(&self.gpus, &chosen, &job.request),
+        );
         let share = placement::usage_share(&self.gpus, &chosen, &job.request);
         let tau = self.config.fair.tau_s();
         self.usage

@@ -25,8 +25,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use pass::Reservation;
 pub use limits::{LimitHit, UserLimits, UserRunning};
+use pass::Reservation;
 pub use placement::GpuState;
 use policy::UserUsage;
 pub use policy::{FairShareConfig, Policy};

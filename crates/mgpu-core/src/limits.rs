@@ -289,7 +289,15 @@ mod tests {
         config.user_limits.clear();
         s.reconfigure(config);
         assert_eq!(started(&mut s, 1), vec![b]);
-        assert!(s.cancel(b, crate::Requester { uid: 0, is_admin: true }) != crate::CancelOutcome::NotFound);
+        assert!(
+            s.cancel(
+                b,
+                crate::Requester {
+                    uid: 0,
+                    is_admin: true
+                }
+            ) != crate::CancelOutcome::NotFound
+        );
     }
 
     #[derive(Debug, Clone)]
@@ -324,7 +332,11 @@ mod tests {
     }
 
     fn policy() -> impl Strategy<Value = Policy> {
-        prop_oneof![Just(Policy::Fifo), Just(Policy::Backfill), Just(Policy::Fair)]
+        prop_oneof![
+            Just(Policy::Fifo),
+            Just(Policy::Backfill),
+            Just(Policy::Fair)
+        ]
     }
 
     proptest! {

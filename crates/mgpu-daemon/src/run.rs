@@ -151,6 +151,17 @@ pub struct Args {
     /// resource limits a login of their user gets
     #[arg(long, value_name = "DIR", default_value = "/etc/security")]
     pub limits_conf_dir: PathBuf,
+    /// Configuration file: any option above can be set there (its name with _ for -, e.g.
+    /// max_restarts = 10), and per-user and per-group limits ([limits]); options given on the
+    /// command line beat it. Missing is fine for the default, an error for a file named here.
+    /// As root, refused if it is a link, not root's or writable by others. SIGHUP re-reads it
+    /// [default: /etc/mgpu/mgpu.toml]
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration (file and command line), print it as it would be in effect, and
+    /// exit: 0 when valid, 1 (with the reason) when not. Starts nothing
+    #[arg(long)]
+    pub check_config: bool,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -169,6 +180,7 @@ pub fn main() -> ExitCode {
     // otherwise on purpose (the database and launch records hold users' environments).
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let args = Args::parse();
     if let Some(run_dir) = &args.supervise {
         return supervisor::main(run_dir, args.launch_id);
@@ -185,6 +197,31 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
+    if args.check_config {
+        return match crate::config::load(&argv).and_then(|l| core_config(&l.args).map(|_| l)) {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    eprintln!("mgpu_scheduler_server: warning: {w}");
+                }
+                print!("{}", loaded.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mgpu_scheduler_server: invalid configuration: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let loaded = match crate::config::load(&argv) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("mgpu_scheduler_server: invalid configuration: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!("configuration: {w}");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -195,7 +232,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(loaded, argv)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -358,7 +395,96 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+/// The scheduler core's configuration from the options: what a reload may change.
+pub(crate) fn core_config(args: &Args) -> Result<Config> {
+    let mut config = Config {
+        max_job_time_s: args.max_job_time,
+        min_slice_s: args.min_slice,
+        default_max_restarts: Some(args.max_restarts),
+        reserve_after_s: args.reserve_after,
+        reserve_after_wait_factor: args.reserve_after_wait_factor,
+        policy: args.policy,
+        default_estimate_s: args.default_estimate,
+        ..Config::default()
+    };
+    if !args.reserve_after_wait_factor.is_finite() || args.reserve_after_wait_factor < 0.0 {
+        bail!("--reserve-after-wait-factor must be a number of 0 or more");
+    }
+    if args.fair_half_life.is_nan() || args.fair_half_life <= 0.0 {
+        bail!("--fair-half-life must be positive");
+    }
+    config.fair.half_life_s = (args.fair_half_life * 3600.0).round().max(1.0) as u64;
+    for (name, weight) in &args.user_weights {
+        let uid = users::uid_of(name)
+            .ok_or_else(|| anyhow::anyhow!("--user-weight: no such user: {name}"))?;
+        config.fair.user_weights.insert(uid, *weight);
+    }
+    Ok(config)
+}
+
+/// Re-reads the configuration on every SIGHUP and applies what can change live (see
+/// [`crate::config`]); an invalid one changes nothing.
+async fn reload_on_sighup(
+    daemon: Arc<Daemon>,
+    argv: Vec<std::ffi::OsString>,
+    mut current: crate::config::Loaded,
+    mut hup: tokio::signal::unix::Signal,
+) {
+    while hup.recv().await.is_some() {
+        let read = crate::config::load(&argv).and_then(|l| core_config(&l.args).map(|c| (l, c)));
+        let (mut new, mut config) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(
+                    "SIGHUP: the configuration is invalid, keeping the one in effect: {e:#}"
+                );
+                continue;
+            }
+        };
+        for w in &new.warnings {
+            tracing::warn!("configuration: {w}");
+        }
+        let changes = current.changes(&new);
+        if changes.iter().any(|c| c.3) {
+            // Accounts are looked up off the lock; users new since are looked up under it.
+            let uids = daemon.lock().sched.uids();
+            let resolved: HashMap<u32, mgpu_core::UserLimits> = uids
+                .into_iter()
+                .map(|uid| (uid, new.limits.resolve_uid(uid).running))
+                .collect();
+            let mut inner = daemon.lock();
+            for uid in inner.sched.uids() {
+                let limits = match resolved.get(&uid) {
+                    Some(l) => *l,
+                    None => new.limits.resolve_uid(uid).running,
+                };
+                if !limits.is_unlimited() {
+                    config.user_limits.insert(uid, limits);
+                }
+            }
+            inner.sched.reconfigure(config);
+            inner.limits = Arc::new(new.limits.clone());
+            daemon.schedule(&mut inner);
+        }
+        for (key, old, now, live) in &changes {
+            if *live {
+                tracing::info!("config reloaded: {key} {old} -> {now}");
+            } else {
+                tracing::warn!(
+                    "config reloaded: {key} {old} -> {now} needs a restart; {old} stays in effect until then"
+                );
+            }
+        }
+        if changes.is_empty() {
+            tracing::info!("config reloaded: no changes");
+        }
+        current.keep_restart_only(&mut new);
+        current = new;
+    }
+}
+
+async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Result<()> {
+    let args = &loaded.args;
     raise_fd_limit();
     let euid = nix::unistd::geteuid().as_raw();
     let multi_user = euid == 0;
@@ -409,31 +535,10 @@ async fn run(args: Args) -> Result<()> {
     let log_quota = quota("--log-quota", &args.log_quota)?;
     let max_launch_data_per_user =
         quota("--max-launch-data-per-user", &args.max_launch_data_per_user)?;
-    let backend = gpu_backend(&args)?;
+    let backend = gpu_backend(args)?;
     let gpus = backend.gpus();
     let (store, recovered) = Store::open(&state_dir)?;
-    let mut config = Config {
-        max_job_time_s: args.max_job_time,
-        min_slice_s: args.min_slice,
-        default_max_restarts: Some(args.max_restarts),
-        reserve_after_s: args.reserve_after,
-        reserve_after_wait_factor: args.reserve_after_wait_factor,
-        policy: args.policy,
-        default_estimate_s: args.default_estimate,
-        ..Config::default()
-    };
-    if !args.reserve_after_wait_factor.is_finite() || args.reserve_after_wait_factor < 0.0 {
-        bail!("--reserve-after-wait-factor must be a number of 0 or more");
-    }
-    if args.fair_half_life.is_nan() || args.fair_half_life <= 0.0 {
-        bail!("--fair-half-life must be positive");
-    }
-    config.fair.half_life_s = (args.fair_half_life * 3600.0).round().max(1.0) as u64;
-    for (name, weight) in &args.user_weights {
-        let uid = users::uid_of(name)
-            .ok_or_else(|| anyhow::anyhow!("--user-weight: no such user: {name}"))?;
-        config.fair.user_weights.insert(uid, *weight);
-    }
+    let config = core_config(args)?;
     let runs_dir = args
         .run_dir
         .clone()
@@ -485,6 +590,7 @@ async fn run(args: Args) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
     let daemon = Daemon::new(
         plan.sched,
         plan.commands,
@@ -505,6 +611,15 @@ async fn run(args: Args) -> Result<()> {
             max_launch_data_per_user,
         },
     );
+    {
+        // Limits of the users with jobs (from the next pass on: jobs running keep running).
+        let mut inner = daemon.lock();
+        inner.limits = Arc::new(loaded.limits.clone());
+        for uid in inner.sched.uids() {
+            let limits = inner.limits.resolve_uid(uid);
+            inner.sched.set_user_limits(uid, limits.running);
+        }
+    }
     {
         let mut launches = daemon.launches.lock().unwrap();
         for (id, uid, key, bytes) in daemon.store.launch_charges()? {
@@ -578,6 +693,7 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(watch_gpus(daemon.clone(), backend, mem_policy));
     tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
     tokio::spawn(daemon.clone().run_timer());
+    tokio::spawn(reload_on_sighup(daemon.clone(), argv, loaded, hup));
 
     let shutdown = async move {
         tokio::select! {

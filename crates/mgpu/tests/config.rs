@@ -268,3 +268,40 @@ fn sighup_reloads_limits_and_keeps_the_old_config_when_the_new_one_is_invalid() 
         "{log}"
     );
 }
+
+/// The commented default configuration that ships (`packaging/mgpu.toml`) shows every option
+/// of the server; as it is, it is valid (and sets nothing), and its `[limits]` example,
+/// uncommented, is valid too.
+#[test]
+fn the_shipped_default_config_lists_every_option_and_is_valid() {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../packaging/mgpu.toml");
+    let shown = std::fs::read_to_string(&shipped).unwrap();
+    let server = mgpu::commands().remove(0);
+    assert_eq!(server.get_name(), "mgpu_scheduler_server");
+    for arg in server.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if arg.is_hide_set() || ["config", "check-config", "help", "version"].contains(&long) {
+            continue;
+        }
+        let key = long.replace('-', "_");
+        assert!(
+            shown.lines().any(|l| l.starts_with(&format!("# {key} = "))),
+            "packaging/mgpu.toml does not show the option {key} (add it, commented, with its default)"
+        );
+    }
+    let (_d, as_is) = config_file(&shown);
+    let out = check_config(&as_is, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let limits: String = shown
+        .lines()
+        .skip_while(|l| *l != "# [limits]")
+        .map(|l| l.strip_prefix("# ").unwrap_or(""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(limits.contains("max_gpus_per_user = 0"), "{limits}");
+    // (The example's group and user may not exist here: that is a warning, not an error.)
+    let (_d2, uncommented) = config_file(&limits);
+    let out = check_config(&uncommented, &[]);
+    assert!(out.status.success(), "{limits}: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("[limits.users.alice]"));
+}

@@ -376,6 +376,7 @@ impl Drop for Admission {
 
 /// A job array: one job per task, with ids that follow each other, all recorded in one
 /// transaction before the answer, then queued together.
+#[allow(clippy::too_many_arguments)]
 async fn submit_array(
     daemon: &Arc<Daemon>,
     caller: Caller,

@@ -987,6 +987,17 @@ impl Scheduler {
         )
     }
 
+    /// Is a user at one of their running limits (so that none of their jobs can start)?
+    pub(crate) fn user_saturated(&self, uid: u32) -> bool {
+        let Some(l) = self.config.user_limits.get(&uid) else {
+            return false;
+        };
+        let r = self.running_totals.of(uid);
+        l.max_jobs.is_some_and(|m| r.jobs >= m)
+            || l.max_gpus.is_some_and(|m| r.gpus >= m)
+            || l.max_gpu_mem_mib.is_some_and(|m| r.gpu_mem_mib >= m)
+    }
+
     /// A running job stops holding its GPUs: its user's running totals drop.
     pub(crate) fn uncount_running(&mut self, job: &Job) {
         let mem = limits::mem_charge(&self.gpus, &job.gpus, &job.request);

@@ -198,7 +198,7 @@ pub fn main() -> ExitCode {
         )
         .init();
     if args.check_config {
-        return match crate::config::load(&argv).and_then(|l| core_config(&l.args).map(|_| l)) {
+        return match crate::config::load(&argv).and_then(|l| check_options(&l.args).map(|_| l)) {
             Ok(loaded) => {
                 for w in &loaded.warnings {
                     eprintln!("mgpu_scheduler_server: warning: {w}");
@@ -422,6 +422,33 @@ pub(crate) fn core_config(args: &Args) -> Result<Config> {
     Ok(config)
 }
 
+/// What `--check-config` checks beyond the parser, without starting anything: what the
+/// server checks of its options before it touches GPUs or directories.
+fn check_options(args: &Args) -> Result<()> {
+    core_config(args)?;
+    job_limit_settings(args)
+        .check()
+        .map_err(anyhow::Error::msg)?;
+    for (flag, value) in [
+        ("--log-quota-per-user", &args.log_quota_per_user),
+        ("--log-quota", &args.log_quota),
+        ("--max-launch-data-per-user", &args.max_launch_data_per_user),
+    ] {
+        crate::logquota::parse_size(value, 1 << 40).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn job_limit_settings(args: &Args) -> crate::cgroup::LimitSettings {
+    crate::cgroup::LimitSettings {
+        pids_max: (args.job_pids_max > 0).then_some(args.job_pids_max),
+        default_cpus: args.default_cpus,
+        max_cpus: args.max_cpus,
+        default_host_mem_mib: args.default_host_mem,
+        max_host_mem_mib: args.max_host_mem,
+    }
+}
+
 /// Re-reads the configuration on every SIGHUP and applies what can change live (see
 /// [`crate::config`]); an invalid one changes nothing.
 async fn reload_on_sighup(
@@ -506,13 +533,7 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
     // One server per state directory.
     let _lock = lock_dir(&state_dir, "lock", "state directory")?;
 
-    let job_limits = crate::cgroup::LimitSettings {
-        pids_max: (args.job_pids_max > 0).then_some(args.job_pids_max),
-        default_cpus: args.default_cpus,
-        max_cpus: args.max_cpus,
-        default_host_mem_mib: args.default_host_mem,
-        max_host_mem_mib: args.max_host_mem,
-    };
+    let job_limits = job_limit_settings(args);
     job_limits.check().map_err(anyhow::Error::msg)?;
     // Before the launcher starts: it (and every supervisor) finds job cgroups as set up here.
     let unenforced = crate::cgroup::setup();

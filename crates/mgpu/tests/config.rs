@@ -89,6 +89,15 @@ fn check_config_accepts_a_good_file_and_names_what_is_wrong_in_a_bad_one() {
             "limits.groups.g",
         ),
         ("max_restarts = ", "TOML parse error at line 1"),
+        (
+            "default_cpus = 8\nmax_cpus = 4",
+            "--default-cpus 8 is over --max-cpus 4",
+        ),
+        ("log_quota = \"lots\"", "--log-quota: invalid size 'lots'"),
+        (
+            "user_weight = { no-such-user-here = 2 }",
+            "no such user: no-such-user-here",
+        ),
     ] {
         let (_d, path) = config_file(bad);
         let out = check_config(&path, &[]);

@@ -14,6 +14,7 @@
 //! Which job goes first is the [`Policy`] of [`Config`]: FIFO first-fit, FIFO with EASY
 //! backfilling, or fair-share with EASY backfilling (the default); see [`policy`] and `pass.rs`.
 
+pub mod limits;
 mod pass;
 pub mod placement;
 pub mod policy;
@@ -24,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+pub use limits::{LimitHit, UserLimits, UserRunning};
 use pass::Reservation;
 pub use placement::GpuState;
 use policy::UserUsage;
@@ -286,6 +288,9 @@ pub struct Config {
     pub reserve_after_wait_factor: f64,
     /// Fair-share settings (used by [`Policy::Fair`]).
     pub fair: FairShareConfig,
+    /// Limits on what each user runs at once, by uid, as the shell resolved them (absent:
+    /// none); see [`limits`].
+    pub user_limits: HashMap<u32, UserLimits>,
 }
 
 impl Default for Config {
@@ -299,6 +304,7 @@ impl Default for Config {
             reserve_after_s: 2 * 3600,
             reserve_after_wait_factor: 24.0,
             fair: FairShareConfig::default(),
+            user_limits: HashMap::new(),
         }
     }
 }
@@ -356,6 +362,8 @@ pub struct Scheduler {
     /// answer stands: a trial copies the whole scheduler, so it is not repeated on every event
     /// (see [`Scheduler::time_actions`]).
     no_switch_until: Option<(Vec<JobId>, Millis)>,
+    /// What each user's running jobs hold (for [`Config::user_limits`]).
+    running_totals: limits::RunningTotals,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -404,6 +412,7 @@ impl Scheduler {
             no_switch_until: None,
             throttles: BTreeMap::new(),
             over_since: HashMap::new(),
+            running_totals: Default::default(),
         }
     }
 
@@ -658,6 +667,11 @@ impl Scheduler {
             }
         }
         placement::reserve(&mut self.gpus, &gpus, id, &request);
+        self.running_totals.add(
+            request.uid,
+            request.gpus,
+            limits::mem_charge(&self.gpus, &gpus, &request),
+        );
         // Charged from the next pass on: the core has no clock here.
         let share = placement::usage_share(&self.gpus, &gpus, &request);
         self.rate_changes.push((request.uid, share));
@@ -765,6 +779,7 @@ impl Scheduler {
         let share = placement::usage_share(&self.gpus, &job.gpus, &job.request);
         self.rate_changes.push((job.request.uid, -share));
         placement::release(&mut self.gpus, id, &job.request);
+        self.uncount_running(&job);
         self.over_since.remove(&id);
         self.full_pass_needed = true;
         self.task_left(&job.request);
@@ -892,13 +907,113 @@ impl Scheduler {
             .map(|p| p + 1)
     }
 
+    /// Sets the limits of one user's running jobs (from the next pass on; jobs running keep
+    /// running). Unlimited clears them.
+    pub fn set_user_limits(&mut self, uid: u32, limits: UserLimits) {
+        let old = self.user_limits_of(uid);
+        if old == limits {
+            return;
+        }
+        if limits.is_unlimited() {
+            self.config.user_limits.remove(&uid);
+        } else {
+            self.config.user_limits.insert(uid, limits);
+        }
+        // Looser limits may let waiting jobs start; a reservation held by a job that may not
+        // start now is planned afresh.
+        self.full_pass_needed = true;
+    }
+
+    /// The limits of one user's running jobs.
+    pub fn user_limits_of(&self, uid: u32) -> UserLimits {
+        self.config
+            .user_limits
+            .get(&uid)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// What one user's running jobs hold now.
+    pub fn user_running(&self, uid: u32) -> UserRunning {
+        self.running_totals.of(uid)
+    }
+
+    /// The uids with jobs waiting or running.
+    pub fn uids(&self) -> BTreeSet<u32> {
+        self.jobs.values().map(|j| j.request.uid).collect()
+    }
+
+    /// Replaces the configuration (a reload): waiting jobs are re-indexed under it (their
+    /// estimates and fair-share keys may change) and the next pass looks at all of them; jobs
+    /// running keep running.
+    pub fn reconfigure(&mut self, config: Config) {
+        let pending: Vec<JobId> = self.pending.values().copied().collect();
+        let mut jobs = Vec::with_capacity(pending.len());
+        for id in pending {
+            let job = self.jobs.remove(&id).expect("a pending job");
+            self.unindex_pending(&job);
+            jobs.push(job);
+        }
+        let tau_before = self.config.fair.tau_s();
+        let now = self.last_now;
+        self.charge_rate_changes(now);
+        self.config = config;
+        if tau_before != self.config.fair.tau_s() {
+            // Usage so far stays; it decays at the new rate from here on.
+            for usage in self.usage.values_mut() {
+                usage.change_rate(now, tau_before, 0.0);
+            }
+        }
+        for job in jobs {
+            self.index_pending(job);
+        }
+        self.full_pass_needed = true;
+    }
+
+    /// The limit that starting a pending job (on `chosen`, where known) would take its user
+    /// past, if any.
+    pub(crate) fn limit_hit(&self, job: &Job, chosen: Option<&[u32]>) -> Option<LimitHit> {
+        let limits = self.config.user_limits.get(&job.request.uid)?;
+        let mem = match (limits.max_gpu_mem_mib, chosen) {
+            (None, _) => 0,
+            (Some(_), Some(held)) => limits::mem_charge(&self.gpus, held, &job.request),
+            (Some(_), None) => limits::min_mem_charge(&self.gpus, &job.request),
+        };
+        limits::check(
+            limits,
+            &self.running_totals.of(job.request.uid),
+            &job.request,
+            mem,
+        )
+    }
+
+    /// Is a user at one of their running limits (so that none of their jobs can start)?
+    pub(crate) fn user_saturated(&self, uid: u32) -> bool {
+        let Some(l) = self.config.user_limits.get(&uid) else {
+            return false;
+        };
+        let r = self.running_totals.of(uid);
+        l.max_jobs.is_some_and(|m| r.jobs >= m)
+            || l.max_gpus.is_some_and(|m| r.gpus >= m)
+            || l.max_gpu_mem_mib.is_some_and(|m| r.gpu_mem_mib >= m)
+    }
+
+    /// A running job stops holding its GPUs: its user's running totals drop.
+    pub(crate) fn uncount_running(&mut self, job: &Job) {
+        let mem = limits::mem_charge(&self.gpus, &job.gpus, &job.request);
+        self.running_totals
+            .remove(job.request.uid, job.request.gpus, mem);
+    }
+
     /// Short Slurm-style reason a pending job waits, or `None` when it is not pending:
     /// - `Resources`: it waits for GPUs to free up (with a backfilling policy: it holds the
     ///   reservation, see [`Scheduler::est_start`]);
     /// - `Priority`: it does not fit now and a job of higher priority holds the reservation;
     /// - `Reservation`: it would fit now, but starting it would delay the reserved job;
     /// - `JobArrayTaskLimit`: its job array already has as many tasks waiting or running as its
-    ///   cap allows.
+    ///   cap allows;
+    /// - `QOSMaxJobsPerUser`, `QOSMaxGpuPerUser`, `QOSMaxGpuMemPerUser`: starting it would take
+    ///   its user past a limit of [`Config::user_limits`] (see [`limits`]).
     pub fn pending_reason(&self, id: JobId) -> Option<&'static str> {
         let job = self.jobs.get(&id)?;
         if job.state != JobState::Pending {
@@ -906,6 +1021,9 @@ impl Scheduler {
         }
         if job.held {
             return Some("JobArrayTaskLimit");
+        }
+        if let Some(hit) = self.limit_hit(job, None) {
+            return Some(hit.reason());
         }
         let Some(reservation) = self.reservation.as_ref() else {
             return Some("Resources");
@@ -990,6 +1108,33 @@ impl Scheduler {
                 "{code}: at most {} tasks of job array {} wait or run at once",
                 a.limit.unwrap_or(0),
                 a.job
+            ));
+        }
+        if let Some(hit) = self.limit_hit(job, None) {
+            let l = self.user_limits_of(job.request.uid);
+            let u = self.running_totals.of(job.request.uid);
+            let why = match hit {
+                LimitHit::Jobs => format!(
+                    "the user runs {} job{} already, the most one user may run at once",
+                    u.jobs,
+                    plural(u.jobs as usize)
+                ),
+                LimitHit::Gpus => format!(
+                    "it needs {} GPU{}; the user's running jobs hold {} of the {} one user may hold at once",
+                    job.request.gpus,
+                    plural(job.request.gpus as usize),
+                    u.gpus,
+                    l.max_gpus.unwrap_or(0)
+                ),
+                LimitHit::GpuMem => format!(
+                    "it reserves at least {} MiB of GPU memory; the user's running jobs reserve {} of the {} MiB one user may reserve at once",
+                    limits::min_mem_charge(&self.gpus, &job.request),
+                    u.gpu_mem_mib,
+                    l.max_gpu_mem_mib.unwrap_or(0)
+                ),
+            };
+            return Some(format!(
+                "{code}: {why} (a limit set by the administrator); it starts when the user's running jobs leave room"
             ));
         }
         let r = &job.request;

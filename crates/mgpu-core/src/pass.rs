@@ -17,7 +17,7 @@
 //! turned down or no capacity is left, so a long queue of blocked jobs is not walked.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::ops::Bound::{Excluded, Unbounded};
 
 use crate::placement::{self, GpuState};
@@ -199,6 +199,10 @@ impl Scheduler {
                 .filter(|j| j.state == JobState::Pending)
             {
                 match placement::choose(&self.gpus, &job.request) {
+                    // Its user's limit holds it now (their other job started meanwhile): the
+                    // reservation goes to whoever needs it next, not idle GPUs held for it.
+                    _ if self.limit_hit(job, None).is_some() => {}
+                    Some(chosen) if self.limit_hit(job, Some(&chosen)).is_some() => {}
                     Some(chosen) => self.start_job(held.job, chosen, now, &mut started),
                     None => {
                         blocks.insert(shape_of(&job.request), Block::NoFit);
@@ -215,7 +219,10 @@ impl Scheduler {
         if full && self.refresh_blocks(&mut blocks, now) {
             return started;
         }
-        while let Some(id) = self.next_candidate(&mut candidates) {
+        // Users whose running jobs are at one of their limits: none of their jobs can start in
+        // this pass (it only starts jobs), so their queues are passed over unseen.
+        let mut saturated: HashSet<u32> = HashSet::new();
+        while let Some(id) = self.next_candidate(&mut candidates, &saturated) {
             if self.reservation.as_ref().is_some_and(|r| r.job == id) {
                 continue;
             }
@@ -226,6 +233,16 @@ impl Scheduler {
             let Some(job) = self.jobs.get(&id).filter(|j| j.state == JobState::Pending) else {
                 continue;
             };
+            // Its user may not run more now: skipped, not a block (others may pass it).
+            if self.limit_hit(job, None).is_some() {
+                if self.user_saturated(job.request.uid) {
+                    saturated.insert(job.request.uid);
+                    if saturated.len() == self.user_queues.len() {
+                        break;
+                    }
+                }
+                continue;
+            }
             let shape = shape_of(&job.request);
             let estimate = self.estimate_ms(&job.request);
             match blocks.get(&shape) {
@@ -242,6 +259,8 @@ impl Scheduler {
                     blocks.insert(shape, Block::NoFit);
                     true
                 }
+                // Where it would go, it would reserve more GPU memory than its user may.
+                Some(chosen) if self.limit_hit(job, Some(&chosen)).is_some() => continue,
                 Some(chosen) => {
                     let placed = match self.reservation.as_mut() {
                         None => Some(chosen),
@@ -312,9 +331,10 @@ impl Scheduler {
         self.config.policy.reserves()
             && self.reservation.is_none()
             && self.user_queues.values().any(|q| {
-                q.values()
-                    .next()
-                    .is_some_and(|id| self.waited_enough(&self.jobs[id], now))
+                q.values().next().is_some_and(|id| {
+                    let job = &self.jobs[id];
+                    self.waited_enough(job, now) && self.limit_hit(job, None).is_none()
+                })
             })
     }
 
@@ -387,6 +407,11 @@ impl Scheduler {
         let mut job = self.jobs.remove(&id).expect("a pending job");
         self.unindex_pending(&job);
         placement::reserve(&mut self.gpus, &chosen, id, &job.request);
+        self.running_totals.add(
+            job.request.uid,
+            job.request.gpus,
+            crate::limits::mem_charge(&self.gpus, &chosen, &job.request),
+        );
         let share = placement::usage_share(&self.gpus, &chosen, &job.request);
         let tau = self.config.fair.tau_s();
         self.usage
@@ -498,23 +523,37 @@ impl Scheduler {
         }
     }
 
-    fn next_candidate(&self, candidates: &mut Candidates) -> Option<JobId> {
+    /// The next candidate, passing over the jobs of the users in `skip` (in fair-share order
+    /// without looking at the rest of their queues).
+    fn next_candidate(&self, candidates: &mut Candidates, skip: &HashSet<u32>) -> Option<JobId> {
+        let skipped = |id: &JobId| {
+            !skip.is_empty()
+                && self
+                    .jobs
+                    .get(id)
+                    .is_some_and(|j| skip.contains(&j.request.uid))
+        };
         match candidates {
-            Candidates::Queue(last) => {
+            Candidates::Queue(last) => loop {
                 let next = match *last {
                     None => self.pending.iter().next(),
                     Some(k) => self.pending.range((Excluded(k), Unbounded)).next(),
                 };
                 let (&key, &id) = next?;
                 *last = Some(key);
-                Some(id)
-            }
+                if !skipped(&id) {
+                    return Some(id);
+                }
+            },
             Candidates::Fair {
                 heap,
                 user_terms,
                 now,
-            } => {
+            } => loop {
                 let head = heap.pop()?;
+                if skip.contains(&head.uid) {
+                    continue;
+                }
                 let following = self
                     .user_queues
                     .get(&head.uid)
@@ -522,9 +561,9 @@ impl Scheduler {
                 if let Some((&key, &id)) = following {
                     heap.push(self.fair_head(head.uid, key, id, user_terms[&head.uid], *now));
                 }
-                Some(head.id)
-            }
-            Candidates::List(list) => list.next(),
+                return Some(head.id);
+            },
+            Candidates::List(list) => list.find(|id| !skipped(id)),
         }
     }
 
@@ -533,7 +572,8 @@ impl Scheduler {
         let ids: Vec<JobId> = match self.config.policy {
             Policy::Fair => {
                 let mut candidates = self.fair_candidates(self.last_now);
-                std::iter::from_fn(|| self.next_candidate(&mut candidates)).collect()
+                let none = HashSet::new();
+                std::iter::from_fn(|| self.next_candidate(&mut candidates, &none)).collect()
             }
             Policy::Fifo | Policy::Backfill => self.pending.values().copied().collect(),
         };

@@ -244,6 +244,7 @@ impl Scheduler {
         let share = placement::usage_share(&self.gpus, &job.gpus, &job.request);
         self.rate_changes.push((job.request.uid, -share));
         placement::release(&mut self.gpus, id, &job.request);
+        self.uncount_running(&job);
         self.full_pass_needed = true;
         // Enqueued anew now, behind everything already waiting (its queue time and wait-based
         // priority restart from now).

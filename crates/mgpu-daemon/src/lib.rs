@@ -5,6 +5,7 @@
 //! users, and their logs.
 
 pub mod cgroup;
+pub mod config;
 pub mod conn;
 pub mod exec;
 pub mod gpu;

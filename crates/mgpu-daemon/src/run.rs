@@ -157,6 +157,17 @@ pub struct Args {
     /// docs/metrics.md [default: not served]
     #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Configuration file: any option above can be set there (its name with _ for -, e.g.
+    /// max_restarts = 10), and per-user and per-group limits ([limits]); options given on the
+    /// command line beat it. Missing is fine for the default, an error for a file named here.
+    /// As root, refused if it is a link, not root's or writable by others. SIGHUP re-reads it
+    /// [default: /etc/mgpu/mgpu.toml]
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration (file and command line), print it as it would be in effect, and
+    /// exit: 0 when valid, 1 (with the reason) when not. Starts nothing
+    #[arg(long)]
+    pub check_config: bool,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -175,6 +186,7 @@ pub fn main() -> ExitCode {
     // otherwise on purpose (the database and launch records hold users' environments).
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let args = Args::parse();
     if let Some(run_dir) = &args.supervise {
         return supervisor::main(run_dir, args.launch_id);
@@ -191,6 +203,31 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
+    if args.check_config {
+        return match crate::config::load(&argv).and_then(|l| check_options(&l.args).map(|_| l)) {
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    eprintln!("mgpu_scheduler_server: warning: {w}");
+                }
+                print!("{}", loaded.render());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mgpu_scheduler_server: invalid configuration: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let loaded = match crate::config::load(&argv) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("mgpu_scheduler_server: invalid configuration: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!("configuration: {w}");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -201,7 +238,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(loaded, argv)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -364,60 +401,8 @@ fn raise_fd_limit() {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
-    raise_fd_limit();
-    let euid = nix::unistd::geteuid().as_raw();
-    let multi_user = euid == 0;
-    let socket = mgpu_proto::server_socket(args.socket.as_deref(), euid);
-    check_socket_dir(
-        &socket,
-        mgpu_proto::explicit_socket(args.socket.as_deref()).is_none(),
-    )?;
-    let state_dir = match &args.state_dir {
-        Some(d) => d.clone(),
-        None => default_state_dir(multi_user)?,
-    };
-    let log_dir = match &args.log_dir {
-        Some(d) => d.clone(),
-        None => home_of_self()?.join(".mgpu/logs"),
-    };
-    private_dir(&state_dir, "state directory")?;
-    private_dir(&log_dir, "log directory")?;
-    // One server per state directory.
-    let _lock = lock_dir(&state_dir, "lock", "state directory")?;
-
-    let job_limits = crate::cgroup::LimitSettings {
-        pids_max: (args.job_pids_max > 0).then_some(args.job_pids_max),
-        default_cpus: args.default_cpus,
-        max_cpus: args.max_cpus,
-        default_host_mem_mib: args.default_host_mem,
-        max_host_mem_mib: args.max_host_mem,
-    };
-    job_limits.check().map_err(anyhow::Error::msg)?;
-    // Before the launcher starts: it (and every supervisor) finds job cgroups as set up here.
-    let unenforced = crate::cgroup::setup();
-    if !unenforced.is_empty() {
-        let names: Vec<&str> = unenforced.iter().map(|c| c.name()).collect();
-        tracing::warn!(
-            "job limits not enforced on this machine (no usable cgroup controller): {} (pids: \
-             --job-pids-max; memory: --host-mem; cpu: --cpus)",
-            names.join(", ")
-        );
-    }
-
-    let fs_bytes = nix::sys::statvfs::statvfs(&log_dir)
-        .map(|v| v.blocks().saturating_mul(v.fragment_size()))
-        .with_context(|| format!("reading the size of {}", log_dir.display()))?;
-    let quota = |flag: &str, value: &str| {
-        crate::logquota::parse_size(value, fs_bytes).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
-    };
-    let log_quota_per_user = quota("--log-quota-per-user", &args.log_quota_per_user)?;
-    let log_quota = quota("--log-quota", &args.log_quota)?;
-    let max_launch_data_per_user =
-        quota("--max-launch-data-per-user", &args.max_launch_data_per_user)?;
-    let backend = gpu_backend(&args)?;
-    let gpus = backend.gpus();
-    let (store, recovered) = Store::open(&state_dir)?;
+/// The scheduler core's configuration from the options: what a reload may change.
+pub(crate) fn core_config(args: &Args) -> Result<Config> {
     let mut config = Config {
         max_job_time_s: args.max_job_time,
         min_slice_s: args.min_slice,
@@ -440,6 +425,147 @@ async fn run(args: Args) -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--user-weight: no such user: {name}"))?;
         config.fair.user_weights.insert(uid, *weight);
     }
+    Ok(config)
+}
+
+/// What `--check-config` checks beyond the parser, without starting anything: what the
+/// server checks of its options before it touches GPUs or directories.
+fn check_options(args: &Args) -> Result<()> {
+    core_config(args)?;
+    job_limit_settings(args)
+        .check()
+        .map_err(anyhow::Error::msg)?;
+    for (flag, value) in [
+        ("--log-quota-per-user", &args.log_quota_per_user),
+        ("--log-quota", &args.log_quota),
+        ("--max-launch-data-per-user", &args.max_launch_data_per_user),
+    ] {
+        crate::logquota::parse_size(value, 1 << 40).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn job_limit_settings(args: &Args) -> crate::cgroup::LimitSettings {
+    crate::cgroup::LimitSettings {
+        pids_max: (args.job_pids_max > 0).then_some(args.job_pids_max),
+        default_cpus: args.default_cpus,
+        max_cpus: args.max_cpus,
+        default_host_mem_mib: args.default_host_mem,
+        max_host_mem_mib: args.max_host_mem,
+    }
+}
+
+/// Re-reads the configuration on every SIGHUP and applies what can change live (see
+/// [`crate::config`]); an invalid one changes nothing.
+async fn reload_on_sighup(
+    daemon: Arc<Daemon>,
+    argv: Vec<std::ffi::OsString>,
+    mut current: crate::config::Loaded,
+    mut hup: tokio::signal::unix::Signal,
+) {
+    while hup.recv().await.is_some() {
+        let read = crate::config::load(&argv).and_then(|l| core_config(&l.args).map(|c| (l, c)));
+        let (mut new, mut config) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(
+                    "SIGHUP: the configuration is invalid, keeping the one in effect: {e:#}"
+                );
+                continue;
+            }
+        };
+        for w in &new.warnings {
+            tracing::warn!("configuration: {w}");
+        }
+        let changes = current.changes(&new);
+        if changes.iter().any(|c| c.3) {
+            // Accounts are looked up off the lock; users new since are looked up under it.
+            let uids = daemon.lock().sched.uids();
+            let resolved: HashMap<u32, mgpu_core::UserLimits> = uids
+                .into_iter()
+                .map(|uid| (uid, new.limits.resolve_uid(uid).running))
+                .collect();
+            let mut inner = daemon.lock();
+            for uid in inner.sched.uids() {
+                let limits = match resolved.get(&uid) {
+                    Some(l) => *l,
+                    None => new.limits.resolve_uid(uid).running,
+                };
+                if !limits.is_unlimited() {
+                    config.user_limits.insert(uid, limits);
+                }
+            }
+            inner.sched.reconfigure(config);
+            inner.limits = Arc::new(new.limits.clone());
+            daemon.schedule(&mut inner);
+        }
+        for (key, old, now, live) in &changes {
+            if *live {
+                tracing::info!("config reloaded: {key} {old} -> {now}");
+            } else {
+                tracing::warn!(
+                    "config reloaded: {key} {old} -> {now} needs a restart; {old} stays in effect until then"
+                );
+            }
+        }
+        if changes.is_empty() {
+            tracing::info!("config reloaded: no changes");
+        }
+        current.keep_restart_only(&mut new);
+        current = new;
+    }
+}
+
+async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Result<()> {
+    let args = &loaded.args;
+    raise_fd_limit();
+    let euid = nix::unistd::geteuid().as_raw();
+    let multi_user = euid == 0;
+    let socket = mgpu_proto::server_socket(args.socket.as_deref(), euid);
+    check_socket_dir(
+        &socket,
+        mgpu_proto::explicit_socket(args.socket.as_deref()).is_none(),
+    )?;
+    let state_dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => default_state_dir(multi_user)?,
+    };
+    let log_dir = match &args.log_dir {
+        Some(d) => d.clone(),
+        None => home_of_self()?.join(".mgpu/logs"),
+    };
+    private_dir(&state_dir, "state directory")?;
+    private_dir(&log_dir, "log directory")?;
+    // One server per state directory.
+    let _lock = lock_dir(&state_dir, "lock", "state directory")?;
+
+    let job_limits = job_limit_settings(args);
+    job_limits.check().map_err(anyhow::Error::msg)?;
+    // Before the launcher starts: it (and every supervisor) finds job cgroups as set up here.
+    let unenforced = crate::cgroup::setup();
+    if !unenforced.is_empty() {
+        let names: Vec<&str> = unenforced.iter().map(|c| c.name()).collect();
+        tracing::warn!(
+            "job limits not enforced on this machine (no usable cgroup controller): {} (pids: \
+             --job-pids-max; memory: --host-mem; cpu: --cpus)",
+            names.join(", ")
+        );
+    }
+
+    let fs_bytes = nix::sys::statvfs::statvfs(&log_dir)
+        .map(|v| v.blocks().saturating_mul(v.fragment_size()))
+        .with_context(|| format!("reading the size of {}", log_dir.display()))?;
+    let quota = |flag: &str, value: &str| {
+        crate::logquota::parse_size(value, fs_bytes).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
+    let log_quota_per_user = quota("--log-quota-per-user", &args.log_quota_per_user)?;
+    let log_quota = quota("--log-quota", &args.log_quota)?;
+    let max_launch_data_per_user =
+        quota("--max-launch-data-per-user", &args.max_launch_data_per_user)?;
+    let backend = gpu_backend(args)?;
+    let gpus = backend.gpus();
+    let (store, recovered) = Store::open(&state_dir)?;
+    let config = core_config(args)?;
     let runs_dir = args
         .run_dir
         .clone()
@@ -491,6 +617,7 @@ async fn run(args: Args) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
     let daemon = Daemon::new(
         plan.sched,
         plan.commands,
@@ -511,6 +638,15 @@ async fn run(args: Args) -> Result<()> {
             max_launch_data_per_user,
         },
     );
+    {
+        // Limits of the users with jobs (from the next pass on: jobs running keep running).
+        let mut inner = daemon.lock();
+        inner.limits = Arc::new(loaded.limits.clone());
+        for uid in inner.sched.uids() {
+            let limits = inner.limits.resolve_uid(uid);
+            inner.sched.set_user_limits(uid, limits.running);
+        }
+    }
     {
         let mut launches = daemon.launches.lock().unwrap();
         for (id, uid, key, bytes) in daemon.store.launch_charges()? {
@@ -586,6 +722,7 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(watch_gpus(daemon.clone(), backend, mem_policy));
     tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
     tokio::spawn(daemon.clone().run_timer());
+    tokio::spawn(reload_on_sighup(daemon.clone(), argv, loaded, hup));
 
     let shutdown = async move {
         tokio::select! {

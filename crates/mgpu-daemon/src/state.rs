@@ -132,6 +132,8 @@ pub struct Inner {
     /// New jobs per user that have ids but are not queued yet (being recorded): they count
     /// against the queue limits like waiting ones.
     admitting: HashMap<u32, usize>,
+    /// The per-user and per-group limits of the configuration (replaced on reload).
+    pub limits: Arc<crate::config::LimitRules>,
 }
 
 impl Inner {
@@ -169,6 +171,11 @@ impl Inner {
         let first = self.take_job_id();
         self.next_job_id = first + n as JobId;
         Ok(first)
+    }
+
+    /// Jobs of `uid` waiting, or being admitted.
+    pub fn waiting_of(&self, uid: u32) -> usize {
+        self.sched.pending_count_of(uid) + self.admitting.get(&uid).copied().unwrap_or(0)
     }
 
     /// `n` jobs taken by [`Inner::admit`] are queued, or were given up.
@@ -234,6 +241,7 @@ impl Daemon {
                 deadline: None,
                 next_job_id: 1,
                 admitting: HashMap::new(),
+                limits: Default::default(),
             }),
             logs: Mutex::new(crate::logquota::LogBook::new(crate::logquota::Quotas {
                 per_job: settings.max_log_bytes,

@@ -7,6 +7,7 @@ use anyhow::Result;
 use mgpu_core::{ArrayTask, JobId, JobRequest};
 use mgpu_proto::{Response, SubmitRequest, Venv, MAX_ARRAY_INDEX, MAX_ARRAY_TASKS};
 
+use crate::config::{LimitRules, Limits};
 use crate::exec::LaunchSpec;
 use crate::handlers::cancel::cancel_one;
 use crate::handlers::follow::{follow, Follower};
@@ -154,13 +155,21 @@ pub async fn handle(
         Ok(a) => a,
         Err(e) => return send_error(conn, format!("cannot run jobs for you: {e:#}")).await,
     };
+    // The user's limits (root has none): the time limit is checked and defaulted here, the
+    // waiting jobs at admission, the running ones by the scheduler.
+    let rules = daemon.lock().limits.clone();
+    let limits = rules.resolve(caller.uid, &account.name, &account.groups);
+    let time_limit_s = match apply_time_limits(req.time_limit_s, &limits) {
+        Ok(t) => t,
+        Err(msg) => return send_error(conn, msg).await,
+    };
     let request = JobRequest {
         uid: caller.uid,
         user: account.name.clone(),
         name,
         gpus: req.gpus,
         mem_mib: req.mem_mib,
-        time_limit_s: req.time_limit_s,
+        time_limit_s,
         nice: req.nice,
         no_requeue: req.no_requeue,
         max_restarts: req.max_restarts,
@@ -192,6 +201,7 @@ pub async fn handle(
             spec,
             &indices,
             req.array_limit,
+            (&rules, &limits),
             conn,
         )
         .await;
@@ -199,7 +209,7 @@ pub async fn handle(
     let now = now_ms();
     // Phase 1: refuse what can never run or would overfill the queue, and take an id.
     let bytes = crate::logquota::launch_bytes(&spec);
-    let admission = match admit(daemon, &request, 1, bytes, false) {
+    let admission = match admit(daemon, &request, 1, bytes, false, (&rules, &limits)) {
         Ok(a) => a,
         Err(msg) => return send_error(conn, msg).await,
     };
@@ -282,6 +292,7 @@ fn admit(
     n: usize,
     bytes: u64,
     array: bool,
+    (rules, limits): (&Arc<LimitRules>, &Limits),
 ) -> Result<Admission, String> {
     let mut inner = daemon.lock();
     if inner.shutting_down {
@@ -290,6 +301,24 @@ fn admit(
     if let Err(e) = inner.sched.check_feasible(request) {
         return Err(format!("job refused: {e}"));
     }
+    // Resolved again if the configuration was reloaded meanwhile.
+    let limits = if Arc::ptr_eq(rules, &inner.limits) {
+        *limits
+    } else {
+        inner.limits.resolve_uid(request.uid)
+    };
+    if let Some(max) = limits.max_pending_jobs {
+        let mine = inner.waiting_of(request.uid);
+        if (mine + n) as u64 > max {
+            return Err(format!(
+                "refused: you have {mine} job{} waiting and at most {max} may wait per user \
+                 (the administrator's limit max_pending_jobs_per_user); wait for some to start \
+                 or cancel some",
+                if mine == 1 { "" } else { "s" }
+            ));
+        }
+    }
+    inner.sched.set_user_limits(request.uid, limits.running);
     let first = inner.admit(&daemon.settings, request.uid, n)?;
     let charged = (daemon.launches.lock().unwrap_or_else(|p| p.into_inner())).charge(
         request.uid,
@@ -347,6 +376,7 @@ impl Drop for Admission {
 
 /// A job array: one job per task, with ids that follow each other, all recorded in one
 /// transaction before the answer, then queued together.
+#[allow(clippy::too_many_arguments)]
 async fn submit_array(
     daemon: &Arc<Daemon>,
     caller: Caller,
@@ -354,12 +384,13 @@ async fn submit_array(
     spec: LaunchSpec,
     indices: &[u32],
     limit: Option<u32>,
+    limits: (&Arc<LimitRules>, &Limits),
     conn: &mut Conn,
 ) -> Result<()> {
     let now = now_ms();
     let count = indices.len() as u32;
     let bytes = crate::logquota::launch_bytes(&spec);
-    let admission = match admit(daemon, &request, indices.len(), bytes, true) {
+    let admission = match admit(daemon, &request, indices.len(), bytes, true, limits) {
         Ok(a) => a,
         Err(msg) => return send_error(conn, msg).await,
     };
@@ -426,6 +457,24 @@ async fn submit_array(
         },
     )
     .await
+}
+
+/// A job's time limit under its user's limits: the default when it asks for none (else the
+/// maximum, as Slurm gives a job without a limit the partition's MaxTime); refused, as in
+/// Slurm, when it asks for more than the maximum.
+fn apply_time_limits(asked: Option<u64>, limits: &Limits) -> Result<Option<u64>, String> {
+    use mgpu_core::timefmt::format_duration;
+    match (asked, limits.max_time_s) {
+        (None, max) => Ok(limits.default_time_s.or(max)),
+        (Some(t), Some(max)) if t > max => Err(format!(
+            "job refused: its time limit {} is longer than the longest allowed per job, {} \
+             (QOSMaxWallDurationPerJobLimit: the administrator's max_time); ask for {} or less",
+            format_duration(t),
+            format_duration(max),
+            format_duration(max)
+        )),
+        (t, _) => Ok(t),
+    }
 }
 
 /// A recorded job that the core refused after all (it cannot happen: the same GPUs were

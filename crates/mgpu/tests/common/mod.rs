@@ -177,6 +177,8 @@ impl Server {
         let scratch = dir.join("scratch");
         std::fs::create_dir(&scratch).unwrap();
         std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        // The server's own configuration file (empty): never the machine's /etc/mgpu/mgpu.toml.
+        std::fs::write(dir.join("mgpu.toml"), "").unwrap();
         let mut s = Server {
             socket: dir.join("mgpu.sock"),
             state_dir: dir.join("state"),
@@ -212,6 +214,9 @@ impl Server {
         // Tests switch jobs with 1 s limits (the default minimum slice is 60 s).
         if !self.extra.iter().any(|e| e == "--min-slice") {
             c.args(["--min-slice", "1"]);
+        }
+        if !self.extra.iter().any(|e| e == "--config") {
+            c.arg("--config").arg(self.dir.join("mgpu.toml"));
         }
         c.args(&self.extra).env("MGPU_LOG", "debug");
         c

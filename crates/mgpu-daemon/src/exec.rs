@@ -37,6 +37,15 @@ pub struct LaunchSpec {
     /// Host memory the job may use, in MiB (cgroup memory limit), resolved at submit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_mem_mib: Option<u64>,
+    /// A batch script's content: the job runs a copy of it (see [`SCRIPT_WRAPPER`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// Files (patterns) that also get the job's stdout / stderr, opened by the job's own
+    /// process after it dropped privileges (Slurm's `--output` / `--error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Everything needed to fork one run of a job. The daemon resolves it and hands it to the
@@ -169,11 +178,65 @@ fn venv_argv(activate: &Path, command: &[String]) -> Vec<std::ffi::OsString> {
     args
 }
 
+/// Runs a batch script's copy, like sbatch's spool copy: writes it (its pieces, as
+/// positional parameters) into a fresh private directory under `$TMPDIR` (else /tmp), as the
+/// user, runs it there with its arguments (its `#!` line chooses the interpreter), and removes
+/// the directory when it ends. No user text becomes shell code. The shell stays the job's
+/// first process: it passes on the script's exit status, and survives the `--signal`
+/// warnings (USR1/USR2) meant for the script.
+pub const SCRIPT_WRAPPER: &str = r#"name=$1; n=$2; shift 2
+d=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-job.XXXXXX") || { echo "mgpu: cannot create a directory for the job's script copy" >&2; exit 1; }
+trap 'rm -rf "$d"' EXIT
+trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; trap : USR1 USR2
+f="$d/$name"
+i=0; for p do [ "$i" -lt "$n" ] || break; printf '%s' "$p"; i=$((i + 1)); done > "$f" && chmod 700 "$f" || { echo "mgpu: cannot write the job's script copy in $d" >&2; exit 1; }
+shift "$n"
+"$f" "$@""#;
+
+/// Pieces a script is cut into for its argv (the kernel takes at most 128 KiB per string).
+const SCRIPT_PIECE: usize = 96 << 10;
+
+/// The command as exec'd: a batch script runs through [`SCRIPT_WRAPPER`].
+fn job_command(spec: &LaunchSpec) -> Vec<String> {
+    let Some(script) = &spec.script else {
+        return spec.command.clone();
+    };
+    let name = spec
+        .command
+        .first()
+        .and_then(|c| Path::new(c).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .unwrap_or_else(|| "script".into());
+    let mut pieces = Vec::new();
+    let mut rest = script.as_str();
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(SCRIPT_PIECE);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        pieces.push(rest[..cut].to_string());
+        rest = &rest[cut..];
+    }
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        SCRIPT_WRAPPER.into(),
+        "mgpu-script".into(),
+        name,
+        pieces.len().to_string(),
+    ];
+    argv.extend(pieces);
+    argv.extend(spec.command.iter().skip(1).cloned());
+    argv
+}
+
 /// The argv exec'd unless the child switches to the venv script.
 fn argv(launch: &Launch, account: &Account) -> Vec<std::ffi::OsString> {
+    let command = job_command(&launch.spec);
     match activate_script(launch, account) {
-        Some((activate, true)) => venv_argv(&activate, &launch.spec.command),
-        _ => launch.spec.command.iter().map(Into::into).collect(),
+        Some((activate, true)) => venv_argv(&activate, &command),
+        _ => command.iter().map(Into::into).collect(),
     }
 }
 
@@ -229,9 +292,18 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ("MGPU_JOB_ID", launch.job.to_string()),
         ("MGPU_JOB_NAME", launch.name.clone()),
         ("MGPU_RESTART_COUNT", launch.restarts.to_string()),
+        // What Slurm scripts read, so that they run unchanged.
+        ("SLURM_JOB_ID", launch.job.to_string()),
+        ("SLURM_JOBID", launch.job.to_string()),
+        ("SLURM_JOB_NAME", launch.name.clone()),
+        ("SLURM_SUBMIT_DIR", launch.spec.cwd.clone()),
     ];
     // A job submitted from inside an array task is not a task of that array.
-    env.retain(|(k, _)| !set.iter().any(|(s, _)| s == k) && !k.starts_with("MGPU_ARRAY_"));
+    env.retain(|(k, _)| {
+        !set.iter().any(|(s, _)| s == k)
+            && !k.starts_with("MGPU_ARRAY_")
+            && !k.starts_with("SLURM_ARRAY_")
+    });
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push((
             "PATH".into(),
@@ -249,6 +321,11 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
                 ("MGPU_ARRAY_TASK_COUNT", t.count.to_string()),
                 ("MGPU_ARRAY_TASK_MIN", t.min.to_string()),
                 ("MGPU_ARRAY_TASK_MAX", t.max.to_string()),
+                ("SLURM_ARRAY_JOB_ID", t.job.to_string()),
+                ("SLURM_ARRAY_TASK_ID", t.task.to_string()),
+                ("SLURM_ARRAY_TASK_COUNT", t.count.to_string()),
+                ("SLURM_ARRAY_TASK_MIN", t.min.to_string()),
+                ("SLURM_ARRAY_TASK_MAX", t.max.to_string()),
             ]
             .map(|(k, v)| (k.to_string(), v)),
         );
@@ -690,8 +767,8 @@ fn start_with(
         Some((activate, false)) => {
             let path = CString::new(activate.as_os_str().as_bytes())
                 .map_err(|_| fail("the venv path contains a NUL byte".into(), 1))?;
-            let arrays =
-                exec_arrays(&venv_argv(&activate, &launch.spec.command), &env).ok_or_else(nul)?;
+            let arrays = exec_arrays(&venv_argv(&activate, &job_command(&launch.spec)), &env)
+                .ok_or_else(nul)?;
             Some((path, arrays))
         }
         _ => None,

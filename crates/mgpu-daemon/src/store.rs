@@ -114,6 +114,12 @@ struct StoredSpec<'a> {
     cpus: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     host_mem_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    script: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: &'a Option<String>,
 }
 
 /// `spec` as stored, and the id of its environment's row (none for an empty environment).
@@ -126,6 +132,9 @@ fn stored_spec(tx: &rusqlite::Transaction, spec: &LaunchSpec) -> Result<(String,
         umask: spec.umask,
         cpus: spec.cpus,
         host_mem_mib: spec.host_mem_mib,
+        script: &spec.script,
+        output: &spec.output,
+        error: &spec.error,
     })?;
     let env = if spec.env.is_empty() {
         None

@@ -108,6 +108,26 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
     if req.signal.is_some_and(|w| w.secs_before > MAX_TIME_LIMIT_S) {
         return Err("--signal: the warning may come at most 366 days before the limit".into());
     }
+    if req
+        .script
+        .as_ref()
+        .is_some_and(|s| s.len() > mgpu_proto::MAX_SCRIPT_BYTES)
+    {
+        return Err(format!(
+            "the batch script is too large: at most {} KiB",
+            mgpu_proto::MAX_SCRIPT_BYTES >> 10
+        ));
+    }
+    if req.script.is_some() && req.command.is_empty() {
+        return Err("a batch script needs its name as the command".into());
+    }
+    for (flag, path) in [("--output", &req.output), ("--error", &req.error)] {
+        if let Some(p) = path {
+            if p.is_empty() || p.len() > 4096 || p.contains('\0') {
+                return Err(format!("invalid {flag}: 1 to 4096 bytes, no NUL"));
+            }
+        }
+    }
     if let Some(indices) = &req.array {
         if req.attach {
             return Err("a job array is submitted detached".into());
@@ -183,6 +203,9 @@ pub async fn handle(
         umask: req.umask,
         cpus,
         host_mem_mib,
+        script: req.script.take(),
+        output: req.output.take(),
+        error: req.error.take(),
     };
     if let Some(indices) = req.array.take() {
         return submit_array(

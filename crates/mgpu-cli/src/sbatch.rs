@@ -15,6 +15,8 @@ use clap::{Args as _, Parser};
 use crate::srun::{build_request, exit_parse_error, unknown_option_message, JobOpts, Submission};
 
 /// Submit a batch script to the mgpu scheduler; returns at once ("Submitted batch job N").
+/// Its output goes to slurm-%j.out (slurm-%A_%a.out for an array) in the job's working
+/// directory unless -o says otherwise (-o /dev/null: none), and to the server's log (mgpu_log).
 ///
 /// Options come from the command line and from #SBATCH / #MGPU lines at the script's top (the
 /// command line wins). The job runs a copy of the script taken now. In #SBATCH lines --mem is
@@ -268,6 +270,7 @@ fn prepare(args: Args, argv: &[OsString]) -> Result<Submission> {
         }
         let mut opts = args.opts;
         opts.job_name.get_or_insert_with(|| "wrap".to_string());
+        default_output(&mut opts);
         let command = vec!["sh".into(), "-c".into(), wrap.into()];
         return Ok(Submission {
             request: build_request(opts, command, false, None)?,
@@ -321,6 +324,7 @@ fn prepare(args: Args, argv: &[OsString]) -> Result<Submission> {
     };
     let mut opts = args.opts;
     opts.job_name.get_or_insert(name);
+    default_output(&mut opts);
     Ok(Submission {
         request: build_request(opts, command, false, Some(text))?,
         detach: true,
@@ -328,6 +332,18 @@ fn prepare(args: Args, argv: &[OsString]) -> Result<Submission> {
         socket: args.socket,
         batch: true,
     })
+}
+
+/// Slurm's default: stdout (and stderr, unless -e) into `slurm-%j.out` (`slurm-%A_%a.out`
+/// for an array) in the job's working directory.
+fn default_output(opts: &mut JobOpts) {
+    if opts.output.is_none() {
+        opts.output = Some(if opts.array.is_some() {
+            "slurm-%A_%a.out".into()
+        } else {
+            "slurm-%j.out".into()
+        });
+    }
 }
 
 #[cfg(test)]

@@ -234,3 +234,125 @@ fn srun_takes_slurm_spellings_and_a_scripts_directives() {
     );
     let _ = Duration::ZERO;
 }
+
+/// `-o`/`-e` files are created by the job's own process as its user, in the job's working
+/// directory, with Slurm's patterns; sbatch's default is slurm-%j.out.
+#[test]
+fn output_files_are_written_as_the_user_with_patterns() {
+    use std::os::unix::fs::MetadataExt;
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let dir = tempfile::Builder::new()
+        .prefix("mgpu-out-")
+        .tempdir_in(&a.home)
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(a.uid), Some(a.gid)).unwrap();
+    write_file(
+        &dir.path().join("io.sh"),
+        "#!/bin/sh\n#SBATCH -J io -o out-%j-%x-%u.txt\n#SBATCH --error=err-%A_%a-100%%.txt\necho to-stdout\necho to-stderr >&2\n",
+        0o644,
+    );
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(dir.path()).args(["--parsable", "io.sh"]);
+    let id = s.submit(c);
+    assert_eq!(finished(&s, id)["state"], "COMPLETED");
+    let out = dir.path().join(format!("out-{id}-io-{}.txt", a.name));
+    let err = dir.path().join(format!("err-{id}_4294967294-100%.txt"));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "to-stdout\n");
+    assert_eq!(std::fs::read_to_string(&err).unwrap(), "to-stderr\n");
+    for f in [&out, &err] {
+        assert_eq!(
+            std::fs::metadata(f).unwrap().uid(),
+            a.uid,
+            "{}",
+            f.display()
+        );
+    }
+    // The server's log has both as well.
+    let log = s.log(id);
+    assert!(
+        log.contains("to-stdout") && log.contains("to-stderr"),
+        "{log}"
+    );
+    // sbatch's default, and an array's: both streams in slurm-%j.out / slurm-%A_%a.out.
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(dir.path())
+        .args(["--parsable", "--wrap", "echo o; echo e >&2"]);
+    let id = s.submit(c);
+    finished(&s, id);
+    let f = dir.path().join(format!("slurm-{id}.out"));
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "o\ne\n");
+    assert_eq!(std::fs::metadata(&f).unwrap().uid(), a.uid);
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(dir.path()).args([
+        "--parsable",
+        "-a",
+        "3,5",
+        "--wrap",
+        "echo t=$SLURM_ARRAY_TASK_ID",
+    ]);
+    let first = s.submit(c);
+    finished(&s, first);
+    finished(&s, first + 1);
+    for (id, task) in [(first, 3), (first + 1, 5)] {
+        let _ = id;
+        let f = dir.path().join(format!("slurm-{first}_{task}.out"));
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), format!("t={task}\n"));
+    }
+    // srun's -o, relative to --chdir.
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["-D"])
+        .arg(dir.path())
+        .args(["-o", "srun-%j.log", "--", "echo", "attached"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "attached\n");
+    let n = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("srun-") && name.ends_with(".log")
+        })
+        .count();
+    assert_eq!(n, 1);
+}
+
+/// A user's `-o` into a place only root may write fails the job with a clear message, and
+/// nothing is written there: the file is never opened with root's rights (not even through a
+/// symlink the user planted).
+#[test]
+fn output_files_never_written_with_roots_rights() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let victim_dir = tempfile::Builder::new()
+        .prefix("mgpu-rootonly-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        victim_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let target = victim_dir.path().join("owned-by-root");
+    let planted = a.home.join(format!("mgpu-planted-{}", std::process::id()));
+    let _ = std::fs::remove_file(&planted);
+    std::os::unix::fs::symlink(&target, &planted).unwrap();
+    for path in [target.to_str().unwrap(), planted.to_str().unwrap()] {
+        let mut c = s.cmd_as(&a, "mgpu_sbatch");
+        c.current_dir(&a.home)
+            .args(["--parsable", "-o", path, "--wrap", "echo secret"]);
+        let id = s.submit(c);
+        let rec = finished(&s, id);
+        assert_eq!(rec["state"], "FAILED", "{rec}");
+        let msg = rec["message"].as_str().unwrap_or_default().to_string();
+        assert!(
+            msg.contains("cannot open the job's output file") && msg.contains("Permission denied"),
+            "{rec}"
+        );
+        assert!(!target.exists(), "root wrote {}", target.display());
+    }
+    let _ = std::fs::remove_file(&planted);
+}

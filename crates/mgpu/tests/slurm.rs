@@ -356,3 +356,137 @@ fn output_files_never_written_with_roots_rights() {
     }
     let _ = std::fs::remove_file(&planted);
 }
+
+/// squeue-style `mgpu_queue -u A,B -t PD,R -j ID,ID -o FORMAT`, with two real users.
+#[test]
+fn queue_filters_and_format_like_squeue() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    // a holds the GPU; b's and a's next jobs wait behind it.
+    let run_a = s.detached_as(&a, &["-J", "hold", "--", "sleep", "120"]);
+    s.wait_state(run_a, "RUNNING");
+    let pend_b = s.detached_as(&b, &["-J", "bjob", "-t", "5", "--", "true"]);
+    let pend_a = s.detached_as(&a, &["-J", "ajob", "--", "true"]);
+    let ids = |args: &[&str]| -> Vec<u64> {
+        let out = s
+            .cmd("mgpu_queue")
+            .args(["--noheader", "-o", "%i"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&[]), [run_a, pend_b, pend_a]);
+    assert_eq!(ids(&["-u", &a.name]), [run_a, pend_a]);
+    assert_eq!(
+        ids(&["-u", &format!("{},{}", a.name, b.name)]),
+        [run_a, pend_b, pend_a]
+    );
+    assert_eq!(ids(&["-t", "PD"]), [pend_b, pend_a]);
+    assert_eq!(ids(&["--states=RUNNING"]), [run_a]);
+    assert_eq!(ids(&["-t", "pending,r", "-u", &b.name]), [pend_b]);
+    assert_eq!(ids(&["-j", &format!("{pend_a},{run_a}")]), [run_a, pend_a]);
+    // --me is the caller's own.
+    let out = s
+        .cmd_as(&b, "mgpu_queue")
+        .args(["--me", "--noheader", "-o", "%i %u"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), format!("{pend_b} {}\n", b.name));
+    // The fields, with squeue's widths.
+    let out = s
+        .cmd("mgpu_queue")
+        .args([
+            "-j",
+            &pend_b.to_string(),
+            "-o",
+            "%.8i|%-6j|%u|%T|%t|%M|%l|%D|%b|%R|%%",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(
+        lines[0],
+        "   JOBID|NAME  |USER|STATE|ST|TIME|TIME_LIMIT|NODES|TRES_PER_NODE|NODELIST(REASON)|%"
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "{pend_b:>8}|bjob  |{}|PENDING|PD|0:00|5:00|1|gpu:1|(",
+            b.name
+        )),
+        "{}",
+        lines[1]
+    );
+    // Unknown fields and states are refused; a job that is not there is said so.
+    let out = s.cmd("mgpu_queue").args(["-o", "%i %P"]).output().unwrap();
+    assert_fails_with(&out, "unknown field %P");
+    let out = s.cmd("mgpu_queue").args(["-t", "XX"]).output().unwrap();
+    assert_fails_with(&out, "unknown state 'XX'");
+    let out = s.cmd("mgpu_queue").args(["-j", "999999"]).output().unwrap();
+    assert_fails_with(&out, "no such pending or running job: 999999");
+    s.ok("mgpu_cancel", &[&run_a.to_string()]);
+}
+
+/// scancel-style `mgpu_cancel -u -t -n`, combinable; a user's filters only reach their own
+/// jobs; no arguments shows every form.
+#[test]
+fn cancel_filters_like_scancel() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let run_a = s.detached_as(&a, &["-J", "sweep", "--", "sleep", "120"]);
+    s.wait_state(run_a, "RUNNING");
+    let pend_a_sweep = s.detached_as(&a, &["-J", "sweep", "--", "true"]);
+    let pend_a_other = s.detached_as(&a, &["-J", "other", "--", "true"]);
+    let pend_b_sweep = s.detached_as(&b, &["-J", "sweep", "--", "true"]);
+    let present = |id: u64| s.job(id).is_some();
+    // a: -n sweep -t PD reaches only a's pending sweep (not b's, not the running one).
+    let out = s
+        .cmd_as(&a, "mgpu_cancel")
+        .args(["-n", "sweep", "-t", "PD"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!present(pend_a_sweep));
+    assert!(present(run_a) && present(pend_a_other) && present(pend_b_sweep));
+    // b's filter on a's jobs: refused by the server, job by job.
+    let out = s
+        .cmd_as(&b, "mgpu_cancel")
+        .args(["-u", &a.name, "-t", "PD"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "permission denied");
+    assert!(present(pend_a_other));
+    // b's own -t PENDING: only b's.
+    let out = s
+        .cmd_as(&b, "mgpu_cancel")
+        .args(["-t", "PENDING"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!present(pend_b_sweep) && present(pend_a_other));
+    // root: -u a -t R.
+    s.ok("mgpu_cancel", &["-u", &a.name, "-t", "R"]);
+    s.wait_gone(run_a);
+    // Ids with a filter: those of them that match.
+    let blocker = s.detached(&["--", "sleep", "120"]);
+    s.wait_state(blocker, "RUNNING");
+    let x = s.detached(&["-J", "x", "--", "true"]);
+    s.ok("mgpu_cancel", &["-n", "nomatch", &x.to_string()]);
+    assert!(present(x));
+    // No arguments: every form.
+    let out = s.cmd("mgpu_cancel").output().unwrap();
+    assert_fails_with(&out, "mgpu_cancel -t STATE");
+    for form in ["--array ID", "--all", "-u USER", "-n NAME", "ID [ID...]"] {
+        assert!(
+            text(&out.stderr).contains(form),
+            "{form}: {}",
+            text(&out.stderr)
+        );
+    }
+    s.ok("mgpu_cancel", &["--all"]);
+}

@@ -145,6 +145,132 @@ pub struct JobOpts {
     /// (ALL,DEBUG=1)
     #[arg(long, value_name = "ALL|NONE|VARS")]
     pub export: Option<String>,
+    /// Do not start the job before TIME (Slurm's --begin; it waits with REASON BeginTime):
+    /// now+N[seconds|minutes|hours|days|weeks] (now+90, now+2hours), HH:MM[:SS] (today, or
+    /// tomorrow once past), YYYY-MM-DD[THH:MM[:SS]], midnight, noon, fika, teatime, today,
+    /// tomorrow; in local time
+    #[arg(long, value_name = "TIME", value_parser = parse_begin)]
+    pub begin: Option<u64>,
+}
+
+/// Slurm's `--begin` forms, as ms since the epoch (local time, as Slurm reads them).
+pub fn parse_begin(text: &str) -> Result<u64, String> {
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs() as i64;
+    begin_at(text, now_s).map(|s| s.max(0) as u64 * 1000)
+}
+
+/// [`parse_begin`] in seconds, with `now` given.
+fn begin_at(text: &str, now: i64) -> Result<i64, String> {
+    let bad = || {
+        format!(
+            "invalid --begin '{text}': use now+N[seconds|minutes|hours|days|weeks], HH:MM[:SS], YYYY-MM-DD[THH:MM[:SS]], midnight, noon, fika, teatime, today or tomorrow"
+        )
+    };
+    let t = text.trim().to_ascii_lowercase();
+    if let Some(rest) = t.strip_prefix("now") {
+        if rest.is_empty() {
+            return Ok(now);
+        }
+        let rest = rest.strip_prefix('+').ok_or_else(bad)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let n: i64 = digits.parse().map_err(|_| bad())?;
+        let unit = match &rest[digits.len()..] {
+            "" | "s" | "sec" | "secs" | "second" | "seconds" => 1,
+            "m" | "min" | "mins" | "minute" | "minutes" => 60,
+            "h" | "hour" | "hours" => 3600,
+            "d" | "day" | "days" => 86400,
+            "w" | "week" | "weeks" => 7 * 86400,
+            _ => return Err(bad()),
+        };
+        return n
+            .checked_mul(unit)
+            .and_then(|d| now.checked_add(d))
+            .ok_or_else(bad);
+    }
+    // SAFETY: localtime_r fills the zeroed struct; mktime reads it.
+    let local = |secs: i64| -> libc::tm {
+        unsafe {
+            let mut tm: libc::tm = std::mem::zeroed();
+            libc::localtime_r(&(secs as libc::time_t), &mut tm);
+            tm
+        }
+    };
+    let make = |mut tm: libc::tm| -> i64 {
+        tm.tm_isdst = -1;
+        unsafe { libc::mktime(&mut tm) as i64 }
+    };
+    let today = local(now);
+    let at_today = |h: i32, m: i32, s: i32, day_offset: i32| {
+        let mut tm = today;
+        tm.tm_hour = h;
+        tm.tm_min = m;
+        tm.tm_sec = s;
+        tm.tm_mday += day_offset;
+        make(tm)
+    };
+    // A time of day: today, or tomorrow once it has passed (as Slurm).
+    let next = |h: i32, m: i32, s: i32| {
+        let t = at_today(h, m, s, 0);
+        if t <= now {
+            at_today(h, m, s, 1)
+        } else {
+            t
+        }
+    };
+    let hms = |p: &str| -> Option<(i32, i32, i32)> {
+        let parts: Vec<i32> = p
+            .split(':')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let (h, m, s) = match parts.as_slice() {
+            [h, m] => (*h, *m, 0),
+            [h, m, s] => (*h, *m, *s),
+            _ => return None,
+        };
+        ((0..24).contains(&h) && (0..60).contains(&m) && (0..61).contains(&s)).then_some((h, m, s))
+    };
+    match t.as_str() {
+        "midnight" => return Ok(at_today(0, 0, 0, 1)),
+        "noon" => return Ok(next(12, 0, 0)),
+        "fika" => return Ok(next(15, 0, 0)),
+        "teatime" => return Ok(next(16, 0, 0)),
+        "today" => return Ok(at_today(0, 0, 0, 0)),
+        "tomorrow" => return Ok(at_today(0, 0, 0, 1)),
+        _ => {}
+    }
+    if let Some((h, m, s)) = hms(&t) {
+        return Ok(next(h, m, s));
+    }
+    let (date, time) = match t.split_once('t') {
+        Some((d, tm)) => (d, Some(tm)),
+        None => (t.as_str(), None),
+    };
+    let ymd: Vec<i32> = date
+        .split('-')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    let [y, mo, d] = ymd.as_slice() else {
+        return Err(bad());
+    };
+    let (h, mi, s) = match time {
+        Some(tm) => hms(tm).ok_or_else(bad)?,
+        None => (0, 0, 0),
+    };
+    if !(1..=12).contains(mo) || !(1..=31).contains(d) || *y < 1970 {
+        return Err(bad());
+    }
+    let mut tm = today;
+    tm.tm_year = y - 1900;
+    tm.tm_mon = mo - 1;
+    tm.tm_mday = *d;
+    tm.tm_hour = h;
+    tm.tm_min = mi;
+    tm.tm_sec = s;
+    Ok(make(tm))
 }
 
 /// A parsed `--gres`: the GPU count, and a type mgpu cannot honour.
@@ -293,7 +419,6 @@ pub fn slurm_flag_hint(prog: &str, flag: &str) -> Option<&'static str> {
         "--mem-per-cpu" => "not supported; use --host-mem SIZE for the job's host memory (RAM)",
         "--pty" => "not supported yet: an attached mgpu_srun streams the job's output, but gives no terminal",
         "-i" | "--input" => "not supported yet: the job's stdin is /dev/null",
-        "--begin" => "not supported yet: a job is queued at once",
         "--hold" => "not supported yet: a job is queued at once",
         "--wrap" if prog == "mgpu_srun" => {
             "--wrap is mgpu_sbatch's; with mgpu_srun put the command after --: mgpu_srun -- sh -c '...'"
@@ -548,6 +673,7 @@ pub fn build_request(
         script,
         output: opts.output,
         error: opts.error,
+        begin_at: opts.begin,
     })
 }
 
@@ -798,7 +924,35 @@ async fn cancel(client: &mut Client, job: Option<u64>, cancelling: &mut bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_warn_signal;
+    use super::{begin_at, parse_warn_signal};
+
+    #[test]
+    fn begin_times_like_slurm() {
+        let now = 1_700_000_000;
+        assert_eq!(begin_at("now", now), Ok(now));
+        assert_eq!(begin_at("now+90", now), Ok(now + 90));
+        assert_eq!(begin_at("now+3seconds", now), Ok(now + 3));
+        assert_eq!(begin_at("now+2hours", now), Ok(now + 7200));
+        assert_eq!(begin_at("NOW+1day", now), Ok(now + 86400));
+        assert_eq!(begin_at("now+1w", now), Ok(now + 7 * 86400));
+        // A time of day is in the next 24 hours; a date at its midnight or given time.
+        let t = begin_at("16:00", now).unwrap();
+        assert!(t > now && t <= now + 86400, "{t}");
+        assert_eq!(begin_at("teatime", now), Ok(t));
+        let d = begin_at("2030-01-02T03:04:05", now).unwrap();
+        assert_eq!(begin_at("2030-01-02T03:04", now), Ok(d - 5));
+        assert_eq!(begin_at("2030-01-02", now), Ok(d - 3 * 3600 - 4 * 60 - 5));
+        for bad in [
+            "soon",
+            "now-5",
+            "now+5parsecs",
+            "25:00",
+            "2030-13-01",
+            "1/2/30",
+        ] {
+            assert!(begin_at(bad, now).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn warn_signals() {

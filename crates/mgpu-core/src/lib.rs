@@ -14,6 +14,7 @@
 //! Which job goes first is the [`Policy`] of [`Config`]: FIFO first-fit, FIFO with EASY
 //! backfilling, or fair-share with EASY backfilling (the default); see [`policy`] and `pass.rs`.
 
+mod begin;
 mod pass;
 pub mod placement;
 pub mod policy;
@@ -356,6 +357,9 @@ pub struct Scheduler {
     /// answer stands: a trial copies the whole scheduler, so it is not repeated on every event
     /// (see [`Scheduler::time_actions`]).
     no_switch_until: Option<(Vec<JobId>, Millis)>,
+    /// Pending jobs waiting for their `--begin` time (see `begin.rs`), by time and by id.
+    deferred: BTreeSet<(Millis, JobId)>,
+    deferred_at: BTreeMap<JobId, Millis>,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -404,6 +408,8 @@ impl Scheduler {
             no_switch_until: None,
             throttles: BTreeMap::new(),
             over_since: HashMap::new(),
+            deferred: BTreeSet::new(),
+            deferred_at: BTreeMap::new(),
         }
     }
 
@@ -421,7 +427,9 @@ impl Scheduler {
 
     /// Pending jobs, in all (held array tasks too).
     pub fn pending_count(&self) -> usize {
-        self.pending.len() + self.throttles.values().map(|t| t.held.len()).sum::<usize>()
+        self.pending.len()
+            + self.throttles.values().map(|t| t.held.len()).sum::<usize>()
+            + self.deferred_count(None)
     }
 
     /// Pending jobs of one user (held array tasks too).
@@ -432,7 +440,7 @@ impl Scheduler {
             .filter(|t| t.uid == uid)
             .map(|t| t.held.len())
             .sum();
-        self.user_queues.get(&uid).map_or(0, BTreeMap::len) + held
+        self.user_queues.get(&uid).map_or(0, BTreeMap::len) + held + self.deferred_count(Some(uid))
     }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
@@ -691,6 +699,7 @@ impl Scheduler {
     /// `rescan_all`: consider every pending job even when only fresh ones can start (tests).
     fn schedule_pass(&mut self, now: Millis, rescan_all: bool) -> Vec<Assignment> {
         self.last_now = self.last_now.max(now);
+        self.release_begun(now);
         self.charge_rate_changes(now);
         // While a context switch is in progress nothing starts: the switched jobs' processes
         // go one by one, and what the first ones free must not be taken (by one of them,
@@ -720,6 +729,12 @@ impl Scheduler {
             return CancelOutcome::PermissionDenied;
         }
         match job.state {
+            JobState::Pending if self.deferred_at.contains_key(&id) => {
+                self.forget_deferred(id);
+                let mut job = self.jobs.remove(&id).expect("job exists");
+                job.state = JobState::Cancelled;
+                CancelOutcome::Removed(Box::new(job))
+            }
             JobState::Pending if job.held => {
                 let mut job = self.jobs.remove(&id).expect("job exists");
                 if let Some(array) = job.request.array.map(|a| a.job) {
@@ -876,12 +891,13 @@ impl Scheduler {
             .into_iter()
             .chain(self.pending_in_priority_order().map(|id| &self.jobs[&id]))
             .chain(held.map(|id| &self.jobs[id]))
+            .chain(self.deferred.iter().map(|(_, id)| &self.jobs[id]))
     }
 
     /// 1-based position of a pending job in priority order (O(queue length); for display only).
     pub fn queue_position(&self, id: JobId) -> Option<usize> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending || job.held {
+        if job.state != JobState::Pending || job.held || self.deferred_at.contains_key(&id) {
             return None;
         }
         if self.config.policy != Policy::Fair {
@@ -898,11 +914,15 @@ impl Scheduler {
     /// - `Priority`: it does not fit now and a job of higher priority holds the reservation;
     /// - `Reservation`: it would fit now, but starting it would delay the reserved job;
     /// - `JobArrayTaskLimit`: its job array already has as many tasks waiting or running as its
-    ///   cap allows.
+    ///   cap allows;
+    /// - `BeginTime`: it may not start before its `--begin` time.
     pub fn pending_reason(&self, id: JobId) -> Option<&'static str> {
         let job = self.jobs.get(&id)?;
         if job.state != JobState::Pending {
             return None;
+        }
+        if self.deferred_at.contains_key(&id) {
+            return Some("BeginTime");
         }
         if job.held {
             return Some("JobArrayTaskLimit");
@@ -924,7 +944,7 @@ impl Scheduler {
     /// policies the waiting time.
     pub fn priority(&self, id: JobId) -> Option<f64> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending || job.held {
+        if job.state != JobState::Pending || job.held || self.deferred_at.contains_key(&id) {
             return None;
         }
         let now = self.last_now;
@@ -939,6 +959,9 @@ impl Scheduler {
     /// When a pending job is expected to start at the latest, where that is known: for the job
     /// holding the reservation, from the running jobs' time limits (or the default estimate).
     pub fn est_start(&self, id: JobId) -> Option<Millis> {
+        if let Some(at) = self.begin_at(id) {
+            return Some(at);
+        }
         let r = self.reservation.as_ref()?;
         if r.job != id || self.jobs.get(&id)?.state != JobState::Pending {
             return None;
@@ -985,6 +1008,9 @@ impl Scheduler {
     pub fn wait_detail(&self, id: JobId) -> Option<String> {
         let job = self.jobs.get(&id)?;
         let code = self.pending_reason(id)?;
+        if self.deferred_at.contains_key(&id) {
+            return Some(format!("{code}: it may not start before its --begin time"));
+        }
         if let (true, Some(a)) = (job.held, job.request.array) {
             return Some(format!(
                 "{code}: at most {} tasks of job array {} wait or run at once",

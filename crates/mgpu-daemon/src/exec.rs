@@ -46,6 +46,9 @@ pub struct LaunchSpec {
     pub output: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Not before this time (`--begin`); kept in the job's own `begin_at` column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin_at: Option<mgpu_core::Millis>,
 }
 
 /// Everything needed to fork one run of a job. The daemon resolves it and hands it to the

@@ -219,6 +219,10 @@ pub struct SubmitRequest {
     /// Also write the job's stderr to this file (Slurm's `--error`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Not before this time (ms since the epoch; Slurm's `--begin`): pending with REASON
+    /// `BeginTime` until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin_at: Option<u64>,
 }
 
 /// Largest batch script `mgpu_sbatch` sends (its content travels in the submit frame).

@@ -816,7 +816,6 @@ fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
             "-d is Slurm's --dependency, not supported yet; use --detach",
         ),
         (&["--dependency=afterok:5", "--", "true"], "--dependency"),
-        (&["--begin", "now+1h", "true"], "--begin: not supported yet"),
         (&["--hold", "true"], "--hold: not supported yet"),
         (&["--wrap", "echo hi"], "--wrap is mgpu_sbatch's"),
         (&["-p", "gpu", "true"], "-p: mgpu has no partitions"),

@@ -490,3 +490,57 @@ fn cancel_filters_like_scancel() {
     }
     s.ok("mgpu_cancel", &["--all"]);
 }
+
+/// `--begin`: the job waits with REASON BeginTime (durably: across a restart), and runs once
+/// its time comes, never before.
+#[test]
+fn begin_time_holds_then_starts() {
+    let mut s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.clone();
+    // Far off: pending with BeginTime, also after a restart, and in the queue's %R.
+    let far = sbatch(&s, &dir, &["--begin", "now+1hour", "--wrap", "true"]);
+    let job = s.job(far).unwrap();
+    assert_eq!(job["state"], "PENDING");
+    assert_eq!(job["reason"], "BeginTime", "{job}");
+    s.restart();
+    let job = s.job(far).unwrap();
+    assert_eq!(job["reason"], "BeginTime", "after a restart: {job}");
+    let out = s.ok(
+        "mgpu_queue",
+        &["--noheader", "-j", &far.to_string(), "-o", "%t %R"],
+    );
+    assert_eq!(out, "PD (BeginTime)\n");
+    // A GPU is free all along: the job still waits for its time, then runs.
+    write_file(
+        &dir.join("soon.sh"),
+        "#!/bin/sh\n#SBATCH --begin=now+3seconds\necho began\n",
+        0o755,
+    );
+    let soon = sbatch(&s, &dir, &["soon.sh"]);
+    let rec = finished(&s, soon);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    let (sub, start) = (
+        rec["submitted_at"].as_str().unwrap().to_string(),
+        rec["started_at"].as_str().unwrap().to_string(),
+    );
+    let ms = |t: &str| {
+        let out = std::process::Command::new("date")
+            .args(["-d", t, "+%s%3N"])
+            .output()
+            .unwrap();
+        text(&out.stdout).trim().parse::<u64>().unwrap()
+    };
+    // (The client rounds "now" down to the second.)
+    assert!(
+        ms(&start) >= ms(&sub) + 2000,
+        "started {start}, submitted {sub}"
+    );
+    assert!(s.log(soon).contains("began"));
+    s.ok("mgpu_cancel", &[&far.to_string()]);
+    let out = s
+        .cmd("mgpu_sbatch")
+        .args(["--begin", "soon", "--wrap", "true"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "invalid --begin 'soon'");
+}

@@ -206,6 +206,7 @@ pub async fn handle(
         script: req.script.take(),
         output: req.output.take(),
         error: req.error.take(),
+        begin_at: req.begin_at,
     };
     if let Some(indices) = req.array.take() {
         return submit_array(
@@ -251,6 +252,9 @@ pub async fn handle(
             // Cannot happen (checked above against the same GPUs).
             Err(e) => Err(e),
             Ok(()) => {
+                if let Some(at) = req.begin_at {
+                    inner.sched.defer_until(id, at);
+                }
                 inner.commands.insert(id, shown);
                 let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
                 daemon.schedule(&mut inner);
@@ -410,6 +414,7 @@ async fn submit_array(
         })
         .collect();
     let shown = crate::handlers::queue::display_command(&spec.command);
+    let spec_begin_at = spec.begin_at;
     let committed = daemon
         .store
         .insert_array(NewArray {
@@ -423,6 +428,7 @@ async fn submit_array(
         return send_error(conn, format!("could not record the job array durably: {e}")).await;
     }
     let mut refused = None;
+    let begin_at = spec_begin_at;
     {
         let mut inner = daemon.lock();
         admission.settle(&mut inner);
@@ -432,6 +438,9 @@ async fn submit_array(
                 record_refused(daemon, id, &e);
                 refused.get_or_insert(e.to_string());
                 continue;
+            }
+            if let Some(at) = begin_at {
+                inner.sched.defer_until(id, at);
             }
             inner.commands.insert(id, shown.clone());
         }
@@ -517,6 +526,10 @@ mod tests {
             array_limit: None,
             cpus: None,
             host_mem_mib: None,
+            script: None,
+            output: None,
+            error: None,
+            begin_at: None,
         };
         assert!(super::validate(&req(Some(3600), Some(60))).is_ok());
         assert!(super::validate(&req(Some(0), None)).is_ok());

@@ -203,7 +203,7 @@ fn slurm_meaning(words: &[String]) -> (Vec<String>, bool) {
 /// The options the directives of `text` give, checked line by line (an error names the
 /// line), as words to put before the command line's.
 pub fn directive_words(prog: &'static str, name: &str, text: &str) -> Result<Vec<OsString>> {
-    let dirs = directives(text).with_context(|| format!("{name}"))?;
+    let dirs = directives(text).with_context(|| name.to_string())?;
     let mut out = Vec::new();
     for d in dirs {
         let (words, host_mem) = if d.slurm {

@@ -113,6 +113,9 @@ fn moved_hint(named: bool, old_exists: bool) -> Option<String> {
 }
 
 /// Messages a client sends.
+// One request at a time per connection, decoded and handled at once: a submit's size does not
+// multiply anywhere, so it is not boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {

@@ -290,23 +290,40 @@ fn venv_argv(activate: &Path, command: &[String]) -> Vec<std::ffi::OsString> {
     args
 }
 
-/// Runs a batch script's copy, like sbatch's spool copy: writes it (its pieces, as
-/// positional parameters) into a fresh private directory under `$TMPDIR` (else /tmp), as the
-/// user, runs it there with its arguments (its `#!` line chooses the interpreter), and removes
-/// the directory when it ends. No user text becomes shell code. The shell stays the job's
-/// first process: it passes on the script's exit status, and survives the `--signal`
-/// warnings (USR1/USR2) meant for the script.
+/// Runs a batch script's copy, like sbatch's spool copy: writes it (its pieces, from the
+/// environment variables `MGPU_SCRIPT_0`.. — private to the user, unlike argv, which anyone may
+/// read in /proc — then unset) into a fresh private directory under `$TMPDIR` (else /tmp), as
+/// the user, runs it there with its arguments (its `#!` line chooses the interpreter), and
+/// removes the directory when it ends. No user text becomes shell code (`eval` only builds a
+/// variable's name from a counter). The shell stays the job's first process: it passes on the
+/// script's exit status, and survives the `--signal` warnings (USR1/USR2) meant for the script.
 pub const SCRIPT_WRAPPER: &str = r#"name=$1; n=$2; shift 2
 d=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-job.XXXXXX") || { echo "mgpu: cannot create a directory for the job's script copy" >&2; exit 1; }
 trap 'rm -rf "$d"' EXIT
 trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; trap : USR1 USR2
 f="$d/$name"
-i=0; for p do [ "$i" -lt "$n" ] || break; printf '%s' "$p"; i=$((i + 1)); done > "$f" && chmod 700 "$f" || { echo "mgpu: cannot write the job's script copy in $d" >&2; exit 1; }
-shift "$n"
+i=0; while [ "$i" -lt "$n" ]; do eval "printf '%s' \"\$MGPU_SCRIPT_$i\""; i=$((i + 1)); done > "$f" && chmod 700 "$f" || { echo "mgpu: cannot write the job's script copy in $d" >&2; exit 1; }
+i=0; while [ "$i" -lt "$n" ]; do unset "MGPU_SCRIPT_$i"; i=$((i + 1)); done
 "$f" "$@""#;
 
-/// Pieces a script is cut into for its argv (the kernel takes at most 128 KiB per string).
+/// Pieces a script is cut into for its environment (the kernel takes at most 128 KiB per
+/// string).
 const SCRIPT_PIECE: usize = 96 << 10;
+
+/// A batch script in pieces, for [`SCRIPT_WRAPPER`].
+fn script_pieces(script: &str) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut rest = script;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(SCRIPT_PIECE);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        pieces.push(rest[..cut].to_string());
+        rest = &rest[cut..];
+    }
+    pieces
+}
 
 /// The command as exec'd: a batch script runs through [`SCRIPT_WRAPPER`].
 fn job_command(spec: &LaunchSpec) -> Vec<String> {
@@ -320,25 +337,14 @@ fn job_command(spec: &LaunchSpec) -> Vec<String> {
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| !n.is_empty() && n != "." && n != "..")
         .unwrap_or_else(|| "script".into());
-    let mut pieces = Vec::new();
-    let mut rest = script.as_str();
-    while !rest.is_empty() {
-        let mut cut = rest.len().min(SCRIPT_PIECE);
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        pieces.push(rest[..cut].to_string());
-        rest = &rest[cut..];
-    }
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".into(),
         SCRIPT_WRAPPER.into(),
         "mgpu-script".into(),
         name,
-        pieces.len().to_string(),
+        script_pieces(script).len().to_string(),
     ];
-    argv.extend(pieces);
     argv.extend(spec.command.iter().skip(1).cloned());
     argv
 }
@@ -423,6 +429,14 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ));
     }
     env.extend(set.into_iter().map(|(k, v)| (k.to_string(), v)));
+    // A batch script's content, for the wrapper (which unsets it before running the script).
+    env.retain(|(k, _)| !k.starts_with("MGPU_SCRIPT_"));
+    if let Some(script) = &launch.spec.script {
+        env.extend(
+            (script_pieces(script).into_iter().enumerate())
+                .map(|(i, p)| (format!("MGPU_SCRIPT_{i}"), p)),
+        );
+    }
     env.retain(|(k, _)| k != "MGPU_GPU_MEM_MIB");
     env.extend(framework_memory(launch.mem_mib, launch.gpu_total_mib, &env));
     if let Some(t) = launch.array {

@@ -544,3 +544,44 @@ fn begin_time_holds_then_starts() {
         .unwrap();
     assert_fails_with(&out, "invalid --begin 'soon'");
 }
+
+/// A batch script's content never shows in a process's argv (anyone may read /proc/PID/cmdline)
+/// and does not linger in its environment.
+#[test]
+fn script_content_is_not_in_argv_or_left_in_the_environment() {
+    let s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.clone();
+    write_file(
+        &dir.join("secret.sh"),
+        "#!/bin/sh\n# token-3141592653\necho vars=$(env | grep -c '^MGPU_SCRIPT_')\necho parent=$(tr '\\0' ' ' < /proc/$PPID/cmdline)\necho self=\"$0\"\n",
+        0o755,
+    );
+    let id = sbatch(&s, &dir, &["secret.sh", "an-arg"]);
+    assert_eq!(finished(&s, id)["state"], "COMPLETED");
+    let log = s.log(id);
+    assert!(log.contains("vars=0"), "{log}");
+    assert!(log.contains("parent=/bin/sh -c"), "{log}");
+    assert!(
+        log.contains("an-arg") && log.contains("/secret.sh"),
+        "{log}"
+    );
+    assert!(!log.contains("token-3141592653"), "{log}");
+}
+
+/// A script of several pieces (each environment string holds at most 128 KiB) arrives whole.
+#[test]
+fn a_large_script_arrives_whole() {
+    let s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.clone();
+    let filler: String = (0..14000)
+        .map(|i| format!("# filler line {i:>6} é\n"))
+        .collect();
+    let script =
+        format!("#!/bin/sh\n{filler}echo lines=$(wc -l < \"$0\") bytes=$(wc -c < \"$0\")\n");
+    assert!(script.len() > 300 << 10 && script.len() < 1 << 20);
+    write_file(&dir.join("large.sh"), &script, 0o755);
+    let id = sbatch(&s, &dir, &["large.sh"]);
+    assert_eq!(finished(&s, id)["state"], "COMPLETED");
+    let want = format!("lines={} bytes={}", script.lines().count(), script.len());
+    assert!(s.log(id).contains(&want), "{} (want {want})", s.log(id));
+}

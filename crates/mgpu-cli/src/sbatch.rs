@@ -77,6 +77,23 @@ pub fn read_script(path: &Path) -> Result<String> {
     read_bounded(file, &path.display().to_string())
 }
 
+/// The first `limit` bytes of a regular file (read as [`read_script`] does), as text.
+pub fn read_head(path: &Path, limit: u64) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let mut head = Vec::new();
+    file.take(limit).read_to_end(&mut head).ok()?;
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 fn read_bounded(r: impl std::io::Read, what: &str) -> Result<String> {
     use std::io::Read;
     let mut data = Vec::new();

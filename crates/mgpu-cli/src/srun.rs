@@ -537,8 +537,9 @@ fn directive_script(command: &[OsString], cwd: &std::path::Path) -> Option<PathB
             .map(|dir| cwd.join(dir).join(first))
             .find(|p| p.is_file())?
     };
-    let text = crate::sbatch::read_script(&path).ok()?;
-    let found = crate::sbatch::directives(&text)
+    // Directives are at the top: its first 64 KiB tell (a program's binary is not read whole).
+    let head = crate::sbatch::read_head(&path, 64 << 10)?;
+    let found = crate::sbatch::directives(&head)
         .map(|d| !d.is_empty())
         .unwrap_or(true);
     found.then_some(path)

@@ -424,7 +424,9 @@ pub fn slurm_flag_hint(prog: &str, flag: &str) -> Option<&'static str> {
             "--wrap is mgpu_sbatch's; with mgpu_srun put the command after --: mgpu_srun -- sh -c '...'"
         }
         "--detach" if prog == "mgpu_sbatch" => "not needed: mgpu_sbatch always returns at once",
-        "--open-mode" => "not supported: -o/-e files are truncated when the job starts",
+        "--open-mode" => {
+            "not supported: -o/-e files are truncated when the job first starts (a run after a context switch appends)"
+        }
         "-p" | "--partition" | "-q" | "--qos" | "-A" | "--account" | "--reservation" => {
             "mgpu has no partitions, QOS, accounts or reservations; leave it out"
         }

@@ -739,22 +739,25 @@ struct OutputPlan {
     out: Option<CString>,
     err: Option<CString>,
     link: libc::c_int,
+    /// A later run of the job (after a context switch) adds to what the earlier ones wrote.
+    append: bool,
 }
 
 /// Opens one output file as the (already switched) user: never following into something that
-/// could block, truncated like Slurm's default `--open-mode=truncate`.
+/// could block; truncated at the job's first run like Slurm's default `--open-mode=truncate`,
+/// appended to by its later runs (after context switches).
 ///
 /// # Safety
 /// Async-signal-safe; for the child between fork and exec.
-unsafe fn open_output(path: &CString) -> Option<libc::c_int> {
+unsafe fn open_output(path: &CString, append: bool) -> Option<libc::c_int> {
+    let mode = if append {
+        libc::O_APPEND
+    } else {
+        libc::O_TRUNC
+    };
     let fd = libc::open(
         path.as_ptr(),
-        libc::O_WRONLY
-            | libc::O_CREAT
-            | libc::O_TRUNC
-            | libc::O_NOCTTY
-            | libc::O_NONBLOCK
-            | libc::O_CLOEXEC,
+        libc::O_WRONLY | libc::O_CREAT | mode | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
         0o666,
     );
     if fd < 0 {
@@ -870,7 +873,7 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
         let mut mask = 0u8;
         for (i, path) in [&o.out, &o.err].into_iter().enumerate() {
             if let Some(path) = path {
-                match open_output(path) {
+                match open_output(path, o.append) {
                     Some(fd) => {
                         fds[count] = fd;
                         count += 1;
@@ -1019,6 +1022,7 @@ fn start_with(
             out: cpath(out_path)?,
             err: cpath(err_path)?,
             link: theirs.as_raw_fd(),
+            append: launch.restarts > 0,
         }),
         None => None,
     };

@@ -585,3 +585,32 @@ fn a_large_script_arrives_whole() {
     let want = format!("lines={} bytes={}", script.lines().count(), script.len());
     assert!(s.log(id).contains(&want), "{} (want {want})", s.log(id));
 }
+
+/// A job switched out and run again (context switch) adds to its `-o` file: the first run's
+/// output is kept, as in the server's log.
+#[test]
+fn output_file_keeps_earlier_runs_across_a_context_switch() {
+    let s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.clone();
+    let id = sbatch(
+        &s,
+        &dir,
+        &[
+            "-t",
+            "1s",
+            "-o",
+            "switch-%j.out",
+            "--wrap",
+            "if [ $MGPU_RESTART_COUNT = 0 ]; then echo first; sleep 30; else echo second; fi",
+        ],
+    );
+    s.wait_state(id, "RUNNING");
+    // A waiting job makes the overdue one switch out; it runs again after it.
+    let other = s.detached(&["--", "true"]);
+    let rec = finished(&s, id);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    assert_eq!(rec["restarts"], 1, "{rec}");
+    finished(&s, other);
+    let file = std::fs::read_to_string(dir.join(format!("switch-{id}.out"))).unwrap();
+    assert_eq!(file, "first\nsecond\n");
+}

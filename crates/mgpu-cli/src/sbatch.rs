@@ -318,6 +318,11 @@ fn prepare(args: Args, argv: &[OsString]) -> Result<Submission> {
                 );
             }
             let text = read_bounded(std::io::stdin().lock(), "the script on stdin")?;
+            if text.is_empty() {
+                bail!(
+                    "no script given (stdin is empty): mgpu_sbatch SCRIPT [ARGS], mgpu_sbatch --wrap \"CMD\", or mgpu_sbatch < job.sh"
+                );
+            }
             (vec![OsString::from("sbatch")], "sbatch".to_string(), text)
         }
     };

@@ -136,6 +136,33 @@ fn sbatch_wrap_export_and_refusals() {
     assert!(run("NONE").contains("A=unset B=unset C=unset"));
     assert!(run("MGPU_T_A,MGPU_T_C=c").contains("A=a B=unset C=c"));
     assert!(run("ALL,MGPU_T_C=c").contains("A=a B=b C=c"));
+    // The script on stdin (sbatch < job.sh), with its directives.
+    let mut child = s
+        .cmd("mgpu_sbatch")
+        .current_dir(&dir)
+        .arg("--parsable")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"#!/bin/sh\n#SBATCH -J from-stdin\necho via stdin\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let id: u64 = text(&out.stdout).trim().parse().unwrap();
+    assert_eq!(finished(&s, id)["name"], "from-stdin");
+    assert!(s.log(id).contains("via stdin"));
+    let out = s
+        .cmd("mgpu_sbatch")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "no script given");
     // An unsupported Slurm option in a directive: one line naming the line; nothing submitted.
     write_file(
         &dir.join("part.sh"),

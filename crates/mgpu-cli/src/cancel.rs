@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Parser;
-use mgpu_proto::{CancelRequest, CancelStatus, Request, Response};
+use mgpu_core::JobState;
+use mgpu_proto::{CancelRequest, CancelStatus, QueueRequest, Request, Response};
 
 use crate::client::Client;
 
@@ -19,20 +20,35 @@ use crate::client::Client;
 ///   mgpu_cancel --array 17     # every unfinished task of job array 17
 ///   mgpu_cancel --all          # all of your jobs (all jobs, for root)
 ///   mgpu_cancel --user alice   # alice's jobs (alice or root only)
+///   mgpu_cancel -t PENDING     # your pending jobs (scancel-style filters:
+///   mgpu_cancel -n sweep -t R  #   -u USER, -t STATE, -n NAME, combinable,
+///   mgpu_cancel -t PD 42 43    #   also with ids: those of them that match)
 #[derive(Debug, Parser)]
 #[command(name = "mgpu_cancel", version, verbatim_doc_comment)]
 pub struct Args {
     /// Job ids
-    #[arg(value_name = "ID", required_unless_present_any = ["user", "all", "array"], conflicts_with_all = ["user", "all", "array"])]
+    #[arg(value_name = "ID", conflicts_with_all = ["all", "array"])]
     pub ids: Vec<u64>,
     /// Cancel every pending or running task of this job array (its id: the first task's)
-    #[arg(short, long, value_name = "ID", conflicts_with_all = ["user", "all"])]
+    #[arg(short, long, value_name = "ID", conflicts_with_all = ["user", "all", "states", "name"])]
     pub array: Option<u64>,
-    /// Cancel all jobs of this user
+    /// Cancel jobs of this user (alice or root only); with -t/-n, those of them that match
     #[arg(short, long, value_name = "NAME", conflicts_with = "all")]
     pub user: Option<String>,
+    /// Only jobs in this state: PENDING (PD) or RUNNING (R); without ids or -u: your own jobs
+    /// (everyone's, for root)
+    #[arg(short = 't', long = "state", value_name = "STATE", value_parser = parse_state)]
+    pub states: Option<JobState>,
+    /// Only jobs with this name; without ids or -u: your own jobs (everyone's, for root)
+    #[arg(
+        short = 'n',
+        long = "name",
+        visible_alias = "jobname",
+        value_name = "NAME"
+    )]
+    pub name: Option<String>,
     /// Cancel all of your own jobs (every job, for root)
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["states", "name"])]
     pub all: bool,
     /// Say what happened to each job
     #[arg(short, long)]
@@ -42,21 +58,83 @@ pub struct Args {
     pub socket: Option<PathBuf>,
 }
 
+fn parse_state(text: &str) -> Result<JobState, String> {
+    match JobState::parse(text) {
+        Some(s @ (JobState::Pending | JobState::Running)) => Ok(s),
+        _ => Err(format!(
+            "unknown state '{text}': only PENDING (PD) or RUNNING (R) jobs can be cancelled"
+        )),
+    }
+}
+
+/// Every form, for a call that names no job.
+const USAGE: &str = "which jobs? give ids or a filter:
+  mgpu_cancel ID [ID...]       those jobs
+  mgpu_cancel --array ID       every unfinished task of job array ID
+  mgpu_cancel --all            all of your jobs (every job, for root)
+  mgpu_cancel -u USER          all of USER's jobs (USER or root only)
+  mgpu_cancel -t STATE         your jobs in STATE: PENDING (PD) or RUNNING (R)
+  mgpu_cancel -n NAME          your jobs named NAME
+  (-u, -t and -n combine, and with ids: mgpu_cancel -u alice -t PD -n sweep)";
+
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    if args.ids.is_empty()
+        && !args.all
+        && args.array.is_none()
+        && args.user.is_none()
+        && args.states.is_none()
+        && args.name.is_none()
+    {
+        eprintln!("mgpu_cancel: {USAGE}");
+        return ExitCode::from(2);
+    }
     crate::run_main("mgpu_cancel", run(args))
 }
 
 async fn run(args: Args) -> Result<i32> {
+    let filtered = args.states.is_some() || args.name.is_some();
     let request = if args.all {
         CancelRequest::All
     } else if let Some(array) = args.array {
         CancelRequest::Array(array)
+    } else if filtered || (args.user.is_some() && !args.ids.is_empty()) {
+        // scancel-style filters: the matching jobs, picked from the queue; the server still
+        // decides, job by job, whether we may cancel each.
+        let snapshot = crate::queue::fetch(
+            args.socket.as_deref(),
+            "mgpu_cancel",
+            QueueRequest {
+                user: args.user.clone(),
+                me: args.user.is_none() && args.ids.is_empty() && !nix::unistd::getuid().is_root(),
+                job: None,
+            },
+        )
+        .await?;
+        let ids: Vec<u64> = snapshot
+            .jobs
+            .iter()
+            .filter(|j| {
+                (args.ids.is_empty() || args.ids.contains(&j.id))
+                    && args.states.is_none_or(|s| s == j.state)
+                    && args.name.as_ref().is_none_or(|n| *n == j.name)
+            })
+            .map(|j| j.id)
+            .collect();
+        if ids.is_empty() {
+            if args.verbose {
+                eprintln!("mgpu_cancel: no job matches");
+            }
+            return Ok(0);
+        }
+        CancelRequest::Jobs(ids)
     } else if let Some(user) = args.user {
         CancelRequest::User(user)
     } else {
         CancelRequest::Jobs(args.ids)
     };
+    // A job picked by a filter that ended meanwhile is what was asked for: nothing to say.
+    let quiet_not_found = filtered;
     let mut client = Client::connect(args.socket.as_deref(), "mgpu_cancel").await?;
     let results = match client.call(&Request::Cancel(request)).await? {
         Response::Cancelled { results } => results,
@@ -76,6 +154,7 @@ async fn run(args: Args) -> Result<i32> {
                 eprintln!("mgpu_cancel: job {job} is already being stopped")
             }
             CancelStatus::Cancelled | CancelStatus::Stopping | CancelStatus::AlreadyStopping => {}
+            CancelStatus::NotFound if quiet_not_found => {}
             CancelStatus::NotFound => {
                 eprintln!("mgpu_cancel: error: job {job}: no such pending or running job");
                 code = 1;

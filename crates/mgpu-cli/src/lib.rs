@@ -1,6 +1,6 @@
 //! # mgpu-cli
 //!
-//! The client commands (`mgpu_srun`, `mgpu_queue`, `mgpu_cancel`, `mgpu_log`, `mgpu_acct`). Each binary is a
+//! The client commands (`mgpu_srun`, `mgpu_sbatch`, `mgpu_queue`, `mgpu_cancel`, `mgpu_log`, `mgpu_acct`). Each binary is a
 //! thin `main` calling into a module here; [`client`] holds what they share: finding the
 //! socket, checking who is really behind it, and the hello exchange.
 
@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod client;
 pub mod log;
 pub mod queue;
+pub mod sbatch;
 pub mod srun;
 
 use std::process::ExitCode;

@@ -18,6 +18,9 @@ use crate::client::Client;
 /// Examples:
 ///   mgpu_queue
 ///   mgpu_queue --me
+///   mgpu_queue -u alice,bob -t PD,R    # squeue-style filters
+///   mgpu_queue -j 12,14
+///   mgpu_queue -o "%.8i %.10u %.20j %.2t %.10M %.10l %b %R"
 ///   mgpu_queue -r              # a row for each waiting task of a job array
 ///   mgpu_queue --json | jq '.jobs[] | select(.state == "PENDING")'
 #[derive(Debug, Parser)]
@@ -26,15 +29,44 @@ pub struct Args {
     /// Print one JSON object instead of tables
     #[arg(long)]
     pub json: bool,
-    /// Only jobs of this user
-    #[arg(short, long, value_name = "NAME", conflicts_with = "me")]
-    pub user: Option<String>,
+    /// Only jobs of these users (a comma-separated list)
+    #[arg(
+        short,
+        long,
+        value_name = "NAME[,NAME]",
+        value_delimiter = ',',
+        conflicts_with = "me"
+    )]
+    pub user: Vec<String>,
     /// Only your own jobs
     #[arg(long)]
     pub me: bool,
-    /// Only this job
-    #[arg(short = 'j', long = "job", value_name = "ID")]
-    pub job: Option<u64>,
+    /// Only these jobs (a comma-separated list); says so when none of them is pending or running
+    #[arg(
+        short = 'j',
+        long = "job",
+        visible_alias = "jobs",
+        value_name = "ID[,ID]",
+        value_delimiter = ','
+    )]
+    pub job: Vec<u64>,
+    /// Only jobs in these states: PENDING (PD) or RUNNING (R), a comma-separated list
+    #[arg(short = 't', long = "states", visible_alias = "state", value_name = "STATE[,STATE]", value_delimiter = ',', value_parser = parse_state)]
+    pub states: Vec<JobState>,
+    /// One line per job in this squeue-style format instead of tables: %i id, %j name, %u
+    /// user, %T state, %t state (short: PD, R), %M time used, %l time limit, %D nodes (1),
+    /// %b GPUs (gpu:N), %R reason (pending) or the host (running), %% a %; %Nx pads a field
+    /// to N characters (%.Nx on the right); a longer value is cut
+    #[arg(
+        short = 'o',
+        long = "format",
+        value_name = "FORMAT",
+        conflicts_with = "json"
+    )]
+    pub format: Option<String>,
+    /// With --format: no header line
+    #[arg(long)]
+    pub noheader: bool,
     /// A row for each waiting task of a job array (by default, waiting tasks that follow each
     /// other share one row, like squeue's)
     #[arg(short = 'r', long)]
@@ -42,6 +74,183 @@ pub struct Args {
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+}
+
+/// A state `-t` may name: only pending and running jobs are in the queue.
+fn parse_state(text: &str) -> Result<JobState, String> {
+    match JobState::parse(text) {
+        Some(s @ (JobState::Pending | JobState::Running)) => Ok(s),
+        Some(s) => Err(format!(
+            "{} jobs are not in the queue; see them with mgpu_acct --state {}",
+            s.as_str(),
+            s.as_str()
+        )),
+        None => Err(format!(
+            "unknown state '{text}': PENDING (PD) or RUNNING (R)"
+        )),
+    }
+}
+
+/// Slurm's short state code.
+pub fn short_state(s: JobState) -> &'static str {
+    match s {
+        JobState::Pending => "PD",
+        JobState::Running => "R",
+        JobState::Completed => "CD",
+        JobState::Failed => "F",
+        JobState::Cancelled => "CA",
+        JobState::Timeout => "TO",
+        JobState::OutOfMemory => "OOM",
+    }
+}
+
+/// One piece of a `--format`: text, or a field with its width (negative: on the right).
+#[derive(Debug, PartialEq)]
+enum Piece {
+    Text(String),
+    Field {
+        code: char,
+        width: Option<usize>,
+        right: bool,
+    },
+}
+
+/// The fields `--format` knows, and their headers.
+const FORMAT_FIELDS: &[(char, &str)] = &[
+    ('i', "JOBID"),
+    ('j', "NAME"),
+    ('u', "USER"),
+    ('T', "STATE"),
+    ('t', "ST"),
+    ('M', "TIME"),
+    ('l', "TIME_LIMIT"),
+    ('D', "NODES"),
+    ('b', "TRES_PER_NODE"),
+    ('R', "NODELIST(REASON)"),
+];
+
+fn parse_format(fmt: &str) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    let mut chars = fmt.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            text.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'%') {
+            chars.next();
+            text.push('%');
+            continue;
+        }
+        // `%.8i` on the right, `%-8i` (or `%8i`) on the left.
+        let right = chars.next_if_eq(&'.').is_some();
+        if !right {
+            chars.next_if_eq(&'-');
+        }
+        let mut digits = String::new();
+        while let Some(d) = chars.next_if(|d| d.is_ascii_digit()) {
+            digits.push(d);
+        }
+        let Some(code) = chars.next() else {
+            bail!("invalid --format '{fmt}': it ends in the middle of a field");
+        };
+        if !FORMAT_FIELDS.iter().any(|(c, _)| *c == code) {
+            let known: Vec<String> = FORMAT_FIELDS.iter().map(|(c, _)| format!("%{c}")).collect();
+            bail!(
+                "--format: unknown field %{code}; mgpu_queue knows {} (and %%)",
+                known.join(" ")
+            );
+        }
+        if !text.is_empty() {
+            pieces.push(Piece::Text(std::mem::take(&mut text)));
+        }
+        let width = if digits.is_empty() {
+            None
+        } else {
+            Some(
+                digits
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("invalid --format width {digits}"))?,
+            )
+        };
+        pieces.push(Piece::Field { code, width, right });
+    }
+    if !text.is_empty() {
+        pieces.push(Piece::Text(text));
+    }
+    Ok(pieces)
+}
+
+fn format_field(code: char, j: &JobInfo, now: Millis, host: &str) -> String {
+    match code {
+        'i' => j.id.to_string(),
+        'j' => crate::display_name(&j.name, j.array),
+        'u' => j.user.clone(),
+        'T' => j.state.as_str().to_string(),
+        't' => short_state(j.state).to_string(),
+        'M' => {
+            let secs = match (j.state, j.started_at) {
+                (JobState::Running, Some(t)) => now.saturating_sub(t) / 1000,
+                _ => 0,
+            };
+            format_duration(secs)
+        }
+        'l' => j
+            .time_limit_s
+            .map(format_duration)
+            .unwrap_or_else(|| "UNLIMITED".into()),
+        'D' => "1".into(),
+        'b' => format!("gpu:{}", j.gpus),
+        'R' => match j.state {
+            JobState::Pending => format!("({})", j.reason.as_deref().unwrap_or("None")),
+            _ => host.to_string(),
+        },
+        _ => String::new(),
+    }
+}
+
+fn fit(value: String, width: Option<usize>, right: bool) -> String {
+    let Some(w) = width else {
+        return value;
+    };
+    let v: String = value.chars().take(w).collect();
+    if right {
+        format!("{v:>w$}")
+    } else {
+        format!("{v:<w$}")
+    }
+}
+
+/// The jobs in `--format`, one line each (a header first unless `noheader`).
+fn render_format(pieces: &[Piece], s: &QueueSnapshot, noheader: bool) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let line = |f: &dyn Fn(char) -> String| -> String {
+        let mut out = String::new();
+        for p in pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Field { code, width, right } => out.push_str(&fit(f(*code), *width, *right)),
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut out = String::new();
+    if !noheader {
+        out.push_str(&line(&|c| {
+            FORMAT_FIELDS
+                .iter()
+                .find(|(k, _)| *k == c)
+                .map(|(_, h)| h.to_string())
+                .unwrap_or_default()
+        }));
+    }
+    for j in &s.jobs {
+        out.push_str(&line(&|c| format_field(c, j, s.now, &host)));
+    }
+    out
 }
 
 pub fn main() -> ExitCode {
@@ -70,16 +279,39 @@ pub async fn fetch(
 }
 
 async fn run(args: Args) -> Result<i32> {
-    let snapshot = fetch(
+    let pieces = args.format.as_deref().map(parse_format).transpose()?;
+    let mut snapshot = fetch(
         args.socket.as_deref(),
         "mgpu_queue",
         QueueRequest {
-            user: args.user,
+            // One user or one job: the server filters; for lists, we do.
+            user: (args.user.len() == 1).then(|| args.user[0].clone()),
             me: args.me,
-            job: args.job,
+            job: (args.job.len() == 1).then(|| args.job[0]),
         },
     )
     .await?;
+    snapshot.jobs.retain(|j| {
+        (args.user.len() < 2 || args.user.contains(&j.user))
+            && (args.job.len() < 2 || args.job.contains(&j.id))
+            && (args.states.is_empty() || args.states.contains(&j.state))
+    });
+    if !args.job.is_empty() {
+        let missing: Vec<String> = (args.job.iter())
+            .filter(|id| !snapshot.jobs.iter().any(|j| j.id == **id))
+            .map(u64::to_string)
+            .collect();
+        if snapshot.jobs.is_empty() && args.states.is_empty() && args.user.is_empty() && !args.me {
+            bail!(
+                "no such pending or running job: {} (finished jobs: mgpu_acct -j ID)",
+                missing.join(",")
+            );
+        }
+    }
+    if let Some(pieces) = &pieces {
+        crate::print_out(&render_format(pieces, &snapshot, args.noheader))?;
+        return Ok(0);
+    }
     use std::io::Write;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());

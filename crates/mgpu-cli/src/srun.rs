@@ -27,15 +27,56 @@ const RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 ///   mgpu_srun --gpus 2 --mem 20G --time-limit 2:00:00 -- python train.py --lr 3e-4
 ///   mgpu_srun --detach --job-name sweep-1 -- ./run.sh 1
 ///   mgpu_srun --array 0-99 --mem 10G -- sh -c 'python sweep.py --seed $MGPU_ARRAY_TASK_ID'
+///
+/// A script given as the command with #SBATCH or #MGPU lines at its top gets those options
+/// (the command line wins); see mgpu_sbatch.
 #[derive(Debug, Parser)]
-#[command(name = "mgpu_srun", version, verbatim_doc_comment)]
+#[command(
+    name = "mgpu_srun",
+    version,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
 pub struct Args {
-    /// Number of GPUs
-    #[arg(short = 'G', long, default_value_t = 1)]
+    #[command(flatten)]
+    pub opts: JobOpts,
+    /// Print the job id and return at once instead of waiting for the job (no short form:
+    /// Slurm's -d is --dependency)
+    #[arg(long)]
+    pub detach: bool,
+    /// With --detach or --array: print only the job id (the array's id)
+    #[arg(long)]
+    pub parsable: bool,
+    /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The command and its arguments (after --, or from the first word that is not an option;
+    /// a word before -- that starts with - is an option, and an unknown one is refused)
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// The job's options: the same on mgpu_srun's and mgpu_sbatch's command lines and in a batch
+/// script's `#SBATCH` / `#MGPU` lines.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobOpts {
+    /// Number of GPUs (Slurm: --gpus-per-task, as a job is one task)
+    #[arg(
+        short = 'G',
+        long,
+        default_value_t = 1,
+        visible_alias = "gpus-per-task",
+        overrides_with = "gres"
+    )]
     pub gpus: u32,
+    /// Slurm's generic resource request: gpu:N (or gpu, one GPU); gpu:TYPE:N takes N GPUs of
+    /// any type (mgpu does not choose GPUs by type; it says so)
+    #[arg(long, value_name = "gpu:N", value_parser = parse_gres, overrides_with = "gpus")]
+    pub gres: Option<Gres>,
     /// GPU memory needed on each of its GPUs, in MiB (or with a unit: 10G). With it, jobs may
-    /// share a GPU; without it the job gets its GPUs exclusively
-    #[arg(long, value_name = "MIB", value_parser = parse_mem_mib)]
+    /// share a GPU; without it the job gets its GPUs exclusively. Slurm's --mem-per-gpu means
+    /// the same. (In an #SBATCH line, --mem is Slurm's host memory: see --host-mem)
+    #[arg(long, visible_alias = "mem-per-gpu", value_name = "MIB", value_parser = parse_mem_mib)]
     pub mem: Option<u64>,
     /// Time limit, as Slurm's --time: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or
     /// with a unit (30s, 90m, 2h, 1d); 0 or UNLIMITED: no limit
@@ -62,7 +103,8 @@ pub struct Args {
     #[arg(short = 'c', long, visible_alias = "cpus-per-task", value_name = "N")]
     pub cpus: Option<u32>,
     /// Host memory (RAM) for the job, MiB or with a unit (16G); over it, the job is killed and
-    /// ends as OUT_OF_MEMORY [default: the server's --default-host-mem]
+    /// ends as OUT_OF_MEMORY [default: the server's --default-host-mem]. An #SBATCH line's
+    /// --mem (Slurm's meaning) sets this
     #[arg(long, value_name = "SIZE", value_parser = parse_mem_mib)]
     pub host_mem: Option<u64>,
     /// Lower the job's priority by N (only root may give a negative value)
@@ -73,7 +115,7 @@ pub struct Args {
         allow_negative_numbers = true
     )]
     pub nice: i32,
-    /// Job name [default: the command's name]
+    /// Job name [default: the command's name; a batch script's name]
     #[arg(short = 'J', long, value_name = "NAME")]
     pub job_name: Option<String>,
     /// Working directory of the job [default: the current directory]
@@ -85,25 +127,190 @@ pub struct Args {
     /// Do not activate any venv
     #[arg(long)]
     pub no_venv: bool,
-    /// Print the job id and return at once instead of waiting for the job (no short form:
-    /// Slurm's -d is --dependency)
-    #[arg(long)]
-    pub detach: bool,
-    /// With --detach or --array: print only the job id (the array's id)
-    #[arg(long)]
-    pub parsable: bool,
     /// Submit a job array: one task per index, e.g. 0-99, 1,3,5-9 or 0-99:5 (every 5th); with
     /// %N (0-99%4) at most N tasks wait or run at once. Each task is a job of its own, with
-    /// MGPU_ARRAY_TASK_ID set to its index; implies --detach
+    /// MGPU_ARRAY_TASK_ID (and SLURM_ARRAY_TASK_ID) set to its index; implies --detach
     #[arg(short = 'a', long, value_name = "SPEC", value_parser = mgpu_proto::parse_array_spec)]
     pub array: Option<ArraySpec>,
-    /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// The command and its arguments (after --, or from the first word that is not an option;
-    /// a word before -- that starts with - is an option, and an unknown one is refused)
-    #[arg(trailing_var_arg = true, value_name = "CMD")]
-    pub command: Vec<OsString>,
+    /// Also write the job's stdout (and stderr, unless -e) to FILE, created as you, relative
+    /// to the job's working directory; %j job id, %A array id, %a task index, %x job name,
+    /// %u user, %% a % (the server keeps its log too: mgpu_log)
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<String>,
+    /// Also write the job's stderr to FILE (patterns as -o)
+    #[arg(short = 'e', long, value_name = "FILE")]
+    pub error: Option<String>,
+    /// Which of your environment variables the job gets (Slurm's --export): ALL (the
+    /// default), NONE, or a list NAME or NAME=VALUE, with ALL to add them to everything
+    /// (ALL,DEBUG=1)
+    #[arg(long, value_name = "ALL|NONE|VARS")]
+    pub export: Option<String>,
+    /// Do not start the job before TIME (Slurm's --begin; it waits with REASON BeginTime):
+    /// now+N[seconds|minutes|hours|days|weeks] (now+90, now+2hours), HH:MM[:SS] (today, or
+    /// tomorrow once past), YYYY-MM-DD[THH:MM[:SS]], midnight, noon, fika, teatime, today,
+    /// tomorrow; in local time
+    #[arg(long, value_name = "TIME", value_parser = parse_begin)]
+    pub begin: Option<u64>,
+}
+
+/// Slurm's `--begin` forms, as ms since the epoch (local time, as Slurm reads them).
+pub fn parse_begin(text: &str) -> Result<u64, String> {
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs() as i64;
+    begin_at(text, now_s).map(|s| s.max(0) as u64 * 1000)
+}
+
+/// [`parse_begin`] in seconds, with `now` given.
+fn begin_at(text: &str, now: i64) -> Result<i64, String> {
+    let bad = || {
+        format!(
+            "invalid --begin '{text}': use now+N[seconds|minutes|hours|days|weeks], HH:MM[:SS], YYYY-MM-DD[THH:MM[:SS]], midnight, noon, fika, teatime, today or tomorrow"
+        )
+    };
+    let t = text.trim().to_ascii_lowercase();
+    if let Some(rest) = t.strip_prefix("now") {
+        if rest.is_empty() {
+            return Ok(now);
+        }
+        let rest = rest.strip_prefix('+').ok_or_else(bad)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let n: i64 = digits.parse().map_err(|_| bad())?;
+        let unit = match &rest[digits.len()..] {
+            "" | "s" | "sec" | "secs" | "second" | "seconds" => 1,
+            "m" | "min" | "mins" | "minute" | "minutes" => 60,
+            "h" | "hour" | "hours" => 3600,
+            "d" | "day" | "days" => 86400,
+            "w" | "week" | "weeks" => 7 * 86400,
+            _ => return Err(bad()),
+        };
+        return n
+            .checked_mul(unit)
+            .and_then(|d| now.checked_add(d))
+            .ok_or_else(bad);
+    }
+    // SAFETY: localtime_r fills the zeroed struct; mktime reads it.
+    let local = |secs: i64| -> libc::tm {
+        unsafe {
+            let mut tm: libc::tm = std::mem::zeroed();
+            libc::localtime_r(&(secs as libc::time_t), &mut tm);
+            tm
+        }
+    };
+    let make = |mut tm: libc::tm| -> i64 {
+        tm.tm_isdst = -1;
+        unsafe { libc::mktime(&mut tm) as i64 }
+    };
+    let today = local(now);
+    let at_today = |h: i32, m: i32, s: i32, day_offset: i32| {
+        let mut tm = today;
+        tm.tm_hour = h;
+        tm.tm_min = m;
+        tm.tm_sec = s;
+        tm.tm_mday += day_offset;
+        make(tm)
+    };
+    // A time of day: today, or tomorrow once it has passed (as Slurm).
+    let next = |h: i32, m: i32, s: i32| {
+        let t = at_today(h, m, s, 0);
+        if t <= now {
+            at_today(h, m, s, 1)
+        } else {
+            t
+        }
+    };
+    let hms = |p: &str| -> Option<(i32, i32, i32)> {
+        let parts: Vec<i32> = p
+            .split(':')
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        let (h, m, s) = match parts.as_slice() {
+            [h, m] => (*h, *m, 0),
+            [h, m, s] => (*h, *m, *s),
+            _ => return None,
+        };
+        ((0..24).contains(&h) && (0..60).contains(&m) && (0..61).contains(&s)).then_some((h, m, s))
+    };
+    match t.as_str() {
+        "midnight" => return Ok(at_today(0, 0, 0, 1)),
+        "noon" => return Ok(next(12, 0, 0)),
+        "fika" => return Ok(next(15, 0, 0)),
+        "teatime" => return Ok(next(16, 0, 0)),
+        "today" => return Ok(at_today(0, 0, 0, 0)),
+        "tomorrow" => return Ok(at_today(0, 0, 0, 1)),
+        _ => {}
+    }
+    if let Some((h, m, s)) = hms(&t) {
+        return Ok(next(h, m, s));
+    }
+    let (date, time) = match t.split_once('t') {
+        Some((d, tm)) => (d, Some(tm)),
+        None => (t.as_str(), None),
+    };
+    let ymd: Vec<i32> = date
+        .split('-')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    let [y, mo, d] = ymd.as_slice() else {
+        return Err(bad());
+    };
+    let (h, mi, s) = match time {
+        Some(tm) => hms(tm).ok_or_else(bad)?,
+        None => (0, 0, 0),
+    };
+    if !(1..=12).contains(mo) || !(1..=31).contains(d) || *y < 1970 {
+        return Err(bad());
+    }
+    let mut tm = today;
+    tm.tm_year = y - 1900;
+    tm.tm_mon = mo - 1;
+    tm.tm_mday = *d;
+    tm.tm_hour = h;
+    tm.tm_min = mi;
+    tm.tm_sec = s;
+    Ok(make(tm))
+}
+
+/// A parsed `--gres`: the GPU count, and a type mgpu cannot honour.
+#[derive(Debug, Clone)]
+pub struct Gres {
+    pub gpus: u32,
+    pub ignored_type: Option<String>,
+}
+
+/// Slurm's `--gres=gpu[:TYPE][:N]`.
+pub fn parse_gres(text: &str) -> Result<Gres, String> {
+    let bad = || {
+        format!(
+            "invalid --gres '{text}': mgpu knows only GPUs: gpu:N, e.g. --gres=gpu:2 (or --gpus 2)"
+        )
+    };
+    let mut parts = text.split(':');
+    if parts.next() != Some("gpu") {
+        return Err(bad());
+    }
+    let rest: Vec<&str> = parts.collect();
+    let (ty, n) = match rest.as_slice() {
+        [] => (None, "1"),
+        [n] if n.parse::<u32>().is_ok() => (None, *n),
+        [ty] => (Some(*ty), "1"),
+        [ty, n] => (Some(*ty), *n),
+        _ => return Err(bad()),
+    };
+    let gpus = n.parse::<u32>().map_err(|_| bad())?;
+    Ok(Gres {
+        gpus,
+        ignored_type: ty.map(str::to_string),
+    })
+}
+
+impl JobOpts {
+    /// GPUs asked for (--gpus or --gres, whichever came last).
+    pub fn gpu_count(&self) -> u32 {
+        self.gres.as_ref().map_or(self.gpus, |g| g.gpus)
+    }
 }
 
 /// A parsed `--time-limit`: `None` is no limit.
@@ -111,22 +318,64 @@ pub struct Args {
 pub struct TimeLimit(pub Option<u64>);
 
 pub fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let args = match Args::try_parse_from(&argv) {
         Ok(args) => args,
-        Err(e) => {
-            if let Some(message) = unknown_option_message(&e) {
-                eprintln!("mgpu_srun: error: {message}");
-                return ExitCode::from(2);
+        Err(e) => exit_parse_error("mgpu_srun", e),
+    };
+    // A script with #SBATCH / #MGPU lines: those options first, so the command line wins.
+    let cwd = args
+        .opts
+        .chdir
+        .clone()
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_default();
+    let args = match directive_script(&args.command, &cwd) {
+        None => args,
+        Some(path) => {
+            let extra = match crate::sbatch::script_directives("mgpu_srun", &path) {
+                Ok(extra) => extra,
+                Err(e) => {
+                    eprintln!("mgpu_srun: error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let mut all = vec![argv[0].clone()];
+            all.extend(extra);
+            all.extend(argv[1..].iter().cloned());
+            match Args::try_parse_from(all) {
+                Ok(args) => args,
+                Err(e) => exit_parse_error("mgpu_srun", e),
             }
-            e.exit()
         }
     };
-    crate::run_main("mgpu_srun", run(args))
+    let detach = args.detach || args.opts.array.is_some();
+    if args.parsable && !detach {
+        eprintln!("mgpu_srun: error: --parsable goes with --detach or --array");
+        return ExitCode::from(2);
+    }
+    let sub = build_request(args.opts, args.command, !detach, None).map(|request| Submission {
+        request,
+        detach,
+        parsable: args.parsable,
+        socket: args.socket,
+        batch: false,
+    });
+    crate::run_main("mgpu_srun", async move { run(sub?).await })
+}
+
+/// Prints a command-line error (one line for an unknown option) and exits.
+pub fn exit_parse_error(prog: &str, e: clap::Error) -> ! {
+    if let Some(message) = unknown_option_message(prog, &e) {
+        eprintln!("{prog}: error: {message}");
+        std::process::exit(2);
+    }
+    e.exit()
 }
 
 /// For an unknown option, one line naming it, and for a Slurm flag mgpu does not take (yet),
 /// what to use instead. `None` for other errors (clap's own message says it best).
-fn unknown_option_message(e: &clap::Error) -> Option<String> {
+pub fn unknown_option_message(prog: &str, e: &clap::Error) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     if e.kind() != ErrorKind::UnknownArgument {
         return None;
@@ -139,7 +388,7 @@ fn unknown_option_message(e: &clap::Error) -> Option<String> {
     } else {
         word.get(..2).unwrap_or(word)
     };
-    if let Some(hint) = slurm_flag_hint(flag) {
+    if let Some(hint) = slurm_flag_hint(prog, flag) {
         return Some(if hint.starts_with(flag) {
             hint.to_string()
         } else {
@@ -151,31 +400,33 @@ fn unknown_option_message(e: &clap::Error) -> Option<String> {
         Some(ContextValue::Strings(s)) if !s.is_empty() => format!(" (did you mean {}?)", s[0]),
         _ => String::new(),
     };
+    let example = if prog == "mgpu_sbatch" {
+        "mgpu_sbatch --gpus 1 train.sh"
+    } else {
+        "mgpu_srun --gpus 1 -- python train.py"
+    };
     Some(format!(
-        "unknown option '{word}'{suggestion}; the command goes after --, e.g. mgpu_srun --gpus 1 -- python train.py (see mgpu_srun --help)"
+        "unknown option '{word}'{suggestion}; the command goes after --, e.g. {example} (see {prog} --help)"
     ))
 }
 
-/// What to say about a Slurm `srun`/`sbatch` flag that mgpu_srun does not take.
-pub fn slurm_flag_hint(flag: &str) -> Option<&'static str> {
+/// What to say about a Slurm `srun`/`sbatch` flag that `prog` does not take.
+pub fn slurm_flag_hint(prog: &str, flag: &str) -> Option<&'static str> {
     Some(match flag {
         "-d" => "-d is Slurm's --dependency, not supported yet; use --detach to return at once",
         "--dependency" => "Slurm's --dependency is not supported yet",
-        "--gres" | "--gpus-per-task" | "--gpus-per-node" | "--tres-per-task" => {
-            "not supported yet; use --gpus N (-G N)"
-        }
-        "--mem-per-gpu" => {
-            "not supported yet; use --mem SIZE (mgpu's --mem is GPU memory on each of the job's GPUs)"
-        }
+        "--gpus-per-node" | "--tres-per-task" => "not supported; use --gpus N (-G N)",
         "--mem-per-cpu" => "not supported; use --host-mem SIZE for the job's host memory (RAM)",
         "--pty" => "not supported yet: an attached mgpu_srun streams the job's output, but gives no terminal",
-        "-o" | "--output" | "-e" | "--error" => {
-            "not supported yet: the server keeps the job's output; read it with mgpu_log ID (an attached mgpu_srun prints it live)"
-        }
         "-i" | "--input" => "not supported yet: the job's stdin is /dev/null",
-        "--export" => "not supported yet: the job gets your whole environment (as --export=ALL)",
-        "--begin" | "--hold" => "not supported yet: a job is queued at once",
-        "--wrap" => "not supported yet; put the command after --: mgpu_srun -- sh -c '...'",
+        "--hold" => "not supported yet: a job is queued at once",
+        "--wrap" if prog == "mgpu_srun" => {
+            "--wrap is mgpu_sbatch's; with mgpu_srun put the command after --: mgpu_srun -- sh -c '...'"
+        }
+        "--detach" if prog == "mgpu_sbatch" => "not needed: mgpu_sbatch always returns at once",
+        "--open-mode" => {
+            "not supported: -o/-e files are truncated when the job first starts (a run after a context switch appends)"
+        }
         "-p" | "--partition" | "-q" | "--qos" | "-A" | "--account" | "--reservation" => {
             "mgpu has no partitions, QOS, accounts or reservations; leave it out"
         }
@@ -267,22 +518,18 @@ fn stdin_is_real_input() -> bool {
     !is_null
 }
 
-/// How much of a script is read to look for `#SBATCH` lines.
-const SBATCH_SCAN_BYTES: u64 = 64 << 10;
-
-/// The script the job runs, when it has `#SBATCH` lines at its top (which mgpu_srun does not
-/// read): the command's first word (looked up in $PATH when it has no `/`, as the job would), or
-/// the script a shell is given (`bash train.sh`). Read with our own rights, at most 64 KiB, and
-/// only from a regular file (never blocks on a FIFO).
-fn sbatch_script(command: &[String], cwd: &str) -> Option<PathBuf> {
-    let first = command.first()?;
-    let cwd = std::path::Path::new(cwd);
+/// The script the job runs, when it has `#SBATCH` or `#MGPU` lines at its top: the command's
+/// first word (looked up in $PATH when it has no `/`, as the job would), or the script a shell
+/// is given (`bash train.sh`). Read with our own rights, and only from a regular file (never
+/// blocks on a FIFO).
+fn directive_script(command: &[OsString], cwd: &std::path::Path) -> Option<PathBuf> {
+    let first = command.first()?.to_str()?;
     let shell = std::path::Path::new(first)
         .file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| matches!(n, "sh" | "bash" | "dash" | "zsh" | "ksh"));
     let path = if shell {
-        let script = command.get(1).filter(|a| !a.starts_with('-'))?;
+        let script = command.get(1)?.to_str().filter(|a| !a.starts_with('-'))?;
         cwd.join(script)
     } else if first.contains('/') {
         cwd.join(first)
@@ -292,38 +539,12 @@ fn sbatch_script(command: &[String], cwd: &str) -> Option<PathBuf> {
             .map(|dir| cwd.join(dir).join(first))
             .find(|p| p.is_file())?
     };
-    has_sbatch_lines(&path).then_some(path)
-}
-
-/// Whether the file's directive block (after `#!`, through comments and blank lines, as sbatch
-/// reads it) has an `#SBATCH` line.
-fn has_sbatch_lines(path: &std::path::Path) -> bool {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let Ok(file) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-    else {
-        return false;
-    };
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return false;
-    }
-    let mut head = Vec::new();
-    if file.take(SBATCH_SCAN_BYTES).read_to_end(&mut head).is_err() {
-        return false;
-    }
-    for line in String::from_utf8_lossy(&head).lines() {
-        let line = line.trim_start();
-        if line.starts_with("#SBATCH") {
-            return true;
-        }
-        if !(line.is_empty() || line.starts_with('#')) {
-            break;
-        }
-    }
-    false
+    // Directives are at the top: its first 64 KiB tell (a program's binary is not read whole).
+    let head = crate::sbatch::read_head(&path, 64 << 10)?;
+    let found = crate::sbatch::directives(&head)
+        .map(|d| !d.is_empty())
+        .unwrap_or(true);
+    found.then_some(path)
 }
 
 /// Our umask, from /proc (reading it with umask(2) would change it).
@@ -338,17 +559,80 @@ fn utf8(s: OsString, what: &str) -> Result<String> {
         .map_err(|s| anyhow::anyhow!("{what} is not valid UTF-8: {}", s.to_string_lossy()))
 }
 
-fn build_request(args: Args) -> Result<SubmitRequest> {
-    if args.command.is_empty() {
+/// What to submit, and how to wait for it.
+pub struct Submission {
+    pub request: SubmitRequest,
+    pub detach: bool,
+    pub parsable: bool,
+    pub socket: Option<PathBuf>,
+    /// Say it as sbatch does ("Submitted batch job N").
+    pub batch: bool,
+}
+
+/// The environment the job gets, as Slurm's `--export` says (ALL when absent).
+pub fn export_env(export: Option<&str>) -> Result<Vec<(String, String)>> {
+    // Variables that are not UTF-8 cannot be carried.
+    let mine = || {
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+    };
+    let Some(spec) = export else {
+        return Ok(mine().collect());
+    };
+    let mut env: Vec<(String, String)> = Vec::new();
+    let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
+        env.retain(|(e, _)| *e != k);
+        env.push((k, v));
+    };
+    let items: Vec<&str> = spec.split(',').collect();
+    if items.iter().any(|i| i.trim().eq_ignore_ascii_case("ALL")) {
+        env.extend(mine());
+    }
+    for item in items {
+        let item = item.trim();
+        if item.eq_ignore_ascii_case("ALL") || item.eq_ignore_ascii_case("NONE") {
+            continue;
+        }
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (item, None),
+        };
+        let valid = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            bail!("invalid --export '{spec}': '{item}' is not NAME or NAME=VALUE (use ALL, NONE or a list: ALL,DEBUG=1)");
+        }
+        match v {
+            Some(v) => set(&mut env, k.to_string(), v.to_string()),
+            None => {
+                if let Some(v) = std::env::var_os(k).and_then(|v| v.into_string().ok()) {
+                    set(&mut env, k.to_string(), v);
+                }
+            }
+        }
+    }
+    Ok(env)
+}
+
+/// The submit request for `opts` and `command` (a batch script's name and arguments when
+/// `script` holds its content).
+pub fn build_request(
+    opts: JobOpts,
+    command: Vec<OsString>,
+    attach: bool,
+    script: Option<String>,
+) -> Result<SubmitRequest> {
+    if command.is_empty() {
         bail!("no command given: put it after --, e.g. mgpu_srun --gpus 1 -- python train.py");
     }
-    let cwd = match &args.chdir {
+    let cwd = match &opts.chdir {
         Some(d) => usable_dir(d)?,
         None => usable_dir(&std::env::current_dir().context("reading the current directory")?)?,
     };
-    let venv = if args.no_venv {
+    let venv = if opts.no_venv {
         Venv::Off
-    } else if let Some(v) = &args.venv {
+    } else if let Some(v) = &opts.venv {
         let abs =
             std::fs::canonicalize(v).with_context(|| format!("cannot use venv {}", v.display()))?;
         if !abs.join("bin/activate").is_file() {
@@ -358,57 +642,59 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
     } else {
         Venv::Auto
     };
-    let command = args
-        .command
+    let command = command
         .into_iter()
         .map(|a| utf8(a, "an argument"))
         .collect::<Result<Vec<_>>>()?;
-    // Like Slurm's --export=ALL; variables that are not UTF-8 cannot be carried.
-    let env = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .collect();
+    if let Some(ty) = opts.gres.as_ref().and_then(|g| g.ignored_type.as_ref()) {
+        eprintln!(
+            "mgpu: note: --gres=gpu:{ty}:N: mgpu does not choose GPUs by type; the job gets any {} GPU(s)",
+            opts.gpu_count()
+        );
+    }
+    let env = export_env(opts.export.as_deref())?;
+    let gpus = opts.gpu_count();
     Ok(SubmitRequest {
-        name: args.job_name,
-        gpus: args.gpus,
-        mem_mib: args.mem,
-        time_limit_s: args.time_limit.and_then(|t| t.0),
+        name: opts.job_name,
+        gpus,
+        mem_mib: opts.mem,
+        time_limit_s: opts.time_limit.and_then(|t| t.0),
         command,
         cwd: utf8(cwd.into_os_string(), "the working directory")?,
         env,
         venv,
-        attach: !args.detach && args.array.is_none(),
+        attach: attach && opts.array.is_none(),
         umask: current_umask(),
-        no_requeue: args.no_requeue,
-        max_restarts: args.max_restarts,
-        signal: args.signal,
-        nice: args.nice,
-        cpus: args.cpus,
-        host_mem_mib: args.host_mem,
-        array_limit: args.array.as_ref().and_then(|a| a.limit),
-        array: args.array.map(|a| a.indices),
+        no_requeue: opts.no_requeue,
+        max_restarts: opts.max_restarts,
+        signal: opts.signal,
+        nice: opts.nice,
+        cpus: opts.cpus,
+        host_mem_mib: opts.host_mem,
+        array_limit: opts.array.as_ref().and_then(|a| a.limit),
+        array: opts.array.map(|a| a.indices),
+        script,
+        output: opts.output,
+        error: opts.error,
+        begin_at: opts.begin,
     })
 }
 
-async fn run(args: Args) -> Result<i32> {
-    let socket = args.socket.clone();
-    let (detach, parsable) = (args.detach || args.array.is_some(), args.parsable);
-    if parsable && !detach {
-        bail!("--parsable goes with --detach or --array");
-    }
-    let request = build_request(args)?;
+pub async fn run(sub: Submission) -> Result<i32> {
+    let Submission {
+        request,
+        detach,
+        parsable,
+        socket,
+        batch,
+    } = sub;
     // The server reads at most this much of a submit; say so here, with the figures.
     let size = json_size(&request)? + r#""type":"submit","#.len() + 1;
     if size > mgpu_proto::MAX_SUBMIT_FRAME {
         bail!(
-            "the job's command and environment take {} KiB as sent, more than the server accepts ({} MiB); unset large environment variables or pass data in files",
+            "the job's command, script and environment take {} KiB as sent, more than the server accepts ({} MiB); unset large environment variables or pass data in files",
             size >> 10,
             mgpu_proto::MAX_SUBMIT_FRAME >> 20
-        );
-    }
-    if let Some(script) = sbatch_script(&request.command, &request.cwd) {
-        eprintln!(
-            "mgpu_srun: warning: {} has #SBATCH lines; mgpu_srun ignores them (sbatch support comes later): give those options on the command line",
-            script.display()
         );
     }
     if !detach && stdin_is_real_input() {
@@ -419,23 +705,25 @@ async fn run(args: Args) -> Result<i32> {
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
     if detach {
         return match client.call(&Request::Submit(request)).await? {
+            Response::Submitted { job } | Response::SubmittedArray { first: job, .. }
+                if parsable =>
+            {
+                crate::print_out(&format!("{job}\n"))?;
+                Ok(0)
+            }
+            Response::Submitted { job } | Response::SubmittedArray { first: job, .. } if batch => {
+                crate::print_out(&format!("Submitted batch job {job}\n"))?;
+                Ok(0)
+            }
             Response::Submitted { job } => {
-                if parsable {
-                    crate::print_out(&format!("{job}\n"))?;
-                } else {
-                    crate::print_out(&format!("Submitted job {job}\n"))?;
-                }
+                crate::print_out(&format!("Submitted job {job}\n"))?;
                 Ok(0)
             }
             Response::SubmittedArray { first, tasks } => {
-                if parsable {
-                    crate::print_out(&format!("{first}\n"))?;
-                } else {
-                    let last = first + u64::from(tasks) - 1;
-                    crate::print_out(&format!(
-                        "Submitted array job {first} ({tasks} tasks: jobs {first}-{last})\n"
-                    ))?;
-                }
+                let last = first + u64::from(tasks) - 1;
+                crate::print_out(&format!(
+                    "Submitted array job {first} ({tasks} tasks: jobs {first}-{last})\n"
+                ))?;
                 Ok(0)
             }
             other => bail!("unexpected answer from the server: {other:?}"),
@@ -639,7 +927,35 @@ async fn cancel(client: &mut Client, job: Option<u64>, cancelling: &mut bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_warn_signal;
+    use super::{begin_at, parse_warn_signal};
+
+    #[test]
+    fn begin_times_like_slurm() {
+        let now = 1_700_000_000;
+        assert_eq!(begin_at("now", now), Ok(now));
+        assert_eq!(begin_at("now+90", now), Ok(now + 90));
+        assert_eq!(begin_at("now+3seconds", now), Ok(now + 3));
+        assert_eq!(begin_at("now+2hours", now), Ok(now + 7200));
+        assert_eq!(begin_at("NOW+1day", now), Ok(now + 86400));
+        assert_eq!(begin_at("now+1w", now), Ok(now + 7 * 86400));
+        // A time of day is in the next 24 hours; a date at its midnight or given time.
+        let t = begin_at("16:00", now).unwrap();
+        assert!(t > now && t <= now + 86400, "{t}");
+        assert_eq!(begin_at("teatime", now), Ok(t));
+        let d = begin_at("2030-01-02T03:04:05", now).unwrap();
+        assert_eq!(begin_at("2030-01-02T03:04", now), Ok(d - 5));
+        assert_eq!(begin_at("2030-01-02", now), Ok(d - 3 * 3600 - 4 * 60 - 5));
+        for bad in [
+            "soon",
+            "now-5",
+            "now+5parsecs",
+            "25:00",
+            "2030-13-01",
+            "1/2/30",
+        ] {
+            assert!(begin_at(bad, now).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn warn_signals() {

@@ -15,6 +15,7 @@
 //! backfilling, or fair-share with EASY backfilling (the default); see [`policy`] and `pass.rs`.
 
 pub mod limits;
+mod begin;
 mod pass;
 pub mod placement;
 pub mod policy;
@@ -364,6 +365,9 @@ pub struct Scheduler {
     no_switch_until: Option<(Vec<JobId>, Millis)>,
     /// What each user's running jobs hold (for [`Config::user_limits`]).
     running_totals: limits::RunningTotals,
+    /// Pending jobs waiting for their `--begin` time (see `begin.rs`), by time and by id.
+    deferred: BTreeSet<(Millis, JobId)>,
+    deferred_at: BTreeMap<JobId, Millis>,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -413,6 +417,8 @@ impl Scheduler {
             throttles: BTreeMap::new(),
             over_since: HashMap::new(),
             running_totals: Default::default(),
+            deferred: BTreeSet::new(),
+            deferred_at: BTreeMap::new(),
         }
     }
 
@@ -430,7 +436,9 @@ impl Scheduler {
 
     /// Pending jobs, in all (held array tasks too).
     pub fn pending_count(&self) -> usize {
-        self.pending.len() + self.throttles.values().map(|t| t.held.len()).sum::<usize>()
+        self.pending.len()
+            + self.throttles.values().map(|t| t.held.len()).sum::<usize>()
+            + self.deferred_count(None)
     }
 
     /// Pending jobs of one user (held array tasks too).
@@ -441,7 +449,7 @@ impl Scheduler {
             .filter(|t| t.uid == uid)
             .map(|t| t.held.len())
             .sum();
-        self.user_queues.get(&uid).map_or(0, BTreeMap::len) + held
+        self.user_queues.get(&uid).map_or(0, BTreeMap::len) + held + self.deferred_count(Some(uid))
     }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
@@ -705,6 +713,7 @@ impl Scheduler {
     /// `rescan_all`: consider every pending job even when only fresh ones can start (tests).
     fn schedule_pass(&mut self, now: Millis, rescan_all: bool) -> Vec<Assignment> {
         self.last_now = self.last_now.max(now);
+        self.release_begun(now);
         self.charge_rate_changes(now);
         // While a context switch is in progress nothing starts: the switched jobs' processes
         // go one by one, and what the first ones free must not be taken (by one of them,
@@ -734,6 +743,12 @@ impl Scheduler {
             return CancelOutcome::PermissionDenied;
         }
         match job.state {
+            JobState::Pending if self.deferred_at.contains_key(&id) => {
+                self.forget_deferred(id);
+                let mut job = self.jobs.remove(&id).expect("job exists");
+                job.state = JobState::Cancelled;
+                CancelOutcome::Removed(Box::new(job))
+            }
             JobState::Pending if job.held => {
                 let mut job = self.jobs.remove(&id).expect("job exists");
                 if let Some(array) = job.request.array.map(|a| a.job) {
@@ -891,12 +906,13 @@ impl Scheduler {
             .into_iter()
             .chain(self.pending_in_priority_order().map(|id| &self.jobs[&id]))
             .chain(held.map(|id| &self.jobs[id]))
+            .chain(self.deferred.iter().map(|(_, id)| &self.jobs[id]))
     }
 
     /// 1-based position of a pending job in priority order (O(queue length); for display only).
     pub fn queue_position(&self, id: JobId) -> Option<usize> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending || job.held {
+        if job.state != JobState::Pending || job.held || self.deferred_at.contains_key(&id) {
             return None;
         }
         if self.config.policy != Policy::Fair {
@@ -1014,10 +1030,14 @@ impl Scheduler {
     ///   cap allows;
     /// - `QOSMaxJobsPerUser`, `QOSMaxGpuPerUser`, `QOSMaxGpuMemPerUser`: starting it would take
     ///   its user past a limit of [`Config::user_limits`] (see [`limits`]).
+    /// - `BeginTime`: it may not start before its `--begin` time.
     pub fn pending_reason(&self, id: JobId) -> Option<&'static str> {
         let job = self.jobs.get(&id)?;
         if job.state != JobState::Pending {
             return None;
+        }
+        if self.deferred_at.contains_key(&id) {
+            return Some("BeginTime");
         }
         if job.held {
             return Some("JobArrayTaskLimit");
@@ -1042,7 +1062,7 @@ impl Scheduler {
     /// policies the waiting time.
     pub fn priority(&self, id: JobId) -> Option<f64> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending || job.held {
+        if job.state != JobState::Pending || job.held || self.deferred_at.contains_key(&id) {
             return None;
         }
         let now = self.last_now;
@@ -1057,6 +1077,9 @@ impl Scheduler {
     /// When a pending job is expected to start at the latest, where that is known: for the job
     /// holding the reservation, from the running jobs' time limits (or the default estimate).
     pub fn est_start(&self, id: JobId) -> Option<Millis> {
+        if let Some(at) = self.begin_at(id) {
+            return Some(at);
+        }
         let r = self.reservation.as_ref()?;
         if r.job != id || self.jobs.get(&id)?.state != JobState::Pending {
             return None;
@@ -1103,6 +1126,9 @@ impl Scheduler {
     pub fn wait_detail(&self, id: JobId) -> Option<String> {
         let job = self.jobs.get(&id)?;
         let code = self.pending_reason(id)?;
+        if self.deferred_at.contains_key(&id) {
+            return Some(format!("{code}: it may not start before its --begin time"));
+        }
         if let (true, Some(a)) = (job.held, job.request.array) {
             return Some(format!(
                 "{code}: at most {} tasks of job array {} wait or run at once",

@@ -1749,3 +1749,76 @@ fn standings_are_what_fair_priority_uses() {
         "{p} vs {u1:?}"
     );
 }
+
+/// `--begin`: a job waits with REASON BeginTime, counted and listed, until a pass at or after
+/// its time; the timer is told when; cancelling it works; capped array tasks deferred together
+/// start under their cap once the time comes.
+#[test]
+fn a_job_waits_for_its_begin_time() {
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
+    let later = s.submit(req(1, 1, None), 0).unwrap();
+    s.defer_until(later, 10_000);
+    let now_job = s.submit(req(1, 1, None), 0).unwrap();
+    let started: Vec<JobId> = s.schedule(1).iter().map(|a| a.job).collect();
+    assert_eq!(
+        started,
+        [now_job],
+        "the deferred job waits though a GPU is free"
+    );
+    assert_eq!(
+        state_of(&s, later),
+        Some((JobState::Pending, Some("BeginTime")))
+    );
+    assert_eq!(s.est_start(later), Some(10_000));
+    assert_eq!(s.queue_position(later), None);
+    assert!(s.wait_detail(later).unwrap().starts_with("BeginTime"));
+    assert_eq!(
+        (
+            s.pending_count(),
+            s.pending_count_of(1),
+            s.pending_count_of(2)
+        ),
+        (1, 1, 0)
+    );
+    assert!(s.jobs_in_order().any(|j| j.id == later));
+    assert_eq!(s.next_deadline(1), Some(10_000));
+    assert!(s.schedule(9_999).is_empty());
+    // Past due but not yet released (a pass came late): the timer asks for one at once.
+    assert_eq!(s.next_deadline(20_000), Some(20_001));
+    let started: Vec<JobId> = s.schedule(10_000).iter().map(|a| a.job).collect();
+    assert_eq!(started, [later]);
+    assert_eq!(s.next_deadline(10_000), None);
+
+    // Cancelled while waiting for its time.
+    let c = s.submit(req(1, 1, None), 10_000).unwrap();
+    s.defer_until(c, 50_000);
+    assert!(matches!(s.cancel(c, ROOT), CancelOutcome::Removed(_)));
+    assert_eq!(s.pending_count(), 0);
+    assert_eq!(s.next_deadline(10_001), None);
+
+    // A capped array, all deferred: nothing runs early; then at most 1 at once.
+    s.finish(now_job, JobState::Completed).unwrap();
+    s.finish(later, JobState::Completed).unwrap();
+    let ids: Vec<JobId> = array_tasks(1, s.next_job_id(), 3, 1, None)
+        .into_iter()
+        .map(|r| s.submit(r, 20_000).unwrap())
+        .collect();
+    for &id in &ids {
+        s.defer_until(id, 30_000);
+    }
+    assert!(s.schedule(20_001).is_empty());
+    assert_eq!(s.pending_count(), 3);
+    assert_eq!(
+        s.schedule(30_000).iter().map(|a| a.job).collect::<Vec<_>>(),
+        [ids[0]]
+    );
+    assert_eq!(
+        state_of(&s, ids[1]),
+        Some((JobState::Pending, Some("JobArrayTaskLimit")))
+    );
+    s.finish(ids[0], JobState::Completed).unwrap();
+    assert_eq!(
+        s.schedule(30_001).iter().map(|a| a.job).collect::<Vec<_>>(),
+        [ids[1]]
+    );
+}

@@ -229,6 +229,8 @@ impl Scheduler {
             })
             .chain(self.no_switch_until.as_ref().map(|(_, until)| *until))
             .filter(|t| *t > now)
+            // A job whose begin time came waits for the next pass: soon, never lost.
+            .chain(self.next_begin().map(|at| at.max(now + 1)))
             .min()
     }
 

@@ -11,7 +11,7 @@
 
 use std::ffi::CString;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -37,6 +37,18 @@ pub struct LaunchSpec {
     /// Host memory the job may use, in MiB (cgroup memory limit), resolved at submit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_mem_mib: Option<u64>,
+    /// A batch script's content: the job runs a copy of it (see [`SCRIPT_WRAPPER`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// Files (patterns) that also get the job's stdout / stderr, opened by the job's own
+    /// process after it dropped privileges (Slurm's `--output` / `--error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Not before this time (`--begin`); kept in the job's own `begin_at` column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin_at: Option<mgpu_core::Millis>,
 }
 
 /// Everything needed to fork one run of a job. The daemon resolves it and hands it to the
@@ -100,6 +112,113 @@ pub struct Started {
     /// user, may be stopped before its exec for as long as that user likes): read its report
     /// with [`StartReport::read`] once it has exited.
     pub report: Option<StartReport>,
+    /// With `-o`/`-e`: our end of the socket the job's process sends the files it opened (as
+    /// its user) on, before its exec; see [`receive_output_files`].
+    pub outputs: Option<OwnedFd>,
+}
+
+/// The `-o`/`-e` files the job's process opened, taken from `link` without waiting: each
+/// stream's file (stdout's, stderr's; one file serves both when only `-o` was given), or
+/// `None` while nothing was sent (the process has not opened them, or failed to). Only
+/// regular files and character devices (`/dev/null`) on a filesystem that cannot make a
+/// writer wait on a user's program (not FUSE) are kept; they were opened non-blocking.
+pub fn receive_output_files(link: &OwnedFd) -> Option<[Option<std::fs::File>; 2]> {
+    let mut mask = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: mask.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for two descriptors.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: a zeroed msghdr pointing at our buffers, filled in by recvmsg.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    // SAFETY: recvmsg on our socket into the buffers above.
+    let n = unsafe {
+        libc::recvmsg(
+            link.as_raw_fd(),
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n <= 0 {
+        return None;
+    }
+    let mut fds = Vec::new();
+    // SAFETY: walking the control messages recvmsg wrote, within msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    fds.push(std::fs::File::from(OwnedFd::from_raw_fd(
+                        data.add(i).read_unaligned(),
+                    )));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    let usable = |f: &std::fs::File| {
+        use std::os::unix::fs::FileTypeExt;
+        let Ok(meta) = f.metadata() else {
+            return false;
+        };
+        let kind = meta.file_type();
+        let fuse = nix::sys::statfs::fstatfs(f).is_ok_and(|s| {
+            s.filesystem_type() == nix::sys::statfs::FsType(0x6573_5546) // FUSE_SUPER_MAGIC
+        });
+        (kind.is_file() || kind.is_char_device()) && !fuse
+    };
+    let mut fds = fds.into_iter();
+    let out = if mask[0] & 1 != 0 {
+        fds.next().filter(usable)
+    } else {
+        None
+    };
+    let err = if mask[0] & 2 != 0 {
+        fds.next().filter(usable)
+    } else {
+        out.as_ref().and_then(|f| f.try_clone().ok())
+    };
+    Some([out, err])
+}
+
+/// Expands Slurm's filename patterns: `%j` job id, `%A` array id (the job's own id outside an
+/// array), `%a` task index (4294967294 outside an array, as Slurm), `%x` job name, `%u` user,
+/// `%%` a `%`. Other `%` sequences stay as they are.
+pub fn expand_output_pattern(pattern: &str, launch: &Launch, user: &str) -> String {
+    let mut out = String::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('j') => out.push_str(&launch.job.to_string()),
+            Some('A') => out.push_str(&launch.array.map_or(launch.job, |a| a.job).to_string()),
+            Some('a') => match launch.array {
+                Some(a) => out.push_str(&a.task.to_string()),
+                None => out.push_str("4294967294"),
+            },
+            Some('x') => out.push_str(&launch.name.replace('/', "_")),
+            Some('u') => out.push_str(user),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 /// The report pipe of a forked job process: a failure before exec writes (step, errno) on it;
@@ -107,6 +226,8 @@ pub struct Started {
 pub struct StartReport {
     pipe: OwnedFd,
     program: String,
+    /// The `-o`/`-e` files, for a failure to open them.
+    outputs: String,
 }
 
 impl StartReport {
@@ -126,7 +247,7 @@ impl StartReport {
                 r => break r.unwrap_or(0),
             }
         };
-        start_error(&report[..n], &self.program)
+        start_error(&report[..n], &self.program, &self.outputs)
     }
 }
 
@@ -169,11 +290,71 @@ fn venv_argv(activate: &Path, command: &[String]) -> Vec<std::ffi::OsString> {
     args
 }
 
+/// Runs a batch script's copy, like sbatch's spool copy: writes it (its pieces, from the
+/// environment variables `MGPU_SCRIPT_0`.. — private to the user, unlike argv, which anyone may
+/// read in /proc — then unset) into a fresh private directory under `$TMPDIR` (else /tmp), as
+/// the user, runs it there with its arguments (its `#!` line chooses the interpreter), and
+/// removes the directory when it ends. No user text becomes shell code (`eval` only builds a
+/// variable's name from a counter). The shell stays the job's first process: it passes on the
+/// script's exit status, and survives the `--signal` warnings (USR1/USR2) meant for the script.
+pub const SCRIPT_WRAPPER: &str = r#"name=$1; n=$2; shift 2
+d=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-job.XXXXXX") || { echo "mgpu: cannot create a directory for the job's script copy" >&2; exit 1; }
+trap 'rm -rf "$d"' EXIT
+trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM; trap : USR1 USR2
+f="$d/$name"
+i=0; while [ "$i" -lt "$n" ]; do eval "printf '%s' \"\$MGPU_SCRIPT_$i\""; i=$((i + 1)); done > "$f" && chmod 700 "$f" || { echo "mgpu: cannot write the job's script copy in $d" >&2; exit 1; }
+i=0; while [ "$i" -lt "$n" ]; do unset "MGPU_SCRIPT_$i"; i=$((i + 1)); done
+"$f" "$@""#;
+
+/// Pieces a script is cut into for its environment (the kernel takes at most 128 KiB per
+/// string).
+const SCRIPT_PIECE: usize = 96 << 10;
+
+/// A batch script in pieces, for [`SCRIPT_WRAPPER`].
+fn script_pieces(script: &str) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut rest = script;
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(SCRIPT_PIECE);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        pieces.push(rest[..cut].to_string());
+        rest = &rest[cut..];
+    }
+    pieces
+}
+
+/// The command as exec'd: a batch script runs through [`SCRIPT_WRAPPER`].
+fn job_command(spec: &LaunchSpec) -> Vec<String> {
+    let Some(script) = &spec.script else {
+        return spec.command.clone();
+    };
+    let name = spec
+        .command
+        .first()
+        .and_then(|c| Path::new(c).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .unwrap_or_else(|| "script".into());
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        SCRIPT_WRAPPER.into(),
+        "mgpu-script".into(),
+        name,
+        script_pieces(script).len().to_string(),
+    ];
+    argv.extend(spec.command.iter().skip(1).cloned());
+    argv
+}
+
 /// The argv exec'd unless the child switches to the venv script.
 fn argv(launch: &Launch, account: &Account) -> Vec<std::ffi::OsString> {
+    let command = job_command(&launch.spec);
     match activate_script(launch, account) {
-        Some((activate, true)) => venv_argv(&activate, &launch.spec.command),
-        _ => launch.spec.command.iter().map(Into::into).collect(),
+        Some((activate, true)) => venv_argv(&activate, &command),
+        _ => command.iter().map(Into::into).collect(),
     }
 }
 
@@ -229,9 +410,18 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ("MGPU_JOB_ID", launch.job.to_string()),
         ("MGPU_JOB_NAME", launch.name.clone()),
         ("MGPU_RESTART_COUNT", launch.restarts.to_string()),
+        // What Slurm scripts read, so that they run unchanged.
+        ("SLURM_JOB_ID", launch.job.to_string()),
+        ("SLURM_JOBID", launch.job.to_string()),
+        ("SLURM_JOB_NAME", launch.name.clone()),
+        ("SLURM_SUBMIT_DIR", launch.spec.cwd.clone()),
     ];
     // A job submitted from inside an array task is not a task of that array.
-    env.retain(|(k, _)| !set.iter().any(|(s, _)| s == k) && !k.starts_with("MGPU_ARRAY_"));
+    env.retain(|(k, _)| {
+        !set.iter().any(|(s, _)| s == k)
+            && !k.starts_with("MGPU_ARRAY_")
+            && !k.starts_with("SLURM_ARRAY_")
+    });
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push((
             "PATH".into(),
@@ -239,6 +429,14 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ));
     }
     env.extend(set.into_iter().map(|(k, v)| (k.to_string(), v)));
+    // A batch script's content, for the wrapper (which unsets it before running the script).
+    env.retain(|(k, _)| !k.starts_with("MGPU_SCRIPT_"));
+    if let Some(script) = &launch.spec.script {
+        env.extend(
+            (script_pieces(script).into_iter().enumerate())
+                .map(|(i, p)| (format!("MGPU_SCRIPT_{i}"), p)),
+        );
+    }
     env.retain(|(k, _)| k != "MGPU_GPU_MEM_MIB");
     env.extend(framework_memory(launch.mem_mib, launch.gpu_total_mib, &env));
     if let Some(t) = launch.array {
@@ -249,6 +447,11 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
                 ("MGPU_ARRAY_TASK_COUNT", t.count.to_string()),
                 ("MGPU_ARRAY_TASK_MIN", t.min.to_string()),
                 ("MGPU_ARRAY_TASK_MAX", t.max.to_string()),
+                ("SLURM_ARRAY_JOB_ID", t.job.to_string()),
+                ("SLURM_ARRAY_TASK_ID", t.task.to_string()),
+                ("SLURM_ARRAY_TASK_COUNT", t.count.to_string()),
+                ("SLURM_ARRAY_TASK_MIN", t.min.to_string()),
+                ("SLURM_ARRAY_TASK_MAX", t.max.to_string()),
             ]
             .map(|(k, v)| (k.to_string(), v)),
         );
@@ -311,6 +514,7 @@ enum Step {
     Venv,
     Exec,
     Limits,
+    Output,
 }
 
 impl Step {
@@ -527,6 +731,50 @@ struct ChildPlan {
     cwd: CString,
     umask: Option<u32>,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// `-o` / `-e` paths (as given, relative to `cwd`), opened as the user and sent on `link`.
+    outputs: Option<OutputPlan>,
+}
+
+struct OutputPlan {
+    out: Option<CString>,
+    err: Option<CString>,
+    link: libc::c_int,
+    /// A later run of the job (after a context switch) adds to what the earlier ones wrote.
+    append: bool,
+}
+
+/// Opens one output file as the (already switched) user: never following into something that
+/// could block; truncated at the job's first run like Slurm's default `--open-mode=truncate`,
+/// appended to by its later runs (after context switches).
+///
+/// # Safety
+/// Async-signal-safe; for the child between fork and exec.
+unsafe fn open_output(path: &CString, append: bool) -> Option<libc::c_int> {
+    let mode = if append {
+        libc::O_APPEND
+    } else {
+        libc::O_TRUNC
+    };
+    let fd = libc::open(
+        path.as_ptr(),
+        libc::O_WRONLY | libc::O_CREAT | mode | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        0o666,
+    );
+    if fd < 0 {
+        return None;
+    }
+    let mut st: libc::stat = std::mem::zeroed();
+    let kind = if libc::fstat(fd, &mut st) == 0 {
+        st.st_mode & libc::S_IFMT
+    } else {
+        0
+    };
+    if kind != libc::S_IFREG && kind != libc::S_IFCHR {
+        libc::close(fd);
+        *libc::__errno_location() = libc::EINVAL;
+        return None;
+    }
+    Some(fd)
 }
 
 /// The job's side of the fork. Never returns: execs, or reports (step, errno) on `report` and
@@ -618,6 +866,46 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
     );
     // Never the daemon's own umask (0077): the submitter's, else the usual 0022.
     libc::umask(plan.umask.unwrap_or(0o022) as libc::mode_t);
+    if let Some(o) = &plan.outputs {
+        // Opened as the user, from the working directory, and handed to the supervisor.
+        let mut fds = [-1 as libc::c_int; 2];
+        let mut count = 0;
+        let mut mask = 0u8;
+        for (i, path) in [&o.out, &o.err].into_iter().enumerate() {
+            if let Some(path) = path {
+                match open_output(path, o.append) {
+                    Some(fd) => {
+                        fds[count] = fd;
+                        count += 1;
+                        mask |= 1 << i;
+                    }
+                    None => fail(Step::Output),
+                }
+            }
+        }
+        let mut iov = libc::iovec {
+            iov_base: (&mut mask as *mut u8).cast(),
+            iov_len: 1,
+        };
+        let mut cbuf = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        let space = libc::CMSG_SPACE((count * std::mem::size_of::<libc::c_int>()) as u32);
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN((count * std::mem::size_of::<libc::c_int>()) as u32) as _;
+        let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+        for (i, fd) in fds.iter().take(count).enumerate() {
+            data.add(i).write_unaligned(*fd);
+        }
+        if libc::sendmsg(o.link, &msg, libc::MSG_NOSIGNAL) < 0 {
+            fail(Step::Output);
+        }
+    }
     if let Some((activate, arrays)) = &plan.venv_switch {
         if libc::access(activate.as_ptr(), libc::R_OK) == 0 {
             libc::execve(arrays.argv[0], arrays.argv.as_ptr(), arrays.envp.as_ptr());
@@ -690,13 +978,56 @@ fn start_with(
         Some((activate, false)) => {
             let path = CString::new(activate.as_os_str().as_bytes())
                 .map_err(|_| fail("the venv path contains a NUL byte".into(), 1))?;
-            let arrays =
-                exec_arrays(&venv_argv(&activate, &launch.spec.command), &env).ok_or_else(nul)?;
+            let arrays = exec_arrays(&venv_argv(&activate, &job_command(&launch.spec)), &env)
+                .ok_or_else(nul)?;
             Some((path, arrays))
         }
         _ => None,
     };
+    // -o / -e: expanded here, opened by the child as the user, sent back on a socket.
+    let expand = |p: &Option<String>| {
+        p.as_ref()
+            .map(|p| expand_output_pattern(p, launch, &account.name))
+    };
+    let (out_path, mut err_path) = (expand(&launch.spec.output), expand(&launch.spec.error));
+    if err_path.is_some() && err_path == out_path {
+        err_path = None; // one file for both streams
+    }
+    let outputs_text = [&out_path, &err_path]
+        .into_iter()
+        .flatten()
+        .map(|p| format!("'{p}'"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let output_link = if out_path.is_some() || err_path.is_some() {
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| fail(format!("mgpu: cannot create a socket: {e}"), 1))?;
+        Some((ours, theirs))
+    } else {
+        None
+    };
+    let cpath = |p: Option<String>| -> Result<Option<CString>, StartError> {
+        p.map(|p| {
+            CString::new(p).map_err(|_| fail("the output path contains a NUL byte".into(), 1))
+        })
+        .transpose()
+    };
+    let outputs = match &output_link {
+        Some((_, theirs)) => Some(OutputPlan {
+            out: cpath(out_path)?,
+            err: cpath(err_path)?,
+            link: theirs.as_raw_fd(),
+            append: launch.restarts > 0,
+        }),
+        None => None,
+    };
     let plan = ChildPlan {
+        outputs,
         candidates: candidates(&program, path),
         arrays,
         venv_switch,
@@ -764,9 +1095,15 @@ fn start_with(
     // Our copies of the child's ends: EOF on the pipes comes when the job's processes close
     // theirs, and on the report pipe when exec succeeded.
     drop((out_w, err_w, report_w, devnull, cgroup_dir));
+    let (outputs, theirs) = match output_link {
+        Some((ours, theirs)) => (Some(ours), Some(theirs)),
+        None => (None, None),
+    };
+    drop(theirs);
     let report = StartReport {
         pipe: report_r,
         program,
+        outputs: outputs_text,
     };
     if !shared_start {
         // A forked child may be stopped by its user before its exec, for ever: its report is
@@ -776,6 +1113,7 @@ fn start_with(
             stdout: out_r,
             stderr: err_r,
             report: Some(report),
+            outputs,
         });
     }
     // A child that shared our memory has exec'd or exited by now.
@@ -785,6 +1123,7 @@ fn start_with(
             stdout: out_r,
             stderr: err_r,
             report: None,
+            outputs,
         }),
         Some(e) => {
             // The child failed before exec; it exits 127. Reap it here.
@@ -795,7 +1134,7 @@ fn start_with(
 }
 
 /// The start error a child's report (`step, errno`; empty after an exec) says.
-fn start_error(report: &[u8], program: &str) -> Option<StartError> {
+fn start_error(report: &[u8], program: &str, outputs: &str) -> Option<StartError> {
     let &[step, lo, hi, ..] = report else {
         return None;
     };
@@ -808,6 +1147,8 @@ fn start_error(report: &[u8], program: &str) -> Option<StartError> {
     };
     let what = if step == Step::Exec as u8 {
         format!("mgpu: cannot execute '{program}'")
+    } else if step == Step::Output as u8 {
+        format!("mgpu: cannot open the job's output file {outputs} as its user (relative to its working directory; a regular file or /dev/null)")
     } else {
         format!("mgpu: {}", Step::describe(step))
     };

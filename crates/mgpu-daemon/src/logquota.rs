@@ -416,7 +416,13 @@ pub fn launch_bytes(spec: &crate::exec::LaunchSpec) -> u64 {
         mgpu_proto::Venv::Dir(d) => d.len(),
         _ => 0,
     };
-    (argv + env + spec.cwd.len() + venv + 64) as u64
+    // A batch script's copy and the -o/-e patterns are stored with it too.
+    let script = spec.script.as_ref().map_or(0, String::len);
+    let outputs = [&spec.output, &spec.error]
+        .iter()
+        .map(|p| p.as_ref().map_or(0, String::len))
+        .sum::<usize>();
+    (argv + env + spec.cwd.len() + venv + script + outputs + 64) as u64
 }
 
 // The daemon's side: carrying out the books' decisions on the log files.
@@ -518,6 +524,24 @@ mod tests {
             per_user: Some(per_user),
             total: Some(total),
         })
+    }
+
+    /// A batch script's copy counts against its owner's bound on stored launch records.
+    #[test]
+    fn a_script_counts_in_the_launch_bytes() {
+        let plain = crate::exec::LaunchSpec {
+            command: vec!["job.sh".into()],
+            ..Default::default()
+        };
+        let with_script = crate::exec::LaunchSpec {
+            script: Some("x".repeat(100_000)),
+            output: Some("out-%j".into()),
+            ..plain.clone()
+        };
+        assert_eq!(
+            super::launch_bytes(&with_script),
+            super::launch_bytes(&plain) + 100_006
+        );
     }
 
     #[test]

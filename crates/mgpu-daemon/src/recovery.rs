@@ -179,6 +179,9 @@ pub fn recover(
         let command = shown(&job);
         match sched.restore_pending(job.id, job.request, job.submitted_at, job.restarts) {
             Ok(()) => {
+                if let Some(at) = job.begin_at {
+                    sched.defer_until(job.id, at);
+                }
                 specs.insert(job.id, command);
             }
             Err(e) => ended.push((

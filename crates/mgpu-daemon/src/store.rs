@@ -70,6 +70,8 @@ CREATE TABLE array_specs (
     r#"
 ALTER TABLE jobs ADD COLUMN earlier_runs_ms INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Slurm's --begin: the job may not start before this time (ms since the epoch).
+    "ALTER TABLE jobs ADD COLUMN begin_at INTEGER;",
 ];
 
 /// Each distinct environment once (content-addressed: SHA-256 of its JSON); launch records
@@ -114,6 +116,12 @@ struct StoredSpec<'a> {
     cpus: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     host_mem_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    script: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: &'a Option<String>,
 }
 
 /// `spec` as stored, and the id of its environment's row (none for an empty environment).
@@ -126,6 +134,9 @@ fn stored_spec(tx: &rusqlite::Transaction, spec: &LaunchSpec) -> Result<(String,
         umask: spec.umask,
         cpus: spec.cpus,
         host_mem_mib: spec.host_mem_mib,
+        script: &spec.script,
+        output: &spec.output,
+        error: &spec.error,
     })?;
     let env = if spec.env.is_empty() {
         None
@@ -243,6 +254,8 @@ pub struct RecoveredJob {
     pub restarts: u32,
     /// Submitted by an attached `mgpu_srun`.
     pub attached: bool,
+    /// Not before this time (`--begin`).
+    pub begin_at: Option<Millis>,
 }
 
 /// What the store held at startup.
@@ -722,7 +735,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                     CASE WHEN spec = '' THEN NULL ELSE json_extract(spec, '$.command') END,
                     COALESCE(queued_at, submitted_at), restarts,
                     started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs,
-                    attached, array
+                    attached, array, begin_at
              FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
         )?;
         let rows = stmt.query_map([state], |r| {
@@ -755,6 +768,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 r.get::<_, Option<String>>(11)?,
                 r.get::<_, bool>(17)?,
                 r.get::<_, Option<String>>(18)?,
+                r.get::<_, Option<i64>>(19)?.map(|t| t as Millis),
             ))
         })?;
         let mut out = Vec::new();
@@ -769,6 +783,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 gpu_ids,
                 attached,
                 array,
+                begin_at,
             ) = row.context("reading the queued jobs (a launch record may be corrupt)")?;
             // A task's index decides what it computes: never run it without.
             request.array = array
@@ -797,6 +812,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 gpus,
                 restarts,
                 attached,
+                begin_at,
             });
         }
         Ok(out)
@@ -942,6 +958,15 @@ fn insert_row(
     Ok(())
 }
 
+/// A new job's `--begin` time, if it has one.
+fn set_begin_at(tx: &rusqlite::Transaction, id: JobId, at: Option<Millis>) -> Result<()> {
+    if let Some(at) = at {
+        tx.prepare_cached("UPDATE jobs SET begin_at = ?2 WHERE id = ?1")?
+            .execute(params![id as i64, at as i64])?;
+    }
+    Ok(())
+}
+
 fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result<()> {
     let tx = conn.transaction()?;
     for op in batch {
@@ -955,7 +980,8 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     (&spec, env),
                     job.submitted_at,
                     job.attached,
-                )?
+                )?;
+                set_begin_at(&tx, job.id, job.spec.begin_at)?;
             }
             Op::InsertArray(array, _) => {
                 let Some((first, _)) = array.tasks.first() else {
@@ -968,6 +994,7 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 .execute(params![*first as i64, spec, env])?;
                 for (id, request) in &array.tasks {
                     insert_row(&tx, *id, request, ("", None), array.submitted_at, false)?;
+                    set_begin_at(&tx, *id, array.spec.begin_at)?;
                 }
             }
             Op::Started { id, at, gpus, pid } => {

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -312,6 +312,8 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         leader_done: false,
         exit: None,
         kill_at: None,
+        output_link: None,
+        output_files: [None, None],
     };
     // The daemon that started us holds the other end of our stdin: our first link.
     let initial = initial_link();
@@ -443,6 +445,10 @@ struct Supervisor {
     exit: Option<ExitRecord>,
     /// When to SIGKILL what a stop's SIGTERM left alive.
     kill_at: Option<Instant>,
+    /// `-o`/`-e`: where the job's process sends the files it opened as its user (taken before
+    /// its first output, which can only come after), then the files for stdout and stderr.
+    output_link: Option<OwnedFd>,
+    output_files: [Option<File>; 2],
 }
 
 /// The daemon's connection: commands arrive as control frames. Writes never block: what the
@@ -613,6 +619,7 @@ impl Supervisor {
 
     /// Output of the job: into the log (within its budget) and to the daemon.
     fn output(&mut self, tag: u8, bytes: &[u8]) {
+        self.output_to_files(tag, bytes);
         let Some(note) = &self.log_note else {
             return; // over the limit: drained, not kept
         };
@@ -634,6 +641,22 @@ impl Supervisor {
             Frame::Stderr(data)
         };
         self.send(&frame);
+    }
+
+    /// The job's output, also into its `-o`/`-e` files. Never waits: the files were opened
+    /// non-blocking, and one that fails is dropped.
+    fn output_to_files(&mut self, tag: u8, bytes: &[u8]) {
+        if let Some(link) = self.output_link.take() {
+            if let Some(files) = exec::receive_output_files(&link) {
+                self.output_files = files;
+            }
+        }
+        let slot = &mut self.output_files[usize::from(tag != 1)];
+        if let Some(f) = slot {
+            if f.write_all(bytes).is_err() {
+                *slot = None;
+            }
+        }
     }
 
     /// Reads what the daemon sent and carries out its commands.
@@ -736,7 +759,9 @@ fn run_job(
         stdout,
         stderr,
         report,
+        outputs,
     } = started;
+    sup.output_link = outputs;
     sup.pgid = leader;
     // Linked before any output is read, so the daemon gets all of it live.
     if let Some(conn) = initial {

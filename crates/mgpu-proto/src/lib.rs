@@ -113,6 +113,9 @@ fn moved_hint(named: bool, old_exists: bool) -> Option<String> {
 }
 
 /// Messages a client sends.
+// One request at a time per connection, decoded and handled at once: a submit's size does not
+// multiply anywhere, so it is not boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
@@ -221,7 +224,25 @@ pub struct SubmitRequest {
     /// Host memory for the job, in MiB (a cgroup limit) [default: the server's].
     #[serde(default)]
     pub host_mem_mib: Option<u64>,
+    /// A batch script's content (`mgpu_sbatch`), read by the client as the user: the job runs
+    /// a copy of it (`command[0]` names the script, the rest are its arguments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// Also write the job's stdout (and its stderr, unless `error` is given) to this file,
+    /// opened as the user, relative to `cwd` (Slurm's `--output`, `%j %A %a %x %u %%` patterns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Also write the job's stderr to this file (Slurm's `--error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Not before this time (ms since the epoch; Slurm's `--begin`): pending with REASON
+    /// `BeginTime` until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub begin_at: Option<u64>,
 }
+
+/// Largest batch script `mgpu_sbatch` sends (its content travels in the submit frame).
+pub const MAX_SCRIPT_BYTES: usize = 1 << 20;
 
 /// A parsed `--array` value: the task indices, sorted and without repeats, and the cap on
 /// tasks at once (`%N`), if any.

@@ -1,7 +1,7 @@
 //! # mgpu
 //!
 //! The installable package: the daemon `mgpu_scheduler_server` and the client commands
-//! `mgpu_srun`, `mgpu_queue`, `mgpu_cancel`, `mgpu_log`, `mgpu_acct` and `mgpu_top`, each a thin
+//! `mgpu_srun`, `mgpu_sbatch`, `mgpu_queue`, `mgpu_cancel`, `mgpu_log`, `mgpu_acct` and `mgpu_top`, each a thin
 //! `main` over [`mgpu_daemon`], [`mgpu_cli`] and [`mgpu_top`]. Its `tests/` drive the real
 //! binaries end to end. [`write_docs`] makes every command's man page and shell completions
 //! from its argument definitions (`scripts/build-release.sh` runs it through the `gen-docs`
@@ -17,6 +17,7 @@ pub fn commands() -> Vec<clap::Command> {
     vec![
         mgpu_daemon::run::Args::command(),
         mgpu_cli::srun::Args::command(),
+        mgpu_cli::sbatch::Args::command(),
         mgpu_cli::queue::Args::command(),
         mgpu_cli::cancel::Args::command(),
         mgpu_cli::log::Args::command(),

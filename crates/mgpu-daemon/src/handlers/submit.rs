@@ -109,6 +109,26 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
     if req.signal.is_some_and(|w| w.secs_before > MAX_TIME_LIMIT_S) {
         return Err("--signal: the warning may come at most 366 days before the limit".into());
     }
+    if req
+        .script
+        .as_ref()
+        .is_some_and(|s| s.len() > mgpu_proto::MAX_SCRIPT_BYTES)
+    {
+        return Err(format!(
+            "the batch script is too large: at most {} KiB",
+            mgpu_proto::MAX_SCRIPT_BYTES >> 10
+        ));
+    }
+    if req.script.is_some() && req.command.is_empty() {
+        return Err("a batch script needs its name as the command".into());
+    }
+    for (flag, path) in [("--output", &req.output), ("--error", &req.error)] {
+        if let Some(p) = path {
+            if p.is_empty() || p.len() > 4096 || p.contains('\0') {
+                return Err(format!("invalid {flag}: 1 to 4096 bytes, no NUL"));
+            }
+        }
+    }
     if let Some(indices) = &req.array {
         if req.attach {
             return Err("a job array is submitted detached".into());
@@ -192,6 +212,10 @@ pub async fn handle(
         umask: req.umask,
         cpus,
         host_mem_mib,
+        script: req.script.take(),
+        output: req.output.take(),
+        error: req.error.take(),
+        begin_at: req.begin_at,
     };
     if let Some(indices) = req.array.take() {
         return submit_array(
@@ -238,6 +262,9 @@ pub async fn handle(
             // Cannot happen (checked above against the same GPUs).
             Err(e) => Err(e),
             Ok(()) => {
+                if let Some(at) = req.begin_at {
+                    inner.sched.defer_until(id, at);
+                }
                 inner.commands.insert(id, shown);
                 let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
                 daemon.schedule(&mut inner);
@@ -418,6 +445,7 @@ async fn submit_array(
         })
         .collect();
     let shown = crate::handlers::queue::display_command(&spec.command);
+    let spec_begin_at = spec.begin_at;
     let committed = daemon
         .store
         .insert_array(NewArray {
@@ -431,6 +459,7 @@ async fn submit_array(
         return send_error(conn, format!("could not record the job array durably: {e}")).await;
     }
     let mut refused = None;
+    let begin_at = spec_begin_at;
     {
         let mut inner = daemon.lock();
         admission.settle(&mut inner);
@@ -440,6 +469,9 @@ async fn submit_array(
                 record_refused(daemon, id, &e);
                 refused.get_or_insert(e.to_string());
                 continue;
+            }
+            if let Some(at) = begin_at {
+                inner.sched.defer_until(id, at);
             }
             inner.commands.insert(id, shown.clone());
         }
@@ -543,6 +575,10 @@ mod tests {
             array_limit: None,
             cpus: None,
             host_mem_mib: None,
+            script: None,
+            output: None,
+            error: None,
+            begin_at: None,
         };
         assert!(super::validate(&req(Some(3600), Some(60))).is_ok());
         assert!(super::validate(&req(Some(0), None)).is_ok());

@@ -16,6 +16,7 @@ pub mod attack;
 pub const PROGRAMS: &[&str] = &[
     "mgpu_scheduler_server",
     "mgpu_srun",
+    "mgpu_sbatch",
     "mgpu_queue",
     "mgpu_cancel",
     "mgpu_log",
@@ -27,6 +28,7 @@ fn exe(name: &str) -> PathBuf {
     match name {
         "mgpu_scheduler_server" => env!("CARGO_BIN_EXE_mgpu_scheduler_server").into(),
         "mgpu_srun" => env!("CARGO_BIN_EXE_mgpu_srun").into(),
+        "mgpu_sbatch" => env!("CARGO_BIN_EXE_mgpu_sbatch").into(),
         "mgpu_queue" => env!("CARGO_BIN_EXE_mgpu_queue").into(),
         "mgpu_cancel" => env!("CARGO_BIN_EXE_mgpu_cancel").into(),
         "mgpu_log" => env!("CARGO_BIN_EXE_mgpu_log").into(),

@@ -14,6 +14,7 @@
 //! Which job goes first is the [`Policy`] of [`Config`]: FIFO first-fit, FIFO with EASY
 //! backfilling, or fair-share with EASY backfilling (the default); see [`policy`] and `pass.rs`.
 
+mod gate;
 mod pass;
 pub mod placement;
 pub mod policy;
@@ -25,6 +26,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use pass::Reservation;
+pub use gate::{
+    parse_dependency, ControlError, DepItem, DepKind, DepSpec, DepTarget, Dependency, Gate, Hold,
+    JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TARGETS,
+};
 pub use placement::GpuState;
 use policy::UserUsage;
 pub use policy::{FairShareConfig, Policy};
@@ -175,6 +180,8 @@ pub struct Job {
     /// A job array's task held back by the array's cap: pending, but not in the queue until
     /// a task of its array leaves.
     held: bool,
+    /// Held or waiting on dependencies: pending, but parked out of the queue (see `gate.rs`).
+    gate: Option<Box<gate::Gated>>,
 }
 
 impl Job {
@@ -198,6 +205,7 @@ impl Job {
             warned: false,
             queue_key: 0,
             held: false,
+            gate: None,
         }
     }
 }
@@ -356,6 +364,19 @@ pub struct Scheduler {
     /// answer stands: a trial copies the whole scheduler, so it is not repeated on every event
     /// (see [`Scheduler::time_actions`]).
     no_switch_until: Option<(Vec<JobId>, Millis)>,
+    /// Pending jobs parked by a hold or dependencies (by id), and how many per user.
+    parked: BTreeSet<JobId>,
+    parked_by_user: HashMap<u32, usize>,
+    /// Per dependency target: the parked jobs that wait on it.
+    dependents: HashMap<JobId, Vec<JobId>>,
+    /// Live (pending or running) jobs per user and name, for `singleton`.
+    names: HashMap<(u32, String), BTreeSet<JobId>>,
+    /// Parked `singleton` jobs per user and name.
+    singleton_waiters: HashMap<(u32, String), BTreeSet<JobId>>,
+    /// Parked jobs whose gate may have opened: looked at by the next pass.
+    recheck: Vec<JobId>,
+    /// The whole server is drained: nothing new starts.
+    server_drained: bool,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -404,6 +425,13 @@ impl Scheduler {
             no_switch_until: None,
             throttles: BTreeMap::new(),
             over_since: HashMap::new(),
+            parked: BTreeSet::new(),
+            parked_by_user: HashMap::new(),
+            dependents: HashMap::new(),
+            names: HashMap::new(),
+            singleton_waiters: HashMap::new(),
+            recheck: Vec::new(),
+            server_drained: false,
         }
     }
 
@@ -421,7 +449,9 @@ impl Scheduler {
 
     /// Pending jobs, in all (held array tasks too).
     pub fn pending_count(&self) -> usize {
-        self.pending.len() + self.throttles.values().map(|t| t.held.len()).sum::<usize>()
+        self.pending.len()
+            + self.throttles.values().map(|t| t.held.len()).sum::<usize>()
+            + self.parked.len()
     }
 
     /// Pending jobs of one user (held array tasks too).
@@ -432,7 +462,9 @@ impl Scheduler {
             .filter(|t| t.uid == uid)
             .map(|t| t.held.len())
             .sum();
-        self.user_queues.get(&uid).map_or(0, BTreeMap::len) + held
+        self.user_queues.get(&uid).map_or(0, BTreeMap::len)
+            + held
+            + self.parked_by_user.get(&uid).copied().unwrap_or(0)
     }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
@@ -526,6 +558,7 @@ impl Scheduler {
     /// A new pending job enters the queue, unless it is a task of a job array whose cap is
     /// reached: then it is held until a task of that array leaves.
     fn enter(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
+        self.name_entered(id, &request);
         if let Some(t) = self.throttle_of(&request) {
             if t.live >= t.limit {
                 t.held.insert(id);
@@ -662,6 +695,7 @@ impl Scheduler {
         let share = placement::usage_share(&self.gpus, &gpus, &request);
         self.rate_changes.push((request.uid, share));
         self.next_job_id = self.next_job_id.max(id + 1);
+        self.name_entered(id, &request);
         let key = self.next_queue_key;
         self.next_queue_key += 1;
         // A running task of a capped array counts against the cap.
@@ -692,6 +726,10 @@ impl Scheduler {
     fn schedule_pass(&mut self, now: Millis, rescan_all: bool) -> Vec<Assignment> {
         self.last_now = self.last_now.max(now);
         self.charge_rate_changes(now);
+        self.recheck_gates();
+        if self.server_drained {
+            return Vec::new();
+        }
         // While a context switch is in progress nothing starts: the switched jobs' processes
         // go one by one, and what the first ones free must not be taken (by one of them,
         // restarting at once, or by anyone else) before the job the switch was made for can
@@ -720,6 +758,12 @@ impl Scheduler {
             return CancelOutcome::PermissionDenied;
         }
         match job.state {
+            JobState::Pending if job.gate.is_some() => {
+                let mut job = self.jobs.remove(&id).expect("job exists");
+                job.state = JobState::Cancelled;
+                self.job_left(&job, JobState::Cancelled);
+                CancelOutcome::Removed(Box::new(job))
+            }
             JobState::Pending if job.held => {
                 let mut job = self.jobs.remove(&id).expect("job exists");
                 if let Some(array) = job.request.array.map(|a| a.job) {
@@ -729,6 +773,7 @@ impl Scheduler {
                     self.forget_throttle_if_done(array);
                 }
                 job.state = JobState::Cancelled;
+                self.job_left(&job, JobState::Cancelled);
                 CancelOutcome::Removed(Box::new(job))
             }
             JobState::Pending => {
@@ -741,6 +786,7 @@ impl Scheduler {
                     self.full_pass_needed = true;
                 }
                 job.state = JobState::Cancelled;
+                self.job_left(&job, JobState::Cancelled);
                 CancelOutcome::Removed(Box::new(job))
             }
             _ if job.cancel_requested => CancelOutcome::AlreadyStopping,
@@ -769,6 +815,7 @@ impl Scheduler {
         self.full_pass_needed = true;
         self.task_left(&job.request);
         job.state = state;
+        self.job_left(&job, state);
         Some(job)
     }
 
@@ -876,12 +923,13 @@ impl Scheduler {
             .into_iter()
             .chain(self.pending_in_priority_order().map(|id| &self.jobs[&id]))
             .chain(held.map(|id| &self.jobs[id]))
+            .chain(self.parked_ids().map(|id| &self.jobs[id]))
     }
 
     /// 1-based position of a pending job in priority order (O(queue length); for display only).
     pub fn queue_position(&self, id: JobId) -> Option<usize> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending || job.held {
+        if job.state != JobState::Pending || job.held || job.gate.is_some() {
             return None;
         }
         if self.config.policy != Policy::Fair {
@@ -904,8 +952,17 @@ impl Scheduler {
         if job.state != JobState::Pending {
             return None;
         }
+        if let Some(g) = &job.gate {
+            return Some(g.reason());
+        }
         if job.held {
             return Some("JobArrayTaskLimit");
+        }
+        if self.server_drained {
+            return Some("ServerDrained");
+        }
+        if self.blocked_by_drain(&job.request) {
+            return Some("GpuDrained");
         }
         let Some(reservation) = self.reservation.as_ref() else {
             return Some("Resources");
@@ -924,7 +981,7 @@ impl Scheduler {
     /// policies the waiting time.
     pub fn priority(&self, id: JobId) -> Option<f64> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending || job.held {
+        if job.state != JobState::Pending || job.held || job.gate.is_some() {
             return None;
         }
         let now = self.last_now;
@@ -985,6 +1042,22 @@ impl Scheduler {
     pub fn wait_detail(&self, id: JobId) -> Option<String> {
         let job = self.jobs.get(&id)?;
         let code = self.pending_reason(id)?;
+        if let Some(g) = &job.gate {
+            return Some(self.gate_detail(job, g));
+        }
+        if code == "ServerDrained" {
+            return Some(format!(
+                "{code}: the server is drained for maintenance; nothing new starts until an administrator resumes it (mgpu_control resume server)"
+            ));
+        }
+        if code == "GpuDrained" {
+            let in_service = self.gpus.iter().filter(|g| !g.drained).count();
+            return Some(format!(
+                "{code}: needs {} GPU{}, only {in_service} in service (the others are drained for maintenance)",
+                job.request.gpus,
+                plural(job.request.gpus as usize)
+            ));
+        }
         if let (true, Some(a)) = (job.held, job.request.array) {
             return Some(format!(
                 "{code}: at most {} tasks of job array {} wait or run at once",

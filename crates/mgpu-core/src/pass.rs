@@ -416,6 +416,8 @@ impl Scheduler {
             job: id,
             gpus: chosen,
         });
+        // Jobs waiting for it to start (`after`) get a look at the next pass.
+        self.target_event(id, None);
     }
 
     /// Takes a job that leaves the pending state out of the queue indexes.

@@ -86,7 +86,7 @@ pub struct Args {
     #[arg(long)]
     pub no_venv: bool,
     /// Print the job id and return at once instead of waiting for the job (no short form:
-    /// Slurm's -d is --dependency)
+    /// -d is --dependency, as in Slurm)
     #[arg(long)]
     pub detach: bool,
     /// With --detach or --array: print only the job id (the array's id)
@@ -97,6 +97,15 @@ pub struct Args {
     /// MGPU_ARRAY_TASK_ID set to its index; implies --detach
     #[arg(short = 'a', long, value_name = "SPEC", value_parser = mgpu_proto::parse_array_spec)]
     pub array: Option<ArraySpec>,
+    /// Start only when these jobs are done, as Slurm's --dependency: afterok:ID[:ID...] (ended
+    /// COMPLETED), afterany:ID (ended), afternotok:ID (ended otherwise), after:ID (started),
+    /// singleton (no earlier job of yours with this name is waiting or running); ID_TASK names
+    /// one task of a job array, an array's ID all its tasks; join with ',' (all) or '?' (any)
+    #[arg(short = 'd', long, value_name = "TYPE:ID", value_parser = parse_dependency_text)]
+    pub dependency: Option<String>,
+    /// Submit the job held: it waits (REASON JobHeldUser) until 'mgpu_control release ID'
+    #[arg(long)]
+    pub hold: bool,
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -104,6 +113,11 @@ pub struct Args {
     /// a word before -- that starts with - is an option, and an unknown one is refused)
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,
+}
+
+/// `--dependency` as written, once it parses (the server resolves its job ids).
+fn parse_dependency_text(text: &str) -> Result<String, String> {
+    mgpu_core::parse_dependency(text).map(|_| text.to_string())
 }
 
 /// A parsed `--time-limit`: `None` is no limit.
@@ -159,8 +173,6 @@ fn unknown_option_message(e: &clap::Error) -> Option<String> {
 /// What to say about a Slurm `srun`/`sbatch` flag that mgpu_srun does not take.
 pub fn slurm_flag_hint(flag: &str) -> Option<&'static str> {
     Some(match flag {
-        "-d" => "-d is Slurm's --dependency, not supported yet; use --detach to return at once",
-        "--dependency" => "Slurm's --dependency is not supported yet",
         "--gres" | "--gpus-per-task" | "--gpus-per-node" | "--tres-per-task" => {
             "not supported yet; use --gpus N (-G N)"
         }
@@ -174,7 +186,7 @@ pub fn slurm_flag_hint(flag: &str) -> Option<&'static str> {
         }
         "-i" | "--input" => "not supported yet: the job's stdin is /dev/null",
         "--export" => "not supported yet: the job gets your whole environment (as --export=ALL)",
-        "--begin" | "--hold" => "not supported yet: a job is queued at once",
+        "--begin" => "not supported yet: a job is queued at once",
         "--wrap" => "not supported yet; put the command after --: mgpu_srun -- sh -c '...'",
         "-p" | "--partition" | "-q" | "--qos" | "-A" | "--account" | "--reservation" => {
             "mgpu has no partitions, QOS, accounts or reservations; leave it out"
@@ -386,6 +398,8 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         host_mem_mib: args.host_mem,
         array_limit: args.array.as_ref().and_then(|a| a.limit),
         array: args.array.map(|a| a.indices),
+        dependency: args.dependency,
+        hold: args.hold,
     })
 }
 
@@ -537,7 +551,11 @@ async fn run(args: Args) -> Result<i32> {
                     reason,
                 } => {
                     was_pending = true;
-                    eprintln!("mgpu_srun: job {id} queued (position {position}): {reason}");
+                    if position == 0 {
+                        eprintln!("mgpu_srun: job {id} waits: {reason}");
+                    } else {
+                        eprintln!("mgpu_srun: job {id} queued (position {position}): {reason}");
+                    }
                 }
                 Response::Started {
                     job: id,

@@ -291,6 +291,7 @@ async fn handle_connection(
         Request::Log(req) => handlers::log::handle(daemon, caller, req, &mut conn).await,
         Request::Attach(req) => handlers::attach::handle(daemon, caller, req, &mut conn).await,
         Request::Acct(req) => handlers::acct::handle(daemon, caller, req, &mut conn).await,
+        Request::Control(req) => handlers::control::handle(daemon, caller, req, &mut conn).await,
         Request::Hello { .. } | Request::CancelAttached => {
             send_error(&mut conn, "protocol error: unexpected message").await
         }

@@ -131,6 +131,26 @@ pub enum Request {
     Attach(AttachRequest),
     /// Accounting: finished jobs.
     Acct(AcctRequest),
+    /// `mgpu_control`: hold, release, update or show jobs; drain and resume GPUs or the server.
+    Control(ControlRequest),
+}
+
+/// What `mgpu_control` asks for (owner or root; drains: root only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Hold pending jobs (ids as written: `12`, or `12_3` for one task of job array 12; a job
+    /// array's id holds all its waiting tasks).
+    Hold { jobs: Vec<String> },
+    Release { jobs: Vec<String> },
+    /// Change a job: `Key=Value` items (TimeLimit, Name, Nice, Gpus, Mem).
+    Update { job: String, changes: Vec<(String, String)> },
+    /// Every field of a job, `scontrol show job`-like.
+    Show { job: String },
+    DrainGpu { index: u32, reason: Option<String> },
+    ResumeGpu { index: u32 },
+    DrainServer { reason: Option<String> },
+    ResumeServer,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +228,12 @@ pub struct SubmitRequest {
     /// Host memory for the job, in MiB (a cgroup limit) [default: the server's].
     #[serde(default)]
     pub host_mem_mib: Option<u64>,
+    /// Slurm's `--dependency` as written (`afterok:12:13,singleton`).
+    #[serde(default)]
+    pub dependency: Option<String>,
+    /// Submit held (`--hold`): it waits until `mgpu_control release`.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// A parsed `--array` value: the task indices, sorted and without repeats, and the cap on
@@ -370,6 +396,11 @@ pub enum Response {
         job: JobId,
         state: Option<JobState>,
     },
+    /// What a control request did, one line per job (or for the drain); `ok` is false when
+    /// some part was refused (those lines say why).
+    Control { lines: Vec<String>, ok: bool },
+    /// A job's fields, `Key=Value` (`mgpu_control show job`).
+    JobDetail { fields: Vec<(String, String)> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -423,6 +454,9 @@ pub struct QueueSnapshot {
     pub policy: String,
     pub gpus: Vec<GpuInfo>,
     pub jobs: Vec<JobInfo>,
+    /// The whole server is drained (nothing new starts), with the reason given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_drained: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,6 +475,9 @@ pub struct GpuInfo {
     /// Processes on it that belong to no mgpu job (someone bypassing the scheduler).
     #[serde(default)]
     pub foreign: Vec<ForeignProcess>,
+    /// Drained by an administrator (no new jobs), with the reason given, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<String>,
 }
 
 /// A process on a GPU that belongs to no mgpu job.

@@ -15,7 +15,7 @@ use crate::state::{now_ms, Daemon, Inner};
 use crate::store::{NewArray, NewJob};
 use crate::users;
 
-const MAX_NAME: usize = 128;
+pub(crate) const MAX_NAME: usize = 128;
 const MAX_ARGS: usize = 65_536;
 /// Bytes of argv, and of environment, one job may carry.
 const MAX_ARGV_BYTES: usize = 1 << 20;
@@ -24,7 +24,7 @@ const MAX_ENV_BYTES: usize = 1 << 20;
 const MAX_PATH: usize = 4096;
 /// Longest time limit a job may ask for (and warning lead time): a year. Longer is a typo, and
 /// times far beyond it would overflow the scheduler's clock arithmetic.
-const MAX_TIME_LIMIT_S: u64 = 366 * 24 * 3600;
+pub(crate) const MAX_TIME_LIMIT_S: u64 = 366 * 24 * 3600;
 
 fn default_name(command: &str) -> String {
     command.rsplit('/').next().unwrap_or(command).to_string()
@@ -175,6 +175,12 @@ pub async fn handle(
         Ok(l) => l,
         Err(msg) => return send_error(conn, msg).await,
     };
+    // Dependencies name existing jobs (checked before anything is recorded).
+    let gate = match crate::handlers::depend::gate_of(daemon, req.dependency.as_deref(), req.hold)
+    {
+        Ok(g) => g,
+        Err(msg) => return send_error(conn, msg).await,
+    };
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,
@@ -192,6 +198,7 @@ pub async fn handle(
             spec,
             &indices,
             req.array_limit,
+            gate,
             conn,
         )
         .await;
@@ -214,27 +221,34 @@ pub async fn handle(
             spec,
             submitted_at: now,
             attached: req.attach,
+            gate: gate.clone(),
         })
         .await
         .unwrap_or_else(|_| Err("the store stopped".to_string()));
     if let Err(e) = committed {
         return send_error(conn, format!("could not record the job durably: {e}")).await;
     }
-    // Phase 3: into the queue, and start it if it fits.
-    let queued = {
-        let mut inner = daemon.lock();
-        admission.settle(&mut inner);
-        match inner.sched.restore_pending(id, request, now, 0) {
+    // Phase 3: into the queue (or parked by its gate), and start it if it fits.
+    let mut admission = Some(admission);
+    let queued = crate::handlers::depend::enter_gated(daemon, &gate, |inner, lookup| {
+        if let Some(a) = admission.take() {
+            a.settle(inner);
+        }
+        match inner
+            .sched
+            .restore_pending_gated(id, request.clone(), now, 0, gate.clone(), lookup)
+        {
             // Cannot happen (checked above against the same GPUs).
             Err(e) => Err(e),
             Ok(()) => {
-                inner.commands.insert(id, shown);
-                let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
-                daemon.schedule(&mut inner);
+                inner.commands.insert(id, shown.clone());
+                let events = req.attach.then(|| daemon.subscribe(inner, id));
+                daemon.schedule(inner);
                 Ok(events)
             }
         }
-    };
+    })
+    .await;
     let events = match queued {
         Ok(events) => events,
         Err(e) => {
@@ -255,10 +269,11 @@ pub async fn handle(
     }
     let pending = {
         let inner = daemon.lock();
+        // A held job, or one waiting on dependencies, has no place in the queue yet (0).
         inner
             .sched
-            .queue_position(id)
-            .zip(inner.sched.wait_detail(id))
+            .wait_detail(id)
+            .map(|r| (inner.sched.queue_position(id).unwrap_or(0), r))
     };
     if let Some((position, reason)) = pending {
         send(
@@ -354,6 +369,7 @@ async fn submit_array(
     spec: LaunchSpec,
     indices: &[u32],
     limit: Option<u32>,
+    gate: mgpu_core::Gate,
     conn: &mut Conn,
 ) -> Result<()> {
     let now = now_ms();
@@ -393,27 +409,39 @@ async fn submit_array(
             spec,
             submitted_at: now,
             tasks: requests.clone(),
+            gate: gate.clone(),
         })
         .await
         .unwrap_or_else(|_| Err("the store stopped".to_string()));
     if let Err(e) = committed {
         return send_error(conn, format!("could not record the job array durably: {e}")).await;
     }
-    let mut refused = None;
-    {
-        let mut inner = daemon.lock();
-        admission.settle(&mut inner);
-        for (id, request) in requests {
-            if let Err(e) = inner.sched.restore_pending(id, request, now, 0) {
+    let mut admission = Some(admission);
+    let refused = crate::handlers::depend::enter_gated(daemon, &gate, |inner, lookup| {
+        if let Some(a) = admission.take() {
+            a.settle(inner);
+        }
+        let mut refused = None;
+        for (id, request) in &requests {
+            if let Err(e) = inner.sched.restore_pending_gated(
+                *id,
+                request.clone(),
+                now,
+                0,
+                gate.clone(),
+                lookup,
+            ) {
                 // Cannot happen (checked above against the same GPUs).
-                record_refused(daemon, id, &e);
+                record_refused(daemon, *id, &e);
                 refused.get_or_insert(e.to_string());
                 continue;
             }
-            inner.commands.insert(id, shown.clone());
+            inner.commands.insert(*id, shown.clone());
         }
-        daemon.schedule(&mut inner);
-    }
+        daemon.schedule(inner);
+        refused
+    })
+    .await;
     if let Some(e) = refused {
         return send_error(conn, format!("job array {first}: tasks refused: {e}")).await;
     }
@@ -494,6 +522,8 @@ mod tests {
             array_limit: None,
             cpus: None,
             host_mem_mib: None,
+            dependency: None,
+            hold: false,
         };
         assert!(super::validate(&req(Some(3600), Some(60))).is_ok());
         assert!(super::validate(&req(Some(0), None)).is_ok());

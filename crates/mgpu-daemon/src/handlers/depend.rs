@@ -1,0 +1,133 @@
+//! Dependencies and holds of new jobs (`--dependency`, `--hold`), shared by `Submit`: the
+//! targets the user named are checked and resolved to job ids (a job array's id stands for all
+//! its tasks, `ID_TASK` for one), and the job enters the core with what the records say of
+//! targets that already ended. Each lookup is by id: the cost is O(targets), whatever the
+//! number of finished jobs.
+
+use std::collections::{HashMap, HashSet};
+
+use mgpu_core::{
+    parse_dependency, DepItem, DepKind, DepTarget, Dependency, Gate, Hold, JobId, TargetState,
+    MAX_DEP_TARGETS,
+};
+
+use crate::state::{Daemon, Inner};
+
+/// The gate of a new job: its hold and its dependencies, targets checked and resolved.
+/// Refuses (with a clear message) dependencies on jobs that never existed.
+pub fn gate_of(daemon: &Daemon, dependency: Option<&str>, hold: bool) -> Result<Gate, String> {
+    let dependency = match dependency {
+        None => None,
+        Some(text) => Some(resolve(daemon, text)?),
+    };
+    Ok(Gate {
+        hold: hold.then_some(Hold::User),
+        dependency,
+    })
+}
+
+fn resolve(daemon: &Daemon, text: &str) -> Result<Dependency, String> {
+    let spec = parse_dependency(text)?;
+    let mut items = Vec::new();
+    let mut seen = HashSet::new();
+    for (kind, target) in spec.items {
+        let ids = match target {
+            None => vec![0],
+            Some(DepTarget::Job(id)) => job_targets(daemon, id)?,
+            Some(DepTarget::Task(array, task)) => vec![task_target(daemon, array, task)?],
+        };
+        for job in ids {
+            if seen.insert((kind, job)) {
+                items.push(DepItem { kind, job });
+            }
+        }
+        if items.len() > MAX_DEP_TARGETS {
+            return Err(format!(
+                "invalid --dependency '{text}': at most {MAX_DEP_TARGETS} jobs (job arrays count all their tasks)"
+            ));
+        }
+    }
+    Ok(Dependency {
+        any: spec.any,
+        items,
+        text: text.trim().to_string(),
+    })
+}
+
+/// A job, or every task of the job array with that id.
+fn job_targets(daemon: &Daemon, id: JobId) -> Result<Vec<JobId>, String> {
+    let live = daemon.lock().sched.job(id).map(|j| j.request.array);
+    let array = match live {
+        Some(a) => a,
+        None => {
+            let known = daemon
+                .store
+                .target_state(id)
+                .map_err(|e| format!("cannot check job {id}: {e:#}"))?;
+            if known == TargetState::Gone {
+                return Err(no_such(id));
+            }
+            daemon
+                .store
+                .array_task(id)
+                .map_err(|e| format!("cannot check job {id}: {e:#}"))?
+        }
+    };
+    Ok(match array {
+        // A job array's tasks have ids that follow each other from the array's.
+        Some(a) if a.job == id => (id..id + JobId::from(a.count)).collect(),
+        _ => vec![id],
+    })
+}
+
+fn task_target(daemon: &Daemon, array: JobId, task: u32) -> Result<JobId, String> {
+    daemon
+        .store
+        .array_task_job(array, task)
+        .map_err(|e| format!("cannot check job {array}_{task}: {e:#}"))?
+        .ok_or_else(|| format!("invalid --dependency: job array {array} has no task {task} (no such job {array}_{task})"))
+}
+
+fn no_such(id: JobId) -> String {
+    format!("invalid --dependency: no such job {id}")
+}
+
+/// Targets of `gate` the core does not hold and whose records were not read yet.
+fn missing(inner: &Inner, gate: &Gate, known: &HashMap<JobId, TargetState>) -> Vec<JobId> {
+    let Some(dep) = &gate.dependency else {
+        return Vec::new();
+    };
+    dep.items
+        .iter()
+        .filter(|i| i.kind != DepKind::Singleton)
+        .map(|i| i.job)
+        .filter(|j| inner.sched.job(*j).is_none() && !known.contains_key(j))
+        .collect()
+}
+
+/// Runs `enter` under the lock once every target the core does not hold has been read from
+/// the records, with a lookup of them. A target that left the core meanwhile is read after a
+/// flush of the store (its end was sent to the store before it left: the record has it).
+pub async fn enter_gated<R>(
+    daemon: &Daemon,
+    gate: &Gate,
+    mut enter: impl FnMut(&mut Inner, &dyn Fn(JobId) -> TargetState) -> R,
+) -> R {
+    let mut known: HashMap<JobId, TargetState> = HashMap::new();
+    loop {
+        let todo = {
+            let mut inner = daemon.lock();
+            let todo = missing(&inner, gate, &known);
+            if todo.is_empty() {
+                let lookup = |t: JobId| known.get(&t).copied().unwrap_or(TargetState::Live);
+                return enter(&mut inner, &lookup);
+            }
+            todo
+        };
+        daemon.store.flush().await;
+        for t in todo {
+            let state = daemon.store.target_state(t).unwrap_or(TargetState::Gone);
+            known.insert(t, state);
+        }
+    }
+}

@@ -118,7 +118,9 @@ pub fn request(action: Action) -> Result<ControlRequest> {
             let job = match items.as_slice() {
                 [w, id] if w.eq_ignore_ascii_case("job") => id.clone(),
                 [one] => match one.split_once('=') {
-                    Some((k, v)) if k.eq_ignore_ascii_case("job") || k.eq_ignore_ascii_case("jobid") => {
+                    Some((k, v))
+                        if k.eq_ignore_ascii_case("job") || k.eq_ignore_ascii_case("jobid") =>
+                    {
                         v.to_string()
                     }
                     _ if !one.eq_ignore_ascii_case("job") => one.clone(),
@@ -188,7 +190,10 @@ mod tests {
             changes: vec![("TimeLimit".into(), "30".into())],
         };
         assert_eq!(parse(&["update", "42", "TimeLimit=30"]).unwrap(), upd("42"));
-        assert_eq!(parse(&["update", "JobId=42", "TimeLimit=30"]).unwrap(), upd("42"));
+        assert_eq!(
+            parse(&["update", "JobId=42", "TimeLimit=30"]).unwrap(),
+            upd("42")
+        );
         assert!(parse(&["update", "42", "TimeLimit"]).is_err());
         assert!(parse(&["update", "42"]).is_err());
         let show = ControlRequest::Show { job: "7_2".into() };

@@ -390,11 +390,16 @@ pub fn drain_lines(s: &QueueSnapshot) -> Vec<String> {
     };
     s.server_drained
         .iter()
-        .map(|r| format!("SERVER DRAINED{}: nothing new starts until 'mgpu_control resume server'", why(r)))
+        .map(|r| {
+            format!(
+                "SERVER DRAINED{}: nothing new starts until 'mgpu_control resume server'",
+                why(r)
+            )
+        })
         .chain(s.gpus.iter().filter_map(|g| {
-            g.drained.as_ref().map(|r| {
-                format!("GPU {} drained{}: no new jobs go there", g.index, why(r))
-            })
+            g.drained
+                .as_ref()
+                .map(|r| format!("GPU {} drained{}: no new jobs go there", g.index, why(r)))
         }))
         .collect()
 }

@@ -110,7 +110,13 @@ pub fn parse_dependency(text: &str) -> Result<DepSpec, String> {
     let mut items = Vec::new();
     for part in parts {
         let mut words = part.split(':');
-        let kind = match words.next().unwrap_or("").trim().to_ascii_lowercase().as_str() {
+        let kind = match words
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "after" => DepKind::After,
             "afterany" => DepKind::AfterAny,
             "afterok" => DepKind::AfterOk,
@@ -256,9 +262,9 @@ fn settle(kind: DepKind, ended: Option<JobState>) -> Option<Status> {
         (DepKind::After, _) => Status::Met,
         (_, None) => return None,
         (DepKind::AfterAny, Some(_)) => Status::Met,
-        (DepKind::AfterOk, Some(s)) if s == JobState::Completed => Status::Met,
+        (DepKind::AfterOk, Some(JobState::Completed)) => Status::Met,
         (DepKind::AfterOk, Some(_)) => Status::Never,
-        (DepKind::AfterNotOk, Some(s)) if s == JobState::Completed => Status::Never,
+        (DepKind::AfterNotOk, Some(JobState::Completed)) => Status::Never,
         (DepKind::AfterNotOk, Some(_)) => Status::Met,
         (DepKind::Singleton, _) => return None,
     })
@@ -620,8 +626,7 @@ impl Scheduler {
             let limit = |t: Option<u64>| t.filter(|&s| s > 0).unwrap_or(u64::MAX);
             if !by.is_admin && limit(request.time_limit_s) > limit(job.request.time_limit_s) {
                 return Err(ControlError::Invalid(
-                    "only root may raise the time limit of a running job (you may lower it)"
-                        .into(),
+                    "only root may raise the time limit of a running job (you may lower it)".into(),
                 ));
             }
         } else if job.state != JobState::Pending {
@@ -734,9 +739,7 @@ impl Scheduler {
                     job.id
                 )
             }
-            Some(Hold::Admin) => {
-                return format!("{code}: held by root; only root can release it")
-            }
+            Some(Hold::Admin) => return format!("{code}: held by root; only root can release it"),
             None => {}
         }
         let dep = g.dependency.as_ref().expect("parked for its dependencies");

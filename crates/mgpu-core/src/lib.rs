@@ -25,11 +25,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use pass::Reservation;
 pub use gate::{
     parse_dependency, ControlError, DepItem, DepKind, DepSpec, DepTarget, Dependency, Gate, Hold,
     JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TARGETS,
 };
+use pass::Reservation;
 pub use placement::GpuState;
 use policy::UserUsage;
 pub use policy::{FairShareConfig, Policy};

@@ -1786,16 +1786,41 @@ mod gates {
         let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
         let a = s.submit(req(1, 1, None), 0).unwrap();
         assert_eq!(started(&mut s, 0), vec![a]);
-        s.restore_pending_gated(2, req(1, 1, None), 0, 0, dep(false, &[(DepKind::AfterOk, a)]), live)
-            .unwrap();
-        s.restore_pending_gated(3, req(1, 1, None), 0, 0, dep(false, &[(DepKind::AfterNotOk, a)]), live)
-            .unwrap();
-        s.restore_pending_gated(4, req(1, 1, None), 0, 0, dep(false, &[(DepKind::After, a)]), live)
-            .unwrap();
+        s.restore_pending_gated(
+            2,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::AfterOk, a)]),
+            live,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            3,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::AfterNotOk, a)]),
+            live,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            4,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::After, a)]),
+            live,
+        )
+        .unwrap();
         // A free GPU, but 2 and 3 wait on job 1; 4 only needed it to start.
         assert_eq!(started(&mut s, 1), vec![4]);
         assert_eq!(s.pending_reason(2), Some("Dependency"));
-        assert!(s.wait_detail(2).unwrap().contains("afterok:1"), "{:?}", s.wait_detail(2));
+        assert!(
+            s.wait_detail(2).unwrap().contains("afterok:1"),
+            "{:?}",
+            s.wait_detail(2)
+        );
         assert_eq!(s.queue_position(2), None);
         assert_eq!(s.pending_count_of(1), 2);
         s.finish(a, JobState::Completed);
@@ -1816,10 +1841,24 @@ mod gates {
             2 => TargetState::Ended(JobState::Failed),
             _ => TargetState::Gone,
         };
-        s.restore_pending_gated(10, req(1, 1, None), 0, 0, dep(false, &[(DepKind::AfterOk, 2)]), ended)
-            .unwrap();
-        s.restore_pending_gated(11, req(1, 1, None), 0, 0, dep(true, &[(DepKind::AfterOk, 2), (DepKind::AfterOk, 1)]), ended)
-            .unwrap();
+        s.restore_pending_gated(
+            10,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::AfterOk, 2)]),
+            ended,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            11,
+            req(1, 1, None),
+            0,
+            0,
+            dep(true, &[(DepKind::AfterOk, 2), (DepKind::AfterOk, 1)]),
+            ended,
+        )
+        .unwrap();
         assert_eq!(started(&mut s, 0), vec![11]);
         assert_eq!(s.pending_reason(10), Some("DependencyNeverSatisfied"));
     }
@@ -1828,8 +1867,15 @@ mod gates {
     fn a_target_restored_after_its_dependent_is_still_awaited() {
         let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
         // Recovery restores in queue order: job 5 depends on job 6, restored after it.
-        s.restore_pending_gated(5, req(1, 1, None), 0, 0, dep(false, &[(DepKind::AfterAny, 6)]), live)
-            .unwrap();
+        s.restore_pending_gated(
+            5,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::AfterAny, 6)]),
+            live,
+        )
+        .unwrap();
         s.restore_pending(6, req(1, 1, None), 1, 0).unwrap();
         assert_eq!(started(&mut s, 2), vec![6]);
         s.finish(6, JobState::Failed);
@@ -1841,10 +1887,13 @@ mod gates {
         let mut s = Scheduler::new(gpus(&[1000, 1000, 1000]), Config::default(), 1);
         let single = || dep(false, &[(DepKind::Singleton, 0)]);
         let a = s.submit(req(1, 1, None), 0).unwrap();
-        s.restore_pending_gated(2, req(1, 1, None), 0, 0, single(), live).unwrap();
-        s.restore_pending_gated(3, req(1, 1, None), 0, 0, single(), live).unwrap();
+        s.restore_pending_gated(2, req(1, 1, None), 0, 0, single(), live)
+            .unwrap();
+        s.restore_pending_gated(3, req(1, 1, None), 0, 0, single(), live)
+            .unwrap();
         // Another user's job of the same name does not count.
-        s.restore_pending_gated(4, req(2, 1, None), 0, 0, single(), live).unwrap();
+        s.restore_pending_gated(4, req(2, 1, None), 0, 0, single(), live)
+            .unwrap();
         let mut got = started(&mut s, 0);
         got.sort();
         assert_eq!(got, vec![a, 4]);
@@ -1924,11 +1973,17 @@ mod gates {
             Err(ControlError::PermissionDenied)
         );
         assert!(s.update(run, ALICE, up(|u| u.gpus = Some(2))).is_err());
-        assert!(s.update(run, ALICE, up(|u| u.time_limit_s = Some(Some(1200)))).is_err());
-        assert!(s.update(run, ALICE, up(|u| u.time_limit_s = Some(None))).is_err());
-        s.update(run, ALICE, up(|u| u.time_limit_s = Some(Some(60)))).unwrap();
+        assert!(s
+            .update(run, ALICE, up(|u| u.time_limit_s = Some(Some(1200))))
+            .is_err());
+        assert!(s
+            .update(run, ALICE, up(|u| u.time_limit_s = Some(None)))
+            .is_err());
+        s.update(run, ALICE, up(|u| u.time_limit_s = Some(Some(60))))
+            .unwrap();
         assert_eq!(s.job(run).unwrap().request.time_limit_s, Some(60));
-        s.update(run, ROOT, up(|u| u.time_limit_s = Some(Some(7200)))).unwrap();
+        s.update(run, ROOT, up(|u| u.time_limit_s = Some(Some(7200))))
+            .unwrap();
         assert_eq!(s.job(run).unwrap().request.time_limit_s, Some(7200));
     }
 
@@ -1940,7 +1995,13 @@ mod gates {
         let a = s.submit(req(1, 1, None), 0).unwrap();
         let two = s.submit(req(1, 2, None), 0).unwrap();
         let got = s.schedule(0);
-        assert_eq!(got, vec![Assignment { job: a, gpus: vec![1] }]);
+        assert_eq!(
+            got,
+            vec![Assignment {
+                job: a,
+                gpus: vec![1]
+            }]
+        );
         assert_eq!(s.pending_reason(two), Some("GpuDrained"));
         s.set_server_drained(true);
         s.set_gpu_drained(0, false);

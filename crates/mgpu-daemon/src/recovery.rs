@@ -178,8 +178,7 @@ pub fn recover(
     queued.sort_by_key(|j| (j.submitted_at, j.id));
     // Dependency targets that ended here are known from this recovery, the others from the
     // records (looked up by id, only for targets the core does not hold).
-    let ended_here: HashMap<JobId, JobState> =
-        ended.iter().map(|(id, e)| (*id, e.state)).collect();
+    let ended_here: HashMap<JobId, JobState> = ended.iter().map(|(id, e)| (*id, e.state)).collect();
     for job in queued.into_iter().chain(switched) {
         let command = shown(&job);
         let lookup = |t: JobId| match ended_here.get(&t) {

@@ -452,7 +452,9 @@ async fn run(args: Args) -> Result<()> {
     let half_life_ms = config.fair.half_life_s * 1000;
     let drains = std::mem::take(&mut recovered.drains);
     let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe, |id| {
-        store.target_state(id).unwrap_or(mgpu_core::TargetState::Gone)
+        store
+            .target_state(id)
+            .unwrap_or(mgpu_core::TargetState::Gone)
     });
     // Drains survive restarts (an administrator drains before an upgrade).
     let mut drained = crate::state::Drains::default();
@@ -464,7 +466,10 @@ async fn run(args: Args) -> Result<()> {
             if plan.sched.set_gpu_drained(i, true) {
                 drained.gpus.insert(i, reason);
             } else {
-                tracing::warn!(gpu = i, "a drained GPU is no longer managed; its drain is kept");
+                tracing::warn!(
+                    gpu = i,
+                    "a drained GPU is no longer managed; its drain is kept"
+                );
             }
         }
     }

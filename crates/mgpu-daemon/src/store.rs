@@ -1069,10 +1069,11 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 .execute(params![*id as i64, *at as i64, *restarts])?;
             }
             Op::SetHold(id, hold) => {
-                tx.prepare_cached("UPDATE jobs SET hold = ?2 WHERE id = ?1")?.execute(params![
-                    *id as i64,
-                    hold.map(|h| serde_json::to_string(&h)).transpose()?
-                ])?;
+                tx.prepare_cached("UPDATE jobs SET hold = ?2 WHERE id = ?1")?
+                    .execute(params![
+                        *id as i64,
+                        hold.map(|h| serde_json::to_string(&h)).transpose()?
+                    ])?;
             }
             Op::Updated(id, r) => {
                 tx.prepare_cached(
@@ -1219,7 +1220,7 @@ mod tests {
             let (store, _) = Store::open(dir.path()).unwrap();
             store
                 .insert_array(NewArray {
-gate: Default::default(),
+                    gate: Default::default(),
                     spec: template.spec.clone(),
                     submitted_at: 5,
                     tasks,
@@ -1382,7 +1383,7 @@ gate: Default::default(),
         };
         store
             .insert_array(NewArray {
-gate: Default::default(),
+                gate: Default::default(),
                 spec: array.spec.clone(),
                 submitted_at: 5,
                 tasks: (0..2)

@@ -112,7 +112,9 @@ fn moved_hint(named: bool, old_exists: bool) -> Option<String> {
     ))
 }
 
-/// Messages a client sends.
+/// Messages a client sends (one per connection: the size of the largest, a submit, costs
+/// nothing that matters).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
@@ -141,15 +143,31 @@ pub enum Request {
 pub enum ControlRequest {
     /// Hold pending jobs (ids as written: `12`, or `12_3` for one task of job array 12; a job
     /// array's id holds all its waiting tasks).
-    Hold { jobs: Vec<String> },
-    Release { jobs: Vec<String> },
+    Hold {
+        jobs: Vec<String>,
+    },
+    Release {
+        jobs: Vec<String>,
+    },
     /// Change a job: `Key=Value` items (TimeLimit, Name, Nice, Gpus, Mem).
-    Update { job: String, changes: Vec<(String, String)> },
+    Update {
+        job: String,
+        changes: Vec<(String, String)>,
+    },
     /// Every field of a job, `scontrol show job`-like.
-    Show { job: String },
-    DrainGpu { index: u32, reason: Option<String> },
-    ResumeGpu { index: u32 },
-    DrainServer { reason: Option<String> },
+    Show {
+        job: String,
+    },
+    DrainGpu {
+        index: u32,
+        reason: Option<String>,
+    },
+    ResumeGpu {
+        index: u32,
+    },
+    DrainServer {
+        reason: Option<String>,
+    },
     ResumeServer,
 }
 
@@ -398,9 +416,14 @@ pub enum Response {
     },
     /// What a control request did, one line per job (or for the drain); `ok` is false when
     /// some part was refused (those lines say why).
-    Control { lines: Vec<String>, ok: bool },
+    Control {
+        lines: Vec<String>,
+        ok: bool,
+    },
     /// A job's fields, `Key=Value` (`mgpu_control show job`).
-    JobDetail { fields: Vec<(String, String)> },
+    JobDetail {
+        fields: Vec<(String, String)>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

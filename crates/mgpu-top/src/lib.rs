@@ -642,7 +642,7 @@ mod tests {
             jobs: vec![],
             util_pct: None,
             foreign: vec![],
-                drained: None,
+            drained: None,
         };
         assert_eq!(memory_bar(&g(0, 100)), format!("{}   0%", "░".repeat(BAR)));
         assert_eq!(

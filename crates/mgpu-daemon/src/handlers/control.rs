@@ -28,9 +28,7 @@ pub async fn handle(
         ControlRequest::Release { jobs } => hold_or_release(daemon, by, &jobs, false),
         ControlRequest::Update { job, changes } => update(daemon, by, &job, &changes),
         ControlRequest::Show { job } => show(daemon, by, &job),
-        ControlRequest::DrainGpu { index, reason } => {
-            drain(daemon, by, Some(index), Some(reason))
-        }
+        ControlRequest::DrainGpu { index, reason } => drain(daemon, by, Some(index), Some(reason)),
         ControlRequest::ResumeGpu { index } => drain(daemon, by, Some(index), None),
         ControlRequest::DrainServer { reason } => drain(daemon, by, None, Some(reason)),
         ControlRequest::ResumeServer => drain(daemon, by, None, None),
@@ -252,7 +250,10 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
             "Priority",
             opt(sched.priority(id).map(|p| format!("{p:.0}"))),
         );
-        put("Position", opt(sched.queue_position(id).map(|p| p.to_string())));
+        put(
+            "Position",
+            opt(sched.queue_position(id).map(|p| p.to_string())),
+        );
         put("Nice", r.nice.to_string());
         put("Gpus", r.gpus.to_string());
         put(
@@ -285,10 +286,7 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
         if by.may_manage(r.uid) {
             put(
                 "Command",
-                opt(inner
-                    .commands
-                    .get(&id)
-                    .map(|c| shell_words(c))),
+                opt(inner.commands.get(&id).map(|c| shell_words(c))),
             );
             drop(inner);
             if let Ok(spec) = daemon.store.launch_spec(id) {
@@ -318,11 +316,7 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
     put("JobState", rec.state.as_str().into());
     put(
         "ExitCode",
-        format!(
-            "{}:{}",
-            rec.exit_code.unwrap_or(0),
-            rec.signal.unwrap_or(0)
-        ),
+        format!("{}:{}", rec.exit_code.unwrap_or(0), rec.signal.unwrap_or(0)),
     );
     put("Gpus", rec.gpus.to_string());
     put(

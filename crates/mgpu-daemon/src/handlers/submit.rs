@@ -176,8 +176,7 @@ pub async fn handle(
         Err(msg) => return send_error(conn, msg).await,
     };
     // Dependencies name existing jobs (checked before anything is recorded).
-    let gate = match crate::handlers::depend::gate_of(daemon, req.dependency.as_deref(), req.hold)
-    {
+    let gate = match crate::handlers::depend::gate_of(daemon, req.dependency.as_deref(), req.hold) {
         Ok(g) => g,
         Err(msg) => return send_error(conn, msg).await,
     };
@@ -194,11 +193,10 @@ pub async fn handle(
         return submit_array(
             daemon,
             caller,
-            request,
+            (request, gate),
             spec,
             &indices,
             req.array_limit,
-            gate,
             conn,
         )
         .await;
@@ -365,11 +363,10 @@ impl Drop for Admission {
 async fn submit_array(
     daemon: &Arc<Daemon>,
     caller: Caller,
-    request: JobRequest,
+    (request, gate): (JobRequest, mgpu_core::Gate),
     spec: LaunchSpec,
     indices: &[u32],
     limit: Option<u32>,
-    gate: mgpu_core::Gate,
     conn: &mut Conn,
 ) -> Result<()> {
     let now = now_ms();

@@ -85,8 +85,10 @@ pub struct DepSpec {
 /// Most dependency items one job may have (after a job array expands to its tasks, the
 /// server's bound is [`MAX_DEP_TARGETS`]).
 pub const MAX_DEP_ITEMS: usize = 64;
-/// Most target jobs one job may depend on, arrays expanded.
-pub const MAX_DEP_TARGETS: usize = 20_000;
+/// Most target jobs one job may depend on, arrays expanded (one job array of the largest size).
+pub const MAX_DEP_TARGETS: usize = 10_000;
+/// Longest `--dependency` text.
+pub const MAX_DEP_TEXT: usize = 4096;
 
 /// Parses Slurm's `--dependency` syntax: `afterok:5:6,afterany:7_2,singleton` (all of them)
 /// or `afterok:5?afternotok:6` (any one).
@@ -101,6 +103,11 @@ pub fn parse_dependency(text: &str) -> Result<DepSpec, String> {
     let t = text.trim();
     if t.is_empty() {
         return Err(bad("empty".into()));
+    }
+    if t.len() > MAX_DEP_TEXT {
+        return Err(format!(
+            "invalid --dependency: longer than {MAX_DEP_TEXT} bytes"
+        ));
     }
     let (any, parts): (bool, Vec<&str>) = match (t.contains(','), t.contains('?')) {
         (true, true) => return Err(bad("',' and '?' cannot be mixed".into())),
@@ -359,6 +366,7 @@ impl Scheduler {
                 }
                 gated.status.push(status);
             }
+            *self.dep_items_by_user.entry(uid).or_default() += dep.items.len();
             gated.dependency = Some(dep);
         }
         if gated.singleton {
@@ -414,6 +422,7 @@ impl Scheduler {
     fn unpark(&mut self, id: JobId) {
         let mut job = self.jobs.remove(&id).expect("a parked job");
         let g = job.gate.take().expect("parked");
+        self.forget_dep_items(job.request.uid, &g);
         self.parked.remove(&id);
         if let Some(c) = self.parked_by_user.get_mut(&job.request.uid) {
             *c -= 1;
@@ -434,6 +443,21 @@ impl Scheduler {
             t.live += 1;
         }
         self.index_pending(job);
+    }
+
+    fn forget_dep_items(&mut self, uid: u32, g: &Gated) {
+        let n = g.dependency.as_ref().map_or(0, |d| d.items.len());
+        if let Some(c) = self.dep_items_by_user.get_mut(&uid) {
+            *c = c.saturating_sub(n);
+            if *c == 0 {
+                self.dep_items_by_user.remove(&uid);
+            }
+        }
+    }
+
+    /// Dependency targets of a user's waiting jobs, in all (what the daemon bounds per user).
+    pub fn dependency_targets_of(&self, uid: u32) -> usize {
+        self.dep_items_by_user.get(&uid).copied().unwrap_or(0)
     }
 
     fn forget_singleton_waiter(&mut self, id: JobId, request: &crate::JobRequest) {
@@ -471,7 +495,8 @@ impl Scheduler {
         {
             self.recheck.push(first);
         }
-        if job.gate.is_some() {
+        if let Some(g) = &job.gate {
+            self.forget_dep_items(job.request.uid, g);
             self.parked.remove(&job.id);
             if let Some(c) = self.parked_by_user.get_mut(&job.request.uid) {
                 *c -= 1;

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use gate::{
     parse_dependency, ControlError, DepItem, DepKind, DepSpec, DepTarget, Dependency, Gate, Hold,
-    JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TARGETS,
+    JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TARGETS, MAX_DEP_TEXT,
 };
 use pass::Reservation;
 pub use placement::GpuState;
@@ -367,6 +367,8 @@ pub struct Scheduler {
     /// Pending jobs parked by a hold or dependencies (by id), and how many per user.
     parked: BTreeSet<JobId>,
     parked_by_user: HashMap<u32, usize>,
+    /// Dependency items of parked jobs per user.
+    dep_items_by_user: HashMap<u32, usize>,
     /// Per dependency target: the parked jobs that wait on it.
     dependents: HashMap<JobId, Vec<JobId>>,
     /// Live (pending or running) jobs per user and name, for `singleton`.
@@ -427,6 +429,7 @@ impl Scheduler {
             over_since: HashMap::new(),
             parked: BTreeSet::new(),
             parked_by_user: HashMap::new(),
+            dep_items_by_user: HashMap::new(),
             dependents: HashMap::new(),
             names: HashMap::new(),
             singleton_waiters: HashMap::new(),

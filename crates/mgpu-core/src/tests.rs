@@ -1813,8 +1813,10 @@ mod gates {
             live,
         )
         .unwrap();
+        assert_eq!(s.dependency_targets_of(1), 3);
         // A free GPU, but 2 and 3 wait on job 1; 4 only needed it to start.
         assert_eq!(started(&mut s, 1), vec![4]);
+        assert_eq!(s.dependency_targets_of(1), 2);
         assert_eq!(s.pending_reason(2), Some("Dependency"));
         assert!(
             s.wait_detail(2).unwrap().contains("afterok:1"),
@@ -1831,6 +1833,7 @@ mod gates {
         assert!(started(&mut s, 3).is_empty());
         assert!(matches!(s.cancel(3, ALICE), CancelOutcome::Removed(_)));
         assert_eq!(s.pending_count(), 0);
+        assert_eq!(s.dependency_targets_of(1), 0);
     }
 
     #[test]

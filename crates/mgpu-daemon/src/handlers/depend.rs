@@ -13,6 +13,10 @@ use mgpu_core::{
 
 use crate::state::{Daemon, Inner};
 
+/// Most dependency targets (job array ids expanded to their tasks) one user's waiting jobs may
+/// have in all: each costs the daemon a few bytes until its job starts.
+pub const MAX_DEP_TARGETS_PER_USER: usize = 200_000;
+
 /// The gate of a new job: its hold and its dependencies, targets checked and resolved.
 /// Refuses (with a clear message) dependencies on jobs that never existed.
 pub fn gate_of(daemon: &Daemon, dependency: Option<&str>, hold: bool) -> Result<Gate, String> {

@@ -180,6 +180,21 @@ pub async fn handle(
         Ok(g) => g,
         Err(msg) => return send_error(conn, msg).await,
     };
+    if let Some(d) = &gate.dependency {
+        // Every waiting job's targets cost the daemon memory: bounded per user.
+        let jobs = req.array.as_ref().map_or(1, Vec::len);
+        let have = daemon.lock().sched.dependency_targets_of(caller.uid);
+        let max = crate::handlers::depend::MAX_DEP_TARGETS_PER_USER;
+        if have + d.items.len() * jobs > max {
+            return send_error(
+                conn,
+                format!(
+                    "your waiting jobs already depend on {have} jobs; at most {max} dependency targets may wait per user (a job array's id counts all its tasks)"
+                ),
+            )
+            .await;
+        }
+    }
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,

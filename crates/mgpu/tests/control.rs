@@ -292,6 +292,22 @@ fn owners_hold_release_and_update_their_jobs_and_others_cannot() {
     ] {
         assert!(shown.contains(want), "{want} missing: {shown}");
     }
+    // Others see the job as the queue shows it, not its command or directory.
+    let theirs = text(
+        &s.cmd_as(&b, "mgpu_control")
+            .args(["show", "job", &sid])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(
+        theirs.contains("JobName=renamed") && !theirs.contains("WorkDir="),
+        "{theirs}"
+    );
+    assert!(
+        shown.contains("WorkDir=") && shown.contains("Command=true"),
+        "{shown}"
+    );
     // Root's hold is an admin hold: the owner cannot release it.
     s.ok("mgpu_control", &["hold", &sid]);
     assert_eq!(reason(&s, id), "JobHeldAdmin");
@@ -303,6 +319,15 @@ fn owners_hold_release_and_update_their_jobs_and_others_cannot() {
     assert_fails_with(&out, "held by root");
     s.ok("mgpu_control", &["release", &sid]);
     assert_eq!(state_of(&s, id), "COMPLETED");
+    let out = s
+        .cmd_as(&b, "mgpu_control")
+        .args(["show", "job", &sid])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "shown to root only");
+    assert!(s
+        .ok("mgpu_control", &["show", "job", &sid])
+        .contains("JobState=COMPLETED"));
     // A running job: its owner may lower its time limit, only root may raise it.
     let run = s.detached_as(&a, &["-t", "10", "--", "sleep", "120"]);
     s.wait_state(run, "RUNNING");

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use mgpu_core::{ControlError, JobId, JobState, JobUpdate, Requester};
+use mgpu_core::{ControlError, JobId, JobUpdate, Requester};
 use mgpu_proto::{ControlRequest, Response};
 
 use crate::server::{send, send_error, Caller, Conn};
@@ -296,8 +296,10 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
         return Ok(Response::JobDetail { fields: f });
     }
     drop(inner);
+    // Finished jobs are accounting records: others' are shown to root only (as mgpu_acct).
     let filter = crate::store::AcctFilter {
         job: Some(id),
+        uid: (!by.is_admin).then_some(by.uid),
         ..Default::default()
     };
     let rec = daemon
@@ -305,7 +307,9 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
         .finished_jobs(&filter, 0, 1)
         .map_err(|e| format!("{e:#}"))?
         .pop()
-        .ok_or_else(|| format!("job {job}: no such job"))?;
+        .ok_or_else(|| {
+            format!("job {job}: no such job (finished jobs of other users are shown to root only)")
+        })?;
     put("JobId", id.to_string());
     if let Some(a) = rec.array {
         put("ArrayJobId", a.job.to_string());
@@ -337,7 +341,6 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
     put("EndTime", opt(rec.ended_at.map(|t| t.to_string())));
     put("Restarts", rec.restarts.to_string());
     put("Message", opt(rec.message.clone()));
-    let _ = JobState::Completed;
     Ok(Response::JobDetail { fields: f })
 }
 

@@ -92,11 +92,20 @@ fn target(what: &[String]) -> Result<Option<u32>> {
     }
 }
 
+/// Job ids as given, also comma-separated as scontrol takes them (`42,43`).
+fn split(jobs: Vec<String>) -> Vec<String> {
+    jobs.iter()
+        .flat_map(|j| j.split(','))
+        .filter(|j| !j.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// The request for `action`.
 pub fn request(action: Action) -> Result<ControlRequest> {
     Ok(match action {
-        Action::Hold { jobs } => ControlRequest::Hold { jobs },
-        Action::Release { jobs } => ControlRequest::Release { jobs },
+        Action::Hold { jobs } => ControlRequest::Hold { jobs: split(jobs) },
+        Action::Release { jobs } => ControlRequest::Release { jobs: split(jobs) },
         Action::Update { items } => {
             let mut items = items.into_iter();
             let first = items.next().unwrap_or_default();
@@ -214,5 +223,11 @@ mod tests {
         assert!(parse(&["drain", "gpu", "x"]).is_err());
         assert!(parse(&["drain", "node"]).is_err());
         assert!(parse(&["hold"]).is_err());
+        assert_eq!(
+            parse(&["hold", "4,5", "6_1"]).unwrap(),
+            ControlRequest::Hold {
+                jobs: vec!["4".into(), "5".into(), "6_1".into()]
+            }
+        );
     }
 }

@@ -405,3 +405,22 @@ fn a_drained_gpu_gets_no_new_jobs_and_a_drained_server_starts_nothing() {
     assert_eq!(state_of(&s, one), "COMPLETED");
     assert_eq!(state_of(&s, wide), "COMPLETED");
 }
+
+#[test]
+fn a_held_job_array_is_released_task_by_task_or_whole() {
+    let s = Server::start("2x24GiB", &[]);
+    let array = s.detached(&["--hold", "--array", "0-2", "--mem", "1G", "--", "true"]);
+    let tasks = [array, array + 1, array + 2];
+    for id in tasks {
+        assert_eq!(reason(&s, id), "JobHeldUser");
+    }
+    s.ok("mgpu_control", &["release", &format!("{array}_1")]);
+    assert_eq!(state_of(&s, array + 1), "COMPLETED");
+    assert_eq!(reason(&s, array), "JobHeldUser");
+    // The whole array by its id: its finished task is left alone.
+    s.ok("mgpu_control", &["hold", &array.to_string()]);
+    assert_eq!(reason(&s, array + 2), "JobHeldUser");
+    s.ok("mgpu_control", &["release", &array.to_string()]);
+    assert_eq!(state_of(&s, array), "COMPLETED");
+    assert_eq!(state_of(&s, array + 2), "COMPLETED");
+}

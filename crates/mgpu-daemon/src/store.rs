@@ -1317,6 +1317,63 @@ mod tests {
         assert_eq!(store.summary(9).unwrap(), None);
     }
 
+    #[tokio::test]
+    async fn holds_dependencies_updates_and_drains_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let dep = mgpu_core::Dependency {
+            any: false,
+            items: vec![mgpu_core::DepItem {
+                kind: mgpu_core::DepKind::AfterOk,
+                job: 1,
+            }],
+            text: "afterok:1".into(),
+        };
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            store.insert(job(1)).await.unwrap().unwrap();
+            let mut j = job(2);
+            j.gate.dependency = Some(dep.clone());
+            store.insert(j).await.unwrap().unwrap();
+            store.set_hold(1, Some(Hold::Admin));
+            let mut r = job(1).request;
+            r.name = "renamed".into();
+            r.gpus = 2;
+            store.updated(1, r);
+            store.set_drain("gpu:1".into(), Some(("fan".into(), 5)));
+            store.set_drain("server".into(), Some(("upgrade".into(), 6)));
+            store.set_drain("server".into(), None);
+            store.flush().await;
+            assert_eq!(store.target_state(1).unwrap(), TargetState::Live);
+            assert_eq!(store.target_state(7).unwrap(), TargetState::Gone);
+        }
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        let one = rec.pending.iter().find(|j| j.id == 1).unwrap();
+        assert_eq!(one.gate.hold, Some(Hold::Admin));
+        assert_eq!(
+            (one.request.name.as_str(), one.request.gpus),
+            ("renamed", 2)
+        );
+        let two = rec.pending.iter().find(|j| j.id == 2).unwrap();
+        assert_eq!(two.gate.dependency, Some(dep));
+        assert_eq!(two.gate.hold, None);
+        assert_eq!(rec.drains, vec![("gpu:1".to_string(), "fan".to_string())]);
+        store.ended(
+            1,
+            Ending {
+                state: JobState::Failed,
+                at: 9,
+                exit_code: Some(1),
+                signal: None,
+                message: None,
+            },
+        );
+        store.flush().await;
+        assert_eq!(
+            store.target_state(1).unwrap(),
+            TargetState::Ended(JobState::Failed)
+        );
+    }
+
     #[test]
     fn a_database_of_the_previous_schema_is_migrated() {
         let dir = tempfile::tempdir().unwrap();

@@ -396,10 +396,16 @@ impl Scheduler {
             };
             if g.singleton {
                 let key = (job.request.uid, job.request.name.clone());
-                let earlier = self
-                    .names
-                    .get(&key)
-                    .is_some_and(|s| s.range(..id).next().is_some());
+                // Blocked by an earlier job of the name (running or waiting ahead), or by a
+                // later one that runs already (one running at a time, as in Slurm).
+                let earlier = self.names.get(&key).is_some_and(|s| {
+                    s.range(..id).next().is_some()
+                        || s.range(id + 1..).any(|j| {
+                            self.jobs
+                                .get(j)
+                                .is_some_and(|j| j.state == JobState::Running)
+                        })
+                });
                 let dep = g.dependency.as_ref().expect("a singleton is a dependency");
                 let pos = dep
                     .items

@@ -1906,6 +1906,17 @@ mod gates {
         assert!(started(&mut s, 2).is_empty());
         s.finish(2, JobState::Failed);
         assert_eq!(started(&mut s, 3), vec![3]);
+        // A later job of the name that runs already holds a singleton back too.
+        s.finish(3, JobState::Completed);
+        let later = s.submit(req(1, 1, None), 4).unwrap();
+        assert_eq!(started(&mut s, 4), vec![later]);
+        let next = s.next_job_id();
+        s.restore_pending_gated(next, req(1, 1, None), 5, 0, single(), live)
+            .unwrap();
+        assert!(started(&mut s, 5).is_empty());
+        assert_eq!(s.pending_reason(next), Some("Dependency"));
+        s.finish(later, JobState::Completed);
+        assert_eq!(started(&mut s, 6), vec![next]);
     }
 
     #[test]

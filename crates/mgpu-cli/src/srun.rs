@@ -99,7 +99,7 @@ pub struct Args {
     pub array: Option<ArraySpec>,
     /// Start only when these jobs are done, as Slurm's --dependency: afterok:ID[:ID...] (ended
     /// COMPLETED), afterany:ID (ended), afternotok:ID (ended otherwise), after:ID (started),
-    /// singleton (no earlier job of yours with this name is waiting or running); ID_TASK names
+    /// singleton (no other job of yours with this name runs, nor an earlier one waits); ID_TASK names
     /// one task of a job array, an array's ID all its tasks; join with ',' (all) or '?' (any)
     #[arg(short = 'd', long, value_name = "TYPE:ID", value_parser = parse_dependency_text)]
     pub dependency: Option<String>,

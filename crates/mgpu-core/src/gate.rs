@@ -33,7 +33,7 @@ pub enum DepKind {
     AfterOk,
     /// The target ended in any other terminal state (failed, cancelled, timed out, ...).
     AfterNotOk,
-    /// No earlier job of the same user and name is pending or running.
+    /// No other job of the same user and name is running, nor an earlier one pending.
     Singleton,
 }
 

@@ -51,7 +51,7 @@ pub enum Action {
     /// Name, Nice, Gpus, Mem (GPU memory per GPU, or 'exclusive'). A pending job takes every
     /// change; a running one only Name and TimeLimit (lower it; root may raise it)
     Update {
-        #[arg(value_name = "ID KEY=VALUE", required = true, num_args = 2..)]
+        #[arg(value_name = "ID | KEY=VALUE", required = true, num_args = 2..)]
         items: Vec<String>,
     },
     /// Show a job's every field: 'show job ID'

@@ -414,13 +414,14 @@ fn a_held_job_array_is_released_task_by_task_or_whole() {
     for id in tasks {
         assert_eq!(reason(&s, id), "JobHeldUser");
     }
-    s.ok("mgpu_control", &["release", &format!("{array}_1")]);
-    assert_eq!(state_of(&s, array + 1), "COMPLETED");
-    assert_eq!(reason(&s, array), "JobHeldUser");
+    s.ok("mgpu_control", &["release", &format!("{array}_0")]);
+    assert_eq!(state_of(&s, array), "COMPLETED");
+    assert_eq!(reason(&s, array + 1), "JobHeldUser");
     // The whole array by its id: its finished task is left alone.
     s.ok("mgpu_control", &["hold", &array.to_string()]);
     assert_eq!(reason(&s, array + 2), "JobHeldUser");
+    // (Its first task, whose id is the array's, is over: the id still names the array.)
     s.ok("mgpu_control", &["release", &array.to_string()]);
-    assert_eq!(state_of(&s, array), "COMPLETED");
+    assert_eq!(state_of(&s, array + 1), "COMPLETED");
     assert_eq!(state_of(&s, array + 2), "COMPLETED");
 }

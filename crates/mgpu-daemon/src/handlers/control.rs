@@ -71,7 +71,11 @@ fn targets(
     let mut out = Vec::new();
     for text in jobs {
         let id = job_id(daemon, text)?;
-        let array = inner.sched.job(id).and_then(|j| j.request.array);
+        // (A finished first task still names its array: from the records.)
+        let array = match inner.sched.job(id) {
+            Some(j) => j.request.array,
+            None => daemon.store.array_task(id).ok().flatten(),
+        };
         match array.filter(|a| a.job == id && !text.contains('_')) {
             Some(a) => {
                 for task in id..id + JobId::from(a.count) {

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -56,25 +57,29 @@ fn an_afterok_chain_runs_in_order_and_srun_says_what_it_waits_for() {
     // A GPU is free, but b waits for a and c for b.
     assert_eq!(reason(&s, b), "Dependency");
     assert_eq!(reason(&s, c), "Dependency");
-    // An attached srun says what its job waits for.
-    let srun = s
+    // An attached srun says what its job waits for (read before a may end).
+    let mut srun = s
         .cmd("mgpu_srun")
         .args(["-d", &format!("afterany:{a}"), "--", "true"])
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut err = BufReader::new(srun.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(
+        first.contains(&format!("Dependency: waits for afterany:{a}")),
+        "{first}"
+    );
     let table = s.ok("mgpu_queue", &[]);
     assert!(table.contains("Dependency"), "{table}");
     std::fs::write(&go, "").unwrap();
     s.wait_gone(c);
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
     let out = srun.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains(&format!("Dependency: waits for afterany:{a}")),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "{first}{rest}");
     assert_eq!(std::fs::read_to_string(&order).unwrap(), "a\nb\nc\n");
     for id in [a, b, c] {
         assert_eq!(state_of(&s, id), "COMPLETED");

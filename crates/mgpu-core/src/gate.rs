@@ -49,11 +49,43 @@ impl DepKind {
     }
 }
 
-/// One dependency on one job (`job` is 0 for `singleton`).
+/// One dependency on one job (`job` is 0 for `singleton`), or, with `tasks` > 0, on every task
+/// of the job array `job` (its tasks are jobs `job` to `job + tasks - 1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DepItem {
     pub kind: DepKind,
     pub job: JobId,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tasks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// What a dependent knows of a job array it depends on: its tasks not ended yet, whether one
+/// ended otherwise than COMPLETED, whether one started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct ArrayCount {
+    live: u32,
+    bad: bool,
+    started: bool,
+}
+
+/// Status of an item on a whole job array: `after` once a task started (or all ended), the
+/// others once every task ended (`afterok`: all COMPLETED; `afternotok`: one did not), `afterok`
+/// never again as soon as one task did not complete.
+fn array_status(kind: DepKind, c: ArrayCount) -> Status {
+    let done = c.live == 0;
+    match kind {
+        DepKind::After if c.started || done => Status::Met,
+        DepKind::AfterAny if done => Status::Met,
+        DepKind::AfterOk if c.bad => Status::Never,
+        DepKind::AfterOk if done => Status::Met,
+        DepKind::AfterNotOk if done && c.bad => Status::Met,
+        DepKind::AfterNotOk if done => Status::Never,
+        _ => Status::Wait,
+    }
 }
 
 /// A job's dependencies with their targets resolved to job ids (a job array's id stands for
@@ -82,11 +114,8 @@ pub struct DepSpec {
     pub items: Vec<(DepKind, Option<DepTarget>)>,
 }
 
-/// Most dependency items one job may have (after a job array expands to its tasks, the
-/// server's bound is [`MAX_DEP_TARGETS`]).
+/// Most dependency items one job may have (a whole job array is one).
 pub const MAX_DEP_ITEMS: usize = 64;
-/// Most target jobs one job may depend on, arrays expanded (one job array of the largest size).
-pub const MAX_DEP_TARGETS: usize = 10_000;
 /// Longest `--dependency` text.
 pub const MAX_DEP_TEXT: usize = 4096;
 
@@ -216,6 +245,8 @@ pub(crate) struct Gated {
     pub(crate) hold: Option<Hold>,
     dependency: Option<Dependency>,
     status: Vec<Status>,
+    /// Per item on a whole job array: what is known of its tasks.
+    counts: Vec<Option<ArrayCount>>,
     /// Waits in `singleton_waiters`.
     singleton: bool,
 }
@@ -335,11 +366,40 @@ impl Scheduler {
         let mut gated = Gated {
             hold: gate.hold,
             status: Vec::new(),
+            counts: Vec::new(),
             singleton: false,
             dependency: None,
         };
         if let Some(dep) = gate.dependency {
             for item in &dep.items {
+                if item.tasks > 0 && item.kind != DepKind::Singleton {
+                    // A whole job array: its tasks are counted once, then followed by events.
+                    let mut c = ArrayCount::default();
+                    for task in item.job..item.job + JobId::from(item.tasks) {
+                        match self.jobs.get(&task) {
+                            Some(t) => {
+                                c.live += 1;
+                                c.started |= t.state == JobState::Running;
+                            }
+                            None => match lookup(task) {
+                                TargetState::Live => c.live += 1,
+                                TargetState::Ended(s) => c.bad |= s != JobState::Completed,
+                                TargetState::Gone => {}
+                            },
+                        }
+                    }
+                    let status = array_status(item.kind, c);
+                    if status == Status::Wait {
+                        let list = self.array_dependents.entry(item.job).or_default();
+                        if list.last() != Some(&id) {
+                            list.push(id);
+                        }
+                    }
+                    gated.status.push(status);
+                    gated.counts.push(Some(c));
+                    continue;
+                }
+                gated.counts.push(None);
                 let status = if item.kind == DepKind::Singleton {
                     gated.singleton = true;
                     Status::Wait
@@ -512,11 +572,20 @@ impl Scheduler {
             }
             self.forget_singleton_waiter(job.id, &job.request);
         }
-        self.target_event(job.id, Some(state));
+        self.target_event(job.id, job.request.array.map(|a| a.job), Some(state));
     }
 
-    /// A dependency target started (`None`) or ended: its dependents' items are settled.
-    pub(crate) fn target_event(&mut self, target: JobId, ended: Option<JobState>) {
+    /// A dependency target (a task of job array `array`, if any) started (`ended`: `None`) or
+    /// ended: its dependents' items are settled.
+    pub(crate) fn target_event(
+        &mut self,
+        target: JobId,
+        array: Option<JobId>,
+        ended: Option<JobState>,
+    ) {
+        if let Some(array) = array {
+            self.array_task_event(array, ended);
+        }
         let dependents = if ended.is_some() {
             self.dependents.remove(&target).unwrap_or_default()
         } else {
@@ -534,7 +603,7 @@ impl Scheduler {
             };
             let mut changed = false;
             for (i, item) in dep.items.iter().enumerate() {
-                if item.job == target && g.status[i] == Status::Wait {
+                if item.job == target && item.tasks == 0 && g.status[i] == Status::Wait {
                     if let Some(s) = settle(item.kind, ended) {
                         g.status[i] = s;
                         changed = true;
@@ -547,10 +616,62 @@ impl Scheduler {
         }
     }
 
-    /// A job the core does not hold ended (e.g. one refused during a recovery): its
-    /// dependents are settled.
-    pub fn target_ended(&mut self, target: JobId, state: JobState) {
-        self.target_event(target, Some(state));
+    /// A task of job array `array` started or ended: the counts of the jobs that wait on the
+    /// whole array are updated.
+    fn array_task_event(&mut self, array: JobId, ended: Option<JobState>) {
+        let Some(dependents) = self.array_dependents.get(&array).cloned() else {
+            return;
+        };
+        let mut still = Vec::new();
+        for dep_id in dependents {
+            let Some(g) = self.jobs.get_mut(&dep_id).and_then(|j| j.gate.as_mut()) else {
+                continue;
+            };
+            let Some(dep) = g.dependency.as_ref() else {
+                continue;
+            };
+            let mut changed = false;
+            let mut waits = false;
+            for (i, item) in dep.items.iter().enumerate() {
+                let Some(c) = g.counts[i].as_mut().filter(|_| item.job == array) else {
+                    continue;
+                };
+                if g.status[i] != Status::Wait {
+                    continue;
+                }
+                match ended {
+                    Some(s) => {
+                        c.live = c.live.saturating_sub(1);
+                        c.bad |= s != JobState::Completed;
+                    }
+                    None => c.started = true,
+                }
+                let s = array_status(item.kind, *c);
+                if s != Status::Wait {
+                    g.status[i] = s;
+                    changed = true;
+                } else {
+                    waits = true;
+                }
+            }
+            if changed {
+                self.recheck.push(dep_id);
+            }
+            if waits {
+                still.push(dep_id);
+            }
+        }
+        if still.is_empty() {
+            self.array_dependents.remove(&array);
+        } else {
+            self.array_dependents.insert(array, still);
+        }
+    }
+
+    /// A job the core does not hold ended (e.g. one refused during a recovery; `array`: the job
+    /// array it is a task of): its dependents are settled.
+    pub fn target_ended(&mut self, target: JobId, array: Option<JobId>, state: JobState) {
+        self.target_event(target, array, Some(state));
     }
 
     /// Holds a pending job: it leaves the queue (keeping its place) until released.
@@ -594,6 +715,7 @@ impl Scheduler {
             hold: Some(kind),
             dependency: None,
             status: Vec::new(),
+            counts: Vec::new(),
             singleton: false,
         }));
         self.parked.insert(id);
@@ -787,7 +909,10 @@ impl Scheduler {
             })
             .take(8)
             .map(|(i, _)| match i.kind {
-                DepKind::Singleton => "singleton (an earlier job of the same name)".to_string(),
+                DepKind::Singleton => "singleton (another job of the same name)".to_string(),
+                k if i.tasks > 0 => {
+                    format!("{}:{} (job array, {} tasks)", k.as_str(), i.job, i.tasks)
+                }
                 k => format!("{}:{}", k.as_str(), i.job),
             })
             .collect();

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use gate::{
     parse_dependency, ControlError, DepItem, DepKind, DepSpec, DepTarget, Dependency, Gate, Hold,
-    JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TARGETS, MAX_DEP_TEXT,
+    JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TEXT,
 };
 use pass::Reservation;
 pub use placement::GpuState;
@@ -371,6 +371,8 @@ pub struct Scheduler {
     dep_items_by_user: HashMap<u32, usize>,
     /// Per dependency target: the parked jobs that wait on it.
     dependents: HashMap<JobId, Vec<JobId>>,
+    /// Per job array: the parked jobs that wait on all its tasks.
+    array_dependents: HashMap<JobId, Vec<JobId>>,
     /// Live (pending or running) jobs per user and name, for `singleton`.
     names: HashMap<(u32, String), BTreeSet<JobId>>,
     /// Parked `singleton` jobs per user and name.
@@ -431,6 +433,7 @@ impl Scheduler {
             parked_by_user: HashMap::new(),
             dep_items_by_user: HashMap::new(),
             dependents: HashMap::new(),
+            array_dependents: HashMap::new(),
             names: HashMap::new(),
             singleton_waiters: HashMap::new(),
             recheck: Vec::new(),

@@ -423,7 +423,8 @@ impl Scheduler {
             gpus: chosen,
         });
         // Jobs waiting for it to start (`after`) get a look at the next pass.
-        self.target_event(id, None);
+        let array = self.jobs[&id].request.array.map(|a| a.job);
+        self.target_event(id, array, None);
     }
 
     /// Takes a job that leaves the pending state out of the queue indexes.

@@ -1736,7 +1736,11 @@ mod gates {
                 any,
                 items: items
                     .iter()
-                    .map(|&(kind, job)| DepItem { kind, job })
+                    .map(|&(kind, job)| DepItem {
+                        kind,
+                        job,
+                        tasks: 0,
+                    })
                     .collect(),
                 text: String::new(),
             }),
@@ -1883,6 +1887,81 @@ mod gates {
         assert_eq!(started(&mut s, 2), vec![6]);
         s.finish(6, JobState::Failed);
         assert_eq!(started(&mut s, 3), vec![5]);
+    }
+
+    #[test]
+    fn a_whole_job_array_is_followed_by_counts_not_per_task() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+        let task = |t: u32| JobRequest {
+            array: Some(ArrayTask {
+                job: 1,
+                task: t,
+                count: 3,
+                min: 0,
+                max: 2,
+                limit: None,
+            }),
+            ..req(1, 1, Some(100))
+        };
+        let whole = |kind| Gate {
+            hold: None,
+            dependency: Some(Dependency {
+                any: false,
+                items: vec![DepItem {
+                    kind,
+                    job: 1,
+                    tasks: 3,
+                }],
+                text: String::new(),
+            }),
+        };
+        // Task 0 ended before (the records say so); tasks 1 and 2 are live.
+        let lookup = |t: JobId| match t {
+            1 => TargetState::Ended(JobState::Completed),
+            _ => TargetState::Live,
+        };
+        s.restore_pending(2, task(1), 0, 0).unwrap();
+        s.restore_pending(3, task(2), 0, 0).unwrap();
+        s.restore_pending_gated(
+            10,
+            req(1, 1, Some(100)),
+            0,
+            0,
+            whole(DepKind::AfterOk),
+            lookup,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            11,
+            req(1, 1, Some(100)),
+            0,
+            0,
+            whole(DepKind::AfterNotOk),
+            lookup,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            12,
+            req(1, 1, Some(100)),
+            0,
+            0,
+            whole(DepKind::After),
+            lookup,
+        )
+        .unwrap();
+        let mut got = started(&mut s, 0);
+        got.sort();
+        assert_eq!(got, vec![2, 3]);
+        // Tasks started: `after` holds from the next pass on.
+        assert_eq!(started(&mut s, 1), vec![12]);
+        s.finish(2, JobState::Completed);
+        assert!(started(&mut s, 2).is_empty());
+        assert_eq!(s.pending_reason(10), Some("Dependency"));
+        assert!(s.wait_detail(10).unwrap().contains("job array"));
+        s.finish(3, JobState::Failed);
+        assert_eq!(started(&mut s, 3), vec![11]);
+        assert_eq!(s.pending_reason(10), Some("DependencyNeverSatisfied"));
+        assert_eq!(s.dependency_targets_of(1), 1);
     }
 
     #[test]

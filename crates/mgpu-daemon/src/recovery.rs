@@ -181,6 +181,7 @@ pub fn recover(
     let ended_here: HashMap<JobId, JobState> = ended.iter().map(|(id, e)| (*id, e.state)).collect();
     for job in queued.into_iter().chain(switched) {
         let command = shown(&job);
+        let job_array = job.request.array.map(|a| a.job);
         let lookup = |t: JobId| match ended_here.get(&t) {
             Some(s) => TargetState::Ended(*s),
             None => target(t),
@@ -198,7 +199,7 @@ pub fn recover(
             }
             Err(e) => {
                 // Jobs restored before that wait on it learn that it ended.
-                sched.target_ended(job.id, JobState::Failed);
+                sched.target_ended(job.id, job_array, JobState::Failed);
                 ended.push((
                     job.id,
                     failed(&format!("mgpu: refused after a restart: {e}")),

@@ -485,6 +485,31 @@ impl Store {
         })
     }
 
+    /// The recorded tasks of job array `array` and what the records say of each.
+    pub fn array_states(&self, array: JobId) -> Result<Vec<(JobId, TargetState)>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, state FROM jobs WHERE array IS NOT NULL
+               AND json_extract(array, '$.job') = ?1",
+        )?;
+        let rows = stmt.query_map([array as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as JobId, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, state) = row?;
+            out.push((
+                id,
+                match JobState::parse(&state) {
+                    Some(s) if s.is_terminal() => TargetState::Ended(s),
+                    Some(_) => TargetState::Live,
+                    None => TargetState::Ended(JobState::Failed),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     /// The job that is task `task` of job array `array`, if recorded.
     pub fn array_task_job(&self, array: JobId, task: u32) -> Result<Option<JobId>> {
         let conn = self.reader.lock().unwrap();
@@ -1325,6 +1350,7 @@ mod tests {
             items: vec![mgpu_core::DepItem {
                 kind: mgpu_core::DepKind::AfterOk,
                 job: 1,
+                tasks: 0,
             }],
             text: "afterok:1".into(),
         };

@@ -158,7 +158,7 @@ fn singleton_runs_one_job_of_a_name_at_a_time() {
 
 #[test]
 fn a_dependency_on_a_job_array_waits_for_all_its_tasks_or_one() {
-    let s = Server::start("2x24GiB", &[]);
+    let mut s = Server::start("2x24GiB", &[]);
     let go = s.scratch.join("go");
     let gate1 = s.scratch.join("go1");
     // GPU memory jobs: all of them fit at once, whatever waits.
@@ -196,6 +196,9 @@ fn a_dependency_on_a_job_array_waits_for_all_its_tasks_or_one() {
     assert_eq!(reason(&s, one), "Dependency");
     std::fs::write(&gate1, "").unwrap();
     assert_eq!(state_of(&s, one), "COMPLETED");
+    assert_eq!(reason(&s, all), "Dependency");
+    // After a restart the array's ended task is read from the records, the others followed.
+    s.restart();
     assert_eq!(reason(&s, all), "Dependency");
     std::fs::write(&go, "").unwrap();
     assert_eq!(state_of(&s, all), "COMPLETED");

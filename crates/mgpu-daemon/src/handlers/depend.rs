@@ -1,20 +1,19 @@
 //! Dependencies and holds of new jobs (`--dependency`, `--hold`), shared by `Submit`: the
-//! targets the user named are checked and resolved to job ids (a job array's id stands for all
-//! its tasks, `ID_TASK` for one), and the job enters the core with what the records say of
-//! targets that already ended. Each lookup is by id: the cost is O(targets), whatever the
-//! number of finished jobs.
+//! targets the user named are checked and resolved (a job, a whole job array by its id, or one
+//! task by `ID_TASK`), and the job enters the core with what the records say of targets that
+//! already ended. Each lookup is by id (a job array's tasks in one indexed query): the cost is
+//! O(targets), whatever the number of finished jobs.
 
 use std::collections::{HashMap, HashSet};
 
 use mgpu_core::{
     parse_dependency, DepItem, DepKind, DepTarget, Dependency, Gate, Hold, JobId, TargetState,
-    MAX_DEP_TARGETS,
 };
 
 use crate::state::{Daemon, Inner};
 
-/// Most dependency targets (job array ids expanded to their tasks) one user's waiting jobs may
-/// have in all: each costs the daemon a few bytes until its job starts.
+/// Most dependency items (a whole job array counts once) one user's waiting jobs may have in
+/// all: each costs the daemon a few bytes until its job starts.
 pub const MAX_DEP_TARGETS_PER_USER: usize = 200_000;
 
 /// The gate of a new job: its hold and its dependencies, targets checked and resolved.
@@ -35,20 +34,13 @@ fn resolve(daemon: &Daemon, text: &str) -> Result<Dependency, String> {
     let mut items = Vec::new();
     let mut seen = HashSet::new();
     for (kind, target) in spec.items {
-        let ids = match target {
-            None => vec![0],
-            Some(DepTarget::Job(id)) => job_targets(daemon, id)?,
-            Some(DepTarget::Task(array, task)) => vec![task_target(daemon, array, task)?],
+        let (job, tasks) = match target {
+            None => (0, 0),
+            Some(DepTarget::Job(id)) => job_target(daemon, id)?,
+            Some(DepTarget::Task(array, task)) => (task_target(daemon, array, task)?, 0),
         };
-        for job in ids {
-            if seen.insert((kind, job)) {
-                items.push(DepItem { kind, job });
-            }
-        }
-        if items.len() > MAX_DEP_TARGETS {
-            return Err(format!(
-                "invalid --dependency '{text}': at most {MAX_DEP_TARGETS} jobs (job arrays count all their tasks)"
-            ));
+        if seen.insert((kind, job, tasks)) {
+            items.push(DepItem { kind, job, tasks });
         }
     }
     Ok(Dependency {
@@ -58,8 +50,8 @@ fn resolve(daemon: &Daemon, text: &str) -> Result<Dependency, String> {
     })
 }
 
-/// A job, or every task of the job array with that id.
-fn job_targets(daemon: &Daemon, id: JobId) -> Result<Vec<JobId>, String> {
+/// A job, or (`tasks` > 0) every task of the job array with that id.
+fn job_target(daemon: &Daemon, id: JobId) -> Result<(JobId, u32), String> {
     let live = daemon.lock().sched.job(id).map(|j| j.request.array);
     let array = match live {
         Some(a) => a,
@@ -79,8 +71,8 @@ fn job_targets(daemon: &Daemon, id: JobId) -> Result<Vec<JobId>, String> {
     };
     Ok(match array {
         // A job array's tasks have ids that follow each other from the array's.
-        Some(a) if a.job == id => (id..id + JobId::from(a.count)).collect(),
-        _ => vec![id],
+        Some(a) if a.job == id => (id, a.count),
+        _ => (id, 0),
     })
 }
 
@@ -96,17 +88,28 @@ fn no_such(id: JobId) -> String {
     format!("invalid --dependency: no such job {id}")
 }
 
-/// Targets of `gate` the core does not hold and whose records were not read yet.
-fn missing(inner: &Inner, gate: &Gate, known: &HashMap<JobId, TargetState>) -> Vec<JobId> {
+/// Targets of `gate` the core does not hold and whose records were not read yet: jobs, and
+/// job arrays with such a task (read whole, in one query).
+fn missing(
+    inner: &Inner,
+    gate: &Gate,
+    known: &HashMap<JobId, TargetState>,
+) -> (Vec<JobId>, Vec<(JobId, u32)>) {
+    let (mut jobs, mut arrays) = (Vec::new(), Vec::new());
     let Some(dep) = &gate.dependency else {
-        return Vec::new();
+        return (jobs, arrays);
     };
-    dep.items
-        .iter()
-        .filter(|i| i.kind != DepKind::Singleton)
-        .map(|i| i.job)
-        .filter(|j| inner.sched.job(*j).is_none() && !known.contains_key(j))
-        .collect()
+    let unknown = |j: &JobId| inner.sched.job(*j).is_none() && !known.contains_key(j);
+    for i in dep.items.iter().filter(|i| i.kind != DepKind::Singleton) {
+        if i.tasks == 0 {
+            if unknown(&i.job) {
+                jobs.push(i.job);
+            }
+        } else if (i.job..i.job + JobId::from(i.tasks)).any(|t| unknown(&t)) {
+            arrays.push((i.job, i.tasks));
+        }
+    }
+    (jobs, arrays)
 }
 
 /// Runs `enter` under the lock once every target the core does not hold has been read from
@@ -119,19 +122,28 @@ pub async fn enter_gated<R>(
 ) -> R {
     let mut known: HashMap<JobId, TargetState> = HashMap::new();
     loop {
-        let todo = {
+        let (jobs, arrays) = {
             let mut inner = daemon.lock();
-            let todo = missing(&inner, gate, &known);
-            if todo.is_empty() {
+            let (jobs, arrays) = missing(&inner, gate, &known);
+            if jobs.is_empty() && arrays.is_empty() {
                 let lookup = |t: JobId| known.get(&t).copied().unwrap_or(TargetState::Live);
                 return enter(&mut inner, &lookup);
             }
-            todo
+            (jobs, arrays)
         };
         daemon.store.flush().await;
-        for t in todo {
+        for t in jobs {
             let state = daemon.store.target_state(t).unwrap_or(TargetState::Gone);
             known.insert(t, state);
+        }
+        for (array, tasks) in arrays {
+            // Tasks without a record (purged) are gone.
+            for t in array..array + JobId::from(tasks) {
+                known.insert(t, TargetState::Gone);
+            }
+            for (t, state) in daemon.store.array_states(array).unwrap_or_default() {
+                known.insert(t, state);
+            }
         }
     }
 }

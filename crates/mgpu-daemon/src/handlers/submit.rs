@@ -181,7 +181,7 @@ pub async fn handle(
         Err(msg) => return send_error(conn, msg).await,
     };
     if let Some(d) = &gate.dependency {
-        // Every waiting job's targets cost the daemon memory: bounded per user.
+        // Every waiting job's dependency items cost the daemon memory: bounded per user.
         let jobs = req.array.as_ref().map_or(1, Vec::len);
         let have = daemon.lock().sched.dependency_targets_of(caller.uid);
         let max = crate::handlers::depend::MAX_DEP_TARGETS_PER_USER;
@@ -189,7 +189,7 @@ pub async fn handle(
             return send_error(
                 conn,
                 format!(
-                    "your waiting jobs already depend on {have} jobs; at most {max} dependency targets may wait per user (a job array's id counts all its tasks)"
+                    "your waiting jobs already have {have} dependencies; at most {max} may wait per user (a whole job array counts once)"
                 ),
             )
             .await;

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo=${CARGO:-cargo}
-clients=(mgpu_srun mgpu_sbatch mgpu_queue mgpu_cancel mgpu_log mgpu_acct mgpu_top)
+clients=(mgpu_srun mgpu_sbatch mgpu_queue mgpu_cancel mgpu_log mgpu_acct mgpu_top mgpu_control)
 
 "$cargo" build --release --locked --bins >&2
 target_dir=$("$cargo" metadata --format-version 1 --no-deps |

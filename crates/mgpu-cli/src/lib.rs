@@ -7,6 +7,7 @@
 pub mod acct;
 pub mod cancel;
 pub mod client;
+pub mod control;
 pub mod log;
 pub mod queue;
 pub mod sbatch;

@@ -365,11 +365,13 @@ impl serde::Serialize for JsonQueue<'_> {
                         "user": p.user,
                         "used_mib": p.used_mib,
                     })).collect::<Vec<_>>(),
+                    "drained": g.drained,
                 })
             })
             .collect();
         m.serialize_entry("gpus", &gpus)?;
         m.serialize_entry("jobs", &JsonJobs(&s.jobs))?;
+        m.serialize_entry("server_drained", &s.server_drained)?;
         m.end()
     }
 }
@@ -602,11 +604,36 @@ pub fn render(s: &QueueSnapshot, array_tasks: bool) -> String {
         ]);
     }
     let mut foreign = String::new();
-    for line in foreign_lines(s) {
+    for line in drain_lines(s).into_iter().chain(foreign_lines(s)) {
         foreign.push_str(&line);
         foreign.push('\n');
     }
     format!("{jobs}\n\n{gpus}\n{foreign}(policy: {})\n", s.policy)
+}
+
+/// One line for a drained server and one per drained GPU (`mgpu_control drain`).
+pub fn drain_lines(s: &QueueSnapshot) -> Vec<String> {
+    let why = |r: &str| {
+        if r.is_empty() {
+            String::new()
+        } else {
+            format!(" ({r})")
+        }
+    };
+    s.server_drained
+        .iter()
+        .map(|r| {
+            format!(
+                "SERVER DRAINED{}: nothing new starts until 'mgpu_control resume server'",
+                why(r)
+            )
+        })
+        .chain(s.gpus.iter().filter_map(|g| {
+            g.drained
+                .as_ref()
+                .map(|r| format!("GPU {} drained{}: no new jobs go there", g.index, why(r)))
+        }))
+        .collect()
 }
 
 /// One line per process on a GPU that belongs to no mgpu job (someone bypassing the
@@ -674,6 +701,7 @@ mod tests {
     fn waiting_array_tasks_share_a_row() {
         use JobState::{Pending, Running};
         let snapshot = QueueSnapshot {
+            server_drained: None,
             now: 0,
             policy: "fair".into(),
             gpus: vec![],
@@ -723,6 +751,7 @@ mod tests {
         exclusive.used_mib = Some([(0, 80_000)].into());
         assert!(!is_over(&inside) && is_over(&elsewhere) && !is_over(&exclusive));
         let snapshot = QueueSnapshot {
+            server_drained: None,
             now: 0,
             policy: "fair".into(),
             gpus: vec![mgpu_proto::GpuInfo {
@@ -738,6 +767,7 @@ mod tests {
                     user: None,
                     used_mib: 5,
                 }],
+                drained: Some("fan".into()),
             }],
             jobs: vec![
                 inside,
@@ -755,5 +785,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("3%"), "{text}");
+        assert!(
+            text.contains("GPU 0 drained (fan): no new jobs go there"),
+            "{text}"
+        );
     }
 }

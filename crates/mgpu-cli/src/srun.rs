@@ -151,6 +151,15 @@ pub struct JobOpts {
     /// tomorrow; in local time
     #[arg(long, value_name = "TIME", value_parser = parse_begin)]
     pub begin: Option<u64>,
+    /// Start only when these jobs are done, as Slurm's --dependency: afterok:ID[:ID...] (ended
+    /// COMPLETED), afterany:ID (ended), afternotok:ID (ended otherwise), after:ID (started),
+    /// singleton (no other job of yours with this name runs, nor an earlier one waits); ID_TASK names
+    /// one task of a job array, an array's ID all its tasks; join with ',' (all) or '?' (any)
+    #[arg(short = 'd', long, value_name = "TYPE:ID", value_parser = parse_dependency_text)]
+    pub dependency: Option<String>,
+    /// Submit the job held: it waits (REASON JobHeldUser) until 'mgpu_control release ID'
+    #[arg(long)]
+    pub hold: bool,
 }
 
 /// Slurm's `--begin` forms, as ms since the epoch (local time, as Slurm reads them).
@@ -313,6 +322,11 @@ impl JobOpts {
     }
 }
 
+/// `--dependency` as written, once it parses (the server resolves its job ids).
+fn parse_dependency_text(text: &str) -> Result<String, String> {
+    mgpu_core::parse_dependency(text).map(|_| text.to_string())
+}
+
 /// A parsed `--time-limit`: `None` is no limit.
 #[derive(Debug, Clone, Copy)]
 pub struct TimeLimit(pub Option<u64>);
@@ -413,13 +427,10 @@ pub fn unknown_option_message(prog: &str, e: &clap::Error) -> Option<String> {
 /// What to say about a Slurm `srun`/`sbatch` flag that `prog` does not take.
 pub fn slurm_flag_hint(prog: &str, flag: &str) -> Option<&'static str> {
     Some(match flag {
-        "-d" => "-d is Slurm's --dependency, not supported yet; use --detach to return at once",
-        "--dependency" => "Slurm's --dependency is not supported yet",
         "--gpus-per-node" | "--tres-per-task" => "not supported; use --gpus N (-G N)",
         "--mem-per-cpu" => "not supported; use --host-mem SIZE for the job's host memory (RAM)",
         "--pty" => "not supported yet: an attached mgpu_srun streams the job's output, but gives no terminal",
         "-i" | "--input" => "not supported yet: the job's stdin is /dev/null",
-        "--hold" => "not supported yet: a job is queued at once",
         "--wrap" if prog == "mgpu_srun" => {
             "--wrap is mgpu_sbatch's; with mgpu_srun put the command after --: mgpu_srun -- sh -c '...'"
         }
@@ -677,6 +688,8 @@ pub fn build_request(
         output: opts.output,
         error: opts.error,
         begin_at: opts.begin,
+        dependency: opts.dependency,
+        hold: opts.hold,
     })
 }
 
@@ -825,7 +838,11 @@ pub async fn run(sub: Submission) -> Result<i32> {
                     reason,
                 } => {
                     was_pending = true;
-                    eprintln!("mgpu_srun: job {id} queued (position {position}): {reason}");
+                    if position == 0 {
+                        eprintln!("mgpu_srun: job {id} waits: {reason}");
+                    } else {
+                        eprintln!("mgpu_srun: job {id} queued (position {position}): {reason}");
+                    }
                 }
                 Response::Started {
                     job: id,

@@ -16,6 +16,7 @@
 
 pub mod limits;
 mod begin;
+mod gate;
 mod pass;
 pub mod placement;
 pub mod policy;
@@ -27,6 +28,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 pub use limits::{LimitHit, UserLimits, UserRunning};
+pub use gate::{
+    parse_dependency, ControlError, DepItem, DepKind, DepSpec, DepTarget, Dependency, Gate, Hold,
+    JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TEXT,
+};
 use pass::Reservation;
 pub use placement::GpuState;
 use policy::UserUsage;
@@ -178,6 +183,8 @@ pub struct Job {
     /// A job array's task held back by the array's cap: pending, but not in the queue until
     /// a task of its array leaves.
     held: bool,
+    /// Held or waiting on dependencies: pending, but parked out of the queue (see `gate.rs`).
+    gate: Option<Box<gate::Gated>>,
 }
 
 impl Job {
@@ -201,6 +208,7 @@ impl Job {
             warned: false,
             queue_key: 0,
             held: false,
+            gate: None,
         }
     }
 }
@@ -368,6 +376,23 @@ pub struct Scheduler {
     /// Pending jobs waiting for their `--begin` time (see `begin.rs`), by time and by id.
     deferred: BTreeSet<(Millis, JobId)>,
     deferred_at: BTreeMap<JobId, Millis>,
+    /// Pending jobs parked by a hold or dependencies (by id), and how many per user.
+    parked: BTreeSet<JobId>,
+    parked_by_user: HashMap<u32, usize>,
+    /// Dependency items of parked jobs per user.
+    dep_items_by_user: HashMap<u32, usize>,
+    /// Per dependency target: the parked jobs that wait on it.
+    dependents: HashMap<JobId, Vec<JobId>>,
+    /// Per job array: the parked jobs that wait on all its tasks.
+    array_dependents: HashMap<JobId, Vec<JobId>>,
+    /// Live (pending or running) jobs per user and name, for `singleton`.
+    names: HashMap<(u32, String), BTreeSet<JobId>>,
+    /// Parked `singleton` jobs per user and name.
+    singleton_waiters: HashMap<(u32, String), BTreeSet<JobId>>,
+    /// Parked jobs whose gate may have opened: looked at by the next pass.
+    recheck: Vec<JobId>,
+    /// The whole server is drained: nothing new starts.
+    server_drained: bool,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -419,6 +444,15 @@ impl Scheduler {
             running_totals: Default::default(),
             deferred: BTreeSet::new(),
             deferred_at: BTreeMap::new(),
+            parked: BTreeSet::new(),
+            parked_by_user: HashMap::new(),
+            dep_items_by_user: HashMap::new(),
+            dependents: HashMap::new(),
+            array_dependents: HashMap::new(),
+            names: HashMap::new(),
+            singleton_waiters: HashMap::new(),
+            recheck: Vec::new(),
+            server_drained: false,
         }
     }
 
@@ -439,6 +473,7 @@ impl Scheduler {
         self.pending.len()
             + self.throttles.values().map(|t| t.held.len()).sum::<usize>()
             + self.deferred_count(None)
+            + self.parked.len()
     }
 
     /// Pending jobs of one user (held array tasks too).
@@ -449,7 +484,10 @@ impl Scheduler {
             .filter(|t| t.uid == uid)
             .map(|t| t.held.len())
             .sum();
-        self.user_queues.get(&uid).map_or(0, BTreeMap::len) + held + self.deferred_count(Some(uid))
+        self.user_queues.get(&uid).map_or(0, BTreeMap::len)
+            + held
+            + self.deferred_count(Some(uid))
+            + self.parked_by_user.get(&uid).copied().unwrap_or(0)
     }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
@@ -543,6 +581,7 @@ impl Scheduler {
     /// A new pending job enters the queue, unless it is a task of a job array whose cap is
     /// reached: then it is held until a task of that array leaves.
     fn enter(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
+        self.name_entered(id, &request);
         if let Some(t) = self.throttle_of(&request) {
             if t.live >= t.limit {
                 t.held.insert(id);
@@ -684,6 +723,7 @@ impl Scheduler {
         let share = placement::usage_share(&self.gpus, &gpus, &request);
         self.rate_changes.push((request.uid, share));
         self.next_job_id = self.next_job_id.max(id + 1);
+        self.name_entered(id, &request);
         let key = self.next_queue_key;
         self.next_queue_key += 1;
         // A running task of a capped array counts against the cap.
@@ -715,6 +755,10 @@ impl Scheduler {
         self.last_now = self.last_now.max(now);
         self.release_begun(now);
         self.charge_rate_changes(now);
+        self.recheck_gates();
+        if self.server_drained {
+            return Vec::new();
+        }
         // While a context switch is in progress nothing starts: the switched jobs' processes
         // go one by one, and what the first ones free must not be taken (by one of them,
         // restarting at once, or by anyone else) before the job the switch was made for can
@@ -743,10 +787,12 @@ impl Scheduler {
             return CancelOutcome::PermissionDenied;
         }
         match job.state {
-            JobState::Pending if self.deferred_at.contains_key(&id) => {
+            // Deferred (--begin) and parked (hold, dependencies) jobs are in no queue index.
+            JobState::Pending if self.deferred_at.contains_key(&id) || job.gate.is_some() => {
                 self.forget_deferred(id);
                 let mut job = self.jobs.remove(&id).expect("job exists");
                 job.state = JobState::Cancelled;
+                self.job_left(&job, JobState::Cancelled);
                 CancelOutcome::Removed(Box::new(job))
             }
             JobState::Pending if job.held => {
@@ -758,6 +804,7 @@ impl Scheduler {
                     self.forget_throttle_if_done(array);
                 }
                 job.state = JobState::Cancelled;
+                self.job_left(&job, JobState::Cancelled);
                 CancelOutcome::Removed(Box::new(job))
             }
             JobState::Pending => {
@@ -770,6 +817,7 @@ impl Scheduler {
                     self.full_pass_needed = true;
                 }
                 job.state = JobState::Cancelled;
+                self.job_left(&job, JobState::Cancelled);
                 CancelOutcome::Removed(Box::new(job))
             }
             _ if job.cancel_requested => CancelOutcome::AlreadyStopping,
@@ -799,6 +847,7 @@ impl Scheduler {
         self.full_pass_needed = true;
         self.task_left(&job.request);
         job.state = state;
+        self.job_left(&job, state);
         Some(job)
     }
 
@@ -907,12 +956,17 @@ impl Scheduler {
             .chain(self.pending_in_priority_order().map(|id| &self.jobs[&id]))
             .chain(held.map(|id| &self.jobs[id]))
             .chain(self.deferred.iter().map(|(_, id)| &self.jobs[id]))
+            .chain(self.parked_ids().map(|id| &self.jobs[id]))
     }
 
     /// 1-based position of a pending job in priority order (O(queue length); for display only).
     pub fn queue_position(&self, id: JobId) -> Option<usize> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending || job.held || self.deferred_at.contains_key(&id) {
+        if job.state != JobState::Pending
+            || job.held
+            || self.deferred_at.contains_key(&id)
+            || job.gate.is_some()
+        {
             return None;
         }
         if self.config.policy != Policy::Fair {
@@ -1036,11 +1090,20 @@ impl Scheduler {
         if job.state != JobState::Pending {
             return None;
         }
+        if let Some(g) = &job.gate {
+            return Some(g.reason());
+        }
         if self.deferred_at.contains_key(&id) {
             return Some("BeginTime");
         }
         if job.held {
             return Some("JobArrayTaskLimit");
+        }
+        if self.server_drained {
+            return Some("ServerDrained");
+        }
+        if self.blocked_by_drain(&job.request) {
+            return Some("GpuDrained");
         }
         if let Some(hit) = self.limit_hit(job, None) {
             return Some(hit.reason());
@@ -1062,7 +1125,11 @@ impl Scheduler {
     /// policies the waiting time.
     pub fn priority(&self, id: JobId) -> Option<f64> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending || job.held || self.deferred_at.contains_key(&id) {
+        if job.state != JobState::Pending
+            || job.held
+            || self.deferred_at.contains_key(&id)
+            || job.gate.is_some()
+        {
             return None;
         }
         let now = self.last_now;
@@ -1126,6 +1193,22 @@ impl Scheduler {
     pub fn wait_detail(&self, id: JobId) -> Option<String> {
         let job = self.jobs.get(&id)?;
         let code = self.pending_reason(id)?;
+        if let Some(g) = &job.gate {
+            return Some(self.gate_detail(job, g));
+        }
+        if code == "ServerDrained" {
+            return Some(format!(
+                "{code}: the server is drained for maintenance; nothing new starts until an administrator resumes it (mgpu_control resume server)"
+            ));
+        }
+        if code == "GpuDrained" {
+            let in_service = self.gpus.iter().filter(|g| !g.drained).count();
+            return Some(format!(
+                "{code}: needs {} GPU{}, only {in_service} in service (the others are drained for maintenance)",
+                job.request.gpus,
+                plural(job.request.gpus as usize)
+            ));
+        }
         if self.deferred_at.contains_key(&id) {
             return Some(format!("{code}: it may not start before its --begin time"));
         }

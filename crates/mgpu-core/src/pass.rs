@@ -253,7 +253,13 @@ impl Scheduler {
             }
             let turned_down = match placement::choose(&self.gpus, &job.request) {
                 None => {
-                    if reserves && self.reservation.is_none() && self.waited_enough(job, now) {
+                    // A job that only drained GPUs could hold would hold the reservation
+                    // for nothing: it cannot start before an administrator resumes them.
+                    if reserves
+                        && self.reservation.is_none()
+                        && self.waited_enough(job, now)
+                        && !self.blocked_by_drain(&job.request)
+                    {
                         self.reservation = Some(self.plan_reservation(id, now));
                     }
                     blocks.insert(shape, Block::NoFit);
@@ -441,6 +447,9 @@ impl Scheduler {
             job: id,
             gpus: chosen,
         });
+        // Jobs waiting for it to start (`after`) get a look at the next pass.
+        let array = self.jobs[&id].request.array.map(|a| a.job);
+        self.target_event(id, array, None);
     }
 
     /// Takes a job that leaves the pending state out of the queue indexes.

@@ -30,6 +30,8 @@ pub struct GpuState {
     /// What jobs use on it beyond their reservations there (0 on a GPU a job does not hold):
     /// charged like reservations, so nobody is placed on memory that is really taken.
     pub excess_mib: u64,
+    /// Out of service (drained by an administrator): no new job is placed on it.
+    pub drained: bool,
 }
 
 impl GpuState {
@@ -42,6 +44,7 @@ impl GpuState {
             sharers: Vec::new(),
             used_by: BTreeMap::new(),
             excess_mib: 0,
+            drained: false,
         }
     }
 
@@ -91,7 +94,8 @@ impl GpuState {
 
 /// Could any job at all start on these GPUs now?
 pub fn any_capacity(gpus: &[GpuState]) -> bool {
-    gpus.iter().any(|g| g.takes_exclusive() || g.free_mib() > 0)
+    gpus.iter()
+        .any(|g| !g.drained && (g.takes_exclusive() || g.free_mib() > 0))
 }
 
 /// Picks GPUs for `request`, or `None` if it does not fit now. Deterministic.
@@ -106,6 +110,9 @@ pub fn any_fit(gpus: &[GpuState], request: &JobRequest) -> bool {
 
 /// Can `request` take this GPU (exclusively, or its memory next to others')?
 pub fn fits_on(gpu: &GpuState, request: &JobRequest) -> bool {
+    if gpu.drained {
+        return false;
+    }
     match request.mem_mib {
         None => gpu.takes_exclusive(),
         Some(mem) => gpu.free_mib() >= mem,

@@ -1822,3 +1822,454 @@ fn a_job_waits_for_its_begin_time() {
         [ids[1]]
     );
 }
+
+mod gates {
+    //! Holds, dependencies and drains (`gate.rs`).
+    use super::*;
+
+    const ALICE: Requester = Requester {
+        uid: 1,
+        is_admin: false,
+    };
+    const BOB: Requester = Requester {
+        uid: 2,
+        is_admin: false,
+    };
+
+    fn dep(any: bool, items: &[(DepKind, JobId)]) -> Gate {
+        Gate {
+            hold: None,
+            dependency: Some(Dependency {
+                any,
+                items: items
+                    .iter()
+                    .map(|&(kind, job)| DepItem {
+                        kind,
+                        job,
+                        tasks: 0,
+                    })
+                    .collect(),
+                text: String::new(),
+            }),
+        }
+    }
+
+    fn live(_: JobId) -> TargetState {
+        TargetState::Live
+    }
+
+    fn started(s: &mut Scheduler, now: Millis) -> Vec<JobId> {
+        s.schedule(now).into_iter().map(|a| a.job).collect()
+    }
+
+    #[test]
+    fn parses_slurm_dependencies() {
+        let d = parse_dependency("afterok:5:6,afterany:7_2,singleton").unwrap();
+        assert!(!d.any);
+        assert_eq!(
+            d.items,
+            vec![
+                (DepKind::AfterOk, Some(DepTarget::Job(5))),
+                (DepKind::AfterOk, Some(DepTarget::Job(6))),
+                (DepKind::AfterAny, Some(DepTarget::Task(7, 2))),
+                (DepKind::Singleton, None),
+            ]
+        );
+        assert!(parse_dependency("afterok:5?afternotok:6").unwrap().any);
+        for bad in [
+            "",
+            "afterok",
+            "afterok:",
+            "afterok:x",
+            "afterok:0",
+            "singleton:3",
+            "later:5",
+            "afterok:5,afterany:6?after:7",
+            "after:5+10",
+            "aftercorr:5",
+        ] {
+            assert!(parse_dependency(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn afterok_waits_for_success_and_afternotok_never_runs_after_one() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+        let a = s.submit(req(1, 1, None), 0).unwrap();
+        assert_eq!(started(&mut s, 0), vec![a]);
+        s.restore_pending_gated(
+            2,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::AfterOk, a)]),
+            live,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            3,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::AfterNotOk, a)]),
+            live,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            4,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::After, a)]),
+            live,
+        )
+        .unwrap();
+        assert_eq!(s.dependency_targets_of(1), 3);
+        // A free GPU, but 2 and 3 wait on job 1; 4 only needed it to start.
+        assert_eq!(started(&mut s, 1), vec![4]);
+        assert_eq!(s.dependency_targets_of(1), 2);
+        assert_eq!(s.pending_reason(2), Some("Dependency"));
+        assert!(
+            s.wait_detail(2).unwrap().contains("afterok:1"),
+            "{:?}",
+            s.wait_detail(2)
+        );
+        assert_eq!(s.queue_position(2), None);
+        assert_eq!(s.pending_count_of(1), 2);
+        s.finish(a, JobState::Completed);
+        assert_eq!(started(&mut s, 2), vec![2]);
+        assert_eq!(s.pending_reason(3), Some("DependencyNeverSatisfied"));
+        // It stays pending (Slurm's default) until cancelled.
+        s.finish(4, JobState::Completed);
+        assert!(started(&mut s, 3).is_empty());
+        assert!(matches!(s.cancel(3, ALICE), CancelOutcome::Removed(_)));
+        assert_eq!(s.pending_count(), 0);
+        assert_eq!(s.dependency_targets_of(1), 0);
+    }
+
+    #[test]
+    fn targets_that_ended_before_are_settled_from_the_lookup() {
+        let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 10);
+        let ended = |id: JobId| match id {
+            1 => TargetState::Ended(JobState::Completed),
+            2 => TargetState::Ended(JobState::Failed),
+            _ => TargetState::Gone,
+        };
+        s.restore_pending_gated(
+            10,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::AfterOk, 2)]),
+            ended,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            11,
+            req(1, 1, None),
+            0,
+            0,
+            dep(true, &[(DepKind::AfterOk, 2), (DepKind::AfterOk, 1)]),
+            ended,
+        )
+        .unwrap();
+        assert_eq!(started(&mut s, 0), vec![11]);
+        assert_eq!(s.pending_reason(10), Some("DependencyNeverSatisfied"));
+    }
+
+    #[test]
+    fn a_target_restored_after_its_dependent_is_still_awaited() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+        // Recovery restores in queue order: job 5 depends on job 6, restored after it.
+        s.restore_pending_gated(
+            5,
+            req(1, 1, None),
+            0,
+            0,
+            dep(false, &[(DepKind::AfterAny, 6)]),
+            live,
+        )
+        .unwrap();
+        s.restore_pending(6, req(1, 1, None), 1, 0).unwrap();
+        assert_eq!(started(&mut s, 2), vec![6]);
+        s.finish(6, JobState::Failed);
+        assert_eq!(started(&mut s, 3), vec![5]);
+    }
+
+    #[test]
+    fn a_whole_job_array_is_followed_by_counts_not_per_task() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+        let task = |t: u32| JobRequest {
+            array: Some(ArrayTask {
+                job: 1,
+                task: t,
+                count: 3,
+                min: 0,
+                max: 2,
+                limit: None,
+            }),
+            ..req(1, 1, Some(100))
+        };
+        let whole = |kind| Gate {
+            hold: None,
+            dependency: Some(Dependency {
+                any: false,
+                items: vec![DepItem {
+                    kind,
+                    job: 1,
+                    tasks: 3,
+                }],
+                text: String::new(),
+            }),
+        };
+        // Task 0 ended before (the records say so); tasks 1 and 2 are live.
+        let lookup = |t: JobId| match t {
+            1 => TargetState::Ended(JobState::Completed),
+            _ => TargetState::Live,
+        };
+        s.restore_pending(2, task(1), 0, 0).unwrap();
+        s.restore_pending(3, task(2), 0, 0).unwrap();
+        s.restore_pending_gated(
+            10,
+            req(1, 1, Some(100)),
+            0,
+            0,
+            whole(DepKind::AfterOk),
+            lookup,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            11,
+            req(1, 1, Some(100)),
+            0,
+            0,
+            whole(DepKind::AfterNotOk),
+            lookup,
+        )
+        .unwrap();
+        s.restore_pending_gated(
+            12,
+            req(1, 1, Some(100)),
+            0,
+            0,
+            whole(DepKind::After),
+            lookup,
+        )
+        .unwrap();
+        let mut got = started(&mut s, 0);
+        got.sort();
+        assert_eq!(got, vec![2, 3]);
+        // Tasks started: `after` holds from the next pass on.
+        assert_eq!(started(&mut s, 1), vec![12]);
+        s.finish(2, JobState::Completed);
+        assert!(started(&mut s, 2).is_empty());
+        assert_eq!(s.pending_reason(10), Some("Dependency"));
+        assert!(s.wait_detail(10).unwrap().contains("job array"));
+        s.finish(3, JobState::Failed);
+        assert_eq!(started(&mut s, 3), vec![11]);
+        assert_eq!(s.pending_reason(10), Some("DependencyNeverSatisfied"));
+        assert_eq!(s.dependency_targets_of(1), 1);
+    }
+
+    #[test]
+    fn singleton_runs_one_job_of_a_name_at_a_time() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000, 1000]), Config::default(), 1);
+        let single = || dep(false, &[(DepKind::Singleton, 0)]);
+        let a = s.submit(req(1, 1, None), 0).unwrap();
+        s.restore_pending_gated(2, req(1, 1, None), 0, 0, single(), live)
+            .unwrap();
+        s.restore_pending_gated(3, req(1, 1, None), 0, 0, single(), live)
+            .unwrap();
+        // Another user's job of the same name does not count.
+        s.restore_pending_gated(4, req(2, 1, None), 0, 0, single(), live)
+            .unwrap();
+        let mut got = started(&mut s, 0);
+        got.sort();
+        assert_eq!(got, vec![a, 4]);
+        assert_eq!(s.pending_reason(2), Some("Dependency"));
+        s.finish(a, JobState::Completed);
+        assert_eq!(started(&mut s, 1), vec![2]);
+        assert!(started(&mut s, 2).is_empty());
+        s.finish(2, JobState::Failed);
+        assert_eq!(started(&mut s, 3), vec![3]);
+        // A later job of the name that runs already holds a singleton back too.
+        s.finish(3, JobState::Completed);
+        let later = s.submit(req(1, 1, None), 4).unwrap();
+        assert_eq!(started(&mut s, 4), vec![later]);
+        let next = s.next_job_id();
+        s.restore_pending_gated(next, req(1, 1, None), 5, 0, single(), live)
+            .unwrap();
+        assert!(started(&mut s, 5).is_empty());
+        assert_eq!(s.pending_reason(next), Some("Dependency"));
+        s.finish(later, JobState::Completed);
+        assert_eq!(started(&mut s, 6), vec![next]);
+    }
+
+    #[test]
+    fn hold_release_and_admin_holds() {
+        let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+        let blocker = s.submit(req(1, 1, None), 0).unwrap();
+        assert_eq!(started(&mut s, 0), vec![blocker]);
+        let a = s.submit(req(1, 1, None), 1).unwrap();
+        let b = s.submit(req(1, 1, None), 2).unwrap();
+        assert_eq!(s.hold(a, BOB), Err(ControlError::PermissionDenied));
+        assert_eq!(s.hold(blocker, ALICE), Err(ControlError::NotPending));
+        assert_eq!(s.hold(a, ALICE), Ok(Hold::User));
+        assert_eq!(s.hold(b, ROOT), Ok(Hold::Admin));
+        assert_eq!(s.pending_reason(a), Some("JobHeldUser"));
+        assert_eq!(s.pending_reason(b), Some("JobHeldAdmin"));
+        assert_eq!(s.pending_count(), 2);
+        s.finish(blocker, JobState::Completed);
+        assert!(started(&mut s, 3).is_empty());
+        assert_eq!(s.release(b, ALICE), Err(ControlError::AdminHold));
+        assert_eq!(s.release(a, BOB), Err(ControlError::PermissionDenied));
+        assert_eq!(s.release(a, ALICE), Ok(()));
+        assert_eq!(s.release(a, ALICE), Err(ControlError::NotHeld));
+        assert_eq!(started(&mut s, 4), vec![a]);
+        assert_eq!(s.release(b, ROOT), Ok(()));
+        s.finish(a, JobState::Completed);
+        assert_eq!(started(&mut s, 5), vec![b]);
+    }
+
+    #[test]
+    fn a_held_job_keeps_its_place_in_the_queue() {
+        let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);
+        let blocker = s.submit(req(1, 1, None), 0).unwrap();
+        started(&mut s, 0);
+        let a = s.submit(req(1, 1, None), 1).unwrap();
+        let b = s.submit(req(1, 1, None), 2).unwrap();
+        s.hold(a, ALICE).unwrap();
+        s.release(a, ALICE).unwrap();
+        s.finish(blocker, JobState::Completed);
+        assert_eq!(started(&mut s, 3), vec![a]);
+        s.finish(a, JobState::Completed);
+        assert_eq!(started(&mut s, 4), vec![b]);
+    }
+
+    #[test]
+    fn update_changes_a_pending_job_and_bounds_a_running_ones_limit() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+        let mut r = req(1, 1, None);
+        r.time_limit_s = Some(600);
+        let run = s.submit(r, 0).unwrap();
+        started(&mut s, 0);
+        s.hold(s.next_job_id(), ALICE).unwrap_err();
+        let p = s.submit(req(1, 1, None), 1).unwrap();
+        s.hold(p, ALICE).unwrap();
+        let up = |f: fn(&mut JobUpdate)| {
+            let mut u = JobUpdate::default();
+            f(&mut u);
+            u
+        };
+        s.update(p, ALICE, up(|u| u.gpus = Some(2))).unwrap();
+        assert_eq!(s.job(p).unwrap().request.gpus, 2);
+        assert!(matches!(
+            s.update(p, ALICE, up(|u| u.gpus = Some(3))),
+            Err(ControlError::Invalid(_))
+        ));
+        assert!(s.update(p, ALICE, up(|u| u.nice = Some(-5))).is_err());
+        assert_eq!(
+            s.update(p, BOB, up(|u| u.name = Some("x".into()))),
+            Err(ControlError::PermissionDenied)
+        );
+        assert!(s.update(run, ALICE, up(|u| u.gpus = Some(2))).is_err());
+        assert!(s
+            .update(run, ALICE, up(|u| u.time_limit_s = Some(Some(1200))))
+            .is_err());
+        assert!(s
+            .update(run, ALICE, up(|u| u.time_limit_s = Some(None)))
+            .is_err());
+        s.update(run, ALICE, up(|u| u.time_limit_s = Some(Some(60))))
+            .unwrap();
+        assert_eq!(s.job(run).unwrap().request.time_limit_s, Some(60));
+        s.update(run, ROOT, up(|u| u.time_limit_s = Some(Some(7200))))
+            .unwrap();
+        assert_eq!(s.job(run).unwrap().request.time_limit_s, Some(7200));
+    }
+
+    #[test]
+    fn drained_gpus_get_no_new_jobs_and_the_server_drain_starts_nothing() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+        assert!(s.set_gpu_drained(0, true));
+        assert!(!s.set_gpu_drained(7, true));
+        let a = s.submit(req(1, 1, None), 0).unwrap();
+        let two = s.submit(req(1, 2, None), 0).unwrap();
+        let got = s.schedule(0);
+        assert_eq!(
+            got,
+            vec![Assignment {
+                job: a,
+                gpus: vec![1]
+            }]
+        );
+        assert_eq!(s.pending_reason(two), Some("GpuDrained"));
+        s.set_server_drained(true);
+        s.set_gpu_drained(0, false);
+        s.finish(a, JobState::Completed);
+        assert!(s.schedule(1).is_empty());
+        assert_eq!(s.pending_reason(two), Some("ServerDrained"));
+        s.set_server_drained(false);
+        assert_eq!(started(&mut s, 2), vec![two]);
+    }
+
+    proptest! {
+        /// Random chains of dependencies, holds and drains: a job never starts before its
+        /// `afterok` target completed (never after it failed), never while held, and never on
+        /// a drained GPU.
+        #[test]
+        fn gates_and_drains_are_never_crossed(
+            ops in proptest::collection::vec((0u8..6, 0u64..12, any::<bool>()), 1..80),
+        ) {
+            let mut s = Scheduler::new(gpus(&[1000, 1000, 1000]), easy(), 1);
+            let mut outcome: HashMap<JobId, JobState> = HashMap::new();
+            let mut deps: HashMap<JobId, JobId> = HashMap::new();
+            let mut drained = [false; 3];
+            let mut now = 0;
+            for (op, x, flag) in ops {
+                now += 1;
+                match op {
+                    0 | 1 => {
+                        let id = s.next_job_id();
+                        let target = x % id.max(1);
+                        let gate = if target > 0 {
+                            deps.insert(id, target);
+                            dep(false, &[(DepKind::AfterOk, target)])
+                        } else {
+                            Gate { hold: flag.then_some(Hold::User), dependency: None }
+                        };
+                        let lookup = |t: JobId| match outcome.get(&t) {
+                            Some(&st) => TargetState::Ended(st),
+                            None => TargetState::Gone,
+                        };
+                        s.restore_pending_gated(id, req(1, 1, Some(100)), now, 0, gate, lookup).unwrap();
+                    }
+                    2 => {
+                        let running: Vec<JobId> = s.jobs_in_order()
+                            .filter(|j| j.state == JobState::Running).map(|j| j.id).collect();
+                        if let Some(&id) = running.get(x as usize % running.len().max(1)) {
+                            let st = if flag { JobState::Completed } else { JobState::Failed };
+                            s.finish(id, st);
+                            outcome.insert(id, st);
+                        }
+                    }
+                    3 => {
+                        let g = (x % 3) as usize;
+                        drained[g] = flag;
+                        s.set_gpu_drained(g as u32, flag);
+                    }
+                    4 => { let _ = s.release(x, ROOT); }
+                    _ => { let _ = s.hold(x, ROOT); }
+                }
+                for a in s.schedule(now) {
+                    if let Some(t) = deps.get(&a.job) {
+                        prop_assert_eq!(outcome.get(t), Some(&JobState::Completed),
+                            "job {} started before its afterok target {} completed", a.job, t);
+                    }
+                    for g in &a.gpus {
+                        prop_assert!(!drained[*g as usize], "job {} placed on drained GPU {}", a.job, g);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use mgpu_core::{Config, GpuSpec, JobId, JobState, Millis, Scheduler};
+use mgpu_core::{Config, GpuSpec, JobId, JobState, Millis, Scheduler, TargetState};
 
 use crate::handlers::queue::{display_command, ShownCommand};
 use crate::state::outcome_of;
@@ -65,6 +65,7 @@ pub fn recover(
     recovered: Recovered,
     now: Millis,
     probe: impl Fn(JobId) -> RunProbe,
+    target: impl Fn(JobId) -> TargetState,
 ) -> Plan {
     let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
     let mut specs: HashMap<JobId, ShownCommand> = HashMap::new();
@@ -175,19 +176,38 @@ pub fn recover(
         }
     }
     queued.sort_by_key(|j| (j.submitted_at, j.id));
+    // Dependency targets that ended here are known from this recovery, the others from the
+    // records (looked up by id, only for targets the core does not hold).
+    let ended_here: HashMap<JobId, JobState> = ended.iter().map(|(id, e)| (*id, e.state)).collect();
     for job in queued.into_iter().chain(switched) {
         let command = shown(&job);
-        match sched.restore_pending(job.id, job.request, job.submitted_at, job.restarts) {
+        let job_array = job.request.array.map(|a| a.job);
+        let lookup = |t: JobId| match ended_here.get(&t) {
+            Some(s) => TargetState::Ended(*s),
+            None => target(t),
+        };
+        match sched.restore_pending_gated(
+            job.id,
+            job.request,
+            job.submitted_at,
+            job.restarts,
+            job.gate,
+            lookup,
+        ) {
             Ok(()) => {
                 if let Some(at) = job.begin_at {
                     sched.defer_until(job.id, at);
                 }
                 specs.insert(job.id, command);
             }
-            Err(e) => ended.push((
-                job.id,
-                failed(&format!("mgpu: refused after a restart: {e}")),
-            )),
+            Err(e) => {
+                // Jobs restored before that wait on it learn that it ended.
+                sched.target_ended(job.id, job_array, JobState::Failed);
+                ended.push((
+                    job.id,
+                    failed(&format!("mgpu: refused after a restart: {e}")),
+                ))
+            }
         }
     }
     Plan {
@@ -279,7 +299,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (store, rec) = Store::open(dir.path()).unwrap();
             let mut store = Some(store);
-            let mut sched = recover(gpus(), Config::default(), rec, 0, |_| RunProbe::NoRun).sched;
+            let mut sched = recover(gpus(), Config::default(), rec, 0, |_| RunProbe::NoRun, |_| TargetState::Gone).sched;
             let mut runs: HashMap<JobId, Run> = HashMap::new();
             let mut starts: HashMap<JobId, usize> = HashMap::new();
             let mut submitted: Vec<JobId> = Vec::new();
@@ -298,7 +318,7 @@ mod tests {
                         };
                         let id = sched.next_job_id();
                         let spec = LaunchSpec { command: vec!["true".into()], cwd: "/".into(), env: vec![], venv: Venv::Off, umask: None, ..Default::default() };
-                        rt.block_on(st.insert(NewJob { id, request: request.clone(), spec, submitted_at: now, attached: false })).unwrap().unwrap();
+                        rt.block_on(st.insert(NewJob { id, request: request.clone(), spec, submitted_at: now, attached: false, gate: Default::default() })).unwrap().unwrap();
                         sched.restore_pending(id, request, now, 0).unwrap();
                         submitted.push(id);
                     }
@@ -342,7 +362,7 @@ mod tests {
                             None => RunProbe::NoRun,
                             Some(Run::Exited(r)) => RunProbe::Exited { run: 0, rec: r.clone() },
                             Some(Run::Alive(g)) => RunProbe::Alive { run: 0, gpus: g.clone(), started_at: 0 },
-                        });
+                        }, |_| TargetState::Gone);
                         for (id, ending) in &plan.ended {
                             st2.ended(*id, ending.clone());
                             prop_assert!(ended.insert(*id), "job {} ended twice", id);

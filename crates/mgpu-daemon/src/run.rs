@@ -564,7 +564,7 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
         quota("--max-launch-data-per-user", &args.max_launch_data_per_user)?;
     let backend = gpu_backend(args)?;
     let gpus = backend.gpus();
-    let (store, recovered) = Store::open(&state_dir)?;
+    let (store, mut recovered) = Store::open(&state_dir)?;
     let config = core_config(args)?;
     let runs_dir = args
         .run_dir
@@ -582,7 +582,29 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
     let held_runs = sweep_ended_runs(&runs_dir, &live);
     let probe = |id: JobId| probe_runs(&runs_dir.join(id.to_string()));
     let half_life_ms = config.fair.half_life_s * 1000;
-    let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe);
+    let drains = std::mem::take(&mut recovered.drains);
+    let mut plan = recovery::recover(gpus, config, recovered, now_ms(), probe, |id| {
+        store
+            .target_state(id)
+            .unwrap_or(mgpu_core::TargetState::Gone)
+    });
+    // Drains survive restarts (an administrator drains before an upgrade).
+    let mut drained = crate::state::Drains::default();
+    for (target, reason) in drains {
+        if target == "server" {
+            plan.sched.set_server_drained(true);
+            drained.server = Some(reason);
+        } else if let Some(i) = target.strip_prefix("gpu:").and_then(|i| i.parse().ok()) {
+            if plan.sched.set_gpu_drained(i, true) {
+                drained.gpus.insert(i, reason);
+            } else {
+                tracing::warn!(
+                    gpu = i,
+                    "a drained GPU is no longer managed; its drain is kept"
+                );
+            }
+        }
+    }
     // Fair share remembers recent usage across restarts: it is rebuilt from the records.
     let now = now_ms();
     let history = store.recent_runs(now.saturating_sub(10 * half_life_ms))?;
@@ -686,6 +708,10 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
     );
     {
         let mut inner = daemon.lock();
+        inner.drains = drained;
+        if inner.drains.server.is_some() || !inner.drains.gpus.is_empty() {
+            tracing::warn!(server = inner.drains.server.is_some(), gpus = ?inner.drains.gpus.keys().collect::<Vec<_>>(), "drains restored: drained GPUs (or the server) start nothing new until 'mgpu_control resume'");
+        }
         for (id, run) in &plan.adopt {
             tracing::info!(job = id, run, "re-adopting running job");
             daemon.adopt(&mut inner, *id, *run);

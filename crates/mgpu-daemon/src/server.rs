@@ -293,6 +293,7 @@ async fn handle_connection(
         Request::Attach(req) => handlers::attach::handle(daemon, caller, req, &mut conn).await,
         Request::Acct(req) => handlers::acct::handle(daemon, caller, req, &mut conn).await,
         Request::Usage(req) => handlers::usage::handle(daemon, caller, req, &mut conn).await,
+        Request::Control(req) => handlers::control::handle(daemon, caller, req, &mut conn).await,
         Request::Hello { .. } | Request::CancelAttached => {
             send_error(&mut conn, "protocol error: unexpected message").await
         }

@@ -106,8 +106,17 @@ struct RunningJob {
     cmds: mpsc::UnboundedSender<SupervisorCmd>,
 }
 
+/// What an administrator took out of service, with the reasons given (`mgpu_control drain`).
+#[derive(Debug, Clone, Default)]
+pub struct Drains {
+    pub server: Option<String>,
+    pub gpus: std::collections::BTreeMap<u32, String>,
+}
+
 pub struct Inner {
     pub sched: Scheduler,
+    /// Drained GPUs and server (the core knows them too; this keeps the reasons).
+    pub drains: Drains,
     /// Launch details of pending and running jobs.
     /// Commands of pending and running jobs, as shown (cut after 1 KiB). The full launch
     /// record (argv, environment...) stays in the store until the job starts: a long queue
@@ -230,6 +239,7 @@ impl Daemon {
             timer: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 sched,
+                drains: Drains::default(),
                 commands,
                 running: HashMap::new(),
                 watchers: HashMap::new(),

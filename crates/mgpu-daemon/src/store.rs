@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use mgpu_core::{JobId, JobRequest, JobState, Millis};
+use mgpu_core::{Gate, Hold, JobId, JobRequest, JobState, Millis, TargetState};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
@@ -72,6 +72,16 @@ ALTER TABLE jobs ADD COLUMN earlier_runs_ms INTEGER NOT NULL DEFAULT 0;
 "#,
     // Slurm's --begin: the job may not start before this time (ms since the epoch).
     "ALTER TABLE jobs ADD COLUMN begin_at INTEGER;",
+    // Holds and dependencies of waiting jobs (JSON), and the drained GPUs and server.
+    r#"
+ALTER TABLE jobs ADD COLUMN hold TEXT;
+ALTER TABLE jobs ADD COLUMN dependency TEXT;
+CREATE TABLE drains (
+    target  TEXT    PRIMARY KEY,
+    reason  TEXT    NOT NULL,
+    at      INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Each distinct environment once (content-addressed: SHA-256 of its JSON); launch records
@@ -194,6 +204,8 @@ pub struct NewJob {
     pub submitted_at: Millis,
     /// An `mgpu_srun` is attached to it (if that client dies, the job goes too).
     pub attached: bool,
+    /// Its hold and dependencies, if any.
+    pub gate: Gate,
 }
 
 /// A job array as first recorded: its tasks share one launch record.
@@ -203,6 +215,8 @@ pub struct NewArray {
     pub submitted_at: Millis,
     /// Each task's id and request; the first id is the array's.
     pub tasks: Vec<(JobId, JobRequest)>,
+    /// The hold and dependencies of every task.
+    pub gate: Gate,
 }
 
 /// How a job ended.
@@ -234,6 +248,12 @@ enum Op {
         restarts: u32,
     },
     Flush(oneshot::Sender<()>),
+    /// A waiting job is held (or released: `None`).
+    SetHold(JobId, Option<Hold>),
+    /// A waiting job's request changed (`mgpu_control update`).
+    Updated(JobId, Box<JobRequest>),
+    /// A GPU (`gpu:N`) or the server (`server`) is drained (with a reason), or resumed.
+    SetDrain(String, Option<(String, Millis)>),
     /// Run on the store's thread once everything sent before it is committed.
     AfterCommit(Box<dyn FnOnce() + Send>),
     Purge(Millis, oneshot::Sender<Result<Vec<JobId>, String>>),
@@ -256,6 +276,8 @@ pub struct RecoveredJob {
     pub attached: bool,
     /// Not before this time (`--begin`).
     pub begin_at: Option<Millis>,
+    /// Its hold and dependencies (pending jobs).
+    pub gate: Gate,
 }
 
 /// What the store held at startup.
@@ -266,6 +288,8 @@ pub struct Recovered {
     pub pending: Vec<RecoveredJob>,
     /// Jobs recorded as running: their supervisors may still be running them.
     pub running: Vec<RecoveredJob>,
+    /// Drained GPUs (`gpu:N`) and server (`server`), with their reasons.
+    pub drains: Vec<(String, String)>,
 }
 
 /// The owner and state of a recorded job.
@@ -458,6 +482,74 @@ impl Store {
     /// The job is back in the queue (at `at`) for its run number `restarts` (idempotent).
     pub fn requeued(&self, id: JobId, at: Millis, restarts: u32) {
         self.send(Op::Requeued { id, at, restarts });
+    }
+
+    /// Records a hold or release; durable once [`Store::flush`] returns.
+    pub fn set_hold(&self, id: JobId, hold: Option<Hold>) {
+        self.send(Op::SetHold(id, hold));
+    }
+
+    /// Records a waiting job's changed request.
+    pub fn updated(&self, id: JobId, request: JobRequest) {
+        self.send(Op::Updated(id, Box::new(request)));
+    }
+
+    /// Records a drain (`Some((reason, at))`) or a resume of `target` (`gpu:N` or `server`).
+    pub fn set_drain(&self, target: String, drain: Option<(String, Millis)>) {
+        self.send(Op::SetDrain(target, drain));
+    }
+
+    /// What the records say of a job the core does not hold, for its dependents.
+    pub fn target_state(&self, id: JobId) -> Result<TargetState> {
+        let conn = self.reader.lock().unwrap();
+        let state: Option<String> = conn
+            .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+            .query_row([id as i64], |r| r.get(0))
+            .optional()?;
+        Ok(match state.as_deref().map(JobState::parse) {
+            None => TargetState::Gone,
+            Some(Some(s)) if s.is_terminal() => TargetState::Ended(s),
+            Some(Some(_)) => TargetState::Live,
+            Some(None) => TargetState::Ended(JobState::Failed),
+        })
+    }
+
+    /// The recorded tasks of job array `array` and what the records say of each.
+    pub fn array_states(&self, array: JobId) -> Result<Vec<(JobId, TargetState)>> {
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, state FROM jobs WHERE array IS NOT NULL
+               AND json_extract(array, '$.job') = ?1",
+        )?;
+        let rows = stmt.query_map([array as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as JobId, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, state) = row?;
+            out.push((
+                id,
+                match JobState::parse(&state) {
+                    Some(s) if s.is_terminal() => TargetState::Ended(s),
+                    Some(_) => TargetState::Live,
+                    None => TargetState::Ended(JobState::Failed),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The job that is task `task` of job array `array`, if recorded.
+    pub fn array_task_job(&self, array: JobId, task: u32) -> Result<Option<JobId>> {
+        let conn = self.reader.lock().unwrap();
+        let id = conn
+            .prepare_cached(
+                "SELECT id FROM jobs WHERE array IS NOT NULL
+                   AND json_extract(array, '$.job') = ?1 AND json_extract(array, '$.task') = ?2",
+            )?
+            .query_row(params![array as i64, task], |r| r.get::<_, i64>(0))
+            .optional()?;
+        Ok(id.map(|id| id as JobId))
     }
 
     /// Waits until everything sent so far is committed.
@@ -735,7 +827,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                     CASE WHEN spec = '' THEN NULL ELSE json_extract(spec, '$.command') END,
                     COALESCE(queued_at, submitted_at), restarts,
                     started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs,
-                    attached, array, begin_at
+                    attached, array, begin_at, hold, dependency
              FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
         )?;
         let rows = stmt.query_map([state], |r| {
@@ -769,6 +861,10 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 r.get::<_, bool>(17)?,
                 r.get::<_, Option<String>>(18)?,
                 r.get::<_, Option<i64>>(19)?.map(|t| t as Millis),
+                (
+                    r.get::<_, Option<String>>(20)?,
+                    r.get::<_, Option<String>>(21)?,
+                ),
             ))
         })?;
         let mut out = Vec::new();
@@ -784,7 +880,19 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 attached,
                 array,
                 begin_at,
+                (hold, dependency),
             ) = row.context("reading the queued jobs (a launch record may be corrupt)")?;
+            // A hold or dependency keeps a job from running: never drop one that is unreadable.
+            let gate = Gate {
+                hold: hold
+                    .map(|h| serde_json::from_str::<Hold>(&h))
+                    .transpose()
+                    .with_context(|| format!("job {id} has an unreadable hold"))?,
+                dependency: dependency
+                    .map(|d| serde_json::from_str::<mgpu_core::Dependency>(&d))
+                    .transpose()
+                    .with_context(|| format!("job {id} has an unreadable dependency"))?,
+            };
             // A task's index decides what it computes: never run it without.
             request.array = array
                 .map(|a| serde_json::from_str::<mgpu_core::ArrayTask>(&a))
@@ -813,14 +921,20 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 restarts,
                 attached,
                 begin_at,
+                gate,
             });
         }
         Ok(out)
     };
+    let drains = conn
+        .prepare("SELECT target, reason FROM drains ORDER BY target")?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Recovered {
         next_job_id,
         pending: read("PENDING")?,
         running: read("RUNNING")?,
+        drains,
     })
 }
 
@@ -928,13 +1042,14 @@ fn insert_row(
     (spec, env_id): (&str, Option<i64>),
     submitted_at: Millis,
     attached: bool,
+    gate: &Gate,
 ) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO jobs (id, uid, user, name, state, gpus, mem_mib, time_limit_s, spec,
                            submitted_at, nice, no_requeue, max_restarts, warn_signal, warn_secs,
-                           attached, array, env_id)
+                           attached, array, env_id, hold, dependency)
          VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                 ?16, ?17)",
+                 ?16, ?17, ?18, ?19)",
     )?
     .execute(params![
         id as i64,
@@ -954,6 +1069,11 @@ fn insert_row(
         attached,
         r.array.map(|a| serde_json::to_string(&a)).transpose()?,
         env_id,
+        gate.hold.map(|h| serde_json::to_string(&h)).transpose()?,
+        gate.dependency
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?,
     ])?;
     Ok(())
 }
@@ -980,6 +1100,7 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     (&spec, env),
                     job.submitted_at,
                     job.attached,
+                    &job.gate,
                 )?;
                 set_begin_at(&tx, job.id, job.spec.begin_at)?;
             }
@@ -993,7 +1114,15 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 )?
                 .execute(params![*first as i64, spec, env])?;
                 for (id, request) in &array.tasks {
-                    insert_row(&tx, *id, request, ("", None), array.submitted_at, false)?;
+                    insert_row(
+                        &tx,
+                        *id,
+                        request,
+                        ("", None),
+                        array.submitted_at,
+                        false,
+                        &array.gate,
+                    )?;
                     set_begin_at(&tx, *id, array.spec.begin_at)?;
                 }
             }
@@ -1047,6 +1176,40 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 )?
                 .execute(params![*id as i64, *at as i64, *restarts])?;
             }
+            Op::SetHold(id, hold) => {
+                tx.prepare_cached("UPDATE jobs SET hold = ?2 WHERE id = ?1")?
+                    .execute(params![
+                        *id as i64,
+                        hold.map(|h| serde_json::to_string(&h)).transpose()?
+                    ])?;
+            }
+            Op::Updated(id, r) => {
+                tx.prepare_cached(
+                    "UPDATE jobs SET name = ?2, nice = ?3, gpus = ?4, mem_mib = ?5,
+                                     time_limit_s = ?6 WHERE id = ?1",
+                )?
+                .execute(params![
+                    *id as i64,
+                    r.name,
+                    r.nice,
+                    r.gpus,
+                    r.mem_mib.map(|m| m as i64),
+                    r.time_limit_s.map(|t| t as i64)
+                ])?;
+            }
+            Op::SetDrain(target, drain) => match drain {
+                Some((reason, at)) => {
+                    tx.prepare_cached(
+                        "INSERT INTO drains (target, reason, at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (target) DO UPDATE SET reason = ?2, at = ?3",
+                    )?
+                    .execute(params![target, reason, *at as i64])?;
+                }
+                None => {
+                    tx.prepare_cached("DELETE FROM drains WHERE target = ?1")?
+                        .execute([target])?;
+                }
+            },
             Op::Flush(_) | Op::AfterCommit(_) => {}
             Op::Purge(before, _) => {
                 let mut stmt = tx.prepare_cached(
@@ -1088,6 +1251,7 @@ mod tests {
 
     fn job(id: JobId) -> NewJob {
         NewJob {
+            gate: Default::default(),
             id,
             request: JobRequest {
                 uid: 1000,
@@ -1164,6 +1328,7 @@ mod tests {
             let (store, _) = Store::open(dir.path()).unwrap();
             store
                 .insert_array(NewArray {
+                    gate: Default::default(),
                     spec: template.spec.clone(),
                     submitted_at: 5,
                     tasks,
@@ -1260,6 +1425,64 @@ mod tests {
         assert_eq!(store.summary(9).unwrap(), None);
     }
 
+    #[tokio::test]
+    async fn holds_dependencies_updates_and_drains_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let dep = mgpu_core::Dependency {
+            any: false,
+            items: vec![mgpu_core::DepItem {
+                kind: mgpu_core::DepKind::AfterOk,
+                job: 1,
+                tasks: 0,
+            }],
+            text: "afterok:1".into(),
+        };
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            store.insert(job(1)).await.unwrap().unwrap();
+            let mut j = job(2);
+            j.gate.dependency = Some(dep.clone());
+            store.insert(j).await.unwrap().unwrap();
+            store.set_hold(1, Some(Hold::Admin));
+            let mut r = job(1).request;
+            r.name = "renamed".into();
+            r.gpus = 2;
+            store.updated(1, r);
+            store.set_drain("gpu:1".into(), Some(("fan".into(), 5)));
+            store.set_drain("server".into(), Some(("upgrade".into(), 6)));
+            store.set_drain("server".into(), None);
+            store.flush().await;
+            assert_eq!(store.target_state(1).unwrap(), TargetState::Live);
+            assert_eq!(store.target_state(7).unwrap(), TargetState::Gone);
+        }
+        let (store, rec) = Store::open(dir.path()).unwrap();
+        let one = rec.pending.iter().find(|j| j.id == 1).unwrap();
+        assert_eq!(one.gate.hold, Some(Hold::Admin));
+        assert_eq!(
+            (one.request.name.as_str(), one.request.gpus),
+            ("renamed", 2)
+        );
+        let two = rec.pending.iter().find(|j| j.id == 2).unwrap();
+        assert_eq!(two.gate.dependency, Some(dep));
+        assert_eq!(two.gate.hold, None);
+        assert_eq!(rec.drains, vec![("gpu:1".to_string(), "fan".to_string())]);
+        store.ended(
+            1,
+            Ending {
+                state: JobState::Failed,
+                at: 9,
+                exit_code: Some(1),
+                signal: None,
+                message: None,
+            },
+        );
+        store.flush().await;
+        assert_eq!(
+            store.target_state(1).unwrap(),
+            TargetState::Ended(JobState::Failed)
+        );
+    }
+
     #[test]
     fn a_database_of_the_previous_schema_is_migrated() {
         let dir = tempfile::tempdir().unwrap();
@@ -1326,6 +1549,7 @@ mod tests {
         };
         store
             .insert_array(NewArray {
+                gate: Default::default(),
                 spec: array.spec.clone(),
                 submitted_at: 5,
                 tasks: (0..2)

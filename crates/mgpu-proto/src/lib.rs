@@ -136,6 +136,8 @@ pub enum Request {
     Acct(AcctRequest),
     /// A usage summary per user over a period, with each user's fair-share standing.
     Usage(UsageRequest),
+    /// `mgpu_control`: hold, release, update or show jobs; drain and resume GPUs or the server.
+    Control(ControlRequest),
 }
 
 /// What `mgpu_acct --summary` asks for. Owners see their own row; root sees all.
@@ -147,6 +149,40 @@ pub struct UsageRequest {
     pub until: Option<Millis>,
     /// Only this user (others' need root).
     pub user: Option<String>,
+}
+
+/// What `mgpu_control` asks for (owner or root; drains: root only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// Hold pending jobs (ids as written: `12`, or `12_3` for one task of job array 12; a job
+    /// array's id holds all its waiting tasks).
+    Hold {
+        jobs: Vec<String>,
+    },
+    Release {
+        jobs: Vec<String>,
+    },
+    /// Change a job: `Key=Value` items (TimeLimit, Name, Nice, Gpus, Mem).
+    Update {
+        job: String,
+        changes: Vec<(String, String)>,
+    },
+    /// Every field of a job, `scontrol show job`-like.
+    Show {
+        job: String,
+    },
+    DrainGpu {
+        index: u32,
+        reason: Option<String>,
+    },
+    ResumeGpu {
+        index: u32,
+    },
+    DrainServer {
+        reason: Option<String>,
+    },
+    ResumeServer,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +275,12 @@ pub struct SubmitRequest {
     /// `BeginTime` until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub begin_at: Option<u64>,
+    /// Slurm's `--dependency` as written (`afterok:12:13,singleton`).
+    #[serde(default)]
+    pub dependency: Option<String>,
+    /// Submit held (`--hold`): it waits until `mgpu_control release`.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// Largest batch script `mgpu_sbatch` sends (its content travels in the submit frame).
@@ -406,6 +448,16 @@ pub enum Response {
     },
     /// The answer to [`Request::Usage`].
     Usage(UsageReport),
+    /// What a control request did, one line per job (or for the drain); `ok` is false when
+    /// some part was refused (those lines say why).
+    Control {
+        lines: Vec<String>,
+        ok: bool,
+    },
+    /// A job's fields, `Key=Value` (`mgpu_control show job`).
+    JobDetail {
+        fields: Vec<(String, String)>,
+    },
 }
 
 /// GPU usage per user over a period, and each user's fair-share standing now.
@@ -495,6 +547,9 @@ pub struct QueueSnapshot {
     pub policy: String,
     pub gpus: Vec<GpuInfo>,
     pub jobs: Vec<JobInfo>,
+    /// The whole server is drained (nothing new starts), with the reason given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_drained: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -513,6 +568,9 @@ pub struct GpuInfo {
     /// Processes on it that belong to no mgpu job (someone bypassing the scheduler).
     #[serde(default)]
     pub foreign: Vec<ForeignProcess>,
+    /// Drained by an administrator (no new jobs), with the reason given, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<String>,
 }
 
 /// A process on a GPU that belongs to no mgpu job.

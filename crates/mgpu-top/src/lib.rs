@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_cli::queue::{fetch, foreign_lines, job_rows, rfc3339, JOB_COLUMNS, USED_COLUMN};
+use mgpu_cli::queue::{
+    drain_lines, fetch, foreign_lines, job_rows, rfc3339, JOB_COLUMNS, USED_COLUMN,
+};
 use mgpu_core::JobState;
 use mgpu_proto::{GpuInfo, QueueRequest, QueueSnapshot};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
@@ -286,10 +288,15 @@ const FOREIGN_SHOWN: usize = 4;
 /// The whole screen: a header, the GPUs, processes outside mgpu, the jobs, the keys.
 pub fn draw(frame: &mut Frame, view: &View) {
     let gpus = view.snapshot.as_ref().map_or(0, |s| s.gpus.len()) as u16;
+    // Drained GPUs (and server) first, then processes outside mgpu.
     let mut foreign = view
         .snapshot
         .as_ref()
-        .map(foreign_lines)
+        .map(|s| {
+            let mut lines = drain_lines(s);
+            lines.extend(foreign_lines(s));
+            lines
+        })
         .unwrap_or_default();
     if foreign.len() > FOREIGN_SHOWN {
         let more = foreign.len() - (FOREIGN_SHOWN - 1);
@@ -496,6 +503,7 @@ mod tests {
     #[test]
     fn the_dashboard_shows_gpus_jobs_and_errors() {
         let snapshot = QueueSnapshot {
+            server_drained: None,
             now: 3_600_000,
             policy: "fair".into(),
             gpus: vec![GpuInfo {
@@ -507,6 +515,7 @@ mod tests {
                 jobs: vec![10, 11],
                 util_pct: None,
                 foreign: vec![],
+                drained: None,
             }],
             jobs: vec![
                 job(10, true, Some(0)),
@@ -569,6 +578,7 @@ mod tests {
         let mut inside = job(11, true, None);
         inside.used_mib = Some([(0, 1_000)].into());
         let snapshot = QueueSnapshot {
+            server_drained: None,
             now: 0,
             policy: "fair".into(),
             gpus: vec![GpuInfo {
@@ -584,6 +594,7 @@ mod tests {
                     user: Some("mallory".into()),
                     used_mib: 9_000,
                 }],
+                drained: Some("upgrade".into()),
             }],
             jobs: vec![over, inside],
         };
@@ -602,6 +613,7 @@ mod tests {
             "1000M ",
             "87%",
             "not an mgpu job: pid 4242 (mallory) uses 9000 MiB on GPU 0",
+            "GPU 0 drained (upgrade): no new jobs go there",
         ] {
             assert!(text.contains(want), "{want:?} missing from:\n{text}");
         }
@@ -630,6 +642,7 @@ mod tests {
             jobs: vec![],
             util_pct: None,
             foreign: vec![],
+            drained: None,
         };
         assert_eq!(memory_bar(&g(0, 100)), format!("{}   0%", "░".repeat(BAR)));
         assert_eq!(

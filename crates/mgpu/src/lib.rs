@@ -23,6 +23,7 @@ pub fn commands() -> Vec<clap::Command> {
         mgpu_cli::log::Args::command(),
         mgpu_cli::acct::Args::command(),
         mgpu_top::Args::command(),
+        mgpu_cli::control::Args::command(),
     ]
 }
 

@@ -811,12 +811,11 @@ fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
         ),
         (&["--foo"], "unknown option '--foo'"),
         (&["--gpus", "1", "-y", "true"], "unknown option '-y'"),
+        (&["-d", "afterok", "true"], "invalid --dependency 'afterok'"),
         (
-            &["-d", "afterok:5", "true"],
-            "-d is Slurm's --dependency, not supported yet; use --detach",
+            &["--dependency=afterok:5?after:x", "--", "true"],
+            "invalid --dependency",
         ),
-        (&["--dependency=afterok:5", "--", "true"], "--dependency"),
-        (&["--hold", "true"], "--hold: not supported yet"),
         (&["--wrap", "echo hi"], "--wrap is mgpu_sbatch's"),
         (&["-p", "gpu", "true"], "-p: mgpu has no partitions"),
         (

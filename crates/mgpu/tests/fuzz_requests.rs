@@ -43,6 +43,16 @@ fn templates(cwd: &str) -> Vec<Value> {
         json!({"type": "acct", "user": null, "me": false, "job": null, "since": null, "state": null}),
         json!({"type": "usage", "since": 0, "until": null, "user": "root"}),
         json!({"type": "cancel_attached"}),
+        json!({"type": "control", "hold": {"jobs": ["1", "2_3"]}}),
+        json!({"type": "control", "release": {"jobs": ["1"]}}),
+        json!({"type": "control", "update": {"job": "1", "changes": [["TimeLimit", "5"], ["Gpus", "2"]]}}),
+        json!({"type": "control", "show": {"job": "1"}}),
+        json!({"type": "control", "drain_gpu": {"index": 0, "reason": "x"}}),
+        json!({"type": "control", "resume_gpu": {"index": 0}}),
+        json!({"type": "control", "drain_server": {"reason": null}}),
+        json!({"type": "control", "resume_server": null}),
+        json!({"type": "submit", "name": "fz", "gpus": 1, "command": ["true"], "cwd": cwd,
+               "env": [], "venv": "off", "attach": false, "dependency": "afterok:1", "hold": true}),
         json!({"type": "hello", "protocol": PROTOCOL_VERSION, "client": "again"}),
     ]
 }

@@ -3,6 +3,8 @@
 pub mod acct;
 pub mod attach;
 pub mod cancel;
+pub mod control;
+pub mod depend;
 pub mod follow;
 pub mod log;
 pub mod queue;

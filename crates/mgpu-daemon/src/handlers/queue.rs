@@ -74,6 +74,7 @@ pub async fn handle(
                             .collect()
                     })
                     .unwrap_or_default(),
+                drained: inner.drains.gpus.get(&g.spec.index).cloned(),
             })
             .collect();
         let ids: Vec<JobId> = match req.job {
@@ -95,6 +96,7 @@ pub async fn handle(
             policy: sched.config().policy.to_string(),
             gpus,
             jobs: job_infos(&inner, first),
+            server_drained: inner.drains.server.clone(),
         };
         (snapshot, ids)
     };

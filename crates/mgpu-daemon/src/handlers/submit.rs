@@ -16,7 +16,7 @@ use crate::state::{now_ms, Daemon, Inner};
 use crate::store::{NewArray, NewJob};
 use crate::users;
 
-const MAX_NAME: usize = 128;
+pub(crate) const MAX_NAME: usize = 128;
 const MAX_ARGS: usize = 65_536;
 /// Bytes of argv, and of environment, one job may carry.
 const MAX_ARGV_BYTES: usize = 1 << 20;
@@ -25,7 +25,7 @@ const MAX_ENV_BYTES: usize = 1 << 20;
 const MAX_PATH: usize = 4096;
 /// Longest time limit a job may ask for (and warning lead time): a year. Longer is a typo, and
 /// times far beyond it would overflow the scheduler's clock arithmetic.
-const MAX_TIME_LIMIT_S: u64 = 366 * 24 * 3600;
+pub(crate) const MAX_TIME_LIMIT_S: u64 = 366 * 24 * 3600;
 
 fn default_name(command: &str) -> String {
     command.rsplit('/').next().unwrap_or(command).to_string()
@@ -204,6 +204,33 @@ pub async fn handle(
         Ok(l) => l,
         Err(msg) => return send_error(conn, msg).await,
     };
+    if req.begin_at.is_some() && (req.hold || req.dependency.is_some()) {
+        return send_error(
+            conn,
+            "--begin cannot be combined with --hold or --dependency yet: submit it held and release it when its time comes, or use the dependency alone".to_string(),
+        )
+        .await;
+    }
+    // Dependencies name existing jobs (checked before anything is recorded).
+    let gate = match crate::handlers::depend::gate_of(daemon, req.dependency.as_deref(), req.hold) {
+        Ok(g) => g,
+        Err(msg) => return send_error(conn, msg).await,
+    };
+    if let Some(d) = &gate.dependency {
+        // Every waiting job's dependency items cost the daemon memory: bounded per user.
+        let jobs = req.array.as_ref().map_or(1, Vec::len);
+        let have = daemon.lock().sched.dependency_targets_of(caller.uid);
+        let max = crate::handlers::depend::MAX_DEP_TARGETS_PER_USER;
+        if have + d.items.len() * jobs > max {
+            return send_error(
+                conn,
+                format!(
+                    "your waiting jobs already have {have} dependencies; at most {max} may wait per user (a whole job array counts once)"
+                ),
+            )
+            .await;
+        }
+    }
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,
@@ -221,7 +248,7 @@ pub async fn handle(
         return submit_array(
             daemon,
             caller,
-            request,
+            (request, gate),
             spec,
             &indices,
             req.array_limit,
@@ -248,30 +275,37 @@ pub async fn handle(
             spec,
             submitted_at: now,
             attached: req.attach,
+            gate: gate.clone(),
         })
         .await
         .unwrap_or_else(|_| Err("the store stopped".to_string()));
     if let Err(e) = committed {
         return send_error(conn, format!("could not record the job durably: {e}")).await;
     }
-    // Phase 3: into the queue, and start it if it fits.
-    let queued = {
-        let mut inner = daemon.lock();
-        admission.settle(&mut inner);
-        match inner.sched.restore_pending(id, request, now, 0) {
+    // Phase 3: into the queue (or parked by its gate), and start it if it fits.
+    let mut admission = Some(admission);
+    let queued = crate::handlers::depend::enter_gated(daemon, &gate, |inner, lookup| {
+        if let Some(a) = admission.take() {
+            a.settle(inner);
+        }
+        match inner
+            .sched
+            .restore_pending_gated(id, request.clone(), now, 0, gate.clone(), lookup)
+        {
             // Cannot happen (checked above against the same GPUs).
             Err(e) => Err(e),
             Ok(()) => {
                 if let Some(at) = req.begin_at {
                     inner.sched.defer_until(id, at);
                 }
-                inner.commands.insert(id, shown);
-                let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
-                daemon.schedule(&mut inner);
+                inner.commands.insert(id, shown.clone());
+                let events = req.attach.then(|| daemon.subscribe(inner, id));
+                daemon.schedule(inner);
                 Ok(events)
             }
         }
-    };
+    })
+    .await;
     let events = match queued {
         Ok(events) => events,
         Err(e) => {
@@ -292,10 +326,11 @@ pub async fn handle(
     }
     let pending = {
         let inner = daemon.lock();
+        // A held job, or one waiting on dependencies, has no place in the queue yet (0).
         inner
             .sched
-            .queue_position(id)
-            .zip(inner.sched.wait_detail(id))
+            .wait_detail(id)
+            .map(|r| (inner.sched.queue_position(id).unwrap_or(0), r))
     };
     if let Some((position, reason)) = pending {
         send(
@@ -407,7 +442,7 @@ impl Drop for Admission {
 async fn submit_array(
     daemon: &Arc<Daemon>,
     caller: Caller,
-    request: JobRequest,
+    (request, gate): (JobRequest, mgpu_core::Gate),
     spec: LaunchSpec,
     indices: &[u32],
     limit: Option<u32>,
@@ -452,31 +487,43 @@ async fn submit_array(
             spec,
             submitted_at: now,
             tasks: requests.clone(),
+            gate: gate.clone(),
         })
         .await
         .unwrap_or_else(|_| Err("the store stopped".to_string()));
     if let Err(e) = committed {
         return send_error(conn, format!("could not record the job array durably: {e}")).await;
     }
-    let mut refused = None;
     let begin_at = spec_begin_at;
-    {
-        let mut inner = daemon.lock();
-        admission.settle(&mut inner);
-        for (id, request) in requests {
-            if let Err(e) = inner.sched.restore_pending(id, request, now, 0) {
+    let mut admission = Some(admission);
+    let refused = crate::handlers::depend::enter_gated(daemon, &gate, |inner, lookup| {
+        if let Some(a) = admission.take() {
+            a.settle(inner);
+        }
+        let mut refused = None;
+        for (id, request) in &requests {
+            if let Err(e) = inner.sched.restore_pending_gated(
+                *id,
+                request.clone(),
+                now,
+                0,
+                gate.clone(),
+                lookup,
+            ) {
                 // Cannot happen (checked above against the same GPUs).
-                record_refused(daemon, id, &e);
+                record_refused(daemon, *id, &e);
                 refused.get_or_insert(e.to_string());
                 continue;
             }
             if let Some(at) = begin_at {
-                inner.sched.defer_until(id, at);
+                inner.sched.defer_until(*id, at);
             }
-            inner.commands.insert(id, shown.clone());
+            inner.commands.insert(*id, shown.clone());
         }
-        daemon.schedule(&mut inner);
-    }
+        daemon.schedule(inner);
+        refused
+    })
+    .await;
     if let Some(e) = refused {
         return send_error(conn, format!("job array {first}: tasks refused: {e}")).await;
     }
@@ -579,6 +626,8 @@ mod tests {
             output: None,
             error: None,
             begin_at: None,
+            dependency: None,
+            hold: false,
         };
         assert!(super::validate(&req(Some(3600), Some(60))).is_ok());
         assert!(super::validate(&req(Some(0), None)).is_ok());

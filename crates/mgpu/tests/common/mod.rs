@@ -22,6 +22,7 @@ pub const PROGRAMS: &[&str] = &[
     "mgpu_log",
     "mgpu_acct",
     "mgpu_top",
+    "mgpu_control",
 ];
 
 fn exe(name: &str) -> PathBuf {
@@ -34,6 +35,7 @@ fn exe(name: &str) -> PathBuf {
         "mgpu_log" => env!("CARGO_BIN_EXE_mgpu_log").into(),
         "mgpu_acct" => env!("CARGO_BIN_EXE_mgpu_acct").into(),
         "mgpu_top" => env!("CARGO_BIN_EXE_mgpu_top").into(),
+        "mgpu_control" => env!("CARGO_BIN_EXE_mgpu_control").into(),
         other => panic!("unknown program {other}"),
     }
 }

@@ -1,0 +1,450 @@
+//! `Control` (`mgpu_control`): hold, release and update waiting jobs, show a job, drain and
+//! resume GPUs or the whole server. Who asks comes from the kernel (`SO_PEERCRED`): owners and
+//! root act on jobs, root alone drains. Every change is durable before the answer.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use mgpu_core::{ControlError, JobId, JobUpdate, Requester};
+use mgpu_proto::{ControlRequest, Response};
+
+use crate::server::{send, send_error, Caller, Conn};
+use crate::state::{now_ms, Daemon, Inner};
+
+/// Most job ids one hold or release may name (a job array counts all its tasks).
+const MAX_IDS: usize = 10_000;
+/// Longest drain reason kept.
+const MAX_REASON: usize = 256;
+
+pub async fn handle(
+    daemon: &Arc<Daemon>,
+    caller: Caller,
+    req: ControlRequest,
+    conn: &mut Conn,
+) -> Result<()> {
+    let by = daemon.requester(caller.uid);
+    let answer = match req {
+        ControlRequest::Hold { jobs } => hold_or_release(daemon, by, &jobs, true),
+        ControlRequest::Release { jobs } => hold_or_release(daemon, by, &jobs, false),
+        ControlRequest::Update { job, changes } => update(daemon, by, &job, &changes),
+        ControlRequest::Show { job } => show(daemon, by, &job),
+        ControlRequest::DrainGpu { index, reason } => drain(daemon, by, Some(index), Some(reason)),
+        ControlRequest::ResumeGpu { index } => drain(daemon, by, Some(index), None),
+        ControlRequest::DrainServer { reason } => drain(daemon, by, None, Some(reason)),
+        ControlRequest::ResumeServer => drain(daemon, by, None, None),
+    };
+    match answer {
+        Ok(response) => {
+            // Changes are durable before the client hears of them.
+            daemon.store.flush().await;
+            send(conn, &response).await
+        }
+        Err(msg) => send_error(conn, msg).await,
+    }
+}
+
+/// A job as the user wrote it: `12`, or `12_3` (task 3 of job array 12).
+fn job_id(daemon: &Daemon, text: &str) -> Result<JobId, String> {
+    let t = text.trim();
+    let bad = || format!("invalid job id '{t}' (e.g. 12, or 12_3 for task 3 of job array 12)");
+    match t.split_once('_') {
+        None => t.parse().map_err(|_| bad()),
+        Some((a, task)) => {
+            let array: JobId = a.parse().map_err(|_| bad())?;
+            let task: u32 = task.parse().map_err(|_| bad())?;
+            daemon
+                .store
+                .array_task_job(array, task)
+                .map_err(|e| format!("{e:#}"))?
+                .ok_or_else(|| format!("job {t}: no such job array task"))
+        }
+    }
+}
+
+/// The jobs a hold or release names: a job array's id stands for its unfinished tasks.
+/// `(id, as written, part of a whole array)`.
+fn targets(
+    daemon: &Daemon,
+    inner: &Inner,
+    jobs: &[String],
+) -> Result<Vec<(JobId, String, bool)>, String> {
+    let mut out = Vec::new();
+    for text in jobs {
+        let id = job_id(daemon, text)?;
+        // (A finished first task still names its array: from the records.)
+        let array = match inner.sched.job(id) {
+            Some(j) => j.request.array,
+            None => daemon.store.array_task(id).ok().flatten(),
+        };
+        match array.filter(|a| a.job == id && !text.contains('_')) {
+            Some(a) => {
+                for task in id..id + JobId::from(a.count) {
+                    if inner.sched.job(task).is_some() {
+                        out.push((task, task.to_string(), true));
+                    }
+                }
+            }
+            None => out.push((id, text.trim().to_string(), false)),
+        }
+        if out.len() > MAX_IDS {
+            return Err(format!("too many jobs in one request (at most {MAX_IDS})"));
+        }
+    }
+    Ok(out)
+}
+
+fn hold_or_release(
+    daemon: &Arc<Daemon>,
+    by: Requester,
+    jobs: &[String],
+    hold: bool,
+) -> Result<Response, String> {
+    if jobs.is_empty() {
+        return Err("name at least one job id".into());
+    }
+    let mut inner = daemon.lock();
+    let targets = targets(daemon, &inner, jobs)?;
+    let mut lines = Vec::new();
+    let mut ok = true;
+    for (id, text, in_array) in targets {
+        let done = if hold {
+            inner.sched.hold(id, by).map(Some)
+        } else {
+            inner.sched.release(id, by).map(|()| None)
+        };
+        match done {
+            Ok(h) => {
+                tracing::info!(job = id, by = by.uid, hold, "job hold changed");
+                daemon.store.set_hold(id, h);
+            }
+            // The running (or never held) tasks of an array are left as they are.
+            Err(ControlError::NotPending | ControlError::NotHeld) if in_array => {}
+            Err(e) => {
+                ok = false;
+                lines.push(format!("job {text}: {e}"));
+            }
+        }
+    }
+    daemon.schedule(&mut inner);
+    Ok(Response::Control { lines, ok })
+}
+
+fn update(
+    daemon: &Arc<Daemon>,
+    by: Requester,
+    job: &str,
+    changes: &[(String, String)],
+) -> Result<Response, String> {
+    let id = job_id(daemon, job)?;
+    if changes.is_empty() {
+        return Err(
+            "nothing to change: give Key=Value items (TimeLimit, Name, Nice, Gpus, Mem)".into(),
+        );
+    }
+    let mut u = JobUpdate::default();
+    for (key, value) in changes {
+        let v = value.trim();
+        match key.to_ascii_lowercase().as_str() {
+            "timelimit" | "time" => {
+                let t = mgpu_core::timefmt::parse_time_limit(v)?;
+                if t.is_some_and(|t| t > crate::handlers::submit::MAX_TIME_LIMIT_S) {
+                    return Err("time limit too long: at most 366 days; 0 means no limit".into());
+                }
+                u.time_limit_s = Some(t);
+            }
+            "name" | "jobname" => {
+                if let Some(c) = v
+                    .chars()
+                    .find(|&c| c.is_control() || crate::handlers::submit::is_invisible(c))
+                {
+                    return Err(format!(
+                        "invalid job name: it contains U+{:04X}, a control or invisible formatting character",
+                        c as u32
+                    ));
+                }
+                let max = crate::handlers::submit::MAX_NAME;
+                if v.is_empty() || v.chars().count() > max {
+                    return Err(format!("invalid job name: 1 to {max} characters"));
+                }
+                u.name = Some(v.to_string());
+            }
+            "nice" => {
+                u.nice = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n: &i32| n.abs() <= 1_000_000)
+                        .ok_or_else(|| format!("invalid Nice '{v}': a whole number"))?,
+                );
+            }
+            "gpus" | "numgpus" => {
+                u.gpus = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&n: &u32| n > 0)
+                        .ok_or_else(|| format!("invalid Gpus '{v}': 1 or more"))?,
+                );
+            }
+            "mem" => {
+                u.mem_mib = Some(
+                    if v.eq_ignore_ascii_case("exclusive") || v.eq_ignore_ascii_case("none") {
+                        None
+                    } else {
+                        Some(mgpu_proto::parse_mem_mib(v)?).filter(|&m| m > 0)
+                    },
+                );
+            }
+            other => {
+                return Err(format!(
+                    "cannot change '{other}': the keys are TimeLimit, Name, Nice, Gpus and Mem (GPU memory per GPU, or 'exclusive')"
+                ))
+            }
+        }
+    }
+    let mut inner = daemon.lock();
+    inner
+        .sched
+        .update(id, by, u)
+        .map_err(|e| format!("job {job}: {e}"))?;
+    let request = inner.sched.job(id).expect("just updated").request.clone();
+    tracing::info!(job = id, by = by.uid, "job updated");
+    daemon.store.updated(id, request);
+    daemon.schedule(&mut inner);
+    Ok(Response::Control {
+        lines: Vec::new(),
+        ok: true,
+    })
+}
+
+fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, String> {
+    let id = job_id(daemon, job)?;
+    let mut f: Vec<(String, String)> = Vec::new();
+    let mut put = |k: &str, v: String| f.push((k.to_string(), v));
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "(null)".into());
+    let inner = daemon.lock();
+    let sched = &inner.sched;
+    if let Some(j) = sched.job(id) {
+        let r = &j.request;
+        put("JobId", id.to_string());
+        if let Some(a) = r.array {
+            put("ArrayJobId", a.job.to_string());
+            put("ArrayTaskId", a.task.to_string());
+        }
+        put("JobName", r.name.clone());
+        put("UserId", format!("{}({})", r.user, r.uid));
+        put("JobState", j.state.as_str().into());
+        let reason = match j.stopping {
+            Some(s) => Some(format!("{s:?}")),
+            None => sched.pending_reason(id).map(str::to_string),
+        };
+        put("Reason", opt(reason));
+        put("WaitDetail", opt(sched.wait_detail(id)));
+        put(
+            "Dependency",
+            opt(sched.dependency_of(id).map(|d| d.text.clone())),
+        );
+        put(
+            "Hold",
+            match sched.hold_of(id) {
+                Some(mgpu_core::Hold::User) => "user".into(),
+                Some(mgpu_core::Hold::Admin) => "admin".into(),
+                None => "no".into(),
+            },
+        );
+        put(
+            "Priority",
+            opt(sched.priority(id).map(|p| format!("{p:.0}"))),
+        );
+        put(
+            "Position",
+            opt(sched.queue_position(id).map(|p| p.to_string())),
+        );
+        put("Nice", r.nice.to_string());
+        put("Gpus", r.gpus.to_string());
+        put(
+            "GpuIds",
+            if j.gpus.is_empty() {
+                "(null)".into()
+            } else {
+                j.gpus
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+        );
+        put(
+            "Mem",
+            r.mem_mib
+                .map_or("exclusive".into(), |m| format!("{m}M per GPU")),
+        );
+        put(
+            "TimeLimit",
+            sched
+                .effective_limit_s(r)
+                .map_or("UNLIMITED".into(), mgpu_core::timefmt::format_duration),
+        );
+        put("SubmitTime", j.submitted_at.to_string());
+        put("StartTime", opt(j.started_at.map(|t| t.to_string())));
+        put("Restarts", j.restarts.to_string());
+        put("NoRequeue", r.no_requeue.to_string());
+        if by.may_manage(r.uid) {
+            put(
+                "Command",
+                opt(inner.commands.get(&id).map(|c| shell_words(c))),
+            );
+            drop(inner);
+            if let Ok(spec) = daemon.store.launch_spec(id) {
+                f.push(("WorkDir".into(), spec.cwd));
+            }
+        }
+        return Ok(Response::JobDetail { fields: f });
+    }
+    drop(inner);
+    // Finished jobs are accounting records: others' are shown to root only (as mgpu_acct).
+    let filter = crate::store::AcctFilter {
+        job: Some(id),
+        uid: (!by.is_admin).then_some(by.uid),
+        ..Default::default()
+    };
+    let rec = daemon
+        .store
+        .finished_jobs(&filter, 0, 1)
+        .map_err(|e| format!("{e:#}"))?
+        .pop()
+        .ok_or_else(|| {
+            format!("job {job}: no such job (finished jobs of other users are shown to root only)")
+        })?;
+    put("JobId", id.to_string());
+    if let Some(a) = rec.array {
+        put("ArrayJobId", a.job.to_string());
+        put("ArrayTaskId", a.task.to_string());
+    }
+    put("JobName", rec.name.clone());
+    put("UserId", rec.user.clone());
+    put("JobState", rec.state.as_str().into());
+    put(
+        "ExitCode",
+        format!("{}:{}", rec.exit_code.unwrap_or(0), rec.signal.unwrap_or(0)),
+    );
+    put("Gpus", rec.gpus.to_string());
+    put(
+        "GpuIds",
+        rec.gpu_ids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    put(
+        "Mem",
+        rec.mem_mib
+            .map_or("exclusive".into(), |m| format!("{m}M per GPU")),
+    );
+    put("SubmitTime", rec.submitted_at.to_string());
+    put("StartTime", opt(rec.started_at.map(|t| t.to_string())));
+    put("EndTime", opt(rec.ended_at.map(|t| t.to_string())));
+    put("Restarts", rec.restarts.to_string());
+    put("Message", opt(rec.message.clone()));
+    Ok(Response::JobDetail { fields: f })
+}
+
+/// argv as one line, words with spaces or quotes quoted.
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Drains (`reason: Some`) or resumes a GPU (`index: Some`) or the whole server: root only.
+fn drain(
+    daemon: &Arc<Daemon>,
+    by: Requester,
+    index: Option<u32>,
+    reason: Option<Option<String>>,
+) -> Result<Response, String> {
+    if !by.is_admin {
+        return Err("only root may drain or resume GPUs or the server".into());
+    }
+    let reason = match reason {
+        None => None,
+        Some(r) => {
+            let r = r.unwrap_or_default();
+            if r.chars().any(|c| c.is_control()) || r.len() > MAX_REASON {
+                return Err(format!(
+                    "invalid --reason: one line of at most {MAX_REASON} bytes"
+                ));
+            }
+            Some(r)
+        }
+    };
+    let mut inner = daemon.lock();
+    let drained = reason.is_some();
+    let (target, line) = match index {
+        Some(i) => {
+            if !inner.sched.set_gpu_drained(i, drained) {
+                let have: Vec<String> = inner
+                    .sched
+                    .gpus()
+                    .iter()
+                    .map(|g| g.spec.index.to_string())
+                    .collect();
+                return Err(format!(
+                    "no GPU {i} here (this server manages GPUs {})",
+                    have.join(", ")
+                ));
+            }
+            match &reason {
+                Some(r) => {
+                    inner.drains.gpus.insert(i, r.clone());
+                }
+                None => {
+                    inner.drains.gpus.remove(&i);
+                }
+            }
+            let running = inner
+                .sched
+                .gpus()
+                .iter()
+                .find(|g| g.spec.index == i)
+                .map_or(0, |g| g.jobs().len());
+            let line = if drained {
+                format!("GPU {i} drained: no new jobs go there; {running} running job(s) on it finish normally")
+            } else {
+                format!("GPU {i} resumed: it takes jobs again")
+            };
+            (format!("gpu:{i}"), line)
+        }
+        None => {
+            inner.sched.set_server_drained(drained);
+            inner.drains.server = reason.clone();
+            let line = if drained {
+                format!(
+                    "server drained: nothing new starts; {} running job(s) finish normally, pending jobs wait",
+                    inner.sched.running_len()
+                )
+            } else {
+                "server resumed: pending jobs start again".to_string()
+            };
+            ("server".to_string(), line)
+        }
+    };
+    tracing::info!(target = %target, drained, reason = ?reason, by = by.uid, "drain changed");
+    daemon
+        .store
+        .set_drain(target, reason.map(|r| (r, now_ms())));
+    daemon.schedule(&mut inner);
+    Ok(Response::Control {
+        lines: vec![line],
+        ok: true,
+    })
+}

@@ -99,7 +99,8 @@ fn one_user_floods_while_another_works() {
     let (mut answers, mut slowest) = (0, Duration::ZERO);
     while hers.iter().any(|&id| acct(&s, id).is_null()) {
         assert!(
-            t0.elapsed() < Duration::from_secs(150),
+            // (A liveness bound with room for a loaded machine.)
+            t0.elapsed() < Duration::from_secs(300),
             "her jobs did not finish: {}",
             s.server_log()
         );

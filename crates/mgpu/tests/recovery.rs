@@ -276,7 +276,7 @@ fn run_directories_elsewhere_are_readopted_and_exclusive() {
 /// Whether process `pid`, the job's `sh -c` that execs `sleep 300`, is gone (or only a zombie;
 /// a process that reused the pid is another).
 fn process_gone(pid: i32) -> bool {
-    let ours = |c: &[u8]| c == b"sleep\0300\0" || c.starts_with(b"sh\0-c\0");
+    let ours = |c: &[u8]| c == b"sleep\x00300\x00" || c.starts_with(b"sh\0-c\0");
     if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty() && !ours(&c)) {
         return true;
     }

@@ -156,7 +156,8 @@ fn escaped_processes_are_killed_too() {
         .unwrap();
     s.wait_gone(id);
     // (The same process: a pid may be reused, by something else.)
-    let alive = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == b"sleep\0300\0")
+    let alive = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c == b"sleep\x00300\x00")
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .unwrap_or_default()
             .contains(") Z");

@@ -400,11 +400,13 @@ fn failed_start_is_reported_and_the_server_carries_on() {
 #[test]
 fn log_keeps_output_and_follows_live() {
     let s = Server::start("1x24GiB", &[]);
+    // (The pauses keep the two streams' order in the log, which the supervisor reads stdout
+    // first when both have something, also on a loaded machine.)
     let id = s.detached(&[
         "--",
         "bash",
         "-c",
-        "echo one; sleep 0.3; echo two >&2; sleep 1; echo three",
+        "echo one; sleep 1; echo two >&2; sleep 1; echo three",
     ]);
     let follow = s
         .cmd("mgpu_log")

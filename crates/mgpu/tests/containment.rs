@@ -141,7 +141,9 @@ fn the_daemon_kills_a_job_its_supervisor_did_not_stop() {
         return;
     }
     let s = Server::start("1x24GiB", &["--grace-period", "1"]);
-    let marker = ["sleep", "6093"];
+    // A command line of this test's own (the search looks at every process of the machine).
+    let secs = format!("6093.{}", std::process::id());
+    let marker = ["sleep", secs.as_str()];
     let job = s.detached(&["--no-venv", "--", marker[0], marker[1]]);
     s.wait_state(job, "RUNNING");
     let mut leader = Vec::new();

@@ -451,11 +451,19 @@ mod tests {
                 .await
                 .unwrap();
             let filler = vec![b'x'; MAX_SUBMIT_FRAME - 64];
+            let sent = 4 + b"\0{\"type\":\"submit\",\"x\":\"".len() + filler.len();
             let writer = tokio::spawn(async move {
                 let _ = b.write_all(&filler).await;
                 b
             });
-            let r = tokio::time::timeout(Duration::from_millis(500), conn.recv()).await;
+            // Until the connection holds all that was sent (however slow the machine) or is
+            // refused; then it waits for the rest, which never comes.
+            let r = loop {
+                let r = tokio::time::timeout(Duration::from_millis(50), conn.recv()).await;
+                if r.is_ok() || conn.rbuf.len() >= sent {
+                    break r;
+                }
+            };
             match r {
                 Ok(Err(e)) => {
                     refused = Some(e.to_string());

@@ -123,11 +123,13 @@ pub async fn serve(
             },
         };
         let daemon = daemon.clone();
-        let per_user = per_user.clone();
         let shared = shared.clone();
+        // The slot is taken here, in the order connections were accepted (in the spawned
+        // task, a later connection could take the last slot before an earlier one).
+        let slot = UserSlot::take(&per_user, &stream);
         tokio::spawn(async move {
             let _open = daemon.metrics.connection();
-            let _slot = match UserSlot::take(&per_user, &stream) {
+            let _slot = match slot {
                 Ok(slot) => slot,
                 Err(uid) => {
                     tracing::warn!(uid, "refusing a connection: too many from one user");

@@ -113,7 +113,7 @@ fn detach_and_parsable_give_increasing_ids() {
         .unwrap();
     let second = s.submit({
         let mut c = s.cmd("mgpu_srun");
-        c.args(["--detach", "--parsable", "--", "sleep", "5"]);
+        c.args(["--detach", "--parsable", "--", "sleep", "300"]);
         c
     });
     let third = s.detached(&["-t", "1:00:00", "-J", "third", "--", "sleep", "5"]);
@@ -196,8 +196,8 @@ fn impossible_and_malformed_jobs_are_refused_at_once() {
 fn memory_jobs_share_and_exclusive_jobs_never_overlap() {
     let s = Server::start("2x24GiB", &[]);
     // Two memory jobs fit on one GPU together.
-    let a = s.detached(&["--mem", "10000", "--", "sleep", "30"]);
-    let b = s.detached(&["--mem", "10000", "--", "sleep", "30"]);
+    let a = s.detached(&["--mem", "10000", "--", "sleep", "300"]);
+    let b = s.detached(&["--mem", "10000", "--", "sleep", "300"]);
     s.wait_state(a, "RUNNING");
     s.wait_state(b, "RUNNING");
     let q = s.queue_json();
@@ -209,7 +209,7 @@ fn memory_jobs_share_and_exclusive_jobs_never_overlap() {
     let shared = s.job(a).unwrap()["gpu_ids"][0].as_u64().unwrap() as usize;
     assert_eq!(q["gpus"][shared]["reserved_mib"], 20000);
     // A third does not fit beside them but takes the other GPU.
-    let c3 = s.detached(&["--mem", "10000", "--", "sleep", "30"]);
+    let c3 = s.detached(&["--mem", "10000", "--", "sleep", "300"]);
     s.wait_state(c3, "RUNNING");
     assert_ne!(s.job(c3).unwrap()["gpu_ids"], s.job(a).unwrap()["gpu_ids"]);
     assert!(s
@@ -261,7 +261,7 @@ fn memory_jobs_share_and_exclusive_jobs_never_overlap() {
 #[test]
 fn waiting_job_starts_when_resources_free_up() {
     let s = Server::start("1x24GiB", &[]);
-    let blocker = s.detached(&["--", "sleep", "30"]);
+    let blocker = s.detached(&["--", "sleep", "300"]);
     s.wait_state(blocker, "RUNNING");
     let mut srun = s
         .cmd("mgpu_srun")
@@ -321,7 +321,8 @@ fn ctrl_c_cancels_the_job_and_waits_for_its_processes() {
 
 #[test]
 fn cancel_kills_a_job_ignoring_sigterm_after_the_grace_period() {
-    let s = Server::start("1x24GiB", &["--grace-period", "3"]);
+    // (A grace period long enough to look at the queue within it on a loaded machine.)
+    let s = Server::start("1x24GiB", &["--grace-period", "10"]);
     let mut srun = s
         .cmd("mgpu_srun")
         .args([
@@ -352,8 +353,8 @@ fn cancel_kills_a_job_ignoring_sigterm_after_the_grace_period() {
 #[test]
 fn cancel_pending_job_and_unknown_ids() {
     let s = Server::start("1x24GiB", &[]);
-    let running = s.detached(&["--", "sleep", "30"]);
-    let pending = s.detached(&["--", "sleep", "30"]);
+    let running = s.detached(&["--", "sleep", "300"]);
+    let pending = s.detached(&["--", "sleep", "300"]);
     s.wait_state(running, "RUNNING");
     assert!(s
         .cmd("mgpu_cancel")
@@ -399,11 +400,13 @@ fn failed_start_is_reported_and_the_server_carries_on() {
 #[test]
 fn log_keeps_output_and_follows_live() {
     let s = Server::start("1x24GiB", &[]);
+    // (The pauses keep the two streams' order in the log, which the supervisor reads stdout
+    // first when both have something, also on a loaded machine.)
     let id = s.detached(&[
         "--",
         "bash",
         "-c",
-        "echo one; sleep 0.3; echo two >&2; sleep 1; echo three",
+        "echo one; sleep 1; echo two >&2; sleep 1; echo three",
     ]);
     let follow = s
         .cmd("mgpu_log")
@@ -428,10 +431,10 @@ fn log_keeps_output_and_follows_live() {
 #[test]
 fn pending_jobs_survive_a_restart_and_ids_continue() {
     let mut s = Server::start("1x24GiB", &[]);
-    let running = s.detached(&["--", "sleep", "60"]);
+    let running = s.detached(&["--", "sleep", "300"]);
     s.wait_state(running, "RUNNING");
     let pending: Vec<u64> = (0..3)
-        .map(|i| s.detached(&["-J", &format!("p{i}"), "--", "sleep", "60"]))
+        .map(|i| s.detached(&["-J", &format!("p{i}"), "--", "sleep", "300"]))
         .collect();
     let started_at = s.job(running).unwrap()["started_at"].clone();
     s.restart();
@@ -461,16 +464,23 @@ fn pending_jobs_survive_a_restart_and_ids_continue() {
 #[test]
 fn a_run_has_at_most_one_supervisor() {
     let s = Server::start("1x24GiB", &[]);
-    let id = s.detached(&["--", "sh", "-c", "sleep 2; echo finished"]);
+    // Held running until the second supervisor has been refused.
+    let go = s.scratch.join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; echo finished",
+        go.display()
+    );
+    let id = s.detached(&["--", "sh", "-c", &script]);
     s.wait_state(id, "RUNNING");
     let run_dir = s.state_dir.join("runs").join(id.to_string()).join("r0");
-    wait_until(Duration::from_secs(10), || run_dir.join("sock").exists());
+    wait_until(Duration::from_secs(60), || run_dir.join("sock").exists());
     let out = Command::new(bin("mgpu_scheduler_server"))
         .arg("--supervise")
         .arg(&run_dir)
         .output()
         .unwrap();
     assert_fails_with(&out, "another supervisor already runs this run");
+    std::fs::write(&go, "").unwrap();
     s.wait_gone(id);
     assert_eq!(s.acct(id)["state"], "COMPLETED");
     assert_eq!(s.log(id), "finished\n");
@@ -482,7 +492,13 @@ fn a_run_has_at_most_one_supervisor() {
 fn an_outside_holder_of_the_output_pipe_does_not_hang_the_end() {
     let s = Server::start("1x24GiB", &[]);
     let pidfile = s.scratch.join("pid");
-    let script = format!("echo $$ > {}; sleep 1; echo done", pidfile.display());
+    // The job runs until the test holds its output pipe.
+    let go = s.scratch.join("go");
+    let script = format!(
+        "echo $$ > {}; while [ ! -e {} ]; do sleep 0.05; done; echo done",
+        pidfile.display(),
+        go.display()
+    );
     let mut srun = s
         .cmd("mgpu_srun")
         .args(["--", "sh", "-c", &script])
@@ -490,7 +506,7 @@ fn an_outside_holder_of_the_output_pipe_does_not_hang_the_end() {
         .spawn()
         .unwrap();
     let mut held = None;
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(60), || {
         let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
         held = std::fs::OpenOptions::new()
             .write(true)
@@ -498,6 +514,7 @@ fn an_outside_holder_of_the_output_pipe_does_not_hang_the_end() {
             .ok();
         held.is_some()
     });
+    std::fs::write(&go, "").unwrap();
     // (Bounded: before the fix the supervisor waited for the pipe's end for ever.)
     let mut status = None;
     wait_until(Duration::from_secs(60), || {
@@ -565,7 +582,7 @@ fn job_arrays() {
     let said = s.ok(
         "mgpu_srun",
         &[
-            "--array", "1-3", "--gpus", "2", "-J", "hold", "--", "sleep", "30",
+            "--array", "1-3", "--gpus", "2", "-J", "hold", "--", "sleep", "300",
         ],
     );
     let hold: u64 = said
@@ -630,7 +647,7 @@ fn job_arrays() {
         "--",
         "bash",
         "-c",
-        "test $MGPU_ARRAY_TASK_ID = 1 || sleep 30",
+        "test $MGPU_ARRAY_TASK_ID = 1 || sleep 300",
     ]);
     s.wait_gone(arr);
     s.wait_state(arr + 1, "RUNNING");
@@ -650,7 +667,7 @@ fn queue_limits_bound_waiting_jobs() {
         "1x24GiB",
         &["--max-pending-per-user", "4", "--max-pending", "6"],
     );
-    let holder = s.detached(&["--", "sleep", "30"]);
+    let holder = s.detached(&["--", "sleep", "300"]);
     s.wait_state(holder, "RUNNING");
     let out = s
         .cmd("mgpu_srun")
@@ -677,7 +694,7 @@ fn queue_limits_bound_waiting_jobs() {
 #[test]
 fn a_job_array_cap_limits_its_tasks_at_once() {
     let s = Server::start("4x24GiB", &[]);
-    let first = s.detached(&["--array", "0-5%2", "--", "sleep", "30"]);
+    let first = s.detached(&["--array", "0-5%2", "--", "sleep", "300"]);
     s.wait_state(first, "RUNNING");
     s.wait_state(first + 1, "RUNNING");
     let q = s.queue_json();
@@ -755,7 +772,7 @@ fn srun_and_the_queue_give_the_same_reason_for_a_wait() {
         "2x24GiB",
         &["--reserve-after", "0", "--reserve-after-wait-factor", "0"],
     );
-    let blocker = s.detached(&["--", "sleep", "60"]);
+    let blocker = s.detached(&["--", "sleep", "300"]);
     s.wait_state(blocker, "RUNNING");
     let wide = s.detached(&["--gpus", "2", "--", "true"]);
     let mut srun = s
@@ -862,7 +879,7 @@ fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
 fn time_limits_read_like_slurm() {
     let s = Server::start("2x24GiB", &[]);
     // Both GPUs busy for good: every job below stays pending, with its limit in the queue.
-    let blocker = s.detached(&["--gpus", "2", "--", "sleep", "120"]);
+    let blocker = s.detached(&["--gpus", "2", "--", "sleep", "600"]);
     s.wait_state(blocker, "RUNNING");
     let cases: &[(&[&str], Option<u64>)] = &[
         (&["-t", "10"], Some(600)),

@@ -99,7 +99,8 @@ fn one_user_floods_while_another_works() {
     let (mut answers, mut slowest) = (0, Duration::ZERO);
     while hers.iter().any(|&id| acct(&s, id).is_null()) {
         assert!(
-            t0.elapsed() < Duration::from_secs(150),
+            // (A liveness bound with room for a loaded machine.)
+            t0.elapsed() < Duration::from_secs(300),
             "her jobs did not finish: {}",
             s.server_log()
         );
@@ -125,7 +126,7 @@ fn one_user_floods_while_another_works() {
         "the fork bomb ended by itself: {bomb_now}"
     );
     s.ok("mgpu_cancel", &[&bomb.to_string()]);
-    wait_until(Duration::from_secs(30), || !acct(&s, bomb).is_null());
+    wait_until(Duration::from_secs(120), || !acct(&s, bomb).is_null());
     assert_eq!(acct(&s, bomb)["state"], "CANCELLED");
 
     let rss = peak_rss_kib(s.pid()) >> 10;

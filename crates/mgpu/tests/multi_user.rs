@@ -59,7 +59,7 @@ fn identity_comes_from_the_kernel_not_the_environment() {
         text(&out.stdout).trim(),
         format!("{} {} {}", a.uid, a.name, a.home.display())
     );
-    let id = s.detached_as(&a, &["--", "sleep", "30"]);
+    let id = s.detached_as(&a, &["--", "sleep", "300"]);
     assert_eq!(s.job(id).unwrap()["user"], a.name.as_str());
     s.cmd("mgpu_cancel").arg(id.to_string()).status().unwrap();
 }
@@ -68,7 +68,7 @@ fn identity_comes_from_the_kernel_not_the_environment() {
 fn users_cannot_cancel_or_read_each_others_jobs() {
     let Some((a, b)) = test_users() else { return };
     let s = Server::start("2x24GiB", &[]);
-    let job_b = s.detached_as(&b, &["--", "bash", "-c", "echo secret-of-b; sleep 30"]);
+    let job_b = s.detached_as(&b, &["--", "bash", "-c", "echo secret-of-b; sleep 300"]);
     s.wait_state(job_b, "RUNNING");
 
     let out = s
@@ -85,7 +85,7 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("permission denied"));
     // Nor b's job arrays.
-    let array_b = s.detached_as(&b, &["--array", "0-1", "--", "sleep", "30"]);
+    let array_b = s.detached_as(&b, &["--array", "0-1", "--", "sleep", "300"]);
     let out = s
         .cmd_as(&a, "mgpu_cancel")
         .args(["--array", &array_b.to_string()])
@@ -115,7 +115,7 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
     assert!(!text(&out.stdout).contains("secret"));
     assert!(text(&out.stderr).contains("permission denied"));
     // The owner and root may read it.
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(60), || {
         text(
             &s.cmd_as(&b, "mgpu_log")
                 .arg(job_b.to_string())
@@ -146,7 +146,7 @@ fn users_cannot_cancel_or_read_each_others_jobs() {
     assert!(text(&out.stderr).contains("permission denied"));
 
     // The owner may cancel; root may cancel anyone's.
-    let job_b2 = s.detached_as(&b, &["--", "sleep", "30"]);
+    let job_b2 = s.detached_as(&b, &["--", "sleep", "300"]);
     assert!(s
         .cmd_as(&b, "mgpu_cancel")
         .arg(job_b.to_string())
@@ -205,16 +205,23 @@ fn venv_is_activated_as_the_user() {
         format!("{} {}", venv.display(), a.name)
     );
     assert_eq!(run(&["--no-venv"]), "none none");
-    // ~/venv is used by default when present.
-    let home_venv = a.home.join("venv/bin");
-    std::fs::create_dir_all(&home_venv).unwrap();
+    // ~/venv is used by default when present. (Her home is shared with every test process
+    // on this machine: one at a time, and it goes again whatever happens.)
+    struct HomeVenv(std::path::PathBuf, #[allow(dead_code)] std::fs::File);
+    impl Drop for HomeVenv {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let home_venv = HomeVenv(a.home.join("venv"), machine_lock("home-venv"));
+    std::fs::create_dir_all(home_venv.0.join("bin")).unwrap();
     write_file(
-        &home_venv.join("activate"),
+        &home_venv.0.join("bin/activate"),
         "export VIRTUAL_ENV=home-venv\nexport ACTIVATED_BY=$(id -un)\n",
         0o644,
     );
     let out = run(&[]);
-    std::fs::remove_dir_all(a.home.join("venv")).unwrap();
+    drop(home_venv);
     assert_eq!(out, format!("home-venv {}", a.name));
 }
 
@@ -270,7 +277,7 @@ fn clients_refuse_a_server_run_by_another_user() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_until(Duration::from_secs(20), || {
+    wait_until(Duration::from_secs(60), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
     // a must not hand its job to b's server; neither must root.
@@ -320,7 +327,7 @@ fn the_whole_queue_is_bounded_across_users() {
         "1x24GiB",
         &["--max-pending-per-user", "4", "--max-pending", "5"],
     );
-    let holder = s.detached(&["--", "sleep", "30"]);
+    let holder = s.detached(&["--", "sleep", "300"]);
     s.wait_state(holder, "RUNNING");
     s.detached_as(&a, &["--array", "0-3", "--", "true"]);
     let out = s
@@ -429,7 +436,7 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
     s.restart();
     // 90,000 bytes: her two oldest logs go.
     let a4 = chatty(&s, &a, 30_000, "true");
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(60), || {
         removed(&s, a1) && removed(&s, a2)
     });
     assert_eq!(s.log(a3).len(), 20_000);
@@ -457,7 +464,7 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
         &log[log.len().saturating_sub(300)..]
     );
     assert!(log.len() <= 64 * 1024 + 200, "{}", log.len());
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(60), || {
         removed(&s, a3) && removed(&s, a4)
     });
     // The other user's log is whole.
@@ -524,7 +531,7 @@ fn log_quota_truncates_a_running_job_when_her_running_jobs_pass_it_together() {
         .to_vec();
     let note = "its owner's log quota; further output is discarded";
     let mut first = 0;
-    wait_until(Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(120), || {
         first = ids
             .iter()
             .copied()
@@ -535,7 +542,7 @@ fn log_quota_truncates_a_running_job_when_her_running_jobs_pass_it_together() {
     std::fs::write(s.scratch.join("go"), "").unwrap();
     // Both wrote all they had and still run (no finished log yet that could go instead); the
     // other one, growing on past the quota, is truncated too.
-    wait_until(Duration::from_secs(30), || {
+    wait_until(Duration::from_secs(120), || {
         s.scratch.join("done-1").exists()
             && s.scratch.join("done-2").exists()
             && ids.iter().all(|id| s.log(*id).contains(note))

@@ -51,7 +51,7 @@ fn refused(mut cmd: Command, needle: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -122,7 +122,7 @@ fn planted_links_and_foreign_directories_are_refused_and_left_untouched() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_until(Duration::from_secs(20), || {
+    wait_until(Duration::from_secs(60), || {
         std::os::unix::net::UnixStream::connect(d.join("s.sock")).is_ok()
     });
     for p in ["state", "logs", "runs"] {
@@ -205,7 +205,7 @@ fn a_single_user_servers_default_socket_is_private_and_found_by_its_user() {
         .stderr(Stdio::null());
     let mut server = server.spawn().unwrap();
     let socket = xdg.join("mgpu/mgpu.sock");
-    wait_until(Duration::from_secs(20), || {
+    wait_until(Duration::from_secs(60), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
     assert_eq!(mode(&xdg.join("mgpu")), 0o700);
@@ -226,7 +226,7 @@ fn a_single_user_servers_default_socket_is_private_and_found_by_its_user() {
 #[test]
 fn the_database_and_launch_records_are_private() {
     let mut s = Server::start("1x24GiB", &[]);
-    let id = s.detached(&["--", "sleep", "30"]);
+    let id = s.detached(&["--", "sleep", "300"]);
     s.wait_state(id, "RUNNING");
     let launch = s.state_dir.join(format!("runs/{id}/r0/launch.json"));
     assert_eq!(mode(&launch), 0o600);
@@ -268,7 +268,7 @@ fn run_directories_of_jobs_that_ended_before_a_crash_are_removed() {
     s.restart();
     assert!(!job_dir.exists(), "the ended job's run directory is left");
     // Jobs that still run keep theirs.
-    let live = s.detached(&["--", "sleep", "30"]);
+    let live = s.detached(&["--", "sleep", "300"]);
     s.wait_state(live, "RUNNING");
     s.kill9();
     s.restart();

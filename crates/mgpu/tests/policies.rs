@@ -19,13 +19,14 @@ fn backfill_reserves_for_the_big_job_and_fills_around_it() {
             "0",
         ],
     );
-    let a = s.detached(&["-t", "60s", "--", "sleep", "30"]);
+    let a = s.detached(&["-t", "60s", "--", "sleep", "300"]);
     s.wait_state(a, "RUNNING");
     let big = s.detached(&["--gpus", "2", "-t", "60s", "--", "true"]);
-    let long = s.detached(&["-t", "1000s", "--", "sleep", "30"]);
+    let long = s.detached(&["-t", "1000s", "--", "sleep", "300"]);
     // It would fit on the free GPU, but would still run when the big job is due.
     assert_eq!(s.job(long).unwrap()["reason"], "Reservation");
-    let short = s.detached(&["-t", "5s", "--", "sleep", "30"]);
+    // (Its limit leaves a slow machine time to look before it passes it and is switched.)
+    let short = s.detached(&["-t", "20s", "--", "sleep", "300"]);
     // The short job fits before the reservation; the long one would delay the big job.
     s.wait_state(short, "RUNNING");
     let q = s.queue_json();
@@ -67,10 +68,16 @@ fn fair_share_puts_a_light_user_before_a_heavy_one() {
             "0",
         ],
     );
-    // a uses the GPU for a while and queues more; b arrives later with one job.
+    // a uses the GPU for a while (until the test lets her job go) and queues more; b arrives
+    // later with one job.
+    let go = s.scratch.join("go");
     let first = {
         let mut c = s.cmd_as(&a, "mgpu_srun");
-        c.args(["--detach", "--parsable", "--", "sleep", "2"]);
+        c.args(["--detach", "--parsable", "--", "bash", "-c"])
+            .arg(format!(
+                "while [ ! -e {} ]; do sleep 0.05; done",
+                go.display()
+            ));
         s.submit(c)
     };
     s.wait_state(first, "RUNNING");
@@ -84,13 +91,14 @@ fn fair_share_puts_a_light_user_before_a_heavy_one() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let b_job = {
         let mut c = s.cmd_as(&b, "mgpu_srun");
-        c.args(["--detach", "--parsable", "--", "sleep", "30"]);
+        c.args(["--detach", "--parsable", "--", "sleep", "300"]);
         s.submit(c)
     };
     // b has used nothing: its job goes ahead of a's waiting ones.
     let order = s.pending_order();
     assert_eq!(order[0], b_job, "{order:?}");
     assert_eq!(&order[1..], &a_more[..], "FIFO within one user");
+    std::fs::write(&go, "").unwrap();
     // a's first waiting job already holds the reservation (a reservation is kept, so nobody
     // starves); b's job runs right after it, before a's others.
     s.wait_state(b_job, "RUNNING");

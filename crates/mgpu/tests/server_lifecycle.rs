@@ -243,13 +243,13 @@ fn children_named(parent: i32, comm: &str) -> Vec<i32> {
 fn supervisors_are_forked_by_the_launcher_which_is_replaced_when_killed() {
     let s = Server::start("1x24GiB", &[]);
     // (Its name is set by the launcher itself, once it runs.)
-    wait_until(std::time::Duration::from_secs(10), || {
+    wait_until(std::time::Duration::from_secs(60), || {
         children_named(s.pid(), "mgpu-launcher").len() == 1
     });
     let launchers = children_named(s.pid(), "mgpu-launcher");
-    let running = s.detached(&["--mem", "1G", "--", "sleep", "30"]);
+    let running = s.detached(&["--mem", "1G", "--", "sleep", "300"]);
     s.wait_state(running, "RUNNING");
-    wait_until(std::time::Duration::from_secs(10), || {
+    wait_until(std::time::Duration::from_secs(60), || {
         children_named(launchers[0], "mgpu-supervisor").len() == 1
     });
 
@@ -267,7 +267,7 @@ fn supervisors_are_forked_by_the_launcher_which_is_replaced_when_killed() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "after\n");
     let mut replaced = Vec::new();
-    wait_until(std::time::Duration::from_secs(10), || {
+    wait_until(std::time::Duration::from_secs(60), || {
         replaced = children_named(s.pid(), "mgpu-launcher");
         replaced.len() == 1
     });

@@ -50,6 +50,9 @@ pub async fn handle(
             Err(e) => return send_error(conn, format!("{e:#}")).await,
         },
     };
+    // Every end recorded before this request (a job that has left the queue) is committed
+    // first: a job is never missing from both the queue and the accounting.
+    daemon.store.flush().await;
     let mut after = 0;
     loop {
         let d = daemon.clone();

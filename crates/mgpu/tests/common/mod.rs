@@ -95,6 +95,68 @@ fn sh(cmd: &mut Command) -> Output {
     cmd.output().expect("running a setup command")
 }
 
+/// A lock shared by every test process on this machine (concurrent test binaries, and other
+/// checkouts' runs): held while the guard lives. `name` names the lock file in the temp
+/// directory.
+pub fn machine_lock(name: &str) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::env::temp_dir().join(format!("mgpu-test-{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // SAFETY: flock on a descriptor we own; released when the file is closed.
+    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    assert_eq!(r, 0, "flock {}", path.display());
+    file
+}
+
+/// Runs an account command until it succeeds (another process may hold the account files'
+/// lock for a moment: "cannot lock /etc/passwd; try again later"); `ok` also accepts an exit
+/// code (e.g. useradd's 9: the account exists).
+fn account_cmd(args: &[&str], ok: &[i32]) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = sh(Command::new(args[0]).args(&args[1..]));
+        if out.status.success() || out.status.code().is_some_and(|c| ok.contains(&c)) {
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{args:?}: {last}");
+}
+
+/// Creates (idempotently) the account `name` (with its own group and home). Serialised with
+/// every other test process on this machine: concurrent test binaries create the same accounts.
+pub fn ensure_account(name: &str, groups: &[&str]) -> TestUser {
+    let _lock = machine_lock("accounts");
+    for g in groups {
+        if !sh(Command::new("getent").args(["group", g]))
+            .status
+            .success()
+        {
+            // 9: created meanwhile.
+            account_cmd(&["groupadd", g], &[9]);
+        }
+    }
+    if !sh(Command::new("id").arg("-u").arg(name)).status.success() {
+        // 9: created meanwhile by a concurrent run.
+        account_cmd(&["useradd", "-m", "-U", "-s", "/bin/bash", name], &[9]);
+    }
+    for g in groups {
+        let member = sh(Command::new("id").args(["-Gn", name]));
+        if !text(&member.stdout).split_whitespace().any(|x| x == *g) {
+            account_cmd(&["usermod", "-aG", g, name], &[]);
+        }
+    }
+    lookup(name)
+}
+
 /// Creates (idempotently) the test group and users `mgpu-test-a` (also in `mgpu-test-grp`) and
 /// `mgpu-test-b`. `None` when not root: those tests are skipped.
 pub fn test_users() -> Option<(TestUser, TestUser)> {
@@ -104,32 +166,14 @@ pub fn test_users() -> Option<(TestUser, TestUser)> {
     }
     static USERS: OnceLock<(TestUser, TestUser)> = OnceLock::new();
     static LOCK: Mutex<()> = Mutex::new(());
-    let _g = LOCK.lock().unwrap();
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     Some(
         USERS
             .get_or_init(|| {
-                if !sh(Command::new("getent").args(["group", "mgpu-test-grp"]))
-                    .status
-                    .success()
-                {
-                    sh(Command::new("groupadd").arg("mgpu-test-grp"));
-                }
-                for (name, extra) in [("mgpu-test-a", true), ("mgpu-test-b", false)] {
-                    if !sh(Command::new("id").arg("-u").arg(name)).status.success() {
-                        let out =
-                            sh(Command::new("useradd").args(["-m", "-U", "-s", "/bin/bash", name]));
-                        // 9: created meanwhile by a concurrent run.
-                        assert!(
-                            out.status.success() || out.status.code() == Some(9),
-                            "useradd {name}: {}",
-                            String::from_utf8_lossy(&out.stderr)
-                        );
-                    }
-                    if extra {
-                        sh(Command::new("usermod").args(["-aG", "mgpu-test-grp", name]));
-                    }
-                }
-                (lookup("mgpu-test-a"), lookup("mgpu-test-b"))
+                (
+                    ensure_account("mgpu-test-a", &["mgpu-test-grp"]),
+                    ensure_account("mgpu-test-b", &[]),
+                )
             })
             .clone(),
     )
@@ -239,7 +283,7 @@ impl Server {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        wait_until(Duration::from_secs(20), || {
+        wait_until(Duration::from_secs(60), || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("server exited early ({status}): {}", self.server_log());
             }
@@ -339,12 +383,18 @@ impl Server {
     }
 
     pub fn wait_gone(&self, id: u64) {
-        wait_until(Duration::from_secs(30), || self.job(id).is_none());
+        wait_until(Duration::from_secs(120), || self.job(id).is_none());
     }
 
+    /// Waits until the job is in `state`; fails at once (with its record) if it ended first:
+    /// a job must be held where the test looks for it.
     pub fn wait_state(&self, id: u64, state: &str) {
-        wait_until(Duration::from_secs(30), || {
-            self.job(id).is_some_and(|j| j["state"] == state)
+        wait_until(Duration::from_secs(120), || match self.job(id) {
+            Some(j) => j["state"] == state,
+            None => panic!(
+                "job {id} ended before it was seen {state}: {}",
+                self.acct(id)
+            ),
         });
     }
 
@@ -389,7 +439,7 @@ impl Server {
     /// the queue).
     pub fn acct(&self, id: u64) -> Value {
         let mut rec = Value::Null;
-        wait_until(Duration::from_secs(10), || {
+        wait_until(Duration::from_secs(60), || {
             let out = self
                 .cmd("mgpu_acct")
                 .args(["--json", "-j", &id.to_string()])
@@ -428,7 +478,7 @@ impl Drop for Server {
         // that no test leaves processes behind.
         if self.child.is_some() {
             let _ = self.cmd("mgpu_cancel").arg("--all").output();
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 let out = self.cmd("mgpu_queue").arg("--json").output();
                 let empty = out

@@ -20,7 +20,12 @@ use crate::client::Client;
 ///   mgpu_cancel --all          # all of your jobs (all jobs, for root)
 ///   mgpu_cancel --user alice   # alice's jobs (alice or root only)
 #[derive(Debug, Parser)]
-#[command(name = "mgpu_cancel", version, verbatim_doc_comment)]
+#[command(
+    name = "mgpu_cancel",
+    version,
+    verbatim_doc_comment,
+    override_usage = "mgpu_cancel [OPTIONS] <ID>...\n       mgpu_cancel [OPTIONS] --array <ID>\n       mgpu_cancel [OPTIONS] --user <NAME>\n       mgpu_cancel [OPTIONS] --all"
+)]
 pub struct Args {
     /// Job ids
     #[arg(value_name = "ID", required_unless_present_any = ["user", "all", "array"], conflicts_with_all = ["user", "all", "array"])]

@@ -7,6 +7,8 @@
 pub mod acct;
 pub mod cancel;
 pub mod client;
+pub mod fit;
+pub mod localtime;
 pub mod log;
 pub mod queue;
 pub mod srun;

@@ -456,6 +456,9 @@ async fn run(args: Args) -> Result<i32> {
     let mut job = None;
     let mut was_pending = false;
     let mut cancelling = false;
+    // The exit code a signal that cancelled the job asks for (as a shell's 128 + signal):
+    // srun interrupted does not exit 0, whatever the job's trap does.
+    let mut interrupted: Option<i32> = None;
     // How far into the job's log we have its output: where to resume after a reconnect.
     let mut log_pos = 0u64;
     let mut output_broken = false;
@@ -467,9 +470,9 @@ async fn run(args: Args) -> Result<i32> {
                 Err(e) if job.is_none() => return Err(e),
                 Err(_) => None,
             },
-            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling).await; continue; }
-            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling).await; continue; }
-            _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling).await; continue; }
+            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 130).await; continue; }
+            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 143).await; continue; }
+            _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 129).await; continue; }
         };
         let Some(frame) = frame else {
             // The server went away (restart or crash): the job lives on under its supervisor.
@@ -481,9 +484,9 @@ async fn run(args: Args) -> Result<i32> {
             client = loop {
                 tokio::select! {
                     _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
-                    _ = sigint.recv() => cancelling = true,
-                    _ = sigterm.recv() => cancelling = true,
-                    _ = hangup(&mut sighup) => cancelling = true,
+                    _ = sigint.recv() => { cancelling = true; interrupted.get_or_insert(130); }
+                    _ = sigterm.recv() => { cancelling = true; interrupted.get_or_insert(143); }
+                    _ = hangup(&mut sighup) => { cancelling = true; interrupted.get_or_insert(129); }
                 }
                 if let Ok(mut c) = Client::connect(socket.as_deref(), "mgpu_srun").await {
                     let attach = Request::Attach(AttachRequest {
@@ -517,16 +520,17 @@ async fn run(args: Args) -> Result<i32> {
             Frame::Stdout(data) => {
                 log_pos += data.len() as u64;
                 if !output_broken && write_out(&mut stdout, &data).await.is_err() {
-                    // Nobody reads us any more (closed terminal or pipe): like Ctrl-C.
+                    // Nobody reads us any more (closed terminal or pipe): like Ctrl-C, quietly
+                    // (`mgpu_srun ... | head`), ending as a process killed by SIGPIPE would.
                     output_broken = true;
-                    cancel(&mut client, job, &mut cancelling).await;
+                    quiet_cancel(&mut client, &mut cancelling, &mut interrupted).await;
                 }
             }
             Frame::Stderr(data) => {
                 log_pos += data.len() as u64;
                 if !output_broken && write_out(&mut stderr, &data).await.is_err() {
                     output_broken = true;
-                    cancel(&mut client, job, &mut cancelling).await;
+                    quiet_cancel(&mut client, &mut cancelling, &mut interrupted).await;
                 }
             }
             Frame::Control(_) => match frame.parse::<Response>()? {
@@ -554,14 +558,16 @@ async fn run(args: Args) -> Result<i32> {
                 Response::Finished(outcome) => {
                     let _ = stdout.flush().await;
                     if let Some(msg) = &outcome.message {
-                        if outcome.state != mgpu_core::JobState::Cancelled || !cancelling {
+                        if !output_broken
+                            && (outcome.state != mgpu_core::JobState::Cancelled || !cancelling)
+                        {
                             eprintln!(
                                 "mgpu_srun: job {} {}: {msg}",
                                 outcome.job,
                                 outcome.state.as_str()
                             );
                         }
-                    } else if outcome.state == mgpu_core::JobState::Cancelled {
+                    } else if outcome.state == mgpu_core::JobState::Cancelled && !output_broken {
                         eprintln!("mgpu_srun: job {} cancelled", outcome.job);
                     } else if outcome.state == mgpu_core::JobState::OutOfMemory {
                         eprintln!(
@@ -574,7 +580,11 @@ async fn run(args: Args) -> Result<i32> {
                             outcome.job
                         );
                     }
-                    return Ok(outcome.shell_code());
+                    return Ok(match interrupted {
+                        Some(141) => 141,
+                        Some(code) if outcome.shell_code() == 0 => code,
+                        _ => outcome.shell_code(),
+                    });
                 }
                 Response::Error { message } => bail!("{message}"),
                 other => bail!("unexpected message from the server: {other:?}"),
@@ -625,14 +635,35 @@ fn sighup_ignored() -> bool {
     }
 }
 
-async fn cancel(client: &mut Client, job: Option<u64>, cancelling: &mut bool) {
+async fn cancel(
+    client: &mut Client,
+    job: Option<u64>,
+    cancelling: &mut bool,
+    interrupted: &mut Option<i32>,
+    code: i32,
+) {
+    interrupted.get_or_insert(code);
+    let what = job.map_or("the job".to_string(), |j| format!("job {j}"));
     if !*cancelling {
         *cancelling = true;
-        match job {
-            Some(j) => eprintln!("mgpu_srun: cancelling job {j}; waiting for its processes to end"),
-            None => eprintln!("mgpu_srun: cancelling the job; waiting for its processes to end"),
-        }
+        eprintln!("mgpu_srun: cancelling {what}; waiting for its processes to end");
         // If the server is away, the request is sent again after reconnecting.
+        let _ = client.send(&Request::CancelAttached).await;
+    } else {
+        // Asked again: say what we wait for (the job's processes still run their exit
+        // handlers; the server kills what is left after its grace period).
+        eprintln!(
+            "mgpu_srun: still waiting for {what} to end: its processes got SIGTERM and get SIGKILL after the server's grace period (mgpu_queue -j {} shows it)",
+            job.map_or("ID".to_string(), |j| j.to_string())
+        );
+    }
+}
+
+/// Cancels the job without a word: our output is gone.
+async fn quiet_cancel(client: &mut Client, cancelling: &mut bool, interrupted: &mut Option<i32>) {
+    interrupted.get_or_insert(141);
+    if !*cancelling {
+        *cancelling = true;
         let _ = client.send(&Request::CancelAttached).await;
     }
 }

@@ -209,10 +209,11 @@ pub enum SubmitError {
     NoGpus,
     #[error("--mem must be more than 0 MiB")]
     ZeroMemory,
-    #[error("the job asks for {asked} GPUs but this machine has only {have}")]
+    #[error("the job asks for {asked} GPU{} but this machine has only {have}", plural(*asked as usize))]
     TooManyGpus { asked: u32, have: u32 },
     #[error(
-        "the job asks for {asked} GPUs with {mem_mib} MiB each but only {have} GPUs here have that much memory (largest: {largest_mib} MiB)"
+        "the job asks for {asked} GPU{} with {mem_mib} MiB each but only {have} GPU{} here {} that much memory (largest: {largest_mib} MiB)",
+        plural(*asked as usize), plural(*have as usize), if *have == 1 { "has" } else { "have" }
     )]
     TooMuchMemory {
         asked: u32,

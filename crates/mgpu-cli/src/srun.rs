@@ -97,6 +97,17 @@ pub struct Args {
     /// MGPU_ARRAY_TASK_ID set to its index; implies --detach
     #[arg(short = 'a', long, value_name = "SPEC", value_parser = mgpu_proto::parse_array_spec)]
     pub array: Option<ArraySpec>,
+    /// When the job ends, run `sh -c CMD` as you (at most 60 s, output discarded), with
+    /// MGPU_JOB_ID, MGPU_JOB_NAME, MGPU_JOB_STATE and MGPU_JOB_EXIT_CODE set
+    #[arg(long, value_name = "CMD")]
+    pub notify: Option<String>,
+    /// Mail when the job begins, ends or fails: BEGIN, END, FAIL, ALL or NONE, comma-separated
+    /// (sent as you through the machine's sendmail)
+    #[arg(long, value_name = "TYPES", value_parser = |s: &str| parse_mail_types(s).map(MailTypes))]
+    pub mail_type: Option<MailTypes>,
+    /// Where the mail goes [default: your user name, with --mail-type]
+    #[arg(long, value_name = "ADDR", requires = "mail_type")]
+    pub mail_user: Option<String>,
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -105,6 +116,10 @@ pub struct Args {
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<OsString>,
 }
+
+/// A parsed `--mail-type`: BEGIN, END, FAIL.
+#[derive(Debug, Clone)]
+pub struct MailTypes(pub Vec<String>);
 
 /// A parsed `--time-limit`: `None` is no limit.
 #[derive(Debug, Clone, Copy)]
@@ -185,10 +200,36 @@ pub fn slurm_flag_hint(flag: &str) -> Option<&'static str> {
         "-n" | "--ntasks" | "--ntasks-per-node" => {
             "not supported: a job is one command; use -c N for CPUs and --gpus N for GPUs"
         }
-        "--mail-type" | "--mail-user" => "not supported yet",
         "--exclusive" => "not needed: without --mem a job gets its GPUs exclusively",
         _ => return None,
     })
+}
+
+/// Parses Slurm's `--mail-type`: a comma-separated list of BEGIN, END, FAIL, ALL (all three)
+/// and NONE; Slurm's other types are refused by name.
+pub fn parse_mail_types(text: &str) -> Result<Vec<String>, String> {
+    let mut types: Vec<String> = Vec::new();
+    for t in text.split(',') {
+        let t = t.trim().to_ascii_uppercase();
+        let add: &[&str] = match t.as_str() {
+            "BEGIN" => &["BEGIN"],
+            "END" => &["END"],
+            "FAIL" => &["FAIL"],
+            "ALL" => &["BEGIN", "END", "FAIL"],
+            "NONE" => &[],
+            _ => {
+                return Err(format!(
+                    "mail type '{t}' is not supported: use BEGIN, END, FAIL, ALL or NONE"
+                ))
+            }
+        };
+        for a in add {
+            if !types.iter().any(|x| x == a) {
+                types.push(a.to_string());
+            }
+        }
+    }
+    Ok(types)
 }
 
 /// An absolute path for `dir` that the caller can enter (checked with the caller's own rights).
@@ -338,6 +379,30 @@ fn utf8(s: OsString, what: &str) -> Result<String> {
         .map_err(|s| anyhow::anyhow!("{what} is not valid UTF-8: {}", s.to_string_lossy()))
 }
 
+/// What `--notify`, `--mail-type` and `--mail-user` ask for (none: `None`).
+fn notify_request(
+    command: Option<String>,
+    mail_types: Option<Vec<String>>,
+    mail_user: Option<String>,
+) -> Option<mgpu_proto::Notify> {
+    let mail_types = mail_types.unwrap_or_default();
+    let mail_user = (!mail_types.is_empty()).then(|| {
+        mail_user.unwrap_or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_default()
+        })
+    });
+    (command.is_some() || mail_user.is_some()).then(|| mgpu_proto::Notify {
+        command,
+        mail_user,
+        mail_types,
+        job_name: String::new(),
+    })
+}
+
 fn build_request(args: Args) -> Result<SubmitRequest> {
     if args.command.is_empty() {
         bail!("no command given: put it after --, e.g. mgpu_srun --gpus 1 -- python train.py");
@@ -384,6 +449,8 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         nice: args.nice,
         cpus: args.cpus,
         host_mem_mib: args.host_mem,
+        notify: notify_request(args.notify, args.mail_type.map(|m| m.0), args.mail_user)
+            .map(Box::new),
         array_limit: args.array.as_ref().and_then(|a| a.limit),
         array: args.array.map(|a| a.indices),
     })

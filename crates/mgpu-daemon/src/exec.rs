@@ -37,6 +37,9 @@ pub struct LaunchSpec {
     /// Host memory the job may use, in MiB (cgroup memory limit), resolved at submit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_mem_mib: Option<u64>,
+    /// Who is told when the job begins or ends, and how (see [`crate::notify`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<mgpu_proto::Notify>,
 }
 
 /// Everything needed to fork one run of a job. The daemon resolves it and hands it to the

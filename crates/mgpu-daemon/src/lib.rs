@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod handlers;
 pub mod launcher;
 pub mod logquota;
+pub mod notify;
 pub mod recovery;
 pub mod run;
 pub mod safe_fs;

@@ -151,6 +151,11 @@ pub struct Args {
     /// resource limits a login of their user gets
     #[arg(long, value_name = "DIR", default_value = "/etc/security")]
     pub limits_conf_dir: PathBuf,
+    /// The mail program for mgpu_srun --mail-type (run as the job's owner, with the address
+    /// as its argument and the message on stdin); when it does not exist, mail is refused at
+    /// submit
+    #[arg(long, value_name = "PATH", default_value = crate::notify::DEFAULT_SENDMAIL)]
+    pub sendmail: PathBuf,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -524,6 +529,7 @@ async fn run(args: Args) -> Result<()> {
             logs.finished(*id, ending.at);
         }
     }
+    daemon.notifier.start(daemon.clone(), args.sendmail.clone());
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
     let listener = server::bind(&socket)?;

@@ -196,6 +196,8 @@ pub struct Daemon {
     pub logs: Mutex<crate::logquota::LogBook>,
     /// What each user's unfinished jobs' launch records take in the store.
     pub launches: Mutex<crate::logquota::LaunchBook>,
+    /// Runs `--notify` commands and sends `--mail-type` mail (see [`crate::notify`]).
+    pub notifier: crate::notify::Notifier,
 }
 
 pub fn now_ms() -> Millis {
@@ -237,6 +239,7 @@ impl Daemon {
             launches: Mutex::new(crate::logquota::LaunchBook::new(
                 settings.max_launch_data_per_user,
             )),
+            notifier: Default::default(),
             settings,
             launcher: Launcher::default(),
         })
@@ -448,6 +451,7 @@ impl Daemon {
                 message: outcome.message.clone(),
             },
         );
+        self.notifier.ended(&outcome);
         if let Some(tx) = inner.watchers.remove(&id) {
             let _ = tx.send(JobEvent::Finished(outcome));
         }
@@ -859,6 +863,9 @@ async fn start_run(
                 });
             }
             tracing::info!(job = id, gpus = ?gpus, supervisor = pid, "job started");
+            if run == 0 {
+                daemon.notifier.began(id);
+            }
             daemon.store.started(id, started_at, gpus, pid);
             supervise_link(daemon, id, run, Some(link), cmds).await;
         }

@@ -114,6 +114,8 @@ struct StoredSpec<'a> {
     cpus: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     host_mem_mib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notify: Option<&'a mgpu_proto::Notify>,
 }
 
 /// `spec` as stored, and the id of its environment's row (none for an empty environment).
@@ -126,6 +128,7 @@ fn stored_spec(tx: &rusqlite::Transaction, spec: &LaunchSpec) -> Result<(String,
         umask: spec.umask,
         cpus: spec.cpus,
         host_mem_mib: spec.host_mem_mib,
+        notify: spec.notify.as_ref(),
     })?;
     let env = if spec.env.is_empty() {
         None

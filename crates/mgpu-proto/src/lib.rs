@@ -112,7 +112,9 @@ fn moved_hint(named: bool, old_exists: bool) -> Option<String> {
     ))
 }
 
-/// Messages a client sends.
+/// Messages a client sends. (A submit is the big one; one request lives per connection at a
+/// time, so its size does not matter.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
@@ -208,6 +210,66 @@ pub struct SubmitRequest {
     /// Host memory for the job, in MiB (a cgroup limit) [default: the server's].
     #[serde(default)]
     pub host_mem_mib: Option<u64>,
+    /// Tell the user when the job begins or ends (`--notify`, `--mail-type`/`--mail-user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Box<Notify>>,
+}
+
+/// How a job's owner is told that it began or ended: a command run as them when it ends, and/or
+/// mail through the local sendmail (sent as them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notify {
+    /// `sh -c COMMAND` when the job ends (`--notify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Where mail goes (`--mail-user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail_user: Option<String>,
+    /// When mail is sent: `BEGIN`, `END`, `FAIL` (`--mail-type`, ALL expanded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mail_types: Vec<String>,
+    /// The job's name, filled in by the server (for `MGPU_JOB_NAME` and the mail).
+    #[serde(default)]
+    pub job_name: String,
+}
+
+/// Longest `--notify` command accepted, in bytes.
+pub const MAX_NOTIFY_COMMAND: usize = 4096;
+
+impl Notify {
+    /// Checks what a client sent: a clear error for anything the server would not run.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(c) = &self.command {
+            if c.trim().is_empty() || c.len() > MAX_NOTIFY_COMMAND || c.contains('\0') {
+                return Err(format!(
+                    "--notify needs a command of at most {MAX_NOTIFY_COMMAND} bytes (run by sh -c as you when the job ends)"
+                ));
+            }
+        }
+        if let Some(a) = &self.mail_user {
+            let ok = !a.is_empty()
+                && a.len() <= 254
+                && !a.starts_with('-')
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._%+-@".contains(c));
+            if !ok {
+                return Err(format!(
+                    "invalid --mail-user '{a}': give one address (user@host) or a local user name"
+                ));
+            }
+        }
+        for t in &self.mail_types {
+            if !matches!(t.as_str(), "BEGIN" | "END" | "FAIL") {
+                return Err(format!(
+                    "invalid mail type '{t}': use BEGIN, END, FAIL, ALL or NONE"
+                ));
+            }
+        }
+        if self.mail_user.is_some() == self.mail_types.is_empty() {
+            return Err("--mail-user and --mail-type go together".into());
+        }
+        Ok(())
+    }
 }
 
 /// A parsed `--array` value: the task indices, sorted and without repeats, and the cap on

@@ -175,6 +175,10 @@ pub async fn handle(
         Ok(l) => l,
         Err(msg) => return send_error(conn, msg).await,
     };
+    let notify = match crate::notify::check(daemon, req.notify.take().map(|n| *n), &request.name) {
+        Ok(n) => n,
+        Err(msg) => return send_error(conn, msg).await,
+    };
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,
@@ -183,6 +187,7 @@ pub async fn handle(
         umask: req.umask,
         cpus,
         host_mem_mib,
+        notify,
     };
     if let Some(indices) = req.array.take() {
         return submit_array(
@@ -493,6 +498,7 @@ mod tests {
             array: None,
             array_limit: None,
             cpus: None,
+            notify: None,
             host_mem_mib: None,
         };
         assert!(super::validate(&req(Some(3600), Some(60))).is_ok());

@@ -187,7 +187,7 @@ pub fn slurm_flag_hint(flag: &str) -> Option<&'static str> {
         "-o" | "--output" | "-e" | "--error" => {
             "not supported yet: the server keeps the job's output; read it with mgpu_log ID (an attached mgpu_srun prints it live)"
         }
-        "-i" | "--input" => "not supported yet: the job's stdin is /dev/null",
+        "-i" | "--input" => "not needed: redirect into mgpu_srun (mgpu_srun -- cmd < FILE); an attached job's stdin is srun's",
         "--export" => "not supported yet: the job gets your whole environment (as --export=ALL)",
         "--begin" | "--hold" => "not supported yet: a job is queued at once",
         "--wrap" => "not supported yet; put the command after --: mgpu_srun -- sh -c '...'",
@@ -449,6 +449,8 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         nice: args.nice,
         cpus: args.cpus,
         host_mem_mib: args.host_mem,
+        // Filled in by `run` (only an attached job's stdin is the user's).
+        stdin: false,
         notify: notify_request(args.notify, args.mail_type.map(|m| m.0), args.mail_user)
             .map(Box::new),
         array_limit: args.array.as_ref().and_then(|a| a.limit),
@@ -478,11 +480,11 @@ async fn run(args: Args) -> Result<i32> {
             script.display()
         );
     }
-    if !detach && stdin_is_real_input() {
-        eprintln!(
-            "mgpu_srun: note: the job's stdin is /dev/null; what you pipe or redirect into mgpu_srun does not reach it (not supported yet)"
-        );
-    }
+    let mut request = request;
+    // What is piped or redirected into an attached srun is the job's stdin (passed to the
+    // server as a descriptor; the job reads it directly). A terminal is not: the job's stdin is
+    // then /dev/null (--pty gives a terminal).
+    request.stdin = !detach && stdin_is_real_input();
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
     if detach {
         return match client.call(&Request::Submit(request)).await? {
@@ -621,6 +623,7 @@ async fn run(args: Args) -> Result<i32> {
                         eprintln!("mgpu_srun: job {id} started on GPU {}", list.join(","));
                     }
                 }
+                Response::SendStdin => client.send_fd(0).await?,
                 Response::Notice { message } => eprintln!("mgpu_srun: {message}"),
                 Response::Finished(outcome) => {
                     let _ = stdout.flush().await;

@@ -91,6 +91,10 @@ pub struct Launch {
     pub mem_mib: Option<u64>,
     #[serde(default)]
     pub gpu_total_mib: Option<u64>,
+    /// The daemon passes the job's stdin (its `mgpu_srun`'s) over the link before anything
+    /// else; without it the job's stdin is `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -665,7 +669,17 @@ pub fn start(
     account: &Account,
     cgroup: Option<&crate::cgroup::JobCgroup>,
 ) -> Result<Started, StartError> {
-    start_with(launch, account, cgroup, true)
+    start_with(launch, account, cgroup, true, None)
+}
+
+/// [`start`], with `stdin` as the job's stdin instead of `/dev/null`.
+pub fn start_with_stdin(
+    launch: &Launch,
+    account: &Account,
+    cgroup: Option<&crate::cgroup::JobCgroup>,
+    stdin: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<Started, StartError> {
+    start_with(launch, account, cgroup, true, stdin)
 }
 
 /// [`start`], with the shared-memory start (`shared`) or the fork it falls back to.
@@ -674,6 +688,7 @@ fn start_with(
     account: &Account,
     cgroup: Option<&crate::cgroup::JobCgroup>,
     shared: bool,
+    stdin: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<Started, StartError> {
     let fail = |message: String, code: i32| StartError { message, code };
     let cwd = CString::new(launch.spec.cwd.as_bytes())
@@ -735,7 +750,8 @@ fn start_with(
         ),
         None => None,
     };
-    let stdio = [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let stdin = stdin.map_or(devnull.as_raw_fd(), |fd| fd.as_raw_fd());
+    let stdio = [stdin, out_w.as_raw_fd(), err_w.as_raw_fd()];
     let args = ChildArgs {
         plan: &plan,
         stdio,
@@ -856,6 +872,7 @@ mod tests {
             rlimits: Vec::new(),
             mem_mib: None,
             gpu_total_mib: None,
+            stdin: false,
         }
     }
 
@@ -884,6 +901,7 @@ mod tests {
                 &me,
                 None,
                 shared,
+                None,
             )
             .unwrap_or_else(|e| panic!("shared={shared}: {}", e.message));
             let mut out = String::new();
@@ -907,21 +925,22 @@ mod tests {
                 "shared={shared}"
             );
             // The fork's report is read once the child has exited.
-            let missing = match start_with(&launch(&["no-such-command-here"]), &me, None, shared) {
-                Err(e) => e,
-                Ok(started) => {
-                    assert!(!shared, "the shared start reports before it returns");
-                    let pid = nix::unistd::Pid::from_raw(started.pid);
-                    assert_eq!(
-                        nix::sys::wait::waitpid(pid, None).unwrap(),
-                        nix::sys::wait::WaitStatus::Exited(pid, 127)
-                    );
-                    started
-                        .report
-                        .and_then(StartReport::read)
-                        .unwrap_or_else(|| panic!("shared={shared}: a missing command started"))
-                }
-            };
+            let missing =
+                match start_with(&launch(&["no-such-command-here"]), &me, None, shared, None) {
+                    Err(e) => e,
+                    Ok(started) => {
+                        assert!(!shared, "the shared start reports before it returns");
+                        let pid = nix::unistd::Pid::from_raw(started.pid);
+                        assert_eq!(
+                            nix::sys::wait::waitpid(pid, None).unwrap(),
+                            nix::sys::wait::WaitStatus::Exited(pid, 127)
+                        );
+                        started
+                            .report
+                            .and_then(StartReport::read)
+                            .unwrap_or_else(|| panic!("shared={shared}: a missing command started"))
+                    }
+                };
             assert_eq!(missing.code, 127, "shared={shared}: {}", missing.message);
             assert!(
                 missing.message.contains("cannot execute"),
@@ -988,6 +1007,7 @@ mod tests {
                 job: 7,
                 mem_mib,
                 gpu_total_mib: total,
+                stdin: false,
                 ..launch_for(acct.uid, spec)
             };
             let env = environment(&launch, &acct);

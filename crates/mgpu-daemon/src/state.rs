@@ -132,6 +132,9 @@ pub struct Inner {
     /// New jobs per user that have ids but are not queued yet (being recorded): they count
     /// against the queue limits like waiting ones.
     admitting: HashMap<u32, usize>,
+    /// The stdin of attached jobs not started yet (their `mgpu_srun`'s, passed as a
+    /// descriptor): handed to the first run's supervisor.
+    pub stdin: HashMap<JobId, OwnedFd>,
 }
 
 impl Inner {
@@ -229,6 +232,7 @@ impl Daemon {
                 deadline: None,
                 next_job_id: 1,
                 admitting: HashMap::new(),
+                stdin: HashMap::new(),
             }),
             store,
             logs: Mutex::new(crate::logquota::LogBook::new(crate::logquota::Quotas {
@@ -359,6 +363,7 @@ impl Daemon {
             max_log_bytes: self.settings.max_log_bytes,
             log_note: String::new(),
             launch_id: new_launch_id(),
+            stdin: false,
             array: job.request.array,
             pids_max: self.settings.job_limits.pids_max,
             rlimits: Vec::new(),
@@ -374,7 +379,12 @@ impl Daemon {
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
         let cmd_rx = register_run(inner, id);
-        tokio::spawn(start_run(self.clone(), launch, cmd_rx));
+        let stdin = inner.stdin.remove(&id);
+        let launch = Launch {
+            stdin: stdin.is_some(),
+            ..launch
+        };
+        tokio::spawn(start_run(self.clone(), launch, cmd_rx, stdin));
     }
 
     /// Re-adopts run `run` of a job whose supervisor outlived the previous daemon.
@@ -432,6 +442,7 @@ impl Daemon {
     pub fn record_end(&self, inner: &mut Inner, outcome: JobOutcome) {
         let id = outcome.job;
         inner.commands.remove(&id);
+        inner.stdin.remove(&id);
         inner.running.remove(&id);
         self.logs
             .lock()
@@ -829,6 +840,7 @@ async fn start_run(
     daemon: Arc<Daemon>,
     launch: Launch,
     cmds: mpsc::UnboundedReceiver<SupervisorCmd>,
+    stdin: Option<OwnedFd>,
 ) {
     let id = launch.job;
     let run = launch.restarts;
@@ -849,6 +861,11 @@ async fn start_run(
         let log_offset = mark_run(&launch)?;
         store_daemon.log_run_starts(&mut launch, log_offset);
         let (pid, link) = spawn_supervisor(&store_daemon.launcher, &job_dir, &run_dir, &launch)?;
+        if let Some(fd) = stdin {
+            // The first thing on the link, before any frame: the supervisor takes it before
+            // it starts the job (see `supervisor::take_stdin`).
+            supervisor::give_stdin(&link, &fd);
+        }
         anyhow::Ok((pid, link, log_offset))
     })
     .await

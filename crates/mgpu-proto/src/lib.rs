@@ -213,6 +213,10 @@ pub struct SubmitRequest {
     /// Tell the user when the job begins or ends (`--notify`, `--mail-type`/`--mail-user`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<Box<Notify>>,
+    /// An attached job whose stdin is the client's: the server answers [`Response::SendStdin`]
+    /// and the client then sends one byte carrying its stdin descriptor (`SCM_RIGHTS`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
 }
 
 /// How a job's owner is told that it began or ended: a command run as them when it ends, and/or
@@ -432,6 +436,8 @@ pub enum Response {
         job: JobId,
         state: Option<JobState>,
     },
+    /// Send your stdin now: one byte with the descriptor attached (see `SubmitRequest::stdin`).
+    SendStdin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -179,6 +179,17 @@ pub async fn handle(
         Ok(n) => n,
         Err(msg) => return send_error(conn, msg).await,
     };
+    // The client's stdin, for an attached job: passed as a descriptor (never read here), it
+    // becomes the job's stdin when it starts.
+    let stdin = if req.stdin && req.attach && req.array.is_none() {
+        send(conn, &mgpu_proto::Response::SendStdin).await?;
+        match conn.recv_fd().await {
+            Ok(fd) => Some(fd),
+            Err(e) => return send_error(conn, format!("could not take your stdin: {e:#}")).await,
+        }
+    } else {
+        None
+    };
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,
@@ -234,6 +245,9 @@ pub async fn handle(
             Err(e) => Err(e),
             Ok(()) => {
                 inner.commands.insert(id, shown);
+                if let Some(fd) = stdin {
+                    inner.stdin.insert(id, fd);
+                }
                 let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
                 daemon.schedule(&mut inner);
                 Ok(events)
@@ -499,6 +513,7 @@ mod tests {
             array_limit: None,
             cpus: None,
             notify: None,
+            stdin: false,
             host_mem_mib: None,
         };
         assert!(super::validate(&req(Some(3600), Some(60))).is_ok());

@@ -108,6 +108,11 @@ pub struct Args {
     /// Where the mail goes [default: your user name, with --mail-type]
     #[arg(long, value_name = "ADDR", requires = "mail_type")]
     pub mail_user: Option<String>,
+    /// Run the job on a terminal of its own (an interactive shell: mgpu_srun --pty bash): your
+    /// terminal is put in raw mode and relayed, window size changes follow, Ctrl-C and Ctrl-Z
+    /// go to the job
+    #[arg(long, conflicts_with_all = ["detach", "array"])]
+    pub pty: bool,
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -183,7 +188,6 @@ pub fn slurm_flag_hint(flag: &str) -> Option<&'static str> {
             "not supported yet; use --mem SIZE (mgpu's --mem is GPU memory on each of the job's GPUs)"
         }
         "--mem-per-cpu" => "not supported; use --host-mem SIZE for the job's host memory (RAM)",
-        "--pty" => "not supported yet: an attached mgpu_srun streams the job's output, but gives no terminal",
         "-o" | "--output" | "-e" | "--error" => {
             "not supported yet: the server keeps the job's output; read it with mgpu_log ID (an attached mgpu_srun prints it live)"
         }
@@ -451,6 +455,7 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
         host_mem_mib: args.host_mem,
         // Filled in by `run` (only an attached job's stdin is the user's).
         stdin: false,
+        pty: None,
         notify: notify_request(args.notify, args.mail_type.map(|m| m.0), args.mail_user)
             .map(Box::new),
         array_limit: args.array.as_ref().and_then(|a| a.limit),
@@ -460,6 +465,7 @@ fn build_request(args: Args) -> Result<SubmitRequest> {
 
 async fn run(args: Args) -> Result<i32> {
     let socket = args.socket.clone();
+    let pty_wanted = args.pty;
     let (detach, parsable) = (args.detach || args.array.is_some(), args.parsable);
     if parsable && !detach {
         bail!("--parsable goes with --detach or --array");
@@ -481,10 +487,20 @@ async fn run(args: Args) -> Result<i32> {
         );
     }
     let mut request = request;
+    // --pty: keystrokes go to the job's terminal through a socket pair whose far end is passed
+    // as the job's stdin (see `PtyRelay`).
+    let mut pty = if pty_wanted {
+        let relay = PtyRelay::new()?;
+        request.pty = Some(relay.size());
+        Some(relay)
+    } else {
+        None
+    };
+    let mut raw: Option<RawMode> = None;
     // What is piped or redirected into an attached srun is the job's stdin (passed to the
     // server as a descriptor; the job reads it directly). A terminal is not: the job's stdin is
     // then /dev/null (--pty gives a terminal).
-    request.stdin = !detach && stdin_is_real_input();
+    request.stdin = pty.is_some() || (!detach && stdin_is_real_input());
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
     if detach {
         return match client.call(&Request::Submit(request)).await? {
@@ -542,6 +558,7 @@ async fn run(args: Args) -> Result<i32> {
             _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 130).await; continue; }
             _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 143).await; continue; }
             _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 129).await; continue; }
+            _ = window_changed(&mut pty) => continue,
         };
         let Some(frame) = frame else {
             // The server went away (restart or crash): the job lives on under its supervisor.
@@ -622,11 +639,22 @@ async fn run(args: Args) -> Result<i32> {
                         let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
                         eprintln!("mgpu_srun: job {id} started on GPU {}", list.join(","));
                     }
+                    if pty.is_some() && raw.is_none() {
+                        raw = Some(RawMode::enter()?);
+                    }
                 }
-                Response::SendStdin => client.send_fd(0).await?,
+                Response::SendStdin => match &mut pty {
+                    Some(relay) => {
+                        client.send_fd(relay.far_end()?).await?;
+                        relay.start()?;
+                    }
+                    None => client.send_fd(0).await?,
+                },
                 Response::Notice { message } => eprintln!("mgpu_srun: {message}"),
                 Response::Finished(outcome) => {
                     let _ = stdout.flush().await;
+                    // The terminal as it was before our messages.
+                    drop(raw.take());
                     if let Some(msg) = &outcome.message {
                         if !output_broken
                             && (outcome.state != mgpu_core::JobState::Cancelled || !cancelling)
@@ -683,6 +711,130 @@ fn json_size(value: &impl serde::Serialize) -> Result<usize> {
 async fn write_out(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) -> std::io::Result<()> {
     w.write_all(data).await?;
     w.flush().await
+}
+
+/// Resolves once the terminal's size changed and the job's terminal was told; never without
+/// `--pty`.
+async fn window_changed(pty: &mut Option<PtyRelay>) {
+    match pty {
+        Some(relay) => {
+            relay.winch.recv().await;
+            relay.send_size();
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// `--pty`: our terminal's keystrokes and size, to the job's terminal. A socket pair: its far
+/// end goes to the server as the job's stdin (the job's supervisor relays it into the job's
+/// terminal); a thread copies our stdin into the near end as [`mgpu_proto::pty_frame`]s.
+struct PtyRelay {
+    near: std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>,
+    far: Option<std::os::unix::net::UnixStream>,
+    winch: tokio::signal::unix::Signal,
+}
+
+impl PtyRelay {
+    fn new() -> Result<PtyRelay> {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "--pty needs a terminal on stdin (without --pty, piped input is the job's stdin)"
+            );
+        }
+        let (near, far) = std::os::unix::net::UnixStream::pair()?;
+        Ok(PtyRelay {
+            near: std::sync::Arc::new(std::sync::Mutex::new(near)),
+            far: Some(far),
+            winch: signal(SignalKind::window_change())?,
+        })
+    }
+
+    /// Our terminal's size: rows, columns.
+    fn size(&self) -> [u16; 2] {
+        // SAFETY: TIOCGWINSZ fills the winsize we own.
+        unsafe {
+            let mut ws: libc::winsize = std::mem::zeroed();
+            libc::ioctl(0, libc::TIOCGWINSZ, &mut ws);
+            [ws.ws_row, ws.ws_col]
+        }
+    }
+
+    fn far_end(&self) -> Result<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.far
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+            .ok_or_else(|| anyhow::anyhow!("the terminal was already passed"))
+    }
+
+    /// The far end has been passed: close ours, and start copying keystrokes.
+    fn start(&mut self) -> Result<()> {
+        self.far = None;
+        let near = self.near.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 4096];
+            let mut input = std::io::stdin().lock();
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let frame = mgpu_proto::pty_frame(0, &buf[..n]);
+                let mut out = near.lock().unwrap_or_else(|p| p.into_inner());
+                if out.write_all(&frame).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn send_size(&self) {
+        use std::io::Write;
+        let [rows, cols] = self.size();
+        let mut data = rows.to_be_bytes().to_vec();
+        data.extend_from_slice(&cols.to_be_bytes());
+        let frame = mgpu_proto::pty_frame(1, &data);
+        let _ = self
+            .near
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&frame);
+    }
+}
+
+/// Our terminal in raw mode (keystrokes, Ctrl-C included, go to the job as typed) until
+/// dropped.
+struct RawMode(libc::termios);
+
+impl RawMode {
+    fn enter() -> Result<RawMode> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with termios structs we own.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                bail!(
+                    "cannot read the terminal's settings: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            libc::tcsetattr(0, libc::TCSANOW, &raw);
+            Ok(RawMode(saved))
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enter`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
+    }
 }
 
 /// Resolves on SIGHUP, or never when we do not listen for it.

@@ -95,6 +95,10 @@ pub struct Launch {
     /// else; without it the job's stdin is `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
+    /// `--pty`: the job runs on a new terminal of this size (rows, columns), its controlling
+    /// terminal; what the daemon passes as stdin then carries keystrokes and window sizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<[u16; 2]>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -534,6 +538,8 @@ struct ChildPlan {
     cwd: CString,
     umask: Option<u32>,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// Make stdin (a terminal) the controlling terminal of the job's new session.
+    ctty: bool,
 }
 
 /// The job's side of the fork. Never returns: execs, or reports (step, errno) on `report` and
@@ -567,6 +573,9 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
     libc::sigemptyset(&mut none);
     libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     if libc::setsid() < 0 {
+        fail(Step::Session);
+    }
+    if plan.ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
         fail(Step::Session);
     }
     // The supervisor shields itself from the OOM killer; the job must not inherit that.
@@ -726,6 +735,7 @@ fn start_with(
         groups: account.groups.clone(),
         cwd,
         umask: launch.spec.umask,
+        ctty: launch.pty.is_some(),
         rlimits: (launch.rlimits.iter())
             .map(|r| {
                 let limit = libc::rlimit {
@@ -751,7 +761,17 @@ fn start_with(
         None => None,
     };
     let stdin = stdin.map_or(devnull.as_raw_fd(), |fd| fd.as_raw_fd());
-    let stdio = [stdin, out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let mut stdio = [stdin, out_w.as_raw_fd(), err_w.as_raw_fd()];
+    // --pty: the terminal's slave side is all three, the master is read as its stdout.
+    let (out_r, _slave) = match launch.pty {
+        None => (out_r, None),
+        Some(size) => {
+            let (master, slave) =
+                open_pty(size, account).map_err(|e| io_err("cannot open a terminal", e))?;
+            stdio = [slave.as_raw_fd(); 3];
+            (master, Some(slave))
+        }
+    };
     let args = ChildArgs {
         plan: &plan,
         stdio,
@@ -811,6 +831,39 @@ fn start_with(
             Err(e)
         }
     }
+}
+
+/// A new terminal (master, slave) of `size` (rows, columns), its slave side the account's.
+fn open_pty(size: [u16; 2], account: &Account) -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let ws = libc::winsize {
+        ws_row: size[0],
+        ws_col: size[1],
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty fills two descriptors we then own.
+    let (master, slave) = unsafe {
+        if libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s))
+    };
+    for fd in [&master, &slave] {
+        // SAFETY: fcntl on descriptors we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    nix::unistd::fchown(
+        slave.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(account.uid)),
+        Some(nix::unistd::Gid::from_raw(account.gid)),
+    )?;
+    nix::sys::stat::fchmod(
+        slave.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(0o620),
+    )?;
+    Ok((master, slave))
 }
 
 /// The start error a child's report (`step, errno`; empty after an exec) says.
@@ -873,6 +926,7 @@ mod tests {
             mem_mib: None,
             gpu_total_mib: None,
             stdin: false,
+            pty: None,
         }
     }
 
@@ -1008,6 +1062,7 @@ mod tests {
                 mem_mib,
                 gpu_total_mib: total,
                 stdin: false,
+                pty: None,
                 ..launch_for(acct.uid, spec)
             };
             let env = environment(&launch, &acct);

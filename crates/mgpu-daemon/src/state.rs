@@ -134,7 +134,7 @@ pub struct Inner {
     admitting: HashMap<u32, usize>,
     /// The stdin of attached jobs not started yet (their `mgpu_srun`'s, passed as a
     /// descriptor): handed to the first run's supervisor.
-    pub stdin: HashMap<JobId, OwnedFd>,
+    pub stdin: HashMap<JobId, (OwnedFd, Option<[u16; 2]>)>,
 }
 
 impl Inner {
@@ -364,6 +364,7 @@ impl Daemon {
             log_note: String::new(),
             launch_id: new_launch_id(),
             stdin: false,
+            pty: None,
             array: job.request.array,
             pids_max: self.settings.job_limits.pids_max,
             rlimits: Vec::new(),
@@ -379,9 +380,13 @@ impl Daemon {
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
         let cmd_rx = register_run(inner, id);
-        let stdin = inner.stdin.remove(&id);
+        let (stdin, pty) = match inner.stdin.remove(&id) {
+            Some((fd, pty)) => (Some(fd), pty),
+            None => (None, None),
+        };
         let launch = Launch {
             stdin: stdin.is_some(),
+            pty,
             ..launch
         };
         tokio::spawn(start_run(self.clone(), launch, cmd_rx, stdin));

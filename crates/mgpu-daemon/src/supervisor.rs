@@ -321,6 +321,11 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         (Some(link), true) => take_stdin(link),
         _ => None,
     };
+    // With --pty it carries keystrokes for the job's terminal, relayed below.
+    let (stdin, keys) = match launch.pty {
+        Some(_) => (None, stdin),
+        None => (stdin, None),
+    };
     // The job's supervisor must outlive an out-of-memory job, or the job escapes its books.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let limits = crate::cgroup::Limits {
@@ -380,6 +385,11 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
     };
     // The job has its stdin now; we do not keep a copy.
     drop(stdin);
+    if let (Some(keys), Ok(started)) = (keys, &started) {
+        if let Ok(master) = started.stdout.try_clone() {
+            std::thread::spawn(move || relay_keys(keys, master));
+        }
+    }
     let started = match started {
         Ok(started) => started,
         Err(e) => {
@@ -428,6 +438,45 @@ fn sync_unheard(sup: &mut Supervisor, run_dir: &Path) {
 }
 
 /// Our stdin, when it is a socket (the daemon's end of the initial link).
+/// `mgpu_srun --pty`'s keystrokes and window sizes ([`mgpu_proto::pty_frame`]s) to the job's
+/// terminal, until srun goes away. Its own thread: a blocking copy through a 64 KiB buffer, so
+/// a job that does not read its terminal makes srun wait, never the supervisor's loop.
+fn relay_keys(keys: std::os::fd::OwnedFd, master: std::os::fd::OwnedFd) {
+    use std::io::{Read, Write};
+    let mut from = File::from(keys);
+    let mut to = File::from(master);
+    let mut buf = vec![0u8; u16::MAX as usize];
+    loop {
+        let mut head = [0u8; 3];
+        if from.read_exact(&mut head).is_err() {
+            return;
+        }
+        let n = u16::from_be_bytes([head[1], head[2]]) as usize;
+        if from.read_exact(&mut buf[..n]).is_err() {
+            return;
+        }
+        match head[0] {
+            0 => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            1 if n == 4 => {
+                let ws = libc::winsize {
+                    ws_row: u16::from_be_bytes([buf[0], buf[1]]),
+                    ws_col: u16::from_be_bytes([buf[2], buf[3]]),
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                // SAFETY: TIOCSWINSZ reads the winsize we own; the kernel signals the
+                // terminal's foreground group (SIGWINCH).
+                unsafe { libc::ioctl(to.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+            }
+            _ => return,
+        }
+    }
+}
+
 /// Passes `fd` (a job's stdin) to a supervisor over its new link: one byte carrying it.
 pub fn give_stdin(link: &UnixStream, fd: &std::os::fd::OwnedFd) {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -1146,6 +1195,7 @@ mod tests {
             mem_mib: None,
             gpu_total_mib: None,
             stdin: false,
+            pty: None,
         };
         std::fs::write(
             fresh.path().join(LAUNCH_FILE),

@@ -217,6 +217,21 @@ pub struct SubmitRequest {
     /// and the client then sends one byte carrying its stdin descriptor (`SCM_RIGHTS`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
+    /// `--pty`: the job gets a terminal of this size (rows, columns); the descriptor passed as
+    /// its stdin then carries the keystrokes as [`pty_frame`]s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<[u16; 2]>,
+}
+
+/// One message from `mgpu_srun --pty` to its job's terminal: kind (0: keystrokes, 1: window
+/// size as rows and columns, big-endian u16s), length (big-endian u16), data.
+pub fn pty_frame(kind: u8, data: &[u8]) -> Vec<u8> {
+    let n = data.len().min(u16::MAX as usize);
+    let mut f = Vec::with_capacity(3 + n);
+    f.push(kind);
+    f.extend_from_slice(&(n as u16).to_be_bytes());
+    f.extend_from_slice(&data[..n]);
+    f
 }
 
 /// How a job's owner is told that it began or ended: a command run as them when it ends, and/or

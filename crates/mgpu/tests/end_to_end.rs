@@ -807,7 +807,6 @@ fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
             &["--gres=gpu:2", "--", "x"],
             "--gres: not supported yet; use --gpus",
         ),
-        (&["--pty", "bash"], "--pty: not supported yet"),
         (&["-o", "out.log", "--", "true"], "-o: not supported yet"),
         (&["-oout.log", "true"], "-o: not supported yet"),
         (&["--output=out.log", "true"], "--output: not supported yet"),

@@ -246,7 +246,7 @@ pub async fn handle(
             Ok(()) => {
                 inner.commands.insert(id, shown);
                 if let Some(fd) = stdin {
-                    inner.stdin.insert(id, fd);
+                    inner.stdin.insert(id, (fd, req.pty));
                 }
                 let events = req.attach.then(|| daemon.subscribe(&mut inner, id));
                 daemon.schedule(&mut inner);
@@ -514,6 +514,7 @@ mod tests {
             cpus: None,
             notify: None,
             stdin: false,
+            pty: None,
             host_mem_mib: None,
         };
         assert!(super::validate(&req(Some(3600), Some(60))).is_ok());

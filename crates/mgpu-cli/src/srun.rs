@@ -492,6 +492,9 @@ async fn run(args: Args) -> Result<i32> {
     let mut pty = if pty_wanted {
         let relay = PtyRelay::new()?;
         request.pty = Some(relay.size());
+        // A terminal session is not restarted from its command by a context switch: at its
+        // time limit it ends.
+        request.no_requeue = true;
         Some(relay)
     } else {
         None

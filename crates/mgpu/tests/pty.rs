@@ -131,3 +131,34 @@ fn keystrokes_and_ctrl_c_reach_the_job() {
     assert!(rest.contains("got-int"), "{seen}{rest}");
     assert_eq!(status.code(), Some(5), "{seen}{rest}");
 }
+
+/// A terminal session ends at its time limit: never context-switched and restarted from its
+/// command (where a plain job would be, with others waiting).
+#[test]
+fn a_pty_session_ends_at_its_time_limit() {
+    if !have_script() {
+        eprintln!("skipping: no script(1)");
+        return;
+    }
+    let s = Server::start("1x24GiB", &[]);
+    let srun = bin("mgpu_srun").display().to_string();
+    let mut child = in_terminal(
+        &s,
+        None,
+        &format!("{srun} --pty -t 1s -- sh -c 'echo on; sleep 60'"),
+    );
+    let _keep_open = child.stdin.take();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "on\r\n");
+    let waiting = s.detached(&["--", "true"]);
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{rest}");
+    assert!(rest.contains("TIMEOUT"), "{rest}");
+    s.acct(waiting);
+    let acct = s.ok("mgpu_acct", &["--json", "--state", "TIMEOUT"]);
+    assert!(acct.contains("\"restarts\": 0"), "{acct}");
+}

@@ -6,7 +6,7 @@
 //! rights (the job's, else their home), a small clean environment, stdin `/dev/null` (or the
 //! mail), output discarded. The daemon never waits for one with its lock held: a background
 //! task starts at most [`MAX_AT_ONCE`] at a time and kills each one's process group after
-//! [`TIME_LIMIT`]. What to run is part of the job's durable launch record, so it survives a
+//! [`TIME_LIMIT`] (or the server's `--notify-time-limit`). What to run is part of the job's durable launch record, so it survives a
 //! restart; a notification due while the daemon was down is not sent (best effort, like
 //! Slurm's mail).
 
@@ -25,7 +25,8 @@ use tokio::sync::mpsc;
 use crate::state::Daemon;
 use crate::users::Account;
 
-/// How long a notification command or sendmail may run before it is killed.
+/// How long a notification command or sendmail may run before it is killed, unless the
+/// server is told otherwise (`--notify-time-limit`).
 pub const TIME_LIMIT: Duration = Duration::from_secs(60);
 /// Notifications running at once, in all.
 pub const MAX_AT_ONCE: usize = 16;
@@ -42,12 +43,15 @@ enum Event {
 pub struct Notifier {
     tx: Mutex<Option<mpsc::UnboundedSender<Event>>>,
     sendmail: OnceLock<PathBuf>,
+    time_limit: OnceLock<Duration>,
 }
 
 impl Notifier {
-    /// Starts the task that runs notifications; `sendmail` is the mail program's path.
-    pub fn start(&self, daemon: Arc<Daemon>, sendmail: PathBuf) {
+    /// Starts the task that runs notifications; `sendmail` is the mail program's path, and
+    /// each notification is killed after `time_limit`.
+    pub fn start(&self, daemon: Arc<Daemon>, sendmail: PathBuf, time_limit: Duration) {
         let _ = self.sendmail.set(sendmail);
+        let _ = self.time_limit.set(time_limit);
         let (tx, rx) = mpsc::unbounded_channel();
         *self.tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         tokio::spawn(run(daemon, rx));
@@ -285,7 +289,13 @@ async fn run_as(
         }
         child.wait().await
     };
-    match tokio::time::timeout(TIME_LIMIT, work).await {
+    let limit = daemon
+        .notifier
+        .time_limit
+        .get()
+        .copied()
+        .unwrap_or(TIME_LIMIT);
+    match tokio::time::timeout(limit, work).await {
         Ok(status) => {
             let status = status?;
             if !status.success() {

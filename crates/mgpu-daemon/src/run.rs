@@ -156,6 +156,9 @@ pub struct Args {
     /// submit
     #[arg(long, value_name = "PATH", default_value = crate::notify::DEFAULT_SENDMAIL)]
     pub sendmail: PathBuf,
+    /// Seconds a job's --notify command (or its mail's sendmail) may run before it is killed
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub notify_time_limit: u64,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -529,7 +532,11 @@ async fn run(args: Args) -> Result<()> {
             logs.finished(*id, ending.at);
         }
     }
-    daemon.notifier.start(daemon.clone(), args.sendmail.clone());
+    daemon.notifier.start(
+        daemon.clone(),
+        args.sendmail.clone(),
+        Duration::from_secs(args.notify_time_limit.max(1)),
+    );
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
     let listener = server::bind(&socket)?;

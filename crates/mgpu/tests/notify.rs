@@ -144,3 +144,20 @@ fn mail_is_sent_as_the_owner_through_sendmail_or_refused() {
     );
     assert!(nomail.queue_json()["jobs"].as_array().unwrap().is_empty());
 }
+
+/// A notification that does not end is killed (its whole process group) after the server's
+/// --notify-time-limit; the server is not held up by it.
+#[test]
+fn a_notification_that_hangs_is_killed() {
+    let Some((a, _)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &["--notify-time-limit", "1"]);
+    let dir = s.scratch.display().to_string();
+    let notify = format!("sleep 1000 & echo $! > {dir}/pid.tmp; mv {dir}/pid.tmp {dir}/pid; wait");
+    s.detached_as(&a, &["--notify", &notify, "--", "true"]);
+    let pid: i32 = wait_file(&s.scratch.join("pid")).trim().parse().unwrap();
+    // Meanwhile the server serves others.
+    s.ok("mgpu_queue", &[]);
+    wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| st.contains(") Z "))
+    });
+}

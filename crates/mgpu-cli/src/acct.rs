@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::Parser;
 use comfy_table::{presets, Table};
-use mgpu_core::timefmt::{format_duration, parse_duration};
+use mgpu_core::timefmt::format_duration;
 use mgpu_core::{JobState, Millis};
 use mgpu_proto::{AcctRecord, AcctRequest, Request, Response, UsageReport, UsageRequest};
 use serde_json::json;
 
 use crate::client::Client;
+use crate::fit::Col;
 use crate::queue::rfc3339;
 
 /// Show finished jobs: state, exit code, times, GPUs and GPU-hours. You see your own jobs;
@@ -38,10 +39,14 @@ pub struct Args {
     /// Only this job
     #[arg(short = 'j', long = "job", value_name = "ID")]
     pub job: Option<u64>,
-    /// Only jobs that ended since: an RFC 3339 time (2026-11-25T08:00:00Z), a date
-    /// (2026-11-25), or a duration ago (90m, 2h, 7d)
-    #[arg(long, value_name = "TIME", value_parser = parse_since)]
+    /// Only jobs that ended since TIME (local time, as printed: 2026-11-25T08:00:00; or RFC 3339
+    /// with a zone, YYYY-MM-DD, HH:MM, MM/DD, today, yesterday, now-2hours, or a duration ago:
+    /// 90m, 2h, 7d)
+    #[arg(short = 'S', long, visible_alias = "starttime", value_name = "TIME", value_parser = parse_since)]
     pub since: Option<Millis>,
+    /// Only jobs that ended before TIME (the same forms as --since)
+    #[arg(short = 'E', long, visible_alias = "endtime", value_name = "TIME", value_parser = parse_since)]
+    pub until: Option<Millis>,
     /// Only jobs in this state: COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY
     #[arg(long, value_name = "STATE", value_parser = parse_state)]
     pub state: Option<JobState>,
@@ -51,9 +56,6 @@ pub struct Args {
     /// own row; root sees every user's
     #[arg(long, conflicts_with_all = ["job", "state", "me"])]
     pub summary: bool,
-    /// With --summary: only jobs that ended before this time (same forms as --since)
-    #[arg(long, value_name = "TIME", value_parser = parse_since, requires = "summary")]
-    pub until: Option<Millis>,
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -72,19 +74,7 @@ fn now_ms() -> Millis {
 }
 
 fn parse_since(text: &str) -> Result<Millis, String> {
-    use time::format_description::well_known::Rfc3339;
-    if let Ok(t) = time::OffsetDateTime::parse(text, &Rfc3339) {
-        return Ok((t.unix_timestamp_nanos() / 1_000_000).max(0) as Millis);
-    }
-    let date_fmt = time::macros::format_description!("[year]-[month]-[day]");
-    if let Ok(d) = time::Date::parse(text, &date_fmt) {
-        let t = d.midnight().assume_utc();
-        return Ok((t.unix_timestamp_nanos() / 1_000_000).max(0) as Millis);
-    }
-    let ago = parse_duration(text).map_err(|_| {
-        format!("invalid time '{text}': use RFC 3339, YYYY-MM-DD, or 90m/2h/7d ago")
-    })?;
-    Ok(now_ms().saturating_sub(ago * 1000))
+    crate::localtime::parse_when(text, now_ms())
 }
 
 fn parse_state(text: &str) -> Result<JobState, String> {
@@ -111,9 +101,13 @@ async fn run(args: Args) -> Result<i32> {
         }))
         .await?;
     let mut records = Vec::new();
+    let before = |r: &AcctRecord| match (args.until, r.ended_at) {
+        (Some(until), Some(end)) => end < until,
+        _ => true,
+    };
     loop {
         match client.recv_control().await? {
-            Response::AcctRecords { records: r } => records.extend(r),
+            Response::AcctRecords { records: r } => records.extend(r.into_iter().filter(before)),
             Response::AcctEnd => break,
             Response::Error { message } => bail!("{message}"),
             other => bail!("unexpected answer from the server: {other:?}"),
@@ -125,7 +119,7 @@ async fn run(args: Args) -> Result<i32> {
         text.push('\n');
         crate::print_out(&text)?;
     } else {
-        crate::print_out(&render(&records))?;
+        crate::print_out(&render(&records, crate::fit::terminal_width()))?;
     }
     Ok(0)
 }
@@ -164,52 +158,56 @@ pub fn to_json(r: &AcctRecord) -> serde_json::Value {
 }
 
 fn short_time(ms: Option<Millis>) -> String {
-    ms.map(|t| rfc3339(t).chars().take(19).collect())
-        .unwrap_or_else(|| "-".into())
+    ms.map(crate::localtime::iso).unwrap_or_else(|| "-".into())
 }
 
-pub fn render(records: &[AcctRecord]) -> String {
-    let mut t = Table::new();
-    t.load_preset(presets::NOTHING);
-    t.set_header([
-        "JOBID",
-        "USER",
-        "NAME",
-        "STATE",
-        "EXIT",
-        "SUBMITTED",
-        "STARTED",
-        "ENDED",
-        "ELAPSED",
-        "GPUS",
-        "MEM",
-        "MAXGPUMEM",
-        "RESTARTS",
-        "GPU-HOURS",
-    ]);
-    for r in records {
-        t.add_row([
-            r.id.to_string(),
-            r.user.clone(),
-            crate::display_name(&r.name, r.array),
-            r.state.as_str().to_string(),
-            exit_text(r),
-            short_time(Some(r.submitted_at)),
-            short_time(r.started_at),
-            short_time(r.ended_at),
-            format_duration(r.total_elapsed_s()),
-            r.gpus.to_string(),
-            r.mem_mib
-                .map(|m| format!("{m}M"))
-                .unwrap_or_else(|| "excl".into()),
-            r.peak_gpu_mem_mib
-                .map(|m| format!("{m}M"))
-                .unwrap_or_else(|| "-".into()),
-            r.restarts.to_string(),
-            format!("{:.3}", r.gpu_hours()),
-        ]);
-    }
-    format!("{t}\n")
+/// The table's columns: text is cut to fit the terminal, numbers never; on a narrow one the
+/// least useful columns are left out (SUBMITTED first).
+const COLUMNS: [Col; 14] = [
+    Col::keep("JOBID"),
+    Col::text("USER", 6).optional(3),
+    Col::text("NAME", 8),
+    Col::keep("STATE"),
+    Col::keep("EXIT"),
+    Col::keep("SUBMITTED").optional(9),
+    Col::keep("STARTED").optional(6),
+    Col::keep("ENDED"),
+    Col::keep("ELAPSED"),
+    Col::keep("GPUS").optional(2),
+    Col::keep("MEM").optional(4),
+    Col::keep("MAXGPUMEM").optional(7),
+    Col::keep("RESTARTS").optional(8),
+    Col::keep("GPU-HOURS"),
+];
+
+/// The table, fit to `width` columns (`None`: no limit).
+pub fn render(records: &[AcctRecord], width: Option<usize>) -> String {
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.user.clone(),
+                crate::display_name(&r.name, r.array),
+                r.state.as_str().to_string(),
+                exit_text(r),
+                short_time(Some(r.submitted_at)),
+                short_time(r.started_at),
+                short_time(r.ended_at),
+                format_duration(r.total_elapsed_s()),
+                r.gpus.to_string(),
+                r.mem_mib
+                    .map(|m| format!("{m}M"))
+                    .unwrap_or_else(|| "excl".into()),
+                r.peak_gpu_mem_mib
+                    .map(|m| format!("{m}M"))
+                    .unwrap_or_else(|| "-".into()),
+                r.restarts.to_string(),
+                format!("{:.3}", r.gpu_hours()),
+            ]
+        })
+        .collect();
+    crate::fit::render(&COLUMNS, &rows, width)
 }
 
 /// `--summary`: the usage report.

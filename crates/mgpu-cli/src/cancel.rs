@@ -24,7 +24,12 @@ use crate::client::Client;
 ///   mgpu_cancel -n sweep -t R  #   -u USER, -t STATE, -n NAME, combinable,
 ///   mgpu_cancel -t PD 42 43    #   also with ids: those of them that match)
 #[derive(Debug, Parser)]
-#[command(name = "mgpu_cancel", version, verbatim_doc_comment)]
+#[command(
+    name = "mgpu_cancel",
+    version,
+    verbatim_doc_comment,
+    override_usage = "mgpu_cancel [OPTIONS] <ID>...\n       mgpu_cancel [OPTIONS] --array <ID>\n       mgpu_cancel [OPTIONS] --user <NAME>\n       mgpu_cancel [OPTIONS] --all"
+)]
 pub struct Args {
     /// Job ids
     #[arg(value_name = "ID", conflicts_with_all = ["all", "array"])]

@@ -112,6 +112,32 @@ impl Client {
         Ok(())
     }
 
+    /// Passes descriptor `fd` to the server (when it asked for it): one byte carrying it.
+    pub async fn send_fd(&mut self, fd: std::os::fd::RawFd) -> Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        SinkExt::<Frame>::flush(&mut self.conn).await?;
+        let stream = self.conn.get_ref();
+        let sock = stream.as_raw_fd();
+        loop {
+            stream.writable().await?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let fds = [fd];
+                let cmsg = [ControlMessage::ScmRights(&fds)];
+                let iov = [std::io::IoSlice::new(b"i")];
+                sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::empty(), None)
+                    .map_err(std::io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => {
+                    r.context("passing stdin to the server")?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     /// The next frame, or `None` when the server closed the connection.
     pub async fn recv(&mut self) -> Result<Option<Frame>> {
         if self.welcome_pending {

@@ -8,6 +8,8 @@ pub mod acct;
 pub mod cancel;
 pub mod client;
 pub mod control;
+pub mod fit;
+pub mod localtime;
 pub mod log;
 pub mod queue;
 pub mod sbatch;

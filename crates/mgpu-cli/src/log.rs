@@ -36,8 +36,31 @@ pub fn main() -> ExitCode {
     crate::run_main("mgpu_log", run(args))
 }
 
+/// Why the job waits, when it is pending (it has no output yet).
+async fn pending_reason(args: &Args) -> Option<String> {
+    let req = mgpu_proto::QueueRequest {
+        job: Some(args.id),
+        ..Default::default()
+    };
+    let snapshot = crate::queue::fetch(args.socket.as_deref(), "mgpu_log", req)
+        .await
+        .ok()?;
+    let job = snapshot.jobs.into_iter().find(|j| j.id == args.id)?;
+    (job.state == mgpu_core::JobState::Pending).then(|| job.reason.unwrap_or_default())
+}
+
 async fn run(args: Args) -> Result<i32> {
+    if args.follow {
+        // Like `tail -f` of an output file that is yet to come: say so, and wait for it.
+        if let Some(reason) = pending_reason(&args).await {
+            eprintln!(
+                "mgpu_log: job {} is pending ({reason}); waiting for it to start",
+                args.id
+            );
+        }
+    }
     let mut client = Client::connect(args.socket.as_deref(), "mgpu_log").await?;
+    let mut printed = 0u64;
     client
         .send(&Request::Log(LogRequest {
             job: args.id,
@@ -52,14 +75,23 @@ async fn run(args: Args) -> Result<i32> {
                 WRITE_TIMEOUT_S
             ),
             Some(Frame::Stdout(d)) | Some(Frame::Stderr(d)) => {
+                printed += d.len() as u64;
                 out.write_all(&d).await.map_err(crate::stdout_error)?;
                 if args.follow {
                     out.flush().await.map_err(crate::stdout_error)?;
                 }
             }
             Some(f) => match f.parse::<Response>()? {
-                Response::LogEnd { .. } => {
+                Response::LogEnd { state, .. } => {
                     out.flush().await.map_err(crate::stdout_error)?;
+                    if printed == 0 && state.is_none() && !args.follow {
+                        if let Some(reason) = pending_reason(&args).await {
+                            eprintln!(
+                                "mgpu_log: job {} is pending ({reason}): no output yet (mgpu_log -f {} waits for it)",
+                                args.id, args.id
+                            );
+                        }
+                    }
                     return Ok(0);
                 }
                 Response::Error { message } => bail!("{message}"),

@@ -71,6 +71,9 @@ pub struct Args {
     /// other share one row, like squeue's)
     #[arg(short = 'r', long)]
     pub array_tasks: bool,
+    /// Every detail of each job, one Key=Value line each (like `scontrol show job`)
+    #[arg(short = 'l', long)]
+    pub long: bool,
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -324,6 +327,10 @@ async fn run(args: Args) -> Result<i32> {
         }
         .map_err(crate::json_stdout_error)?;
         writeln!(out).map_err(crate::stdout_error)?;
+    } else if args.long {
+        for j in &snapshot.jobs {
+            write!(out, "{}", long_view(j, snapshot.now)).map_err(crate::stdout_error)?;
+        }
     } else {
         write!(out, "{}", render(&snapshot, args.array_tasks)).map_err(crate::stdout_error)?;
     }
@@ -331,7 +338,8 @@ async fn run(args: Args) -> Result<i32> {
     Ok(0)
 }
 
-/// RFC 3339 (UTC, millisecond precision) for a time in ms since the epoch.
+/// RFC 3339 (UTC, millisecond precision) for a time in ms since the epoch (`--json`: a time
+/// with its zone, for programs; the tables print local time).
 pub fn rfc3339(ms: Millis) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
@@ -425,18 +433,82 @@ fn table() -> Table {
     t
 }
 
-/// A time for the table: `HH:MM` today, else `MM-DD HH:MM` (UTC).
+/// A time for the table, local: `HH:MM` today, else `MM-DD HH:MM`.
 fn short_time(ms: Millis, now: Millis) -> String {
-    let t = rfc3339(ms);
-    if t.get(..10) == rfc3339(now).get(..10) {
-        t.get(11..16).unwrap_or("").to_string()
-    } else {
+    crate::localtime::short(ms, now)
+}
+
+/// One job in every detail, `scontrol show job`-like: `Key=Value` words, a few to a line,
+/// times local (as printed by `scontrol`), then a blank line.
+pub fn long_view(j: &JobInfo, now: Millis) -> String {
+    let time = |t: Option<Millis>| t.map_or("Unknown".into(), crate::localtime::iso);
+    let run_s = match (j.state, j.started_at) {
+        (JobState::Running, Some(t)) => now.saturating_sub(t) / 1000,
+        _ => 0,
+    };
+    let ids: Vec<String> = j.gpu_ids.iter().map(u32::to_string).collect();
+    let mut lines = vec![
+        format!("JobId={} JobName={}", j.id, j.name),
         format!(
-            "{} {}",
-            t.get(5..10).unwrap_or(""),
-            t.get(11..16).unwrap_or("")
-        )
+            "UserId={} Priority={}",
+            j.user,
+            j.priority.map_or("-".into(), |p| format!("{p:.0}"))
+        ),
+        format!(
+            "JobState={} Reason={} Restarts={}",
+            j.state.as_str(),
+            j.reason.as_deref().unwrap_or("None"),
+            j.restarts
+        ),
+        format!(
+            "RunTime={} TimeLimit={}",
+            format_duration(run_s),
+            j.time_limit_s
+                .map(format_duration)
+                .unwrap_or_else(|| "UNLIMITED".into())
+        ),
+        format!(
+            "SubmitTime={} StartTime={}",
+            time(Some(j.submitted_at)),
+            time(j.started_at.or(j.est_start))
+        ),
+        format!(
+            "NumGPUs={} GPUIds={} GPUMem={}",
+            j.gpus,
+            if ids.is_empty() {
+                "-".into()
+            } else {
+                ids.join(",")
+            },
+            j.mem_mib.map_or("exclusive".into(), |m| format!("{m}M"))
+        ),
+    ];
+    if j.used_mib.is_some() || j.peak_mib.is_some() {
+        lines.push(format!(
+            "GPUMemUsed={} GPUMemPeak={}",
+            max_used(j).map_or("-".into(), |u| format!("{u}M")),
+            j.peak_mib.map_or("-".into(), |u| format!("{u}M"))
+        ));
     }
+    if let Some(a) = j.array {
+        lines.push(format!("ArrayJobId={} ArrayTaskId={}", a.job, a.task));
+    }
+    if let Some(b) = j.behind {
+        lines.push(format!(
+            "BehindJob={b} BehindStart={}",
+            time(j.behind_start)
+        ));
+    }
+    lines.push(format!("Command={}", j.command.join(" ")));
+    let mut out = String::new();
+    for l in lines {
+        out.push_str("   ");
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out.replace_range(..3, "");
+    out.push('\n');
+    out
 }
 
 /// Waiting tasks of one job array that follow each other in the queue, with ids in a row and

@@ -295,6 +295,7 @@ fn prepare(args: Args, argv: &[OsString]) -> Result<Submission> {
             parsable: args.parsable,
             socket: args.socket,
             batch: true,
+            pty: false,
         });
     }
     let (command, name, text) = match args.script.first() {
@@ -353,6 +354,7 @@ fn prepare(args: Args, argv: &[OsString]) -> Result<Submission> {
         parsable: args.parsable,
         socket: args.socket,
         batch: true,
+        pty: false,
     })
 }
 

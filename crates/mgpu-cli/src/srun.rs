@@ -47,6 +47,11 @@ pub struct Args {
     /// With --detach or --array: print only the job id (the array's id)
     #[arg(long)]
     pub parsable: bool,
+    /// Run the job on a terminal of its own (an interactive shell: mgpu_srun --pty bash): your
+    /// terminal is put in raw mode and relayed, window size changes follow, Ctrl-C and Ctrl-Z
+    /// go to the job
+    #[arg(long, conflicts_with_all = ["detach", "array"])]
+    pub pty: bool,
     /// Server socket [default: $MGPU_SOCKET, else /run/mgpu/mgpu.sock, or your own server's in $XDG_RUNTIME_DIR/mgpu]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -160,6 +165,17 @@ pub struct JobOpts {
     /// Submit the job held: it waits (REASON JobHeldUser) until 'mgpu_control release ID'
     #[arg(long)]
     pub hold: bool,
+    /// When the job ends, run `sh -c CMD` as you (at most 60 s, output discarded), with
+    /// MGPU_JOB_ID, MGPU_JOB_NAME, MGPU_JOB_STATE and MGPU_JOB_EXIT_CODE set
+    #[arg(long, value_name = "CMD")]
+    pub notify: Option<String>,
+    /// Mail when the job begins, ends or fails: BEGIN, END, FAIL, ALL or NONE, comma-separated
+    /// (sent as you through the machine's sendmail)
+    #[arg(long, value_name = "TYPES", value_parser = |s: &str| parse_mail_types(s).map(MailTypes))]
+    pub mail_type: Option<MailTypes>,
+    /// Where the mail goes [default: your user name, with --mail-type]
+    #[arg(long, value_name = "ADDR", requires = "mail_type")]
+    pub mail_user: Option<String>,
 }
 
 /// Slurm's `--begin` forms, as ms since the epoch (local time, as Slurm reads them).
@@ -327,6 +343,10 @@ fn parse_dependency_text(text: &str) -> Result<String, String> {
     mgpu_core::parse_dependency(text).map(|_| text.to_string())
 }
 
+/// A parsed `--mail-type`: BEGIN, END, FAIL.
+#[derive(Debug, Clone)]
+pub struct MailTypes(pub Vec<String>);
+
 /// A parsed `--time-limit`: `None` is no limit.
 #[derive(Debug, Clone, Copy)]
 pub struct TimeLimit(pub Option<u64>);
@@ -374,6 +394,7 @@ pub fn main() -> ExitCode {
         parsable: args.parsable,
         socket: args.socket,
         batch: false,
+        pty: args.pty,
     });
     crate::run_main("mgpu_srun", async move { run(sub?).await })
 }
@@ -429,8 +450,7 @@ pub fn slurm_flag_hint(prog: &str, flag: &str) -> Option<&'static str> {
     Some(match flag {
         "--gpus-per-node" | "--tres-per-task" => "not supported; use --gpus N (-G N)",
         "--mem-per-cpu" => "not supported; use --host-mem SIZE for the job's host memory (RAM)",
-        "--pty" => "not supported yet: an attached mgpu_srun streams the job's output, but gives no terminal",
-        "-i" | "--input" => "not supported yet: the job's stdin is /dev/null",
+        "-i" | "--input" => "not needed: redirect into mgpu_srun (mgpu_srun -- cmd < FILE); an attached job's stdin is srun's",
         "--wrap" if prog == "mgpu_srun" => {
             "--wrap is mgpu_sbatch's; with mgpu_srun put the command after --: mgpu_srun -- sh -c '...'"
         }
@@ -447,10 +467,36 @@ pub fn slurm_flag_hint(prog: &str, flag: &str) -> Option<&'static str> {
         "-n" | "--ntasks" | "--ntasks-per-node" => {
             "not supported: a job is one command; use -c N for CPUs and --gpus N for GPUs"
         }
-        "--mail-type" | "--mail-user" => "not supported yet",
         "--exclusive" => "not needed: without --mem a job gets its GPUs exclusively",
         _ => return None,
     })
+}
+
+/// Parses Slurm's `--mail-type`: a comma-separated list of BEGIN, END, FAIL, ALL (all three)
+/// and NONE; Slurm's other types are refused by name.
+pub fn parse_mail_types(text: &str) -> Result<Vec<String>, String> {
+    let mut types: Vec<String> = Vec::new();
+    for t in text.split(',') {
+        let t = t.trim().to_ascii_uppercase();
+        let add: &[&str] = match t.as_str() {
+            "BEGIN" => &["BEGIN"],
+            "END" => &["END"],
+            "FAIL" => &["FAIL"],
+            "ALL" => &["BEGIN", "END", "FAIL"],
+            "NONE" => &[],
+            _ => {
+                return Err(format!(
+                    "mail type '{t}' is not supported: use BEGIN, END, FAIL, ALL or NONE"
+                ))
+            }
+        };
+        for a in add {
+            if !types.iter().any(|x| x == a) {
+                types.push(a.to_string());
+            }
+        }
+    }
+    Ok(types)
 }
 
 /// An absolute path for `dir` that the caller can enter (checked with the caller's own rights).
@@ -565,6 +611,30 @@ fn current_umask() -> Option<u32> {
     u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
 }
 
+/// What `--notify`, `--mail-type` and `--mail-user` ask for (none: `None`).
+fn notify_request(
+    command: Option<String>,
+    mail_types: Option<Vec<String>>,
+    mail_user: Option<String>,
+) -> Option<mgpu_proto::Notify> {
+    let mail_types = mail_types.unwrap_or_default();
+    let mail_user = (!mail_types.is_empty()).then(|| {
+        mail_user.unwrap_or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_default()
+        })
+    });
+    (command.is_some() || mail_user.is_some()).then(|| mgpu_proto::Notify {
+        command,
+        mail_user,
+        mail_types,
+        job_name: String::new(),
+    })
+}
+
 fn utf8(s: OsString, what: &str) -> Result<String> {
     s.into_string()
         .map_err(|s| anyhow::anyhow!("{what} is not valid UTF-8: {}", s.to_string_lossy()))
@@ -578,6 +648,8 @@ pub struct Submission {
     pub socket: Option<PathBuf>,
     /// Say it as sbatch does ("Submitted batch job N").
     pub batch: bool,
+    /// `--pty`: the job gets a terminal, relayed from ours.
+    pub pty: bool,
 }
 
 /// The environment the job gets, as Slurm's `--export` says (ALL when absent).
@@ -690,6 +762,11 @@ pub fn build_request(
         begin_at: opts.begin,
         dependency: opts.dependency,
         hold: opts.hold,
+        // Filled in by `run` (only an attached job's stdin is the user's).
+        stdin: false,
+        pty: None,
+        notify: notify_request(opts.notify, opts.mail_type.map(|m| m.0), opts.mail_user)
+            .map(Box::new),
     })
 }
 
@@ -700,6 +777,7 @@ pub async fn run(sub: Submission) -> Result<i32> {
         parsable,
         socket,
         batch,
+        pty: pty_wanted,
     } = sub;
     // The server reads at most this much of a submit; say so here, with the figures.
     let size = json_size(&request)? + r#""type":"submit","#.len() + 1;
@@ -710,11 +788,24 @@ pub async fn run(sub: Submission) -> Result<i32> {
             mgpu_proto::MAX_SUBMIT_FRAME >> 20
         );
     }
-    if !detach && stdin_is_real_input() {
-        eprintln!(
-            "mgpu_srun: note: the job's stdin is /dev/null; what you pipe or redirect into mgpu_srun does not reach it (not supported yet)"
-        );
-    }
+    let mut request = request;
+    // --pty: keystrokes go to the job's terminal through a socket pair whose far end is passed
+    // as the job's stdin (see `PtyRelay`).
+    let mut pty = if pty_wanted {
+        let relay = PtyRelay::new()?;
+        request.pty = Some(relay.size());
+        // A terminal session is not restarted from its command by a context switch: at its
+        // time limit it ends.
+        request.no_requeue = true;
+        Some(relay)
+    } else {
+        None
+    };
+    let mut raw: Option<RawMode> = None;
+    // What is piped or redirected into an attached srun is the job's stdin (passed to the
+    // server as a descriptor; the job reads it directly). A terminal is not: the job's stdin is
+    // then /dev/null (--pty gives a terminal).
+    request.stdin = pty.is_some() || (!detach && stdin_is_real_input());
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
     if detach {
         return match client.call(&Request::Submit(request)).await? {
@@ -757,6 +848,9 @@ pub async fn run(sub: Submission) -> Result<i32> {
     let mut job = None;
     let mut was_pending = false;
     let mut cancelling = false;
+    // The exit code a signal that cancelled the job asks for (as a shell's 128 + signal):
+    // srun interrupted does not exit 0, whatever the job's trap does.
+    let mut interrupted: Option<i32> = None;
     // How far into the job's log we have its output: where to resume after a reconnect.
     let mut log_pos = 0u64;
     let mut output_broken = false;
@@ -768,9 +862,10 @@ pub async fn run(sub: Submission) -> Result<i32> {
                 Err(e) if job.is_none() => return Err(e),
                 Err(_) => None,
             },
-            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling).await; continue; }
-            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling).await; continue; }
-            _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling).await; continue; }
+            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 130).await; continue; }
+            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 143).await; continue; }
+            _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 129).await; continue; }
+            _ = window_changed(&mut pty) => continue,
         };
         let Some(frame) = frame else {
             // The server went away (restart or crash): the job lives on under its supervisor.
@@ -782,9 +877,9 @@ pub async fn run(sub: Submission) -> Result<i32> {
             client = loop {
                 tokio::select! {
                     _ = tokio::time::sleep(RECONNECT_INTERVAL) => {}
-                    _ = sigint.recv() => cancelling = true,
-                    _ = sigterm.recv() => cancelling = true,
-                    _ = hangup(&mut sighup) => cancelling = true,
+                    _ = sigint.recv() => { cancelling = true; interrupted.get_or_insert(130); }
+                    _ = sigterm.recv() => { cancelling = true; interrupted.get_or_insert(143); }
+                    _ = hangup(&mut sighup) => { cancelling = true; interrupted.get_or_insert(129); }
                 }
                 if let Ok(mut c) = Client::connect(socket.as_deref(), "mgpu_srun").await {
                     let attach = Request::Attach(AttachRequest {
@@ -818,16 +913,17 @@ pub async fn run(sub: Submission) -> Result<i32> {
             Frame::Stdout(data) => {
                 log_pos += data.len() as u64;
                 if !output_broken && write_out(&mut stdout, &data).await.is_err() {
-                    // Nobody reads us any more (closed terminal or pipe): like Ctrl-C.
+                    // Nobody reads us any more (closed terminal or pipe): like Ctrl-C, quietly
+                    // (`mgpu_srun ... | head`), ending as a process killed by SIGPIPE would.
                     output_broken = true;
-                    cancel(&mut client, job, &mut cancelling).await;
+                    quiet_cancel(&mut client, &mut cancelling, &mut interrupted).await;
                 }
             }
             Frame::Stderr(data) => {
                 log_pos += data.len() as u64;
                 if !output_broken && write_out(&mut stderr, &data).await.is_err() {
                     output_broken = true;
-                    cancel(&mut client, job, &mut cancelling).await;
+                    quiet_cancel(&mut client, &mut cancelling, &mut interrupted).await;
                 }
             }
             Frame::Control(_) => match frame.parse::<Response>()? {
@@ -854,19 +950,33 @@ pub async fn run(sub: Submission) -> Result<i32> {
                         let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
                         eprintln!("mgpu_srun: job {id} started on GPU {}", list.join(","));
                     }
+                    if pty.is_some() && raw.is_none() {
+                        raw = Some(RawMode::enter()?);
+                    }
                 }
+                Response::SendStdin => match &mut pty {
+                    Some(relay) => {
+                        client.send_fd(relay.far_end()?).await?;
+                        relay.start()?;
+                    }
+                    None => client.send_fd(0).await?,
+                },
                 Response::Notice { message } => eprintln!("mgpu_srun: {message}"),
                 Response::Finished(outcome) => {
                     let _ = stdout.flush().await;
+                    // The terminal as it was before our messages.
+                    drop(raw.take());
                     if let Some(msg) = &outcome.message {
-                        if outcome.state != mgpu_core::JobState::Cancelled || !cancelling {
+                        if !output_broken
+                            && (outcome.state != mgpu_core::JobState::Cancelled || !cancelling)
+                        {
                             eprintln!(
                                 "mgpu_srun: job {} {}: {msg}",
                                 outcome.job,
                                 outcome.state.as_str()
                             );
                         }
-                    } else if outcome.state == mgpu_core::JobState::Cancelled {
+                    } else if outcome.state == mgpu_core::JobState::Cancelled && !output_broken {
                         eprintln!("mgpu_srun: job {} cancelled", outcome.job);
                     } else if outcome.state == mgpu_core::JobState::OutOfMemory {
                         eprintln!(
@@ -879,7 +989,11 @@ pub async fn run(sub: Submission) -> Result<i32> {
                             outcome.job
                         );
                     }
-                    return Ok(outcome.shell_code());
+                    return Ok(match interrupted {
+                        Some(141) => 141,
+                        Some(code) if outcome.shell_code() == 0 => code,
+                        _ => outcome.shell_code(),
+                    });
                 }
                 Response::Error { message } => bail!("{message}"),
                 other => bail!("unexpected message from the server: {other:?}"),
@@ -910,6 +1024,130 @@ async fn write_out(w: &mut (impl AsyncWriteExt + Unpin), data: &[u8]) -> std::io
     w.flush().await
 }
 
+/// Resolves once the terminal's size changed and the job's terminal was told; never without
+/// `--pty`.
+async fn window_changed(pty: &mut Option<PtyRelay>) {
+    match pty {
+        Some(relay) => {
+            relay.winch.recv().await;
+            relay.send_size();
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// `--pty`: our terminal's keystrokes and size, to the job's terminal. A socket pair: its far
+/// end goes to the server as the job's stdin (the job's supervisor relays it into the job's
+/// terminal); a thread copies our stdin into the near end as [`mgpu_proto::pty_frame`]s.
+struct PtyRelay {
+    near: std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>,
+    far: Option<std::os::unix::net::UnixStream>,
+    winch: tokio::signal::unix::Signal,
+}
+
+impl PtyRelay {
+    fn new() -> Result<PtyRelay> {
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "--pty needs a terminal on stdin (without --pty, piped input is the job's stdin)"
+            );
+        }
+        let (near, far) = std::os::unix::net::UnixStream::pair()?;
+        Ok(PtyRelay {
+            near: std::sync::Arc::new(std::sync::Mutex::new(near)),
+            far: Some(far),
+            winch: signal(SignalKind::window_change())?,
+        })
+    }
+
+    /// Our terminal's size: rows, columns.
+    fn size(&self) -> [u16; 2] {
+        // SAFETY: TIOCGWINSZ fills the winsize we own.
+        unsafe {
+            let mut ws: libc::winsize = std::mem::zeroed();
+            libc::ioctl(0, libc::TIOCGWINSZ, &mut ws);
+            [ws.ws_row, ws.ws_col]
+        }
+    }
+
+    fn far_end(&self) -> Result<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.far
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+            .ok_or_else(|| anyhow::anyhow!("the terminal was already passed"))
+    }
+
+    /// The far end has been passed: close ours, and start copying keystrokes.
+    fn start(&mut self) -> Result<()> {
+        self.far = None;
+        let near = self.near.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 4096];
+            let mut input = std::io::stdin().lock();
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let frame = mgpu_proto::pty_frame(0, &buf[..n]);
+                let mut out = near.lock().unwrap_or_else(|p| p.into_inner());
+                if out.write_all(&frame).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn send_size(&self) {
+        use std::io::Write;
+        let [rows, cols] = self.size();
+        let mut data = rows.to_be_bytes().to_vec();
+        data.extend_from_slice(&cols.to_be_bytes());
+        let frame = mgpu_proto::pty_frame(1, &data);
+        let _ = self
+            .near
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&frame);
+    }
+}
+
+/// Our terminal in raw mode (keystrokes, Ctrl-C included, go to the job as typed) until
+/// dropped.
+struct RawMode(libc::termios);
+
+impl RawMode {
+    fn enter() -> Result<RawMode> {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with termios structs we own.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) != 0 {
+                bail!(
+                    "cannot read the terminal's settings: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            libc::tcsetattr(0, libc::TCSANOW, &raw);
+            Ok(RawMode(saved))
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enter`.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
+    }
+}
+
 /// Resolves on SIGHUP, or never when we do not listen for it.
 async fn hangup(sig: &mut Option<tokio::signal::unix::Signal>) {
     match sig {
@@ -930,14 +1168,35 @@ fn sighup_ignored() -> bool {
     }
 }
 
-async fn cancel(client: &mut Client, job: Option<u64>, cancelling: &mut bool) {
+async fn cancel(
+    client: &mut Client,
+    job: Option<u64>,
+    cancelling: &mut bool,
+    interrupted: &mut Option<i32>,
+    code: i32,
+) {
+    interrupted.get_or_insert(code);
+    let what = job.map_or("the job".to_string(), |j| format!("job {j}"));
     if !*cancelling {
         *cancelling = true;
-        match job {
-            Some(j) => eprintln!("mgpu_srun: cancelling job {j}; waiting for its processes to end"),
-            None => eprintln!("mgpu_srun: cancelling the job; waiting for its processes to end"),
-        }
+        eprintln!("mgpu_srun: cancelling {what}; waiting for its processes to end");
         // If the server is away, the request is sent again after reconnecting.
+        let _ = client.send(&Request::CancelAttached).await;
+    } else {
+        // Asked again: say what we wait for (the job's processes still run their exit
+        // handlers; the server kills what is left after its grace period).
+        eprintln!(
+            "mgpu_srun: still waiting for {what} to end: its processes got SIGTERM and get SIGKILL after the server's grace period (mgpu_queue -j {} shows it)",
+            job.map_or("ID".to_string(), |j| j.to_string())
+        );
+    }
+}
+
+/// Cancels the job without a word: our output is gone.
+async fn quiet_cancel(client: &mut Client, cancelling: &mut bool, interrupted: &mut Option<i32>) {
+    interrupted.get_or_insert(141);
+    if !*cancelling {
+        *cancelling = true;
         let _ = client.send(&Request::CancelAttached).await;
     }
 }

@@ -14,9 +14,9 @@
 //! Which job goes first is the [`Policy`] of [`Config`]: FIFO first-fit, FIFO with EASY
 //! backfilling, or fair-share with EASY backfilling (the default); see [`policy`] and `pass.rs`.
 
-pub mod limits;
 mod begin;
 mod gate;
+pub mod limits;
 mod pass;
 pub mod placement;
 pub mod policy;
@@ -27,11 +27,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-pub use limits::{LimitHit, UserLimits, UserRunning};
 pub use gate::{
     parse_dependency, ControlError, DepItem, DepKind, DepSpec, DepTarget, Dependency, Gate, Hold,
     JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TEXT,
 };
+pub use limits::{LimitHit, UserLimits, UserRunning};
 use pass::Reservation;
 pub use placement::GpuState;
 use policy::UserUsage;
@@ -220,10 +220,11 @@ pub enum SubmitError {
     NoGpus,
     #[error("--mem must be more than 0 MiB")]
     ZeroMemory,
-    #[error("the job asks for {asked} GPUs but this machine has only {have}")]
+    #[error("the job asks for {asked} GPU{} but this machine has only {have}", plural(*asked as usize))]
     TooManyGpus { asked: u32, have: u32 },
     #[error(
-        "the job asks for {asked} GPUs with {mem_mib} MiB each but only {have} GPUs here have that much memory (largest: {largest_mib} MiB)"
+        "the job asks for {asked} GPU{} with {mem_mib} MiB each but only {have} GPU{} here {} that much memory (largest: {largest_mib} MiB)",
+        plural(*asked as usize), plural(*have as usize), if *have == 1 { "has" } else { "have" }
     )]
     TooMuchMemory {
         asked: u32,

@@ -242,6 +242,55 @@ impl Conn {
         }
     }
 
+    /// Receives one descriptor the client passes (`SCM_RIGHTS` on a single byte), within
+    /// [`FRAME_READ_TIMEOUT`]; only when the client was asked for it and nothing else is
+    /// unread (a plain read would consume the byte and the kernel would drop the descriptor).
+    /// A byte without a descriptor, or more than one descriptor, is refused (extra ones are
+    /// closed).
+    pub async fn recv_fd(&mut self) -> Result<std::os::fd::OwnedFd> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        if !self.rbuf.is_empty() {
+            bail!("unexpected data before the descriptor");
+        }
+        let fd = self.stream.as_raw_fd();
+        let got = tokio::time::timeout(FRAME_READ_TIMEOUT, async {
+            loop {
+                self.stream.readable().await?;
+                let r = self.stream.try_io(tokio::io::Interest::READABLE, || {
+                    let mut byte = [0u8; 1];
+                    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+                    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+                    let msg =
+                        recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+                            .map_err(std::io::Error::from)?;
+                    let mut fds: Vec<OwnedFd> = Vec::new();
+                    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                        if let ControlMessageOwned::ScmRights(list) = c {
+                            // SAFETY: the kernel just gave us these descriptors.
+                            fds.extend(
+                                list.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
+                            );
+                        }
+                    }
+                    Ok((msg.bytes, fds))
+                });
+                match r {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            }
+        })
+        .await;
+        match got {
+            Err(_) => bail!("the descriptor did not arrive within {FRAME_READ_TIMEOUT:?}"),
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok((0, _))) => bail!("the connection closed before the descriptor"),
+            Ok(Ok((_, mut fds))) if fds.len() == 1 => Ok(fds.remove(0)),
+            Ok(Ok(_)) => bail!("expected exactly one descriptor"),
+        }
+    }
+
     fn set_charge(&mut self, bytes: usize) -> Result<(), String> {
         self.shared.budget.adjust(self.uid, self.charged, bytes)?;
         self.charged = bytes;
@@ -406,6 +455,31 @@ mod tests {
     async fn pair() -> (Conn, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         (Conn::new(a, 1000, Arc::default()), b)
+    }
+
+    /// A passed descriptor is taken; a byte without one is refused.
+    #[tokio::test]
+    async fn descriptors_are_received_only_when_passed() {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let (mut conn, peer) = pair().await;
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fds = [file.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(b"i")];
+        sendmsg::<()>(
+            peer.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let fd = conn.recv_fd().await.unwrap();
+        assert!(fd.as_raw_fd() > 2);
+        let mut peer = peer;
+        peer.write_all(b"i").await.unwrap();
+        let e = conn.recv_fd().await.unwrap_err().to_string();
+        assert!(e.contains("exactly one descriptor"), "{e}");
     }
 
     #[tokio::test]

@@ -49,6 +49,9 @@ pub struct LaunchSpec {
     /// Not before this time (`--begin`); kept in the job's own `begin_at` column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub begin_at: Option<mgpu_core::Millis>,
+    /// Who is told when the job begins or ends, and how (see [`crate::notify`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<mgpu_proto::Notify>,
 }
 
 /// Everything needed to fork one run of a job. The daemon resolves it and hands it to the
@@ -100,6 +103,14 @@ pub struct Launch {
     pub mem_mib: Option<u64>,
     #[serde(default)]
     pub gpu_total_mib: Option<u64>,
+    /// The daemon passes the job's stdin (its `mgpu_srun`'s) over the link before anything
+    /// else; without it the job's stdin is `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
+    /// `--pty`: the job runs on a new terminal of this size (rows, columns), its controlling
+    /// terminal; what the daemon passes as stdin then carries keystrokes and window sizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<[u16; 2]>,
 }
 
 /// A started job: its process (leader of its own session and process group) and the read ends
@@ -731,6 +742,8 @@ struct ChildPlan {
     cwd: CString,
     umask: Option<u32>,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// Make stdin (a terminal) the controlling terminal of the job's new session.
+    ctty: bool,
     /// `-o` / `-e` paths (as given, relative to `cwd`), opened as the user and sent on `link`.
     outputs: Option<OutputPlan>,
 }
@@ -808,6 +821,9 @@ unsafe fn child(plan: &ChildPlan, stdio: [libc::c_int; 3], report: libc::c_int, 
     libc::sigemptyset(&mut none);
     libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     if libc::setsid() < 0 {
+        fail(Step::Session);
+    }
+    if plan.ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
         fail(Step::Session);
     }
     // The supervisor shields itself from the OOM killer; the job must not inherit that.
@@ -950,7 +966,17 @@ pub fn start(
     account: &Account,
     cgroup: Option<&crate::cgroup::JobCgroup>,
 ) -> Result<Started, StartError> {
-    start_with(launch, account, cgroup, true)
+    start_with(launch, account, cgroup, true, None)
+}
+
+/// [`start`], with `stdin` as the job's stdin instead of `/dev/null`.
+pub fn start_with_stdin(
+    launch: &Launch,
+    account: &Account,
+    cgroup: Option<&crate::cgroup::JobCgroup>,
+    stdin: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<Started, StartError> {
+    start_with(launch, account, cgroup, true, stdin)
 }
 
 /// [`start`], with the shared-memory start (`shared`) or the fork it falls back to.
@@ -959,6 +985,7 @@ fn start_with(
     account: &Account,
     cgroup: Option<&crate::cgroup::JobCgroup>,
     shared: bool,
+    stdin: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> Result<Started, StartError> {
     let fail = |message: String, code: i32| StartError { message, code };
     let cwd = CString::new(launch.spec.cwd.as_bytes())
@@ -1039,6 +1066,7 @@ fn start_with(
         groups: account.groups.clone(),
         cwd,
         umask: launch.spec.umask,
+        ctty: launch.pty.is_some(),
         rlimits: (launch.rlimits.iter())
             .map(|r| {
                 let limit = libc::rlimit {
@@ -1063,7 +1091,18 @@ fn start_with(
         ),
         None => None,
     };
-    let stdio = [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let stdin = stdin.map_or(devnull.as_raw_fd(), |fd| fd.as_raw_fd());
+    let mut stdio = [stdin, out_w.as_raw_fd(), err_w.as_raw_fd()];
+    // --pty: the terminal's slave side is all three, the master is read as its stdout.
+    let (out_r, _slave) = match launch.pty {
+        None => (out_r, None),
+        Some(size) => {
+            let (master, slave) =
+                open_pty(size, account).map_err(|e| io_err("cannot open a terminal", e))?;
+            stdio = [slave.as_raw_fd(); 3];
+            (master, Some(slave))
+        }
+    };
     let args = ChildArgs {
         plan: &plan,
         stdio,
@@ -1133,6 +1172,39 @@ fn start_with(
     }
 }
 
+/// A new terminal (master, slave) of `size` (rows, columns), its slave side the account's.
+fn open_pty(size: [u16; 2], account: &Account) -> io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let ws = libc::winsize {
+        ws_row: size[0],
+        ws_col: size[1],
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty fills two descriptors we then own.
+    let (master, slave) = unsafe {
+        if libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s))
+    };
+    for fd in [&master, &slave] {
+        // SAFETY: fcntl on descriptors we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    nix::unistd::fchown(
+        slave.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(account.uid)),
+        Some(nix::unistd::Gid::from_raw(account.gid)),
+    )?;
+    nix::sys::stat::fchmod(
+        slave.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(0o620),
+    )?;
+    Ok((master, slave))
+}
+
 /// The start error a child's report (`step, errno`; empty after an exec) says.
 fn start_error(report: &[u8], program: &str, outputs: &str) -> Option<StartError> {
     let &[step, lo, hi, ..] = report else {
@@ -1194,6 +1266,8 @@ mod tests {
             rlimits: Vec::new(),
             mem_mib: None,
             gpu_total_mib: None,
+            stdin: false,
+            pty: None,
         }
     }
 
@@ -1222,6 +1296,7 @@ mod tests {
                 &me,
                 None,
                 shared,
+                None,
             )
             .unwrap_or_else(|e| panic!("shared={shared}: {}", e.message));
             let mut out = String::new();
@@ -1245,21 +1320,22 @@ mod tests {
                 "shared={shared}"
             );
             // The fork's report is read once the child has exited.
-            let missing = match start_with(&launch(&["no-such-command-here"]), &me, None, shared) {
-                Err(e) => e,
-                Ok(started) => {
-                    assert!(!shared, "the shared start reports before it returns");
-                    let pid = nix::unistd::Pid::from_raw(started.pid);
-                    assert_eq!(
-                        nix::sys::wait::waitpid(pid, None).unwrap(),
-                        nix::sys::wait::WaitStatus::Exited(pid, 127)
-                    );
-                    started
-                        .report
-                        .and_then(StartReport::read)
-                        .unwrap_or_else(|| panic!("shared={shared}: a missing command started"))
-                }
-            };
+            let missing =
+                match start_with(&launch(&["no-such-command-here"]), &me, None, shared, None) {
+                    Err(e) => e,
+                    Ok(started) => {
+                        assert!(!shared, "the shared start reports before it returns");
+                        let pid = nix::unistd::Pid::from_raw(started.pid);
+                        assert_eq!(
+                            nix::sys::wait::waitpid(pid, None).unwrap(),
+                            nix::sys::wait::WaitStatus::Exited(pid, 127)
+                        );
+                        started
+                            .report
+                            .and_then(StartReport::read)
+                            .unwrap_or_else(|| panic!("shared={shared}: a missing command started"))
+                    }
+                };
             assert_eq!(missing.code, 127, "shared={shared}: {}", missing.message);
             assert!(
                 missing.message.contains("cannot execute"),
@@ -1326,6 +1402,8 @@ mod tests {
                 job: 7,
                 mem_mib,
                 gpu_total_mib: total,
+                stdin: false,
+                pty: None,
                 ..launch_for(acct.uid, spec)
             };
             let env = environment(&launch, &acct);

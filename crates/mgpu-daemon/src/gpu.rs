@@ -244,7 +244,11 @@ impl Simulated {
 
 impl GpuBackend for Simulated {
     fn describe(&self) -> String {
-        format!("{} simulated GPUs", self.gpus.len())
+        format!(
+            "{} simulated GPU{}",
+            self.gpus.len(),
+            if self.gpus.len() == 1 { "" } else { "s" }
+        )
     }
     fn gpus(&self) -> Vec<GpuSpec> {
         self.gpus.clone()
@@ -366,7 +370,11 @@ impl Nvml {
 
 impl GpuBackend for Nvml {
     fn describe(&self) -> String {
-        format!("{} NVIDIA GPUs (NVML)", self.gpus.len())
+        format!(
+            "{} NVIDIA GPU{} (NVML)",
+            self.gpus.len(),
+            if self.gpus.len() == 1 { "" } else { "s" }
+        )
     }
     fn gpus(&self) -> Vec<GpuSpec> {
         self.gpus.clone()

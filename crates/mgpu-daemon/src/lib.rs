@@ -13,6 +13,7 @@ pub mod handlers;
 pub mod launcher;
 pub mod logquota;
 pub mod metrics;
+pub mod notify;
 pub mod recovery;
 pub mod run;
 pub mod safe_fs;

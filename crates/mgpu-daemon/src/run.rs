@@ -168,6 +168,14 @@ pub struct Args {
     /// exit: 0 when valid, 1 (with the reason) when not. Starts nothing
     #[arg(long)]
     pub check_config: bool,
+    /// The mail program for mgpu_srun --mail-type (run as the job's owner, with the address
+    /// as its argument and the message on stdin); when it does not exist, mail is refused at
+    /// submit
+    #[arg(long, value_name = "PATH", default_value = crate::notify::DEFAULT_SENDMAIL)]
+    pub sendmail: PathBuf,
+    /// Seconds a job's --notify command (or its mail's sendmail) may run before it is killed
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub notify_time_limit: u64,
     /// Internal: run as the supervisor of one job (started by the server itself)
     #[arg(long, value_name = "RUN_DIR", hide = true)]
     pub supervise: Option<PathBuf>,
@@ -688,6 +696,11 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
             logs.finished(*id, ending.at);
         }
     }
+    daemon.notifier.start(
+        daemon.clone(),
+        args.sendmail.clone(),
+        Duration::from_secs(args.notify_time_limit.max(1)),
+    );
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
     // Before the socket: a port that cannot be had leaves no socket file behind.

@@ -143,6 +143,9 @@ pub struct Inner {
     admitting: HashMap<u32, usize>,
     /// The per-user and per-group limits of the configuration (replaced on reload).
     pub limits: Arc<crate::config::LimitRules>,
+    /// The stdin of attached jobs not started yet (their `mgpu_srun`'s, passed as a
+    /// descriptor): handed to the first run's supervisor.
+    pub stdin: HashMap<JobId, (OwnedFd, Option<[u16; 2]>)>,
 }
 
 impl Inner {
@@ -219,6 +222,8 @@ pub struct Daemon {
     pub launches: Mutex<crate::logquota::LaunchBook>,
     /// Figures for the metrics endpoint (kept whether or not it is served).
     pub metrics: crate::metrics::Metrics,
+    /// Runs `--notify` commands and sends `--mail-type` mail (see [`crate::notify`]).
+    pub notifier: crate::notify::Notifier,
 }
 
 pub fn now_ms() -> Millis {
@@ -252,6 +257,7 @@ impl Daemon {
                 next_job_id: 1,
                 admitting: HashMap::new(),
                 limits: Default::default(),
+                stdin: HashMap::new(),
             }),
             logs: Mutex::new(crate::logquota::LogBook::new(crate::logquota::Quotas {
                 per_job: settings.max_log_bytes,
@@ -263,6 +269,7 @@ impl Daemon {
             )),
             metrics: crate::metrics::Metrics::new(&store.stats),
             store,
+            notifier: Default::default(),
             settings,
             launcher: Launcher::default(),
         })
@@ -384,6 +391,8 @@ impl Daemon {
             max_log_bytes: self.settings.max_log_bytes,
             log_note: String::new(),
             launch_id: new_launch_id(),
+            stdin: false,
+            pty: None,
             array: job.request.array,
             pids_max: self.settings.job_limits.pids_max,
             rlimits: Vec::new(),
@@ -399,7 +408,16 @@ impl Daemon {
         // Registered now, so that a cancel arriving while the supervisor starts is queued for
         // it rather than lost.
         let cmd_rx = register_run(inner, id);
-        tokio::spawn(start_run(self.clone(), launch, cmd_rx, event));
+        let (stdin, pty) = match inner.stdin.remove(&id) {
+            Some((fd, pty)) => (Some(fd), pty),
+            None => (None, None),
+        };
+        let launch = Launch {
+            stdin: stdin.is_some(),
+            pty,
+            ..launch
+        };
+        tokio::spawn(start_run(self.clone(), launch, cmd_rx, event, stdin));
     }
 
     /// Re-adopts run `run` of a job whose supervisor outlived the previous daemon.
@@ -458,6 +476,7 @@ impl Daemon {
         let id = outcome.job;
         self.metrics.job_ended(outcome.state);
         inner.commands.remove(&id);
+        inner.stdin.remove(&id);
         inner.running.remove(&id);
         self.logs
             .lock()
@@ -477,6 +496,7 @@ impl Daemon {
                 message: outcome.message.clone(),
             },
         );
+        self.notifier.ended(&outcome);
         if let Some(tx) = inner.watchers.remove(&id) {
             let _ = tx.send(JobEvent::Finished(outcome));
         }
@@ -867,6 +887,7 @@ async fn start_run(
     launch: Launch,
     cmds: mpsc::UnboundedReceiver<SupervisorCmd>,
     event: std::time::Instant,
+    stdin: Option<OwnedFd>,
 ) {
     let id = launch.job;
     let run = launch.restarts;
@@ -887,6 +908,11 @@ async fn start_run(
         let log_offset = mark_run(&launch)?;
         store_daemon.log_run_starts(&mut launch, log_offset);
         let (pid, link) = spawn_supervisor(&store_daemon.launcher, &job_dir, &run_dir, &launch)?;
+        if let Some(fd) = stdin {
+            // The first thing on the link, before any frame: the supervisor takes it before
+            // it starts the job (see `supervisor::take_stdin`).
+            supervisor::give_stdin(&link, &fd);
+        }
         anyhow::Ok((pid, link, log_offset))
     })
     .await
@@ -902,6 +928,9 @@ async fn start_run(
                 });
             }
             tracing::info!(job = id, gpus = ?gpus, supervisor = pid, "job started");
+            if run == 0 {
+                daemon.notifier.began(id);
+            }
             daemon.store.started(id, started_at, gpus, pid);
             supervise_link(daemon, id, run, Some(link), cmds).await;
         }

@@ -132,6 +132,7 @@ struct StoredSpec<'a> {
     output: &'a Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: &'a Option<String>,
+    notify: Option<&'a mgpu_proto::Notify>,
 }
 
 /// `spec` as stored, and the id of its environment's row (none for an empty environment).
@@ -147,6 +148,7 @@ fn stored_spec(tx: &rusqlite::Transaction, spec: &LaunchSpec) -> Result<(String,
         script: &spec.script,
         output: &spec.output,
         error: &spec.error,
+        notify: spec.notify.as_ref(),
     })?;
     let env = if spec.env.is_empty() {
         None

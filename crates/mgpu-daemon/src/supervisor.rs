@@ -317,6 +317,17 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
     };
     // The daemon that started us holds the other end of our stdin: our first link.
     let initial = initial_link();
+    // The job's stdin, when its mgpu_srun gave one: the first thing on the link. Ours only
+    // until the job has it.
+    let stdin = match (&initial, launch.stdin) {
+        (Some(link), true) => take_stdin(link),
+        _ => None,
+    };
+    // With --pty it carries keystrokes for the job's terminal, relayed below.
+    let (stdin, keys) = match launch.pty {
+        Some(_) => (None, stdin),
+        None => (stdin, None),
+    };
     // The job's supervisor must outlive an out-of-memory job, or the job escapes its books.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let limits = crate::cgroup::Limits {
@@ -363,12 +374,24 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
             message: format!("mgpu: {}", cgroup_error.unwrap_or_default()),
             code: 1,
         }),
-        Ok(account) => exec::start(&launch, &account, cgroup),
+        Ok(account) => exec::start_with_stdin(
+            &launch,
+            &account,
+            cgroup,
+            stdin.as_ref().map(std::os::fd::AsFd::as_fd),
+        ),
         Err(e) => Err(exec::StartError {
             message: format!("mgpu: cannot run as uid {}: {e:#}", launch.uid),
             code: 1,
         }),
     };
+    // The job has its stdin now; we do not keep a copy.
+    drop(stdin);
+    if let (Some(keys), Ok(started)) = (keys, &started) {
+        if let Ok(master) = started.stdout.try_clone() {
+            std::thread::spawn(move || relay_keys(keys, master));
+        }
+    }
     let started = match started {
         Ok(started) => started,
         Err(e) => {
@@ -417,6 +440,86 @@ fn sync_unheard(sup: &mut Supervisor, run_dir: &Path) {
 }
 
 /// Our stdin, when it is a socket (the daemon's end of the initial link).
+/// `mgpu_srun --pty`'s keystrokes and window sizes ([`mgpu_proto::pty_frame`]s) to the job's
+/// terminal, until srun goes away. Its own thread: a blocking copy through a 64 KiB buffer, so
+/// a job that does not read its terminal makes srun wait, never the supervisor's loop.
+fn relay_keys(keys: std::os::fd::OwnedFd, master: std::os::fd::OwnedFd) {
+    use std::io::{Read, Write};
+    let mut from = File::from(keys);
+    let mut to = File::from(master);
+    let mut buf = vec![0u8; u16::MAX as usize];
+    loop {
+        let mut head = [0u8; 3];
+        if from.read_exact(&mut head).is_err() {
+            return;
+        }
+        let n = u16::from_be_bytes([head[1], head[2]]) as usize;
+        if from.read_exact(&mut buf[..n]).is_err() {
+            return;
+        }
+        match head[0] {
+            0 => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            1 if n == 4 => {
+                let ws = libc::winsize {
+                    ws_row: u16::from_be_bytes([buf[0], buf[1]]),
+                    ws_col: u16::from_be_bytes([buf[2], buf[3]]),
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                // SAFETY: TIOCSWINSZ reads the winsize we own; the kernel signals the
+                // terminal's foreground group (SIGWINCH).
+                unsafe { libc::ioctl(to.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Passes `fd` (a job's stdin) to a supervisor over its new link: one byte carrying it.
+pub fn give_stdin(link: &UnixStream, fd: &std::os::fd::OwnedFd) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [io::IoSlice::new(b"i")];
+    if let Err(e) = sendmsg::<()>(link.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None) {
+        tracing::warn!(error = %e, "cannot pass the job's stdin to its supervisor");
+    }
+}
+
+/// Takes the job's stdin from the daemon's link (sent by [`give_stdin`] before any frame),
+/// waiting at most 10 s; `None` (stdin `/dev/null`) when it does not come.
+fn take_stdin(link: &UnixStream) -> Option<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let _ = link.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let got = recvmsg::<()>(
+        link.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    );
+    let _ = link.set_read_timeout(None);
+    let msg = got.ok()?;
+    let mut fd = None;
+    for c in msg.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(list) = c {
+            for f in list {
+                // SAFETY: the kernel just gave us this descriptor.
+                let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(f) };
+                fd.get_or_insert(owned);
+            }
+        }
+    }
+    fd
+}
+
 fn initial_link() -> Option<UnixStream> {
     use std::os::fd::FromRawFd;
     let is_socket = nix::sys::stat::fstat(0)
@@ -1116,6 +1219,8 @@ mod tests {
             rlimits: Vec::new(),
             mem_mib: None,
             gpu_total_mib: None,
+            stdin: false,
+            pty: None,
         };
         std::fs::write(
             fresh.path().join(LAUNCH_FILE),

@@ -281,6 +281,85 @@ pub struct SubmitRequest {
     /// Submit held (`--hold`): it waits until `mgpu_control release`.
     #[serde(default)]
     pub hold: bool,
+    /// Tell the user when the job begins or ends (`--notify`, `--mail-type`/`--mail-user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Box<Notify>>,
+    /// An attached job whose stdin is the client's: the server answers [`Response::SendStdin`]
+    /// and the client then sends one byte carrying its stdin descriptor (`SCM_RIGHTS`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// `--pty`: the job gets a terminal of this size (rows, columns); the descriptor passed as
+    /// its stdin then carries the keystrokes as [`pty_frame`]s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<[u16; 2]>,
+}
+
+/// One message from `mgpu_srun --pty` to its job's terminal: kind (0: keystrokes, 1: window
+/// size as rows and columns, big-endian u16s), length (big-endian u16), data.
+pub fn pty_frame(kind: u8, data: &[u8]) -> Vec<u8> {
+    let n = data.len().min(u16::MAX as usize);
+    let mut f = Vec::with_capacity(3 + n);
+    f.push(kind);
+    f.extend_from_slice(&(n as u16).to_be_bytes());
+    f.extend_from_slice(&data[..n]);
+    f
+}
+
+/// How a job's owner is told that it began or ended: a command run as them when it ends, and/or
+/// mail through the local sendmail (sent as them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notify {
+    /// `sh -c COMMAND` when the job ends (`--notify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Where mail goes (`--mail-user`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail_user: Option<String>,
+    /// When mail is sent: `BEGIN`, `END`, `FAIL` (`--mail-type`, ALL expanded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mail_types: Vec<String>,
+    /// The job's name, filled in by the server (for `MGPU_JOB_NAME` and the mail).
+    #[serde(default)]
+    pub job_name: String,
+}
+
+/// Longest `--notify` command accepted, in bytes.
+pub const MAX_NOTIFY_COMMAND: usize = 4096;
+
+impl Notify {
+    /// Checks what a client sent: a clear error for anything the server would not run.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(c) = &self.command {
+            if c.trim().is_empty() || c.len() > MAX_NOTIFY_COMMAND || c.contains('\0') {
+                return Err(format!(
+                    "--notify needs a command of at most {MAX_NOTIFY_COMMAND} bytes (run by sh -c as you when the job ends)"
+                ));
+            }
+        }
+        if let Some(a) = &self.mail_user {
+            let ok = !a.is_empty()
+                && a.len() <= 254
+                && !a.starts_with('-')
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._%+-@".contains(c));
+            if !ok {
+                return Err(format!(
+                    "invalid --mail-user '{a}': give one address (user@host) or a local user name"
+                ));
+            }
+        }
+        for t in &self.mail_types {
+            if !matches!(t.as_str(), "BEGIN" | "END" | "FAIL") {
+                return Err(format!(
+                    "invalid mail type '{t}': use BEGIN, END, FAIL, ALL or NONE"
+                ));
+            }
+        }
+        if self.mail_user.is_some() == self.mail_types.is_empty() {
+            return Err("--mail-user and --mail-type go together".into());
+        }
+        Ok(())
+    }
 }
 
 /// Largest batch script `mgpu_sbatch` sends (its content travels in the submit frame).
@@ -458,6 +537,8 @@ pub enum Response {
     JobDetail {
         fields: Vec<(String, String)>,
     },
+    /// Send your stdin now: one byte with the descriptor attached (see `SubmitRequest::stdin`).
+    SendStdin,
 }
 
 /// GPU usage per user over a period, and each user's fair-share standing now.

@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_cli::queue::{
-    drain_lines, fetch, foreign_lines, job_rows, rfc3339, JOB_COLUMNS, USED_COLUMN,
-};
+use mgpu_cli::fit::{self, Col};
+use mgpu_cli::queue::{drain_lines, fetch, foreign_lines, job_rows, JOB_COLUMNS, USED_COLUMN};
 use mgpu_core::JobState;
 use mgpu_proto::{GpuInfo, QueueRequest, QueueSnapshot};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
@@ -165,9 +164,11 @@ fn run(args: Args) -> Result<()> {
         use std::io::Write;
         let text = render_text(&view, width, height)?;
         let mut out = std::io::stdout().lock();
-        out.write_all(text.as_bytes())
-            .and_then(|()| out.flush())
-            .context("writing to stdout")?;
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            // `mgpu_top --once ... | head`: the reader has what it wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            r => r.context("writing to stdout")?,
+        }
         return Ok(());
     }
     catch_stop_signals()?;
@@ -259,28 +260,57 @@ fn refresh(rt: &tokio::runtime::Runtime, socket: &Path, view: &mut View) {
     }
 }
 
-/// A GPU's reserved memory as a bar, with the figures.
-fn memory_bar(g: &GpuInfo) -> String {
+/// A GPU's reserved memory as a bar of `bar` cells, with the figures.
+fn memory_bar(g: &GpuInfo, bar: usize) -> String {
     let filled = if g.total_mib == 0 {
         0
     } else {
-        (g.reserved_mib.min(g.total_mib) as u128 * BAR as u128).div_ceil(g.total_mib as u128)
+        (g.reserved_mib.min(g.total_mib) as u128 * bar as u128).div_ceil(g.total_mib as u128)
             as usize
     };
     format!(
         "{}{} {:>3}%",
         "█".repeat(filled),
-        "░".repeat(BAR - filled),
+        "░".repeat(bar - filled),
         (g.reserved_mib as u128 * 100)
             .checked_div(g.total_mib as u128)
             .unwrap_or(0)
     )
 }
 
-/// `HH:MM:SS UTC` of a time in ms since the epoch.
+/// `HH:MM:SS ZONE` of a time in ms since the epoch, in the local zone (`TZ` honoured).
 fn clock(ms: u64) -> String {
-    format!("{} UTC", rfc3339(ms).get(11..19).unwrap_or(""))
+    let zone = mgpu_cli::localtime::local(ms).zone;
+    format!("{} {zone}", mgpu_cli::localtime::clock(ms))
+        .trim_end()
+        .to_string()
 }
+
+/// The jobs table's columns as they give way on a narrow terminal: names and reasons are cut
+/// with an ellipsis, numbers never; RESTARTS, then USED, MEM and USER are left out.
+const JOB_FIT: [Col; 10] = [
+    Col::keep(JOB_COLUMNS[0]),
+    Col::text(JOB_COLUMNS[1], 6).optional(3),
+    Col::text(JOB_COLUMNS[2], 8),
+    Col::keep(JOB_COLUMNS[3]),
+    Col::keep(JOB_COLUMNS[4]),
+    Col::keep(JOB_COLUMNS[5]).optional(4),
+    Col::keep(JOB_COLUMNS[6]).optional(5),
+    Col::keep(JOB_COLUMNS[7]),
+    Col::keep(JOB_COLUMNS[8]).optional(6),
+    Col::text(JOB_COLUMNS[9], 6),
+];
+
+/// The GPU table's columns: the name is cut, the bar shortened (to 4 cells), the figures kept.
+const GPU_FIT: [Col; 7] = [
+    Col::keep("GPU"),
+    Col::text("NAME", 8),
+    Col::text("RESERVED", 9),
+    Col::keep("RESERVED MiB"),
+    Col::keep("USED MiB"),
+    Col::keep("UTIL").optional(1),
+    Col::text("JOBS", 4),
+];
 
 /// Lines of processes that are not mgpu jobs shown at most (the rest are counted).
 const FOREIGN_SHOWN: usize = 4;
@@ -345,46 +375,47 @@ pub fn draw(frame: &mut Frame, view: &View) {
     let Some(s) = &view.snapshot else {
         return;
     };
-    let gpu_rows = s.gpus.iter().map(|g| {
-        let jobs: Vec<String> = g.jobs.iter().map(u64::to_string).collect();
-        Row::new([
-            g.index.to_string(),
-            g.name.clone(),
-            memory_bar(g),
-            format!("{}/{}", g.reserved_mib, g.total_mib),
-            g.used_mib.to_string(),
-            g.util_pct.map_or("-".into(), |u| format!("{u}%")),
-            if jobs.is_empty() {
-                "-".into()
+    let gpu_cells: Vec<Vec<String>> = s
+        .gpus
+        .iter()
+        .map(|g| {
+            let jobs: Vec<String> = g.jobs.iter().map(u64::to_string).collect();
+            vec![
+                g.index.to_string(),
+                g.name.clone(),
+                memory_bar(g, BAR),
+                format!("{}/{}", g.reserved_mib, g.total_mib),
+                g.used_mib.to_string(),
+                g.util_pct.map_or("-".into(), |u| format!("{u}%")),
+                if jobs.is_empty() {
+                    "-".into()
+                } else {
+                    jobs.join(",")
+                },
+            ]
+        })
+        .collect();
+    let gpu_lay = fit::layout(
+        &GPU_FIT,
+        &gpu_cells,
+        1,
+        Some(gpu_area.width.saturating_sub(2) as usize),
+    );
+    let gpu_rows = s.gpus.iter().zip(&gpu_cells).map(|(g, cells)| {
+        Row::new(gpu_lay.iter().map(|&(i, w)| {
+            if i == 2 {
+                // The bar is drawn to fit, never cut.
+                memory_bar(g, w.saturating_sub(5).clamp(1, BAR))
             } else {
-                jobs.join(",")
-            },
-        ])
+                fit::cut(&cells[i], w)
+            }
+        }))
     });
     let gpu_table = Table::new(
         gpu_rows,
-        [
-            Constraint::Length(3),
-            Constraint::Length(24),
-            Constraint::Length(BAR as u16 + 5),
-            Constraint::Length(15),
-            Constraint::Length(8),
-            Constraint::Length(5),
-            Constraint::Min(4),
-        ],
+        gpu_lay.iter().map(|&(_, w)| Constraint::Length(w as u16)),
     )
-    .header(
-        Row::new([
-            "GPU",
-            "NAME",
-            "RESERVED",
-            "RESERVED MiB",
-            "USED MiB",
-            "UTIL",
-            "JOBS",
-        ])
-        .style(bold),
-    )
+    .header(Row::new(gpu_lay.iter().map(|&(i, _)| GPU_FIT[i].name)).style(bold))
     .block(Block::default().borders(Borders::ALL).title(" GPUs "));
     frame.render_widget(gpu_table, gpu_area);
     // Someone bypassing the scheduler: for the admin to act on.
@@ -398,30 +429,32 @@ pub fn draw(frame: &mut Frame, view: &View) {
     let visible = job_area.height.saturating_sub(3) as usize;
     let scroll = view.scroll.min(rows.len().saturating_sub(visible.max(1)));
     let shown = rows.len().saturating_sub(scroll).min(visible);
+    let page: Vec<Vec<String>> = rows
+        .iter()
+        .skip(scroll)
+        .take(visible)
+        .map(|r| r.to_vec())
+        .collect();
+    let job_lay = fit::layout(
+        &JOB_FIT,
+        &page,
+        1,
+        Some(job_area.width.saturating_sub(2) as usize),
+    );
     let job_table = Table::new(
-        rows.iter().skip(scroll).take(visible).map(|r| {
+        page.iter().map(|r| {
             // A job using more GPU memory than it reserved (`!` in USED) stands out.
             let color = match r[3].as_str() {
                 _ if r[USED_COLUMN].ends_with('!') => Color::Red,
                 "RUNNING" => Color::Green,
                 _ => Color::Yellow,
             };
-            Row::new(r.iter().map(String::as_str)).style(Style::default().fg(color))
+            Row::new(job_lay.iter().map(|&(i, w)| fit::cut(&r[i], w)))
+                .style(Style::default().fg(color))
         }),
-        [
-            Constraint::Length(8),
-            Constraint::Length(10),
-            Constraint::Length(16),
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Length(8),
-            Constraint::Length(15),
-            Constraint::Length(8),
-            Constraint::Min(10),
-        ],
+        job_lay.iter().map(|&(_, w)| Constraint::Length(w as u16)),
     )
-    .header(Row::new(JOB_COLUMNS).style(bold))
+    .header(Row::new(job_lay.iter().map(|&(i, _)| JOB_COLUMNS[i])).style(bold))
     .block(Block::default().borders(Borders::ALL).title(format!(
         " Jobs {}-{} of {} ",
         if shown == 0 { 0 } else { scroll + 1 },
@@ -644,12 +677,21 @@ mod tests {
             foreign: vec![],
             drained: None,
         };
-        assert_eq!(memory_bar(&g(0, 100)), format!("{}   0%", "░".repeat(BAR)));
         assert_eq!(
-            memory_bar(&g(100, 100)),
+            memory_bar(&g(0, 100), BAR),
+            format!("{}   0%", "░".repeat(BAR))
+        );
+        assert_eq!(
+            memory_bar(&g(100, 100), BAR),
             format!("{} 100%", "█".repeat(BAR))
         );
-        assert!(memory_bar(&g(1, 100)).starts_with('█'), "any use shows");
-        assert_eq!(memory_bar(&g(5, 0)), format!("{}   0%", "░".repeat(BAR)));
+        assert!(
+            memory_bar(&g(1, 100), BAR).starts_with('█'),
+            "any use shows"
+        );
+        assert_eq!(
+            memory_bar(&g(5, 0), BAR),
+            format!("{}   0%", "░".repeat(BAR))
+        );
     }
 }

@@ -231,6 +231,21 @@ pub async fn handle(
             .await;
         }
     }
+    let notify = match crate::notify::check(daemon, req.notify.take().map(|n| *n), &request.name) {
+        Ok(n) => n,
+        Err(msg) => return send_error(conn, msg).await,
+    };
+    // The client's stdin, for an attached job: passed as a descriptor (never read here), it
+    // becomes the job's stdin when it starts.
+    let mut stdin = if req.stdin && req.attach && req.array.is_none() {
+        send(conn, &mgpu_proto::Response::SendStdin).await?;
+        match conn.recv_fd().await {
+            Ok(fd) => Some(fd),
+            Err(e) => return send_error(conn, format!("could not take your stdin: {e:#}")).await,
+        }
+    } else {
+        None
+    };
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,
@@ -243,6 +258,7 @@ pub async fn handle(
         output: req.output.take(),
         error: req.error.take(),
         begin_at: req.begin_at,
+        notify,
     };
     if let Some(indices) = req.array.take() {
         return submit_array(
@@ -299,6 +315,9 @@ pub async fn handle(
                     inner.sched.defer_until(id, at);
                 }
                 inner.commands.insert(id, shown.clone());
+                if let Some(fd) = stdin.take() {
+                    inner.stdin.insert(id, (fd, req.pty));
+                }
                 let events = req.attach.then(|| daemon.subscribe(inner, id));
                 daemon.schedule(inner);
                 Ok(events)
@@ -621,6 +640,9 @@ mod tests {
             array: None,
             array_limit: None,
             cpus: None,
+            notify: None,
+            stdin: false,
+            pty: None,
             host_mem_mib: None,
             script: None,
             output: None,

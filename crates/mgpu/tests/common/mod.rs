@@ -331,7 +331,10 @@ impl Server {
     /// A client command as root (the test's own user).
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new(bin(program));
-        c.env("MGPU_SOCKET", &self.socket).current_dir(&self.dir);
+        // An attached srun passes its stdin to its job: never the test runner's own.
+        c.env("MGPU_SOCKET", &self.socket)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null());
         c
     }
 
@@ -358,7 +361,8 @@ impl Server {
             .env("HOME", &user.home)
             .env("USER", &user.name)
             .env("LOGNAME", &user.name)
-            .current_dir(&user.home);
+            .current_dir(&user.home)
+            .stdin(Stdio::null());
         c
     }
 

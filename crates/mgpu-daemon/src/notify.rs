@@ -1,0 +1,317 @@
+//! Telling a job's owner that it began or ended: `mgpu_srun --notify CMD` runs `sh -c CMD`
+//! when the job ends, and `--mail-type`/`--mail-user` send mail through the local `sendmail`.
+//!
+//! Both run as the job's owner, never as root: the process is forked with the owner's uid,
+//! gid and groups, in a session of its own, its working directory entered with the owner's
+//! rights (the job's, else their home), a small clean environment, stdin `/dev/null` (or the
+//! mail), output discarded. The daemon never waits for one with its lock held: a background
+//! task starts at most [`MAX_AT_ONCE`] at a time and kills each one's process group after
+//! [`TIME_LIMIT`] (or the server's `--notify-time-limit`). What to run is part of the job's durable launch record, so it survives a
+//! restart; a notification due while the daemon was down is not sent (best effort, like
+//! Slurm's mail).
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use mgpu_core::{JobId, JobState};
+use mgpu_proto::{JobOutcome, Notify};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::state::Daemon;
+use crate::users::Account;
+
+/// How long a notification command or sendmail may run before it is killed, unless the
+/// server is told otherwise (`--notify-time-limit`).
+pub const TIME_LIMIT: Duration = Duration::from_secs(60);
+/// Notifications running at once, in all.
+pub const MAX_AT_ONCE: usize = 16;
+/// Where sendmail is looked for unless the server is told otherwise.
+pub const DEFAULT_SENDMAIL: &str = "/usr/sbin/sendmail";
+
+enum Event {
+    Began(JobId),
+    Ended(JobOutcome),
+}
+
+/// The daemon's handle: events go to a background task (started by [`Notifier::start`]).
+#[derive(Default)]
+pub struct Notifier {
+    tx: Mutex<Option<mpsc::UnboundedSender<Event>>>,
+    sendmail: OnceLock<PathBuf>,
+    time_limit: OnceLock<Duration>,
+}
+
+impl Notifier {
+    /// Starts the task that runs notifications; `sendmail` is the mail program's path, and
+    /// each notification is killed after `time_limit`.
+    pub fn start(&self, daemon: Arc<Daemon>, sendmail: PathBuf, time_limit: Duration) {
+        let _ = self.sendmail.set(sendmail);
+        let _ = self.time_limit.set(time_limit);
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        tokio::spawn(run(daemon, rx));
+    }
+
+    /// The sendmail program, where mail can be sent.
+    pub fn sendmail(&self) -> &Path {
+        self.sendmail
+            .get()
+            .map(PathBuf::as_path)
+            .unwrap_or(Path::new(DEFAULT_SENDMAIL))
+    }
+
+    fn send(&self, e: Event) {
+        if let Some(tx) = &*self.tx.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(e);
+        }
+    }
+
+    /// The job's first run started.
+    pub fn began(&self, job: JobId) {
+        self.send(Event::Began(job));
+    }
+
+    /// The job ended (recorded).
+    pub fn ended(&self, outcome: &JobOutcome) {
+        self.send(Event::Ended(outcome.clone()));
+    }
+}
+
+/// Checks a submit's notification request: the job's name filled in, mail refused at once
+/// when this machine has no sendmail.
+pub fn check(
+    daemon: &Daemon,
+    notify: Option<Notify>,
+    name: &str,
+) -> Result<Option<Notify>, String> {
+    let Some(mut n) = notify else {
+        return Ok(None);
+    };
+    n.validate()?;
+    if n.command.is_none() && n.mail_user.is_none() {
+        return Ok(None);
+    }
+    if n.mail_user.is_some() {
+        let sendmail = daemon.notifier.sendmail();
+        if !sendmail.is_file() {
+            return Err(format!(
+                "--mail-type: this machine cannot send mail (no {}); use --notify CMD to run a command of yours when the job ends",
+                sendmail.display()
+            ));
+        }
+    }
+    n.job_name = name.to_string();
+    Ok(Some(n))
+}
+
+async fn run(daemon: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<Event>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_AT_ONCE));
+    while let Some(event) = rx.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            if let Err(e) = deliver(&daemon, event).await {
+                tracing::warn!(error = %e, "job notification failed");
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// What one notification needs, read from the store off the daemon's lock.
+struct Job {
+    notify: Notify,
+    cwd: String,
+    umask: Option<u32>,
+    account: Account,
+}
+
+fn load(daemon: &Daemon, id: JobId) -> anyhow::Result<Option<Job>> {
+    let spec = daemon.store.launch_spec(id)?;
+    let Some(notify) = spec.notify else {
+        return Ok(None);
+    };
+    let uid = if daemon.settings.multi_user {
+        match daemon.store.summary(id)? {
+            Some(s) => s.uid,
+            None => return Ok(None),
+        }
+    } else {
+        daemon.settings.server_uid
+    };
+    Ok(Some(Job {
+        notify,
+        cwd: spec.cwd,
+        umask: spec.umask,
+        account: crate::users::account(uid)?,
+    }))
+}
+
+async fn deliver(daemon: &Arc<Daemon>, event: Event) -> anyhow::Result<()> {
+    let id = match &event {
+        Event::Began(id) => *id,
+        Event::Ended(o) => o.job,
+    };
+    let d = daemon.clone();
+    let Some(job) = tokio::task::spawn_blocking(move || load(&d, id)).await?? else {
+        return Ok(());
+    };
+    let n = &job.notify;
+    let (state, code) = match &event {
+        Event::Began(_) => (JobState::Running, None),
+        Event::Ended(o) => (o.state, Some(o.shell_code())),
+    };
+    let mut env = vec![
+        ("MGPU_JOB_ID".to_string(), id.to_string()),
+        ("MGPU_JOB_STATE".into(), state.as_str().to_string()),
+        (
+            "MGPU_JOB_EXIT_CODE".into(),
+            code.map(|c| c.to_string()).unwrap_or_default(),
+        ),
+        ("MGPU_JOB_NAME".into(), n.job_name.clone()),
+    ];
+    if let (Some(command), Event::Ended(_)) = (&n.command, &event) {
+        env.push(("MGPU_NOTIFY_EVENT".into(), "END".into()));
+        let argv = ["-c".to_string(), command.clone()];
+        run_as(daemon, &job, Path::new("/bin/sh"), &argv, &env, None).await?;
+    }
+    if let Some(addr) = &n.mail_user {
+        let (kind, wanted) = match &event {
+            Event::Began(_) => ("Began", n.mail_types.iter().any(|t| t == "BEGIN")),
+            Event::Ended(o) => (
+                if o.state == JobState::Completed {
+                    "Ended"
+                } else {
+                    "Failed"
+                },
+                n.mail_types.iter().any(|t| t == "END")
+                    || (o.state != JobState::Completed && n.mail_types.iter().any(|t| t == "FAIL")),
+            ),
+        };
+        if wanted {
+            let name: String = n
+                .job_name
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let subject = match code {
+                Some(c) => format!(
+                    "mgpu Job_id={id} Name={name} {kind}, {}, ExitCode {c}",
+                    state.as_str()
+                ),
+                None => format!("mgpu Job_id={id} Name={name} {kind}"),
+            };
+            let message = format!(
+                "To: {addr}\nSubject: {subject}\n\n{subject}\n\nmgpu_acct -j {id} shows the job; mgpu_log {id} its output.\n"
+            );
+            let argv = ["-oi".to_string(), "--".to_string(), addr.clone()];
+            let sendmail = daemon.notifier.sendmail().to_path_buf();
+            run_as(daemon, &job, &sendmail, &argv, &env, Some(message)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `program argv` as the job's owner (see the module's notes), waits for it at most
+/// [`TIME_LIMIT`], then kills its process group.
+async fn run_as(
+    daemon: &Daemon,
+    job: &Job,
+    program: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    stdin: Option<String>,
+) -> anyhow::Result<()> {
+    let a = &job.account;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(argv)
+        .env_clear()
+        .env("PATH", crate::launcher::SUPERVISOR_PATH)
+        .env("HOME", &a.home)
+        .env("USER", &a.name)
+        .env("LOGNAME", &a.name)
+        .env("SHELL", &a.shell)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let switch = daemon.settings.multi_user;
+    let (uid, gid) = (a.uid, a.gid);
+    let groups: Vec<libc::gid_t> = a.groups.clone();
+    let cwd = CString::new(job.cwd.as_bytes()).ok();
+    let home = CString::new(a.home.as_os_str().as_bytes()).ok();
+    // The submitter's umask, as the job had it.
+    let umask = job.umask.unwrap_or(0o022) as libc::mode_t & 0o777;
+    // SAFETY: only async-signal-safe system calls between fork and exec, on data prepared
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::umask(umask);
+            if switch {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getuid() != uid || libc::geteuid() != uid {
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+                }
+            }
+            // Entered with the owner's rights: the job's directory, else their home, else /.
+            let entered = cwd.as_ref().is_some_and(|c| libc::chdir(c.as_ptr()) == 0)
+                || home.as_ref().is_some_and(|h| libc::chdir(h.as_ptr()) == 0);
+            if !entered {
+                libc::chdir(c"/".as_ptr());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let pid = child.id().unwrap_or(0) as i32;
+    let work = async {
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            let _ = pipe.write_all(text.as_bytes()).await;
+        }
+        child.wait().await
+    };
+    let limit = daemon
+        .notifier
+        .time_limit
+        .get()
+        .copied()
+        .unwrap_or(TIME_LIMIT);
+    match tokio::time::timeout(limit, work).await {
+        Ok(status) => {
+            let status = status?;
+            if !status.success() {
+                tracing::info!(program = %program.display(), ?status, "job notification exited with a failure");
+            }
+        }
+        Err(_) => {
+            tracing::warn!(program = %program.display(), "job notification ran over its time limit; killed");
+            if pid > 0 {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.wait().await;
+        }
+    }
+    Ok(())
+}

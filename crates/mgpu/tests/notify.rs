@@ -1,0 +1,163 @@
+//! "Tell me when it ends": `mgpu_srun --notify CMD` and `--mail-type`/`--mail-user` through
+//! the local sendmail, both run as the job's owner, never as root.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// Waits for a file the notification writes (written to a temporary name, then renamed).
+fn wait_file(path: &Path) -> String {
+    wait_until(Duration::from_secs(30), || path.exists());
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// The command runs as the job's owner, with the job's id, name, state and exit code; a
+/// pending job cancelled after a restart still notifies (the request is durable).
+#[test]
+fn notify_runs_as_the_owner_with_the_outcome_and_survives_a_restart() {
+    let Some((a, b)) = test_users() else { return };
+    let mut s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.display().to_string();
+    let notify = format!(
+        "{{ env | grep ^MGPU_JOB_; id -u; }} > {dir}/n.$MGPU_JOB_ID.tmp && mv {dir}/n.$MGPU_JOB_ID.tmp {dir}/n.$MGPU_JOB_ID"
+    );
+    let failed = s.detached_as(
+        &a,
+        &[
+            "-J", "my-run", "--notify", &notify, "--", "sh", "-c", "exit 3",
+        ],
+    );
+    let got = wait_file(&s.scratch.join(format!("n.{failed}")));
+    assert!(got.contains(&format!("MGPU_JOB_ID={failed}\n")), "{got}");
+    assert!(got.contains("MGPU_JOB_NAME=my-run\n"), "{got}");
+    assert!(got.contains("MGPU_JOB_STATE=FAILED\n"), "{got}");
+    assert!(got.contains("MGPU_JOB_EXIT_CODE=3\n"), "{got}");
+    assert!(got.ends_with(&format!("{}\n", a.uid)), "{got}");
+    let meta = std::fs::metadata(s.scratch.join(format!("n.{failed}"))).unwrap();
+    assert_eq!(meta.uid(), a.uid, "written as the owner, not root");
+    // Durable: a job that waits while the server restarts notifies when it ends.
+    let blocker = s.detached_as(&b, &["--", "sleep", "120"]);
+    s.wait_state(blocker, "RUNNING");
+    let waiting = s.detached_as(&b, &["--notify", &notify, "--", "true"]);
+    s.restart();
+    let out = s
+        .cmd_as(&b, "mgpu_cancel")
+        .arg(waiting.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got = wait_file(&s.scratch.join(format!("n.{waiting}")));
+    assert!(got.contains("MGPU_JOB_STATE=CANCELLED\n"), "{got}");
+    assert!(got.ends_with(&format!("{}\n", b.uid)), "{got}");
+    let meta = std::fs::metadata(s.scratch.join(format!("n.{waiting}"))).unwrap();
+    assert_eq!(meta.uid(), b.uid);
+}
+
+/// Mail goes through the machine's sendmail, run as the job's owner, on BEGIN and END (ALL);
+/// without a sendmail, mail is refused at submit with what to use instead; Slurm's other mail
+/// types are refused by name.
+#[test]
+fn mail_is_sent_as_the_owner_through_sendmail_or_refused() {
+    let Some((a, _)) = test_users() else { return };
+    let tmp = tempfile::Builder::new()
+        .prefix("mgpu-mail-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let sendmail = tmp.path().join("sendmail");
+    let out = tmp.path().display().to_string();
+    write_file(
+        &sendmail,
+        &format!(
+            "#!/bin/sh\n{{ id -u; echo \"$*\"; cat; }} > {out}/m.$$.tmp && mv {out}/m.$$.tmp {out}/m.$$\n"
+        ),
+        0o755,
+    );
+    let s = Server::start("1x24GiB", &["--sendmail", sendmail.to_str().unwrap()]);
+    let id = s.detached_as(
+        &a,
+        &[
+            "-J",
+            "mailed",
+            "--mail-type=ALL",
+            "--mail-user",
+            "someone@example.org",
+            "--",
+            "true",
+        ],
+    );
+    let mut mails: Vec<String> = Vec::new();
+    wait_until(Duration::from_secs(30), || {
+        mails = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.unwrap().path();
+                let n = p.file_name().unwrap().to_str().unwrap().to_string();
+                (n.starts_with("m.") && !n.ends_with(".tmp"))
+                    .then(|| std::fs::read_to_string(p).unwrap())
+            })
+            .collect();
+        mails.len() == 2
+    });
+    mails.sort_by_key(|m| !m.contains("Began"));
+    for m in &mails {
+        assert!(
+            m.starts_with(&format!("{}\n-oi -- someone@example.org\n", a.uid)),
+            "{m}"
+        );
+        assert!(m.contains("To: someone@example.org\n"), "{m}");
+    }
+    assert!(
+        mails[0].contains(&format!("Subject: mgpu Job_id={id} Name=mailed Began")),
+        "{}",
+        mails[0]
+    );
+    assert!(
+        mails[1].contains("Ended, COMPLETED, ExitCode 0"),
+        "{}",
+        mails[1]
+    );
+    let nomail = Server::start("1x24GiB", &["--sendmail", "/nonexistent/sendmail"]);
+    assert_fails_with(
+        &nomail
+            .cmd("mgpu_srun")
+            .args(["--mail-type=END", "--", "true"])
+            .output()
+            .unwrap(),
+        "this machine cannot send mail (no /nonexistent/sendmail); use --notify",
+    );
+    assert_fails_with(
+        &nomail
+            .cmd("mgpu_srun")
+            .args(["--mail-type=TIME_LIMIT", "--", "true"])
+            .output()
+            .unwrap(),
+        "mail type 'TIME_LIMIT' is not supported",
+    );
+    assert!(nomail.queue_json()["jobs"].as_array().unwrap().is_empty());
+}
+
+/// A notification that does not end is killed (its whole process group) after the server's
+/// --notify-time-limit; the server is not held up by it.
+#[test]
+fn a_notification_that_hangs_is_killed() {
+    let Some((a, _)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &["--notify-time-limit", "1"]);
+    let dir = s.scratch.display().to_string();
+    let notify = format!("sleep 1000 & echo $! > {dir}/pid.tmp; mv {dir}/pid.tmp {dir}/pid; wait");
+    s.detached_as(&a, &["--notify", &notify, "--", "true"]);
+    let pid: i32 = wait_file(&s.scratch.join("pid")).trim().parse().unwrap();
+    // Meanwhile the server serves others.
+    s.ok("mgpu_queue", &[]);
+    wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| st.contains(") Z "))
+    });
+}

@@ -227,7 +227,7 @@ impl Scheduler {
                 continue;
             };
             let shape = shape_of(&job.request);
-            let estimate = self.estimate_ms(&job.request);
+            let estimate = job.estimate_ms;
             match blocks.get(&shape) {
                 // (The first job that does not fit must still be seen, to get the reservation.)
                 Some(Block::NoFit) if !self.seeks_reservation(now) => continue,
@@ -373,7 +373,7 @@ impl Scheduler {
     fn expected_end(&self, job: &Job) -> Millis {
         job.started_at
             .unwrap_or(self.last_now)
-            .saturating_add(self.estimate_ms(&job.request))
+            .saturating_add(job.estimate_ms)
     }
 
     /// Moves a pending job to running on `chosen` and starts charging its user.
@@ -394,7 +394,7 @@ impl Scheduler {
             .or_default()
             .change_rate(now, tau, share);
         // Estimates of this job may go stale too.
-        let expected_end = now.saturating_add(self.estimate_ms(&job.request));
+        let expected_end = now.saturating_add(job.estimate_ms);
         self.recheck_at = Some(
             self.recheck_at
                 .map_or(expected_end, |t| t.min(expected_end)),
@@ -429,9 +429,8 @@ impl Scheduler {
             }
         }
         let shape = shape_of(&job.request);
-        let estimate = self.estimate_ms(&job.request);
         if let Some(jobs) = self.shapes.get_mut(&shape) {
-            jobs.remove(&(estimate, job.id));
+            jobs.remove(&(job.estimate_ms, job.id));
             if jobs.is_empty() {
                 self.shapes.remove(&shape);
             }
@@ -443,7 +442,7 @@ impl Scheduler {
         (
             self.config
                 .fair
-                .job_key_ms(job.submitted_at, job.request.nice),
+                .job_key_ms(job.submitted_at, job.request.nice, job.estimate_ms),
             job.queue_key,
         )
     }

@@ -1715,3 +1715,166 @@ fn over_reservation_on_a_shared_gpu_is_stopped_after_the_tolerance() {
     s.set_job_usage(0, &[(b, 4_000)]);
     assert_eq!(s.memory_actions(12_000, 0), vec![]);
 }
+
+fn named(uid: u32, name: &str) -> JobRequest {
+    JobRequest {
+        name: name.into(),
+        ..req(uid, 1, None)
+    }
+}
+
+#[test]
+fn jobs_without_limits_are_estimated_from_their_users_finished_runs() {
+    let min = 60_000;
+    let mut s = Scheduler::new(gpus(&[80_000; 2]), Config::default(), 1);
+    let day = 24 * 3600 * 1000;
+    assert_eq!(
+        s.estimate_ms(&named(1, "train")),
+        day,
+        "no history: the default"
+    );
+    // User 1 runs two "train" jobs of 10 and 20 min and one "eval" of 2 min.
+    let t1 = s.submit(named(1, "train"), 0).unwrap();
+    let t2 = s.submit(named(1, "train"), 0).unwrap();
+    s.schedule(0);
+    s.finish(t1, JobState::Completed);
+    s.schedule(10 * min);
+    s.finish(t2, JobState::Completed);
+    let e = s.submit(named(1, "eval"), 20 * min).unwrap();
+    s.schedule(20 * min);
+    s.finish(e, JobState::Completed);
+    s.schedule(22 * min);
+    // Same name first, then the user's runs of any name; other users get the default.
+    assert_eq!(s.estimate_ms(&named(1, "train")), 15 * min);
+    assert_eq!(s.estimate_ms(&named(1, "eval")), 2 * min);
+    assert_eq!(s.estimate_ms(&named(1, "other")), (10 + 20 + 2) * min / 3);
+    assert_eq!(s.estimate_ms(&named(2, "train")), day);
+    // A limit wins over history; cancelled and failed runs teach nothing.
+    assert_eq!(s.estimate_ms(&timed(1, 1, None, 3600)), 3_600_000);
+    let c = s.submit(named(1, "eval"), 22 * min).unwrap();
+    s.schedule(22 * min);
+    let _ = s.cancel(c, ROOT);
+    s.finish(c, JobState::Cancelled);
+    s.schedule(500 * min);
+    assert_eq!(s.estimate_ms(&named(1, "eval")), 2 * min);
+    // A pending job keeps the estimate it entered with; new jobs see what was learned since.
+    let pending_eval = {
+        let blocker = s.submit(req(3, 2, None), 500 * min).unwrap();
+        s.schedule(500 * min);
+        let p = s.submit(named(1, "eval"), 500 * min).unwrap();
+        s.learn_run(&named(1, "eval"), 4 * min);
+        assert_eq!(s.job(p).unwrap().estimate_ms(), 2 * min);
+        assert_eq!(s.estimate_ms(&named(1, "eval")), 3 * min);
+        let _ = blocker;
+        p
+    };
+    let _ = pending_eval;
+    // Off: the flat default.
+    let mut off = Scheduler::new(
+        gpus(&[80_000]),
+        Config {
+            learn_estimates: false,
+            ..Config::default()
+        },
+        1,
+    );
+    off.learn_run(&named(1, "train"), 5 * min);
+    assert_eq!(off.estimate_ms(&named(1, "train")), day);
+}
+
+#[test]
+fn the_estimators_memory_is_bounded() {
+    let mut e = estimate::Estimator::default();
+    for uid in 0..(estimate::USERS_KEPT as u32 + 10) {
+        e.learn(uid, "a", 1);
+    }
+    assert_eq!(e.sizes().0, estimate::USERS_KEPT);
+    // The least recently fed user went first.
+    assert_eq!(e.estimate(0, "a"), None);
+    assert_eq!(e.estimate(estimate::USERS_KEPT as u32 + 9, "a"), Some(1));
+    let mut e = estimate::Estimator::default();
+    for k in 0..1000u64 {
+        e.learn(7, &format!("name{k}"), k);
+        e.learn(7, "hot", 5);
+    }
+    let (users, names, runs) = e.sizes();
+    assert_eq!(users, 1);
+    assert!(names <= estimate::NAMES_PER_USER, "{names}");
+    assert!(runs <= (estimate::NAMES_PER_USER + 1) * estimate::RUNS_KEPT);
+    // A name fed recently is kept; its ring holds the last runs only.
+    assert_eq!(e.estimate(7, "hot"), Some(5));
+    assert_eq!(e.estimate(7, "name999"), Some(999));
+    assert_eq!(
+        e.estimate(7, "name0"),
+        e.estimate(7, ""),
+        "evicted: the user's runs"
+    );
+    // Long names are cut to a bounded key (at a character boundary).
+    e.learn(8, &"é".repeat(1000), 42);
+    assert_eq!(e.estimate(8, &"é".repeat(500)), Some(42));
+}
+
+#[test]
+fn a_learned_estimate_lets_a_job_without_a_limit_backfill() {
+    let min = 60_000;
+    let run = |learn: bool| {
+        let mut s = Scheduler::new(
+            gpus(&[80_000; 2]),
+            Config {
+                learn_estimates: learn,
+                ..easy()
+            },
+            1,
+        );
+        // User 1's "quick" jobs take 5 min.
+        s.learn_run(&named(1, "quick"), 5 * min);
+        let long = s.submit(timed(2, 1, None, 3600), 0).unwrap();
+        s.schedule(0);
+        let wide = s.submit(req(3, 2, None), 1_000).unwrap();
+        s.schedule(1_000);
+        assert_eq!(s.reserved_job(), Some(wide));
+        let quick = s.submit(named(1, "quick"), 2_000).unwrap();
+        let started = started_ids(&s.schedule(2_000));
+        let _ = long;
+        started.contains(&quick)
+    };
+    assert!(
+        run(true),
+        "5 min ends before the reservation (1 h): it backfills"
+    );
+    assert!(!run(false), "24 h would delay the reservation");
+}
+
+#[test]
+fn shorter_jobs_go_first_but_not_forever() {
+    let hour = 3_600_000;
+    let mut s = Scheduler::new(gpus(&[80_000]), easy(), 1);
+    let busy = s.submit(timed(9, 1, None, 100 * 3600), 0).unwrap();
+    s.schedule(0);
+    let long = s.submit(timed(1, 1, None, 10 * 3600), 1_000).unwrap();
+    let short = s.submit(timed(1, 1, None, 3600), 2_000).unwrap();
+    // A short job submitted long after the long one has waited more than the difference.
+    let late_short = s.submit(timed(1, 1, None, 3600), 12 * hour).unwrap();
+    s.schedule(12 * hour);
+    let order: Vec<JobId> = s
+        .jobs_in_order()
+        .filter(|j| j.state == JobState::Pending)
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(order, vec![short, long, late_short]);
+    // The estimate orders, but never ends a job: a job without a limit runs past it.
+    let _ = busy;
+}
+
+#[test]
+fn a_learned_estimate_never_ends_a_job() {
+    let min = 60_000;
+    let mut s = Scheduler::new(gpus(&[80_000]), Config::default(), 1);
+    s.learn_run(&named(1, "quick"), min);
+    let j = s.submit(named(1, "quick"), 0).unwrap();
+    s.schedule(0);
+    let _waiting = s.submit(named(2, "other"), 0).unwrap();
+    s.schedule(0);
+    assert!(s.time_actions(600 * min).is_empty());
+    assert_eq!(s.job(j).unwrap().state, JobState::Running);
+}

@@ -67,6 +67,16 @@ pub fn recover(
     probe: impl Fn(JobId) -> RunProbe,
 ) -> Plan {
     let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
+    // Run-time estimates are learned from the records before any job is restored, so the
+    // restored jobs are estimated as they were before the restart.
+    for (uid, name, run_ms) in &recovered.run_times {
+        let request = mgpu_core::JobRequest {
+            uid: *uid,
+            name: name.clone(),
+            ..Default::default()
+        };
+        sched.learn_run(&request, *run_ms);
+    }
     let mut specs: HashMap<JobId, ShownCommand> = HashMap::new();
     // A job array's tasks share their shown command.
     let mut shown_arrays: HashMap<JobId, ShownCommand> = HashMap::new();

@@ -379,6 +379,9 @@ pub struct Scheduler {
     /// Runs that ended since the last pass: (uid, name, started at). `finish` gets no clock:
     /// they are learned at the time of the next [`Scheduler::schedule`], as usage is.
     to_learn: Vec<(u32, String, Millis)>,
+    /// Weighted usage (GPU-s) below which a user's blocked job reserves at once, as of the
+    /// latest pass ([`FairShareConfig::reserve_below_share`]; negative: nobody).
+    share_bar: f64,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -429,6 +432,7 @@ impl Scheduler {
             over_since: HashMap::new(),
             estimator: Estimator::default(),
             to_learn: Vec::new(),
+            share_bar: -1.0,
         }
     }
 
@@ -743,6 +747,7 @@ impl Scheduler {
             self.estimator
                 .learn(uid, &name, now.saturating_sub(started_at));
         }
+        self.share_bar = self.compute_share_bar(now);
         // While a context switch is in progress nothing starts: the switched jobs' processes
         // go one by one, and what the first ones free must not be taken (by one of them,
         // restarting at once, or by anyone else) before the job the switch was made for can

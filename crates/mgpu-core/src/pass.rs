@@ -302,8 +302,39 @@ impl Scheduler {
             .recent_wait_by_user
             .get(&job.request.uid)
             .map_or(self.recent_wait_ms, |w| w.min(self.recent_wait_ms));
-        waited >= self.config.reserve_after_s.saturating_mul(1000)
-            && waited as f64 >= self.config.reserve_after_wait_factor * recent
+        (waited >= self.config.reserve_after_s.saturating_mul(1000)
+            && waited as f64 >= self.config.reserve_after_wait_factor * recent)
+            || self.below_share(job.request.uid)
+    }
+
+    /// Is this user's weighted usage far below that of the users contending now?
+    fn below_share(&self, uid: u32) -> bool {
+        self.share_bar >= 0.0
+            && self.user_usage_gpu_s(uid, self.last_now) / self.config.fair.weight(uid)
+                < self.share_bar
+    }
+
+    /// The usage bar of [`Scheduler::below_share`] at `now`: a fraction of the mean weighted
+    /// usage of the users with jobs waiting or running (negative: off). O(users).
+    pub(crate) fn compute_share_bar(&self, now: Millis) -> f64 {
+        let fraction = self.config.fair.reserve_below_share;
+        if self.config.policy != Policy::Fair || fraction <= 0.0 || self.user_queues.is_empty() {
+            return -1.0;
+        }
+        let mut active: Vec<u32> = self.user_queues.keys().copied().collect();
+        active.extend(
+            self.gpus
+                .iter()
+                .flat_map(|g| g.jobs())
+                .filter_map(|id| self.jobs.get(&id).map(|j| j.request.uid)),
+        );
+        active.sort_unstable();
+        active.dedup();
+        let total: f64 = active
+            .iter()
+            .map(|&u| self.user_usage_gpu_s(u, now) / self.config.fair.weight(u))
+            .sum();
+        fraction * total / active.len() as f64
     }
 
     /// Is a reservation due but not held: some user's longest-waiting job has waited long

@@ -80,6 +80,11 @@ pub struct FairShareConfig {
     /// learned estimate): shorter jobs go first, and a job that waited longer than the
     /// difference in length goes first anyway (no starvation). 0: plain FIFO within a user.
     pub size_factor: f64,
+    /// A blocked job of a user whose (weighted, decayed) usage is below this fraction of the
+    /// mean of the users with jobs waiting or running gets the reservation at once, without
+    /// waiting to be starved: users far below their share are not made to wait behind the
+    /// backlog of users far above it (a flood). 0: off.
+    pub reserve_below_share: f64,
 }
 
 impl Default for FairShareConfig {
@@ -91,6 +96,7 @@ impl Default for FairShareConfig {
             age_factor: 1.0,
             nice_unit_s: 60.0,
             size_factor: 1.0,
+            reserve_below_share: 0.0,
         }
     }
 }

@@ -64,6 +64,10 @@ struct Args {
     /// jobs first).
     #[arg(long)]
     size_factor: Option<f64>,
+    /// Fair share: a user below this fraction of the contending users' mean usage reserves
+    /// at once.
+    #[arg(long)]
+    reserve_below_share: Option<f64>,
     /// Estimate jobs without a limit at the flat default, not from their user's past runs.
     #[arg(long)]
     no_learned_estimates: bool,
@@ -140,6 +144,9 @@ fn main() -> anyhow::Result<()> {
             usage_factor: args.usage_factor.unwrap_or(defaults.usage_factor),
             age_factor: args.age_factor.unwrap_or(defaults.age_factor),
             size_factor: args.size_factor.unwrap_or(defaults.size_factor),
+            reserve_below_share: args
+                .reserve_below_share
+                .unwrap_or(defaults.reserve_below_share),
             ..defaults
         },
         learn_estimates: !args.no_learned_estimates,

@@ -4,7 +4,9 @@
 //! those of jobs with the same name (the daemon names a job after its command's first word
 //! unless told otherwise), then the user's runs of any name; with no history at all it falls
 //! back to the server's flat default estimate. The estimate is the mean of the recent runs
-//! kept.
+//! kept, used only when they agree: at least [`MIN_RUNS`] runs whose standard deviation is at
+//! most [`MAX_SPREAD`] times their mean (runs that vary more predict nothing, and a mean of
+//! them would only reorder jobs at random and backfill jobs that then delay the reservation).
 //!
 //! Used for backfilling and for the shortest-first part of the fair order only: it never ends
 //! a job (time limits stay what users set).
@@ -23,6 +25,11 @@ pub const RUNS_KEPT: usize = 16;
 pub const NAMES_PER_USER: usize = 32;
 /// Users kept.
 pub const USERS_KEPT: usize = 4096;
+/// Runs needed before their mean is used.
+pub const MIN_RUNS: usize = 2;
+/// Largest spread (standard deviation over mean) of runs whose mean is used: runs that vary
+/// more than this predict nothing, and the flat default (or the time limit) is used instead.
+pub const MAX_SPREAD: f64 = 0.5;
 /// Longest name kept as a key (longer names are cut, at a character boundary).
 const NAME_KEY_MAX: usize = 64;
 
@@ -38,12 +45,24 @@ impl Runs {
         self.0.push_back(run_ms);
     }
 
+    /// The mean, if the runs agree well enough to predict the next one: at least
+    /// [`MIN_RUNS`] of them, with a standard deviation of at most [`MAX_SPREAD`] times the mean.
     fn mean(&self) -> Option<Millis> {
-        if self.0.is_empty() {
+        let n = self.0.len();
+        if n < MIN_RUNS {
             return None;
         }
-        let sum: u128 = self.0.iter().map(|&r| u128::from(r)).sum();
-        Some((sum / self.0.len() as u128) as Millis)
+        let mean = self.0.iter().map(|&r| r as f64).sum::<f64>() / n as f64;
+        let var = self
+            .0
+            .iter()
+            .map(|&r| (r as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        if var.sqrt() > MAX_SPREAD * mean {
+            return None;
+        }
+        Some(mean.round() as Millis)
     }
 }
 

@@ -298,8 +298,9 @@ pub struct Config {
     pub reserve_after_s: u64,
     /// ... and only once it has waited this many times longer than jobs do of late (moving
     /// averages of the waits of the jobs started, all users' or its own user's, whichever is
-    /// less): a job is starved when it waits far longer than the others, not when everyone
-    /// waits long (0: no such condition).
+    /// less; for a user who has started none of late, only `reserve_after_s` counts): a job
+    /// is starved when it waits far longer than the others, not when everyone waits long (0: no
+    /// such condition).
     pub reserve_after_wait_factor: f64,
     /// Fair-share settings (used by [`Policy::Fair`]).
     pub fair: FairShareConfig,

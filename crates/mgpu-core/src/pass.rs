@@ -301,7 +301,9 @@ impl Scheduler {
         let recent = self
             .recent_wait_by_user
             .get(&job.request.uid)
-            .map_or(self.recent_wait_ms, |w| w.min(self.recent_wait_ms));
+            // A user who has started nothing of late is judged by the threshold alone: the
+            // waits of the others (perhaps one user's flood) say nothing of how long theirs are.
+            .map_or(0.0, |w| w.min(self.recent_wait_ms));
         (waited >= self.config.reserve_after_s.saturating_mul(1000)
             && waited as f64 >= self.config.reserve_after_wait_factor * recent)
             || self.below_share(job.request.uid)

@@ -95,7 +95,7 @@ impl Default for FairShareConfig {
             usage_factor: 100.0,
             age_factor: 1.0,
             nice_unit_s: 60.0,
-            size_factor: 1.0,
+            size_factor: 2.0,
             reserve_below_share: 0.0,
         }
     }

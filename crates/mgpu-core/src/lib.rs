@@ -177,6 +177,9 @@ pub struct Job {
     /// How long it is expected to run (ms), fixed when it enters the queue: see
     /// [`Scheduler::estimate_ms`].
     estimate_ms: u64,
+    /// Its fair-share key is at least this: a context-switched job goes behind every job that
+    /// was waiting when it was requeued, however short it is.
+    min_key: i64,
     /// A job array's task held back by the array's cap: pending, but not in the queue until
     /// a task of its array leaves.
     held: bool,
@@ -203,6 +206,7 @@ impl Job {
             warned: false,
             queue_key: 0,
             estimate_ms: 0,
+            min_key: i64::MIN,
             held: false,
         }
     }
@@ -1102,7 +1106,7 @@ impl Scheduler {
                     None => format!(
                         "{}, the estimate for a job without a time limit ({})",
                         timefmt::format_duration(job.estimate_ms.div_ceil(1000)),
-                        if self.learned_estimate_ms(r).is_some() {
+                        if job.estimate_ms != self.config.default_estimate_s.saturating_mul(1000) {
                             "from your recent runs"
                         } else {
                             "the server's default"

@@ -802,6 +802,22 @@ mod time_limits {
         );
     }
 
+    /// Under fair share a short job goes before a longer one, but a switched job goes behind
+    /// every job waiting when it was requeued, however short: else the job it was switched
+    /// for (here one without a limit, estimated at 24 h) would never get its GPU.
+    #[test]
+    fn a_switched_short_job_goes_behind_a_waiting_long_one() {
+        let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
+        s.schedule(0);
+        let b = s.submit(req(1, 1, None), 5_000).unwrap();
+        assert!(s.schedule(20_000).is_empty());
+        assert_eq!(s.time_actions(20_000), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, 20_000);
+        assert_eq!(pending_order(&s), vec![b, a]);
+        assert_eq!(started_ids(&s.schedule(20_000)), vec![b]);
+    }
+
     #[test]
     fn not_switched_before_its_slice_or_when_waiting_jobs_could_not_use_it() {
         let mut s = Scheduler::new(gpus(&[24_000, 24_000]), fifo(), 1);

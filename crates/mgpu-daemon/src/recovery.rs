@@ -277,6 +277,69 @@ mod tests {
         }
     }
 
+    /// Run times learned before a restart are rebuilt from the records before the queue is
+    /// restored: a job still waiting keeps the estimate its user's history gives it.
+    #[tokio::test]
+    async fn restored_jobs_are_estimated_from_the_recorded_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = JobRequest {
+            uid: 1,
+            user: "u".into(),
+            name: "train".into(),
+            gpus: 1,
+            ..Default::default()
+        };
+        let spec = || LaunchSpec {
+            command: vec!["true".into()],
+            cwd: "/".into(),
+            venv: Venv::Off,
+            ..Default::default()
+        };
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            for (id, minutes) in [(1, 10), (2, 12)] {
+                store
+                    .insert(NewJob {
+                        id,
+                        request: request.clone(),
+                        spec: spec(),
+                        submitted_at: 0,
+                        attached: false,
+                    })
+                    .await
+                    .unwrap()
+                    .unwrap();
+                store.started(id, 1_000, vec![0], 9);
+                store.ended(
+                    id,
+                    crate::store::Ending {
+                        state: JobState::Completed,
+                        at: 1_000 + minutes * 60_000,
+                        exit_code: Some(0),
+                        signal: None,
+                        message: None,
+                    },
+                );
+            }
+            store
+                .insert(NewJob {
+                    id: 3,
+                    request: request.clone(),
+                    spec: spec(),
+                    submitted_at: 0,
+                    attached: false,
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            store.flush().await;
+        }
+        let (_, rec) = Store::open(dir.path()).unwrap();
+        let sched = recover(gpus(), Config::default(), rec, 0, |_| RunProbe::NoRun).sched;
+        assert_eq!(sched.job(3).unwrap().estimate_ms(), 11 * 60_000);
+        assert_eq!(sched.estimate_ms(&request), 11 * 60_000);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 

@@ -15,6 +15,7 @@
 //! backfilling, or fair-share with EASY backfilling (the default); see [`policy`] and `pass.rs`.
 
 mod begin;
+pub(crate) mod estimate;
 mod gate;
 pub mod limits;
 mod pass;
@@ -27,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use estimate::Estimator;
 pub use gate::{
     parse_dependency, ControlError, DepItem, DepKind, DepSpec, DepTarget, Dependency, Gate, Hold,
     JobUpdate, TargetState, MAX_DEP_ITEMS, MAX_DEP_TEXT,
@@ -180,6 +182,12 @@ pub struct Job {
     pub warned: bool,
     /// Position key in the pending queue (smaller runs first).
     queue_key: u64,
+    /// How long it is expected to run (ms), fixed when it enters the queue: see
+    /// [`Scheduler::estimate_ms`].
+    estimate_ms: u64,
+    /// Its fair-share key is at least this: a context-switched job goes behind every job that
+    /// was waiting when it was requeued, however short it is.
+    min_key: i64,
     /// A job array's task held back by the array's cap: pending, but not in the queue until
     /// a task of its array leaves.
     held: bool,
@@ -207,9 +215,18 @@ impl Job {
             stopping: None,
             warned: false,
             queue_key: 0,
+            estimate_ms: 0,
+            min_key: i64::MIN,
             held: false,
             gate: None,
         }
+    }
+
+    /// How long the scheduler expects it to run (ms), for backfilling and ordering: its time
+    /// limit, else its user's learned run time, else the default estimate. Fixed when it
+    /// entered the queue (or was restored running).
+    pub fn estimate_ms(&self) -> u64 {
+        self.estimate_ms
     }
 }
 
@@ -284,8 +301,12 @@ pub struct Config {
     pub default_max_restarts: Option<u32>,
     /// Which job goes first (default [`Policy::Fair`]).
     pub policy: Policy,
-    /// How long a job without any time limit is assumed to run, for reservations (default 24 h).
+    /// How long a job without any time limit is assumed to run, for reservations (default 24 h),
+    /// when its user has no history to learn from (or `learn_estimates` is off).
     pub default_estimate_s: u64,
+    /// Estimate jobs without a time limit from their user's recent finished runs (same job
+    /// name first, then any), see [`Scheduler::learn_run`]; default on.
+    pub learn_estimates: bool,
     /// A blocked job gets the reservation only once it has waited this long (backfilling
     /// policies; 0: at once, plain EASY backfilling). Until then jobs start first-fit: a
     /// reservation planned from estimates holds GPUs idle, which pays only against
@@ -293,8 +314,9 @@ pub struct Config {
     pub reserve_after_s: u64,
     /// ... and only once it has waited this many times longer than jobs do of late (moving
     /// averages of the waits of the jobs started, all users' or its own user's, whichever is
-    /// less): a job is starved when it waits far longer than the others, not when everyone
-    /// waits long (0: no such condition).
+    /// less; for a user who has started none of late, only `reserve_after_s` counts): a job
+    /// is starved when it waits far longer than the others, not when everyone waits long (0: no
+    /// such condition).
     pub reserve_after_wait_factor: f64,
     /// Fair-share settings (used by [`Policy::Fair`]).
     pub fair: FairShareConfig,
@@ -311,6 +333,7 @@ impl Default for Config {
             default_max_restarts: None,
             policy: Policy::default(),
             default_estimate_s: 24 * 3600,
+            learn_estimates: true,
             reserve_after_s: 2 * 3600,
             reserve_after_wait_factor: 24.0,
             fair: FairShareConfig::default(),
@@ -394,6 +417,14 @@ pub struct Scheduler {
     recheck: Vec<JobId>,
     /// The whole server is drained: nothing new starts.
     server_drained: bool,
+    /// Run times learned from finished jobs, per user (and job name).
+    estimator: Estimator,
+    /// Runs that ended since the last pass: (uid, name, started at). `finish` gets no clock:
+    /// they are learned at the time of the next [`Scheduler::schedule`], as usage is.
+    to_learn: Vec<(u32, String, Millis)>,
+    /// Weighted usage (GPU-s) below which a user's blocked job reserves at once, as of the
+    /// latest pass ([`FairShareConfig::reserve_below_share`]; negative: nobody).
+    share_bar: f64,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -454,6 +485,9 @@ impl Scheduler {
             singleton_waiters: HashMap::new(),
             recheck: Vec::new(),
             server_drained: false,
+            estimator: Estimator::default(),
+            to_learn: Vec::new(),
+            share_bar: -1.0,
         }
     }
 
@@ -513,12 +547,33 @@ impl Scheduler {
         }
     }
 
-    /// How long a job is assumed to run, in ms, for reservations: its effective limit, else the
-    /// configured default estimate.
+    /// How long a job is assumed to run, in ms, for backfilling and ordering: its effective
+    /// limit, else (with [`Config::learn_estimates`]) what its user's recent runs of the same
+    /// name, or of any name, took on average, else the configured default estimate.
     pub fn estimate_ms(&self, request: &JobRequest) -> u64 {
-        self.effective_limit_s(request)
-            .unwrap_or(self.config.default_estimate_s)
-            .saturating_mul(1000)
+        if let Some(limit) = self.effective_limit_s(request) {
+            return limit.saturating_mul(1000);
+        }
+        self.learned_estimate_ms(request)
+            .unwrap_or(self.config.default_estimate_s.saturating_mul(1000))
+    }
+
+    /// The run time learned from the user's history, if any (and learning is on).
+    pub fn learned_estimate_ms(&self, request: &JobRequest) -> Option<u64> {
+        if !self.config.learn_estimates {
+            return None;
+        }
+        self.estimator
+            .estimate(request.uid, &request.name)
+            .map(|ms| ms.max(1))
+    }
+
+    /// Feeds the estimator with one finished run (`run_ms` long) of a job like `request` (its
+    /// user and name count). [`Scheduler::finish`] does this itself for jobs that complete or
+    /// time out; the shell calls it at startup with the recent history from its records, oldest
+    /// first, before jobs are restored.
+    pub fn learn_run(&mut self, request: &JobRequest, run_ms: Millis) {
+        self.estimator.learn(request.uid, &request.name, run_ms);
     }
 
     /// Refuses a request this machine could never satisfy, whatever else runs.
@@ -663,7 +718,8 @@ impl Scheduler {
     }
 
     /// Puts a pending job into the queue's indexes at its `queue_key`.
-    fn index_pending(&mut self, job: Job) {
+    fn index_pending(&mut self, mut job: Job) {
+        job.estimate_ms = self.estimate_ms(&job.request);
         let id = job.id;
         let key = job.queue_key;
         let user_key = self.user_key(&job);
@@ -671,11 +727,10 @@ impl Scheduler {
             .entry(job.request.uid)
             .or_default()
             .insert(user_key, id);
-        let estimate = self.estimate_ms(&job.request);
         self.shapes
             .entry((job.request.gpus, job.request.mem_mib))
             .or_default()
-            .insert((estimate, id));
+            .insert((job.estimate_ms, id));
         self.jobs.insert(id, job);
         self.pending.insert(key, id);
         self.fresh.push(id);
@@ -735,6 +790,7 @@ impl Scheduler {
             started_at: Some(started_at),
             gpus,
             queue_key: key,
+            estimate_ms: self.estimate_ms(&request),
             ..Job::new(id, request, JobState::Running, submitted_at, restarts)
         };
         self.jobs.insert(id, job);
@@ -756,6 +812,11 @@ impl Scheduler {
         self.last_now = self.last_now.max(now);
         self.release_begun(now);
         self.charge_rate_changes(now);
+        for (uid, name, started_at) in std::mem::take(&mut self.to_learn) {
+            self.estimator
+                .learn(uid, &name, now.saturating_sub(started_at));
+        }
+        self.share_bar = self.compute_share_bar(now);
         self.recheck_gates();
         if self.server_drained {
             return Vec::new();
@@ -847,6 +908,14 @@ impl Scheduler {
         self.over_since.remove(&id);
         self.full_pass_needed = true;
         self.task_left(&job.request);
+        // A run that went to its end (or its limit) says how long such jobs take; a cancelled
+        // or failed one may say nothing of the kind.
+        if matches!(state, JobState::Completed | JobState::Timeout) {
+            if let Some(started_at) = job.started_at {
+                self.to_learn
+                    .push((job.request.uid, job.request.name.clone(), started_at));
+            }
+        }
         job.state = state;
         self.job_left(&job, state);
         Some(job)
@@ -1290,8 +1359,13 @@ impl Scheduler {
                 let estimate = match self.effective_limit_s(r) {
                     Some(s) => format!("its time limit, {}", timefmt::format_duration(s)),
                     None => format!(
-                        "{}, the estimate for a job without a time limit",
-                        timefmt::format_duration(self.config.default_estimate_s)
+                        "{}, the estimate for a job without a time limit ({})",
+                        timefmt::format_duration(job.estimate_ms.div_ceil(1000)),
+                        if job.estimate_ms != self.config.default_estimate_s.saturating_mul(1000) {
+                            "from your recent runs"
+                        } else {
+                            "the server's default"
+                        }
                     ),
                 };
                 format!(

@@ -244,7 +244,7 @@ impl Scheduler {
                 continue;
             }
             let shape = shape_of(&job.request);
-            let estimate = self.estimate_ms(&job.request);
+            let estimate = job.estimate_ms;
             match blocks.get(&shape) {
                 // (The first job that does not fit must still be seen, to get the reservation.)
                 Some(Block::NoFit) if !self.seeks_reservation(now) => continue,
@@ -326,9 +326,42 @@ impl Scheduler {
         let recent = self
             .recent_wait_by_user
             .get(&job.request.uid)
-            .map_or(self.recent_wait_ms, |w| w.min(self.recent_wait_ms));
-        waited >= self.config.reserve_after_s.saturating_mul(1000)
-            && waited as f64 >= self.config.reserve_after_wait_factor * recent
+            // A user who has started nothing of late is judged by the threshold alone: the
+            // waits of the others (perhaps one user's flood) say nothing of how long theirs are.
+            .map_or(0.0, |w| w.min(self.recent_wait_ms));
+        (waited >= self.config.reserve_after_s.saturating_mul(1000)
+            && waited as f64 >= self.config.reserve_after_wait_factor * recent)
+            || self.below_share(job.request.uid)
+    }
+
+    /// Is this user's weighted usage far below that of the users contending now?
+    fn below_share(&self, uid: u32) -> bool {
+        self.share_bar >= 0.0
+            && self.user_usage_gpu_s(uid, self.last_now) / self.config.fair.weight(uid)
+                < self.share_bar
+    }
+
+    /// The usage bar of [`Scheduler::below_share`] at `now`: a fraction of the mean weighted
+    /// usage of the users with jobs waiting or running (negative: off). O(users).
+    pub(crate) fn compute_share_bar(&self, now: Millis) -> f64 {
+        let fraction = self.config.fair.reserve_below_share;
+        if self.config.policy != Policy::Fair || fraction <= 0.0 || self.user_queues.is_empty() {
+            return -1.0;
+        }
+        let mut active: Vec<u32> = self.user_queues.keys().copied().collect();
+        active.extend(
+            self.gpus
+                .iter()
+                .flat_map(|g| g.jobs())
+                .filter_map(|id| self.jobs.get(&id).map(|j| j.request.uid)),
+        );
+        active.sort_unstable();
+        active.dedup();
+        let total: f64 = active
+            .iter()
+            .map(|&u| self.user_usage_gpu_s(u, now) / self.config.fair.weight(u))
+            .sum();
+        fraction * total / active.len() as f64
     }
 
     /// Is a reservation due but not held: some user's longest-waiting job has waited long
@@ -399,7 +432,7 @@ impl Scheduler {
     fn expected_end(&self, job: &Job) -> Millis {
         job.started_at
             .unwrap_or(self.last_now)
-            .saturating_add(self.estimate_ms(&job.request))
+            .saturating_add(job.estimate_ms)
     }
 
     /// Moves a pending job to running on `chosen` and starts charging its user.
@@ -425,7 +458,7 @@ impl Scheduler {
             .or_default()
             .change_rate(now, tau, share);
         // Estimates of this job may go stale too.
-        let expected_end = now.saturating_add(self.estimate_ms(&job.request));
+        let expected_end = now.saturating_add(job.estimate_ms);
         self.recheck_at = Some(
             self.recheck_at
                 .map_or(expected_end, |t| t.min(expected_end)),
@@ -463,9 +496,8 @@ impl Scheduler {
             }
         }
         let shape = shape_of(&job.request);
-        let estimate = self.estimate_ms(&job.request);
         if let Some(jobs) = self.shapes.get_mut(&shape) {
-            jobs.remove(&(estimate, job.id));
+            jobs.remove(&(job.estimate_ms, job.id));
             if jobs.is_empty() {
                 self.shapes.remove(&shape);
             }
@@ -477,7 +509,8 @@ impl Scheduler {
         (
             self.config
                 .fair
-                .job_key_ms(job.submitted_at, job.request.nice),
+                .job_key_ms(job.submitted_at, job.request.nice, job.estimate_ms)
+                .max(job.min_key),
             job.queue_key,
         )
     }

@@ -76,6 +76,15 @@ pub struct FairShareConfig {
     pub age_factor: f64,
     /// Seconds of priority lost per point of `nice` (negative nice counts as 0).
     pub nice_unit_s: f64,
+    /// Seconds of priority lost per second of the job's expected run time (its limit, else its
+    /// learned estimate): shorter jobs go first, and a job that waited longer than the
+    /// difference in length goes first anyway (no starvation). 0: plain FIFO within a user.
+    pub size_factor: f64,
+    /// A blocked job of a user whose (weighted, decayed) usage is below this fraction of the
+    /// mean of the users with jobs waiting or running gets the reservation at once, without
+    /// waiting to be starved: users far below their share are not made to wait behind the
+    /// backlog of users far above it (a flood). 0: off.
+    pub reserve_below_share: f64,
 }
 
 impl Default for FairShareConfig {
@@ -86,6 +95,8 @@ impl Default for FairShareConfig {
             usage_factor: 100.0,
             age_factor: 1.0,
             nice_unit_s: 60.0,
+            size_factor: 2.0,
+            reserve_below_share: 0.0,
         }
     }
 }
@@ -105,9 +116,10 @@ impl FairShareConfig {
 
     /// The part of a job's priority fixed at submission (larger means later in its user's
     /// queue). Rounded to milliseconds so that it can key an ordered map.
-    pub(crate) fn job_key_ms(&self, submitted_at: Millis, nice: i32) -> i64 {
+    pub(crate) fn job_key_ms(&self, submitted_at: Millis, nice: i32, estimate_ms: u64) -> i64 {
         let nice_ms = self.nice_unit_s * 1000.0 * f64::from(nice.max(0));
-        (self.age_factor * submitted_at as f64 + nice_ms).round() as i64
+        let size_ms = self.size_factor * estimate_ms as f64;
+        (self.age_factor * submitted_at as f64 + nice_ms + size_ms).round() as i64
     }
 }
 

@@ -802,6 +802,22 @@ mod time_limits {
         );
     }
 
+    /// Under fair share a short job goes before a longer one, but a switched job goes behind
+    /// every job waiting when it was requeued, however short: else the job it was switched
+    /// for (here one without a limit, estimated at 24 h) would never get its GPU.
+    #[test]
+    fn a_switched_short_job_goes_behind_a_waiting_long_one() {
+        let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
+        s.schedule(0);
+        let b = s.submit(req(1, 1, None), 5_000).unwrap();
+        assert!(s.schedule(20_000).is_empty());
+        assert_eq!(s.time_actions(20_000), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, 20_000);
+        assert_eq!(pending_order(&s), vec![b, a]);
+        assert_eq!(started_ids(&s.schedule(20_000)), vec![b]);
+    }
+
     #[test]
     fn not_switched_before_its_slice_or_when_waiting_jobs_could_not_use_it() {
         let mut s = Scheduler::new(gpus(&[24_000, 24_000]), fifo(), 1);
@@ -1379,7 +1395,8 @@ fn reservations_wait_until_a_job_is_starved() {
     s.finish(b, JobState::Completed);
     // Both GPUs go to two of user 6's jobs, after 10 h.
     assert_eq!(s.schedule(10 * hour).len(), 2);
-    let wide = s.submit(req(7, 2, None), 10 * hour).unwrap();
+    // (User 6's jobs wait 10 h of late, like everyone's.)
+    let wide = s.submit(req(6, 2, None), 10 * hour).unwrap();
     let running: Vec<JobId> = s
         .jobs_in_order()
         .filter(|j| j.state == JobState::Running)
@@ -1394,6 +1411,36 @@ fn reservations_wait_until_a_job_is_starved() {
     );
     assert_eq!(s.job(wide).unwrap().state, JobState::Pending);
     let _ = a;
+}
+
+#[test]
+fn one_users_flood_does_not_keep_a_newcomer_from_being_starved() {
+    let hour = 3_600_000;
+    let mut s = Scheduler::new(gpus(&[80_000; 2]), Config::default(), 1);
+    // User 6 floods: 64 jobs of 1 GPU, each running 10 h; its jobs wait long.
+    for _ in 0..64 {
+        s.submit(timed(6, 1, None, 10 * 3600), 0).unwrap();
+    }
+    let mut t = 0;
+    let mut running = started_ids(&s.schedule(0));
+    for _ in 0..3 {
+        t += 10 * hour;
+        for id in running.drain(..) {
+            s.finish(id, JobState::Completed);
+        }
+        running = started_ids(&s.schedule(t));
+    }
+    // A user who has started nothing submits a wide job: it is starved once it has waited
+    // reserve_after (2 h), not 24 x the flood's waits, and then holds the reservation.
+    let wide = s.submit(req(7, 2, None), t).unwrap();
+    s.schedule(t + hour);
+    assert_eq!(s.reserved_job(), None, "1 h: not yet");
+    s.schedule(t + 3 * hour);
+    assert_eq!(s.reserved_job(), Some(wide));
+    for id in running.drain(..) {
+        s.finish(id, JobState::Completed);
+    }
+    assert_eq!(started_ids(&s.schedule(t + 10 * hour)), vec![wide]);
 }
 
 /// Tasks of a job array with a cap of `limit` (ids `first..first + n`).
@@ -2272,4 +2319,189 @@ mod gates {
             }
         }
     }
+}
+
+fn named(uid: u32, name: &str) -> JobRequest {
+    JobRequest {
+        name: name.into(),
+        ..req(uid, 1, None)
+    }
+}
+
+#[test]
+fn jobs_without_limits_are_estimated_from_their_users_finished_runs() {
+    let min = 60_000;
+    let mut s = Scheduler::new(gpus(&[80_000; 2]), Config::default(), 1);
+    let day = 24 * 3600 * 1000;
+    assert_eq!(
+        s.estimate_ms(&named(1, "train")),
+        day,
+        "no history: the default"
+    );
+    // User 1 runs two "train" jobs of 10 and 20 min (learned from finish at the next pass).
+    let t1 = s.submit(named(1, "train"), 0).unwrap();
+    let t2 = s.submit(named(1, "train"), 0).unwrap();
+    s.schedule(0);
+    s.finish(t1, JobState::Completed);
+    s.schedule(10 * min);
+    assert_eq!(
+        s.estimate_ms(&named(1, "train")),
+        day,
+        "one run is not enough"
+    );
+    s.finish(t2, JobState::Completed);
+    s.schedule(20 * min);
+    assert_eq!(s.estimate_ms(&named(1, "train")), 15 * min);
+    // Two "eval" runs of 2 min: same name first; another user gets the default.
+    let e = s.submit(named(1, "eval"), 20 * min).unwrap();
+    s.schedule(20 * min);
+    s.finish(e, JobState::Completed);
+    s.schedule(22 * min);
+    s.learn_run(&named(1, "eval"), 2 * min);
+    assert_eq!(s.estimate_ms(&named(1, "eval")), 2 * min);
+    assert_eq!(s.estimate_ms(&named(2, "train")), day);
+    // A new name falls back to the user's runs of any name, but 10, 20, 2, 2 min vary too
+    // much to predict anything: the default.
+    assert_eq!(s.estimate_ms(&named(1, "other")), day);
+    s.learn_run(&named(3, "a"), 60 * min);
+    s.learn_run(&named(3, "b"), 50 * min);
+    assert_eq!(
+        s.estimate_ms(&named(3, "c")),
+        55 * min,
+        "runs that agree do"
+    );
+    // A limit wins over history; cancelled and failed runs teach nothing.
+    assert_eq!(s.estimate_ms(&timed(1, 1, None, 3600)), 3_600_000);
+    let c = s.submit(named(1, "eval"), 22 * min).unwrap();
+    let f = s.submit(named(1, "eval"), 22 * min).unwrap();
+    s.schedule(22 * min);
+    let _ = s.cancel(c, ROOT);
+    s.finish(c, JobState::Cancelled);
+    s.finish(f, JobState::Failed);
+    s.schedule(500 * min);
+    assert_eq!(s.estimate_ms(&named(1, "eval")), 2 * min);
+    // A pending job keeps the estimate it entered with; new jobs see what was learned since.
+    let blocker = s.submit(req(4, 2, None), 500 * min).unwrap();
+    s.schedule(500 * min);
+    let p = s.submit(named(1, "eval"), 500 * min).unwrap();
+    s.learn_run(&named(1, "eval"), 4 * min);
+    assert_eq!(s.job(p).unwrap().estimate_ms(), 2 * min);
+    assert_eq!(s.estimate_ms(&named(1, "eval")), (2 + 2 + 4) * min / 3);
+    let _ = blocker;
+    // Off: the flat default.
+    let mut off = Scheduler::new(
+        gpus(&[80_000]),
+        Config {
+            learn_estimates: false,
+            ..Config::default()
+        },
+        1,
+    );
+    off.learn_run(&named(1, "train"), 5 * min);
+    off.learn_run(&named(1, "train"), 5 * min);
+    assert_eq!(off.estimate_ms(&named(1, "train")), day);
+}
+
+#[test]
+fn the_estimators_memory_is_bounded() {
+    let mut e = estimate::Estimator::default();
+    for uid in 0..(estimate::USERS_KEPT as u32 + 10) {
+        e.learn(uid, "a", 1);
+        e.learn(uid, "a", 1);
+    }
+    assert_eq!(e.sizes().0, estimate::USERS_KEPT);
+    // The least recently fed user went first.
+    assert_eq!(e.estimate(0, "a"), None);
+    assert_eq!(e.estimate(estimate::USERS_KEPT as u32 + 9, "a"), Some(1));
+    let mut e = estimate::Estimator::default();
+    for k in 0..1000u64 {
+        e.learn(7, &format!("name{k}"), 1000);
+        e.learn(7, &format!("name{k}"), 1000 + k);
+        e.learn(7, "hot", 5);
+    }
+    let (users, names, runs) = e.sizes();
+    assert_eq!(users, 1);
+    assert!(names <= estimate::NAMES_PER_USER, "{names}");
+    assert!(runs <= (estimate::NAMES_PER_USER + 1) * estimate::RUNS_KEPT);
+    // A name fed recently is kept; its ring holds the last runs only.
+    assert_eq!(e.estimate(7, "hot"), Some(5));
+    assert_eq!(e.estimate(7, "name999"), Some(1500));
+    assert_eq!(
+        e.estimate(7, "name0"),
+        e.estimate(7, ""),
+        "evicted: the user's runs"
+    );
+    // Long names are cut to a bounded key (at a character boundary).
+    e.learn(8, &"é".repeat(1000), 42);
+    e.learn(8, &"é".repeat(999), 42);
+    assert_eq!(e.estimate(8, &"é".repeat(500)), Some(42));
+}
+
+#[test]
+fn a_learned_estimate_lets_a_job_without_a_limit_backfill() {
+    let min = 60_000;
+    let run = |learn: bool| {
+        let mut s = Scheduler::new(
+            gpus(&[80_000; 2]),
+            Config {
+                learn_estimates: learn,
+                ..easy()
+            },
+            1,
+        );
+        // User 1's "quick" jobs take 5 min.
+        s.learn_run(&named(1, "quick"), 5 * min);
+        s.learn_run(&named(1, "quick"), 5 * min);
+        let long = s.submit(timed(2, 1, None, 3600), 0).unwrap();
+        s.schedule(0);
+        let wide = s.submit(req(3, 2, None), 1_000).unwrap();
+        s.schedule(1_000);
+        assert_eq!(s.reserved_job(), Some(wide));
+        let quick = s.submit(named(1, "quick"), 2_000).unwrap();
+        let started = started_ids(&s.schedule(2_000));
+        let _ = long;
+        started.contains(&quick)
+    };
+    assert!(
+        run(true),
+        "5 min ends before the reservation (1 h): it backfills"
+    );
+    assert!(!run(false), "24 h would delay the reservation");
+}
+
+#[test]
+fn shorter_jobs_go_first_but_not_forever() {
+    let hour = 3_600_000;
+    let mut s = Scheduler::new(gpus(&[80_000]), easy(), 1);
+    let busy = s.submit(timed(9, 1, None, 100 * 3600), 0).unwrap();
+    s.schedule(0);
+    let long = s.submit(timed(1, 1, None, 10 * 3600), 1_000).unwrap();
+    let short = s.submit(timed(1, 1, None, 3600), 2_000).unwrap();
+    // A short job submitted long after the long one: the long one has waited more than twice
+    // the difference (size_factor 2), so it goes first.
+    let late_short = s.submit(timed(1, 1, None, 3600), 19 * hour).unwrap();
+    s.schedule(19 * hour);
+    let order: Vec<JobId> = s
+        .jobs_in_order()
+        .filter(|j| j.state == JobState::Pending)
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(order, vec![short, long, late_short]);
+    // The estimate orders, but never ends a job: a job without a limit runs past it.
+    let _ = busy;
+}
+
+#[test]
+fn a_learned_estimate_never_ends_a_job() {
+    let min = 60_000;
+    let mut s = Scheduler::new(gpus(&[80_000]), Config::default(), 1);
+    s.learn_run(&named(1, "quick"), min);
+    s.learn_run(&named(1, "quick"), min);
+    assert_eq!(s.estimate_ms(&named(1, "quick")), min);
+    let j = s.submit(named(1, "quick"), 0).unwrap();
+    s.schedule(0);
+    let _waiting = s.submit(named(2, "other"), 0).unwrap();
+    s.schedule(0);
+    assert!(s.time_actions(600 * min).is_empty());
+    assert_eq!(s.job(j).unwrap().state, JobState::Running);
 }

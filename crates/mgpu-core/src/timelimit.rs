@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::placement;
-use crate::{JobId, JobState, Millis, Scheduler};
+use crate::{Job, JobId, JobState, Millis, Scheduler};
 
 /// A signal sent ahead of a job's time limit (Slurm's `--signal SIG@SECS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,8 +249,21 @@ impl Scheduler {
         self.uncount_running(&job);
         self.full_pass_needed = true;
         // Enqueued anew now, behind everything already waiting (its queue time and wait-based
-        // priority restart from now).
-        self.insert_pending(id, job.request, now, job.restarts + 1);
+        // priority restart from now), even jobs its shorter estimate would pass.
+        let behind = self
+            .user_queues
+            .values()
+            .filter_map(|q| q.last_key_value())
+            .map(|(k, _)| k.0.saturating_add(1))
+            .max()
+            .unwrap_or(i64::MIN);
+        let key = self.next_queue_key;
+        self.next_queue_key += 1;
+        self.index_pending(Job {
+            queue_key: key,
+            min_key: behind,
+            ..Job::new(id, job.request, JobState::Pending, now, job.restarts + 1)
+        });
         Some(self.pending.len())
     }
 }

@@ -68,6 +68,16 @@ pub fn recover(
     target: impl Fn(JobId) -> TargetState,
 ) -> Plan {
     let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
+    // Run-time estimates are learned from the records before any job is restored, so the
+    // restored jobs are estimated as they were before the restart.
+    for (uid, name, run_ms) in &recovered.run_times {
+        let request = mgpu_core::JobRequest {
+            uid: *uid,
+            name: name.clone(),
+            ..Default::default()
+        };
+        sched.learn_run(&request, *run_ms);
+    }
     let mut specs: HashMap<JobId, ShownCommand> = HashMap::new();
     // A job array's tasks share their shown command.
     let mut shown_arrays: HashMap<JobId, ShownCommand> = HashMap::new();
@@ -288,6 +298,79 @@ mod tests {
             ended_at: 1,
             oom_killed: false,
         }
+    }
+
+    /// Run times learned before a restart are rebuilt from the records before the queue is
+    /// restored: a job still waiting keeps the estimate its user's history gives it.
+    #[tokio::test]
+    async fn restored_jobs_are_estimated_from_the_recorded_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = JobRequest {
+            uid: 1,
+            user: "u".into(),
+            name: "train".into(),
+            gpus: 1,
+            ..Default::default()
+        };
+        let spec = || LaunchSpec {
+            command: vec!["true".into()],
+            cwd: "/".into(),
+            venv: Venv::Off,
+            ..Default::default()
+        };
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            for (id, minutes) in [(1, 10), (2, 12)] {
+                store
+                    .insert(NewJob {
+                        id,
+                        request: request.clone(),
+                        spec: spec(),
+                        submitted_at: 0,
+                        attached: false,
+                        gate: Default::default(),
+                    })
+                    .await
+                    .unwrap()
+                    .unwrap();
+                store.started(id, 1_000, vec![0], 9);
+                store.ended(
+                    id,
+                    crate::store::Ending {
+                        state: JobState::Completed,
+                        at: 1_000 + minutes * 60_000,
+                        exit_code: Some(0),
+                        signal: None,
+                        message: None,
+                    },
+                );
+            }
+            store
+                .insert(NewJob {
+                    id: 3,
+                    request: request.clone(),
+                    spec: spec(),
+                    submitted_at: 0,
+                    attached: false,
+                    gate: Default::default(),
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            store.flush().await;
+        }
+        let (_, rec) = Store::open(dir.path()).unwrap();
+        let sched = recover(
+            gpus(),
+            Config::default(),
+            rec,
+            0,
+            |_| RunProbe::NoRun,
+            |_| TargetState::Gone,
+        )
+        .sched;
+        assert_eq!(sched.job(3).unwrap().estimate_ms(), 11 * 60_000);
+        assert_eq!(sched.estimate_ms(&request), 11 * 60_000);
     }
 
     proptest! {

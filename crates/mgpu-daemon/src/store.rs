@@ -292,7 +292,15 @@ pub struct Recovered {
     pub running: Vec<RecoveredJob>,
     /// Drained GPUs (`gpu:N`) and server (`server`), with their reasons.
     pub drains: Vec<(String, String)>,
+    /// The latest runs that completed or timed out, oldest first, at most
+    /// [`RUN_TIMES_RECOVERED`]: `(uid, name, run ms)`, to rebuild the learned run-time
+    /// estimates.
+    pub run_times: Vec<(u32, String, Millis)>,
 }
+
+/// How many finished runs are read back at startup for the run-time estimates (per user the
+/// estimator keeps far fewer; the query stays bounded however long the history is).
+pub const RUN_TIMES_RECOVERED: u32 = 20_000;
 
 /// The owner and state of a recorded job.
 /// Filters of an accounting query (already authorised).
@@ -932,11 +940,29 @@ fn recover(conn: &Connection) -> Result<Recovered> {
         .prepare("SELECT target, reason FROM drains ORDER BY target")?
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
         .collect::<Result<Vec<_>, _>>()?;
+    let mut run_times = {
+        let mut stmt = conn.prepare(
+            "SELECT uid, name, ended_at - started_at FROM jobs
+             WHERE ended_at IS NOT NULL AND started_at IS NOT NULL
+               AND state IN ('COMPLETED', 'TIMEOUT')
+             ORDER BY ended_at DESC, id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([RUN_TIMES_RECOVERED], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?.max(0) as Millis,
+            ))
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()?
+    };
+    run_times.reverse();
     Ok(Recovered {
         next_job_id,
         pending: read("PENDING")?,
         running: read("RUNNING")?,
         drains,
+        run_times,
     })
 }
 
@@ -1482,6 +1508,42 @@ mod tests {
         assert_eq!(
             store.target_state(1).unwrap(),
             TargetState::Ended(JobState::Failed)
+        );
+    }
+
+    #[tokio::test]
+    async fn finished_run_times_are_read_back_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            // (id, state, start, end): only runs that completed or timed out teach anything.
+            let runs = [
+                (1, JobState::Completed, 100, 700),
+                (2, JobState::Failed, 100, 200),
+                (3, JobState::Timeout, 50, 400),
+                (4, JobState::Cancelled, 10, 900),
+            ];
+            for (id, state, start, end) in runs {
+                store.insert(job(id)).await.unwrap().unwrap();
+                store.started(id, start, vec![0], 99);
+                store.ended(
+                    id,
+                    Ending {
+                        state,
+                        at: end,
+                        exit_code: None,
+                        signal: None,
+                        message: None,
+                    },
+                );
+            }
+            store.insert(job(5)).await.unwrap().unwrap();
+            store.flush().await;
+        }
+        let (_, rec) = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            rec.run_times,
+            vec![(1000, "n".to_string(), 350), (1000, "n".to_string(), 600)]
         );
     }
 

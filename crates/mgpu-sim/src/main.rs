@@ -60,6 +60,17 @@ struct Args {
     /// Fair share: seconds of priority gained per second of waiting.
     #[arg(long)]
     age_factor: Option<f64>,
+    /// Fair share: seconds of priority lost per second of a job's expected run time (shorter
+    /// jobs first).
+    #[arg(long)]
+    size_factor: Option<f64>,
+    /// Fair share: a user below this fraction of the contending users' mean usage reserves
+    /// at once.
+    #[arg(long)]
+    reserve_below_share: Option<f64>,
+    /// Estimate jobs without a limit at the flat default, not from their user's past runs.
+    #[arg(long)]
+    no_learned_estimates: bool,
     /// Global cap on every job's time slice in seconds, as the server's --max-job-time
     /// (default: none).
     #[arg(long)]
@@ -115,6 +126,7 @@ fn main() -> anyhow::Result<()> {
     for (flag, v) in [
         ("--usage-factor", args.usage_factor),
         ("--age-factor", args.age_factor),
+        ("--size-factor", args.size_factor),
     ] {
         if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
             bail!("{flag} must be a number of 0 or more");
@@ -131,8 +143,13 @@ fn main() -> anyhow::Result<()> {
             half_life_s: (args.half_life_h * 3600.0).round().max(1.0) as u64,
             usage_factor: args.usage_factor.unwrap_or(defaults.usage_factor),
             age_factor: args.age_factor.unwrap_or(defaults.age_factor),
+            size_factor: args.size_factor.unwrap_or(defaults.size_factor),
+            reserve_below_share: args
+                .reserve_below_share
+                .unwrap_or(defaults.reserve_below_share),
             ..defaults
         },
+        learn_estimates: !args.no_learned_estimates,
         max_job_time_s: args.max_job_time,
         min_slice_s: args.min_slice,
         default_max_restarts: Some(args.max_restarts),

@@ -1768,6 +1768,8 @@ fn standings_are_what_fair_priority_uses() {
     let mut cfg = easy();
     cfg.policy = Policy::Fair;
     cfg.fair.user_weights.insert(2, 2.0);
+    // Without the shortest-first term, a job's priority is its wait plus its user's standing.
+    cfg.fair.size_factor = 0.0;
     let mut s = Scheduler::new(gpus(&[1000, 1000]), cfg, 1);
     let a = s.submit(req(1, 1, None), 0).unwrap();
     let b = s.submit(req(2, 1, None), 0).unwrap();

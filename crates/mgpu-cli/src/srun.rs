@@ -163,7 +163,7 @@ pub struct JobOpts {
     #[arg(short = 'd', long, value_name = "TYPE:ID", value_parser = parse_dependency_text)]
     pub dependency: Option<String>,
     /// Submit the job held: it waits (REASON JobHeldUser) until 'mgpu_control release ID'
-    #[arg(long)]
+    #[arg(short = 'H', long)]
     pub hold: bool,
     /// When the job ends, run `sh -c CMD` as you (at most 60 s, output discarded), with
     /// MGPU_JOB_ID, MGPU_JOB_NAME, MGPU_JOB_STATE and MGPU_JOB_EXIT_CODE set
@@ -176,6 +176,22 @@ pub struct JobOpts {
     /// Where the mail goes [default: your user name, with --mail-type]
     #[arg(long, value_name = "ADDR", requires = "mail_type")]
     pub mail_user: Option<String>,
+    /// Slurm's node count: only 1 (mgpu runs jobs on this one machine); taken so that Slurm
+    /// scripts with -N 1 run unchanged
+    #[arg(short = 'N', long, value_name = "1", value_parser = |s: &str| only_one(s, "--nodes", "mgpu runs jobs on this one machine"))]
+    pub nodes: Option<u32>,
+    /// Slurm's task count: only 1 (a job is one command: -c N for CPUs, --gpus N for GPUs);
+    /// taken so that Slurm scripts with -n 1 run unchanged
+    #[arg(short = 'n', long, visible_alias = "ntasks-per-node", value_name = "1", value_parser = |s: &str| only_one(s, "--ntasks", "a job is one command; use -c N for CPUs and --gpus N for GPUs"))]
+    pub ntasks: Option<u32>,
+}
+
+/// Slurm's `-N`/`-n` as mgpu takes them: 1 (or `1-1`), anything else refused saying why.
+fn only_one(text: &str, flag: &str, why: &str) -> Result<u32, String> {
+    match text.trim() {
+        "1" | "1-1" => Ok(1),
+        _ => Err(format!("{flag} {text}: {why} (only 1 is taken)")),
+    }
 }
 
 /// Slurm's `--begin` forms, as ms since the epoch (local time, as Slurm reads them).
@@ -412,6 +428,17 @@ pub fn exit_parse_error(prog: &str, e: clap::Error) -> ! {
 /// what to use instead. `None` for other errors (clap's own message says it best).
 pub fn unknown_option_message(prog: &str, e: &clap::Error) -> Option<String> {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() == ErrorKind::ValueValidation {
+        // -N/-n other than 1: the reason in one line.
+        let ContextValue::String(arg) = e.get(ContextKind::InvalidArg)? else {
+            return None;
+        };
+        if arg.starts_with("--nodes") || arg.starts_with("--ntasks") {
+            let source = std::error::Error::source(e)?;
+            return Some(source.to_string());
+        }
+        return None;
+    }
     if e.kind() != ErrorKind::UnknownArgument {
         return None;
     }
@@ -461,11 +488,8 @@ pub fn slurm_flag_hint(prog: &str, flag: &str) -> Option<&'static str> {
         "-p" | "--partition" | "-q" | "--qos" | "-A" | "--account" | "--reservation" => {
             "mgpu has no partitions, QOS, accounts or reservations; leave it out"
         }
-        "-N" | "--nodes" | "-w" | "--nodelist" | "-x" | "--exclude" | "-C" | "--constraint" => {
+        "-w" | "--nodelist" | "-x" | "--exclude" | "-C" | "--constraint" => {
             "mgpu runs jobs on this one machine; leave it out"
-        }
-        "-n" | "--ntasks" | "--ntasks-per-node" => {
-            "not supported: a job is one command; use -c N for CPUs and --gpus N for GPUs"
         }
         "--exclusive" => "not needed: without --mem a job gets its GPUs exclusively",
         _ => return None,

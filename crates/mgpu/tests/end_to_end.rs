@@ -839,15 +839,19 @@ fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
             "--partition: mgpu has no partitions",
         ),
         (
-            &["-N", "1", "true"],
-            "-N: mgpu runs jobs on this one machine",
+            &["-N", "2", "true"],
+            "--nodes 2: mgpu runs jobs on this one machine",
         ),
         (
-            &["--nodes=1", "true"],
-            "--nodes: mgpu runs jobs on this one machine",
+            &["--nodes=2", "true"],
+            "--nodes 2: mgpu runs jobs on this one machine",
         ),
-        (&["-n", "2", "true"], "-n: not supported"),
-        (&["--ntasks=2", "true"], "--ntasks: not supported"),
+        (
+            &["-w", "node1", "true"],
+            "-w: mgpu runs jobs on this one machine",
+        ),
+        (&["-n", "2", "true"], "--ntasks 2: a job is one command"),
+        (&["--ntasks=2", "true"], "--ntasks 2: a job is one command"),
         (&["--time", "soon", "true"], "invalid time limit 'soon'"),
     ];
     for (args, needle) in cases {
@@ -863,6 +867,9 @@ fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
             "{args:?} submitted a job"
         );
     }
+    // Slurm's -N 1 and -n 1 (common in scripts) mean what a job is here: taken.
+    let one = s.detached(&["-N", "1", "-n", "1", "--ntasks-per-node=1", "--", "true"]);
+    assert_eq!(s.acct(one)["state"], "COMPLETED");
     // After -- (or after the command's first word) a leading - is the command's own.
     let id = s.detached(&["--", "-x"]);
     // The job may already be over (it fails at exec): the queue shows its command, accounting

@@ -254,7 +254,7 @@ fn unknown_jobs_long_view_usage_and_singular_gpu() {
     let s = Server::start("1x24GiB", &[]);
     assert_fails_with(
         &s.cmd("mgpu_queue").args(["-j", "9999"]).output().unwrap(),
-        "job 9999: no such pending or running job",
+        "no such pending or running job: 9999",
     );
     let id = s.detached(&["-J", "detail", "-t", "5", "--", "sleep", "120"]);
     s.wait_state(id, "RUNNING");
@@ -270,7 +270,7 @@ fn unknown_jobs_long_view_usage_and_singular_gpu() {
     }
     let usage = s.cmd("mgpu_cancel").output().unwrap();
     assert!(!usage.status.success());
-    for form in ["<ID>...", "--array <ID>", "--user <NAME>", "--all"] {
+    for form in ["ID [ID...]", "--array ID", "-u USER", "--all", "-t STATE"] {
         assert!(
             text(&usage.stderr).contains(form),
             "{}",

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod gpu;
 pub mod handlers;
 pub mod launcher;
+pub mod layout;
 pub mod logquota;
 pub mod recovery;
 pub mod run;

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod gpu;
 pub mod handlers;
 pub mod launcher;
+pub mod layout;
 pub mod logquota;
 pub mod metrics;
 pub mod notify;

@@ -52,16 +52,19 @@ pub struct Args {
     /// ends as TIMEOUT at its time limit instead of restarting from its command once more
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub max_restarts: u32,
-    /// Where the job database lives [default: /var/lib/mgpu as root, else ~/.local/state/mgpu]
+    /// Where the job database lives [default: /var/lib/mgpu as root, else
+    /// $XDG_STATE_HOME/mgpu, i.e. ~/.local/state/mgpu]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Where running jobs keep their run directories (supervisor sockets, launch and exit
     /// records). They must outlive server restarts but not reboots, so a tmpfs is best and
-    /// cheapest (the systemd unit uses /run/mgpu/runs). Keep it the same across restarts
-    /// [default: STATE_DIR/runs]
+    /// cheapest. Keep it the same across restarts [default: /run/mgpu/runs as root with state
+    /// in /var/lib/mgpu, else STATE_DIR/runs]
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
-    /// Where job logs are kept [default: ~/.mgpu/logs of the server's user]
+    /// Where job logs are kept [default: /var/log/mgpu as root with state in /var/lib/mgpu,
+    /// else STATE_DIR/logs; ~/.mgpu/logs of the server's user where an earlier release left
+    /// them]
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
     /// Use simulated GPUs instead of NVML, e.g. 4x24GiB or 2x80GiB,2x24GiB
@@ -263,12 +266,18 @@ fn home_of_self() -> Result<PathBuf> {
 
 fn default_state_dir(root: bool) -> Result<PathBuf> {
     if root {
-        return Ok("/var/lib/mgpu".into());
+        return Ok(crate::layout::ROOT_STATE_DIR.into());
     }
-    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("mgpu"));
+    Ok(crate::layout::default_state_dir(root, &home_of_self()?))
+}
+
+/// A directory chosen by [`crate::layout`], its note (an earlier release's location still in
+/// use) logged.
+fn chosen_dir(c: crate::layout::Chosen) -> PathBuf {
+    if let Some(note) = &c.note {
+        tracing::warn!("{note}");
     }
-    Ok(home_of_self()?.join(".local/state/mgpu"))
+    c.dir
 }
 
 /// Takes the exclusive lock of `dir` (its file `name`) for as long as the result lives.
@@ -540,7 +549,11 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
     };
     let log_dir = match &args.log_dir {
         Some(d) => d.clone(),
-        None => home_of_self()?.join(".mgpu/logs"),
+        None => chosen_dir(crate::layout::default_log_dir(
+            multi_user,
+            &state_dir,
+            &home_of_self()?,
+        )),
     };
     private_dir(&state_dir, "state directory")?;
     private_dir(&log_dir, "log directory")?;
@@ -574,10 +587,10 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
     let gpus = backend.gpus();
     let (store, mut recovered) = Store::open(&state_dir)?;
     let config = core_config(args)?;
-    let runs_dir = args
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| state_dir.join("runs"));
+    let runs_dir = match &args.run_dir {
+        Some(d) => d.clone(),
+        None => chosen_dir(crate::layout::default_run_dir(multi_user, &state_dir)),
+    };
     private_dir(&runs_dir, "run directory")?;
     // One server per run directory too (its own lock file: it may be the state directory).
     let _runs_lock = lock_dir(&runs_dir, "runs.lock", "run directory")?;

@@ -275,3 +275,104 @@ fn run_directories_of_jobs_that_ended_before_a_crash_are_removed() {
     assert_eq!(s.job(live).unwrap()["state"], "RUNNING");
     assert!(s.state_dir.join(format!("runs/{live}/r0")).exists());
 }
+
+/// A single-user server told nothing keeps its database, job logs and run directories below
+/// `$XDG_STATE_HOME/mgpu` (not `~/.mgpu/logs`, as earlier releases did); one that finds an
+/// earlier release's job logs in `~/.mgpu/logs` (and none in the new place) keeps using that
+/// directory, so those logs stay readable, and says how to move them.
+#[test]
+fn a_single_user_server_keeps_its_files_below_xdg_state_home_and_old_logs_stay_readable() {
+    let Some((_, b)) = test_users() else { return };
+    let base = dir_with_mode("mgpu-layout-", 0o755);
+    let owned_by_b = |p: &Path| {
+        std::fs::create_dir_all(p).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).unwrap();
+        nix::unistd::chown(
+            p,
+            Some(nix::unistd::Uid::from_raw(b.uid)),
+            Some(nix::unistd::Gid::from_raw(b.gid)),
+        )
+        .unwrap();
+    };
+    let runtime = base.path().join("run-user");
+    owned_by_b(&runtime);
+    let as_b = |program: &str, state_home: &Path| {
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={}", b.uid))
+            .arg(format!("--regid={}", b.gid))
+            .arg("--init-groups")
+            .arg("--")
+            .arg(bin(program))
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("XDG_STATE_HOME", state_home)
+            .env("HOME", &b.home)
+            .current_dir(&b.home);
+        // The server finds its default socket there; clients are pointed at it (a root
+        // server's default socket, where there is one, would come first).
+        if program == "mgpu_scheduler_server" {
+            c.env_remove("MGPU_SOCKET");
+        } else {
+            c.env("MGPU_SOCKET", runtime.join("mgpu/mgpu.sock"));
+        }
+        c
+    };
+    // Starts a server with no directory flags, runs one job printing `word`, stops the
+    // server; returns the server's log.
+    let run_one = |state_home: &Path, word: &str| -> (u64, String) {
+        let log = base.path().join(format!("server-{word}.log"));
+        let mut server = as_b("mgpu_scheduler_server", state_home)
+            .args(["--simulate-gpus", "1x24GiB"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_until(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(runtime.join("mgpu/mgpu.sock")).is_ok()
+        });
+        let out = as_b("mgpu_srun", state_home)
+            .args(["--", "echo", word])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains(word), "{}", text(&out.stdout));
+        let listed = as_b("mgpu_acct", state_home)
+            .args(["--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        let id = v["jobs"][0]["id"].as_u64().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(server.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = server.wait();
+        (id, std::fs::read_to_string(&log).unwrap())
+    };
+
+    let fresh = base.path().join("state-fresh");
+    owned_by_b(&fresh);
+    let (id, _) = run_one(&fresh, "fresh");
+    let state = fresh.join("mgpu");
+    assert!(state.join("mgpu.db").exists());
+    assert!(state.join("runs").is_dir());
+    let log = std::fs::read_to_string(state.join(format!("logs/job-{id}.log"))).unwrap();
+    assert!(log.contains("fresh"), "{log}");
+
+    // An earlier release's logs in ~/.mgpu/logs (of the server's user, from the password
+    // database).
+    let old_logs = b.home.join(".mgpu/logs");
+    let _ = std::fs::remove_dir_all(b.home.join(".mgpu"));
+    owned_by_b(&b.home.join(".mgpu"));
+    owned_by_b(&old_logs);
+    std::fs::write(old_logs.join("job-1000000.log"), "from before\n").unwrap();
+    let upgraded = base.path().join("state-upgraded");
+    owned_by_b(&upgraded);
+    let (id, server_log) = run_one(&upgraded, "upgraded");
+    let log = std::fs::read_to_string(old_logs.join(format!("job-{id}.log")));
+    let _ = std::fs::remove_dir_all(b.home.join(".mgpu"));
+    assert!(log.unwrap().contains("upgraded"));
+    assert!(!upgraded.join("mgpu/logs").exists());
+    assert!(
+        server_log.contains("job logs stay in") && server_log.contains("mgpu/logs"),
+        "{server_log}"
+    );
+}

@@ -111,6 +111,8 @@ fn detach_and_parsable_give_increasing_ids() {
         .expect("Submitted job ID")
         .parse()
         .unwrap();
+    // Over before the next two come: else both wait, and the shorter one (third) goes first.
+    s.acct(first);
     let second = s.submit({
         let mut c = s.cmd("mgpu_srun");
         c.args(["--detach", "--parsable", "--", "sleep", "300"]);

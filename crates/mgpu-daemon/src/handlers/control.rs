@@ -200,6 +200,19 @@ fn update(
             }
         }
     }
+    if let (Some(t), false) = (u.time_limit_s, by.is_admin) {
+        // The owner's per-user maximum applies as at submit (root is exempt). The account
+        // lookup may be slow: outside the lock.
+        let (owner, rules) = {
+            let inner = daemon.lock();
+            let owner = (inner.sched.job(id).map(|j| j.request.uid)).filter(|&o| by.may_manage(o));
+            (owner, inner.limits.clone())
+        };
+        if let Some(owner) = owner {
+            let limits = rules.resolve_uid(owner);
+            crate::handlers::submit::check_time_limit_change(t.filter(|&s| s > 0), &limits)?;
+        }
+    }
     let mut inner = daemon.lock();
     inner
         .sched

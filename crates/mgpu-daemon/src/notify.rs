@@ -231,6 +231,8 @@ struct Job {
     cwd: String,
     umask: Option<u32>,
     account: Account,
+    /// A login's limits (as a job's run gets them), not the daemon's raised ones.
+    rlimits: Vec<crate::userlimits::Rlimit>,
 }
 
 fn load(daemon: &Daemon, id: JobId) -> anyhow::Result<Option<Job>> {
@@ -246,11 +248,19 @@ fn load(daemon: &Daemon, id: JobId) -> anyhow::Result<Option<Job>> {
     } else {
         daemon.settings.server_uid
     };
+    let account = crate::users::account(uid)?;
+    let settings = &daemon.settings;
+    let rlimits = crate::userlimits::for_run(
+        settings.multi_user,
+        &settings.limits_conf_dir,
+        Some(&account),
+    );
     Ok(Some(Job {
         notify,
         cwd: spec.cwd,
         umask: spec.umask,
-        account: crate::users::account(uid)?,
+        account,
+        rlimits,
     }))
 }
 
@@ -350,6 +360,15 @@ async fn run_as(
     let home = CString::new(a.home.as_os_str().as_bytes()).ok();
     // The submitter's umask, as the job had it.
     let umask = job.umask.unwrap_or(0o022) as libc::mode_t & 0o777;
+    let rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = (job.rlimits.iter())
+        .map(|r| {
+            let limit = libc::rlimit {
+                rlim_cur: r.soft as libc::rlim_t,
+                rlim_max: r.hard as libc::rlim_t,
+            };
+            (r.resource as libc::__rlimit_resource_t, limit)
+        })
+        .collect();
     let cgroup = tokio::task::spawn_blocking(move || {
         crate::cgroup::JobCgroup::create(id, &crate::cgroup::Limits::default())
     })
@@ -388,6 +407,13 @@ async fn run_as(
                 libc::close(fd);
             }
             libc::umask(umask);
+            // A login's limits (the daemon raised its own open-files limit), set while hard
+            // limits may still be raised.
+            for (resource, limit) in &rlimits {
+                if libc::setrlimit(*resource, limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if switch {
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(gid) != 0

@@ -207,3 +207,24 @@ fn one_users_hanging_notifications_do_not_hold_back_anothers() {
     std::fs::write(s.scratch.join("go"), "").unwrap();
     wait_until(Duration::from_secs(120), || started() == ids.len());
 }
+
+/// A notification command gets a login's limits (limits.conf), as a job does, not the
+/// daemon's raised open-files limit.
+#[test]
+fn a_notification_gets_a_logins_limits() {
+    let Some((a, _)) = test_users() else { return };
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(
+        conf.path().join("limits.conf"),
+        format!("{} - nofile 1234\n", a.name),
+    )
+    .unwrap();
+    let s = Server::start(
+        "1x24GiB",
+        &["--limits-conf-dir", conf.path().to_str().unwrap()],
+    );
+    let dir = s.scratch.display().to_string();
+    let notify = format!("echo $(ulimit -Sn) $(ulimit -Hn) > {dir}/n.tmp; mv {dir}/n.tmp {dir}/n");
+    s.detached_as(&a, &["--notify", &notify, "--", "true"]);
+    assert_eq!(wait_file(&s.scratch.join("n")).trim(), "1234 1234");
+}

@@ -27,7 +27,13 @@ impl Scheduler {
         } else {
             let job = self.jobs.get(&id).expect("job exists").clone();
             self.unindex_pending(&job);
-            self.fresh.retain(|f| *f != id);
+            // Just entered: the last of the fresh jobs (O(1) per job, also when a restart
+            // restores many deferred ones).
+            if self.fresh.last() == Some(&id) {
+                self.fresh.pop();
+            } else {
+                self.fresh.retain(|f| *f != id);
+            }
             self.task_left(&job.request);
         }
         if let Some(a) = self.jobs[&id].request.array.map(|a| a.job) {
@@ -39,6 +45,19 @@ impl Scheduler {
         }
         self.deferred_at.insert(id, at);
         self.deferred.insert((at, id));
+        *(self.deferred_by_user)
+            .entry(self.jobs[&id].request.uid)
+            .or_default() += 1;
+    }
+
+    /// One deferred job of `uid` fewer.
+    fn deferred_left(&mut self, uid: u32) {
+        if let Some(n) = self.deferred_by_user.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.deferred_by_user.remove(&uid);
+            }
+        }
     }
 
     /// The jobs whose begin time came: into the queue (array tasks under their cap).
@@ -50,6 +69,7 @@ impl Scheduler {
             self.deferred.pop_first();
             self.deferred_at.remove(&id);
             let job = self.jobs.remove(&id).expect("a deferred job is a job");
+            self.deferred_left(job.request.uid);
             self.enter(id, job.request, job.submitted_at, job.restarts);
         }
     }
@@ -69,19 +89,20 @@ impl Scheduler {
         match self.deferred_at.remove(&id) {
             Some(at) => {
                 self.deferred.remove(&(at, id));
+                if let Some(uid) = self.jobs.get(&id).map(|j| j.request.uid) {
+                    self.deferred_left(uid);
+                }
                 true
             }
             None => false,
         }
     }
 
-    /// Deferred jobs of one user (`None`: of everyone).
+    /// Deferred jobs of one user (`None`: of everyone). O(1).
     pub(crate) fn deferred_count(&self, uid: Option<u32>) -> usize {
         match uid {
             None => self.deferred.len(),
-            Some(uid) => (self.deferred_at.keys())
-                .filter(|id| self.jobs[id].request.uid == uid)
-                .count(),
+            Some(uid) => self.deferred_by_user.get(&uid).copied().unwrap_or(0),
         }
     }
 }

@@ -400,6 +400,8 @@ pub struct Scheduler {
     /// Pending jobs waiting for their `--begin` time (see `begin.rs`), by time and by id.
     deferred: BTreeSet<(Millis, JobId)>,
     deferred_at: BTreeMap<JobId, Millis>,
+    /// How many deferred jobs each user has (users with none absent).
+    deferred_by_user: HashMap<u32, usize>,
     /// Pending jobs parked by a hold or dependencies (by id), and how many per user.
     parked: BTreeSet<JobId>,
     parked_by_user: HashMap<u32, usize>,
@@ -476,6 +478,7 @@ impl Scheduler {
             running_totals: Default::default(),
             deferred: BTreeSet::new(),
             deferred_at: BTreeMap::new(),
+            deferred_by_user: HashMap::new(),
             parked: BTreeSet::new(),
             parked_by_user: HashMap::new(),
             dep_items_by_user: HashMap::new(),

@@ -2507,3 +2507,65 @@ fn a_learned_estimate_never_ends_a_job() {
     assert!(s.time_actions(600 * min).is_empty());
     assert_eq!(s.job(j).unwrap().state, JobState::Running);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The per-user count of jobs waiting for their `--begin` time (O(1), kept as jobs are
+    /// deferred, begin, are cancelled, held, updated or finish) always equals a count of the
+    /// deferred jobs themselves; and a deferred job never starts before its time.
+    #[test]
+    fn deferred_counts_per_user_match_the_deferred_jobs(
+        ops in prop::collection::vec((0u8..6, 1u32..4, 0u64..40), 1..120),
+    ) {
+        let mut s = Scheduler::new(gpus(&[24_000, 24_000]), easy(), 1);
+        let mut ids: Vec<JobId> = Vec::new();
+        let mut now: Millis = 0;
+        let mut begins: std::collections::HashMap<JobId, Millis> = Default::default();
+        for (op, uid, x) in ops {
+            let pick = |ids: &[JobId]| (!ids.is_empty()).then(|| ids[x as usize % ids.len()]);
+            match op {
+                0 | 1 => {
+                    if let Ok(id) = s.submit(req(uid, 1 + (x % 2) as u32, None), now) {
+                        ids.push(id);
+                        if op == 0 {
+                            s.defer_until(id, now + x * 100);
+                            begins.insert(id, now + x * 100);
+                        }
+                    }
+                }
+                2 => {
+                    if let Some(id) = pick(&ids) {
+                        s.cancel(id, ROOT);
+                    }
+                }
+                3 => {
+                    if let Some(id) = pick(&ids) {
+                        if s.job(id).is_some_and(|j| j.state == JobState::Running) {
+                            s.finish(id, JobState::Completed).unwrap();
+                        }
+                    }
+                }
+                4 => {
+                    if let Some(id) = pick(&ids) {
+                        let _ = s.update(id, ROOT, JobUpdate { nice: Some(x as i32), ..Default::default() });
+                    }
+                }
+                _ => {
+                    now += x * 50;
+                    for a in s.schedule(now) {
+                        let at = begins.get(&a.job).copied().unwrap_or(0);
+                        prop_assert!(at <= now, "job {} started before its time", a.job);
+                    }
+                }
+            }
+            for u in 1..4 {
+                let brute = s.deferred_at.keys().filter(|id| s.jobs[*id].request.uid == u).count();
+                prop_assert_eq!(s.deferred_count(Some(u)), brute, "user {}", u);
+            }
+            prop_assert_eq!(s.deferred_count(None), s.deferred_at.len());
+            prop_assert_eq!(s.deferred_by_user.values().sum::<usize>(), s.deferred_at.len());
+            prop_assert!(s.deferred_by_user.values().all(|&n| n > 0));
+        }
+    }
+}

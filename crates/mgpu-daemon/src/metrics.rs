@@ -12,9 +12,12 @@
 //! The endpoint is a deliberately tiny HTTP/1.x server: one `GET /metrics` per connection
 //! (anything else is 404), a request head of at most [`MAX_REQUEST`] bytes read within
 //! [`READ_DEADLINE`], the answer written within [`WRITE_DEADLINE`], and at most
-//! [`MAX_SCRAPERS`] connections at once (more are closed at once). It runs on the daemon's
-//! runtime but never waits on a scraper: a slow or hostile client costs a connection slot,
-//! never the scheduler.
+//! [`MAX_SCRAPERS`] connections at once. When all are taken, a new connection takes the slot
+//! of the one that has waited longest without sending its request (closed at once if every
+//! one has sent it): a local user reconnecting in a loop cannot keep a real scraper out, since
+//! a scraper sends its request as soon as it connects. It runs on the daemon's runtime but
+//! never waits on a scraper: a slow or hostile client costs a connection slot, never the
+//! scheduler.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -39,11 +42,15 @@ use crate::state::{now_ms, Daemon, Inner};
 /// Largest request head accepted (request line and headers).
 pub const MAX_REQUEST: usize = 8 * 1024;
 /// How long a scraper may take to send its request.
-pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+pub const READ_DEADLINE: Duration = Duration::from_secs(2);
 /// How long a scraper may take to read the answer.
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(10);
-/// Scrape connections served at once; more are closed without an answer.
+/// Scrape connections served at once (see the module's notes for a ninth).
 pub const MAX_SCRAPERS: usize = 8;
+
+/// The connections still waiting for their request head, oldest first: each one's id and
+/// what cuts it off to make room for a newer one.
+type Reading = Arc<Mutex<std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>>>;
 
 type FloatCounter = Counter<f64, AtomicU64>;
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -538,6 +545,8 @@ pub async fn start(daemon: &Arc<Daemon>, addr: Option<SocketAddr>) -> Result<()>
 
 async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
+    let reading: Reading = Arc::default();
+    let mut next_id = 0u64;
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -547,16 +556,43 @@ async fn serve(daemon: Arc<Daemon>, listener: TcpListener) {
                 continue;
             }
         };
-        // All slots taken: closed at once (a scraper retries at its next interval).
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("metrics: too many scrape connections; closing one");
-            continue;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // All slots taken: the oldest connection still without a request gives its
+                // slot up (it ends at once); none: this one is closed at once (a scraper
+                // retries at its next interval).
+                let oldest = reading
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
+                let Some((_, cut)) = oldest else {
+                    tracing::debug!("metrics: too many scrape connections; closing one");
+                    continue;
+                };
+                let _ = cut.send(());
+                match tokio::time::timeout(Duration::from_secs(1), slots.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(slot)) => slot,
+                    _ => continue,
+                }
+            }
         };
+        next_id += 1;
+        let id = next_id;
+        let (cut, cut_off) = tokio::sync::oneshot::channel();
+        (reading.lock().unwrap_or_else(|p| p.into_inner())).push_back((id, cut));
         let daemon = daemon.clone();
+        let reading = reading.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(&daemon, stream).await {
+            let done_reading = || {
+                (reading.lock().unwrap_or_else(|p| p.into_inner())).retain(|(i, _)| *i != id);
+            };
+            if let Err(e) = answer(&daemon, stream, cut_off, &done_reading).await {
                 tracing::debug!(error = %e, "metrics connection ended with an error");
             }
+            done_reading();
             drop(slot);
         });
     }
@@ -589,7 +625,14 @@ fn parse_request(head: &[u8]) -> Asked {
 }
 
 /// Reads one request head (bounded in size and time) and answers it.
-async fn answer(daemon: &Arc<Daemon>, mut stream: TcpStream) -> Result<()> {
+/// `cut_off` fires (or is dropped) when a newer connection takes its slot before its request
+/// came; `done_reading` is called once it has.
+async fn answer(
+    daemon: &Arc<Daemon>,
+    mut stream: TcpStream,
+    cut_off: tokio::sync::oneshot::Receiver<()>,
+    done_reading: &(dyn Fn() + Sync),
+) -> Result<()> {
     let mut head = Vec::with_capacity(512);
     let read = async {
         let mut buf = [0u8; 1024];
@@ -608,10 +651,14 @@ async fn answer(daemon: &Arc<Daemon>, mut stream: TcpStream) -> Result<()> {
             head.extend_from_slice(&buf[..n]);
         }
     };
-    let complete = match tokio::time::timeout(READ_DEADLINE, read).await {
-        Ok(r) => r?,
-        Err(_) => anyhow::bail!("no complete request within {READ_DEADLINE:?}"),
+    let complete = tokio::select! {
+        r = tokio::time::timeout(READ_DEADLINE, read) => match r {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!("no complete request within {READ_DEADLINE:?}"),
+        },
+        _ = cut_off => anyhow::bail!("no request yet; its slot went to a newer connection"),
     };
+    done_reading();
     let asked = if complete {
         parse_request(&head)
     } else {

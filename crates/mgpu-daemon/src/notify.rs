@@ -4,12 +4,15 @@
 //! Both run as the job's owner, never as root: the process is forked with the owner's uid,
 //! gid and groups, in a session of its own, its working directory entered with the owner's
 //! rights (the job's, else their home), a small clean environment, stdin `/dev/null` (or the
-//! mail), output discarded. The daemon never waits for one with its lock held: a background
-//! task starts at most [`MAX_AT_ONCE`] at a time and kills each one's process group after
-//! [`TIME_LIMIT`] (or the server's `--notify-time-limit`). What to run is part of the job's durable launch record, so it survives a
+//! mail), output discarded, OOM score adjustment 0. The daemon never waits for one with its
+//! lock held: a background task keeps a bounded queue per user, serves users round robin,
+//! starts at most [`MAX_AT_ONCE`] at a time ([`MAX_PER_USER`] of one user's) and kills each
+//! one's cgroup (else process group) after [`TIME_LIMIT`] (or the server's
+//! `--notify-time-limit`). What to run is part of the job's durable launch record, so it survives a
 //! restart; a notification due while the daemon was down is not sent (best effort, like
 //! Slurm's mail).
 
+use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +33,10 @@ use crate::users::Account;
 pub const TIME_LIMIT: Duration = Duration::from_secs(60);
 /// Notifications running at once, in all.
 pub const MAX_AT_ONCE: usize = 16;
+/// Notifications of one user running at once.
+pub const MAX_PER_USER: usize = 2;
+/// Notifications of one user waiting to run; beyond it the oldest is dropped (logged).
+pub const MAX_QUEUED_PER_USER: usize = 1000;
 /// Where sendmail is looked for unless the server is told otherwise.
 pub const DEFAULT_SENDMAIL: &str = "/usr/sbin/sendmail";
 
@@ -109,19 +116,112 @@ pub fn check(
     Ok(Some(n))
 }
 
-async fn run(daemon: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<Event>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_AT_ONCE));
-    while let Some(event) = rx.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            if let Err(e) = deliver(&daemon, event).await {
-                tracing::warn!(error = %e, "job notification failed");
+/// The notifications waiting to run: a bounded queue per user, served round robin, at most
+/// [`MAX_PER_USER`] of one user's running at once and [`MAX_AT_ONCE`] in all. One user's
+/// thousands of slow notifications never hold another user's back by more than a turn.
+#[derive(Default)]
+struct Queues {
+    waiting: HashMap<u32, VecDeque<(Event, Job)>>,
+    /// Users with waiting notifications, in turn order.
+    turns: VecDeque<u32>,
+    running: HashMap<u32, usize>,
+    total: usize,
+}
+
+impl Queues {
+    fn push(&mut self, uid: u32, item: (Event, Job)) {
+        let q = self.waiting.entry(uid).or_default();
+        if q.is_empty() {
+            self.turns.push_back(uid);
+        }
+        q.push_back(item);
+        if q.len() > MAX_QUEUED_PER_USER {
+            let (dropped, _) = q.pop_front().expect("over the bound");
+            tracing::warn!(
+                uid,
+                job = dropped.job(),
+                "job notification dropped: its user has {MAX_QUEUED_PER_USER} waiting to run"
+            );
+        }
+    }
+
+    /// The next notification to start, if a slot is free: the first user in turn order below
+    /// their own cap, who then goes to the end of the line.
+    fn next(&mut self) -> Option<(u32, Event, Job)> {
+        if self.total >= MAX_AT_ONCE {
+            return None;
+        }
+        for _ in 0..self.turns.len() {
+            let uid = self.turns.pop_front()?;
+            let running = self.running.get(&uid).copied().unwrap_or(0);
+            if running >= MAX_PER_USER {
+                self.turns.push_back(uid);
+                continue;
             }
-            drop(slot);
-        });
+            let q = self.waiting.get_mut(&uid).expect("a user in turn waits");
+            let (event, job) = q.pop_front().expect("a user in turn waits");
+            if q.is_empty() {
+                self.waiting.remove(&uid);
+            } else {
+                self.turns.push_back(uid);
+            }
+            *self.running.entry(uid).or_default() += 1;
+            self.total += 1;
+            return Some((uid, event, job));
+        }
+        None
+    }
+
+    fn done(&mut self, uid: u32) {
+        self.total -= 1;
+        if let Some(n) = self.running.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.running.remove(&uid);
+            }
+        }
+    }
+}
+
+impl Event {
+    fn job(&self) -> JobId {
+        match self {
+            Event::Began(id) => *id,
+            Event::Ended(o) => o.job,
+        }
+    }
+}
+
+async fn run(daemon: Arc<Daemon>, mut rx: mpsc::UnboundedReceiver<Event>) {
+    let mut queues = Queues::default();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u32>();
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { return };
+                // What to run and for whom, from the store (off the lock; jobs without a
+                // notification end here).
+                let d = daemon.clone();
+                let id = event.job();
+                match tokio::task::spawn_blocking(move || load(&d, id)).await {
+                    Ok(Ok(Some(job))) => queues.push(job.account.uid, (event, job)),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => tracing::warn!(job = id, error = %e, "job notification failed"),
+                    Err(e) => tracing::warn!(job = id, error = %e, "job notification failed"),
+                }
+            }
+            Some(uid) = done_rx.recv() => queues.done(uid),
+        }
+        while let Some((uid, event, job)) = queues.next() {
+            let daemon = daemon.clone();
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = deliver(&daemon, event, job).await {
+                    tracing::warn!(error = %e, "job notification failed");
+                }
+                let _ = done.send(uid);
+            });
+        }
     }
 }
 
@@ -131,6 +231,8 @@ struct Job {
     cwd: String,
     umask: Option<u32>,
     account: Account,
+    /// A login's limits (as a job's run gets them), not the daemon's raised ones.
+    rlimits: Vec<crate::userlimits::Rlimit>,
 }
 
 fn load(daemon: &Daemon, id: JobId) -> anyhow::Result<Option<Job>> {
@@ -146,23 +248,24 @@ fn load(daemon: &Daemon, id: JobId) -> anyhow::Result<Option<Job>> {
     } else {
         daemon.settings.server_uid
     };
+    let account = crate::users::account(uid)?;
+    let settings = &daemon.settings;
+    let rlimits = crate::userlimits::for_run(
+        settings.multi_user,
+        &settings.limits_conf_dir,
+        Some(&account),
+    );
     Ok(Some(Job {
         notify,
         cwd: spec.cwd,
         umask: spec.umask,
-        account: crate::users::account(uid)?,
+        account,
+        rlimits,
     }))
 }
 
-async fn deliver(daemon: &Arc<Daemon>, event: Event) -> anyhow::Result<()> {
-    let id = match &event {
-        Event::Began(id) => *id,
-        Event::Ended(o) => o.job,
-    };
-    let d = daemon.clone();
-    let Some(job) = tokio::task::spawn_blocking(move || load(&d, id)).await?? else {
-        return Ok(());
-    };
+async fn deliver(daemon: &Arc<Daemon>, event: Event, job: Job) -> anyhow::Result<()> {
+    let id = event.job();
     let n = &job.notify;
     let (state, code) = match &event {
         Event::Began(_) => (JobState::Running, None),
@@ -180,7 +283,7 @@ async fn deliver(daemon: &Arc<Daemon>, event: Event) -> anyhow::Result<()> {
     if let (Some(command), Event::Ended(_)) = (&n.command, &event) {
         env.push(("MGPU_NOTIFY_EVENT".into(), "END".into()));
         let argv = ["-c".to_string(), command.clone()];
-        run_as(daemon, &job, Path::new("/bin/sh"), &argv, &env, None).await?;
+        run_as(daemon, id, &job, Path::new("/bin/sh"), &argv, &env, None).await?;
     }
     if let Some(addr) = &n.mail_user {
         let (kind, wanted) = match &event {
@@ -213,16 +316,20 @@ async fn deliver(daemon: &Arc<Daemon>, event: Event) -> anyhow::Result<()> {
             );
             let argv = ["-oi".to_string(), "--".to_string(), addr.clone()];
             let sendmail = daemon.notifier.sendmail().to_path_buf();
-            run_as(daemon, &job, &sendmail, &argv, &env, Some(message)).await?;
+            run_as(daemon, id, &job, &sendmail, &argv, &env, Some(message)).await?;
         }
     }
     Ok(())
 }
 
 /// Runs `program argv` as the job's owner (see the module's notes), waits for it at most
-/// [`TIME_LIMIT`], then kills its process group.
+/// [`TIME_LIMIT`], then kills it: its cgroup (a job cgroup of its own, where the machine
+/// offers one: descendants that left its session go too; anything still there when it ends is
+/// killed then), else its process group.
+#[allow(clippy::too_many_arguments)]
 async fn run_as(
     daemon: &Daemon,
+    id: JobId,
     job: &Job,
     program: &Path,
     argv: &[String],
@@ -253,6 +360,30 @@ async fn run_as(
     let home = CString::new(a.home.as_os_str().as_bytes()).ok();
     // The submitter's umask, as the job had it.
     let umask = job.umask.unwrap_or(0o022) as libc::mode_t & 0o777;
+    let rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)> = (job.rlimits.iter())
+        .map(|r| {
+            let limit = libc::rlimit {
+                rlim_cur: r.soft as libc::rlim_t,
+                rlim_max: r.hard as libc::rlim_t,
+            };
+            (r.resource as libc::__rlimit_resource_t, limit)
+        })
+        .collect();
+    let cgroup = tokio::task::spawn_blocking(move || {
+        crate::cgroup::JobCgroup::create(id, &crate::cgroup::Limits::default())
+    })
+    .await
+    .ok()
+    .and_then(|r| r.ok())
+    .flatten()
+    .map(Arc::new);
+    let procs = cgroup.as_ref().and_then(|c| {
+        c.v2_procs.clone().or_else(|| {
+            c.dirs()
+                .next()
+                .and_then(|d| CString::new(d.join("tasks").as_os_str().as_bytes()).ok())
+        })
+    });
     // SAFETY: only async-signal-safe system calls between fork and exec, on data prepared
     // before the fork.
     unsafe {
@@ -260,7 +391,29 @@ async fn run_as(
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // In its cgroup (as root, before the switch), so that the time limit kills every
+            // descendant.
+            if let Some(p) = &procs {
+                crate::cgroup::enter(p);
+            }
+            // The daemon shields itself from the OOM killer; the command must not inherit
+            // that (as for jobs, exec.rs).
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
             libc::umask(umask);
+            // A login's limits (the daemon raised its own open-files limit), set while hard
+            // limits may still be raised.
+            for (resource, limit) in &rlimits {
+                if libc::setrlimit(*resource, limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if switch {
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(gid) != 0
@@ -281,7 +434,17 @@ async fn run_as(
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(cg) = cgroup {
+                let _ =
+                    tokio::task::spawn_blocking(move || cg.remove_within(Duration::from_secs(1)))
+                        .await;
+            }
+            return Err(e.into());
+        }
+    };
     let pid = child.id().unwrap_or(0) as i32;
     let work = async {
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
@@ -304,6 +467,9 @@ async fn run_as(
         }
         Err(_) => {
             tracing::warn!(program = %program.display(), "job notification ran over its time limit; killed");
+            if let Some(cg) = &cgroup {
+                cg.kill();
+            }
             if pid > 0 {
                 let _ = nix::sys::signal::killpg(
                     nix::unistd::Pid::from_raw(pid),
@@ -312,6 +478,10 @@ async fn run_as(
             }
             let _ = child.wait().await;
         }
+    }
+    // What it left running goes with its cgroup (a bounded wait, off the runtime's thread).
+    if let Some(cg) = cgroup {
+        let _ = tokio::task::spawn_blocking(move || cg.remove_within(Duration::from_secs(5))).await;
     }
     Ok(())
 }

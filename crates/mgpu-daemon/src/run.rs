@@ -404,17 +404,35 @@ fn parse_weight(s: &str) -> Result<(String, f64), String> {
 }
 
 /// Raises the open-files limit to the hard limit: every connection and job link is a descriptor.
+/// (Jobs and notifications do not inherit it: they get a login's limits, from those recorded
+/// before this, see `userlimits`.) Says so when even the hard limit is low.
 fn raise_fd_limit() {
+    /// Below this the daemon may run out of descriptors on a busy server.
+    const LOW: u64 = 16_384;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
         }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            }
+        }
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let soft = lim.rlim_cur as u64;
+    if soft < LOW {
+        tracing::warn!(
+            limit = soft,
+            "the open-files limit is low for a busy server (each connection and running job \
+             takes descriptors); raise its hard limit (systemd: LimitNOFILE)"
+        );
     }
 }
 

@@ -235,6 +235,38 @@ fn max_time_is_refused_and_default_time_applied() {
     assert!(s.job(root_none).unwrap()["time_limit_s"].is_null());
 }
 
+/// `mgpu_control update` applies the owner's max_time as a submit does: no limit (0 or
+/// UNLIMITED) or one over the maximum is refused with the submit's message and changes
+/// nothing; a limit within it is taken; root is exempt.
+#[test]
+fn update_cannot_lift_a_users_max_time() {
+    let Some((a, _)) = test_users() else { return };
+    let (_d, cfg) = config_file("[limits]\nmax_time = \"1:00:00\"\n");
+    let s = Server::start("1x24GiB", &["--config", cfg.to_str().unwrap()]);
+    let id = s.detached_as(&a, &["--hold", "--time", "30", "--", "true"]);
+    let sid = id.to_string();
+    let update = |t: &str| {
+        s.cmd_as(&a, "mgpu_control")
+            .args(["update", &sid, &format!("TimeLimit={t}")])
+            .output()
+            .unwrap()
+    };
+    for t in ["0", "UNLIMITED", "2:00:00", "366-00:00:00"] {
+        let out = update(t);
+        assert_fails_with(&out, "QOSMaxWallDurationPerJobLimit");
+        assert_fails_with(&out, "longer than the longest allowed per job, 1:00:00");
+        assert_eq!(s.job(id).unwrap()["time_limit_s"], 1800, "after {t}");
+    }
+    let out = update("1:00:00");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(s.job(id).unwrap()["time_limit_s"], 3600);
+    s.ok("mgpu_control", &["update", &sid, "TimeLimit=0"]);
+    assert!(s.job(id).unwrap()["time_limit_s"].is_null());
+    s.ok("mgpu_control", &["update", &sid, "TimeLimit=3:00:00"]);
+    assert_eq!(s.job(id).unwrap()["time_limit_s"], 3 * 3600);
+    s.ok("mgpu_cancel", &[&sid]);
+}
+
 /// SIGHUP applies a changed limit at once (a held job starts), logs each change, and reports
 /// what needs a restart; an invalid file changes nothing and says why.
 #[test]

@@ -433,3 +433,49 @@ fn a_held_job_array_is_released_task_by_task_or_whole() {
     assert_eq!(state_of(&s, array + 1), "COMPLETED");
     assert_eq!(state_of(&s, array + 2), "COMPLETED");
 }
+
+/// A hold names each job once however often it is written, and a job array's id counts all
+/// its tasks against the 10,000-job limit before anything changes: a request over it is
+/// refused whole. Another user's array gets one refusal line, not one per task.
+#[test]
+fn hold_dedupes_ids_and_refuses_a_request_over_the_limit_whole() {
+    let s = Server::start("1x24GiB", &[]);
+    let blocker = s.detached(&["--", "sleep", "120"]);
+    s.wait_state(blocker, "RUNNING");
+    let a = s.detached(&["--array", "0-5999", "--", "true"]);
+    let b = s.detached(&["--array", "0-4999", "--", "true"]);
+    let (sa, sb) = (a.to_string(), b.to_string());
+    // 12,000 names of the same array (and its first task written out) are one array.
+    let mut many: Vec<String> = vec![sa.clone(); 12_000];
+    many.push(format!("{a}_0"));
+    let mut args = vec!["hold".to_string()];
+    args.extend(many);
+    let out = s.cmd("mgpu_control").args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(reason(&s, a + 5999), "JobHeldUser");
+    // 6,000 + 5,000 tasks: refused, nothing held.
+    let out = s
+        .cmd("mgpu_control")
+        .args(["hold", &sb, &sa])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "too many jobs in one request: it names 11000");
+    assert_fails_with(&out, "nothing was changed");
+    assert_ne!(reason(&s, b), "JobHeldUser");
+    assert_ne!(reason(&s, b + 4999), "JobHeldUser");
+    if let Some((u, _)) = test_users() {
+        let out = s
+            .cmd_as(&u, "mgpu_control")
+            .args(["release", &sa])
+            .output()
+            .unwrap();
+        assert_fails_with(&out, "permission denied");
+        assert_eq!(
+            text(&out.stderr).matches("permission denied").count(),
+            1,
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    s.ok("mgpu_cancel", &[&sa, &sb, &blocker.to_string()]);
+}

@@ -211,11 +211,14 @@ fn metrics_refuse_huge_slow_and_other_requests_without_stalling_the_daemon() {
 
     // Silent clients take every scrape slot (and more wait)...
     let silent: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // ... a scrape, which sends its request at once, takes the slot of the oldest of them
+    // (they cannot keep it out by reconnecting)...
+    let answer = http(addr, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // ... and the daemon serves its users all the same.
     s.ok("mgpu_srun", &["--", "true"]);
     let id = s.detached(&["--", "true"]);
     s.acct(id);
-    // Once they are cut off (the read deadline), scrapes are answered again.
     let mut body = String::new();
     wait_until(Duration::from_secs(60), || {
         match http(addr, b"GET /metrics HTTP/1.0\r\n\r\n") {

@@ -152,12 +152,79 @@ fn a_notification_that_hangs_is_killed() {
     let Some((a, _)) = test_users() else { return };
     let s = Server::start("1x24GiB", &["--notify-time-limit", "1"]);
     let dir = s.scratch.display().to_string();
-    let notify = format!("sleep 1000 & echo $! > {dir}/pid.tmp; mv {dir}/pid.tmp {dir}/pid; wait");
+    // (The second one leaves the process group: its cgroup takes it, where there is one.)
+    let notify = format!(
+        "sleep 1000 & echo $! > {dir}/pid.tmp; setsid sleep 1000 & echo $! >> {dir}/pid.tmp; \
+         mv {dir}/pid.tmp {dir}/pid; wait"
+    );
     s.detached_as(&a, &["--notify", &notify, "--", "true"]);
-    let pid: i32 = wait_file(&s.scratch.join("pid")).trim().parse().unwrap();
+    let pids: Vec<i32> = wait_file(&s.scratch.join("pid"))
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
     // Meanwhile the server serves others.
     s.ok("mgpu_queue", &[]);
-    wait_until(Duration::from_secs(30), || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| st.contains(") Z "))
-    });
+    let cgroups = mgpu_daemon::cgroup::jobs_base().is_some();
+    for pid in pids.iter().take(if cgroups { 2 } else { 1 }) {
+        wait_until(Duration::from_secs(30), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |st| st.contains(") Z "))
+        });
+    }
+    if !cgroups {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pids[1]),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// One user's many hanging notifications do not hold back another user's: at most 2 of a
+/// user's run at once and users take turns, so B's runs while A's 20 still hang; A's then all
+/// run once they may end.
+#[test]
+fn one_users_hanging_notifications_do_not_hold_back_anothers() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &["--notify-time-limit", "300"]);
+    let dir = s.scratch.display().to_string();
+    let hang = format!("touch {dir}/a.$MGPU_JOB_ID; while [ ! -e {dir}/go ]; do sleep 0.1; done");
+    let ids: Vec<u64> = (0..20)
+        .map(|_| s.detached_as(&a, &["--notify", &hang, "--", "true"]))
+        .collect();
+    let started = || {
+        ids.iter()
+            .filter(|id| s.scratch.join(format!("a.{id}")).exists())
+            .count()
+    };
+    wait_until(Duration::from_secs(60), || started() == 2);
+    s.detached_as(&b, &["--notify", &format!("touch {dir}/b"), "--", "true"]);
+    wait_until(Duration::from_secs(60), || s.scratch.join("b").exists());
+    assert_eq!(
+        started(),
+        2,
+        "at most 2 of one user's notifications run at once"
+    );
+    std::fs::write(s.scratch.join("go"), "").unwrap();
+    wait_until(Duration::from_secs(120), || started() == ids.len());
+}
+
+/// A notification command gets a login's limits (limits.conf), as a job does, not the
+/// daemon's raised open-files limit.
+#[test]
+fn a_notification_gets_a_logins_limits() {
+    let Some((a, _)) = test_users() else { return };
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(
+        conf.path().join("limits.conf"),
+        format!("{} - nofile 1234\n", a.name),
+    )
+    .unwrap();
+    let s = Server::start(
+        "1x24GiB",
+        &["--limits-conf-dir", conf.path().to_str().unwrap()],
+    );
+    let dir = s.scratch.display().to_string();
+    let notify = format!("echo $(ulimit -Sn) $(ulimit -Hn) > {dir}/n.tmp; mv {dir}/n.tmp {dir}/n");
+    s.detached_as(&a, &["--notify", &notify, "--", "true"]);
+    assert_eq!(wait_file(&s.scratch.join("n")).trim(), "1234 1234");
 }

@@ -61,33 +61,95 @@ fn job_id(daemon: &Daemon, text: &str) -> Result<JobId, String> {
     }
 }
 
-/// The jobs a hold or release names: a job array's id stands for its unfinished tasks.
-/// `(id, as written, part of a whole array)`.
-fn targets(
-    daemon: &Daemon,
-    inner: &Inner,
-    jobs: &[String],
-) -> Result<Vec<(JobId, String, bool)>, String> {
+/// A job a hold or release names, resolved before the daemon's lock is taken: its id, as
+/// written, and the job array it stands for when it is an array's id (the store's record; the
+/// live job's, read under the lock, wins).
+struct Named {
+    id: JobId,
+    text: String,
+    bare: bool,
+    recorded_array: Option<mgpu_core::ArrayTask>,
+}
+
+/// Parses and dedupes the ids of a hold or release and does their store lookups, all outside
+/// the daemon's lock; more than [`MAX_IDS`] distinct ids are refused before any lookup.
+fn resolve_named(daemon: &Daemon, jobs: &[String]) -> Result<Vec<Named>, String> {
+    let mut seen = std::collections::HashSet::new();
+    let texts: Vec<&str> = jobs
+        .iter()
+        .map(|t| t.trim())
+        .filter(|t| seen.insert(*t))
+        .collect();
+    if texts.len() > MAX_IDS {
+        return Err(too_many(texts.len()));
+    }
+    let mut ids = std::collections::HashSet::new();
     let mut out = Vec::new();
-    for text in jobs {
+    for text in texts {
         let id = job_id(daemon, text)?;
+        let bare = !text.contains('_');
+        // (`12` and `12_0` may name the same job: the first one written is kept.)
+        if !ids.insert((id, bare)) {
+            continue;
+        }
         // (A finished first task still names its array: from the records.)
-        let array = match inner.sched.job(id) {
-            Some(j) => j.request.array,
-            None => daemon.store.array_task(id).ok().flatten(),
+        let recorded_array = if bare {
+            daemon.store.array_task(id).ok().flatten()
+        } else {
+            None
         };
-        match array.filter(|a| a.job == id && !text.contains('_')) {
+        out.push(Named {
+            id,
+            text: text.to_string(),
+            bare,
+            recorded_array,
+        });
+    }
+    Ok(out)
+}
+
+fn too_many(n: usize) -> String {
+    format!(
+        "too many jobs in one request: it names {n} (a job array's id counts all its tasks), \
+         at most {MAX_IDS}; nothing was changed"
+    )
+}
+
+/// The jobs a hold or release names, under the lock: a job array's id stands for its
+/// unfinished tasks. `(id, as written, part of a whole array)`, each id once. The whole
+/// request is refused when it comes to more than [`MAX_IDS`] jobs, counted (arrays by their
+/// task count) before any is visited.
+fn targets(inner: &Inner, named: &[Named]) -> Result<Vec<(JobId, String, bool)>, String> {
+    let array_of = |n: &Named| {
+        let array = match inner.sched.job(n.id) {
+            Some(j) => j.request.array,
+            None => n.recorded_array,
+        };
+        array.filter(|a| a.job == n.id && n.bare)
+    };
+    let total: usize = named
+        .iter()
+        .map(|n| array_of(n).map_or(1, |a| a.count as usize))
+        .sum();
+    if total > MAX_IDS {
+        return Err(too_many(total));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for n in named {
+        match array_of(n) {
             Some(a) => {
-                for task in id..id + JobId::from(a.count) {
-                    if inner.sched.job(task).is_some() {
-                        out.push((task, task.to_string(), true));
+                for task in n.id..n.id + JobId::from(a.count) {
+                    if inner.sched.job(task).is_some() && seen.insert(task) {
+                        out.push((task, n.text.clone(), true));
                     }
                 }
             }
-            None => out.push((id, text.trim().to_string(), false)),
-        }
-        if out.len() > MAX_IDS {
-            return Err(format!("too many jobs in one request (at most {MAX_IDS})"));
+            None => {
+                if seen.insert(n.id) {
+                    out.push((n.id, n.text.clone(), false));
+                }
+            }
         }
     }
     Ok(out)
@@ -102,11 +164,17 @@ fn hold_or_release(
     if jobs.is_empty() {
         return Err("name at least one job id".into());
     }
+    let named = resolve_named(daemon, jobs)?;
     let mut inner = daemon.lock();
-    let targets = targets(daemon, &inner, jobs)?;
+    let targets = targets(&inner, &named)?;
     let mut lines = Vec::new();
     let mut ok = true;
+    // Arrays already answered "permission denied" (once, not once per task).
+    let mut denied = std::collections::HashSet::new();
     for (id, text, in_array) in targets {
+        if in_array && denied.contains(&text) {
+            continue;
+        }
         let done = if hold {
             inner.sched.hold(id, by).map(Some)
         } else {
@@ -122,6 +190,9 @@ fn hold_or_release(
             Err(e) => {
                 ok = false;
                 lines.push(format!("job {text}: {e}"));
+                if in_array && matches!(e, ControlError::PermissionDenied) {
+                    denied.insert(text);
+                }
             }
         }
     }
@@ -198,6 +269,19 @@ fn update(
                     "cannot change '{other}': the keys are TimeLimit, Name, Nice, Gpus and Mem (GPU memory per GPU, or 'exclusive')"
                 ))
             }
+        }
+    }
+    if let (Some(t), false) = (u.time_limit_s, by.is_admin) {
+        // The owner's per-user maximum applies as at submit (root is exempt). The account
+        // lookup may be slow: outside the lock.
+        let (owner, rules) = {
+            let inner = daemon.lock();
+            let owner = (inner.sched.job(id).map(|j| j.request.uid)).filter(|&o| by.may_manage(o));
+            (owner, inner.limits.clone())
+        };
+        if let Some(owner) = owner {
+            let limits = rules.resolve_uid(owner);
+            crate::handlers::submit::check_time_limit_change(t.filter(|&s| s > 0), &limits)?;
         }
     }
     let mut inner = daemon.lock();

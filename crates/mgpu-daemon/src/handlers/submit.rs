@@ -561,18 +561,32 @@ async fn submit_array(
 /// maximum, as Slurm gives a job without a limit the partition's MaxTime); refused, as in
 /// Slurm, when it asks for more than the maximum.
 fn apply_time_limits(asked: Option<u64>, limits: &Limits) -> Result<Option<u64>, String> {
-    use mgpu_core::timefmt::format_duration;
     match (asked, limits.max_time_s) {
         (None, max) => Ok(limits.default_time_s.or(max)),
-        (Some(t), Some(max)) if t > max => Err(format!(
-            "job refused: its time limit {} is longer than the longest allowed per job, {} \
-             (QOSMaxWallDurationPerJobLimit: the administrator's max_time); ask for {} or less",
-            format_duration(t),
-            format_duration(max),
-            format_duration(max)
-        )),
+        (Some(t), Some(max)) if t > max => Err(too_long(Some(t), max)),
         (t, _) => Ok(t),
     }
+}
+
+/// A changed time limit (`None`: no limit) under the owner's limits: refused, with the
+/// message a submit gets, when it is over the maximum or unlimited while a maximum is set
+/// (`mgpu_control update` by a non-root user).
+pub fn check_time_limit_change(asked: Option<u64>, limits: &Limits) -> Result<(), String> {
+    match (asked, limits.max_time_s) {
+        (t, Some(max)) if t.is_none_or(|t| t > max) => Err(too_long(t, max)),
+        _ => Ok(()),
+    }
+}
+
+fn too_long(asked: Option<u64>, max: u64) -> String {
+    use mgpu_core::timefmt::format_duration;
+    format!(
+        "job refused: its time limit {} is longer than the longest allowed per job, {} \
+         (QOSMaxWallDurationPerJobLimit: the administrator's max_time); ask for {} or less",
+        asked.map_or("UNLIMITED".into(), format_duration),
+        format_duration(max),
+        format_duration(max)
+    )
 }
 
 /// A recorded job that the core refused after all (it cannot happen: the same GPUs were

@@ -384,6 +384,46 @@ fn output_files_never_written_with_roots_rights() {
     let _ = std::fs::remove_file(&planted);
 }
 
+/// The `-o`/`-e` files are written with the user's rights only, never with root's
+/// capabilities: a user's `-o` naming the `timerslack_ns` of one of their own processes cannot
+/// change it (writing another process's takes CAP_SYS_NICE, checked at write time: the
+/// supervisor has it, the user has not). Same for `oom_score_adj` with CAP_SYS_RESOURCE.
+#[test]
+fn output_files_are_written_without_roots_capabilities() {
+    use std::os::unix::process::CommandExt;
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let mut victim = std::process::Command::new("sleep")
+        .arg("120")
+        .uid(a.uid)
+        .gid(a.gid)
+        .spawn()
+        .unwrap();
+    let slack = format!("/proc/{}/timerslack_ns", victim.id());
+    let before = std::fs::read_to_string(&slack).unwrap();
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(&a.home).args([
+        "--parsable",
+        "-o",
+        &slack,
+        "-e",
+        "/dev/null",
+        "--wrap",
+        "echo 12345",
+    ]);
+    let id = s.submit(c);
+    let rec = finished(&s, id);
+    let after = std::fs::read_to_string(&slack).unwrap();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    assert_ne!(before.trim(), "12345");
+    assert_eq!(
+        after, before,
+        "the job's output changed {slack} with root's rights"
+    );
+}
+
 /// squeue-style `mgpu_queue -u A,B -t PD,R -j ID,ID -o FORMAT`, with two real users.
 #[test]
 fn queue_filters_and_format_like_squeue() {

@@ -1,0 +1,285 @@
+//! Writing a job's `-o`/`-e` files without root's rights and without ever making the
+//! supervisor's loop wait on them.
+//!
+//! The job's own process opens the files as its user (see `exec::open_output`) and sends them
+//! over a socket. They are received, checked and written only by writer threads of the
+//! supervisor that first give up, for themselves alone (credentials are per thread on Linux),
+//! every capability and take the user's filesystem identity (fsuid, fsgid, groups): the kernel
+//! then treats their writes as the user's (disk quotas, root-reserved blocks, capability
+//! checks such as `/proc/PID/oom_score_adj`'s). The supervisor's loop only hands them copies
+//! of the output through bounded channels and never waits: when a file does not keep up (a
+//! FUSE file whose server does not answer, a terminal nobody reads), what does not fit is
+//! dropped with a note in the job's log. The descriptors are closed only by the writer
+//! threads, so a close that hangs costs one thread of that supervisor, nothing else.
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::time::Duration;
+
+use crate::users::Account;
+
+/// Chunks of output (each at most the supervisor's read buffer, 64 KiB) waiting for one file:
+/// at most 4 MiB per file.
+const QUEUE_CHUNKS: usize = 64;
+
+/// The `-o`/`-e` files of a run, as the supervisor's loop sees them: where each stream's
+/// output goes (stdout's, stderr's).
+pub struct OutputWriters {
+    files: Vec<Queue>,
+    /// Which of `files` each stream (stdout, stderr) goes to.
+    route: [Option<usize>; 2],
+    /// Disconnected once every writer thread has ended.
+    done: Receiver<()>,
+}
+
+struct Queue {
+    tx: Option<SyncSender<Vec<u8>>>,
+    /// The file's name, for the note.
+    name: String,
+}
+
+/// The identity the writer threads take.
+#[derive(Clone)]
+pub struct Writer {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    pub groups: Vec<libc::gid_t>,
+    /// Take the user's identity (the supervisor runs as root); capabilities are dropped anyway.
+    pub switch_user: bool,
+}
+
+impl Writer {
+    pub fn of(account: &Account, switch_user: bool) -> Self {
+        Writer {
+            uid: account.uid,
+            gid: account.gid,
+            groups: account.groups.clone(),
+            switch_user,
+        }
+    }
+}
+
+impl OutputWriters {
+    /// Starts the thread that takes the files from `link` (sent there by the job's process:
+    /// `out` and `err` say which, an `err` of `None` with an `out` meaning one file for both
+    /// streams) and writes them.
+    pub fn start(
+        link: OwnedFd,
+        out: Option<String>,
+        err: Option<String>,
+        who: Writer,
+    ) -> io::Result<Self> {
+        let (done_tx, done) = mpsc::channel::<()>();
+        let mut files = Vec::new();
+        let mut receivers = Vec::new();
+        let mut route = [None, None];
+        let shared = out.is_some() && err.is_none();
+        for (i, name) in [out, err].into_iter().enumerate() {
+            if let Some(name) = name {
+                let (tx, rx) = mpsc::sync_channel(QUEUE_CHUNKS);
+                route[i] = Some(files.len());
+                files.push(Queue { tx: Some(tx), name });
+                receivers.push(rx);
+            }
+        }
+        if shared {
+            route[1] = Some(0);
+        }
+        std::thread::Builder::new()
+            .name("mgpu-outfiles".into())
+            .spawn(move || receive_and_write(link, receivers, who, done_tx))?;
+        Ok(OutputWriters { files, route, done })
+    }
+
+    /// Queues a copy of `bytes` from stream `tag` (1 stdout, else stderr). Never waits: a file
+    /// that does not keep up loses this output. Returns a note for the job's log the first
+    /// time a file loses output.
+    pub fn write(&mut self, tag: u8, bytes: &[u8]) -> Option<String> {
+        let i = self.route[usize::from(tag != 1)]?;
+        let q = &mut self.files[i];
+        let tx = q.tx.as_ref()?;
+        let why = match tx.try_send(bytes.to_vec()) {
+            Ok(()) => return None,
+            Err(TrySendError::Full(_)) => "does not keep up with the job's output",
+            Err(TrySendError::Disconnected(_)) => "could not be written",
+        };
+        q.tx = None;
+        Some(format!(
+            "\nmgpu: the output file '{}' {why}; the rest of the output is only in the job's log\n",
+            q.name
+        ))
+    }
+
+    /// No more output: lets the writer threads finish what is queued, waiting for them at most
+    /// `limit` (a file whose writes hang only delays the end of its own job, by that much).
+    pub fn finish(self, limit: Duration) {
+        let OutputWriters { files, done, .. } = self;
+        drop(files);
+        let _ = done.recv_timeout(limit);
+    }
+}
+
+/// Gives up, for the calling thread only, the supervisor's rights: the user's filesystem
+/// identity, then no capability at all (raw system calls: the C library's wrappers would
+/// change every thread of the process).
+fn become_user(who: &Writer) -> io::Result<()> {
+    // SAFETY: system calls on plain integers and on buffers we own.
+    unsafe {
+        if who.switch_user {
+            if libc::syscall(libc::SYS_setgroups, who.groups.len(), who.groups.as_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_setfsgid, who.gid);
+            libc::syscall(libc::SYS_setfsuid, who.uid);
+            // (-1 changes nothing and returns the current value.)
+            if libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32 != who.gid
+                || libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32 != who.uid
+            {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+        }
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let header = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: libc::syscall(libc::SYS_gettid) as i32,
+        };
+        let none = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capset, &header, none.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The receiving thread: becomes the user, takes the files from the job's process, starts a
+/// thread for the second file if there is one and writes the first itself.
+fn receive_and_write(
+    link: OwnedFd,
+    receivers: Vec<Receiver<Vec<u8>>>,
+    who: Writer,
+    done: mpsc::Sender<()>,
+) {
+    if let Err(e) = become_user(&who) {
+        // (Not eprintln: the server's log may be gone.)
+        let _ = writeln!(
+            io::stderr(),
+            "mgpu supervisor: cannot take the job user's rights to write its output files: {e}"
+        );
+        return;
+    }
+    // Blocking: until the job's process sends them or goes away (exec or exit closes its end).
+    let files = receive_files(&link, receivers.len());
+    drop(link);
+    let mut pairs = receivers.into_iter().zip(files);
+    let first = pairs.next();
+    for (rx, file) in pairs {
+        let done = done.clone();
+        let _ = std::thread::Builder::new()
+            .name("mgpu-outfile".into())
+            .spawn(move || {
+                write_all(rx, file);
+                drop(done);
+            });
+    }
+    if let Some((rx, file)) = first {
+        write_all(rx, file);
+    }
+    drop(done);
+}
+
+/// Writes what arrives on `rx` into `file` until the supervisor has no more, or the file fails.
+/// The file is closed here.
+fn write_all(rx: Receiver<Vec<u8>>, file: Option<std::fs::File>) {
+    let Some(mut file) = file else {
+        return; // (dropping `rx` tells the supervisor)
+    };
+    for chunk in rx {
+        if file.write_all(&chunk).is_err() {
+            return;
+        }
+    }
+}
+
+/// Receives `count` files from the job's process (none if it sent none), in the order of the
+/// streams, keeping only regular files and character devices (which the job's process checked
+/// already). They are made blocking: only this thread waits on them.
+fn receive_files(link: &OwnedFd, count: usize) -> Vec<Option<std::fs::File>> {
+    let mut mask = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: mask.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for two descriptors.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: a zeroed msghdr pointing at our buffers, filled in by recvmsg.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    let n = loop {
+        // SAFETY: recvmsg on our socket into the buffers above.
+        let n = unsafe { libc::recvmsg(link.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        break n;
+    };
+    let mut fds = Vec::new();
+    if n > 0 {
+        // SAFETY: walking the control messages recvmsg wrote, within msg_controllen.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                    let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                        / std::mem::size_of::<libc::c_int>();
+                    for i in 0..count {
+                        fds.push(std::fs::File::from(OwnedFd::from_raw_fd(
+                            data.add(i).read_unaligned(),
+                        )));
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+    }
+    let usable = |f: std::fs::File| {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = f.metadata().ok()?.file_type();
+        if !(kind.is_file() || kind.is_char_device()) {
+            return None;
+        }
+        // (Keeping O_APPEND: a later run adds to what the earlier ones wrote.)
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
+        }
+        Some(f)
+    };
+    // The job's process sends exactly the files it was asked for, or nothing.
+    if n <= 0 || fds.len() != count || mask[0] == 0 {
+        return (0..count).map(|_| None).collect();
+    }
+    fds.into_iter().map(usable).collect()
+}

@@ -424,6 +424,75 @@ fn output_files_are_written_without_roots_capabilities() {
     );
 }
 
+/// An `-o` file that stops taking output (here a terminal nobody reads: its writes block once
+/// its buffer is full) never holds up the job's supervisor: the output it cannot take is
+/// dropped with a note in the job's log, the job is still cancelled, and its GPU is freed.
+#[test]
+fn a_stalled_output_file_never_holds_up_the_supervisor() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let dir = tempfile::Builder::new()
+        .prefix("mgpu-stall-")
+        .tempdir_in(&a.home)
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(a.uid), Some(a.gid)).unwrap();
+    // A terminal whose master side is never read.
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty fills two descriptors, closed at the end of the test.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0);
+    let tty = std::fs::read_link(format!("/proc/self/fd/{slave}")).unwrap();
+    std::os::unix::fs::chown(&tty, Some(a.uid), Some(a.gid)).unwrap();
+    let ready = dir.path().join("written");
+    let script = format!(
+        "head -c 10000000 /dev/zero | tr '\\0' x; echo; touch {}; sleep 120",
+        ready.display()
+    );
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(dir.path()).args([
+        "--parsable",
+        "-o",
+        tty.to_str().unwrap(),
+        "--wrap",
+        &script,
+    ]);
+    let id = s.submit(c);
+    wait_until(Duration::from_secs(120), || ready.exists());
+    s.ok("mgpu_cancel", &[&id.to_string()]);
+    let rec = finished(&s, id);
+    assert_eq!(rec["state"], "CANCELLED", "{rec}");
+    let log = s.log(id);
+    assert!(
+        log.contains(&format!(
+            "the output file '{}' does not keep up",
+            tty.display()
+        )),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    // The GPU is free again.
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["--", "echo", "after"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "after\n");
+    // SAFETY: our descriptors from openpty.
+    unsafe {
+        libc::close(master);
+        libc::close(slave);
+    }
+}
+
 /// squeue-style `mgpu_queue -u A,B -t PD,R -j ID,ID -o FORMAT`, with two real users.
 #[test]
 fn queue_filters_and_format_like_squeue() {

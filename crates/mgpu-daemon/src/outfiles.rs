@@ -15,6 +15,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::users::Account;
@@ -37,7 +38,11 @@ struct Queue {
     tx: Option<SyncSender<Vec<u8>>>,
     /// The file's name, for the note.
     name: String,
+    /// Why its writer stopped, if it failed (set once, after the failed write).
+    error: Failed,
 }
+
+type Failed = Arc<Mutex<Option<io::Error>>>;
 
 /// The identity the writer threads take.
 #[derive(Clone)]
@@ -78,9 +83,14 @@ impl OutputWriters {
         for (i, name) in [out, err].into_iter().enumerate() {
             if let Some(name) = name {
                 let (tx, rx) = mpsc::sync_channel(QUEUE_CHUNKS);
+                let error = Failed::default();
                 route[i] = Some(files.len());
-                files.push(Queue { tx: Some(tx), name });
-                receivers.push(rx);
+                receivers.push((rx, error.clone()));
+                files.push(Queue {
+                    tx: Some(tx),
+                    name,
+                    error,
+                });
             }
         }
         if shared {
@@ -101,8 +111,13 @@ impl OutputWriters {
         let tx = q.tx.as_ref()?;
         let why = match tx.try_send(bytes.to_vec()) {
             Ok(()) => return None,
-            Err(TrySendError::Full(_)) => "does not keep up with the job's output",
-            Err(TrySendError::Disconnected(_)) => "could not be written",
+            Err(TrySendError::Full(_)) => "does not keep up with the job's output".to_string(),
+            Err(TrySendError::Disconnected(_)) => {
+                match q.error.lock().ok().and_then(|mut e| e.take()) {
+                    Some(e) => format!("could not be written ({e})"),
+                    None => "could not be written".to_string(),
+                }
+            }
         };
         q.tx = None;
         Some(format!(
@@ -171,7 +186,7 @@ fn become_user(who: &Writer) -> io::Result<()> {
 /// thread for the second file if there is one and writes the first itself.
 fn receive_and_write(
     link: OwnedFd,
-    receivers: Vec<Receiver<Vec<u8>>>,
+    receivers: Vec<(Receiver<Vec<u8>>, Failed)>,
     who: Writer,
     done: mpsc::Sender<()>,
 ) {
@@ -188,29 +203,32 @@ fn receive_and_write(
     drop(link);
     let mut pairs = receivers.into_iter().zip(files);
     let first = pairs.next();
-    for (rx, file) in pairs {
+    for ((rx, failed), file) in pairs {
         let done = done.clone();
         let _ = std::thread::Builder::new()
             .name("mgpu-outfile".into())
             .spawn(move || {
-                write_all(rx, file);
+                write_all(rx, file, &failed);
                 drop(done);
             });
     }
-    if let Some((rx, file)) = first {
-        write_all(rx, file);
+    if let Some(((rx, failed), file)) = first {
+        write_all(rx, file, &failed);
     }
     drop(done);
 }
 
 /// Writes what arrives on `rx` into `file` until the supervisor has no more, or the file fails.
 /// The file is closed here.
-fn write_all(rx: Receiver<Vec<u8>>, file: Option<std::fs::File>) {
+fn write_all(rx: Receiver<Vec<u8>>, file: Option<std::fs::File>, failed: &Failed) {
     let Some(mut file) = file else {
         return; // (dropping `rx` tells the supervisor)
     };
     for chunk in rx {
-        if file.write_all(&chunk).is_err() {
+        if let Err(e) = file.write_all(&chunk) {
+            if let Ok(mut slot) = failed.lock() {
+                *slot = Some(e);
+            }
             return;
         }
     }

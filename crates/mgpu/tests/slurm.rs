@@ -457,13 +457,8 @@ fn a_stalled_output_file_never_holds_up_the_supervisor() {
         ready.display()
     );
     let mut c = s.cmd_as(&a, "mgpu_sbatch");
-    c.current_dir(dir.path()).args([
-        "--parsable",
-        "-o",
-        tty.to_str().unwrap(),
-        "--wrap",
-        &script,
-    ]);
+    c.current_dir(dir.path())
+        .args(["--parsable", "-o", tty.to_str().unwrap(), "--wrap", &script]);
     let id = s.submit(c);
     wait_until(Duration::from_secs(120), || ready.exists());
     s.ok("mgpu_cancel", &[&id.to_string()]);

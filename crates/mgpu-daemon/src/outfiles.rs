@@ -301,3 +301,91 @@ fn receive_files(link: &OwnedFd, count: usize) -> Vec<Option<std::fs::File>> {
     }
     fds.into_iter().map(usable).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `files` the way the job's process does: one byte (which streams) with them.
+    fn send(link: &OwnedFd, mask: u8, files: &[&std::fs::File]) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let iov = [io::IoSlice::new(std::slice::from_ref(&mask))];
+        sendmsg::<()>(link.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+    }
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    fn me() -> Writer {
+        Writer {
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            groups: Vec::new(),
+            switch_user: false,
+        }
+    }
+
+    /// With only `-o`, both streams go to the one file, in order; what was queued before the
+    /// file arrived is written too.
+    #[test]
+    fn one_file_gets_both_streams_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let file = std::fs::File::create(&path).unwrap();
+        let (ours, theirs) = pair();
+        let mut w = OutputWriters::start(ours, Some("out".into()), None, me()).unwrap();
+        assert_eq!(w.write(1, b"early "), None);
+        send(&theirs, 1, &[&file]);
+        drop((theirs, file));
+        assert_eq!(w.write(2, b"err "), None);
+        assert_eq!(w.write(1, b"out"), None);
+        w.finish(Duration::from_secs(60));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "early err out");
+    }
+
+    /// A file that stops taking output (an unread terminal) never makes `write` wait: once
+    /// its queue is full the output is dropped, with one note; `finish` waits a bounded time.
+    #[test]
+    fn a_stalled_file_loses_output_with_one_note_and_never_blocks() {
+        let (mut m, mut sl) = (-1, -1);
+        // SAFETY: openpty fills two descriptors we then own.
+        let (master, slave) = unsafe {
+            let rc = libc::openpty(
+                &mut m,
+                &mut sl,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            );
+            assert_eq!(rc, 0);
+            (OwnedFd::from_raw_fd(m), std::fs::File::from_raw_fd(sl))
+        };
+        let (ours, theirs) = pair();
+        let mut w = OutputWriters::start(ours, Some("tty".into()), Some("e".into()), me()).unwrap();
+        let devnull = std::fs::File::options()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        send(&theirs, 3, &[&slave, &devnull]);
+        let chunk = vec![b'x'; 64 * 1024];
+        let notes: Vec<String> = (0..4 * QUEUE_CHUNKS)
+            .filter_map(|_| w.write(1, &chunk))
+            .collect();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("'tty' does not keep up"), "{}", notes[0]);
+        // The other stream's file is not held up by it.
+        assert_eq!(w.write(2, b"fine"), None);
+        w.finish(Duration::from_millis(100));
+        drop(master);
+    }
+}

@@ -537,7 +537,8 @@ fn initial_link() -> Option<UnixStream> {
 
 /// A supervisor's state. One thread drives it: a `poll` loop over the job's output pipes, the
 /// daemon's link, the socket a restarted daemon connects to, and a signalfd for `SIGCHLD` (no
-/// helper threads: they cost more to start and stop than a short job runs).
+/// helper threads: they cost more to start and stop than a short job runs; only a job with
+/// `-o`/`-e` files gets writer threads, see [`crate::outfiles`]).
 struct Supervisor {
     log: File,
     offset: u64,

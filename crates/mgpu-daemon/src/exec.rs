@@ -1068,7 +1068,7 @@ fn start_with(
     };
     drop(theirs);
     // Without its writer the job's process cannot hand its files over, and fails.
-    let writer = crate::outfiles::Writer::of(account, launch.switch_user);
+    let writer = crate::outfiles::Writer::of(account, launch);
     let outputs = outputs.and_then(|link| {
         crate::outfiles::OutputWriters::start(link, names.0, names.1, writer).ok()
     });

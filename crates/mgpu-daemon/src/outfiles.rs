@@ -52,15 +52,24 @@ pub struct Writer {
     pub groups: Vec<libc::gid_t>,
     /// Take the user's identity (the supervisor runs as root); capabilities are dropped anyway.
     pub switch_user: bool,
+    /// The job's soft `RLIMIT_FSIZE` in bytes, when it has its own (a login's): the writer
+    /// threads live in the supervisor's process, whose limit the kernel applies, so they apply
+    /// the user's themselves (as the kernel would: a write stops at the limit, then `EFBIG`).
+    pub fsize: Option<u64>,
 }
 
 impl Writer {
-    pub fn of(account: &Account, switch_user: bool) -> Self {
+    pub fn of(account: &Account, launch: &crate::exec::Launch) -> Self {
+        let fsize = (launch.rlimits.iter())
+            .find(|r| r.resource == libc::RLIMIT_FSIZE as u32)
+            .map(|r| r.soft)
+            .filter(|&soft| soft != crate::userlimits::INFINITY);
         Writer {
             uid: account.uid,
             gid: account.gid,
             groups: account.groups.clone(),
-            switch_user,
+            switch_user: launch.switch_user,
+            fsize,
         }
     }
 }
@@ -208,30 +217,60 @@ fn receive_and_write(
         let _ = std::thread::Builder::new()
             .name("mgpu-outfile".into())
             .spawn(move || {
-                write_all(rx, file, &failed);
+                write_all(rx, file, &failed, who.fsize);
                 drop(done);
             });
     }
     if let Some(((rx, failed), file)) = first {
-        write_all(rx, file, &failed);
+        write_all(rx, file, &failed, who.fsize);
     }
     drop(done);
 }
 
 /// Writes what arrives on `rx` into `file` until the supervisor has no more, or the file fails.
 /// The file is closed here.
-fn write_all(rx: Receiver<Vec<u8>>, file: Option<std::fs::File>, failed: &Failed) {
+fn write_all(
+    rx: Receiver<Vec<u8>>,
+    file: Option<std::fs::File>,
+    failed: &Failed,
+    fsize: Option<u64>,
+) {
     let Some(mut file) = file else {
         return; // (dropping `rx` tells the supervisor)
     };
     for chunk in rx {
-        if let Err(e) = file.write_all(&chunk) {
+        if let Err(e) = write_limited(&mut file, &chunk, fsize) {
             if let Ok(mut slot) = failed.lock() {
                 *slot = Some(e);
             }
             return;
         }
     }
+}
+
+/// Writes `chunk`, within the file size limit `fsize` for a regular file.
+fn write_limited(file: &mut std::fs::File, chunk: &[u8], fsize: Option<u64>) -> io::Result<()> {
+    use std::io::Seek;
+    let Some(limit) = fsize else {
+        return file.write_all(chunk);
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return file.write_all(chunk);
+    }
+    // SAFETY: fcntl on a descriptor we own.
+    let append = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) } & libc::O_APPEND != 0;
+    let at = if append {
+        meta.len()
+    } else {
+        file.stream_position()?
+    };
+    let n = limit.saturating_sub(at).min(chunk.len() as u64) as usize;
+    file.write_all(&chunk[..n])?;
+    if n < chunk.len() {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    }
+    Ok(())
 }
 
 /// Receives `count` files from the job's process (none if it sent none), in the order of the
@@ -332,6 +371,7 @@ mod tests {
             gid: nix::unistd::getgid().as_raw(),
             groups: Vec::new(),
             switch_user: false,
+            fsize: None,
         }
     }
 
@@ -351,6 +391,42 @@ mod tests {
         assert_eq!(w.write(1, b"out"), None);
         w.finish(Duration::from_secs(60));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "early err out");
+    }
+
+    /// The user's file size limit holds for the file, as the kernel would apply it to the
+    /// user's own writes: it stops at the limit, and the log's note says why.
+    #[test]
+    fn the_users_file_size_limit_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let file = std::fs::File::create(&path).unwrap();
+        let (ours, theirs) = pair();
+        let who = Writer {
+            fsize: Some(10),
+            ..me()
+        };
+        let mut w = OutputWriters::start(ours, Some("out".into()), None, who).unwrap();
+        send(&theirs, 1, &[&file]);
+        assert_eq!(w.write(1, b"0123456"), None);
+        // Whether the writer failed yet or not, this is not written past the limit.
+        let _ = w.write(1, b"789abcdef");
+        // Once the writer has stopped, the next output gets the note.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let note = loop {
+            assert!(std::time::Instant::now() < deadline, "no note");
+            if w.files[0].error.lock().unwrap().is_some() {
+                if let Some(note) = w.write(1, b"") {
+                    break note;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(
+            note.contains("could not be written") && note.contains("File too large"),
+            "{note}"
+        );
+        w.finish(Duration::from_secs(60));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0123456789");
     }
 
     /// A file that stops taking output (an unread terminal) never makes `write` wait: once

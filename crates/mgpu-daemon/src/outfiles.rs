@@ -59,6 +59,8 @@ pub struct Writer {
 }
 
 impl Writer {
+    // (`RLIMIT_FSIZE`'s type differs between C libraries.)
+    #[allow(clippy::unnecessary_cast)]
     pub fn of(account: &Account, launch: &crate::exec::Launch) -> Self {
         let fsize = (launch.rlimits.iter())
             .find(|r| r.resource == libc::RLIMIT_FSIZE as u32)

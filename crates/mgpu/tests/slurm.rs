@@ -424,6 +424,44 @@ fn output_files_are_written_without_roots_capabilities() {
     );
 }
 
+/// The `-o` file is held to the user's own file size limit (`fsize` from limits.conf, as a
+/// login gets it), not the server's: output past it is left out, as the kernel would stop
+/// the user's own writes.
+#[test]
+fn output_files_keep_the_users_file_size_limit() {
+    let Some((a, _b)) = test_users() else { return };
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(
+        conf.path().join("limits.conf"),
+        format!("{} soft fsize 1\n", a.name),
+    )
+    .unwrap();
+    let s = Server::start(
+        "1x24GiB",
+        &["--limits-conf-dir", conf.path().to_str().unwrap()],
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("mgpu-fsize-")
+        .tempdir_in(&a.home)
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(a.uid), Some(a.gid)).unwrap();
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(dir.path()).args([
+        "--parsable",
+        "-o",
+        "big.out",
+        "--wrap",
+        "head -c 3000 /dev/zero | tr '\\0' x; echo",
+    ]);
+    let id = s.submit(c);
+    let rec = finished(&s, id);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    let out = std::fs::read(dir.path().join("big.out")).unwrap();
+    assert_eq!(out.len(), 1024);
+    // The server's log has all of it.
+    assert!(s.log(id).contains(&"x".repeat(3000)));
+}
+
 /// An `-o` file that stops taking output (here a terminal nobody reads: its writes block once
 /// its buffer is full) never holds up the job's supervisor: the output it cannot take is
 /// dropped with a note in the job's log, the job is still cancelled, and its GPU is freed.

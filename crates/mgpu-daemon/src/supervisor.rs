@@ -759,7 +759,12 @@ impl Supervisor {
             return;
         };
         // (The server's log, as the supervisor's other complaints.)
-        let _ = write!(io::stderr(), "mgpu supervisor (pgid {}):{note}", self.pgid);
+        let _ = writeln!(
+            io::stderr(),
+            "mgpu supervisor (pgid {}): {}",
+            self.pgid,
+            note.trim()
+        );
         let _ = self.log.write_all(note.as_bytes());
         self.offset += note.len() as u64;
         self.send(&Frame::Stderr(Bytes::from(note)));

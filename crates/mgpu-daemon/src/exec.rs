@@ -11,7 +11,7 @@
 
 use std::ffi::CString;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -123,82 +123,9 @@ pub struct Started {
     /// user, may be stopped before its exec for as long as that user likes): read its report
     /// with [`StartReport::read`] once it has exited.
     pub report: Option<StartReport>,
-    /// With `-o`/`-e`: our end of the socket the job's process sends the files it opened (as
-    /// its user) on, before its exec; see [`receive_output_files`].
-    pub outputs: Option<OwnedFd>,
-}
-
-/// The `-o`/`-e` files the job's process opened, taken from `link` without waiting: each
-/// stream's file (stdout's, stderr's; one file serves both when only `-o` was given), or
-/// `None` while nothing was sent (the process has not opened them, or failed to). Only
-/// regular files and character devices (`/dev/null`) on a filesystem that cannot make a
-/// writer wait on a user's program (not FUSE) are kept; they were opened non-blocking.
-pub fn receive_output_files(link: &OwnedFd) -> Option<[Option<std::fs::File>; 2]> {
-    let mut mask = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: mask.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // Room for two descriptors.
-    let mut cbuf = [0u64; 8];
-    // SAFETY: a zeroed msghdr pointing at our buffers, filled in by recvmsg.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    // SAFETY: recvmsg on our socket into the buffers above.
-    let n = unsafe {
-        libc::recvmsg(
-            link.as_raw_fd(),
-            &mut msg,
-            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
-        )
-    };
-    if n <= 0 {
-        return None;
-    }
-    let mut fds = Vec::new();
-    // SAFETY: walking the control messages recvmsg wrote, within msg_controllen.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
-                let count = ((*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<libc::c_int>();
-                for i in 0..count {
-                    fds.push(std::fs::File::from(OwnedFd::from_raw_fd(
-                        data.add(i).read_unaligned(),
-                    )));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    let usable = |f: &std::fs::File| {
-        use std::os::unix::fs::FileTypeExt;
-        let Ok(meta) = f.metadata() else {
-            return false;
-        };
-        let kind = meta.file_type();
-        let fuse = nix::sys::statfs::fstatfs(f).is_ok_and(|s| {
-            s.filesystem_type() == nix::sys::statfs::FsType(0x6573_5546) // FUSE_SUPER_MAGIC
-        });
-        (kind.is_file() || kind.is_char_device()) && !fuse
-    };
-    let mut fds = fds.into_iter();
-    let out = if mask[0] & 1 != 0 {
-        fds.next().filter(usable)
-    } else {
-        None
-    };
-    let err = if mask[0] & 2 != 0 {
-        fds.next().filter(usable)
-    } else {
-        out.as_ref().and_then(|f| f.try_clone().ok())
-    };
-    Some([out, err])
+    /// With `-o`/`-e`: the threads that take the files the job's process opened (as its user)
+    /// and write its output into them with the user's rights; see [`crate::outfiles`].
+    pub outputs: Option<crate::outfiles::OutputWriters>,
 }
 
 /// Expands Slurm's filename patterns: `%j` job id, `%A` array id (the job's own id outside an
@@ -1044,6 +971,7 @@ fn start_with(
         })
         .transpose()
     };
+    let names = (out_path.clone(), err_path.clone());
     let outputs = match &output_link {
         Some((_, theirs)) => Some(OutputPlan {
             out: cpath(out_path)?,
@@ -1139,6 +1067,11 @@ fn start_with(
         None => (None, None),
     };
     drop(theirs);
+    // Without its writer the job's process cannot hand its files over, and fails.
+    let writer = crate::outfiles::Writer::of(account, launch);
+    let outputs = outputs.and_then(|link| {
+        crate::outfiles::OutputWriters::start(link, names.0, names.1, writer).ok()
+    });
     let report = StartReport {
         pipe: report_r,
         program,

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod logquota;
 pub mod metrics;
 pub mod notify;
+pub mod outfiles;
 pub mod recovery;
 pub mod run;
 pub mod safe_fs;

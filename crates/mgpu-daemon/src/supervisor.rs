@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -42,6 +42,9 @@ pub const EXIT_FILE: &str = "exit.json";
 pub const SOCKET_FILE: &str = "sock";
 /// How long output is still collected after every process of the job is gone.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// How long the end of a run waits for its `-o`/`-e` writer threads to write what is queued
+/// (a file whose writes hang delays only its own job's end, by this much).
+const OUTPUT_FILES_LIMIT: Duration = Duration::from_secs(5);
 /// Bytes waiting for a daemon that does not read before its link is dropped (the output is in
 /// the log; the daemon links again and reads what it missed from there).
 const MAX_OUTBOX: usize = 1 << 20;
@@ -312,8 +315,7 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         leader_done: false,
         exit: None,
         kill_at: None,
-        output_link: None,
-        output_files: [None, None],
+        outputs: None,
     };
     // The daemon that started us holds the other end of our stdin: our first link.
     let initial = initial_link();
@@ -420,6 +422,10 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         }
     };
     let record = run_job(&mut sup, started, &listener, &mut sigchld, initial);
+    // The -o/-e files get what is queued for them before the end is told (a bounded wait).
+    if let Some(w) = sup.outputs.take() {
+        w.finish(OUTPUT_FILES_LIMIT);
+    }
     write_exit(run_dir, &record)?;
     sup.exit = Some(record.clone());
     sup.send(&Frame::control(&SupervisorMsg::Exited(record)));
@@ -531,7 +537,8 @@ fn initial_link() -> Option<UnixStream> {
 
 /// A supervisor's state. One thread drives it: a `poll` loop over the job's output pipes, the
 /// daemon's link, the socket a restarted daemon connects to, and a signalfd for `SIGCHLD` (no
-/// helper threads: they cost more to start and stop than a short job runs).
+/// helper threads: they cost more to start and stop than a short job runs; only a job with
+/// `-o`/`-e` files gets writer threads, see [`crate::outfiles`]).
 struct Supervisor {
     log: File,
     offset: u64,
@@ -548,10 +555,9 @@ struct Supervisor {
     exit: Option<ExitRecord>,
     /// When to SIGKILL what a stop's SIGTERM left alive.
     kill_at: Option<Instant>,
-    /// `-o`/`-e`: where the job's process sends the files it opened as its user (taken before
-    /// its first output, which can only come after), then the files for stdout and stderr.
-    output_link: Option<OwnedFd>,
-    output_files: [Option<File>; 2],
+    /// `-o`/`-e`: the threads writing the job's output into the files its process opened as
+    /// its user (this loop never writes or closes those files itself).
+    outputs: Option<crate::outfiles::OutputWriters>,
 }
 
 /// The daemon's connection: commands arrive as control frames. Writes never block: what the
@@ -746,20 +752,22 @@ impl Supervisor {
         self.send(&frame);
     }
 
-    /// The job's output, also into its `-o`/`-e` files. Never waits: the files were opened
-    /// non-blocking, and one that fails is dropped.
+    /// The job's output, also into its `-o`/`-e` files: handed to their writer threads, never
+    /// waited for (a file that does not keep up loses output, said once in the log).
     fn output_to_files(&mut self, tag: u8, bytes: &[u8]) {
-        if let Some(link) = self.output_link.take() {
-            if let Some(files) = exec::receive_output_files(&link) {
-                self.output_files = files;
-            }
-        }
-        let slot = &mut self.output_files[usize::from(tag != 1)];
-        if let Some(f) = slot {
-            if f.write_all(bytes).is_err() {
-                *slot = None;
-            }
-        }
+        let Some(note) = self.outputs.as_mut().and_then(|w| w.write(tag, bytes)) else {
+            return;
+        };
+        // (The server's log, as the supervisor's other complaints.)
+        let _ = writeln!(
+            io::stderr(),
+            "mgpu supervisor (pgid {}): {}",
+            self.pgid,
+            note.trim()
+        );
+        let _ = self.log.write_all(note.as_bytes());
+        self.offset += note.len() as u64;
+        self.send(&Frame::Stderr(Bytes::from(note)));
     }
 
     /// Reads what the daemon sent and carries out its commands.
@@ -864,7 +872,7 @@ fn run_job(
         report,
         outputs,
     } = started;
-    sup.output_link = outputs;
+    sup.outputs = outputs;
     sup.pgid = leader;
     // Linked before any output is read, so the daemon gets all of it live.
     if let Some(conn) = initial {

@@ -384,6 +384,148 @@ fn output_files_never_written_with_roots_rights() {
     let _ = std::fs::remove_file(&planted);
 }
 
+/// The `-o`/`-e` files are written with the user's rights only, never with root's
+/// capabilities: a user's `-o` naming the `timerslack_ns` of one of their own processes cannot
+/// change it (writing another process's takes CAP_SYS_NICE, checked at write time: the
+/// supervisor has it, the user has not). Same for `oom_score_adj` with CAP_SYS_RESOURCE.
+#[test]
+fn output_files_are_written_without_roots_capabilities() {
+    use std::os::unix::process::CommandExt;
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let mut victim = std::process::Command::new("sleep")
+        .arg("120")
+        .uid(a.uid)
+        .gid(a.gid)
+        .spawn()
+        .unwrap();
+    let slack = format!("/proc/{}/timerslack_ns", victim.id());
+    let before = std::fs::read_to_string(&slack).unwrap();
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(&a.home).args([
+        "--parsable",
+        "-o",
+        &slack,
+        "-e",
+        "/dev/null",
+        "--wrap",
+        "echo 12345",
+    ]);
+    let id = s.submit(c);
+    let rec = finished(&s, id);
+    let after = std::fs::read_to_string(&slack).unwrap();
+    let _ = victim.kill();
+    let _ = victim.wait();
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    assert_ne!(before.trim(), "12345");
+    assert_eq!(
+        after, before,
+        "the job's output changed {slack} with root's rights"
+    );
+}
+
+/// The `-o` file is held to the user's own file size limit (`fsize` from limits.conf, as a
+/// login gets it), not the server's: output past it is left out, as the kernel would stop
+/// the user's own writes.
+#[test]
+fn output_files_keep_the_users_file_size_limit() {
+    let Some((a, _b)) = test_users() else { return };
+    let conf = tempfile::tempdir().unwrap();
+    std::fs::write(
+        conf.path().join("limits.conf"),
+        format!("{} soft fsize 1\n", a.name),
+    )
+    .unwrap();
+    let s = Server::start(
+        "1x24GiB",
+        &["--limits-conf-dir", conf.path().to_str().unwrap()],
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("mgpu-fsize-")
+        .tempdir_in(&a.home)
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(a.uid), Some(a.gid)).unwrap();
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(dir.path()).args([
+        "--parsable",
+        "-o",
+        "big.out",
+        "--wrap",
+        "head -c 3000 /dev/zero | tr '\\0' x; echo",
+    ]);
+    let id = s.submit(c);
+    let rec = finished(&s, id);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    let out = std::fs::read(dir.path().join("big.out")).unwrap();
+    assert_eq!(out.len(), 1024);
+    // The server's log has all of it.
+    assert!(s.log(id).contains(&"x".repeat(3000)));
+}
+
+/// An `-o` file that stops taking output (here a terminal nobody reads: its writes block once
+/// its buffer is full) never holds up the job's supervisor: the output it cannot take is
+/// dropped with a note in the job's log, the job is still cancelled, and its GPU is freed.
+#[test]
+fn a_stalled_output_file_never_holds_up_the_supervisor() {
+    let Some((a, _b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let dir = tempfile::Builder::new()
+        .prefix("mgpu-stall-")
+        .tempdir_in(&a.home)
+        .unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(a.uid), Some(a.gid)).unwrap();
+    // A terminal whose master side is never read.
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty fills two descriptors, closed at the end of the test.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0);
+    let tty = std::fs::read_link(format!("/proc/self/fd/{slave}")).unwrap();
+    std::os::unix::fs::chown(&tty, Some(a.uid), Some(a.gid)).unwrap();
+    let ready = dir.path().join("written");
+    let script = format!(
+        "head -c 10000000 /dev/zero | tr '\\0' x; echo; touch {}; sleep 120",
+        ready.display()
+    );
+    let mut c = s.cmd_as(&a, "mgpu_sbatch");
+    c.current_dir(dir.path())
+        .args(["--parsable", "-o", tty.to_str().unwrap(), "--wrap", &script]);
+    let id = s.submit(c);
+    wait_until(Duration::from_secs(120), || ready.exists());
+    s.ok("mgpu_cancel", &[&id.to_string()]);
+    let rec = finished(&s, id);
+    assert_eq!(rec["state"], "CANCELLED", "{rec}");
+    let log = s.log(id);
+    assert!(
+        log.contains(&format!(
+            "the output file '{}' does not keep up",
+            tty.display()
+        )),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    // The GPU is free again.
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["--", "echo", "after"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "after\n");
+    // SAFETY: our descriptors from openpty.
+    unsafe {
+        libc::close(master);
+        libc::close(slave);
+    }
+}
+
 /// squeue-style `mgpu_queue -u A,B -t PD,R -j ID,ID -o FORMAT`, with two real users.
 #[test]
 fn queue_filters_and_format_like_squeue() {

@@ -440,8 +440,9 @@ fn sync_unheard(sup: &mut Supervisor, run_dir: &Path) {
 }
 
 /// Our stdin, when it is a socket (the daemon's end of the initial link).
-/// `mgpu_srun --pty`'s keystrokes and window sizes ([`mgpu_proto::pty_frame`]s) to the job's
-/// terminal, until srun goes away. Its own thread: a blocking copy through a 64 KiB buffer, so
+/// `mgpu_srun --pty`'s keystrokes and window sizes ([`mgpu_proto::pty_frame`]s, through the
+/// job's stdin pipe, made by the daemon) to the job's terminal, until srun goes away (the end
+/// of the pipe) or sends garbage. Its own thread: a blocking copy through a 64 KiB buffer, so
 /// a job that does not read its terminal makes srun wait, never the supervisor's loop.
 fn relay_keys(keys: std::os::fd::OwnedFd, master: std::os::fd::OwnedFd) {
     use std::io::{Read, Write};
@@ -454,7 +455,9 @@ fn relay_keys(keys: std::os::fd::OwnedFd, master: std::os::fd::OwnedFd) {
             return;
         }
         let n = u16::from_be_bytes([head[1], head[2]]) as usize;
-        if from.read_exact(&mut buf[..n]).is_err() {
+        // mgpu_srun never sends an empty frame: one is garbage (a stream of zeros would make
+        // this loop spin without ever waiting), and ends the relay like the end of input.
+        if n == 0 || from.read_exact(&mut buf[..n]).is_err() {
             return;
         }
         match head[0] {
@@ -479,7 +482,18 @@ fn relay_keys(keys: std::os::fd::OwnedFd, master: std::os::fd::OwnedFd) {
     }
 }
 
-/// Passes `fd` (a job's stdin) to a supervisor over its new link: one byte carrying it.
+/// Whether the job's process is done with its `-o`/`-e` link (sent the files, or closed it at
+/// its exec or end), without waiting.
+fn link_settled(link: &std::os::fd::OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(link.as_fd(), PollFlags::POLLIN)];
+    // Errors count as settled: the link is then given up, as before.
+    poll(&mut fds, PollTimeout::ZERO).map_or(true, |n| n > 0)
+}
+
+/// Passes `fd` (a job's stdin: the read end of the pipe the daemon made, never a user's
+/// descriptor) to a supervisor over its new link: one byte carrying it.
 pub fn give_stdin(link: &UnixStream, fd: &std::os::fd::OwnedFd) {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let fds = [fd.as_raw_fd()];
@@ -750,7 +764,12 @@ impl Supervisor {
     /// non-blocking, and one that fails is dropped.
     fn output_to_files(&mut self, tag: u8, bytes: &[u8]) {
         if let Some(link) = self.output_link.take() {
-            if let Some(files) = exec::receive_output_files(&link) {
+            if !link_settled(&link) {
+                // Output before the files came (with --pty, the terminal's echo of what was
+                // typed before the job's process opened them): the link is kept for the next
+                // output, not dropped with the files still to come.
+                self.output_link = Some(link);
+            } else if let Some(files) = exec::receive_output_files(&link) {
                 self.output_files = files;
             }
         }

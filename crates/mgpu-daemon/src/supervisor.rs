@@ -1150,6 +1150,25 @@ fn sync_exit(run_dir: &Path) {
 #[cfg(test)]
 mod tests {
 
+    /// An empty keystroke frame (garbage: a stream of zeros) ends the --pty relay, even while
+    /// its pipe stays open (review finding 9: it used to loop on such frames).
+    #[test]
+    fn the_pty_relay_stops_at_an_empty_frame() {
+        use std::io::Write;
+        let (keys, write) = nix::unistd::pipe().unwrap();
+        let mut write = std::fs::File::from(write);
+        write.write_all(&[0u8; 3 * 100]).unwrap();
+        let master = std::os::fd::OwnedFd::from(std::fs::File::create("/dev/null").unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            super::relay_keys(keys, master);
+            let _ = tx.send(());
+        });
+        // A liveness bound, not a timing assertion.
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(30)).is_ok());
+        drop(write);
+    }
+
     /// A stop for GPU memory, echoed back in the exit record (which a restarted daemon reads),
     /// makes the job OUT_OF_MEMORY with the figures; a cancel that came first still wins.
     #[test]

@@ -17,7 +17,7 @@ use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
 pub struct Client {
-    conn: Framed<UnixStream, FrameCodec>,
+    conn: Framed<FdStream, FrameCodec>,
     pub socket: PathBuf,
     /// The server's welcome is still to be read.
     welcome_pending: bool,
@@ -55,7 +55,13 @@ impl Client {
             );
         }
         let mut conn = Client {
-            conn: Framed::new(stream, FrameCodec::default()),
+            conn: Framed::new(
+                FdStream {
+                    inner: stream,
+                    fds: Vec::new(),
+                },
+                FrameCodec::default(),
+            ),
             socket,
             welcome_pending: false,
         };
@@ -112,30 +118,11 @@ impl Client {
         Ok(())
     }
 
-    /// Passes descriptor `fd` to the server (when it asked for it): one byte carrying it.
-    pub async fn send_fd(&mut self, fd: std::os::fd::RawFd) -> Result<()> {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        use std::os::fd::AsRawFd;
-        SinkExt::<Frame>::flush(&mut self.conn).await?;
-        let stream = self.conn.get_ref();
-        let sock = stream.as_raw_fd();
-        loop {
-            stream.writable().await?;
-            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
-                let fds = [fd];
-                let cmsg = [ControlMessage::ScmRights(&fds)];
-                let iov = [std::io::IoSlice::new(b"i")];
-                sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::empty(), None)
-                    .map_err(std::io::Error::from)
-            });
-            match sent {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                r => {
-                    r.context("passing stdin to the server")?;
-                    return Ok(());
-                }
-            }
-        }
+    /// The descriptor that came with the last [`Response::StdinPipe`] (the write end of the
+    /// job's stdin pipe), if any.
+    pub fn take_fd(&mut self) -> Option<std::os::fd::OwnedFd> {
+        let fds = &mut self.conn.get_mut().fds;
+        (!fds.is_empty()).then(|| fds.remove(0))
     }
 
     /// The next frame, or `None` when the server closed the connection.
@@ -164,6 +151,86 @@ impl Client {
             Response::Error { message } => Err(anyhow!("{message}")),
             r => Ok(r),
         }
+    }
+}
+
+/// The connection to the server, read with `recvmsg`: a descriptor the server sends with a
+/// frame ([`Response::StdinPipe`]) is kept (a plain read would make the kernel discard it).
+/// At most a few are kept; more are closed.
+struct FdStream {
+    inner: UnixStream,
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+const MAX_KEPT_FDS: usize = 2;
+
+impl tokio::io::AsyncRead for FdStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::task::Poll;
+        let this = self.get_mut();
+        let sock = this.inner.as_raw_fd();
+        loop {
+            std::task::ready!(this.inner.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let got = this.inner.try_io(tokio::io::Interest::READABLE, || {
+                let mut iov = [std::io::IoSliceMut::new(unfilled)];
+                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+                let msg =
+                    recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+                        .map_err(std::io::Error::from)?;
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(list) = c {
+                        // SAFETY: the kernel just gave us these descriptors.
+                        fds.extend(list.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                    }
+                }
+                Ok((msg.bytes, fds))
+            });
+            match got {
+                Ok((n, fds)) => {
+                    for fd in fds {
+                        if this.fds.len() < MAX_KEPT_FDS {
+                            this.fds.push(fd);
+                        }
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for FdStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -813,8 +813,8 @@ pub async fn run(sub: Submission) -> Result<i32> {
         );
     }
     let mut request = request;
-    // --pty: keystrokes go to the job's terminal through a socket pair whose far end is passed
-    // as the job's stdin (see `PtyRelay`).
+    // --pty: keystrokes go to the job's terminal through the job's stdin pipe (see
+    // `PtyRelay`).
     let mut pty = if pty_wanted {
         let relay = PtyRelay::new()?;
         request.pty = Some(relay.size());
@@ -826,8 +826,8 @@ pub async fn run(sub: Submission) -> Result<i32> {
         None
     };
     let mut raw: Option<RawMode> = None;
-    // What is piped or redirected into an attached srun is the job's stdin (passed to the
-    // server as a descriptor; the job reads it directly). A terminal is not: the job's stdin is
+    // What is piped or redirected into an attached srun is the job's stdin (copied into a pipe
+    // the server makes, whose other end the job reads). A terminal is not: the job's stdin is
     // then /dev/null (--pty gives a terminal).
     request.stdin = pty.is_some() || (!detach && stdin_is_real_input());
     let mut client = Client::connect(socket.as_deref(), "mgpu_srun").await?;
@@ -978,13 +978,15 @@ pub async fn run(sub: Submission) -> Result<i32> {
                         raw = Some(RawMode::enter()?);
                     }
                 }
-                Response::SendStdin => match &mut pty {
-                    Some(relay) => {
-                        client.send_fd(relay.far_end()?).await?;
-                        relay.start()?;
+                Response::StdinPipe => {
+                    let Some(pipe) = client.take_fd() else {
+                        bail!("the server did not pass the job's stdin pipe");
+                    };
+                    match &mut pty {
+                        Some(relay) => relay.start(pipe),
+                        None => copy_stdin(pipe),
                     }
-                    None => client.send_fd(0).await?,
-                },
+                }
                 Response::Notice { message } => eprintln!("mgpu_srun: {message}"),
                 Response::Finished(outcome) => {
                     let _ = stdout.flush().await;
@@ -1060,12 +1062,23 @@ async fn window_changed(pty: &mut Option<PtyRelay>) {
     }
 }
 
-/// `--pty`: our terminal's keystrokes and size, to the job's terminal. A socket pair: its far
-/// end goes to the server as the job's stdin (the job's supervisor relays it into the job's
-/// terminal); a thread copies our stdin into the near end as [`mgpu_proto::pty_frame`]s.
+/// Copies our stdin into the job's stdin pipe (`pipe`, its write end, from the server), in a
+/// thread of its own, and closes it at the end of our input: the job sees its end then. A job
+/// that does not read makes this thread wait (the pipe's buffer is the kernel's); one that
+/// ended makes it stop. When we go away, the pipe closes and the job sees the end.
+fn copy_stdin(pipe: std::os::fd::OwnedFd) {
+    std::thread::spawn(move || {
+        let mut to = std::fs::File::from(pipe);
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to);
+    });
+}
+
+/// `--pty`: our terminal's keystrokes and size, to the job's terminal, through the job's stdin
+/// pipe (made by the server; the job's supervisor relays it into the job's terminal): a thread
+/// copies our stdin into it as [`mgpu_proto::pty_frame`]s.
 struct PtyRelay {
-    near: std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>,
-    far: Option<std::os::unix::net::UnixStream>,
+    /// The pipe's write end, once the server passed it.
+    near: std::sync::Arc<std::sync::Mutex<Option<std::fs::File>>>,
     winch: tokio::signal::unix::Signal,
 }
 
@@ -1077,10 +1090,8 @@ impl PtyRelay {
                 "--pty needs a terminal on stdin (without --pty, piped input is the job's stdin)"
             );
         }
-        let (near, far) = std::os::unix::net::UnixStream::pair()?;
         Ok(PtyRelay {
-            near: std::sync::Arc::new(std::sync::Mutex::new(near)),
-            far: Some(far),
+            near: std::sync::Arc::default(),
             winch: signal(SignalKind::window_change())?,
         })
     }
@@ -1095,17 +1106,11 @@ impl PtyRelay {
         }
     }
 
-    fn far_end(&self) -> Result<std::os::fd::RawFd> {
-        use std::os::fd::AsRawFd;
-        self.far
-            .as_ref()
-            .map(|f| f.as_raw_fd())
-            .ok_or_else(|| anyhow::anyhow!("the terminal was already passed"))
-    }
-
-    /// The far end has been passed: close ours, and start copying keystrokes.
-    fn start(&mut self) -> Result<()> {
-        self.far = None;
+    /// The job's stdin pipe came: start copying keystrokes into it (the size first, in case it
+    /// changed since the submission).
+    fn start(&mut self, pipe: std::os::fd::OwnedFd) {
+        *self.near.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::fs::File::from(pipe));
+        self.send_size();
         let near = self.near.clone();
         std::thread::spawn(move || {
             use std::io::{Read, Write};
@@ -1118,12 +1123,16 @@ impl PtyRelay {
                 };
                 let frame = mgpu_proto::pty_frame(0, &buf[..n]);
                 let mut out = near.lock().unwrap_or_else(|p| p.into_inner());
-                if out.write_all(&frame).is_err() {
-                    return;
+                match out.as_mut().map(|f| f.write_all(&frame)) {
+                    Some(Ok(())) => {}
+                    // The job is gone: no more keystrokes for it.
+                    _ => {
+                        *out = None;
+                        return;
+                    }
                 }
             }
         });
-        Ok(())
     }
 
     fn send_size(&self) {
@@ -1132,11 +1141,9 @@ impl PtyRelay {
         let mut data = rows.to_be_bytes().to_vec();
         data.extend_from_slice(&cols.to_be_bytes());
         let frame = mgpu_proto::pty_frame(1, &data);
-        let _ = self
-            .near
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_all(&frame);
+        if let Some(f) = self.near.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            let _ = f.write_all(&frame);
+        }
     }
 }
 

@@ -118,6 +118,38 @@ pub struct ListingSlot {
     _total: OwnedSemaphorePermit,
 }
 
+/// `SO_PASSRIGHTS` (Linux 6.16+, `asm-generic/socket.h`), not in every libc yet.
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// Makes the kernel refuse descriptors sent to socket `sock` (`SO_PASSRIGHTS` = 0): a
+/// client's `sendmsg` with `SCM_RIGHTS` fails with `EPERM` on its side, so the daemon never
+/// holds (and never closes, which can block: a lingering TCP socket, a FUSE file) a
+/// descriptor a user chose. Set on the listening socket, accepted ones inherit it. `Ok(false)`
+/// on kernels without it (before 6.16): then a passed descriptor is discarded by the kernel
+/// inside our read, and its last close runs there.
+pub fn refuse_rights(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt reads the int we own.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOPROTOOPT) | Some(libc::EINVAL) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 /// The limits all connections share.
 #[derive(Debug, Default)]
 pub struct Shared {
@@ -242,52 +274,55 @@ impl Conn {
         }
     }
 
-    /// Receives one descriptor the client passes (`SCM_RIGHTS` on a single byte), within
-    /// [`FRAME_READ_TIMEOUT`]; only when the client was asked for it and nothing else is
-    /// unread (a plain read would consume the byte and the kernel would drop the descriptor).
-    /// A byte without a descriptor, or more than one descriptor, is refused (extra ones are
-    /// closed).
-    pub async fn recv_fd(&mut self) -> Result<std::os::fd::OwnedFd> {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        if !self.rbuf.is_empty() {
-            bail!("unexpected data before the descriptor");
+    /// Sends one control frame with descriptor `fd` attached (`SCM_RIGHTS` on the frame's
+    /// first bytes), within [`WRITE_TIMEOUT`]. Only root's own descriptors go this way (the
+    /// write end of a pipe the daemon made): passing one to a user is safe, the reverse never
+    /// happens (see [`refuse_rights`]). Our copy is the caller's to close.
+    pub async fn send_with_fd(
+        &mut self,
+        response: &mgpu_proto::Response,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        if self.broken {
+            bail!("the connection was given up");
         }
-        let fd = self.stream.as_raw_fd();
-        let got = tokio::time::timeout(FRAME_READ_TIMEOUT, async {
-            loop {
-                self.stream.readable().await?;
-                let r = self.stream.try_io(tokio::io::Interest::READABLE, || {
-                    let mut byte = [0u8; 1];
-                    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-                    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
-                    let msg =
-                        recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-                            .map_err(std::io::Error::from)?;
-                    let mut fds: Vec<OwnedFd> = Vec::new();
-                    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-                        if let ControlMessageOwned::ScmRights(list) = c {
-                            // SAFETY: the kernel just gave us these descriptors.
-                            fds.extend(
-                                list.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
-                            );
-                        }
-                    }
-                    Ok((msg.bytes, fds))
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &Frame::control(response))?;
+        let sock = self.stream.as_raw_fd();
+        let stream = &mut self.stream;
+        let sent = tokio::time::timeout(WRITE_TIMEOUT, async {
+            let first = loop {
+                stream.writable().await?;
+                let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    let fds = [fd.as_raw_fd()];
+                    let cmsg = [ControlMessage::ScmRights(&fds)];
+                    let iov = [std::io::IoSlice::new(&wire)];
+                    sendmsg::<()>(sock, &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+                        .map_err(std::io::Error::from)
                 });
                 match r {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    r => return r,
+                    r => break r?,
                 }
-            }
+            };
+            stream.write_all(&wire[first..]).await
         })
         .await;
-        match got {
-            Err(_) => bail!("the descriptor did not arrive within {FRAME_READ_TIMEOUT:?}"),
-            Ok(Err(e)) => Err(e.into()),
-            Ok(Ok((0, _))) => bail!("the connection closed before the descriptor"),
-            Ok(Ok((_, mut fds))) if fds.len() == 1 => Ok(fds.remove(0)),
-            Ok(Ok(_)) => bail!("expected exactly one descriptor"),
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.broken = true;
+                Err(anyhow!("writing to the client: {e}"))
+            }
+            Err(_) => {
+                self.broken = true;
+                self.given_up = true;
+                Err(anyhow!(
+                    "the client did not read its answer for {WRITE_TIMEOUT:?}: connection dropped"
+                ))
+            }
         }
     }
 
@@ -457,29 +492,57 @@ mod tests {
         (Conn::new(a, 1000, Arc::default()), b)
     }
 
-    /// A passed descriptor is taken; a byte without one is refused.
+    /// A descriptor sent with a frame arrives with that frame's bytes; a client's descriptor
+    /// is refused by the kernel where it can refuse it.
     #[tokio::test]
-    async fn descriptors_are_received_only_when_passed() {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        use std::os::fd::AsRawFd;
+    async fn descriptors_go_out_with_their_frame_and_never_come_in() {
+        use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+        use std::os::fd::{AsFd, AsRawFd};
         let (mut conn, peer) = pair().await;
         let file = std::fs::File::open("/dev/null").unwrap();
-        let fds = [file.as_raw_fd()];
-        let iov = [std::io::IoSlice::new(b"i")];
-        sendmsg::<()>(
+        conn.send_with_fd(&mgpu_proto::Response::StdinPipe, file.as_fd())
+            .await
+            .unwrap();
+        let peer = peer.into_std().unwrap();
+        peer.set_nonblocking(false).unwrap();
+        let mut buf = [0u8; 256];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        let msg = recvmsg::<()>(
             peer.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&fds)],
+            &mut iov,
+            Some(&mut space),
             MsgFlags::empty(),
-            None,
         )
         .unwrap();
-        let fd = conn.recv_fd().await.unwrap();
-        assert!(fd.as_raw_fd() > 2);
-        let mut peer = peer;
-        peer.write_all(b"i").await.unwrap();
-        let e = conn.recv_fd().await.unwrap_err().to_string();
-        assert!(e.contains("exactly one descriptor"), "{e}");
+        let n = msg.bytes;
+        let fds: Vec<_> = msg
+            .cmsgs()
+            .unwrap()
+            .filter_map(|c| match c {
+                ControlMessageOwned::ScmRights(l) => Some(l),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(fds.len(), 1);
+        let len = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+        assert_eq!(n, 4 + len, "the whole frame, nothing more");
+        // The other way: refused where the kernel can (SO_PASSRIGHTS, Linux 6.16+).
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        if refuse_rights(a.as_fd()).unwrap() {
+            let fds = [file.as_raw_fd()];
+            let iov = [std::io::IoSlice::new(b"ii")];
+            let e = sendmsg::<()>(
+                b.as_raw_fd(),
+                &iov,
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap_err();
+            assert_eq!(e, nix::errno::Errno::EPERM);
+        }
     }
 
     #[tokio::test]

@@ -1126,14 +1126,17 @@ fn open_pty(size: [u16; 2], account: &Account) -> io::Result<(OwnedFd, OwnedFd)>
         // SAFETY: fcntl on descriptors we own.
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
+    // The user's alone (0600, mode first, then owner): group write access, as login
+    // terminals give it to the `tty` group for write(1), would let everyone of a shared primary
+    // group type into the job's terminal.
+    nix::sys::stat::fchmod(
+        slave.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )?;
     nix::unistd::fchown(
         slave.as_raw_fd(),
         Some(nix::unistd::Uid::from_raw(account.uid)),
         Some(nix::unistd::Gid::from_raw(account.gid)),
-    )?;
-    nix::sys::stat::fchmod(
-        slave.as_raw_fd(),
-        nix::sys::stat::Mode::from_bits_truncate(0o620),
     )?;
     Ok((master, slave))
 }

@@ -69,10 +69,33 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     // credentials. The mode comes from the umask at bind time, not from a chmod by path
     // afterwards, which a swapped-in symlink could redirect.
     // SAFETY: umask only changes this process's file creation mask.
+    // No client's descriptor is ever taken (see `conn::refuse_rights`): set before bind, so
+    // that every connection inherits it from its first byte.
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::{AsFd, AsRawFd};
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("creating the server socket")?;
+    match crate::conn::refuse_rights(sock.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "this kernel cannot refuse descriptors passed to the server's socket (SO_PASSRIGHTS, Linux 6.16+): a local user can make the daemon stall on the close of a descriptor it passes (see docs/security.md)"
+        ),
+        Err(e) => bail!("cannot set SO_PASSRIGHTS on the server socket: {e}"),
+    }
+    let addr = UnixAddr::new(path)?;
     let old = unsafe { libc::umask(0o111) };
-    let bound = UnixListener::bind(path);
+    let bound = nix::sys::socket::bind(sock.as_raw_fd(), &addr);
     unsafe { libc::umask(old) };
-    let listener = bound.with_context(|| format!("binding {}", path.display()))?;
+    bound.with_context(|| format!("binding {}", path.display()))?;
+    nix::sys::socket::listen(&sock, nix::sys::socket::Backlog::new(1024)?)
+        .with_context(|| format!("listening on {}", path.display()))?;
+    let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(sock))
+        .context("registering the server socket")?;
     let mode = std::fs::symlink_metadata(path)?.permissions().mode() & 0o777;
     if mode != 0o666 {
         bail!("{} got mode {mode:o} instead of 666", path.display());
@@ -114,7 +137,11 @@ pub async fn serve(
         let stream = tokio::select! {
             _ = &mut shutdown => return,
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    // Inherited from the listener; set again before anything is read, in case.
+                    let _ = crate::conn::refuse_rights(std::os::fd::AsFd::as_fd(&s));
+                    s
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

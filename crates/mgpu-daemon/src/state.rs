@@ -143,8 +143,9 @@ pub struct Inner {
     admitting: HashMap<u32, usize>,
     /// The per-user and per-group limits of the configuration (replaced on reload).
     pub limits: Arc<crate::config::LimitRules>,
-    /// The stdin of attached jobs not started yet (their `mgpu_srun`'s, passed as a
-    /// descriptor): handed to the first run's supervisor.
+    /// The stdin of attached jobs not started yet: the read end of a pipe the daemon made,
+    /// whose write end went to their `mgpu_srun` (closing it never blocks); handed to the
+    /// first run's supervisor.
     pub stdin: HashMap<JobId, (OwnedFd, Option<[u16; 2]>)>,
 }
 
@@ -910,7 +911,7 @@ async fn start_run(
         let (pid, link) = spawn_supervisor(&store_daemon.launcher, &job_dir, &run_dir, &launch)?;
         if let Some(fd) = stdin {
             // The first thing on the link, before any frame: the supervisor takes it before
-            // it starts the job (see `supervisor::take_stdin`).
+            // it starts the job (see `supervisor::take_stdin`). Our own pipe's read end.
             supervisor::give_stdin(&link, &fd);
         }
         anyhow::Ok((pid, link, log_offset))
@@ -982,6 +983,8 @@ async fn supervise_link(
                 .ok(),
         };
         if let Some(stream) = stream {
+            // Only root's supervisor is at the other end; nothing is ever passed to us on it.
+            let _ = crate::conn::refuse_rights(std::os::fd::AsFd::as_fd(&stream));
             if broken_once {
                 tracing::info!(job = id, "linked again to the job's supervisor");
             }

@@ -446,8 +446,9 @@ fn sync_unheard(sup: &mut Supervisor, run_dir: &Path) {
 }
 
 /// Our stdin, when it is a socket (the daemon's end of the initial link).
-/// `mgpu_srun --pty`'s keystrokes and window sizes ([`mgpu_proto::pty_frame`]s) to the job's
-/// terminal, until srun goes away. Its own thread: a blocking copy through a 64 KiB buffer, so
+/// `mgpu_srun --pty`'s keystrokes and window sizes ([`mgpu_proto::pty_frame`]s, through the
+/// job's stdin pipe, made by the daemon) to the job's terminal, until srun goes away (the end
+/// of the pipe) or sends garbage. Its own thread: a blocking copy through a 64 KiB buffer, so
 /// a job that does not read its terminal makes srun wait, never the supervisor's loop.
 fn relay_keys(keys: std::os::fd::OwnedFd, master: std::os::fd::OwnedFd) {
     use std::io::{Read, Write};
@@ -460,7 +461,9 @@ fn relay_keys(keys: std::os::fd::OwnedFd, master: std::os::fd::OwnedFd) {
             return;
         }
         let n = u16::from_be_bytes([head[1], head[2]]) as usize;
-        if from.read_exact(&mut buf[..n]).is_err() {
+        // mgpu_srun never sends an empty frame: one is garbage (a stream of zeros would make
+        // this loop spin without ever waiting), and ends the relay like the end of input.
+        if n == 0 || from.read_exact(&mut buf[..n]).is_err() {
             return;
         }
         match head[0] {
@@ -485,7 +488,8 @@ fn relay_keys(keys: std::os::fd::OwnedFd, master: std::os::fd::OwnedFd) {
     }
 }
 
-/// Passes `fd` (a job's stdin) to a supervisor over its new link: one byte carrying it.
+/// Passes `fd` (a job's stdin: the read end of the pipe the daemon made, never a user's
+/// descriptor) to a supervisor over its new link: one byte carrying it.
 pub fn give_stdin(link: &UnixStream, fd: &std::os::fd::OwnedFd) {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let fds = [fd.as_raw_fd()];
@@ -1138,6 +1142,25 @@ fn sync_exit(run_dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+
+    /// An empty keystroke frame (garbage: a stream of zeros) ends the --pty relay, even while
+    /// its pipe stays open (review finding 9: it used to loop on such frames).
+    #[test]
+    fn the_pty_relay_stops_at_an_empty_frame() {
+        use std::io::Write;
+        let (keys, write) = nix::unistd::pipe().unwrap();
+        let mut write = std::fs::File::from(write);
+        write.write_all(&[0u8; 3 * 100]).unwrap();
+        let master = std::os::fd::OwnedFd::from(std::fs::File::create("/dev/null").unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            super::relay_keys(keys, master);
+            let _ = tx.send(());
+        });
+        // A liveness bound, not a timing assertion.
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(30)).is_ok());
+        drop(write);
+    }
 
     /// A stop for GPU memory, echoed back in the exit record (which a restarted daemon reads),
     /// makes the job OUT_OF_MEMORY with the figures; a cancel that came first still wins.

@@ -284,12 +284,14 @@ pub struct SubmitRequest {
     /// Tell the user when the job begins or ends (`--notify`, `--mail-type`/`--mail-user`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<Box<Notify>>,
-    /// An attached job whose stdin is the client's: the server answers [`Response::SendStdin`]
-    /// and the client then sends one byte carrying its stdin descriptor (`SCM_RIGHTS`).
+    /// An attached job whose stdin is the client's: the server makes a pipe and answers
+    /// [`Response::StdinPipe`] carrying its write end (`SCM_RIGHTS`); the client copies its
+    /// stdin into it (the job reads the other end). Clients never pass descriptors to the
+    /// server.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
-    /// `--pty`: the job gets a terminal of this size (rows, columns); the descriptor passed as
-    /// its stdin then carries the keystrokes as [`pty_frame`]s.
+    /// `--pty`: the job gets a terminal of this size (rows, columns); its stdin pipe then
+    /// carries the keystrokes as [`pty_frame`]s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pty: Option<[u16; 2]>,
 }
@@ -537,8 +539,9 @@ pub enum Response {
     JobDetail {
         fields: Vec<(String, String)>,
     },
-    /// Send your stdin now: one byte with the descriptor attached (see `SubmitRequest::stdin`).
-    SendStdin,
+    /// The write end of the job's stdin pipe comes with this frame's bytes (`SCM_RIGHTS`;
+    /// see `SubmitRequest::stdin`): write your stdin into it, close it at its end.
+    StdinPipe,
 }
 
 /// GPU usage per user over a period, and each user's fair-share standing now.

@@ -45,7 +45,8 @@ fn have_script() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// The job's stdin is a terminal of the right size, its controlling one, owned by its user;
+/// The job's stdin is a terminal of the right size, its controlling one, owned by its user
+/// (mode 0600);
 /// window size changes follow.
 #[test]
 fn pty_gives_the_job_its_own_terminal_sized_like_sruns() {
@@ -56,7 +57,7 @@ fn pty_gives_the_job_its_own_terminal_sized_like_sruns() {
     }
     let s = Server::start("1x24GiB", &[]);
     let srun = bin("mgpu_srun").display().to_string();
-    let job = "tty; stty size; stat -c %U $(tty); trap 'stty size; exit 0' WINCH; echo ready; while :; do sleep 0.1; done";
+    let job = "tty; stty size; stat -c %U:%a $(tty); trap 'stty size; exit 0' WINCH; echo ready; while :; do sleep 0.1; done";
     let cmd = format!(
         "stty rows 30 cols 100; {srun} --pty -- sh -c \"{job}\" </dev/tty & sleep 0.5; while [ ! -e ready.flag ]; do sleep 0.1; done; stty rows 40 cols 120; wait"
     );
@@ -75,7 +76,12 @@ fn pty_gives_the_job_its_own_terminal_sized_like_sruns() {
     let lines: Vec<&str> = seen.lines().map(|l| l.trim_end_matches('\r')).collect();
     assert!(lines[0].starts_with("/dev/pts/"), "{seen}");
     assert_eq!(lines[1], "30 100", "{seen}");
-    assert_eq!(lines[2], a.name, "the terminal is the job user's: {seen}");
+    // Its alone: no group (a shared primary group) may write into it (review finding 8).
+    assert_eq!(
+        lines[2],
+        format!("{}:600", a.name),
+        "the terminal is the job user's alone: {seen}"
+    );
     std::fs::write(a.home.join("ready.flag"), "").unwrap();
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();

@@ -1,7 +1,8 @@
-//! An attached job's stdin is the user's: `echo hi | mgpu_srun -- cat` prints hi. srun passes
-//! its stdin descriptor to the server with the submit (`SCM_RIGHTS`); the job's first run gets
-//! it as its stdin and reads it directly (the daemon never reads it: no buffering, the
-//! writer's own backpressure, EOF as the writer closes).
+//! An attached job's stdin is the user's: `echo hi | mgpu_srun -- cat` prints hi. The server
+//! makes a pipe and passes its write end to srun (`SCM_RIGHTS`, server to client only: the
+//! server never takes a user's descriptor), srun copies its stdin into it; the job's first run
+//! gets the read end as its stdin (the daemon never reads or writes it: the kernel's pipe
+//! buffer, the writer's own backpressure, EOF as srun's input ends or srun goes away).
 
 mod common;
 

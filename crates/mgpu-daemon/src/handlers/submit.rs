@@ -235,14 +235,24 @@ pub async fn handle(
         Ok(n) => n,
         Err(msg) => return send_error(conn, msg).await,
     };
-    // The client's stdin, for an attached job: passed as a descriptor (never read here), it
-    // becomes the job's stdin when it starts.
+    // The client's stdin, for an attached job: a pipe made here, whose write end goes to the
+    // client (it copies its stdin in) and whose read end becomes the job's stdin when it
+    // starts. The daemon never reads or writes it, and never takes a descriptor from a user.
     let mut stdin = if req.stdin && req.attach && req.array.is_none() {
-        send(conn, &mgpu_proto::Response::SendStdin).await?;
-        match conn.recv_fd().await {
-            Ok(fd) => Some(fd),
-            Err(e) => return send_error(conn, format!("could not take your stdin: {e:#}")).await,
-        }
+        let (read, write) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+            Ok(p) => p,
+            Err(e) => {
+                return send_error(conn, format!("could not make a pipe for your stdin: {e}")).await
+            }
+        };
+        conn.send_with_fd(
+            &mgpu_proto::Response::StdinPipe,
+            std::os::fd::AsFd::as_fd(&write),
+        )
+        .await?;
+        // Ours closes now: the job sees the end of its input when the client's copy closes.
+        drop(write);
+        Some(read)
     } else {
         None
     };

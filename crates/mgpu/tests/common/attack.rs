@@ -98,7 +98,9 @@ fn answer(c: &mut UnixStream, deadline: std::time::Instant) -> String {
 /// - `follow-noread JOB N`: N `mgpu_log --follow JOB` connections, never reading;
 /// - `partial N SIZE`: N connections each sending all but the last bytes of a SIZE-byte submit
 ///   frame; reports how many the server refused and every reason it gave;
-/// - `hold N`: N connections that said hello and nothing else.
+/// - `hold N`: N connections that said hello and nothing else;
+/// - `pass-lingering`: one connection that says hello, then sends 2 bytes carrying (as
+///   `SCM_RIGHTS`) a TCP socket whose close lingers 600 s; reports `sendmsg=` what came of it.
 pub fn attack_helper_main() {
     let Ok(mode) = std::env::var("MGPU_ATTACK") else {
         return;
@@ -165,6 +167,68 @@ pub fn attack_helper_main() {
                 hello(&mut c).unwrap();
                 held.push(c);
             }
+        }
+        "pass-lingering" => {
+            // A TCP connection to a listener that never accepts nor reads, its send buffer
+            // full, lingering 600 s on close: whoever closes its last copy waits that long.
+            use std::os::fd::AsRawFd;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            use nix::sys::socket::{setsockopt, sockopt};
+            setsockopt(&tcp, sockopt::SndBuf, &4096).unwrap();
+            setsockopt(
+                &tcp,
+                sockopt::Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 600,
+                },
+            )
+            .unwrap();
+            tcp.set_nonblocking(true).unwrap();
+            let chunk = vec![b'x'; 65536];
+            let mut tcp_w = &tcp;
+            let mut full = 0;
+            // Until the peer's window and our buffer are full (a few tries: the window
+            // closes in steps).
+            while full < 20 {
+                match tcp_w.write(&chunk) {
+                    Ok(_) => full = 0,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        full += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("filling the TCP socket: {e}"),
+                }
+            }
+            let mut c = connect();
+            hello(&mut c).unwrap();
+            let fds = [tcp.as_raw_fd()];
+            let iov = [std::io::IoSlice::new(b"\0\0")];
+            let sent = nix::sys::socket::sendmsg::<()>(
+                c.as_raw_fd(),
+                &iov,
+                &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                nix::sys::socket::MsgFlags::empty(),
+                None,
+            );
+            report = match sent {
+                Ok(_) => {
+                    // Our copy goes at once: the passed one, unless the server read it first,
+                    // is then the last. (In a thread: when the server was quicker, this close
+                    // lingers here.)
+                    std::thread::spawn(move || drop(tcp));
+                    "sendmsg=ok".into()
+                }
+                Err(e) => {
+                    // Kept: closed without lingering as we exit.
+                    std::mem::forget(tcp);
+                    format!("sendmsg={e:?}")
+                }
+            };
+            held.push(c);
+            // The listener stays (its queued connection must not be reset).
+            std::mem::forget(listener);
         }
         other => panic!("unknown attack {other}"),
     }

@@ -25,5 +25,5 @@ cp -r "$dist/share" "$stage/share"
 for f in "$stage"/share/bash-completion/completions/*.bash; do
   mv "$f" "${f%.bash}"
 done
-out=$("$cargo" deb -p mgpu --no-build --locked 2>&1 | tee /dev/stderr | grep '\.deb$' | tail -n1)
+out=$("$cargo" deb -p mgpu --no-build --locked 2>&1 | tee -a /dev/stderr | grep '\.deb$' | tail -n1)
 echo "$out"

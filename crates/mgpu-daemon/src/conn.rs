@@ -218,20 +218,7 @@ impl Conn {
         }
         let written = tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(&wire)).await;
         let _ = self.shared.budget.adjust(self.uid, n, 0);
-        match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                self.broken = true;
-                Err(anyhow!("writing to the client: {e}"))
-            }
-            Err(_) => {
-                self.broken = true;
-                self.given_up = true;
-                Err(anyhow!(
-                    "the client did not read its answer for {WRITE_TIMEOUT:?}: connection dropped"
-                ))
-            }
-        }
+        self.write_outcome(written)
     }
 
     /// The next frame, `None` at a clean end. Cancel-safe (nothing is lost when the future is
@@ -310,7 +297,15 @@ impl Conn {
             stream.write_all(&wire[first..]).await
         })
         .await;
-        match sent {
+        self.write_outcome(sent)
+    }
+
+    /// What a deadline-bound write came to: a failed or overdue write breaks the connection.
+    fn write_outcome(
+        &mut self,
+        written: Result<std::io::Result<()>, tokio::time::error::Elapsed>,
+    ) -> Result<()> {
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 self.broken = true;

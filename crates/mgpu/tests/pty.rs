@@ -29,7 +29,9 @@ fn in_terminal(s: &Server, user: Option<&TestUser>, cmd: &str) -> std::process::
             c
         }
     };
+    // script(1) runs CMD with $SHELL: fix it, so the test does not depend on the caller's.
     c.args(["-qec", cmd, "/dev/null"])
+        .env("SHELL", "/bin/sh")
         .env("MGPU_SOCKET", &s.socket)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -57,7 +59,7 @@ fn pty_gives_the_job_its_own_terminal_sized_like_sruns() {
     }
     let s = Server::start("1x24GiB", &[]);
     let srun = bin("mgpu_srun").display().to_string();
-    let job = "tty; stty size; stat -c %U:%a $(tty); trap 'stty size; exit 0' WINCH; echo ready; while :; do sleep 0.1; done";
+    let job = "tty; stty size; stat -c %U:%a \\$(tty); trap 'stty size; exit 0' WINCH; echo ready; while :; do sleep 0.1; done";
     let cmd = format!(
         "stty rows 30 cols 100; {srun} --pty -- sh -c \"{job}\" </dev/tty & sleep 0.5; while [ ! -e ready.flag ]; do sleep 0.1; done; stty rows 40 cols 120; wait"
     );

@@ -113,7 +113,7 @@ pub enum End {
 }
 
 /// When each job started (its last run) and ended.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub start_ms: Millis,
     pub end_ms: Millis,
@@ -123,6 +123,8 @@ pub struct Outcome {
     pub restarts: u32,
     /// GPU-equivalent milliseconds of its earlier runs, lost to context switches.
     pub lost_share_ms: f64,
+    /// Its earlier runs, each stopped by a context switch: (start, stop, GPU-equivalents).
+    pub earlier_runs: Vec<(Millis, Millis, f64)>,
     pub end: End,
 }
 
@@ -207,6 +209,7 @@ pub fn replay(
                     share: 0.0,
                     restarts: 0,
                     lost_share_ms: 0.0,
+                    earlier_runs: Vec::new(),
                     end: End::Refused,
                 });
                 continue;
@@ -217,13 +220,20 @@ pub fn replay(
             let starts = scheduler.schedule(now);
             let progressed = !starts.is_empty();
             for (job, held) in starts {
-                if running[job] || outcomes[job].is_some_and(|o| o.end != End::Completed) {
+                if running[job]
+                    || outcomes[job]
+                        .as_ref()
+                        .is_some_and(|o| o.end != End::Completed)
+                {
                     bail!("job {job} started while running or after it ended");
                 }
-                if outcomes[job].is_some_and(|o| o.restarts == run_of[job]) {
+                if outcomes[job]
+                    .as_ref()
+                    .is_some_and(|o| o.restarts == run_of[job])
+                {
                     bail!("job {job} started twice");
                 }
-                let end_ms = now + jobs[job].duration_ms;
+                let end_ms = now.saturating_add(jobs[job].duration_ms);
                 let share = match jobs[job].mem_mib {
                     None => held.len() as f64,
                     Some(mem) => held
@@ -231,13 +241,16 @@ pub fn replay(
                         .map(|i| (mem as f64 / spec_of[i].total_mib as f64).min(1.0))
                         .sum(),
                 };
-                let lost = outcomes[job].map_or(0.0, |o| o.lost_share_ms);
+                let (lost, earlier_runs) = outcomes[job]
+                    .take()
+                    .map_or((0.0, Vec::new()), |o| (o.lost_share_ms, o.earlier_runs));
                 outcomes[job] = Some(Outcome {
                     start_ms: now,
                     end_ms,
                     share,
                     restarts: run_of[job],
                     lost_share_ms: lost,
+                    earlier_runs,
                     end: End::Completed,
                 });
                 running[job] = true;
@@ -256,6 +269,7 @@ pub fn replay(
                 match stop {
                     Stop::Requeue => {
                         o.lost_share_ms += o.share * (now - o.start_ms) as f64;
+                        o.earlier_runs.push((o.start_ms, now, o.share));
                         run_of[job] += 1;
                         scheduler.requeue(job, now);
                     }

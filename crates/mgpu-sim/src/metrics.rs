@@ -39,12 +39,15 @@ pub struct Metrics {
     pub gpu_utilisation: f64,
     /// Jain's index of the users' mean bounded slowdowns (1: all users equally slowed).
     pub jain_fairness: f64,
-    /// Service against fair share: per user, the GPU-time received over the GPU-time its
-    /// max-min fair share would have given it while it had jobs in the system (pending or
-    /// running); the lowest user's ratio (1: nobody got less than their fair share)...
+    /// Service against fair share (`minFS`): per user, the GPU-time received over the GPU-time
+    /// its max-min fair share would have given it while it contended (had jobs pending or
+    /// running); the lowest user's ratio (1: nobody got less than their fair share; 1e9 when
+    /// no user contended)...
     pub min_fair_share_ratio: f64,
-    /// ... and Jain's index of these ratios.
+    /// ... Jain's index of these ratios...
     pub fair_share_jain: f64,
+    /// ... and each user's ratio.
+    pub fair_share_by_user: BTreeMap<String, f64>,
     /// Longest wait of a job asking for more than one GPU.
     pub max_multi_gpu_wait_s: f64,
     /// Flood scenario: mean wait of the users other than `flood`.
@@ -110,7 +113,8 @@ pub fn measure(
         .map(|(sum, count)| sum / *count as f64)
         .collect();
     let flood = jobs.iter().any(|j| j.user == "flood");
-    let shares = fair_share_ratios(&measured, total_gpus);
+    let by_user = fair_share_ratios(&measured, total_gpus);
+    let shares: Vec<f64> = by_user.values().copied().collect();
     Metrics {
         policy: policy.to_string(),
         jobs: measured.len(),
@@ -136,6 +140,10 @@ pub fn measure(
             .fold(f64::INFINITY, f64::min)
             .min(1e9),
         fair_share_jain: jain(&shares),
+        fair_share_by_user: by_user
+            .into_iter()
+            .map(|(u, r)| (u.to_string(), r))
+            .collect(),
         max_multi_gpu_wait_s,
         others_mean_wait_s: flood.then(|| others.0 / others.1.max(1) as f64),
         replay_wall_s,
@@ -162,24 +170,40 @@ fn jain(values: &[f64]) -> f64 {
     }
 }
 
-/// Per user: GPU-time received over max-min fair-share GPU-time while the user had jobs in the
-/// system. Between two events each user's demand (GPUs asked by its pending jobs, GPU
-/// equivalents held by its running ones) is constant; the machine's GPUs are shared among the
-/// users present by max-min fairness (water-filling over their demands).
-fn fair_share_ratios(measured: &[(&SimJob, &Outcome)], total_gpus: u32) -> Vec<f64> {
+/// Per user: GPU-time received over max-min fair-share GPU-time while the user contended.
+///
+/// A user contends while it has jobs in the system (pending or running). Its demand is then
+/// the GPU-equivalents its jobs take when they run (a whole GPU per GPU for exclusive jobs,
+/// memory over the GPU's memory for a memory job on a shared GPU), counted from submission
+/// to end, pending or not. Between two events the demands are constant, and the machine's
+/// GPUs are shared among the contending users by max-min fairness (water-filling: the users
+/// asking least get all they ask, the rest split what is left equally). Received is the
+/// GPU-equivalents its running jobs held, runs later lost to a context switch included (the
+/// GPUs were the user's; what the switch cost is reported as lost GPU-hours). Users whose
+/// fair share is zero (nothing measured) are left out.
+fn fair_share_ratios<'a>(
+    measured: &[(&'a SimJob, &Outcome)],
+    total_gpus: u32,
+) -> BTreeMap<&'a str, f64> {
     let mut users: BTreeMap<&str, usize> = BTreeMap::new();
     for (job, _) in measured {
         let n = users.len();
         users.entry(&job.user).or_insert(n);
     }
     // (time, user, demand change, running change)
-    let mut events: Vec<(u64, usize, f64, f64)> = Vec::with_capacity(measured.len() * 3);
+    let mut events: Vec<(u64, usize, f64, f64)> = Vec::with_capacity(measured.len() * 4);
     for (job, o) in measured {
         let u = users[job.user.as_str()];
-        let asked = f64::from(job.gpus);
-        events.push((job.submit_ms, u, asked, 0.0));
-        events.push((o.start_ms, u, o.share - asked, o.share));
-        events.push((o.end_ms, u, -o.share, -o.share));
+        events.push((job.submit_ms, u, o.share, 0.0));
+        events.push((o.end_ms, u, -o.share, 0.0));
+        for &(start, stop, share) in o
+            .earlier_runs
+            .iter()
+            .chain([(o.start_ms, o.end_ms, o.share)].iter())
+        {
+            events.push((start, u, 0.0, share));
+            events.push((stop, u, 0.0, -share));
+        }
     }
     events.sort_by_key(|e| e.0);
     let n = users.len();
@@ -210,8 +234,99 @@ fn fair_share_ratios(measured: &[(&SimJob, &Outcome)], total_gpus: u32) -> Vec<f
             got[u] += running[u].max(0.0) * dt;
         }
     }
-    (0..n)
-        .filter(|&u| fair[u] > 0.0)
-        .map(|u| got[u] / fair[u])
+    users
+        .into_iter()
+        .filter(|&(_, u)| fair[u] > 0.0)
+        .map(|(name, u)| (name, got[u] / fair[u]))
         .collect()
+}
+
+/// The goals 1-3 for one policy in one cell, against the same cell's strict FIFO and
+/// first-fit FIFO.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GoalCheck {
+    /// Mean wait over first-fit's (goal 1: at most 1).
+    pub vs_first_fit: f64,
+    /// Mean wait over strict FIFO's (goal 2, with limits: at most 0.6).
+    pub vs_strict: f64,
+    /// Worst multi-GPU wait over strict FIFO's (goal 3: at most 2; NaN: no multi-GPU job
+    /// waited under strict FIFO, nothing to starve).
+    pub multi_gpu_vs_strict: f64,
+    /// Goals 1-3 all met.
+    pub ok: bool,
+}
+
+/// Goals 1-3 for `m`: mean wait at most first-fit's; with limits (`with_limits`), at most 0.6
+/// of strict FIFO's; worst multi-GPU wait at most 2 x strict FIFO's. A ratio whose yardstick
+/// is 0 is NaN, which fails goals 1 and 2 and passes goal 3.
+pub fn goals_1_to_3(
+    m: &Metrics,
+    strict: &Metrics,
+    first_fit: &Metrics,
+    with_limits: bool,
+) -> GoalCheck {
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    let vs_first_fit = ratio(m.mean_wait_s, first_fit.mean_wait_s);
+    let vs_strict = ratio(m.mean_wait_s, strict.mean_wait_s);
+    let multi_gpu_vs_strict = ratio(m.max_multi_gpu_wait_s, strict.max_multi_gpu_wait_s);
+    let ok = vs_first_fit <= 1.0 + 1e-9
+        && (!with_limits || vs_strict <= 0.6 + 1e-9)
+        && (multi_gpu_vs_strict.is_nan() || multi_gpu_vs_strict <= 2.0);
+    GoalCheck {
+        vs_first_fit,
+        vs_strict,
+        multi_gpu_vs_strict,
+        ok,
+    }
+}
+
+/// A policy's standing for goal 5.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Contender {
+    pub policy: String,
+    pub meets_goals_1_to_3: bool,
+    /// Its lowest user's service against fair share ([`Metrics::min_fair_share_ratio`]).
+    pub min_fair_share: f64,
+    /// Jain's index of its users' ratios ([`Metrics::fair_share_jain`]).
+    pub fair_share_jain: f64,
+}
+
+/// Is `a` fairer than `b`? Higher lowest-user ratio first; equal (within 1e-9) ratios are
+/// decided by the higher Jain index of the ratios; NaN counts as least fair.
+pub fn fairer(a: &Contender, b: &Contender) -> bool {
+    const EPS: f64 = 1e-9;
+    let key = |x: f64| if x.is_nan() { f64::NEG_INFINITY } else { x };
+    let (am, bm) = (key(a.min_fair_share), key(b.min_fair_share));
+    if am > bm + EPS {
+        return true;
+    }
+    if bm > am + EPS {
+        return false;
+    }
+    key(a.fair_share_jain) > key(b.fair_share_jain) + EPS
+}
+
+/// Goal 5 for `policy`: `None` if it does not meet goals 1-3 itself (or is not among the
+/// contenders); else whether it is the fairest of the contenders that meet goals 1-3, i.e.
+/// none of them is [`fairer`] (a tie goes to `policy`).
+pub fn is_fairest_meeting_goals(policy: &str, contenders: &[Contender]) -> Option<bool> {
+    let me = contenders
+        .iter()
+        .find(|c| c.policy == policy && c.meets_goals_1_to_3)?;
+    Some(
+        !contenders
+            .iter()
+            .any(|c| c.policy != policy && c.meets_goals_1_to_3 && fairer(c, me)),
+    )
+}
+
+/// The fairest of the contenders that meet goals 1-3 (the first listed among equals), if any.
+pub fn fairest_meeting_goals(contenders: &[Contender]) -> Option<&Contender> {
+    contenders
+        .iter()
+        .filter(|c| c.meets_goals_1_to_3)
+        .fold(None, |best: Option<&Contender>, c| match best {
+            Some(b) if !fairer(c, b) => Some(b),
+            _ => Some(c),
+        })
 }

@@ -85,6 +85,31 @@ impl Rng {
     }
 }
 
+/// Largest time a trace may give (submission, duration or limit), in seconds: about 3,000
+/// years, so that virtual times in milliseconds stay far from `u64::MAX` whatever is added.
+pub const MAX_TRACE_SECONDS: f64 = 1e11;
+
+/// Most jobs one workload may have (after `--repeat`): bounds memory and replay time.
+pub const MAX_JOBS: usize = 20_000_000;
+
+/// Most users `--users` may draw.
+pub const MAX_USERS: u32 = 100_000;
+
+/// A trace's time field: a finite number of seconds, 0 or more and at most
+/// [`MAX_TRACE_SECONDS`].
+fn parse_seconds(text: &str) -> anyhow::Result<f64> {
+    let v: f64 = text
+        .parse()
+        .with_context(|| format!("bad number {text:?}"))?;
+    if !v.is_finite() || v < 0.0 {
+        bail!("{text:?} is not a number of seconds of 0 or more");
+    }
+    if v > MAX_TRACE_SECONDS {
+        bail!("{text:?} seconds is more than {MAX_TRACE_SECONDS:e}");
+    }
+    Ok(v)
+}
+
 /// Parses a CSV trace (plain comma-separated, header row first).
 pub fn parse_trace(text: &str) -> anyhow::Result<Vec<TraceRow>> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
@@ -105,44 +130,75 @@ pub fn parse_trace(text: &str) -> anyhow::Result<Vec<TraceRow>> {
     let (user_col, mem_col, limit_col) = (column("user"), column("mem_mib"), column("time_limit"));
     let mut rows = Vec::new();
     for (n, line) in lines.enumerate() {
+        let row = n + 2;
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         let field = |col: usize| fields.get(col).copied().unwrap_or("");
         let optional = |col: Option<usize>| col.map(field).filter(|f| !f.is_empty());
-        let seconds = |col: usize| -> anyhow::Result<Millis> {
-            let v: f64 = field(col)
-                .parse()
-                .with_context(|| format!("row {}: bad number {:?}", n + 2, field(col)))?;
-            Ok((v.max(0.0) * 1000.0).round() as Millis)
+        let seconds = |col: usize, name: &str| -> anyhow::Result<f64> {
+            parse_seconds(field(col)).with_context(|| format!("row {row}: bad {name}"))
         };
         let gpus: u32 = field(gpus_col)
             .parse()
-            .with_context(|| format!("row {}: bad num_gpu", n + 2))?;
+            .with_context(|| format!("row {row}: bad num_gpu {:?}", field(gpus_col)))?;
         if gpus == 0 {
             continue; // CPU-only jobs do not use the GPU scheduler.
         }
+        let submit = seconds(submit_col, "submission_time")?;
+        let duration = seconds(duration_col, "duration")?;
+        let time_limit_s = optional(limit_col)
+            .map(parse_seconds)
+            .transpose()
+            .with_context(|| format!("row {row}: bad time_limit"))?
+            .map(|s| s.ceil() as u64);
+        let mem_mib = optional(mem_col)
+            .map(|m| {
+                m.parse::<u64>()
+                    .with_context(|| format!("row {row}: bad mem_mib {m:?}"))
+            })
+            .transpose()?;
+        if rows.len() >= MAX_JOBS {
+            bail!("more than {MAX_JOBS} GPU jobs");
+        }
         rows.push(TraceRow {
-            submit_ms: seconds(submit_col)?,
-            duration_ms: seconds(duration_col)?.max(1),
+            submit_ms: (submit * 1000.0).round() as Millis,
+            duration_ms: ((duration * 1000.0).round() as Millis).max(1),
             gpus,
             user: optional(user_col).map(str::to_string),
-            mem_mib: optional(mem_col)
-                .map(|m| {
-                    m.parse()
-                        .with_context(|| format!("row {}: bad mem_mib", n + 2))
-                })
-                .transpose()?,
-            time_limit_s: optional(limit_col)
-                .map(|m| m.parse::<f64>().map(|s| s.ceil() as u64))
-                .transpose()
-                .with_context(|| format!("row {}: bad time_limit", n + 2))?,
+            mem_mib,
+            time_limit_s,
         });
     }
     rows.sort_by_key(|r| r.submit_ms);
     Ok(rows)
 }
 
+/// `--split K`: cuts a trace (sorted by submission) into `k` consecutive segments of equal job
+/// count (sizes differ by at most one, the longer ones last), each to be replayed as a trace
+/// of its own. Fails if `k` is 0 or larger than the number of jobs.
+pub fn split_rows(rows: &[TraceRow], k: usize) -> anyhow::Result<Vec<&[TraceRow]>> {
+    if k == 0 {
+        bail!("--split must be at least 1");
+    }
+    if k > rows.len() {
+        bail!(
+            "cannot split {} jobs into {k} segments (at most one segment per job)",
+            rows.len()
+        );
+    }
+    let n = rows.len();
+    Ok((0..k).map(|i| &rows[i * n / k..(i + 1) * n / k]).collect())
+}
+
 /// Fills in users, memory and limits by the documented rules, repeats and rescales.
-pub fn build_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> {
+///
+/// Fails on options out of range (no users or too many, too many jobs after `--repeat`, a load
+/// that is not a positive number or would spread the submissions beyond
+/// [`MAX_TRACE_SECONDS`]).
+pub fn build_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> anyhow::Result<Vec<SimJob>> {
+    check_options(opts)?;
+    if rows.len().saturating_mul(opts.repeat.max(1) as usize) > MAX_JOBS {
+        bail!("more than {MAX_JOBS} jobs to replay (trace x --repeat)");
+    }
     let mut rng = Rng::new(opts.seed);
     let zipf = zipf_cdf(opts.users.max(1));
     let mut named_users: Vec<String> = Vec::new();
@@ -191,10 +247,41 @@ pub fn build_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> Vec<SimJob> 
         }
     }
     if let Some(load) = opts.load {
-        rescale_to_load(&mut jobs, opts.total_gpus, load);
+        rescale_to_load(&mut jobs, opts.total_gpus, load)?;
     }
-    jobs
+    Ok(jobs)
 }
+
+/// The options every workload needs in range.
+fn check_options(opts: &WorkloadOptions) -> anyhow::Result<()> {
+    if opts.users == 0 || opts.users > MAX_USERS {
+        bail!("--users must be between 1 and {MAX_USERS}");
+    }
+    if opts.repeat > MAX_REPEAT {
+        bail!("--repeat must be at most {MAX_REPEAT}");
+    }
+    if opts.total_gpus == 0 {
+        bail!("no GPUs to replay on");
+    }
+    if !(opts.limit_factor == 0.0 || (opts.limit_factor >= 1.0 && opts.limit_factor.is_finite())) {
+        bail!("--limit-factor must be 0 (no limits) or at least 1");
+    }
+    if !(0.0..=1.0).contains(&opts.mem_fraction) {
+        bail!("--mem-fraction must be between 0 and 1");
+    }
+    if let Some(load) = opts.load {
+        if !load.is_finite() || load <= 0.0 || load > MAX_LOAD {
+            bail!("--load must be a number above 0 and at most {MAX_LOAD}");
+        }
+    }
+    Ok(())
+}
+
+/// Most copies `--repeat` may play.
+pub const MAX_REPEAT: u32 = 10_000;
+
+/// Highest `--load`: beyond it every submission falls at nearly one instant anyway.
+pub const MAX_LOAD: f64 = 100.0;
 
 /// The time limit a job without one gets: its run time times the limit factor; a factor of 0
 /// gives no limit (the daemon then estimates it with the default estimate, 24 h).
@@ -241,15 +328,24 @@ pub fn offered_load(jobs: &[SimJob], total_gpus: u32) -> f64 {
 }
 
 /// Stretches or squeezes the gaps between submissions so that the offered load is `load`.
-fn rescale_to_load(jobs: &mut [SimJob], total_gpus: u32, load: f64) {
+/// Fails if the submissions would then spread over more than [`MAX_TRACE_SECONDS`].
+fn rescale_to_load(jobs: &mut [SimJob], total_gpus: u32, load: f64) -> anyhow::Result<()> {
     let factor = offered_load(jobs, total_gpus) / load;
     if !factor.is_finite() || factor <= 0.0 {
-        return; // nothing to rescale (no work, or a load the caller should have refused)
+        return Ok(()); // nothing to rescale (no work that fits, or a single instant)
     }
     let first = jobs.iter().map(|j| j.submit_ms).min().unwrap_or(0);
+    let last = jobs.iter().map(|j| j.submit_ms).max().unwrap_or(0);
+    if (last - first) as f64 * factor > MAX_TRACE_SECONDS * 1000.0 {
+        bail!(
+            "--load {load} is too low for this trace: its submissions would spread over more \
+             than {MAX_TRACE_SECONDS:e} seconds"
+        );
+    }
     for job in jobs {
         job.submit_ms = first + ((job.submit_ms - first) as f64 * factor).round() as Millis;
     }
+    Ok(())
 }
 
 /// The flood scenario: user `flood` submits 500 1-GPU jobs at t=0 (durations drawn from the
@@ -258,8 +354,11 @@ fn rescale_to_load(jobs: &mut [SimJob], total_gpus: u32, load: f64) {
 /// flood alone would keep the whole machine busy. All jobs are exclusive; limits as usual.
 ///
 /// Fails if the trace has no 1-GPU job to draw the flood from, or no job that fits the server.
+/// Fails too if the steady users would submit more than [`MAX_JOBS`] jobs (1-GPU jobs far
+/// longer than the trace's average).
 pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> anyhow::Result<Vec<SimJob>> {
     const FLOOD_JOBS: usize = 500;
+    check_options(opts)?;
     const STEADY_USERS: u32 = 9;
     const STEADY_LOAD: f64 = 0.5;
     let mut rng = Rng::new(opts.seed);
@@ -292,6 +391,13 @@ pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> anyhow::Resu
         / fitting.len().max(1) as f64;
     // Arrival rate so that the steady users' work is STEADY_LOAD of the machine.
     let mean_gap_ms = mean_work_ms / (STEADY_LOAD * opts.total_gpus as f64);
+    if horizon_ms / mean_gap_ms > MAX_JOBS as f64 / 2.0 {
+        bail!(
+            "the flood scenario would have the steady users submit more than {} jobs (the \
+             trace's 1-GPU jobs run far longer than its average job)",
+            MAX_JOBS / 2
+        );
+    }
     let mut t = 0.0;
     loop {
         t += -mean_gap_ms * (1.0 - rng.unit()).ln();

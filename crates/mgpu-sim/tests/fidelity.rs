@@ -198,7 +198,7 @@ fn jobs_the_server_refuses_are_refused_and_counted_not_clipped() {
         min_gpu_mib: 81920,
         mem_fraction: 0.6,
     };
-    let jobs = build_workload(&rows, &opts);
+    let jobs = build_workload(&rows, &opts).unwrap();
     assert_eq!(jobs[0].gpus, 16, "never clipped");
     let gpus = parse_gpus("8x80GiB").unwrap();
     for policy in SimPolicy::ALL {
@@ -247,7 +247,7 @@ fn bad_inputs_are_errors_not_panics() {
     let err = flood_workload(&wide, &opts).unwrap_err().to_string();
     assert!(err.contains("1-GPU"), "{err}");
     // A trace of jobs all wider than the server: all refused, no panic, no division by zero.
-    let jobs = build_workload(&wide[1..], &opts);
+    let jobs = build_workload(&wide[1..], &opts).unwrap();
     let gpus = parse_gpus("8x80GiB").unwrap();
     for policy in SimPolicy::ALL {
         let mut s = policy.build(&gpus, &Config::default());

@@ -114,8 +114,8 @@ fn trace_parsing_and_fill_in_rules_are_deterministic() {
         min_gpu_mib: 81920,
         mem_fraction: 0.6,
     };
-    let a = build_workload(&rows, &opts);
-    assert_eq!(a, build_workload(&rows, &opts));
+    let a = build_workload(&rows, &opts).unwrap();
+    assert_eq!(a, build_workload(&rows, &opts).unwrap());
     assert_eq!(a.len(), 4);
     assert_eq!(a[1].time_limit_s, Some(1050));
     assert_eq!(a[1].mem_mib, None, "multi-GPU jobs are exclusive");

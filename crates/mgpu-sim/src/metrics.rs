@@ -330,3 +330,194 @@ pub fn fairest_meeting_goals(contenders: &[Contender]) -> Option<&Contender> {
             _ => Some(c),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metrics of a policy with the given mean wait and worst multi-GPU wait (seconds).
+    fn waits(policy: &str, mean_wait_s: f64, max_multi_gpu_wait_s: f64) -> Metrics {
+        Metrics {
+            mean_wait_s,
+            max_multi_gpu_wait_s,
+            ..measure(policy, &[], &[], 1, 0.0)
+        }
+    }
+
+    #[test]
+    fn goals_1_to_3_use_the_cells_yardsticks_for_every_policy() {
+        let strict = waits("strict-fifo", 100.0, 50.0);
+        let first_fit = waits("fifo-firstfit", 40.0, 120.0);
+        let check = |m: &Metrics, limits| goals_1_to_3(m, &strict, &first_fit, limits);
+        // First-fit: goal 1 trivially, goal 2 (0.4), but its multi-GPU wait is 2.4x strict's.
+        let g = check(&first_fit, true);
+        assert_eq!((g.vs_first_fit, g.vs_strict, g.ok), (1.0, 0.4, false));
+        assert!((g.multi_gpu_vs_strict - 2.4).abs() < 1e-12);
+        // Waits more than first-fit: goal 1 fails.
+        assert!(!check(&waits("backfill", 50.0, 60.0), true).ok);
+        // All three met.
+        assert!(check(&waits("fair", 30.0, 100.0), true).ok);
+        // 0.7 x strict: goal 2 fails with limits, and does not apply without.
+        let slow = waits("fair", 40.0, 100.0);
+        let strict = waits("strict-fifo", 57.0, 50.0);
+        assert!(!goals_1_to_3(&slow, &strict, &first_fit, true).ok);
+        assert!(goals_1_to_3(&slow, &strict, &first_fit, false).ok);
+        // No multi-GPU job waited under strict FIFO: goal 3 has nothing to judge (NaN passes).
+        let strict = waits("strict-fifo", 100.0, 0.0);
+        let g = goals_1_to_3(&waits("fair", 30.0, 10.0), &strict, &first_fit, true);
+        assert!(g.multi_gpu_vs_strict.is_nan() && g.ok);
+        // First-fit waited nothing: the ratio is NaN and goal 1 fails.
+        let idle = waits("fifo-firstfit", 0.0, 0.0);
+        assert!(!goals_1_to_3(&waits("fair", 0.0, 0.0), &strict, &idle, true).ok);
+    }
+
+    fn c(policy: &str, meets: bool, min_fs: f64, jain: f64) -> Contender {
+        Contender {
+            policy: policy.into(),
+            meets_goals_1_to_3: meets,
+            min_fair_share: min_fs,
+            fair_share_jain: jain,
+        }
+    }
+
+    #[test]
+    fn goal_5_picks_the_fairest_among_the_policies_meeting_goals_1_to_3() {
+        // Strict FIFO is fairer but fails goals 1-3: it does not count.
+        let cell = [
+            c("strict-fifo", false, 0.9, 0.9),
+            c("fifo-firstfit", true, 0.3, 0.5),
+            c("backfill", true, 0.4, 0.5),
+            c("fair", true, 0.45, 0.4),
+        ];
+        assert_eq!(is_fairest_meeting_goals("fair", &cell), Some(true));
+        assert_eq!(fairest_meeting_goals(&cell).unwrap().policy, "fair");
+        assert_eq!(is_fairest_meeting_goals("backfill", &cell), Some(false));
+        // Backfill's lowest user fares better: fair is not the fairest.
+        let cell = [
+            c("fifo-firstfit", true, 0.3, 0.5),
+            c("backfill", true, 0.5, 0.5),
+            c("fair", true, 0.45, 0.9),
+        ];
+        assert_eq!(is_fairest_meeting_goals("fair", &cell), Some(false));
+        assert_eq!(fairest_meeting_goals(&cell).unwrap().policy, "backfill");
+        // Equal lowest ratios: Jain's index of the ratios decides.
+        let cell = [c("backfill", true, 0.5, 0.6), c("fair", true, 0.5, 0.7)];
+        assert_eq!(is_fairest_meeting_goals("fair", &cell), Some(true));
+        let cell = [c("backfill", true, 0.5, 0.8), c("fair", true, 0.5, 0.7)];
+        assert_eq!(is_fairest_meeting_goals("fair", &cell), Some(false));
+        // Equal on both: the tie goes to fair; the list's first is named fairest.
+        let cell = [c("backfill", true, 0.5, 0.7), c("fair", true, 0.5, 0.7)];
+        assert_eq!(is_fairest_meeting_goals("fair", &cell), Some(true));
+        assert_eq!(fairest_meeting_goals(&cell).unwrap().policy, "backfill");
+        // Fair fails goals 1-3: no verdict; the fairest is among the others.
+        let cell = [
+            c("fifo-firstfit", true, 0.3, 0.5),
+            c("fair", false, 0.9, 0.9),
+        ];
+        assert_eq!(is_fairest_meeting_goals("fair", &cell), None);
+        assert_eq!(
+            fairest_meeting_goals(&cell).unwrap().policy,
+            "fifo-firstfit"
+        );
+        // Only fair meets them: it is the fairest. Nobody does: none.
+        let cell = [
+            c("fifo-firstfit", false, 0.9, 0.9),
+            c("fair", true, 0.1, 0.1),
+        ];
+        assert_eq!(is_fairest_meeting_goals("fair", &cell), Some(true));
+        let cell = [
+            c("fifo-firstfit", false, 0.9, 0.9),
+            c("fair", false, 0.1, 0.1),
+        ];
+        assert!(fairest_meeting_goals(&cell).is_none());
+        // NaN is least fair.
+        let cell = [
+            c("backfill", true, f64::NAN, 1.0),
+            c("fair", true, 0.01, 0.1),
+        ];
+        assert_eq!(is_fairest_meeting_goals("fair", &cell), Some(true));
+    }
+
+    fn job(user: &str, submit_s: u64, run_s: u64, mem_mib: Option<u64>) -> SimJob {
+        SimJob {
+            submit_ms: submit_s * 1000,
+            duration_ms: run_s * 1000,
+            gpus: 1,
+            uid: 1000,
+            user: user.into(),
+            mem_mib,
+            time_limit_s: None,
+        }
+    }
+
+    fn ran(start_s: u64, end_s: u64, share: f64, earlier: &[(u64, u64)]) -> Outcome {
+        Outcome {
+            start_ms: start_s * 1000,
+            end_ms: end_s * 1000,
+            share,
+            restarts: earlier.len() as u32,
+            lost_share_ms: 0.0,
+            earlier_runs: earlier
+                .iter()
+                .map(|&(a, b)| (a * 1000, b * 1000, share))
+                .collect(),
+            end: End::Completed,
+        }
+    }
+
+    /// One GPU. B's exclusive job runs 0-100 s; A's memory job (a quarter of the GPU) waits
+    /// from 0 and runs 100-200 s. A pending memory job asks for a quarter of a GPU, not a
+    /// whole one: while both contend, max-min gives A 0.25 and B 0.75. A: 25 GPU-s received
+    /// of a fair 25 + 25 = 0.5; B: 100 of 75.
+    #[test]
+    fn a_memory_job_contends_for_its_share_of_a_gpu() {
+        let jobs = [job("a", 0, 100, Some(20 * 1024)), job("b", 0, 100, None)];
+        let outcomes = [ran(100, 200, 0.25, &[]), ran(0, 100, 1.0, &[])];
+        let m = measure("x", &jobs, &outcomes, 1, 0.0);
+        assert!((m.fair_share_by_user["a"] - 0.5).abs() < 1e-9, "{m:?}");
+        assert!(
+            (m.fair_share_by_user["b"] - 4.0 / 3.0).abs() < 1e-9,
+            "{m:?}"
+        );
+        assert!((m.min_fair_share_ratio - 0.5).abs() < 1e-9);
+    }
+
+    /// One GPU. A's job runs 0-50 s, is switched for B's (50-150 s), and runs again 150-250 s.
+    /// A received 50 + 100 GPU-s of a fair 25 + 50 + 100 (6/7); B 100 of 75 (4/3).
+    #[test]
+    fn a_run_lost_to_a_switch_was_received() {
+        let jobs = [job("a", 0, 100, None), job("b", 0, 100, None)];
+        let outcomes = [ran(150, 250, 1.0, &[(0, 50)]), ran(50, 150, 1.0, &[])];
+        let m = measure("x", &jobs, &outcomes, 1, 0.0);
+        assert!(
+            (m.fair_share_by_user["a"] - 6.0 / 7.0).abs() < 1e-9,
+            "{m:?}"
+        );
+        assert!(
+            (m.fair_share_by_user["b"] - 4.0 / 3.0).abs() < 1e-9,
+            "{m:?}"
+        );
+    }
+
+    /// Max-min over three users on 4 GPUs, each job 1 GPU for 100 s, all submitted at 0: a
+    /// has 1 job, b 2, c 4. From 0 to 100 s the demands 1, 2, 4 get 1, 1.5, 1.5 (a's is met,
+    /// b and c split the rest); a, b and c run 1, 1 and 2 jobs. From 100 to 200 s the demands
+    /// b 1, c 2 are met and run. a: 100 of 100 = 1; b: 200 of 150 + 100 = 0.8; c: 400 of
+    /// 150 + 200 = 8/7.
+    #[test]
+    fn fair_share_is_water_filled_over_the_users_demands() {
+        let mut jobs = vec![job("a", 0, 100, None)];
+        jobs.extend((0..2).map(|_| job("b", 0, 100, None)));
+        jobs.extend((0..4).map(|_| job("c", 0, 100, None)));
+        let outcomes: Vec<Outcome> = [0, 0, 100, 0, 0, 100, 100]
+            .iter()
+            .map(|&start| ran(start, start + 100, 1.0, &[]))
+            .collect();
+        let m = measure("x", &jobs, &outcomes, 4, 0.0);
+        let by_user = &m.fair_share_by_user;
+        assert!((by_user["a"] - 1.0).abs() < 1e-9, "{m:?}");
+        assert!((by_user["b"] - 0.8).abs() < 1e-9, "{m:?}");
+        assert!((by_user["c"] - 8.0 / 7.0).abs() < 1e-9, "{m:?}");
+        assert!((m.min_fair_share_ratio - 0.8).abs() < 1e-9);
+    }
+}

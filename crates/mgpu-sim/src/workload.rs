@@ -277,6 +277,9 @@ fn check_options(opts: &WorkloadOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Most jobs the flood scenario's steady users may submit (expected count).
+pub const MAX_STEADY_JOBS: usize = 1_000_000;
+
 /// Most copies `--repeat` may play.
 pub const MAX_REPEAT: u32 = 10_000;
 
@@ -354,8 +357,8 @@ fn rescale_to_load(jobs: &mut [SimJob], total_gpus: u32, load: f64) -> anyhow::R
 /// flood alone would keep the whole machine busy. All jobs are exclusive; limits as usual.
 ///
 /// Fails if the trace has no 1-GPU job to draw the flood from, or no job that fits the server.
-/// Fails too if the steady users would submit more than [`MAX_JOBS`] jobs (1-GPU jobs far
-/// longer than the trace's average).
+/// Fails too if the steady users would submit more than [`MAX_STEADY_JOBS`] jobs (1-GPU jobs
+/// far longer than the trace's average).
 pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> anyhow::Result<Vec<SimJob>> {
     const FLOOD_JOBS: usize = 500;
     check_options(opts)?;
@@ -391,11 +394,10 @@ pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> anyhow::Resu
         / fitting.len().max(1) as f64;
     // Arrival rate so that the steady users' work is STEADY_LOAD of the machine.
     let mean_gap_ms = mean_work_ms / (STEADY_LOAD * opts.total_gpus as f64);
-    if horizon_ms / mean_gap_ms > MAX_JOBS as f64 / 2.0 {
+    if horizon_ms / mean_gap_ms > MAX_STEADY_JOBS as f64 {
         bail!(
-            "the flood scenario would have the steady users submit more than {} jobs (the \
-             trace's 1-GPU jobs run far longer than its average job)",
-            MAX_JOBS / 2
+            "the flood scenario would have the steady users submit more than {MAX_STEADY_JOBS} \
+             jobs (the trace's 1-GPU jobs run far longer than its average job)"
         );
     }
     let mut t = 0.0;
@@ -417,4 +419,187 @@ pub fn flood_workload(rows: &[TraceRow], opts: &WorkloadOptions) -> anyhow::Resu
         });
     }
     Ok(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: u64) -> Vec<TraceRow> {
+        (0..n)
+            .map(|i| TraceRow {
+                submit_ms: i * 1000,
+                duration_ms: 1000,
+                gpus: 1,
+                user: None,
+                mem_mib: None,
+                time_limit_s: None,
+            })
+            .collect()
+    }
+
+    fn starts(parts: &[&[TraceRow]]) -> Vec<Vec<Millis>> {
+        parts
+            .iter()
+            .map(|p| p.iter().map(|r| r.submit_ms / 1000).collect())
+            .collect()
+    }
+
+    #[test]
+    fn split_cuts_consecutive_segments_of_equal_job_count() {
+        let r = rows(10);
+        assert_eq!(
+            starts(&split_rows(&r, 3).unwrap()),
+            [vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8, 9]]
+        );
+        assert_eq!(
+            starts(&split_rows(&r, 2).unwrap()),
+            [vec![0, 1, 2, 3, 4], vec![5, 6, 7, 8, 9]]
+        );
+        assert_eq!(
+            starts(&split_rows(&r, 1).unwrap()),
+            [(0..10).collect::<Vec<_>>()]
+        );
+        let each: Vec<Vec<Millis>> = (0..10).map(|i| vec![i]).collect();
+        assert_eq!(starts(&split_rows(&r, 10).unwrap()), each);
+        assert!(split_rows(&r, 0).is_err());
+        assert!(split_rows(&r, 11).is_err());
+        assert!(split_rows(&[], 1).is_err());
+    }
+
+    #[test]
+    fn load_is_rescaled_per_segment() {
+        // Two halves: the first packed (a job per second), the second sparse (one per 100 s).
+        let mut r = rows(4);
+        r[2].submit_ms = 1000 * 1000;
+        r[3].submit_ms = 1100 * 1000;
+        let opts = WorkloadOptions {
+            users: 2,
+            seed: 1,
+            limit_factor: 1.0,
+            load: Some(0.5),
+            repeat: 1,
+            total_gpus: 1,
+            min_gpu_mib: 81920,
+            mem_fraction: 0.0,
+        };
+        for part in split_rows(&r, 2).unwrap() {
+            let jobs = build_workload(part, &opts).unwrap();
+            // 2 jobs of 1 s on 1 GPU at load 0.5: submissions 4 s apart, from the segment's
+            // own first submission.
+            assert_eq!(jobs[1].submit_ms - jobs[0].submit_ms, 4000);
+            assert_eq!(jobs[0].submit_ms, part[0].submit_ms);
+            assert!((offered_load(&jobs, 1) - 0.5).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn out_of_range_times_and_options_are_errors() {
+        let head = "submission_time,duration,num_gpu,time_limit\n";
+        for bad in [
+            "NaN,1,1,",
+            "0,inf,1,",
+            "0,-1,1,",
+            "-5,1,1,",
+            "1e300,1,1,",
+            "0,1e12,1,",
+            "0,1,1,nan",
+            "0,1,1,-3",
+            "0,1,1.5,",
+            "0,1,99999999999,",
+        ] {
+            assert!(parse_trace(&format!("{head}{bad}\n")).is_err(), "{bad}");
+        }
+        // CPU-only rows are skipped before their other fields are read.
+        assert!(
+            parse_trace(&format!("{head}0,,0,\n1,1,1,\n"))
+                .unwrap()
+                .len()
+                == 1
+        );
+        let r = rows(3);
+        let ok = WorkloadOptions {
+            users: 2,
+            seed: 1,
+            limit_factor: 1.0,
+            load: None,
+            repeat: 1,
+            total_gpus: 1,
+            min_gpu_mib: 81920,
+            mem_fraction: 0.0,
+        };
+        assert!(build_workload(&r, &ok).is_ok());
+        for bad in [
+            WorkloadOptions {
+                users: 0,
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                users: MAX_USERS + 1,
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                load: Some(f64::NAN),
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                load: Some(0.0),
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                load: Some(-1.0),
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                load: Some(1e-300),
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                load: Some(1e300),
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                limit_factor: f64::NAN,
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                limit_factor: 0.5,
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                mem_fraction: f64::NAN,
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                repeat: MAX_REPEAT + 1,
+                ..ok.clone()
+            },
+            WorkloadOptions {
+                total_gpus: 0,
+                ..ok.clone()
+            },
+        ] {
+            assert!(build_workload(&r, &bad).is_err(), "{bad:?}");
+            // The flood ignores --load; a load too low to rescale to is build_workload's error.
+            if bad.load != Some(1e-300) {
+                assert!(flood_workload(&r, &bad).is_err(), "{bad:?}");
+            }
+        }
+        // A flood whose 1-GPU jobs are far longer than the average would need billions of
+        // steady jobs: refused, not attempted.
+        let mut r = rows(5000);
+        r[0].duration_ms = 1e14 as Millis;
+        for row in &mut r[1..] {
+            row.gpus = 2;
+            row.duration_ms = 1;
+        }
+        let opts = WorkloadOptions {
+            total_gpus: 8,
+            ..ok
+        };
+        let Err(err) = flood_workload(&r, &opts) else {
+            panic!("a flood of too many steady jobs was built");
+        };
+        assert!(err.to_string().contains("steady"), "{err}");
+    }
 }

@@ -92,10 +92,11 @@ struct Args {
     /// As the server's --reserve-after-wait-factor.
     #[arg(long)]
     reserve_after_wait_factor: Option<f64>,
-    /// Robustness matrix instead of one replay: every *.csv trace in this directory x limits
-    /// (exact, 5x over, none) x sharing (--mem-fraction 0 and 0.6) x the seeds, at --load (0.9
-    /// by default), plus the flood scenario per trace; prints the goals' ratios for `fair`
-    /// and PASS/FAIL.
+    /// Robustness matrix instead of one replay: every *.csv trace in this directory (or its
+    /// --split segments) x limits (exact, 5x over, none) x sharing (--mem-fraction 0 and 0.6) x
+    /// the seeds, at --load (0.9 by default), plus the flood scenario per trace; prints the
+    /// goals' ratios for `fair` and PASS/FAIL, and goal 5: which of strict-fifo, fifo,
+    /// backfill, fair meet goals 1-3 and whether fair is the fairest of them.
     #[arg(long, value_name = "DIR")]
     matrix: Option<String>,
     /// Cut each trace into K consecutive segments of equal job count and replay each as a
@@ -144,6 +145,7 @@ fn main() -> anyhow::Result<()> {
         ("--usage-factor", args.usage_factor),
         ("--age-factor", args.age_factor),
         ("--size-factor", args.size_factor),
+        ("--reserve-below-share", args.reserve_below_share),
     ] {
         if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
             bail!("{flag} must be a number of 0 or more");
@@ -480,6 +482,16 @@ fn run_matrix(
     if traces.is_empty() {
         bail!("no *.csv traces in {dir}");
     }
+    // Every trace read and split before anything is printed: a bad one is an error up front.
+    let traces: Vec<(String, Vec<TraceRow>)> = traces
+        .iter()
+        .map(|path| {
+            let path = path.to_string_lossy().into_owned();
+            let rows = read_trace(&path)?;
+            segments(&path, &rows, args.split)?;
+            Ok((path, rows))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let load = args.load.unwrap_or(0.9);
     let hours = |s: f64| s / 3600.0;
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -526,9 +538,8 @@ fn run_matrix(
         }
         .to_string()
     };
-    for path in &traces {
-        let rows = read_trace(&path.to_string_lossy())?;
-        for (name, rows) in segments(&path.to_string_lossy(), &rows, args.split)? {
+    for (path, rows) in &traces {
+        for (name, rows) in segments(path, rows, args.split)? {
             for (factor, limits) in [(1.0, "exact"), (5.0, "5x"), (0.0, "none")] {
                 for mem_fraction in [0.0, 0.6] {
                     for &seed in &args.seeds {

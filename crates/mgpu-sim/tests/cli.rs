@@ -136,6 +136,11 @@ fn bad_inputs_are_clear_errors_not_panics_or_hangs() {
         ("--half-life-h", "0", "--half-life-h must be"),
         ("--usage-factor", "nan", "--usage-factor must be"),
         ("--reserve-after-h", "-1", "--reserve-after-h must be"),
+        (
+            "--reserve-below-share",
+            "nan",
+            "--reserve-below-share must be",
+        ),
     ] {
         fails_with(&["--trace", good, &format!("{flag}={value}")], expected);
     }
@@ -161,6 +166,9 @@ fn bad_inputs_are_clear_errors_not_panics_or_hangs() {
     );
     fails_with(&["--matrix", m, "--load", "nan"], "--load must be");
     fails_with(&["--matrix", m, "--users", "0"], "--users must be");
+    // Every trace is checked before the table starts.
+    let out = sim(&["--matrix", m, "--split", "13"]).failure();
+    assert!(out.get_output().stdout.is_empty());
     write(matrix.path(), "b.csv", HEADER);
     fails_with(&["--matrix", m], "has no GPU jobs");
 }

@@ -483,11 +483,24 @@ pub(crate) fn core_config(args: &Args) -> Result<Config> {
         ("--size-factor", args.size_factor, false, 1000.0),
         ("--fair-usage-factor", args.fair_usage_factor, false, 1e6),
         ("--fair-age-factor", args.fair_age_factor, true, 1000.0),
-        ("--reserve-below-share", args.reserve_below_share, false, 1.0),
+        (
+            "--reserve-below-share",
+            args.reserve_below_share,
+            false,
+            1.0,
+        ),
     ] {
-        let low_ok = if min_exclusive { value > 0.0 } else { value >= 0.0 };
+        let low_ok = if min_exclusive {
+            value > 0.0
+        } else {
+            value >= 0.0
+        };
         if !value.is_finite() || !low_ok || value > max {
-            let low = if min_exclusive { "more than 0" } else { "0 or more" };
+            let low = if min_exclusive {
+                "more than 0"
+            } else {
+                "0 or more"
+            };
             bail!("{flag} must be a number of {low} and at most {max}, not {value}");
         }
     }
@@ -1247,8 +1260,11 @@ mod tests {
         let path = dir.path().join("mgpu.toml");
         std::fs::write(&path, text).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let mut full: Vec<std::ffi::OsString> =
-            vec!["mgpu_scheduler_server".into(), "--config".into(), path.into()];
+        let mut full: Vec<std::ffi::OsString> = vec![
+            "mgpu_scheduler_server".into(),
+            "--config".into(),
+            path.into(),
+        ];
         full.extend(argv.iter().map(Into::into));
         crate::config::load(&full)
     }
@@ -1264,7 +1280,10 @@ mod tests {
         assert_eq!(defaults.fair.size_factor, core.fair.size_factor);
         assert_eq!(defaults.fair.usage_factor, core.fair.usage_factor);
         assert_eq!(defaults.fair.age_factor, core.fair.age_factor);
-        assert_eq!(defaults.fair.reserve_below_share, core.fair.reserve_below_share);
+        assert_eq!(
+            defaults.fair.reserve_below_share,
+            core.fair.reserve_below_share
+        );
         assert!(defaults.learn_estimates);
 
         let file = "size_factor = 0\nno_learned_estimates = true\nfair_usage_factor = 10.5\n\
@@ -1333,6 +1352,9 @@ mod tests {
             .err()
             .expect("refused")
             .to_string();
-        assert!(e.contains("no_learned_estimates") && e.contains("true or false"), "{e}");
+        assert!(
+            e.contains("no_learned_estimates") && e.contains("true or false"),
+            "{e}"
+        );
     }
 }

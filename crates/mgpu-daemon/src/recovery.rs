@@ -5,7 +5,7 @@
 //!   the supervisor finished meanwhile, and marked FAILED when it vanished without a record;
 //! - pending jobs go back into the queue in their original order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use mgpu_core::{Config, GpuSpec, JobId, JobState, Millis, Scheduler, TargetState};
 
@@ -46,8 +46,9 @@ pub struct Plan {
     pub orphaned: Vec<(JobId, u32)>,
     /// Ends to record.
     pub ended: Vec<(JobId, Ending)>,
-    /// Jobs context-switched while the server was down: (job, when, its next run number).
-    pub requeued: Vec<(JobId, Millis, u32)>,
+    /// Jobs context-switched while the server was down: (job, when, its next run number, its
+    /// key floor: behind the queue as it was).
+    pub requeued: Vec<(JobId, Millis, u32, Option<i64>)>,
     /// Runs whose supervisor is gone: whatever is left of them must be killed.
     pub lost_runs: Vec<(JobId, u32)>,
     /// Run directories of finished runs to remove once the store has the outcome.
@@ -189,19 +190,28 @@ pub fn recover(
     // Dependency targets that ended here are known from this recovery, the others from the
     // records (looked up by id, only for targets the core does not hold).
     let ended_here: HashMap<JobId, JobState> = ended.iter().map(|(id, e)| (*id, e.state)).collect();
+    let switched_ids: HashSet<JobId> = switched.iter().map(|j| j.id).collect();
     for job in queued.into_iter().chain(switched) {
+        // A job requeued before keeps its place behind the jobs waiting then; one switched
+        // while the server was down goes behind the queue as it was, as a requeue does.
+        let min_key = if switched_ids.contains(&job.id) {
+            Some(sched.requeue_floor())
+        } else {
+            job.min_key
+        };
         let command = shown(&job);
         let job_array = job.request.array.map(|a| a.job);
         let lookup = |t: JobId| match ended_here.get(&t) {
             Some(s) => TargetState::Ended(*s),
             None => target(t),
         };
-        match sched.restore_pending_gated(
+        match sched.restore_pending_gated_behind(
             job.id,
             job.request,
             job.submitted_at,
             job.restarts,
             job.gate,
+            min_key,
             lookup,
         ) {
             Ok(()) => {
@@ -220,6 +230,13 @@ pub fn recover(
             }
         }
     }
+    let requeued = requeued
+        .into_iter()
+        .map(|(id, at, restarts)| {
+            let min_key = sched.job(id).and_then(|j| j.min_key());
+            (id, at, restarts, min_key)
+        })
+        .collect();
     Plan {
         sched,
         commands: specs,

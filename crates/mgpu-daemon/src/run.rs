@@ -711,12 +711,12 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
         plan.sched
             .charge_history(&request, gpu_ids, *started_at, *ended_at, now);
     }
-    for (id, at, restarts) in &plan.requeued {
+    for (id, at, restarts, min_key) in &plan.requeued {
         tracing::info!(
             job = id,
             "job was context-switched while the server was down; requeued"
         );
-        store.requeued(*id, *at, *restarts);
+        store.requeued(*id, *at, *restarts, *min_key);
     }
     for (id, run) in &plan.lost_runs {
         // Whatever a vanished supervisor left behind dies before its GPUs are reused.

@@ -390,6 +390,74 @@ mod tests {
         assert_eq!(sched.estimate_ms(&request), 11 * 60_000);
     }
 
+    /// A job switched while the server was down goes behind the queue as it was, whatever
+    /// its estimate (here a 10 s limit against a waiting job's 24 h default), and its floor is
+    /// in the plan for the store.
+    #[tokio::test]
+    async fn a_job_switched_while_the_server_was_down_goes_behind_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = |limit: Option<u64>| JobRequest {
+            uid: 1,
+            user: "u".into(),
+            name: "j".into(),
+            gpus: 1,
+            time_limit_s: limit,
+            ..Default::default()
+        };
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            for (id, limit) in [(1, Some(10)), (2, None)] {
+                store
+                    .insert(NewJob {
+                        id,
+                        request: request(limit),
+                        spec: LaunchSpec {
+                            command: vec!["true".into()],
+                            cwd: "/".into(),
+                            venv: Venv::Off,
+                            ..Default::default()
+                        },
+                        submitted_at: 0,
+                        attached: false,
+                        gate: Default::default(),
+                    })
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+            store.started(1, 1_000, vec![0], 9);
+            store.flush().await;
+        }
+        let (_, rec) = Store::open(dir.path()).unwrap();
+        let switched = ExitRecord {
+            exit_code: None,
+            signal: Some(15),
+            start_error: None,
+            stopped: Some(StopReason::Requeue),
+            ended_at: 12_000,
+            oom_killed: false,
+        };
+        let plan = recover(
+            vec![gpus().remove(0)],
+            Config::default(),
+            rec,
+            20_000,
+            |id| match id {
+                1 => RunProbe::Exited {
+                    run: 0,
+                    rec: switched.clone(),
+                },
+                _ => RunProbe::NoRun,
+            },
+            |_| TargetState::Gone,
+        );
+        assert_eq!(plan.sched.queue_position(2), Some(1));
+        assert_eq!(plan.sched.queue_position(1), Some(2));
+        let floor = plan.sched.job(1).unwrap().min_key();
+        assert!(floor.is_some());
+        assert_eq!(plan.requeued, vec![(1, 12_000, 1, floor)]);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 

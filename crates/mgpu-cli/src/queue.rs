@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use comfy_table::{presets, Table};
 use mgpu_core::timefmt::format_duration;
-use mgpu_core::{JobState, Millis};
+use mgpu_core::{EstimateSource, JobState, Millis};
 use mgpu_proto::{JobInfo, QueueRequest, QueueSnapshot, Request, Response};
 use serde_json::{json, Value};
 
@@ -394,7 +394,7 @@ impl serde::Serialize for JsonJobs<'_> {
         impl serde::Serialize for Job<'_> {
             fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
                 let j = self.0;
-                let mut m = ser.serialize_map(Some(19))?;
+                let mut m = ser.serialize_map(Some(25))?;
                 m.serialize_entry("id", &j.id)?;
                 m.serialize_entry("user", &j.user)?;
                 m.serialize_entry("name", &j.name)?;
@@ -417,6 +417,20 @@ impl serde::Serialize for JsonJobs<'_> {
                 // Per GPU index (as a string key), where measured.
                 m.serialize_entry("used_mib", &j.used_mib)?;
                 m.serialize_entry("peak_mib", &j.peak_mib)?;
+                // Expected run time and where it comes from: time_limit, learned (from
+                // estimate_runs of the user's runs, of the same name or any), default.
+                let (source, runs, same_name) = match j.estimate_source {
+                    Some(EstimateSource::TimeLimit) => (Some("time_limit"), None, None),
+                    Some(EstimateSource::Learned { runs, same_name }) => {
+                        (Some("learned"), Some(runs), Some(same_name))
+                    }
+                    Some(EstimateSource::Default) => (Some("default"), None, None),
+                    None => (None, None, None),
+                };
+                m.serialize_entry("estimate_s", &j.estimate_ms.map(|ms| ms.div_ceil(1000)))?;
+                m.serialize_entry("estimate_source", &source)?;
+                m.serialize_entry("estimate_runs", &runs)?;
+                m.serialize_entry("estimate_same_name", &same_name)?;
                 m.end()
             }
         }
@@ -492,6 +506,13 @@ pub fn long_view(j: &JobInfo, now: Millis) -> String {
     }
     if let Some(a) = j.array {
         lines.push(format!("ArrayJobId={} ArrayTaskId={}", a.job, a.task));
+    }
+    if let (Some(ms), Some(source)) = (j.estimate_ms, j.estimate_source) {
+        lines.push(format!(
+            "Estimate={} EstimateFrom={}",
+            format_duration(ms.div_ceil(1000)),
+            source.describe(&j.name)
+        ));
     }
     if let Some(b) = j.behind {
         lines.push(format!(
@@ -765,6 +786,8 @@ mod tests {
             }),
             used_mib: None,
             peak_mib: None,
+            estimate_ms: None,
+            estimate_source: None,
         }
     }
 

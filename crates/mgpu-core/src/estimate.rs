@@ -133,13 +133,21 @@ impl Estimator {
 
     /// The learned run time of a job of user `uid` named `name`, if the user has history.
     pub(crate) fn estimate(&self, uid: u32, name: &str) -> Option<Millis> {
+        self.learned(uid, name).map(|(ms, _, _)| ms)
+    }
+
+    /// [`Estimator::estimate`] with where it comes from: the number of runs its mean is of,
+    /// and whether they are runs of jobs of the same name (else of any name).
+    pub(crate) fn learned(&self, uid: u32, name: &str) -> Option<(Millis, u32, bool)> {
         let user = self.users.get(&uid)?;
         let key = name_key(name);
+        let with_count = |runs: &Runs| runs.mean().map(|ms| (ms, runs.0.len() as u32));
         user.by_name
             .get(key)
             .filter(|_| !key.is_empty())
-            .and_then(|(_, runs)| runs.mean())
-            .or_else(|| user.all.mean())
+            .and_then(|(_, runs)| with_count(runs))
+            .map(|(ms, n)| (ms, n, true))
+            .or_else(|| with_count(&user.all).map(|(ms, n)| (ms, n, false)))
     }
 
     /// (users, names, runs) held: for tests of the bounds.

@@ -350,8 +350,25 @@ impl Scheduler {
         gate: Gate,
         lookup: impl Fn(JobId) -> TargetState,
     ) -> Result<(), crate::SubmitError> {
+        self.restore_pending_gated_behind(id, request, submitted_at, restarts, gate, None, lookup)
+    }
+
+    /// [`Scheduler::restore_pending_gated`] of a job that was requeued with the key floor
+    /// `min_key` ([`crate::Job::min_key`]): after a restart it stays behind the jobs that were
+    /// waiting when it was requeued.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore_pending_gated_behind(
+        &mut self,
+        id: JobId,
+        request: crate::JobRequest,
+        submitted_at: crate::Millis,
+        restarts: u32,
+        gate: Gate,
+        min_key: Option<i64>,
+        lookup: impl Fn(JobId) -> TargetState,
+    ) -> Result<(), crate::SubmitError> {
         if gate.is_open() {
-            return self.restore_pending(id, request, submitted_at, restarts);
+            return self.restore_pending_behind(id, request, submitted_at, restarts, min_key);
         }
         self.check_feasible(&request)?;
         self.next_job_id = self.next_job_id.max(id + 1);
@@ -361,6 +378,7 @@ impl Scheduler {
         let uid = request.uid;
         let mut job = crate::Job {
             queue_key: key,
+            min_key: min_key.unwrap_or(i64::MIN),
             ..crate::Job::new(id, request, JobState::Pending, submitted_at, restarts)
         };
         let mut gated = Gated {

@@ -163,6 +163,39 @@ impl JobState {
     }
 }
 
+/// Where a job's expected run time ([`Job::estimate_ms`]) comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EstimateSource {
+    /// Its effective time limit (its own, capped by the server's `--max-job-time`).
+    TimeLimit,
+    /// The mean of its user's last `runs` finished runs: of jobs with the same name
+    /// (`same_name`), else of any name.
+    Learned { runs: u32, same_name: bool },
+    /// The server's default estimate (`--default-estimate`): no limit, no agreeing history.
+    Default,
+}
+
+impl EstimateSource {
+    /// Says where it comes from, for `mgpu_control show job` and `mgpu_queue -l`, given the
+    /// job's name: `TimeLimit`, `UserHistory(4 runs named train.sh)`, `UserHistory(4 runs, any
+    /// name)` or `ServerDefault`.
+    pub fn describe(&self, name: &str) -> String {
+        match self {
+            EstimateSource::TimeLimit => "TimeLimit".into(),
+            EstimateSource::Learned {
+                runs,
+                same_name: true,
+            } => format!("UserHistory({runs} runs named {name})"),
+            EstimateSource::Learned {
+                runs,
+                same_name: false,
+            } => format!("UserHistory({runs} runs, any name)"),
+            EstimateSource::Default => "ServerDefault".into(),
+        }
+    }
+}
+
 /// A job the scheduler tracks (pending or running).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
@@ -185,6 +218,8 @@ pub struct Job {
     /// How long it is expected to run (ms), fixed when it enters the queue: see
     /// [`Scheduler::estimate_ms`].
     estimate_ms: u64,
+    /// Where `estimate_ms` comes from.
+    estimate_source: EstimateSource,
     /// Its fair-share key is at least this: a context-switched job goes behind every job that
     /// was waiting when it was requeued, however short it is.
     min_key: i64,
@@ -216,6 +251,7 @@ impl Job {
             warned: false,
             queue_key: 0,
             estimate_ms: 0,
+            estimate_source: EstimateSource::Default,
             min_key: i64::MIN,
             held: false,
             gate: None,
@@ -227,6 +263,18 @@ impl Job {
     /// entered the queue (or was restored running).
     pub fn estimate_ms(&self) -> u64 {
         self.estimate_ms
+    }
+
+    /// Where [`Job::estimate_ms`] comes from.
+    pub fn estimate_source(&self) -> EstimateSource {
+        self.estimate_source
+    }
+
+    /// The floor of its fair-share key, set when it was context-switched and requeued (it
+    /// goes behind every job waiting then): the shell records it with the requeue and hands
+    /// it back to [`Scheduler::restore_pending_gated_behind`] after a restart. `None`: no floor.
+    pub fn min_key(&self) -> Option<i64> {
+        (self.min_key != i64::MIN).then_some(self.min_key)
     }
 }
 
@@ -554,11 +602,26 @@ impl Scheduler {
     /// limit, else (with [`Config::learn_estimates`]) what its user's recent runs of the same
     /// name, or of any name, took on average, else the configured default estimate.
     pub fn estimate_ms(&self, request: &JobRequest) -> u64 {
+        self.estimate(request).0
+    }
+
+    /// [`Scheduler::estimate_ms`] and where it comes from.
+    pub fn estimate(&self, request: &JobRequest) -> (u64, EstimateSource) {
         if let Some(limit) = self.effective_limit_s(request) {
-            return limit.saturating_mul(1000);
+            return (limit.saturating_mul(1000), EstimateSource::TimeLimit);
         }
-        self.learned_estimate_ms(request)
-            .unwrap_or(self.config.default_estimate_s.saturating_mul(1000))
+        let learned = self
+            .config
+            .learn_estimates
+            .then(|| self.estimator.learned(request.uid, &request.name))
+            .flatten();
+        match learned {
+            Some((ms, runs, same_name)) => (ms.max(1), EstimateSource::Learned { runs, same_name }),
+            None => (
+                self.config.default_estimate_s.saturating_mul(1000),
+                EstimateSource::Default,
+            ),
+        }
     }
 
     /// The run time learned from the user's history, if any (and learning is on).
@@ -631,15 +694,41 @@ impl Scheduler {
         submitted_at: Millis,
         restarts: u32,
     ) -> Result<(), SubmitError> {
+        self.restore_pending_behind(id, request, submitted_at, restarts, None)
+    }
+
+    /// [`Scheduler::restore_pending`] of a job that was requeued with the key floor `min_key`
+    /// ([`Job::min_key`]): it keeps its place behind the jobs that were waiting then.
+    pub fn restore_pending_behind(
+        &mut self,
+        id: JobId,
+        request: JobRequest,
+        submitted_at: Millis,
+        restarts: u32,
+        min_key: Option<i64>,
+    ) -> Result<(), SubmitError> {
         self.check_feasible(&request)?;
         self.next_job_id = self.next_job_id.max(id + 1);
-        self.enter(id, request, submitted_at, restarts);
+        let min_key = min_key.unwrap_or(i64::MIN);
+        self.enter_behind(id, request, submitted_at, restarts, min_key);
         Ok(())
     }
 
     /// A new pending job enters the queue, unless it is a task of a job array whose cap is
     /// reached: then it is held until a task of that array leaves.
     fn enter(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
+        self.enter_behind(id, request, now, restarts, i64::MIN);
+    }
+
+    /// [`Scheduler::enter`] with a floor for its fair-share key (`i64::MIN`: none).
+    fn enter_behind(
+        &mut self,
+        id: JobId,
+        request: JobRequest,
+        now: Millis,
+        restarts: u32,
+        min_key: i64,
+    ) {
         self.name_entered(id, &request);
         if let Some(t) = self.throttle_of(&request) {
             if t.live >= t.limit {
@@ -651,6 +740,7 @@ impl Scheduler {
                 let job = Job {
                     held: true,
                     queue_key: key,
+                    min_key,
                     ..Job::new(id, request, JobState::Pending, now, restarts)
                 };
                 self.jobs.insert(id, job);
@@ -658,7 +748,7 @@ impl Scheduler {
             }
             t.live += 1;
         }
-        self.insert_pending(id, request, now, restarts);
+        self.insert_pending(id, request, now, restarts, min_key);
     }
 
     /// The cap of the job array `request` is a task of, if it has one (made on its first task).
@@ -711,18 +801,26 @@ impl Scheduler {
     }
 
     /// A pending job at the end of the queue.
-    fn insert_pending(&mut self, id: JobId, request: JobRequest, now: Millis, restarts: u32) {
+    fn insert_pending(
+        &mut self,
+        id: JobId,
+        request: JobRequest,
+        now: Millis,
+        restarts: u32,
+        min_key: i64,
+    ) {
         let key = self.next_queue_key;
         self.next_queue_key += 1;
         self.index_pending(Job {
             queue_key: key,
+            min_key,
             ..Job::new(id, request, JobState::Pending, now, restarts)
         });
     }
 
     /// Puts a pending job into the queue's indexes at its `queue_key`.
     fn index_pending(&mut self, mut job: Job) {
-        job.estimate_ms = self.estimate_ms(&job.request);
+        (job.estimate_ms, job.estimate_source) = self.estimate(&job.request);
         let id = job.id;
         let key = job.queue_key;
         let user_key = self.user_key(&job);
@@ -789,11 +887,13 @@ impl Scheduler {
         if let Some(t) = self.throttle_of(&request) {
             t.live += 1;
         }
+        let (estimate_ms, estimate_source) = self.estimate(&request);
         let job = Job {
             started_at: Some(started_at),
             gpus,
             queue_key: key,
-            estimate_ms: self.estimate_ms(&request),
+            estimate_ms,
+            estimate_source,
             ..Job::new(id, request, JobState::Running, submitted_at, restarts)
         };
         self.jobs.insert(id, job);
@@ -1193,6 +1293,20 @@ impl Scheduler {
         })
     }
 
+    /// A job's expected run time (ms) and where it comes from: the one fixed when it entered
+    /// the queue, or, for a pending job parked out of it (held, waiting on dependencies or
+    /// its begin time, a capped array's task), the one it would get entering now.
+    pub fn job_estimate(&self, id: JobId) -> Option<(u64, EstimateSource)> {
+        let job = self.jobs.get(&id)?;
+        let parked = job.state == JobState::Pending
+            && (job.held || job.gate.is_some() || self.deferred_at.contains_key(&id));
+        Some(if parked {
+            self.estimate(&job.request)
+        } else {
+            (job.estimate_ms, job.estimate_source)
+        })
+    }
+
     /// A pending job's priority as of the latest pass (higher goes first), in seconds: for
     /// [`Policy::Fair`] waiting time minus the fair-share and nice penalties, for the FIFO
     /// policies the waiting time.
@@ -1364,7 +1478,7 @@ impl Scheduler {
                     None => format!(
                         "{}, the estimate for a job without a time limit ({})",
                         timefmt::format_duration(job.estimate_ms.div_ceil(1000)),
-                        if job.estimate_ms != self.config.default_estimate_s.saturating_mul(1000) {
+                        if matches!(job.estimate_source, EstimateSource::Learned { .. }) {
                             "from your recent runs"
                         } else {
                             "the server's default"

@@ -818,6 +818,44 @@ mod time_limits {
         assert_eq!(started_ids(&s.schedule(20_000)), vec![b]);
     }
 
+    /// The floor a switched job got (behind every job waiting then) is handed back on a
+    /// restore: restored by its own key alone, the short job would pass the long one again.
+    #[test]
+    fn a_restored_switched_job_keeps_its_place_behind_the_waiting_ones() {
+        let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
+        s.schedule(0);
+        let b = s.submit(req(1, 1, None), 5_000).unwrap();
+        assert!(s.schedule(20_000).is_empty());
+        assert_eq!(s.time_actions(20_000), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, 20_000);
+        assert_eq!(s.job(b).unwrap().min_key(), None);
+        let floor = s.job(a).unwrap().min_key();
+        assert!(floor.is_some());
+        let restored = |min_key: Option<i64>| {
+            let mut r = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+            r.restore_pending(b, req(1, 1, None), 5_000, 0).unwrap();
+            r.restore_pending_gated_behind(
+                a,
+                limited(1, 1, None, 10),
+                20_000,
+                1,
+                Gate::default(),
+                min_key,
+                |_| TargetState::Gone,
+            )
+            .unwrap();
+            r
+        };
+        let mut r = restored(floor);
+        assert_eq!(r.job(a).unwrap().min_key(), floor);
+        assert_eq!(pending_order(&r), vec![b, a]);
+        assert_eq!(started_ids(&r.schedule(20_000)), vec![b]);
+        // Without the floor, its own key (10 s limit) puts it first.
+        let mut r = restored(None);
+        assert_eq!(started_ids(&r.schedule(20_000)), vec![a]);
+    }
+
     #[test]
     fn not_switched_before_its_slice_or_when_waiting_jobs_could_not_use_it() {
         let mut s = Scheduler::new(gpus(&[24_000, 24_000]), fifo(), 1);

@@ -234,6 +234,18 @@ impl Scheduler {
             .min()
     }
 
+    /// The key floor ([`crate::Job::min_key`]) a job requeued now gets: behind every job
+    /// waiting in the queue. The shell uses it for a job switched while it was down, restored
+    /// after the queue as it was.
+    pub fn requeue_floor(&self) -> i64 {
+        self.user_queues
+            .values()
+            .filter_map(|q| q.last_key_value())
+            .map(|(k, _)| k.0.saturating_add(1))
+            .max()
+            .unwrap_or(i64::MIN)
+    }
+
     /// A switched job's processes are gone: it frees its GPUs and goes back to the end of the
     /// queue with one more restart. Returns its new queue position (1-based).
     pub fn requeue(&mut self, id: JobId, now: Millis) -> Option<usize> {
@@ -250,13 +262,7 @@ impl Scheduler {
         self.full_pass_needed = true;
         // Enqueued anew now, behind everything already waiting (its queue time and wait-based
         // priority restart from now), even jobs its shorter estimate would pass.
-        let behind = self
-            .user_queues
-            .values()
-            .filter_map(|q| q.last_key_value())
-            .map(|(k, _)| k.0.saturating_add(1))
-            .max()
-            .unwrap_or(i64::MIN);
+        let behind = self.requeue_floor();
         let key = self.next_queue_key;
         self.next_queue_key += 1;
         self.index_pending(Job {

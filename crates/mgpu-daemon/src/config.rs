@@ -36,7 +36,7 @@ const NOT_IN_FILE: [&str; 2] = ["config", "check_config"];
 
 /// Keys a reload applies at once (the rest need a restart): the scheduler's knobs and the
 /// limits.
-const LIVE_KEYS: [&str; 9] = [
+const LIVE_KEYS: [&str; 14] = [
     "max_job_time",
     "min_slice",
     "reserve_after",
@@ -46,6 +46,11 @@ const LIVE_KEYS: [&str; 9] = [
     "fair_half_life",
     "user_weight",
     "default_estimate",
+    "size_factor",
+    "no_learned_estimates",
+    "fair_usage_factor",
+    "fair_age_factor",
+    "reserve_below_share",
 ];
 
 /// Can a change of `key` (dotted, as in [`Loaded::effective`]) be applied by a reload?
@@ -250,9 +255,10 @@ fn flag_words(arg: &clap::Arg, flag: &str, value: &toml::Value) -> Result<Vec<Os
             .collect::<Result<_, _>>()?,
         v => vec![scalar(v)?],
     };
+    // One word per value (`--flag=value`): a negative number is a value, not an option.
     Ok(values
         .into_iter()
-        .flat_map(|v| [OsString::from(&opt), OsString::from(v)])
+        .map(|v| OsString::from(format!("{opt}={v}")))
         .collect())
 }
 

@@ -5,7 +5,7 @@
 //!   the supervisor finished meanwhile, and marked FAILED when it vanished without a record;
 //! - pending jobs go back into the queue in their original order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use mgpu_core::{Config, GpuSpec, JobId, JobState, Millis, Scheduler, TargetState};
 
@@ -46,8 +46,9 @@ pub struct Plan {
     pub orphaned: Vec<(JobId, u32)>,
     /// Ends to record.
     pub ended: Vec<(JobId, Ending)>,
-    /// Jobs context-switched while the server was down: (job, when, its next run number).
-    pub requeued: Vec<(JobId, Millis, u32)>,
+    /// Jobs context-switched while the server was down: (job, when, its next run number, its
+    /// key floor: behind the queue as it was).
+    pub requeued: Vec<(JobId, Millis, u32, Option<i64>)>,
     /// Runs whose supervisor is gone: whatever is left of them must be killed.
     pub lost_runs: Vec<(JobId, u32)>,
     /// Run directories of finished runs to remove once the store has the outcome.
@@ -189,19 +190,28 @@ pub fn recover(
     // Dependency targets that ended here are known from this recovery, the others from the
     // records (looked up by id, only for targets the core does not hold).
     let ended_here: HashMap<JobId, JobState> = ended.iter().map(|(id, e)| (*id, e.state)).collect();
+    let switched_ids: HashSet<JobId> = switched.iter().map(|j| j.id).collect();
     for job in queued.into_iter().chain(switched) {
+        // A job requeued before keeps its place behind the jobs waiting then; one switched
+        // while the server was down goes behind the queue as it was, as a requeue does.
+        let min_key = if switched_ids.contains(&job.id) {
+            Some(sched.requeue_floor())
+        } else {
+            job.min_key
+        };
         let command = shown(&job);
         let job_array = job.request.array.map(|a| a.job);
         let lookup = |t: JobId| match ended_here.get(&t) {
             Some(s) => TargetState::Ended(*s),
             None => target(t),
         };
-        match sched.restore_pending_gated(
+        match sched.restore_pending_gated_behind(
             job.id,
             job.request,
             job.submitted_at,
             job.restarts,
             job.gate,
+            min_key,
             lookup,
         ) {
             Ok(()) => {
@@ -220,6 +230,13 @@ pub fn recover(
             }
         }
     }
+    let requeued = requeued
+        .into_iter()
+        .map(|(id, at, restarts)| {
+            let min_key = sched.job(id).and_then(|j| j.min_key());
+            (id, at, restarts, min_key)
+        })
+        .collect();
     Plan {
         sched,
         commands: specs,
@@ -371,6 +388,74 @@ mod tests {
         .sched;
         assert_eq!(sched.job(3).unwrap().estimate_ms(), 11 * 60_000);
         assert_eq!(sched.estimate_ms(&request), 11 * 60_000);
+    }
+
+    /// A job switched while the server was down goes behind the queue as it was, whatever
+    /// its estimate (here a 10 s limit against a waiting job's 24 h default), and its floor is
+    /// in the plan for the store.
+    #[tokio::test]
+    async fn a_job_switched_while_the_server_was_down_goes_behind_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let request = |limit: Option<u64>| JobRequest {
+            uid: 1,
+            user: "u".into(),
+            name: "j".into(),
+            gpus: 1,
+            time_limit_s: limit,
+            ..Default::default()
+        };
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            for (id, limit) in [(1, Some(10)), (2, None)] {
+                store
+                    .insert(NewJob {
+                        id,
+                        request: request(limit),
+                        spec: LaunchSpec {
+                            command: vec!["true".into()],
+                            cwd: "/".into(),
+                            venv: Venv::Off,
+                            ..Default::default()
+                        },
+                        submitted_at: 0,
+                        attached: false,
+                        gate: Default::default(),
+                    })
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+            store.started(1, 1_000, vec![0], 9);
+            store.flush().await;
+        }
+        let (_, rec) = Store::open(dir.path()).unwrap();
+        let switched = ExitRecord {
+            exit_code: None,
+            signal: Some(15),
+            start_error: None,
+            stopped: Some(StopReason::Requeue),
+            ended_at: 12_000,
+            oom_killed: false,
+        };
+        let plan = recover(
+            vec![gpus().remove(0)],
+            Config::default(),
+            rec,
+            20_000,
+            |id| match id {
+                1 => RunProbe::Exited {
+                    run: 0,
+                    rec: switched.clone(),
+                },
+                _ => RunProbe::NoRun,
+            },
+            |_| TargetState::Gone,
+        );
+        assert_eq!(plan.sched.queue_position(2), Some(1));
+        assert_eq!(plan.sched.queue_position(1), Some(2));
+        let floor = plan.sched.job(1).unwrap().min_key();
+        assert!(floor.is_some());
+        assert_eq!(plan.requeued, vec![(1, 12_000, 1, floor)]);
     }
 
     proptest! {

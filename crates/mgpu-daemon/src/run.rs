@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_core::{Config, JobId, MemoryAction, Policy};
+use mgpu_core::{Config, FairShareConfig, JobId, MemoryAction, Policy};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::gpu::{self, GpuBackend};
@@ -120,6 +120,28 @@ pub struct Args {
     /// Assumed run time of jobs without a time limit, for reservations (seconds)
     #[arg(long, value_name = "SECS", default_value_t = 86_400)]
     pub default_estimate: u64,
+    /// Shortest first: seconds of priority a job loses per second of its expected run time
+    /// (its time limit, else its learned or default estimate); 0: first come, first served
+    /// within a user (fair policy)
+    #[arg(long, value_name = "F", default_value_t = FairShareConfig::default().size_factor)]
+    pub size_factor: f64,
+    /// Estimate a job without a time limit at --default-estimate, not from its user's recent
+    /// finished runs
+    #[arg(long)]
+    pub no_learned_estimates: bool,
+    /// Fair share: seconds of priority a user's job loses per second of (decayed) use of the
+    /// whole machine
+    #[arg(long, value_name = "F", default_value_t = FairShareConfig::default().usage_factor)]
+    pub fair_usage_factor: f64,
+    /// Fair share: seconds of priority a job gains per second it waits (more than 0: waiting
+    /// is what keeps a job from starving)
+    #[arg(long, value_name = "F", default_value_t = FairShareConfig::default().age_factor)]
+    pub fair_age_factor: f64,
+    /// Fair share: a blocked job of a user whose usage is below this fraction of the mean of
+    /// the users waiting or running gets the reservation at once, without waiting to be
+    /// starved (0: off)
+    #[arg(long, value_name = "F", default_value_t = FairShareConfig::default().reserve_below_share)]
+    pub reserve_below_share: f64,
     /// Seconds an attached mgpu_srun has to reconnect after a server restart before its job
     /// is cancelled (as if it had died)
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -455,6 +477,38 @@ pub(crate) fn core_config(args: &Args) -> Result<Config> {
         bail!("--fair-half-life must be positive");
     }
     config.fair.half_life_s = (args.fair_half_life * 3600.0).round().max(1.0) as u64;
+    // Bounds far beyond any sensible setting: a priority key stays well inside i64 (ms since
+    // the epoch times the age factor, plus the size and usage terms).
+    for (flag, value, min_exclusive, max) in [
+        ("--size-factor", args.size_factor, false, 1000.0),
+        ("--fair-usage-factor", args.fair_usage_factor, false, 1e6),
+        ("--fair-age-factor", args.fair_age_factor, true, 1000.0),
+        (
+            "--reserve-below-share",
+            args.reserve_below_share,
+            false,
+            1.0,
+        ),
+    ] {
+        let low_ok = if min_exclusive {
+            value > 0.0
+        } else {
+            value >= 0.0
+        };
+        if !value.is_finite() || !low_ok || value > max {
+            let low = if min_exclusive {
+                "more than 0"
+            } else {
+                "0 or more"
+            };
+            bail!("{flag} must be a number of {low} and at most {max}, not {value}");
+        }
+    }
+    config.fair.size_factor = args.size_factor;
+    config.fair.usage_factor = args.fair_usage_factor;
+    config.fair.age_factor = args.fair_age_factor;
+    config.fair.reserve_below_share = args.reserve_below_share;
+    config.learn_estimates = !args.no_learned_estimates;
     for (name, weight) in &args.user_weights {
         let uid = users::uid_of(name)
             .ok_or_else(|| anyhow::anyhow!("--user-weight: no such user: {name}"))?;
@@ -657,12 +711,12 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
         plan.sched
             .charge_history(&request, gpu_ids, *started_at, *ended_at, now);
     }
-    for (id, at, restarts) in &plan.requeued {
+    for (id, at, restarts, min_key) in &plan.requeued {
         tracing::info!(
             job = id,
             "job was context-switched while the server was down; requeued"
         );
-        store.requeued(*id, *at, *restarts);
+        store.requeued(*id, *at, *restarts, *min_key);
     }
     for (id, run) in &plan.lost_runs {
         // Whatever a vanished supervisor left behind dies before its GPUs are reused.
@@ -1196,5 +1250,111 @@ mod tests {
         assert_eq!(probe_runs(job.path()), RunProbe::Gone { run: 0 });
         assert!(!trash.exists());
         assert!(!r0.join(supervisor::ABANDONED_FILE).exists());
+    }
+
+    /// The server's arguments from `argv` (after the program name) and a configuration file
+    /// with `text` (root's, 0600, like /etc/mgpu/mgpu.toml).
+    fn loaded(text: &str, argv: &[&str]) -> Result<crate::config::Loaded> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mgpu.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut full: Vec<std::ffi::OsString> = vec![
+            "mgpu_scheduler_server".into(),
+            "--config".into(),
+            path.into(),
+        ];
+        full.extend(argv.iter().map(Into::into));
+        crate::config::load(&full)
+    }
+
+    /// The scheduling knobs of the core's `Config` (size factor, learned estimates, the fair
+    /// share's usage and age factors, reserving below a share) are server options and file
+    /// keys: unset, the core's defaults; set, in the core's configuration; the command line
+    /// beats the file; and a reload applies them.
+    #[test]
+    fn scheduling_knobs_reach_the_core_config() {
+        let defaults = core_config(&loaded("", &[]).unwrap().args).unwrap();
+        let core = Config::default();
+        assert_eq!(defaults.fair.size_factor, core.fair.size_factor);
+        assert_eq!(defaults.fair.usage_factor, core.fair.usage_factor);
+        assert_eq!(defaults.fair.age_factor, core.fair.age_factor);
+        assert_eq!(
+            defaults.fair.reserve_below_share,
+            core.fair.reserve_below_share
+        );
+        assert!(defaults.learn_estimates);
+
+        let file = "size_factor = 0\nno_learned_estimates = true\nfair_usage_factor = 10.5\n\
+                    fair_age_factor = 0.5\nreserve_below_share = 0.2\n";
+        let l = loaded(file, &[]).unwrap();
+        let c = core_config(&l.args).unwrap();
+        assert_eq!(c.fair.size_factor, 0.0);
+        assert!(!c.learn_estimates);
+        assert_eq!(c.fair.usage_factor, 10.5);
+        assert_eq!(c.fair.age_factor, 0.5);
+        assert_eq!(c.fair.reserve_below_share, 0.2);
+        assert_eq!(l.effective["no_learned_estimates"], "true");
+        assert_eq!(l.effective["size_factor"], "0");
+
+        let cli = loaded(file, &["--size-factor", "3"]).unwrap();
+        assert_eq!(core_config(&cli.args).unwrap().fair.size_factor, 3.0);
+
+        for key in [
+            "size_factor",
+            "no_learned_estimates",
+            "fair_usage_factor",
+            "fair_age_factor",
+            "reserve_below_share",
+        ] {
+            assert!(crate::config::is_live(key), "{key}");
+        }
+    }
+
+    /// NaN, negative and absurd values are refused with an error naming the option, from the
+    /// command line and from the file alike (`--check-config` runs the same check).
+    #[test]
+    fn bad_scheduling_knobs_are_refused_by_name() {
+        for (flag, value) in [
+            ("--size-factor", "nan"),
+            ("--size-factor", "-1"),
+            ("--size-factor", "inf"),
+            ("--size-factor", "1e9"),
+            ("--fair-usage-factor", "-0.5"),
+            ("--fair-usage-factor", "1e12"),
+            ("--fair-age-factor", "0"),
+            ("--fair-age-factor", "NaN"),
+            ("--reserve-below-share", "2"),
+            ("--reserve-below-share", "-0.1"),
+        ] {
+            let cli = format!("{flag}={value}");
+            let e = loaded("", &[&cli])
+                .and_then(|l| core_config(&l.args))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(flag), "{cli}: {e}");
+            let key = flag.trim_start_matches("--").replace('-', "_");
+            let toml_value = match value {
+                "nan" | "NaN" => "nan".to_string(),
+                "inf" => "inf".to_string(),
+                v if v.contains('e') || v.contains('.') => v.to_string(),
+                v => format!("{v}.0"),
+            };
+            let file = format!("{key} = {toml_value}\n");
+            let e = loaded(&file, &[])
+                .and_then(|l| core_config(&l.args))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(flag), "{file}: {e}");
+        }
+        let e = loaded("no_learned_estimates = 1\n", &[])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("no_learned_estimates") && e.contains("true or false"),
+            "{e}"
+        );
     }
 }

@@ -82,6 +82,9 @@ CREATE TABLE drains (
     at      INTEGER NOT NULL
 );
 "#,
+    // A context-switched job's fair-share key floor (mgpu_core::Job::min_key): after a restart
+    // it stays behind the jobs that were waiting when it was requeued.
+    "ALTER TABLE jobs ADD COLUMN min_key INTEGER;",
 ];
 
 /// Each distinct environment once (content-addressed: SHA-256 of its JSON); launch records
@@ -248,6 +251,7 @@ enum Op {
         id: JobId,
         at: Millis,
         restarts: u32,
+        min_key: Option<i64>,
     },
     Flush(oneshot::Sender<()>),
     /// A waiting job is held (or released: `None`).
@@ -280,6 +284,8 @@ pub struct RecoveredJob {
     pub begin_at: Option<Millis>,
     /// Its hold and dependencies (pending jobs).
     pub gate: Gate,
+    /// Its fair-share key floor from its latest requeue (`mgpu_core::Job::min_key`).
+    pub min_key: Option<i64>,
 }
 
 /// What the store held at startup.
@@ -489,9 +495,15 @@ impl Store {
     }
 
     /// The job goes back to PENDING (it will run again), e.g. when the server shuts down.
-    /// The job is back in the queue (at `at`) for its run number `restarts` (idempotent).
-    pub fn requeued(&self, id: JobId, at: Millis, restarts: u32) {
-        self.send(Op::Requeued { id, at, restarts });
+    /// The job is back in the queue (at `at`) for its run number `restarts`, with the key
+    /// floor the core gave it (`Job::min_key`) (idempotent).
+    pub fn requeued(&self, id: JobId, at: Millis, restarts: u32, min_key: Option<i64>) {
+        self.send(Op::Requeued {
+            id,
+            at,
+            restarts,
+            min_key,
+        });
     }
 
     /// Records a hold or release; durable once [`Store::flush`] returns.
@@ -837,7 +849,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                     CASE WHEN spec = '' THEN NULL ELSE json_extract(spec, '$.command') END,
                     COALESCE(queued_at, submitted_at), restarts,
                     started_at, gpu_ids, nice, no_requeue, max_restarts, warn_signal, warn_secs,
-                    attached, array, begin_at, hold, dependency
+                    attached, array, begin_at, hold, dependency, min_key
              FROM jobs WHERE state = ?1 ORDER BY COALESCE(queued_at, submitted_at), id",
         )?;
         let rows = stmt.query_map([state], |r| {
@@ -874,6 +886,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 (
                     r.get::<_, Option<String>>(20)?,
                     r.get::<_, Option<String>>(21)?,
+                    r.get::<_, Option<i64>>(22)?,
                 ),
             ))
         })?;
@@ -890,7 +903,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 attached,
                 array,
                 begin_at,
-                (hold, dependency),
+                (hold, dependency, min_key),
             ) = row.context("reading the queued jobs (a launch record may be corrupt)")?;
             // A hold or dependency keeps a job from running: never drop one that is unreadable.
             let gate = Gate {
@@ -932,6 +945,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 attached,
                 begin_at,
                 gate,
+                min_key,
             });
         }
         Ok(out)
@@ -1192,17 +1206,22 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 )?
                 .execute(params![*id as i64, *mib as i64])?;
             }
-            Op::Requeued { id, at, restarts } => {
+            Op::Requeued {
+                id,
+                at,
+                restarts,
+                min_key,
+            } => {
                 tx.prepare_cached(
                     // The run that ends here is added to the earlier runs (once: a repeated
                     // op finds started_at already cleared).
                     "UPDATE jobs SET state = 'PENDING', started_at = NULL, gpu_ids = NULL,
-                                     pid = NULL, restarts = ?3, queued_at = ?2,
+                                     pid = NULL, restarts = ?3, queued_at = ?2, min_key = ?4,
                                      earlier_runs_ms = earlier_runs_ms
                                          + COALESCE(MAX(?2 - started_at, 0), 0)
                      WHERE id = ?1",
                 )?
-                .execute(params![*id as i64, *at as i64, *restarts])?;
+                .execute(params![*id as i64, *at as i64, *restarts, *min_key])?;
             }
             Op::SetHold(id, hold) => {
                 tx.prepare_cached("UPDATE jobs SET hold = ?2 WHERE id = ?1")?
@@ -1451,6 +1470,34 @@ mod tests {
             JobState::Cancelled
         );
         assert_eq!(store.summary(9).unwrap(), None);
+    }
+
+    /// A requeued job's key floor is written with its requeue and read back at startup; a
+    /// later requeue without one (switched while the server was down: the recovery computes
+    /// it anew) replaces it; a job never requeued has none.
+    #[tokio::test]
+    async fn a_requeued_jobs_key_floor_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path()).unwrap();
+            for id in 1..=3 {
+                store.insert(job(id)).await.unwrap().unwrap();
+            }
+            store.started(1, 1_000, vec![0], 1);
+            store.requeued(1, 5_000, 1, Some(-7_000_000_000_123));
+            store.started(3, 1_000, vec![1], 3);
+            store.requeued(3, 5_000, 1, Some(42));
+            store.started(3, 6_000, vec![1], 3);
+            store.requeued(3, 9_000, 2, None);
+            store.flush().await;
+        }
+        let (_store, rec) = Store::open(dir.path()).unwrap();
+        let floor = |id: JobId| rec.pending.iter().find(|j| j.id == id).unwrap().min_key;
+        assert_eq!(floor(1), Some(-7_000_000_000_123));
+        assert_eq!(floor(2), None);
+        assert_eq!(floor(3), None);
+        let one = rec.pending.iter().find(|j| j.id == 1).unwrap();
+        assert_eq!((one.submitted_at, one.restarts), (5_000, 1));
     }
 
     #[tokio::test]
@@ -1748,7 +1795,7 @@ mod tests {
         two.request.gpus = 2;
         store.insert(two).await.unwrap().unwrap();
         store.started(1, 1_000, vec![0, 1], 1);
-        store.requeued(1, 11_000, 1);
+        store.requeued(1, 11_000, 1, None);
         store.started(1, 20_000, vec![0, 1], 2);
         store.ended(
             1,

@@ -706,6 +706,12 @@ pub struct JobInfo {
     /// The most GPU memory it used on one GPU so far (MiB), where measured.
     #[serde(default)]
     pub peak_mib: Option<u64>,
+    /// How long the scheduler expects it to run (ms; for its order and backfilling, never to
+    /// end it), and where that comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_source: Option<mgpu_core::EstimateSource>,
 }
 
 /// One finished job, as `mgpu_acct` shows it.

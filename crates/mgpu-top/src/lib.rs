@@ -514,6 +514,8 @@ mod tests {
             }),
             used_mib: None,
             peak_mib: None,
+            estimate_ms: None,
+            estimate_source: None,
         }
     }
 

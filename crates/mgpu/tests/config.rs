@@ -346,3 +346,43 @@ fn the_shipped_default_config_lists_every_option_and_is_valid() {
     assert!(out.status.success(), "{limits}: {}", text(&out.stderr));
     assert!(text(&out.stdout).contains("[limits.users.alice]"));
 }
+
+/// `size_factor = 0` (a file key, like `--size-factor 0`) keeps first-come first-served order
+/// within a user: of two waiting jobs, the one submitted first (with the longer time limit)
+/// goes first. Reloaded without it (the default, shortest first), the shorter job goes first,
+/// and starts first once the blocker holding the only GPU is gone. Bad values are refused by
+/// `--check-config`, naming the option.
+#[test]
+fn size_factor_zero_keeps_fifo_within_a_user_and_the_default_starts_the_shorter_first() {
+    let (_d, cfg) = config_file("size_factor = 0\n");
+    for bad in [["--size-factor", "nan"], ["--fair-age-factor", "0"]] {
+        let out = check_config(&cfg, &bad);
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(bad[0]), "{}", text(&out.stderr));
+    }
+    let s = Server::start("1x24GiB", &["--config", cfg.to_str().unwrap()]);
+    let blocker = s.detached(&["--", "sleep", "120"]);
+    s.wait_state(blocker, "RUNNING");
+    let long = s.detached(&["-t", "1:00:00", "--", "true"]);
+    let go = tempfile::tempdir().unwrap();
+    let wait = format!(
+        "while [ ! -e {0} ]; do sleep 0.1; done",
+        go.path().join("go").display()
+    );
+    let short = s.detached(&["-t", "5:00", "--", "sh", "-c", &wait]);
+    assert_eq!(s.pending_order(), vec![long, short]);
+
+    std::fs::write(&cfg, "").unwrap();
+    hup(&s);
+    wait_until(Duration::from_secs(20), || {
+        s.server_log()
+            .contains("config reloaded: size_factor 0 -> 2")
+    });
+    assert_eq!(s.pending_order(), vec![short, long]);
+    s.ok("mgpu_cancel", &[&blocker.to_string()]);
+    // The short job holds the GPU until told to end: the long one is still waiting.
+    s.wait_state(short, "RUNNING");
+    assert_eq!(s.job(long).unwrap()["state"], "PENDING");
+    std::fs::write(go.path().join("go"), "").unwrap();
+    assert_eq!(s.acct(long)["state"], "COMPLETED");
+}

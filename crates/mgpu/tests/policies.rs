@@ -123,3 +123,64 @@ fn only_root_may_raise_priority() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// A waiting job's expected run time and where it comes from, in `mgpu_queue --json`,
+/// `mgpu_queue -l` and `mgpu_control show job`: its time limit; the server's default while its
+/// user has no history; then the mean of the user's finished runs (of the same name, else of
+/// any name) once they agree.
+#[test]
+fn a_waiting_jobs_estimate_says_where_it_comes_from() {
+    let s = Server::start("1x24GiB", &[]);
+    let entry = |id: u64| s.job(id).unwrap();
+    let show = |id: u64| s.ok("mgpu_control", &["show", "job", &id.to_string()]);
+    let blocker = s.detached(&["--", "sleep", "120"]);
+    s.wait_state(blocker, "RUNNING");
+    let fresh = s.detached(&["-J", "est", "--", "true"]);
+    let limited = s.detached(&["-t", "5:00", "--", "true"]);
+    let j = entry(fresh);
+    assert_eq!(j["estimate_source"], "default", "{j}");
+    assert_eq!(j["estimate_s"], 86400, "{j}");
+    assert!(j["estimate_runs"].is_null(), "{j}");
+    let shown = show(fresh);
+    assert!(shown.contains("Estimate=1-00:00:00"), "{shown}");
+    assert!(shown.contains("EstimateFrom=ServerDefault"), "{shown}");
+    let j = entry(limited);
+    assert_eq!(j["estimate_source"], "time_limit", "{j}");
+    assert_eq!(j["estimate_s"], 300, "{j}");
+    assert!(show(limited).contains("EstimateFrom=TimeLimit"));
+    let long = s.ok("mgpu_queue", &["-l"]);
+    assert!(
+        long.contains("Estimate=5:00 EstimateFrom=TimeLimit"),
+        "{long}"
+    );
+    for id in [fresh, limited, blocker] {
+        s.ok("mgpu_cancel", &[&id.to_string()]);
+    }
+    // Two finished runs of `est` that agree (about 1 s each; cancelled runs teach nothing).
+    for _ in 0..2 {
+        let id = s.detached(&["-J", "est", "--", "sleep", "1"]);
+        assert_eq!(s.acct(id)["state"], "COMPLETED");
+    }
+    let blocker = s.detached(&["--", "sleep", "120"]);
+    s.wait_state(blocker, "RUNNING");
+    let same = s.detached(&["-J", "est", "--", "true"]);
+    let other = s.detached(&["-J", "other", "--", "true"]);
+    let j = entry(same);
+    assert_eq!(j["estimate_source"], "learned", "{j}");
+    assert_eq!(j["estimate_runs"], 2, "{j}");
+    assert_eq!(j["estimate_same_name"], true, "{j}");
+    let secs = j["estimate_s"].as_u64().unwrap();
+    assert!((1..=60).contains(&secs), "{j}");
+    let shown = show(same);
+    assert!(
+        shown.contains("EstimateFrom=UserHistory(2 runs named est)"),
+        "{shown}"
+    );
+    let j = entry(other);
+    assert_eq!(j["estimate_source"], "learned", "{j}");
+    assert_eq!(j["estimate_same_name"], false, "{j}");
+    assert!(show(other).contains("EstimateFrom=UserHistory(2 runs, any name)"));
+    for id in [same, other, blocker] {
+        s.ok("mgpu_cancel", &[&id.to_string()]);
+    }
+}

@@ -397,3 +397,29 @@ fn restarts_are_shown_counted_and_capped_by_the_server_default() {
     std::fs::write(s.scratch.join("go2"), "").unwrap();
     s.wait_gone(second);
 }
+
+/// A job switched at the end of its slice goes behind every job waiting then, and stays there
+/// across a server restart (its key floor is recorded with the requeue): restored by its own
+/// key, its short limit would put it first again.
+#[test]
+fn a_switched_job_stays_behind_the_waiting_ones_across_a_restart() {
+    let mut s = Server::start("1x24GiB", &[]);
+    let short = s.detached(&["-t", "1s", "--", "sleep", "300"]);
+    s.wait_state(short, "RUNNING");
+    // Held until both are in: nobody waits for the GPU before both do.
+    let first = s.detached(&["--hold", "--", "sleep", "120"]);
+    let second = s.detached(&["--hold", "--", "sleep", "120"]);
+    s.ok("mgpu_control", &["release", &format!("{first},{second}")]);
+    wait_until(Duration::from_secs(60), || {
+        s.job(short)
+            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
+    });
+    s.wait_state(first, "RUNNING");
+    assert_eq!(s.pending_order(), vec![second, short]);
+    s.restart();
+    assert_eq!(s.job(first).unwrap()["state"], "RUNNING");
+    assert_eq!(s.pending_order(), vec![second, short]);
+    for id in [short, second, first] {
+        s.ok("mgpu_cancel", &[&id.to_string()]);
+    }
+}

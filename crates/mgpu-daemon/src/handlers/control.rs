@@ -367,6 +367,13 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
                 .effective_limit_s(r)
                 .map_or("UNLIMITED".into(), mgpu_core::timefmt::format_duration),
         );
+        if let Some((ms, source)) = sched.job_estimate(id) {
+            put(
+                "Estimate",
+                mgpu_core::timefmt::format_duration(ms.div_ceil(1000)),
+            );
+            put("EstimateFrom", source.describe(&r.name));
+        }
         put("SubmitTime", j.submitted_at.to_string());
         put("StartTime", opt(j.started_at.map(|t| t.to_string())));
         put("Restarts", j.restarts.to_string());

@@ -148,6 +148,8 @@ fn job_infos(inner: &Inner, ids: &[JobId]) -> Vec<JobInfo> {
             array: j.request.array,
             used_mib: used_mib(inner, j),
             peak_mib: inner.gpu_peaks.get(&j.id).map(|p| p.0),
+            estimate_ms: sched.job_estimate(j.id).map(|e| e.0),
+            estimate_source: sched.job_estimate(j.id).map(|e| e.1),
         })
         .collect()
 }

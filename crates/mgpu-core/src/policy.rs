@@ -92,7 +92,7 @@ impl Default for FairShareConfig {
         FairShareConfig {
             half_life_s: 24 * 3600,
             user_weights: HashMap::new(),
-            usage_factor: 100.0,
+            usage_factor: 30.0,
             age_factor: 1.0,
             nice_unit_s: 60.0,
             size_factor: 2.0,

@@ -11,6 +11,13 @@
 //! Used for backfilling and for the shortest-first part of the fair order only: it never ends
 //! a job (time limits stay what users set).
 //!
+//! Time limits are estimates too, and users set them generously (often several times what
+//! the job takes). For the shortest-first order only, a job's limit is scaled by the share of
+//! their limits the same user's recent jobs used ([`Estimator::limit_use`]): two users'
+//! jobs are then ordered by how long they will likely run, not by how cautious their owners
+//! are. Backfilling keeps the limit itself (a reservation must not be delayed by a job that
+//! is still allowed to run).
+//!
 //! Memory is bounded: per user a ring of [`RUNS_KEPT`] runs overall and one per name, at most
 //! [`NAMES_PER_USER`] names (the least recently fed goes first) and at most [`USERS_KEPT`]
 //! users (likewise). Everything is deterministic: "recent" is counted in runs fed, not in time.
@@ -30,6 +37,9 @@ pub const MIN_RUNS: usize = 2;
 /// Largest spread (standard deviation over mean) of runs whose mean is used: runs that vary
 /// more than this predict nothing, and the flat default (or the time limit) is used instead.
 pub const MAX_SPREAD: f64 = 0.5;
+/// Least share of its limit a job is assumed to use (a run of a few seconds under a limit of
+/// days says little about the next one).
+pub const MIN_LIMIT_USE: f64 = 0.01;
 /// Longest name kept as a key (longer names are cut, at a character boundary).
 const NAME_KEY_MAX: usize = 64;
 
@@ -71,6 +81,8 @@ struct UserRuns {
     /// Feed count when this user was last fed (LRU among users).
     fed_at: u64,
     all: Runs,
+    /// The share of its time limit each recent run with a limit used (0..=1), newest last.
+    limit_use: VecDeque<f64>,
     /// Per job name: (feed count when last fed, its runs).
     by_name: HashMap<String, (u64, Runs)>,
 }
@@ -81,6 +93,17 @@ pub(crate) struct Estimator {
     users: HashMap<u32, UserRuns>,
     /// Runs fed so far: the logical clock of the LRU evictions.
     fed: u64,
+    /// The share of its limit each recent run with a limit used, all users (for a user with
+    /// too few runs of their own).
+    limit_use_all: VecDeque<f64>,
+}
+
+/// Runs with a limit kept for [`Estimator::limit_use`] across all users.
+const LIMIT_USE_ALL_KEPT: usize = 64;
+
+fn mean_use(used: &VecDeque<f64>) -> Option<f64> {
+    (used.len() >= MIN_RUNS)
+        .then(|| (used.iter().sum::<f64>() / used.len() as f64).max(MIN_LIMIT_USE))
 }
 
 fn name_key(name: &str) -> &str {
@@ -95,8 +118,9 @@ fn name_key(name: &str) -> &str {
 }
 
 impl Estimator {
-    /// Records one finished run of a job of user `uid` named `name` that ran `run_ms`.
-    pub(crate) fn learn(&mut self, uid: u32, name: &str, run_ms: Millis) {
+    /// Records one finished run of a job of user `uid` named `name` that ran `run_ms`, under a
+    /// time limit of `limit_ms` if it had one.
+    pub(crate) fn learn(&mut self, uid: u32, name: &str, run_ms: Millis, limit_ms: Option<Millis>) {
         self.fed += 1;
         let fed = self.fed;
         if !self.users.contains_key(&uid) && self.users.len() >= USERS_KEPT {
@@ -112,6 +136,17 @@ impl Estimator {
         let user = self.users.entry(uid).or_default();
         user.fed_at = fed;
         user.all.push(run_ms);
+        if let Some(limit_ms) = limit_ms.filter(|&l| l > 0) {
+            let used = (run_ms as f64 / limit_ms as f64).clamp(0.0, 1.0);
+            if user.limit_use.len() == RUNS_KEPT {
+                user.limit_use.pop_front();
+            }
+            user.limit_use.push_back(used);
+            if self.limit_use_all.len() == LIMIT_USE_ALL_KEPT {
+                self.limit_use_all.pop_front();
+            }
+            self.limit_use_all.push_back(used);
+        }
         let key = name_key(name);
         if key.is_empty() {
             return;
@@ -148,6 +183,16 @@ impl Estimator {
             .and_then(|(_, runs)| with_count(runs))
             .map(|(ms, n)| (ms, n, true))
             .or_else(|| with_count(&user.all).map(|(ms, n)| (ms, n, false)))
+    }
+
+    /// The mean share of their time limits the user's recent runs with a limit used, once there
+    /// are [`MIN_RUNS`] of them, else that of all users' recent runs (at least
+    /// [`MIN_LIMIT_USE`]).
+    pub(crate) fn limit_use(&self, uid: u32) -> Option<f64> {
+        self.users
+            .get(&uid)
+            .and_then(|u| mean_use(&u.limit_use))
+            .or_else(|| mean_use(&self.limit_use_all))
     }
 
     /// (users, names, runs) held: for tests of the bounds.

@@ -220,6 +220,9 @@ pub struct Job {
     estimate_ms: u64,
     /// Where `estimate_ms` comes from.
     estimate_source: EstimateSource,
+    /// The run time the shortest-first order assumes: `estimate_ms`, a time limit scaled by
+    /// how much of their limits the user's recent jobs used ([`Scheduler::order_estimate_ms`]).
+    order_ms: u64,
     /// Its fair-share key is at least this: a context-switched job goes behind every job that
     /// was waiting when it was requeued, however short it is.
     min_key: i64,
@@ -252,6 +255,7 @@ impl Job {
             queue_key: 0,
             estimate_ms: 0,
             estimate_source: EstimateSource::Default,
+            order_ms: 0,
             min_key: i64::MIN,
             held: false,
             gate: None,
@@ -471,7 +475,7 @@ pub struct Scheduler {
     estimator: Estimator,
     /// Runs that ended since the last pass: (uid, name, started at). `finish` gets no clock:
     /// they are learned at the time of the next [`Scheduler::schedule`], as usage is.
-    to_learn: Vec<(u32, String, Millis)>,
+    to_learn: Vec<(u32, String, Millis, Option<Millis>)>,
     /// Weighted usage (GPU-s) below which a user's blocked job reserves at once, as of the
     /// latest pass ([`FairShareConfig::reserve_below_share`]; negative: nobody).
     share_bar: f64,
@@ -639,7 +643,33 @@ impl Scheduler {
     /// time out; the shell calls it at startup with the recent history from its records, oldest
     /// first, before jobs are restored.
     pub fn learn_run(&mut self, request: &JobRequest, run_ms: Millis) {
-        self.estimator.learn(request.uid, &request.name, run_ms);
+        let limit_ms = self
+            .effective_limit_s(request)
+            .map(|s| s.saturating_mul(1000));
+        self.estimator
+            .learn(request.uid, &request.name, run_ms, limit_ms);
+    }
+
+    /// The run time the shortest-first order assumes for a job estimated at `estimate_ms` from
+    /// `source`: a time limit is scaled by the share of their limits the user's recent jobs
+    /// used (with [`Config::learn_estimates`]), so that generous limits do not push a job back
+    /// against jobs with tight ones or none; other estimates are taken as they are.
+    pub fn order_estimate_ms(
+        &self,
+        request: &JobRequest,
+        estimate_ms: u64,
+        source: EstimateSource,
+    ) -> u64 {
+        match source {
+            EstimateSource::TimeLimit if self.config.learn_estimates => self
+                .estimator
+                .limit_use(request.uid)
+                .map_or(estimate_ms, |used| {
+                    (estimate_ms as f64 * used).round() as u64
+                })
+                .max(1),
+            _ => estimate_ms,
+        }
     }
 
     /// Refuses a request this machine could never satisfy, whatever else runs.
@@ -821,6 +851,7 @@ impl Scheduler {
     /// Puts a pending job into the queue's indexes at its `queue_key`.
     fn index_pending(&mut self, mut job: Job) {
         (job.estimate_ms, job.estimate_source) = self.estimate(&job.request);
+        job.order_ms = self.order_estimate_ms(&job.request, job.estimate_ms, job.estimate_source);
         let id = job.id;
         let key = job.queue_key;
         let user_key = self.user_key(&job);
@@ -915,9 +946,9 @@ impl Scheduler {
         self.last_now = self.last_now.max(now);
         self.release_begun(now);
         self.charge_rate_changes(now);
-        for (uid, name, started_at) in std::mem::take(&mut self.to_learn) {
+        for (uid, name, started_at, limit_ms) in std::mem::take(&mut self.to_learn) {
             self.estimator
-                .learn(uid, &name, now.saturating_sub(started_at));
+                .learn(uid, &name, now.saturating_sub(started_at), limit_ms);
         }
         self.share_bar = self.compute_share_bar(now);
         self.recheck_gates();
@@ -1015,8 +1046,15 @@ impl Scheduler {
         // or failed one may say nothing of the kind.
         if matches!(state, JobState::Completed | JobState::Timeout) {
             if let Some(started_at) = job.started_at {
-                self.to_learn
-                    .push((job.request.uid, job.request.name.clone(), started_at));
+                let limit_ms = self
+                    .effective_limit_s(&job.request)
+                    .map(|s| s.saturating_mul(1000));
+                self.to_learn.push((
+                    job.request.uid,
+                    job.request.name.clone(),
+                    started_at,
+                    limit_ms,
+                ));
             }
         }
         job.state = state;

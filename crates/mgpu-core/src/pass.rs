@@ -509,7 +509,7 @@ impl Scheduler {
         (
             self.config
                 .fair
-                .job_key_ms(job.submitted_at, job.request.nice, job.estimate_ms)
+                .job_key_ms(job.submitted_at, job.request.nice, job.order_ms)
                 .max(job.min_key),
             job.queue_key,
         )

@@ -76,9 +76,10 @@ pub struct FairShareConfig {
     pub age_factor: f64,
     /// Seconds of priority lost per point of `nice` (negative nice counts as 0).
     pub nice_unit_s: f64,
-    /// Seconds of priority lost per second of the job's expected run time (its limit, else its
-    /// learned estimate): shorter jobs go first, and a job that waited longer than the
-    /// difference in length goes first anyway (no starvation). 0: plain FIFO within a user.
+    /// Seconds of priority lost per second of the job's expected run time (its limit scaled by
+    /// how much of their limits its user's jobs use, else its learned estimate): shorter jobs
+    /// go first, and a job that waited longer than this factor times the difference in length
+    /// goes first anyway (no starvation). 0: plain FIFO within a user.
     pub size_factor: f64,
     /// A blocked job of a user whose (weighted, decayed) usage is below this fraction of the
     /// mean of the users with jobs waiting or running gets the reservation at once, without
@@ -95,7 +96,7 @@ impl Default for FairShareConfig {
             usage_factor: 30.0,
             age_factor: 1.0,
             nice_unit_s: 60.0,
-            size_factor: 2.0,
+            size_factor: 8.0,
             reserve_below_share: 0.0,
         }
     }

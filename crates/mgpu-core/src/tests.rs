@@ -2446,8 +2446,8 @@ fn jobs_without_limits_are_estimated_from_their_users_finished_runs() {
 fn the_estimators_memory_is_bounded() {
     let mut e = estimate::Estimator::default();
     for uid in 0..(estimate::USERS_KEPT as u32 + 10) {
-        e.learn(uid, "a", 1);
-        e.learn(uid, "a", 1);
+        e.learn(uid, "a", 1, None);
+        e.learn(uid, "a", 1, None);
     }
     assert_eq!(e.sizes().0, estimate::USERS_KEPT);
     // The least recently fed user went first.
@@ -2455,9 +2455,9 @@ fn the_estimators_memory_is_bounded() {
     assert_eq!(e.estimate(estimate::USERS_KEPT as u32 + 9, "a"), Some(1));
     let mut e = estimate::Estimator::default();
     for k in 0..1000u64 {
-        e.learn(7, &format!("name{k}"), 1000);
-        e.learn(7, &format!("name{k}"), 1000 + k);
-        e.learn(7, "hot", 5);
+        e.learn(7, &format!("name{k}"), 1000, None);
+        e.learn(7, &format!("name{k}"), 1000 + k, None);
+        e.learn(7, "hot", 5, None);
     }
     let (users, names, runs) = e.sizes();
     assert_eq!(users, 1);
@@ -2472,8 +2472,8 @@ fn the_estimators_memory_is_bounded() {
         "evicted: the user's runs"
     );
     // Long names are cut to a bounded key (at a character boundary).
-    e.learn(8, &"é".repeat(1000), 42);
-    e.learn(8, &"é".repeat(999), 42);
+    e.learn(8, &"é".repeat(1000), 42, None);
+    e.learn(8, &"é".repeat(999), 42, None);
     assert_eq!(e.estimate(8, &"é".repeat(500)), Some(42));
 }
 
@@ -2606,4 +2606,57 @@ proptest! {
             prop_assert!(s.deferred_by_user.values().all(|&n| n > 0));
         }
     }
+}
+
+/// A generous time limit does not push a job back in the shortest-first order: a limit counts
+/// as the share of their limits the user's recent jobs used; backfilling keeps the limit.
+#[test]
+fn generous_limits_are_ordered_by_what_their_users_jobs_use() {
+    let h = 3_600_000;
+    let mut s = Scheduler::new(gpus(&[80_000]), Config::default(), 1);
+    // User 1's limits are five times what the jobs take; user 2's are exact.
+    for _ in 0..2 {
+        s.learn_run(&timed(1, 1, None, 10 * 3600), 2 * h);
+        s.learn_run(&timed(2, 1, None, 3 * 3600), 3 * h);
+    }
+    let blocker = s.submit(req(3, 1, None), 0).unwrap();
+    assert_eq!(started_ids(&s.schedule(0)), vec![blocker]);
+    let exact = s.submit(timed(2, 1, None, 3 * 3600), 0).unwrap();
+    let generous = s.submit(timed(1, 1, None, 10 * 3600), 0).unwrap();
+    assert_eq!(
+        s.job(generous).unwrap().estimate_ms(),
+        10 * h,
+        "backfill: the limit"
+    );
+    s.finish(blocker, JobState::Completed);
+    assert_eq!(
+        started_ids(&s.schedule(1000)),
+        vec![generous],
+        "likely 2 h goes before likely 3 h"
+    );
+    s.finish(generous, JobState::Completed);
+    assert_eq!(started_ids(&s.schedule(2000)), vec![exact]);
+
+    // Without history of their own, a user's limits count as all users' recent ones do.
+    let mut e = estimate::Estimator::default();
+    assert_eq!(e.limit_use(9), None, "nothing known: the limit as it is");
+    e.learn(1, "a", 1000, Some(4000));
+    e.learn(2, "b", 3000, Some(4000));
+    assert_eq!(e.limit_use(9), Some(0.5));
+    assert_eq!(
+        e.limit_use(1),
+        Some(0.5),
+        "one run of its own is not enough"
+    );
+    e.learn(1, "a", 2000, Some(4000));
+    assert_eq!(e.limit_use(1), Some(0.375));
+    // A run past its limit (a grace period) counts as the whole limit; runs without one and
+    // shares near zero do not drive the estimate to zero.
+    e.learn(5, "c", 9000, Some(4000));
+    e.learn(5, "c", 0, Some(4000));
+    e.learn(5, "c", 1, None);
+    assert_eq!(e.limit_use(5), Some(0.5));
+    e.learn(6, "d", 0, Some(4000));
+    e.learn(6, "d", 0, Some(4000));
+    assert_eq!(e.limit_use(6), Some(estimate::MIN_LIMIT_USE));
 }

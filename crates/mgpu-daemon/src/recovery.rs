@@ -71,10 +71,11 @@ pub fn recover(
     let mut sched = Scheduler::new(gpus, config, recovered.next_job_id);
     // Run-time estimates are learned from the records before any job is restored, so the
     // restored jobs are estimated as they were before the restart.
-    for (uid, name, run_ms) in &recovered.run_times {
+    for (uid, name, run_ms, time_limit_s) in &recovered.run_times {
         let request = mgpu_core::JobRequest {
             uid: *uid,
             name: name.clone(),
+            time_limit_s: *time_limit_s,
             ..Default::default()
         };
         sched.learn_run(&request, *run_ms);

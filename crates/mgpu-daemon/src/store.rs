@@ -299,9 +299,9 @@ pub struct Recovered {
     /// Drained GPUs (`gpu:N`) and server (`server`), with their reasons.
     pub drains: Vec<(String, String)>,
     /// The latest runs that completed or timed out, oldest first, at most
-    /// [`RUN_TIMES_RECOVERED`]: `(uid, name, run ms)`, to rebuild the learned run-time
-    /// estimates.
-    pub run_times: Vec<(u32, String, Millis)>,
+    /// [`RUN_TIMES_RECOVERED`]: `(uid, name, run ms, time limit s)`, to rebuild the learned
+    /// run-time estimates and how much of their limits users' jobs use.
+    pub run_times: Vec<(u32, String, Millis, Option<u64>)>,
 }
 
 /// How many finished runs are read back at startup for the run-time estimates (per user the
@@ -956,7 +956,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut run_times = {
         let mut stmt = conn.prepare(
-            "SELECT uid, name, ended_at - started_at FROM jobs
+            "SELECT uid, name, ended_at - started_at, time_limit_s FROM jobs
              WHERE ended_at IS NOT NULL AND started_at IS NOT NULL
                AND state IN ('COMPLETED', 'TIMEOUT')
              ORDER BY ended_at DESC, id DESC LIMIT ?1",
@@ -966,6 +966,7 @@ fn recover(conn: &Connection) -> Result<Recovered> {
                 r.get::<_, u32>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, i64>(2)?.max(0) as Millis,
+                r.get::<_, Option<i64>>(3)?.map(|t| t.max(0) as u64),
             ))
         })?;
         rows.collect::<Result<Vec<_>, _>>()?
@@ -1571,7 +1572,11 @@ mod tests {
                 (4, JobState::Cancelled, 10, 900),
             ];
             for (id, state, start, end) in runs {
-                store.insert(job(id)).await.unwrap().unwrap();
+                let mut new = job(id);
+                if id == 3 {
+                    new.request.time_limit_s = Some(1);
+                }
+                store.insert(new).await.unwrap().unwrap();
                 store.started(id, start, vec![0], 99);
                 store.ended(
                     id,
@@ -1590,7 +1595,10 @@ mod tests {
         let (_, rec) = Store::open(dir.path()).unwrap();
         assert_eq!(
             rec.run_times,
-            vec![(1000, "n".to_string(), 350), (1000, "n".to_string(), 600)]
+            vec![
+                (1000, "n".to_string(), 350, Some(1)),
+                (1000, "n".to_string(), 600, None)
+            ]
         );
     }
 

@@ -2517,10 +2517,11 @@ fn shorter_jobs_go_first_but_not_forever() {
     s.schedule(0);
     let long = s.submit(timed(1, 1, None, 10 * 3600), 1_000).unwrap();
     let short = s.submit(timed(1, 1, None, 3600), 2_000).unwrap();
-    // A short job submitted long after the long one: the long one has waited more than twice
-    // the difference (size_factor 2), so it goes first.
-    let late_short = s.submit(timed(1, 1, None, 3600), 19 * hour).unwrap();
-    s.schedule(19 * hour);
+    // A short job submitted long after the long one: the long one has waited more than
+    // size_factor times the difference (9 h), so it goes first.
+    let late = (easy().fair.size_factor * 9.0 + 1.0).ceil() as u64 * hour;
+    let late_short = s.submit(timed(1, 1, None, 3600), late).unwrap();
+    s.schedule(late);
     let order: Vec<JobId> = s
         .jobs_in_order()
         .filter(|j| j.state == JobState::Pending)

@@ -70,7 +70,8 @@ impl Scheduler {
             self.deferred_at.remove(&id);
             let job = self.jobs.remove(&id).expect("a deferred job is a job");
             self.deferred_left(job.request.uid);
-            self.enter(id, job.request, job.submitted_at, job.restarts);
+            // A requeued job keeps its place behind the jobs waiting when it was switched.
+            self.enter_behind(id, job.request, job.submitted_at, job.restarts, job.min_key);
         }
     }
 

@@ -37,9 +37,13 @@ pub const MIN_RUNS: usize = 2;
 /// Largest spread (standard deviation over mean) of runs whose mean is used: runs that vary
 /// more than this predict nothing, and the flat default (or the time limit) is used instead.
 pub const MAX_SPREAD: f64 = 0.5;
-/// Least share of its limit a job is assumed to use (a run of a few seconds under a limit of
-/// days says little about the next one).
-pub const MIN_LIMIT_USE: f64 = 0.01;
+/// Least share of its limit a job is assumed to use: a limit counts at least a tenth of itself
+/// in the order, however little of their limits a user's jobs use (or seem to: throwaway
+/// jobs under huge limits must not buy a user's real jobs a place in front).
+pub const MIN_LIMIT_USE: f64 = 0.1;
+/// Run time (ms) the runs behind a share must add up to: each run weighs its run time, so
+/// a few short runs say little.
+pub const MIN_LIMIT_USE_RUN_MS: u64 = 3_600_000;
 /// Longest name kept as a key (longer names are cut, at a character boundary).
 const NAME_KEY_MAX: usize = 64;
 
@@ -81,8 +85,8 @@ struct UserRuns {
     /// Feed count when this user was last fed (LRU among users).
     fed_at: u64,
     all: Runs,
-    /// The share of its time limit each recent run with a limit used (0..=1), newest last.
-    limit_use: VecDeque<f64>,
+    /// Recent runs with a limit, newest last: (run ms, share of its limit used, 0..=1).
+    limit_use: VecDeque<(Millis, f64)>,
     /// Per job name: (feed count when last fed, its runs).
     by_name: HashMap<String, (u64, Runs)>,
 }
@@ -93,17 +97,21 @@ pub(crate) struct Estimator {
     users: HashMap<u32, UserRuns>,
     /// Runs fed so far: the logical clock of the LRU evictions.
     fed: u64,
-    /// The share of its limit each recent run with a limit used, all users (for a user with
-    /// too few runs of their own).
-    limit_use_all: VecDeque<f64>,
+    /// The same for all users (for a user with too few runs of their own).
+    limit_use_all: VecDeque<(Millis, f64)>,
 }
 
 /// Runs with a limit kept for [`Estimator::limit_use`] across all users.
 const LIMIT_USE_ALL_KEPT: usize = 64;
 
-fn mean_use(used: &VecDeque<f64>) -> Option<f64> {
-    (used.len() >= MIN_RUNS)
-        .then(|| (used.iter().sum::<f64>() / used.len() as f64).max(MIN_LIMIT_USE))
+/// The run-weighted mean share of their limits `used` runs used, once there are [`MIN_RUNS`]
+/// of them adding up to [`MIN_LIMIT_USE_RUN_MS`] (at least [`MIN_LIMIT_USE`]).
+fn mean_use(used: &VecDeque<(Millis, f64)>) -> Option<f64> {
+    let weight: f64 = used.iter().map(|&(run, _)| run as f64).sum();
+    (used.len() >= MIN_RUNS && weight >= MIN_LIMIT_USE_RUN_MS as f64).then(|| {
+        let share = used.iter().map(|&(run, u)| run as f64 * u).sum::<f64>() / weight;
+        share.clamp(MIN_LIMIT_USE, 1.0)
+    })
 }
 
 fn name_key(name: &str) -> &str {
@@ -141,11 +149,11 @@ impl Estimator {
             if user.limit_use.len() == RUNS_KEPT {
                 user.limit_use.pop_front();
             }
-            user.limit_use.push_back(used);
+            user.limit_use.push_back((run_ms, used));
             if self.limit_use_all.len() == LIMIT_USE_ALL_KEPT {
                 self.limit_use_all.pop_front();
             }
-            self.limit_use_all.push_back(used);
+            self.limit_use_all.push_back((run_ms, used));
         }
         let key = name_key(name);
         if key.is_empty() {
@@ -185,9 +193,8 @@ impl Estimator {
             .or_else(|| with_count(&user.all).map(|(ms, n)| (ms, n, false)))
     }
 
-    /// The mean share of their time limits the user's recent runs with a limit used, once there
-    /// are [`MIN_RUNS`] of them, else that of all users' recent runs (at least
-    /// [`MIN_LIMIT_USE`]).
+    /// The share of their time limits the user's recent runs with a limit used (weighted by
+    /// run time; see [`mean_use`]), else that of all users' recent runs.
     pub(crate) fn limit_use(&self, uid: u32) -> Option<f64> {
         self.users
             .get(&uid)

@@ -1248,7 +1248,40 @@ impl Scheduler {
         for job in jobs {
             self.index_pending(job);
         }
+        // Requeued jobs' floors were keys under the old weights.
+        self.settle_floors();
         self.full_pass_needed = true;
+    }
+
+    /// A pending job's key floor after a context switch ([`Job::min_key`]), for the records:
+    /// restored with it, the job is requeued again (see [`Scheduler::settle_floors`]).
+    pub fn queue_floor(&self, id: JobId) -> Option<i64> {
+        self.jobs.get(&id).and_then(Job::min_key)
+    }
+
+    /// Puts every requeued job in the queue (one with a key floor) behind every job that
+    /// entered the queue before it, under the current weights: after the weights changed, or
+    /// after a restart restored the queue (in the order the jobs entered it). O(n log n).
+    pub fn settle_floors(&mut self) {
+        let ids: Vec<JobId> = self.pending.values().copied().collect();
+        let mut max_key = i64::MIN;
+        for id in ids {
+            let job = &self.jobs[&id];
+            if job.min_key != i64::MIN {
+                let floor = max_key.saturating_add(1);
+                if floor != job.min_key {
+                    let old = self.user_key(job);
+                    let uid = job.request.uid;
+                    self.jobs.get_mut(&id).expect("a pending job").min_key = floor;
+                    let new = self.user_key(&self.jobs[&id]);
+                    if let Some(queue) = self.user_queues.get_mut(&uid) {
+                        queue.remove(&old);
+                        queue.insert(new, id);
+                    }
+                }
+            }
+            max_key = max_key.max(self.user_key(&self.jobs[&id]).0);
+        }
     }
 
     /// The limit that starting a pending job (on `chosen`, where known) would take its user

@@ -830,7 +830,7 @@ mod time_limits {
         assert_eq!(s.time_actions(20_000), vec![TimeAction::Requeue { job: a }]);
         s.requeue(a, 20_000);
         assert_eq!(s.job(b).unwrap().min_key(), None);
-        let floor = s.job(a).unwrap().min_key();
+        let floor = s.queue_floor(a);
         assert!(floor.is_some());
         let restored = |min_key: Option<i64>| {
             let mut r = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
@@ -854,6 +854,44 @@ mod time_limits {
         // Without the floor, its own key (10 s limit) puts it first.
         let mut r = restored(None);
         assert_eq!(started_ids(&r.schedule(20_000)), vec![a]);
+    }
+
+    /// Review finding: a floor is a key under the weights it was made with. After the weights
+    /// change the switched job is still behind the jobs waiting then, and ahead of later ones;
+    /// a begin time that comes does not drop the floor either.
+    #[test]
+    fn a_switched_jobs_place_survives_new_weights_and_a_begin_time() {
+        let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
+        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
+        s.schedule(0);
+        let b = s.submit(req(1, 1, None), 5_000).unwrap();
+        assert!(s.schedule(20_000).is_empty());
+        assert_eq!(s.time_actions(20_000), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, 20_000);
+        assert_eq!(pending_order(&s), vec![b, a]);
+        for age_factor in [0.5, 2.0] {
+            let mut config = Config::default();
+            config.fair.age_factor = age_factor;
+            s.reconfigure(config);
+            assert_eq!(pending_order(&s), vec![b, a], "age factor {age_factor}");
+        }
+        let year = 365 * 24 * 3_600_000;
+        let d = s.submit(req(1, 1, None), year).unwrap();
+        let mut config = Config::default();
+        config.fair.age_factor = 0.5;
+        s.reconfigure(config);
+        assert_eq!(pending_order(&s), vec![b, a, d]);
+        // Deferred to a begin time and back in the queue: the floor stays (b starts now, on the
+        // GPU a was switched off).
+        s.defer_until(a, year + 1);
+        assert_eq!(s.begin_at(a), Some(year + 1));
+        assert_eq!(started_ids(&s.schedule(year + 1)), vec![b]);
+        assert_eq!(s.begin_at(a), None);
+        assert!(
+            s.queue_floor(a).is_some(),
+            "the floor survives the begin time"
+        );
+        assert_eq!(pending_order(&s), vec![a, d]);
     }
 
     #[test]
@@ -2638,26 +2676,32 @@ fn generous_limits_are_ordered_by_what_their_users_jobs_use() {
     s.finish(generous, JobState::Completed);
     assert_eq!(started_ids(&s.schedule(2000)), vec![exact]);
 
-    // Without history of their own, a user's limits count as all users' recent ones do.
+    // Without history of their own, a user's limits count as all users' recent ones do; each
+    // run weighs its run time.
     let mut e = estimate::Estimator::default();
     assert_eq!(e.limit_use(9), None, "nothing known: the limit as it is");
-    e.learn(1, "a", 1000, Some(4000));
-    e.learn(2, "b", 3000, Some(4000));
-    assert_eq!(e.limit_use(9), Some(0.5));
+    e.learn(1, "a", h, Some(4 * h));
+    e.learn(2, "b", 3 * h, Some(4 * h));
+    assert_eq!(e.limit_use(9), Some(0.625));
     assert_eq!(
         e.limit_use(1),
-        Some(0.5),
+        Some(0.625),
         "one run of its own is not enough"
     );
-    e.learn(1, "a", 2000, Some(4000));
+    e.learn(1, "a", h, Some(2 * h));
     assert_eq!(e.limit_use(1), Some(0.375));
-    // A run past its limit (a grace period) counts as the whole limit; runs without one and
-    // shares near zero do not drive the estimate to zero.
-    e.learn(5, "c", 9000, Some(4000));
-    e.learn(5, "c", 0, Some(4000));
-    e.learn(5, "c", 1, None);
-    assert_eq!(e.limit_use(5), Some(0.5));
-    e.learn(6, "d", 0, Some(4000));
-    e.learn(6, "d", 0, Some(4000));
+    // Throwaway runs under huge limits do not buy a user's next jobs a place in front: seconds
+    // of run time are not enough to go by (all users' share counts), and weigh next to nothing.
+    e.learn(5, "c", 1000, Some(30 * 24 * h));
+    e.learn(5, "c", 1000, Some(30 * 24 * h));
+    assert_eq!(e.limit_use(5), e.limit_use(9));
+    assert!(e.limit_use(9).unwrap() > 0.59, "{:?}", e.limit_use(9));
+    // However little of their limits a user's jobs use, a limit counts at least a tenth.
+    e.learn(6, "d", h, Some(100 * h));
+    e.learn(6, "d", h, Some(100 * h));
     assert_eq!(e.limit_use(6), Some(estimate::MIN_LIMIT_USE));
+    // A run past its limit (a grace period) counts as the whole limit.
+    e.learn(7, "e", 2 * h, Some(h));
+    e.learn(7, "e", 2 * h, Some(4 * h));
+    assert_eq!(e.limit_use(7), Some(0.75));
 }

@@ -216,7 +216,8 @@ pub fn recover(
             lookup,
         ) {
             Ok(()) => {
-                if let Some(at) = job.begin_at {
+                // A begin time that has passed is over (it would re-enter the job anew).
+                if let Some(at) = job.begin_at.filter(|&at| at > now) {
                     sched.defer_until(job.id, at);
                 }
                 specs.insert(job.id, command);
@@ -231,10 +232,13 @@ pub fn recover(
             }
         }
     }
+    // Requeued jobs behind the jobs that entered the queue before them, under the weights of
+    // this start (their recorded floors were keys under the last ones).
+    sched.settle_floors();
     let requeued = requeued
         .into_iter()
         .map(|(id, at, restarts)| {
-            let min_key = sched.job(id).and_then(|j| j.min_key());
+            let min_key = sched.queue_floor(id);
             (id, at, restarts, min_key)
         })
         .collect();
@@ -454,7 +458,7 @@ mod tests {
         );
         assert_eq!(plan.sched.queue_position(2), Some(1));
         assert_eq!(plan.sched.queue_position(1), Some(2));
-        let floor = plan.sched.job(1).unwrap().min_key();
+        let floor = plan.sched.queue_floor(1);
         assert!(floor.is_some());
         assert_eq!(plan.requeued, vec![(1, 12_000, 1, floor)]);
     }

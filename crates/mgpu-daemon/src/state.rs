@@ -538,7 +538,7 @@ impl Daemon {
             let position = inner.sched.queue_position(id).unwrap_or(0);
             tracing::info!(job = id, position, "job context-switched and requeued");
             inner.running.remove(&id);
-            let min_key = inner.sched.job(id).and_then(|j| j.min_key());
+            let min_key = inner.sched.queue_floor(id);
             self.store.requeued(id, now_ms(), run + 1, min_key);
             if let Some(tx) = inner.watchers.get(&id) {
                 let _ = tx.send(JobEvent::Requeued {

@@ -141,14 +141,29 @@ fn main() -> anyhow::Result<()> {
     if !args.half_life_h.is_finite() || args.half_life_h <= 0.0 {
         bail!("--half-life-h must be a positive number");
     }
-    for (flag, v) in [
-        ("--usage-factor", args.usage_factor),
-        ("--age-factor", args.age_factor),
-        ("--size-factor", args.size_factor),
-        ("--reserve-below-share", args.reserve_below_share),
+    // The daemon's bounds (mgpu-daemon run.rs `core_config`): the simulator replays only
+    // settings a server would run.
+    for (flag, v, min_exclusive, max) in [
+        ("--usage-factor", args.usage_factor, false, 1e6),
+        ("--age-factor", args.age_factor, true, 1000.0),
+        ("--size-factor", args.size_factor, false, 1000.0),
+        (
+            "--reserve-below-share",
+            args.reserve_below_share,
+            false,
+            1.0,
+        ),
     ] {
-        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
-            bail!("{flag} must be a number of 0 or more");
+        if let Some(v) = v {
+            let low_ok = if min_exclusive { v > 0.0 } else { v >= 0.0 };
+            if !v.is_finite() || !low_ok || v > max {
+                let low = if min_exclusive {
+                    "more than 0"
+                } else {
+                    "0 or more"
+                };
+                bail!("{flag} must be a number of {low} and at most {max}, not {v}");
+            }
         }
     }
     if args.users == 0 || args.users > MAX_USERS {

@@ -138,7 +138,11 @@ fn bad_inputs_are_clear_errors_not_panics_or_hangs() {
         // The daemon refuses these too: the simulator replays only what a server would run.
         ("--age-factor", "0", "--age-factor must be"),
         ("--size-factor", "1001", "--size-factor must be"),
-        ("--reserve-below-share", "2", "--reserve-below-share must be"),
+        (
+            "--reserve-below-share",
+            "2",
+            "--reserve-below-share must be",
+        ),
         ("--reserve-after-h", "-1", "--reserve-after-h must be"),
         (
             "--reserve-below-share",

@@ -479,6 +479,9 @@ pub struct Scheduler {
     /// Weighted usage (GPU-s) below which a user's blocked job reserves at once, as of the
     /// latest pass ([`FairShareConfig::reserve_below_share`]; negative: nobody).
     share_bar: f64,
+    /// The user flooding the queue now, if any (see [`FairShareConfig::flood_factor`]), with
+    /// the number of their waiting jobs; fixed per pass.
+    flooder: Option<(u32, usize)>,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -543,6 +546,7 @@ impl Scheduler {
             estimator: Estimator::default(),
             to_learn: Vec::new(),
             share_bar: -1.0,
+            flooder: None,
         }
     }
 
@@ -951,6 +955,7 @@ impl Scheduler {
                 .learn(uid, &name, now.saturating_sub(started_at), limit_ms);
         }
         self.share_bar = self.compute_share_bar(now);
+        self.flooder = self.compute_flooder();
         self.recheck_gates();
         if self.server_drained {
             return Vec::new();

@@ -332,6 +332,28 @@ impl Scheduler {
         (waited >= self.config.reserve_after_s.saturating_mul(1000)
             && waited as f64 >= self.config.reserve_after_wait_factor * recent)
             || self.below_share(job.request.uid)
+            || self.flooded_by_other(job.request.uid)
+    }
+
+    /// Is another user flooding the queue, with far more jobs waiting than this one?
+    fn flooded_by_other(&self, uid: u32) -> bool {
+        self.flooder.is_some_and(|(flooder, waiting)| {
+            let mine = self.user_queues.get(&uid).map_or(0, |q| q.len());
+            flooder != uid && waiting > crate::policy::FLOOD_OVER_OWN * mine.max(1)
+        })
+    }
+
+    /// The user whose waiting jobs outnumber all others' together `flood_factor` times, if
+    /// any, with that number. O(users).
+    pub(crate) fn compute_flooder(&self) -> Option<(u32, usize)> {
+        let factor = self.config.fair.flood_factor;
+        if self.config.policy != Policy::Fair || factor.is_nan() || factor <= 0.0 {
+            return None;
+        }
+        let total: usize = self.user_queues.values().map(|q| q.len()).sum();
+        let (&uid, queue) = self.user_queues.iter().max_by_key(|(_, q)| q.len())?;
+        let waiting = queue.len();
+        (waiting as f64 > factor * (total - waiting) as f64).then_some((uid, waiting))
     }
 
     /// Is this user's weighted usage far below that of the users contending now?

@@ -86,7 +86,16 @@ pub struct FairShareConfig {
     /// waiting to be starved: users far below their share are not made to wait behind the
     /// backlog of users far above it (a flood). 0: off.
     pub reserve_below_share: f64,
+    /// A user whose waiting jobs outnumber all other users' waiting jobs together this many
+    /// times (and the blocked job's user's own more than [`FLOOD_OVER_OWN`] times) floods the
+    /// queue: the other users' blocked jobs get the reservation at once, without waiting to be
+    /// starved, so a wide job is not left to wait while each GPU that frees goes to the flood.
+    /// 0: off.
+    pub flood_factor: f64,
 }
+
+/// See [`FairShareConfig::flood_factor`].
+pub const FLOOD_OVER_OWN: usize = 10;
 
 impl Default for FairShareConfig {
     fn default() -> Self {
@@ -98,6 +107,7 @@ impl Default for FairShareConfig {
             nice_unit_s: 60.0,
             size_factor: 8.0,
             reserve_below_share: 0.0,
+            flood_factor: 8.0,
         }
     }
 }

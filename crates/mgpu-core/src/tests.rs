@@ -1492,7 +1492,11 @@ fn reservations_wait_until_a_job_is_starved() {
 #[test]
 fn one_users_flood_does_not_keep_a_newcomer_from_being_starved() {
     let hour = 3_600_000;
-    let mut s = Scheduler::new(gpus(&[80_000; 2]), Config::default(), 1);
+    // The newcomer rule alone (the flood rule would reserve at once, see
+    // `a_flood_does_not_take_each_freed_gpu_from_a_wide_job`).
+    let mut config = Config::default();
+    config.fair.flood_factor = 0.0;
+    let mut s = Scheduler::new(gpus(&[80_000; 2]), config, 1);
     // User 6 floods: 64 jobs of 1 GPU, each running 10 h; its jobs wait long.
     for _ in 0..64 {
         s.submit(timed(6, 1, None, 10 * 3600), 0).unwrap();
@@ -2704,4 +2708,34 @@ fn generous_limits_are_ordered_by_what_their_users_jobs_use() {
     e.learn(7, "e", 2 * h, Some(h));
     e.learn(7, "e", 2 * h, Some(4 * h));
     assert_eq!(e.limit_use(7), Some(0.75));
+}
+
+/// One user's flood: the other users' blocked jobs get the reservation at once, not after
+/// being starved, so a wide job is not left waiting while each freed GPU goes to the flood.
+#[test]
+fn a_flood_does_not_take_each_freed_gpu_from_a_wide_job() {
+    let run = |flood_factor: f64| {
+        let mut config = Config::default();
+        config.fair.flood_factor = flood_factor;
+        let mut s = Scheduler::new(gpus(&[80_000; 2]), config, 1);
+        let flood: Vec<JobId> = (0..30)
+            .map(|_| s.submit(req(1, 1, None), 0).unwrap())
+            .collect();
+        assert_eq!(s.schedule(0).len(), 2);
+        let wide = s.submit(req(2, 2, None), 1000).unwrap();
+        assert!(s.schedule(1000).is_empty());
+        s.finish(flood[0], JobState::Completed);
+        let first = started_ids(&s.schedule(2000));
+        s.finish(flood[1], JobState::Completed);
+        (first, started_ids(&s.schedule(3000)), wide)
+    };
+    let (first, second, wide) = run(Config::default().fair.flood_factor);
+    assert!(
+        first.is_empty(),
+        "the freed GPU is held for the wide job: {first:?}"
+    );
+    assert_eq!(second, vec![wide]);
+    let (first, _, wide) = run(0.0);
+    assert_eq!(first.len(), 1, "off: the flood takes the freed GPU");
+    assert_ne!(first[0], wide);
 }

@@ -36,7 +36,7 @@ const NOT_IN_FILE: [&str; 2] = ["config", "check_config"];
 
 /// Keys a reload applies at once (the rest need a restart): the scheduler's knobs and the
 /// limits.
-const LIVE_KEYS: [&str; 14] = [
+const LIVE_KEYS: [&str; 15] = [
     "max_job_time",
     "min_slice",
     "reserve_after",
@@ -51,6 +51,7 @@ const LIVE_KEYS: [&str; 14] = [
     "fair_usage_factor",
     "fair_age_factor",
     "reserve_below_share",
+    "flood_factor",
 ];
 
 /// Can a change of `key` (dotted, as in [`Loaded::effective`]) be applied by a reload?

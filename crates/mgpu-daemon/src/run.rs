@@ -142,6 +142,11 @@ pub struct Args {
     /// starved (0: off)
     #[arg(long, value_name = "F", default_value_t = FairShareConfig::default().reserve_below_share)]
     pub reserve_below_share: f64,
+    /// Fair share: a user whose waiting jobs outnumber all other users' waiting jobs together
+    /// this many times floods the queue, and the other users' blocked jobs get the reservation
+    /// at once (0: off; else at least 1)
+    #[arg(long, value_name = "F", default_value_t = FairShareConfig::default().flood_factor)]
+    pub flood_factor: f64,
     /// Seconds an attached mgpu_srun has to reconnect after a server restart before its job
     /// is cancelled (as if it had died)
     #[arg(long, value_name = "SECS", default_value_t = 60)]
@@ -508,6 +513,12 @@ pub(crate) fn core_config(args: &Args) -> Result<Config> {
     config.fair.usage_factor = args.fair_usage_factor;
     config.fair.age_factor = args.fair_age_factor;
     config.fair.reserve_below_share = args.reserve_below_share;
+    // 0 (off) or at least 1: below 1 two users could flood at once.
+    let flood = args.flood_factor;
+    if !flood.is_finite() || !(flood == 0.0 || (1.0..=1e6).contains(&flood)) {
+        bail!("--flood-factor must be 0 (off) or a number from 1 to 1000000, not {flood}");
+    }
+    config.fair.flood_factor = flood;
     config.learn_estimates = !args.no_learned_estimates;
     for (name, weight) in &args.user_weights {
         let uid = users::uid_of(name)
@@ -1327,6 +1338,8 @@ mod tests {
             ("--fair-age-factor", "NaN"),
             ("--reserve-below-share", "2"),
             ("--reserve-below-share", "-0.1"),
+            ("--flood-factor", "0.5"),
+            ("--flood-factor", "nan"),
         ] {
             let cli = format!("{flag}={value}");
             let e = loaded("", &[&cli])

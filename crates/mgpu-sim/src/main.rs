@@ -72,6 +72,10 @@ struct Args {
     /// at once.
     #[arg(long)]
     reserve_below_share: Option<f64>,
+    /// Fair share: a user whose waiting jobs outnumber all others' together this many times
+    /// floods the queue; the others' blocked jobs reserve at once (0: off; else at least 1).
+    #[arg(long)]
+    flood_factor: Option<f64>,
     /// Estimate jobs without a limit at the flat default, not from their user's past runs.
     #[arg(long)]
     no_learned_estimates: bool,
@@ -166,6 +170,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(f) = args.flood_factor {
+        if !f.is_finite() || !(f == 0.0 || (1.0..=1e6).contains(&f)) {
+            bail!("--flood-factor must be 0 (off) or a number from 1 to 1000000, not {f}");
+        }
+    }
     if args.users == 0 || args.users > MAX_USERS {
         bail!("--users must be between 1 and {MAX_USERS}");
     }
@@ -181,6 +190,7 @@ fn main() -> anyhow::Result<()> {
             reserve_below_share: args
                 .reserve_below_share
                 .unwrap_or(defaults.reserve_below_share),
+            flood_factor: args.flood_factor.unwrap_or(defaults.flood_factor),
             ..defaults
         },
         learn_estimates: !args.no_learned_estimates,

@@ -37,7 +37,7 @@ pub use limits::{LimitHit, UserLimits, UserRunning};
 use pass::Reservation;
 pub use placement::GpuState;
 use policy::UserUsage;
-pub use policy::{FairShareConfig, Policy, UserStanding};
+pub use policy::{FairKnob, FairShareConfig, Policy, UserStanding};
 pub use timelimit::{Stopping, TimeAction, WarnSignal};
 
 /// A job's unique id. Ids increase and are never reused.

@@ -97,6 +97,55 @@ pub struct FairShareConfig {
 /// See [`FairShareConfig::flood_factor`].
 pub const FLOOD_OVER_OWN: usize = 10;
 
+/// The fair-share settings an admin (or the simulator) may set, with the values they may take:
+/// one table for the daemon and the simulator, so a replay runs only what a server would.
+/// The bounds are far beyond any sensible setting: a priority key stays well inside i64 (ms
+/// since the epoch times the age factor, plus the size and usage terms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FairKnob {
+    SizeFactor,
+    UsageFactor,
+    AgeFactor,
+    ReserveBelowShare,
+    FloodFactor,
+}
+
+impl FairKnob {
+    /// `Err(what is allowed)` when `value` is not, e.g. "a number of 0 or more and at most
+    /// 1000"; the caller names the setting.
+    pub fn check(self, value: f64) -> Result<(), String> {
+        let (min_exclusive, max) = match self {
+            FairKnob::SizeFactor => (false, 1000.0),
+            FairKnob::UsageFactor => (false, 1e6),
+            // 0 would let a job starve.
+            FairKnob::AgeFactor => (true, 1000.0),
+            FairKnob::ReserveBelowShare => (false, 1.0),
+            // Below 1 two users could flood at once.
+            FairKnob::FloodFactor => {
+                return if value == 0.0 || (1.0..=1e6).contains(&value) {
+                    Ok(())
+                } else {
+                    Err("0 (off) or a number from 1 to 1000000".into())
+                };
+            }
+        };
+        let low_ok = if min_exclusive {
+            value > 0.0
+        } else {
+            value >= 0.0
+        };
+        if value.is_finite() && low_ok && value <= max {
+            return Ok(());
+        }
+        let low = if min_exclusive {
+            "more than 0"
+        } else {
+            "0 or more"
+        };
+        Err(format!("a number of {low} and at most {max}"))
+    }
+}
+
 impl Default for FairShareConfig {
     fn default() -> Self {
         FairShareConfig {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mgpu_core::{Config, FairShareConfig, JobId, MemoryAction, Policy};
+use mgpu_core::{Config, FairKnob, FairShareConfig, JobId, MemoryAction, Policy};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::gpu::{self, GpuBackend};
@@ -482,43 +482,34 @@ pub(crate) fn core_config(args: &Args) -> Result<Config> {
         bail!("--fair-half-life must be positive");
     }
     config.fair.half_life_s = (args.fair_half_life * 3600.0).round().max(1.0) as u64;
-    // Bounds far beyond any sensible setting: a priority key stays well inside i64 (ms since
-    // the epoch times the age factor, plus the size and usage terms).
-    for (flag, value, min_exclusive, max) in [
-        ("--size-factor", args.size_factor, false, 1000.0),
-        ("--fair-usage-factor", args.fair_usage_factor, false, 1e6),
-        ("--fair-age-factor", args.fair_age_factor, true, 1000.0),
+    for (flag, knob, value) in [
+        ("--size-factor", FairKnob::SizeFactor, args.size_factor),
+        (
+            "--fair-usage-factor",
+            FairKnob::UsageFactor,
+            args.fair_usage_factor,
+        ),
+        (
+            "--fair-age-factor",
+            FairKnob::AgeFactor,
+            args.fair_age_factor,
+        ),
         (
             "--reserve-below-share",
+            FairKnob::ReserveBelowShare,
             args.reserve_below_share,
-            false,
-            1.0,
         ),
+        ("--flood-factor", FairKnob::FloodFactor, args.flood_factor),
     ] {
-        let low_ok = if min_exclusive {
-            value > 0.0
-        } else {
-            value >= 0.0
-        };
-        if !value.is_finite() || !low_ok || value > max {
-            let low = if min_exclusive {
-                "more than 0"
-            } else {
-                "0 or more"
-            };
-            bail!("{flag} must be a number of {low} and at most {max}, not {value}");
+        if let Err(allowed) = knob.check(value) {
+            bail!("{flag} must be {allowed}, not {value}");
         }
     }
     config.fair.size_factor = args.size_factor;
     config.fair.usage_factor = args.fair_usage_factor;
     config.fair.age_factor = args.fair_age_factor;
     config.fair.reserve_below_share = args.reserve_below_share;
-    // 0 (off) or at least 1: below 1 two users could flood at once.
-    let flood = args.flood_factor;
-    if !flood.is_finite() || !(flood == 0.0 || (1.0..=1e6).contains(&flood)) {
-        bail!("--flood-factor must be 0 (off) or a number from 1 to 1000000, not {flood}");
-    }
-    config.fair.flood_factor = flood;
+    config.fair.flood_factor = args.flood_factor;
     config.learn_estimates = !args.no_learned_estimates;
     for (name, weight) in &args.user_weights {
         let uid = users::uid_of(name)

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use mgpu_core::{Config, FairShareConfig};
+use mgpu_core::{Config, FairKnob, FairShareConfig};
 use mgpu_sim::engine::{replay, SimPolicy};
 use mgpu_sim::metrics::{
     fairest_meeting_goals, goals_1_to_3, is_fairest_meeting_goals, measure, Contender, GoalCheck,
@@ -145,34 +145,22 @@ fn main() -> anyhow::Result<()> {
     if !args.half_life_h.is_finite() || args.half_life_h <= 0.0 {
         bail!("--half-life-h must be a positive number");
     }
-    // The daemon's bounds (mgpu-daemon run.rs `core_config`): the simulator replays only
-    // settings a server would run.
-    for (flag, v, min_exclusive, max) in [
-        ("--usage-factor", args.usage_factor, false, 1e6),
-        ("--age-factor", args.age_factor, true, 1000.0),
-        ("--size-factor", args.size_factor, false, 1000.0),
+    // The daemon's bounds: the simulator replays only settings a server would run.
+    for (flag, knob, value) in [
+        ("--usage-factor", FairKnob::UsageFactor, args.usage_factor),
+        ("--age-factor", FairKnob::AgeFactor, args.age_factor),
+        ("--size-factor", FairKnob::SizeFactor, args.size_factor),
         (
             "--reserve-below-share",
+            FairKnob::ReserveBelowShare,
             args.reserve_below_share,
-            false,
-            1.0,
         ),
+        ("--flood-factor", FairKnob::FloodFactor, args.flood_factor),
     ] {
-        if let Some(v) = v {
-            let low_ok = if min_exclusive { v > 0.0 } else { v >= 0.0 };
-            if !v.is_finite() || !low_ok || v > max {
-                let low = if min_exclusive {
-                    "more than 0"
-                } else {
-                    "0 or more"
-                };
-                bail!("{flag} must be a number of {low} and at most {max}, not {v}");
+        if let Some(v) = value {
+            if let Err(allowed) = knob.check(v) {
+                bail!("{flag} must be {allowed}, not {v}");
             }
-        }
-    }
-    if let Some(f) = args.flood_factor {
-        if !f.is_finite() || !(f == 0.0 || (1.0..=1e6).contains(&f)) {
-            bail!("--flood-factor must be 0 (off) or a number from 1 to 1000000, not {f}");
         }
     }
     if args.users == 0 || args.users > MAX_USERS {

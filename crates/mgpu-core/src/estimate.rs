@@ -11,6 +11,11 @@
 //! Used for backfilling and for the shortest-first part of the fair order only: it never ends
 //! a job (time limits stay what users set).
 //!
+//! In the shortest-first order (not for backfilling) a job nothing is known of counts as the
+//! typical job, the median of all users' recent runs ([`Estimator::typical_run`]), not as the
+//! flat default: on the real traces most jobs without a limit or agreeing history are not long,
+//! and ordering them all as "24 h" behind every job with a history only reshuffled them.
+//!
 //! Time limits are estimates too, and users set them generously (often several times what
 //! the job takes). For the shortest-first order only, a job's limit is scaled by the share of
 //! their limits the same user's recent jobs used ([`Estimator::limit_use`]): two users'
@@ -44,6 +49,8 @@ pub const MIN_LIMIT_USE: f64 = 0.1;
 /// Run time (ms) the runs behind a share must add up to: each run weighs its run time, so
 /// a few short runs say little.
 pub const MIN_LIMIT_USE_RUN_MS: u64 = 3_600_000;
+/// Runs of all users needed before their median stands for a job nothing is known of.
+pub const MIN_TYPICAL_RUNS: usize = 16;
 /// Longest name kept as a key (longer names are cut, at a character boundary).
 const NAME_KEY_MAX: usize = 64;
 
@@ -99,7 +106,14 @@ pub(crate) struct Estimator {
     fed: u64,
     /// The same for all users (for a user with too few runs of their own).
     limit_use_all: VecDeque<(Millis, f64)>,
+    /// All users' recent runs, newest last.
+    runs_all: VecDeque<Millis>,
+    /// Their median (see [`Estimator::typical_run`]).
+    typical: Option<Millis>,
 }
+
+/// Runs of all users kept for [`Estimator::typical_run`].
+const RUNS_ALL_KEPT: usize = 256;
 
 /// Runs with a limit kept for [`Estimator::limit_use`] across all users.
 const LIMIT_USE_ALL_KEPT: usize = 64;
@@ -141,6 +155,15 @@ impl Estimator {
                 self.users.remove(&oldest);
             }
         }
+        if self.runs_all.len() == RUNS_ALL_KEPT {
+            self.runs_all.pop_front();
+        }
+        self.runs_all.push_back(run_ms);
+        self.typical = (self.runs_all.len() >= MIN_TYPICAL_RUNS).then(|| {
+            let mut runs: Vec<Millis> = self.runs_all.iter().copied().collect();
+            let mid = runs.len() / 2;
+            *runs.select_nth_unstable(mid).1
+        });
         let user = self.users.entry(uid).or_default();
         user.fed_at = fed;
         user.all.push(run_ms);
@@ -191,6 +214,13 @@ impl Estimator {
             .and_then(|(_, runs)| with_count(runs))
             .map(|(ms, n)| (ms, n, true))
             .or_else(|| with_count(&user.all).map(|(ms, n)| (ms, n, false)))
+    }
+
+    /// What a job nothing is known of likely takes: the median of all users' last
+    /// [`RUNS_ALL_KEPT`] runs, once there are [`MIN_TYPICAL_RUNS`] of them (kept up to date
+    /// by [`Estimator::learn`], so reading it costs nothing).
+    pub(crate) fn typical_run(&self) -> Option<Millis> {
+        self.typical
     }
 
     /// The share of their time limits the user's recent runs with a limit used (weighted by

@@ -655,9 +655,12 @@ impl Scheduler {
     }
 
     /// The run time the shortest-first order assumes for a job estimated at `estimate_ms` from
-    /// `source`: a time limit is scaled by the share of their limits the user's recent jobs
-    /// used (with [`Config::learn_estimates`]), so that generous limits do not push a job back
-    /// against jobs with tight ones or none; other estimates are taken as they are.
+    /// `source` (with [`Config::learn_estimates`]; else the estimate itself): a time limit is
+    /// scaled by the share of their limits the user's recent jobs used, so that generous limits
+    /// do not push a job back against jobs with tight ones or none; a job nothing is known of
+    /// counts as the typical recent run (the median of all users' last 256, never more than the
+    /// default), not as the default estimate, which only reservations need to be cautious;
+    /// a learned estimate is taken as it is.
     pub fn order_estimate_ms(
         &self,
         request: &JobRequest,
@@ -671,6 +674,11 @@ impl Scheduler {
                 .map_or(estimate_ms, |used| {
                     (estimate_ms as f64 * used).round() as u64
                 })
+                .max(1),
+            EstimateSource::Default if self.config.learn_estimates => self
+                .estimator
+                .typical_run()
+                .map_or(estimate_ms, |t| t.min(estimate_ms))
                 .max(1),
             _ => estimate_ms,
         }

@@ -76,11 +76,14 @@ pub struct FairShareConfig {
     pub age_factor: f64,
     /// Seconds of priority lost per point of `nice` (negative nice counts as 0).
     pub nice_unit_s: f64,
-    /// Seconds of priority lost per second of the job's expected run time (its limit scaled by
-    /// how much of their limits its user's jobs use, else its learned estimate): shorter jobs
-    /// go first, and a job that waited longer than this factor times the difference in length
-    /// goes first anyway (no starvation). 0: plain FIFO within a user.
-    pub size_factor: f64,
+    /// Hours of priority lost per doubling of the job's expected run time (its limit scaled by
+    /// how much of their limits its user's jobs use, else its learned estimate), counted from
+    /// [`SIZE_UNIT_MS`]: shorter jobs go first, and a job goes first anyway once it has waited
+    /// this many hours longer per doubling of its lead (no starvation). Logarithmic, because
+    /// run times span minutes to weeks: a linear term either leaves jobs of minutes and hours
+    /// in FIFO order behind a long backlog or pushes week-long jobs back for months.
+    /// 0: plain FIFO within a user.
+    pub size_weight_h: f64,
     /// A blocked job of a user whose (weighted, decayed) usage is below this fraction of the
     /// mean of the users with jobs waiting or running gets the reservation at once, without
     /// waiting to be starved: users far below their share are not made to wait behind the
@@ -94,6 +97,10 @@ pub struct FairShareConfig {
     pub flood_factor: f64,
 }
 
+/// Run time from which [`FairShareConfig::size_weight_h`] counts doublings: a job of a
+/// minute loses one doubling's worth, one of 0 s none.
+pub const SIZE_UNIT_MS: f64 = 60_000.0;
+
 /// See [`FairShareConfig::flood_factor`].
 pub const FLOOD_OVER_OWN: usize = 10;
 
@@ -103,7 +110,7 @@ pub const FLOOD_OVER_OWN: usize = 10;
 /// since the epoch times the age factor, plus the size and usage terms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FairKnob {
-    SizeFactor,
+    SizeWeight,
     UsageFactor,
     AgeFactor,
     ReserveBelowShare,
@@ -115,7 +122,7 @@ impl FairKnob {
     /// 1000"; the caller names the setting.
     pub fn check(self, value: f64) -> Result<(), String> {
         let (min_exclusive, max) = match self {
-            FairKnob::SizeFactor => (false, 1000.0),
+            FairKnob::SizeWeight => (false, 10_000.0),
             FairKnob::UsageFactor => (false, 1e6),
             // 0 would let a job starve.
             FairKnob::AgeFactor => (true, 1000.0),
@@ -154,7 +161,7 @@ impl Default for FairShareConfig {
             usage_factor: 30.0,
             age_factor: 1.0,
             nice_unit_s: 60.0,
-            size_factor: 8.0,
+            size_weight_h: 140.0,
             reserve_below_share: 0.0,
             flood_factor: 8.0,
         }
@@ -178,7 +185,8 @@ impl FairShareConfig {
     /// queue). Rounded to milliseconds so that it can key an ordered map.
     pub(crate) fn job_key_ms(&self, submitted_at: Millis, nice: i32, estimate_ms: u64) -> i64 {
         let nice_ms = self.nice_unit_s * 1000.0 * f64::from(nice.max(0));
-        let size_ms = self.size_factor * estimate_ms as f64;
+        let size_ms =
+            self.size_weight_h * 3_600_000.0 * (1.0 + estimate_ms as f64 / SIZE_UNIT_MS).log2();
         (self.age_factor * submitted_at as f64 + nice_ms + size_ms).round() as i64
     }
 }

@@ -1849,7 +1849,7 @@ fn standings_are_what_fair_priority_uses() {
     cfg.policy = Policy::Fair;
     cfg.fair.user_weights.insert(2, 2.0);
     // Without the shortest-first term, a job's priority is its wait plus its user's standing.
-    cfg.fair.size_factor = 0.0;
+    cfg.fair.size_weight_h = 0.0;
     let mut s = Scheduler::new(gpus(&[1000, 1000]), cfg, 1);
     let a = s.submit(req(1, 1, None), 0).unwrap();
     let b = s.submit(req(2, 1, None), 0).unwrap();
@@ -2560,8 +2560,10 @@ fn shorter_jobs_go_first_but_not_forever() {
     let long = s.submit(timed(1, 1, None, 10 * 3600), 1_000).unwrap();
     let short = s.submit(timed(1, 1, None, 3600), 2_000).unwrap();
     // A short job submitted long after the long one: the long one has waited more than
-    // size_factor times the difference (9 h), so it goes first.
-    let late = (easy().fair.size_factor * 9.0 + 1.0).ceil() as u64 * hour;
+    // size_weight_h per doubling of the difference (10 h is log2(601/61) doublings of 1 h,
+    // counted from a minute), so it goes first.
+    let lead_h = easy().fair.size_weight_h * (601.0f64 / 61.0).log2();
+    let late = (lead_h + 1.0).ceil() as u64 * hour;
     let late_short = s.submit(timed(1, 1, None, 3600), late).unwrap();
     s.schedule(late);
     let order: Vec<JobId> = s
@@ -2572,6 +2574,74 @@ fn shorter_jobs_go_first_but_not_forever() {
     assert_eq!(order, vec![short, long, late_short]);
     // The estimate orders, but never ends a job: a job without a limit runs past it.
     let _ = busy;
+}
+
+/// Run times span minutes to weeks, so the shortest-first term counts doublings: a job of
+/// minutes passes one of hours even behind days of backlog, and a week-long job is not held
+/// back for months behind jobs of a day (a linear term, 8 s per second, did the opposite of
+/// both: the 2 h job went first, the 1-day job submitted 500 h later too).
+#[test]
+fn run_times_are_compared_in_doublings() {
+    let hour = 3_600_000;
+    let order = |first: u64, later: u64, later_at: u64| {
+        let mut s = Scheduler::new(gpus(&[80_000]), easy(), 1);
+        s.submit(timed(9, 1, None, 10_000 * 3600), 0).unwrap();
+        s.schedule(0);
+        let a = s.submit(timed(1, 1, None, first), 1_000).unwrap();
+        let b = s.submit(timed(1, 1, None, later), later_at).unwrap();
+        s.schedule(later_at);
+        let pending: Vec<JobId> = s
+            .jobs_in_order()
+            .filter(|j| j.state == JobState::Pending)
+            .map(|j| j.id)
+            .collect();
+        (pending, a, b)
+    };
+    let (pending, two_hours, five_min) = order(2 * 3600, 300, 100 * hour);
+    assert_eq!(pending, vec![five_min, two_hours]);
+    let (pending, week, day) = order(168 * 3600, 24 * 3600, 500 * hour);
+    assert_eq!(pending, vec![week, day]);
+}
+
+/// A job nothing is known of (no limit, no agreeing history) is ordered as the typical recent
+/// run, the median of all users' last runs, not as the 24 h default: most such jobs are not
+/// long. Reservations still plan with the default (the job may run that long).
+#[test]
+fn a_job_nothing_is_known_of_is_ordered_as_the_typical_run() {
+    let min = 60_000;
+    let mut s = Scheduler::new(gpus(&[80_000]), easy(), 1);
+    s.submit(timed(9, 1, None, 10_000 * 3600), 0).unwrap();
+    s.schedule(0);
+    // Too few runs to say what is typical: the default.
+    for uid in 0..15 {
+        s.learn_run(&named(100 + uid, "x"), 10 * min);
+    }
+    let early = s.submit(named(2, "new"), 0).unwrap();
+    assert_eq!(s.job(early).unwrap().order_ms, 24 * 60 * min);
+    s.learn_run(&named(120, "x"), 10 * min);
+    s.learn_run(&named(121, "x"), 500 * 60 * min);
+    s.learn_run(&named(122, "x"), 9 * min);
+    let hours = s.submit(timed(1, 1, None, 2 * 3600), 1_000).unwrap();
+    let unknown = s.submit(named(3, "new"), 2_000).unwrap();
+    s.schedule(2_000);
+    let job = s.job(unknown).unwrap();
+    assert_eq!(job.estimate_source, EstimateSource::Default);
+    assert_eq!(
+        job.order_ms,
+        10 * min,
+        "the median, not the mean of a 500 h outlier"
+    );
+    assert_eq!(
+        job.estimate_ms,
+        24 * 60 * min,
+        "reservations keep the default"
+    );
+    let pending: Vec<JobId> = s
+        .jobs_in_order()
+        .filter(|j| j.state == JobState::Pending && j.id != early)
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(pending, vec![unknown, hours]);
 }
 
 #[test]

@@ -46,13 +46,18 @@ const LIVE_KEYS: [&str; 15] = [
     "fair_half_life",
     "user_weight",
     "default_estimate",
-    "size_factor",
+    "size_weight",
     "no_learned_estimates",
     "fair_usage_factor",
     "fair_age_factor",
     "reserve_below_share",
     "flood_factor",
 ];
+
+/// Why `--size-factor` / `size_factor` (a linear weight until this release) is refused.
+pub const SIZE_FACTOR_REPLACED: &str = "size_factor (--size-factor) was replaced by size_weight \
+     (--size-weight HOURS: hours of priority a job loses per doubling of its expected run time, \
+     default 140); a linear factor does not carry over, remove it or set size_weight";
 
 /// Can a change of `key` (dotted, as in [`Loaded::effective`]) be applied by a reload?
 pub fn is_live(key: &str) -> bool {
@@ -110,6 +115,9 @@ pub fn load(argv: &[OsString]) -> Result<Loaded> {
         if key == "limits" {
             limits_value = Some(value.clone());
             continue;
+        }
+        if key == "size_factor" {
+            bail!("{}: {SIZE_FACTOR_REPLACED}", path.display());
         }
         let flag = key.replace('_', "-");
         let arg = command

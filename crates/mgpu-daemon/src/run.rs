@@ -120,11 +120,14 @@ pub struct Args {
     /// Assumed run time of jobs without a time limit, for reservations (seconds)
     #[arg(long, value_name = "SECS", default_value_t = 86_400)]
     pub default_estimate: u64,
-    /// Shortest first: seconds of priority a job loses per second of its expected run time
-    /// (its time limit, else its learned or default estimate); 0: first come, first served
-    /// within a user (fair policy)
-    #[arg(long, value_name = "F", default_value_t = FairShareConfig::default().size_factor)]
-    pub size_factor: f64,
+    /// Shortest first: hours of priority a job loses per doubling of its expected run time
+    /// (its time limit, else its learned or default estimate), counted from a minute; 0: first
+    /// come, first served within a user (fair policy)
+    #[arg(long, value_name = "HOURS", default_value_t = FairShareConfig::default().size_weight_h)]
+    pub size_weight: f64,
+    /// Replaced by --size-weight (a linear factor): refused with a message saying so
+    #[arg(long, value_name = "F", hide = true)]
+    pub size_factor: Option<f64>,
     /// Estimate a job without a time limit at --default-estimate, not from its user's recent
     /// finished runs
     #[arg(long)]
@@ -478,12 +481,15 @@ pub(crate) fn core_config(args: &Args) -> Result<Config> {
     if !args.reserve_after_wait_factor.is_finite() || args.reserve_after_wait_factor < 0.0 {
         bail!("--reserve-after-wait-factor must be a number of 0 or more");
     }
+    if args.size_factor.is_some() {
+        bail!("{}", crate::config::SIZE_FACTOR_REPLACED);
+    }
     if args.fair_half_life.is_nan() || args.fair_half_life <= 0.0 {
         bail!("--fair-half-life must be positive");
     }
     config.fair.half_life_s = (args.fair_half_life * 3600.0).round().max(1.0) as u64;
     for (flag, knob, value) in [
-        ("--size-factor", FairKnob::SizeFactor, args.size_factor),
+        ("--size-weight", FairKnob::SizeWeight, args.size_weight),
         (
             "--fair-usage-factor",
             FairKnob::UsageFactor,
@@ -505,7 +511,7 @@ pub(crate) fn core_config(args: &Args) -> Result<Config> {
             bail!("{flag} must be {allowed}, not {value}");
         }
     }
-    config.fair.size_factor = args.size_factor;
+    config.fair.size_weight_h = args.size_weight;
     config.fair.usage_factor = args.fair_usage_factor;
     config.fair.age_factor = args.fair_age_factor;
     config.fair.reserve_below_share = args.reserve_below_share;
@@ -1271,7 +1277,7 @@ mod tests {
         crate::config::load(&full)
     }
 
-    /// The scheduling knobs of the core's `Config` (size factor, learned estimates, the fair
+    /// The scheduling knobs of the core's `Config` (size weight, learned estimates, the fair
     /// share's usage and age factors, reserving below a share) are server options and file
     /// keys: unset, the core's defaults; set, in the core's configuration; the command line
     /// beats the file; and a reload applies them.
@@ -1279,7 +1285,7 @@ mod tests {
     fn scheduling_knobs_reach_the_core_config() {
         let defaults = core_config(&loaded("", &[]).unwrap().args).unwrap();
         let core = Config::default();
-        assert_eq!(defaults.fair.size_factor, core.fair.size_factor);
+        assert_eq!(defaults.fair.size_weight_h, core.fair.size_weight_h);
         assert_eq!(defaults.fair.usage_factor, core.fair.usage_factor);
         assert_eq!(defaults.fair.age_factor, core.fair.age_factor);
         assert_eq!(
@@ -1288,23 +1294,23 @@ mod tests {
         );
         assert!(defaults.learn_estimates);
 
-        let file = "size_factor = 0\nno_learned_estimates = true\nfair_usage_factor = 10.5\n\
+        let file = "size_weight = 0\nno_learned_estimates = true\nfair_usage_factor = 10.5\n\
                     fair_age_factor = 0.5\nreserve_below_share = 0.2\n";
         let l = loaded(file, &[]).unwrap();
         let c = core_config(&l.args).unwrap();
-        assert_eq!(c.fair.size_factor, 0.0);
+        assert_eq!(c.fair.size_weight_h, 0.0);
         assert!(!c.learn_estimates);
         assert_eq!(c.fair.usage_factor, 10.5);
         assert_eq!(c.fair.age_factor, 0.5);
         assert_eq!(c.fair.reserve_below_share, 0.2);
         assert_eq!(l.effective["no_learned_estimates"], "true");
-        assert_eq!(l.effective["size_factor"], "0");
+        assert_eq!(l.effective["size_weight"], "0");
 
-        let cli = loaded(file, &["--size-factor", "3"]).unwrap();
-        assert_eq!(core_config(&cli.args).unwrap().fair.size_factor, 3.0);
+        let cli = loaded(file, &["--size-weight", "3"]).unwrap();
+        assert_eq!(core_config(&cli.args).unwrap().fair.size_weight_h, 3.0);
 
         for key in [
-            "size_factor",
+            "size_weight",
             "no_learned_estimates",
             "fair_usage_factor",
             "fair_age_factor",
@@ -1319,10 +1325,10 @@ mod tests {
     #[test]
     fn bad_scheduling_knobs_are_refused_by_name() {
         for (flag, value) in [
-            ("--size-factor", "nan"),
-            ("--size-factor", "-1"),
-            ("--size-factor", "inf"),
-            ("--size-factor", "1e9"),
+            ("--size-weight", "nan"),
+            ("--size-weight", "-1"),
+            ("--size-weight", "inf"),
+            ("--size-weight", "1e9"),
             ("--fair-usage-factor", "-0.5"),
             ("--fair-usage-factor", "1e12"),
             ("--fair-age-factor", "0"),
@@ -1351,6 +1357,18 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(flag), "{file}: {e}");
+        }
+        // The linear size factor of earlier releases does not carry over: refused, saying
+        // what replaced it, from the file and the command line.
+        for e in [
+            loaded("size_factor = 8.0\n", &[]).map(|_| ()),
+            loaded("", &["--size-factor=8"]).and_then(|l| core_config(&l.args).map(|_| ())),
+        ] {
+            let e = e.unwrap_err().to_string();
+            assert!(
+                e.contains("size_factor") && e.contains("size_weight"),
+                "{e}"
+            );
         }
         let e = loaded("no_learned_estimates = 1\n", &[])
             .err()

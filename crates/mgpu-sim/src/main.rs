@@ -64,10 +64,10 @@ struct Args {
     /// Fair share: seconds of priority gained per second of waiting.
     #[arg(long)]
     age_factor: Option<f64>,
-    /// Fair share: seconds of priority lost per second of a job's expected run time (shorter
-    /// jobs first).
+    /// Fair share: hours of priority lost per doubling of a job's expected run time, counted
+    /// from a minute (shorter jobs first; 0: FIFO within a user).
     #[arg(long)]
-    size_factor: Option<f64>,
+    size_weight: Option<f64>,
     /// Fair share: a user below this fraction of the contending users' mean usage reserves
     /// at once.
     #[arg(long)]
@@ -149,7 +149,7 @@ fn main() -> anyhow::Result<()> {
     for (flag, knob, value) in [
         ("--usage-factor", FairKnob::UsageFactor, args.usage_factor),
         ("--age-factor", FairKnob::AgeFactor, args.age_factor),
-        ("--size-factor", FairKnob::SizeFactor, args.size_factor),
+        ("--size-weight", FairKnob::SizeWeight, args.size_weight),
         (
             "--reserve-below-share",
             FairKnob::ReserveBelowShare,
@@ -174,7 +174,7 @@ fn main() -> anyhow::Result<()> {
             half_life_s: (args.half_life_h * 3600.0).round().max(1.0) as u64,
             usage_factor: args.usage_factor.unwrap_or(defaults.usage_factor),
             age_factor: args.age_factor.unwrap_or(defaults.age_factor),
-            size_factor: args.size_factor.unwrap_or(defaults.size_factor),
+            size_weight_h: args.size_weight.unwrap_or(defaults.size_weight_h),
             reserve_below_share: args
                 .reserve_below_share
                 .unwrap_or(defaults.reserve_below_share),

@@ -137,7 +137,7 @@ fn bad_inputs_are_clear_errors_not_panics_or_hangs() {
         ("--usage-factor", "nan", "--usage-factor must be"),
         // The daemon refuses these too: the simulator replays only what a server would run.
         ("--age-factor", "0", "--age-factor must be"),
-        ("--size-factor", "1001", "--size-factor must be"),
+        ("--size-weight", "10001", "--size-weight must be"),
         (
             "--reserve-below-share",
             "2",

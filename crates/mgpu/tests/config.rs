@@ -347,15 +347,15 @@ fn the_shipped_default_config_lists_every_option_and_is_valid() {
     assert!(text(&out.stdout).contains("[limits.users.alice]"));
 }
 
-/// `size_factor = 0` (a file key, like `--size-factor 0`) keeps first-come first-served order
+/// `size_weight = 0` (a file key, like `--size-weight 0`) keeps first-come first-served order
 /// within a user: of two waiting jobs, the one submitted first (with the longer time limit)
 /// goes first. Reloaded without it (the default, shortest first), the shorter job goes first,
 /// and starts first once the blocker holding the only GPU is gone. Bad values are refused by
 /// `--check-config`, naming the option.
 #[test]
-fn size_factor_zero_keeps_fifo_within_a_user_and_the_default_starts_the_shorter_first() {
-    let (_d, cfg) = config_file("size_factor = 0\n");
-    for bad in [["--size-factor", "nan"], ["--fair-age-factor", "0"]] {
+fn size_weight_zero_keeps_fifo_within_a_user_and_the_default_starts_the_shorter_first() {
+    let (_d, cfg) = config_file("size_weight = 0\n");
+    for bad in [["--size-weight", "nan"], ["--fair-age-factor", "0"]] {
         let out = check_config(&cfg, &bad);
         assert!(!out.status.success());
         assert!(text(&out.stderr).contains(bad[0]), "{}", text(&out.stderr));
@@ -376,7 +376,7 @@ fn size_factor_zero_keeps_fifo_within_a_user_and_the_default_starts_the_shorter_
     hup(&s);
     wait_until(Duration::from_secs(20), || {
         s.server_log()
-            .contains("config reloaded: size_factor 0 -> ")
+            .contains("config reloaded: size_weight 0 -> ")
     });
     assert_eq!(s.pending_order(), vec![short, long]);
     s.ok("mgpu_cancel", &[&blocker.to_string()]);

@@ -106,14 +106,16 @@ pub(crate) struct Estimator {
     fed: u64,
     /// The same for all users (for a user with too few runs of their own).
     limit_use_all: VecDeque<(Millis, f64)>,
-    /// All users' recent runs, newest last.
-    runs_all: VecDeque<Millis>,
+    /// All users' recent runs (uid, run ms), newest last, at most [`RUNS_KEPT`] per user.
+    runs_all: VecDeque<(u32, Millis)>,
+    /// How many of `runs_all` each user has (users with none are not kept).
+    in_runs_all: HashMap<u32, usize>,
     /// Their median (see [`Estimator::typical_run`]).
     typical: Option<Millis>,
 }
 
 /// Runs of all users kept for [`Estimator::typical_run`].
-const RUNS_ALL_KEPT: usize = 256;
+pub const RUNS_ALL_KEPT: usize = 256;
 
 /// Runs with a limit kept for [`Estimator::limit_use`] across all users.
 const LIMIT_USE_ALL_KEPT: usize = 64;
@@ -155,15 +157,7 @@ impl Estimator {
                 self.users.remove(&oldest);
             }
         }
-        if self.runs_all.len() == RUNS_ALL_KEPT {
-            self.runs_all.pop_front();
-        }
-        self.runs_all.push_back(run_ms);
-        self.typical = (self.runs_all.len() >= MIN_TYPICAL_RUNS).then(|| {
-            let mut runs: Vec<Millis> = self.runs_all.iter().copied().collect();
-            let mid = runs.len() / 2;
-            *runs.select_nth_unstable(mid).1
-        });
+        self.push_typical(uid, run_ms);
         let user = self.users.entry(uid).or_default();
         user.fed_at = fed;
         user.all.push(run_ms);
@@ -216,9 +210,42 @@ impl Estimator {
             .or_else(|| with_count(&user.all).map(|(ms, n)| (ms, n, false)))
     }
 
-    /// What a job nothing is known of likely takes: the median of all users' last
-    /// [`RUNS_ALL_KEPT`] runs, once there are [`MIN_TYPICAL_RUNS`] of them (kept up to date
-    /// by [`Estimator::learn`], so reading it costs nothing).
+    /// Adds a run to all users' recent runs and recomputes their median. One user keeps at
+    /// most [`RUNS_KEPT`] of the [`RUNS_ALL_KEPT`] (their oldest goes first): a burst of one
+    /// user's throwaway jobs cannot make every unknown job look short.
+    fn push_typical(&mut self, uid: u32, run_ms: Millis) {
+        let own = self.in_runs_all.get(&uid).copied().unwrap_or(0);
+        let evicted = if own >= RUNS_KEPT {
+            self.runs_all
+                .iter()
+                .position(|&(u, _)| u == uid)
+                .and_then(|at| self.runs_all.remove(at))
+        } else if self.runs_all.len() >= RUNS_ALL_KEPT {
+            self.runs_all.pop_front()
+        } else {
+            None
+        };
+        if let Some((gone, _)) = evicted {
+            if let Some(n) = self.in_runs_all.get_mut(&gone) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_runs_all.remove(&gone);
+                }
+            }
+        }
+        self.runs_all.push_back((uid, run_ms));
+        *self.in_runs_all.entry(uid).or_default() += 1;
+        self.typical = (self.runs_all.len() >= MIN_TYPICAL_RUNS).then(|| {
+            let mut runs: Vec<Millis> = self.runs_all.iter().map(|&(_, r)| r).collect();
+            let mid = runs.len() / 2;
+            *runs.select_nth_unstable(mid).1
+        });
+    }
+
+    /// What a job that nothing is known of (no limit, no agreeing runs) likely takes, for the
+    /// order only: the median of all users' last [`RUNS_ALL_KEPT`] runs (at most [`RUNS_KEPT`]
+    /// of them one user's), once there are [`MIN_TYPICAL_RUNS`] of them. Kept up to date by
+    /// [`Estimator::learn`], so reading it costs nothing.
     pub(crate) fn typical_run(&self) -> Option<Millis> {
         self.typical
     }
@@ -230,6 +257,12 @@ impl Estimator {
             .get(&uid)
             .and_then(|u| mean_use(&u.limit_use))
             .or_else(|| mean_use(&self.limit_use_all))
+    }
+
+    /// (runs, users counted) held for the typical run: for tests of the bounds.
+    #[cfg(test)]
+    pub(crate) fn typical_sizes(&self) -> (usize, usize) {
+        (self.runs_all.len(), self.in_runs_all.len())
     }
 
     /// (users, names, runs) held: for tests of the bounds.

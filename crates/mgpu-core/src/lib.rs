@@ -220,8 +220,9 @@ pub struct Job {
     estimate_ms: u64,
     /// Where `estimate_ms` comes from.
     estimate_source: EstimateSource,
-    /// The run time the shortest-first order assumes: `estimate_ms`, a time limit scaled by
-    /// how much of their limits the user's recent jobs used ([`Scheduler::order_estimate_ms`]).
+    /// The run time the shortest-first order assumes ([`Scheduler::order_estimate_ms`]): a time
+    /// limit scaled by how much of their limits the user's recent jobs used, a learned
+    /// estimate as it is, the typical recent run for a job nothing is known of.
     order_ms: u64,
     /// Its fair-share key is at least this: a context-switched job goes behind every job that
     /// was waiting when it was requeued, however short it is.
@@ -658,8 +659,8 @@ impl Scheduler {
     /// `source` (with [`Config::learn_estimates`]; else the estimate itself): a time limit is
     /// scaled by the share of their limits the user's recent jobs used, so that generous limits
     /// do not push a job back against jobs with tight ones or none; a job nothing is known of
-    /// counts as the typical recent run (the median of all users' last 256, never more than the
-    /// default), not as the default estimate, which only reservations need to be cautious;
+    /// counts as the typical recent run (the median of all users' last 256, at most 16 of them
+    /// one user's, never more than the default), not as the default estimate, which only reservations need to be cautious;
     /// a learned estimate is taken as it is.
     pub fn order_estimate_ms(
         &self,

@@ -77,7 +77,8 @@ pub struct FairShareConfig {
     /// Seconds of priority lost per point of `nice` (negative nice counts as 0).
     pub nice_unit_s: f64,
     /// Hours of priority lost per doubling of the job's expected run time (its limit scaled by
-    /// how much of their limits its user's jobs use, else its learned estimate), counted from
+    /// how much of their limits its user's jobs use, else its learned estimate, else the
+    /// typical recent run: see [`crate::Scheduler::order_estimate_ms`]), counted from
     /// [`SIZE_UNIT_MS`]: shorter jobs go first, and a job goes first anyway once it has waited
     /// this many hours longer per doubling of its lead (no starvation). Logarithmic, because
     /// run times span minutes to weeks: a linear term either leaves jobs of minutes and hours

@@ -2492,6 +2492,9 @@ fn the_estimators_memory_is_bounded() {
         e.learn(uid, "a", 1, None);
     }
     assert_eq!(e.sizes().0, estimate::USERS_KEPT);
+    let (typical_runs, typical_users) = e.typical_sizes();
+    assert_eq!(typical_runs, estimate::RUNS_ALL_KEPT);
+    assert!(typical_users <= estimate::RUNS_ALL_KEPT, "{typical_users}");
     // The least recently fed user went first.
     assert_eq!(e.estimate(0, "a"), None);
     assert_eq!(e.estimate(estimate::USERS_KEPT as u32 + 9, "a"), Some(1));
@@ -2503,6 +2506,11 @@ fn the_estimators_memory_is_bounded() {
     }
     let (users, names, runs) = e.sizes();
     assert_eq!(users, 1);
+    assert_eq!(
+        e.typical_sizes(),
+        (estimate::RUNS_KEPT, 1),
+        "one user's share of the typical"
+    );
     assert!(names <= estimate::NAMES_PER_USER, "{names}");
     assert!(runs <= (estimate::NAMES_PER_USER + 1) * estimate::RUNS_KEPT);
     // A name fed recently is kept; its ring holds the last runs only.
@@ -2642,6 +2650,27 @@ fn a_job_nothing_is_known_of_is_ordered_as_the_typical_run() {
         .map(|j| j.id)
         .collect();
     assert_eq!(pending, vec![unknown, hours]);
+}
+
+/// The typical run is not a lever: one user's burst of throwaway jobs keeps at most 16 of the
+/// 256 runs it is the median of, so it cannot make every other unknown job look short.
+#[test]
+fn one_users_burst_cannot_push_the_typical_run_down() {
+    let min = 60_000;
+    let mut s = Scheduler::new(gpus(&[80_000]), easy(), 1);
+    for uid in 0..16 {
+        s.learn_run(&named(100 + uid, "x"), 10 * min);
+    }
+    for _ in 0..200 {
+        s.learn_run(&named(7, "true"), 1);
+    }
+    s.submit(timed(9, 1, None, 10_000 * 3600), 0).unwrap();
+    s.schedule(0);
+    let newcomer = s.submit(named(3, "new"), 1_000).unwrap();
+    s.schedule(1_000);
+    let job = s.job(newcomer).unwrap();
+    assert_eq!(job.estimate_source, EstimateSource::Default);
+    assert_eq!(job.order_ms, 10 * min, "not pushed down by user 7's burst");
 }
 
 #[test]

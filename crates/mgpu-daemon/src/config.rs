@@ -54,10 +54,12 @@ const LIVE_KEYS: [&str; 15] = [
     "flood_factor",
 ];
 
-/// Why `--size-factor` / `size_factor` (a linear weight until this release) is refused.
-pub const SIZE_FACTOR_REPLACED: &str = "size_factor (--size-factor) was replaced by size_weight \
-     (--size-weight HOURS: hours of priority a job loses per doubling of its expected run time, \
-     default 140); a linear factor does not carry over, remove it or set size_weight";
+/// Why `--size-factor` / `size_factor` (a linear weight until this release) is ignored: a
+/// warning, not an error, so that an upgraded server with the old key still starts.
+pub const SIZE_FACTOR_REPLACED: &str = "size_factor (--size-factor) is ignored: it was replaced \
+     by size_weight (--size-weight HOURS: hours of priority a job loses per doubling of its \
+     expected run time); a linear factor does not carry over, so the default weight applies \
+     until size_weight is set (remove size_factor)";
 
 /// Can a change of `key` (dotted, as in [`Loaded::effective`]) be applied by a reload?
 pub fn is_live(key: &str) -> bool {
@@ -111,13 +113,15 @@ pub fn load(argv: &[OsString]) -> Result<Loaded> {
         .unwrap_or_else(|| "mgpu_scheduler_server".into());
     let mut extra: Vec<OsString> = Vec::new();
     let mut limits_value = None;
+    let mut replaced = Vec::new();
     for (key, value) in &table {
         if key == "limits" {
             limits_value = Some(value.clone());
             continue;
         }
         if key == "size_factor" {
-            bail!("{}: {SIZE_FACTOR_REPLACED}", path.display());
+            replaced.push(format!("{}: {SIZE_FACTOR_REPLACED}", path.display()));
+            continue;
         }
         let flag = key.replace('_', "-");
         let arg = command
@@ -160,8 +164,12 @@ pub fn load(argv: &[OsString]) -> Result<Loaded> {
         )
     })?;
     let args = Args::from_arg_matches(&matches).map_err(|e| anyhow!("{e}"))?;
-    let (limits, limits_doc, warnings) = LimitRules::from_value(limits_value.as_ref())
+    let (limits, limits_doc, mut warnings) = LimitRules::from_value(limits_value.as_ref())
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if args.size_factor.is_some() {
+        replaced.push(format!("--size-factor: {SIZE_FACTOR_REPLACED}"));
+    }
+    warnings.splice(0..0, replaced);
     let mut document = toml::Table::new();
     let mut unset = Vec::new();
     for arg in command.get_arguments() {

@@ -121,11 +121,12 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 86_400)]
     pub default_estimate: u64,
     /// Shortest first: hours of priority a job loses per doubling of its expected run time
-    /// (its time limit, else its learned or default estimate), counted from a minute; 0: first
-    /// come, first served within a user (fair policy)
+    /// (its time limit scaled by how much of their limits its user's jobs use, else its learned
+    /// estimate, else the typical recent run), counted from a minute; 0: first come, first
+    /// served within a user (fair policy)
     #[arg(long, value_name = "HOURS", default_value_t = FairShareConfig::default().size_weight_h)]
     pub size_weight: f64,
-    /// Replaced by --size-weight (a linear factor): refused with a message saying so
+    /// Replaced by --size-weight (a linear factor): ignored with a warning saying so
     #[arg(long, value_name = "F", hide = true)]
     pub size_factor: Option<f64>,
     /// Estimate a job without a time limit at --default-estimate, not from its user's recent
@@ -480,9 +481,6 @@ pub(crate) fn core_config(args: &Args) -> Result<Config> {
     };
     if !args.reserve_after_wait_factor.is_finite() || args.reserve_after_wait_factor < 0.0 {
         bail!("--reserve-after-wait-factor must be a number of 0 or more");
-    }
-    if args.size_factor.is_some() {
-        bail!("{}", crate::config::SIZE_FACTOR_REPLACED);
     }
     if args.fair_half_life.is_nan() || args.fair_half_life <= 0.0 {
         bail!("--fair-half-life must be positive");
@@ -1358,17 +1356,21 @@ mod tests {
                 .to_string();
             assert!(e.contains(flag), "{file}: {e}");
         }
-        // The linear size factor of earlier releases does not carry over: refused, saying
-        // what replaced it, from the file and the command line.
-        for e in [
-            loaded("size_factor = 8.0\n", &[]).map(|_| ()),
-            loaded("", &["--size-factor=8"]).and_then(|l| core_config(&l.args).map(|_| ())),
-        ] {
-            let e = e.unwrap_err().to_string();
+        // The linear size factor of earlier releases does not carry over: ignored with a
+        // warning saying what replaced it, from the file and the command line, so an upgraded
+        // server still starts (with the default weight, or size_weight when set).
+        for (file, cli) in [("size_factor = 0.0\n", None), ("", Some("--size-factor=0"))] {
+            let l = loaded(file, cli.as_slice()).unwrap();
             assert!(
-                e.contains("size_factor") && e.contains("size_weight"),
-                "{e}"
+                l.warnings
+                    .iter()
+                    .any(|w| w.contains("size_factor") && w.contains("size_weight")),
+                "{:?}",
+                l.warnings
             );
+            let c = core_config(&l.args).unwrap();
+            assert_eq!(c.fair.size_weight_h, Config::default().fair.size_weight_h);
+            assert!(!l.effective.contains_key("size_factor"));
         }
         let e = loaded("no_learned_estimates = 1\n", &[])
             .err()

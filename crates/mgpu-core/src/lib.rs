@@ -1392,6 +1392,21 @@ impl Scheduler {
         })
     }
 
+    /// The run time the shortest-first order counts for job `id` (ms): see
+    /// [`Scheduler::order_estimate_ms`]; for a job parked out of the queue, what it would get
+    /// entering now.
+    pub fn job_order_estimate(&self, id: JobId) -> Option<u64> {
+        let job = self.jobs.get(&id)?;
+        let parked = job.state == JobState::Pending
+            && (job.held || job.gate.is_some() || self.deferred_at.contains_key(&id));
+        Some(if parked {
+            let (ms, source) = self.estimate(&job.request);
+            self.order_estimate_ms(&job.request, ms, source)
+        } else {
+            job.order_ms
+        })
+    }
+
     /// A pending job's priority as of the latest pass (higher goes first), in seconds: for
     /// [`Policy::Fair`] waiting time minus the fair-share and nice penalties, for the FIFO
     /// policies the waiting time.

@@ -144,10 +144,15 @@ fn a_waiting_jobs_estimate_says_where_it_comes_from() {
     let shown = show(fresh);
     assert!(shown.contains("Estimate=1-00:00:00"), "{shown}");
     assert!(shown.contains("EstimateFrom=ServerDefault"), "{shown}");
+    // Fewer than 16 finished runs on this server: no typical run yet, the order counts 24 h.
+    assert!(shown.contains("OrderedAs=1-00:00:00"), "{shown}");
     let j = entry(limited);
     assert_eq!(j["estimate_source"], "time_limit", "{j}");
     assert_eq!(j["estimate_s"], 300, "{j}");
-    assert!(show(limited).contains("EstimateFrom=TimeLimit"));
+    let shown = show(limited);
+    assert!(shown.contains("EstimateFrom=TimeLimit"), "{shown}");
+    // No finished runs with a limit yet: the limit is not scaled.
+    assert!(shown.contains("OrderedAs=5:00"), "{shown}");
     let long = s.ok("mgpu_queue", &["-l"]);
     assert!(
         long.contains("Estimate=5:00 EstimateFrom=TimeLimit"),

@@ -374,6 +374,14 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
             );
             put("EstimateFrom", source.describe(&r.name));
         }
+        // What the shortest-first order counts (a limit scaled by its user's use of limits,
+        // the typical recent run for a job nothing is known of): differs from Estimate.
+        if let Some(ms) = sched.job_order_estimate(id) {
+            put(
+                "OrderedAs",
+                mgpu_core::timefmt::format_duration(ms.div_ceil(1000)),
+            );
+        }
         put("SubmitTime", j.submitted_at.to_string());
         put("StartTime", opt(j.started_at.map(|t| t.to_string())));
         put("Restarts", j.restarts.to_string());

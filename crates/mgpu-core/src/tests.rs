@@ -2609,6 +2609,28 @@ fn run_times_are_compared_in_doublings() {
     assert_eq!(pending, vec![five_min, two_hours]);
     let (pending, week, day) = order(168 * 3600, 24 * 3600, 500 * hour);
     assert_eq!(pending, vec![week, day]);
+    // A user who wants their long job before their own short ones nices the short ones
+    // (60 s per point: 60000 is 1000 h, more than the 607 h between 5 minutes and 2 hours).
+    let mut s = Scheduler::new(gpus(&[80_000]), easy(), 1);
+    s.submit(timed(9, 1, None, 10_000 * 3600), 0).unwrap();
+    s.schedule(0);
+    let long = s.submit(timed(1, 1, None, 2 * 3600), 1_000).unwrap();
+    let niced = s
+        .submit(
+            JobRequest {
+                nice: 60_000,
+                ..timed(1, 1, None, 300)
+            },
+            2_000,
+        )
+        .unwrap();
+    s.schedule(2_000);
+    let pending: Vec<JobId> = s
+        .jobs_in_order()
+        .filter(|j| j.state == JobState::Pending)
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(pending, vec![long, niced]);
 }
 
 /// A job nothing is known of (no limit, no agreeing history) is ordered as the typical recent

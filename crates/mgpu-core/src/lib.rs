@@ -68,7 +68,8 @@ pub struct JobRequest {
     pub mem_mib: Option<u64>,
     /// The job's own time limit in seconds, if any.
     pub time_limit_s: Option<u64>,
-    /// Slurm-style niceness: users may only lower their own priority (0 or more).
+    /// Slurm-style niceness (fair policy): 60 s of priority per point; users may only lower
+    /// their own priority (0 or more), root may raise a job's (negative).
     #[serde(default)]
     pub nice: i32,
     /// Past its limit the job ends as TIMEOUT instead of going back to the queue.
@@ -932,12 +933,14 @@ impl Scheduler {
             t.live += 1;
         }
         let (estimate_ms, estimate_source) = self.estimate(&request);
+        let order_ms = self.order_estimate_ms(&request, estimate_ms, estimate_source);
         let job = Job {
             started_at: Some(started_at),
             gpus,
             queue_key: key,
             estimate_ms,
             estimate_source,
+            order_ms,
             ..Job::new(id, request, JobState::Running, submitted_at, restarts)
         };
         self.jobs.insert(id, job);

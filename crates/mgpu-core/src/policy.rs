@@ -74,7 +74,7 @@ pub struct FairShareConfig {
     pub usage_factor: f64,
     /// Seconds of priority gained per second of waiting.
     pub age_factor: f64,
-    /// Seconds of priority lost per point of `nice` (negative nice counts as 0).
+    /// Seconds of priority lost per point of `nice` (a negative nice, root's to give, gains).
     pub nice_unit_s: f64,
     /// Hours of priority lost per doubling of the job's expected run time (its limit scaled by
     /// how much of their limits its user's jobs use, else its learned estimate, else the
@@ -185,7 +185,7 @@ impl FairShareConfig {
     /// The part of a job's priority fixed at submission (larger means later in its user's
     /// queue). Rounded to milliseconds so that it can key an ordered map.
     pub(crate) fn job_key_ms(&self, submitted_at: Millis, nice: i32, estimate_ms: u64) -> i64 {
-        let nice_ms = self.nice_unit_s * 1000.0 * f64::from(nice.max(0));
+        let nice_ms = self.nice_unit_s * 1000.0 * f64::from(nice);
         let size_ms =
             self.size_weight_h * 3_600_000.0 * (1.0 + estimate_ms as f64 / SIZE_UNIT_MS).log2();
         (self.age_factor * submitted_at as f64 + nice_ms + size_ms).round() as i64

@@ -704,6 +704,23 @@ fn fair_share_is_fifo_within_a_user_and_honours_nice_and_weights() {
         .map(|j| j.id)
         .collect();
     assert_eq!(order, vec![a, b, niced]);
+    // A negative nice (root's to give, as in Slurm) raises a job above earlier ones.
+    let raised = s
+        .submit(
+            JobRequest {
+                nice: -100,
+                ..req(3, 1, None)
+            },
+            3_000,
+        )
+        .unwrap();
+    s.schedule(3_000);
+    let first = s
+        .jobs_in_order()
+        .find(|j| j.state == JobState::Pending)
+        .map(|j| j.id);
+    assert_eq!(first, Some(raised));
+    s.cancel(raised, ROOT);
     s.finish(busy, JobState::Completed);
     assert_eq!(started_ids(&s.schedule(3_000)), vec![a]);
 
@@ -2693,6 +2710,15 @@ fn one_users_burst_cannot_push_the_typical_run_down() {
     let job = s.job(newcomer).unwrap();
     assert_eq!(job.estimate_source, EstimateSource::Default);
     assert_eq!(job.order_ms, 10 * min, "not pushed down by user 7's burst");
+}
+
+/// A running job restored after a restart shows what the order counts for it, as before.
+#[test]
+fn a_restored_running_job_keeps_its_order_estimate() {
+    let mut s = Scheduler::new(gpus(&[80_000]), easy(), 1);
+    s.restore_running(5, timed(1, 1, None, 3600), vec![0], 0, 0, 0)
+        .unwrap();
+    assert_eq!(s.job_order_estimate(5), Some(3_600_000));
 }
 
 #[test]

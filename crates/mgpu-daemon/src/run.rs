@@ -46,7 +46,7 @@ pub struct Args {
     /// ... and only once it has waited this many times longer than jobs wait of late (all
     /// users', or its own user's, whichever is less): starving, not merely waiting in a busy
     /// queue (0: no such condition)
-    #[arg(long, value_name = "F", default_value_t = 24.0)]
+    #[arg(long, value_name = "F", default_value_t = Config::default().reserve_after_wait_factor)]
     pub reserve_after_wait_factor: f64,
     /// Context switches allowed to a job that sets no --max-restarts of its own: past them it
     /// ends as TIMEOUT at its time limit instead of restarting from its command once more

@@ -1190,11 +1190,7 @@ impl Scheduler {
     /// 1-based position of a pending job in priority order (O(queue length); for display only).
     pub fn queue_position(&self, id: JobId) -> Option<usize> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending
-            || job.held
-            || self.deferred_at.contains_key(&id)
-            || job.gate.is_some()
-        {
+        if job.state != JobState::Pending || self.is_parked(job) {
             return None;
         }
         if self.config.policy != Policy::Fair {
@@ -1381,14 +1377,19 @@ impl Scheduler {
         })
     }
 
+    /// Is `job` pending but parked out of the queue (held, waiting on dependencies or its begin
+    /// time)? Such a job has no place, priority or fixed estimate yet.
+    fn is_parked(&self, job: &Job) -> bool {
+        job.state == JobState::Pending
+            && (job.held || job.gate.is_some() || self.deferred_at.contains_key(&job.id))
+    }
+
     /// A job's expected run time (ms) and where it comes from: the one fixed when it entered
     /// the queue, or, for a pending job parked out of it (held, waiting on dependencies or
     /// its begin time, a capped array's task), the one it would get entering now.
     pub fn job_estimate(&self, id: JobId) -> Option<(u64, EstimateSource)> {
         let job = self.jobs.get(&id)?;
-        let parked = job.state == JobState::Pending
-            && (job.held || job.gate.is_some() || self.deferred_at.contains_key(&id));
-        Some(if parked {
+        Some(if self.is_parked(job) {
             self.estimate(&job.request)
         } else {
             (job.estimate_ms, job.estimate_source)
@@ -1400,9 +1401,7 @@ impl Scheduler {
     /// entering now.
     pub fn job_order_estimate(&self, id: JobId) -> Option<u64> {
         let job = self.jobs.get(&id)?;
-        let parked = job.state == JobState::Pending
-            && (job.held || job.gate.is_some() || self.deferred_at.contains_key(&id));
-        Some(if parked {
+        Some(if self.is_parked(job) {
             let (ms, source) = self.estimate(&job.request);
             self.order_estimate_ms(&job.request, ms, source)
         } else {
@@ -1415,11 +1414,7 @@ impl Scheduler {
     /// policies the waiting time.
     pub fn priority(&self, id: JobId) -> Option<f64> {
         let job = self.jobs.get(&id)?;
-        if job.state != JobState::Pending
-            || job.held
-            || self.deferred_at.contains_key(&id)
-            || job.gate.is_some()
-        {
+        if job.state != JobState::Pending || self.is_parked(job) {
             return None;
         }
         let now = self.last_now;

@@ -579,6 +579,14 @@ fn started_ids(assignments: &[Assignment]) -> Vec<JobId> {
     assignments.iter().map(|a| a.job).collect()
 }
 
+/// The pending jobs' ids in priority order.
+fn pending_order(s: &Scheduler) -> Vec<JobId> {
+    s.jobs_in_order()
+        .filter(|j| j.state == JobState::Pending)
+        .map(|j| j.id)
+        .collect()
+}
+
 #[test]
 fn policies_parse_and_default_to_fair() {
     assert_eq!(Config::default().policy, Policy::Fair);
@@ -698,11 +706,7 @@ fn fair_share_is_fifo_within_a_user_and_honours_nice_and_weights() {
         )
         .unwrap();
     s.schedule(3_000);
-    let order: Vec<JobId> = s
-        .jobs_in_order()
-        .filter(|j| j.state == JobState::Pending)
-        .map(|j| j.id)
-        .collect();
+    let order = pending_order(&s);
     assert_eq!(order, vec![a, b, niced]);
     // A negative nice (root's to give, as in Slurm) raises a job above earlier ones.
     let raised = s
@@ -780,13 +784,6 @@ mod time_limits {
             time_limit_s: Some(limit_s),
             ..req(uid, n, mem)
         }
-    }
-
-    fn pending_order(s: &Scheduler) -> Vec<JobId> {
-        s.jobs_in_order()
-            .filter(|j| j.state == JobState::Pending)
-            .map(|j| j.id)
-            .collect()
     }
 
     #[test]
@@ -2591,11 +2588,7 @@ fn shorter_jobs_go_first_but_not_forever() {
     let late = (lead_h + 1.0).ceil() as u64 * hour;
     let late_short = s.submit(timed(1, 1, None, 3600), late).unwrap();
     s.schedule(late);
-    let order: Vec<JobId> = s
-        .jobs_in_order()
-        .filter(|j| j.state == JobState::Pending)
-        .map(|j| j.id)
-        .collect();
+    let order = pending_order(&s);
     assert_eq!(order, vec![short, long, late_short]);
     // The estimate orders, but never ends a job: a job without a limit runs past it.
     let _ = busy;
@@ -2615,11 +2608,7 @@ fn run_times_are_compared_in_doublings() {
         let a = s.submit(timed(1, 1, None, first), 1_000).unwrap();
         let b = s.submit(timed(1, 1, None, later), later_at).unwrap();
         s.schedule(later_at);
-        let pending: Vec<JobId> = s
-            .jobs_in_order()
-            .filter(|j| j.state == JobState::Pending)
-            .map(|j| j.id)
-            .collect();
+        let pending = pending_order(&s);
         (pending, a, b)
     };
     let (pending, two_hours, five_min) = order(2 * 3600, 300, 100 * hour);
@@ -2642,11 +2631,7 @@ fn run_times_are_compared_in_doublings() {
         )
         .unwrap();
     s.schedule(2_000);
-    let pending: Vec<JobId> = s
-        .jobs_in_order()
-        .filter(|j| j.state == JobState::Pending)
-        .map(|j| j.id)
-        .collect();
+    let pending = pending_order(&s);
     assert_eq!(pending, vec![long, niced]);
 }
 

@@ -816,11 +816,8 @@ mod time_limits {
         );
     }
 
-    /// Under fair share a short job goes before a longer one, but a switched job goes behind
-    /// every job waiting when it was requeued, however short: else the job it was switched
-    /// for (here one without a limit, estimated at 24 h) would never get its GPU.
-    #[test]
-    fn a_switched_short_job_goes_behind_a_waiting_long_one() {
+    /// A 10 s job `a` switched at 20 s for `b` (no limit, estimated at 24 h), waiting since 5 s.
+    fn switched_for_a_long_job() -> (Scheduler, JobId, JobId) {
         let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
         let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
         s.schedule(0);
@@ -828,6 +825,15 @@ mod time_limits {
         assert!(s.schedule(20_000).is_empty());
         assert_eq!(s.time_actions(20_000), vec![TimeAction::Requeue { job: a }]);
         s.requeue(a, 20_000);
+        (s, a, b)
+    }
+
+    /// Under fair share a short job goes before a longer one, but a switched job goes behind
+    /// every job waiting when it was requeued, however short: else the job it was switched
+    /// for (here one without a limit, estimated at 24 h) would never get its GPU.
+    #[test]
+    fn a_switched_short_job_goes_behind_a_waiting_long_one() {
+        let (mut s, a, b) = switched_for_a_long_job();
         assert_eq!(pending_order(&s), vec![b, a]);
         assert_eq!(started_ids(&s.schedule(20_000)), vec![b]);
     }
@@ -836,13 +842,7 @@ mod time_limits {
     /// restore: restored by its own key alone, the short job would pass the long one again.
     #[test]
     fn a_restored_switched_job_keeps_its_place_behind_the_waiting_ones() {
-        let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
-        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
-        s.schedule(0);
-        let b = s.submit(req(1, 1, None), 5_000).unwrap();
-        assert!(s.schedule(20_000).is_empty());
-        assert_eq!(s.time_actions(20_000), vec![TimeAction::Requeue { job: a }]);
-        s.requeue(a, 20_000);
+        let (s, a, b) = switched_for_a_long_job();
         assert_eq!(s.job(b).unwrap().min_key(), None);
         let floor = s.queue_floor(a);
         assert!(floor.is_some());
@@ -875,13 +875,7 @@ mod time_limits {
     /// a begin time that comes does not drop the floor either.
     #[test]
     fn a_switched_jobs_place_survives_new_weights_and_a_begin_time() {
-        let mut s = Scheduler::new(gpus(&[24_000]), Config::default(), 1);
-        let a = s.submit(limited(1, 1, None, 10), 0).unwrap();
-        s.schedule(0);
-        let b = s.submit(req(1, 1, None), 5_000).unwrap();
-        assert!(s.schedule(20_000).is_empty());
-        assert_eq!(s.time_actions(20_000), vec![TimeAction::Requeue { job: a }]);
-        s.requeue(a, 20_000);
+        let (mut s, a, b) = switched_for_a_long_job();
         assert_eq!(pending_order(&s), vec![b, a]);
         for age_factor in [0.5, 2.0] {
             let mut config = Config::default();

@@ -484,6 +484,9 @@ pub struct Scheduler {
     /// The user flooding the queue now, if any (see [`FairShareConfig::flood_factor`]), with
     /// the number of their waiting jobs; fixed per pass.
     flooder: Option<(u32, usize)>,
+    /// The typical run is known and the waiting jobs nothing is known of are ordered as it
+    /// (see [`Scheduler::order_unknown_jobs_as_typical`]).
+    typical_known: bool,
 }
 
 /// A running job measured over its GPU memory reservation on one GPU.
@@ -549,6 +552,7 @@ impl Scheduler {
             to_learn: Vec::new(),
             share_bar: -1.0,
             flooder: None,
+            typical_known: false,
         }
     }
 
@@ -683,6 +687,31 @@ impl Scheduler {
                 .map_or(estimate_ms, |t| t.min(estimate_ms))
                 .max(1),
             _ => estimate_ms,
+        }
+    }
+
+    /// The typical run has just become known (the first [`estimate::MIN_TYPICAL_RUNS`] runs
+    /// of a server without history have ended): the waiting jobs nothing is known of, ordered
+    /// until now as the default estimate (24 h), are ordered as the typical run, as every such
+    /// job submitted from now on is. Without this, the first jobs of a new server would stay 7
+    /// doublings behind every later one. Once only: later, a waiting job keeps the order
+    /// estimate made when it entered the queue (re-keying as the median drifts was measured
+    /// worse, docs/scheduling.md). O(n log n), once.
+    fn order_unknown_jobs_as_typical(&mut self) {
+        self.typical_known = true;
+        if !self.config.learn_estimates {
+            return;
+        }
+        let unknown: Vec<JobId> = self
+            .pending
+            .values()
+            .copied()
+            .filter(|id| self.jobs[id].estimate_source == EstimateSource::Default)
+            .collect();
+        for id in unknown {
+            let job = self.jobs.remove(&id).expect("a pending job");
+            self.unindex_pending(&job);
+            self.index_pending(job);
         }
     }
 
@@ -965,6 +994,9 @@ impl Scheduler {
         for (uid, name, started_at, limit_ms) in std::mem::take(&mut self.to_learn) {
             self.estimator
                 .learn(uid, &name, now.saturating_sub(started_at), limit_ms);
+        }
+        if !self.typical_known && self.estimator.typical_run().is_some() {
+            self.order_unknown_jobs_as_typical();
         }
         self.share_bar = self.compute_share_bar(now);
         self.flooder = self.compute_flooder();

@@ -2670,6 +2670,33 @@ fn a_job_nothing_is_known_of_is_ordered_as_the_typical_run() {
     assert_eq!(pending, vec![unknown, hours]);
 }
 
+/// A new server's first jobs without a limit are ordered as the default (24 h) until 16 runs
+/// have ended; then they are ordered as the typical run, as those submitted later are, and are
+/// not left 7 doublings behind their own user's later jobs.
+#[test]
+fn the_first_unknown_jobs_are_reordered_once_the_typical_run_is_known() {
+    let min = 60_000;
+    let mut s = Scheduler::new(gpus(&[80_000]), easy(), 1);
+    s.submit(timed(9, 1, None, 10_000 * 3600), 0).unwrap();
+    s.schedule(0);
+    let early = s.submit(named(2, "sweep"), 1_000).unwrap();
+    s.schedule(1_000);
+    assert_eq!(s.job(early).unwrap().order_ms, 24 * 60 * min);
+    for uid in 0..16 {
+        s.learn_run(&named(100 + uid, "x"), 10 * min);
+    }
+    let later = s.submit(named(2, "sweep"), 2_000).unwrap();
+    s.schedule(2_000);
+    assert_eq!(s.job(later).unwrap().order_ms, 10 * min);
+    assert_eq!(s.job(early).unwrap().order_ms, 10 * min);
+    assert_eq!(
+        s.job(early).unwrap().estimate_ms,
+        24 * 60 * min,
+        "reservations keep the default"
+    );
+    assert_eq!(pending_order(&s), vec![early, later]);
+}
+
 /// The typical run is not a lever: one user's burst of throwaway jobs keeps at most 16 of the
 /// 256 runs it is the median of, so it cannot make every other unknown job look short.
 #[test]

@@ -562,12 +562,12 @@ impl Scheduler {
             .insert(id);
     }
 
-    /// A job left the core for good (ended, or cancelled while pending): its dependents and
-    /// the next `singleton` job of its name get a look.
-    pub(crate) fn job_left(&mut self, job: &crate::Job, state: JobState) {
-        let key = (job.request.uid, job.request.name.clone());
+    /// A job of this user and name is no longer live (it left, or was renamed): the first
+    /// `singleton` job waiting on that name gets a look.
+    fn name_left(&mut self, id: JobId, request: &crate::JobRequest) {
+        let key = (request.uid, request.name.clone());
         if let Some(set) = self.names.get_mut(&key) {
-            set.remove(&job.id);
+            set.remove(&id);
             if set.is_empty() {
                 self.names.remove(&key);
             }
@@ -579,6 +579,12 @@ impl Scheduler {
         {
             self.recheck.push(first);
         }
+    }
+
+    /// A job left the core for good (ended, or cancelled while pending): its dependents and
+    /// the next `singleton` job of its name get a look.
+    pub(crate) fn job_left(&mut self, job: &crate::Job, state: JobState) {
+        self.name_left(job.id, &job.request);
         if let Some(g) = &job.gate {
             self.forget_dep_items(job.request.uid, g);
             self.parked.remove(&job.id);
@@ -822,20 +828,7 @@ impl Scheduler {
         if renamed {
             let old = job.clone();
             // Out of the old name's set (and waiters of it get a look), into the new one's.
-            let key = (old.request.uid, old.request.name.clone());
-            if let Some(set) = self.names.get_mut(&key) {
-                set.remove(&id);
-                if set.is_empty() {
-                    self.names.remove(&key);
-                }
-            }
-            if let Some(first) = self
-                .singleton_waiters
-                .get(&key)
-                .and_then(|w| w.first().copied())
-            {
-                self.recheck.push(first);
-            }
+            self.name_left(id, &old.request);
             if job.gate.as_ref().is_some_and(|g| g.singleton) {
                 self.forget_singleton_waiter(id, &job.request);
                 self.singleton_waiters

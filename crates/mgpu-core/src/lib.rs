@@ -713,6 +713,8 @@ impl Scheduler {
             self.unindex_pending(&job);
             self.index_pending(job);
         }
+        // The order changed: this pass looks at the whole queue.
+        self.full_pass_needed = true;
     }
 
     /// Refuses a request this machine could never satisfy, whatever else runs.

@@ -826,9 +826,8 @@ impl Scheduler {
         }
         let renamed = job.request.name != request.name;
         if renamed {
-            let old = job.clone();
             // Out of the old name's set (and waiters of it get a look), into the new one's.
-            self.name_left(id, &old.request);
+            self.name_left(id, &job.request);
             if job.gate.as_ref().is_some_and(|g| g.singleton) {
                 self.forget_singleton_waiter(id, &job.request);
                 self.singleton_waiters

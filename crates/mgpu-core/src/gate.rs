@@ -848,7 +848,7 @@ impl Scheduler {
             self.reservation = None;
         }
         self.full_pass_needed = true;
-        self.no_switch_until = None;
+        self.no_switch = None;
         Ok(())
     }
 

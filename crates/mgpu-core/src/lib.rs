@@ -445,10 +445,13 @@ pub struct Scheduler {
     throttles: BTreeMap<JobId, Throttle>,
     /// Jobs over their reservation on a GPU they share, since the first reading that saw it.
     over_since: HashMap<JobId, Millis>,
-    /// The overdue jobs whose switch served nobody at the last trial, and until when that
-    /// answer stands: a trial copies the whole scheduler, so it is not repeated on every event
-    /// (see [`Scheduler::time_actions`]).
-    no_switch_until: Option<(Vec<JobId>, Millis)>,
+    /// The last trial that found switching the overdue jobs served nobody: a trial copies the
+    /// whole scheduler, so it is not repeated on every event (see [`Scheduler::time_actions`]).
+    no_switch: Option<timelimit::NoSwitch>,
+    /// Passes that found something new (a job submitted, ended, requeued or changed, a reload,
+    /// a reservation's plan gone stale): a standing "switching serves nobody" is tried again
+    /// within [`timelimit::SWITCH_RETRIAL_MS`] after one.
+    queue_changes: u64,
     /// What each user's running jobs hold (for [`Config::user_limits`]).
     running_totals: limits::RunningTotals,
     /// Pending jobs waiting for their `--begin` time (see `begin.rs`), by time and by id.
@@ -532,7 +535,8 @@ impl Scheduler {
             recent_wait_ms: 0.0,
             recent_starts: 0,
             recent_wait_by_user: HashMap::new(),
-            no_switch_until: None,
+            no_switch: None,
+            queue_changes: 0,
             throttles: BTreeMap::new(),
             over_since: HashMap::new(),
             running_totals: Default::default(),
@@ -1017,6 +1021,9 @@ impl Scheduler {
         let stale_plan = self.reservation.is_some() && self.recheck_at.is_some_and(|t| now > t);
         let replan = std::mem::take(&mut self.full_pass_needed) || stale_plan;
         let fresh = std::mem::take(&mut self.fresh);
+        if replan || !fresh.is_empty() {
+            self.queue_changes += 1;
+        }
         // A job waited long enough for the reservation: a full pass finds it.
         if replan || rescan_all || self.seeks_reservation(now) {
             self.full_pass(now, replan)

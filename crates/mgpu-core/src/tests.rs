@@ -1198,6 +1198,52 @@ mod time_limits {
         assert_eq!(started_ids(&s.schedule(later)), vec![v]);
     }
 
+    /// While nothing but the clock moves, a fruitless trial's answer stands twice as long each
+    /// time: a job far past its limit in a quiet queue does not cost a trial every 5 s for as
+    /// long as it runs. Once the queue changes, the next trial comes within 5 s of the last,
+    /// as before.
+    #[test]
+    fn a_fruitless_switch_trial_backs_off_while_nothing_changes() {
+        let mut s = Scheduler::new(
+            gpus(&[80_000; 4]),
+            Config {
+                min_slice_s: 60,
+                ..easy()
+            },
+            1,
+        );
+        let a = s.submit(limited(1, 2, None, 300), 0).unwrap();
+        let b = s.submit(limited(2, 2, None, 7_200), 0).unwrap();
+        assert_eq!(started_ids(&s.schedule(0)), vec![a, b]);
+        s.submit(req(3, 4, None), 1_000).unwrap();
+        s.submit(req(4, 1, None), 2_000).unwrap();
+        assert!(s.schedule(2_000).is_empty());
+        // Just past a's limit, which is also its expected end: the reservation's plan (for
+        // the 4-GPU job) is re-made once, a change like any other.
+        let mut at = 301_000;
+        assert!(s.schedule(at).is_empty());
+        assert!(s.time_actions(at).is_empty());
+        let mut stands = timelimit::SWITCH_RETRIAL_MS;
+        for _ in 0..8 {
+            assert_eq!(s.next_deadline(at), Some(at + stands));
+            at += stands;
+            assert!(s.schedule(at).is_empty());
+            assert!(s.time_actions(at).is_empty(), "still nobody to serve");
+            stands *= 2;
+        }
+        assert_eq!(s.next_deadline(at), Some(at + stands));
+        // A job the switch would serve arrives: the next trial is 5 s after the last.
+        let v = s.submit(limited(5, 2, None, 600), at + 1_000).unwrap();
+        assert!(s.schedule(at + 1_000).is_empty());
+        assert!(s.time_actions(at + 1_000).is_empty());
+        let retry = at + timelimit::SWITCH_RETRIAL_MS;
+        assert_eq!(s.next_deadline(at + 1_000), Some(retry));
+        assert!(s.schedule(retry).is_empty());
+        assert_eq!(s.time_actions(retry), vec![TimeAction::Requeue { job: a }]);
+        s.requeue(a, retry);
+        assert_eq!(started_ids(&s.schedule(retry)), vec![v]);
+    }
+
     /// Under a backfilling policy a waiting job that fits on the freed GPUs but would delay
     /// the reservation does not start there: no switch for it.
     #[test]

@@ -45,8 +45,37 @@ pub enum Stopping {
 }
 
 /// How long a trial's answer that switching the overdue jobs would serve nobody stands before
-/// it is tried again (unless which jobs are overdue changes).
+/// it is tried again after the queue changed (unless which jobs are overdue changes).
 pub(crate) const SWITCH_RETRIAL_MS: Millis = 5_000;
+/// While nothing changes but the clock, each trial that finds the same answer lets it stand
+/// twice as long as the last (from [`SWITCH_RETRIAL_MS`]): a switch can only come to serve
+/// someone through a change (a job submitted, ended or requeued, a reservation re-planned as
+/// a running job passes its expected end), and a job past its limit in a quiet queue must not
+/// cost a trial every 5 s for as long as it runs (a replay of a 30-year job past a 1-second
+/// limit took 2·10^8 trials; now about 30).
+/// A trial that found switching the overdue jobs served nobody ([`Scheduler::time_actions`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NoSwitch {
+    /// The overdue jobs tried (oldest slice end first).
+    overdue: Vec<JobId>,
+    tried_at: Millis,
+    /// How long the answer stands while the queue does not change.
+    stands_ms: Millis,
+    /// [`Scheduler::queue_changes`] at the trial.
+    changes: u64,
+}
+
+impl NoSwitch {
+    /// When the answer is to be tried again, given the queue changes so far.
+    fn retry_at(&self, changes: u64) -> Millis {
+        let stands = if changes == self.changes {
+            self.stands_ms
+        } else {
+            self.stands_ms.min(SWITCH_RETRIAL_MS)
+        };
+        self.tried_at.saturating_add(stands)
+    }
+}
 
 impl Scheduler {
     /// Running jobs, by id, from the GPU books: costs what runs, not what waits.
@@ -141,8 +170,10 @@ impl Scheduler {
         // scheduler on every event while, say, a light user's overdue job outranks a heavy
         // user's waiting ones.
         let overdue_ids: Vec<JobId> = overdue.iter().map(|(_, id)| *id).collect();
-        if let Some((ids, until)) = &self.no_switch_until {
-            if *ids == overdue_ids && now < *until {
+        let standing = self.no_switch.take().filter(|n| n.overdue == overdue_ids);
+        if let Some(n) = standing.as_ref() {
+            if now < n.retry_at(self.queue_changes) {
+                self.no_switch = standing;
                 return actions;
             }
         }
@@ -176,9 +207,17 @@ impl Scheduler {
                 }
             }
         }
-        self.no_switch_until = switched
-            .is_empty()
-            .then(|| (overdue_ids, now.saturating_add(SWITCH_RETRIAL_MS)));
+        // The same answer with nothing changed but the clock: it stands twice as long.
+        let stands_ms = match standing {
+            Some(n) if n.changes == self.queue_changes => n.stands_ms.saturating_mul(2),
+            _ => SWITCH_RETRIAL_MS,
+        };
+        self.no_switch = switched.is_empty().then_some(NoSwitch {
+            overdue: overdue_ids,
+            tried_at: now,
+            stands_ms,
+            changes: self.queue_changes,
+        });
         for id in switched {
             actions.push(TimeAction::Requeue { job: id });
             self.jobs.get_mut(&id).expect("job exists").stopping = Some(Stopping::Requeue);
@@ -227,7 +266,11 @@ impl Scheduler {
                     .filter(|t| *t > now)
                     .min()
             })
-            .chain(self.no_switch_until.as_ref().map(|(_, until)| *until))
+            .chain(
+                self.no_switch
+                    .as_ref()
+                    .map(|n| n.retry_at(self.queue_changes)),
+            )
             .filter(|t| *t > now)
             // A job whose begin time came waits for the next pass: soon, never lost.
             .chain(self.next_begin().map(|at| at.max(now + 1)))

@@ -47,13 +47,16 @@ pub enum Stopping {
 /// How long a trial's answer that switching the overdue jobs would serve nobody stands before
 /// it is tried again after the queue changed (unless which jobs are overdue changes).
 pub(crate) const SWITCH_RETRIAL_MS: Millis = 5_000;
-/// While nothing changes but the clock, each trial that finds the same answer lets it stand
-/// twice as long as the last (from [`SWITCH_RETRIAL_MS`]): a switch can only come to serve
-/// someone through a change (a job submitted, ended or requeued, a reservation re-planned as
-/// a running job passes its expected end), and a job past its limit in a quiet queue must not
-/// cost a trial every 5 s for as long as it runs (a replay of a 30-year job past a 1-second
-/// limit took 2·10^8 trials; now about 30).
+
 /// A trial that found switching the overdue jobs served nobody ([`Scheduler::time_actions`]).
+///
+/// While nothing changes but the clock, each trial that finds the same answer lets it stand
+/// twice as long as the last (from [`SWITCH_RETRIAL_MS`]): a switch comes to serve someone all
+/// but only through a change (a job submitted, ended or requeued, a reservation re-planned as
+/// a running job passes its expected end), after which the next trial is due within
+/// [`SWITCH_RETRIAL_MS`] of the last; and a job past its limit in a quiet queue must not cost
+/// a trial every 5 s for as long as it runs (a replay of a 30-year job past a 1-second limit
+/// took 2·10^8 trials; now about 30).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct NoSwitch {
     /// The overdue jobs tried (oldest slice end first).
@@ -188,6 +191,7 @@ impl Scheduler {
                 .is_some_and(|(_, id)| placement::choose(&books, &self.jobs[id].request).is_some())
         });
         if !anyone_fits {
+            self.no_switch = standing;
             return actions;
         }
         let mut switched: Vec<JobId> = Vec::new();

@@ -695,9 +695,10 @@ impl Scheduler {
     }
 
     /// The typical run has just become known (the first [`estimate::MIN_TYPICAL_RUNS`] runs
-    /// of a server without history have ended): the waiting jobs nothing is known of, ordered
-    /// until now as the default estimate (24 h), are ordered as the typical run, as every such
-    /// job submitted from now on is. Without this, the first jobs of a new server would stay 7
+    /// of a server without history have ended): the waiting jobs nothing was known of, ordered
+    /// until now as the default estimate (24 h), are estimated again as the same jobs
+    /// submitted now would be (as the typical run, or from their user's runs where those now
+    /// agree). Without this, the first jobs of a new server would stay 7
     /// doublings behind every later one. Once only: later, a waiting job keeps the order
     /// estimate made when it entered the queue (re-keying as the median drifts was measured
     /// worse, docs/scheduling.md). O(n log n), once.
@@ -717,6 +718,9 @@ impl Scheduler {
             self.unindex_pending(&job);
             self.index_pending(job);
         }
+        // A re-keyed job may now stand behind a switched job's floor: that job goes back
+        // behind it.
+        self.settle_floors();
         // The order changed: this pass looks at the whole queue.
         self.full_pass_needed = true;
     }

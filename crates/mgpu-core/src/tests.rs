@@ -1199,9 +1199,9 @@ mod time_limits {
     }
 
     /// While nothing but the clock moves, a fruitless trial's answer stands twice as long each
-    /// time: a job far past its limit in a quiet queue does not cost a trial every 5 s for as
-    /// long as it runs. Once the queue changes, the next trial comes within 5 s of the last,
-    /// as before.
+    /// time, up to 10 minutes: a job far past its limit in a quiet queue does not cost a trial
+    /// every 5 s for as long as it runs. Once the queue changes, the next trial comes within
+    /// 5 s of the last, as before.
     #[test]
     fn a_fruitless_switch_trial_backs_off_while_nothing_changes() {
         let mut s = Scheduler::new(
@@ -1229,8 +1229,9 @@ mod time_limits {
             at += stands;
             assert!(s.schedule(at).is_empty());
             assert!(s.time_actions(at).is_empty(), "still nobody to serve");
-            stands *= 2;
+            stands = (stands * 2).min(timelimit::SWITCH_RETRIAL_MAX_MS);
         }
+        assert_eq!(stands, timelimit::SWITCH_RETRIAL_MAX_MS);
         assert_eq!(s.next_deadline(at), Some(at + stands));
         // A job the switch would serve arrives: the next trial is 5 s after the last.
         let v = s.submit(limited(5, 2, None, 600), at + 1_000).unwrap();

@@ -48,15 +48,20 @@ pub enum Stopping {
 /// it is tried again after the queue changed (unless which jobs are overdue changes).
 pub(crate) const SWITCH_RETRIAL_MS: Millis = 5_000;
 
+/// The longest a fruitless trial's answer stands while nothing changes but the clock.
+pub(crate) const SWITCH_RETRIAL_MAX_MS: Millis = 10 * 60_000;
+
 /// A trial that found switching the overdue jobs served nobody ([`Scheduler::time_actions`]).
 ///
 /// While nothing changes but the clock, each trial that finds the same answer lets it stand
-/// twice as long as the last (from [`SWITCH_RETRIAL_MS`]): a switch comes to serve someone all
-/// but only through a change (a job submitted, ended or requeued, a reservation re-planned as
-/// a running job passes its expected end), after which the next trial is due within
-/// [`SWITCH_RETRIAL_MS`] of the last; and a job past its limit in a quiet queue must not cost
-/// a trial every 5 s for as long as it runs (a replay of a 30-year job past a 1-second limit
-/// took 2·10^8 trials; now about 30).
+/// twice as long as the last, from [`SWITCH_RETRIAL_MS`] up to [`SWITCH_RETRIAL_MAX_MS`]; after
+/// a change (a job submitted, ended or requeued, a reservation re-planned as a running job
+/// passes its expected end) the next trial is due within [`SWITCH_RETRIAL_MS`] of the last.
+/// The clock alone moves the answer only slowly (a waiting job's age, users' usage, a job
+/// coming to seek the reservation: hours), so a switch it brings about comes at most 10
+/// minutes late; and a job past its limit in a quiet queue does not cost a trial every 5 s
+/// for as long as it runs (a replay of a 30-year job past a 1-second limit took 2·10^8
+/// trials, 25 minutes; now about 2·10^6, 24 s for the five policies).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct NoSwitch {
     /// The overdue jobs tried (oldest slice end first).
@@ -213,7 +218,9 @@ impl Scheduler {
         }
         // The same answer with nothing changed but the clock: it stands twice as long.
         let stands_ms = match standing {
-            Some(n) if n.changes == self.queue_changes => n.stands_ms.saturating_mul(2),
+            Some(n) if n.changes == self.queue_changes => {
+                n.stands_ms.saturating_mul(2).min(SWITCH_RETRIAL_MAX_MS)
+            }
             _ => SWITCH_RETRIAL_MS,
         };
         self.no_switch = switched.is_empty().then_some(NoSwitch {

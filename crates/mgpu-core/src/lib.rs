@@ -389,7 +389,7 @@ impl Default for Config {
             default_estimate_s: 24 * 3600,
             learn_estimates: true,
             reserve_after_s: 2 * 3600,
-            reserve_after_wait_factor: 48.0,
+            reserve_after_wait_factor: 96.0,
             fair: FairShareConfig::default(),
             user_limits: HashMap::new(),
         }

@@ -1161,11 +1161,11 @@ mod time_limits {
         assert_eq!(s.job(a).unwrap().state, JobState::Pending);
     }
 
-    /// A trial that found a switch serving nobody is not repeated on every event (it copies
-    /// the whole scheduler): its answer stands for a few seconds, the timer comes back then,
-    /// and a job that a switch would serve is served at the latest then.
-    #[test]
-    fn a_fruitless_switch_trial_is_not_repeated_on_every_event() {
+    /// 4 GPUs: job a (2 GPUs, a 300 s limit) and job b (2 GPUs, 7,200 s) run; a 4-GPU job and
+    /// a 1-GPU job without limits wait. Once a is past its limit, switching it serves nobody
+    /// (the 4-GPU job does not fit beside b, and the 1-GPU one, expected to run 24 h, would
+    /// delay the 4-GPU job's reservation). Returns a.
+    fn switch_serving_nobody() -> (Scheduler, JobId) {
         let mut s = Scheduler::new(
             gpus(&[80_000; 4]),
             Config {
@@ -1180,6 +1180,15 @@ mod time_limits {
         s.submit(req(3, 4, None), 1_000).unwrap();
         s.submit(req(4, 1, None), 2_000).unwrap();
         assert!(s.schedule(2_000).is_empty());
+        (s, a)
+    }
+
+    /// A trial that found a switch serving nobody is not repeated on every event (it copies
+    /// the whole scheduler): its answer stands for a few seconds, the timer comes back then,
+    /// and a job that a switch would serve is served at the latest then.
+    #[test]
+    fn a_fruitless_switch_trial_is_not_repeated_on_every_event() {
+        let (mut s, a) = switch_serving_nobody();
         let t = 300_000;
         assert!(s.schedule(t).is_empty());
         assert!(
@@ -1204,20 +1213,7 @@ mod time_limits {
     /// 5 s of the last, as before.
     #[test]
     fn a_fruitless_switch_trial_backs_off_while_nothing_changes() {
-        let mut s = Scheduler::new(
-            gpus(&[80_000; 4]),
-            Config {
-                min_slice_s: 60,
-                ..easy()
-            },
-            1,
-        );
-        let a = s.submit(limited(1, 2, None, 300), 0).unwrap();
-        let b = s.submit(limited(2, 2, None, 7_200), 0).unwrap();
-        assert_eq!(started_ids(&s.schedule(0)), vec![a, b]);
-        s.submit(req(3, 4, None), 1_000).unwrap();
-        s.submit(req(4, 1, None), 2_000).unwrap();
-        assert!(s.schedule(2_000).is_empty());
+        let (mut s, a) = switch_serving_nobody();
         // Just past a's limit, which is also its expected end: the reservation's plan (for
         // the 4-GPU job) is re-made once, a change like any other.
         let mut at = 301_000;

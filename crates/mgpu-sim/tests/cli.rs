@@ -291,3 +291,45 @@ fn matrix_reports_goal_5_with_split_users_and_load() {
     assert_eq!(r["fair_meets_1_to_3"], meets);
     assert_eq!(r["fair_fairest"], fairest);
 }
+
+#[test]
+fn a_failed_flood_cell_gives_the_wait_without_the_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    // Steady users whose 100-hour 8-GPU jobs queue behind each other: some seeds fail goal 4.
+    write(
+        dir.path(),
+        "long.csv",
+        &format!("{HEADER}0,36000,1\n60,360000,8\n120,600,8\n"),
+    );
+    let d = dir.path().to_str().unwrap();
+    let args = ["--matrix", d, "--seed", "1", "--seed", "2", "--seed", "3"];
+    let json = succeeds(&[&args[..], &["--json"]].concat());
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let floods = r["floods"].as_array().unwrap();
+    assert_eq!(floods.len(), 3);
+    let mut failed = 0;
+    for f in floods {
+        let pass = f["pass"].as_bool().unwrap();
+        // Measured only where the goal is missed.
+        assert_eq!(f["alone_mean_wait_s"].is_null(), pass, "{f}");
+        if pass {
+            continue;
+        }
+        failed += 1;
+        let alone = f["alone_mean_wait_s"].as_f64().unwrap();
+        let first_fit =
+            f["others_mean_wait_s"].as_f64().unwrap() / f["vs_first_fit"].as_f64().unwrap();
+        let ratio = f["alone_vs_first_fit"].as_f64().unwrap();
+        assert!(
+            alone > 0.0 && (ratio - alone / first_fit).abs() < 1e-9,
+            "{f}"
+        );
+    }
+    assert!(failed > 0, "{floods:?}");
+    let text = succeeds(&args);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("goal 4 FAIL (with no flood at all they wait ")),
+        "{text}"
+    );
+}

@@ -41,7 +41,7 @@ pub fn write_docs(dir: &Path) -> Result<Vec<PathBuf>> {
     for (sub, shell) in places {
         let out = dir.join(sub);
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        for mut cmd in commands() {
+        for cmd in commands() {
             let name = cmd.get_name().to_string();
             let path = match shell {
                 None => {
@@ -51,12 +51,52 @@ pub fn write_docs(dir: &Path) -> Result<Vec<PathBuf>> {
                     std::fs::write(&path, page)?;
                     path
                 }
-                Some(shell) => clap_complete::generate_to(shell, &mut cmd, &name, &out)?,
+                Some(shell) => {
+                    let mut shown = without_hidden(&cmd);
+                    clap_complete::generate_to(shell, &mut shown, &name, &out)?
+                }
             };
             written.push(path);
         }
     }
     Ok(written)
+}
+
+/// `cmd` as shell completions should offer it: without its hidden arguments and subcommands
+/// (the internal `--supervise` and the retired `--size-factor`). clap_complete's generators
+/// list every argument, hidden or not, and clap cannot remove one, so the command is built
+/// again from what is shown.
+fn without_hidden(cmd: &clap::Command) -> clap::Command {
+    let hidden: Vec<&clap::Id> = cmd
+        .get_arguments()
+        .filter(|a| a.is_hide_set())
+        .map(|a| a.get_id())
+        .collect();
+    let mut shown = clap::Command::new(cmd.get_name().to_string())
+        .args(cmd.get_arguments().filter(|a| !a.is_hide_set()).cloned())
+        .groups(cmd.get_groups().map(|g| {
+            // (`is_multiple` takes `&mut self`.)
+            let multiple = g.clone().is_multiple();
+            clap::ArgGroup::new(g.get_id().clone())
+                .args(g.get_args().filter(|id| !hidden.contains(id)).cloned())
+                .multiple(multiple)
+                .required(g.is_required_set())
+        }))
+        .subcommands(
+            cmd.get_subcommands()
+                .filter(|c| !c.is_hide_set())
+                .map(without_hidden),
+        );
+    if let Some(about) = cmd.get_about() {
+        shown = shown.about(about.clone());
+    }
+    if let Some(about) = cmd.get_long_about() {
+        shown = shown.long_about(about.clone());
+    }
+    if let Some(version) = cmd.get_version() {
+        shown = shown.version(version.to_string());
+    }
+    shown
 }
 
 #[cfg(test)]
@@ -79,6 +119,21 @@ mod tests {
         )
         .unwrap();
         assert!(bash.contains("--array"), "{bash}");
+        // The daemon's internal and retired options are not offered; its others are.
+        for shell in [
+            "bash-completion/completions/mgpu_scheduler_server.bash",
+            "zsh/site-functions/_mgpu_scheduler_server",
+            "fish/vendor_completions.d/mgpu_scheduler_server.fish",
+        ] {
+            let text = std::fs::read_to_string(dir.path().join(shell)).unwrap();
+            assert!(
+                text.contains("socket") && text.contains("version"),
+                "{text}"
+            );
+            for hidden in ["supervise", "launch-id", "launcher", "size-factor"] {
+                assert!(!text.contains(hidden), "{shell} offers {hidden}");
+            }
+        }
         for name in ["mgpu_scheduler_server", "mgpu_top", "mgpu_acct"] {
             assert!(dir.path().join(format!("man/man1/{name}.1")).is_file());
             assert!(dir

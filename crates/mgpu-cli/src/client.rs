@@ -16,6 +16,40 @@ use mgpu_proto::{Frame, FrameCodec, Request, Response, PROTOCOL_VERSION};
 use tokio::net::UnixStream;
 use tokio_util::codec::Framed;
 
+/// How long a client waits for room in the server's queue of connections not yet accepted.
+pub const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connects to `path`, waiting up to [`CONNECT_WAIT`] while the server's queue of connections
+/// not yet accepted is full. A non-blocking connect (tokio's) fails at once then, so anyone
+/// who keeps that queue full with connections of their own would make every other user's
+/// command fail; a blocking one waits its turn in the kernel like theirs.
+async fn connect_waiting(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, UnixAddr,
+    };
+    use std::os::fd::AsRawFd;
+    let path = path.to_path_buf();
+    let std_stream = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        // A blocking connect to a full queue waits at most the send timeout (then EAGAIN).
+        let wait = nix::sys::time::TimeVal::new(CONNECT_WAIT.as_secs() as i64, 0);
+        setsockopt(&sock, sockopt::SendTimeout, &wait)?;
+        connect(sock.as_raw_fd(), &UnixAddr::new(&path)?)?;
+        let stream = std::os::unix::net::UnixStream::from(sock);
+        // Writes from here on go through tokio: never blocking, each with its own deadline.
+        stream.set_nonblocking(true)?;
+        Ok(stream)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    UnixStream::from_std(std_stream)
+}
+
 pub struct Client {
     conn: Framed<FdStream, FrameCodec>,
     pub socket: PathBuf,
@@ -29,9 +63,16 @@ impl Client {
         let me = nix::unistd::getuid().as_raw();
         let named = socket;
         let socket = mgpu_proto::client_socket(named, me);
-        let stream = UnixStream::connect(&socket).await.map_err(|e| {
+        let stream = connect_waiting(&socket).await.map_err(|e| {
             use std::io::ErrorKind::*;
             match e.kind() {
+                WouldBlock => anyhow!(
+                    "the mgpu server at {} had no room for a new connection for {} s (its queue of \
+                     connections waiting to be accepted stayed full: it is overloaded, or someone \
+                     is flooding it); try again",
+                    socket.display(),
+                    CONNECT_WAIT.as_secs()
+                ),
                 NotFound | ConnectionRefused => {
                     let hint = mgpu_proto::moved_socket_hint(named)
                         .map(|h| format!("\n{h}"))

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use mgpu_proto::{Frame, Request, Response, PROTOCOL_VERSION};
@@ -128,6 +128,7 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_user: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
     let shared: Arc<Shared> = Arc::default();
+    let mut refusals = Refusals::default();
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -154,12 +155,14 @@ pub async fn serve(
         // The slot is taken here, in the order connections were accepted (in the spawned
         // task, a later connection could take the last slot before an earlier one).
         let slot = UserSlot::take(&per_user, &stream);
+        if let Err(uid) = slot {
+            refusals.note(uid, Instant::now());
+        }
         tokio::spawn(async move {
             let _open = daemon.metrics.connection();
             let _slot = match slot {
                 Ok(slot) => slot,
                 Err(uid) => {
-                    tracing::warn!(uid, "refusing a connection: too many from one user");
                     // The reason, not a bare broken pipe (a short frame, sent without waiting
                     // long: the socket's buffer is empty).
                     let mut conn = Conn::new(stream, uid, shared);
@@ -181,6 +184,44 @@ pub async fn serve(
             }
             drop(permit);
         });
+    }
+}
+
+/// How often, at most, refused connections are logged: a user who opens connections in a
+/// loop must not fill the daemon's log (or have journald drop its other messages).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Connections refused for a user's limit, logged at most once per [`REFUSAL_LOG_EVERY`] with
+/// a count of those not logged since.
+#[derive(Default)]
+struct Refusals {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Refusals {
+    fn note(&mut self, uid: u32, now: Instant) {
+        if self
+            .last_logged
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_EVERY)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(
+            uid,
+            refused_since_last_report = self.unlogged,
+            "refusing a connection: too many from one user (reported at most every {} s)",
+            REFUSAL_LOG_EVERY.as_secs()
+        );
+        self.last_logged = Some(now);
+        self.unlogged = 0;
+    }
+
+    /// Refusals not logged yet (for tests).
+    #[cfg(test)]
+    fn unlogged(&self) -> u64 {
+        self.unlogged
     }
 }
 
@@ -326,5 +367,25 @@ async fn handle_connection(
         Request::Hello { .. } | Request::CancelAttached => {
             send_error(&mut conn, "protocol error: unexpected message").await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_connections_are_logged_at_most_once_per_period_with_a_count() {
+        let mut r = Refusals::default();
+        let t0 = Instant::now();
+        r.note(1001, t0);
+        assert_eq!(r.unlogged(), 0);
+        for i in 1..=1000u64 {
+            r.note(1001, t0 + Duration::from_millis(i));
+        }
+        // A thousand refusals within the period: counted, not logged.
+        assert_eq!(r.unlogged(), 1000);
+        r.note(1001, t0 + REFUSAL_LOG_EVERY);
+        assert_eq!(r.unlogged(), 0);
     }
 }

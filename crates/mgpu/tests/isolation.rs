@@ -212,6 +212,53 @@ fn a_client_over_the_connection_cap_is_told_why() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// Whoever keeps the server's queue of connections not yet accepted full (here the server is
+/// stopped while it fills up; a user connecting in a loop faster than it accepts does the
+/// same) does not make another user's command fail: it waits its turn, and is served once
+/// the server accepts again.
+#[test]
+fn a_full_connection_queue_makes_other_users_wait_not_fail() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let Some((_a, b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let pid = nix::unistd::Pid::from_raw(s.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let addr = UnixAddr::new(&s.socket).unwrap();
+    let mut queued = Vec::new();
+    let full = (0..100_000).any(|_| {
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let r = connect(sock.as_raw_fd(), &addr);
+        queued.push(sock);
+        r == Err(nix::errno::Errno::EAGAIN)
+    });
+    assert!(full, "the queue never filled up");
+    let victim = s
+        .cmd_as(&b, "mgpu_queue")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut victim = victim;
+    let early = victim.try_wait().unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    drop(queued);
+    let out = victim.wait_with_output().unwrap();
+    assert!(
+        early.is_none(),
+        "mgpu_queue gave up while the queue was full: {}",
+        text(&out.stderr)
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// Item 5: followers that never read cost the server no memory for the output they do not
 /// take: a job printing 100 MB with 20 such followers of its log, and the server's memory stays
 /// small; the job completes.

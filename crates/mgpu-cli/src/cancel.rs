@@ -138,13 +138,25 @@ async fn run(args: Args) -> Result<i32> {
     } else {
         CancelRequest::Jobs(args.ids)
     };
+    // A filter may pick more jobs than one request may name: they go in several.
+    let requests = match request {
+        CancelRequest::Jobs(ids) if ids.len() > mgpu_proto::MAX_CANCEL_IDS => ids
+            .chunks(mgpu_proto::MAX_CANCEL_IDS)
+            .map(|c| CancelRequest::Jobs(c.to_vec()))
+            .collect(),
+        request => vec![request],
+    };
     // A job picked by a filter that ended meanwhile is what was asked for: nothing to say.
     let quiet_not_found = filtered;
-    let mut client = Client::connect(args.socket.as_deref(), "mgpu_cancel").await?;
-    let results = match client.call(&Request::Cancel(request)).await? {
-        Response::Cancelled { results } => results,
-        other => bail!("unexpected answer from the server: {other:?}"),
-    };
+    let mut results = Vec::new();
+    for request in requests {
+        // (One request per connection.)
+        let mut client = Client::connect(args.socket.as_deref(), "mgpu_cancel").await?;
+        match client.call(&Request::Cancel(request)).await? {
+            Response::Cancelled { results: r } => results.extend(r),
+            other => bail!("unexpected answer from the server: {other:?}"),
+        }
+    }
     let mut code = 0;
     for r in results {
         let job = r.job;

@@ -781,7 +781,9 @@ pub fn build_request(
         array_limit: opts.array.as_ref().and_then(|a| a.limit),
         array: opts.array.map(|a| a.indices),
         script,
-        output: opts.output,
+        // `-o /dev/null`: no file (the output is in the job's log anyway), as sbatch's help
+        // says; stderr too unless -e names one.
+        output: opts.output.filter(|o| o != "/dev/null"),
         error: opts.error,
         begin_at: opts.begin,
         dependency: opts.dependency,

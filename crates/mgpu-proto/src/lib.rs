@@ -31,6 +31,9 @@ pub const MAX_FRAME_LEN: usize = 8 << 20;
 /// smaller), doubled for JSON escapes. The request's `type` must come first in its JSON.
 pub const MAX_SMALL_FRAME: usize = 64 << 10;
 pub const MAX_CANCEL_FRAME: usize = 256 << 10;
+/// Most job ids one cancel request may name (their JSON stays under [`MAX_CANCEL_FRAME`]);
+/// `mgpu_cancel` sends more in several requests.
+pub const MAX_CANCEL_IDS: usize = 10_000;
 pub const MAX_SUBMIT_FRAME: usize = 4 << 20;
 /// Where a root server listens unless `--socket` or `MGPU_SOCKET` says otherwise: in a
 /// directory only root can write to (`/run/mgpu`, systemd's `RuntimeDirectory=mgpu`), so that

@@ -285,3 +285,29 @@ fn every_request_handler_survives_fuzzed_requests() {
 }
 
 use std::os::unix::process::CommandExt;
+
+/// Found by an attack review: an attach with a log offset past i64::MAX (a file offset is
+/// signed) had its connection closed without a word. It gets an error saying why.
+#[test]
+fn an_attach_past_any_log_hears_why() {
+    let server = Server::start("1x24GiB", &[]);
+    let id = server.detached(&["--", "true"]);
+    server.wait_gone(id);
+    let mut s = UnixStream::connect(&server.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let hello = json!({"type": "hello", "protocol": PROTOCOL_VERSION, "client": "test"});
+    write_frame(&mut s, &Frame::control(&hello)).unwrap();
+    read_frame(&mut s).unwrap().expect("a welcome");
+    let attach = json!({"type": "attach", "job": id, "log_offset": u64::MAX});
+    write_frame(&mut s, &Frame::control(&attach)).unwrap();
+    let Some(Frame::Control(reply)) = read_frame(&mut s).unwrap() else {
+        panic!("no answer to the attach");
+    };
+    let reply: Value = serde_json::from_slice(&reply).unwrap();
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("bad log offset")),
+        "{reply}"
+    );
+}

@@ -660,6 +660,47 @@ fn cancel_filters_like_scancel() {
     s.ok("mgpu_cancel", &["--all"]);
 }
 
+/// `-o /dev/null`: no output file at all (as sbatch's help says), the output only in the
+/// job's log, and no note that a file lost output.
+#[test]
+fn sbatch_output_to_dev_null_writes_no_file() {
+    let s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.clone();
+    let id = sbatch(
+        &s,
+        &dir,
+        &["-o", "/dev/null", "--wrap", "echo hi; echo oops >&2"],
+    );
+    let rec = finished(&s, id);
+    assert_eq!(rec["state"], "COMPLETED", "{rec}");
+    let log = s.log(id);
+    assert!(log.contains("hi") && log.contains("oops"), "{log}");
+    assert!(!log.contains("output file"), "{log}");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "a file was written"
+    );
+}
+
+/// `mgpu_cancel -n NAME` picking more jobs than one request may name (10,000) sends them in
+/// several requests and cancels them all (it used to send one request the server refused).
+#[test]
+fn a_filtered_cancel_of_more_than_one_request_cancels_them_all() {
+    let s = Server::start("1x24GiB", &[]);
+    let held = ["--hold", "-J", "many", "--", "true"];
+    for _ in 0..2 {
+        s.detached(&[&["--array", "0-9999"][..], &held[..]].concat());
+    }
+    s.detached(&held);
+    let other = s.detached(&["--hold", "-J", "other", "--", "true"]);
+    assert_eq!(s.queue_json()["jobs"].as_array().unwrap().len(), 20_002);
+    s.ok("mgpu_cancel", &["-n", "many"]);
+    let jobs = s.queue_json()["jobs"].as_array().unwrap().clone();
+    let ids: Vec<u64> = jobs.iter().map(|j| j["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [other]);
+}
+
 /// `--begin`: the job waits with REASON BeginTime (durably: across a restart), and runs once
 /// its time comes, never before.
 #[test]

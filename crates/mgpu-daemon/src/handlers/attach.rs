@@ -19,6 +19,14 @@ pub async fn handle(
     conn: &mut Conn,
 ) -> Result<()> {
     let id = req.job;
+    // (A file offset is signed: past that, the seek would fail without a word.)
+    if i64::try_from(req.log_offset).is_err() {
+        return send_error(
+            conn,
+            format!("bad log offset {}: past any log", req.log_offset),
+        )
+        .await;
+    }
     let events = match authorize(daemon, caller, id, true) {
         Ok(events) => events,
         Err(message) => return send_error(conn, message).await,

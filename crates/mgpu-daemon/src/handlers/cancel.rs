@@ -15,7 +15,7 @@ use crate::supervisor::StopReason;
 use crate::users;
 
 /// Most job ids one request may name.
-const MAX_IDS: usize = 10_000;
+const MAX_IDS: usize = mgpu_proto::MAX_CANCEL_IDS;
 
 /// Cancels one job on behalf of `by`.
 pub fn cancel_one(

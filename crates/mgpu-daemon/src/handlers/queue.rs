@@ -189,8 +189,32 @@ const MAX_SHOWN_COMMAND: usize = 1024;
 /// A command as the queue shows it; a job array's tasks share one.
 pub type ShownCommand = Arc<[String]>;
 
-/// The command as the queue shows it: cut once its JSON (quotes, commas and escapes counted)
-/// would pass [`MAX_SHOWN_COMMAND`] bytes.
+/// An argument as others may see it: control and invisible characters (terminal escapes, a
+/// newline that forges a line of the listing, a right-to-left override) written out as
+/// escapes (`\n`, `\u{1b}`), so a command cannot rewrite another user's terminal or pass for
+/// someone else's job. A backslash is doubled only when the argument has such a character.
+fn shown_arg(a: &str) -> std::borrow::Cow<'_, str> {
+    let hidden = |c: char| c.is_control() || crate::handlers::submit::is_invisible(c);
+    if !a.chars().any(hidden) {
+        return a.into();
+    }
+    let mut out = String::with_capacity(a.len() + 8);
+    for c in a.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if hidden(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+/// The command as the queue shows it: control and invisible characters escaped
+/// ([`shown_arg`]), cut once its JSON (quotes, commas and escapes counted) would pass
+/// [`MAX_SHOWN_COMMAND`] bytes.
 pub fn display_command(argv: &[String]) -> ShownCommand {
     let json_len = |c: char| match c {
         '"' | '\\' => 2,
@@ -200,6 +224,7 @@ pub fn display_command(argv: &[String]) -> ShownCommand {
     let mut budget = MAX_SHOWN_COMMAND;
     let mut out = Vec::new();
     for a in argv {
+        let a = shown_arg(a);
         // Quotes and a comma.
         budget = budget.saturating_sub(3);
         let mut cut = None;
@@ -213,9 +238,9 @@ pub fn display_command(argv: &[String]) -> ShownCommand {
             }
         }
         match cut {
-            None if budget > 0 => out.push(a.clone()),
+            None if budget > 0 => out.push(a.into_owned()),
             None => {
-                out.push(a.clone());
+                out.push(a.into_owned());
                 break;
             }
             Some(i) => {
@@ -252,5 +277,29 @@ mod tests {
         }
         let long = vec!["a".repeat(2_000)];
         assert!(display_command(&long)[0].ends_with("..."));
+    }
+
+    #[test]
+    fn shown_commands_cannot_rewrite_a_terminal_or_forge_a_line() {
+        let argv = vec![
+            "sleep".to_string(),
+            "1\u{1b}[2J\u{1b}[31mFAKE\n 999  mgpu-test-b  x\r\u{202e}".to_string(),
+            "a\\b".to_string(),
+        ];
+        let shown = display_command(&argv);
+        assert_eq!(
+            &shown[..],
+            [
+                "sleep",
+                "1\\u{1b}[2J\\u{1b}[31mFAKE\\n 999  mgpu-test-b  x\\r\\u{202e}",
+                // No such character: shown as it is.
+                "a\\b",
+            ]
+        );
+        for a in shown.iter() {
+            assert!(!a
+                .chars()
+                .any(|c| c.is_control() || crate::handlers::submit::is_invisible(c)));
+        }
     }
 }

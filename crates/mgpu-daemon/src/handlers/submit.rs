@@ -43,6 +43,10 @@ pub(crate) fn is_invisible(c: char) -> bool {
         | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A | 0xE0001 | 0xE0020..=0xE007F)
 }
 
+/// The latest `--begin` (ms since the epoch): 9999-12-31 23:59:59.999 UTC, the last time a
+/// listing can show, far from any overflow of the core's clock arithmetic.
+const MAX_BEGIN_AT_MS: u64 = 253_402_300_799_999;
+
 /// Checks what the client sent; returns a clear message for the first problem.
 fn validate(req: &SubmitRequest) -> Result<String, String> {
     let Some(program) = req.command.first() else {
@@ -75,6 +79,19 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
     if req.command.iter().any(|a| a.contains('\0')) {
         return Err("the command contains a NUL byte".into());
     }
+    // What execve could not pass on is refused now, not at launch as a failed job.
+    if let Some((k, _)) = req
+        .env
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+    {
+        return Err(format!(
+            "invalid environment variable {k:?}: a name must be non-empty and without '=' or NUL, a value without NUL"
+        ));
+    }
+    if req.cwd.contains('\0') || matches!(&req.venv, Venv::Dir(d) if d.contains('\0')) {
+        return Err("the working directory and the venv path may not contain a NUL byte".into());
+    }
     if req.cwd.len() >= MAX_PATH || matches!(&req.venv, Venv::Dir(d) if d.len() >= MAX_PATH) {
         return Err(format!(
             "the working directory and the venv path must be shorter than {MAX_PATH} bytes"
@@ -100,6 +117,9 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
     }
     if name.is_empty() || name.chars().count() > MAX_NAME {
         return Err(format!("invalid job name: 1 to {MAX_NAME} characters"));
+    }
+    if req.begin_at.is_some_and(|t| t > MAX_BEGIN_AT_MS) {
+        return Err("--begin: at most the end of the year 9999".into());
     }
     if req.time_limit_s.is_some_and(|t| t > MAX_TIME_LIMIT_S) {
         return Err(format!(
@@ -639,15 +659,13 @@ mod tests {
         }
     }
 
-    /// Found by fuzzing: a time limit near u64::MAX overflowed the core's deadline arithmetic
-    /// (a panic in debug builds, a deadline in the past in release ones). It is refused.
-    #[test]
-    fn absurd_time_limits_are_refused() {
-        let req = |t: Option<u64>, warn: Option<u64>| mgpu_proto::SubmitRequest {
+    /// A valid request to vary.
+    fn request() -> mgpu_proto::SubmitRequest {
+        mgpu_proto::SubmitRequest {
             name: None,
             gpus: 1,
             mem_mib: None,
-            time_limit_s: t,
+            time_limit_s: None,
             command: vec!["true".into()],
             cwd: "/".into(),
             env: vec![],
@@ -656,10 +674,7 @@ mod tests {
             umask: None,
             no_requeue: false,
             max_restarts: None,
-            signal: warn.map(|secs_before| mgpu_proto::WarnSignal {
-                signal: 10,
-                secs_before,
-            }),
+            signal: None,
             nice: 0,
             array: None,
             array_limit: None,
@@ -674,6 +689,20 @@ mod tests {
             begin_at: None,
             dependency: None,
             hold: false,
+        }
+    }
+
+    /// Found by fuzzing: a time limit near u64::MAX overflowed the core's deadline arithmetic
+    /// (a panic in debug builds, a deadline in the past in release ones). It is refused.
+    #[test]
+    fn absurd_time_limits_are_refused() {
+        let req = |t: Option<u64>, warn: Option<u64>| mgpu_proto::SubmitRequest {
+            time_limit_s: t,
+            signal: warn.map(|secs_before| mgpu_proto::WarnSignal {
+                signal: 10,
+                secs_before,
+            }),
+            ..request()
         };
         assert!(super::validate(&req(Some(3600), Some(60))).is_ok());
         assert!(super::validate(&req(Some(0), None)).is_ok());
@@ -684,6 +713,46 @@ mod tests {
         ] {
             let err = super::validate(&req(t, w)).unwrap_err();
             assert!(err.contains("366 days"), "{err}");
+        }
+    }
+
+    /// Found by an attack review: what execve cannot pass on (a NUL, a name with '=') was
+    /// accepted and failed the job at launch; a --begin near u64::MAX was kept and shown as a
+    /// nonsense date. Each is refused at submit with the reason.
+    #[test]
+    fn what_could_never_launch_is_refused_at_submit() {
+        let env = |k: &str, v: &str| mgpu_proto::SubmitRequest {
+            env: vec![(k.into(), v.into())],
+            ..request()
+        };
+        assert!(super::validate(&env("FOO", "a b=c")).is_ok());
+        for bad in [
+            env("FOO", "a\0b"),
+            env("X=Y", "z"),
+            env("", "z"),
+            env("A\0", "z"),
+        ] {
+            let err = super::validate(&bad).unwrap_err();
+            assert!(err.contains("invalid environment variable"), "{err}");
+        }
+        let cwd = mgpu_proto::SubmitRequest {
+            cwd: "/tmp\0x".into(),
+            ..request()
+        };
+        assert!(super::validate(&cwd).unwrap_err().contains("NUL"));
+        let venv = mgpu_proto::SubmitRequest {
+            venv: mgpu_proto::Venv::Dir("/v\0".into()),
+            ..request()
+        };
+        assert!(super::validate(&venv).unwrap_err().contains("NUL"));
+        let begin = |at: u64| mgpu_proto::SubmitRequest {
+            begin_at: Some(at),
+            ..request()
+        };
+        assert!(super::validate(&begin(super::MAX_BEGIN_AT_MS)).is_ok());
+        for at in [super::MAX_BEGIN_AT_MS + 1, u64::MAX] {
+            let err = super::validate(&begin(at)).unwrap_err();
+            assert!(err.contains("9999"), "{err}");
         }
     }
 }

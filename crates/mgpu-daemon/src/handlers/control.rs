@@ -393,7 +393,9 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
             );
             drop(inner);
             if let Ok(spec) = daemon.store.launch_spec(id) {
-                f.push(("WorkDir".into(), spec.cwd));
+                // A directory name may hold terminal escapes too: shown escaped, as commands.
+                let cwd = crate::handlers::queue::shown_arg(&spec.cwd).into_owned();
+                f.push(("WorkDir".into(), cwd));
             }
         }
         return Ok(Response::JobDetail { fields: f });
@@ -443,7 +445,14 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
     put("StartTime", opt(rec.started_at.map(|t| t.to_string())));
     put("EndTime", opt(rec.ended_at.map(|t| t.to_string())));
     put("Restarts", rec.restarts.to_string());
-    put("Message", opt(rec.message.clone()));
+    // (A message may quote a path the user named.)
+    put(
+        "Message",
+        opt(rec
+            .message
+            .as_deref()
+            .map(|m| crate::handlers::queue::shown_arg(m).into_owned())),
+    );
     Ok(Response::JobDetail { fields: f })
 }
 

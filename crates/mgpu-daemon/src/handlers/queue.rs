@@ -193,7 +193,7 @@ pub type ShownCommand = Arc<[String]>;
 /// newline that forges a line of the listing, a right-to-left override) written out as
 /// escapes (`\n`, `\u{1b}`), so a command cannot rewrite another user's terminal or pass for
 /// someone else's job. A backslash is doubled only when the argument has such a character.
-fn shown_arg(a: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn shown_arg(a: &str) -> std::borrow::Cow<'_, str> {
     let hidden = |c: char| c.is_control() || crate::handlers::submit::is_invisible(c);
     if !a.chars().any(hidden) {
         return a.into();

@@ -464,7 +464,11 @@ impl Scheduler {
     /// Settles the gates of the jobs marked for a look (at the start of a pass): a job whose
     /// gate opened enters the queue.
     pub(crate) fn recheck_gates(&mut self) {
-        let ids = std::mem::take(&mut self.recheck);
+        let mut ids = std::mem::take(&mut self.recheck);
+        // Each job once, however many events named it (every job of a name that leaves names
+        // the name's first singleton waiter).
+        ids.sort_unstable();
+        ids.dedup();
         for id in ids {
             let Some(job) = self.jobs.get(&id) else {
                 continue;
@@ -476,14 +480,13 @@ impl Scheduler {
                 let key = (job.request.uid, job.request.name.clone());
                 // Blocked by an earlier job of the name (running or waiting ahead), or by a
                 // later one that runs already (one running at a time, as in Slurm).
-                let earlier = self.names.get(&key).is_some_and(|s| {
-                    s.range(..id).next().is_some()
-                        || s.range(id + 1..).any(|j| {
-                            self.jobs
-                                .get(j)
-                                .is_some_and(|j| j.state == JobState::Running)
-                        })
-                });
+                // (A running job of the name is earlier or later: counted, not looked for,
+                // so the check costs the same however many jobs share the name.)
+                let earlier = self
+                    .names
+                    .get(&key)
+                    .is_some_and(|s| s.range(..id).next().is_some())
+                    || self.running_names.contains_key(&key);
                 let dep = g.dependency.as_ref().expect("a singleton is a dependency");
                 let pos = dep
                     .items
@@ -578,6 +581,25 @@ impl Scheduler {
             .and_then(|w| w.first().copied())
         {
             self.recheck.push(first);
+        }
+    }
+
+    /// A job of this user and name started running (for `singleton`).
+    pub(crate) fn name_started(&mut self, request: &crate::JobRequest) {
+        *self
+            .running_names
+            .entry((request.uid, request.name.clone()))
+            .or_default() += 1;
+    }
+
+    /// A running job of this user and name stopped running (ended or requeued).
+    pub(crate) fn name_stopped(&mut self, request: &crate::JobRequest) {
+        let key = (request.uid, request.name.clone());
+        if let Some(n) = self.running_names.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.running_names.remove(&key);
+            }
         }
     }
 

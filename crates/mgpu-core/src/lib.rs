@@ -470,6 +470,9 @@ pub struct Scheduler {
     array_dependents: HashMap<JobId, Vec<JobId>>,
     /// Live (pending or running) jobs per user and name, for `singleton`.
     names: HashMap<(u32, String), BTreeSet<JobId>>,
+    /// Running jobs per user and name (users and names with none absent): whether one runs
+    /// is what a `singleton` check asks, without walking the name's live jobs.
+    running_names: HashMap<(u32, String), usize>,
     /// Parked `singleton` jobs per user and name.
     singleton_waiters: HashMap<(u32, String), BTreeSet<JobId>>,
     /// Parked jobs whose gate may have opened: looked at by the next pass.
@@ -549,6 +552,7 @@ impl Scheduler {
             dependents: HashMap::new(),
             array_dependents: HashMap::new(),
             names: HashMap::new(),
+            running_names: HashMap::new(),
             singleton_waiters: HashMap::new(),
             recheck: Vec::new(),
             server_drained: false,
@@ -955,6 +959,7 @@ impl Scheduler {
             }
         }
         placement::reserve(&mut self.gpus, &gpus, id, &request);
+        self.name_started(&request);
         self.running_totals.add(
             request.uid,
             request.gpus,
@@ -1372,6 +1377,7 @@ impl Scheduler {
 
     /// A running job stops holding its GPUs: its user's running totals drop.
     pub(crate) fn uncount_running(&mut self, job: &Job) {
+        self.name_stopped(&job.request);
         let mem = limits::mem_charge(&self.gpus, &job.gpus, &job.request);
         self.running_totals
             .remove(job.request.uid, job.request.gpus, mem);

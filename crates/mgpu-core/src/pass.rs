@@ -468,6 +468,7 @@ impl Scheduler {
         let mut job = self.jobs.remove(&id).expect("a pending job");
         self.unindex_pending(&job);
         placement::reserve(&mut self.gpus, &chosen, id, &job.request);
+        self.name_started(&job.request);
         self.running_totals.add(
             job.request.uid,
             job.request.gpus,

@@ -2285,6 +2285,45 @@ mod gates {
         assert_eq!(started(&mut s, 6), vec![next]);
     }
 
+    /// Found by an attack review: each job of a name that left queued the name's singleton
+    /// waiter for a check that walked every live job of the name, so cancelling 10,000 held
+    /// jobs of a name with 50,000 stalled the server for 17 s. Now the waiter is checked once
+    /// per pass, and a running job of the name is counted, not looked for. The answers stay
+    /// the same: here the waiter is held back by an earlier running job, then by a later one
+    /// that started while it waited, and runs once neither does.
+    #[test]
+    fn a_singleton_waiter_outlives_thousands_of_its_names_jobs_leaving() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+        let first = s.submit(req(1, 1, None), 0).unwrap();
+        assert_eq!(started(&mut s, 0), vec![first]);
+        let waiter = s.next_job_id();
+        let single = dep(false, &[(DepKind::Singleton, 0)]);
+        s.restore_pending_gated(waiter, req(1, 1, None), 1, 0, single, live)
+            .unwrap();
+        // A later job of the name without the dependency starts on the other GPU.
+        let later = s.submit(req(1, 1, None), 1).unwrap();
+        assert_eq!(started(&mut s, 1), vec![later]);
+        let held: Vec<JobId> = (0..5_000)
+            .map(|_| {
+                let id = s.submit(req(1, 1, None), 2).unwrap();
+                s.hold(id, ALICE).unwrap();
+                id
+            })
+            .collect();
+        assert!(started(&mut s, 2).is_empty());
+        for id in held {
+            s.cancel(id, ALICE);
+        }
+        assert!(started(&mut s, 3).is_empty());
+        assert_eq!(s.pending_reason(waiter), Some("Dependency"));
+        s.finish(first, JobState::Completed);
+        // The later job still runs: one job of a name at a time.
+        assert!(started(&mut s, 4).is_empty());
+        assert_eq!(s.pending_reason(waiter), Some("Dependency"));
+        s.finish(later, JobState::Completed);
+        assert_eq!(started(&mut s, 5), vec![waiter]);
+    }
+
     #[test]
     fn hold_release_and_admin_holds() {
         let mut s = Scheduler::new(gpus(&[1000]), Config::default(), 1);

@@ -792,6 +792,16 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
         args.sendmail.clone(),
         Duration::from_secs(args.notify_time_limit.max(1)),
     );
+    // Jobs that ended while no server ran are told of as any end is (`--notify`, END mail).
+    for (id, ending) in &plan.ended {
+        daemon.notifier.ended(&mgpu_proto::JobOutcome {
+            job: *id,
+            state: ending.state,
+            exit_code: ending.exit_code,
+            signal: ending.signal,
+            message: ending.message.clone(),
+        });
+    }
     // Ready before the first client can connect.
     daemon.launcher.warm_up();
     // Before the socket: a port that cannot be had leaves no socket file behind.

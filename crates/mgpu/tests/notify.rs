@@ -57,6 +57,33 @@ fn notify_runs_as_the_owner_with_the_outcome_and_survives_a_restart() {
     assert_eq!(meta.uid(), b.uid);
 }
 
+/// Found by an attack review: a job that ended while no server ran (killed with -9) was
+/// recorded at the restart, but its notification never ran. It runs now, with the outcome.
+#[test]
+fn a_job_that_ends_while_no_server_runs_still_notifies() {
+    let Some((a, _)) = test_users() else { return };
+    let mut s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.display().to_string();
+    let notify =
+        format!("echo $MGPU_JOB_STATE $MGPU_JOB_EXIT_CODE > {dir}/n.tmp && mv {dir}/n.tmp {dir}/n");
+    let script = format!("while [ ! -e {dir}/go ]; do sleep 0.05; done; touch {dir}/ended; exit 4");
+    let id = s.detached_as(&a, &["--notify", &notify, "--", "sh", "-c", &script]);
+    s.wait_state(id, "RUNNING");
+    s.kill9();
+    std::fs::write(s.scratch.join("go"), "").unwrap();
+    wait_until(Duration::from_secs(60), || s.scratch.join("ended").exists());
+    // (Its supervisor records the end once the job's processes are gone.)
+    std::thread::sleep(Duration::from_secs(1));
+    s.restart();
+    assert_eq!(wait_file(&s.scratch.join("n")), "FAILED 4\n");
+    assert!(
+        s.server_log()
+            .contains("recorded the end of a job from before the restart"),
+        "the job ended after the restart: the test did not test it\n{}",
+        s.server_log()
+    );
+}
+
 /// Mail goes through the machine's sendmail, run as the job's owner, on BEGIN and END (ALL);
 /// without a sendmail, mail is refused at submit with what to use instead; Slurm's other mail
 /// types are refused by name.

@@ -395,8 +395,15 @@ impl JobCgroup {
     /// limits: `Ok(None)` where this machine offers none. An error (a limit that cannot be
     /// set) leaves nothing behind.
     pub fn create(job: u64, limits: &Limits) -> Result<Option<JobCgroup>, String> {
+        Self::create_tagged(&job.to_string(), limits)
+    }
+
+    /// [`JobCgroup::create`] for `job-TAG-PID`: a process that makes several cgroups for one
+    /// job at once (the daemon's notifications) tags each apart. (The PID stays last: see
+    /// [`remove_stale`].)
+    pub fn create_tagged(tag: &str, limits: &Limits) -> Result<Option<JobCgroup>, String> {
         let layout = layout();
-        let name = format!("job-{job}-{}", std::process::id());
+        let name = format!("job-{tag}-{}", std::process::id());
         let mut cg = JobCgroup {
             v2: None,
             v1: Vec::new(),

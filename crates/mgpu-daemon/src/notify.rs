@@ -369,14 +369,24 @@ async fn run_as(
             (r.resource as libc::__rlimit_resource_t, limit)
         })
         .collect();
-    let cgroup = tokio::task::spawn_blocking(move || {
-        crate::cgroup::JobCgroup::create(id, &crate::cgroup::Limits::default())
-    })
-    .await
-    .ok()
-    .and_then(|r| r.ok())
-    .flatten()
-    .map(Arc::new);
+    // A cgroup of its own, even while another notification of the same job (its BEGIN mail)
+    // still runs, with the jobs' process cap.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tag = format!(
+        "{id}n{}",
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let limits = crate::cgroup::Limits {
+        pids_max: daemon.settings.job_limits.pids_max,
+        ..Default::default()
+    };
+    let cgroup =
+        tokio::task::spawn_blocking(move || crate::cgroup::JobCgroup::create_tagged(&tag, &limits))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten()
+            .map(Arc::new);
     let procs = cgroup.as_ref().and_then(|c| {
         c.v2_procs.clone().or_else(|| {
             c.dirs()

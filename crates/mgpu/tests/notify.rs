@@ -206,6 +206,64 @@ fn a_notification_that_hangs_is_killed() {
     }
 }
 
+/// A job's END notification that starts while its BEGIN mail still runs gets a cgroup of
+/// its own: what it leaves behind outside its session is killed when it ends, and the mail
+/// is sent. Both used to be named after the job and the daemon, so on pure cgroup v2 the
+/// second ran without one (found by reading the code in an attack review). On a hybrid
+/// layout like CI's the two shared a v1 cgroup, and this test passed then too.
+#[test]
+fn overlapping_notifications_of_one_job_are_each_contained() {
+    let Some((a, _)) = test_users() else { return };
+    if mgpu_daemon::cgroup::jobs_base().is_none() {
+        return; // Without cgroups a process that leaves the session is not followed.
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("mgpu-mail-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    // A slow mail program: the BEGIN mail still runs when the job has ended.
+    let sendmail = tmp.path().join("sendmail");
+    let mailed = tmp.path().join("mailed");
+    write_file(
+        &sendmail,
+        &format!(
+            "#!/bin/sh\ncat > /dev/null; sleep 3; touch {}\n",
+            mailed.display()
+        ),
+        0o755,
+    );
+    let s = Server::start("1x24GiB", &["--sendmail", sendmail.to_str().unwrap()]);
+    let dir = s.scratch.display().to_string();
+    // (The pid is the sleep's own: setsid may fork before it execs.)
+    let notify = format!(
+        "setsid sh -c 'echo $$ > {dir}/pid.tmp; mv {dir}/pid.tmp {dir}/pid; exec sleep 1000' & \
+         while [ ! -e {dir}/pid ]; do sleep 0.05; done"
+    );
+    s.detached_as(
+        &a,
+        &[
+            "--mail-type=BEGIN",
+            "--mail-user",
+            "someone@example.org",
+            "--notify",
+            &notify,
+            "--",
+            "true",
+        ],
+    );
+    let pid: i32 = wait_file(&s.scratch.join("pid")).trim().parse().unwrap();
+    wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| st.contains(") Z "))
+    });
+    // And the END notification's clean-up did not take the BEGIN mail with it.
+    wait_until(Duration::from_secs(30), || mailed.exists());
+}
+
 /// One user's many hanging notifications do not hold back another user's: at most 2 of a
 /// user's run at once and users take turns, so B's runs while A's 20 still hang; A's then all
 /// run once they may end.

@@ -66,7 +66,7 @@ fn is_zero(n: &u32) -> bool {
 /// What a dependent knows of a job array it depends on: its tasks not ended yet, whether one
 /// ended otherwise than COMPLETED, whether one started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct ArrayCount {
+pub(crate) struct ArrayCount {
     live: u32,
     bad: bool,
     started: bool,
@@ -392,20 +392,16 @@ impl Scheduler {
             for item in &dep.items {
                 if item.tasks > 0 && item.kind != DepKind::Singleton {
                     // A whole job array: its tasks are counted once, then followed by events.
-                    let mut c = ArrayCount::default();
-                    for task in item.job..item.job + JobId::from(item.tasks) {
-                        match self.jobs.get(&task) {
-                            Some(t) => {
-                                c.live += 1;
-                                c.started |= t.state == JobState::Running;
-                            }
-                            None => match lookup(task) {
-                                TargetState::Live => c.live += 1,
-                                TargetState::Ended(s) => c.bad |= s != JobState::Completed,
-                                TargetState::Gone => {}
-                            },
+                    // (Once per array until one of its tasks changes: the tasks of a dependent
+                    // array, entered one after another, do not each walk the target's tasks.)
+                    let c = match self.array_counts.get(&item.job) {
+                        Some(&(tasks, c)) if tasks == item.tasks => c,
+                        _ => {
+                            let c = self.count_array(item.job, item.tasks, &lookup);
+                            self.array_counts.insert(item.job, (item.tasks, c));
+                            c
                         }
-                    }
+                    };
                     let status = array_status(item.kind, c);
                     if status == Status::Wait {
                         let list = self.array_dependents.entry(item.job).or_default();
@@ -459,6 +455,37 @@ impl Scheduler {
         *self.parked_by_user.entry(uid).or_default() += 1;
         self.recheck.push(id);
         Ok(())
+    }
+
+    /// What a dependent entering now knows of the job array `array` of `tasks` tasks.
+    /// O(tasks).
+    fn count_array(
+        &self,
+        array: JobId,
+        tasks: u32,
+        lookup: &impl Fn(JobId) -> TargetState,
+    ) -> ArrayCount {
+        let mut c = ArrayCount::default();
+        for task in array..array + JobId::from(tasks) {
+            match self.jobs.get(&task) {
+                Some(t) => {
+                    c.live += 1;
+                    c.started |= t.state == JobState::Running;
+                }
+                None => match lookup(task) {
+                    TargetState::Live => c.live += 1,
+                    TargetState::Ended(s) => c.bad |= s != JobState::Completed,
+                    TargetState::Gone => {}
+                },
+            }
+        }
+        c
+    }
+
+    /// A task of job array `array` entered, started or left: what dependents entering later
+    /// know of the array is counted again.
+    pub(crate) fn array_changed(&mut self, array: JobId) {
+        self.array_counts.remove(&array);
     }
 
     /// Settles the gates of the jobs marked for a look (at the start of a pass): a job whose
@@ -559,6 +586,10 @@ impl Scheduler {
 
     /// A job of this user and name is live now (for `singleton`).
     pub(crate) fn name_entered(&mut self, id: JobId, request: &crate::JobRequest) {
+        // (Every job enters the core here: a new task of an array changes its count.)
+        if let Some(a) = request.array {
+            self.array_changed(a.job);
+        }
         self.names
             .entry((request.uid, request.name.clone()))
             .or_default()
@@ -630,6 +661,7 @@ impl Scheduler {
         ended: Option<JobState>,
     ) {
         if let Some(array) = array {
+            self.array_changed(array);
             self.array_task_event(array, ended);
         }
         let dependents = if ended.is_some() {

@@ -470,6 +470,9 @@ pub struct Scheduler {
     array_dependents: HashMap<JobId, Vec<JobId>>,
     /// Live (pending or running) jobs per user and name, for `singleton`.
     names: HashMap<(u32, String), BTreeSet<JobId>>,
+    /// What a dependent entering now knows of a job array (by array id: its task count and
+    /// [`gate::ArrayCount`]), kept until a task of the array enters, starts or leaves.
+    array_counts: HashMap<JobId, (u32, gate::ArrayCount)>,
     /// Running jobs per user and name (users and names with none absent): whether one runs
     /// is what a `singleton` check asks, without walking the name's live jobs.
     running_names: HashMap<(u32, String), usize>,
@@ -553,6 +556,7 @@ impl Scheduler {
             array_dependents: HashMap::new(),
             names: HashMap::new(),
             running_names: HashMap::new(),
+            array_counts: HashMap::new(),
             singleton_waiters: HashMap::new(),
             recheck: Vec::new(),
             server_drained: false,
@@ -1378,6 +1382,10 @@ impl Scheduler {
     /// A running job stops holding its GPUs: its user's running totals drop.
     pub(crate) fn uncount_running(&mut self, job: &Job) {
         self.name_stopped(&job.request);
+        // (A requeued task runs no more: its array's count for new dependents changed.)
+        if let Some(a) = job.request.array {
+            self.array_changed(a.job);
+        }
         let mem = limits::mem_charge(&self.gpus, &job.gpus, &job.request);
         self.running_totals
             .remove(job.request.uid, job.request.gpus, mem);

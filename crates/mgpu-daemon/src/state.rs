@@ -16,8 +16,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::{SinkExt, StreamExt};
 use mgpu_core::{Assignment, JobId, JobState, Millis, Requester, Scheduler, Stopping, TimeAction};
 use mgpu_proto::{Frame, FrameCodec, JobOutcome};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::Framed;
@@ -563,21 +561,18 @@ impl Daemon {
     fn job_lost(self: &Arc<Self>, id: JobId, run: u32) {
         let run_dir = self.run_dir(id, run);
         let inner = self.lock();
-        let pgid = inner.running.get(&id).map(|r| r.pgid).filter(|p| *p > 0);
-        if inner
+        let pgid = inner.running.get(&id).map_or(0, |r| r.pgid);
+        let Some(uid) = inner
             .sched
             .job(id)
-            .is_none_or(|j| j.state != JobState::Running)
-        {
+            .filter(|j| j.state == JobState::Running)
+            .map(|j| j.request.uid)
+        else {
             return;
-        }
-        // Still ours while the job is running (no pid reuse for a live group id); and its
-        // cgroup, if it had one, holds everything else.
-        if let Some(pgid) = pgid {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        }
+        };
         drop(inner);
-        supervisor::kill_run_cgroup(&run_dir);
+        // Its cgroup, if it had one, holds everything; else its group, if still its own.
+        supervisor::kill_job_remains(&run_dir, pgid, uid);
         let mut inner = self.lock();
         self.count_run(&inner, id, false);
         if inner.sched.finish(id, JobState::Failed).is_none() {
@@ -681,20 +676,18 @@ impl Daemon {
     /// A stop's deadline passed and run `run` of the job still holds its GPUs (its supervisor
     /// is stuck, or lost its way): the daemon kills the run's cgroups and process group itself.
     fn stop_overdue(self: &Arc<Self>, id: JobId, run: u32) {
-        let pgid = {
+        let (pgid, uid) = {
             let inner = self.lock();
-            match inner.running.get(&id) {
-                Some(r) if inner.sched.job(id).is_some_and(|j| j.restarts == run) => r.pgid,
+            match (inner.running.get(&id), inner.sched.job(id)) {
+                (Some(r), Some(j)) if j.restarts == run => (r.pgid, j.request.uid),
                 _ => return,
             }
         };
         tracing::warn!(job = id, "the job outlived its stop deadline: killing it");
-        // Still ours while the job is running (no pid reuse for a live group id).
-        if pgid > 0 {
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        }
+        // Not by its group id alone: the job's leader may be gone and its pid someone else's
+        // by now (its supervisor collects it before it reports the end).
         let run_dir = self.run_dir(id, run);
-        tokio::task::spawn_blocking(move || supervisor::kill_run_cgroup(&run_dir));
+        tokio::task::spawn_blocking(move || supervisor::kill_job_remains(&run_dir, pgid, uid));
     }
 
     /// The running jobs' processes, for telling foreign GPU processes apart.

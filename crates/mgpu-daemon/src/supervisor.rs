@@ -142,20 +142,54 @@ pub struct ExitRecord {
 
 /// Kills whatever is left in a run's cgroups (when it had any) and waits, bounded, until they
 /// are empty, then removes them: for runs whose supervisor is gone or does not stop its job.
-pub fn kill_run_cgroup(run_dir: &Path) {
+pub fn kill_run_cgroup(run_dir: &Path) -> bool {
     let recorded = std::fs::read_to_string(run_dir.join(FORKED_FILE))
         .ok()
         .filter(|d| !d.is_empty())
         .or_else(|| std::fs::read_to_string(run_dir.join(LEGACY_CGROUP_FILE)).ok());
     let Some(dirs) = recorded else {
-        return;
+        return false;
     };
     // One directory a line (v2, then v1 hierarchies); only cgroup directories of ours.
-    let dirs = dirs
+    let dirs: Vec<PathBuf> = dirs
         .lines()
         .filter(|d| Path::new(d).join("cgroup.procs").exists())
-        .map(PathBuf::from);
+        .map(PathBuf::from)
+        .collect();
+    if dirs.is_empty() {
+        return false;
+    }
     JobCgroup::from_dirs(dirs).remove_within(Duration::from_secs(2));
+    true
+}
+
+/// Kills what is left of a job from outside its supervisor (the daemon, when a stop is
+/// overdue or the supervisor vanished): through the run's cgroup where it has one. Without
+/// one, its process group `pgid`, but only if that id may still be the job's: the leader's
+/// pid is free for reuse once its supervisor collected it, so a group whose leader now runs
+/// as another user than the job's `uid` is someone else's and is left alone. (A group whose
+/// leader is gone keeps its id only while members of it live: then they are the job's.)
+pub fn kill_job_remains(run_dir: &Path, pgid: i32, uid: u32) {
+    if kill_run_cgroup(run_dir) || pgid <= 0 {
+        return;
+    }
+    // The real uid, from `status` (the owner of /proc/PID is root for a process that is not
+    // dumpable).
+    let status = std::fs::read_to_string(format!("/proc/{pgid}/status"));
+    let leader_ok = match &status {
+        Err(_) => true,
+        Ok(status) => {
+            let real_uid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                .and_then(|id| id.parse::<u32>().ok());
+            real_uid == Some(uid) && stat_field(pgid, 2) == Some(pgid)
+        }
+    };
+    if leader_ok {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
 }
 
 /// Whether a live supervisor holds `run_dir` (it locks it before anything else).
@@ -934,7 +968,11 @@ fn run_job(
         }
         if sup.kill_at.is_some_and(|at| Instant::now() >= at) {
             sup.kill_at = None;
-            kill_all(leader, Signal::SIGKILL);
+            // (Once the leader is collected its pid is free: see `kill_all`.)
+            kill_all(
+                if leader_status.is_none() { leader } else { 0 },
+                Signal::SIGKILL,
+            );
         }
     }
     sup.leader_done = true;
@@ -942,7 +980,7 @@ fn run_job(
     // Slurm), including processes that escaped its group. Repeat until nothing is left, in case
     // something forked while we were killing.
     loop {
-        kill_all(leader, Signal::SIGKILL);
+        kill_all(0, Signal::SIGKILL);
         match waitpid(
             Pid::from_raw(-1),
             Some(nix::sys::wait::WaitPidFlag::WNOHANG),
@@ -1065,7 +1103,10 @@ fn reap(leader: i32) -> Option<(Option<i32>, Option<i32>)> {
 }
 
 /// Signals the job's process group and every descendant of this supervisor (processes that
-/// left the group with setsid or a double fork are re-parented to us).
+/// left the group with setsid or a double fork are re-parented to us). `pgid` 0: only the
+/// descendants. Once the leader is collected, its pid (the group's id) is free for the kernel
+/// to give to anyone's new process as soon as no member of the group is left, so the group is
+/// no longer signalled by its id: its members are all our descendants anyway.
 fn kill_all(pgid: i32, sig: Signal) {
     if let Some(cg) = CGROUP.get().and_then(Option::as_ref) {
         // Everything the job started is in its cgroup, wherever it re-parented itself.
@@ -1076,10 +1117,12 @@ fn kill_all(pgid: i32, sig: Signal) {
         }
         return;
     }
-    let _ = killpg(Pid::from_raw(pgid), sig);
+    if pgid > 0 {
+        let _ = killpg(Pid::from_raw(pgid), sig);
+    }
     for pid in descendants(std::process::id() as i32) {
         // Members of the group already got it: a signal must arrive once.
-        if stat_field(pid, 2) != Some(pgid) {
+        if pgid <= 0 || stat_field(pid, 2) != Some(pgid) {
             let _ = kill(Pid::from_raw(pid), sig);
         }
     }
@@ -1142,6 +1185,40 @@ fn sync_exit(run_dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+
+    /// Found by an attack review: the daemon killed a stopped job's process group by its id
+    /// after the leader was collected, when that id could be another user's new session
+    /// (steered there by the attacker). Without a cgroup, a group whose leader runs as
+    /// another user than the job's is left alone; the job's own is killed.
+    #[test]
+    fn a_group_id_now_anothers_is_not_killed_for_a_job() {
+        use std::os::unix::process::CommandExt;
+        let no_cgroup = tempfile::tempdir().unwrap();
+        let me = nix::unistd::getuid().as_raw();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("100");
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let mut leader = cmd.spawn().unwrap();
+        let pgid = leader.id() as i32;
+        // A job of another user: its group id is not this process's group.
+        super::kill_job_remains(no_cgroup.path(), pgid, me.wrapping_add(4242));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            leader.try_wait().unwrap().is_none(),
+            "another user's group was killed"
+        );
+        // The job's own: killed.
+        super::kill_job_remains(no_cgroup.path(), pgid, me);
+        let status = leader.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
+    }
 
     /// An empty keystroke frame (garbage: a stream of zeros) ends the --pty relay, even while
     /// its pipe stays open (review finding 9: it used to loop on such frames).

@@ -891,6 +891,11 @@ impl Scheduler {
                 self.recheck.push(id);
             }
             self.name_entered(id, &request);
+            if job.state == JobState::Running {
+                // It runs under its new name now (for `singleton`).
+                self.name_stopped(&job.request);
+                self.name_started(&request);
+            }
         }
         job.request = request;
         if queued {

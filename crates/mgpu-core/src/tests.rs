@@ -2375,6 +2375,53 @@ mod gates {
         assert_eq!(s.pending_reason(waiter), Some("Dependency"));
         s.finish(later, JobState::Completed);
         assert_eq!(started(&mut s, 5), vec![waiter]);
+        // A running job renamed runs under its new name: it holds back a singleton of that
+        // name, and no longer one of its old name.
+        let renamed = s
+            .submit(
+                JobRequest {
+                    name: "old".into(),
+                    ..req(1, 1, None)
+                },
+                6,
+            )
+            .unwrap();
+        assert_eq!(started(&mut s, 6), vec![renamed]);
+        let update = |name: &str| JobUpdate {
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        s.update(renamed, ALICE, update("new")).unwrap();
+        let single = || dep(false, &[(DepKind::Singleton, 0)]);
+        let of_old = s.next_job_id();
+        s.restore_pending_gated(
+            of_old,
+            JobRequest {
+                name: "old".into(),
+                ..req(1, 1, Some(1))
+            },
+            7,
+            0,
+            single(),
+            live,
+        )
+        .unwrap();
+        let of_new = s.next_job_id();
+        s.restore_pending_gated(
+            of_new,
+            JobRequest {
+                name: "new".into(),
+                ..req(1, 1, Some(1))
+            },
+            7,
+            0,
+            single(),
+            live,
+        )
+        .unwrap();
+        s.finish(waiter, JobState::Completed);
+        assert_eq!(started(&mut s, 8), vec![of_old]);
+        assert_eq!(s.pending_reason(of_new), Some("Dependency"));
     }
 
     #[test]

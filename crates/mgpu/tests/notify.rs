@@ -84,12 +84,9 @@ fn a_job_that_ends_while_no_server_runs_still_notifies() {
     );
 }
 
-/// Mail goes through the machine's sendmail, run as the job's owner, on BEGIN and END (ALL);
-/// without a sendmail, mail is refused at submit with what to use instead; Slurm's other mail
-/// types are refused by name.
-#[test]
-fn mail_is_sent_as_the_owner_through_sendmail_or_refused() {
-    let Some((a, _)) = test_users() else { return };
+/// A directory for a test's sendmail and what it writes, which the job's owner (who runs the
+/// mail program) may write to.
+fn mail_dir() -> tempfile::TempDir {
     let tmp = tempfile::Builder::new()
         .prefix("mgpu-mail-")
         .tempdir()
@@ -99,6 +96,16 @@ fn mail_is_sent_as_the_owner_through_sendmail_or_refused() {
         std::os::unix::fs::PermissionsExt::from_mode(0o1777),
     )
     .unwrap();
+    tmp
+}
+
+/// Mail goes through the machine's sendmail, run as the job's owner, on BEGIN and END (ALL);
+/// without a sendmail, mail is refused at submit with what to use instead; Slurm's other mail
+/// types are refused by name.
+#[test]
+fn mail_is_sent_as_the_owner_through_sendmail_or_refused() {
+    let Some((a, _)) = test_users() else { return };
+    let tmp = mail_dir();
     let sendmail = tmp.path().join("sendmail");
     let out = tmp.path().display().to_string();
     write_file(
@@ -217,15 +224,7 @@ fn overlapping_notifications_of_one_job_are_each_contained() {
     if mgpu_daemon::cgroup::jobs_base().is_none() {
         return; // Without cgroups a process that leaves the session is not followed.
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("mgpu-mail-")
-        .tempdir()
-        .unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .unwrap();
+    let tmp = mail_dir();
     // A slow mail program: the BEGIN mail still runs when the job has ended.
     let sendmail = tmp.path().join("sendmail");
     let mailed = tmp.path().join("mailed");

@@ -8,6 +8,8 @@
 //! the core are settled from what the shell looks up ([`TargetState`]). A job whose gate opens
 //! enters the queue at the place its submission gave it.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{JobId, JobState, Requester, Scheduler};
@@ -63,13 +65,32 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
-/// What a dependent knows of a job array it depends on: its tasks not ended yet, whether one
+/// What is known of a job array that jobs wait on: its tasks not ended yet, whether one
 /// ended otherwise than COMPLETED, whether one started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct ArrayCount {
     live: u32,
     bad: bool,
     started: bool,
+}
+
+impl ArrayCount {
+    /// What the items on the array depend on: a change of it may settle some, any other
+    /// change (one more task of many ended) settles none.
+    fn flags(self) -> (bool, bool, bool) {
+        (self.live == 0, self.bad, self.started)
+    }
+}
+
+/// A job array that parked jobs wait on as a whole: its count, kept from when the first of
+/// them entered and followed by its tasks' starts and ends, and those jobs. A task's event
+/// costs O(1) unless it changes what the items depend on ([`ArrayCount::flags`]), which
+/// happens at most three times in the array's life; only then are its dependents looked at.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ArrayWatch {
+    tasks: u32,
+    count: ArrayCount,
+    dependents: BTreeSet<JobId>,
 }
 
 /// Status of an item on a whole job array: `after` once a task started (or all ended), the
@@ -245,8 +266,6 @@ pub(crate) struct Gated {
     pub(crate) hold: Option<Hold>,
     dependency: Option<Dependency>,
     status: Vec<Status>,
-    /// Per item on a whole job array: what is known of its tasks.
-    counts: Vec<Option<ArrayCount>>,
     /// Waits in `singleton_waiters`.
     singleton: bool,
 }
@@ -384,36 +403,33 @@ impl Scheduler {
         let mut gated = Gated {
             hold: gate.hold,
             status: Vec::new(),
-            counts: Vec::new(),
             singleton: false,
             dependency: None,
         };
         if let Some(dep) = gate.dependency {
             for item in &dep.items {
                 if item.tasks > 0 && item.kind != DepKind::Singleton {
-                    // A whole job array: its tasks are counted once, then followed by events.
-                    // (Once per array until one of its tasks changes: the tasks of a dependent
-                    // array, entered one after another, do not each walk the target's tasks.)
-                    let c = match self.array_counts.get(&item.job) {
-                        Some(&(tasks, c)) if tasks == item.tasks => c,
-                        _ => {
-                            let c = self.count_array(item.job, item.tasks, &lookup);
-                            self.array_counts.insert(item.job, (item.tasks, c));
-                            c
-                        }
+                    // A whole job array: its tasks are counted once, when the first job that
+                    // waits on it enters, then followed by events.
+                    let c = match self.array_watches.get(&item.job) {
+                        Some(w) if w.tasks == item.tasks => w.count,
+                        _ => self.count_array(item.job, item.tasks, &lookup),
                     };
                     let status = array_status(item.kind, c);
                     if status == Status::Wait {
-                        let list = self.array_dependents.entry(item.job).or_default();
-                        if list.last() != Some(&id) {
-                            list.push(id);
+                        let w = self.array_watches.entry(item.job).or_default();
+                        if w.tasks != item.tasks {
+                            *w = ArrayWatch {
+                                tasks: item.tasks,
+                                count: c,
+                                dependents: std::mem::take(&mut w.dependents),
+                            };
                         }
+                        w.dependents.insert(id);
                     }
                     gated.status.push(status);
-                    gated.counts.push(Some(c));
                     continue;
                 }
-                gated.counts.push(None);
                 let status = if item.kind == DepKind::Singleton {
                     gated.singleton = true;
                     Status::Wait
@@ -474,18 +490,16 @@ impl Scheduler {
                 }
                 None => match lookup(task) {
                     TargetState::Live => c.live += 1,
-                    TargetState::Ended(s) => c.bad |= s != JobState::Completed,
+                    TargetState::Ended(s) => {
+                        c.bad |= s != JobState::Completed;
+                        // It ran, unless it was cancelled (perhaps while waiting).
+                        c.started |= s != JobState::Cancelled;
+                    }
                     TargetState::Gone => {}
                 },
             }
         }
         c
-    }
-
-    /// A task of job array `array` entered, started or left: what dependents entering later
-    /// know of the array is counted again.
-    pub(crate) fn array_changed(&mut self, array: JobId) {
-        self.array_counts.remove(&array);
     }
 
     /// Settles the gates of the jobs marked for a look (at the start of a pass): a job whose
@@ -536,7 +550,7 @@ impl Scheduler {
     fn unpark(&mut self, id: JobId) {
         let mut job = self.jobs.remove(&id).expect("a parked job");
         let g = job.gate.take().expect("parked");
-        self.forget_dep_items(job.request.uid, &g);
+        self.forget_dep_items(id, job.request.uid, &g);
         self.parked.remove(&id);
         if let Some(c) = self.parked_by_user.get_mut(&job.request.uid) {
             *c -= 1;
@@ -559,7 +573,19 @@ impl Scheduler {
         self.index_pending(job);
     }
 
-    fn forget_dep_items(&mut self, uid: u32, g: &Gated) {
+    /// A parked job stops waiting (its gate opened, or it left): its dependency items no
+    /// longer count against its user, and no job array's watch keeps it.
+    fn forget_dep_items(&mut self, id: JobId, uid: u32, g: &Gated) {
+        if let Some(dep) = &g.dependency {
+            for item in dep.items.iter().filter(|i| i.tasks > 0) {
+                if let Some(w) = self.array_watches.get_mut(&item.job) {
+                    w.dependents.remove(&id);
+                    if w.dependents.is_empty() {
+                        self.array_watches.remove(&item.job);
+                    }
+                }
+            }
+        }
         let n = g.dependency.as_ref().map_or(0, |d| d.items.len());
         if let Some(c) = self.dep_items_by_user.get_mut(&uid) {
             *c = c.saturating_sub(n);
@@ -586,10 +612,6 @@ impl Scheduler {
 
     /// A job of this user and name is live now (for `singleton`).
     pub(crate) fn name_entered(&mut self, id: JobId, request: &crate::JobRequest) {
-        // (Every job enters the core here: a new task of an array changes its count.)
-        if let Some(a) = request.array {
-            self.array_changed(a.job);
-        }
         self.names
             .entry((request.uid, request.name.clone()))
             .or_default()
@@ -639,7 +661,7 @@ impl Scheduler {
     pub(crate) fn job_left(&mut self, job: &crate::Job, state: JobState) {
         self.name_left(job.id, &job.request);
         if let Some(g) = &job.gate {
-            self.forget_dep_items(job.request.uid, g);
+            self.forget_dep_items(job.id, job.request.uid, g);
             self.parked.remove(&job.id);
             if let Some(c) = self.parked_by_user.get_mut(&job.request.uid) {
                 *c -= 1;
@@ -661,7 +683,6 @@ impl Scheduler {
         ended: Option<JobState>,
     ) {
         if let Some(array) = array {
-            self.array_changed(array);
             self.array_task_event(array, ended);
         }
         let dependents = if ended.is_some() {
@@ -694,13 +715,26 @@ impl Scheduler {
         }
     }
 
-    /// A task of job array `array` started or ended: the counts of the jobs that wait on the
-    /// whole array are updated.
+    /// A task of job array `array` started or ended: the array's count follows, and the jobs
+    /// that wait on the whole array get a look when that changes what their items depend on.
     fn array_task_event(&mut self, array: JobId, ended: Option<JobState>) {
-        let Some(dependents) = self.array_dependents.get(&array).cloned() else {
+        let Some(w) = self.array_watches.get_mut(&array) else {
             return;
         };
-        let mut still = Vec::new();
+        let before = w.count.flags();
+        match ended {
+            Some(s) => {
+                w.count.live = w.count.live.saturating_sub(1);
+                w.count.bad |= s != JobState::Completed;
+            }
+            None => w.count.started = true,
+        }
+        if w.count.flags() == before {
+            return;
+        }
+        let count = w.count;
+        let dependents = std::mem::take(&mut w.dependents);
+        let mut still = BTreeSet::new();
         for dep_id in dependents {
             let Some(g) = self.jobs.get_mut(&dep_id).and_then(|j| j.gate.as_mut()) else {
                 continue;
@@ -711,20 +745,10 @@ impl Scheduler {
             let mut changed = false;
             let mut waits = false;
             for (i, item) in dep.items.iter().enumerate() {
-                let Some(c) = g.counts[i].as_mut().filter(|_| item.job == array) else {
-                    continue;
-                };
-                if g.status[i] != Status::Wait {
+                if item.job != array || item.tasks == 0 || g.status[i] != Status::Wait {
                     continue;
                 }
-                match ended {
-                    Some(s) => {
-                        c.live = c.live.saturating_sub(1);
-                        c.bad |= s != JobState::Completed;
-                    }
-                    None => c.started = true,
-                }
-                let s = array_status(item.kind, *c);
+                let s = array_status(item.kind, count);
                 if s != Status::Wait {
                     g.status[i] = s;
                     changed = true;
@@ -736,14 +760,22 @@ impl Scheduler {
                 self.recheck.push(dep_id);
             }
             if waits {
-                still.push(dep_id);
+                still.insert(dep_id);
             }
         }
         if still.is_empty() {
-            self.array_dependents.remove(&array);
-        } else {
-            self.array_dependents.insert(array, still);
+            self.array_watches.remove(&array);
+        } else if let Some(w) = self.array_watches.get_mut(&array) {
+            w.dependents = still;
         }
+    }
+
+    /// How many jobs wait on the whole job array `array`.
+    #[cfg(test)]
+    pub(crate) fn array_watch_len(&self, array: JobId) -> usize {
+        self.array_watches
+            .get(&array)
+            .map_or(0, |w| w.dependents.len())
     }
 
     /// A job the core does not hold ended (e.g. one refused during a recovery; `array`: the job
@@ -798,7 +830,6 @@ impl Scheduler {
             hold: Some(kind),
             dependency: None,
             status: Vec::new(),
-            counts: Vec::new(),
             singleton: false,
         }));
         self.parked.insert(id);

@@ -466,13 +466,11 @@ pub struct Scheduler {
     dep_items_by_user: HashMap<u32, usize>,
     /// Per dependency target: the parked jobs that wait on it.
     dependents: HashMap<JobId, Vec<JobId>>,
-    /// Per job array: the parked jobs that wait on all its tasks.
-    array_dependents: HashMap<JobId, Vec<JobId>>,
+    /// Per job array that parked jobs wait on as a whole: what is known of its tasks, and
+    /// those jobs.
+    array_watches: HashMap<JobId, gate::ArrayWatch>,
     /// Live (pending or running) jobs per user and name, for `singleton`.
     names: HashMap<(u32, String), BTreeSet<JobId>>,
-    /// What a dependent entering now knows of a job array (by array id: its task count and
-    /// [`gate::ArrayCount`]), kept until a task of the array enters, starts or leaves.
-    array_counts: HashMap<JobId, (u32, gate::ArrayCount)>,
     /// Running jobs per user and name (users and names with none absent): whether one runs
     /// is what a `singleton` check asks, without walking the name's live jobs.
     running_names: HashMap<(u32, String), usize>,
@@ -553,10 +551,9 @@ impl Scheduler {
             parked_by_user: HashMap::new(),
             dep_items_by_user: HashMap::new(),
             dependents: HashMap::new(),
-            array_dependents: HashMap::new(),
+            array_watches: HashMap::new(),
             names: HashMap::new(),
             running_names: HashMap::new(),
-            array_counts: HashMap::new(),
             singleton_waiters: HashMap::new(),
             recheck: Vec::new(),
             server_drained: false,
@@ -1382,10 +1379,6 @@ impl Scheduler {
     /// A running job stops holding its GPUs: its user's running totals drop.
     pub(crate) fn uncount_running(&mut self, job: &Job) {
         self.name_stopped(&job.request);
-        // (A requeued task runs no more: its array's count for new dependents changed.)
-        if let Some(a) = job.request.array {
-            self.array_changed(a.job);
-        }
         let mem = limits::mem_charge(&self.gpus, &job.gpus, &job.request);
         self.running_totals
             .remove(job.request.uid, job.request.gpus, mem);

@@ -2236,11 +2236,11 @@ mod gates {
             lookup,
         )
         .unwrap();
+        // Task 0 completed, so it ran: `after` holds at once.
         let mut got = started(&mut s, 0);
         got.sort();
-        assert_eq!(got, vec![2, 3]);
-        // Tasks started: `after` holds from the next pass on.
-        assert_eq!(started(&mut s, 1), vec![12]);
+        assert_eq!(got, vec![2, 3, 12]);
+        assert!(started(&mut s, 1).is_empty());
         s.finish(2, JobState::Completed);
         assert!(started(&mut s, 2).is_empty());
         assert_eq!(s.pending_reason(10), Some("Dependency"));
@@ -2588,6 +2588,128 @@ mod gates {
                         prop_assert!(!drained[*g as usize], "job {} placed on drained GPU {}", a.job, g);
                     }
                 }
+            }
+        }
+    }
+
+    proptest! {
+        /// Jobs waiting on a whole job array share one count of it, followed by its tasks'
+        /// events (a task's event walks the dependents only when it settles some): a
+        /// dependent, whenever it entered, starts only once its condition holds on the
+        /// tasks' real outcomes, starts once it holds, and leaves the array's watch when it
+        /// stops waiting.
+        #[test]
+        fn whole_array_dependents_see_what_counting_the_tasks_would(
+            ops in proptest::collection::vec((0u8..5, 0u64..64, any::<bool>()), 1..60),
+        ) {
+            const TASKS: u32 = 4;
+            let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+            for t in 0..TASKS {
+                let task = JobRequest {
+                    array: Some(ArrayTask { job: 1, task: t, count: TASKS, min: 0, max: TASKS - 1, limit: None }),
+                    ..req(1, 1, None)
+                };
+                s.restore_pending(JobId::from(t) + 1, task, 0, 0).unwrap();
+            }
+            let kinds = [DepKind::After, DepKind::AfterAny, DepKind::AfterOk, DepKind::AfterNotOk];
+            // The model: each task's outcome, and whether it ever ran.
+            let mut ended: HashMap<JobId, JobState> = HashMap::new();
+            let mut ran: HashSet<JobId> = HashSet::new();
+            let mut waiting: HashMap<JobId, DepKind> = HashMap::new();
+            let holds = |kind: DepKind, ran: &HashSet<JobId>, ended: &HashMap<JobId, JobState>| {
+                let done = ended.len() == TASKS as usize;
+                let bad = ended.values().any(|&st| st != JobState::Completed);
+                match kind {
+                    DepKind::After => !ran.is_empty() || done,
+                    DepKind::AfterAny => done,
+                    DepKind::AfterOk => done && !bad,
+                    _ => done && bad,
+                }
+            };
+            let mut now = 0;
+            let check_starts = |s: &mut Scheduler, now: Millis, ran: &mut HashSet<JobId>,
+                                    ended: &HashMap<JobId, JobState>,
+                                    waiting: &mut HashMap<JobId, DepKind>| -> Result<(), TestCaseError> {
+                for a in s.schedule(now) {
+                    if a.job <= JobId::from(TASKS) {
+                        ran.insert(a.job);
+                    } else if let Some(kind) = waiting.remove(&a.job) {
+                        prop_assert!(holds(kind, ran, ended),
+                            "job {} ({:?}) started with tasks ran {:?}, ended {:?}", a.job, kind, ran, ended);
+                    }
+                }
+                Ok(())
+            };
+            for (op, x, flag) in ops {
+                now += 1;
+                match op {
+                    0 | 1 => {
+                        let id = s.next_job_id();
+                        let kind = kinds[x as usize % kinds.len()];
+                        let gate = Gate {
+                            hold: None,
+                            dependency: Some(Dependency {
+                                any: false,
+                                items: vec![DepItem { kind, job: 1, tasks: TASKS }],
+                                text: String::new(),
+                            }),
+                        };
+                        let lookup = |t: JobId| match ended.get(&t) {
+                            Some(&st) => TargetState::Ended(st),
+                            None => TargetState::Live,
+                        };
+                        s.restore_pending_gated(id, req(2, 1, Some(1)), now, 0, gate, lookup).unwrap();
+                        waiting.insert(id, kind);
+                    }
+                    2 => {
+                        // A running task ends, completed or failed.
+                        let running: Vec<JobId> = ran.iter().copied()
+                            .filter(|t| !ended.contains_key(t)).collect();
+                        if let Some(&t) = running.get(x as usize % running.len().max(1)) {
+                            let st = if flag { JobState::Completed } else { JobState::Failed };
+                            s.finish(t, st);
+                            ended.insert(t, st);
+                        }
+                    }
+                    3 => {
+                        // A waiting task is cancelled.
+                        let t = 1 + x % JobId::from(TASKS);
+                        if !ran.contains(&t) && !ended.contains_key(&t)
+                            && matches!(s.cancel(t, ROOT), CancelOutcome::Removed(_)) {
+                            ended.insert(t, JobState::Cancelled);
+                        }
+                    }
+                    _ => {
+                        // A dependent is cancelled.
+                        let mut ids: Vec<JobId> = waiting.keys().copied().collect();
+                        ids.sort();
+                        if let Some(&id) = ids.get(x as usize % ids.len().max(1)) {
+                            if matches!(s.cancel(id, ROOT), CancelOutcome::Removed(_)) {
+                                waiting.remove(&id);
+                            }
+                        }
+                    }
+                }
+                check_starts(&mut s, now, &mut ran, &ended, &mut waiting)?;
+                // A dependent whose condition holds starts (the next pass at the latest:
+                // the GPUs fit every dependent once the tasks hold none).
+                if ended.len() == TASKS as usize {
+                    check_starts(&mut s, now, &mut ran, &ended, &mut waiting)?;
+                    for (id, kind) in &waiting {
+                        prop_assert!(!holds(*kind, &ran, &ended), "job {} ({:?}) still waits", id, kind);
+                    }
+                }
+                // The watch keeps exactly the dependents whose condition is still open.
+                let done = ended.len() == TASKS as usize;
+                let bad = ended.values().any(|&st| st != JobState::Completed);
+                let open = waiting.values()
+                    .filter(|&&kind| match kind {
+                        DepKind::After => ran.is_empty() && !done,
+                        DepKind::AfterOk => !done && !bad,
+                        _ => !done,
+                    })
+                    .count();
+                prop_assert_eq!(s.array_watch_len(1), open);
             }
         }
     }

@@ -85,7 +85,56 @@ CREATE TABLE drains (
     // A context-switched job's fair-share key floor (mgpu_core::Job::min_key): after a restart
     // it stays behind the jobs that were waiting when it was requeued.
     "ALTER TABLE jobs ADD COLUMN min_key INTEGER;",
+    FINISHED_TRIM_MIGRATION,
 ];
+
+/// What a finished job's launch record keeps, as SQL of the record column `$col`: no batch
+/// script, and at most 1 KiB of command (the program alone when longer). A finished job never
+/// runs again; what accounting and `mgpu_control show job` read stays.
+macro_rules! trimmed_spec {
+    ($col:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $col,
+            " = '' OR NOT json_valid(",
+            $col,
+            ") THEN ",
+            $col,
+            " WHEN length(json_extract(",
+            $col,
+            ", '$.command')) <= 1024 THEN json_remove(",
+            $col,
+            ", '$.script') ELSE json_set(json_remove(",
+            $col,
+            ", '$.script'), '$.command', ",
+            "json_array(substr(json_extract(",
+            $col,
+            ", '$.command[0]'), 1, 1024))) END"
+        )
+    };
+}
+
+/// Finished jobs keep no launch data (see `Op::Ended`): the records that ended before this
+/// rule are trimmed once, and two indexes keep the per-event work small. `jobs_array_live`
+/// finds whether a job array has a task left without walking its ended tasks;
+/// `jobs_usage` answers `mgpu_acct --summary` from the index alone, never reading a row
+/// (whose launch record may be large while the job waits).
+const FINISHED_TRIM_MIGRATION: &str = concat!(
+    "CREATE INDEX jobs_array_live ON jobs(json_extract(array, '$.job'))
+         WHERE array IS NOT NULL AND state IN ('PENDING', 'RUNNING');
+     CREATE INDEX jobs_usage ON jobs(ended_at, uid, state, gpus, started_at, earlier_runs_ms, user);
+     UPDATE jobs SET env_id = NULL, spec = ",
+    trimmed_spec!("spec"),
+    " WHERE state NOT IN ('PENDING', 'RUNNING');
+     UPDATE array_specs SET env_id = NULL, spec = ",
+    trimmed_spec!("spec"),
+    " WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE array IS NOT NULL
+                          AND json_extract(array, '$.job') = array_specs.array_id
+                          AND state IN ('PENDING', 'RUNNING'));
+     DELETE FROM envs WHERE
+         NOT EXISTS (SELECT 1 FROM jobs WHERE env_id = envs.id)
+         AND NOT EXISTS (SELECT 1 FROM array_specs WHERE env_id = envs.id);"
+);
 
 /// Each distinct environment once (content-addressed: SHA-256 of its JSON); launch records
 /// refer to it and keep an empty `env`. Existing records are moved over by `move_envs`.
@@ -332,7 +381,12 @@ pub struct JobSummary {
 
 pub struct Store {
     ops: Mutex<mpsc::Sender<Op>>,
+    /// For lookups by key (a job's state, owner, launch record): quick, and some are made on
+    /// the server's event loop, so they never wait behind a scan.
     reader: Mutex<Connection>,
+    /// For scans any user can ask for (accounting, usage), run on blocking threads: a long
+    /// one holds up only the next scan.
+    scanner: Mutex<Connection>,
     pub path: PathBuf,
     /// Test hook: when set, the writer stops without applying what is still queued (a crash).
     dead: Arc<AtomicBool>,
@@ -409,6 +463,7 @@ impl Store {
         migrate(&mut conn)?;
         let recovered = recover(&conn)?;
         let reader = open_conn(&path)?;
+        let scanner = open_conn(&path)?;
         // Commits never checkpoint the WAL themselves (that would stall a submit now and then
         // for milliseconds); a background thread does it soon after commits, without blocking
         // writers, so that little is left to copy at a time. Once a checkpoint catches up, the
@@ -441,6 +496,7 @@ impl Store {
             Store {
                 ops: Mutex::new(tx),
                 reader: Mutex::new(reader),
+                scanner: Mutex::new(scanner),
                 path,
                 dead,
                 writer: Mutex::new(Some(handle)),
@@ -594,7 +650,7 @@ impl Store {
         after: JobId,
         limit: usize,
     ) -> Result<Vec<mgpu_proto::AcctRecord>> {
-        let conn = self.reader.lock().unwrap();
+        let conn = self.scanner.lock().unwrap();
         let mut stmt = conn.prepare_cached(
             "SELECT id, user, name, state, exit_code, signal, submitted_at, started_at, ended_at,
                     gpus, gpu_ids, mem_mib, restarts, message, array, peak_gpu_mem_mib, earlier_runs_ms
@@ -651,17 +707,8 @@ impl Store {
         until: Option<Millis>,
         uid: Option<u32>,
     ) -> Result<Vec<UsageTotals>> {
-        let conn = self.reader.lock().unwrap();
-        let mut stmt = conn.prepare_cached(
-            "SELECT uid, MAX(user), COUNT(*), SUM(state = 'COMPLETED'),
-                    SUM(gpus * (COALESCE(MAX(ended_at - started_at, 0), 0)
-                                + MAX(earlier_runs_ms, 0)))
-             FROM jobs
-             WHERE state NOT IN ('PENDING', 'RUNNING')
-               AND (?1 IS NULL OR ended_at >= ?1) AND (?2 IS NULL OR ended_at < ?2)
-               AND (?3 IS NULL OR uid = ?3)
-             GROUP BY uid ORDER BY uid",
-        )?;
+        let conn = self.scanner.lock().unwrap();
+        let mut stmt = conn.prepare_cached(USAGE_SQL)?;
         let rows = stmt.query_map(
             params![since.map(|t| t as i64), until.map(|t| t as i64), uid],
             |r| {
@@ -684,7 +731,7 @@ impl Store {
         &self,
         since: Millis,
     ) -> Result<Vec<(u32, u32, Option<u64>, Vec<u32>, Millis, Millis)>> {
-        let conn = self.reader.lock().unwrap();
+        let conn = self.scanner.lock().unwrap();
         let mut stmt = conn.prepare(
             "SELECT uid, gpus, mem_mib, gpu_ids, started_at, ended_at FROM jobs
              WHERE ended_at >= ?1 AND started_at IS NOT NULL
@@ -732,7 +779,7 @@ impl Store {
     /// Launch records of unfinished jobs: (job, owner, record's key (the job's id, or its job
     /// array's), the record's size with its environment).
     pub fn launch_charges(&self) -> Result<Vec<(JobId, u32, JobId, u64)>> {
-        let conn = self.reader.lock().unwrap();
+        let conn = self.scanner.lock().unwrap();
         let mut stmt = conn.prepare(
             "SELECT j.id, j.uid, COALESCE(json_extract(j.array, '$.job'), j.id),
                     COALESCE(length(NULLIF(j.spec, '')), length(a.spec), 0)
@@ -755,7 +802,7 @@ impl Store {
 
     /// Every recorded job's owner and, once it finished, when it ended (for the log books).
     pub fn log_owners(&self) -> Result<Vec<(JobId, u32, Option<Millis>)>> {
-        let conn = self.reader.lock().unwrap();
+        let conn = self.scanner.lock().unwrap();
         let mut stmt = conn.prepare(
             "SELECT id, uid, CASE WHEN state IN ('PENDING', 'RUNNING') THEN NULL
                                   ELSE COALESCE(ended_at, 0) END FROM jobs",
@@ -1130,6 +1177,38 @@ fn set_begin_at(tx: &rusqlite::Transaction, id: JobId, at: Option<Millis>) -> Re
     Ok(())
 }
 
+const ARRAY_HAS_LIVE_TASK_SQL: &str = "SELECT EXISTS (SELECT 1 FROM jobs WHERE array IS NOT NULL
+   AND json_extract(array, '$.job') = ?1 AND state IN ('PENDING', 'RUNNING'))";
+
+/// Per user: jobs that ended in `[?1, ?2)` (of uid `?3` only, if given), how many completed,
+/// GPU-milliseconds over all their runs. Answered from `jobs_usage` alone.
+const USAGE_SQL: &str = "SELECT uid, MAX(user), COUNT(*), SUM(state = 'COMPLETED'),
+        SUM(gpus * (COALESCE(MAX(ended_at - started_at, 0), 0) + MAX(earlier_runs_ms, 0)))
+    FROM jobs
+    WHERE state NOT IN ('PENDING', 'RUNNING')
+      AND (?1 IS NULL OR ended_at >= ?1) AND (?2 IS NULL OR ended_at < ?2)
+      AND (?3 IS NULL OR uid = ?3)
+    GROUP BY uid ORDER BY uid";
+
+/// Whether job array `array` has a task pending or running (`jobs_array_live` holds only
+/// those: no walk over the ended tasks).
+fn array_has_live_task(tx: &rusqlite::Transaction, array: i64) -> Result<bool> {
+    Ok(tx
+        .prepare_cached(ARRAY_HAS_LIVE_TASK_SQL)?
+        .query_row([array], |r| r.get(0))?)
+}
+
+/// Deletes environment `env` once no launch record refers to it (both lookups are indexed).
+fn drop_env_if_unused(tx: &rusqlite::Transaction, env: i64) -> Result<()> {
+    tx.prepare_cached(
+        "DELETE FROM envs WHERE id = ?1
+           AND NOT EXISTS (SELECT 1 FROM jobs WHERE env_id = ?1)
+           AND NOT EXISTS (SELECT 1 FROM array_specs WHERE env_id = ?1)",
+    )?
+    .execute([env])?;
+    Ok(())
+}
+
 fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result<()> {
     let tx = conn.transaction()?;
     for op in batch {
@@ -1178,19 +1257,21 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 .execute(params![*id as i64, *at as i64, ids.join(","), pid])?;
             }
             Op::Ended(id, e) => {
-                tx.prepare_cached(
-                    // A finished job never runs again: its record keeps no environment and
-                    // at most 1 KiB of command (the program alone when longer).
+                let (env, array): (Option<i64>, Option<i64>) = tx
+                    .prepare_cached(
+                        "SELECT env_id, json_extract(array, '$.job') FROM jobs WHERE id = ?1",
+                    )?
+                    .query_row([*id as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?
+                    .unwrap_or((None, None));
+                tx.prepare_cached(concat!(
+                    // A finished job never runs again: its record keeps no environment, no
+                    // batch script and at most 1 KiB of command.
                     "UPDATE jobs SET state = ?2, ended_at = ?3, exit_code = ?4, signal = ?5,
-                                     message = ?6, env_id = NULL,
-                                     spec = CASE
-                       WHEN spec = '' OR NOT json_valid(spec)
-                         OR length(json_extract(spec, '$.command')) <= 1024 THEN spec
-                       ELSE json_set(spec, '$.command',
-                              json_array(substr(json_extract(spec, '$.command[0]'), 1, 1024)))
-                       END
-                     WHERE id = ?1",
-                )?
+                                     message = ?6, env_id = NULL, spec = ",
+                    trimmed_spec!("spec"),
+                    " WHERE id = ?1"
+                ))?
                 .execute(params![
                     *id as i64,
                     e.state.as_str(),
@@ -1199,6 +1280,28 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     e.signal,
                     e.message
                 ])?;
+                // The job array's shared record, once its last task ended (the index holds
+                // only live tasks: no walk over the ended ones).
+                let array_env = match array {
+                    Some(a) if !array_has_live_task(&tx, a)? => {
+                        let env: Option<i64> = tx
+                            .prepare_cached("SELECT env_id FROM array_specs WHERE array_id = ?1")?
+                            .query_row([a], |r| r.get(0))
+                            .optional()?
+                            .flatten();
+                        tx.prepare_cached(concat!(
+                            "UPDATE array_specs SET env_id = NULL, spec = ",
+                            trimmed_spec!("spec"),
+                            " WHERE array_id = ?1"
+                        ))?
+                        .execute([a])?;
+                        env
+                    }
+                    _ => None,
+                };
+                for env in [env, array_env].into_iter().flatten() {
+                    drop_env_if_unused(&tx, env)?;
+                }
             }
             Op::GpuPeak(id, mib) => {
                 tx.prepare_cached(
@@ -1617,6 +1720,14 @@ mod tests {
                 [],
             )
             .unwrap();
+            // A finished job from before finished jobs were trimmed: its script goes.
+            conn.execute(
+                "INSERT INTO jobs (id, uid, user, name, state, gpus, spec, submitted_at)
+                 VALUES (6, 1000, 'alice', 'old', 'COMPLETED', 1,
+                         '{\"command\":[\"sh\"],\"cwd\":\"/\",\"env\":[[\"A\",\"b\"]],\"venv\":\"auto\",\"script\":\"echo hi\"}', 3)",
+                [],
+            )
+            .unwrap();
         }
         let (_store, rec) = Store::open(dir.path()).unwrap();
         assert_eq!(rec.next_job_id, 8);
@@ -1628,6 +1739,17 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, MIGRATIONS.len());
+        let spec: String = conn
+            .query_row("SELECT spec FROM jobs WHERE id = 6", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            !spec.contains("script") && !spec.contains("\"b\""),
+            "{spec}"
+        );
+        let envs: i64 = conn
+            .query_row("SELECT COUNT(*) FROM envs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(envs, 0);
     }
 
     fn count(store: &Store, sql: &str) -> i64 {
@@ -1726,7 +1848,10 @@ mod tests {
         assert!(store.launch_spec(5).unwrap().env.is_empty());
     }
 
-    /// A finished job's record keeps no environment and at most 1 KiB of command.
+    /// A finished job's record keeps no environment, no batch script and at most 1 KiB of
+    /// command, and an environment no other record uses goes at once, not at the purge
+    /// (found by an attack review: a user's submit-and-cancel cycles grew the database by
+    /// gigabytes that stayed for the retention period).
     #[tokio::test]
     async fn finished_jobs_keep_no_launch_data() {
         let dir = tempfile::tempdir().unwrap();
@@ -1734,17 +1859,20 @@ mod tests {
         let mut j = job(1);
         j.spec.command = vec!["python".into(), "x".repeat(100_000)];
         j.spec.env = vec![("X".into(), "y".repeat(100_000))];
+        j.spec.script = Some("#!/bin/sh\n".to_string() + &"# padding\n".repeat(50_000));
         store.insert(j).await.unwrap().unwrap();
-        store.ended(
-            1,
-            Ending {
-                state: JobState::Cancelled,
-                at: 8,
-                exit_code: None,
-                signal: None,
-                message: None,
-            },
-        );
+        // Another job with the same environment keeps it while it waits.
+        let mut k = job(2);
+        k.spec.env = vec![("X".into(), "y".repeat(100_000))];
+        store.insert(k).await.unwrap().unwrap();
+        let ended = |state| Ending {
+            state,
+            at: 8,
+            exit_code: None,
+            signal: None,
+            message: None,
+        };
+        store.ended(1, ended(JobState::Cancelled));
         store.flush().await;
         assert_eq!(
             count(&store, "SELECT length(spec) < 200 FROM jobs WHERE id = 1"),
@@ -1752,11 +1880,110 @@ mod tests {
         );
         assert_eq!(
             count(&store, "SELECT COUNT(*) FROM jobs WHERE env_id IS NOT NULL"),
-            0
+            1
         );
-        assert_eq!(store.launch_spec(1).unwrap().command, ["python"]);
-        store.purge(0).await.unwrap();
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 1);
+        let spec = store.launch_spec(1).unwrap();
+        assert_eq!(spec.command, ["python"]);
+        assert_eq!(spec.script, None);
+        store.ended(2, ended(JobState::Completed));
+        store.flush().await;
         assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
+    }
+
+    /// A job array's shared record keeps its script and environment while a task is left,
+    /// and is trimmed like a job's when the last one ends.
+    #[tokio::test]
+    async fn a_job_arrays_record_is_trimmed_when_its_last_task_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let mut template = job(0);
+        template.spec.env = vec![("X".into(), "y".repeat(10_000))];
+        template.spec.script = Some("#!/bin/sh\ntrue\n".into());
+        let tasks: Vec<(JobId, JobRequest)> = (0..3)
+            .map(|i| {
+                let array = mgpu_core::ArrayTask {
+                    job: 10,
+                    task: i,
+                    count: 3,
+                    min: 0,
+                    max: 2,
+                    limit: None,
+                };
+                let request = JobRequest {
+                    array: Some(array),
+                    ..template.request.clone()
+                };
+                (10 + u64::from(i), request)
+            })
+            .collect();
+        store
+            .insert_array(NewArray {
+                gate: Default::default(),
+                spec: template.spec.clone(),
+                submitted_at: 5,
+                tasks,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let ended = |state| Ending {
+            state,
+            at: 8,
+            exit_code: None,
+            signal: None,
+            message: None,
+        };
+        store.started(10, 6, vec![0], 99);
+        store.ended(10, ended(JobState::Completed));
+        store.ended(12, ended(JobState::Cancelled));
+        store.flush().await;
+        // Task 11 waits: it still needs the script and the environment.
+        let spec = store.launch_spec(11).unwrap();
+        assert!(spec.script.is_some());
+        assert_eq!(spec.env.len(), 1);
+        store.started(11, 9, vec![0], 98);
+        store.ended(11, ended(JobState::Failed));
+        store.flush().await;
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
+        assert_eq!(
+            count(
+                &store,
+                "SELECT COUNT(*) FROM array_specs WHERE env_id IS NULL
+                   AND json_extract(spec, '$.script') IS NULL"
+            ),
+            1
+        );
+        assert_eq!(store.launch_spec(12).unwrap().command, ["true"]);
+    }
+
+    /// The per-event and per-request queries that must not grow with the records use their
+    /// indexes: whether an array has a task left (at every task's end) reads only live tasks;
+    /// the usage summary (any user may ask) reads the index alone, never a row.
+    #[test]
+    fn the_queries_that_must_stay_small_use_their_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let plan = |sql: &str, args: &[Option<i64>]| -> String {
+            let conn = store.reader.lock().unwrap();
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            rows.join("; ")
+        };
+        let live = plan(ARRAY_HAS_LIVE_TASK_SQL, &[Some(5)]);
+        assert!(live.contains("jobs_array_live"), "{live}");
+        for args in [
+            [None, None, None],
+            [Some(1), None, None],
+            [Some(1), Some(9), Some(1000)],
+        ] {
+            let usage = plan(USAGE_SQL, &args);
+            assert!(usage.contains("COVERING INDEX jobs_usage"), "{usage}");
+        }
     }
 
     /// A job's GPU memory peak is kept (the larger figure wins, across writes) and read back by

@@ -765,7 +765,8 @@ pub fn build_request(
         name: opts.job_name,
         gpus,
         mem_mib: opts.mem,
-        time_limit_s: opts.time_limit.and_then(|t| t.0),
+        // An explicit "no limit" is sent as 0, so that the server can tell it from no `-t`.
+        time_limit_s: opts.time_limit.map(|t| t.0.unwrap_or(0)),
         command,
         cwd: utf8(cwd.into_os_string(), "the working directory")?,
         env,

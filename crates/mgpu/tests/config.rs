@@ -225,6 +225,15 @@ fn max_time_is_refused_and_default_time_applied() {
         .unwrap();
     assert_fails_with(&out, "QOSMaxWallDurationPerJobLimit");
     assert_fails_with(&out, "longer than the longest allowed per job, 1:00:00");
+    // An explicit "no limit" is not "no -t": it is over the maximum too (found by a review:
+    // it was given the default instead).
+    let out = s
+        .cmd_as(&b, "mgpu_srun")
+        .args(["--detach", "--time", "UNLIMITED", "--", "true"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "QOSMaxWallDurationPerJobLimit");
+    assert_fails_with(&out, "its time limit UNLIMITED is longer");
     let a_long = s.detached_as(&a, &["--time", "1:30:00", "--", "true"]);
     assert_eq!(s.job(a_long).unwrap()["time_limit_s"], 5400);
     let a_default = s.detached_as(&a, &["--", "true"]);

@@ -423,3 +423,35 @@ fn a_switched_job_stays_behind_the_waiting_ones_across_a_restart() {
         s.ok("mgpu_cancel", &[&id.to_string()]);
     }
 }
+
+/// Found by a review: a job that ran, was switched out and was cancelled while waiting to run
+/// again was accounted as "cancelled before it started".
+#[test]
+fn a_switched_job_cancelled_while_waiting_says_it_ran() {
+    let s = Server::start("1x24GiB", &[]);
+    let dir = s.scratch.display().to_string();
+    let long = s.detached(&["-t", "1s", "--", "sleep", "300"]);
+    s.wait_state(long, "RUNNING");
+    let waiting = s.detached(&[
+        "--",
+        "bash",
+        "-c",
+        &format!("while [ ! -e {dir}/go ]; do sleep 0.05; done"),
+    ]);
+    wait_until(Duration::from_secs(60), || {
+        s.job(long)
+            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
+    });
+    s.ok("mgpu_cancel", &[&long.to_string()]);
+    std::fs::write(s.scratch.join("go"), "").unwrap();
+    s.wait_gone(waiting);
+    let acct = s.acct(long);
+    assert_eq!(acct["state"], "CANCELLED");
+    let message = acct["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("while waiting to run again") && message.contains("1 time"),
+        "{acct}"
+    );
+    assert_eq!(acct["restarts"], 1, "{acct}");
+    assert!(acct["gpu_hours"].as_f64().unwrap() > 0.0, "{acct}");
+}

@@ -42,7 +42,17 @@ pub fn cancel_one(
                     state: JobState::Cancelled,
                     exit_code: None,
                     signal: None,
-                    message: Some(format!("cancelled by {by_name} before it started")),
+                    message: Some(if job.restarts == 0 {
+                        format!("cancelled by {by_name} before it started")
+                    } else {
+                        // It ran, was switched out, and waited to run again.
+                        let runs = job.restarts;
+                        let s = if runs == 1 { "" } else { "s" };
+                        format!(
+                            "cancelled by {by_name} while waiting to run again \
+                             (context-switched {runs} time{s})"
+                        )
+                    }),
                 },
             );
             CancelStatus::Cancelled

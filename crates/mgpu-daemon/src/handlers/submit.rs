@@ -592,7 +592,11 @@ async fn submit_array(
 /// Slurm, when it asks for more than the maximum.
 fn apply_time_limits(asked: Option<u64>, limits: &Limits) -> Result<Option<u64>, String> {
     match (asked, limits.max_time_s) {
+        // None: no `-t` at all; Some(0): `-t 0`/`UNLIMITED`, which gets no default and,
+        // under a maximum, is refused as any longer limit is (as `mgpu_control update` does).
         (None, max) => Ok(limits.default_time_s.or(max)),
+        (Some(0), Some(max)) => Err(too_long(None, max)),
+        (Some(0), None) => Ok(None),
         (Some(t), Some(max)) if t > max => Err(too_long(Some(t), max)),
         (t, _) => Ok(t),
     }
@@ -690,6 +694,38 @@ mod tests {
             dependency: None,
             hold: false,
         }
+    }
+
+    /// No `-t` gets the default (or the maximum); an explicit "no limit" (0) gets no default,
+    /// and under a maximum is refused; a limit over the maximum is refused.
+    #[test]
+    fn time_limits_against_the_users_limits() {
+        use super::{apply_time_limits, Limits};
+        let limits = |default: Option<u64>, max: Option<u64>| Limits {
+            default_time_s: default,
+            max_time_s: max,
+            ..Limits::default()
+        };
+        assert_eq!(
+            apply_time_limits(None, &limits(Some(60), None)),
+            Ok(Some(60))
+        );
+        assert_eq!(
+            apply_time_limits(None, &limits(None, Some(90))),
+            Ok(Some(90))
+        );
+        assert_eq!(
+            apply_time_limits(Some(0), &limits(Some(60), None)),
+            Ok(None)
+        );
+        assert!(apply_time_limits(Some(0), &limits(Some(60), Some(90)))
+            .unwrap_err()
+            .contains("UNLIMITED"));
+        assert!(apply_time_limits(Some(91), &limits(None, Some(90))).is_err());
+        assert_eq!(
+            apply_time_limits(Some(90), &limits(None, Some(90))),
+            Ok(Some(90))
+        );
     }
 
     /// Found by fuzzing: a time limit near u64::MAX overflowed the core's deadline arithmetic

@@ -138,8 +138,18 @@ pub fn choose_where(
     match request.mem_mib {
         // Smallest GPUs first: big ones stay free for jobs that need their memory.
         None => fitting.sort_by_key(|g| (g.spec.total_mib, g.spec.index)),
-        // Already-shared GPUs first, then the tightest fit: keeps whole GPUs whole.
-        Some(mem) => fitting.sort_by_key(|g| (g.is_idle(), g.free_mib() - mem, g.spec.index)),
+        // Already-shared GPUs first, then the tightest fit: keeps whole GPUs whole. GPUs where
+        // a job uses more than it reserved come last: sharing one is what gets that job
+        // stopped for its memory (enforcement applies to shared GPUs), so it is done only
+        // when nothing else fits.
+        Some(mem) => fitting.sort_by_key(|g| {
+            (
+                g.excess_mib > 0,
+                g.is_idle(),
+                g.free_mib() - mem,
+                g.spec.index,
+            )
+        }),
     }
     fitting.truncate(want);
     fitting.sort_by_key(|g| g.spec.index);

@@ -1784,6 +1784,28 @@ proptest! {
     }
 }
 
+/// Found by a review: a newcomer was packed next to a job over its reservation while another
+/// GPU was idle, which turned that job's warning (alone on its GPU) into a stop (shared).
+/// Such a GPU comes last, and is still used when nothing else fits.
+#[test]
+fn a_gpu_with_a_job_over_its_reservation_is_shared_last() {
+    let mut s = Scheduler::new(gpus(&[24_000, 24_000]), config(Policy::Fifo), 1);
+    let a = s.submit(req(1, 1, Some(10_000)), 0).unwrap();
+    let placed = s.schedule(0);
+    assert_eq!(placed[0].gpus, vec![0]);
+    s.set_job_usage(0, &[(a, 12_000)]);
+    let b = s.submit(req(2, 1, Some(8_000)), 1).unwrap();
+    let placed = s.schedule(1);
+    assert_eq!((placed[0].job, placed[0].gpus.clone()), (b, vec![1]));
+    // GPU 1 is too full now: GPU 0 is the only place left.
+    let c = s.submit(req(2, 1, Some(11_000)), 2).unwrap();
+    let d = s.submit(req(2, 1, Some(6_000)), 2).unwrap();
+    let placed: Vec<(JobId, Vec<u32>)> =
+        s.schedule(2).into_iter().map(|p| (p.job, p.gpus)).collect();
+    assert!(placed.contains(&(c, vec![1])), "{placed:?}");
+    assert!(placed.contains(&(d, vec![0])), "{placed:?}");
+}
+
 /// A memory job measured over its reservation is charged what it uses: a newcomer is not placed
 /// on that memory, and is once the job is back inside (or gone).
 #[test]

@@ -312,9 +312,13 @@ pub fn parse_size(s: &str, fs_bytes: u64) -> Result<Option<u64>, String> {
 /// before it is recorded, and the charge is released when the job ends (the store then keeps
 /// only the job's record and a short command). A job array is charged once, until its last
 /// task ends.
+/// The same bound holds over all users' records together (`total_limit`), so that many
+/// users at their own bounds cannot fill the state file system either.
 #[derive(Debug, Default)]
 pub struct LaunchBook {
     limit: Option<u64>,
+    total_limit: Option<u64>,
+    total: u64,
     /// Charges: by job id, or by the array's id for job arrays: (owner, bytes, jobs holding it).
     charges: HashMap<JobId, (u32, u64, u32)>,
     /// Array tasks: the charge they hold.
@@ -323,9 +327,10 @@ pub struct LaunchBook {
 }
 
 impl LaunchBook {
-    pub fn new(limit: Option<u64>) -> Self {
+    pub fn new(limit: Option<u64>, total_limit: Option<u64>) -> Self {
         LaunchBook {
             limit,
+            total_limit,
             ..Default::default()
         }
     }
@@ -351,6 +356,17 @@ impl LaunchBook {
                 ));
             }
         }
+        if let Some(limit) = self.total_limit {
+            if self.total.saturating_add(bytes) > limit {
+                return Err(format!(
+                    "the server's waiting jobs' commands and environments take {} MiB in all, \
+                     at most {} MiB (the server's --max-launch-data); try again once jobs have \
+                     ended, or ask your administrator",
+                    self.total >> 20,
+                    limit >> 20
+                ));
+            }
+        }
         self.add(uid, bytes, first, n, array);
         Ok(())
     }
@@ -362,6 +378,7 @@ impl LaunchBook {
             None => {
                 self.charges.insert(key, (uid, bytes, tasks.len() as u32));
                 *self.used.entry(uid).or_default() += bytes;
+                self.total = self.total.saturating_add(bytes);
             }
         }
         for &t in tasks {
@@ -376,6 +393,7 @@ impl LaunchBook {
         if array {
             self.charges.insert(first, (uid, bytes, n));
             *self.used.entry(uid).or_default() += bytes;
+            self.total = self.total.saturating_add(bytes);
             for t in tasks {
                 self.task_charge.insert(t, first);
             }
@@ -393,6 +411,7 @@ impl LaunchBook {
         c.2 = c.2.saturating_sub(1);
         if c.2 == 0 {
             let (uid, bytes, _) = self.charges.remove(&key).expect("present");
+            self.total = self.total.saturating_sub(bytes);
             if let Some(u) = self.used.get_mut(&uid) {
                 *u = u.saturating_sub(bytes);
                 if *u == 0 {
@@ -635,8 +654,26 @@ mod tests {
     }
 
     #[test]
+    fn launch_records_are_bounded_in_all_too() {
+        let mut b = LaunchBook::new(Some(1000), Some(1500));
+        b.charge(7, 900, 1, 1, false).unwrap();
+        b.charge(8, 500, 2, 1, false).unwrap();
+        let err = b.charge(9, 200, 3, 1, false).unwrap_err();
+        assert!(err.contains("--max-launch-data)"), "{err}");
+        b.charge(9, 100, 3, 1, false).unwrap();
+        // What ends frees room for everyone.
+        b.release(1);
+        b.charge(9, 900, 4, 1, false).unwrap();
+        let mut r = LaunchBook::new(None, Some(100));
+        r.restore(7, 300, 10, &[11]);
+        assert!(r.charge(8, 1, 20, 1, false).is_err());
+        r.release(11);
+        r.charge(8, 100, 20, 1, false).unwrap();
+    }
+
+    #[test]
     fn launch_records_are_bounded_per_user_until_their_jobs_end() {
-        let mut b = LaunchBook::new(Some(1000));
+        let mut b = LaunchBook::new(Some(1000), None);
         b.charge(7, 600, 1, 1, false).unwrap();
         assert!(b
             .charge(7, 500, 2, 1, false)
@@ -656,7 +693,7 @@ mod tests {
         assert_eq!(b.used(7), 0);
         b.charge(7, 1000, 20, 1, false).unwrap();
         // Restored at start-up: an array's tasks share its charge.
-        let mut r = LaunchBook::new(Some(10));
+        let mut r = LaunchBook::new(Some(10), None);
         r.restore(7, 300, 10, &[11]);
         r.restore(7, 300, 10, &[12]);
         r.restore(7, 50, 13, &[13]);

@@ -107,6 +107,10 @@ pub struct Args {
     /// may take in the job database (a job array counts once); 0: no limit
     #[arg(long, value_name = "SIZE", default_value = "2G")]
     pub max_launch_data_per_user: String,
+    /// Most bytes of launch records all users' waiting and running jobs may take together
+    /// (a size, or a percentage of the state directory's file system); 0: no limit
+    #[arg(long, value_name = "SIZE", default_value = "25%")]
+    pub max_launch_data: String,
     /// Scheduling policy: fair (fair-share priority + backfill), backfill (FIFO priority +
     /// backfill) or fifo (first-come first-served among jobs that fit)
     #[arg(long, value_name = "POLICY", default_value = "fair", value_parser = parse_policy)]
@@ -534,6 +538,7 @@ fn check_options(args: &Args) -> Result<()> {
         ("--log-quota-per-user", &args.log_quota_per_user),
         ("--log-quota", &args.log_quota),
         ("--max-launch-data-per-user", &args.max_launch_data_per_user),
+        ("--max-launch-data", &args.max_launch_data),
     ] {
         crate::logquota::parse_size(value, 1 << 40).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
     }
@@ -661,6 +666,11 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
     let log_quota = quota("--log-quota", &args.log_quota)?;
     let max_launch_data_per_user =
         quota("--max-launch-data-per-user", &args.max_launch_data_per_user)?;
+    let state_fs_bytes = nix::sys::statvfs::statvfs(&state_dir)
+        .map(|v| v.blocks().saturating_mul(v.fragment_size()))
+        .with_context(|| format!("reading the size of {}", state_dir.display()))?;
+    let max_launch_data = crate::logquota::parse_size(&args.max_launch_data, state_fs_bytes)
+        .map_err(|e| anyhow::anyhow!("--max-launch-data: {e}"))?;
     let backend = gpu_backend(args)?;
     let gpus = backend.gpus();
     let (store, mut recovered) = Store::open(&state_dir)?;
@@ -757,6 +767,7 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
             log_quota_per_user,
             log_quota,
             max_launch_data_per_user,
+            max_launch_data,
         },
     );
     {

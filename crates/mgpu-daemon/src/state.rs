@@ -92,6 +92,8 @@ pub struct Settings {
     pub log_quota: Option<u64>,
     /// Launch records (argv, environment) of one user's unfinished jobs, at most.
     pub max_launch_data_per_user: Option<u64>,
+    /// ... and all users' together.
+    pub max_launch_data: Option<u64>,
     /// Where `limits.conf` and `limits.d` are (`/etc/security`): jobs get a login's limits.
     pub limits_conf_dir: PathBuf,
 }
@@ -265,6 +267,7 @@ impl Daemon {
             })),
             launches: Mutex::new(crate::logquota::LaunchBook::new(
                 settings.max_launch_data_per_user,
+                settings.max_launch_data,
             )),
             metrics: crate::metrics::Metrics::new(&store.stats),
             store,

@@ -505,6 +505,42 @@ fn launch_data_is_bounded_per_user() {
     assert!(submit(&a).status.success());
 }
 
+/// ... and over all users together: many users within their own bounds cannot fill the
+/// state file system either.
+#[test]
+fn launch_data_is_bounded_in_all() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start(
+        "1x24GiB",
+        &[
+            "--max-launch-data-per-user",
+            "100K",
+            "--max-launch-data",
+            "130K",
+        ],
+    );
+    let big = "x".repeat(30_000);
+    let submit = |user| {
+        s.cmd_as(user, "mgpu_srun")
+            .env("BIG", &big)
+            .args(["--detach", "--parsable", "--no-venv", "--", "sleep", "300"])
+            .output()
+            .unwrap()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let out = submit(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        ids.push(text(&out.stdout).trim().to_string());
+    }
+    let out = submit(&b);
+    assert_fails_with(&out, "--max-launch-data)");
+    let out = s.cmd_as(&a, "mgpu_cancel").arg(&ids[0]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    s.wait_gone(ids[0].parse().unwrap());
+    assert!(submit(&b).status.success());
+}
+
 /// Two running jobs of one user that together pass her log quota (each within the budget it
 /// started with): the daemon truncates the one whose log passed it; it runs on, and what it
 /// writes afterwards is discarded.

@@ -364,6 +364,39 @@ fn owners_hold_release_and_update_their_jobs_and_others_cannot() {
 }
 
 #[test]
+fn time_limit_plus_and_minus_change_the_current_limit_and_srun_refuses_a_sign() {
+    let s = Server::start("2x24GiB", &[]);
+    let run = s.detached(&["-t", "10", "--", "sleep", "120"]);
+    s.wait_state(run, "RUNNING");
+    let update = |id: u64, t: &str| {
+        s.cmd("mgpu_control")
+            .args(["update", &id.to_string(), &format!("TimeLimit={t}")])
+            .output()
+            .unwrap()
+    };
+    // Slurm's scontrol: +N adds N minutes to the current limit, -N takes them off.
+    let out = update(run, "+5");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(s.job(run).unwrap()["time_limit_s"], 900);
+    assert!(update(run, "-0:10:00").status.success());
+    assert_eq!(s.job(run).unwrap()["time_limit_s"], 300);
+    assert_fails_with(&update(run, "-5"), "would leave no time");
+    assert_eq!(s.job(run).unwrap()["time_limit_s"], 300);
+    // A job without a limit has nothing to change.
+    let held = s.detached(&["--hold", "--", "true"]);
+    assert_fails_with(&update(held, "+5"), "has no time limit");
+    assert!(s.job(held).unwrap()["time_limit_s"].is_null());
+    // Elsewhere a time takes no sign: `-t +10` is not 10 minutes.
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--detach", "-t", "+10", "--", "true"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "takes no sign");
+    s.ok("mgpu_cancel", &[&run.to_string(), &held.to_string()]);
+}
+
+#[test]
 fn a_drained_gpu_gets_no_new_jobs_and_a_drained_server_starts_nothing() {
     let s = Server::start("2x24GiB", &[]);
     let running = s.detached(&["--", "sleep", "120"]);

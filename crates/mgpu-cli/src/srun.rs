@@ -139,7 +139,7 @@ pub struct JobOpts {
     pub array: Option<ArraySpec>,
     /// Also write the job's stdout (and stderr, unless -e) to FILE, created as you, relative
     /// to the job's working directory; %j job id, %A array id, %a task index, %x job name,
-    /// %u user, %% a % (the server keeps its log too: mgpu_log)
+    /// %u user, %% a %; %3a zero-pads to 3 digits (the server keeps its log too: mgpu_log)
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<String>,
     /// Also write the job's stderr to FILE (patterns as -o)

@@ -66,7 +66,7 @@ fn sbatch_array_from_a_directive() {
     let dir = s.scratch.clone();
     write_file(
         &dir.join("arr.sh"),
-        "#!/bin/sh\n#SBATCH --array=0-2 --mem-per-gpu=100M\necho task=$SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_JOB_ID\n",
+        "#!/bin/sh\n#SBATCH --array=0-2 --mem-per-gpu=100M\n#SBATCH -o arr-%4A_%3a.out\necho task=$SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_JOB_ID\n",
         0o644,
     );
     let first = sbatch(&s, &dir, &["arr.sh"]);
@@ -78,6 +78,14 @@ fn sbatch_array_from_a_directive() {
             s.log(id).contains(&format!("task={i} of {first}")),
             "{}",
             s.log(id)
+        );
+        // sbatch's zero-padded patterns: a file of its own for each task.
+        let out = dir.join(format!("arr-{first:04}_{i:03}.out"));
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap_or_default(),
+            format!("task={i} of {first}\n"),
+            "{}",
+            out.display()
         );
     }
 }

@@ -873,6 +873,8 @@ pub async fn run(sub: Submission) -> Result<i32> {
     let mut stderr = tokio::io::stderr();
     let mut job = None;
     let mut was_pending = false;
+    // Whether the job has processes: a Ctrl-C before that has nothing to wait for.
+    let mut started = false;
     let mut cancelling = false;
     // The exit code a signal that cancelled the job asks for (as a shell's 128 + signal):
     // srun interrupted does not exit 0, whatever the job's trap does.
@@ -888,9 +890,9 @@ pub async fn run(sub: Submission) -> Result<i32> {
                 Err(e) if job.is_none() => return Err(e),
                 Err(_) => None,
             },
-            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 130).await; continue; }
-            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 143).await; continue; }
-            _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 129).await; continue; }
+            _ = sigint.recv() => { cancel(&mut client, job, started, &mut cancelling, &mut interrupted, 130).await; continue; }
+            _ = sigterm.recv() => { cancel(&mut client, job, started, &mut cancelling, &mut interrupted, 143).await; continue; }
+            _ = hangup(&mut sighup) => { cancel(&mut client, job, started, &mut cancelling, &mut interrupted, 129).await; continue; }
             _ = window_changed(&mut pty) => continue,
         };
         let Some(frame) = frame else {
@@ -972,6 +974,7 @@ pub async fn run(sub: Submission) -> Result<i32> {
                     log_offset,
                 } => {
                     log_pos = log_offset;
+                    started = true;
                     if was_pending {
                         let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
                         eprintln!("mgpu_srun: job {id} started on GPU {}", list.join(","));
@@ -994,17 +997,21 @@ pub async fn run(sub: Submission) -> Result<i32> {
                     let _ = stdout.flush().await;
                     // The terminal as it was before our messages.
                     drop(raw.take());
-                    if let Some(msg) = &outcome.message {
-                        if !output_broken
-                            && (outcome.state != mgpu_core::JobState::Cancelled || !cancelling)
-                        {
+                    let cancelled = outcome.state == mgpu_core::JobState::Cancelled;
+                    if cancelled && cancelling {
+                        // Ours: the server's words ("cancelled by root") would only confuse.
+                        if !output_broken {
+                            eprintln!("mgpu_srun: job {} cancelled", outcome.job);
+                        }
+                    } else if let Some(msg) = &outcome.message {
+                        if !output_broken {
                             eprintln!(
                                 "mgpu_srun: job {} {}: {msg}",
                                 outcome.job,
                                 outcome.state.as_str()
                             );
                         }
-                    } else if outcome.state == mgpu_core::JobState::Cancelled && !output_broken {
+                    } else if cancelled && !output_broken {
                         eprintln!("mgpu_srun: job {} cancelled", outcome.job);
                     } else if outcome.state == mgpu_core::JobState::OutOfMemory {
                         eprintln!(
@@ -1017,11 +1024,9 @@ pub async fn run(sub: Submission) -> Result<i32> {
                             outcome.job
                         );
                     }
-                    return Ok(match interrupted {
-                        Some(141) => 141,
-                        Some(code) if outcome.shell_code() == 0 => code,
-                        _ => outcome.shell_code(),
-                    });
+                    // An interrupted srun exits as the signal asks (130 for Ctrl-C), whatever
+                    // the job's end made of it (143 from the SIGTERM it got, a trap's 0).
+                    return Ok(interrupted.unwrap_or_else(|| outcome.shell_code()));
                 }
                 Response::Error { message } => bail!("{message}"),
                 other => bail!("unexpected message from the server: {other:?}"),
@@ -1204,6 +1209,7 @@ fn sighup_ignored() -> bool {
 async fn cancel(
     client: &mut Client,
     job: Option<u64>,
+    started: bool,
     cancelling: &mut bool,
     interrupted: &mut Option<i32>,
     code: i32,
@@ -1212,9 +1218,15 @@ async fn cancel(
     let what = job.map_or("the job".to_string(), |j| format!("job {j}"));
     if !*cancelling {
         *cancelling = true;
-        eprintln!("mgpu_srun: cancelling {what}; waiting for its processes to end");
+        if started {
+            eprintln!("mgpu_srun: cancelling {what}; waiting for its processes to end");
+        } else {
+            eprintln!("mgpu_srun: cancelling {what} (it has not started)");
+        }
         // If the server is away, the request is sent again after reconnecting.
         let _ = client.send(&Request::CancelAttached).await;
+    } else if !started {
+        eprintln!("mgpu_srun: still waiting for the server to confirm that {what} is cancelled");
     } else {
         // Asked again: say what we wait for (the job's processes still run their exit
         // handlers; the server kills what is left after its grace period).

@@ -193,6 +193,20 @@ fn sbatch_wrap_export_and_refusals() {
         "{}",
         text(&out.stderr)
     );
+    // DOS line breaks: refused at submit (as sbatch), not left to fail when it runs.
+    write_file(
+        &dir.join("dos.sh"),
+        "#!/bin/sh\r\n#SBATCH -J dos\r\necho hi\r\n",
+        0o755,
+    );
+    let out = s
+        .cmd("mgpu_sbatch")
+        .current_dir(&dir)
+        .arg("dos.sh")
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "dos.sh: the batch script contains DOS line breaks");
+    assert_fails_with(&out, "dos2unix dos.sh");
     // Not a script.
     write_file(&dir.join("nosheb.sh"), "echo hi\n", 0o755);
     let out = s

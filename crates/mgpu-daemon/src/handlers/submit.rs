@@ -139,6 +139,12 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
             mgpu_proto::MAX_SCRIPT_BYTES >> 10
         ));
     }
+    // (mgpu_sbatch refuses these first; a client that does not would run a broken script.)
+    if req.script.as_ref().is_some_and(|s| s.contains("\r\n")) {
+        return Err(
+            "the batch script contains DOS line breaks (\\r\\n) instead of the expected UNIX line breaks (\\n); convert it first (dos2unix)".into(),
+        );
+    }
     if req.script.is_some() && req.command.is_empty() {
         return Err("a batch script needs its name as the command".into());
     }
@@ -749,6 +755,16 @@ mod tests {
             begin_at: Some(at),
             ..request()
         };
+        let script = |text: &str| mgpu_proto::SubmitRequest {
+            script: Some(text.into()),
+            ..request()
+        };
+        assert!(super::validate(&script("#!/bin/sh\necho a\rb\n")).is_ok());
+        let err = super::validate(&script("#!/bin/sh\r\necho hi\r\n")).unwrap_err();
+        assert!(
+            err.contains("DOS line breaks") && err.contains("dos2unix"),
+            "{err}"
+        );
         assert!(super::validate(&begin(super::MAX_BEGIN_AT_MS)).is_ok());
         for at in [super::MAX_BEGIN_AT_MS + 1, u64::MAX] {
             let err = super::validate(&begin(at)).unwrap_err();

@@ -637,6 +637,7 @@ impl Store {
                     array: array_of(r.get(14)?),
                     peak_gpu_mem_mib: r.get::<_, Option<i64>>(15)?.map(|m| m as u64),
                     earlier_runs_s: r.get::<_, i64>(16)?.max(0) as u64 / 1000,
+                    earlier_runs_ms: Some(r.get::<_, i64>(16)?.max(0) as u64),
                 })
             },
         )?;

@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod client;
 pub mod control;
 pub mod fit;
+pub mod jobref;
 pub mod localtime;
 pub mod log;
 pub mod queue;

@@ -186,6 +186,12 @@ pub enum ControlRequest {
         reason: Option<String>,
     },
     ResumeServer,
+    /// The job ids that ids as written stand for (`12_3`: task 3 of job array 12, finished or
+    /// not), answered as `Control { lines }`, one id a line; for the clients that take Slurm's
+    /// `ID_TASK` (`mgpu_cancel`, `mgpu_log`, `mgpu_acct -j`, `mgpu_queue -j`).
+    Resolve {
+        jobs: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

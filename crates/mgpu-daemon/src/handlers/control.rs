@@ -32,6 +32,7 @@ pub async fn handle(
         ControlRequest::ResumeGpu { index } => drain(daemon, by, Some(index), None),
         ControlRequest::DrainServer { reason } => drain(daemon, by, None, Some(reason)),
         ControlRequest::ResumeServer => drain(daemon, by, None, None),
+        ControlRequest::Resolve { jobs } => resolve(daemon, &jobs),
     };
     match answer {
         Ok(response) => {
@@ -59,6 +60,19 @@ fn job_id(daemon: &Daemon, text: &str) -> Result<JobId, String> {
                 .ok_or_else(|| format!("job {t}: no such job array task"))
         }
     }
+}
+
+/// The ids `jobs` stand for, in order (anyone may ask: ids are no secret, the jobs are
+/// checked by whatever request comes next).
+fn resolve(daemon: &Daemon, jobs: &[String]) -> Result<Response, String> {
+    if jobs.len() > MAX_IDS {
+        return Err(too_many(jobs.len()));
+    }
+    let lines = jobs
+        .iter()
+        .map(|j| job_id(daemon, j).map(|id| id.to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok(Response::Control { lines, ok: true })
 }
 
 /// A job a hold or release names, resolved before the daemon's lock is taken: its id, as

@@ -321,30 +321,43 @@ pub struct Gres {
     pub ignored_type: Option<String>,
 }
 
-/// Slurm's `--gres=gpu[:TYPE][:N]`.
+/// Slurm's `--gres=gpu[:TYPE][:N]`, also as a comma list (`gpu:2,shard:1`): each entry is
+/// read on its own, so that one mgpu cannot honour is refused rather than taken for a type.
 pub fn parse_gres(text: &str) -> Result<Gres, String> {
-    let bad = || {
-        format!(
-            "invalid --gres '{text}': mgpu knows only GPUs: gpu:N, e.g. --gres=gpu:2 (or --gpus 2)"
-        )
-    };
-    let mut parts = text.split(':');
-    if parts.next() != Some("gpu") {
-        return Err(bad());
+    let bad = |why: &str| format!("invalid --gres '{text}': {why}");
+    let only_gpus = "mgpu knows only GPUs: gpu:N, e.g. --gres=gpu:2 (or --gpus 2)";
+    let mut found: Option<Gres> = None;
+    for entry in text.split(',') {
+        let mut parts = entry.split(':');
+        match parts.next() {
+            Some("gpu") => {}
+            _ if entry.is_empty() => return Err(bad(only_gpus)),
+            _ => return Err(bad(&format!("'{entry}' cannot be honoured: {only_gpus}"))),
+        }
+        let rest: Vec<&str> = parts.collect();
+        let (ty, n) = match rest.as_slice() {
+            [] => (None, "1"),
+            [n] if n.parse::<u32>().is_ok() => (None, *n),
+            [ty] => (Some(*ty), "1"),
+            [ty, n] => (Some(*ty), *n),
+            _ => return Err(bad(only_gpus)),
+        };
+        // (Digits only: `parse` would take a sign.)
+        let gpus = Some(n)
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| bad(only_gpus))?;
+        if found.is_some() {
+            return Err(bad(
+                "more than one gpu entry: mgpu does not tell GPU types apart, so give the total once (gpu:N)",
+            ));
+        }
+        found = Some(Gres {
+            gpus,
+            ignored_type: ty.map(str::to_string),
+        });
     }
-    let rest: Vec<&str> = parts.collect();
-    let (ty, n) = match rest.as_slice() {
-        [] => (None, "1"),
-        [n] if n.parse::<u32>().is_ok() => (None, *n),
-        [ty] => (Some(*ty), "1"),
-        [ty, n] => (Some(*ty), *n),
-        _ => return Err(bad()),
-    };
-    let gpus = n.parse::<u32>().map_err(|_| bad())?;
-    Ok(Gres {
-        gpus,
-        ignored_type: ty.map(str::to_string),
-    })
+    found.ok_or_else(|| bad(only_gpus))
 }
 
 impl JobOpts {
@@ -1248,7 +1261,33 @@ async fn quiet_cancel(client: &mut Client, cancelling: &mut bool, interrupted: &
 
 #[cfg(test)]
 mod tests {
-    use super::{begin_at, parse_warn_signal};
+    use super::{begin_at, parse_gres, parse_warn_signal};
+
+    #[test]
+    fn gres_lists_are_read_entry_by_entry() {
+        let gpus = |t: &str| parse_gres(t).map(|g| (g.gpus, g.ignored_type));
+        assert_eq!(gpus("gpu"), Ok((1, None)));
+        assert_eq!(gpus("gpu:2"), Ok((2, None)));
+        assert_eq!(gpus("gpu:a100:3"), Ok((3, Some("a100".into()))));
+        assert_eq!(gpus("gpu:a100"), Ok((1, Some("a100".into()))));
+        // What mgpu cannot honour is refused, named, never taken for a GPU type.
+        for (text, says) in [
+            ("gpu:2,shard:1", "'shard:1' cannot be honoured"),
+            ("shard:1", "'shard:1' cannot be honoured"),
+            ("gpu:1,mps:50", "'mps:50' cannot be honoured"),
+            ("gpu:1,gpu:v100:1", "more than one gpu entry"),
+            ("gpu:2,", "mgpu knows only GPUs"),
+            ("gpu:a:b:c", "mgpu knows only GPUs"),
+            ("gpu:t:+2", "mgpu knows only GPUs"),
+            ("", "mgpu knows only GPUs"),
+        ] {
+            let err = parse_gres(text).unwrap_err();
+            assert!(
+                err.starts_with(&format!("invalid --gres '{text}'")) && err.contains(says),
+                "{text}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn begin_times_like_slurm() {

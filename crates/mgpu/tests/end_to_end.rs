@@ -825,6 +825,10 @@ fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
     let cases: &[(&[&str], &str)] = &[
         (&["--gres=mps:2", "--", "x"], "invalid --gres 'mps:2'"),
         (
+            &["--gres=gpu:2,shard:1", "--", "x"],
+            "invalid --gres 'gpu:2,shard:1': 'shard:1' cannot be honoured",
+        ),
+        (
             &["--memm", "10G", "true"],
             "unknown option '--memm' (did you mean --mem?)",
         ),

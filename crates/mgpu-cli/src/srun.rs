@@ -746,10 +746,18 @@ pub fn build_request(
     if command.is_empty() {
         bail!("no command given: put it after --, e.g. mgpu_srun --gpus 1 -- python train.py");
     }
-    let cwd = match &opts.chdir {
-        Some(d) => usable_dir(d)?,
-        None => usable_dir(&std::env::current_dir().context("reading the current directory")?)?,
+    let here = std::env::current_dir();
+    let cwd = match (&opts.chdir, &here) {
+        (Some(d), _) => usable_dir(d)?,
+        (None, Ok(h)) => usable_dir(h)?,
+        (None, Err(e)) => bail!("reading the current directory: {e}"),
     };
+    // Slurm's SLURM_SUBMIT_DIR is where sbatch ran, not --chdir (where that cannot be read,
+    // the job's own directory stands in).
+    let submit_dir = (here.ok())
+        .filter(|_| opts.chdir.is_some())
+        .and_then(|d| d.into_os_string().into_string().ok())
+        .filter(|d| std::path::Path::new(d) != cwd);
     let venv = if opts.no_venv {
         Venv::Off
     } else if let Some(v) = &opts.venv {
@@ -781,6 +789,7 @@ pub fn build_request(
         time_limit_s: opts.time_limit.and_then(|t| t.0),
         command,
         cwd: utf8(cwd.into_os_string(), "the working directory")?,
+        submit_dir,
         env,
         venv,
         attach: attach && opts.array.is_none(),

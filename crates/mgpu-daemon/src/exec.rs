@@ -26,6 +26,9 @@ use crate::users::Account;
 pub struct LaunchSpec {
     pub command: Vec<String>,
     pub cwd: String,
+    /// Where the job was submitted from, where that is not `cwd` (`SLURM_SUBMIT_DIR`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_dir: Option<String>,
     pub env: Vec<(String, String)>,
     pub venv: Venv,
     /// The submitter's umask, applied to the job.
@@ -370,7 +373,10 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ("SLURM_JOB_ID", launch.job.to_string()),
         ("SLURM_JOBID", launch.job.to_string()),
         ("SLURM_JOB_NAME", launch.name.clone()),
-        ("SLURM_SUBMIT_DIR", launch.spec.cwd.clone()),
+        (
+            "SLURM_SUBMIT_DIR",
+            (launch.spec.submit_dir.clone()).unwrap_or_else(|| launch.spec.cwd.clone()),
+        ),
     ];
     // A job submitted from inside an array task is not a task of that array.
     env.retain(|(k, _)| {
@@ -385,6 +391,12 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ));
     }
     env.extend(set.into_iter().map(|(k, v)| (k.to_string(), v)));
+    // Slurm's, for a job with a CPU quota (`-c N`, or the server's default); one inherited
+    // from the submitter's environment would claim a quota this job does not have.
+    env.retain(|(k, _)| k != "SLURM_CPUS_PER_TASK");
+    if let Some(n) = launch.spec.cpus {
+        env.push(("SLURM_CPUS_PER_TASK".into(), n.to_string()));
+    }
     // A batch script's content, for the wrapper (which unsets it before running the script).
     env.retain(|(k, _)| !k.starts_with("MGPU_SCRIPT_"));
     if let Some(script) = &launch.spec.script {
@@ -1360,6 +1372,22 @@ mod tests {
         assert_eq!(get("CUDA_VISIBLE_DEVICES"), "1,3");
         assert_eq!(get("MGPU_JOB_ID"), "7");
         assert_eq!(get("HOME"), "/nonexistent/alice");
+        assert_eq!(get("SLURM_SUBMIT_DIR"), "/");
+        assert!(!env.iter().any(|(k, _)| k == "SLURM_CPUS_PER_TASK"));
+        // -c 4 and --chdir elsewhere: Slurm's variables say so, whatever was inherited.
+        let mut with = launch.clone();
+        with.spec.cpus = Some(4);
+        with.spec.submit_dir = Some("/home/alice/exp".into());
+        with.spec
+            .env
+            .push(("SLURM_CPUS_PER_TASK".into(), "64".into()));
+        let env = environment(&with, &acct);
+        let cpus: Vec<&String> = (env.iter())
+            .filter(|(k, _)| k == "SLURM_CPUS_PER_TASK")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(cpus, vec!["4"]);
+        assert!(env.contains(&("SLURM_SUBMIT_DIR".into(), "/home/alice/exp".into())));
         // ~/venv is decided by the child: the default argv is the command itself.
         assert_eq!(argv(&launch, &acct), vec![std::ffi::OsString::from("x")]);
     }

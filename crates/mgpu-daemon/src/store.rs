@@ -122,6 +122,8 @@ const SPEC_OF_JOB: &str = "SELECT COALESCE(NULLIF(j.spec, ''), a.spec), e.env FR
 struct StoredSpec<'a> {
     command: &'a [String],
     cwd: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    submit_dir: &'a Option<String>,
     env: [(); 0],
     venv: &'a mgpu_proto::Venv,
     umask: Option<u32>,
@@ -143,6 +145,7 @@ fn stored_spec(tx: &rusqlite::Transaction, spec: &LaunchSpec) -> Result<(String,
     let text = serde_json::to_string(&StoredSpec {
         command: &spec.command,
         cwd: &spec.cwd,
+        submit_dir: &spec.submit_dir,
         env: [],
         venv: &spec.venv,
         umask: spec.umask,

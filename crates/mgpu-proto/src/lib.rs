@@ -236,6 +236,10 @@ pub struct SubmitRequest {
     pub command: Vec<String>,
     /// Absolute working directory (entered with the user's own privileges).
     pub cwd: String,
+    /// The directory the client was run from, where it differs from `cwd` (`--chdir`): the
+    /// job's `SLURM_SUBMIT_DIR`, as Slurm sets it. Absent from older clients: `cwd` then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_dir: Option<String>,
     /// The client's environment, passed to the job (Slurm's `--export=ALL`).
     pub env: Vec<(String, String)>,
     pub venv: Venv,

@@ -90,6 +90,23 @@ fn sbatch_array_from_a_directive() {
     }
 }
 
+/// SLURM_SUBMIT_DIR is where sbatch ran, also with --chdir elsewhere (it was --chdir).
+#[test]
+fn slurm_submit_dir_is_where_the_client_ran() {
+    let s = Server::start("1x24GiB", &[]);
+    let (from, work) = (s.scratch.join("from"), s.scratch.join("work"));
+    std::fs::create_dir(&from).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    let show = "echo submit=$SLURM_SUBMIT_DIR pwd=$(pwd)";
+    let elsewhere = sbatch(&s, &from, &["-D", work.to_str().unwrap(), "--wrap", show]);
+    let here = sbatch(&s, &from, &["--wrap", show]);
+    for (id, pwd) in [(elsewhere, &work), (here, &from)] {
+        assert_eq!(finished(&s, id)["state"], "COMPLETED");
+        let want = format!("submit={} pwd={}", from.display(), pwd.display());
+        assert!(s.log(id).contains(&want), "{want}: {}", s.log(id));
+    }
+}
+
 #[test]
 fn sbatch_runs_the_copy_taken_at_submit() {
     let s = Server::start("1x24GiB", &[]);

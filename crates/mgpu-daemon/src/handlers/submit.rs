@@ -97,6 +97,13 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
             "the working directory and the venv path must be shorter than {MAX_PATH} bytes"
         ));
     }
+    if let Some(d) = &req.submit_dir {
+        if d.contains('\0') || d.len() >= MAX_PATH || !d.starts_with('/') {
+            return Err(format!(
+                "the submit directory must be an absolute path shorter than {MAX_PATH} bytes, without NUL"
+            ));
+        }
+    }
     if !req.cwd.starts_with('/') {
         return Err(format!(
             "the working directory must be absolute, got '{}'",
@@ -285,6 +292,7 @@ pub async fn handle(
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,
+        submit_dir: req.submit_dir.take(),
         env: req.env,
         venv: req.venv,
         umask: req.umask,
@@ -674,6 +682,7 @@ mod tests {
             time_limit_s: None,
             command: vec!["true".into()],
             cwd: "/".into(),
+            submit_dir: None,
             env: vec![],
             venv: mgpu_proto::Venv::Off,
             attach: false,

@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Only jobs of this user
-    #[arg(short, long, value_name = "NAME", conflicts_with = "me")]
+    #[arg(short, long, value_name = "NAME", value_parser = crate::user_name, conflicts_with = "me")]
     pub user: Option<String>,
     /// Only your own jobs (the default unless you are root)
     #[arg(long)]

@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(short, long, value_name = "ID", conflicts_with_all = ["user", "all", "states", "name"])]
     pub array: Option<u64>,
     /// Cancel jobs of this user (alice or root only); with -t/-n, those of them that match
-    #[arg(short, long, value_name = "NAME", conflicts_with = "all")]
+    #[arg(short, long, value_name = "NAME", value_parser = crate::user_name, conflicts_with = "all")]
     pub user: Option<String>,
     /// Only jobs in this state: PENDING (PD) or RUNNING (R); without ids or -u: your own jobs
     /// (everyone's, for root)

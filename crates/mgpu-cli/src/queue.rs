@@ -29,12 +29,13 @@ pub struct Args {
     /// Print one JSON object instead of tables
     #[arg(long)]
     pub json: bool,
-    /// Only jobs of these users (a comma-separated list)
+    /// Only jobs of these users (a comma-separated list of names or user ids)
     #[arg(
         short,
         long,
         value_name = "NAME[,NAME]",
         value_delimiter = ',',
+        value_parser = crate::user_name,
         conflicts_with = "me"
     )]
     pub user: Vec<String>,

@@ -590,6 +590,18 @@ fn queue_filters_and_format_like_squeue() {
     };
     assert_eq!(ids(&[]), [run_a, pend_b, pend_a]);
     assert_eq!(ids(&["-u", &a.name]), [run_a, pend_a]);
+    // User ids, as squeue takes them.
+    assert_eq!(ids(&["-u", &a.uid.to_string()]), [run_a, pend_a]);
+    assert_eq!(
+        ids(&["-u", &format!("{},{}", a.uid, b.name)]),
+        [run_a, pend_b, pend_a]
+    );
+    let out = s
+        .cmd("mgpu_queue")
+        .args(["-u", "4000000000"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "no user has the id 4000000000");
     assert_eq!(
         ids(&["-u", &format!("{},{}", a.name, b.name)]),
         [run_a, pend_b, pend_a]

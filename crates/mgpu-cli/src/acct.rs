@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::client::Client;
 use crate::fit::Col;
+use crate::jobref::JobRef;
 use crate::queue::rfc3339;
 
 /// Show finished jobs: state, exit code, times, GPUs and GPU-hours. You see your own jobs;
@@ -22,6 +23,7 @@ use crate::queue::rfc3339;
 ///   mgpu_acct                      # your finished jobs
 ///   mgpu_acct --since 1d --state FAILED
 ///   mgpu_acct -j 42 --json
+///   mgpu_acct -j 42,43_1 -s F,TO   # comma lists; ID_TASK: one task of a job array
 ///   mgpu_acct --user alice         # root only (or alice)
 ///   mgpu_acct --summary --since 7d # GPU-hours per user and fair-share standing
 #[derive(Debug, Parser)]
@@ -31,14 +33,20 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Only jobs of this user
-    #[arg(short, long, value_name = "NAME", conflicts_with = "me")]
+    #[arg(short, long, value_name = "NAME", value_parser = crate::user_name, conflicts_with = "me")]
     pub user: Option<String>,
     /// Only your own jobs (the default unless you are root)
     #[arg(long)]
     pub me: bool,
-    /// Only this job
-    #[arg(short = 'j', long = "job", value_name = "ID")]
-    pub job: Option<u64>,
+    /// Only these jobs (a comma list; ID_TASK: one task of a job array)
+    #[arg(
+        short = 'j',
+        long = "job",
+        visible_alias = "jobs",
+        value_name = "ID",
+        value_delimiter = ','
+    )]
+    pub job: Vec<JobRef>,
     /// Only jobs that ended since TIME (local time, as printed: 2026-11-25T08:00:00; or RFC 3339
     /// with a zone, YYYY-MM-DD, HH:MM, MM/DD, today, yesterday, now-2hours, or a duration ago:
     /// 90m, 2h, 7d)
@@ -47,9 +55,10 @@ pub struct Args {
     /// Only jobs that ended before TIME (the same forms as --since)
     #[arg(short = 'E', long, visible_alias = "endtime", value_name = "TIME", value_parser = parse_since)]
     pub until: Option<Millis>,
-    /// Only jobs in this state: COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY
-    #[arg(long, value_name = "STATE", value_parser = parse_state)]
-    pub state: Option<JobState>,
+    /// Only jobs in these states (a comma list): COMPLETED (CD), FAILED (F), CANCELLED (CA),
+    /// TIMEOUT (TO), OUT_OF_MEMORY (OOM)
+    #[arg(short = 's', long, value_name = "STATE", value_parser = parse_state, value_delimiter = ',')]
+    pub state: Vec<JobState>,
     /// A usage summary per user instead of jobs (like sreport): jobs that ended in the period
     /// and their GPU-hours (every run counted), jobs waiting and running now, and each user's
     /// fair-share standing (decayed usage, weight, and the priority it costs). You see your
@@ -87,32 +96,36 @@ fn parse_state(text: &str) -> Result<JobState, String> {
 }
 
 async fn run(args: Args) -> Result<i32> {
-    let mut client = Client::connect(args.socket.as_deref(), "mgpu_acct").await?;
     if args.summary {
+        let mut client = Client::connect(args.socket.as_deref(), "mgpu_acct").await?;
         return summary(&mut client, args).await;
     }
-    client
-        .send(&Request::Acct(AcctRequest {
-            user: args.user,
-            me: args.me,
-            job: args.job,
-            since: args.since,
-            state: args.state,
-        }))
-        .await?;
-    let mut records = Vec::new();
-    let before = |r: &AcctRecord| match (args.until, r.ended_at) {
-        (Some(until), Some(end)) => end < until,
-        _ => true,
+    let jobs = crate::jobref::resolve(args.socket.as_deref(), "mgpu_acct", &args.job).await?;
+    // A request takes one job and one state: lists are asked job by job (each a lookup by
+    // id), else state by state, and merged here.
+    let one_state = (args.state.len() == 1).then(|| args.state[0]);
+    let queries: Vec<(Option<u64>, Option<JobState>)> = if !jobs.is_empty() {
+        jobs.iter().map(|&j| (Some(j), one_state)).collect()
+    } else if args.state.len() > 1 {
+        args.state.iter().map(|&s| (None, Some(s))).collect()
+    } else {
+        vec![(None, one_state)]
     };
-    loop {
-        match client.recv_control().await? {
-            Response::AcctRecords { records: r } => records.extend(r.into_iter().filter(before)),
-            Response::AcctEnd => break,
-            Response::Error { message } => bail!("{message}"),
-            other => bail!("unexpected answer from the server: {other:?}"),
-        }
+    let mut records = Vec::new();
+    for (job, state) in queries {
+        records.extend(fetch(&args, job, state).await?);
     }
+    if queries_merged(&jobs, &args.state) {
+        records.sort_by_key(|r| r.id);
+        records.dedup_by_key(|r| r.id);
+    }
+    records.retain(|r| {
+        let before = match (args.until, r.ended_at) {
+            (Some(until), Some(end)) => end < until,
+            _ => true,
+        };
+        before && (args.state.is_empty() || args.state.contains(&r.state))
+    });
     if args.json {
         let jobs: Vec<_> = records.iter().map(to_json).collect();
         let mut text = serde_json::to_string_pretty(&json!({ "jobs": jobs }))?;
@@ -122,6 +135,34 @@ async fn run(args: Args) -> Result<i32> {
         crate::print_out(&render(&records, crate::fit::terminal_width()))?;
     }
     Ok(0)
+}
+
+/// Whether the records came from several requests (to put in id order, once each).
+fn queries_merged(jobs: &[u64], states: &[JobState]) -> bool {
+    jobs.len() > 1 || (jobs.is_empty() && states.len() > 1)
+}
+
+/// The finished jobs one request finds (one request per connection).
+async fn fetch(args: &Args, job: Option<u64>, state: Option<JobState>) -> Result<Vec<AcctRecord>> {
+    let mut client = Client::connect(args.socket.as_deref(), "mgpu_acct").await?;
+    client
+        .send(&Request::Acct(AcctRequest {
+            user: args.user.clone(),
+            me: args.me,
+            job,
+            since: args.since,
+            state,
+        }))
+        .await?;
+    let mut records = Vec::new();
+    loop {
+        match client.recv_control().await? {
+            Response::AcctRecords { records: r } => records.extend(r),
+            Response::AcctEnd => return Ok(records),
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected answer from the server: {other:?}"),
+        }
+    }
 }
 
 fn exit_text(r: &AcctRecord) -> String {

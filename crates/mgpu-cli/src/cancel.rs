@@ -11,6 +11,7 @@ use mgpu_core::JobState;
 use mgpu_proto::{CancelRequest, CancelStatus, QueueRequest, Request, Response};
 
 use crate::client::Client;
+use crate::jobref::JobRef;
 
 /// Cancel mgpu jobs. Pending jobs leave the queue at once; running jobs get SIGTERM, then
 /// SIGKILL after the server's grace period.
@@ -31,14 +32,14 @@ use crate::client::Client;
     override_usage = "mgpu_cancel [OPTIONS] <ID>...\n       mgpu_cancel [OPTIONS] --array <ID>\n       mgpu_cancel [OPTIONS] --user <NAME>\n       mgpu_cancel [OPTIONS] --all"
 )]
 pub struct Args {
-    /// Job ids
+    /// Job ids (ID_TASK: one task of a job array)
     #[arg(value_name = "ID", conflicts_with_all = ["all", "array"])]
-    pub ids: Vec<u64>,
+    pub ids: Vec<JobRef>,
     /// Cancel every pending or running task of this job array (its id: the first task's)
     #[arg(short, long, value_name = "ID", conflicts_with_all = ["user", "all", "states", "name"])]
     pub array: Option<u64>,
     /// Cancel jobs of this user (alice or root only); with -t/-n, those of them that match
-    #[arg(short, long, value_name = "NAME", conflicts_with = "all")]
+    #[arg(short, long, value_name = "NAME", value_parser = crate::user_name, conflicts_with = "all")]
     pub user: Option<String>,
     /// Only jobs in this state: PENDING (PD) or RUNNING (R); without ids or -u: your own jobs
     /// (everyone's, for root)
@@ -98,12 +99,13 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<i32> {
+    let ids = crate::jobref::resolve(args.socket.as_deref(), "mgpu_cancel", &args.ids).await?;
     let filtered = args.states.is_some() || args.name.is_some();
     let request = if args.all {
         CancelRequest::All
     } else if let Some(array) = args.array {
         CancelRequest::Array(array)
-    } else if filtered || (args.user.is_some() && !args.ids.is_empty()) {
+    } else if filtered || (args.user.is_some() && !ids.is_empty()) {
         // scancel-style filters: the matching jobs, picked from the queue; the server still
         // decides, job by job, whether we may cancel each.
         let snapshot = crate::queue::fetch(
@@ -111,32 +113,32 @@ async fn run(args: Args) -> Result<i32> {
             "mgpu_cancel",
             QueueRequest {
                 user: args.user.clone(),
-                me: args.user.is_none() && args.ids.is_empty() && !nix::unistd::getuid().is_root(),
+                me: args.user.is_none() && ids.is_empty() && !nix::unistd::getuid().is_root(),
                 job: None,
             },
         )
         .await?;
-        let ids: Vec<u64> = snapshot
+        let picked: Vec<u64> = snapshot
             .jobs
             .iter()
             .filter(|j| {
-                (args.ids.is_empty() || args.ids.contains(&j.id))
+                (ids.is_empty() || ids.contains(&j.id))
                     && args.states.is_none_or(|s| s == j.state)
                     && args.name.as_ref().is_none_or(|n| *n == j.name)
             })
             .map(|j| j.id)
             .collect();
-        if ids.is_empty() {
+        if picked.is_empty() {
             if args.verbose {
                 eprintln!("mgpu_cancel: no job matches");
             }
             return Ok(0);
         }
-        CancelRequest::Jobs(ids)
+        CancelRequest::Jobs(picked)
     } else if let Some(user) = args.user {
         CancelRequest::User(user)
     } else {
-        CancelRequest::Jobs(args.ids)
+        CancelRequest::Jobs(ids)
     };
     // A filter may pick more jobs than one request may name: they go in several.
     let requests = match request {

@@ -17,6 +17,7 @@ use crate::client::Client;
 ///   mgpu_control release 42          # let them run again (root's holds: root only)
 ///   mgpu_control update 42 TimeLimit=2:00:00 Gpus=2 Mem=20G Name=run2 Nice=10
 ///   mgpu_control update JobId=42 TimeLimit=30   # scontrol's spelling
+///   mgpu_control update 42 TimeLimit=+30        # 30 minutes more than now (-30: less)
 ///   mgpu_control show job 42         # every field of job 42, one Key=Value per line
 ///   mgpu_control drain gpu 3 --reason "fan noise"   # root: no new jobs on GPU 3
 ///   mgpu_control resume gpu 3
@@ -47,7 +48,8 @@ pub enum Action {
         #[arg(value_name = "ID", required = true)]
         jobs: Vec<String>,
     },
-    /// Change a job: ID (or JobId=ID) then KEY=VALUE items: TimeLimit (Slurm's time format),
+    /// Change a job: ID (or JobId=ID) then KEY=VALUE items: TimeLimit (Slurm's time format;
+    /// +TIME/-TIME add to or take from its current limit),
     /// Name, Nice, Gpus, Mem (GPU memory per GPU, or 'exclusive'). A pending job takes every
     /// change; a running one only Name and TimeLimit (lower it; root may raise it)
     Update {

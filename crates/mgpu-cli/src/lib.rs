@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod client;
 pub mod control;
 pub mod fit;
+pub mod jobref;
 pub mod localtime;
 pub mod log;
 pub mod queue;
@@ -16,6 +17,24 @@ pub mod sbatch;
 pub mod srun;
 
 use std::process::ExitCode;
+
+/// A user as squeue and sacct take one: a name, or a numeric user id (when no user has that
+/// name), which becomes its name.
+pub fn user_name(text: &str) -> Result<String, String> {
+    use nix::unistd::{Uid, User};
+    let t = text.trim();
+    let numeric = !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    if !numeric || matches!(User::from_name(t), Ok(Some(_))) {
+        return Ok(t.to_string());
+    }
+    match t
+        .parse::<u32>()
+        .map(|uid| User::from_uid(Uid::from_raw(uid)))
+    {
+        Ok(Ok(Some(user))) => Ok(user.name),
+        _ => Err(format!("no user has the id {t}")),
+    }
+}
 
 /// Runs `f` on a single-threaded runtime; prints an error as `PROG: error: ...` (exit 1).
 pub fn run_main<F>(prog: &str, f: F) -> ExitCode

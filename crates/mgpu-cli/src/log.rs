@@ -9,6 +9,7 @@ use mgpu_proto::{Frame, LogRequest, Request, Response};
 use tokio::io::AsyncWriteExt;
 
 use crate::client::Client;
+use crate::jobref::JobRef;
 
 /// How long the server waits for a client to read (its `WRITE_TIMEOUT`).
 const WRITE_TIMEOUT_S: u64 = 20;
@@ -21,7 +22,11 @@ const WRITE_TIMEOUT_S: u64 = 20;
 #[derive(Debug, Parser)]
 #[command(name = "mgpu_log", version, verbatim_doc_comment)]
 pub struct Args {
-    /// Job id
+    /// Job id (ID_TASK: one task of a job array)
+    #[arg(value_name = "ID")]
+    pub job: JobRef,
+    /// The job's id once `job` is resolved.
+    #[arg(skip)]
     pub id: u64,
     /// Keep printing new output until the job ends
     #[arg(short, long)]
@@ -49,7 +54,8 @@ async fn pending_reason(args: &Args) -> Option<String> {
     (job.state == mgpu_core::JobState::Pending).then(|| job.reason.unwrap_or_default())
 }
 
-async fn run(args: Args) -> Result<i32> {
+async fn run(mut args: Args) -> Result<i32> {
+    args.id = crate::jobref::resolve(args.socket.as_deref(), "mgpu_log", &[args.job]).await?[0];
     if args.follow {
         // Like `tail -f` of an output file that is yet to come: say so, and wait for it.
         if let Some(reason) = pending_reason(&args).await {

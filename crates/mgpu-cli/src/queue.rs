@@ -29,19 +29,21 @@ pub struct Args {
     /// Print one JSON object instead of tables
     #[arg(long)]
     pub json: bool,
-    /// Only jobs of these users (a comma-separated list)
+    /// Only jobs of these users (a comma-separated list of names or user ids)
     #[arg(
         short,
         long,
         value_name = "NAME[,NAME]",
         value_delimiter = ',',
+        value_parser = crate::user_name,
         conflicts_with = "me"
     )]
     pub user: Vec<String>,
     /// Only your own jobs
     #[arg(long)]
     pub me: bool,
-    /// Only these jobs (a comma-separated list); says so when none of them is pending or running
+    /// Only these jobs (a comma-separated list; ID_TASK: one task of a job array); says so
+    /// when none of them is pending or running
     #[arg(
         short = 'j',
         long = "job",
@@ -49,7 +51,7 @@ pub struct Args {
         value_name = "ID[,ID]",
         value_delimiter = ','
     )]
-    pub job: Vec<u64>,
+    pub job: Vec<crate::jobref::JobRef>,
     /// Only jobs in these states: PENDING (PD) or RUNNING (R), a comma-separated list
     #[arg(short = 't', long = "states", visible_alias = "state", value_name = "STATE[,STATE]", value_delimiter = ',', value_parser = parse_state)]
     pub states: Vec<JobState>,
@@ -283,6 +285,7 @@ pub async fn fetch(
 
 async fn run(args: Args) -> Result<i32> {
     let pieces = args.format.as_deref().map(parse_format).transpose()?;
+    let jobs = crate::jobref::resolve(args.socket.as_deref(), "mgpu_queue", &args.job).await?;
     let mut snapshot = fetch(
         args.socket.as_deref(),
         "mgpu_queue",
@@ -290,19 +293,20 @@ async fn run(args: Args) -> Result<i32> {
             // One user or one job: the server filters; for lists, we do.
             user: (args.user.len() == 1).then(|| args.user[0].clone()),
             me: args.me,
-            job: (args.job.len() == 1).then(|| args.job[0]),
+            job: (jobs.len() == 1).then(|| jobs[0]),
         },
     )
     .await?;
     snapshot.jobs.retain(|j| {
         (args.user.len() < 2 || args.user.contains(&j.user))
-            && (args.job.len() < 2 || args.job.contains(&j.id))
+            && (jobs.len() < 2 || jobs.contains(&j.id))
             && (args.states.is_empty() || args.states.contains(&j.state))
     });
-    if !args.job.is_empty() {
-        let missing: Vec<String> = (args.job.iter())
-            .filter(|id| !snapshot.jobs.iter().any(|j| j.id == **id))
-            .map(u64::to_string)
+    if !jobs.is_empty() {
+        // (Named as written: `34_1` rather than the id it stands for.)
+        let missing: Vec<String> = (jobs.iter().zip(&args.job))
+            .filter(|(id, _)| !snapshot.jobs.iter().any(|j| j.id == **id))
+            .map(|(_, written)| written.to_string())
             .collect();
         if snapshot.jobs.is_empty() && args.states.is_empty() && args.user.is_empty() && !args.me {
             bail!(

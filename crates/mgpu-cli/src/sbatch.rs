@@ -332,6 +332,21 @@ fn prepare(args: Args, argv: &[OsString]) -> Result<Submission> {
             "{name} does not look like a batch script: its first line must start with #! followed by the path to an interpreter (e.g. #!/bin/bash); or use --wrap \"CMD\""
         );
     }
+    // As sbatch: the shell would take each line's '\r' as part of its last word, and fail
+    // only when the job runs, cryptically ("$'\r': command not found").
+    if text.contains("\r\n") {
+        let (what, fix) = if args.script.is_empty() {
+            (
+                "the script on stdin".to_string(),
+                "dos2unix < job.sh > fixed.sh".to_string(),
+            )
+        } else {
+            (name.clone(), format!("dos2unix {name}"))
+        };
+        bail!(
+            "{what}: the batch script contains DOS line breaks (\\r\\n) instead of the expected UNIX line breaks (\\n); convert it first, e.g. with '{fix}'"
+        );
+    }
     // The directives first: the command line (after them) wins.
     let extra = directive_words(prog, &name, &text)?;
     let args = if extra.is_empty() {

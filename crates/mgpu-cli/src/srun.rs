@@ -139,7 +139,7 @@ pub struct JobOpts {
     pub array: Option<ArraySpec>,
     /// Also write the job's stdout (and stderr, unless -e) to FILE, created as you, relative
     /// to the job's working directory; %j job id, %A array id, %a task index, %x job name,
-    /// %u user, %% a % (the server keeps its log too: mgpu_log)
+    /// %u user, %% a %; %3a zero-pads to 3 digits (the server keeps its log too: mgpu_log)
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<String>,
     /// Also write the job's stderr to FILE (patterns as -o)
@@ -321,30 +321,43 @@ pub struct Gres {
     pub ignored_type: Option<String>,
 }
 
-/// Slurm's `--gres=gpu[:TYPE][:N]`.
+/// Slurm's `--gres=gpu[:TYPE][:N]`, also as a comma list (`gpu:2,shard:1`): each entry is
+/// read on its own, so that one mgpu cannot honour is refused rather than taken for a type.
 pub fn parse_gres(text: &str) -> Result<Gres, String> {
-    let bad = || {
-        format!(
-            "invalid --gres '{text}': mgpu knows only GPUs: gpu:N, e.g. --gres=gpu:2 (or --gpus 2)"
-        )
-    };
-    let mut parts = text.split(':');
-    if parts.next() != Some("gpu") {
-        return Err(bad());
+    let bad = |why: &str| format!("invalid --gres '{text}': {why}");
+    let only_gpus = "mgpu knows only GPUs: gpu:N, e.g. --gres=gpu:2 (or --gpus 2)";
+    let mut found: Option<Gres> = None;
+    for entry in text.split(',') {
+        let mut parts = entry.split(':');
+        match parts.next() {
+            Some("gpu") => {}
+            _ if entry.is_empty() => return Err(bad(only_gpus)),
+            _ => return Err(bad(&format!("'{entry}' cannot be honoured: {only_gpus}"))),
+        }
+        let rest: Vec<&str> = parts.collect();
+        let (ty, n) = match rest.as_slice() {
+            [] => (None, "1"),
+            [n] if n.parse::<u32>().is_ok() => (None, *n),
+            [ty] => (Some(*ty), "1"),
+            [ty, n] => (Some(*ty), *n),
+            _ => return Err(bad(only_gpus)),
+        };
+        // (Digits only: `parse` would take a sign.)
+        let gpus = Some(n)
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| bad(only_gpus))?;
+        if found.is_some() {
+            return Err(bad(
+                "more than one gpu entry: mgpu does not tell GPU types apart, so give the total once (gpu:N)",
+            ));
+        }
+        found = Some(Gres {
+            gpus,
+            ignored_type: ty.map(str::to_string),
+        });
     }
-    let rest: Vec<&str> = parts.collect();
-    let (ty, n) = match rest.as_slice() {
-        [] => (None, "1"),
-        [n] if n.parse::<u32>().is_ok() => (None, *n),
-        [ty] => (Some(*ty), "1"),
-        [ty, n] => (Some(*ty), *n),
-        _ => return Err(bad()),
-    };
-    let gpus = n.parse::<u32>().map_err(|_| bad())?;
-    Ok(Gres {
-        gpus,
-        ignored_type: ty.map(str::to_string),
-    })
+    found.ok_or_else(|| bad(only_gpus))
 }
 
 impl JobOpts {
@@ -733,10 +746,18 @@ pub fn build_request(
     if command.is_empty() {
         bail!("no command given: put it after --, e.g. mgpu_srun --gpus 1 -- python train.py");
     }
-    let cwd = match &opts.chdir {
-        Some(d) => usable_dir(d)?,
-        None => usable_dir(&std::env::current_dir().context("reading the current directory")?)?,
+    let here = std::env::current_dir();
+    let cwd = match (&opts.chdir, &here) {
+        (Some(d), _) => usable_dir(d)?,
+        (None, Ok(h)) => usable_dir(h)?,
+        (None, Err(e)) => bail!("reading the current directory: {e}"),
     };
+    // Slurm's SLURM_SUBMIT_DIR is where sbatch ran, not --chdir (where that cannot be read,
+    // the job's own directory stands in).
+    let submit_dir = (here.ok())
+        .filter(|_| opts.chdir.is_some())
+        .and_then(|d| d.into_os_string().into_string().ok())
+        .filter(|d| std::path::Path::new(d) != cwd);
     let venv = if opts.no_venv {
         Venv::Off
     } else if let Some(v) = &opts.venv {
@@ -769,6 +790,7 @@ pub fn build_request(
         time_limit_s: opts.time_limit.map(|t| t.0.unwrap_or(0)),
         command,
         cwd: utf8(cwd.into_os_string(), "the working directory")?,
+        submit_dir,
         env,
         venv,
         attach: attach && opts.array.is_none(),
@@ -874,6 +896,8 @@ pub async fn run(sub: Submission) -> Result<i32> {
     let mut stderr = tokio::io::stderr();
     let mut job = None;
     let mut was_pending = false;
+    // Whether the job has processes: a Ctrl-C before that has nothing to wait for.
+    let mut started = false;
     let mut cancelling = false;
     // The exit code a signal that cancelled the job asks for (as a shell's 128 + signal):
     // srun interrupted does not exit 0, whatever the job's trap does.
@@ -889,9 +913,9 @@ pub async fn run(sub: Submission) -> Result<i32> {
                 Err(e) if job.is_none() => return Err(e),
                 Err(_) => None,
             },
-            _ = sigint.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 130).await; continue; }
-            _ = sigterm.recv() => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 143).await; continue; }
-            _ = hangup(&mut sighup) => { cancel(&mut client, job, &mut cancelling, &mut interrupted, 129).await; continue; }
+            _ = sigint.recv() => { cancel(&mut client, job, started, &mut cancelling, &mut interrupted, 130).await; continue; }
+            _ = sigterm.recv() => { cancel(&mut client, job, started, &mut cancelling, &mut interrupted, 143).await; continue; }
+            _ = hangup(&mut sighup) => { cancel(&mut client, job, started, &mut cancelling, &mut interrupted, 129).await; continue; }
             _ = window_changed(&mut pty) => continue,
         };
         let Some(frame) = frame else {
@@ -973,6 +997,7 @@ pub async fn run(sub: Submission) -> Result<i32> {
                     log_offset,
                 } => {
                     log_pos = log_offset;
+                    started = true;
                     if was_pending {
                         let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
                         eprintln!("mgpu_srun: job {id} started on GPU {}", list.join(","));
@@ -995,17 +1020,21 @@ pub async fn run(sub: Submission) -> Result<i32> {
                     let _ = stdout.flush().await;
                     // The terminal as it was before our messages.
                     drop(raw.take());
-                    if let Some(msg) = &outcome.message {
-                        if !output_broken
-                            && (outcome.state != mgpu_core::JobState::Cancelled || !cancelling)
-                        {
+                    let cancelled = outcome.state == mgpu_core::JobState::Cancelled;
+                    if cancelled && cancelling {
+                        // Ours: the server's words ("cancelled by root") would only confuse.
+                        if !output_broken {
+                            eprintln!("mgpu_srun: job {} cancelled", outcome.job);
+                        }
+                    } else if let Some(msg) = &outcome.message {
+                        if !output_broken {
                             eprintln!(
                                 "mgpu_srun: job {} {}: {msg}",
                                 outcome.job,
                                 outcome.state.as_str()
                             );
                         }
-                    } else if outcome.state == mgpu_core::JobState::Cancelled && !output_broken {
+                    } else if cancelled && !output_broken {
                         eprintln!("mgpu_srun: job {} cancelled", outcome.job);
                     } else if outcome.state == mgpu_core::JobState::OutOfMemory {
                         eprintln!(
@@ -1018,11 +1047,9 @@ pub async fn run(sub: Submission) -> Result<i32> {
                             outcome.job
                         );
                     }
-                    return Ok(match interrupted {
-                        Some(141) => 141,
-                        Some(code) if outcome.shell_code() == 0 => code,
-                        _ => outcome.shell_code(),
-                    });
+                    // An interrupted srun exits as the signal asks (130 for Ctrl-C), whatever
+                    // the job's end made of it (143 from the SIGTERM it got, a trap's 0).
+                    return Ok(interrupted.unwrap_or_else(|| outcome.shell_code()));
                 }
                 Response::Error { message } => bail!("{message}"),
                 other => bail!("unexpected message from the server: {other:?}"),
@@ -1205,6 +1232,7 @@ fn sighup_ignored() -> bool {
 async fn cancel(
     client: &mut Client,
     job: Option<u64>,
+    started: bool,
     cancelling: &mut bool,
     interrupted: &mut Option<i32>,
     code: i32,
@@ -1213,9 +1241,15 @@ async fn cancel(
     let what = job.map_or("the job".to_string(), |j| format!("job {j}"));
     if !*cancelling {
         *cancelling = true;
-        eprintln!("mgpu_srun: cancelling {what}; waiting for its processes to end");
+        if started {
+            eprintln!("mgpu_srun: cancelling {what}; waiting for its processes to end");
+        } else {
+            eprintln!("mgpu_srun: cancelling {what} (it has not started)");
+        }
         // If the server is away, the request is sent again after reconnecting.
         let _ = client.send(&Request::CancelAttached).await;
+    } else if !started {
+        eprintln!("mgpu_srun: still waiting for the server to confirm that {what} is cancelled");
     } else {
         // Asked again: say what we wait for (the job's processes still run their exit
         // handlers; the server kills what is left after its grace period).
@@ -1237,7 +1271,33 @@ async fn quiet_cancel(client: &mut Client, cancelling: &mut bool, interrupted: &
 
 #[cfg(test)]
 mod tests {
-    use super::{begin_at, parse_warn_signal};
+    use super::{begin_at, parse_gres, parse_warn_signal};
+
+    #[test]
+    fn gres_lists_are_read_entry_by_entry() {
+        let gpus = |t: &str| parse_gres(t).map(|g| (g.gpus, g.ignored_type));
+        assert_eq!(gpus("gpu"), Ok((1, None)));
+        assert_eq!(gpus("gpu:2"), Ok((2, None)));
+        assert_eq!(gpus("gpu:a100:3"), Ok((3, Some("a100".into()))));
+        assert_eq!(gpus("gpu:a100"), Ok((1, Some("a100".into()))));
+        // What mgpu cannot honour is refused, named, never taken for a GPU type.
+        for (text, says) in [
+            ("gpu:2,shard:1", "'shard:1' cannot be honoured"),
+            ("shard:1", "'shard:1' cannot be honoured"),
+            ("gpu:1,mps:50", "'mps:50' cannot be honoured"),
+            ("gpu:1,gpu:v100:1", "more than one gpu entry"),
+            ("gpu:2,", "mgpu knows only GPUs"),
+            ("gpu:a:b:c", "mgpu knows only GPUs"),
+            ("gpu:t:+2", "mgpu knows only GPUs"),
+            ("", "mgpu knows only GPUs"),
+        ] {
+            let err = parse_gres(text).unwrap_err();
+            assert!(
+                err.starts_with(&format!("invalid --gres '{text}'")) && err.contains(says),
+                "{text}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn begin_times_like_slurm() {

@@ -354,6 +354,43 @@ pub struct JobUpdate {
     pub mem_mib: Option<Option<u64>>,
     /// `Some(None)` or `Some(Some(0))`: no limit of its own.
     pub time_limit_s: Option<Option<u64>>,
+    /// Slurm's relative `TimeLimit=+N` / `-N`: seconds added to the job's current limit
+    /// (negative: taken from it), instead of `time_limit_s`.
+    pub time_limit_change_s: Option<i64>,
+}
+
+impl JobUpdate {
+    /// The time limit this update gives a job whose limit is `current` (`None`: none of its
+    /// own): `Ok(None)` when it leaves the limit as it is, `Ok(Some(None))` for no limit. A
+    /// relative change needs a limit to change and must leave some time.
+    pub fn time_limit_for(
+        &self,
+        current: Option<u64>,
+    ) -> Result<Option<Option<u64>>, ControlError> {
+        let Some(change) = self.time_limit_change_s else {
+            return Ok(self.time_limit_s.map(|t| t.filter(|&s| s > 0)));
+        };
+        let Some(current) = current.filter(|&s| s > 0) else {
+            return Err(ControlError::Invalid(
+                "it has no time limit, so TimeLimit=+N/-N has nothing to add to or take from: \
+                 give the new limit (e.g. TimeLimit=2:00:00)"
+                    .into(),
+            ));
+        };
+        let limit = i64::try_from(current)
+            .ok()
+            .and_then(|c| c.checked_add(change))
+            .filter(|&s| s > 0)
+            .ok_or_else(|| {
+                ControlError::Invalid(format!(
+                    "TimeLimit change of {}{} would leave no time: its limit is {}",
+                    if change < 0 { "-" } else { "+" },
+                    crate::timefmt::format_duration(change.unsigned_abs()),
+                    crate::timefmt::format_duration(current)
+                ))
+            })?;
+        Ok(Some(Some(limit as u64)))
+    }
 }
 
 impl Scheduler {
@@ -881,8 +918,8 @@ impl Scheduler {
         if let Some(m) = u.mem_mib {
             request.mem_mib = m;
         }
-        if let Some(t) = u.time_limit_s {
-            request.time_limit_s = t.filter(|&s| s > 0);
+        if let Some(t) = u.time_limit_for(job.request.time_limit_s)? {
+            request.time_limit_s = t;
         }
         if job.state == JobState::Running {
             if u.nice.is_some() || u.gpus.is_some() || u.mem_mib.is_some() {

@@ -2529,6 +2529,46 @@ mod gates {
     }
 
     #[test]
+    fn relative_time_limit_changes_apply_to_the_current_limit() {
+        let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
+        let change = |secs: i64| JobUpdate {
+            time_limit_change_s: Some(secs),
+            ..Default::default()
+        };
+        let mut r = req(1, 1, None);
+        r.time_limit_s = Some(600);
+        let run = s.submit(r, 0).unwrap();
+        started(&mut s, 0);
+        // The owner may take from a running job's limit, not add to it; root may add.
+        s.update(run, ALICE, change(-120)).unwrap();
+        assert_eq!(s.job(run).unwrap().request.time_limit_s, Some(480));
+        let err = s.update(run, ALICE, change(60)).unwrap_err();
+        assert!(err.to_string().contains("only root may raise"), "{err}");
+        s.update(run, ROOT, change(3600)).unwrap();
+        assert_eq!(s.job(run).unwrap().request.time_limit_s, Some(4080));
+        // Nothing left, or nothing to change: refused, the limit untouched.
+        let err = s.update(run, ROOT, change(-4080)).unwrap_err();
+        assert!(err.to_string().contains("would leave no time"), "{err}");
+        assert_eq!(s.job(run).unwrap().request.time_limit_s, Some(4080));
+        let p = s.submit(req(1, 1, None), 1).unwrap();
+        let err = s.update(p, ALICE, change(600)).unwrap_err();
+        assert!(err.to_string().contains("has no time limit"), "{err}");
+        assert_eq!(s.job(p).unwrap().request.time_limit_s, None);
+        // A pending job's owner may add.
+        s.update(
+            p,
+            ALICE,
+            JobUpdate {
+                time_limit_s: Some(Some(60)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.update(p, ALICE, change(600)).unwrap();
+        assert_eq!(s.job(p).unwrap().request.time_limit_s, Some(660));
+    }
+
+    #[test]
     fn drained_gpus_get_no_new_jobs_and_the_server_drain_starts_nothing() {
         let mut s = Scheduler::new(gpus(&[1000, 1000]), Config::default(), 1);
         assert!(s.set_gpu_drained(0, true));

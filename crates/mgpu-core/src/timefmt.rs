@@ -7,10 +7,15 @@
 const FORMS: &str = "use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or 30s/90m/2h/1d";
 
 /// Parses a duration into seconds, the way Slurm reads `--time`: a bare number is minutes.
+/// A sign is refused: `u64`'s parser would read `+10` as `10`, while Slurm's `+N`/`-N` mean a
+/// change of a job's limit (`scontrol update TimeLimit=+N`), never a duration.
 pub fn parse_duration(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let bad = || format!("invalid time '{text}': {FORMS}");
-    if t.is_empty() {
+    if t.starts_with(['+', '-']) {
+        return Err(signed(text, "time"));
+    }
+    if t.is_empty() || t.contains('+') {
         return Err(bad());
     }
     if let Some(unit) = t.chars().last().filter(|c| c.is_ascii_alphabetic()) {
@@ -70,10 +75,38 @@ pub fn parse_time_limit(text: &str) -> Result<Option<u64>, String> {
     if t.eq_ignore_ascii_case("unlimited") || t.eq_ignore_ascii_case("infinite") {
         return Ok(None);
     }
+    if t.starts_with(['+', '-']) {
+        return Err(signed(text, "time limit"));
+    }
     let secs = parse_duration(text).map_err(|_| {
         format!("invalid time limit '{text}': {FORMS}, or 0/UNLIMITED for no limit")
     })?;
     Ok((secs > 0).then_some(secs))
+}
+
+/// The error for a signed time: only a change of a job's limit takes a sign.
+fn signed(text: &str, what: &str) -> String {
+    format!(
+        "invalid {what} '{}': a {what} takes no sign (+N/-N add to or take from a job's \
+         limit only in 'mgpu_control update JOB TimeLimit=+N')",
+        text.trim()
+    )
+}
+
+/// Parses Slurm's relative `TimeLimit=+N` / `-N` (`scontrol update`): the change in seconds,
+/// `None` when `text` has no sign (an absolute limit).
+pub fn parse_time_limit_change(text: &str) -> Result<Option<i64>, String> {
+    let t = text.trim();
+    let (sign, rest) = match t.as_bytes().first() {
+        Some(b'+') => (1, &t[1..]),
+        Some(b'-') => (-1, &t[1..]),
+        _ => return Ok(None),
+    };
+    let secs = parse_duration(rest)
+        .ok()
+        .and_then(|s| i64::try_from(s).ok())
+        .ok_or_else(|| format!("invalid time limit change '{t}': + or - then {FORMS}"))?;
+    Ok(Some(sign * secs))
 }
 
 /// Formats seconds like Slurm: `M:SS`, `H:MM:SS` or `D-HH:MM:SS`.
@@ -134,6 +167,36 @@ mod tests {
         assert!(err.contains("invalid time limit 'soon'"), "{err}");
         assert!(parse_time_limit("forever").is_err());
         assert!(parse_time_limit("-1").is_err());
+    }
+
+    #[test]
+    fn signs_are_refused_in_durations_and_limits() {
+        for signed in ["+10", "-10", "+1:00:00", " +5", "+30s"] {
+            let err = parse_duration(signed).unwrap_err();
+            assert!(err.contains("takes no sign"), "{signed}: {err}");
+            let err = parse_time_limit(signed).unwrap_err();
+            assert!(
+                err.contains("time limit") && err.contains("no sign"),
+                "{err}"
+            );
+        }
+        // A sign inside is garbage too (u64's parser would take each part's `+`).
+        for inner in ["1-+2", "1:+30", "+"] {
+            assert!(parse_duration(inner).is_err(), "{inner}");
+        }
+    }
+
+    #[test]
+    fn time_limit_changes_are_signed_durations() {
+        assert_eq!(parse_time_limit_change("+10"), Ok(Some(600)));
+        assert_eq!(parse_time_limit_change("-1:00:00"), Ok(Some(-3600)));
+        assert_eq!(parse_time_limit_change("+1-0"), Ok(Some(86400)));
+        assert_eq!(parse_time_limit_change("30"), Ok(None));
+        assert_eq!(parse_time_limit_change("UNLIMITED"), Ok(None));
+        for bad in ["+", "-x", "++5", "+-5", "+UNLIMITED"] {
+            let err = parse_time_limit_change(bad).unwrap_err();
+            assert!(err.contains("invalid time limit change"), "{bad}: {err}");
+        }
     }
 
     #[test]

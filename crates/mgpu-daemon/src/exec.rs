@@ -26,6 +26,9 @@ use crate::users::Account;
 pub struct LaunchSpec {
     pub command: Vec<String>,
     pub cwd: String,
+    /// Where the job was submitted from, where that is not `cwd` (`SLURM_SUBMIT_DIR`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_dir: Option<String>,
     pub env: Vec<(String, String)>,
     pub venv: Venv,
     /// The submitter's umask, applied to the job.
@@ -128,33 +131,51 @@ pub struct Started {
     pub outputs: Option<crate::outfiles::OutputWriters>,
 }
 
+/// Most digits a `%Nj`-style padding gives: sbatch(1) caps it at 10 too.
+const MAX_PATTERN_PAD: usize = 10;
+
 /// Expands Slurm's filename patterns: `%j` job id, `%A` array id (the job's own id outside an
 /// array), `%a` task index (4294967294 outside an array, as Slurm), `%x` job name, `%u` user,
-/// `%%` a `%`. Other `%` sequences stay as they are.
+/// `%%` a `%`. A number between `%` and the letter zero-pads a number to that many digits
+/// (`%3a`: `007`; at most 10, as sbatch), and is ignored for a name. Other `%` sequences stay
+/// as they are.
 pub fn expand_output_pattern(pattern: &str, launch: &Launch, user: &str) -> String {
     let mut out = String::new();
-    let mut chars = pattern.chars();
+    let mut chars = pattern.chars().peekable();
     while let Some(c) = chars.next() {
         if c != '%' {
             out.push(c);
             continue;
         }
-        match chars.next() {
-            Some('j') => out.push_str(&launch.job.to_string()),
-            Some('A') => out.push_str(&launch.array.map_or(launch.job, |a| a.job).to_string()),
-            Some('a') => match launch.array {
-                Some(a) => out.push_str(&a.task.to_string()),
-                None => out.push_str("4294967294"),
+        let mut digits = String::new();
+        while let Some(d) = chars.next_if(char::is_ascii_digit) {
+            digits.push(d);
+        }
+        // (Digits past the cap only make the number larger: the cap is what counts.)
+        let width = digits.parse::<usize>().map_or(
+            if digits.is_empty() {
+                0
+            } else {
+                MAX_PATTERN_PAD
             },
+            |w| w.min(MAX_PATTERN_PAD),
+        );
+        let number = |n: u64| format!("{n:0width$}");
+        match chars.peek().copied() {
+            Some('j') => out.push_str(&number(launch.job)),
+            Some('A') => out.push_str(&number(launch.array.map_or(launch.job, |a| a.job))),
+            Some('a') => out.push_str(&number(launch.array.map_or(4294967294, |a| a.task.into()))),
             Some('x') => out.push_str(&launch.name.replace('/', "_")),
             Some('u') => out.push_str(user),
-            Some('%') => out.push('%'),
-            Some(other) => {
+            Some('%') if digits.is_empty() => out.push('%'),
+            // Not a code: kept as written, the next character read on its own.
+            _ => {
                 out.push('%');
-                out.push(other);
+                out.push_str(&digits);
+                continue;
             }
-            None => out.push('%'),
         }
+        chars.next();
     }
     out
 }
@@ -352,7 +373,10 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ("SLURM_JOB_ID", launch.job.to_string()),
         ("SLURM_JOBID", launch.job.to_string()),
         ("SLURM_JOB_NAME", launch.name.clone()),
-        ("SLURM_SUBMIT_DIR", launch.spec.cwd.clone()),
+        (
+            "SLURM_SUBMIT_DIR",
+            (launch.spec.submit_dir.clone()).unwrap_or_else(|| launch.spec.cwd.clone()),
+        ),
     ];
     // A job submitted from inside an array task is not a task of that array.
     env.retain(|(k, _)| {
@@ -367,6 +391,12 @@ fn environment(launch: &Launch, account: &Account) -> Vec<(String, String)> {
         ));
     }
     env.extend(set.into_iter().map(|(k, v)| (k.to_string(), v)));
+    // Slurm's, for a job with a CPU quota (`-c N`, or the server's default); one inherited
+    // from the submitter's environment would claim a quota this job does not have.
+    env.retain(|(k, _)| k != "SLURM_CPUS_PER_TASK");
+    if let Some(n) = launch.spec.cpus {
+        env.push(("SLURM_CPUS_PER_TASK".into(), n.to_string()));
+    }
     // A batch script's content, for the wrapper (which unsets it before running the script).
     env.retain(|(k, _)| !k.starts_with("MGPU_SCRIPT_"));
     if let Some(script) = &launch.spec.script {
@@ -1207,6 +1237,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn output_patterns_expand_and_zero_pad_like_sbatch() {
+        let mut launch = launch_for(1234, LaunchSpec::default());
+        launch.job = 42;
+        launch.name = "a/b".into();
+        let expand = |p: &str, l: &Launch| expand_output_pattern(p, l, "alice");
+        assert_eq!(
+            expand("%j-%A_%a-%x-%u-100%%", &launch),
+            "42-42_4294967294-a_b-alice-100%"
+        );
+        launch.array = Some(mgpu_core::ArrayTask {
+            job: 40,
+            task: 7,
+            count: 8,
+            min: 0,
+            max: 7,
+            limit: None,
+        });
+        assert_eq!(expand("%A_%a.out", &launch), "40_7.out");
+        assert_eq!(expand("%3a-%5j-%2A", &launch), "007-00042-40");
+        // Padding never cuts a longer number, is capped at 10, and is ignored for names.
+        assert_eq!(expand("%1j", &launch), "42");
+        assert_eq!(expand("%15a", &launch), "0000000007");
+        assert_eq!(expand("%99999999999999999999a", &launch), "0000000007");
+        assert_eq!(expand("%4x-%3u", &launch), "a_b-alice");
+        // What is not a code stays as written.
+        assert_eq!(expand("%3z %3%j %q 5%", &launch), "%3z %342 %q 5%");
+    }
+
     /// Both ways of starting the job's process (the shared-memory start and the fork it falls
     /// back to) run the command with its output on the pipes, in its own session, and report
     /// a command that cannot be executed.
@@ -1313,6 +1372,22 @@ mod tests {
         assert_eq!(get("CUDA_VISIBLE_DEVICES"), "1,3");
         assert_eq!(get("MGPU_JOB_ID"), "7");
         assert_eq!(get("HOME"), "/nonexistent/alice");
+        assert_eq!(get("SLURM_SUBMIT_DIR"), "/");
+        assert!(!env.iter().any(|(k, _)| k == "SLURM_CPUS_PER_TASK"));
+        // -c 4 and --chdir elsewhere: Slurm's variables say so, whatever was inherited.
+        let mut with = launch.clone();
+        with.spec.cpus = Some(4);
+        with.spec.submit_dir = Some("/home/alice/exp".into());
+        with.spec
+            .env
+            .push(("SLURM_CPUS_PER_TASK".into(), "64".into()));
+        let env = environment(&with, &acct);
+        let cpus: Vec<&String> = (env.iter())
+            .filter(|(k, _)| k == "SLURM_CPUS_PER_TASK")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(cpus, vec!["4"]);
+        assert!(env.contains(&("SLURM_SUBMIT_DIR".into(), "/home/alice/exp".into())));
         // ~/venv is decided by the child: the default argv is the command itself.
         assert_eq!(argv(&launch, &acct), vec![std::ffi::OsString::from("x")]);
     }

@@ -441,7 +441,8 @@ pub fn launch_bytes(spec: &crate::exec::LaunchSpec) -> u64 {
         .iter()
         .map(|p| p.as_ref().map_or(0, String::len))
         .sum::<usize>();
-    (argv + env + spec.cwd.len() + venv + script + outputs + 64) as u64
+    let dirs = spec.cwd.len() + spec.submit_dir.as_ref().map_or(0, String::len);
+    (argv + env + dirs + venv + script + outputs + 64) as u64
 }
 
 // The daemon's side: carrying out the books' decisions on the log files.

@@ -171,6 +171,8 @@ const SPEC_OF_JOB: &str = "SELECT COALESCE(NULLIF(j.spec, ''), a.spec), e.env FR
 struct StoredSpec<'a> {
     command: &'a [String],
     cwd: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    submit_dir: &'a Option<String>,
     env: [(); 0],
     venv: &'a mgpu_proto::Venv,
     umask: Option<u32>,
@@ -192,6 +194,7 @@ fn stored_spec(tx: &rusqlite::Transaction, spec: &LaunchSpec) -> Result<(String,
     let text = serde_json::to_string(&StoredSpec {
         command: &spec.command,
         cwd: &spec.cwd,
+        submit_dir: &spec.submit_dir,
         env: [],
         venv: &spec.venv,
         umask: spec.umask,
@@ -693,6 +696,7 @@ impl Store {
                     array: array_of(r.get(14)?),
                     peak_gpu_mem_mib: r.get::<_, Option<i64>>(15)?.map(|m| m as u64),
                     earlier_runs_s: r.get::<_, i64>(16)?.max(0) as u64 / 1000,
+                    earlier_runs_ms: Some(r.get::<_, i64>(16)?.max(0) as u64),
                 })
             },
         )?;

@@ -186,6 +186,12 @@ pub enum ControlRequest {
         reason: Option<String>,
     },
     ResumeServer,
+    /// The job ids that ids as written stand for (`12_3`: task 3 of job array 12, finished or
+    /// not), answered as `Control { lines }`, one id a line; for the clients that take Slurm's
+    /// `ID_TASK` (`mgpu_cancel`, `mgpu_log`, `mgpu_acct -j`, `mgpu_queue -j`).
+    Resolve {
+        jobs: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +236,10 @@ pub struct SubmitRequest {
     pub command: Vec<String>,
     /// Absolute working directory (entered with the user's own privileges).
     pub cwd: String,
+    /// The directory the client was run from, where it differs from `cwd` (`--chdir`): the
+    /// job's `SLURM_SUBMIT_DIR`, as Slurm sets it. Absent from older clients: `cwd` then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_dir: Option<String>,
     /// The client's environment, passed to the job (Slurm's `--export=ALL`).
     pub env: Vec<(String, String)>,
     pub venv: Venv,
@@ -733,9 +743,14 @@ pub struct AcctRecord {
     pub gpu_ids: Vec<u32>,
     pub mem_mib: Option<u64>,
     pub restarts: u32,
-    /// Run time of its runs before the last, in seconds (each ended by a context switch).
+    /// Run time of its runs before the last, in seconds (each ended by a context switch);
+    /// kept for clients that do not read `earlier_runs_ms`.
     #[serde(default)]
     pub earlier_runs_s: u64,
+    /// The same in ms (`None` from a server that sent only seconds), so that GPU-hours keep
+    /// fractions of seconds and add up to what `mgpu_acct --summary` counts.
+    #[serde(default)]
+    pub earlier_runs_ms: Option<u64>,
     pub message: Option<String>,
     /// The job array it belonged to, and its index there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -746,22 +761,34 @@ pub struct AcctRecord {
 }
 
 impl AcctRecord {
-    /// Run time of all its runs in seconds (the earlier ones ended by context switches).
+    /// Run time of all its runs in whole seconds (the earlier ones ended by context switches).
     pub fn total_elapsed_s(&self) -> u64 {
-        self.elapsed_s() + self.earlier_runs_s
+        self.total_elapsed_ms() / 1000
     }
 
-    /// Run time of its last run in seconds.
+    /// Run time of all its runs in ms.
+    pub fn total_elapsed_ms(&self) -> u64 {
+        let earlier = (self.earlier_runs_ms).unwrap_or(self.earlier_runs_s.saturating_mul(1000));
+        self.elapsed_ms().saturating_add(earlier)
+    }
+
+    /// Run time of its last run in whole seconds.
     pub fn elapsed_s(&self) -> u64 {
+        self.elapsed_ms() / 1000
+    }
+
+    /// Run time of its last run in ms.
+    pub fn elapsed_ms(&self) -> u64 {
         match (self.started_at, self.ended_at) {
-            (Some(s), Some(e)) => e.saturating_sub(s) / 1000,
+            (Some(s), Some(e)) => e.saturating_sub(s),
             _ => 0,
         }
     }
 
-    /// GPUs held times hours run, over all its runs.
+    /// GPUs held times hours run, over all its runs: from ms, as the usage summary counts
+    /// them, so that the rows add up to its total (whole seconds lost up to 1 s a job).
     pub fn gpu_hours(&self) -> f64 {
-        self.gpus as f64 * self.total_elapsed_s() as f64 / 3600.0
+        self.gpus as f64 * self.total_elapsed_ms() as f64 / 3_600_000.0
     }
 }
 
@@ -791,6 +818,40 @@ pub fn parse_mem_mib(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_hours_keep_fractions_of_seconds() {
+        let rec = AcctRecord {
+            id: 1,
+            user: "alice".into(),
+            name: "n".into(),
+            state: JobState::Completed,
+            exit_code: Some(0),
+            signal: None,
+            submitted_at: 0,
+            started_at: Some(10_000),
+            ended_at: Some(11_999),
+            gpus: 2,
+            gpu_ids: vec![0, 1],
+            mem_mib: None,
+            restarts: 1,
+            earlier_runs_s: 2,
+            earlier_runs_ms: Some(2_500),
+            message: None,
+            array: None,
+            peak_gpu_mem_mib: None,
+        };
+        // Whole seconds to show; ms to count, as the usage summary does.
+        assert_eq!((rec.elapsed_s(), rec.total_elapsed_s()), (1, 4));
+        assert_eq!(rec.total_elapsed_ms(), 4_499);
+        assert!((rec.gpu_hours() - 2.0 * 4.499 / 3600.0).abs() < 1e-12);
+        // From a server that sends only seconds.
+        let old = AcctRecord {
+            earlier_runs_ms: None,
+            ..rec
+        };
+        assert_eq!(old.total_elapsed_ms(), 3_999);
+    }
 
     #[test]
     fn array_specs() {

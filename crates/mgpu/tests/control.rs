@@ -364,6 +364,39 @@ fn owners_hold_release_and_update_their_jobs_and_others_cannot() {
 }
 
 #[test]
+fn time_limit_plus_and_minus_change_the_current_limit_and_srun_refuses_a_sign() {
+    let s = Server::start("2x24GiB", &[]);
+    let run = s.detached(&["-t", "10", "--", "sleep", "120"]);
+    s.wait_state(run, "RUNNING");
+    let update = |id: u64, t: &str| {
+        s.cmd("mgpu_control")
+            .args(["update", &id.to_string(), &format!("TimeLimit={t}")])
+            .output()
+            .unwrap()
+    };
+    // Slurm's scontrol: +N adds N minutes to the current limit, -N takes them off.
+    let out = update(run, "+5");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(s.job(run).unwrap()["time_limit_s"], 900);
+    assert!(update(run, "-0:10:00").status.success());
+    assert_eq!(s.job(run).unwrap()["time_limit_s"], 300);
+    assert_fails_with(&update(run, "-5"), "would leave no time");
+    assert_eq!(s.job(run).unwrap()["time_limit_s"], 300);
+    // A job without a limit has nothing to change.
+    let held = s.detached(&["--hold", "--", "true"]);
+    assert_fails_with(&update(held, "+5"), "has no time limit");
+    assert!(s.job(held).unwrap()["time_limit_s"].is_null());
+    // Elsewhere a time takes no sign: `-t +10` is not 10 minutes.
+    let out = s
+        .cmd("mgpu_srun")
+        .args(["--detach", "-t", "+10", "--", "true"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "takes no sign");
+    s.ok("mgpu_cancel", &[&run.to_string(), &held.to_string()]);
+}
+
+#[test]
 fn a_drained_gpu_gets_no_new_jobs_and_a_drained_server_starts_nothing() {
     let s = Server::start("2x24GiB", &[]);
     let running = s.detached(&["--", "sleep", "120"]);
@@ -432,6 +465,64 @@ fn a_held_job_array_is_released_task_by_task_or_whole() {
     s.ok("mgpu_control", &["release", &array.to_string()]);
     assert_eq!(state_of(&s, array + 1), "COMPLETED");
     assert_eq!(state_of(&s, array + 2), "COMPLETED");
+}
+
+/// Slurm's `ID_TASK` works in every client that takes a job id, not only mgpu_control.
+#[test]
+fn id_task_names_an_array_task_in_cancel_log_queue_and_acct() {
+    let s = Server::start("2x24GiB", &[]);
+    let go = s.scratch.join("go");
+    let job = format!("echo task=$MGPU_ARRAY_TASK_ID; {}", waiting(&go, None));
+    let array = s.detached(&["--array", "1-2", "--mem", "1G", "--", "sh", "-c", &job]);
+    let (t1, t2) = (format!("{array}_1"), format!("{array}_2"));
+    s.wait_state(array, "RUNNING");
+    s.wait_state(array + 1, "RUNNING");
+    let listed = s.ok("mgpu_queue", &["-j", &t2, "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let ids: Vec<u64> = (listed["jobs"].as_array().unwrap().iter())
+        .map(|j| j["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![array + 1]);
+    wait_until(Duration::from_secs(60), || s.log(array).contains("task=1"));
+    assert!(s.ok("mgpu_log", &[&t1]).contains("task=1"));
+    s.ok("mgpu_cancel", &[&t2]);
+    assert_eq!(state_of(&s, array + 1), "CANCELLED");
+    std::fs::write(&go, "").unwrap();
+    assert_eq!(state_of(&s, array), "COMPLETED");
+    // Comma lists of ids and of states, as sacct takes them.
+    let acct = |args: &[&str]| {
+        let mut all = vec!["--json"];
+        all.extend(args);
+        let v: serde_json::Value = serde_json::from_str(&s.ok("mgpu_acct", &all)).unwrap();
+        (v["jobs"].as_array().unwrap().iter())
+            .map(|j| j["id"].as_u64().unwrap())
+            .collect::<Vec<u64>>()
+    };
+    assert_eq!(acct(&["-j", &format!("{t2},{t1}")]), vec![array, array + 1]);
+    assert_eq!(
+        acct(&["-j", &format!("{t1},{t2}"), "-s", "CA"]),
+        vec![array + 1]
+    );
+    assert_eq!(acct(&["-s", "CD,CA"]), vec![array, array + 1]);
+    assert_eq!(acct(&["--state", "F,TO"]), Vec::<u64>::new());
+    // A task that does not exist, or a malformed id: a clear error everywhere.
+    let t9 = format!("{array}_9");
+    for (program, args) in [
+        ("mgpu_cancel", vec![t9.as_str()]),
+        ("mgpu_log", vec![t9.as_str()]),
+        ("mgpu_queue", vec!["-j", t9.as_str()]),
+        ("mgpu_acct", vec!["-j", t9.as_str()]),
+    ] {
+        let out = s.cmd(program).args(&args).output().unwrap();
+        assert_fails_with(&out, &format!("job {t9}: no such job array task"));
+        let out = s
+            .cmd(program)
+            .args(&args[..args.len() - 1])
+            .arg("4_x")
+            .output()
+            .unwrap();
+        assert_fails_with(&out, "invalid job id '4_x'");
+    }
 }
 
 /// A hold names each job once however often it is written, and a job array's id counts all

@@ -316,7 +316,8 @@ fn ctrl_c_cancels_the_job_and_waits_for_its_processes() {
         rest, "got-term\ncleaned\n",
         "the job's cleanup ran and was streamed"
     );
-    assert_eq!(status.code(), Some(7));
+    // Interrupted: Ctrl-C's code, not the trap's.
+    assert_eq!(status.code(), Some(130));
     // srun returned only after the job was gone.
     assert!(s.queue_json()["jobs"].as_array().unwrap().is_empty());
 }
@@ -823,6 +824,10 @@ fn unknown_and_unsupported_flags_are_refused_before_anything_is_submitted() {
     let s = Server::start("2x24GiB", &[]);
     let cases: &[(&[&str], &str)] = &[
         (&["--gres=mps:2", "--", "x"], "invalid --gres 'mps:2'"),
+        (
+            &["--gres=gpu:2,shard:1", "--", "x"],
+            "invalid --gres 'gpu:2,shard:1': 'shard:1' cannot be honoured",
+        ),
         (
             &["--memm", "10G", "true"],
             "unknown option '--memm' (did you mean --mem?)",

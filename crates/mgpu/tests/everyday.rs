@@ -286,6 +286,68 @@ fn unknown_jobs_long_view_usage_and_singular_gpu() {
     );
 }
 
+/// A signal to an attached srun gives its code (130 for Ctrl-C, 143 for SIGTERM), not the
+/// job's end (143 from the SIGTERM the job got); before the job started srun says that
+/// nothing runs, and that the job was cancelled.
+#[test]
+fn srun_interrupted_exits_with_the_signals_code_running_or_pending() {
+    let s = Server::start("1x24GiB", &[]);
+    let signal = |srun: &std::process::Child, sig| {
+        let pid = nix::unistd::Pid::from_raw(srun.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+    };
+    // Running, no trap: the job dies of the SIGTERM it got (143), srun exits 130.
+    let mut srun = s
+        .cmd("mgpu_srun")
+        .args(["--", "sh", "-c", "echo ready; sleep 60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(srun.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\n");
+    signal(&srun, nix::sys::signal::Signal::SIGINT);
+    let mut err = String::new();
+    srun.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(srun.wait().unwrap().code(), Some(130), "{err}");
+    assert!(err.contains("waiting for its processes to end"), "{err}");
+    // Pending behind a job holding the only GPU.
+    let blocker = s.detached(&["--", "sleep", "120"]);
+    s.wait_state(blocker, "RUNNING");
+    for (sig, code) in [
+        (nix::sys::signal::Signal::SIGINT, 130),
+        (nix::sys::signal::Signal::SIGTERM, 143),
+    ] {
+        let mut srun = s
+            .cmd("mgpu_srun")
+            .args(["--", "true"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(srun.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        assert!(line.contains("queued") || line.contains("waits"), "{line}");
+        signal(&srun, sig);
+        let mut rest = String::new();
+        err.read_to_string(&mut rest).unwrap();
+        assert_eq!(srun.wait().unwrap().code(), Some(code), "{sig}: {rest}");
+        assert!(
+            rest.contains("(it has not started)") && rest.contains(" cancelled\n"),
+            "{rest}"
+        );
+        assert!(!rest.contains("processes"), "{rest}");
+    }
+    s.ok("mgpu_cancel", &[&blocker.to_string()]);
+}
+
 /// After Ctrl-C srun exits non-zero (130) even when the job's trap exits 0; a second Ctrl-C
 /// says what it waits for.
 #[test]

@@ -66,7 +66,7 @@ fn sbatch_array_from_a_directive() {
     let dir = s.scratch.clone();
     write_file(
         &dir.join("arr.sh"),
-        "#!/bin/sh\n#SBATCH --array=0-2 --mem-per-gpu=100M\necho task=$SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_JOB_ID\n",
+        "#!/bin/sh\n#SBATCH --array=0-2 --mem-per-gpu=100M\n#SBATCH -o arr-%4A_%3a.out\necho task=$SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_JOB_ID\n",
         0o644,
     );
     let first = sbatch(&s, &dir, &["arr.sh"]);
@@ -79,6 +79,31 @@ fn sbatch_array_from_a_directive() {
             "{}",
             s.log(id)
         );
+        // sbatch's zero-padded patterns: a file of its own for each task.
+        let out = dir.join(format!("arr-{first:04}_{i:03}.out"));
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap_or_default(),
+            format!("task={i} of {first}\n"),
+            "{}",
+            out.display()
+        );
+    }
+}
+
+/// SLURM_SUBMIT_DIR is where sbatch ran, also with --chdir elsewhere (it was --chdir).
+#[test]
+fn slurm_submit_dir_is_where_the_client_ran() {
+    let s = Server::start("1x24GiB", &[]);
+    let (from, work) = (s.scratch.join("from"), s.scratch.join("work"));
+    std::fs::create_dir(&from).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    let show = "echo submit=$SLURM_SUBMIT_DIR pwd=$(pwd)";
+    let elsewhere = sbatch(&s, &from, &["-D", work.to_str().unwrap(), "--wrap", show]);
+    let here = sbatch(&s, &from, &["--wrap", show]);
+    for (id, pwd) in [(elsewhere, &work), (here, &from)] {
+        assert_eq!(finished(&s, id)["state"], "COMPLETED");
+        let want = format!("submit={} pwd={}", from.display(), pwd.display());
+        assert!(s.log(id).contains(&want), "{want}: {}", s.log(id));
     }
 }
 
@@ -185,6 +210,20 @@ fn sbatch_wrap_export_and_refusals() {
         "{}",
         text(&out.stderr)
     );
+    // DOS line breaks: refused at submit (as sbatch), not left to fail when it runs.
+    write_file(
+        &dir.join("dos.sh"),
+        "#!/bin/sh\r\n#SBATCH -J dos\r\necho hi\r\n",
+        0o755,
+    );
+    let out = s
+        .cmd("mgpu_sbatch")
+        .current_dir(&dir)
+        .arg("dos.sh")
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "dos.sh: the batch script contains DOS line breaks");
+    assert_fails_with(&out, "dos2unix dos.sh");
     // Not a script.
     write_file(&dir.join("nosheb.sh"), "echo hi\n", 0o755);
     let out = s
@@ -551,6 +590,18 @@ fn queue_filters_and_format_like_squeue() {
     };
     assert_eq!(ids(&[]), [run_a, pend_b, pend_a]);
     assert_eq!(ids(&["-u", &a.name]), [run_a, pend_a]);
+    // User ids, as squeue takes them.
+    assert_eq!(ids(&["-u", &a.uid.to_string()]), [run_a, pend_a]);
+    assert_eq!(
+        ids(&["-u", &format!("{},{}", a.uid, b.name)]),
+        [run_a, pend_b, pend_a]
+    );
+    let out = s
+        .cmd("mgpu_queue")
+        .args(["-u", "4000000000"])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "no user has the id 4000000000");
     assert_eq!(
         ids(&["-u", &format!("{},{}", a.name, b.name)]),
         [run_a, pend_b, pend_a]

@@ -32,6 +32,7 @@ pub async fn handle(
         ControlRequest::ResumeGpu { index } => drain(daemon, by, Some(index), None),
         ControlRequest::DrainServer { reason } => drain(daemon, by, None, Some(reason)),
         ControlRequest::ResumeServer => drain(daemon, by, None, None),
+        ControlRequest::Resolve { jobs } => resolve(daemon, &jobs),
     };
     match answer {
         Ok(response) => {
@@ -59,6 +60,19 @@ fn job_id(daemon: &Daemon, text: &str) -> Result<JobId, String> {
                 .ok_or_else(|| format!("job {t}: no such job array task"))
         }
     }
+}
+
+/// The ids `jobs` stand for, in order (anyone may ask: ids are no secret, the jobs are
+/// checked by whatever request comes next).
+fn resolve(daemon: &Daemon, jobs: &[String]) -> Result<Response, String> {
+    if jobs.len() > MAX_IDS {
+        return Err(too_many(jobs.len()));
+    }
+    let lines = jobs
+        .iter()
+        .map(|j| job_id(daemon, j).map(|id| id.to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok(Response::Control { lines, ok: true })
 }
 
 /// A job a hold or release names, resolved before the daemon's lock is taken: its id, as
@@ -217,11 +231,12 @@ fn update(
         let v = value.trim();
         match key.to_ascii_lowercase().as_str() {
             "timelimit" | "time" => {
-                let t = mgpu_core::timefmt::parse_time_limit(v)?;
-                if t.is_some_and(|t| t > crate::handlers::submit::MAX_TIME_LIMIT_S) {
-                    return Err("time limit too long: at most 366 days; 0 means no limit".into());
-                }
-                u.time_limit_s = Some(t);
+                // The last TimeLimit item wins, relative (Slurm's `+N`/`-N`) or not.
+                u.time_limit_change_s = mgpu_core::timefmt::parse_time_limit_change(v)?;
+                u.time_limit_s = match u.time_limit_change_s {
+                    Some(_) => None,
+                    None => Some(mgpu_core::timefmt::parse_time_limit(v)?),
+                };
             }
             "name" | "jobname" => {
                 if let Some(c) = v
@@ -271,20 +286,41 @@ fn update(
             }
         }
     }
-    if let (Some(t), false) = (u.time_limit_s, by.is_admin) {
-        // The owner's per-user maximum applies as at submit (root is exempt). The account
-        // lookup may be slow: outside the lock.
-        let (owner, rules) = {
-            let inner = daemon.lock();
-            let owner = (inner.sched.job(id).map(|j| j.request.uid)).filter(|&o| by.may_manage(o));
-            (owner, inner.limits.clone())
-        };
-        if let Some(owner) = owner {
+    // The limit a relative change starts from, read here and checked again under the lock
+    // that applies it: a change made meanwhile must not be built upon unchecked.
+    let changes_limit = u.time_limit_s.is_some() || u.time_limit_change_s.is_some();
+    let (job_limit, owner, rules) = {
+        let inner = daemon.lock();
+        let job = inner.sched.job(id);
+        let owner = job.map(|j| j.request.uid).filter(|&o| by.may_manage(o));
+        (
+            job.map(|j| j.request.time_limit_s),
+            owner,
+            inner.limits.clone(),
+        )
+    };
+    if let (true, Some(current), Some(owner)) = (changes_limit, job_limit, owner) {
+        let t = u
+            .time_limit_for(current)
+            .map_err(|e| format!("job {job}: {e}"))?
+            .flatten();
+        if t.is_some_and(|t| t > crate::handlers::submit::MAX_TIME_LIMIT_S) {
+            return Err("time limit too long: at most 366 days; 0 means no limit".into());
+        }
+        if !by.is_admin {
+            // The owner's per-user maximum applies as at submit (root is exempt). The
+            // account lookup may be slow: outside the lock.
             let limits = rules.resolve_uid(owner);
-            crate::handlers::submit::check_time_limit_change(t.filter(|&s| s > 0), &limits)?;
+            crate::handlers::submit::check_time_limit_change(t, &limits)?;
         }
     }
     let mut inner = daemon.lock();
+    let now_limit = inner.sched.job(id).map(|j| j.request.time_limit_s);
+    if u.time_limit_change_s.is_some() && now_limit.is_some() && now_limit != job_limit {
+        return Err(format!(
+            "job {job}: its time limit changed meanwhile; try again"
+        ));
+    }
     inner
         .sched
         .update(id, by, u)

@@ -97,6 +97,13 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
             "the working directory and the venv path must be shorter than {MAX_PATH} bytes"
         ));
     }
+    if let Some(d) = &req.submit_dir {
+        if d.contains('\0') || d.len() >= MAX_PATH || !d.starts_with('/') {
+            return Err(format!(
+                "the submit directory must be an absolute path shorter than {MAX_PATH} bytes, without NUL"
+            ));
+        }
+    }
     if !req.cwd.starts_with('/') {
         return Err(format!(
             "the working directory must be absolute, got '{}'",
@@ -138,6 +145,12 @@ fn validate(req: &SubmitRequest) -> Result<String, String> {
             "the batch script is too large: at most {} KiB",
             mgpu_proto::MAX_SCRIPT_BYTES >> 10
         ));
+    }
+    // (mgpu_sbatch refuses these first; a client that does not would run a broken script.)
+    if req.script.as_ref().is_some_and(|s| s.contains("\r\n")) {
+        return Err(
+            "the batch script contains DOS line breaks (\\r\\n) instead of the expected UNIX line breaks (\\n); convert it first (dos2unix)".into(),
+        );
     }
     if req.script.is_some() && req.command.is_empty() {
         return Err("a batch script needs its name as the command".into());
@@ -279,6 +292,7 @@ pub async fn handle(
     let spec = LaunchSpec {
         command: req.command,
         cwd: req.cwd,
+        submit_dir: req.submit_dir.take(),
         env: req.env,
         venv: req.venv,
         umask: req.umask,
@@ -672,6 +686,7 @@ mod tests {
             time_limit_s: None,
             command: vec!["true".into()],
             cwd: "/".into(),
+            submit_dir: None,
             env: vec![],
             venv: mgpu_proto::Venv::Off,
             attach: false,
@@ -785,6 +800,16 @@ mod tests {
             begin_at: Some(at),
             ..request()
         };
+        let script = |text: &str| mgpu_proto::SubmitRequest {
+            script: Some(text.into()),
+            ..request()
+        };
+        assert!(super::validate(&script("#!/bin/sh\necho a\rb\n")).is_ok());
+        let err = super::validate(&script("#!/bin/sh\r\necho hi\r\n")).unwrap_err();
+        assert!(
+            err.contains("DOS line breaks") && err.contains("dos2unix"),
+            "{err}"
+        );
         assert!(super::validate(&begin(super::MAX_BEGIN_AT_MS)).is_ok());
         for at in [super::MAX_BEGIN_AT_MS + 1, u64::MAX] {
             let err = super::validate(&begin(at)).unwrap_err();

@@ -115,14 +115,17 @@ macro_rules! trimmed_spec {
 }
 
 /// Finished jobs keep no launch data (see `Op::Ended`): the records that ended before this
-/// rule are trimmed once, and two indexes keep the per-event work small. `jobs_array_live`
-/// finds whether a job array has a task left without walking its ended tasks;
-/// `jobs_usage` answers `mgpu_acct --summary` from the index alone, never reading a row
-/// (whose launch record may be large while the job waits).
+/// rule are trimmed once, and three indexes keep per-event and per-request work small:
+/// `jobs_array_live` finds whether a job array has a task left without walking its ended
+/// tasks; `jobs_usage` answers `mgpu_acct --summary` from the index alone, never reading a
+/// row (whose launch record may be large while the job waits); `jobs_array_task` finds task
+/// `ID_TASK` without walking the array's tasks (up to 10,000 such names in one request).
 const FINISHED_TRIM_MIGRATION: &str = concat!(
     "CREATE INDEX jobs_array_live ON jobs(json_extract(array, '$.job'))
          WHERE array IS NOT NULL AND state IN ('PENDING', 'RUNNING');
      CREATE INDEX jobs_usage ON jobs(ended_at, uid, state, gpus, started_at, earlier_runs_ms, user);
+     CREATE INDEX jobs_array_task ON jobs(json_extract(array, '$.job'), json_extract(array, '$.task'))
+         WHERE array IS NOT NULL;
      UPDATE jobs SET env_id = NULL, spec = ",
     trimmed_spec!("spec"),
     " WHERE state NOT IN ('PENDING', 'RUNNING');
@@ -624,10 +627,7 @@ impl Store {
     pub fn array_task_job(&self, array: JobId, task: u32) -> Result<Option<JobId>> {
         let conn = self.reader.lock().unwrap();
         let id = conn
-            .prepare_cached(
-                "SELECT id FROM jobs WHERE array IS NOT NULL
-                   AND json_extract(array, '$.job') = ?1 AND json_extract(array, '$.task') = ?2",
-            )?
+            .prepare_cached(ARRAY_TASK_SQL)?
             .query_row(params![array as i64, task], |r| r.get::<_, i64>(0))
             .optional()?;
         Ok(id.map(|id| id as JobId))
@@ -1181,7 +1181,13 @@ fn set_begin_at(tx: &rusqlite::Transaction, id: JobId, at: Option<Millis>) -> Re
     Ok(())
 }
 
-const ARRAY_HAS_LIVE_TASK_SQL: &str = "SELECT EXISTS (SELECT 1 FROM jobs WHERE array IS NOT NULL
+/// The job that is task `?2` of job array `?1` (by `jobs_array_task`).
+const ARRAY_TASK_SQL: &str =
+    "SELECT id FROM jobs INDEXED BY jobs_array_task WHERE array IS NOT NULL
+   AND json_extract(array, '$.job') = ?1 AND json_extract(array, '$.task') = ?2";
+
+const ARRAY_HAS_LIVE_TASK_SQL: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED BY jobs_array_live
+   WHERE array IS NOT NULL
    AND json_extract(array, '$.job') = ?1 AND state IN ('PENDING', 'RUNNING'))";
 
 /// Per user: jobs that ended in `[?1, ?2)` (of uid `?3` only, if given), how many completed,
@@ -1963,7 +1969,8 @@ mod tests {
 
     /// The per-event and per-request queries that must not grow with the records use their
     /// indexes: whether an array has a task left (at every task's end) reads only live tasks;
-    /// the usage summary (any user may ask) reads the index alone, never a row.
+    /// the usage summary (any user may ask) reads the index alone, never a row; a task named
+    /// `ID_TASK` is found without a walk over its array.
     #[test]
     fn the_queries_that_must_stay_small_use_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
@@ -1980,6 +1987,8 @@ mod tests {
         };
         let live = plan(ARRAY_HAS_LIVE_TASK_SQL, &[Some(5)]);
         assert!(live.contains("jobs_array_live"), "{live}");
+        let task = plan(ARRAY_TASK_SQL, &[Some(5), Some(3)]);
+        assert!(task.contains("jobs_array_task"), "{task}");
         for args in [
             [None, None, None],
             [Some(1), None, None],

@@ -239,6 +239,67 @@ fn own_dir(mount: &Path, root: &str, matches: impl Fn(&str) -> bool) -> Option<P
     Some(mount.join(path.trim_end_matches('/')))
 }
 
+/// Maps a path of /proc/PID/cgroup in the hierarchy mounted at `mount` (whose root is `root`)
+/// to its directory, as [`own_dir`] does for our own.
+fn dir_in(mount: &Path, root: &str, path: &str) -> PathBuf {
+    let path = path.strip_prefix(root).unwrap_or(path);
+    mount.join(path.trim_matches('/'))
+}
+
+/// The cgroup mounts, read once per process (they are set up at boot).
+fn mounts() -> &'static [(PathBuf, String, String, String)] {
+    static MOUNTS: std::sync::OnceLock<Vec<(PathBuf, String, String, String)>> =
+        std::sync::OnceLock::new();
+    MOUNTS.get_or_init(cgroup_mounts)
+}
+
+/// The directories of the cgroups process `pid` is in, in the hierarchies job cgroups use
+/// (v2 and the v1 ones of our controllers), as absolute paths like [`JobCgroup::dirs`]. Empty
+/// when the process is gone. Membership is the kernel's word: a process cannot leave a job's
+/// cgroup (only root may write the files that move it), whatever it does to its session or
+/// parents.
+pub fn dirs_of(pid: u32) -> Vec<PathBuf> {
+    let layout = layout();
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let mount = if ctrls.is_empty() {
+            if layout.v2.is_none() {
+                continue;
+            }
+            mounts().iter().find(|(_, _, t, _)| t == "cgroup2")
+        } else {
+            let ours = |c: &Controller| ctrls.split(',').any(|w| w == c.name());
+            if !layout.v1.iter().any(|(c, _)| ours(c)) {
+                continue;
+            }
+            mounts().iter().find(|(_, _, t, o)| {
+                t == "cgroup" && o.split(',').any(|w| ctrls.split(',').any(|c| c == w))
+            })
+        };
+        if let Some((mount, root, _, _)) = mount {
+            out.push(dir_in(mount, root, path));
+        }
+    }
+    out
+}
+
+/// Whether `dir` is below one of the directories that hold job cgroups (a job's or a
+/// notification's, running or not).
+pub fn is_under_jobs(dir: &Path) -> bool {
+    let layout = layout();
+    let bases = layout.v2.iter().chain(layout.v1.iter().map(|(_, b)| b));
+    bases
+        .into_iter()
+        .any(|base| dir.starts_with(base) && dir != base)
+}
+
 /// The cgroup v2 mount point and our own cgroup under it.
 fn v2_dirs() -> Option<(PathBuf, PathBuf)> {
     let (mount, root, _, _) = cgroup_mounts()

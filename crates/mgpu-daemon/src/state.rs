@@ -99,6 +99,8 @@ pub struct Settings {
 struct RunningJob {
     /// The job's process group, once its supervisor said hello (0 before).
     pgid: i32,
+    /// Its cgroup directories, once its supervisor said hello (empty: none, or not yet).
+    cgroups: Vec<std::path::PathBuf>,
     stopping: Option<StopReason>,
     /// Commands to its supervisor (few per run, so unbounded: a stop is never dropped).
     cmds: mpsc::UnboundedSender<SupervisorCmd>,
@@ -632,9 +634,12 @@ impl Daemon {
         })
     }
 
-    fn set_pgid(&self, id: JobId, pgid: i32) {
+    /// What a supervisor's hello tells: the job's process group, and (from the run directory)
+    /// its cgroups.
+    fn set_members(&self, id: JobId, pgid: i32, cgroups: Vec<std::path::PathBuf>) {
         if let Some(r) = self.lock().running.get_mut(&id) {
             r.pgid = pgid;
+            r.cgroups = cgroups;
         }
     }
 
@@ -692,13 +697,17 @@ impl Daemon {
 
     /// The running jobs' processes, for telling foreign GPU processes apart.
     pub fn job_processes(&self) -> crate::gpu::JobProcesses {
-        let leaders: Vec<(i32, JobId)> = self
+        let jobs: Vec<crate::gpu::RunningJob> = self
             .lock()
             .running
             .iter()
-            .map(|(id, r)| (r.pgid, *id))
+            .map(|(id, r)| crate::gpu::RunningJob {
+                job: *id,
+                leader: r.pgid,
+                cgroups: r.cgroups.clone(),
+            })
             .collect();
-        crate::gpu::JobProcesses::new(leaders)
+        crate::gpu::JobProcesses::of(jobs)
     }
 
     /// Stops serving. Running jobs keep running under their supervisors and are re-adopted by
@@ -868,6 +877,7 @@ fn register_run(inner: &mut Inner, id: JobId) -> mpsc::UnboundedReceiver<Supervi
         id,
         RunningJob {
             pgid: 0,
+            cgroups: Vec::new(),
             stopping: None,
             cmds,
         },
@@ -1062,7 +1072,14 @@ async fn run_link(
                     Ok(SupervisorMsg::Hello { pgid, log_offset }) => {
                         heard = true;
                         offset = log_offset;
-                        daemon.set_pgid(id, pgid);
+                        // Recorded before the job was forked, so there by its hello.
+                        let run_dir = daemon.run_dir(id, run);
+                        let cgroups = tokio::task::spawn_blocking(move || {
+                            supervisor::recorded_cgroups(&run_dir)
+                        })
+                        .await
+                        .unwrap_or_default();
+                        daemon.set_members(id, pgid, cgroups);
                     }
                     Ok(SupervisorMsg::Exited(rec)) => {
                         daemon.job_exited(id, run, rec);

@@ -396,6 +396,7 @@ impl Daemon {
             pty: None,
             array: job.request.array,
             pids_max: self.settings.job_limits.pids_max,
+            user_pids_max: self.settings.job_limits.user_pids_max,
             rlimits: Vec::new(),
             mem_mib: job.request.mem_mib,
             gpu_total_mib: inner

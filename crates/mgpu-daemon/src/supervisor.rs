@@ -376,11 +376,12 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         pids_max: launch.pids_max,
         cpus: launch.spec.cpus,
         mem_bytes: launch.spec.host_mem_mib.map(|m| m.saturating_mul(1 << 20)),
+        user_pids_max: launch.user_pids_max,
     };
     let mut cgroup_error = None;
     let cgroup = CGROUP
         .get_or_init(|| {
-            JobCgroup::create(launch.job, &limits).unwrap_or_else(|e| {
+            JobCgroup::create(launch.job, launch.uid, &limits).unwrap_or_else(|e| {
                 cgroup_error = Some(e);
                 None
             })
@@ -1330,6 +1331,7 @@ mod tests {
             launch_id: 7,
             array: None,
             pids_max: None,
+            user_pids_max: None,
             rlimits: Vec::new(),
             mem_mib: None,
             gpu_total_mib: None,

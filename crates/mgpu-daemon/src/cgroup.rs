@@ -1,11 +1,13 @@
 //! Cgroups per job: containment (every process the job starts lands in its cgroups and stays
 //! there, whatever it does to its session or parents) and limits (`pids.max`, memory, CPU).
 //!
-//! On cgroup v2 a job gets one cgroup under `mgpu-jobs` beside our own, born into it (clone3
+//! On cgroup v2 a job gets one cgroup under `mgpu-jobs/user-UID` beside our own (its owner's
+//! parent, whose `pids.max` bounds all that user's jobs together), born into it (clone3
 //! `CLONE_INTO_CGROUP`), killed at once with `cgroup.kill`, and limited by the controllers the
 //! daemon enabled for `mgpu-jobs` at start ([`setup`]). Controllers that are bound to cgroup v1
 //! hierarchies instead (hybrid machines) get a job cgroup in each such hierarchy, which the
-//! job's process joins before it drops its privileges; v1 has no `cgroup.kill`, so those are
+//! job's process joins before it drops its privileges (below `user-UID` there too); v1 has no
+//! `cgroup.kill`, so those are
 //! emptied by killing what their `cgroup.procs` lists until nothing is left. Where there is no
 //! writable cgroup at all, containment falls back to the job's process group plus the
 //! supervisor's subreaper scan of its descendants, and the limits are not enforced (the daemon
@@ -43,6 +45,8 @@ pub struct Limits {
     pub pids_max: Option<u64>,
     pub cpus: Option<u32>,
     pub mem_bytes: Option<u64>,
+    /// Most processes of all its owner's jobs together (`pids.max` of the owner's parent).
+    pub user_pids_max: Option<u64>,
 }
 
 /// The server's per-job limits: `pids.max` for every job, and defaults and caps for what jobs
@@ -50,6 +54,8 @@ pub struct Limits {
 #[derive(Debug, Clone, Default)]
 pub struct LimitSettings {
     pub pids_max: Option<u64>,
+    /// Most processes of one user's jobs together.
+    pub user_pids_max: Option<u64>,
     pub default_cpus: Option<u32>,
     pub max_cpus: Option<u32>,
     pub default_host_mem_mib: Option<u64>,
@@ -59,6 +65,13 @@ pub struct LimitSettings {
 impl LimitSettings {
     /// Checks the settings themselves (at start).
     pub fn check(&self) -> Result<(), String> {
+        if let (Some(u), Some(j)) = (self.user_pids_max, self.pids_max) {
+            if u < j {
+                return Err(format!(
+                    "--user-pids-max {u} is under --job-pids-max {j}: one job could not reach its own cap"
+                ));
+            }
+        }
         if let (Some(d), Some(m)) = (self.default_cpus, self.max_cpus) {
             if d > m {
                 return Err(format!("--default-cpus {d} is over --max-cpus {m}"));
@@ -142,6 +155,19 @@ static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
 /// controllers down (a cgroup with processes in it cannot).
 const SERVER_LEAF: &str = "mgpu-server";
 const JOBS: &str = "mgpu-jobs";
+/// Prefix of a user's parent cgroup under [`JOBS`] (`user-UID`).
+const USER_PREFIX: &str = "user-";
+
+/// The default bound on one user's processes across jobs: a quarter of the machine's
+/// (`kernel.pid_max`), so that no user can take the pids everyone needs, and never under one
+/// job's own cap (`job_pids_max`).
+pub fn default_user_pids_max(job_pids_max: Option<u64>) -> u64 {
+    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(32_768);
+    (pid_max / 4).max(job_pids_max.unwrap_or(0))
+}
 
 pub fn layout() -> &'static Layout {
     LAYOUT.get_or_init(find_layout)
@@ -239,6 +265,67 @@ fn own_dir(mount: &Path, root: &str, matches: impl Fn(&str) -> bool) -> Option<P
     Some(mount.join(path.trim_end_matches('/')))
 }
 
+/// Maps a path of /proc/PID/cgroup in the hierarchy mounted at `mount` (whose root is `root`)
+/// to its directory, as [`own_dir`] does for our own.
+fn dir_in(mount: &Path, root: &str, path: &str) -> PathBuf {
+    let path = path.strip_prefix(root).unwrap_or(path);
+    mount.join(path.trim_matches('/'))
+}
+
+/// The cgroup mounts, read once per process (they are set up at boot).
+fn mounts() -> &'static [(PathBuf, String, String, String)] {
+    static MOUNTS: std::sync::OnceLock<Vec<(PathBuf, String, String, String)>> =
+        std::sync::OnceLock::new();
+    MOUNTS.get_or_init(cgroup_mounts)
+}
+
+/// The directories of the cgroups process `pid` is in, in the hierarchies job cgroups use
+/// (v2 and the v1 ones of our controllers), as absolute paths like [`JobCgroup::dirs`]. Empty
+/// when the process is gone. Membership is the kernel's word: a process cannot leave a job's
+/// cgroup (only root may write the files that move it), whatever it does to its session or
+/// parents.
+pub fn dirs_of(pid: u32) -> Vec<PathBuf> {
+    let layout = layout();
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let mount = if ctrls.is_empty() {
+            if layout.v2.is_none() {
+                continue;
+            }
+            mounts().iter().find(|(_, _, t, _)| t == "cgroup2")
+        } else {
+            let ours = |c: &Controller| ctrls.split(',').any(|w| w == c.name());
+            if !layout.v1.iter().any(|(c, _)| ours(c)) {
+                continue;
+            }
+            mounts().iter().find(|(_, _, t, o)| {
+                t == "cgroup" && o.split(',').any(|w| ctrls.split(',').any(|c| c == w))
+            })
+        };
+        if let Some((mount, root, _, _)) = mount {
+            out.push(dir_in(mount, root, path));
+        }
+    }
+    out
+}
+
+/// Whether `dir` is below one of the directories that hold job cgroups (a job's or a
+/// notification's, running or not).
+pub fn is_under_jobs(dir: &Path) -> bool {
+    let layout = layout();
+    let bases = layout.v2.iter().chain(layout.v1.iter().map(|(_, b)| b));
+    bases
+        .into_iter()
+        .any(|base| dir.starts_with(base) && dir != base)
+}
+
 /// The cgroup v2 mount point and our own cgroup under it.
 fn v2_dirs() -> Option<(PathBuf, PathBuf)> {
     let (mount, root, _, _) = cgroup_mounts()
@@ -334,6 +421,8 @@ pub struct JobCgroup {
     /// calling thread alone skips the kernel's global threadgroup lock, whose RCU grace period
     /// costs several milliseconds per join through `cgroup.procs`.
     pub v1_tasks: Vec<CString>,
+    /// The v1 pids cgroup, if there is one (see [`JobCgroup::fork_from_pids_v1`]).
+    v1_pids: Option<PathBuf>,
     /// Where the memory controller is, if the job has a memory limit (v2: true).
     memory: Option<(PathBuf, bool)>,
 }
@@ -390,18 +479,57 @@ fn apply(dir: &Path, c: Controller, limits: &Limits, v2: bool) -> Result<(), Str
     Ok(())
 }
 
+/// The parent cgroup of user `uid`'s jobs below `base` (`user-UID`), made if missing: on v2 it
+/// hands `hand_down` on to the jobs' cgroups, and where `pids` it carries the user's bound
+/// (`max` when there is none, so that a changed setting applies from the next job on). Never
+/// removed: a job's cgroup may be being made below it at any time, and one directory per user
+/// is cheap.
+fn user_parent(
+    base: &Path,
+    uid: u32,
+    hand_down: &[Controller],
+    pids: bool,
+    limits: &Limits,
+) -> Result<PathBuf, String> {
+    let dir = base.join(format!("{USER_PREFIX}{uid}"));
+    // (Another job of the user may be making it at the same moment: then it is there.)
+    let _ = create_readable_dir(&dir);
+    for c in hand_down {
+        let _ = write_limit(&dir, "cgroup.subtree_control", &format!("+{}", c.name()));
+    }
+    // (Where it could not be made, neither can the job's: that hierarchy is then not used.)
+    if pids && dir.is_dir() {
+        let max = limits.user_pids_max.map_or("max".into(), |n| n.to_string());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("pids.max"))
+            .and_then(|mut f| f.write_all(max.as_bytes()))
+            .map_err(|e| {
+                format!(
+                    "cannot set pids.max of {} (all the user's jobs) to {max}: {e}",
+                    dir.display()
+                )
+            })?;
+    }
+    Ok(dir)
+}
+
 impl JobCgroup {
     /// Creates the cgroups of one run of a job (named after it and this supervisor), with its
     /// limits: `Ok(None)` where this machine offers none. An error (a limit that cannot be
     /// set) leaves nothing behind.
-    pub fn create(job: u64, limits: &Limits) -> Result<Option<JobCgroup>, String> {
-        Self::create_tagged(&job.to_string(), limits)
+    pub fn create(job: u64, uid: u32, limits: &Limits) -> Result<Option<JobCgroup>, String> {
+        Self::create_tagged(&job.to_string(), uid, limits)
     }
 
-    /// [`JobCgroup::create`] for `job-TAG-PID`: a process that makes several cgroups for one
-    /// job at once (the daemon's notifications) tags each apart. (The PID stays last: see
-    /// [`remove_stale`].)
-    pub fn create_tagged(tag: &str, limits: &Limits) -> Result<Option<JobCgroup>, String> {
+    /// [`JobCgroup::create`] for `job-TAG-PID`, below the parent of its owner `uid`: a process
+    /// that makes several cgroups for one job at once (the daemon's notifications) tags each
+    /// apart. (The PID stays last: see [`remove_stale`].)
+    pub fn create_tagged(
+        tag: &str,
+        uid: u32,
+        limits: &Limits,
+    ) -> Result<Option<JobCgroup>, String> {
         let layout = layout();
         let name = format!("job-{tag}-{}", std::process::id());
         let mut cg = JobCgroup {
@@ -409,11 +537,14 @@ impl JobCgroup {
             v1: Vec::new(),
             v2_procs: None,
             v1_tasks: Vec::new(),
+            v1_pids: None,
             memory: None,
         };
         if let Some(base) = &layout.v2 {
             let _ = create_readable_dir(base);
-            let dir = base.join(&name);
+            let pids = layout.v2_controllers.contains(&Controller::Pids);
+            let parent = user_parent(base, uid, &layout.v2_controllers, pids, limits)?;
+            let dir = parent.join(&name);
             if create_readable_dir(&dir).is_ok() {
                 if dir.join("cgroup.kill").exists() {
                     cg.v2_procs = file_of(&dir, "cgroup.procs");
@@ -437,8 +568,11 @@ impl JobCgroup {
         }
         for (c, base) in &layout.v1 {
             let needed = match c {
-                // For pids.max, and for containment where there is no v2 cgroup.
-                Controller::Pids => limits.pids_max.is_some() || cg.v2.is_none(),
+                // For pids.max (the job's and its owner's), and for containment where there is
+                // no v2 cgroup.
+                Controller::Pids => {
+                    limits.pids_max.is_some() || limits.user_pids_max.is_some() || cg.v2.is_none()
+                }
                 Controller::Memory => limits.mem_bytes.is_some(),
                 Controller::Cpu => limits.cpus.is_some(),
             };
@@ -446,7 +580,14 @@ impl JobCgroup {
                 continue;
             }
             let _ = create_readable_dir(base);
-            let dir = base.join(&name);
+            let parent = match user_parent(base, uid, &[], *c == Controller::Pids, limits) {
+                Ok(parent) => parent,
+                Err(e) => {
+                    cg.remove();
+                    return Err(e);
+                }
+            };
+            let dir = parent.join(&name);
             if create_readable_dir(&dir).is_err() {
                 continue;
             }
@@ -456,11 +597,22 @@ impl JobCgroup {
                 cg.remove();
                 return Err(e);
             }
-            if *c == Controller::Memory {
-                cg.memory = Some((dir, false));
+            match c {
+                Controller::Memory => cg.memory = Some((dir, false)),
+                Controller::Pids => cg.v1_pids = Some(dir),
+                Controller::Cpu => {}
             }
         }
         Ok((cg.v2.is_some() || !cg.v1.is_empty()).then_some(cg))
+    }
+
+    /// For a process about to fork a job's first process on cgroup v1: `tasks` of the job's
+    /// pids cgroup, to fork from (a fork, unlike a join, is held to `pids.max` there and in
+    /// the user's parent), and of our own, to go back to. `None` where pids are not on v1.
+    pub fn fork_from_pids_v1(&self) -> Option<(CString, CString)> {
+        let job = self.v1_pids.as_ref()?;
+        let own = v1_own_dir(Controller::Pids)?;
+        Some((file_of(job, "tasks")?, file_of(&own, "tasks")?))
     }
 
     /// Rebuilds the handle of a run's cgroups from their directories (see [`JobCgroup::dirs`]).
@@ -470,6 +622,7 @@ impl JobCgroup {
             v1: Vec::new(),
             v2_procs: None,
             v1_tasks: Vec::new(),
+            v1_pids: None,
             memory: None,
         };
         for d in dirs {
@@ -600,8 +753,24 @@ pub unsafe fn enter(procs: &CString) -> bool {
 /// Removes job cgroups left by supervisors that are gone (empty ones only).
 pub fn remove_stale() {
     let layout = layout();
-    for base in layout.v2.iter().chain(layout.v1.iter().map(|(_, b)| b)) {
-        let Ok(dir) = std::fs::read_dir(base) else {
+    let bases = layout.v2.iter().chain(layout.v1.iter().map(|(_, b)| b));
+    // Job cgroups are below users' parents, and directly under the base for runs of earlier
+    // versions. The users' parents stay (see [`user_parent`]).
+    let users = bases.clone().flat_map(|base| {
+        std::fs::read_dir(base)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(USER_PREFIX))
+            })
+            .map(|e| e.path())
+    });
+    let parents: Vec<PathBuf> = bases.cloned().chain(users).collect();
+    for parent in &parents {
+        let Ok(dir) = std::fs::read_dir(parent) else {
             continue;
         };
         for entry in dir.flatten() {
@@ -661,6 +830,7 @@ mod tests {
     fn limit_settings_apply_defaults_and_caps() {
         let settings = LimitSettings {
             pids_max: Some(4096),
+            user_pids_max: Some(8192),
             default_cpus: Some(2),
             max_cpus: Some(8),
             default_host_mem_mib: Some(1024),
@@ -683,6 +853,29 @@ mod tests {
             ..settings
         };
         assert!(bad.check().unwrap_err().contains("--default-host-mem"));
+    }
+
+    /// One user's bound is never under one job's: a job alone could not reach its own cap.
+    #[test]
+    fn a_users_process_bound_is_at_least_a_jobs() {
+        let settings = |user, job| LimitSettings {
+            pids_max: job,
+            user_pids_max: user,
+            ..Default::default()
+        };
+        assert_eq!(settings(Some(4096), Some(4096)).check(), Ok(()));
+        assert_eq!(settings(None, Some(4096)).check(), Ok(()));
+        assert_eq!(settings(Some(10), None).check(), Ok(()));
+        let err = settings(Some(100), Some(4096)).check().unwrap_err();
+        assert!(err.contains("--user-pids-max 100"), "{err}");
+        let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(default_user_pids_max(Some(40)), (pid_max / 4).max(40));
+        assert_eq!(default_user_pids_max(None), pid_max / 4);
+        assert_eq!(default_user_pids_max(Some(u64::MAX)), u64::MAX);
     }
 
     #[test]

@@ -96,6 +96,10 @@ pub struct Launch {
     /// Most processes the job may have (cgroup `pids.max`), from the server's settings.
     #[serde(default)]
     pub pids_max: Option<u64>,
+    /// Most processes all its owner's jobs may have together (`pids.max` of the owner's parent
+    /// cgroup), from the server's settings.
+    #[serde(default)]
+    pub user_pids_max: Option<u64>,
     /// The resource limits the job gets (a login's: see [`crate::userlimits`]), applied before
     /// privileges are dropped; empty: the supervisor's own.
     #[serde(default)]
@@ -676,6 +680,12 @@ unsafe fn fork_into(cgroup_dir: Option<&OwnedFd>) -> io::Result<(libc::pid_t, bo
         if pid >= 0 {
             return Ok((pid as libc::pid_t, true));
         }
+        // At the cgroup's pids.max (the job's or its user's): joining it after a fork would
+        // not be held to it.
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EAGAIN) {
+            return Err(error);
+        }
         // Older kernels: fork, then join the cgroup the slow way.
     }
     match libc::fork() {
@@ -1072,6 +1082,22 @@ fn start_with(
     // child that stays ours: one that switches to the job's user could be stopped by that
     // user before its exec, and us with it.
     let shared = shared && (!launch.switch_user || account.uid == nix::unistd::geteuid().as_raw());
+    // On cgroup v1 the job's first process joins its pids cgroup after the fork, and joining
+    // is not held to pids.max (forking is): we fork from inside it, so that a user at their
+    // bound (or a job at its own) cannot add a process by starting one more job.
+    let fork_from = cgroup.and_then(crate::cgroup::JobCgroup::fork_from_pids_v1);
+    if let Some((job, _)) = &fork_from {
+        // SAFETY: a valid C string.
+        if !unsafe { crate::cgroup::enter(job) } {
+            return Err(fail("mgpu: cannot enter the job's cgroup".into(), 1));
+        }
+    }
+    let back = |fork_from: &Option<(CString, CString)>| {
+        if let Some((_, own)) = fork_from {
+            // SAFETY: a valid C string.
+            unsafe { crate::cgroup::enter(own) };
+        }
+    };
     // SAFETY: the child only makes async-signal-safe calls on `plan`, prepared above.
     let (pid, shared_start) = unsafe {
         let spawned = if shared {
@@ -1079,15 +1105,17 @@ fn start_with(
         } else {
             None
         };
-        match spawned {
-            Some(Ok(pid)) => (pid, true),
-            Some(Err(e)) => return Err(io_err("cannot start the job's process", e)),
+        let forked = match spawned {
+            Some(Ok(pid)) => Ok((pid, true)),
+            Some(Err(e)) => Err(io_err("cannot start the job's process", e)),
             None => match fork_into(cgroup_dir.as_ref()) {
-                Err(e) => return Err(io_err("cannot fork", e)),
+                Err(e) => Err(io_err("cannot fork", e)),
                 Ok((0, joined)) => child(&plan, stdio, report_w.as_raw_fd(), joined),
-                Ok((pid, _)) => (pid, false),
+                Ok((pid, _)) => Ok((pid, false)),
             },
-        }
+        };
+        back(&fork_from);
+        forked?
     };
     // Our copies of the child's ends: EOF on the pipes comes when the job's processes close
     // theirs, and on the report pipe when exec succeeded.
@@ -1229,6 +1257,7 @@ mod tests {
             launch_id: 1,
             array: None,
             pids_max: None,
+            user_pids_max: None,
             rlimits: Vec::new(),
             mem_mib: None,
             gpu_total_mib: None,

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use mgpu_core::{GpuSpec, JobId};
@@ -79,26 +79,67 @@ fn check_library(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The processes of the running jobs, as one reading of GPU memory sees them: a process is a
-/// job's when the job's main process or its supervisor is among its ancestors, or it is in the
-/// job's session. Processes that left the job's session and process group (setsid, double
-/// fork) still count: they stay below the supervisor, which is the job's child subreaper.
+/// The processes of the running jobs, as one reading of GPU memory sees them.
+///
+/// A job with cgroups (nearly all, on a machine that offers them) owns exactly the processes in
+/// them: the kernel keeps every process the job starts there, however deep its process tree
+/// or whatever it does to its session, and nothing else gets in. For jobs without cgroups, a
+/// process is a job's when the job's main process or its supervisor is among its ancestors, or
+/// it is in the job's session (processes that called setsid or double-forked stay below the
+/// supervisor, the job's child subreaper); that walk is bounded, and a leader's pid taken by
+/// another process after the leader was collected would mislead it, so it is never used for a
+/// job that has cgroups, nor for a process that sits in some job's cgroup.
 #[derive(Debug, Default)]
 pub struct JobProcesses {
+    /// Each running job's cgroup directories (all of them: v2, then v1 hierarchies).
+    cgroups: HashMap<PathBuf, JobId>,
+    /// Leaders of the jobs without cgroups.
     leaders: Vec<(i32, JobId)>,
     /// Job leaders (each the id of its job's session and process group) and their supervisors,
     /// with their jobs, found when first needed (a GPU with no process needs none of it).
     roots: std::sync::OnceLock<HashMap<i32, JobId>>,
 }
 
+/// A running job as [`JobProcesses`] needs it.
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub job: JobId,
+    /// Its main process (the id of its session and process group; 0 while unknown).
+    pub leader: i32,
+    /// Its cgroup directories, as its supervisor recorded them; empty where it has none.
+    pub cgroups: Vec<PathBuf>,
+}
+
 /// Deeper process trees than this are not followed (a bound on /proc reads per process).
 const MAX_ANCESTRY: usize = 256;
 
 impl JobProcesses {
-    /// From the running jobs' leaders and their jobs (the supervisors are their parents).
+    /// From the running jobs' leaders and their jobs (the supervisors are their parents), for
+    /// jobs without cgroups.
     pub fn new(leaders: impl IntoIterator<Item = (i32, JobId)>) -> Self {
+        Self::of(leaders.into_iter().map(|(leader, job)| RunningJob {
+            job,
+            leader,
+            cgroups: Vec::new(),
+        }))
+    }
+
+    /// From the running jobs.
+    pub fn of(jobs: impl IntoIterator<Item = RunningJob>) -> Self {
+        let mut cgroups = HashMap::new();
+        let mut leaders = Vec::new();
+        for j in jobs {
+            if j.cgroups.is_empty() {
+                if j.leader > 1 {
+                    leaders.push((j.leader, j.job));
+                }
+            } else {
+                cgroups.extend(j.cgroups.into_iter().map(|d| (d, j.job)));
+            }
+        }
         JobProcesses {
-            leaders: leaders.into_iter().filter(|&(l, _)| l > 1).collect(),
+            cgroups,
+            leaders,
             roots: Default::default(),
         }
     }
@@ -124,10 +165,29 @@ impl JobProcesses {
 
     /// The job `pid` belongs to, if any.
     pub fn job_of(&self, pid: u32) -> Option<JobId> {
-        let mut pid = i32::try_from(pid).ok()?;
-        if self.leaders.is_empty() {
+        if self.cgroups.is_empty() && self.leaders.is_empty() {
             return None;
         }
+        let dirs = crate::cgroup::dirs_of(pid);
+        // (A job cgroup has no children of ours, but a nested one would still be the job's.)
+        let by_cgroup = dirs
+            .iter()
+            .flat_map(|d| d.ancestors())
+            .find_map(|d| self.cgroups.get(d));
+        if let Some(&job) = by_cgroup {
+            return Some(job);
+        }
+        // In a job cgroup that is no running job's (a notification's, a job that ended): the
+        // kernel says it is not one of these jobs, whatever its ancestry.
+        if self.leaders.is_empty() || dirs.iter().any(|d| crate::cgroup::is_under_jobs(d)) {
+            return None;
+        }
+        self.by_ancestry(i32::try_from(pid).ok()?)
+    }
+
+    /// The job without cgroups whose leader or supervisor is an ancestor of `pid`, or whose
+    /// session it is in (bounded by [`MAX_ANCESTRY`]).
+    fn by_ancestry(&self, mut pid: i32) -> Option<JobId> {
         let roots = self.roots();
         for _ in 0..MAX_ANCESTRY {
             if pid <= 1 {

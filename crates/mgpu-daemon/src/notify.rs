@@ -376,17 +376,20 @@ async fn run_as(
         "{id}n{}",
         SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
+    // Below its owner's parent: it counts against the owner's process bound like a job.
     let limits = crate::cgroup::Limits {
         pids_max: daemon.settings.job_limits.pids_max,
+        user_pids_max: daemon.settings.job_limits.user_pids_max,
         ..Default::default()
     };
-    let cgroup =
-        tokio::task::spawn_blocking(move || crate::cgroup::JobCgroup::create_tagged(&tag, &limits))
-            .await
-            .ok()
-            .and_then(|r| r.ok())
-            .flatten()
-            .map(Arc::new);
+    let cgroup = tokio::task::spawn_blocking(move || {
+        crate::cgroup::JobCgroup::create_tagged(&tag, uid, &limits)
+    })
+    .await
+    .ok()
+    .and_then(|r| r.ok())
+    .flatten()
+    .map(Arc::new);
     let procs = cgroup.as_ref().and_then(|c| {
         c.v2_procs.clone().or_else(|| {
             c.dirs()

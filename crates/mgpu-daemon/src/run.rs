@@ -172,6 +172,11 @@ pub struct Args {
     /// fork bomb; 0: no limit
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub job_pids_max: u64,
+    /// Most processes (and threads) of one user's jobs together (pids.max of the user's parent
+    /// cgroup): one user cannot take the machine's pids from everyone [default: a quarter of
+    /// kernel.pid_max, at least --job-pids-max]; 0: no limit
+    #[arg(long, value_name = "N")]
+    pub user_pids_max: Option<u64>,
     /// CPUs a job gets when it does not ask (mgpu_srun --cpus) [default: no limit]
     #[arg(long, value_name = "N")]
     pub default_cpus: Option<u32>,
@@ -546,8 +551,14 @@ fn check_options(args: &Args) -> Result<()> {
 }
 
 fn job_limit_settings(args: &Args) -> crate::cgroup::LimitSettings {
+    let pids_max = (args.job_pids_max > 0).then_some(args.job_pids_max);
     crate::cgroup::LimitSettings {
-        pids_max: (args.job_pids_max > 0).then_some(args.job_pids_max),
+        pids_max,
+        user_pids_max: match args.user_pids_max {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some(crate::cgroup::default_user_pids_max(pids_max)),
+        },
         default_cpus: args.default_cpus,
         max_cpus: args.max_cpus,
         default_host_mem_mib: args.default_host_mem,

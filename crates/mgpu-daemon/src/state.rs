@@ -101,6 +101,8 @@ pub struct Settings {
 struct RunningJob {
     /// The job's process group, once its supervisor said hello (0 before).
     pgid: i32,
+    /// Its cgroup directories, once its supervisor said hello (empty: none, or not yet).
+    cgroups: Vec<std::path::PathBuf>,
     stopping: Option<StopReason>,
     /// Commands to its supervisor (few per run, so unbounded: a stop is never dropped).
     cmds: mpsc::UnboundedSender<SupervisorCmd>,
@@ -397,6 +399,7 @@ impl Daemon {
             pty: None,
             array: job.request.array,
             pids_max: self.settings.job_limits.pids_max,
+            user_pids_max: self.settings.job_limits.user_pids_max,
             rlimits: Vec::new(),
             mem_mib: job.request.mem_mib,
             gpu_total_mib: inner
@@ -635,9 +638,12 @@ impl Daemon {
         })
     }
 
-    fn set_pgid(&self, id: JobId, pgid: i32) {
+    /// What a supervisor's hello tells: the job's process group, and (from the run directory)
+    /// its cgroups.
+    fn set_members(&self, id: JobId, pgid: i32, cgroups: Vec<std::path::PathBuf>) {
         if let Some(r) = self.lock().running.get_mut(&id) {
             r.pgid = pgid;
+            r.cgroups = cgroups;
         }
     }
 
@@ -695,13 +701,17 @@ impl Daemon {
 
     /// The running jobs' processes, for telling foreign GPU processes apart.
     pub fn job_processes(&self) -> crate::gpu::JobProcesses {
-        let leaders: Vec<(i32, JobId)> = self
+        let jobs: Vec<crate::gpu::RunningJob> = self
             .lock()
             .running
             .iter()
-            .map(|(id, r)| (r.pgid, *id))
+            .map(|(id, r)| crate::gpu::RunningJob {
+                job: *id,
+                leader: r.pgid,
+                cgroups: r.cgroups.clone(),
+            })
             .collect();
-        crate::gpu::JobProcesses::new(leaders)
+        crate::gpu::JobProcesses::of(jobs)
     }
 
     /// Stops serving. Running jobs keep running under their supervisors and are re-adopted by
@@ -871,6 +881,7 @@ fn register_run(inner: &mut Inner, id: JobId) -> mpsc::UnboundedReceiver<Supervi
         id,
         RunningJob {
             pgid: 0,
+            cgroups: Vec::new(),
             stopping: None,
             cmds,
         },
@@ -1065,7 +1076,14 @@ async fn run_link(
                     Ok(SupervisorMsg::Hello { pgid, log_offset }) => {
                         heard = true;
                         offset = log_offset;
-                        daemon.set_pgid(id, pgid);
+                        // Recorded before the job was forked, so there by its hello.
+                        let run_dir = daemon.run_dir(id, run);
+                        let cgroups = tokio::task::spawn_blocking(move || {
+                            supervisor::recorded_cgroups(&run_dir)
+                        })
+                        .await
+                        .unwrap_or_default();
+                        daemon.set_members(id, pgid, cgroups);
                     }
                     Ok(SupervisorMsg::Exited(rec)) => {
                         daemon.job_exited(id, run, rec);

@@ -143,24 +143,30 @@ pub struct ExitRecord {
 /// Kills whatever is left in a run's cgroups (when it had any) and waits, bounded, until they
 /// are empty, then removes them: for runs whose supervisor is gone or does not stop its job.
 pub fn kill_run_cgroup(run_dir: &Path) -> bool {
-    let recorded = std::fs::read_to_string(run_dir.join(FORKED_FILE))
-        .ok()
-        .filter(|d| !d.is_empty())
-        .or_else(|| std::fs::read_to_string(run_dir.join(LEGACY_CGROUP_FILE)).ok());
-    let Some(dirs) = recorded else {
-        return false;
-    };
-    // One directory a line (v2, then v1 hierarchies); only cgroup directories of ours.
-    let dirs: Vec<PathBuf> = dirs
-        .lines()
-        .filter(|d| Path::new(d).join("cgroup.procs").exists())
-        .map(PathBuf::from)
-        .collect();
+    let dirs = recorded_cgroups(run_dir);
     if dirs.is_empty() {
         return false;
     }
     JobCgroup::from_dirs(dirs).remove_within(Duration::from_secs(2));
     true
+}
+
+/// The cgroup directories a run's supervisor recorded before it forked the job (none where it
+/// has none), as they are still there. Recorded whole, wherever they were made (directly
+/// under `mgpu-jobs` before per-user parents, below `user-UID` since), so a restarted daemon
+/// finds the runs of any version.
+pub fn recorded_cgroups(run_dir: &Path) -> Vec<PathBuf> {
+    let recorded = std::fs::read_to_string(run_dir.join(FORKED_FILE))
+        .ok()
+        .filter(|d| !d.is_empty())
+        .or_else(|| std::fs::read_to_string(run_dir.join(LEGACY_CGROUP_FILE)).ok());
+    // One directory a line (v2, then v1 hierarchies); only cgroup directories of ours.
+    recorded
+        .unwrap_or_default()
+        .lines()
+        .filter(|d| Path::new(d).join("cgroup.procs").exists())
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// Kills what is left of a job from outside its supervisor (the daemon, when a stop is
@@ -370,11 +376,12 @@ fn run(run_dir: &Path, launch_id: Option<u64>) -> Result<()> {
         pids_max: launch.pids_max,
         cpus: launch.spec.cpus,
         mem_bytes: launch.spec.host_mem_mib.map(|m| m.saturating_mul(1 << 20)),
+        user_pids_max: launch.user_pids_max,
     };
     let mut cgroup_error = None;
     let cgroup = CGROUP
         .get_or_init(|| {
-            JobCgroup::create(launch.job, &limits).unwrap_or_else(|e| {
+            JobCgroup::create(launch.job, launch.uid, &limits).unwrap_or_else(|e| {
                 cgroup_error = Some(e);
                 None
             })
@@ -1324,6 +1331,7 @@ mod tests {
             launch_id: 7,
             array: None,
             pids_max: None,
+            user_pids_max: None,
             rlimits: Vec::new(),
             mem_mib: None,
             gpu_total_mib: None,

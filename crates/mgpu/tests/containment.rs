@@ -365,6 +365,144 @@ fn a_fork_bomb_is_bounded_by_pids_max() {
     );
 }
 
+/// One user's jobs share one bound on processes (--user-pids-max), in a parent cgroup of the
+/// user's below which every job's cgroup sits: two jobs that each stay within their own cap
+/// (--job-pids-max) cannot together pass it, and another user's job still runs. The parent
+/// stays after the jobs are gone.
+#[test]
+fn a_users_jobs_together_are_bounded_by_user_pids_max() {
+    use mgpu_daemon::cgroup::Controller;
+    let Some((a, _)) = test_users() else { return };
+    if !enforces(Controller::Pids) {
+        return;
+    }
+    // Its own account: its processes are counted, and its bound is no other test's.
+    let spawner = own_user("mgpu-test-upids").unwrap();
+    // (A GPU left for the other user's job.)
+    let s = Server::start(
+        "3x24GiB",
+        &["--job-pids-max", "40", "--user-pids-max", "60"],
+    );
+    // Each job's fork bomb forks until it can fork no more (a shell whose fork fails exits,
+    // the others fork on); its main process forks nothing after it, and stays.
+    let spawn = [
+        "--no-venv",
+        "--",
+        "bash",
+        "-c",
+        "f() { while :; do f & sleep 0.1; done; }; f & exec sleep 300",
+    ];
+    let first = s.detached_as(&spawner, &spawn);
+    let second = s.detached_as(&spawner, &spawn);
+    s.wait_state(first, "RUNNING");
+    s.wait_state(second, "RUNNING");
+    let dirs = running_cgroups(&s, first);
+    let user_dir = format!("user-{}", spawner.uid);
+    let parents: Vec<std::path::PathBuf> = dirs
+        .iter()
+        .map(|d| d.parent().unwrap().to_path_buf())
+        .collect();
+    assert!(
+        parents
+            .iter()
+            .all(|p| p.file_name().unwrap() == user_dir.as_str()),
+        "{dirs:?}"
+    );
+    assert_eq!(cgroup_value(&dirs, "pids.max").as_deref(), Some("40"));
+    assert_eq!(
+        cgroup_value(&parents, "pids.max").as_deref(),
+        Some("60"),
+        "{parents:?}"
+    );
+    let second_dirs = running_cgroups(&s, second);
+    assert!(
+        second_dirs
+            .iter()
+            .all(|d| parents.contains(&d.parent().unwrap().to_path_buf())),
+        "{second_dirs:?} {parents:?}"
+    );
+    // Together they reach the user's bound (each alone would stop at 40: 80 in all).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    // (Cgroup v1 counts a failed fork in the job's pids.events only: the count is what tells.)
+    while cgroup_value(&parents, "pids.current").as_deref() != Some("60") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the user's bound was never reached: {:?}, {} processes; {:?} {:?}",
+            cgroup_value(&parents, "pids.current"),
+            processes_of(spawner.uid),
+            s.job(first),
+            s.job(second),
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..20 {
+        let n = processes_of(spawner.uid);
+        assert!(n <= 60, "{n} processes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = s
+        .cmd_as(&a, "mgpu_srun")
+        .args(["--no-venv", "--", "echo", "still-served"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "still-served\n", "{}", text(&out.stderr));
+    s.ok("mgpu_cancel", &[&first.to_string(), &second.to_string()]);
+    s.wait_gone(first);
+    s.wait_gone(second);
+    wait_until(Duration::from_secs(60), || processes_of(spawner.uid) == 0);
+    assert!(
+        parents.iter().all(|p| p.is_dir()),
+        "the user's parent stays"
+    );
+}
+
+/// A user at their bound (--user-pids-max) cannot start one more job: its first process is
+/// not let in past the bound (joining a cgroup is not counted against pids.max, only forking
+/// is), so many small jobs cannot add up past it either.
+#[test]
+fn a_users_job_cannot_start_past_the_users_bound() {
+    use mgpu_daemon::cgroup::Controller;
+    if test_users().is_none() || !enforces(Controller::Pids) {
+        return;
+    }
+    let holder = own_user("mgpu-test-upids2").unwrap();
+    let s = Server::start(
+        "2x24GiB",
+        &["--job-pids-max", "45", "--user-pids-max", "45"],
+    );
+    // 44 sleepers and its main process: exactly the user's bound (bash's brace expansion and
+    // exec fork nothing more).
+    let full = s.detached_as(
+        &holder,
+        &[
+            "--no-venv",
+            "--mem",
+            "1G",
+            "--",
+            "bash",
+            "-c",
+            "for i in {1..44}; do sleep 300 & done; exec sleep 300",
+        ],
+    );
+    s.wait_state(full, "RUNNING");
+    wait_until(Duration::from_secs(120), || processes_of(holder.uid) == 45);
+    let out = s
+        .cmd_as(&holder, "mgpu_srun")
+        .args(["--no-venv", "--mem", "1G", "--", "echo", "past-the-bound"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("Resource temporarily unavailable"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(processes_of(holder.uid), 45);
+    s.ok("mgpu_cancel", &[&full.to_string()]);
+    s.wait_gone(full);
+    wait_until(Duration::from_secs(60), || processes_of(holder.uid) == 0);
+}
+
 /// Item 7: a job over its --host-mem is killed by the OOM killer and ends OUT_OF_MEMORY.
 #[test]
 fn a_job_over_its_host_memory_ends_out_of_memory() {

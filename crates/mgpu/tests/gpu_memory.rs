@@ -282,6 +282,138 @@ fn memory_jobs_get_the_frameworks_environment() {
 /// A job over its reservation on a GPU it shares is stopped (after the tolerance) and ends
 /// OUT_OF_MEMORY, said in its log, on its attached srun and in the accounting (with its peak);
 /// its neighbour, inside its own reservation, runs on and completes.
+/// Whether job cgroups are made here (root, a writable hierarchy); says so when not.
+fn job_cgroups_here() -> bool {
+    let layout = mgpu_daemon::cgroup::layout();
+    let here = layout.v2.is_some() || !layout.v1.is_empty();
+    if !here {
+        eprintln!("skipping: no writable cgroup hierarchy here");
+    }
+    here
+}
+
+/// A job that hides its GPU process deeper than any bounded walk of its process tree could
+/// follow (300 processes, each in a session of its own) is still charged for it, and stopped
+/// when it is over its reservation on a shared GPU: its cgroup says whose it is.
+#[test]
+fn a_gpu_process_deep_in_new_sessions_is_still_its_jobs_and_stopped() {
+    if !job_cgroups_here() {
+        return;
+    }
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&["--gpu-mem-tolerance", "0.5"]);
+    let neighbour = s.detached(&["--mem", "4G", "--", "sh", "-c", &pid_job(&s, "nb")]);
+    s.wait_state(neighbour, "RUNNING");
+    // chain DEPTH OUT: DEPTH processes, each the child of the last and in a session of its
+    // own (not a group leader, so setsid(1) does not fork); the deepest writes its pid.
+    let chain = s.scratch.join("chain");
+    write_file(
+        &chain,
+        "#!/bin/sh\nif [ \"$1\" -gt 0 ]; then setsid sh \"$0\" $(($1 - 1)) \"$2\" & wait; \
+         else echo $$ > \"$2\"; exec sleep 300; fi\n",
+        0o755,
+    );
+    let deep_file = s.scratch.join("deep");
+    let hider = s.detached(&[
+        "--mem",
+        "1000M",
+        "--",
+        "sh",
+        chain.to_str().unwrap(),
+        "300",
+        deep_file.to_str().unwrap(),
+    ]);
+    s.wait_state(hider, "RUNNING");
+    let (deep, nb) = (read_pid(&deep_file), read_pid(&s.scratch.join("nb")));
+    let (_, session) = parent_and_session(deep);
+    assert_eq!(session, deep, "in a session of its own");
+    assert_eq!(
+        s.job(hider).unwrap()["gpu_ids"],
+        serde_json::json!([0]),
+        "they share GPU 0"
+    );
+    fake.set(&format!(
+        "gpu 0 24GiB\npid {deep} uses 20GiB on GPU 0\npid {nb} uses 3GiB on GPU 0\n"
+    ));
+    wait_used(&s, 0, 23 * 1024);
+    // Not someone else's memory: the job's (unless it was stopped already).
+    let g = &gpus(&s)[0];
+    assert_eq!(g["foreign"], serde_json::json!([]), "{g}");
+    wait_until(Duration::from_secs(120), || s.job(hider).is_none());
+    let rec = s.acct(hider);
+    assert_eq!(rec["state"], "OUT_OF_MEMORY", "{rec}");
+    assert_eq!(rec["peak_gpu_mem_mib"], 20 * 1024, "{rec}");
+    let said = "used 20480 MiB of GPU memory on GPU 0, over its reservation of 1000 MiB";
+    assert!(rec["message"].as_str().unwrap().contains(said), "{rec}");
+    assert_eq!(s.job(neighbour).unwrap()["state"], "RUNNING");
+}
+
+/// A process in a job's session and below its main process, but not in its cgroup (root moved
+/// it out here; a pid reused after the job's leader was collected looks the same), is not
+/// charged to the job: it is someone's memory outside mgpu.
+#[test]
+fn a_process_outside_its_jobs_cgroup_is_not_charged_to_the_job() {
+    if !job_cgroups_here() {
+        return;
+    }
+    let fake = FakeGpus::new("gpu 0 24GiB\n");
+    let s = fake.server(&[]);
+    let dir = s.scratch.display().to_string();
+    let id = s.detached(&[
+        "--mem",
+        "4G",
+        "--",
+        "sh",
+        "-c",
+        &format!("sleep 300 & echo $! > {dir}/child; echo $$ > {dir}/main; wait"),
+    ]);
+    s.wait_state(id, "RUNNING");
+    let (main, child) = (
+        read_pid(&s.scratch.join("main")),
+        read_pid(&s.scratch.join("child")),
+    );
+    assert_eq!(parent_and_session(child), (main, main));
+    if !move_out_of_job_cgroups(child) {
+        eprintln!("skipping: cannot move a process between cgroups here");
+        return;
+    }
+    fake.set(&format!(
+        "gpu 0 24GiB\npid {main} uses 1GiB on GPU 0\npid {child} uses 2GiB on GPU 0\n"
+    ));
+    wait_used(&s, 0, 3 * 1024);
+    let job = s.job(id).unwrap();
+    assert_eq!(job["used_mib"], serde_json::json!({"0": 1024}), "{job}");
+    let g = &gpus(&s)[0];
+    assert_eq!(
+        g["foreign"],
+        serde_json::json!([{"pid": child, "user": "root", "used_mib": 2048}]),
+        "{g}"
+    );
+}
+
+/// Moves `pid` into the root cgroup of every hierarchy where it is in a job cgroup (as root).
+fn move_out_of_job_cgroups(pid: u32) -> bool {
+    let mut moved = false;
+    for dir in mgpu_daemon::cgroup::dirs_of(pid) {
+        if !mgpu_daemon::cgroup::is_under_jobs(&dir) {
+            continue;
+        }
+        // The hierarchy's root: the last directory up with a cgroup.procs.
+        let Some(root) = dir
+            .ancestors()
+            .take_while(|d| d.join("cgroup.procs").exists())
+            .last()
+        else {
+            return false;
+        };
+        if std::fs::write(root.join("cgroup.procs"), pid.to_string()).is_err() {
+            return false;
+        }
+        moved = true;
+    }
+    moved
+}
+
 #[test]
 fn a_job_over_its_reservation_on_a_shared_gpu_ends_out_of_memory_and_its_neighbour_completes() {
     let fake = FakeGpus::new("gpu 0 24GiB\n");

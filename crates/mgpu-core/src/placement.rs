@@ -13,6 +13,12 @@ use std::collections::BTreeMap;
 
 use crate::{GpuSpec, JobId, JobRequest};
 
+/// Most jobs that share one GPU. Each running job costs a root supervisor (a few MiB) and
+/// each of its processes a CUDA context on the GPU (hundreds of MiB), so more than this many
+/// is a flood of tiny reservations (`--mem 1`), not a workload: without a bound, one user's
+/// jobs could each start a supervisor by the thousand on one GPU.
+pub const MAX_JOBS_PER_GPU: usize = 32;
+
 /// The scheduler's view of one GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuState {
@@ -65,9 +71,10 @@ impl GpuState {
         self.exclusive.is_none() && self.sharers.is_empty()
     }
 
-    /// Memory a new memory job could still reserve on it.
+    /// Memory a new memory job could still reserve on it (none once [`MAX_JOBS_PER_GPU`]
+    /// share it).
     pub fn free_mib(&self) -> u64 {
-        if self.exclusive.is_some() {
+        if self.exclusive.is_some() || self.sharers.len() >= MAX_JOBS_PER_GPU {
             return 0;
         }
         self.spec

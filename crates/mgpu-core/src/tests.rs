@@ -1784,6 +1784,26 @@ proptest! {
     }
 }
 
+/// Found by an attack review: 150 `--mem 1` jobs of one user ran at once on one GPU, each
+/// with a root supervisor. A GPU takes at most `MAX_JOBS_PER_GPU` jobs; the next waits.
+#[test]
+fn a_gpu_is_shared_by_a_bounded_number_of_jobs() {
+    use crate::placement::MAX_JOBS_PER_GPU;
+    let mut s = Scheduler::new(gpus(&[24_000]), config(Policy::Fifo), 1);
+    for _ in 0..MAX_JOBS_PER_GPU + 1 {
+        s.submit(req(1, 1, Some(1)), 0).unwrap();
+    }
+    assert_eq!(s.schedule(0).len(), MAX_JOBS_PER_GPU);
+    assert_eq!(s.running_len(), MAX_JOBS_PER_GPU);
+    let first = s
+        .jobs_in_order()
+        .find(|j| j.state == JobState::Running)
+        .unwrap()
+        .id;
+    s.finish(first, JobState::Completed);
+    assert_eq!(s.schedule(1).len(), 1);
+}
+
 /// Found by a review: a newcomer was packed next to a job over its reservation while another
 /// GPU was idle, which turned that job's warning (alone on its GPU) into a stop (shared).
 /// Such a GPU comes last, and is still used when nothing else fits.

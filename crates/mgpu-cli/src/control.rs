@@ -173,7 +173,8 @@ async fn run(args: Args) -> Result<i32> {
             let mut out = String::new();
             for (k, v) in fields {
                 let v = match v.parse::<u64>() {
-                    Ok(ms) if k.ends_with("Time") => crate::queue::rfc3339(ms),
+                    // Local time, as scontrol and the queue's tables show it.
+                    Ok(ms) if k.ends_with("Time") => crate::localtime::iso(ms),
                     _ => v,
                 };
                 out.push_str(&format!("{k}={v}\n"));

@@ -653,54 +653,59 @@ impl Store {
         after: JobId,
         limit: usize,
     ) -> Result<Vec<mgpu_proto::AcctRecord>> {
+        if f.job.is_some() {
+            // One job: by its key, not a scan in id order.
+            return Ok(self
+                .finished_job(f)?
+                .filter(|r| r.id > after && limit > 0)
+                .into_iter()
+                .collect());
+        }
         let conn = self.scanner.lock().unwrap();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, user, name, state, exit_code, signal, submitted_at, started_at, ended_at,
-                    gpus, gpu_ids, mem_mib, restarts, message, array, peak_gpu_mem_mib, earlier_runs_ms
-             FROM jobs
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {ACCT_COLUMNS} FROM jobs
              WHERE state NOT IN ('PENDING', 'RUNNING') AND id > ?1
-               AND (?2 IS NULL OR uid = ?2) AND (?3 IS NULL OR id = ?3)
-               AND (?4 IS NULL OR ended_at >= ?4) AND (?5 IS NULL OR state = ?5)
-             ORDER BY id LIMIT ?6",
-        )?;
+               AND (?2 IS NULL OR uid = ?2)
+               AND (?3 IS NULL OR ended_at >= ?3) AND (?4 IS NULL OR state = ?4)
+             ORDER BY id LIMIT ?5"
+        ))?;
         let rows = stmt.query_map(
             params![
                 after as i64,
                 f.uid,
-                f.job.map(|j| j as i64),
                 f.since.map(|t| t as i64),
                 f.state.map(|s| s.as_str()),
                 limit as i64
             ],
-            |r| {
-                Ok(mgpu_proto::AcctRecord {
-                    id: r.get::<_, i64>(0)? as JobId,
-                    user: r.get(1)?,
-                    name: r.get(2)?,
-                    state: JobState::parse(&r.get::<_, String>(3)?).unwrap_or(JobState::Failed),
-                    exit_code: r.get(4)?,
-                    signal: r.get(5)?,
-                    submitted_at: r.get::<_, i64>(6)? as Millis,
-                    started_at: r.get::<_, Option<i64>>(7)?.map(|t| t as Millis),
-                    ended_at: r.get::<_, Option<i64>>(8)?.map(|t| t as Millis),
-                    gpus: r.get(9)?,
-                    gpu_ids: r
-                        .get::<_, Option<String>>(10)?
-                        .unwrap_or_default()
-                        .split(',')
-                        .filter_map(|g| g.parse().ok())
-                        .collect(),
-                    mem_mib: r.get::<_, Option<i64>>(11)?.map(|m| m as u64),
-                    restarts: r.get(12)?,
-                    message: r.get(13)?,
-                    array: array_of(r.get(14)?),
-                    peak_gpu_mem_mib: r.get::<_, Option<i64>>(15)?.map(|m| m as u64),
-                    earlier_runs_s: r.get::<_, i64>(16)?.max(0) as u64 / 1000,
-                    earlier_runs_ms: Some(r.get::<_, i64>(16)?.max(0) as u64),
-                })
-            },
+            acct_record,
         )?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The finished job `f.job` if it matches `f`: a lookup by key, on the connection for
+    /// lookups (the server makes it on its event loop for `mgpu_control show job`).
+    pub fn finished_job(&self, f: &AcctFilter) -> Result<Option<mgpu_proto::AcctRecord>> {
+        let Some(id) = f.job else {
+            return Ok(None);
+        };
+        let conn = self.reader.lock().unwrap();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {ACCT_COLUMNS} FROM jobs
+             WHERE id = ?1 AND state NOT IN ('PENDING', 'RUNNING')
+               AND (?2 IS NULL OR uid = ?2)
+               AND (?3 IS NULL OR ended_at >= ?3) AND (?4 IS NULL OR state = ?4)"
+        ))?;
+        Ok(stmt
+            .query_row(
+                params![
+                    id as i64,
+                    f.uid,
+                    f.since.map(|t| t as i64),
+                    f.state.map(|s| s.as_str())
+                ],
+                acct_record,
+            )
+            .optional()?)
     }
 
     /// Per user, the jobs that ended in `[since, until)` (of `uid` only, if given): how many,
@@ -864,6 +869,38 @@ impl Store {
             },
         ))
     }
+}
+
+/// The columns of an accounting record, in the order [`acct_record`] reads them.
+const ACCT_COLUMNS: &str = "id, user, name, state, exit_code, signal, submitted_at, started_at,
+    ended_at, gpus, gpu_ids, mem_mib, restarts, message, array, peak_gpu_mem_mib, earlier_runs_ms";
+
+fn acct_record(r: &rusqlite::Row) -> rusqlite::Result<mgpu_proto::AcctRecord> {
+    Ok(mgpu_proto::AcctRecord {
+        id: r.get::<_, i64>(0)? as JobId,
+        user: r.get(1)?,
+        name: r.get(2)?,
+        state: JobState::parse(&r.get::<_, String>(3)?).unwrap_or(JobState::Failed),
+        exit_code: r.get(4)?,
+        signal: r.get(5)?,
+        submitted_at: r.get::<_, i64>(6)? as Millis,
+        started_at: r.get::<_, Option<i64>>(7)?.map(|t| t as Millis),
+        ended_at: r.get::<_, Option<i64>>(8)?.map(|t| t as Millis),
+        gpus: r.get(9)?,
+        gpu_ids: r
+            .get::<_, Option<String>>(10)?
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|g| g.parse().ok())
+            .collect(),
+        mem_mib: r.get::<_, Option<i64>>(11)?.map(|m| m as u64),
+        restarts: r.get(12)?,
+        message: r.get(13)?,
+        array: array_of(r.get(14)?),
+        peak_gpu_mem_mib: r.get::<_, Option<i64>>(15)?.map(|m| m as u64),
+        earlier_runs_s: r.get::<_, i64>(16)?.max(0) as u64 / 1000,
+        earlier_runs_ms: Some(r.get::<_, i64>(16)?.max(0) as u64),
+    })
 }
 
 fn recover(conn: &Connection) -> Result<Recovered> {

@@ -570,3 +570,31 @@ fn hold_dedupes_ids_and_refuses_a_request_over_the_limit_whole() {
     }
     s.ok("mgpu_cancel", &[&sa, &sb, &blocker.to_string()]);
 }
+
+/// `show job` of a finished job reads its accounting record (by its id, never a scan): its
+/// owner and root see it, another user does not.
+#[test]
+fn show_job_of_a_finished_job_is_its_record_for_its_owner() {
+    let Some((a, b)) = test_users() else { return };
+    let s = Server::start("1x24GiB", &[]);
+    let id = s.detached_as(&a, &["--", "sh", "-c", "exit 3"]);
+    s.wait_gone(id);
+    let out = s
+        .cmd_as(&a, "mgpu_control")
+        .args(["show", "job", &id.to_string()])
+        .output()
+        .unwrap();
+    let shown = text(&out.stdout);
+    assert!(shown.contains("JobState=FAILED"), "{shown}");
+    assert!(shown.contains("ExitCode=3:0"), "{shown}");
+    assert!(shown.contains("EndTime=2"), "{shown}");
+    assert!(s
+        .ok("mgpu_control", &["show", "job", &id.to_string()])
+        .contains("ExitCode=3:0"));
+    let out = s
+        .cmd_as(&b, "mgpu_control")
+        .args(["show", "job", &id.to_string()])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, "no such job");
+}

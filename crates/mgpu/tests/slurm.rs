@@ -771,6 +771,32 @@ fn begin_time_holds_then_starts() {
         &["--noheader", "-j", &far.to_string(), "-o", "%t %R"],
     );
     assert_eq!(out, "PD (BeginTime)\n");
+    // `show job` says when, in local time as the other times (as scontrol does).
+    let shown = s
+        .cmd("mgpu_control")
+        .env("TZ", "UTC0")
+        .args(["show", "job", &far.to_string()])
+        .output()
+        .unwrap();
+    let shown = text(&shown.stdout);
+    let begin = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("BeginTime="))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(
+        begin.len() == 19 && begin.as_bytes()[10] == b'T' && !begin.contains('Z'),
+        "{shown}"
+    );
+    let shown_in_berlin = s
+        .cmd("mgpu_control")
+        .env("TZ", "UTC-2")
+        .args(["show", "job", &far.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        !text(&shown_in_berlin.stdout).contains(&format!("BeginTime={begin}")),
+        "times are shown in the reader's zone"
+    );
     // A GPU is free all along: the job still waits for its time, then runs.
     write_file(
         &dir.join("soon.sh"),

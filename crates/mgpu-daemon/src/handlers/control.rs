@@ -419,6 +419,7 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
             );
         }
         put("SubmitTime", j.submitted_at.to_string());
+        put("BeginTime", opt(sched.begin_at(id).map(|t| t.to_string())));
         put("StartTime", opt(j.started_at.map(|t| t.to_string())));
         put("Restarts", j.restarts.to_string());
         put("NoRequeue", r.no_requeue.to_string());
@@ -443,11 +444,11 @@ fn show(daemon: &Arc<Daemon>, by: Requester, job: &str) -> Result<Response, Stri
         uid: (!by.is_admin).then_some(by.uid),
         ..Default::default()
     };
+    // (One record by its key: on the event loop, never a scan.)
     let rec = daemon
         .store
-        .finished_jobs(&filter, 0, 1)
+        .finished_job(&filter)
         .map_err(|e| format!("{e:#}"))?
-        .pop()
         .ok_or_else(|| {
             format!("job {job}: no such job (finished jobs of other users are shown to root only)")
         })?;

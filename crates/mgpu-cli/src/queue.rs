@@ -227,8 +227,10 @@ fn fit(value: String, width: Option<usize>, right: bool) -> String {
     }
 }
 
-/// The jobs in `--format`, one line each (a header first unless `noheader`).
-fn render_format(pieces: &[Piece], s: &QueueSnapshot, noheader: bool) -> String {
+/// The jobs in `--format`, one line each (a header first unless `noheader`). Waiting tasks
+/// of a job array share a line unless `array_tasks`, as in the table (and squeue): `%i` is
+/// then `ARRAY_[ranges]`, `%j` `name[ranges]`.
+fn render_format(pieces: &[Piece], s: &QueueSnapshot, noheader: bool, array_tasks: bool) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
@@ -252,8 +254,29 @@ fn render_format(pieces: &[Piece], s: &QueueSnapshot, noheader: bool) -> String 
                 .unwrap_or_default()
         }));
     }
-    for j in &s.jobs {
-        out.push_str(&line(&|c| format_field(c, j, s.now, &host)));
+    let mut rest = &s.jobs[..];
+    while let Some(j) = rest.first() {
+        let mut n = 1;
+        while !array_tasks && n < rest.len() && same_row(&rest[n - 1], &rest[n]) {
+            n += 1;
+        }
+        let group = &rest[..n];
+        rest = &rest[n..];
+        if n == 1 {
+            out.push_str(&line(&|c| format_field(c, j, s.now, &host)));
+            continue;
+        }
+        let tasks: Vec<u32> = group
+            .iter()
+            .filter_map(|t| t.array.map(|a| a.task))
+            .collect();
+        let ranges = index_ranges(&tasks);
+        let array = j.array.map_or(j.id, |a| a.job);
+        out.push_str(&line(&|c| match c {
+            'i' => format!("{array}_[{ranges}]"),
+            'j' => format!("{}[{ranges}]", j.name),
+            _ => format_field(c, j, s.now, &host),
+        }));
     }
     out
 }
@@ -316,7 +339,12 @@ async fn run(args: Args) -> Result<i32> {
         }
     }
     if let Some(pieces) = &pieces {
-        crate::print_out(&render_format(pieces, &snapshot, args.noheader))?;
+        crate::print_out(&render_format(
+            pieces,
+            &snapshot,
+            args.noheader,
+            args.array_tasks,
+        ))?;
         return Ok(0);
     }
     use std::io::Write;
@@ -832,6 +860,18 @@ mod tests {
             ]
         );
         assert_eq!(rows(render(&snapshot, true)).len(), 8);
+        // `-o` merges them too (found by a review: a 10,000-task array printed 10,000 lines).
+        let pieces = parse_format("%i %j %t").unwrap();
+        assert_eq!(
+            render_format(&pieces, &snapshot, true, false),
+            "10 sweep[0] R\n10_[1-3,5,9] sweep[1-3,5,9] PD\n16 sweep PD\n17 sweep[0] PD\n"
+        );
+        assert_eq!(
+            render_format(&pieces, &snapshot, true, true)
+                .lines()
+                .count(),
+            8
+        );
         assert_eq!(index_ranges(&[1, 3, 5, 7, 9, 11]), "1-11:2");
         assert_eq!(index_ranges(&[1, 3, 4, 6, 9, 11]), "1,3-4,6,9,...");
     }

@@ -82,10 +82,16 @@ impl ArrayCount {
     }
 }
 
-/// A job array that parked jobs wait on as a whole: its count, kept from when the first of
-/// them entered and followed by its tasks' starts and ends, and those jobs. A task's event
-/// costs O(1) unless it changes what the items depend on ([`ArrayCount::flags`]), which
-/// happens at most three times in the array's life; only then are its dependents looked at.
+/// A job array that jobs wait on as a whole: its count, taken when the first of them entered
+/// and followed by its tasks' starts and ends, and the parked jobs whose item on it is still
+/// open. A task's event costs O(1) unless it changes what the items depend on
+/// ([`ArrayCount::flags`]), which happens at most three times in the array's life; only then
+/// are its dependents looked at.
+/// Counts of finished job arrays kept with no job waiting on them (see
+/// `Scheduler::watch_idle`): each costs a few dozen bytes, and saves the next job that names
+/// its array a count of its tasks.
+pub const MAX_IDLE_WATCHES: usize = 4096;
+
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ArrayWatch {
     tasks: u32,
@@ -447,22 +453,28 @@ impl Scheduler {
             for item in &dep.items {
                 if item.tasks > 0 && item.kind != DepKind::Singleton {
                     // A whole job array: its tasks are counted once, when the first job that
-                    // waits on it enters, then followed by events.
+                    // waits on it enters, then followed by events; the count is kept also for
+                    // jobs whose item is settled at once (`after` on a running array), so
+                    // that each of them does not count the tasks again.
                     let c = match self.array_watches.get(&item.job) {
                         Some(w) if w.tasks == item.tasks => w.count,
-                        _ => self.count_array(item.job, item.tasks, &lookup),
-                    };
-                    let status = array_status(item.kind, c);
-                    if status == Status::Wait {
-                        let w = self.array_watches.entry(item.job).or_default();
-                        if w.tasks != item.tasks {
+                        _ => {
+                            let c = self.count_array(item.job, item.tasks, &lookup);
+                            let w = self.array_watches.entry(item.job).or_default();
                             *w = ArrayWatch {
                                 tasks: item.tasks,
                                 count: c,
                                 dependents: std::mem::take(&mut w.dependents),
                             };
+                            self.watch_idle(item.job);
+                            c
                         }
-                        w.dependents.insert(id);
+                    };
+                    let status = array_status(item.kind, c);
+                    if status == Status::Wait {
+                        if let Some(w) = self.array_watches.get_mut(&item.job) {
+                            w.dependents.insert(id);
+                        }
                     }
                     gated.status.push(status);
                     continue;
@@ -617,9 +629,7 @@ impl Scheduler {
             for item in dep.items.iter().filter(|i| i.tasks > 0) {
                 if let Some(w) = self.array_watches.get_mut(&item.job) {
                     w.dependents.remove(&id);
-                    if w.dependents.is_empty() {
-                        self.array_watches.remove(&item.job);
-                    }
+                    self.watch_idle(item.job);
                 }
             }
         }
@@ -763,10 +773,15 @@ impl Scheduler {
             Some(s) => {
                 w.count.live = w.count.live.saturating_sub(1);
                 w.count.bad |= s != JobState::Completed;
+                // It ran, unless it was cancelled (as a fresh count sees it).
+                w.count.started |= s != JobState::Cancelled;
             }
             None => w.count.started = true,
         }
-        if w.count.flags() == before {
+        if w.count.flags() == before || w.dependents.is_empty() {
+            if w.dependents.is_empty() {
+                self.watch_idle(array);
+            }
             return;
         }
         let count = w.count;
@@ -800,11 +815,41 @@ impl Scheduler {
                 still.insert(dep_id);
             }
         }
-        if still.is_empty() {
-            self.array_watches.remove(&array);
-        } else if let Some(w) = self.array_watches.get_mut(&array) {
+        if let Some(w) = self.array_watches.get_mut(&array) {
             w.dependents = still;
         }
+        self.watch_idle(array);
+    }
+
+    /// A watch that no job waits on stays while its array has tasks left (events keep its
+    /// count, and it saves the next dependent a count); once the array has none, at most
+    /// [`MAX_IDLE_WATCHES`] such finished counts are kept, the oldest dropped first.
+    fn watch_idle(&mut self, array: JobId) {
+        let Some(w) = self.array_watches.get(&array) else {
+            return;
+        };
+        if !w.dependents.is_empty() || w.count.live > 0 {
+            return;
+        }
+        self.idle_watches.push_back(array);
+        while self.idle_watches.len() > MAX_IDLE_WATCHES {
+            let Some(old) = self.idle_watches.pop_front() else {
+                break;
+            };
+            if self
+                .array_watches
+                .get(&old)
+                .is_some_and(|w| w.dependents.is_empty() && w.count.live == 0)
+            {
+                self.array_watches.remove(&old);
+            }
+        }
+    }
+
+    /// Whether the core keeps a count of job array `array`'s tasks.
+    #[cfg(test)]
+    pub(crate) fn array_is_counted(&self, array: JobId) -> bool {
+        self.array_watches.contains_key(&array)
     }
 
     /// How many jobs wait on the whole job array `array`.

@@ -469,6 +469,9 @@ pub struct Scheduler {
     /// Per job array that parked jobs wait on as a whole: what is known of its tasks, and
     /// those jobs.
     array_watches: HashMap<JobId, gate::ArrayWatch>,
+    /// Arrays whose watch had, when last looked at, no task left and no job waiting (the
+    /// oldest dropped first past [`gate::MAX_IDLE_WATCHES`]).
+    idle_watches: std::collections::VecDeque<JobId>,
     /// Live (pending or running) jobs per user and name, for `singleton`.
     names: HashMap<(u32, String), BTreeSet<JobId>>,
     /// Running jobs per user and name (users and names with none absent): whether one runs
@@ -552,6 +555,7 @@ impl Scheduler {
             dep_items_by_user: HashMap::new(),
             dependents: HashMap::new(),
             array_watches: HashMap::new(),
+            idle_watches: std::collections::VecDeque::new(),
             names: HashMap::new(),
             running_names: HashMap::new(),
             singleton_waiters: HashMap::new(),

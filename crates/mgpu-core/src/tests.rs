@@ -2339,6 +2339,9 @@ mod gates {
         assert_eq!(started(&mut s, 2), vec![1]);
         s.restore_pending_gated(13, req(2, 1, Some(1)), 3, 0, after_all(), live)
             .unwrap();
+        // (Its item is met at once, and the count is still kept for the next such job:
+        // found by a review, each of them counted the tasks again.)
+        assert!(s.array_is_counted(1));
         s.finish(1, JobState::Completed);
         // (Task 2 needs the whole GPU, which the dependents now share.)
         let mut got = started(&mut s, 4);

@@ -158,15 +158,21 @@ const JOBS: &str = "mgpu-jobs";
 /// Prefix of a user's parent cgroup under [`JOBS`] (`user-UID`).
 const USER_PREFIX: &str = "user-";
 
+/// Most processes the default gives one user: recent systemd raises `kernel.pid_max` to
+/// 4,194,304, whose quarter would bound nothing in practice.
+pub const DEFAULT_USER_PIDS_CAP: u64 = 32_768;
+
 /// The default bound on one user's processes across jobs: a quarter of the machine's
-/// (`kernel.pid_max`), so that no user can take the pids everyone needs, and never under one
-/// job's own cap (`job_pids_max`).
+/// (`kernel.pid_max`), at most [`DEFAULT_USER_PIDS_CAP`], so that no user can take the pids
+/// everyone needs, and never under one job's own cap (`job_pids_max`).
 pub fn default_user_pids_max(job_pids_max: Option<u64>) -> u64 {
     let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
         .ok()
         .and_then(|t| t.trim().parse::<u64>().ok())
         .unwrap_or(32_768);
-    (pid_max / 4).max(job_pids_max.unwrap_or(0))
+    (pid_max / 4)
+        .min(DEFAULT_USER_PIDS_CAP)
+        .max(job_pids_max.unwrap_or(0))
 }
 
 pub fn layout() -> &'static Layout {
@@ -873,8 +879,9 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        assert_eq!(default_user_pids_max(Some(40)), (pid_max / 4).max(40));
-        assert_eq!(default_user_pids_max(None), pid_max / 4);
+        let quarter = (pid_max / 4).min(DEFAULT_USER_PIDS_CAP);
+        assert_eq!(default_user_pids_max(Some(40)), quarter.max(40));
+        assert_eq!(default_user_pids_max(None), quarter);
         assert_eq!(default_user_pids_max(Some(u64::MAX)), u64::MAX);
     }
 

@@ -390,12 +390,17 @@ async fn run_as(
     .and_then(|r| r.ok())
     .flatten()
     .map(Arc::new);
-    let procs = cgroup.as_ref().and_then(|c| {
-        c.v2_procs.clone().or_else(|| {
-            c.dirs()
-                .next()
-                .and_then(|d| CString::new(d.join("tasks").as_os_str().as_bytes()).ok())
-        })
+    // Every hierarchy's cgroup, the v1 pids one included: joined before the exec, so that
+    // all the command starts is held to the pids bounds (found by an attack review: a
+    // notification joined only the v2 cgroup, which has no pids controller on a hybrid
+    // machine, and forked 300 processes past --user-pids-max 64). The command itself joins
+    // after its fork: one process per notification past the bound, at most MAX_AT_ONCE.
+    let joins: Vec<CString> = cgroup.as_ref().map_or_else(Vec::new, |c| {
+        c.v2_procs
+            .iter()
+            .cloned()
+            .chain(c.v1_tasks.iter().cloned())
+            .collect()
     });
     // SAFETY: only async-signal-safe system calls between fork and exec, on data prepared
     // before the fork.
@@ -406,7 +411,7 @@ async fn run_as(
             }
             // In its cgroup (as root, before the switch), so that the time limit kills every
             // descendant.
-            if let Some(p) = &procs {
+            for p in &joins {
                 crate::cgroup::enter(p);
             }
             // The daemon shields itself from the OOM killer; the command must not inherit

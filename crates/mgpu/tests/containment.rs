@@ -640,3 +640,40 @@ fn limits_over_the_caps_are_refused() {
         .unwrap();
     assert_fails_with(&out, "--default-cpus 4 is over --max-cpus 2");
 }
+
+/// Found by an attack review: a `--notify` command joined only its v2 cgroup, which has no
+/// pids controller on a hybrid machine, and forked 300 processes past `--user-pids-max 64`.
+/// It now joins every hierarchy's cgroup before its exec: what it starts is bounded.
+#[test]
+fn a_notification_is_bounded_by_the_pids_limits() {
+    use mgpu_daemon::cgroup::Controller;
+    let Some((a, _)) = test_users() else { return };
+    if !enforces(Controller::Pids) {
+        return;
+    }
+    let s = Server::start(
+        "1x24GiB",
+        &[
+            "--job-pids-max",
+            "10",
+            "--user-pids-max",
+            "20",
+            "--notify-time-limit",
+            "30",
+        ],
+    );
+    let count = s.scratch.join("forked");
+    // A line for each sleep it could start (`sh` stops at the first fork that fails).
+    let notify = format!(
+        "for i in $(seq 40); do sleep 5 & echo x >> {0}; done; echo done >> {0}",
+        count.display()
+    );
+    s.detached_as(&a, &["--notify", &notify, "--", "true"]);
+    wait_until(Duration::from_secs(60), || count.exists());
+    std::thread::sleep(Duration::from_secs(2));
+    let text = std::fs::read_to_string(&count).unwrap();
+    let n = text.lines().filter(|l| *l == "x").count();
+    assert!(!text.contains("done"), "all 40 forks succeeded: {text}");
+    // (The shell itself is counted in the same cgroup.)
+    assert!(n < 10, "{n} processes started by the notification");
+}

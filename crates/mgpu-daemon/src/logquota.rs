@@ -429,20 +429,12 @@ impl LaunchBook {
 
 /// What a launch record is charged: about its size as stored.
 pub fn launch_bytes(spec: &crate::exec::LaunchSpec) -> u64 {
-    let argv: usize = spec.command.iter().map(|a| a.len() + 3).sum();
-    let env: usize = spec.env.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
-    let venv = match &spec.venv {
-        mgpu_proto::Venv::Dir(d) => d.len(),
-        _ => 0,
-    };
-    // A batch script's copy and the -o/-e patterns are stored with it too.
-    let script = spec.script.as_ref().map_or(0, String::len);
-    let outputs = [&spec.output, &spec.error]
-        .iter()
-        .map(|p| p.as_ref().map_or(0, String::len))
-        .sum::<usize>();
-    let dirs = spec.cwd.len() + spec.submit_dir.as_ref().map_or(0, String::len);
-    (argv + env + dirs + venv + script + outputs + 64) as u64
+    // Its size as JSON, as the store keeps it: every field counts (the --notify command and
+    // mail types too), and so does escaping (a control character takes six bytes there).
+    // Found by an attack review: the notification was not counted at all, and a submission
+    // of many mail types or escaped paths stored far more than it was charged.
+    let json = serde_json::to_vec(spec).map_or(0, |v| v.len());
+    (json + 64) as u64
 }
 
 // The daemon's side: carrying out the books' decisions on the log files.
@@ -558,10 +550,17 @@ mod tests {
             output: Some("out-%j".into()),
             ..plain.clone()
         };
-        assert_eq!(
-            super::launch_bytes(&with_script),
-            super::launch_bytes(&plain) + 100_006
-        );
+        assert!(super::launch_bytes(&with_script) >= super::launch_bytes(&plain) + 100_006);
+        // What the store keeps counts, escaped as it is kept, the notification too.
+        let escaped = crate::exec::LaunchSpec {
+            cwd: "\u{1}".repeat(1000),
+            notify: Some(mgpu_proto::Notify {
+                command: Some("x".repeat(4000)),
+                ..Default::default()
+            }),
+            ..plain.clone()
+        };
+        assert!(super::launch_bytes(&escaped) >= super::launch_bytes(&plain) + 6000 + 4000);
     }
 
     #[test]

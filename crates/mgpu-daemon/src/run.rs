@@ -162,6 +162,11 @@ pub struct Args {
     /// Days to keep records (and logs) of finished jobs
     #[arg(long, value_name = "DAYS", default_value_t = 90)]
     pub retention_days: u64,
+    /// Finished jobs' records (and logs) kept per user at most, the oldest going first, checked
+    /// every 10 minutes: however many jobs a user submits and cancels, the database stays
+    /// bounded (0: no bound but --retention-days)
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub max_finished_per_user: u64,
     /// Most jobs one user may have waiting (a job array counts each task)
     #[arg(long, value_name = "N", default_value_t = 200_000)]
     pub max_pending_per_user: usize,
@@ -882,7 +887,11 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
         tolerance_ms: (args.gpu_mem_tolerance * 1000.0) as u64,
     };
     tokio::spawn(watch_gpus(daemon.clone(), backend, mem_policy));
-    tokio::spawn(purge_old_records(daemon.clone(), args.retention_days));
+    tokio::spawn(purge_old_records(
+        daemon.clone(),
+        args.retention_days,
+        (args.max_finished_per_user > 0).then_some(args.max_finished_per_user),
+    ));
     tokio::spawn(daemon.clone().run_timer());
     tokio::spawn(reload_on_sighup(daemon.clone(), argv, loaded, hup));
 
@@ -905,11 +914,12 @@ async fn run(loaded: crate::config::Loaded, argv: Vec<std::ffi::OsString>) -> Re
     Ok(())
 }
 
-/// Deletes records and logs of jobs that ended more than `days` ago, at startup and hourly.
-async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
+/// Deletes records and logs of jobs that ended more than `days` ago, and of each user's
+/// finished jobs past the newest `keep_per_user`, at startup and every 10 minutes.
+async fn purge_old_records(daemon: Arc<Daemon>, days: u64, keep_per_user: Option<u64>) {
     loop {
         let before = now_ms().saturating_sub(days * 86_400_000);
-        match daemon.store.purge(before).await {
+        match daemon.store.purge(before, keep_per_user).await {
             Ok(ids) => {
                 for id in &ids {
                     let _ = std::fs::remove_file(daemon.log_path(*id));
@@ -921,7 +931,7 @@ async fn purge_old_records(daemon: Arc<Daemon>, days: u64) {
             }
             Err(e) => tracing::warn!(error = %e, "purging old job records failed"),
         }
-        tokio::time::sleep(Duration::from_secs(3600)).await;
+        tokio::time::sleep(Duration::from_secs(600)).await;
     }
 }
 

@@ -88,9 +88,12 @@ CREATE TABLE drains (
     FINISHED_TRIM_MIGRATION,
 ];
 
-/// What a finished job's launch record keeps, as SQL of the record column `$col`: no batch
-/// script, and at most 1 KiB of command (the program alone when longer). A finished job never
-/// runs again; what accounting and `mgpu_control show job` read stays.
+/// What a finished job's launch record keeps, as SQL of the record column `$col`: its
+/// command (at most 1 KiB of it, else the program alone, cut at 1 KiB), its working
+/// directory if that is short (a `--notify` command is started there), its umask and
+/// notification; no batch script, no `-o`/`-e` patterns, no venv, no submit directory. A
+/// finished job never runs again; accounting and `mgpu_control show job` read other columns.
+/// What stays is a few KiB at most, however large the job's record was while it waited.
 macro_rules! trimmed_spec {
     ($col:literal) => {
         concat!(
@@ -100,16 +103,25 @@ macro_rules! trimmed_spec {
             $col,
             ") THEN ",
             $col,
-            " WHEN length(json_extract(",
+            " ELSE json_set(json_remove(",
+            "CASE WHEN length(json_extract(",
             $col,
-            ", '$.command')) <= 1024 THEN json_remove(",
+            ", '$.command')) <= 1024 THEN ",
             $col,
-            ", '$.script') ELSE json_set(json_remove(",
+            " ELSE json_set(",
             $col,
-            ", '$.script'), '$.command', ",
+            ", '$.command', ",
             "json_array(substr(json_extract(",
             $col,
-            ", '$.command[0]'), 1, 1024))) END"
+            ", '$.command[0]'), 1, 1024))) END, ",
+            "'$.script', '$.output', '$.error', '$.submit_dir'), ",
+            "'$.venv', 'off', ",
+            "'$.cwd', CASE WHEN length(json_quote(json_extract(",
+            $col,
+            ", '$.cwd'))) <= 1024 ",
+            "THEN json_extract(",
+            $col,
+            ", '$.cwd') ELSE '' END) END"
         )
     };
 }
@@ -119,13 +131,15 @@ macro_rules! trimmed_spec {
 /// `jobs_array_live` finds whether a job array has a task left without walking its ended
 /// tasks; `jobs_usage` answers `mgpu_acct --summary` from the index alone, never reading a
 /// row (whose launch record may be large while the job waits); `jobs_array_task` finds task
-/// `ID_TASK` without walking the array's tasks (up to 10,000 such names in one request).
+/// `ID_TASK` without walking the array's tasks (up to 10,000 such names in one request);
+/// `jobs_finished_by_user` finds a user's oldest finished jobs past their bound.
 const FINISHED_TRIM_MIGRATION: &str = concat!(
     "CREATE INDEX jobs_array_live ON jobs(json_extract(array, '$.job'))
          WHERE array IS NOT NULL AND state IN ('PENDING', 'RUNNING');
      CREATE INDEX jobs_usage ON jobs(ended_at, uid, state, gpus, started_at, earlier_runs_ms, user);
      CREATE INDEX jobs_array_task ON jobs(json_extract(array, '$.job'), json_extract(array, '$.task'))
          WHERE array IS NOT NULL;
+     CREATE INDEX jobs_finished_by_user ON jobs(uid, id) WHERE state NOT IN ('PENDING', 'RUNNING');
      UPDATE jobs SET env_id = NULL, spec = ",
     trimmed_spec!("spec"),
     " WHERE state NOT IN ('PENDING', 'RUNNING');
@@ -317,7 +331,13 @@ enum Op {
     SetDrain(String, Option<(String, Millis)>),
     /// Run on the store's thread once everything sent before it is committed.
     AfterCommit(Box<dyn FnOnce() + Send>),
-    Purge(Millis, oneshot::Sender<Result<Vec<JobId>, String>>),
+    /// Records of jobs that ended before a time, and of each user's finished jobs past the
+    /// newest so many.
+    Purge(
+        Millis,
+        Option<u64>,
+        oneshot::Sender<Result<Vec<JobId>, String>>,
+    ),
 }
 
 /// A job that was queued or running when the previous server stopped.
@@ -719,7 +739,11 @@ impl Store {
         let conn = self.scanner.lock().unwrap();
         let mut stmt = conn.prepare_cached(USAGE_SQL)?;
         let rows = stmt.query_map(
-            params![since.map(|t| t as i64), until.map(|t| t as i64), uid],
+            params![
+                since.map_or(0, |t| t.min(i64::MAX as u64) as i64),
+                until.map_or(i64::MAX, |t| t.min(i64::MAX as u64) as i64),
+                uid
+            ],
             |r| {
                 Ok(UsageTotals {
                     uid: r.get(0)?,
@@ -763,10 +787,15 @@ impl Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Deletes records of jobs that ended before `before`; returns their ids (their logs go too).
-    pub async fn purge(&self, before: Millis) -> Result<Vec<JobId>, String> {
+    /// Deletes records of jobs that ended before `before`, and of each user's finished jobs
+    /// past the newest `keep_per_user`; returns their ids (their logs go too).
+    pub async fn purge(
+        &self,
+        before: Millis,
+        keep_per_user: Option<u64>,
+    ) -> Result<Vec<JobId>, String> {
         let (tx, rx) = oneshot::channel();
-        self.send(Op::Purge(before, tx));
+        self.send(Op::Purge(before, keep_per_user, tx));
         rx.await.map_err(|_| "the store stopped".to_string())?
     }
 
@@ -1108,7 +1137,7 @@ fn writer(
                     Op::Insert(_, done) | Op::InsertArray(_, done) => {
                         let _ = done.send(Err(e.clone()));
                     }
-                    Op::Purge(_, done) => {
+                    Op::Purge(_, _, done) => {
                         let _ = done.send(Err(e.clone()));
                     }
                     _ => {}
@@ -1147,7 +1176,7 @@ fn writer(
                     let _ = done.send(());
                 }
                 Op::AfterCommit(f) => run_after_commit(f),
-                Op::Purge(_, done) => {
+                Op::Purge(_, _, done) => {
                     let _ = done.send(result.clone().map(|_| std::mem::take(&mut purged)));
                 }
                 _ => {}
@@ -1228,14 +1257,40 @@ const ARRAY_HAS_LIVE_TASK_SQL: &str = "SELECT EXISTS (SELECT 1 FROM jobs INDEXED
    AND json_extract(array, '$.job') = ?1 AND state IN ('PENDING', 'RUNNING'))";
 
 /// Per user: jobs that ended in `[?1, ?2)` (of uid `?3` only, if given), how many completed,
-/// GPU-milliseconds over all their runs. Answered from `jobs_usage` alone.
+/// GPU-milliseconds over all their runs. Answered from a range of `jobs_usage` alone (the
+/// bounds are always given: 0 and i64::MAX for none).
 const USAGE_SQL: &str = "SELECT uid, MAX(user), COUNT(*), SUM(state = 'COMPLETED'),
         SUM(gpus * (COALESCE(MAX(ended_at - started_at, 0), 0) + MAX(earlier_runs_ms, 0)))
-    FROM jobs
-    WHERE state NOT IN ('PENDING', 'RUNNING')
-      AND (?1 IS NULL OR ended_at >= ?1) AND (?2 IS NULL OR ended_at < ?2)
+    FROM jobs INDEXED BY jobs_usage
+    WHERE ended_at >= ?1 AND ended_at < ?2 AND state NOT IN ('PENDING', 'RUNNING')
       AND (?3 IS NULL OR uid = ?3)
     GROUP BY uid ORDER BY uid";
+
+/// Deletes each user's finished jobs past their newest `keep` (oldest first), adding their
+/// ids to `purged`: one pass over the index of finished jobs finds the users past it.
+fn purge_past_keep(tx: &rusqlite::Transaction, keep: u64, purged: &mut Vec<JobId>) -> Result<()> {
+    let over: Vec<u32> = tx
+        .prepare_cached(
+            "SELECT uid FROM jobs INDEXED BY jobs_finished_by_user
+             WHERE state NOT IN ('PENDING', 'RUNNING') GROUP BY uid HAVING COUNT(*) > ?1",
+        )?
+        .query_map([keep as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for uid in over {
+        let mut stmt = tx.prepare_cached(
+            "DELETE FROM jobs WHERE id IN (
+               SELECT id FROM jobs INDEXED BY jobs_finished_by_user
+               WHERE uid = ?1 AND state NOT IN ('PENDING', 'RUNNING')
+               ORDER BY id DESC LIMIT -1 OFFSET ?2)
+             RETURNING id",
+        )?;
+        let ids = stmt.query_map(params![uid, keep as i64], |r| r.get::<_, i64>(0))?;
+        for id in ids {
+            purged.push(id? as JobId);
+        }
+    }
+    Ok(())
+}
 
 /// Whether job array `array` has a task pending or running (`jobs_array_live` holds only
 /// those: no walk over the ended tasks).
@@ -1409,7 +1464,7 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                 }
             },
             Op::Flush(_) | Op::AfterCommit(_) => {}
-            Op::Purge(before, _) => {
+            Op::Purge(before, keep_per_user, _) => {
                 let mut stmt = tx.prepare_cached(
                     "DELETE FROM jobs WHERE state NOT IN ('PENDING', 'RUNNING') AND ended_at < ?1
                      RETURNING id",
@@ -1419,6 +1474,9 @@ fn apply(conn: &mut Connection, batch: &[Op], purged: &mut Vec<JobId>) -> Result
                     purged.push(id? as JobId);
                 }
                 drop(stmt);
+                if let Some(keep) = keep_per_user {
+                    purge_past_keep(&tx, *keep, purged)?;
+                }
                 if !purged.is_empty() {
                     tx.execute(
                         "DELETE FROM array_specs WHERE NOT EXISTS
@@ -1562,7 +1620,7 @@ mod tests {
         ));
         assert_eq!(store.launch_spec(12).unwrap().command, ["true"]);
         // Purging the finished task keeps the record the waiting ones need.
-        assert_eq!(store.purge(100).await.unwrap(), [10]);
+        assert_eq!(store.purge(100, None).await.unwrap(), [10]);
         assert_eq!(store.launch_spec(11).unwrap().cwd, "/");
         for id in [11, 12] {
             store.ended(
@@ -1576,7 +1634,7 @@ mod tests {
                 },
             );
         }
-        assert_eq!(store.purge(100).await.unwrap(), [11, 12]);
+        assert_eq!(store.purge(100, None).await.unwrap(), [11, 12]);
         let left: i64 = store
             .reader
             .lock()
@@ -1885,12 +1943,12 @@ mod tests {
         for id in [1, 2, 3] {
             end(&store, id);
         }
-        assert_eq!(store.purge(100).await.unwrap(), [1, 2, 3]);
+        assert_eq!(store.purge(100, None).await.unwrap(), [1, 2, 3]);
         assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 2);
         for id in [4, 10, 11] {
             end(&store, id);
         }
-        store.purge(100).await.unwrap();
+        store.purge(100, None).await.unwrap();
         assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
         assert!(store.launch_spec(5).unwrap().env.is_empty());
     }
@@ -1907,6 +1965,17 @@ mod tests {
         j.spec.command = vec!["python".into(), "x".repeat(100_000)];
         j.spec.env = vec![("X".into(), "y".repeat(100_000))];
         j.spec.script = Some("#!/bin/sh\n".to_string() + &"# padding\n".repeat(50_000));
+        // Long, escaped paths (found by a later attack review: 150 KB per cancelled job).
+        let odd = format!("/{}", "\u{1}".repeat(4000));
+        j.spec.cwd = odd.clone();
+        j.spec.submit_dir = Some(odd.clone());
+        j.spec.output = Some(odd.clone());
+        j.spec.error = Some(odd.clone());
+        j.spec.venv = Venv::Dir(odd.clone());
+        j.spec.notify = Some(mgpu_proto::Notify {
+            command: Some("echo done".into()),
+            ..Default::default()
+        });
         store.insert(j).await.unwrap().unwrap();
         // Another job with the same environment keeps it while it waits.
         let mut k = job(2);
@@ -1933,9 +2002,49 @@ mod tests {
         let spec = store.launch_spec(1).unwrap();
         assert_eq!(spec.command, ["python"]);
         assert_eq!(spec.script, None);
+        // What a notification at the end needs stays (the directory: where short enough).
+        assert_eq!(spec.notify.unwrap().command.as_deref(), Some("echo done"));
+        assert_eq!(spec.cwd, "");
+        assert_eq!(
+            (spec.output, spec.error, spec.submit_dir),
+            (None, None, None)
+        );
         store.ended(2, ended(JobState::Completed));
         store.flush().await;
         assert_eq!(count(&store, "SELECT COUNT(*) FROM envs"), 0);
+    }
+
+    /// Each user keeps at most the newest `keep` finished records (found by an attack review:
+    /// submitting and cancelling jobs in a loop grew the database without bound); waiting
+    /// jobs and other users' records stay.
+    #[tokio::test]
+    async fn a_users_finished_records_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        for id in 1..=6 {
+            let mut j = job(id);
+            j.request.uid = if id == 6 { 2000 } else { 1000 };
+            store.insert(j).await.unwrap().unwrap();
+        }
+        for id in [1, 2, 3, 4, 6] {
+            store.ended(
+                id,
+                Ending {
+                    state: JobState::Cancelled,
+                    at: 10 + id,
+                    exit_code: None,
+                    signal: None,
+                    message: None,
+                },
+            );
+        }
+        store.flush().await;
+        let mut purged = store.purge(0, Some(2)).await.unwrap();
+        purged.sort();
+        assert_eq!(purged, [1, 2]);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM jobs"), 4);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM jobs WHERE id = 5"), 1);
+        assert!(store.purge(0, Some(2)).await.unwrap().is_empty());
     }
 
     /// A job array's shared record keeps its script and environment while a task is left,
@@ -2027,12 +2136,18 @@ mod tests {
         let task = plan(ARRAY_TASK_SQL, &[Some(5), Some(3)]);
         assert!(task.contains("jobs_array_task"), "{task}");
         for args in [
-            [None, None, None],
-            [Some(1), None, None],
+            [Some(0), Some(i64::MAX), None],
             [Some(1), Some(9), Some(1000)],
         ] {
             let usage = plan(USAGE_SQL, &args);
-            assert!(usage.contains("COVERING INDEX jobs_usage"), "{usage}");
+            // A range of the index, never the whole of it (found by a review: an optional
+            // bound written `?1 IS NULL OR ...` read every record ever kept).
+            assert!(
+                usage.contains(
+                    "SEARCH jobs USING COVERING INDEX jobs_usage (ended_at>? AND ended_at<?)"
+                ),
+                "{usage}"
+            );
         }
     }
 

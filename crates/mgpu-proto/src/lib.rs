@@ -345,7 +345,12 @@ impl Notify {
     /// Checks what a client sent: a clear error for anything the server would not run.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(c) = &self.command {
-            if c.trim().is_empty() || c.len() > MAX_NOTIFY_COMMAND || c.contains('\0') {
+            // (Control characters other than tabs and newlines have no place in a shell
+            // command, and take six bytes each in the job's stored record.)
+            let odd = c
+                .chars()
+                .any(|ch| ch.is_control() && ch != '\t' && ch != '\n');
+            if c.trim().is_empty() || c.len() > MAX_NOTIFY_COMMAND || odd {
                 return Err(format!(
                     "--notify needs a command of at most {MAX_NOTIFY_COMMAND} bytes (run by sh -c as you when the job ends)"
                 ));
@@ -362,6 +367,10 @@ impl Notify {
                     "invalid --mail-user '{a}': give one address (user@host) or a local user name"
                 ));
             }
+        }
+        // Each type once (found by an attack review: 650,000 repeats, 3.9 MB, were kept).
+        if self.mail_types.len() > 3 {
+            return Err("--mail-type takes each of BEGIN, END and FAIL at most once".into());
         }
         for t in &self.mail_types {
             if !matches!(t.as_str(), "BEGIN" | "END" | "FAIL") {
@@ -818,6 +827,27 @@ pub fn parse_mem_mib(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a submission's notification may hold is bounded as stored, not only in bytes
+    /// sent (found by an attack review: 650,000 repeated mail types, and control characters
+    /// that take six bytes each in the stored record).
+    #[test]
+    fn notifications_are_bounded() {
+        let mail = |types: Vec<&str>| Notify {
+            mail_user: Some("alice".into()),
+            mail_types: types.into_iter().map(String::from).collect(),
+            ..Default::default()
+        };
+        assert!(mail(vec!["BEGIN", "END", "FAIL"]).validate().is_ok());
+        assert!(mail(vec!["END"; 4]).validate().is_err());
+        let cmd = |c: &str| Notify {
+            command: Some(c.into()),
+            ..Default::default()
+        };
+        assert!(cmd("echo done\n\techo again").validate().is_ok());
+        assert!(cmd("echo \u{1}").validate().is_err());
+        assert!(cmd(&"x".repeat(MAX_NOTIFY_COMMAND + 1)).validate().is_err());
+    }
 
     #[test]
     fn gpu_hours_keep_fractions_of_seconds() {

@@ -1092,10 +1092,13 @@ fn start_with(
             return Err(fail("mgpu: cannot enter the job's cgroup".into(), 1));
         }
     }
-    let back = |fork_from: &Option<(CString, CString)>| {
-        if let Some((_, own)) = fork_from {
+    // Back where it was: a supervisor left in the job's pids cgroup would count against the
+    // job's bounds, and be among the processes a stop of the job signals.
+    let back = |fork_from: &Option<(CString, CString)>| -> bool {
+        match fork_from {
             // SAFETY: a valid C string.
-            unsafe { crate::cgroup::enter(own) };
+            Some((_, own)) => (0..3).any(|_| unsafe { crate::cgroup::enter(own) }),
+            None => true,
         }
     };
     // SAFETY: the child only makes async-signal-safe calls on `plan`, prepared above.
@@ -1114,7 +1117,18 @@ fn start_with(
                 Ok((pid, _)) => Ok((pid, false)),
             },
         };
-        back(&fork_from);
+        if !back(&fork_from) {
+            // The job must not start with its supervisor among its processes: its child is
+            // killed, and this supervisor ends with the start's failure (leaving the cgroup).
+            if let Ok((pid, _)) = forked {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(fail(
+                "mgpu: cannot leave the job's cgroup after starting it".into(),
+                1,
+            ));
+        }
         forked?
     };
     // Our copies of the child's ends: EOF on the pipes comes when the job's processes close

@@ -279,9 +279,6 @@ fn memory_jobs_get_the_frameworks_environment() {
     assert_eq!(run(&[]), "//");
 }
 
-/// A job over its reservation on a GPU it shares is stopped (after the tolerance) and ends
-/// OUT_OF_MEMORY, said in its log, on its attached srun and in the accounting (with its peak);
-/// its neighbour, inside its own reservation, runs on and completes.
 /// Whether job cgroups are made here (root, a writable hierarchy); says so when not.
 fn job_cgroups_here() -> bool {
     let layout = mgpu_daemon::cgroup::layout();
@@ -414,6 +411,9 @@ fn move_out_of_job_cgroups(pid: u32) -> bool {
     moved
 }
 
+/// A job over its reservation on a GPU it shares is stopped (after the tolerance) and ends
+/// OUT_OF_MEMORY, said in its log, on its attached srun and in the accounting (with its peak);
+/// its neighbour, inside its own reservation, runs on and completes.
 #[test]
 fn a_job_over_its_reservation_on_a_shared_gpu_ends_out_of_memory_and_its_neighbour_completes() {
     let fake = FakeGpus::new("gpu 0 24GiB\n");

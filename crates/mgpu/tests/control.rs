@@ -578,7 +578,8 @@ fn show_job_of_a_finished_job_is_its_record_for_its_owner() {
     let Some((a, b)) = test_users() else { return };
     let s = Server::start("1x24GiB", &[]);
     let id = s.detached_as(&a, &["--", "sh", "-c", "exit 3"]);
-    s.wait_gone(id);
+    // (Its record is written just after it leaves the queue.)
+    s.acct(id);
     let out = s
         .cmd_as(&a, "mgpu_control")
         .args(["show", "job", &id.to_string()])

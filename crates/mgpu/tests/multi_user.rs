@@ -516,12 +516,18 @@ fn launch_data_is_bounded_in_all() {
             "--max-launch-data-per-user",
             "100K",
             "--max-launch-data",
-            "130K",
+            "110K",
         ],
     );
     let big = "x".repeat(30_000);
-    let submit = |user| {
+    // (A known, small environment beside BIG: about 31 KB a job, whatever the test's.)
+    let submit = |user: &TestUser| {
         s.cmd_as(user, "mgpu_srun")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("MGPU_SOCKET", &s.socket)
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
             .env("BIG", &big)
             .args(["--detach", "--parsable", "--no-venv", "--", "sleep", "300"])
             .output()

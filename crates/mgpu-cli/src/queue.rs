@@ -254,23 +254,13 @@ fn render_format(pieces: &[Piece], s: &QueueSnapshot, noheader: bool, array_task
                 .unwrap_or_default()
         }));
     }
-    let mut rest = &s.jobs[..];
-    while let Some(j) = rest.first() {
-        let mut n = 1;
-        while !array_tasks && n < rest.len() && same_row(&rest[n - 1], &rest[n]) {
-            n += 1;
-        }
-        let group = &rest[..n];
-        rest = &rest[n..];
-        if n == 1 {
+    for group in rows_of(&s.jobs, array_tasks) {
+        let j = &group[0];
+        if group.len() == 1 {
             out.push_str(&line(&|c| format_field(c, j, s.now, &host)));
             continue;
         }
-        let tasks: Vec<u32> = group
-            .iter()
-            .filter_map(|t| t.array.map(|a| a.task))
-            .collect();
-        let ranges = index_ranges(&tasks);
+        let ranges = task_ranges(group);
         let array = j.array.map_or(j.id, |a| a.job);
         out.push_str(&line(&|c| match c {
             'i' => format!("{array}_[{ranges}]"),
@@ -577,6 +567,31 @@ fn same_row(a: &JobInfo, b: &JobInfo) -> bool {
         && b.est_start.is_none()
 }
 
+/// The jobs in rows: waiting tasks of a job array that follow each other share one, unless
+/// `array_tasks` (each job its own).
+fn rows_of(jobs: &[JobInfo], array_tasks: bool) -> Vec<&[JobInfo]> {
+    let mut rows = Vec::new();
+    let mut rest = jobs;
+    while !rest.is_empty() {
+        let mut n = 1;
+        while !array_tasks && n < rest.len() && same_row(&rest[n - 1], &rest[n]) {
+            n += 1;
+        }
+        rows.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    rows
+}
+
+/// The task indices of a row's jobs, as ranges.
+fn task_ranges(group: &[JobInfo]) -> String {
+    let tasks: Vec<u32> = group
+        .iter()
+        .filter_map(|t| t.array.map(|a| a.task))
+        .collect();
+    index_ranges(&tasks)
+}
+
 /// Task indices as ranges: `0-4,7,9-12` (cut after a few ranges), or `0-99:3` for a step.
 fn index_ranges(tasks: &[u32]) -> String {
     if let [first, second, .., last] = tasks {
@@ -638,22 +653,12 @@ pub fn is_over(j: &JobInfo) -> bool {
 /// row unless `array_tasks`.
 pub fn job_rows(s: &QueueSnapshot, array_tasks: bool) -> Vec<[String; 10]> {
     let mut rows = Vec::new();
-    let mut rest = &s.jobs[..];
-    while let Some(j) = rest.first() {
-        let mut n = 1;
-        while !array_tasks && n < rest.len() && same_row(&rest[n - 1], &rest[n]) {
-            n += 1;
-        }
-        let group = &rest[..n];
-        rest = &rest[n..];
+    for group in rows_of(&s.jobs, array_tasks) {
+        let (j, n) = (&group[0], group.len());
         let (id, name) = if n > 1 {
-            let tasks: Vec<u32> = group
-                .iter()
-                .filter_map(|t| t.array.map(|a| a.task))
-                .collect();
             (
                 format!("{}-{}", j.id, group[n - 1].id),
-                format!("{}[{}]", j.name, index_ranges(&tasks)),
+                format!("{}[{}]", j.name, task_ranges(group)),
             )
         } else {
             (j.id.to_string(), crate::display_name(&j.name, j.array))

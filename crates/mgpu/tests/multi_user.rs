@@ -472,20 +472,28 @@ fn log_quota_removes_a_users_oldest_logs_and_truncates_her_running_job() {
     assert!(!removed(&s, b1));
 }
 
+/// Submits a job as `user` whose launch record is about 31 KB: a 30,000-byte variable in a
+/// known, small environment (whatever the test's own).
+fn submit_with_big_env(s: &Server, user: &TestUser) -> std::process::Output {
+    s.cmd_as(user, "mgpu_srun")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("MGPU_SOCKET", &s.socket)
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("BIG", "x".repeat(30_000))
+        .args(["--detach", "--parsable", "--no-venv", "--", "sleep", "300"])
+        .output()
+        .unwrap()
+}
+
 /// What one user's waiting jobs make the daemon store (commands, environments) is bounded per
 /// user; her jobs' ends release it, and another user is not affected.
 #[test]
 fn launch_data_is_bounded_per_user() {
     let Some((a, b)) = test_users() else { return };
     let s = Server::start("1x24GiB", &["--max-launch-data-per-user", "100K"]);
-    let big = "x".repeat(30_000);
-    let submit = |user| {
-        s.cmd_as(user, "mgpu_srun")
-            .env("BIG", &big)
-            .args(["--detach", "--parsable", "--no-venv", "--", "sleep", "300"])
-            .output()
-            .unwrap()
-    };
+    let submit = |user: &TestUser| submit_with_big_env(&s, user);
     let mut ids = Vec::new();
     for _ in 0..3 {
         let out = submit(&a);
@@ -519,20 +527,7 @@ fn launch_data_is_bounded_in_all() {
             "110K",
         ],
     );
-    let big = "x".repeat(30_000);
-    // (A known, small environment beside BIG: about 31 KB a job, whatever the test's.)
-    let submit = |user: &TestUser| {
-        s.cmd_as(user, "mgpu_srun")
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("MGPU_SOCKET", &s.socket)
-            .env("HOME", &user.home)
-            .env("USER", &user.name)
-            .env("BIG", &big)
-            .args(["--detach", "--parsable", "--no-venv", "--", "sleep", "300"])
-            .output()
-            .unwrap()
-    };
+    let submit = |user: &TestUser| submit_with_big_env(&s, user);
     let mut ids = Vec::new();
     for _ in 0..3 {
         let out = submit(&a);

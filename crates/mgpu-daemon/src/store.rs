@@ -1535,6 +1535,17 @@ mod tests {
         }
     }
 
+    /// How a test's job ended, with no exit code, signal or message.
+    fn ending(state: JobState, at: Millis) -> Ending {
+        Ending {
+            state,
+            at,
+            exit_code: None,
+            signal: None,
+            message: None,
+        }
+    }
+
     /// Everything a launch record holds comes back from the store: the job's limits too (they
     /// are applied at each run, after a restart as well).
     #[tokio::test]
@@ -1981,13 +1992,7 @@ mod tests {
         let mut k = job(2);
         k.spec.env = vec![("X".into(), "y".repeat(100_000))];
         store.insert(k).await.unwrap().unwrap();
-        let ended = |state| Ending {
-            state,
-            at: 8,
-            exit_code: None,
-            signal: None,
-            message: None,
-        };
+        let ended = |state| ending(state, 8);
         store.ended(1, ended(JobState::Cancelled));
         store.flush().await;
         assert_eq!(
@@ -2027,16 +2032,7 @@ mod tests {
             store.insert(j).await.unwrap().unwrap();
         }
         for id in [1, 2, 3, 4, 6] {
-            store.ended(
-                id,
-                Ending {
-                    state: JobState::Cancelled,
-                    at: 10 + id,
-                    exit_code: None,
-                    signal: None,
-                    message: None,
-                },
-            );
+            store.ended(id, ending(JobState::Cancelled, 10 + id));
         }
         store.flush().await;
         let mut purged = store.purge(0, Some(2)).await.unwrap();
@@ -2083,13 +2079,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let ended = |state| Ending {
-            state,
-            at: 8,
-            exit_code: None,
-            signal: None,
-            message: None,
-        };
+        let ended = |state| ending(state, 8);
         store.started(10, 6, vec![0], 99);
         store.ended(10, ended(JobState::Completed));
         store.ended(12, ended(JobState::Cancelled));

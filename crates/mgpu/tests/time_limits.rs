@@ -8,6 +8,14 @@ use std::time::Duration;
 
 use common::*;
 
+/// Waits until job `id` was context-switched once and waits to run again.
+fn wait_switched_out(s: &Server, id: u64) {
+    wait_until(Duration::from_secs(60), || {
+        s.job(id)
+            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
+    });
+}
+
 #[test]
 fn a_job_past_its_slice_is_switched_when_others_wait_and_runs_again_later() {
     let s = Server::start("1x24GiB", &[]);
@@ -31,10 +39,7 @@ fn a_job_past_its_slice_is_switched_when_others_wait_and_runs_again_later() {
         &format!("while [ ! -e {dir}/go ]; do sleep 0.05; done"),
     ]);
     // The long job is preempted for the waiting one, and goes to the end of the queue.
-    wait_until(Duration::from_secs(60), || {
-        s.job(long)
-            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
-    });
+    wait_switched_out(&s, long);
     assert_eq!(s.job(waiting).unwrap()["state"], "RUNNING");
     std::fs::write(s.scratch.join("go"), "").unwrap();
     // When the waiting job is done it runs again from its command, with MGPU_RESTART_COUNT.
@@ -343,10 +348,7 @@ fn restarts_are_shown_counted_and_capped_by_the_server_default() {
     // A waiting job that runs until we let it go.
     let gate = |name: &str| format!("while [ ! -e {dir}/{name} ]; do sleep 0.1; done");
     let first = s.detached(&["--", "bash", "-c", &gate("go1")]);
-    wait_until(Duration::from_secs(60), || {
-        s.job(id)
-            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
-    });
+    wait_switched_out(&s, id);
     s.wait_state(first, "RUNNING");
     // The queue's table shows the restart.
     let out = s.cmd("mgpu_queue").output().unwrap();
@@ -415,10 +417,7 @@ fn a_switched_job_stays_behind_the_waiting_ones_across_a_restart() {
     let first = s.detached(&["--hold", "--", "sleep", "120"]);
     let second = s.detached(&["--hold", "--", "sleep", "120"]);
     s.ok("mgpu_control", &["release", &format!("{first},{second}")]);
-    wait_until(Duration::from_secs(60), || {
-        s.job(short)
-            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
-    });
+    wait_switched_out(&s, short);
     s.wait_state(first, "RUNNING");
     assert_eq!(s.pending_order(), vec![second, short]);
     s.restart();
@@ -443,10 +442,7 @@ fn a_switched_job_cancelled_while_waiting_says_it_ran() {
         "-c",
         &format!("while [ ! -e {dir}/go ]; do sleep 0.05; done"),
     ]);
-    wait_until(Duration::from_secs(60), || {
-        s.job(long)
-            .is_some_and(|j| j["state"] == "PENDING" && j["restarts"] == 1)
-    });
+    wait_switched_out(&s, long);
     s.ok("mgpu_cancel", &[&long.to_string()]);
     std::fs::write(s.scratch.join("go"), "").unwrap();
     s.wait_gone(waiting);
